@@ -1,0 +1,262 @@
+"""Quantization math: the one place for ranges, scales, zero points, rounding, saturation and
+fixed-point multipliers. Every other module calls this one. NumPy only.
+
+    q = saturate(round_half_even(x / scale) + zero_point, qmin, qmax)      (QuantizeLinear)
+    x' = (q - zero_point) * scale                                          (DequantizeLinear)
+    real ≈ M0 · 2^-31 · 2^-shift,  M0 ∈ [2^30, 2^31)                       (fixed-point multiplier)
+
+Bit-exactness with ONNX Runtime 1.19 (CPU, MLAS) — what its kernels do, and what this module does:
+
+- QuantizeLinear (mlas/lib/quantize.cpp, MlasQuantizeLinearKernel): a float32 *division*
+  ``x / scale`` (MlasDivideFloat32x4, not a multiplication by the reciprocal), clamp to
+  ``[qmin - zp, qmax - zp]`` (MAXPS/MINPS: NaN becomes qmin), convert with ``cvtps2dq`` (round
+  half to even under the default MXCSR), then add the zero point. :func:`quantize` does the same.
+- QLinearConv / QLinearMatMul (providers/cpu/quantization/qlinearconv.cc,
+  quantize_linear_matmul.cc): the per-channel multiplier is computed in float32 as
+  ``(x_scale * w_scale) / y_scale`` (that order), the int32 GEMM result plus int32 bias is
+  converted to float32 (``cvtdq2ps``, round to nearest even beyond 2^24), multiplied by the
+  multiplier in float32, clamped to ``[qmin - zp, qmax - zp]``, rounded half to even and the zero
+  point added (MlasRequantizeOutput in quantize.cpp; the fused symmetric-weight path of
+  convsym.cpp uses the same post-processing: MinimumValue/MaximumValue/OutputZeroPoint).
+  :func:`ort_requant_multiplier` and :func:`requantize_float` model this.
+
+Integer-only requantization (the ``integer`` lowering target), :func:`requantize_fixed_point`:
+``y = clip(((acc · M0) + 2^(n-1)) >> n) + zp, qmin, qmax)`` with ``n = 31 + shift``, a 64-bit
+product and an arithmetic (flooring) shift, i.e. round half *up* (toward +inf), one rounding.
+ONNX ``BitShift`` only takes unsigned tensors and ORT's integer ``Div`` truncates toward zero,
+so the lowering expresses the floor shift exactly with int64 Mul/Add/Mod/Sub/Div:
+``floor(v / 2^n) = (v - Mod(v, 2^n)) / 2^n`` where ONNX ``Mod`` with ``fmod=0`` takes the
+divisor's sign (a non-negative remainder), so the Div is exact. :func:`requantize_fixed_point_onnx_form`
+lists these steps with their int64 constants; tests/test_quant.py runs them in ORT and checks
+them bit for bit against :func:`requantize_fixed_point`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph.errors import ConfigError
+
+__all__ = [
+    "qrange",
+    "storage_dtype",
+    "scale_zero_point",
+    "round_half_even",
+    "saturate",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_multiplier",
+    "requantize_fixed_point",
+    "requantize_fixed_point_onnx_form",
+    "ort_requant_multiplier",
+    "requantize_float",
+    "ZERO_RANGE_SCALE",
+]
+
+#: Scale used when a tensor's range is exactly zero (all values 0): any positive scale
+#: represents 0 exactly; 1.0 keeps later arithmetic (x / scale, products of scales) tame.
+ZERO_RANGE_SCALE = np.float32(1.0)
+
+#: Smallest scale ever returned for a non-zero range: the smallest normal float32, so that
+#: ``x / scale`` never divides by a denormal or by zero.
+MIN_SCALE = np.float32(np.finfo(np.float32).tiny)
+
+
+def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``bits``-wide grid; ``narrow_range`` drops the lowest
+    code (``[-127, 127]`` for int8, ``[1, 255]`` for uint8)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
+        raise ConfigError(f"bits must be in 2..8, got {bits}")
+    bits = int(bits)
+    if signed:
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        qmin, qmax = 0, (1 << bits) - 1
+    if narrow_range:
+        qmin += 1
+    return qmin, qmax
+
+
+def storage_dtype(signed: bool) -> type:
+    """Storage type of quantized values: int8 or uint8 (sub-8-bit grids use a narrower qmin/qmax)."""
+    return np.int8 if signed else np.uint8
+
+
+def _dtype_for_range(qmin: int, qmax: int) -> type:
+    if qmin >= 0 and qmax <= 255:
+        return np.uint8
+    if qmin >= -128 and qmax <= 127:
+        return np.int8
+    return np.int32
+
+
+def round_half_even(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties to even (IEEE default; ``cvtps2dq``, ``std::nearbyint``)."""
+    return np.rint(x)
+
+
+def saturate(q: np.ndarray, qmin: int, qmax: int, dtype=None) -> np.ndarray:
+    """Clamp integers (or integral floats) to ``[qmin, qmax]`` and cast to ``dtype``
+    (default: the smallest of uint8/int8/int32 holding the range)."""
+    dtype = dtype or _dtype_for_range(qmin, qmax)
+    return np.clip(q, qmin, qmax).astype(dtype)
+
+
+def scale_zero_point(rmin, rmax, bits: int = 8, signed: bool = True, symmetric: bool = True,
+                     narrow_range: bool = False, pow2: bool = False):
+    """Scale (float32) and zero point (int32) covering ``[rmin, rmax]``, vectorized per channel.
+
+    The range is first widened to include 0 so that 0 is exact. Symmetric signed: zp 0 and
+    ``scale = max|r| / qmax``. Symmetric unsigned (a non-negative tensor, e.g. after ReLU): zp
+    ``qmin`` (0) and ``scale = rmax / (qmax - qmin)``; negative values saturate to 0.
+    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zp = clamp(round(qmin - rmin/scale))``.
+    ``pow2`` rounds the scale *up* to a power of two so no extra clipping appears. A zero range
+    gives :data:`ZERO_RANGE_SCALE`; a scale never falls below :data:`MIN_SCALE`.
+    """
+    qmin, qmax = qrange(bits, signed, narrow_range)
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if not (np.all(np.isfinite(rmin)) and np.all(np.isfinite(rmax))):
+        raise ConfigError("scale_zero_point: the range must be finite; check calibration data for inf/NaN")
+    if symmetric and signed:
+        scale = np.maximum(-rmin, rmax) / qmax
+    elif symmetric:
+        scale = rmax / (qmax - qmin)
+    else:
+        scale = (rmax - rmin) / (qmax - qmin)
+    zero = scale == 0.0
+    scale = np.where(zero, float(ZERO_RANGE_SCALE), np.maximum(scale, float(MIN_SCALE)))
+    if pow2:
+        scale = np.exp2(np.ceil(np.log2(scale)))
+    scale32 = scale.astype(np.float32)
+    # float32 rounding may have made the scale a hair smaller than the exact value; that only
+    # moves rmax/scale by far less than half a step (no clipping beyond rounding).
+    if symmetric:
+        zp = np.full(scale32.shape, 0 if signed else qmin, dtype=np.int32)
+    else:
+        zp = np.clip(np.rint(qmin - rmin / scale32.astype(np.float64)), qmin, qmax).astype(np.int32)
+    return scale32, zp
+
+
+def _along(v, ndim: int, axis: int | None):
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ``ndim`` tensor."""
+    v = np.asarray(v)
+    if v.size == 1 and (axis is None or v.ndim == 0):
+        return v.reshape(())
+    if axis is None:
+        return v
+    shape = [1] * ndim
+    shape[axis % ndim] = v.size
+    return v.reshape(shape)
+
+
+def quantize(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, dtype=None):
+    """ONNX/ORT QuantizeLinear: ``saturate(round_half_even(x / scale) + zp)`` with a float32
+    division, exactly as MLAS does it (NaN → qmin, ±inf → saturate). ``axis`` selects
+    per-channel scale/zero point."""
+    x = np.asarray(x, dtype=np.float32)
+    s = _along(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    zp = _along(np.asarray(zero_point).astype(np.int32), x.ndim, axis)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        v = x / s
+    lo = (qmin - zp).astype(np.float32)
+    hi = (qmax - zp).astype(np.float32)
+    v = np.where(np.isnan(v), lo, v)  # MAXPS returns its second operand for NaN
+    v = np.minimum(np.maximum(v, lo), hi)
+    q = round_half_even(v).astype(np.int32) + zp
+    return q.astype(dtype or _dtype_for_range(qmin, qmax))
+
+
+def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """ONNX/ORT DequantizeLinear: ``float32(q - zp) * scale`` in float32."""
+    q = np.asarray(q)
+    s = _along(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    zp = _along(np.asarray(zero_point).astype(np.int32), q.ndim, axis)
+    return (q.astype(np.int32) - zp).astype(np.float32) * s
+
+
+def fake_quantize(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> np.ndarray:
+    """Quantize then dequantize (what a QuantizeLinear→DequantizeLinear pair computes)."""
+    q = quantize(x, scale, zero_point, qmin, qmax, axis=axis, dtype=np.int32)
+    return dequantize(q, scale, zero_point, axis=axis)
+
+
+def quantize_multiplier(real_multiplier):
+    """Fixed-point form of positive multipliers: ``real ≈ M0 · 2^-31 · 2^-shift`` with int32
+    ``M0 ∈ [2^30, 2^31)`` (relative error ≤ 2^-31). A zero multiplier gives ``M0 = 0, shift = 0``.
+    ``shift`` is a right shift (negative for multipliers ≥ 1)."""
+    real = np.asarray(real_multiplier, dtype=np.float64)
+    if np.any(~np.isfinite(real)) or np.any(real < 0):
+        raise ConfigError("quantize_multiplier: multipliers must be finite and >= 0")
+    mant, exp = np.frexp(real)  # real = mant · 2^exp, mant ∈ [0.5, 1)
+    m0 = np.rint(mant * 2.0**31).astype(np.int64)
+    carry = m0 == (1 << 31)
+    m0 = np.where(carry, m0 // 2, m0)
+    exp = np.where(carry, exp + 1, exp)
+    shift = np.where(real == 0, 0, -exp).astype(np.int32)
+    return m0.astype(np.int32), shift
+
+
+def _total_shift(shift):
+    n = 31 + np.asarray(shift, dtype=np.int64)
+    if np.any(n < 1):
+        raise ConfigError("requantize_fixed_point: multiplier >= 2^30 cannot be represented; "
+                          "check the scales of this layer")
+    # |acc · M0| < 2^62: a right shift by more than 62 rounds everything to 0 already.
+    return np.minimum(n, 62)
+
+
+def requantize_fixed_point(acc, m0, shift, zero_point, qmin: int, qmax: int, dtype=None):
+    """Integer-only requantization: ``clip(((acc·M0 + 2^(n-1)) >> n) + zp)``, ``n = 31 + shift``,
+    64-bit product, arithmetic shift: ``round_half_up(acc · M0 / 2^n)`` exactly. ``m0``,
+    ``shift`` and ``zero_point`` broadcast against ``acc`` (reshape per-channel values first)."""
+    acc = np.asarray(acc).astype(np.int64)
+    n = _total_shift(shift)
+    prod = acc * np.asarray(m0, dtype=np.int64)
+    y = (prod + (np.int64(1) << (n - 1))) >> n
+    y = y + np.asarray(zero_point, dtype=np.int64)
+    return saturate(y, qmin, qmax, dtype)
+
+
+def requantize_fixed_point_onnx_form(m0, shift, zero_point, qmin: int, qmax: int):
+    """The ONNX integer ops that compute :func:`requantize_fixed_point` exactly in ORT 1.19.
+
+    Returns a list of ``(op_type, constant_or_None, attributes)`` applied in order to the int32
+    accumulator; each constant is the op's second input (int64, already broadcastable — reshape
+    per-channel arrays along the channel axis). Steps: Cast→int64, Mul M0, Add 2^(n-1),
+    Mod 2^n (fmod=0, non-negative remainder) subtracted, Div 2^n (exact), Add zp, Clip,
+    Cast to the storage type. ``("SubMod", D)`` means ``v - Mod(v, D)`` (two nodes)."""
+    n = _total_shift(shift)
+    d = (np.int64(1) << n).astype(np.int64)
+    return [
+        ("Cast", None, {"to": "int64"}),
+        ("Mul", np.asarray(m0, dtype=np.int64), {}),
+        ("Add", (np.int64(1) << (n - 1)).astype(np.int64), {}),
+        ("SubMod", d, {"fmod": 0}),
+        ("Div", d, {}),
+        ("Add", np.asarray(zero_point, dtype=np.int64), {}),
+        ("Clip", (np.int64(qmin), np.int64(qmax)), {}),
+        ("Cast", None, {"to": "int8" if qmin < 0 else "uint8"}),
+    ]
+
+
+def ort_requant_multiplier(in_scale, w_scale, out_scale) -> np.ndarray:
+    """ORT's QLinearConv/QLinearMatMul output multiplier: ``(in_scale * w_scale) / out_scale``
+    evaluated in float32 in that order (qlinearconv.cc ComputeOutputScale)."""
+    a = np.float32(np.asarray(in_scale, dtype=np.float32).reshape(-1)[0])
+    y = np.float32(np.asarray(out_scale, dtype=np.float32).reshape(-1)[0])
+    w = np.asarray(w_scale, dtype=np.float32)
+    return (a * w) / y
+
+
+def requantize_float(acc, multiplier, zero_point, qmin: int, qmax: int, dtype=None):
+    """ORT MlasRequantizeOutput: ``clip(round_half_even(float32(acc) * m), qmin - zp, qmax - zp) + zp``
+    with a float32 conversion and product (``multiplier`` broadcasts against ``acc``)."""
+    f = np.asarray(acc).astype(np.float32) * np.asarray(multiplier, dtype=np.float32)
+    zp = np.asarray(zero_point).astype(np.int32)
+    lo = (qmin - zp).astype(np.float32)
+    hi = (qmax - zp).astype(np.float32)
+    f = np.minimum(np.maximum(f, lo), hi)
+    q = round_half_even(f).astype(np.int32) + zp
+    return q.astype(dtype or _dtype_for_range(qmin, qmax))
