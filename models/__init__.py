@@ -1,0 +1,1 @@
+"""Model builders, bundled datasets and sample pipelines (installed as qgraph.models)."""
