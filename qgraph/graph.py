@@ -1,0 +1,180 @@
+"""The graph that passes edit: a thin layer over onnx-graphsurgeon.
+
+`QModel` holds a gs.Graph plus what the graph alone does not carry (opsets, metadata,
+IR version). Passes edit `model.graph` through gs — never protobuf lists — and use the
+helpers here for the questions every rewrite asks: who produces this tensor, who consumes
+it, is it a constant, is this the only consumer. Analysis that needs graph algorithms
+uses `nx_view()`, built once per call in O(nodes + edges).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qgraph.errors import PassError
+from qgraph.model_io import MS_DOMAIN, OPSET
+
+Node = gs.Node
+Tensor = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+
+class QModel:
+    """A model being rewritten: `graph` (gs.Graph) + `metadata` (str -> str) + opsets."""
+
+    def __init__(self, graph: gs.Graph, metadata: dict[str, str] | None = None,
+                 ir_version: int = 8, producer: str = "qgraph"):
+        self.graph = graph
+        self.metadata = dict(metadata or {})
+        self.ir_version = ir_version
+        self.producer = producer
+        self._names = Counter(n.name for n in graph.nodes)
+
+    # -- conversion -------------------------------------------------------------------
+    @classmethod
+    def from_onnx(cls, model: onnx.ModelProto) -> "QModel":
+        graph = gs.import_onnx(model)
+        metadata = {p.key: p.value for p in model.metadata_props}
+        return cls(graph, metadata, model.ir_version, model.producer_name or "qgraph")
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """Export to a ModelProto (cleanup + toposort first)."""
+        self.cleanup()
+        self.graph.opset = OPSET
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        domains = {imp.domain for imp in model.opset_import}
+        if any(n.domain == MS_DOMAIN for n in self.graph.nodes) and MS_DOMAIN not in domains:
+            model.opset_import.add(domain=MS_DOMAIN, version=1)
+        model.ir_version = self.ir_version
+        model.producer_name = self.producer
+        for key, value in sorted(self.metadata.items()):
+            model.metadata_props.add(key=key, value=value)
+        return model
+
+    def copy(self) -> "QModel":
+        return QModel.from_onnx(self.to_onnx())
+
+    # -- queries ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        return self.graph.tensors()
+
+    def tensor(self, name: str) -> Tensor:
+        tensors = self.graph.tensors()
+        if name not in tensors:
+            raise PassError(f"tensor '{name}' is not in the graph")
+        return tensors[name]
+
+    def node(self, name: str) -> Node:
+        for node in self.graph.nodes:
+            if node.name == name:
+                return node
+        raise PassError(f"node '{name}' is not in the graph")
+
+    @staticmethod
+    def producer(tensor: Tensor) -> Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: Tensor) -> list[Node]:
+        return list(tensor.outputs)
+
+    def is_graph_output(self, tensor: Tensor) -> bool:
+        return any(t is tensor for t in self.graph.outputs)
+
+    def is_graph_input(self, tensor: Tensor) -> bool:
+        return any(t is tensor for t in self.graph.inputs)
+
+    def only_consumer(self, tensor: Tensor) -> Node | None:
+        """The single node reading `tensor`, or None if it has 0 or 2+ readers or is a graph output."""
+        if len(tensor.outputs) != 1 or self.is_graph_output(tensor):
+            return None
+        return tensor.outputs[0]
+
+    @staticmethod
+    def constant_value(tensor: Tensor) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output, else None."""
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+            value = producer.attrs["value"]
+            return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+        return None
+
+    # -- editing ----------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        """A node name not yet used in the graph, derived from `base`."""
+        name, k = base, 1
+        while self._names[name]:
+            name, k = f"{base}_{k}", k + 1
+        self._names[name] += 1
+        return name
+
+    def add_node(self, op: str, inputs: list, outputs: list, name: str, attrs: dict | None = None,
+                 domain: str | None = None) -> Node:
+        node = gs.Node(op=op, name=self.unique_name(name), attrs=attrs or {},
+                       inputs=inputs, outputs=outputs, domain=domain)
+        self.graph.nodes.append(node)
+        return node
+
+    def add_constant(self, name: str, value: np.ndarray) -> Constant:
+        """A new initializer whose name is unique among tensors."""
+        existing = self.graph.tensors()
+        unique, k = name, 1
+        while unique in existing:
+            unique, k = f"{name}_{k}", k + 1
+        return gs.Constant(unique, np.ascontiguousarray(value))
+
+    def add_variable(self, name: str, dtype=None, shape=None) -> Variable:
+        existing = self.graph.tensors()
+        unique, k = name, 1
+        while unique in existing:
+            unique, k = f"{name}_{k}", k + 1
+        return gs.Variable(unique, dtype=dtype, shape=shape)
+
+    def bypass(self, node: Node) -> None:
+        """Remove a single-input, single-output node, wiring its consumers to its input.
+
+        If the output is a graph output, the producer's tensor takes over the output's name
+        when it has no other reader; otherwise the node stays (the report should say why).
+        """
+        src, dst = node.inputs[0], node.outputs[0]
+        if self.is_graph_output(dst):
+            if self.is_graph_input(src) or self.is_graph_output(src) or isinstance(src, gs.Constant) \
+                    or len(src.outputs) != 1:
+                raise PassError(f"node '{node.name}' feeds a graph output directly from a shared tensor")
+            src.name, dst.name = dst.name, src.name + "__bypassed"
+            self.graph.outputs = [src if t is dst else t for t in self.graph.outputs]
+            src.dtype, src.shape = dst.dtype or src.dtype, dst.shape or src.shape
+        for consumer in list(dst.outputs):
+            consumer.inputs = [src if t is dst else t for t in consumer.inputs]
+        node.inputs.clear()
+        node.outputs.clear()
+
+    def cleanup(self) -> None:
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._names = Counter(n.name for n in self.graph.nodes)
+
+    # -- analysis ---------------------------------------------------------------------
+    def nx_view(self) -> nx.DiGraph:
+        """Nodes by name; an edge a->b for every tensor a produces and b reads (edge attr `tensor`)."""
+        view = nx.DiGraph()
+        for node in self.graph.nodes:
+            view.add_node(node.name, node=node)
+        for node in self.graph.nodes:
+            for tensor in node.outputs:
+                for consumer in tensor.outputs:
+                    view.add_edge(node.name, consumer.name, tensor=tensor.name)
+        return view
+
+    def op_histogram(self) -> dict[str, int]:
+        return dict(Counter(n.op for n in self.graph.nodes).most_common())
+
+    def initializer_size(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.graph.tensors().values() if isinstance(t, gs.Constant))

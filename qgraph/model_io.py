@@ -1,0 +1,106 @@
+"""Reading, checking and writing ONNX model files.
+
+Every stage of qgraph reads a model through `load_model` and writes through `save_model`:
+the first checks the file and brings it to the working opset, the second never leaves a
+half-written file behind (temp file + rename) and refuses to overwrite its input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import version_converter
+
+from qgraph.errors import ModelError, QGraphError
+from qgraph.files import check_output_path
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+# protobuf cannot serialise a single message over 2 GiB; bigger models keep weights outside.
+PROTOBUF_LIMIT = 2**31 - 1
+log = logging.getLogger("qgraph")
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True, convert_opset: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file (external data included), check it and bring it to opset `OPSET`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(exc)}); "
+                         "check that the file is a complete .onnx export") from None
+    if not model.graph.output or model.ir_version <= 0:
+        raise ModelError(f"{path}: not an ONNX model (no graph outputs or IR version); "
+                         "check that the file is an .onnx export")
+    if check:
+        check_model(model, origin=str(path))
+    if convert_opset:
+        model = convert_to_working_opset(model, origin=str(path))
+    return model
+
+
+def check_model(model: onnx.ModelProto, origin: str = "model") -> None:
+    """Run the ONNX checker and strict shape inference; raise ModelError with the first problem."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"{origin}: fails the ONNX checker: {_first_line(exc)}") from None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelError("model imports no ai.onnx opset; re-export it with a standard opset")
+
+
+def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
+    """Convert the ai.onnx opset to OPSET with onnx's version converter, saying so."""
+    version = default_opset(model)
+    if version == OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        raise ModelError(f"{origin}: cannot convert opset {version} to {OPSET}: {_first_line(exc)}; "
+                         f"re-export the model at opset {OPSET}") from None
+    log.warning("%s: converted opset %d to %d", origin, version, OPSET)
+    return converted
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> Path:
+    """Write `model` to `path` atomically; never onto `input_path`.
+
+    Models too big for one protobuf keep their weights in `<name>.data` beside the file.
+    """
+    try:
+        path = check_output_path(path, input_path)
+    except QGraphError as exc:
+        raise ModelError(str(exc)) from None
+    parent = path.parent if str(path.parent) else Path(".")
+    external = model.ByteSize() >= PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as tmp:
+        tmp_model = Path(tmp) / path.name
+        if external:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp_model))
+        if external:
+            os.replace(Path(tmp) / (path.name + ".data"), parent / (path.name + ".data"))
+        os.replace(tmp_model, path)
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
