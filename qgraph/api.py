@@ -1,0 +1,55 @@
+"""The library calls behind the CLI commands: each reads files, calls the core, writes files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from qgraph.data import load_data
+from qgraph.describe import describe_model
+from qgraph.files import check_output_path, write_json
+from qgraph.graph import QModel
+from qgraph.model_io import load_model, save_model
+from qgraph.pipeline import PassContext, StepReport, load_pipeline, run_pipeline
+
+
+def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, output: str | os.PathLike,
+               *, data_path: str | None = None, verify: bool = False, report_path: str | None = None,
+               batch_size: int = 64, echo: Callable[[str], None] = print, verbose: bool = False) -> list[StepReport]:
+    """`qgraph passes run`: load, apply the pipeline, save atomically; every check before any work."""
+    check_output_path(output, model_path)
+    if report_path:
+        check_output_path(report_path, model_path)
+    proto = load_model(model_path)
+    pipeline = load_pipeline(pipeline_path)
+    data_path = data_path or pipeline.data
+    data = load_data(data_path, proto) if data_path else None
+    ctx = PassContext(data=data, seed=pipeline.seed, batch_size=batch_size, verbose=verbose)
+    model = QModel.from_onnx(proto)
+
+    def show(step: StepReport) -> None:
+        echo(step.line())
+        if verbose:
+            for item in step.report.get("skipped", []):
+                echo(f"    skipped {item['node']}: {item['reason']}")
+            for item in step.report.get("warnings", []):
+                echo(f"    warning: {item}")
+
+    reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
+    save_model(model.to_onnx(), output, input_path=model_path)
+    if report_path:
+        write_json(report_path, {"model": str(model_path), "pipeline": str(pipeline_path),
+                                 "output": str(output), "passes": [r.as_dict() for r in reports]})
+    return reports
+
+
+def inspect_model(model_path: str | os.PathLike) -> dict:
+    """`qgraph inspect`: the model's description (see qgraph.describe)."""
+    return describe_model(load_model(model_path, convert_opset=False))
+
+
+def bundled_pipeline(name: str) -> Path:
+    """Path of a pipeline shipped in qgraph.models/pipelines (float, ptq, qat)."""
+    from importlib.resources import files
+    return Path(str(files("qgraph.models") / "pipelines" / f"{name}.yaml"))

@@ -1,0 +1,98 @@
+"""The `qgraph` command. Only argument parsing here; the work is in qgraph.api."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from qgraph.errors import QGraphError
+
+
+class _Group(click.Group):
+    """Turns every QGraphError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QGraphError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="qgraph")
+def main():
+    """qgraph: rewrite, calibrate, train and lower ONNX models for integer deployment.
+
+    \b
+    Example:
+      qgraph passes run model.onnx --pipeline qat.yaml --data calib.npz -o prepared.onnx
+    """
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
+
+
+@main.group()
+def passes():
+    """Run rewrite pipelines and list the passes."""
+
+
+@passes.command("run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pipeline", "pipeline_path", required=True, type=click.Path(dir_okay=False),
+              help="Pipeline YAML (list of {pass: {params}}).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output model.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Calibration data .npz.")
+@click.option("--verify", is_flag=True, help="Check every output-preserving pass on sample data.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--batch-size", default=64, show_default=True, help="Calibration batch size.")
+@click.option("-v", "--verbose", is_flag=True, help="Say why each pass skipped what it skipped.")
+def passes_run(model, pipeline_path, output, data_path, verify, report_path, batch_size, verbose):
+    """Apply a pipeline of passes to MODEL.
+
+    \b
+    Example:
+      qgraph passes run model.onnx --pipeline float.yaml -o folded.onnx --verify
+    """
+    from qgraph.api import run_passes
+    run_passes(model, pipeline_path, output, data_path=data_path, verify=verify,
+               report_path=report_path, batch_size=batch_size, echo=click.echo, verbose=verbose)
+    click.echo(f"wrote {output}")
+
+
+@passes.command("list")
+def passes_list():
+    """List every pass, its parameters with defaults, and one line of doc.
+
+    \b
+    Example:
+      qgraph passes list
+    """
+    from qgraph.pipeline import all_passes
+    for spec in all_passes().values():
+        keeps = "preserves outputs" if spec.preserves_outputs else "changes outputs"
+        click.echo(f"{spec.name}  ({keeps})\n    {spec.doc}")
+        for key, default in spec.params.items():
+            click.echo(f"    {key}: {json.dumps(default)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(model, as_json):
+    """Show opset, inputs/outputs, op histogram, parameters, annotations and QDQ pairs.
+
+    \b
+    Example:
+      qgraph inspect model.onnx
+    """
+    from qgraph.api import inspect_model
+    from qgraph.describe import format_description
+    info = inspect_model(model)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info, model))
+
+
+if __name__ == "__main__":
+    main()

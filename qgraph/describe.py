@@ -1,0 +1,88 @@
+"""What `qgraph inspect` shows: opset, inputs/outputs, op histogram, parameters,
+qgraph annotations and QDQ pairs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+
+from qgraph.annotations import all_annotations
+from qgraph.model_io import default_opset
+
+
+def _shape(value_info: onnx.ValueInfoProto) -> list:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def _dtype(value_info: onnx.ValueInfoProto) -> str:
+    elem = value_info.type.tensor_type.elem_type
+    return onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "?"
+
+
+def qdq_pairs(model: onnx.ModelProto) -> list[dict]:
+    """Every QuantizeLinear whose output feeds a DequantizeLinear: tensor, pair nodes, storage."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {i.name: i for i in model.graph.initializer}
+    pairs = []
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        for deq in consumers.get(node.output[0], []):
+            if deq.op_type != "DequantizeLinear":
+                continue
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            storage = onnx.helper.tensor_dtype_to_np_dtype(zp.data_type).name if zp is not None else "uint8"
+            scale = inits.get(node.input[1])
+            per_channel = scale is not None and int(np.prod(scale.dims)) > 1
+            pairs.append({"tensor": node.input[0], "quantize": node.name, "dequantize": deq.name,
+                          "storage": storage, "per_channel": per_channel,
+                          "weight": node.input[0] in inits})
+    return pairs
+
+
+def describe_model(model: onnx.ModelProto) -> dict:
+    inits = {i.name for i in model.graph.initializer}
+    params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    return {
+        "ir_version": model.ir_version,
+        "opset": default_opset(model),
+        "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+        "inputs": [{"name": i.name, "dtype": _dtype(i), "shape": _shape(i)}
+                   for i in model.graph.input if i.name not in inits],
+        "outputs": [{"name": o.name, "dtype": _dtype(o), "shape": _shape(o)} for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+        "parameters": params,
+        "annotations": all_annotations(model),
+        "qdq_pairs": qdq_pairs(model),
+    }
+
+
+def format_description(info: dict, name: str = "model") -> str:
+    lines = [f"{name}: IR {info['ir_version']}, opsets "
+             + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+             f"nodes {info['nodes']}, parameters {info['parameters']:,}"]
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            lines.append(f"  {kind[:-1]:<6} {t['name']}: {t['dtype']} {t['shape']}")
+    lines.append("ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+    for key, value in info["annotations"].items():
+        shown = value if len(str(value)) < 120 else f"{str(value)[:117]}..."
+        lines.append(f"annotation qgraph.{key}: {shown}")
+    pairs = info["qdq_pairs"]
+    if pairs:
+        weights = sum(p["weight"] for p in pairs)
+        lines.append(f"QDQ pairs: {len(pairs)} ({weights} weights, {len(pairs) - weights} activations)")
+        for p in pairs:
+            kind = "weight" if p["weight"] else "act"
+            axis = "per-channel" if p["per_channel"] else "per-tensor"
+            lines.append(f"  {kind:<6} {p['tensor']}: {p['storage']} {axis}")
+    else:
+        lines.append("QDQ pairs: none (float model)")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""canonicalize: the normal form every pipeline starts from.
+
+1. unique, non-empty node names (passes and reports refer to nodes by name);
+2. Identity and inference-mode Dropout removed (y = x);
+3. constant subgraphs folded with ONNX Runtime, including Shape->Gather->Concat chains that
+   feed Reshape/Flatten, so shape constants become static initializers;
+4. Constant nodes turned into initializers.
+QuantizeLinear/DequantizeLinear are never folded, so QDQ models keep their quantizers.
+
+Invariant: outputs unchanged up to float rounding of the folded subgraphs.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from qgraph.errors import PassError
+from qgraph.graph import QModel
+from qgraph.pipeline import PassContext, register_pass
+
+_REMOVABLE = ("Identity", "Dropout")
+_KEEP_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@register_pass("canonicalize", preserves_outputs=True, tolerance=1e-5)
+def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True,
+                 remove_identity: bool = True) -> dict:
+    """Unique node names, Identity/Dropout removal, constant folding (static shapes)."""
+    renamed = name_nodes(model)
+    removed, skipped = remove_passthrough(model) if remove_identity else (0, [])
+    before = len(model.graph.nodes)
+    if fold_constants:
+        model.graph.toposort()
+        model.graph.fold_constants(
+            fold_shapes=True, error_ok=True,
+            should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
+    lift_constant_nodes(model)
+    model.cleanup()
+    folded = before - len(model.graph.nodes)
+    changed = renamed + removed + folded
+    summary = f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded"
+    return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
+            "folded": folded, "skipped": skipped}
+
+
+def name_nodes(model: QModel) -> int:
+    """Give every unnamed or duplicate-named node a unique name `<op>_<k>`."""
+    seen: set[str] = set()
+    renamed = 0
+    for node in model.graph.nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or node.op.lower()
+        k = 0
+        while f"{base}_{k}" in seen:
+            k += 1
+        node.name = f"{base}_{k}"
+        seen.add(node.name)
+        renamed += 1
+    model.cleanup()
+    return renamed
+
+
+def remove_passthrough(model: QModel) -> tuple[int, list[dict]]:
+    removed, skipped = 0, []
+    for node in list(model.graph.nodes):
+        if node.op not in _REMOVABLE:
+            continue
+        if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+            skipped.append({"node": node.name, "reason": "its mask output is used"})
+            continue
+        try:
+            model.bypass(node)
+            removed += 1
+        except PassError as exc:
+            skipped.append({"node": node.name, "reason": str(exc)})
+    model.cleanup()
+    return removed, skipped
+
+
+def lift_constant_nodes(model: QModel) -> None:
+    """Constant node outputs become initializers (gs.Constant) so passes see their values."""
+    for node in list(model.graph.nodes):
+        if node.op != "Constant" or "value" not in node.attrs or not node.outputs:
+            continue
+        out = node.outputs[0]
+        value = node.attrs["value"]
+        values = value.values if isinstance(value, gs.Constant) else value
+        const = gs.Constant(out.name + "__const", values)
+        for consumer in list(out.outputs):
+            consumer.inputs = [const if t is out else t for t in consumer.inputs]
+        if model.is_graph_output(out):
+            continue
+        node.outputs.clear()

@@ -1,0 +1,242 @@
+"""Pass registry, pipeline files and the pipeline runner.
+
+A pass is a function `fn(model: QModel, ctx: PassContext, *, <params with defaults>) -> dict`
+registered with `@register_pass(name, preserves_outputs=...)`. Its keyword-only parameters
+are its schema: the YAML pipeline passes them through and unknown keys are refused with the
+nearest valid name. The returned report is a dict with at least `changed` (int) and
+`summary` (str); `skipped` lists {node, reason} for what the pass declined to touch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import pkgutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from qgraph.data import iter_batches, model_inputs, random_inputs
+from qgraph.errors import ConfigError, PassError
+from qgraph.graph import QModel
+
+_PASSES: dict[str, "PassSpec"] = {}  # filled once at import of qgraph.passes.*; read-only after
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    fn: Callable
+    preserves_outputs: bool
+    tolerance: float
+    params: dict[str, Any]
+
+    @property
+    def doc(self) -> str:
+        return (inspect.getdoc(self.fn) or "").split("\n")[0]
+
+
+def register_pass(name: str, *, preserves_outputs: bool, tolerance: float = 1e-4):
+    """Register a pass. `tolerance` is the relative output change `--verify` accepts."""
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        params = {p.name: p.default for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        _PASSES[name] = PassSpec(name, fn, preserves_outputs, tolerance, params)
+        return fn
+    return decorate
+
+
+def all_passes() -> dict[str, PassSpec]:
+    """Every registered pass, importing each module of qgraph.passes once."""
+    import qgraph.passes as package
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"qgraph.passes.{info.name}")
+    return dict(sorted(_PASSES.items()))
+
+
+def get_pass(name: str) -> PassSpec:
+    passes = all_passes()
+    if name not in passes:
+        raise ConfigError(f"unknown pass '{name}'{_nearest(name, passes)}; valid passes: {', '.join(passes)}")
+    return passes[name]
+
+
+def validate_params(spec: PassSpec, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Params with defaults filled in; unknown keys and wrong basic types are ConfigErrors."""
+    params = dict(params or {})
+    for key, value in params.items():
+        if key not in spec.params:
+            raise ConfigError(f"pass '{spec.name}' has no parameter '{key}'{_nearest(key, spec.params)}; "
+                              f"valid: {', '.join(spec.params) or '(none)'}")
+        default = spec.params[key]
+        if not _type_fits(value, default):
+            raise ConfigError(f"pass '{spec.name}' parameter '{key}' must be {_type_name(default)}, "
+                              f"got {value!r}")
+    return {**spec.params, **params}
+
+
+def _type_fits(value, default) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _type_name(default) -> str:
+    return {bool: "true or false", int: "a number", float: "a number", str: "a string",
+            list: "a list", tuple: "a list", dict: "a mapping"}.get(type(default), type(default).__name__)
+
+
+def _nearest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# -- pipelines ---------------------------------------------------------------------------
+
+@dataclass
+class Pipeline:
+    steps: list[tuple[str, dict[str, Any]]]
+    data: str | None = None
+    seed: int = 0
+    source: str = "pipeline"
+
+
+def parse_pipeline(text: str, source: str = "pipeline") -> Pipeline:
+    """Parse pipeline YAML: a list of {pass: {params}}, or a mapping with `passes`, `data`, `seed`."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(doc, list):
+        doc = {"passes": doc}
+    if not isinstance(doc, dict) or "passes" not in doc:
+        raise ConfigError(f"{source}: expected a mapping with a 'passes' list (or a bare list of passes)")
+    unknown = set(doc) - {"passes", "data", "seed"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{source}: unknown top-level key '{key}'{_nearest(key, ['passes', 'data', 'seed'])}; "
+                          "valid: passes, data, seed")
+    steps = []
+    for i, item in enumerate(doc["passes"] or []):
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(f"{source}: pass #{i + 1} must be a pass name or {{name: {{params}}}}")
+        (name, params), = item.items()
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{source}: parameters of pass '{name}' must be a mapping, got {params!r}")
+        validate_params(get_pass(name), params)
+        steps.append((name, params))
+    seed = doc.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
+    return Pipeline(steps, doc.get("data"), seed, source)
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such pipeline file")
+    pipeline = parse_pipeline(path.read_text(), str(path))
+    if pipeline.data is not None and not Path(pipeline.data).is_absolute():
+        pipeline.data = str(path.parent / pipeline.data)
+    return pipeline
+
+
+# -- running -----------------------------------------------------------------------------
+
+@dataclass
+class PassContext:
+    """What a pass may need besides the model: calibration data and the seed."""
+    data: dict[str, np.ndarray] | None = None
+    seed: int = 0
+    batch_size: int = 64
+    verbose: bool = False
+
+    def batches(self, names: list[str], limit: int | None = None):
+        """Calibration batches of the inputs `names`; PassError when no data was given."""
+        if self.data is None:
+            raise PassError("this pass needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+        return iter_batches(self.data, self.batch_size, names, limit=limit)
+
+
+@dataclass
+class StepReport:
+    name: str
+    seconds: float
+    report: dict[str, Any]
+    verified: float | None = None  # worst relative output change, when verified
+
+    def line(self) -> str:
+        changed = self.report.get("changed", 0)
+        summary = self.report.get("summary", "")
+        check = "" if self.verified is None else f"  verified (max rel diff {self.verified:.1e})"
+        return f"{self.name:<16} changed {changed:<4} {self.seconds:7.2f}s  {summary}{check}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pass": self.name, "seconds": round(self.seconds, 4), "verified_max_rel_diff": self.verified,
+                **self.report}
+
+
+def run_pass(model: QModel, name: str, params: dict | None = None, ctx: PassContext | None = None) -> dict:
+    """Apply one pass by name (params validated) and return its report."""
+    spec = get_pass(name)
+    report = spec.fn(model, ctx or PassContext(), **validate_params(spec, params))
+    return report if report is not None else {"changed": 0, "summary": ""}
+
+
+def run_pipeline(model: QModel, pipeline: Pipeline, ctx: PassContext, *, verify: bool = False,
+                 on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+    """Apply each step in order; with `verify`, check output-preserving passes on sample data."""
+    reports = []
+    for name, params in pipeline.steps:
+        spec = get_pass(name)
+        before = model.to_onnx() if verify and spec.preserves_outputs else None
+        start = time.perf_counter()
+        report = run_pass(model, name, params, ctx)
+        step = StepReport(name, time.perf_counter() - start, report)
+        if before is not None:
+            step.verified = verify_outputs(before, model, name, spec.tolerance, ctx)
+        reports.append(step)
+        if on_step:
+            on_step(step)
+    return reports
+
+
+def verify_outputs(before, after: QModel, pass_name: str, tolerance: float, ctx: PassContext) -> float:
+    """Worst relative change over the graph outputs; PassError naming the tensor if > tolerance."""
+    from qgraph.runner import run_model  # ORT import is slow; only verification needs it here
+    after_proto = after.to_onnx()
+    names = list(model_inputs(before))
+    if ctx.data is not None:
+        feeds = next(iter_batches(ctx.data, 32, names))
+    else:
+        feeds = random_inputs(before, batch=4, seed=ctx.seed)
+    ref = run_model(before, feeds)
+    new = run_model(after_proto, feeds)
+    worst, worst_name = 0.0, None
+    for key, value in ref.items():
+        if key not in new:
+            raise PassError(f"pass '{pass_name}' removed graph output '{key}'")
+        diff = float(np.max(np.abs(new[key].astype(np.float64) - value))) if value.size else 0.0
+        rel = diff / max(float(np.max(np.abs(value))) if value.size else 0.0, 1e-12)
+        if rel >= worst:
+            worst, worst_name = rel, key
+    if worst > tolerance:
+        raise PassError(f"--verify: pass '{pass_name}' changed output '{worst_name}' by relative {worst:.2e} "
+                        f"(tolerance {tolerance:.0e}); run without this pass or report a bug")
+    return worst
