@@ -1,0 +1,421 @@
+"""QDQ form <-> training form: what ONNX Runtime's trainer can differentiate.
+
+A QuantizeLinear->DequantizeLinear pair computes `y = (clamp(round(x/s) + z, qmin, qmax) - z) * s`.
+ORT's gradient builder cannot differentiate it, so training replaces each pair by
+com.microsoft FakeQuant, which computes the same `y` with a straight-through gradient:
+
+    per-tensor, fixed scale:        y = FakeQuant(x, s, z)
+    per-channel or learned scale:   y = FakeQuant(x / s, 1, z) * s      (s broadcast on the axis)
+
+The second form lets the gradient reach `s` (LSQ: dy/ds = FQ(x/s) - x/s inside the range).
+Per-channel nonzero zero points use `FakeQuant(x/s + z, 1, 0) - z`, which differs from the
+pair only on exact rounding ties. Every rewritten pair is recorded in the model's metadata
+(`qgraph.training_form`), so `to_qdq_form` puts the original nodes back with the trained
+weights and scales. Outputs: unchanged up to float rounding (exact for per-tensor pairs).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qgraph.annotations import get_annotation, set_annotation
+from qgraph.errors import TrainError
+from qgraph.quant import quantize
+
+MS_DOMAIN = "com.microsoft"
+TRAINING_FORM = "training_form"   # annotation key holding the pair records
+_SUFFIX = "__fq"                  # prefix of every name this module creates
+
+# Storage range of each QuantizeLinear output type; the pair saturates exactly there.
+_DTYPE_RANGES = {
+    onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
+}
+
+
+@dataclass
+class TrainingFormInfo:
+    """What `to_training_form` did: one record per pair, and the scale parameters."""
+
+    pairs: list[dict] = field(default_factory=list)
+    learned_scales: list[str] = field(default_factory=list)
+    fixed_scales: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.pairs)
+
+
+def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
+                     freeze_activation_scales: bool = True) -> tuple[onnx.ModelProto, TrainingFormInfo]:
+    """Replace every Q->DQ pair (and every DQ of a constant integer weight) by FakeQuant.
+
+    `learn_scales` makes weight scales trainable, and activation scales too unless
+    `freeze_activation_scales`. A model without quantizers comes back as an unchanged copy.
+    """
+    model = _with_constants_as_initializers(model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    info = TrainingFormInfo()
+    new_nodes: list[onnx.NodeProto] = []
+    removed_inits: set[str] = set()
+    handled: set[int] = set()
+    ranks = _ranks(model)
+    constant = _constant_tensors(graph)
+
+    for index, node in enumerate(graph.node):
+        if id(node) in handled:
+            continue
+        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+            dqs = consumers.get(node.output[0], [])
+            if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or node.output[0] in graph_outputs:
+                raise TrainError(f"QuantizeLinear {node.name or node.output[0]}: its output must feed only "
+                                 "DequantizeLinear nodes to be trained; export the model in QDQ form")
+            handled.update(id(d) for d in dqs)
+            source, weight_from_int = node.input[0], None
+        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            if node.input[0] not in inits:
+                raise TrainError(f"DequantizeLinear {node.name or node.output[0]}: its input "
+                                 f"{node.input[0]} comes from no QuantizeLinear; training needs Q->DQ pairs")
+            dqs, source, weight_from_int = [node], None, node.input[0]
+        else:
+            new_nodes.append(node)
+            continue
+        record = _pair_record(node, dqs, inits, weight_from_int, len(info.pairs))
+        is_weight = weight_from_int is not None or source in constant
+        record["weight"] = is_weight
+        record["learned"] = bool(learn_scales and (is_weight or not freeze_activation_scales))
+        record["rank"] = ranks.get(source or weight_from_int)
+        if weight_from_int is not None:
+            source = _float_weight(record, inits, graph)
+            removed_inits.add(weight_from_int)
+        record["x"] = source
+        nodes, created_inits = _fake_quant_nodes(record)
+        new_nodes.extend(nodes)
+        graph.initializer.extend(created_inits)
+        record["created_nodes"] = [n.name for n in nodes]
+        record["created_inits"] = [t.name for t in created_inits]
+        if record["zero_point"]:
+            removed_inits.add(record["zero_point"])
+        info.pairs.append(record)
+        (info.learned_scales if record["learned"] else info.fixed_scales).append(record["scale"])
+
+    if not info.pairs:
+        return model, info
+    still_used = {i for n in new_nodes for i in n.input}
+    for name in sorted(removed_inits - still_used):
+        graph.initializer.remove(inits[name])
+    _check_scale_sharing(info)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    q_outputs = {r["q_output"] for r in info.pairs if r["q_output"]}
+    kept_vi = [v for v in graph.value_info if v.name not in q_outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_vi)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    info.learned_scales = sorted(set(info.learned_scales))
+    info.fixed_scales = sorted(set(info.fixed_scales) - set(info.learned_scales))
+    set_annotation(model, TRAINING_FORM, {"pairs": info.pairs})
+    return model, info
+
+
+def training_form_info(model: onnx.ModelProto) -> TrainingFormInfo:
+    """The records `to_training_form` left in `model` (empty for a float model)."""
+    stored = get_annotation(model, TRAINING_FORM, {"pairs": []})
+    info = TrainingFormInfo(pairs=stored["pairs"])
+    for r in info.pairs:
+        (info.learned_scales if r["learned"] else info.fixed_scales).append(r["scale"])
+    return info
+
+
+def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Put the recorded Q/DQ nodes back, with `trained_values` (name -> array) as initializers.
+
+    `model` is a training-form model, or an ORT eval/inference model of one (parameters as
+    graph inputs are turned back into initializers when `trained_values` has them).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    _apply_values(graph, trained_values or {})
+    info = training_form_info(out)
+    if not info.pairs:
+        return out
+    by_node = {name: r for r in info.pairs for name in r["created_nodes"]}
+    created_inits = {name for r in info.pairs for name in r["created_inits"]}
+    created_inits |= {r["x"] for r in info.pairs if r["int_weight"]}
+    inits = {t.name: t for t in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    done: set[int] = set()
+    for node in graph.node:
+        record = by_node.get(node.name)
+        if record is None:
+            nodes.append(node)
+            continue
+        if record["index"] in done:
+            continue
+        done.add(record["index"])
+        if record["q_node"]:
+            nodes.append(_node_from_json(record["q_node"]))
+        nodes.extend(_node_from_json(d) for d in record["dq_nodes"])
+    missing = {r["index"] for r in info.pairs} - done
+    if missing:
+        raise TrainError(f"{len(missing)} recorded quantizer pair(s) are missing from the model; "
+                         "pass the training-form model (or its eval model) to to_qdq_form")
+    restored = []
+    for record in info.pairs:
+        for blob in record["saved_inits"]:
+            tensor = _tensor_from_b64(blob)
+            if tensor.name != record["int_weight"] and tensor.name not in inits and tensor.name not in {t.name for t in restored}:
+                restored.append(tensor)
+        if record["int_weight"]:
+            restored.append(_requantize(record, inits))
+    keep = [t for t in graph.initializer if t.name not in created_inits]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + restored)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    set_annotation(out, TRAINING_FORM, None)
+    if not any(n.domain == MS_DOMAIN for n in graph.node):
+        kept = [o for o in out.opset_import if o.domain != MS_DOMAIN]
+        del out.opset_import[:]
+        out.opset_import.extend(kept)
+    return out
+
+
+# --- building the training form --------------------------------------------------------
+
+def _pair_record(q, dqs, inits, int_weight, index) -> dict:
+    """Describe one quantizer: its scale, zero point, axis, storage type and range."""
+    first = q if int_weight is None else dqs[0]
+    scale = first.input[1]
+    zero_point = first.input[2] if len(first.input) > 2 and first.input[2] else ""
+    if scale not in inits:
+        raise TrainError(f"{first.op_type} {first.name or first.output[0]}: scale {scale} is not a constant; "
+                         "training needs constant scales")
+    if zero_point and zero_point not in inits:
+        raise TrainError(f"{first.op_type} {first.name or first.output[0]}: zero point {zero_point} is not "
+                         "a constant; training needs constant zero points")
+    for dq in dqs:
+        if dq.input[1] != scale or (dq.input[2] if len(dq.input) > 2 else "") != zero_point:
+            raise TrainError(f"DequantizeLinear {dq.name or dq.output[0]}: scale/zero point differ from its "
+                             f"QuantizeLinear's ({scale}); such pairs cannot be trained")
+    dtype = (inits[zero_point].data_type if zero_point
+             else inits[int_weight].data_type if int_weight else onnx.TensorProto.UINT8)
+    if dtype not in _DTYPE_RANGES:
+        raise TrainError(f"{first.op_type} {first.name or first.output[0]}: storage type "
+                         f"{onnx.TensorProto.DataType.Name(dtype)} is not trainable (int8/uint8/int16/uint16 are)")
+    scale_value = numpy_helper.to_array(inits[scale])
+    axis = next((a.i for a in first.attribute if a.name == "axis"), 1)
+    per_channel = scale_value.ndim == 1 and scale_value.size > 1
+    zp_value = numpy_helper.to_array(inits[zero_point]).astype(np.float32) if zero_point else np.zeros(1, np.float32)
+    qmin, qmax = _DTYPE_RANGES[dtype]
+    return {
+        "index": index,
+        "q_node": None if int_weight else _node_to_json(q),
+        "q_output": None if int_weight else q.output[0],
+        "dq_nodes": [_node_to_json(d) for d in dqs],
+        "y": [d.output[0] for d in dqs],
+        "scale": scale,
+        "zero_point": zero_point,
+        "axis": axis if per_channel else None,
+        "channels": int(scale_value.size) if per_channel else None,
+        "scale_rank": int(scale_value.ndim),
+        "qmin": qmin, "qmax": qmax,
+        "bits": int(np.log2(qmax - qmin + 1)),
+        "dtype": onnx.TensorProto.DataType.Name(dtype).lower(),
+        "zero_points": zp_value.reshape(-1).tolist(),
+        "int_weight": int_weight,
+        "saved_inits": [_tensor_to_b64(inits[zero_point])] if zero_point else [],
+    }
+
+
+def _float_weight(record, inits, graph) -> str:
+    """A DQ of a stored integer weight trains on its dequantized float copy."""
+    int_tensor = inits[record["int_weight"]]
+    q = numpy_helper.to_array(int_tensor).astype(np.float32)
+    s = numpy_helper.to_array(inits[record["scale"]]).astype(np.float32)
+    z = np.asarray(record["zero_points"], np.float32)
+    if record["axis"] is not None:
+        shape = [1] * q.ndim
+        shape[record["axis"] % q.ndim] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    name = record["int_weight"] + _SUFFIX + "_float"
+    graph.initializer.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), name))
+    record["saved_inits"].append(_tensor_to_b64(int_tensor))
+    return name
+
+
+def _fake_quant_nodes(r: dict) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    p = f"{r['y'][0]}{_SUFFIX}{r['index']}"
+    attrs = {"quant_min": r["qmin"], "quant_max": r["qmax"]}
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    y = r["y"][0]
+    zps = np.asarray(r["zero_points"], np.float32)
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), f"{p}_{name}"))
+        return f"{p}_{name}"
+
+    if r["axis"] is None and not r["learned"]:
+        s = r["scale"]
+        if r["scale_rank"] != 0:
+            nodes.append(helper.make_node("Reshape", [s, const("scalar", np.zeros(0, np.int64))],
+                                          [f"{p}_s"], name=f"{p}_reshape"))
+            s = f"{p}_s"
+        nodes.append(helper.make_node("FakeQuant", [r["x"], s, const("zp", np.float32(zps[0]))],
+                                      [y, f"{p}_mask"], name=f"{p}_fakequant", domain=MS_DOMAIN, **attrs))
+    else:
+        s = r["scale"]
+        if r["axis"] is not None:
+            if r["rank"] is None:
+                raise TrainError(f"per-channel quantizer of {r['x']}: its rank is unknown; run shape inference "
+                                 "(qgraph passes canonicalize) first")
+            shape = [1] * r["rank"]
+            shape[r["axis"] % r["rank"]] = -1
+            nodes.append(helper.make_node("Reshape", [s, const("shape", np.array(shape, np.int64))],
+                                          [f"{p}_s"], name=f"{p}_reshape"))
+            s = f"{p}_s"
+        nodes.append(helper.make_node("Div", [r["x"], s], [f"{p}_xs"], name=f"{p}_div"))
+        fq_in, zp_in, shift = f"{p}_xs", np.float32(zps[0]), None
+        if r["axis"] is not None:
+            zp_in = np.float32(0)
+            if np.any(zps != 0):
+                shift = const("zps", zps.reshape(shape).astype(np.float32))
+                nodes.append(helper.make_node("Add", [fq_in, shift], [f"{p}_xz"], name=f"{p}_addzp"))
+                fq_in = f"{p}_xz"
+        nodes.append(helper.make_node("FakeQuant", [fq_in, const("one", np.float32(1)), const("zp", zp_in)],
+                                      [f"{p}_q", f"{p}_mask"], name=f"{p}_fakequant", domain=MS_DOMAIN, **attrs))
+        q_out = f"{p}_q"
+        if shift is not None:
+            nodes.append(helper.make_node("Sub", [q_out, shift], [f"{p}_qz"], name=f"{p}_subzp"))
+            q_out = f"{p}_qz"
+        nodes.append(helper.make_node("Mul", [q_out, s], [y], name=f"{p}_mul"))
+    for i, other in enumerate(r["y"][1:]):
+        nodes.append(helper.make_node("Identity", [y], [other], name=f"{p}_copy{i}"))
+    return nodes, inits
+
+
+def _check_scale_sharing(info: TrainingFormInfo) -> None:
+    learned = {r["scale"] for r in info.pairs if r["learned"]}
+    for r in info.pairs:
+        if not r["learned"] and r["scale"] in learned:
+            raise TrainError(f"scale {r['scale']} is shared by a learned and a fixed quantizer; "
+                             "give them separate scale tensors or freeze both")
+
+
+# --- restoring -----------------------------------------------------------------------
+
+def _apply_values(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> None:
+    """Write trained values into initializers; parameter graph inputs become initializers."""
+    inits = {t.name: t for t in graph.initializer}
+    for name, value in values.items():
+        array = np.asarray(value)
+        if name in inits:
+            old = inits[name]
+            array = array.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))
+            old.CopyFrom(numpy_helper.from_array(array, name))
+        elif any(i.name == name for i in graph.input):
+            graph.initializer.append(numpy_helper.from_array(array, name))
+    kept = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    del graph.input[:]
+    graph.input.extend(kept)
+
+
+def _requantize(record: dict, inits: dict) -> onnx.TensorProto:
+    """The stored integer weight of a DQ-only pair, re-quantized from its trained float copy."""
+    saved = {t.name: t for t in map(_tensor_from_b64, record["saved_inits"])}
+    original = saved[record["int_weight"]]
+    weight = numpy_helper.to_array(inits[record["int_weight"] + _SUFFIX + "_float"])
+    zero_point = numpy_helper.to_array(saved[record["zero_point"]]) if record["zero_point"] else 0
+    q = quantize(weight, numpy_helper.to_array(inits[record["scale"]]), zero_point, record["qmin"],
+                 record["qmax"], axis=record["axis"], dtype=helper.tensor_dtype_to_np_dtype(original.data_type))
+    return numpy_helper.from_array(q, record["int_weight"])
+
+
+# --- small helpers --------------------------------------------------------------------
+
+def _consumers(graph) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _constant_tensors(graph) -> set[str]:
+    """Tensors computed from initializers alone (weights, forward-fused BN weights)."""
+    constant = {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if all(name in constant for name in node.input):
+            constant.update(node.output)
+    return constant
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is only a help here; unknown ranks are reported later
+        return ranks
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
+    return ranks
+
+
+def _with_constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which Constant nodes holding a tensor are initializers (trainer parameters)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    return out
+
+
+def _node_to_json(node: onnx.NodeProto) -> str:
+    return base64.b64encode(node.SerializeToString()).decode("ascii")
+
+
+def _node_from_json(blob: str) -> onnx.NodeProto:
+    node = onnx.NodeProto()
+    node.ParseFromString(base64.b64decode(blob))
+    return node
+
+
+def _tensor_to_b64(tensor: onnx.TensorProto) -> str:
+    return base64.b64encode(tensor.SerializeToString()).decode("ascii")
+
+
+def _tensor_from_b64(blob: str) -> onnx.TensorProto:
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(base64.b64decode(blob))
+    return tensor
+
+
+def info_json(info: TrainingFormInfo) -> str:
+    """A short human-readable summary of the pairs (no serialized nodes)."""
+    keys = ("x", "y", "scale", "zero_point", "axis", "bits", "qmin", "qmax", "dtype", "weight", "learned")
+    return json.dumps([{k: r[k] for k in keys} for r in info.pairs], indent=1)

@@ -1,0 +1,163 @@
+"""The one place that imports ONNX Runtime's training API, without torch.
+
+`import onnxruntime.training` imports torch (through its `optim` subpackage), but the
+`artifacts` and `api` submodules need neither. Registering an empty package object for
+`onnxruntime.training` in `sys.modules`, whose `__path__` is the installed folder, lets
+Python import those two submodules while skipping the package's `__init__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+import onnx
+
+from qgraph.errors import TrainError
+
+_PACKAGE = "onnxruntime.training"
+
+
+def import_training_api() -> tuple[types.ModuleType, types.ModuleType]:
+    """Return `(artifacts, api)` of onnxruntime-training with logging at warning level."""
+    try:
+        import onnxruntime
+        from onnxruntime.capi import _pybind_state as capi
+    except ImportError as exc:
+        raise TrainError(f"onnxruntime is not importable ({exc}); install onnxruntime-training-cpu==1.19.2") from None
+    if not hasattr(capi, "load_checkpoint"):
+        raise TrainError("this onnxruntime has no training support; install onnxruntime-training-cpu==1.19.2 "
+                         "instead of the plain onnxruntime package")
+    if _PACKAGE not in sys.modules:
+        spec = importlib.util.find_spec(_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise TrainError("onnxruntime.training is not installed; install onnxruntime-training-cpu==1.19.2")
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = _PACKAGE
+        sys.modules[_PACKAGE] = package
+        onnxruntime.training = package
+    artifacts = importlib.import_module(_PACKAGE + ".artifacts")
+    api = importlib.import_module(_PACKAGE + ".api")
+    quiet_ort_logging()
+    return artifacts, api
+
+
+def quiet_ort_logging() -> None:
+    """ORT's C++ core logs at verbose/info by default: keep warnings and errors only."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(2)
+
+
+@contextlib.contextmanager
+def quiet_python_logging():
+    """generate_artifacts logs every step on the root logger; hold it at warning meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quiet_session_options():
+    """SessionOptions for the sessions generate_artifacts opens itself (they log at info)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def session_options(threads: int = 0):
+    """SessionOptions for training sessions: quiet, `threads` intra-op threads (0 = ORT's choice)."""
+    options = _quiet_session_options()
+    options.intra_op_num_threads = threads
+    return options
+
+
+def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str], frozen: list[str],
+                                directory: str | os.PathLike, *, loss="cross_entropy", optimizer: str = "adamw",
+                                weight_decay: float = 0.0, extra_outputs: list[str] | None = None) -> None:
+    """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint into `directory`.
+
+    `loss` is "cross_entropy", "mse", or an ONNX loss graph (path or ModelProto) whose first
+    input takes the model's first output, whose other inputs are data keys, and whose first
+    output is the scalar loss. `optimizer` is "adamw" or "sgd" (ORT's SGD has no momentum).
+    """
+    artifacts, _ = import_training_api()
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import _training_graph_utils
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    if loss == "cross_entropy":
+        loss_block = artifacts.LossType.CrossEntropyLoss
+    elif loss == "mse":
+        loss_block = artifacts.LossType.MSELoss
+    else:
+        loss_block = _graph_loss_block(onnxblock, loss)
+    if optimizer == "adamw":
+        optim_block = onnxblock.optim.AdamW(weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        optim_block = artifacts.OptimType.SGD
+    else:
+        raise TrainError(f"optimizer {optimizer!r} is not one of adamw, sgd")
+    # generate_artifacts opens sessions with default (info-level) options: make them quiet
+    _training_graph_utils.SessionOptions = _quiet_session_options
+    try:
+        with quiet_python_logging():
+            artifacts.generate_artifacts(model, requires_grad=list(requires_grad), frozen_params=list(frozen),
+                                         loss=loss_block, optimizer=optim_block, artifact_directory=str(directory),
+                                         additional_output_names=list(extra_outputs) if extra_outputs else None)
+    except TrainError:
+        raise
+    except Exception as exc:  # ORT raises bare RuntimeErrors from C++
+        raise TrainError(f"ONNX Runtime cannot build training artifacts: {str(exc).strip().splitlines()[0][:300]}") \
+            from None
+
+
+def _graph_loss_block(onnxblock, loss):
+    """An onnxblock.Block that splices a user's loss graph onto the model's output."""
+    if isinstance(loss, onnx.ModelProto):
+        loss_model = loss
+    else:
+        path = Path(loss)
+        if not path.is_file():
+            raise TrainError(f"loss {loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")
+        loss_model = onnx.load(str(path))
+    graph = loss_model.graph
+    if not graph.input or not graph.output:
+        raise TrainError(f"loss graph {loss!r}: needs a prediction input, target inputs and a scalar output")
+
+    class GraphLoss(onnxblock.Block):
+        def build(self, prediction: str, *_unused):
+            base = self.base
+            rename = {graph.input[0].name: prediction}
+            existing = {i.name for i in base.graph.input}
+            for target in graph.input[1:]:
+                if target.name not in existing:
+                    base.graph.input.append(target)
+            for init in graph.initializer:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(init)
+                copy.name = "loss::" + init.name
+                rename[init.name] = copy.name
+                base.graph.initializer.append(copy)
+            for node in graph.node:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                for i, name in enumerate(new.input):
+                    new.input[i] = rename.get(name, name)
+                new.name = "loss::" + (node.name or node.output[0])
+                base.graph.node.append(new)
+            return graph.output[0].name
+
+    return GraphLoss()
