@@ -27,7 +27,10 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+    except OSError as exc:
+        raise QGraphError(f"{path}: cannot write ({exc.strerror or exc}); choose another path") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

@@ -29,11 +29,11 @@ class QModel:
     """A model being rewritten: `graph` (gs.Graph) + `metadata` (str -> str) + opsets."""
 
     def __init__(self, graph: gs.Graph, metadata: dict[str, str] | None = None,
-                 ir_version: int = 8, producer: str = "qgraph"):
+                 ir_version: int = 8, producer_name: str = "qgraph"):
         self.graph = graph
         self.metadata = dict(metadata or {})
         self.ir_version = ir_version
-        self.producer = producer
+        self.producer_name = producer_name
         self._names = Counter(n.name for n in graph.nodes)
 
     # -- conversion -------------------------------------------------------------------
@@ -52,7 +52,7 @@ class QModel:
         if any(n.domain == MS_DOMAIN for n in self.graph.nodes) and MS_DOMAIN not in domains:
             model.opset_import.add(domain=MS_DOMAIN, version=1)
         model.ir_version = self.ir_version
-        model.producer_name = self.producer
+        model.producer_name = self.producer_name
         for key, value in sorted(self.metadata.items()):
             model.metadata_props.add(key=key, value=value)
         return model

@@ -88,16 +88,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: s
         raise ModelError(str(exc)) from None
     parent = path.parent if str(path.parent) else Path(".")
     external = model.ByteSize() >= PROTOBUF_LIMIT
-    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as tmp:
-        tmp_model = Path(tmp) / path.name
-        if external:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=path.name + ".data")
-        else:
-            onnx.save_model(model, str(tmp_model))
-        if external:
-            os.replace(Path(tmp) / (path.name + ".data"), parent / (path.name + ".data"))
-        os.replace(tmp_model, path)
+    try:
+        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as tmp:
+            tmp_model = Path(tmp) / path.name
+            if external:
+                onnx.save_model(model, str(tmp_model), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=path.name + ".data")
+                os.replace(Path(tmp) / (path.name + ".data"), parent / (path.name + ".data"))
+            else:
+                onnx.save_model(model, str(tmp_model))
+            os.replace(tmp_model, path)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot write ({exc.strerror or exc}); choose another -o path") from None
     return path
 
 

@@ -122,13 +122,15 @@ def parse_pipeline(text: str, source: str = "pipeline") -> Pipeline:
         raise ConfigError(f"{source}:{where} YAML syntax error: {getattr(exc, 'problem', exc)}") from None
     if isinstance(doc, list):
         doc = {"passes": doc}
-    if not isinstance(doc, dict) or "passes" not in doc:
+    if not isinstance(doc, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'passes' list (or a bare list of passes)")
     unknown = set(doc) - {"passes", "data", "seed"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"{source}: unknown top-level key '{key}'{_nearest(key, ['passes', 'data', 'seed'])}; "
                           "valid: passes, data, seed")
+    if "passes" not in doc:
+        raise ConfigError(f"{source}: no 'passes' list; add `passes: [canonicalize, ...]`")
     steps = []
     for i, item in enumerate(doc["passes"] or []):
         if isinstance(item, str):

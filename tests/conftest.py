@@ -1,0 +1,71 @@
+"""Shared fixtures: a small hand-built CNN (independent of the model builders) and data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def make_small_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """Conv-BN-Relu-Identity-Conv-Dropout-GAP-Flatten-Gemm on [N,1,8,8], random BN stats."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+
+    def init(name, shape, scale=0.5):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(f32), name)
+
+    inits = [
+        init("conv1.weight", (4, 1, 3, 3)), init("conv1.bias", (4,), 0.1),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(f32), "bn1.scale"),
+        init("bn1.bias", (4,), 0.2), init("bn1.mean", (4,), 0.2),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, 4).astype(f32), "bn1.var"),
+        init("conv2.weight", (6, 4, 3, 3)),
+        init("fc.weight", (3, 6)), init("fc.bias", (3,), 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1.scale", "bn1.bias", "bn1.mean", "bn1.var"], ["b1"],
+                         name="bn1"),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        helper.make_node("Identity", ["r1"], ["i1"], name="identity"),
+        helper.make_node("Conv", ["i1", "conv2.weight"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Dropout", ["c2"], ["d2"], name="dropout"),
+        helper.make_node("GlobalAveragePool", ["d2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "small_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def small_data(count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"input": rng.random((count, 1, 8, 8)).astype(np.float32),
+            "labels": rng.integers(0, 3, count).astype(np.int64)}
+
+
+@pytest.fixture
+def small_cnn() -> onnx.ModelProto:
+    return make_small_cnn()
+
+
+@pytest.fixture
+def small_cnn_file(tmp_path, small_cnn):
+    path = tmp_path / "small.onnx"
+    onnx.save(small_cnn, path)
+    return path
+
+
+@pytest.fixture
+def small_data_file(tmp_path):
+    path = tmp_path / "data.npz"
+    np.savez(path, **small_data())
+    return path

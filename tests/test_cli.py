@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from qgraph.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def pipeline_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("passes:\n  - canonicalize: {}\n")
+    return path
+
+
+def test_passes_run_writes_model_and_report(tmp_path, small_cnn_file, pipeline_file, small_data_file):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = invoke("passes", "run", small_cnn_file, "--pipeline", pipeline_file, "-o", out,
+                    "--data", small_data_file, "--verify", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "canonicalize" in result.output and "verified" in result.output
+    assert [n.op_type for n in onnx.load(out).graph.node].count("Identity") == 0
+    rows = json.loads(report.read_text())["passes"]
+    assert rows[0]["pass"] == "canonicalize" and rows[0]["removed"] == 2
+
+
+def _bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("passes:\n\t- canonicalize\n")
+    return path
+
+
+def _unknown_pass(tmp_path):
+    path = tmp_path / "u.yaml"
+    path.write_text("passes: [fuse_everything]\n")
+    return path
+
+
+def _bad_param(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("passes:\n  - canonicalize: {fold: true}\n")
+    return path
+
+
+def _noise_model(tmp_path):
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(2048))
+    return path
+
+
+def _truncated_model(tmp_path):
+    src = (tmp_path / "small.onnx").read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(src[: len(src) // 3])
+    return path
+
+
+def _checker_failure(tmp_path):
+    model = onnx.load(tmp_path / "small.onnx")
+    model.graph.node[0].input[0] = "ghost"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _wrong_data(tmp_path):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, pixels=np.zeros((2, 1, 8, 8), np.float32))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_model", "no such model file"),
+    ("noise", "noise.onnx"),
+    ("truncated", "cut.onnx"),
+    ("checker", "fails the ONNX checker"),
+    ("unknown_pass", "unknown pass 'fuse_everything'"),
+    ("bad_param", "no parameter 'fold'"),
+    ("bad_yaml", "YAML syntax error"),
+    ("output_is_input", "output path is the input"),
+    ("missing_dir", "does not exist"),
+    ("unwritable", "cannot write|not writable"),
+    ("wrong_data", "missing input 'input'"),
+])
+def test_bad_input_is_one_line_exit_2_no_output(tmp_path, small_cnn_file, pipeline_file, case, message):
+    model, pipeline, out, extra = small_cnn_file, pipeline_file, tmp_path / "out.onnx", []
+    if case == "missing_model":
+        model = tmp_path / "absent.onnx"
+    elif case == "noise":
+        model = _noise_model(tmp_path)
+    elif case == "truncated":
+        model = _truncated_model(tmp_path)
+    elif case == "checker":
+        model = _checker_failure(tmp_path)
+    elif case == "unknown_pass":
+        pipeline = _unknown_pass(tmp_path)
+    elif case == "bad_param":
+        pipeline = _bad_param(tmp_path)
+    elif case == "bad_yaml":
+        pipeline = _bad_yaml(tmp_path)
+    elif case == "output_is_input":
+        out = model
+    elif case == "missing_dir":
+        out = tmp_path / "no" / "out.onnx"
+    elif case == "unwritable":
+        out = "/proc/qgraph-out.onnx"
+    elif case == "wrong_data":
+        extra = ["--data", _wrong_data(tmp_path)]
+    before = small_cnn_file.read_bytes()
+    result = invoke("passes", "run", model, "--pipeline", pipeline, "-o", out, *extra)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert small_cnn_file.read_bytes() == before
+    if case != "output_is_input":
+        assert not (tmp_path / "out.onnx").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_inspect_shows_ops_and_qdq(tmp_path, small_cnn_file):
+    result = invoke("inspect", small_cnn_file)
+    assert result.exit_code == 0
+    assert "Conv 2" in result.output and "QDQ pairs: none" in result.output
+    info = json.loads(invoke("inspect", small_cnn_file, "--json").output)
+    assert info["opset"] == 17 and info["inputs"][0]["shape"] == ["N", 1, 8, 8]
+    assert info["parameters"] == 4 * 9 + 4 + 16 + 6 * 4 * 9 + 18 + 3
+
+
+def test_passes_list_and_help():
+    result = invoke("passes", "list")
+    assert result.exit_code == 0 and "canonicalize" in result.output and "fold_constants: true" in result.output
+    for command in (["passes", "run"], ["inspect"], ["passes", "list"]):
+        help_text = invoke(*command, "--help").output
+        assert "Example:" in help_text

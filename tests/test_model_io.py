@@ -1,0 +1,84 @@
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import make_small_cnn
+from qgraph.errors import ModelError
+from qgraph.model_io import OPSET, default_opset, load_model, save_model
+from qgraph.runner import run_model
+
+
+def test_load_checks_and_keeps_working_opset(small_cnn_file):
+    model = load_model(small_cnn_file)
+    assert default_opset(model) == OPSET
+    assert len(model.graph.node) == 9
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="no such model file"):
+        load_model(tmp_path / "absent.onnx")
+
+
+def test_random_bytes_are_not_a_model(tmp_path):
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    with pytest.raises(ModelError, match="noise.onnx"):
+        load_model(path)
+
+
+def test_truncated_protobuf(tmp_path, small_cnn):
+    path = tmp_path / "cut.onnx"
+    data = small_cnn.SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="cut.onnx"):
+        load_model(path)
+
+
+def test_checker_failure_names_the_problem(tmp_path, small_cnn):
+    small_cnn.graph.node[1].input[0] = "nowhere"
+    path = tmp_path / "bad.onnx"
+    onnx.save(small_cnn, path)
+    with pytest.raises(ModelError, match="fails the ONNX checker.*nowhere"):
+        load_model(path)
+
+
+def test_older_opset_is_converted_and_said(tmp_path, caplog):
+    old = make_small_cnn(opset=13)
+    path = tmp_path / "old.onnx"
+    onnx.save(old, path)
+    with caplog.at_level(logging.WARNING, logger="qgraph"):
+        model = load_model(path)
+    assert default_opset(model) == OPSET
+    assert "converted opset 13 to 17" in caplog.text
+    x = {"input": np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)}
+    np.testing.assert_allclose(run_model(model, x)["logits"], run_model(old, x)["logits"], rtol=1e-6)
+
+
+def test_external_data_model_loads(tmp_path, small_cnn):
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(small_cnn, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists()
+    model = load_model(path)
+    weight = {i.name: i for i in model.graph.initializer}["conv2.weight"]
+    assert onnx.numpy_helper.to_array(weight).shape == (6, 4, 3, 3)
+
+
+def test_save_is_atomic_and_refuses_the_input(tmp_path, small_cnn_file, small_cnn):
+    out = save_model(small_cnn, tmp_path / "copy.onnx", input_path=small_cnn_file)
+    assert onnx.load(out).graph.node[0].name == "conv1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "small.onnx"]
+    before = small_cnn_file.read_bytes()
+    with pytest.raises(ModelError, match="output path is the input"):
+        save_model(helper.make_model(small_cnn.graph), small_cnn_file, input_path=small_cnn_file)
+    assert small_cnn_file.read_bytes() == before
+
+
+def test_save_into_missing_or_unwritable_directory(tmp_path, small_cnn):
+    with pytest.raises(ModelError, match="does not exist"):
+        save_model(small_cnn, tmp_path / "nope" / "m.onnx")
+    with pytest.raises(ModelError, match="cannot write|not writable"):
+        save_model(small_cnn, "/proc/qgraph-test.onnx")

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from conftest import small_data
+from qgraph.errors import ConfigError, PassError
+from qgraph.graph import QModel
+from qgraph.pipeline import (PassContext, PassSpec, _PASSES, all_passes, get_pass, parse_pipeline,
+                             run_pass, run_pipeline, validate_params)
+
+
+def test_registry_lists_passes_with_params():
+    passes = all_passes()
+    assert "canonicalize" in passes
+    assert passes["canonicalize"].params == {"fold_constants": True, "remove_identity": True}
+    assert passes["canonicalize"].preserves_outputs
+
+
+def test_unknown_pass_suggests_nearest():
+    with pytest.raises(ConfigError, match="unknown pass 'canonicalise'.*did you mean 'canonicalize'"):
+        get_pass("canonicalise")
+
+
+def test_bad_parameter_lists_valid_ones():
+    spec = get_pass("canonicalize")
+    with pytest.raises(ConfigError, match="no parameter 'fold_constant'.*did you mean 'fold_constants'.*valid:"):
+        validate_params(spec, {"fold_constant": False})
+    with pytest.raises(ConfigError, match="'fold_constants' must be true or false"):
+        validate_params(spec, {"fold_constants": "yes"})
+
+
+def test_yaml_forms_and_errors():
+    pipe = parse_pipeline("data: calib.npz\nseed: 3\npasses:\n  - canonicalize: {fold_constants: false}\n")
+    assert pipe.steps == [("canonicalize", {"fold_constants": False})] and pipe.seed == 3
+    assert parse_pipeline("- canonicalize\n").steps == [("canonicalize", {})]
+    with pytest.raises(ConfigError, match="line 2 YAML syntax error"):
+        parse_pipeline("passes:\n\t- canonicalize\n")
+    with pytest.raises(ConfigError, match="unknown top-level key 'pases'"):
+        parse_pipeline("pases: []\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_pipeline("passes:\n  - canonicalize: 3\n")
+
+
+def _scale_output(model, ctx, *, factor: float = 2.0):
+    """Test pass that claims to preserve outputs but does not."""
+    fc = model.node("fc")
+    weight = fc.inputs[1]
+    weight.values = weight.values * factor
+    return {"changed": 1, "summary": "scaled"}
+
+
+def test_verify_names_the_pass_that_broke_outputs(monkeypatch, small_cnn):
+    monkeypatch.setitem(_PASSES, "scale_output", PassSpec("scale_output", _scale_output, True, 1e-4,
+                                                          {"factor": 2.0}))
+    pipe = parse_pipeline("passes: [canonicalize, scale_output]")
+    model = QModel.from_onnx(small_cnn)
+    with pytest.raises(PassError, match="pass 'scale_output' changed output 'logits' by relative"):
+        run_pipeline(model, pipe, PassContext(data=small_data()), verify=True)
+
+
+def test_verify_passes_and_reports(small_cnn):
+    seen = []
+    model = QModel.from_onnx(small_cnn)
+    reports = run_pipeline(model, parse_pipeline("[canonicalize]"), PassContext(), verify=True,
+                           on_step=seen.append)
+    assert seen == reports and reports[0].verified is not None and reports[0].verified < 1e-5
+    assert "canonicalize" in reports[0].line() and reports[0].as_dict()["removed"] == 2
+
+
+def test_pass_without_data_says_what_to_do():
+    with pytest.raises(PassError, match="--data"):
+        next(PassContext().batches(["input"]))
+
+
+def test_canonicalize_removes_identity_dropout_and_folds(small_cnn):
+    model = QModel.from_onnx(small_cnn)
+    report = run_pass(model, "canonicalize")
+    ops = [n.op for n in model.graph.nodes]
+    assert "Identity" not in ops and "Dropout" not in ops
+    assert report["removed"] == 2
+    x = {"input": small_data()["input"]}
+    from qgraph.runner import run_model
+    np.testing.assert_allclose(run_model(model, x)["logits"], run_model(small_cnn, x)["logits"], rtol=1e-6)
