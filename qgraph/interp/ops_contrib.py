@@ -1,0 +1,241 @@
+"""com.microsoft QLinear* kernels, modeled on ORT 1.19's x86-64 CPU implementation.
+
+Where ORT's kernels differ from "dequantize, compute, requantize" the docstrings say how;
+the rounding and saturation rules themselves come from qgraph.quant. ``_fma32`` emulates
+a float32 fused multiply-add: the product of a small integer and a float32 is exact in
+float64, so one float64 add and one rounding to float32 match the FMA except when the
+addends' exponents differ by more than ~28 (not the case for quantization parameters).
+"""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import numpy as np
+
+from qgraph import quant
+from qgraph.interp.ops_nn import _pool_setup, _pooled
+from qgraph.interp.ops_quant import qlimits
+from qgraph.interp.registry import MS_DOMAIN, register
+
+F32 = np.float32
+
+
+def _s(v, default=0):
+    return default if v is None else np.asarray(v).reshape(-1)[0]
+
+
+def _zp(v):
+    return np.int32(_s(v, 0))
+
+
+def _fma32(a, b, c):
+    return (a.astype(np.float64) * np.float64(b) + np.asarray(c, dtype=np.float64)).astype(F32)
+
+
+def _out_dtype(zp, like):
+    return np.asarray(zp).dtype.type if zp is not None else like.dtype.type
+
+
+# --------------------------------------------------------------------------- binary
+def _scalar_side(a_shape, b_shape):
+    """Which operand ORT's broadcaster treats as a per-span scalar: 'a', 'b' or None
+    (both vary along the innermost non-trivial output axis)."""
+    if int(np.prod(a_shape)) == 1:
+        return "a"
+    if int(np.prod(b_shape)) == 1:
+        return "b"
+    nd = max(len(a_shape), len(b_shape))
+    a = (1,) * (nd - len(a_shape)) + tuple(a_shape)
+    b = (1,) * (nd - len(b_shape)) + tuple(b_shape)
+    for da, db in zip(reversed(a), reversed(b)):
+        if max(da, db) == 1:
+            continue
+        if da == 1:
+            return "a"
+        if db == 1:
+            return "b"
+        return None
+    return None
+
+
+@register("QLinearAdd", MS_DOMAIN)
+def qlinear_add(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
+    """Spec: C = quantize(dequantize(A) + dequantize(B)). ORT (MlasQLinearAddKernelAvx2Helper):
+    r_a = a_s/c_s, r_b = b_s/c_s, k = c_zp - (r_a·a_zp + r_b·b_zp) in float32, then
+    C = saturate(round_half_even(fma(a, r_a, fma(b, r_b, k)))); a per-span scalar operand is
+    folded into k first (k += a·r_a) before the single FMA of the other operand."""
+    ra = F32(F32(_s(a_s)) / F32(_s(c_s)))
+    rb = F32(F32(_s(b_s)) / F32(_s(c_s)))
+    za, zb, zc = _zp(a_zp), _zp(b_zp), _zp(c_zp)
+    k = F32(F32(zc) - _fma32(np.asarray(F32(za)), ra, F32(rb * F32(zb))))
+    side = _scalar_side(a.shape, b.shape)
+    af, bf = a.astype(F32), b.astype(F32)
+    if side == "a":
+        kk = (k + af * ra).astype(F32)
+        c = _fma32(np.broadcast_to(bf, np.broadcast_shapes(a.shape, b.shape)), rb, kk)
+    elif side == "b":
+        kk = (k + bf * rb).astype(F32)
+        c = _fma32(np.broadcast_to(af, np.broadcast_shapes(a.shape, b.shape)), ra, kk)
+    else:
+        c = _fma32(af, ra, _fma32(bf, rb, k))
+    dtype = _out_dtype(c_zp, a)
+    qmin, qmax = qlimits(dtype)
+    return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+
+@register("QLinearMul", MS_DOMAIN)
+def qlinear_mul(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
+    """Spec: C = quantize(dequantize(A) * dequantize(B)). ORT (qlmul.cpp, SSE2):
+    r = (a_s * b_s) / c_s in float32, C = saturate(round_half_even(float32((a-a_zp)(b-b_zp)) * r + c_zp))."""
+    r = F32(F32(F32(_s(a_s)) * F32(_s(b_s))) / F32(_s(c_s)))
+    prod = (a.astype(np.int32) - _zp(a_zp)) * (b.astype(np.int32) - _zp(b_zp))
+    c = (prod.astype(F32) * r + F32(_zp(c_zp))).astype(F32)
+    dtype = _out_dtype(c_zp, a)
+    qmin, qmax = qlimits(dtype)
+    return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+
+# --------------------------------------------------------------------------- pooling
+def _global_avg(x, x_s, x_zp, y_s, y_zp, axes, image_size, dtype):
+    scale = F32(F32(_s(x_s)) / F32(F32(_s(y_s)) * F32(image_size)))
+    acc = x.astype(np.int64).sum(axis=axes, keepdims=True) - np.int64(_zp(x_zp)) * image_size
+    qmin, qmax = qlimits(dtype)
+    return quant.requantize_float(acc.astype(np.int32), scale, _zp(y_zp), qmin, qmax, dtype=dtype)
+
+
+@register("QLinearGlobalAveragePool", MS_DOMAIN)
+def qlinear_global_average_pool(ctx, x, x_s, x_zp, y_s, y_zp=None):
+    """ORT (qlgavgpool.cpp): acc = Σx - x_zp·n (int32), multiplier x_s / (y_s · n) in float32,
+    then the MlasRequantizeOutput rule (float32 product, round half to even, + y_zp)."""
+    if ctx.attr("channels_last", 0):
+        axes = tuple(range(1, x.ndim - 1))
+    else:
+        axes = tuple(range(2, x.ndim))
+    n = int(np.prod([x.shape[a] for a in axes]))
+    return _global_avg(x, x_s, x_zp, y_s, y_zp, axes, n, _out_dtype(y_zp, x))
+
+
+@register("QLinearAveragePool", MS_DOMAIN)
+def qlinear_average_pool(ctx, x, x_s, x_zp, y_s, y_zp=None):
+    """ORT (qlinear_pool.cc): dequantize to float32 (x_s · (x - x_zp)), sum each window in
+    float32 in row-major tap order, divide by the count, then
+    saturate(nearbyint(avg / y_s + y_zp)) — the zero point is added *before* rounding.
+    A kernel covering the whole unpadded image falls back to QLinearGlobalAveragePool."""
+    if ctx.attr("channels_last", 0):
+        raise ctx.error("channels_last=1 is not supported")
+    kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
+    if any(d != 1 for d in dil):
+        raise ctx.error("dilations are not supported")
+    nd = len(kernel)
+    dtype = _out_dtype(y_zp, x)
+    if list(x.shape[2:]) == list(kernel) and not any(pads):
+        return _global_avg(x, x_s, x_zp, y_s, y_zp, tuple(range(2, x.ndim)), int(np.prod(kernel)), dtype)
+    xf = (F32(_s(x_s)) * (x.astype(np.int32) - _zp(x_zp)).astype(F32)).astype(F32)
+    win = _pooled(xf, kernel, strides, dil, pads, extra, outs, F32(0))
+    total = np.zeros(win.shape[:-nd], F32)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        total += win[(Ellipsis,) + tap]
+    ones = np.ones(x.shape[2:], F32)
+    if ctx.attr("count_include_pad", 0):
+        ones = np.pad(ones, [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=1.0)
+        cnt = _pooled(ones[None, None], kernel, strides, dil, [0] * 2 * nd, extra, outs, F32(0))
+    else:
+        cnt = _pooled(ones[None, None], kernel, strides, dil, pads, extra, outs, F32(0))
+    avg = (total / cnt.sum(axis=tuple(range(-nd, 0))).astype(F32)).astype(F32)
+    v = (avg / F32(_s(y_s)) + F32(_zp(y_zp))).astype(F32)
+    qmin, qmax = qlimits(dtype)
+    return quant.saturate(quant.round_half_even(v), qmin, qmax, dtype)
+
+
+# --------------------------------------------------------------------------- lookup tables
+def _codes(dtype):
+    info = np.iinfo(dtype)
+    return np.arange(info.min, info.max + 1).astype(dtype)
+
+
+def _lookup(x, table, dtype):
+    """Apply a 256-entry table indexed by the code's value."""
+    idx = x.astype(np.int32) - int(np.iinfo(dtype).min)
+    return table[idx]
+
+
+def _requant_table(dtype, x_s, x_zp, y_s, y_zp, fn):
+    """ORT QlinearBuildLookupTable: f32(x_s · (code - x_zp)) → fn → MlasQuantizeLinear."""
+    codes = _codes(dtype)
+    deq = (F32(_s(x_s)) * (codes.astype(np.int32) - _zp(x_zp)).astype(F32)).astype(F32)
+    qmin, qmax = qlimits(dtype)
+    return quant.quantize(fn(deq), F32(_s(y_s)), _zp(y_zp), qmin, qmax, dtype=dtype)
+
+
+@register("QLinearConcat", MS_DOMAIN)
+def qlinear_concat(ctx, y_s, y_zp, *triples):
+    """ORT (qlinear_concat.cc): an input with the output's scale and zero point is copied,
+    any other is mapped through a 256-entry dequantize→QuantizeLinear table."""
+    dtype = np.asarray(y_zp).dtype.type
+    parts = []
+    for i in range(0, len(triples), 3):
+        x, xs, xzp = triples[i:i + 3]
+        if F32(_s(xs)) == F32(_s(y_s)) and _zp(xzp) == _zp(y_zp):
+            parts.append(x)
+        else:
+            parts.append(_lookup(x, _requant_table(dtype, xs, xzp, y_s, y_zp, lambda v: v), dtype))
+    return np.concatenate(parts, axis=ctx.attr("axis"))
+
+
+@register("QLinearLeakyRelu", MS_DOMAIN)
+def qlinear_leaky_relu(ctx, x, x_s, x_zp, y_s, y_zp=None):
+    """ORT: table of v >= 0 ? v : alpha·v (float32) over dequantized codes, then QuantizeLinear."""
+    alpha = F32(ctx.attr("alpha", 0.01))
+    dtype = x.dtype.type
+    table = _requant_table(dtype, x_s, x_zp, y_s, y_zp, lambda v: np.where(v >= 0, v, (alpha * v).astype(F32)))
+    return _lookup(x, table, dtype)
+
+
+# MlasLogisticConstants (logistic.cpp): an odd/even rational approximation on [-18, 18].
+_LOGISTIC_ALPHA = [F32(v) for v in (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
+                                     8.51377133304701e-03, 2.48287947061529e-01)]
+_LOGISTIC_BETA = [F32(v) for v in (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
+                                    1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01)]
+
+
+def _round_f32(fr: Fraction) -> np.float32:
+    """Correctly rounded (half to even) float32 of an exact rational."""
+    f = F32(float(fr))
+    best = f
+    for g in (np.nextafter(f, F32(-np.inf)), np.nextafter(f, F32(np.inf))):
+        dg, db = abs(Fraction(float(g)) - fr), abs(Fraction(float(best)) - fr)
+        if dg < db or (dg == db and (g.view(np.int32) & 1) == 0):
+            best = g
+    return best
+
+
+def _fma_exact(a, b, c) -> np.float32:
+    return _round_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+def mlas_logistic_fma3(v: np.ndarray) -> np.ndarray:
+    """MlasComputeLogistic as ORT runs it on AVX2 (FMA3 kernel): clamp to [-18, 18],
+    p = x·poly(x²) and q = poly(x²) by Horner with fused multiply-adds, p / q + 0.5, clamp [0, 1]."""
+    out = np.empty(v.shape, F32)
+    for i, x in enumerate(v.reshape(-1)):
+        x = F32(min(F32(18), max(F32(-18), F32(x))))
+        x2 = F32(x * x)
+        p = _LOGISTIC_ALPHA[0]
+        for a in _LOGISTIC_ALPHA[1:]:
+            p = _fma_exact(p, x2, a)
+        p = F32(p * x)
+        q = _LOGISTIC_BETA[0]
+        for b in _LOGISTIC_BETA[1:]:
+            q = _fma_exact(q, x2, b)
+        r = F32(F32(p / q) + F32(0.5))
+        out.reshape(-1)[i] = min(F32(1), max(F32(0), r))
+    return out
+
+
+@register("QLinearSigmoid", MS_DOMAIN)
+def qlinear_sigmoid(ctx, x, x_s, x_zp, y_s, y_zp=None):
+    """ORT: table of MlasComputeLogistic over dequantized codes, then QuantizeLinear."""
+    dtype = x.dtype.type
+    return _lookup(x, _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3), dtype)

@@ -1,0 +1,156 @@
+"""Quantized kernels of the ONNX domain: QuantizeLinear, DequantizeLinear,
+DynamicQuantizeLinear, ConvInteger, MatMulInteger, QLinearConv, QLinearMatMul.
+
+All follow ORT 1.19's CPU kernels bit for bit (see qgraph.quant for the rounding rules): the
+int32 accumulators are exact (float64 BLAS on zero-point-shifted operands), QLinear outputs use
+ORT's float32 requantization (multiplier ``(x_scale * w_scale) / y_scale`` in float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph import quant
+from qgraph.interp.ops_nn import conv_core, conv_geometry
+from qgraph.interp.registry import MS_DOMAIN, register
+
+_SUPPORTED_Q = (np.int8, np.uint8, np.int16, np.uint16)
+
+
+def qlimits(dtype) -> tuple[int, int]:
+    """Saturation range of an integer storage dtype."""
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _scalar(v, default=0):
+    return default if v is None else np.asarray(v).reshape(-1)[0]
+
+
+def _axis_params(ctx, x, scale, zp):
+    """Per-tensor or per-axis (opset >= 13) parameters; blocked quantization is refused."""
+    if ctx.attr("block_size", 0):
+        raise ctx.error("blocked quantization (block_size) is not supported")
+    if np.asarray(scale).size == 1:
+        return None
+    return ctx.attr("axis", 1) % x.ndim
+
+
+@register("QuantizeLinear", "", MS_DOMAIN)
+def quantize_linear(ctx, x, scale, zp=None):
+    """y = saturate(round_half_even(x / scale) + zp); ORT divides in float32 (MLAS)."""
+    if zp is not None:
+        dtype = zp.dtype.type
+    else:
+        to = ctx.attr("output_dtype", 0)
+        dtype = np.uint8 if not to else np.dtype(__import__("onnx").helper.tensor_dtype_to_np_dtype(to)).type
+    if dtype not in _SUPPORTED_Q:
+        raise ctx.error(f"output type {np.dtype(dtype).name} is not supported (int8/uint8/int16/uint16)")
+    if x.dtype != np.float32:
+        raise ctx.error(f"input type {x.dtype} is not supported (float32 only)")
+    axis = _axis_params(ctx, x, scale, zp)
+    z = np.zeros(np.asarray(scale).shape, np.int32) if zp is None else zp
+    qmin, qmax = qlimits(dtype)
+    return quant.quantize(x, scale, z, qmin, qmax, axis=axis, dtype=dtype)
+
+
+@register("DequantizeLinear", "", MS_DOMAIN)
+def dequantize_linear(ctx, x, scale, zp=None):
+    """y = float32(x - zp) * scale (per tensor or per axis); int32 input takes no zero point."""
+    if x.dtype.type not in _SUPPORTED_Q + (np.int32,):
+        raise ctx.error(f"input type {x.dtype} is not supported")
+    if np.asarray(scale).dtype != np.float32:
+        raise ctx.error(f"scale type {np.asarray(scale).dtype} is not supported (float32 only)")
+    axis = _axis_params(ctx, x, scale, zp)
+    z = np.zeros(np.asarray(scale).shape, np.int32) if zp is None else zp
+    return quant.dequantize(x, scale, z, axis=axis)
+
+
+@register("DynamicQuantizeLinear")
+def dynamic_quantize_linear(ctx, x):
+    """uint8 quantization over [min(x, 0), max(x, 0)]: scale = (max - min) / 255 in float32,
+    zp = round_half_even(clamp(0 - min / scale, 0, 255)) (ORT GetQuantizationParameter)."""
+    lo = np.float32(min(np.min(x), np.float32(0))) if x.size else np.float32(0)
+    hi = np.float32(max(np.max(x), np.float32(0))) if x.size else np.float32(0)
+    scale = np.float32(1.0) if hi == lo else np.float32((hi - lo) / np.float32(255))
+    zpf = np.float32(np.float32(0) - lo / scale)
+    zp = np.uint8(quant.round_half_even(np.clip(zpf, np.float32(0), np.float32(255))))
+    y = quant.quantize(x, scale, zp, 0, 255, dtype=np.uint8)
+    return y, np.asarray(scale, np.float32), np.asarray(zp, np.uint8)
+
+
+# --------------------------------------------------------------------------- accumulators
+def _shifted(v, zp, axis=None, ndim=None):
+    """v - zp as float64 (exact for 8/16-bit integers); zp per-tensor or along ``axis``."""
+    f = v.astype(np.float64)
+    if zp is None:
+        return f
+    z = np.asarray(zp).astype(np.float64)
+    if z.size == 1:
+        return f - z.reshape(())
+    shape = [1] * v.ndim
+    shape[axis] = z.size
+    return f - z.reshape(shape)
+
+
+def conv_accumulate(ctx, x, x_zp, w, w_zp):
+    """Exact int32 conv accumulator of (x - x_zp) * (w - w_zp); padding counts as x_zp."""
+    strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
+    xf = _shifted(x, x_zp)
+    wf = _shifted(w, w_zp, axis=0)
+    acc = conv_core(xf, wf, ctx.attr("group", 1), strides, dilations, pads)
+    return acc.astype(np.int32)
+
+
+def matmul_accumulate(a, a_zp, b, b_zp):
+    """Exact int32 matmul accumulator; b_zp may be per column (last axis of B)."""
+    af = _shifted(a, a_zp, axis=max(a.ndim - 2, 0))
+    bz = None if b_zp is None else np.asarray(b_zp)
+    if bz is not None and bz.size > 1:
+        bf = b.astype(np.float64) - bz.astype(np.float64).reshape(bz.shape if bz.ndim == b.ndim else (-1,))
+    else:
+        bf = _shifted(b, bz)
+    return np.matmul(af, bf).astype(np.int32)
+
+
+@register("ConvInteger")
+def conv_integer(ctx, x, w, x_zp=None, w_zp=None):
+    """int32 Y = conv(x - x_zp, w - w_zp); w_zp per tensor or per output channel."""
+    return conv_accumulate(ctx, x, x_zp, w, w_zp)
+
+
+@register("MatMulInteger")
+def matmul_integer(ctx, a, b, a_zp=None, b_zp=None):
+    """int32 Y = (A - a_zp) @ (B - b_zp); b_zp per tensor or per column."""
+    return matmul_accumulate(a, a_zp, b, b_zp)
+
+
+@register("QLinearConv", "", MS_DOMAIN)
+def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
+    """Spec: y = saturate(round((xs*ws/ys) * (conv(x - xzp, w - wzp) + b)) + yzp).
+    ORT: multiplier (xs * ws) / ys in float32, then MlasRequantizeOutput (float32 product,
+    clamp, round half to even, + yzp)."""
+    if ctx.attr("channels_last", 0):
+        raise ctx.error("channels_last=1 is not supported")
+    acc = conv_accumulate(ctx, x, xzp, w, wzp)
+    if b is not None:
+        acc = acc + b.astype(np.int32).reshape((1, -1) + (1,) * (acc.ndim - 2))
+    mult = quant.ort_requant_multiplier(xs, ws, ys)
+    mult = mult.reshape((1, -1) + (1,) * (acc.ndim - 2)) if mult.size > 1 else mult.reshape(())
+    dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
+    qmin, qmax = qlimits(dtype)
+    return quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)
+
+
+@register("QLinearMatMul", "", MS_DOMAIN)
+def qlinear_matmul(ctx, a, as_, azp, b, bs, bzp, ys, yzp):
+    """Spec: y = saturate(round((as*bs/ys) * ((a - azp) @ (b - bzp))) + yzp). ORT: as
+    QLinearConv (float32 multiplier per column of B, MlasRequantizeOutput)."""
+    if np.asarray(as_).dtype != np.float32 or np.asarray(bs).dtype != np.float32:
+        raise ctx.error("only float32 scales are supported")
+    acc = matmul_accumulate(a, azp, b, bzp)
+    mult = quant.ort_requant_multiplier(as_, bs, ys)
+    mult = mult.reshape(mult.shape if mult.ndim == b.ndim else (-1,)) if mult.size > 1 else mult.reshape(())
+    dtype = np.asarray(yzp).dtype.type
+    qmin, qmax = qlimits(dtype)
+    return quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)

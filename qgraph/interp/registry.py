@@ -1,0 +1,79 @@
+"""The op registry of the reference interpreter: one function per (domain, op type).
+
+An op function takes a :class:`NodeContext` and the node's input arrays (``None`` for an
+omitted optional input) and returns one array or a tuple of arrays (the node's outputs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qgraph.errors import InterpError
+
+MS_DOMAIN = "com.microsoft"
+
+#: (domain, op_type) -> kernel. The default ONNX domain is "".
+OPS: dict[tuple[str, str], Callable] = {}
+
+
+def register(op_type: str, domain: str = "", *more_domains: str):
+    """Register the decorated function as the kernel of ``op_type`` in ``domain`` (and in any
+    ``more_domains``, for ops that ORT also exposes under com.microsoft)."""
+
+    def deco(fn):
+        for d in (domain, *more_domains):
+            OPS[(d, op_type)] = fn
+        return fn
+
+    return deco
+
+
+def lookup(domain: str, op_type: str) -> Callable | None:
+    return OPS.get((_norm_domain(domain), op_type))
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+class NodeContext:
+    """What a kernel may ask about its node: attributes (with defaults), the opset version of
+    the node's domain, and a name for error messages."""
+
+    __slots__ = ("node", "opset", "attrs")
+
+    def __init__(self, node: onnx.NodeProto, opset: int):
+        self.node = node
+        self.opset = opset
+        self.attrs = {a.name: a for a in node.attribute}
+
+    def attr(self, name: str, default=None):
+        a = self.attrs.get(name)
+        if a is None:
+            return default
+        if a.type == onnx.AttributeProto.TENSOR:
+            return onnx.numpy_helper.to_array(a.t)
+        if a.type == onnx.AttributeProto.GRAPH:
+            raise self.error(f"graph attribute {name!r} (subgraphs) is not supported")
+        v = helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, list):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        return v
+
+    @property
+    def where(self) -> str:
+        n = self.node
+        return f"{n.op_type} (domain {n.domain or 'ai.onnx'!r}) node {n.name!r}"
+
+    def error(self, what: str) -> InterpError:
+        return InterpError(f"{self.where}: {what}")
+
+
+def np_dtype(onnx_type: int) -> np.dtype:
+    return helper.tensor_dtype_to_np_dtype(onnx_type)
