@@ -1,0 +1,322 @@
+"""fuse_conv_bn: BatchNormalization pushed into the Conv/ConvTranspose/Gemm/MatMul before it.
+
+With s = γ / √(σ² + ε) per output channel c:
+    W'[c] = W[c] · s[c]
+    b'[c] = (b[c] − μ[c]) · s[c] + β[c]
+`mode: fold` (deploy) computes W', b' once in float64 and stores them as float32
+initializers. `mode: forward` (QAT, linger's "forward fused, backward not fused",
+Krishnamoorthi 2018) builds the same arithmetic as nodes inside the graph from W, b, γ, β
+(μ, σ², ε frozen constants), so training updates W, γ, β while the layer (and the weight
+quantizer later put on `<layer>.weight_fused`) sees the folded weight; the subgraphs are
+listed in the `forward_fused_bn` annotation and canonicalize's constant folding turns them
+into the `fold` result.
+
+The output channel is axis 0 of a Conv weight (C_out, C_in/g, k…), axis 1 *within each
+group* of a ConvTranspose weight (C_in, C_out/g, k…), and the feature axis of a Gemm/MatMul
+weight (axis 1, or 0 with transB). MatMul becomes Gemm so it can carry the bias.
+
+Invariant: outputs unchanged up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qgraph.annotations import get_annotation, set_annotation
+from qgraph.errors import PassError
+from qgraph.graph import Node, QModel, Tensor
+from qgraph.pipeline import PassContext, register_pass
+
+FORWARD_FUSED_BN = "forward_fused_bn"  # annotation: layer name -> names of its fused-BN tensors
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_MODES = ("fold", "forward")
+
+
+@register_pass("fuse_conv_bn", preserves_outputs=True, tolerance=1e-5)
+def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: str = "fold") -> dict:
+    """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul (fold or forward)."""
+    if mode not in _MODES:
+        raise PassError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
+    names = TensorNames(model)
+    fused, skipped, annotation = [], [], {}
+    for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
+        match, reason = match_bn(model, bn)
+        if match is None:
+            skipped.append({"node": bn.name, "reason": reason})
+            continue
+        check_finite(match)
+        if not match.layer.name:  # the annotation and new tensor names need one
+            match.layer.name = model.unique_name(match.layer.op.lower())
+        if mode == "fold":
+            fold_bn(model, match, names)
+        else:
+            annotation[match.layer.name] = forward_fuse_bn(model, match, names)
+        fused.append({"bn": bn.name, "layer": match.layer.name, "op": match.layer_op})
+    if fused:
+        model.cleanup()
+    if annotation:
+        set_annotation(model, FORWARD_FUSED_BN, {**get_annotation(model, FORWARD_FUSED_BN, {}), **annotation})
+    if fused:
+        summary = f"{len(fused)} BatchNormalization {'folded' if mode == 'fold' else 'forward-fused'}"
+        summary += f", {len(skipped)} left alone" if skipped else ""
+    elif skipped:
+        summary = f"nothing fused: {len(skipped)} BatchNormalization left alone (see skipped)"
+    else:
+        summary = "nothing to do: the model has no BatchNormalization"
+    return {"changed": len(fused), "summary": summary, "mode": mode, "fused": fused,
+            "skipped": skipped, "warnings": []}
+
+
+# -- pattern and check --------------------------------------------------------------------
+
+@dataclass
+class BNMatch:
+    """A BatchNormalization that may be fused into `layer`, with every value it needs."""
+    bn: Node
+    layer: Node
+    layer_op: str                # the layer's op before the rewrite (MatMul becomes Gemm)
+    weight: Tensor
+    bias: Tensor | None
+    gamma: Tensor
+    beta: Tensor
+    mean: Tensor
+    var: Tensor
+    epsilon: float
+
+    def value(self, tensor: Tensor) -> np.ndarray:
+        return QModel.constant_value(tensor)
+
+
+def match_bn(model: QModel, bn: Node) -> tuple[BNMatch | None, str]:
+    """The fusion for `bn`, or None and the reason it does not apply."""
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        return None, "BatchNormalization has training_mode=1"
+    for extra in bn.outputs[1:]:
+        if extra.outputs or model.is_graph_output(extra):
+            return None, f"its running-statistics output '{extra.name}' is used"
+    x = bn.inputs[0]
+    layer = model.producer(x)
+    if layer is None:
+        return None, f"its input '{x.name}' is a graph input, not a Conv/ConvTranspose/Gemm/MatMul output"
+    if layer.op not in _LAYERS:
+        return None, f"its input '{x.name}' is produced by {layer.op} '{layer.name}', not Conv/ConvTranspose/Gemm/MatMul"
+    if model.only_consumer(x) is not bn:
+        readers = len(x.outputs) - 1
+        why = "is a graph output" if model.is_graph_output(x) else f"has {readers} other consumer(s)"
+        return None, f"the {layer.op} output '{x.name}' {why}; fusing would change it for them"
+    if layer.domain not in (None, "", "ai.onnx"):
+        return None, f"{layer.op} '{layer.name}' is in domain '{layer.domain}'"
+    params = bn.inputs[1:5]
+    for role, tensor in zip(("scale", "B", "mean", "var"), params):
+        reason = _not_constant(model, tensor, f"BatchNormalization {role}")
+        if reason:
+            return None, reason
+    weight, bias, reason = _layer_params(model, layer)
+    if reason:
+        return None, reason
+    match = BNMatch(bn, layer, layer.op, weight, bias, *params, float(bn.attrs.get("epsilon", 1e-5)))
+    reason = _check_shapes(match)
+    return (None, reason) if reason else (match, "")
+
+
+def _not_constant(model: QModel, tensor: Tensor, role: str) -> str:
+    if model.is_graph_input(tensor):
+        return f"{role} '{tensor.name}' is a graph input, not an initializer"
+    if model.constant_value(tensor) is None:
+        return f"{role} '{tensor.name}' is not a constant"
+    return ""
+
+
+def _layer_params(model: QModel, layer: Node) -> tuple[Tensor | None, Tensor | None, str]:
+    """The layer's weight and bias tensors (bias None when absent), or a reason."""
+    inputs = layer.inputs
+    if layer.op == "Gemm" and int(layer.attrs.get("transA", 0)) not in (0, 1):
+        return None, None, f"Gemm '{layer.name}' has an unexpected transA"
+    if layer.op == "MatMul":
+        weight = inputs[1]
+        reason = _not_constant(model, weight, f"MatMul '{layer.name}' weight")
+        if reason:
+            return None, None, reason
+        if model.constant_value(weight).ndim != 2:
+            return None, None, f"MatMul '{layer.name}' weight '{weight.name}' is not 2-D"
+        if not _is_2d(inputs[0]) and not _is_2d(layer.outputs[0]):
+            return None, None, (f"MatMul '{layer.name}' output is not known to be 2-D (N, C), so the BN "
+                                "channel axis 1 may not be its feature axis; run shape inference first")
+        return weight, None, ""
+    weight = inputs[1] if len(inputs) > 1 else None
+    if weight is None:
+        return None, None, f"{layer.op} '{layer.name}' has no weight input"
+    reason = _not_constant(model, weight, f"{layer.op} '{layer.name}' weight")
+    if reason:
+        return None, None, reason
+    bias = inputs[2] if len(inputs) > 2 and inputs[2].name else None
+    if bias is not None:
+        reason = _not_constant(model, bias, f"{layer.op} '{layer.name}' bias")
+        if reason:
+            return None, None, reason
+    return weight, bias, ""
+
+
+def _is_2d(tensor: Tensor) -> bool:
+    if tensor.shape is not None and len(tensor.shape) == 2:
+        return True
+    producer = tensor.inputs[0] if tensor.inputs else None
+    return producer is not None and producer.op in ("Flatten", "Gemm")
+
+
+def _check_shapes(m: BNMatch) -> str:
+    weight = m.value(m.weight)
+    if weight.dtype.kind != "f":
+        return f"{m.layer_op} '{m.layer.name}' weight '{m.weight.name}' is {weight.dtype}, not float"
+    channels = out_channels(m.layer, weight.shape)
+    for tensor in (m.gamma, m.beta, m.mean, m.var):
+        size = m.value(tensor).size
+        if size != channels:
+            return (f"BatchNormalization {tensor.name} has {size} channels but {m.layer_op} '{m.layer.name}' "
+                    f"has {channels} outputs")
+    if m.bias is not None and m.layer_op in ("Conv", "ConvTranspose") and m.value(m.bias).size != channels:
+        return f"{m.layer_op} '{m.layer.name}' bias '{m.bias.name}' has {m.value(m.bias).size} values, not {channels}"
+    return ""
+
+
+def check_finite(m: BNMatch) -> None:
+    """PassError naming the first weight or statistics tensor with NaN/Inf or negative variance."""
+    for tensor in (m.weight, m.bias, m.gamma, m.beta, m.mean, m.var):
+        if tensor is not None and not np.all(np.isfinite(m.value(tensor))):
+            raise PassError(f"fuse_conv_bn: tensor '{tensor.name}' (used by '{m.bn.name}') contains NaN or Inf; "
+                            "fix the model's weights/statistics before fusing")
+    if np.any(m.value(m.var).astype(np.float64) + m.epsilon <= 0):
+        raise PassError(f"fuse_conv_bn: running variance '{m.var.name}' + epsilon is not positive "
+                        f"in '{m.bn.name}'; the statistics are invalid")
+
+
+# -- layouts ------------------------------------------------------------------------------
+
+def out_channels(layer: Node, weight_shape) -> int:
+    if layer.op == "Conv":
+        return int(weight_shape[0])
+    if layer.op == "ConvTranspose":
+        return int(weight_shape[1]) * int(layer.attrs.get("group", 1))
+    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
+        return int(weight_shape[0])
+    return int(weight_shape[1])
+
+
+def grouped_view(layer: Node, weight_shape) -> tuple[tuple, tuple]:
+    """(weight view shape, scale shape) such that view(W) * scale.reshape(scale shape) scales
+    output channels. Only a grouped ConvTranspose needs a view different from W's shape."""
+    rank = len(weight_shape)
+    if layer.op == "Conv":
+        return tuple(weight_shape), (-1,) + (1,) * (rank - 1)
+    if layer.op == "ConvTranspose":
+        group = int(layer.attrs.get("group", 1))
+        c_in, c_out_g, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+        if group == 1:
+            return tuple(weight_shape), (1, c_out_g) + (1,) * len(kernel)
+        return (group, c_in // group, c_out_g) + kernel, (group, 1, c_out_g) + (1,) * len(kernel)
+    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
+        return tuple(weight_shape), (-1, 1)
+    return tuple(weight_shape), (1, -1)
+
+
+def _gemm_factors(m: BNMatch) -> tuple[float, float]:
+    if m.layer_op != "Gemm":
+        return 1.0, 1.0
+    return float(m.layer.attrs.get("alpha", 1.0)), float(m.layer.attrs.get("beta", 1.0))
+
+
+# -- rewrites -----------------------------------------------------------------------------
+
+def fold_bn(model: QModel, m: BNMatch, names: "TensorNames") -> None:
+    """Replace W, b by W', b' (computed in float64) and remove the BN."""
+    weight = m.value(m.weight)
+    gamma, beta, mean, var = (m.value(t).astype(np.float64).reshape(-1) for t in (m.gamma, m.beta, m.mean, m.var))
+    scale = gamma / np.sqrt(var + m.epsilon)
+    alpha, gemm_beta = _gemm_factors(m)
+    view, scale_shape = grouped_view(m.layer, weight.shape)
+    folded = (weight.astype(np.float64).reshape(view) * (alpha * scale).reshape(scale_shape)).reshape(weight.shape)
+    bias = gemm_beta * m.value(m.bias).astype(np.float64) if m.bias is not None else 0.0
+    folded_bias = (bias - mean) * scale + beta
+    base = m.layer.name
+    new_weight = gs.Constant(names.fresh(f"{base}.weight_folded"), folded.astype(weight.dtype))
+    new_bias = gs.Constant(names.fresh(f"{base}.bias_folded"), folded_bias.astype(weight.dtype))
+    _rewire(m, new_weight, new_bias)
+
+
+def forward_fuse_bn(model: QModel, m: BNMatch, names: "TensorNames") -> dict:
+    """Build s = γ/√(σ²+ε), W·s and (b−μ)·s+β as nodes; the layer reads them. Returns the annotation entry."""
+    dtype = m.value(m.weight).dtype
+    base = m.layer.name
+    weight_shape = m.value(m.weight).shape
+    alpha, gemm_beta = _gemm_factors(m)
+
+    def const(suffix: str, value) -> gs.Constant:
+        return gs.Constant(names.fresh(f"{base}.{suffix}"), np.asarray(value, dtype=dtype))
+
+    def op(op_type: str, inputs: list, out_name: str, dtype_=dtype) -> gs.Variable:
+        out = gs.Variable(names.fresh(out_name), dtype=dtype_)
+        model.add_node(op_type, inputs, [out], f"{base}/bn_fuse/{op_type}")
+        return out
+
+    def shape_const(suffix: str, shape) -> gs.Constant:
+        return gs.Constant(names.fresh(f"{base}.{suffix}"), np.asarray(shape, dtype=np.int64))
+
+    eps = const("bn_epsilon", m.epsilon)
+    std = op("Sqrt", [op("Add", [m.var, eps], f"{base}.bn_var_eps")], f"{base}.bn_std")
+    scale = op("Div", [m.gamma, std], f"{base}.bn_scale")
+    weight_scale = op("Mul", [scale, const("alpha", alpha)], f"{base}.bn_scale_alpha") if alpha != 1.0 else scale
+
+    view, scale_shape = grouped_view(m.layer, weight_shape)
+    scale_view = op("Reshape", [weight_scale, shape_const("bn_scale_shape", scale_shape)], f"{base}.bn_scale_view")
+    folded_name = f"{base}.weight_fused"
+    if tuple(view) == tuple(weight_shape):
+        folded_weight = op("Mul", [m.weight, scale_view], folded_name)
+    else:
+        weight_view = op("Reshape", [m.weight, shape_const("weight_group_view", view)], f"{base}.weight_group_view")
+        scaled = op("Mul", [weight_view, scale_view], f"{base}.weight_group_fused")
+        folded_weight = op("Reshape", [scaled, shape_const("weight_shape", weight_shape)], folded_name)
+
+    bias = m.bias
+    if bias is None:  # a trainable zero bias, so the layer gets one like a conv with bias=True
+        bias = const("bias", np.zeros(out_channels(m.layer, weight_shape)))
+    biased = op("Mul", [bias, const("gemm_beta", gemm_beta)], f"{base}.bias_beta") if gemm_beta != 1.0 else bias
+    centered = op("Sub", [biased, m.mean], f"{base}.bias_centered")
+    folded_bias = op("Add", [op("Mul", [centered, scale], f"{base}.bias_scaled"), m.beta], f"{base}.bias_fused")
+    folded_weight.shape, folded_bias.shape = list(weight_shape), None
+
+    _rewire(m, folded_weight, folded_bias)
+    return {"bn": m.bn.name, "weight": m.weight.name, "bias": bias.name, "gamma": m.gamma.name,
+            "beta": m.beta.name, "mean": m.mean.name, "var": m.var.name, "epsilon": m.epsilon,
+            "folded_weight": folded_weight.name, "folded_bias": folded_bias.name}
+
+
+def _rewire(m: BNMatch, weight: Tensor, bias: Tensor) -> None:
+    """The layer reads (weight, bias) and writes the BN's output; the BN is detached."""
+    layer, bn = m.layer, m.bn
+    if layer.op == "MatMul":
+        layer.op = "Gemm"
+        layer.attrs = {"transA": 0, "transB": 0}
+    if layer.op == "Gemm":
+        layer.attrs["alpha"], layer.attrs["beta"] = 1.0, 1.0
+    layer.inputs = [layer.inputs[0], weight, bias]
+    out = bn.outputs[0]
+    bn.inputs.clear()
+    bn.outputs.clear()
+    layer.outputs = [out]
+
+
+class TensorNames:
+    """Fresh tensor names in O(1) each (QModel.add_variable rescans the graph per call)."""
+
+    def __init__(self, model: QModel):
+        self.used = set(model.graph.tensors())
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
