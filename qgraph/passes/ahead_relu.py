@@ -1,0 +1,97 @@
+"""ahead_relu: mark tensors whose quantizer need only cover [0, max] (linger's AHEAD_RELU).
+
+If every reader of y = op(x) is Relu(y) or Clip(y, min ≥ 0, ·), then every value of y that
+reaches the rest of the model is max(y, 0)-clamped anyway, so quantizing y over [0, max]
+loses nothing and doubles its resolution. Marked: outputs of Conv/ConvTranspose
+(ahead_conv_relu), BatchNormalization (ahead_bn_relu), Gemm/MatMul (ahead_linear_relu) and
+Add (ahead_add_relu), plus every Relu/Clip(0,·) output itself (non-negative by construction).
+The names go into the `qgraph.nonnegative` annotation (sorted, merged with what is there),
+which insert_qdq reads.
+
+Invariant: no node or value changes; only the annotation is written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph.annotations import NONNEGATIVE, get_annotation, set_annotation
+from qgraph.graph import Node, QModel, Tensor
+from qgraph.pipeline import PassContext, register_pass
+
+_OPTION_OF_OP = {"Conv": "ahead_conv_relu", "ConvTranspose": "ahead_conv_relu",
+                 "BatchNormalization": "ahead_bn_relu",
+                 "Gemm": "ahead_linear_relu", "MatMul": "ahead_linear_relu",
+                 "Add": "ahead_add_relu"}
+
+
+@register_pass("ahead_relu", preserves_outputs=True, tolerance=0.0)
+def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True, ahead_bn_relu: bool = True,
+               ahead_linear_relu: bool = True, ahead_add_relu: bool = True) -> dict:
+    """Annotate Conv/BN/Gemm/MatMul/Add outputs read only by Relu/Clip(0,·) as non-negative."""
+    options = {"ahead_conv_relu": ahead_conv_relu, "ahead_bn_relu": ahead_bn_relu,
+               "ahead_linear_relu": ahead_linear_relu, "ahead_add_relu": ahead_add_relu}
+    marked, activations, skipped = [], [], []
+    for node in model.graph.nodes:
+        if node.op in ("Relu", "Clip"):
+            if node.outputs and clip_floor_reason(node) == "":
+                activations.append(node.outputs[0].name)
+            continue
+        option = _OPTION_OF_OP.get(node.op)
+        if option is None or not node.outputs:
+            continue
+        out = node.outputs[0]
+        reason = (f"option {option} is off" if not options[option] else
+                  ahead_reason(model, out))
+        if reason:
+            skipped.append({"node": node.name, "reason": reason})
+        else:
+            marked.append(out.name)
+
+    existing = get_annotation(model, NONNEGATIVE, []) or []
+    merged = sorted(set(existing) | set(marked) | set(activations))
+    added = len(merged) - len(set(existing))
+    if added:
+        set_annotation(model, NONNEGATIVE, merged)
+    if marked or activations:
+        summary = (f"{len(marked)} layer output(s) marked non-negative ahead of Relu/Clip, "
+                   f"{len(activations)} Relu/Clip output(s) marked, {len(skipped)} candidate(s) not marked")
+    else:
+        summary = "nothing to do: no Relu/Clip(0,·) in the model" if not skipped else \
+            f"nothing marked: {len(skipped)} candidate(s) not followed only by Relu/Clip(0,·)"
+    return {"changed": added, "summary": summary, "marked": sorted(marked),
+            "activations_marked": sorted(activations), "skipped": skipped, "warnings": []}
+
+
+def ahead_reason(model: QModel, tensor: Tensor) -> str:
+    """Why `tensor` may not be quantized over [0, max] alone, or '' when it may."""
+    if model.is_graph_output(tensor):
+        return f"'{tensor.name}' is a graph output"
+    if not tensor.outputs:
+        return f"'{tensor.name}' has no consumers"
+    for consumer in tensor.outputs:
+        if consumer.op not in ("Relu", "Clip"):
+            return f"consumer {consumer.op} is not Relu/Clip(0,·) ('{consumer.name}')"
+        if consumer.inputs[0] is not tensor:
+            return f"'{tensor.name}' is a bound of Clip '{consumer.name}', not its data input"
+        reason = clip_floor_reason(consumer)
+        if reason:
+            return reason
+    return ""
+
+
+def clip_floor_reason(node: Node) -> str:
+    """'' if `node` (Relu or Clip) outputs only values ≥ 0, else why not."""
+    if node.op == "Relu":
+        return ""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        low = QModel.constant_value(node.inputs[1])
+        if low is None:
+            return f"Clip '{node.name}' min '{node.inputs[1].name}' is not a constant"
+    elif "min" in node.attrs:  # opset < 11 form, kept for models not yet converted
+        low = np.asarray(node.attrs["min"])
+    else:
+        return f"Clip '{node.name}' has no min (−inf)"
+    if low.size != 1 or not float(low.reshape(-1)[0]) >= 0:
+        return f"Clip '{node.name}' min {low.reshape(-1)[:1].tolist()} is below 0"
+    return ""
