@@ -1,0 +1,260 @@
+"""qgraph.quant against plain references (Fractions, float64) and against ONNX Runtime."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph import quant
+from qgraph.errors import ConfigError
+
+F32 = np.float32
+finite32 = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+pos_scale = st.floats(2.0 ** -20, 1024.0, width=32)
+
+
+def _session(model):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
+                          [helper.make_tensor_value_info(n, t, None) for n, t in outputs],
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+# --------------------------------------------------------------------------- ranges
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_qrange_all_widths(bits):
+    assert quant.qrange(bits, True) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert quant.qrange(bits, False) == (0, 2 ** bits - 1)
+    assert quant.qrange(bits, True, narrow_range=True) == (-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1)
+    assert quant.storage_dtype(True) is np.int8 and quant.storage_dtype(False) is np.uint8
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 2.5, True])
+def test_qrange_rejects_bad_widths(bits):
+    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+        quant.qrange(bits, True)
+
+
+# --------------------------------------------------------------------------- quantize
+def _ref_quantize(x, s, zp, qmin, qmax):
+    """Loop reference: float32 division, exact round-half-even on the float32 quotient."""
+    out = []
+    for v in np.asarray(x, F32).reshape(-1):
+        q = F32(v) / F32(s)
+        fr = Fraction(float(q))
+        r = round(fr)  # Python rounds Fractions half to even
+        out.append(min(max(r + int(zp), qmin), qmax))
+    return np.array(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite32, min_size=1, max_size=40), pos_scale, st.integers(-128, 127), st.integers(2, 8))
+def test_quantize_round_half_even_and_saturate(xs, s, zp, bits):
+    qmin, qmax = quant.qrange(bits, True)
+    zp = min(max(zp, qmin), qmax)
+    x = np.array(xs, F32)
+    got = quant.quantize(x, s, zp, qmin, qmax)
+    assert got.dtype == np.int8
+    np.testing.assert_array_equal(got.astype(int), _ref_quantize(x, s, zp, qmin, qmax))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(-600, 600), pos_scale)
+def test_quantize_ties_go_to_even(k, s):
+    x = F32(k + 0.5) * F32(s)
+    q = F32(x) / F32(s)
+    if q != F32(k + 0.5):
+        return  # the product did not land on the tie exactly
+    got = int(quant.quantize(np.array([x]), s, 0, -10000, 10000)[0])
+    assert got == (k if k % 2 == 0 else k + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(finite32, finite32, st.integers(2, 8), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_scale_zero_point_covers_range(a, b, bits, signed, symmetric, narrow, pow2):
+    rmin, rmax = min(a, b), max(a, b)
+    if symmetric and not signed:  # meant for non-negative tensors
+        rmin, rmax = max(rmin, 0.0), max(rmax, 0.0)
+    s, zp = quant.scale_zero_point(rmin, rmax, bits, signed, symmetric, narrow, pow2)
+    qmin, qmax = quant.qrange(bits, signed, narrow)
+    assert s.dtype == F32 and s > 0 and np.isfinite(s)
+    assert qmin <= zp <= qmax
+    if symmetric:
+        assert zp == (0 if signed else qmin)
+    # the range ends quantize to within half a step of the exact grid (no clipping beyond rounding)
+    for r in (rmin, rmax, 0.0):
+        q = int(quant.quantize(np.array([r], F32), s, zp, qmin, qmax, dtype=np.int32)[0])
+        exact = float(r) / float(s) + int(zp)
+        assert abs(q - exact) <= 0.5 + 1e-3 * max(1.0, abs(exact)), (r, q, exact)
+    assert int(quant.quantize(np.array([0.0], F32), s, zp, qmin, qmax, dtype=np.int32)[0]) == zp
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1e-8, 1e6), st.integers(2, 8), st.booleans())
+def test_pow2_scales_are_powers_of_two_not_smaller(amax, bits, signed):
+    plain, _ = quant.scale_zero_point(-amax, amax, bits, signed, True)
+    p2, _ = quant.scale_zero_point(-amax, amax, bits, signed, True, pow2=True)
+    m, e = np.frexp(float(p2))
+    assert m == 0.5
+    assert p2 >= plain
+
+
+def test_zero_range_gives_a_safe_scale():
+    s, zp = quant.scale_zero_point(np.zeros(3), np.zeros(3), 8, True, False)
+    assert np.all(s == quant.ZERO_RANGE_SCALE) and np.all(np.isfinite(s))
+    q = quant.quantize(np.zeros(4, F32), s[0], zp[0], -128, 127)
+    assert np.all(quant.dequantize(q, s[0], zp[0]) == 0)
+    s2, _ = quant.scale_zero_point(0.0, 1e-45, 8, True, True)
+    assert s2 >= quant.MIN_SCALE
+
+
+def test_scale_zero_point_is_vectorized_per_channel():
+    rmin = np.array([-1.0, 0.0, -3.0])
+    rmax = np.array([1.0, 2.0, 0.5])
+    s, zp = quant.scale_zero_point(rmin, rmax, 8, False, False)
+    assert s.shape == (3,) and zp.shape == (3,)
+    np.testing.assert_allclose(s, (rmax - rmin) / 255, rtol=1e-6)
+    x = np.stack([rmin, rmax]).astype(F32)
+    q = quant.quantize(x, s, zp, 0, 255, axis=1)
+    assert q.min() >= 0 and q.max() <= 255 and np.all(q[0] <= 1) and np.all(q[1] >= 254)
+
+
+def test_dequantize_and_fake_quantize():
+    x = np.linspace(-2, 2, 101, dtype=F32)
+    fq = quant.fake_quantize(x, F32(0.05), 3, -128, 127)
+    assert fq.dtype == F32
+    assert np.max(np.abs(fq - x)) <= 0.025 + 1e-6
+
+
+# --------------------------------------------------------------------------- fixed point
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1e-9, 1e8))
+def test_quantize_multiplier_relative_error(real):
+    m0, shift = quant.quantize_multiplier(real)
+    assert 2 ** 30 <= int(m0) < 2 ** 31
+    approx = Fraction(int(m0), 2 ** 31) * Fraction(2) ** (-int(shift))
+    assert abs(approx - Fraction(real)) / Fraction(real) < Fraction(1, 2 ** 30)
+
+
+def test_quantize_multiplier_vectorized_and_zero():
+    m0, shift = quant.quantize_multiplier(np.array([0.0, 0.5, 0.75, 1.0 - 1e-12, 3.0]))
+    assert m0.dtype == np.int32 and shift.dtype == np.int32
+    assert int(m0[0]) == 0 and int(shift[0]) == 0
+    assert int(m0[1]) == 2 ** 30 and int(shift[1]) == 0
+    assert int(m0[3]) == 2 ** 30 and int(shift[3]) == -1  # rounding carried into the exponent
+
+
+def _ref_requant(acc, m0, shift, zp, qmin, qmax):
+    n = 31 + shift
+    v = Fraction(acc * m0, 2 ** n)
+    r = int(np.floor(v + Fraction(1, 2)))  # round half up
+    return min(max(r + zp, qmin), qmax)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), min_size=1, max_size=20), st.floats(1e-7, 100.0),
+       st.integers(-128, 127))
+def test_requantize_fixed_point_rounds_half_up(accs, real, zp):
+    m0, shift = quant.quantize_multiplier(real)
+    acc = np.array(accs, np.int32)
+    got = quant.requantize_fixed_point(acc, m0, shift, zp, -128, 127)
+    want = [_ref_requant(a, int(m0), int(shift), zp, -128, 127) for a in accs]
+    np.testing.assert_array_equal(got.astype(int), want)
+    # and it is round(acc * real) up to the multiplier's tiny relative error
+    exact = np.clip(np.floor(acc.astype(np.float64) * real + 0.5) + zp, -128, 127)
+    assert np.max(np.abs(got.astype(np.float64) - exact)) <= 1
+
+
+def _onnx_form_model(steps, acc_shape_rank, out_type):
+    nodes, inits, cur = [], {}, "acc"
+    for i, (op, const, attrs) in enumerate(steps):
+        out = f"t{i}"
+        if op == "Cast":
+            to = {"int64": TensorProto.INT64, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}[attrs["to"]]
+            nodes.append(helper.make_node("Cast", [cur], [out], to=to))
+        elif op == "SubMod":
+            inits[f"c{i}"] = const
+            nodes.append(helper.make_node("Mod", [cur, f"c{i}"], [f"r{i}"], fmod=0))
+            nodes.append(helper.make_node("Sub", [cur, f"r{i}"], [out]))
+        elif op == "Clip":
+            inits[f"lo{i}"], inits[f"hi{i}"] = const
+            nodes.append(helper.make_node("Clip", [cur, f"lo{i}", f"hi{i}"], [out]))
+        else:
+            inits[f"c{i}"] = const
+            nodes.append(helper.make_node(op, [cur, f"c{i}"], [out]))
+        cur = out
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    return _model(nodes, [("acc", TensorProto.INT32)], [("y", out_type)], inits)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_requantize_fixed_point_onnx_form_is_bit_exact_in_ort(signed, seed):
+    rng = np.random.default_rng(seed)
+    c = 8
+    real = rng.uniform(1e-5, 0.5, c) * (10.0 ** rng.integers(-2, 1, c))
+    real[:3] = [0.5, 0.25, 1.5]  # acc/2, acc/4, 3acc/2: odd accumulators give exact .5 ties
+    m0, shift = quant.quantize_multiplier(real)
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    zp = rng.integers(qmin, qmax + 1, c)
+    shp = (1, c, 1, 1)
+    steps = quant.requantize_fixed_point_onnx_form(m0.reshape(shp), shift.reshape(shp), zp.reshape(shp), qmin, qmax)
+    model = _onnx_form_model(steps, 4, TensorProto.INT8 if signed else TensorProto.UINT8)
+    acc = rng.integers(-2 ** 24, 2 ** 24, (2, c, 5, 6)).astype(np.int32)
+    # include exact ties and extremes
+    acc[0, :, 0, 0] = 0
+    acc[0, :, 0, 1] = -(2 ** 31)
+    acc[0, :, 0, 2] = 2 ** 31 - 1
+    got = _session(model).run(None, {"acc": acc})[0]
+    want = quant.requantize_fixed_point(acc, m0.reshape(shp), shift.reshape(shp), zp.reshape(shp), qmin, qmax,
+                                        dtype=np.int8 if signed else np.uint8)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- against ORT
+@pytest.mark.parametrize("qt,npt,qmin,qmax", [(TensorProto.INT8, np.int8, -128, 127),
+                                              (TensorProto.UINT8, np.uint8, 0, 255)])
+@pytest.mark.parametrize("seed", range(5))
+def test_quantize_matches_ort_quantize_linear(qt, npt, qmin, qmax, seed):
+    rng = np.random.default_rng(seed)
+    model = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
+                   [("x", TensorProto.FLOAT), ("s", TensorProto.FLOAT), ("z", qt)], [("y", qt)])
+    sess = _session(model)
+    for _ in range(20):
+        s = F32(rng.uniform(1e-3, 2.0))
+        z = npt(rng.integers(qmin, qmax + 1))
+        ties = (rng.integers(-400, 400, 500) + 0.5).astype(F32) * s  # many exact .5 quotients
+        x = np.concatenate([ties, rng.normal(0, 100, 500).astype(F32) * s, [np.inf, -np.inf, 0.0, -0.0]]).astype(F32)
+        want = sess.run(None, {"x": x, "s": np.array(s, F32), "z": np.array(z, npt)})[0]
+        np.testing.assert_array_equal(quant.quantize(x, s, z, qmin, qmax), want)
+
+
+def test_requantize_float_matches_ort_qlinearmatmul():
+    rng = np.random.default_rng(0)
+    k, n = 64, 16
+    b = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    bs = rng.uniform(1e-3, 1e-2, n).astype(F32)
+    a_s, ys = F32(0.02), F32(0.3)
+    inits = dict(as_=a_s, az=np.uint8(0), b=b, bs=bs, bz=np.zeros(n, np.int8), ys=ys, yz=np.uint8(120))
+    node = helper.make_node("QLinearMatMul", ["a", "as_", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
+    model = _model([node], [("a", TensorProto.UINT8)], [("y", TensorProto.UINT8)], inits)
+    a = rng.integers(0, 256, (50, k)).astype(np.uint8)
+    want = _session(model).run(None, {"a": a})[0]
+    acc = a.astype(np.int64) @ b.astype(np.int64)
+    got = quant.requantize_float(acc.astype(np.int32), quant.ort_requant_multiplier(a_s, bs, ys), 120, 0, 255)
+    np.testing.assert_array_equal(got, want)
