@@ -162,7 +162,9 @@ def _plan(model: onnx.ModelProto, loss, learn_scales: bool, freeze_bn: bool, fix
     base = _bn_inference_form(model)
     training, info = to_training_form(base, learn_scales=learn_scales, freeze_activation_scales=fix_activations)
     graph = _freeze_bn(training) if freeze_bn else training
-    trainable, frozen = classify_parameters(graph, info.learned_scales, info.fixed_scales)
+    bn_stats = [name for node in training.graph.node if node.op_type == "BatchNormalization"
+                for name in node.input[3:5]]
+    trainable, frozen = classify_parameters(graph, info.learned_scales, info.fixed_scales + bn_stats)
     if not trainable:
         raise TrainError("model has no trainable parameters (no float weight/bias initializers); "
                          "training needs weights stored as initializers")
@@ -174,20 +176,23 @@ def _plan(model: onnx.ModelProto, loss, learn_scales: bool, freeze_bn: bool, fix
 
 
 def classify_parameters(model: onnx.ModelProto, learned_scales: list[str] = (),
-                        fixed_scales: list[str] = ()) -> tuple[list[str], list[str]]:
+                        fixed: list[str] = ()) -> tuple[list[str], list[str]]:
     """Split the used initializers into (trainable, frozen).
 
     Trainable: float tensors of more than one element feeding the computation — weights,
-    biases, BN γ/β — and the learned scales. Frozen: everything else — BN running
+    biases, BN γ/β — and the learned scales. Frozen: `fixed`, and everything else — BN running
     statistics (BN inputs 3-4, and in forward-fused BN the tensors under a Sqrt and the
-    subtracted mean), scalars (eps, clip bounds), fixed scales and zero points, integer
-    tensors (shapes), and names listed in the model's `qgraph.frozen` annotation.
+    subtracted mean, and those listed by fuse_conv_bn's `qgraph.forward_fused_bn`), scalars
+    (eps, clip bounds), fixed scales and zero points, integer tensors (shapes), and names
+    listed in the model's `qgraph.frozen` annotation.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     used = {name for node in graph.node for name in node.input if name in inits}
     producer = {out: node for node in graph.node for out in node.output}
-    frozen = set(get_annotation(model, "frozen", []) or []) | set(fixed_scales)
+    frozen = set(get_annotation(model, "frozen", []) or []) | set(fixed)
+    for entry in (get_annotation(model, "forward_fused_bn", {}) or {}).values():
+        frozen.update(entry.get(key) for key in ("mean", "var") if entry.get(key))
     constant = set(inits)
     for node in graph.node:
         if all(name in constant or not name for name in node.input):

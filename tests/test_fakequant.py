@@ -20,7 +20,7 @@ def _f(name, array):
 
 
 def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int = 8) -> onnx.ModelProto:
-    """input [N,1,size,size] -> Conv(+forward-fused BN) -> Relu -> GAP -> Gemm -> logits [N,10].
+    """input [N,1,size,size] -> Conv(+forward-fused BN) -> Relu -> MaxPool -> Gemm -> logits [N,10].
 
     quant: "none" (float), "qdq" (Q->DQ on input, weights per-channel/per-tensor, activations)
     or "dq_weights" (weights stored as int8 initializers feeding DequantizeLinear, ORT style).
@@ -31,7 +31,8 @@ def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int
     beta = rng.normal(0, 0.1, C)
     mean = rng.normal(0, 0.1, C)
     var = rng.uniform(0.5, 2.0, C)
-    fw = rng.normal(0, 0.5, (10, C)).astype(np.float32)
+    features = C * (size // 2) ** 2
+    fw = rng.normal(0, 1 / np.sqrt(features), (10, features)).astype(np.float32)
     inits = [_f("fc.weight", fw), _f("fc.bias", rng.normal(0, 0.1, 10))]
     nodes = []
     x = "input"
@@ -85,7 +86,7 @@ def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int
                   helper.make_node("DequantizeLinear", ["relu_q", "relu_scale", "relu_zp"], ["relu_dq"],
                                    name="dq_relu")]
         act = "relu_dq"
-    nodes += [helper.make_node("GlobalAveragePool", [act], ["pool"]),
+    nodes += [helper.make_node("MaxPool", [act], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
               helper.make_node("Flatten", ["pool"], ["flat"]),
               helper.make_node("Gemm", ["flat", fc_weight, "fc.bias"], ["logits"], transB=1, name="fc")]
     graph = helper.make_graph(nodes, "tiny_cnn",

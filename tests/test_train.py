@@ -1,0 +1,175 @@
+"""train_model: float training and QAT in ONNX Runtime, export, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_small_cnn
+from qgraph.errors import DataError, TrainError
+from qgraph.train import classify_parameters, evaluate_training_engine, train_model
+from test_fakequant import digits_like, ort_run, tiny_cnn
+
+TESTS = Path(__file__).parent
+
+
+def params(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_like(384), digits_like(128, seed=7)
+
+
+def test_float_training_learns_and_exports_what_the_engine_computes(data, tmp_path):
+    train, val = data
+    trained, history = train_model(tiny_cnn("none"), train, val, epochs=4, lr=2e-2, batch_size=32,
+                                   workdir=tmp_path, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "images_per_s", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.2
+    assert history[-1]["val_top1"] > 0.3  # chance is 0.1
+    assert not any(n.domain == "com.microsoft" for n in trained.graph.node)
+    engine = evaluate_training_engine(tmp_path, {"input": val["input"]})
+    np.testing.assert_allclose(ort_run(trained, val["input"]), engine, rtol=1e-5, atol=1e-5)
+    # forward-fused BN: W, gamma, beta trained; running statistics untouched
+    before, after = params(tiny_cnn("none")), params(trained)
+    for name in ("conv.weight", "bn.weight", "bn.bias", "fc.weight"):
+        assert not np.array_equal(before[name], after[name]), name
+    for name in ("bn.running_mean", "bn.running_var"):
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_qat_exports_qdq_with_trained_weights_and_scales(data, tmp_path):
+    train, val = data
+    model = tiny_cnn("qdq")
+    trained, history = train_model(model, train, val, epochs=2, lr=1e-2, batch_size=32, learn_scales=True,
+                                   fix_activations=True, workdir=tmp_path, progress=False)
+    ops = [n.op_type for n in trained.graph.node]
+    assert ops == [n.op_type for n in model.graph.node]  # the input's QDQ structure, nothing else
+    engine = evaluate_training_engine(tmp_path, {"input": val["input"]})
+    np.testing.assert_allclose(ort_run(trained, val["input"]), engine, rtol=1e-5, atol=1e-5)
+    before, after = params(model), params(trained)
+    assert not np.array_equal(before["conv.w_scale"], after["conv.w_scale"])  # learned weight scale
+    np.testing.assert_array_equal(before["relu_scale"], after["relu_scale"])   # fixed activation scale
+    assert after["conv.w_zp"].dtype == np.int8 and after["relu_zp"].dtype == np.uint8
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_bn_trains_in_batch_mode_unless_frozen(tmp_path):
+    model = make_small_cnn()
+    rng = np.random.default_rng(0)
+    train = {"input": rng.random((64, 1, 8, 8), dtype=np.float32), "labels": rng.integers(0, 3, 64)}
+    moving, _ = train_model(model, train, epochs=1, batch_size=16, workdir=tmp_path / "a", progress=False)
+    frozen, _ = train_model(model, train, epochs=1, batch_size=16, freeze_bn=True, workdir=tmp_path / "b",
+                            progress=False)
+    before = params(model)
+    assert [n.op_type for n in frozen.graph.node] == [n.op_type for n in model.graph.node]
+    for name in ("bn1.mean", "bn1.var"):
+        assert not np.allclose(params(moving)[name], before[name]), name  # ORT updated running stats
+        np.testing.assert_array_equal(params(frozen)[name], before[name])
+    for name in ("bn1.scale", "bn1.bias"):
+        assert not np.array_equal(params(frozen)[name], before[name]), name
+    x = train["input"][:8]
+    np.testing.assert_allclose(ort_run(frozen, x), evaluate_training_engine(tmp_path / "b", {"input": x}),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_classification_of_forward_fused_bn_and_scales():
+    from qgraph.fakequant import to_training_form
+
+    training, info = to_training_form(tiny_cnn("qdq"))
+    trainable, frozen = classify_parameters(training, info.learned_scales, info.fixed_scales)
+    assert trainable == ["bn.bias", "bn.weight", "conv.bias", "conv.weight", "fc.bias", "fc.weight"]
+    assert {"bn.running_mean", "bn.running_var", "bn.eps", "conv.w_scale", "relu_scale"} <= set(frozen)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_is_deterministic_for_a_seed(data, tmp_path, optimizer):
+    train, _ = data
+    kwargs = dict(epochs=3, lr=1e-2, batch_size=64, optimizer=optimizer, warmup_steps=3, progress=False)
+    full, history = train_model(tiny_cnn("qdq"), train, workdir=tmp_path / "full", **kwargs)
+    again, _ = train_model(tiny_cnn("qdq"), train, workdir=tmp_path / "again", **kwargs)
+    assert all(np.array_equal(a, b) for a, b in zip(params(full).values(), params(again).values()))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_resume_after_kill_9_mid_epoch(tmp_path):
+    """SIGKILL during epoch 2; resuming loses at most that epoch and gives the uninterrupted result."""
+    workdir = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        import qgraph.train as train
+        from test_fakequant import tiny_cnn, digits_like
+        step = train._Stepper.step
+        def slow_step(self):  # make an epoch long enough to be killed in
+            time.sleep(0.01)
+            step(self)
+        train._Stepper.step = slow_step
+        train.train_model(tiny_cnn("qdq"), digits_like(384), epochs=3, lr=1e-2, batch_size=8,
+                          schedule="constant", workdir={str(workdir)!r}, resume=True, progress=False)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script])
+    progress = workdir / "progress.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and child.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["epoch"] == 1:
+            break
+        time.sleep(0.02)
+    time.sleep(0.2)  # well inside epoch 2 (48 steps of >= 10 ms)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert json.loads(progress.read_text())["epoch"] == 1
+    kwargs = dict(epochs=3, lr=1e-2, batch_size=8, schedule="constant", progress=False)
+    resumed, history = train_model(tiny_cnn("qdq"), digits_like(384), workdir=workdir, resume=True, **kwargs)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    straight, _ = train_model(tiny_cnn("qdq"), digits_like(384), workdir=tmp_path / "straight", **kwargs)
+    for name, value in params(straight).items():
+        np.testing.assert_array_equal(params(resumed)[name], value, err_msg=name)
+
+
+def test_resume_with_another_models_checkpoint_is_refused(data, tmp_path):
+    train, _ = data
+    train_model(tiny_cnn("none"), train, epochs=1, workdir=tmp_path, progress=False)
+    with pytest.raises(TrainError, match="another model"):
+        train_model(tiny_cnn("none", seed=3), train, epochs=2, workdir=tmp_path, resume=True, progress=False)
+
+
+def test_data_without_labels_is_refused(data, tmp_path):
+    with pytest.raises(DataError, match="no 'labels'"):
+        train_model(tiny_cnn("none"), {"input": data[0]["input"]}, workdir=tmp_path, progress=False)
+
+
+def test_labels_out_of_range_are_refused(data, tmp_path):
+    train = dict(data[0])
+    train["labels"] = train["labels"].copy()
+    train["labels"][5] = 10
+    with pytest.raises(DataError, match=r"labels'\[5\] = 10 is outside \[0, 10\)"):
+        train_model(tiny_cnn("none"), train, workdir=tmp_path, progress=False)
+
+
+def test_model_without_trainable_parameters_is_refused(data, tmp_path):
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]),
+             helper.make_node("Slice", ["flat", "start", "end"], ["logits"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "start"),
+             numpy_helper.from_array(np.array([10], np.int64), "end")]
+    graph = helper.make_graph(nodes, "no_params",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(TrainError, match="no trainable parameters"):
+        train_model(model, data[0], workdir=tmp_path, progress=False)
