@@ -173,3 +173,21 @@ def test_model_without_trainable_parameters_is_refused(data, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(TrainError, match="no trainable parameters"):
         train_model(model, data[0], workdir=tmp_path, progress=False)
+
+
+def test_loss_given_as_onnx_graph_and_mse(data, tmp_path):
+    train, val = data
+    loss_graph = helper.make_graph(
+        [helper.make_node("SoftmaxCrossEntropyLoss", ["prediction", "labels"], ["loss", "log_prob"],
+                          reduction="mean")],
+        "ce", [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N", 10]),
+               helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])])
+    loss_path = tmp_path / "ce_loss.onnx"
+    onnx.save(helper.make_model(loss_graph, opset_imports=[helper.make_opsetid("", 17)]), loss_path)
+    kwargs = dict(epochs=2, lr=1e-2, batch_size=64, progress=False)
+    _, builtin = train_model(tiny_cnn("none"), train, workdir=tmp_path / "a", **kwargs)
+    _, custom = train_model(tiny_cnn("none"), train, workdir=tmp_path / "b", loss=str(loss_path), **kwargs)
+    assert [h["train_loss"] for h in custom] == pytest.approx([h["train_loss"] for h in builtin], rel=1e-6)
+    _, mse = train_model(tiny_cnn("none"), train, val, workdir=tmp_path / "c", loss="mse", **kwargs)
+    assert mse[-1]["train_loss"] < mse[0]["train_loss"] and mse[0]["val_top1"] is None
