@@ -230,12 +230,15 @@ def _reduce_axes(ctx, axes_input):
     return tuple(axes)
 
 
-def _reduction(np_fn):
+def _reduction(np_fn, empty=None):
     def k(ctx, x, axes=None):
         ax = _reduce_axes(ctx, axes)
         if ax is None and ctx.attr("noop_with_empty_axes", 0):
             return x
         keep = bool(ctx.attr("keepdims", 1))
+        if x.size == 0 and empty is not None:  # the reduction's identity element
+            ident = empty(x.dtype)
+            return np_fn(x, axis=ax, keepdims=keep, initial=ident).astype(x.dtype)
         if np.issubdtype(x.dtype, np.floating):
             return np_fn(x.astype(np.float64), axis=ax, keepdims=keep).astype(x.dtype)
         return np_fn(x, axis=ax, keepdims=keep).astype(x.dtype)
@@ -244,8 +247,16 @@ def _reduction(np_fn):
 
 register("ReduceMean")(_reduction(np.mean))
 register("ReduceSum")(_reduction(np.sum))
-register("ReduceMax")(_reduction(np.max))
-register("ReduceMin")(_reduction(np.min))
+def _lowest(dt):
+    return -np.inf if np.issubdtype(dt, np.floating) else np.iinfo(dt).min
+
+
+def _highest(dt):
+    return np.inf if np.issubdtype(dt, np.floating) else np.iinfo(dt).max
+
+
+register("ReduceMax")(_reduction(np.max, _lowest))
+register("ReduceMin")(_reduction(np.min, _highest))
 
 
 # --------------------------------------------------------------------------- shapes
@@ -271,8 +282,9 @@ def reshape(ctx, x, shape):
 
 @register("Flatten")
 def flatten(ctx, x):
-    axis = ctx.attr("axis", 1) % (x.ndim + 1) if x.ndim else 0
-    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    axis = ctx.attr("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 
 @register("Transpose")

@@ -134,6 +134,10 @@ def conv_transpose(ctx, x, w, b=None):
             sl = tuple(slice(tap[i] * dil[i], tap[i] * dil[i] + strides[i] * (in_sp[i] - 1) + 1, strides[i])
                        for i in range(nd))
             y[(slice(None), slice(g * mg, (g + 1) * mg)) + sl] += contrib
+    if any(v < 0 for v in pads):  # a larger output_shape than the scatter covers: zeros
+        y = np.pad(y, [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + nd])) for i in range(nd)])
+        full = list(y.shape[2:])
+        pads = [max(0, v) for v in pads]
     crop = tuple(slice(pads[i], full[i] - pads[i + nd]) for i in range(nd))
     y = np.ascontiguousarray(y[(slice(None), slice(None)) + crop])
     if b is not None:
@@ -191,18 +195,17 @@ def max_pool(ctx, x):
 
 @register("AveragePool")
 def average_pool(ctx, x):
-    """Mean over windows; count_include_pad counts explicit pads, never ceil_mode overhang."""
+    """Mean over windows; count_include_pad=1 divides by the kernel size."""
     kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
     nd = len(kernel)
     axes = tuple(range(-nd, 0))
     s = _pooled(x.astype(np.float64), kernel, strides, dil, pads, extra, outs, 0.0).sum(axis=axes)
     ones = np.ones(x.shape[2:])
     if ctx.attr("count_include_pad", 0):
-        ones = np.pad(ones, [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=1.0)
-        cnt = _pooled(ones[None, None], kernel, strides, dil, [0] * 2 * nd, extra, outs, 0.0)
+        cnt = np.float64(np.prod(kernel))  # every tap counts, ceil_mode overhang included (ONNX reference)
     else:
-        cnt = _pooled(ones[None, None], kernel, strides, dil, pads, extra, outs, 0.0)
-    return (s / cnt.sum(axis=axes)).astype(x.dtype)
+        cnt = _pooled(ones[None, None], kernel, strides, dil, pads, extra, outs, 0.0).sum(axis=axes)
+    return (s / cnt).astype(x.dtype)
 
 
 @register("GlobalAveragePool")
