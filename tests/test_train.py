@@ -83,6 +83,8 @@ def test_bn_trains_in_batch_mode_unless_frozen(tmp_path):
     for name in ("bn1.scale", "bn1.bias"):
         assert not np.array_equal(params(frozen)[name], before[name]), name
     x = train["input"][:8]
+    np.testing.assert_allclose(ort_run(moving, x), evaluate_training_engine(tmp_path / "a", {"input": x}),
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ort_run(frozen, x), evaluate_training_engine(tmp_path / "b", {"input": x}),
                                rtol=1e-5, atol=1e-5)
 
