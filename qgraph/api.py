@@ -53,3 +53,26 @@ def bundled_pipeline(name: str) -> Path:
     """Path of a pipeline shipped in qgraph.models/pipelines (float, ptq, qat)."""
     from importlib.resources import files
     return Path(str(files("qgraph.models") / "pipelines" / f"{name}.yaml"))
+
+
+def build_model_file(name: str, output: str | os.PathLike, *, input_shape=(1, 28, 28), width: int | None = None,
+                     num_classes: int = 10, seed: int = 0) -> Path:
+    """`qgraph models build`: write a bundled architecture (untrained, seeded) to a file."""
+    from qgraph.models.builders import build_model
+    check_output_path(output)
+    kwargs = {"input_shape": tuple(input_shape), "num_classes": num_classes, "seed": seed}
+    if width is not None:
+        kwargs["width"] = width
+    return save_model(build_model(name, **kwargs), output)
+
+
+def export_dataset(name: str, split: str, output: str | os.PathLike, *, image_size: int | None = None,
+                   limit: int | None = None) -> dict:
+    """`qgraph data export`: write a bundled dataset split as a user data file (input + labels)."""
+    from qgraph.models.datasets import load_dataset, save_npz
+    check_output_path(output)
+    data = load_dataset(name, split, image_size=image_size)
+    if limit is not None:
+        data = {k: v[:limit] for k, v in data.items()}
+    save_npz(data, output)
+    return {k: v.shape for k, v in data.items()}

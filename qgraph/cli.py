@@ -94,5 +94,53 @@ def inspect(model, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info, model))
 
 
+@main.group()
+def models():
+    """Bundled model architectures."""
+
+
+@models.command("build")
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--input-shape", default="1,28,28", show_default=True, help="C,H,W of the input.")
+@click.option("--width", type=int, help="Base channel width (builder default if omitted).")
+@click.option("--classes", "num_classes", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def models_build(name, output, input_shape, width, num_classes, seed):
+    """Write the untrained bundled model NAME (lenet, resnet, mobilenetv2, repvgg, repvgg_deploy, mlp).
+
+    \b
+    Example:
+      qgraph models build resnet -o resnet.onnx
+    """
+    from qgraph.api import build_model_file
+    shape = tuple(int(v) for v in input_shape.split(","))
+    build_model_file(name, output, input_shape=shape, width=width, num_classes=num_classes, seed=seed)
+    click.echo(f"wrote {output}")
+
+
+@main.group()
+def data():
+    """Bundled datasets."""
+
+
+@data.command("export")
+@click.argument("name")
+@click.option("--split", default="train", show_default=True, help="train, val or all.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--image-size", type=int, help="Resize images to this size (e.g. 14).")
+@click.option("--limit", type=int, help="Keep only the first N samples.")
+def data_export(name, split, output, image_size, limit):
+    """Write bundled dataset NAME (mnist, digits) as an .npz data file with keys input, labels.
+
+    \b
+    Example:
+      qgraph data export mnist --split val -o val.npz
+    """
+    from qgraph.api import export_dataset
+    shapes = export_dataset(name, split, output, image_size=image_size, limit=limit)
+    click.echo(f"wrote {output}: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
+
+
 if __name__ == "__main__":
     main()
