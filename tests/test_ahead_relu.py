@@ -128,9 +128,10 @@ def test_nothing_to_do():
     assert get_annotation(model, NONNEGATIVE) is None
 
 
-def test_bundled_resnet():
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_bundled_models(name):
     builders = pytest.importorskip("qgraph.models.builders")
-    model = QModel.from_onnx(builders.build_model("resnet"))
+    model = QModel.from_onnx(builders.build_model(name))
     run_pass(model, "canonicalize")
     run_pass(model, "fuse_conv_bn")
     report = run_pass(model, "ahead_relu")
@@ -138,8 +139,8 @@ def test_bundled_resnet():
     for name in report["marked"]:
         assert name in relu_inputs or any(n.op == "Clip" and n.inputs[0].name == name for n in model.graph.nodes)
     assert len(report["marked"]) > 0
-    assert len(report["activations_marked"]) == sum(n.op == "Relu" for n in model.graph.nodes) + sum(
-        n.op == "Clip" for n in model.graph.nodes if n.inputs[1].name)
+    activations = [n for n in model.graph.nodes if n.op == "Relu" or (n.op == "Clip" and n.inputs[1].name)]
+    assert report["activations_marked"] == sorted(n.outputs[0].name for n in activations)
 
 
 def test_small_cnn_data_unchanged():
@@ -148,3 +149,11 @@ def test_small_cnn_data_unchanged():
     run_pass(model, "ahead_relu")
     feeds = {"input": small_data(8)["input"]}
     np.testing.assert_array_equal(run_model(proto, feeds)["logits"], run_model(model.to_onnx(), feeds)["logits"])
+
+
+def test_forward_fused_weight_arithmetic_is_not_a_candidate():
+    model = QModel.from_onnx(make_small_cnn())
+    run_pass(model, "fuse_conv_bn", {"mode": "forward"})
+    report = run_pass(model, "ahead_relu")
+    assert report["marked"] == ["b1"]
+    assert {s["node"] for s in report["skipped"]} == {"conv2", "fc"}

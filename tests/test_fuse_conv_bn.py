@@ -53,7 +53,8 @@ def run_both_modes(proto: onnx.ModelProto, feeds: dict, tol: float = 1e-5) -> di
         model = QModel.from_onnx(proto)
         report = run_pass(model, "fuse_conv_bn", {"mode": mode})
         assert report["changed"] >= 1, report
-        assert not any(n.op == "BatchNormalization" for n in model.graph.nodes), report["skipped"]
+        left = sorted(n.name for n in model.graph.nodes if n.op == "BatchNormalization")
+        assert left == sorted(s["node"] for s in report["skipped"])
         got = run_model(model.to_onnx(), feeds)["logits"]
         assert rel_err(got, ref) <= tol, (mode, rel_err(got, ref))
         out[mode] = (model, report)
@@ -159,6 +160,17 @@ def test_forward_keeps_trainable_tensors_and_annotates():
     assert [t.name for t in conv.inputs[1:]] == ["conv1.weight_fused", "conv1.bias_fused"]
     ops = {n.op for n in model.graph.nodes if n.name.startswith("conv1/bn_fuse/")}
     assert ops == {"Add", "Sqrt", "Div", "Reshape", "Mul", "Sub"}
+
+
+def test_trainer_sees_w_gamma_beta_trainable_and_statistics_frozen():
+    from qgraph.train import classify_parameters
+    model = QModel.from_onnx(make_small_cnn(seed=5))
+    run_pass(model, "fuse_conv_bn", {"mode": "forward"})
+    proto = model.to_onnx()
+    trainable, frozen = classify_parameters(proto)
+    entry = get_annotation(proto, "forward_fused_bn")["conv1"]
+    assert {entry[k] for k in ("weight", "bias", "gamma", "beta")} <= set(trainable)
+    assert {entry[k] for k in ("mean", "var")} <= set(frozen)
 
 
 def test_canonicalize_folds_forward_into_fold_result():
@@ -289,4 +301,14 @@ def test_bundled_models_both_modes(name):
     if randomize_bn(model, seed=len(name)) == 0:
         pytest.skip(f"{name} has no BatchNormalization")
     randomized = model.to_onnx()
-    run_both_modes(randomized, feeds)
+    models = run_both_modes(randomized, feeds)
+    forward = models["forward"][0]
+    run_pass(forward, "canonicalize")
+    assert not any("/bn_fuse/" in n.name for n in forward.graph.nodes)
+    fold_out = run_model(models["fold"][0].to_onnx(), feeds)["logits"]
+    assert rel_err(run_model(forward.to_onnx(), feeds)["logits"], fold_out) <= 1e-6
+    for _, report in models.values():
+        # only RepVGG's identity-branch BNs (fed by the previous block's Relu) stay
+        assert all("produced by Relu" in s["reason"] for s in report["skipped"]), report["skipped"]
+        if name != "repvgg":
+            assert report["skipped"] == []

@@ -14,6 +14,7 @@ Invariant: no node or value changes; only the annotation is written.
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from qgraph.annotations import NONNEGATIVE, get_annotation, set_annotation
 from qgraph.graph import Node, QModel, Tensor
@@ -32,14 +33,15 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
     options = {"ahead_conv_relu": ahead_conv_relu, "ahead_bn_relu": ahead_bn_relu,
                "ahead_linear_relu": ahead_linear_relu, "ahead_add_relu": ahead_add_relu}
     marked, activations, skipped = [], [], []
+    static = static_tensors(model)
     for node in model.graph.nodes:
         if node.op in ("Relu", "Clip"):
             if node.outputs and clip_floor_reason(node) == "":
                 activations.append(node.outputs[0].name)
             continue
         option = _OPTION_OF_OP.get(node.op)
-        if option is None or not node.outputs:
-            continue
+        if option is None or not node.outputs or node.outputs[0].name in static:
+            continue  # static: weight arithmetic such as fuse_conv_bn's forward-mode subgraphs
         out = node.outputs[0]
         reason = (f"option {option} is off" if not options[option] else
                   ahead_reason(model, out))
@@ -61,6 +63,17 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
             f"nothing marked: {len(skipped)} candidate(s) not followed only by Relu/Clip(0,·)"
     return {"changed": added, "summary": summary, "marked": sorted(marked),
             "activations_marked": sorted(activations), "skipped": skipped, "warnings": []}
+
+
+def static_tensors(model: QModel) -> set[str]:
+    """Names of tensors computed from constants alone (one pass in node order; a graph that
+    is not topologically sorted only makes the set smaller, which is safe)."""
+    static = {name for name, t in model.tensors().items() if isinstance(t, gs.Constant)}
+    for node in model.graph.nodes:
+        inputs = [t for t in node.inputs if t.name]
+        if node.op == "Constant" or (inputs and all(t.name in static for t in inputs)):
+            static.update(t.name for t in node.outputs)
+    return static
 
 
 def ahead_reason(model: QModel, tensor: Tensor) -> str:
