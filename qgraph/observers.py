@@ -1,0 +1,337 @@
+"""Streaming range observers for calibration: each sees batches one at a time and keeps a
+state whose size does not depend on how many batches it has seen.
+
+- `minmax`: running min and max.
+- `moving_average`: ``r ← r + c·(r_batch − r)`` per batch with averaging constant ``c``
+  (HAT / MNN MovingAverage; the first batch sets ``r``).
+- `percentile`: the ``p``-th and ``(100−p)``-th percentiles of a streaming histogram.
+- `entropy`: TensorRT's KL calibration — the clipping threshold ``T`` over the |x| histogram
+  whose ``L``-level quantization ``Q`` minimizes ``KL(P‖Q)`` (2048 bins, L = 128 for int8).
+- `mse`: the clipping range ``α·[min, max]`` minimizing the expected quantization MSE
+  ``Σ_bins n·err(c)``, with ``err = s²/12`` inside the range and the clipping error outside.
+
+Histograms are uniform over ``[lo, hi]`` (always containing 0). When a batch falls outside,
+the range grows to ``k`` times the bin width (``k`` integer) with the new edges on the old
+grid, so old bins merge whole into new ones: merging is exact, nothing is re-sampled.
+Scales and zero points are computed from the ranges by :mod:`qgraph.quant` (the callers do).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qgraph.errors import ConfigError
+from qgraph.quant import scale_zero_point
+
+
+class Observer:
+    """Base: `update(batch)` then `range()` → (rmin, rmax) floats."""
+
+    def update(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def state_nbytes(self) -> int:
+        """Bytes of state held (constant in the number of batches seen)."""
+        return 16
+
+
+class MinMaxObserver(Observer):
+    def __init__(self):
+        self.lo, self.hi = math.inf, -math.inf
+
+    def update(self, x):
+        x = np.asarray(x)
+        if x.size:
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+
+    def range(self):
+        return (0.0, 0.0) if self.lo > self.hi else (self.lo, self.hi)
+
+
+class MovingAverageObserver(Observer):
+    def __init__(self, averaging_constant: float = 0.01):
+        self.c = float(averaging_constant)
+        self.lo = self.hi = None
+
+    def update(self, x):
+        x = np.asarray(x)
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo += self.c * (lo - self.lo)
+            self.hi += self.c * (hi - self.hi)
+
+    def range(self):
+        return (0.0, 0.0) if self.lo is None else (self.lo, self.hi)
+
+
+class StreamingHistogram:
+    """Uniform histogram over a growing range [lo, lo + bins·width] that always contains 0."""
+
+    def __init__(self, bins: int = 2048):
+        self.bins = int(bins)
+        self.counts = np.zeros(self.bins, dtype=np.float64)
+        self.lo = 0.0
+        self.width = 0.0           # 0 until a non-zero value was seen
+        self.min = math.inf
+        self.max = -math.inf
+
+    @property
+    def hi(self) -> float:
+        return self.lo + self.bins * self.width
+
+    def edges(self) -> np.ndarray:
+        return self.lo + self.width * np.arange(self.bins + 1)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if not x.size:
+            return
+        bmin, bmax = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, bmin), max(self.max, bmax)
+        if self.width == 0.0:
+            lo, hi = min(bmin, 0.0), max(bmax, 0.0)
+            if hi == lo:  # all zeros so far
+                self.counts[0] += x.size
+                return
+            zeros = self.counts[0]
+            self.counts[:] = 0.0
+            self.lo, self.width = lo, (hi - lo) / self.bins
+            self.counts[self._index(np.zeros(1))[0]] += zeros
+        elif bmin < self.lo or bmax > self.hi:
+            self._grow(min(bmin, self.lo), max(bmax, self.hi))
+        self.counts += np.bincount(self._index(x), minlength=self.bins)
+
+    def _index(self, x: np.ndarray) -> np.ndarray:
+        idx = np.floor((x.astype(np.float64) - self.lo) / self.width)
+        return np.clip(idx, 0, self.bins - 1).astype(np.int64)
+
+    def _grow(self, new_min: float, new_max: float) -> None:
+        """Widen to cover [new_min, new_max]: new lo on the old grid, width k·old width."""
+        j = max(0, math.ceil((self.lo - new_min) / self.width))
+        lo = self.lo - j * self.width
+        k = max(1, math.ceil((new_max - lo) / (self.bins * self.width)))
+        while lo + self.bins * k * self.width < new_max:  # float rounding of the ceil above
+            k += 1
+        target = (j + np.arange(self.bins)) // k          # old bin n lies inside new bin (j+n)//k
+        counts = np.bincount(target, weights=self.counts, minlength=self.bins)
+        self.counts = counts[:self.bins].copy()
+        self.lo, self.width = lo, self.width * k
+
+    def nbytes(self) -> int:
+        return self.counts.nbytes + 40
+
+    def quantile(self, q: float) -> float:
+        """Value below which a fraction `q` of the mass lies (linear inside a bin), clamped to
+        the observed [min, max]."""
+        total = self.counts.sum()
+        if total == 0 or self.width == 0.0:
+            return 0.0
+        cum = np.cumsum(self.counts)
+        target = q * total
+        i = int(np.searchsorted(cum, target, side="left"))
+        i = min(i, self.bins - 1)
+        before = cum[i - 1] if i else 0.0
+        frac = (target - before) / self.counts[i] if self.counts[i] else 0.0
+        value = self.lo + (i + frac) * self.width
+        return float(min(max(value, self.min), self.max))
+
+    def magnitude(self) -> tuple[np.ndarray, float]:
+        """Histogram of |x| on bins of the same width starting at 0 (negative bins folded by
+        their centre): returns (counts, width)."""
+        centres = self.lo + (np.arange(self.bins) + 0.5) * self.width
+        n = max(1, math.ceil(max(-self.lo, self.hi) / self.width))
+        idx = np.minimum((np.abs(centres) / self.width).astype(np.int64), n - 1)
+        return np.bincount(idx, weights=self.counts, minlength=n)[:n], self.width
+
+
+class HistogramObserver(Observer):
+    """Base of the histogram observers: a StreamingHistogram plus a range rule."""
+
+    def __init__(self, bins: int = 2048):
+        self.hist = StreamingHistogram(bins)
+
+    def update(self, x):
+        self.hist.update(x)
+
+    def state_nbytes(self):
+        return self.hist.nbytes()
+
+    def _empty(self) -> bool:
+        return self.hist.width == 0.0
+
+
+class PercentileObserver(HistogramObserver):
+    def __init__(self, percentile: float = 99.99, bins: int = 2048):
+        super().__init__(bins)
+        self.p = float(percentile)
+
+    def range(self):
+        if self._empty():
+            return (0.0, 0.0)
+        h = self.hist
+        lo = h.quantile(1.0 - self.p / 100.0) if h.min < 0 else h.min
+        return (min(lo, 0.0), max(h.quantile(self.p / 100.0), 0.0))
+
+
+def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
+    """TensorRT's entropy calibration on a magnitude histogram: the number of bins ``i`` (≥
+    `levels`) whose clipped distribution P (outliers added to bin i−1) is best approximated,
+    in KL divergence, by its `levels`-level quantization Q (each chunk's mass spread evenly
+    over the chunk's non-empty bins)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = len(counts)
+    if n <= levels:
+        return n
+    best_i, best_kl = n, math.inf
+    tail = np.cumsum(counts[::-1])[::-1]  # tail[i] = sum(counts[i:])
+    for i in range(levels, n + 1):
+        p = counts[:i].copy()
+        if i < n:
+            p[i - 1] += tail[i]
+        if p.sum() == 0:
+            continue
+        chunk = np.arange(i) * levels // i          # chunk id of each bin
+        nonzero = (counts[:i] != 0).astype(np.float64)
+        mass = np.bincount(chunk, weights=counts[:i], minlength=levels)
+        support = np.bincount(chunk, weights=nonzero, minlength=levels)
+        q = np.where(nonzero > 0, mass[chunk] / np.maximum(support[chunk], 1.0), 0.0)
+        kl = _kl_divergence(p, q)
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    qs = q.sum()
+    if qs == 0:
+        return math.inf
+    q = q / qs
+    mask = p > 0
+    # a P bin that Q left empty (the clipped outliers) gets a small probability, not log(0)
+    qm = np.maximum(q[mask], 1e-12)
+    return float(np.sum(p[mask] * np.log(p[mask] / qm)))
+
+
+class EntropyObserver(HistogramObserver):
+    """KL threshold T on |x|; the range is the observed one clipped to [−T, T]."""
+
+    def __init__(self, levels: int = 128, bins: int = 2048):
+        super().__init__(bins)
+        self.levels = int(levels)
+
+    def range(self):
+        if self._empty():
+            return (0.0, 0.0)
+        counts, width = self.hist.magnitude()
+        t = kl_threshold_bin(counts, self.levels) * width
+        return (max(self.hist.min, -t, -math.inf) if self.hist.min < 0 else self.hist.min,
+                min(self.hist.max, t))
+
+
+class MSEObserver(HistogramObserver):
+    """Searches α ∈ (0, 1] for the range α·[min, max] of least expected quantization MSE."""
+
+    def __init__(self, bits: int = 8, signed: bool = False, symmetric: bool = False,
+                 narrow_range: bool = False, pow2: bool = False, bins: int = 2048, steps: int = 100):
+        super().__init__(bins)
+        self.grid = dict(bits=bits, signed=signed, symmetric=symmetric, narrow_range=narrow_range, pow2=pow2)
+        self.steps = int(steps)
+
+    def range(self):
+        if self._empty():
+            return (0.0, 0.0)
+        h = self.hist
+        lo, hi = min(h.min, 0.0), max(h.max, 0.0)
+        alphas = np.linspace(1.0 / self.steps, 1.0, self.steps)
+        centres = h.lo + (np.arange(h.bins) + 0.5) * h.width
+        errors = expected_mse(centres, h.counts, alphas * lo, alphas * hi, **self.grid)
+        best = int(np.argmin(errors))
+        return float(alphas[best] * lo), float(alphas[best] * hi)
+
+
+def expected_mse(values: np.ndarray, counts: np.ndarray, rmin: np.ndarray, rmax: np.ndarray,
+                 **grid) -> np.ndarray:
+    """Expected squared quantization error of values (with counts) for each candidate range
+    (vectorized over candidates): rounding error s²/12 inside the representable range, the
+    squared distance to it outside."""
+    from qgraph.quant import qrange
+    scale, zp = scale_zero_point(rmin, rmax, **grid)
+    qmin, qmax = qrange(grid["bits"], grid["signed"], grid.get("narrow_range", False))
+    s = scale.astype(np.float64)[:, None]
+    low = (qmin - zp.astype(np.float64))[:, None] * s
+    high = (qmax - zp.astype(np.float64))[:, None] * s
+    v = values[None, :]
+    clipped = np.clip(v, low, high)
+    err = np.where(v == clipped, s * s / 12.0, (v - clipped) ** 2)
+    return (err * counts[None, :]).sum(axis=1)
+
+
+def make_observer(kind: str, *, bits: int = 8, signed: bool = False, symmetric: bool = False,
+                  narrow_range: bool = False, pow2: bool = False, nonnegative: bool = False,
+                  averaging_constant: float = 0.01, percentile: float = 99.99, bins: int = 2048,
+                  **_unused) -> Observer:
+    """An activation observer for a quantizer with the given grid (the fields of a
+    `qgraph.quantizers` record can be passed as keywords)."""
+    if kind == "minmax":
+        return MinMaxObserver()
+    if kind == "moving_average":
+        return MovingAverageObserver(averaging_constant)
+    if kind == "percentile":
+        return PercentileObserver(percentile, bins)
+    if kind == "entropy":
+        levels = 2 ** bits if (nonnegative and not signed) else 2 ** (bits - 1)
+        return EntropyObserver(levels, bins)
+    if kind == "mse":
+        return MSEObserver(bits, signed, symmetric or nonnegative, narrow_range, pow2, bins)
+    raise ConfigError(f"unknown observer {kind!r}; valid: minmax, moving_average, percentile, entropy, mse")
+
+
+# -- weights: observed once, per channel or per tensor --------------------------------------
+
+def weight_range(w: np.ndarray, axis: int | None, observer: str = "minmax", *, bits: int = 8,
+                 symmetric: bool = True, narrow_range: bool = True, pow2: bool = False,
+                 steps: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """(rmin, rmax) of a weight, per channel along `axis` or per tensor (axis None).
+    `mse` shrinks each channel's range by the α that minimizes the channel's own squared
+    quantization error (exact values, not a histogram)."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        flat = w.reshape(1, -1)
+    else:
+        flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    rmin = np.minimum(flat.min(axis=1), 0.0).astype(np.float64)
+    rmax = np.maximum(flat.max(axis=1), 0.0).astype(np.float64)
+    if observer == "mse":
+        rmin, rmax = _weight_mse_search(flat, rmin, rmax, bits, symmetric, narrow_range, pow2, steps)
+    elif observer != "minmax":
+        raise ConfigError(f"weight observer must be minmax or mse, got {observer!r}")
+    if axis is None:
+        return rmin[0], rmax[0]
+    return rmin, rmax
+
+
+def _weight_mse_search(flat, rmin, rmax, bits, symmetric, narrow_range, pow2, steps):
+    from qgraph.quant import fake_quantize, qrange
+    qmin, qmax = qrange(bits, True, narrow_range)
+    best_err = np.full(len(flat), np.inf)
+    best_lo, best_hi = rmin.copy(), rmax.copy()
+    for alpha in np.linspace(1.0 / steps, 1.0, steps):
+        lo, hi = alpha * rmin, alpha * rmax
+        scale, zp = scale_zero_point(lo, hi, bits, True, symmetric, narrow_range, pow2)
+        approx = fake_quantize(flat, scale, zp, qmin, qmax, axis=0)
+        err = ((approx.astype(np.float64) - flat) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_lo, best_hi = np.where(better, lo, best_lo), np.where(better, hi, best_hi)
+    return best_lo, best_hi

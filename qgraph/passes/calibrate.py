@@ -1,0 +1,167 @@
+"""calibrate: measure activation ranges on data and set every quantizer's scale/zero point.
+
+    [rmin, rmax] = observer(x over all batches);   (s, z) = quant.scale_zero_point(rmin, rmax, grid)
+
+The model runs in ONNX Runtime with every quantizer *bypassed* (readers of each
+DequantizeLinear read the float tensor again) and every activation quantizer's input exposed
+as an output, so the observers see the float activations — what TensorRT and HAT's
+calibration stage observe; `bypass: false` observes the model as it is (e.g. to re-calibrate
+after QAT). Batches stream through streaming observers (qgraph.observers): memory does not
+grow with the amount of data. Weight scales are recomputed once from the weights (the
+folded weight of a forward-fused BN is evaluated in ORT). Ranges from `fixed_range` are kept.
+Afterwards `qgraph.calibrated` is true; `fix_activations: true` also writes
+`qgraph.fix_activations` (HAT's calibrated QConfig: QAT keeps activation scales frozen).
+
+Invariant: changes outputs (sets quantization parameters).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, set_annotation
+from qgraph.data import check_data, check_finite, model_inputs, sample_count
+from qgraph.errors import ConfigError, PassError
+from qgraph.graph import QModel
+from qgraph.observers import make_observer
+from qgraph.passes.insert_qdq import (activation_qparams, evaluate_tensors, quantizer_records,
+                                      weight_qparams, write_qparams)
+from qgraph.pipeline import PassContext, register_pass
+from qgraph.qconfig import OBSERVERS
+
+_OBSERVER_PARAMS = ("averaging_constant", "percentile", "bins")
+
+
+@register_pass("calibrate", preserves_outputs=False)
+def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_params: dict = {},  # noqa: B006
+              max_samples: int = 0, weights: bool = True, bypass: bool = True, fix_activations: bool = False,
+              progress: bool = True) -> dict:
+    """Set activation scales from calibration data (minmax, moving_average, percentile, entropy, mse)."""
+    if observer and observer not in OBSERVERS:
+        raise ConfigError(f"calibrate: observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    unknown = [k for k in observer_params if k not in _OBSERVER_PARAMS]
+    if unknown:
+        raise ConfigError(f"calibrate: observer_params has no field '{unknown[0]}'; valid: {', '.join(_OBSERVER_PARAMS)}")
+    records = quantizer_records(model)
+    if not records:
+        raise PassError("calibrate: the model has no qgraph quantizers; run insert_qdq first")
+    if ctx.data is None:
+        raise PassError("calibrate needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+    proto = model.to_onnx()
+    check_data(ctx.data, proto, origin="calibration data")
+    nodes = {n.name: n for n in model.graph.nodes}
+    missing = [r["quantize"] for r in records.values() if r["quantize"] not in nodes]
+    if missing:
+        raise PassError(f"calibrate: quantizer node '{missing[0]}' from the qgraph.quantizers annotation is "
+                        "not in the graph; re-run insert_qdq on the float model")
+
+    observed = {name: r for name, r in records.items()
+                if r["kind"] == "activation" and r.get("fixed_range") is None}
+    observers = {}
+    for name, r in observed.items():
+        grid = {k: v for k, v in {**r, **observer_params}.items() if k not in ("kind", "observer")}
+        observers[name] = make_observer(observer or r["observer"], **grid)
+
+    batches, samples, seconds = _observe(model, proto, ctx, observers, bypass, max_samples or None, progress)
+
+    warnings, ranges = [], {}
+    for name, r in records.items():
+        if r["kind"] != "activation":
+            continue
+        lo, hi = r["fixed_range"] if name in records and r.get("fixed_range") is not None else observers[name].range()
+        if lo == hi == 0.0 or (r["nonnegative"] and hi <= 0.0):
+            warnings.append(f"tensor '{name}' is constant on the calibration data (zero range); "
+                            "its scale is set to 1")
+        scale, zp = activation_qparams(lo, hi, r)
+        write_qparams(model, nodes, r, scale, zp)
+        ranges[name] = [round(float(lo), 6), round(float(hi), 6)]
+    n_weights = calibrate_weights(model, nodes, records) if weights else 0
+    set_annotation(model, CALIBRATED, True)
+    if fix_activations:
+        set_annotation(model, FIX_ACTIVATIONS, True)
+    kinds = sorted({observer or r["observer"] for r in observed.values()})
+    summary = (f"{len(observed)} activation ranges from {samples} samples in {batches} batches "
+               f"({', '.join(kinds) or 'none'}), {n_weights} weights; calibrated")
+    return {"changed": len(observed) + n_weights, "summary": summary, "samples": samples, "batches": batches,
+            "observe_seconds": round(seconds, 3), "ranges": ranges, "calibrated": True,
+            "fix_activations": bool(fix_activations), "skipped": [], "warnings": warnings}
+
+
+def _observe(model: QModel, proto, ctx: PassContext, observers: dict, bypass: bool, limit: int | None,
+             show: bool) -> tuple[int, int, float]:
+    """Stream the data through ORT and feed every observer its tensor, batch by batch."""
+    from qgraph.runner import Runner
+    inputs = list(model_inputs(proto))
+    from_feeds = [n for n in observers if n in inputs]
+    outputs = [n for n in observers if n not in inputs]
+    run_proto = bypassed(model).to_onnx() if bypass else proto
+    runner = Runner(run_proto, outputs) if outputs else None
+    total = min(sample_count({k: ctx.data[k] for k in inputs}), limit or 1 << 62)
+    n_batches = -(-total // ctx.batch_size)
+    bar = ProgressBar("calibrate", n_batches, enabled=show)
+    start, samples, index = time.perf_counter(), 0, 0
+    for index, batch in enumerate(ctx.batches(inputs, limit=limit)):
+        check_finite(batch, index, origin="calibration data")
+        values = runner.run(batch, outputs) if runner else {}
+        for name in from_feeds:
+            observers[name].update(batch[name])
+        for name in outputs:
+            observers[name].update(values[name])
+        samples += len(batch[inputs[0]])
+        bar.update(index + 1)
+    bar.close()
+    return (index + 1 if samples else 0), samples, time.perf_counter() - start
+
+
+def bypassed(model: QModel) -> QModel:
+    """A copy in which every reader of a quantizer's DequantizeLinear reads the float tensor."""
+    copy = model.copy()
+    records = quantizer_records(copy)
+    nodes = {n.name: n for n in copy.graph.nodes}
+    for r in records.values():
+        first = nodes[r["clip"] or r["quantize"]]
+        dq = nodes[r["dequantize"]]
+        source, out = first.inputs[0], dq.outputs[0]
+        if copy.is_graph_output(out):
+            continue  # nothing reads it inside the graph; its input is what is observed
+        for reader in list(out.outputs):
+            reader.inputs = [source if t is out else t for t in reader.inputs]
+    copy.cleanup()
+    return copy
+
+
+def calibrate_weights(model: QModel, nodes: dict, records: dict) -> int:
+    """Recompute weight scales once from the current weights (in-graph folded ones via ORT)."""
+    weights = {name: r for name, r in records.items() if r["kind"] == "weight"}
+    tensors = {name: nodes[r["quantize"]].inputs[0] for name, r in weights.items()}
+    computed = evaluate_tensors(model, [t for t in tensors.values() if not hasattr(t, "values")])
+    for name, r in weights.items():
+        t = tensors[name]
+        value = np.asarray(t.values) if hasattr(t, "values") else computed[t.name]
+        write_qparams(model, nodes, r, *weight_qparams(value, r))
+    return len(weights)
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30):
+        self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
+        self.start = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        filled = int(self.width * done / self.total)
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+                         f"{done}/{self.total} batches {rate:.1f}/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
