@@ -312,3 +312,18 @@ def test_bundled_models_both_modes(name):
         assert all("produced by Relu" in s["reason"] for s in report["skipped"]), report["skipped"]
         if name != "repvgg":
             assert report["skipped"] == []
+
+
+def test_fold_keeps_names_of_unshared_weights_and_copies_shared_ones():
+    inits = [w("conv.weight", (3, 3, 1, 1)), w("conv.bias", (3,))] + bn_params("bn", 3)
+    nodes = [helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["x"], name="conv"),
+             bn_node("x", "y"),
+             helper.make_node("Conv", ["y", "conv.weight"], ["logits"], name="other")]
+    proto = make_model(nodes, inits, (3, 4, 4))
+    model = QModel.from_onnx(proto)
+    ref = run_model(proto, feeds_for((3, 4, 4)))["logits"]
+    run_pass(model, "fuse_conv_bn")
+    conv, other = (next(n for n in model.graph.nodes if n.name == k) for k in ("conv", "other"))
+    assert [t.name for t in conv.inputs[1:]] == ["conv.weight_folded", "conv.bias"]
+    assert other.inputs[1].name == "conv.weight"  # the shared weight is untouched
+    assert rel_err(run_model(model.to_onnx(), feeds_for((3, 4, 4)))["logits"], ref) <= 1e-5

@@ -231,7 +231,7 @@ def _gemm_factors(m: BNMatch) -> tuple[float, float]:
 # -- rewrites -----------------------------------------------------------------------------
 
 def fold_bn(model: QModel, m: BNMatch, names: "TensorNames") -> None:
-    """Replace W, b by W', b' (computed in float64) and remove the BN."""
+    """Replace W, b by W', b' (computed in float64; names kept when unshared) and remove the BN."""
     weight = m.value(m.weight)
     gamma, beta, mean, var = (m.value(t).astype(np.float64).reshape(-1) for t in (m.gamma, m.beta, m.mean, m.var))
     scale = gamma / np.sqrt(var + m.epsilon)
@@ -241,9 +241,18 @@ def fold_bn(model: QModel, m: BNMatch, names: "TensorNames") -> None:
     bias = gemm_beta * m.value(m.bias).astype(np.float64) if m.bias is not None else 0.0
     folded_bias = (bias - mean) * scale + beta
     base = m.layer.name
-    new_weight = gs.Constant(names.fresh(f"{base}.weight_folded"), folded.astype(weight.dtype))
-    new_bias = gs.Constant(names.fresh(f"{base}.bias_folded"), folded_bias.astype(weight.dtype))
+    new_weight = _replace_constant(model, m.weight, folded.astype(weight.dtype), names, f"{base}.weight_folded")
+    new_bias = _replace_constant(model, m.bias, folded_bias.astype(weight.dtype), names, f"{base}.bias")
     _rewire(m, new_weight, new_bias)
+
+
+def _replace_constant(model: QModel, tensor: Tensor | None, value: np.ndarray, names: "TensorNames",
+                      fallback: str) -> gs.Constant:
+    """`tensor` holding `value` in place (its name kept) when only this layer reads it, else a new initializer."""
+    if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1 and not model.is_graph_output(tensor):
+        tensor.values = value
+        return tensor
+    return gs.Constant(names.fresh(fallback), value)
 
 
 def forward_fuse_bn(model: QModel, m: BNMatch, names: "TensorNames") -> dict:
