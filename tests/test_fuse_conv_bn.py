@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_small_cnn, small_data
 from qgraph.annotations import get_annotation
-from qgraph.errors import PassError
+from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.pipeline import run_pass
 from qgraph.runner import run_model
@@ -265,7 +265,7 @@ def test_nan_is_an_error_naming_the_tensor(bad):
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(PassError, match="mode must be one of fold, forward"):
+    with pytest.raises(ConfigError, match="mode must be one of fold, forward"):
         run_pass(QModel.from_onnx(make_small_cnn()), "fuse_conv_bn", {"mode": "fused"})
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qgraph.annotations import get_annotation, set_annotation
-from qgraph.errors import PassError
+from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
 from qgraph.pipeline import PassContext, register_pass
 
@@ -39,7 +39,7 @@ _MODES = ("fold", "forward")
 def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: str = "fold") -> dict:
     """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul (fold or forward)."""
     if mode not in _MODES:
-        raise PassError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
+        raise ConfigError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
     names = TensorNames(model)
     fused, skipped, annotation = [], [], {}
     for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
