@@ -76,3 +76,22 @@ def export_dataset(name: str, split: str, output: str | os.PathLike, *, image_si
         data = {k: v[:limit] for k, v in data.items()}
     save_npz(data, output)
     return {k: v.shape for k, v in data.items()}
+
+
+def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, output: str | os.PathLike, *,
+               val_path: str | None = None, workdir: str | None = None, **options) -> list[dict]:
+    """`qgraph train`: checks first, then ORT training, then an atomic save of the QDQ/float result.
+
+    Checkpoints go to `workdir` (default `<output>.work/` beside the output) every epoch.
+    """
+    from qgraph.train import train_model
+    check_output_path(output, model_path)
+    model = load_model(model_path)
+    train = load_data(data_path, model, need_labels=True)
+    val = load_data(val_path, model, need_labels=True) if val_path else None
+    workdir = Path(workdir) if workdir else Path(str(output) + ".work")
+    workdir.mkdir(parents=True, exist_ok=True)
+    trained, history = train_model(model, train, val, workdir=workdir, **options)
+    save_model(trained, output, input_path=model_path)
+    write_json(workdir / "history.json", history)
+    return history

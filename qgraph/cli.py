@@ -94,6 +94,52 @@ def inspect(model, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info, model))
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Training data .npz (input names + labels).")
+@click.option("--val", "val_path", type=click.Path(dir_okay=False), help="Validation data .npz.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained model.")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--warmup-steps", default=0, show_default=True, help="Linear warm-up steps.")
+@click.option("--schedule", type=click.Choice(["linear", "constant"]), default="linear", show_default=True)
+@click.option("--loss", default="cross_entropy", show_default=True,
+              help="cross_entropy, mse, or a loss .onnx file.")
+@click.option("--learn-scales", is_flag=True, help="LSQ: train quantizer scales too.")
+@click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm statistics fixed.")
+@click.option("--train-activation-scales", "train_act", is_flag=True,
+              help="Let activation scales train even if calibration fixed them.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints (default OUTPUT.work/).")
+@click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
+          warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, workdir, resume, quiet):
+    """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
+
+    \b
+    Example:
+      qgraph train prepared.onnx --data train.npz --val val.npz --epochs 3 --lr 1e-4 -o trained.onnx
+    """
+    from qgraph.api import train_file
+    history = train_file(model, data_path, output, val_path=val_path, workdir=workdir, epochs=epochs, lr=lr,
+                         batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, loss=loss,
+                         learn_scales=learn_scales, freeze_bn=freeze_bn,
+                         fix_activations=False if train_act else None, seed=seed, resume=resume,
+                         progress=not quiet)
+    for row in history:
+        top1 = "" if row.get("val_top1") is None else f"  val top-1 {row['val_top1']:.4f}"
+        click.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}{top1}  "
+                   f"{row['images_per_s']:.0f} img/s")
+    click.echo(f"wrote {output}")
+
+
 @main.group()
 def models():
     """Bundled model architectures."""

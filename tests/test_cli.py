@@ -140,3 +140,23 @@ def test_passes_list_and_help():
     for command in (["passes", "run"], ["inspect"], ["passes", "list"]):
         help_text = invoke(*command, "--help").output
         assert "Example:" in help_text
+
+
+def test_train_command_writes_model_history_and_checkpoints(tmp_path, small_cnn_file, small_data_file):
+    out = tmp_path / "trained.onnx"
+    result = invoke("train", small_cnn_file, "--data", small_data_file, "--val", small_data_file,
+                    "--epochs", 2, "--batch-size", 8, "--quiet", "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "epoch 2:" in result.output and out.exists()
+    history = json.loads((tmp_path / "trained.onnx.work" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    trained = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(small_cnn_file).graph.initializer}
+    assert not np.array_equal(trained["fc.weight"], original["fc.weight"])
+
+
+def test_train_without_labels_is_refused(tmp_path, small_cnn_file):
+    data = tmp_path / "nolabels.npz"
+    np.savez(data, input=np.zeros((4, 1, 8, 8), np.float32))
+    result = invoke("train", small_cnn_file, "--data", data, "-o", tmp_path / "t.onnx")
+    assert result.exit_code == 2 and "labels" in result.stderr and not (tmp_path / "t.onnx").exists()
