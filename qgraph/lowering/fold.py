@@ -1,0 +1,115 @@
+"""Preparation shared by both targets, before any op is lowered.
+
+1. Constant folding: every subgraph computed from initializers only — weight QuantizeLinear
+   nodes and the forward-fused BN arithmetic ``Q(W·γ/√(σ²+ε))``, ``(b−μ)·γ/√(σ²+ε)+β`` —
+   is evaluated once with ONNX Runtime (the same kernels that run the QDQ model), leaving
+   ``DequantizeLinear(int8 constant)`` weights and float constant biases. DequantizeLinear is
+   never folded: it marks what is quantized.
+2. Dequantize sinking: for ops that commute with a per-tensor DequantizeLinear
+   (``op(DQ(q)) = DQ(op(q))``: data movement, max pooling, nearest resize, Relu as a clamp at zp),
+   ``DQ → op`` without a following QuantizeLinear becomes ``op → DQ`` on the integer tensor.
+3. Shape inference, so rules can read ranks and static spatial sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qgraph.annotations import get_annotation, set_annotation
+from qgraph.graph import QModel
+from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer, var
+
+FORWARD_FUSED_BN = "forward_fused_bn"
+
+#: Ops where ``op(DQ(q)) == DQ(op(q))`` for a per-tensor quantizer (they move or select values).
+COMMUTING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                 "Dropout", "Resize")
+
+
+def fold_constants(model: QModel) -> int:
+    """Fold constant subgraphs (never DequantizeLinear); returns the number of nodes removed."""
+    before = len(model.graph.nodes)
+    model.graph.toposort()
+    model.graph.fold_constants(fold_shapes=True, error_ok=True,
+                               should_exclude_node=lambda node: node.op == DEQUANTIZE)
+    _lift_constant_nodes(model)
+    model.cleanup()
+    if get_annotation(model, FORWARD_FUSED_BN):
+        set_annotation(model, FORWARD_FUSED_BN, None)  # the in-graph BN arithmetic is gone now
+    return before - len(model.graph.nodes)
+
+
+def _lift_constant_nodes(model: QModel) -> None:
+    for node in list(model.graph.nodes):
+        if node.op != "Constant" or "value" not in node.attrs or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if model.is_graph_output(out):
+            continue
+        value = node.attrs["value"]
+        c = gs.Constant(out.name + "__const", np.asarray(value.values if isinstance(value, gs.Constant) else value))
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = c
+        node.outputs.clear()
+
+
+def commutes_with_dequantize(model: QModel, node: gs.Node) -> bool:
+    if node.op not in COMMUTING_OPS and node.op != "Relu":
+        return False
+    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
+        return False
+    if node.op == "MaxPool" and len([t for t in node.outputs if t.name]) > 1:
+        return False
+    if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+        return False
+    return all(model.constant_value(t) is not None for t in node.inputs[1:] if t.name)
+
+
+def sink_dequantize(model: QModel) -> int:
+    """Rewrite ``DQ → op`` (op commuting, output not quantized) as ``op → DQ``; returns the count."""
+    moved = 0
+    model.graph.toposort()
+    for node in list(model.graph.nodes):
+        if not node.inputs or not commutes_with_dequantize(model, node):
+            continue
+        dq = model.producer(node.inputs[0])
+        if dq is None or dq.op != DEQUANTIZE:
+            continue
+        q = read_quantizer(dq)
+        if q is None or q.per_channel:
+            continue
+        out = node.outputs[0]
+        if len(out.outputs) == 1 and out.outputs[0].op == QUANTIZE and not model.is_graph_output(out):
+            continue  # a site: the target lowers it with its requantization
+        qin = dq.inputs[0]
+        qout = var(model, out.name + "_q", q.dtype)
+        inputs = [qin] + list(node.inputs[1:])
+        if node.op == "Relu":
+            lo = const(model, out.name + "_zp", np.asarray(q.zero_point, q.dtype))
+            hi = const(model, out.name + "_qmax", np.asarray(q.qmax, q.dtype))
+            model.add_node("Clip", [qin, lo, hi], [qout], node.name + "_int")
+        elif node.op == "Dropout":
+            model.add_node("Identity", [qin], [qout], node.name + "_int")
+        else:
+            model.add_node(node.op, inputs, [qout], node.name + "_int", dict(node.attrs))
+        node.outputs.clear()
+        model.add_node(DEQUANTIZE, [qout, dq.inputs[1], dq.inputs[2]] if len(dq.inputs) > 2 else [qout, dq.inputs[1]],
+                       [out], node.name + "_dq", dict(dq.attrs))
+        moved += 1
+    model.cleanup()
+    return moved
+
+
+def infer_shapes(model: QModel) -> None:
+    """Run ONNX shape inference and take the inferred dtypes/shapes into the gs graph."""
+    proto = model.to_onnx()
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # inference is a help here, not a requirement
+        return
+    model.graph = gs.import_onnx(proto)
+    model.cleanup()

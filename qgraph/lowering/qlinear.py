@@ -1,0 +1,346 @@
+"""Target `qlinear`: ONNX Runtime's quantized operators.
+
+    Conv                 → QLinearConv (int8/uint8 x, int8 w per channel, int32 bias at s_x·s_w)
+    Gemm (+bias)         → Unsqueeze → QLinearConv 1×1 → Flatten: one exact requantization,
+                           with the int32 bias and per-channel weights (QLinearMatMul has no
+                           bias, and QLinearMatMul + QLinearAdd would round twice)
+    MatMul (no bias)     → QLinearMatMul
+    Add, Mul             → com.microsoft QLinearAdd, QLinearMul
+    GlobalAveragePool, AveragePool, Concat, Sigmoid, LeakyRelu
+                         → com.microsoft QLinearGlobalAveragePool, QLinearAveragePool,
+                           QLinearConcat, QLinearSigmoid, QLinearLeakyRelu
+    MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Resize(nearest), Identity
+                         → the same op on the integer tensor (a DQ→Q requantization only
+                           when the output grid differs from the input grid)
+    other unary elementwise ops (Tanh, HardSigmoid, HardSwish, …)
+                         → a 256-entry table ``Q_out(f(DQ_in(q)))`` computed by ORT's own float
+                           kernel, applied with Gather
+    Relu / Clip          → folded into the producer's output range (a Clip on the integer
+                           output only when the range does not make it implicit)
+
+ORT 1.19 CPU has QLinearConv/QLinearMatMul kernels for (uint8, uint8|int8) and (int8, int8)
+activation × weight pairs only; other pairs stay float with a reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph import quant
+from qgraph.graph import QModel
+from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
+                                      quantizer_constants, var)
+from qgraph.model_io import MS_DOMAIN
+
+MOVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
+              "Resize", "Relu", "Clip")
+UNARY_TABLE_OPS = ("Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus",
+                   "Softsign", "Exp", "Neg", "Abs", "Erf", "Gelu", "ThresholdedRelu", "Celu")
+
+
+# -- shared checks -----------------------------------------------------------------------
+
+def activation(site: Site, i: int) -> QInput | str:
+    """The per-tensor integer activation input ``i``, or the reason it is not one."""
+    qi = site.qin(i)
+    if qi is None:
+        return f"missing quantizer: input {i} of {site.node.op} is not dequantized"
+    if qi.quantizer.per_channel:
+        return f"input '{qi.tensor.name}' has a per-channel activation quantizer"
+    return qi
+
+
+def weight(site: Site, i: int) -> QInput | str:
+    qi = site.qin(i)
+    if qi is None or qi.const is None:
+        return f"missing quantizer: weight input {i} of {site.node.op} is not a dequantized constant"
+    return qi
+
+
+def int32_bias(site: Site, i: int, x: QInput, w: QInput, channels: int) -> np.ndarray | str | None:
+    """The bias as int32 at scale ``s_x·s_w`` (per channel): an int32 DequantizeLinear at that scale is
+    taken as is (what ORT's own QDQ fusion does); a float bias is quantized with that scale."""
+    if i >= len(site.inputs) or site.inputs[i] is None:
+        return None
+    value = site.inputs[i]
+    bias_scale = (np.float32(x.quantizer.scalar_scale()) * w.quantizer.scale.astype(np.float32)).astype(np.float32)
+    bias_scale = np.broadcast_to(bias_scale, (channels,))
+    if isinstance(value, QInput):
+        b = value.const
+        if b is None:
+            return "the bias is not constant"
+        bq = value.quantizer
+        if (b.dtype == np.int32 and not np.any(bq.zero_point)
+                and np.array_equal(np.broadcast_to(bq.scale, (channels,)), bias_scale)):
+            return b.reshape(channels).astype(np.int32)
+        value = bq.dequantize(b, axis=0)
+    return quant.quantize(np.asarray(value, np.float32).reshape(channels), bias_scale, 0,
+                          INT32_BIAS_RANGE[0], INT32_BIAS_RANGE[1], axis=0, dtype=np.int32)
+
+
+#: int32 bias range, kept 128 inside int32 so that its float32 clamp bounds are exact.
+INT32_BIAS_RANGE = (-(2**31) + 128, 2**31 - 128)
+
+
+def gemm_weight_mk(node, w: np.ndarray) -> np.ndarray:
+    """A Gemm/MatMul weight as [M, K] (output features first)."""
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return w
+    return w.T
+
+
+def kernel_pair_ok(x: QInput, w: QInput) -> str | None:
+    if x.quantizer.dtype == np.int8 and w.quantizer.dtype != np.int8:
+        return "ORT 1.19 has no QLinearConv/QLinearMatMul kernel for int8 activations with uint8 weights"
+    if x.quantizer.dtype not in (np.int8, np.uint8) or w.quantizer.dtype not in (np.int8, np.uint8):
+        return "activation and weight must be 8-bit"
+    return None
+
+
+def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
+    zp = w.quantizer.zero_point
+    return zp if zp.ndim == 0 else zp.reshape(channels)
+
+
+# -- rules -------------------------------------------------------------------------------
+
+def lower_conv(model: QModel, site: Site) -> str | None:
+    node = site.node
+    x, w = activation(site, 0), weight(site, 1)
+    for v in (x, w):
+        if isinstance(v, str):
+            return v
+    if (reason := kernel_pair_ok(x, w)) is not None:
+        return reason
+    channels = w.const.shape[0]
+    bias = int32_bias(site, 2, x, w, channels)
+    if isinstance(bias, str):
+        return bias
+    name = node.name
+
+    def build(out):
+        xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
+        ws = const(model, f"{name}_w_scale", w.quantizer.scale)
+        wz = const(model, f"{name}_w_zero_point", weight_zero_points(w, channels))
+        ys, yz = quantizer_constants(model, site.out_q, f"{name}_y")
+        inputs = [x.tensor, xs, xz, w.tensor, ws, wz, ys, yz]
+        if bias is not None:
+            inputs.append(const(model, f"{name}_bias_int32", bias))
+        model.add_node("QLinearConv", inputs, [out], name, dict(node.attrs))
+
+    finish_site(model, site, build)
+    return None
+
+
+def lower_gemm(model: QModel, site: Site) -> str | None:
+    node = site.node
+    attrs = node.attrs
+    if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or attrs.get("transA", 0):
+        return "Gemm with alpha/beta != 1 or transA is not lowered"
+    x, w = activation(site, 0), weight(site, 1)
+    for v in (x, w):
+        if isinstance(v, str):
+            return v
+    if (reason := kernel_pair_ok(x, w)) is not None:
+        return reason
+    w_mk = gemm_weight_mk(node, w.const)
+    channels = w_mk.shape[0]
+    bias = int32_bias(site, 2, x, w, channels) if node.op == "Gemm" else None
+    if isinstance(bias, str):
+        return bias
+    name = node.name
+
+    def build(out):
+        axes = const(model, f"{name}_axes", np.array([2, 3], np.int64))
+        x4 = var(model, f"{name}_x4d", x.quantizer.dtype)
+        model.add_node("Unsqueeze", [x.tensor, axes], [x4], f"{name}_to4d")
+        xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
+        w4 = const(model, f"{name}_w_1x1", np.ascontiguousarray(w_mk)[:, :, None, None])
+        ws = const(model, f"{name}_w_scale", w.quantizer.scale)
+        wz = const(model, f"{name}_w_zero_point", weight_zero_points(w, channels))
+        ys, yz = quantizer_constants(model, site.out_q, f"{name}_y")
+        inputs = [x4, xs, xz, w4, ws, wz, ys, yz]
+        if bias is not None:
+            inputs.append(const(model, f"{name}_bias_int32", bias))
+        y4 = var(model, f"{name}_y4d", site.out_q.dtype)
+        model.add_node("QLinearConv", inputs, [y4], name)
+        model.add_node("Flatten", [y4], [out], f"{name}_to2d", {"axis": 1})
+
+    finish_site(model, site, build)
+    return None
+
+
+def lower_matmul(model: QModel, site: Site) -> str | None:
+    a, b = activation(site, 0), site.qin(1)
+    if isinstance(a, str):
+        return a
+    if b is None:
+        return "missing quantizer: input 1 of MatMul is not dequantized"
+    rank = len(site.node.inputs[0].shape or ())
+    if b.const is not None and b.const.ndim == 2 and rank == 2:
+        return lower_gemm(model, site)
+    if b.const is None and b.quantizer.per_channel:
+        return f"input '{b.tensor.name}' has a per-channel activation quantizer"
+    if (reason := kernel_pair_ok(a, b)) is not None:
+        return reason
+    name = site.node.name
+
+    def build(out):
+        as_, az = quantizer_constants(model, a.quantizer, f"{name}_a")
+        bs = const(model, f"{name}_b_scale", b.quantizer.scale)
+        bz = const(model, f"{name}_b_zero_point", b.quantizer.zero_point)
+        ys, yz = quantizer_constants(model, site.out_q, f"{name}_y")
+        model.add_node("QLinearMatMul", [a.tensor, as_, az, b.tensor, bs, bz, ys, yz], [out], name)
+
+    finish_site(model, site, build)
+    return None
+
+
+def _contrib(op: str, n_act: int, attr_names=()):
+    """A rule for a com.microsoft QLinear op with `n_act` per-tensor activation inputs:
+    inputs (x, x_scale, x_zp)* then (y_scale, y_zp)."""
+    def rule(model: QModel, site: Site) -> str | None:
+        acts = [activation(site, i) for i in range(n_act)]
+        for a in acts:
+            if isinstance(a, str):
+                return a
+        if len({a.quantizer.dtype for a in acts} | {site.out_q.dtype}) != 1:
+            return f"{op} needs one storage type for inputs and output"
+        name = site.node.name
+        attrs = {k: v for k, v in site.node.attrs.items() if k in attr_names}
+
+        def build(out):
+            inputs = []
+            for i, a in enumerate(acts):
+                inputs += [a.tensor, *quantizer_constants(model, a.quantizer, f"{name}_in{i}")]
+            inputs += list(quantizer_constants(model, site.out_q, f"{name}_y"))
+            if op == "QLinearGlobalAveragePool":
+                attrs["channels_last"] = 0
+            model.add_node(op, inputs, [out], name, attrs, domain=MS_DOMAIN)
+
+        finish_site(model, site, build)
+        return None
+    return rule
+
+
+def lower_concat(model: QModel, site: Site) -> str | None:
+    acts = [activation(site, i) for i in range(len(site.inputs))]
+    for a in acts:
+        if isinstance(a, str):
+            return a
+    if len({a.quantizer.dtype for a in acts} | {site.out_q.dtype}) != 1:
+        return "QLinearConcat needs one storage type for inputs and output"
+    name = site.node.name
+
+    def build(out):
+        inputs = list(quantizer_constants(model, site.out_q, f"{name}_y"))
+        for i, a in enumerate(acts):
+            inputs += [a.tensor, *quantizer_constants(model, a.quantizer, f"{name}_in{i}")]
+        model.add_node("QLinearConcat", inputs, [out], name, {"axis": site.node.attrs["axis"]}, domain=MS_DOMAIN)
+
+    finish_site(model, site, build)
+    return None
+
+
+def requantize_dq_q(model: QModel, x: QInput, out_q, out, name: str) -> None:
+    """Change grids the way the QDQ model does it: DequantizeLinear then QuantizeLinear."""
+    f = var(model, f"{name}_float", np.float32)
+    model.add_node(DEQUANTIZE, [x.tensor, *quantizer_constants(model, x.quantizer, f"{name}_in")], [f], f"{name}_dq")
+    model.add_node(QUANTIZE, [f, *quantizer_constants(model, out_q, f"{name}_out")], [out], f"{name}_q")
+
+
+def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> str | None:
+    """Data movement / max / nearest resize / Relu / Clip on the integer tensor; requantize if the
+    output grid differs (Relu and Clip become the output clamp)."""
+    node = site.node
+    x = activation(site, 0)
+    if isinstance(x, str):
+        return x
+    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
+        return "Resize with mode other than nearest is not lowered"
+    if node.op == "MaxPool" and len([t for t in node.outputs if t.name]) > 1:
+        return "MaxPool with an indices output is not lowered"
+    extra = list(node.inputs[1:])
+    for t, v in zip(extra, site.inputs[1:]):
+        if t.name and not isinstance(v, np.ndarray):
+            return f"input '{t.name}' of {node.op} is not constant"
+    name = node.name
+    same = x.quantizer.same_grid(site.out_q)
+    passthrough = node.op in ("Identity", "Dropout", "Relu", "Clip")
+
+    def build(out):
+        moved = x.tensor
+        if not passthrough:
+            moved = out if same else var(model, f"{name}_moved", x.quantizer.dtype)
+            model.add_node(node.op, [x.tensor] + extra, [moved], name, dict(node.attrs))
+        if same and passthrough:
+            model.add_node("Identity", [moved], [out], name)
+        elif not same:
+            requantize(model, QInput(moved, x.quantizer), site.out_q, out, f"{name}_requant")
+
+    finish_site(model, site, build)
+    return None
+
+
+def unary_table(model: QModel, site: Site, x: QInput) -> np.ndarray:
+    """``Q_out(f(DQ_in(q)))`` for every code q of the input type, with f run by ORT's float kernel."""
+    import onnx
+    from onnx import TensorProto, helper
+    from qgraph.runner import run_model
+    info = np.iinfo(x.quantizer.dtype)
+    codes = np.arange(info.min, info.max + 1).astype(x.quantizer.dtype)
+    real = x.quantizer.dequantize(codes)
+    node = site.node
+    attrs = {k: v for k, v in node.attrs.items()}
+    graph = helper.make_graph([helper.make_node(node.op, ["x"], ["y"], **attrs)], "table",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(codes)])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(codes)])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    y = run_model(proto, {"x": real})["y"]
+    return site.out_q.quantize(y)
+
+
+def lower_unary_table(model: QModel, site: Site) -> str | None:
+    x = activation(site, 0)
+    if isinstance(x, str):
+        return x
+    if len(site.node.inputs) != 1:
+        return f"{site.node.op} with more than one input is not lowered"
+    try:
+        table = unary_table(model, site, x)
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the op is a reason, not a crash
+        return f"cannot tabulate {site.node.op}: {str(exc).splitlines()[0][:120]}"
+    name = site.node.name
+    offset = -int(np.iinfo(x.quantizer.dtype).min)
+
+    def build(out):
+        index = var(model, f"{name}_index", np.int32)
+        model.add_node("Cast", [x.tensor], [index], f"{name}_cast", {"to": 6})  # TensorProto.INT32
+        if offset:
+            shifted = var(model, f"{name}_index_shifted", np.int32)
+            model.add_node("Add", [index, const(model, f"{name}_offset", np.array(offset, np.int32))],
+                           [shifted], f"{name}_offset")
+            index = shifted
+        model.add_node("Gather", [const(model, f"{name}_table", table), index], [out], name, {"axis": 0})
+
+    finish_site(model, site, build)
+    return None
+
+
+RULES = {
+    "Conv": lower_conv,
+    "Gemm": lower_gemm,
+    "MatMul": lower_matmul,
+    "Add": _contrib("QLinearAdd", 2),
+    "Mul": _contrib("QLinearMul", 2),
+    "GlobalAveragePool": _contrib("QLinearGlobalAveragePool", 1),
+    "AveragePool": _contrib("QLinearAveragePool", 1, ("auto_pad", "ceil_mode", "count_include_pad",
+                                                      "kernel_shape", "pads", "strides")),
+    "Sigmoid": _contrib("QLinearSigmoid", 1),
+    "LeakyRelu": _contrib("QLinearLeakyRelu", 1, ("alpha",)),
+    "Concat": lower_concat,
+    **{op: lower_moving for op in MOVING_OPS},
+    **{op: lower_unary_table for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
+}
