@@ -253,10 +253,11 @@ def ort_requant_multiplier(in_scale, w_scale, out_scale) -> np.ndarray:
 def requantize_float(acc, multiplier, zero_point, qmin: int, qmax: int, dtype=None):
     """ORT MlasRequantizeOutput: ``clip(round_half_even(float32(acc) * m), qmin - zp, qmax - zp) + zp``
     with a float32 conversion and product (``multiplier`` broadcasts against ``acc``)."""
-    f = np.asarray(acc).astype(np.float32) * np.asarray(multiplier, dtype=np.float32)
-    zp = np.asarray(zero_point).astype(np.int32)
-    lo = (qmin - zp).astype(np.float32)
-    hi = (qmax - zp).astype(np.float32)
-    f = np.minimum(np.maximum(f, lo), hi)
-    q = round_half_even(f).astype(np.int32) + zp
-    return q.astype(dtype or _dtype_for_range(qmin, qmax))
+    f = np.asarray(acc).astype(np.float32)  # float32 accumulators must hold exact integers
+    f *= np.asarray(multiplier, dtype=np.float32)
+    # clamp-then-round-then-add equals round-then-add-then-clamp because the bounds are
+    # integers; a huge |f| may round when zp is added but saturates identically.
+    np.rint(f, out=f)
+    f += np.asarray(zero_point).astype(np.float32)
+    np.clip(f, np.float32(qmin), np.float32(qmax), out=f)
+    return f.astype(dtype or _dtype_for_range(qmin, qmax))

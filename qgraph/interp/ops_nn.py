@@ -56,34 +56,48 @@ def _windows(x, kernel, strides, dilations):
     return win[sl]
 
 
-def conv_core(x, w, group: int, strides, dilations, pads):
+def conv_core(x, w, group: int, strides, dilations, pads, channels_last_out: bool = False):
     """Cross-correlation of x (N, C, *S) with w (M, C/group, *K); operands already carry their
-    zero points subtracted, padding is with zeros. Returns (N, M, *out) in x's dtype."""
+    zero points subtracted, padding is with zeros. Works channels-last inside (im2col rows
+    with C innermost copy fast); returns (N, M, *out), or (N, *out, M) if ``channels_last_out``."""
     nd = w.ndim - 2
     n, c = x.shape[:2]
     m, cg = w.shape[:2]
-    kernel = w.shape[2:]
+    kernel = tuple(w.shape[2:])
+    xh = np.moveaxis(x, 1, -1)
     if any(pads):
-        x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    win = _windows(x, kernel, strides, dilations)
-    out = win.shape[2:2 + nd]
+        xh = np.pad(xh, [(0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)] + [(0, 0)])
+    ext = [(kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    win = sliding_window_view(xh, ext, axis=tuple(range(1, 1 + nd)))  # N, *O_full, C, *ext
+    win = win[(slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),)
+              + tuple(slice(None, None, d) for d in dilations)]
+    out = win.shape[1:1 + nd]
     mg = m // group
     if cg == 1 and mg == 1 and group == c:  # depthwise: one multiply-add per kernel tap
-        y = np.zeros((n, c) + tuple(out), dtype=x.dtype)
-        wk = w.reshape((1, c) + tuple(kernel) + (1,) * nd)
+        y = np.zeros((n,) + out + (c,), dtype=x.dtype)
+        wk = np.moveaxis(w.reshape((c,) + kernel), 0, -1)  # *K, C
+        lead = (slice(None),) * (1 + nd + 1)
         for tap in itertools.product(*(range(k) for k in kernel)):
-            y += win[(Ellipsis,) + tap] * wk[(slice(None), slice(None)) + tap]
+            y += win[lead + tap] * wk[tap]
+    else:
+        p = int(np.prod(out))
+        kk = int(np.prod(kernel))
+        if kk == 1 and group == 1:
+            cols = win.reshape(1, n * p, c)
+        else:
+            cols = win.reshape((n,) + out + (group, cg) + kernel)
+            perm = (1 + nd, 0) + tuple(range(1, 1 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)) + (2 + nd,)
+            cols = cols.transpose(perm).reshape(group, n * p, kk * cg)
+        wm = w.reshape((group, mg, cg) + kernel)
+        wm = wm.transpose((0,) + tuple(range(3, 3 + nd)) + (2, 1)).reshape(group, kk * cg, mg)
+        y = np.matmul(cols, wm)  # (G, N*P, Mg)
+        if group == 1:
+            y = y.reshape((n,) + out + (m,))
+        else:
+            y = np.moveaxis(y.reshape((group, n * p, mg)), 0, 1).reshape((n,) + out + (m,))
+    if channels_last_out:
         return y
-    p = int(np.prod(out))
-    kk = int(np.prod(kernel))
-    cols = win.reshape((n, group, cg) + tuple(out) + tuple(kernel))
-    perm = (1, 0) + tuple(range(3, 3 + nd)) + (2,) + tuple(range(3 + nd, 3 + 2 * nd))
-    cols = cols.transpose(perm).reshape(group, n * p, cg * kk)
-    wm = w.reshape(group, mg, cg * kk).transpose(0, 2, 1)
-    y = np.matmul(cols, wm)  # (G, N*P, Mg)
-    y = y.reshape((group, n) + tuple(out) + (mg,))
-    perm = (1, 0, 2 + nd) + tuple(range(2, 2 + nd))
-    return np.ascontiguousarray(y.transpose(perm)).reshape((n, m) + tuple(out))
+    return np.ascontiguousarray(np.moveaxis(y, -1, 1))
 
 
 @register("Conv")

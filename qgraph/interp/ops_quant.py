@@ -80,36 +80,60 @@ def dynamic_quantize_linear(ctx, x):
 
 
 # --------------------------------------------------------------------------- accumulators
-def _shifted(v, zp, axis=None, ndim=None):
-    """v - zp as float64 (exact for 8/16-bit integers); zp per-tensor or along ``axis``."""
-    f = v.astype(np.float64)
+#: float32 BLAS is exact while every partial sum stays below 2^24; float64 below 2^53.
+_F32_EXACT = float(2 ** 24)
+
+
+def _shifted(v, zp, dtype, axis=None):
+    """v - zp in ``dtype`` (exact for 8/16-bit integers); zp per-tensor or along ``axis``."""
+    f = v.astype(dtype)
     if zp is None:
         return f
-    z = np.asarray(zp).astype(np.float64)
+    z = np.asarray(zp).astype(dtype)
     if z.size == 1:
-        return f - z.reshape(())
+        f -= z.reshape(())
+        return f
     shape = [1] * v.ndim
     shape[axis] = z.size
-    return f - z.reshape(shape)
+    f -= z.reshape(shape)
+    return f
 
 
-def conv_accumulate(ctx, x, x_zp, w, w_zp):
-    """Exact int32 conv accumulator of (x - x_zp) * (w - w_zp); padding counts as x_zp."""
+def _gemm_dtype(x, x_zp, w, w_zp):
+    """float32 if the largest possible |partial sum| of a conv output channel is below 2^24
+    (then BLAS is exact in any summation order), else float64 (exact below 2^53)."""
+    if not w.size:
+        return np.float32
+    xz = np.asarray(0 if x_zp is None else x_zp).astype(np.int64).reshape(-1)
+    xi = np.iinfo(x.dtype)
+    xmax = int(np.max(np.maximum(np.abs(xi.max - xz), np.abs(xi.min - xz))))
+    wz = np.asarray(0 if w_zp is None else w_zp).astype(np.int64).reshape(-1)
+    wz = wz.reshape((-1,) + (1,) * (w.ndim - 1)) if wz.size > 1 else wz.reshape(())
+    row_sums = np.abs(w.astype(np.int64) - wz).reshape(w.shape[0], -1).sum(axis=1)
+    return np.float32 if float(row_sums.max()) * xmax < _F32_EXACT else np.float64
+
+
+def conv_accumulate(ctx, x, x_zp, w, w_zp, channels_last_out=False, as_int32=True):
+    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp): int32, or
+    the float32/float64 array of exact integers that BLAS produced when ``as_int32`` is False."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
-    xf = _shifted(x, x_zp)
-    wf = _shifted(w, w_zp, axis=0)
-    acc = conv_core(xf, wf, ctx.attr("group", 1), strides, dilations, pads)
-    return acc.astype(np.int32)
+    dt = _gemm_dtype(x, x_zp, w, w_zp)
+    xf = _shifted(x, x_zp, dt)
+    wf = _shifted(w, w_zp, dt, axis=0)
+    acc = conv_core(xf, wf, ctx.attr("group", 1), strides, dilations, pads, channels_last_out)
+    return acc.astype(np.int32) if as_int32 else acc
 
 
 def matmul_accumulate(a, a_zp, b, b_zp):
     """Exact int32 matmul accumulator; b_zp may be per column (last axis of B)."""
-    af = _shifted(a, a_zp, axis=max(a.ndim - 2, 0))
     bz = None if b_zp is None else np.asarray(b_zp)
     if bz is not None and bz.size > 1:
-        bf = b.astype(np.float64) - bz.astype(np.float64).reshape(bz.shape if bz.ndim == b.ndim else (-1,))
-    else:
-        bf = _shifted(b, bz)
+        bz = bz.reshape(bz.shape if bz.ndim == b.ndim else (-1,))
+    dt = np.float64  # matmuls are small next to convs; float64 is exact for any 8-bit K < 2^37
+    af = _shifted(a, a_zp, dt)
+    bf = b.astype(dt)
+    if bz is not None:
+        bf -= bz.astype(dt)
     return np.matmul(af, bf).astype(np.int32)
 
 
@@ -132,14 +156,22 @@ def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
     clamp, round half to even, + yzp)."""
     if ctx.attr("channels_last", 0):
         raise ctx.error("channels_last=1 is not supported")
-    acc = conv_accumulate(ctx, x, xzp, w, wzp)
-    if b is not None:
-        acc = acc + b.astype(np.int32).reshape((1, -1) + (1,) * (acc.ndim - 2))
+    acc = conv_accumulate(ctx, x, xzp, w, wzp, channels_last_out=True, as_int32=False)  # (N, *out, M)
+    if acc.dtype == np.float32 and (b is None or np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24):
+        # |acc| < 2^24 and |b| < 2^24: one float32 rounding of acc + b, exactly ORT's
+        # int32 add followed by cvtdq2ps.
+        if b is not None:
+            acc += b.astype(np.float32)
+    else:
+        acc = acc.astype(np.int32)
+        if b is not None:
+            acc += b.astype(np.int32)
     mult = quant.ort_requant_multiplier(xs, ws, ys)
-    mult = mult.reshape((1, -1) + (1,) * (acc.ndim - 2)) if mult.size > 1 else mult.reshape(())
+    mult = mult.reshape(-1) if mult.size > 1 else mult.reshape(())
     dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
     qmin, qmax = qlimits(dtype)
-    return quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)
+    y = quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)
+    return np.ascontiguousarray(np.moveaxis(y, -1, 1))
 
 
 @register("QLinearMatMul", "", MS_DOMAIN)
