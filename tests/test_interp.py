@@ -70,6 +70,7 @@ CONV_CASES = [
     (np.uint8, np.int8, True, 8, 12, 4, (3, 3), (1, 2), (2, 0, 1, 1), (2, 1), (11, 9)),   # grouped, dilated
     (np.int8, np.int8, True, 32, 16, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), (6, 6)),     # pointwise
     (np.uint8, np.int8, False, 3, 8, 1, (5,), (2,), (2, 2), (1,), (20,)),                   # 1-D
+    (np.uint8, np.uint8, False, 64, 8, 1, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), (6, 6)),    # float64 GEMM path
 ]
 
 
@@ -99,6 +100,18 @@ def test_qlinearconv_matches_ort(case, seed, with_bias):
     model = make_model([node], [("x", adt)], [("y", adt)], inits)
     x = rand_q(rng, adt, (2, c) + hw)
     assert_same(model, {"x": x})
+
+
+def test_qlinearconv_large_bias_and_accumulators():
+    """Biases beyond 2^24 take the int32 path; accumulators beyond 2^24 round in cvtdq2ps."""
+    rng = np.random.default_rng(11)
+    w = np.full((4, 32, 3, 3), 127, np.int8)
+    b = np.array([2 ** 25 + 1, -(2 ** 25) - 3, 7, 2 ** 24 + 1], np.int32)
+    inits = dict(xs=np.float32(0.02), xzp=np.int8(-128), w=w, ws=np.float32(0.01), wzp=np.int8(0),
+                 ys=np.float32(3000.0), yzp=np.int8(0), b=b)
+    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"], ["y"], pads=[1, 1, 1, 1])
+    model = make_model([node], [("x", np.int8)], [("y", np.int8)], inits)
+    assert_same(model, {"x": rand_q(rng, np.int8, (1, 32, 5, 5))})
 
 
 def test_qlinearconv_auto_pad_same():

@@ -1,10 +1,11 @@
 """Convolution, pooling, GEMM and normalization kernels (ONNX domain), plus the shared
 im2col convolution core that the integer kernels reuse.
 
-Conv is im2col through ``sliding_window_view`` and one batched matmul over the groups (depthwise
-convs are a short loop over kernel taps instead, vectorized over everything else). Integer
-callers pass float64 operands: every partial sum of int8×int8 products is an integer below
-2^53, so BLAS computes it exactly.
+Conv is im2col through ``sliding_window_view`` (channels-last, so each im2col row copies runs
+of contiguous channels) and one batched matmul over the groups; depthwise convs are a short
+loop over kernel taps instead, vectorized over everything else. Integer callers pass
+zero-point-shifted float operands: float32 when every partial sum is provably below 2^24,
+float64 otherwise (below 2^53 for any 8-bit conv), so BLAS computes the integers exactly.
 """
 
 from __future__ import annotations
