@@ -35,6 +35,7 @@ class QModel:
         self.ir_version = ir_version
         self.producer_name = producer_name
         self._names = Counter(n.name for n in graph.nodes)
+        self._tensor_names = set(graph.tensors())
 
     # -- conversion -------------------------------------------------------------------
     @classmethod
@@ -123,20 +124,21 @@ class QModel:
         self.graph.nodes.append(node)
         return node
 
+    def fresh_tensor_name(self, base: str) -> str:
+        """A tensor name not yet used in the graph, derived from `base` (O(1) per call)."""
+        name, k = base, 1
+        while name in self._tensor_names:
+            name, k = f"{base}_{k}", k + 1
+        self._tensor_names.add(name)
+        return name
+
     def add_constant(self, name: str, value: np.ndarray) -> Constant:
         """A new initializer whose name is unique among tensors."""
-        existing = self.graph.tensors()
-        unique, k = name, 1
-        while unique in existing:
-            unique, k = f"{name}_{k}", k + 1
-        return gs.Constant(unique, np.ascontiguousarray(value))
+        # np.array, not ascontiguousarray: the latter turns 0-d scalars into 1-d arrays
+        return gs.Constant(self.fresh_tensor_name(name), np.array(value, order="C"))
 
     def add_variable(self, name: str, dtype=None, shape=None) -> Variable:
-        existing = self.graph.tensors()
-        unique, k = name, 1
-        while unique in existing:
-            unique, k = f"{name}_{k}", k + 1
-        return gs.Variable(unique, dtype=dtype, shape=shape)
+        return gs.Variable(self.fresh_tensor_name(name), dtype=dtype, shape=shape)
 
     def bypass(self, node: Node) -> None:
         """Remove a single-input, single-output node, wiring its consumers to its input.
@@ -160,6 +162,7 @@ class QModel:
     def cleanup(self) -> None:
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         self._names = Counter(n.name for n in self.graph.nodes)
+        self._tensor_names |= set(self.graph.tensors())
 
     # -- analysis ---------------------------------------------------------------------
     def nx_view(self) -> nx.DiGraph:

@@ -40,7 +40,6 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: str = "fold") -> dict
     """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul (fold or forward)."""
     if mode not in _MODES:
         raise ConfigError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
-    names = TensorNames(model)
     fused, skipped, annotation = [], [], {}
     for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
         match, reason = match_bn(model, bn)
@@ -51,9 +50,9 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: str = "fold") -> dict
         if not match.layer.name:  # the annotation and new tensor names need one
             match.layer.name = model.unique_name(match.layer.op.lower())
         if mode == "fold":
-            fold_bn(model, match, names)
+            fold_bn(model, match)
         else:
-            annotation[match.layer.name] = forward_fuse_bn(model, match, names)
+            annotation[match.layer.name] = forward_fuse_bn(model, match)
         fused.append({"bn": bn.name, "layer": match.layer.name, "op": match.layer_op})
     if fused:
         model.cleanup()
@@ -230,7 +229,7 @@ def _gemm_factors(m: BNMatch) -> tuple[float, float]:
 
 # -- rewrites -----------------------------------------------------------------------------
 
-def fold_bn(model: QModel, m: BNMatch, names: "TensorNames") -> None:
+def fold_bn(model: QModel, m: BNMatch) -> None:
     """Replace W, b by W', b' (computed in float64; names kept when unshared) and remove the BN."""
     weight = m.value(m.weight)
     gamma, beta, mean, var = (m.value(t).astype(np.float64).reshape(-1) for t in (m.gamma, m.beta, m.mean, m.var))
@@ -241,21 +240,21 @@ def fold_bn(model: QModel, m: BNMatch, names: "TensorNames") -> None:
     bias = gemm_beta * m.value(m.bias).astype(np.float64) if m.bias is not None else 0.0
     folded_bias = (bias - mean) * scale + beta
     base = m.layer.name
-    new_weight = _replace_constant(model, m.weight, folded.astype(weight.dtype), names, f"{base}.weight_folded")
-    new_bias = _replace_constant(model, m.bias, folded_bias.astype(weight.dtype), names, f"{base}.bias")
+    new_weight = _replace_constant(model, m.weight, folded.astype(weight.dtype), f"{base}.weight_folded")
+    new_bias = _replace_constant(model, m.bias, folded_bias.astype(weight.dtype), f"{base}.bias")
     _rewire(m, new_weight, new_bias)
 
 
-def _replace_constant(model: QModel, tensor: Tensor | None, value: np.ndarray, names: "TensorNames",
+def _replace_constant(model: QModel, tensor: Tensor | None, value: np.ndarray,
                       fallback: str) -> gs.Constant:
     """`tensor` holding `value` in place (its name kept) when only this layer reads it, else a new initializer."""
     if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1 and not model.is_graph_output(tensor):
         tensor.values = value
         return tensor
-    return gs.Constant(names.fresh(fallback), value)
+    return gs.Constant(model.fresh_tensor_name(fallback), value)
 
 
-def forward_fuse_bn(model: QModel, m: BNMatch, names: "TensorNames") -> dict:
+def forward_fuse_bn(model: QModel, m: BNMatch) -> dict:
     """Build s = γ/√(σ²+ε), W·s and (b−μ)·s+β as nodes; the layer reads them. Returns the annotation entry."""
     dtype = m.value(m.weight).dtype
     base = m.layer.name
@@ -263,15 +262,15 @@ def forward_fuse_bn(model: QModel, m: BNMatch, names: "TensorNames") -> dict:
     alpha, gemm_beta = _gemm_factors(m)
 
     def const(suffix: str, value) -> gs.Constant:
-        return gs.Constant(names.fresh(f"{base}.{suffix}"), np.asarray(value, dtype=dtype))
+        return gs.Constant(model.fresh_tensor_name(f"{base}.{suffix}"), np.asarray(value, dtype=dtype))
 
     def op(op_type: str, inputs: list, out_name: str, dtype_=dtype) -> gs.Variable:
-        out = gs.Variable(names.fresh(out_name), dtype=dtype_)
+        out = gs.Variable(model.fresh_tensor_name(out_name), dtype=dtype_)
         model.add_node(op_type, inputs, [out], f"{base}/bn_fuse/{op_type}")
         return out
 
     def shape_const(suffix: str, shape) -> gs.Constant:
-        return gs.Constant(names.fresh(f"{base}.{suffix}"), np.asarray(shape, dtype=np.int64))
+        return gs.Constant(model.fresh_tensor_name(f"{base}.{suffix}"), np.asarray(shape, dtype=np.int64))
 
     eps = const("bn_epsilon", m.epsilon)
     std = op("Sqrt", [op("Add", [m.var, eps], f"{base}.bn_var_eps")], f"{base}.bn_std")
@@ -315,17 +314,3 @@ def _rewire(m: BNMatch, weight: Tensor, bias: Tensor) -> None:
     bn.inputs.clear()
     bn.outputs.clear()
     layer.outputs = [out]
-
-
-class TensorNames:
-    """Fresh tensor names in O(1) each (QModel.add_variable rescans the graph per call)."""
-
-    def __init__(self, model: QModel):
-        self.used = set(model.graph.tensors())
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from qgraph.annotations import get_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.passes.fuse_conv_bn import FORWARD_FUSED_BN, TensorNames
+from qgraph.passes.fuse_conv_bn import FORWARD_FUSED_BN
 from qgraph.pipeline import PassContext, register_pass
 
 _ROLES = ("weight", "bias", "activation")
@@ -126,7 +126,6 @@ class ClipEditor:
 
     def __init__(self, model: QModel):
         self.model = model
-        self.names = TensorNames(model)
         fused = get_annotation(model, FORWARD_FUSED_BN, {}) or {}
         self.fused = {e[k] for e in fused.values() for k in ("folded_weight", "folded_bias") if k in e}
         self.clipped: dict[str, int] = {}
@@ -174,7 +173,7 @@ class ClipEditor:
         if len(tensor.outputs) > 1:  # shared: only this node's copy is clamped
             key = (tensor.name, bound)
             if key not in self._copies:
-                self._copies[key] = gs.Constant(self.names.fresh(f"{tensor.name}_normalized"), clamped)
+                self._copies[key] = gs.Constant(self.model.fresh_tensor_name(f"{tensor.name}_normalized"), clamped)
             node.inputs[index] = self._copies[key]
         else:
             tensor.values = clamped
@@ -194,7 +193,7 @@ class ClipEditor:
     def insert_clip(self, tensor: Tensor, bound: float) -> None:
         """`tensor`'s producer now writes a fresh tensor; Clip(fresh, −N, N) writes `tensor`."""
         producer = tensor.inputs[0]
-        raw = gs.Variable(self.names.fresh(f"{tensor.name}_unclipped"), dtype=tensor.dtype, shape=tensor.shape)
+        raw = gs.Variable(self.model.fresh_tensor_name(f"{tensor.name}_unclipped"), dtype=tensor.dtype, shape=tensor.shape)
         producer.outputs[producer.outputs.index(tensor)] = raw
         low, high = self._bound_constants(bound, tensor.dtype)
         self.model.add_node("Clip", [raw, low, high], [tensor], f"{producer.name}/normalize_clip")
@@ -204,8 +203,8 @@ class ClipEditor:
         if bound not in self._bounds:
             dtype = _np_dtype(dtype)
             tag = f"{bound:g}".replace(".", "p")
-            self._bounds[bound] = (gs.Constant(self.names.fresh(f"normalize.min_{tag}"), np.array(-bound, dtype)),
-                                   gs.Constant(self.names.fresh(f"normalize.max_{tag}"), np.array(bound, dtype)))
+            self._bounds[bound] = (gs.Constant(self.model.fresh_tensor_name(f"normalize.min_{tag}"), np.array(-bound, dtype)),
+                                   gs.Constant(self.model.fresh_tensor_name(f"normalize.max_{tag}"), np.array(bound, dtype)))
         return self._bounds[bound]
 
     @staticmethod
