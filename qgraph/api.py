@@ -95,3 +95,15 @@ def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, outp
     save_model(trained, output, input_path=model_path)
     write_json(workdir / "history.json", history)
     return history
+
+
+def lower_file(model_path: str | os.PathLike, target: str, output: str | os.PathLike,
+               *, report_path: str | None = None) -> dict:
+    """`qgraph lower`: QDQ model -> integer ops for `target`, saved atomically."""
+    from qgraph.lowering import lower_model
+    check_output_path(output, model_path)
+    lowered, report = lower_model(load_model(model_path), target)
+    save_model(lowered, output, input_path=model_path)
+    if report_path:
+        write_json(report_path, report)
+    return report

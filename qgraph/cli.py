@@ -140,6 +140,29 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
     click.echo(f"wrote {output}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["qlinear", "integer"]), default="qlinear", show_default=True,
+              help="qlinear: ORT QLinear* ops; integer: integer-only arithmetic.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Lowered model.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("-v", "--verbose", is_flag=True, help="List every node left in float, with why.")
+def lower(model, target, output, report_path, verbose):
+    """Lower a QDQ MODEL to integer operators for a deployment target.
+
+    \b
+    Example:
+      qgraph lower trained.onnx --target integer -o model.int8.onnx
+    """
+    from qgraph.api import lower_file
+    report = lower_file(model, target, output, report_path=report_path)
+    click.echo(report.get("summary", ""))
+    if verbose:
+        for item in report.get("skipped", []):
+            click.echo(f"    float {item['node']}: {item['reason']}")
+    click.echo(f"wrote {output}")
+
+
 @main.group()
 def models():
     """Bundled model architectures."""
