@@ -187,40 +187,47 @@ def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
     """TensorRT's entropy calibration on a magnitude histogram: the number of bins ``i`` (≥
     `levels`) whose clipped distribution P (outliers added to bin i−1) is best approximated,
     in KL divergence, by its `levels`-level quantization Q (each chunk's mass spread evenly
-    over the chunk's non-empty bins)."""
+    over the chunk's non-empty bins; an empty Q bin under P mass counts as 1e-12).
+
+    With prefix sums every candidate costs O(levels), all candidates at once:
+    ``KL = ΣP log P / ΣP − log ΣP − Σ_k m_k log(m_k / n_k) / ΣP + log ΣQ`` (m_k, n_k the mass
+    and non-empty bins of chunk k), plus the outlier bin's own terms."""
     counts = np.asarray(counts, dtype=np.float64)
     n = len(counts)
     if n <= levels:
         return n
-    best_i, best_kl = n, math.inf
-    tail = np.cumsum(counts[::-1])[::-1]  # tail[i] = sum(counts[i:])
-    for i in range(levels, n + 1):
-        p = counts[:i].copy()
-        if i < n:
-            p[i - 1] += tail[i]
-        if p.sum() == 0:
-            continue
-        chunk = np.arange(i) * levels // i          # chunk id of each bin
-        nonzero = (counts[:i] != 0).astype(np.float64)
-        mass = np.bincount(chunk, weights=counts[:i], minlength=levels)
-        support = np.bincount(chunk, weights=nonzero, minlength=levels)
-        q = np.where(nonzero > 0, mass[chunk] / np.maximum(support[chunk], 1.0), 0.0)
-        kl = _kl_divergence(p, q)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i
-
-
-def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    p = p / p.sum()
-    qs = q.sum()
-    if qs == 0:
-        return math.inf
-    q = q / qs
-    mask = p > 0
-    # a P bin that Q left empty (the clipped outliers) gets a small probability, not log(0)
-    qm = np.maximum(q[mask], 1e-12)
-    return float(np.sum(p[mask] * np.log(p[mask] / qm)))
+    cum = np.concatenate([[0.0], np.cumsum(counts)])
+    cum_nz = np.concatenate([[0.0], np.cumsum(counts > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        clogc = np.where(counts > 0, counts * np.log(counts), 0.0)
+    cum_clogc = np.concatenate([[0.0], np.cumsum(clogc)])
+    total = cum[n]
+    if total == 0:
+        return n
+    i = np.arange(levels, n + 1)                               # candidates
+    k = np.arange(levels + 1)
+    bounds = -((-k[None, :] * i[:, None]) // levels)          # chunk k = bins [ceil(k·i/L), ceil((k+1)·i/L))
+    mass = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
+    support = cum_nz[bounds[:, 1:]] - cum_nz[bounds[:, :-1]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q_chunk = np.where(mass > 0, mass / np.maximum(support, 1.0), 1.0)
+        sum_clogq = np.sum(np.where(mass > 0, mass * np.log(q_chunk), 0.0), axis=1)
+    q_total = cum[i]                                           # ΣQ = mass kept inside the range
+    tail = total - q_total                                     # outliers, added to bin i−1 of P
+    last = counts[i - 1]
+    q_last = q_chunk[:, -1]                                    # bin i−1 is in the last chunk
+    p_last = last + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = cum_clogc[i - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
+        # Σ P log Q over bins with Q > 0: every chunk's mass, plus the outliers in a non-empty last bin
+        plogq = sum_clogq + np.where(last > 0, tail * np.log(q_last), 0.0)
+        # an empty last bin holding only outliers has Q = 0: it scores p·(log p − log 1e-12)
+        # instead of p·(log p − log Q + log ΣQ)
+        p_orphan = np.where(last > 0, 0.0, tail / total)
+        kl = (plogp / total - np.log(total) - plogq / total + (1.0 - p_orphan) * np.log(q_total)
+              - p_orphan * np.log(1e-12))
+    kl = np.where(np.isfinite(kl), kl, np.inf)
+    return int(i[int(np.argmin(kl))])
 
 
 class EntropyObserver(HistogramObserver):
@@ -235,8 +242,7 @@ class EntropyObserver(HistogramObserver):
             return (0.0, 0.0)
         counts, width = self.hist.magnitude()
         t = kl_threshold_bin(counts, self.levels) * width
-        return (max(self.hist.min, -t, -math.inf) if self.hist.min < 0 else self.hist.min,
-                min(self.hist.max, t))
+        return max(min(self.hist.min, 0.0), -t), min(max(self.hist.max, 0.0), t)
 
 
 class MSEObserver(HistogramObserver):
