@@ -45,12 +45,12 @@ def top1(model, data: dict, batch_size: int = 250) -> float:
     return 100.0 * correct / len(data["labels"])
 
 
-def train_repvgg(epochs: int, width: int, seed: int) -> onnx.ModelProto:
+def train_repvgg(epochs: int, width: int, seed: int, lr: float) -> onnx.ModelProto:
     from qgraph.train import train_model
     train, val = load_dataset("mnist", "train"), load_dataset("mnist", "val")
     model = build_model("repvgg", input_shape=(1, 28, 28), width=width, num_classes=10, seed=seed)
     with tempfile.TemporaryDirectory() as workdir:
-        trained, history = train_model(model, train, val, epochs=epochs, lr=3e-3, batch_size=64,
+        trained, history = train_model(model, train, val, epochs=epochs, lr=lr, batch_size=64,
                                        optimizer="adamw", schedule="linear", workdir=workdir, progress=False,
                                        seed=seed)
     for h in history:
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threshold", type=float, default=100.0)
     parser.add_argument("--calib", type=int, default=500, help="training images used for calibration")
     parser.add_argument("--model", help="a trained train-form RepVGG .onnx (skips training)")
@@ -138,7 +139,7 @@ def main() -> None:
         trained = onnx.load(args.model)
     else:
         print(f"training RepVGG width {args.width} for {args.epochs} epochs ...", file=sys.stderr)
-        trained = train_repvgg(args.epochs, args.width, args.seed)
+        trained = train_repvgg(args.epochs, args.width, args.seed, args.lr)
         if args.save:
             onnx.save(trained, args.save)
     deploy = reparameterize_repvgg(trained)

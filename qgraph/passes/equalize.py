@@ -24,7 +24,9 @@ Design decisions:
   activation, cᵢ = max(0, β'ᵢ − 3|γ'ᵢ|) (β', γ' after scaling) is subtracted from β and
   b2 += Σ_{taps} W2[:, i]·cᵢ is added to L2's bias. Through Relu this is exact only where the
   pre-activation is ≥ cᵢ (the 3σ rule: nearly always), and a zero-padded L2 would get the
-  wrong correction at borders, so absorption is skipped there. Because it is a heuristic,
+  wrong correction at borders, so absorption is skipped there. Because it is a heuristic
+  (measured: 1.1e-3 relative output change on a 1x1-conv net whose BN statistics do not
+  match the data; exact on bn_restore'd RepVGG, where no channel has μ > 3σ),
   `high_bias_absorption` defaults to false and the pass's 1e-4 tolerance is the contract
   with it off; with it on, the report gives the number of absorbed channels.
 
