@@ -17,7 +17,8 @@ from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.lowering import fold, integer, qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
-                                      check_weight_axes, match_site, read_quantizer)
+                                      check_weight_axes, match_site, quantized_region,
+                                      read_quantizer)
 
 TARGETS = {"qlinear": qlinear.RULES, "integer": integer.RULES}
 
@@ -44,9 +45,10 @@ def lower_graph(model: QModel, target: str) -> dict:
     sunk = fold.sink_dequantize(model)
     fold.infer_shapes(model)
 
+    region = quantized_region(model)
     lowered, skipped, absorbed = Counter(), [], set()
     for node in list(model.graph.nodes):
-        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs:
+        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region:
             continue
         rule = rules.get(node.op)
         if rule is None:
@@ -67,7 +69,8 @@ def lower_graph(model: QModel, target: str) -> dict:
     fold.infer_shapes(model)
 
     warnings = []
-    float_left = [n.name for n in integer.float_nodes(model)] if target == "integer" else []
+    region = quantized_region(model)
+    float_left = [n.name for n in integer.float_nodes(model) if n.name in region] if target == "integer" else []
     if float_left:
         warnings.append(f"{len(float_left)} float node(s) remain inside the integer region: "
                         + ", ".join(float_left[:8]) + (" …" if len(float_left) > 8 else ""))

@@ -29,16 +29,74 @@ COMMUTING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqu
 
 
 def fold_constants(model: QModel) -> int:
-    """Fold constant subgraphs (never DequantizeLinear); returns the number of nodes removed."""
-    before = len(model.graph.nodes)
-    model.graph.toposort()
-    model.graph.fold_constants(fold_shapes=True, error_ok=True,
-                               should_exclude_node=lambda node: node.op == DEQUANTIZE)
+    """Evaluate constant subgraphs once with ORT (onnx-graphsurgeon never folds Q/DQ), keeping each
+    DequantizeLinear of a constant that a non-constant node reads — the quantized weights and
+    biases; returns the number of nodes removed."""
     _lift_constant_nodes(model)
+    model.cleanup()
+    before = len(model.graph.nodes)
+    constant, kept = _constant_tensors(model)
+    targets = {}
+    for node in model.graph.nodes:
+        if id(node) in kept:
+            if not isinstance(node.inputs[0], gs.Constant):
+                targets[node.inputs[0].name] = node.inputs[0]
+            continue
+        if not all(id(t) in constant for t in node.outputs if t.name):
+            for t in node.inputs:
+                if id(t) in constant and not isinstance(t, gs.Constant) and t.name:
+                    targets[t.name] = t
+    for t in model.graph.outputs:
+        if id(t) in constant and not isinstance(t, gs.Constant):
+            targets[t.name] = t
+    if targets:
+        values = _evaluate(model, list(targets))
+        for name, tensor in targets.items():
+            tensor.inputs.clear()  # detach the producer, or cleanup would keep the subgraph
+            tensor.to_constant(np.asarray(values[name]))
     model.cleanup()
     if get_annotation(model, FORWARD_FUSED_BN):
         set_annotation(model, FORWARD_FUSED_BN, None)  # the in-graph BN arithmetic is gone now
     return before - len(model.graph.nodes)
+
+
+def _constant_tensors(model: QModel) -> tuple[set[int], set[int]]:
+    """ids of tensors computable from initializers only, and ids of the DequantizeLinear nodes
+    that stay: computed from constants, read by a non-constant node or the graph output."""
+    constant: set[int] = set()
+
+    def is_const(t) -> bool:
+        return isinstance(t, gs.Constant) or id(t) in constant or not t.name
+
+    model.graph.toposort()
+    for node in model.graph.nodes:
+        if node.inputs and all(is_const(t) for t in node.inputs):
+            constant.update(id(t) for t in node.outputs)
+    kept = set()
+    for node in model.graph.nodes:
+        if node.op != DEQUANTIZE or id(node.outputs[0]) not in constant:
+            continue
+        out = node.outputs[0]
+        if model.is_graph_output(out) or any(not all(is_const(t) for t in c.inputs) for c in out.outputs):
+            kept.add(id(node))
+    for node in model.graph.nodes:  # what a kept DequantizeLinear writes is not folded
+        if id(node) in kept:
+            constant.discard(id(node.outputs[0]))
+    return constant, kept
+
+
+def _evaluate(model: QModel, names: list[str]) -> dict[str, np.ndarray]:
+    """Values of constant tensors `names`, computed by ORT on the subgraph that produces them."""
+    from qgraph.runner import run_model
+    graph = model.graph.copy()
+    tensors = graph.tensors()
+    graph.outputs = [tensors[n] for n in names]
+    graph.inputs = []
+    graph.cleanup()
+    proto = gs.export_onnx(graph, do_type_check=False)
+    proto.ir_version = model.ir_version
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return run_model(proto, {}, names, optimize=False)
 
 
 def _lift_constant_nodes(model: QModel) -> None:

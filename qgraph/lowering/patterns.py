@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -156,6 +157,17 @@ def check_weight_axes(model: QModel) -> None:
                     raise PassError(f"per-channel quantizer '{node.name}' of weight '{node.inputs[0].name}' is on "
                                     f"axis {q.axis}, but {consumer.op} '{consumer.name}' needs its output channels "
                                     f"(axis {want}); re-quantize that weight per output channel")
+
+
+def quantized_region(model: QModel) -> set[str]:
+    """Names of the nodes between an activation QuantizeLinear and a DequantizeLinear: reachable
+    from the first and reaching the second (float pre/post-processing outside is not lowered)."""
+    view = model.nx_view()
+    starts = [n.name for n in model.graph.nodes if n.op == QUANTIZE and model.constant_value(n.inputs[0]) is None]
+    ends = [n.name for n in model.graph.nodes if n.op == DEQUANTIZE and model.constant_value(n.inputs[0]) is None]
+    after = set(starts).union(*(nx.descendants(view, s) for s in starts)) if starts else set()
+    before = set(ends).union(*(nx.ancestors(view, e) for e in ends)) if ends else set()
+    return after & before
 
 
 # -- sites --------------------------------------------------------------------------------
