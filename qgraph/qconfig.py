@@ -87,7 +87,8 @@ class Rule:
     activations: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)   # skip / quantize_input / quantize_output
     regex: re.Pattern | None = None
-    matched: int = 0
+    matched: int = 0       # nodes it matches
+    applied: int = 0       # nodes it configures (not shadowed by an earlier rule of its kind)
 
     def describe(self) -> str:
         return f"rule #{self.index + 1} ({self.selector}: {self.pattern!r})"
@@ -206,10 +207,13 @@ class QConfigResolver:
         weights, activations, flags = {}, {}, {}
         # lowest priority first, so later updates win
         for selector in ("op_type", "regex", "name"):
-            rule = next((r for r in self._by_level[selector] if r.matches(node)), None)
-            if rule is None:
+            matching = [r for r in self._by_level[selector] if r.matches(node)]
+            for r in matching:
+                r.matched += 1
+            if not matching:
                 continue
-            rule.matched += 1
+            rule = matching[0]
+            rule.applied += 1
             weights.update(rule.weights)
             activations.update(rule.activations)
             flags.update(rule.flags)
@@ -219,8 +223,13 @@ class QConfigResolver:
                           **flags)
 
     def unmatched_warnings(self) -> list[str]:
-        return [f"{r.describe()} matches no node; check the name/pattern/op type" for r in self.rules
-                if r.matched == 0]
+        warnings = []
+        for r in self.rules:
+            if r.matched == 0:
+                warnings.append(f"{r.describe()} matches no node; check the name/pattern/op type")
+            elif r.applied == 0:
+                warnings.append(f"{r.describe()} is shadowed: an earlier {r.selector} rule matches all its nodes")
+        return warnings
 
 
 def spec_dict(spec) -> dict[str, Any]:

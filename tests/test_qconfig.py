@@ -48,7 +48,7 @@ def test_rule_order_does_not_change_priority_and_first_match_wins_within_a_level
     r = QConfigResolver(None, None, rules)
     cfg = r.resolve(_node("head", "Gemm"))
     assert cfg.skip is True and cfg.quantize_output is False and cfg.activations.bits == 6
-    assert r.unmatched_warnings() == ["rule #4 (regex: 'h.*') matches no node; check the name/pattern/op type"]
+    assert r.unmatched_warnings() == ["rule #4 (regex: 'h.*') is shadowed: an earlier regex rule matches all its nodes"]
 
 
 def test_regex_is_a_full_match():

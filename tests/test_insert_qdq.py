@@ -1,0 +1,218 @@
+"""insert_qdq on the bundled models: valid ORT models, one quantizer per tensor, rules, marks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from qgraph.annotations import CALIBRATED, NONNEGATIVE, get_annotation
+from qgraph.errors import ConfigError, PassError
+from qgraph.graph import QModel
+from qgraph.models.builders import build_model
+from qgraph.models.datasets import load_dataset
+from qgraph.passes.insert_qdq import ALIASES, QUANTIZERS
+from qgraph.pipeline import PassContext, run_pass
+from qgraph.quant import qrange
+from qgraph.runner import run_model
+
+MODELS = ("lenet", "resnet", "mobilenetv2", "mlp")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_dataset("mnist", "val")["input"][:16]
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """Float models after canonicalize → fuse_conv_bn(fold) → ahead_relu, as ModelProtos."""
+    out = {}
+    for name in MODELS:
+        m = QModel.from_onnx(build_model(name))
+        for p, kw in (("canonicalize", {}), ("fuse_conv_bn", {"mode": "fold"}), ("ahead_relu", {})):
+            run_pass(m, p, kw)
+        out[name] = m.to_onnx()
+    return out
+
+
+def _quantize(proto, **params):
+    m = QModel.from_onnx(proto)
+    report = run_pass(m, "insert_qdq", params)
+    return m, report
+
+
+def _dq_fed(model: QModel, tensor) -> bool:
+    return bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
+
+
+def _through_aliases(model: QModel, tensor):
+    """Follow range-preserving ops back to the tensor a DQ produced."""
+    while tensor.inputs and tensor.inputs[0].op in ("MaxPool", "Flatten", "Reshape", "Transpose", "Relu", "Clip"):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_quantizable_op_reads_quantized_tensors_and_model_runs(name, prepared, images):
+    m, report = _quantize(prepared[name])
+    records = get_annotation(m, QUANTIZERS)
+    qs = [n for n in m.graph.nodes if n.op == "QuantizeLinear"]
+    # one quantizer per tensor: as many Q nodes as records, each on a different tensor
+    assert len(qs) == len(records) == report["changed"]
+    sources = [q.inputs[0].name for q in qs]
+    assert len(set(sources)) == len(sources)
+    for node in m.graph.nodes:
+        if node.op in ("Conv", "Gemm"):
+            assert _dq_fed(m, node.inputs[1]), f"{node.name} weight is not quantized"
+            assert _dq_fed(m, _through_aliases(m, node.inputs[0])), f"{node.name} input is not quantized"
+            if len(node.inputs) > 2:
+                assert not _dq_fed(m, node.inputs[2]), "biases stay float"
+        if node.op == "Add":
+            assert all(_dq_fed(m, _through_aliases(m, t)) for t in node.inputs)
+    for q in qs:
+        assert q.inputs[0].name in records
+    assert get_annotation(m, CALIBRATED) is False and "uncalibrated" in report["summary"]
+    out = run_model(m.to_onnx(), {"input": images})["logits"]
+    ref = run_model(prepared[name], {"input": images})["logits"]
+    assert out.shape == ref.shape and np.all(np.isfinite(out))
+
+
+def test_nonnegative_marks_give_zero_point_zero_and_relu_shares_the_quantizer(prepared):
+    proto = prepared["lenet"]
+    marked = set(get_annotation(proto, NONNEGATIVE))
+    m, report = _quantize(proto)
+    records = get_annotation(m, QUANTIZERS)
+    aliases = get_annotation(m, ALIASES)
+    nodes = {n.name: n for n in m.graph.nodes}
+    nonneg = [t for t, r in records.items() if r["nonnegative"]]
+    assert nonneg and set(nonneg) <= marked
+    for t in nonneg:
+        q = nodes[records[t]["quantize"]]
+        assert q.inputs[2].values.dtype == np.uint8 and int(q.inputs[2].values) == 0
+        assert (records[t]["qmin"], records[t]["qmax"]) == (0, 255)
+    relus = [n for n in m.graph.nodes if n.op == "Relu"]
+    for relu in relus:  # DQ → Relu, and the Relu's output is an alias of the pair's float tensor
+        dq = relu.inputs[0].inputs[0]
+        assert dq.op == "DequantizeLinear"
+        assert aliases[relu.outputs[0].name] == dq.inputs[0].inputs[0].inputs[0].name
+    # no quantizer on any Relu output: the Relu sits between the pair and the next op
+    assert not any(r.outputs[0].name in records for r in relus)
+    # int8 storage of non-negative tensors: zp 0, int8, negative half unused
+    m8, _ = _quantize(proto, activations={"nonnegative_storage": "int8"})
+    rec8 = get_annotation(m8, QUANTIZERS)
+    assert all(rec8[t]["signed"] and rec8[t]["symmetric"] for t in nonneg)
+
+
+def test_rule_priority_on_a_real_model(prepared):
+    proto = prepared["resnet"]
+    rules = [
+        {"op_type": "Conv", "weights": {"bits": 4}},
+        {"regex": "stage2\\..*", "weights": {"bits": 5}},
+        {"name": "stage2.block0.conv1", "weights": {"bits": 6}},
+    ]
+    m, report = _quantize(proto, weights={"bits": 7}, rules=rules)
+    bits = {r["node"]: r["bits"] for r in get_annotation(m, QUANTIZERS).values() if r["kind"] == "weight"}
+    assert bits["stage2.block0.conv1"] == 6
+    assert bits["stage2.block0.conv2"] == 5
+    assert bits["stage3.block0.conv1"] == 4
+    assert bits["head.fc"] == 7
+    assert report["warnings"] == []
+
+
+def test_skip_leaves_the_node_float_and_unmatched_rule_warns(prepared, images):
+    proto = prepared["lenet"]
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    m, report = _quantize(proto, rules=[{"name": conv.name, "skip": True}, {"name": "nope", "skip": True}])
+    node = next(n for n in m.graph.nodes if n.name == conv.name)
+    assert not _dq_fed(m, node.inputs[1]) and not _dq_fed(m, node.inputs[0])
+    assert {"node": conv.name, "reason": "a rule says skip: true"} in report["skipped"]
+    assert any("'nope'" in w for w in report["warnings"])
+    run_model(m.to_onnx(), {"input": images})
+
+
+def test_quantize_output_false_keeps_the_head_float(prepared, images):
+    proto = prepared["mlp"]
+    head = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
+    m, _ = _quantize(proto, rules=[{"name": head.name, "quantize_output": False}])
+    out = m.graph.outputs[0]
+    assert out.name == "logits" and out.inputs[0].op == "Gemm"
+    m2, _ = _quantize(proto)
+    assert m2.graph.outputs[0].name == "logits" and m2.graph.outputs[0].inputs[0].op == "DequantizeLinear"
+    # quantize_input false on a node whose producer is quantized changes nothing (HAT's neck)
+    m3, _ = _quantize(proto, rules=[{"name": head.name, "quantize_input": False}])
+    assert len(get_annotation(m3, QUANTIZERS)) == len(get_annotation(m2, QUANTIZERS))
+    run_model(m.to_onnx(), {"input": images})
+
+
+def test_four_bit_weights_stay_in_their_range(prepared, images):
+    proto = prepared["lenet"]
+    m, _ = _quantize(proto, weights={"bits": 4})
+    records = get_annotation(m, QUANTIZERS)
+    weights = {t: r for t, r in records.items() if r["kind"] == "weight"}
+    qmin, qmax = qrange(4, True, True)
+    outs = [f"{t}_quantized" for t in weights]
+    values = run_model(m.to_onnx(), {"input": images}, outs)
+    for t, r in weights.items():
+        assert (r["qmin"], r["qmax"]) == (qmin, qmax) == (-7, 7)
+        q = values[f"{t}_quantized"]
+        assert q.dtype == np.int8 and q.min() >= qmin and q.max() <= qmax
+        assert q.max() == qmax or q.min() == qmin  # the range is used
+
+
+def test_sub_8_bit_activations_get_a_clip(prepared, images):
+    m, _ = _quantize(prepared["mlp"], activations={"bits": 4})
+    records = get_annotation(m, QUANTIZERS)
+    acts = [r for r in records.values() if r["kind"] == "activation"]
+    assert acts and all(r["clip"] for r in acts)
+    nodes = {n.name: n for n in m.graph.nodes}
+    outs = [nodes[r["quantize"]].outputs[0].name for r in acts]
+    values = run_model(m.to_onnx(), {"input": images * 5}, outs)  # beyond the default range
+    for r, name in zip(acts, outs):
+        assert values[name].min() >= r["qmin"] and values[name].max() <= r["qmax"]
+
+
+def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
+    m = QModel.from_onnx(build_model("resnet"))
+    run_pass(m, "canonicalize")
+    run_pass(m, "fuse_conv_bn", {"mode": "forward"})
+    fused = get_annotation(m, "forward_fused_bn")
+    folded = QModel.from_onnx(build_model("resnet"))
+    run_pass(folded, "fuse_conv_bn", {"mode": "fold"})
+    run_pass(m, "insert_qdq")
+    records = get_annotation(m, QUANTIZERS)
+    nodes = {n.name: n for n in m.graph.nodes}
+    conv = next(n for n in m.graph.nodes if n.op == "Conv" and n.name in fused)
+    dq = conv.inputs[1].inputs[0]
+    assert dq.op == "DequantizeLinear"
+    w_tensor = dq.inputs[0].inputs[0].inputs[0]
+    assert w_tensor.inputs and w_tensor.inputs[0].op != "QuantizeLinear"  # computed in-graph
+    record = records[w_tensor.name]
+    assert record["kind"] == "weight" and record["axis"] == 0
+    w_fold = next(n for n in folded.graph.nodes if n.name == conv.name).inputs[1].values
+    expected = np.abs(w_fold).reshape(len(w_fold), -1).max(1) / 127
+    np.testing.assert_allclose(nodes[record["quantize"]].inputs[1].values, expected, rtol=1e-5)
+    run_model(m.to_onnx(), {"input": images})
+
+
+def test_bad_input(prepared):
+    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+        _quantize(prepared["mlp"], weights={"bits": 9})
+    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+        _quantize(prepared["mlp"], rules=[{"op_type": "Gemm", "activations": {"bits": 1}}])
+    with pytest.raises(ConfigError, match="must be a list"):
+        _quantize(prepared["mlp"], rules={"op_type": "Gemm"})
+    m, _ = _quantize(prepared["mlp"])
+    with pytest.raises(PassError, match="already has"):
+        run_pass(m, "insert_qdq")
+
+
+def test_model_without_quantizable_ops_is_reported_not_an_error():
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Softmax", ["input"], ["logits"], name="sm")], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 10])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m, report = _quantize(proto)
+    assert report["changed"] == 0 and not [n for n in m.graph.nodes if n.op == "QuantizeLinear"]
+    onnx.checker.check_model(m.to_onnx())
