@@ -12,6 +12,12 @@ Per-channel nonzero zero points use `FakeQuant(x/s + z, 1, 0) - z`, which differ
 pair only on exact rounding ties. Every rewritten pair is recorded in the model's metadata
 (`qgraph.training_form`), so `to_qdq_form` puts the original nodes back with the trained
 weights and scales. Outputs: unchanged up to float rounding (exact for per-tensor pairs).
+
+Sub-8-bit quantizers keep int8/uint8 storage, so the pair saturates only at the storage
+bounds; their true [qmin, qmax] comes from insert_qdq's `qgraph.quantizers` annotation, and
+FakeQuant trains on that range. A weight that training pushed past it is clamped to
+[(qmin − z)·s, (qmax − z)·s] on export (what FakeQuant computed), so the QDQ model's integer
+weights stay within the grid.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from onnx import helper, numpy_helper
 
 from qgraph.annotations import get_annotation, set_annotation
 from qgraph.errors import TrainError
-from qgraph.quant import quantize
+from qgraph.passes.insert_qdq import quantizer_records
+from qgraph.quant import dequantize, quantize
 
 MS_DOMAIN = "com.microsoft"
 TRAINING_FORM = "training_form"   # annotation key holding the pair records
@@ -70,6 +77,7 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
     handled: set[int] = set()
     ranks = _ranks(model)
     constant = _constant_tensors(graph)
+    grids = {r["quantize"]: r for r in quantizer_records(model).values() if r.get("quantize")}
 
     for index, node in enumerate(graph.node):
         if id(node) in handled:
@@ -89,7 +97,7 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
         else:
             new_nodes.append(node)
             continue
-        record = _pair_record(node, dqs, inits, weight_from_int, len(info.pairs))
+        record = _pair_record(node, dqs, inits, weight_from_int, len(info.pairs), grids.get(node.name))
         is_weight = weight_from_int is not None or source in constant
         record["weight"] = is_weight
         record["learned"] = bool(learn_scales and (is_weight or not freeze_activation_scales))
@@ -184,6 +192,7 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
     graph.initializer.extend(keep + restored)
     del graph.node[:]
     graph.node.extend(nodes)
+    clamp_narrow_weights(out, info)
     set_annotation(out, TRAINING_FORM, None)
     if not any(n.domain == MS_DOMAIN for n in graph.node):
         kept = [o for o in out.opset_import if o.domain != MS_DOMAIN]
@@ -194,8 +203,10 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
 
 # --- building the training form --------------------------------------------------------
 
-def _pair_record(q, dqs, inits, int_weight, index) -> dict:
-    """Describe one quantizer: its scale, zero point, axis, storage type and range."""
+def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> dict:
+    """Describe one quantizer: its scale, zero point, axis, storage type and range.
+
+    The range is the storage type's, or `grid`'s qmin/qmax (its `qgraph.quantizers` record)."""
     first = q if int_weight is None else dqs[0]
     scale = first.input[1]
     zero_point = first.input[2] if len(first.input) > 2 and first.input[2] else ""
@@ -218,7 +229,7 @@ def _pair_record(q, dqs, inits, int_weight, index) -> dict:
     axis = next((a.i for a in first.attribute if a.name == "axis"), 1)
     per_channel = scale_value.ndim == 1 and scale_value.size > 1
     zp_value = numpy_helper.to_array(inits[zero_point]).astype(np.float32) if zero_point else np.zeros(1, np.float32)
-    qmin, qmax = _DTYPE_RANGES[dtype]
+    qmin, qmax = quantizer_grid(first, dtype, grid)
     return {
         "index": index,
         "q_node": None if int_weight else _node_to_json(q),
@@ -231,12 +242,25 @@ def _pair_record(q, dqs, inits, int_weight, index) -> dict:
         "channels": int(scale_value.size) if per_channel else None,
         "scale_rank": int(scale_value.ndim),
         "qmin": qmin, "qmax": qmax,
-        "bits": int(np.log2(qmax - qmin + 1)),
+        "bits": int(grid["bits"]) if grid and grid.get("bits") else int(np.ceil(np.log2(qmax - qmin + 1))),
         "dtype": onnx.TensorProto.DataType.Name(dtype).lower(),
         "zero_points": zp_value.reshape(-1).tolist(),
         "int_weight": int_weight,
         "saved_inits": [_tensor_to_b64(inits[zero_point])] if zero_point else [],
     }
+
+
+def quantizer_grid(node: onnx.NodeProto, dtype: int, grid: dict | None) -> tuple[int, int]:
+    """[qmin, qmax] of a pair: the annotated grid (bits < 8 keep 8-bit storage), else the storage range."""
+    lo, hi = _DTYPE_RANGES[dtype]
+    if grid is None or grid.get("qmin") is None or grid.get("qmax") is None:
+        return lo, hi
+    qmin, qmax = int(grid["qmin"]), int(grid["qmax"])
+    if not lo <= qmin < qmax <= hi:
+        raise TrainError(f"{node.op_type} {node.name}: qgraph.quantizers gives the range [{qmin}, {qmax}], "
+                         f"which does not fit its {onnx.TensorProto.DataType.Name(dtype).lower()} storage "
+                         f"[{lo}, {hi}]; re-run insert_qdq")
+    return qmin, qmax
 
 
 def _float_weight(record, inits, graph) -> str:
@@ -341,6 +365,70 @@ def _requantize(record: dict, inits: dict) -> onnx.TensorProto:
     q = quantize(weight, numpy_helper.to_array(inits[record["scale"]]), zero_point, record["qmin"],
                  record["qmax"], axis=record["axis"], dtype=helper.tensor_dtype_to_np_dtype(original.data_type))
     return numpy_helper.from_array(q, record["int_weight"])
+
+
+def clamp_narrow_weights(model: onnx.ModelProto, info: TrainingFormInfo) -> list[str]:
+    """Clamp float weights of sub-storage-range quantizers into [(qmin−z)·s, (qmax−z)·s], in place.
+
+    FakeQuant saturates at qmin/qmax, a QuantizeLinear with 8-bit storage only at the storage
+    bounds; clamping makes the QDQ model compute what training computed. A forward-fused weight
+    `x = W·g` (g per output channel from γ, σ²) is clamped through W. Returns the clamped names.
+    """
+    narrow = [r for r in info.pairs if r["weight"] and not r["int_weight"]
+              and (r["qmin"], r["qmax"]) != _DTYPE_RANGES[onnx.TensorProto.DataType.Value(r["dtype"].upper())]]
+    if not narrow:
+        return []
+    inits = {t.name: t for t in model.graph.initializer}
+    fused = {e["folded_weight"]: e["weight"] for e in (get_annotation(model, "forward_fused_bn", {}) or {}).values()
+             if e.get("folded_weight") and e.get("weight")}
+    computed = _evaluate_constants(model, [r["x"] for r in narrow if r["x"] not in inits])
+    clamped = []
+    for r in narrow:
+        x = numpy_helper.to_array(inits[r["x"]]) if r["x"] in inits else computed.get(r["x"])
+        if x is None:
+            continue
+        lo, hi = _grid_bounds(r, inits, x.ndim)
+        inside = np.clip(x, lo, hi).astype(x.dtype)
+        if np.array_equal(inside, x):
+            continue
+        if r["x"] in inits:
+            inits[r["x"]].CopyFrom(numpy_helper.from_array(inside, r["x"]))
+        elif fused.get(r["x"]) in inits:
+            w_name = fused[r["x"]]
+            w = numpy_helper.to_array(inits[w_name])
+            if w.shape != x.shape:
+                continue
+            ratio = np.divide(inside, x, out=np.ones_like(x), where=inside != x)
+            inits[w_name].CopyFrom(numpy_helper.from_array((w * ratio).astype(w.dtype), w_name))
+        else:
+            continue
+        clamped.append(r["x"])
+    return clamped
+
+
+def _grid_bounds(record: dict, inits: dict, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real values of qmin and qmax, shaped to broadcast over the weight."""
+    scale = numpy_helper.to_array(inits[record["scale"]]).astype(np.float32).reshape(-1)
+    zp = np.asarray(record["zero_points"], np.float32).reshape(-1)
+    shape = [1] * ndim
+    if record["axis"] is not None:
+        shape[record["axis"] % ndim] = -1
+    else:
+        scale, zp = scale[:1], zp[:1]
+    lo = dequantize(np.full(scale.shape, record["qmin"]), scale, zp).reshape(shape)
+    hi = dequantize(np.full(scale.shape, record["qmax"]), scale, zp).reshape(shape)
+    return lo, hi
+
+
+def _evaluate_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """Values of tensors computed from initializers alone (forward-fused weights), by ORT."""
+    if not names:
+        return {}
+    from qgraph.graph import QModel
+    from qgraph.passes.insert_qdq import evaluate_tensors
+    qmodel = QModel.from_onnx(model)
+    tensors = qmodel.graph.tensors()
+    return evaluate_tensors(qmodel, [tensors[n] for n in names if n in tensors])
 
 
 # --- small helpers --------------------------------------------------------------------
