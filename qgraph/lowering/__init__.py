@@ -48,7 +48,8 @@ def lower_graph(model: QModel, target: str) -> dict:
     region = quantized_region(model)
     lowered, skipped, absorbed = Counter(), [], set()
     for node in list(model.graph.nodes):
-        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region:
+        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region \
+                or node.name in sunk:
             continue
         rule = rules.get(node.op)
         if rule is None:
@@ -80,7 +81,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
-            "dequantize_sunk": sunk, "requantize_pairs": requantized, "float_nodes": float_left}
+            "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left}
 
 
 def _lower_requantize_pairs(model: QModel, target: str) -> int:

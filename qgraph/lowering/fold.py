@@ -23,7 +23,8 @@ from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer
 
 FORWARD_FUSED_BN = "forward_fused_bn"
 
-#: Ops where ``op(DQ(q)) == DQ(op(q))`` for a per-tensor quantizer (they move or select values).
+#: Ops where ``op(DQ(q)) == DQ(op(q))`` for a per-tensor quantizer (they move or select values;
+#: Relu and Clip too when their bounds lie on the grid, see :func:`grid_clamp`).
 COMMUTING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
                  "Dropout", "Resize")
 
@@ -116,7 +117,7 @@ def _lift_constant_nodes(model: QModel) -> None:
 
 
 def commutes_with_dequantize(model: QModel, node: gs.Node) -> bool:
-    if node.op not in COMMUTING_OPS and node.op != "Relu":
+    if node.op not in COMMUTING_OPS:
         return False
     if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
         return False
@@ -127,12 +128,44 @@ def commutes_with_dequantize(model: QModel, node: gs.Node) -> bool:
     return all(model.constant_value(t) is not None for t in node.inputs[1:] if t.name)
 
 
-def sink_dequantize(model: QModel) -> int:
-    """Rewrite ``DQ → op`` (op commuting, output not quantized) as ``op → DQ``; returns the count."""
-    moved = 0
+def grid_clamp(model: QModel, node: gs.Node, q) -> tuple[int, int] | None:
+    """Integer bounds ``(a, b)`` with ``clip(DQ(x), lo, hi) == DQ(clip(x, a, b))`` for a Relu/Clip,
+    or None when a bound lies strictly inside the grid's range but off the grid (not exact)."""
+    if node.op == "Relu":
+        bounds = [0.0, np.inf]
+    elif node.op == "Clip":
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            v = model.constant_value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name else default
+            if v is None:
+                return None
+            bounds.append(float(v))
+    else:
+        return None
+    ints = []
+    for bound, end in zip(bounds, (q.qmin, q.qmax)):
+        if not np.isfinite(bound):
+            ints.append(end)
+            continue
+        code = int(q.quantize(np.float32(bound)))
+        if float(q.dequantize(np.array(code, q.dtype))) == np.float32(bound) or code == end:
+            ints.append(code)
+        else:
+            return None
+    if ints[0] == q.qmin and float(q.dequantize(np.array(q.qmin, q.dtype))) < bounds[0]:
+        return None  # the bound saturated at qmin while real values below it exist: not exact
+    if ints[1] == q.qmax and float(q.dequantize(np.array(q.qmax, q.dtype))) > bounds[1]:
+        return None
+    return ints[0], ints[1]
+
+
+def sink_dequantize(model: QModel) -> set[str]:
+    """Rewrite ``DQ → op`` (op commuting, output not quantized) as ``op → DQ``; returns the names
+    of the new integer nodes."""
+    sunk: set[str] = set()
     model.graph.toposort()
     for node in list(model.graph.nodes):
-        if not node.inputs or not commutes_with_dequantize(model, node):
+        if not node.inputs or node.op not in COMMUTING_OPS + ("Relu", "Clip"):
             continue
         dq = model.producer(node.inputs[0])
         if dq is None or dq.op != DEQUANTIZE:
@@ -143,23 +176,25 @@ def sink_dequantize(model: QModel) -> int:
         out = node.outputs[0]
         if len(out.outputs) == 1 and out.outputs[0].op == QUANTIZE and not model.is_graph_output(out):
             continue  # a site: the target lowers it with its requantization
+        clamp = grid_clamp(model, node, q) if node.op in ("Relu", "Clip") else None
+        if node.op in ("Relu", "Clip") and clamp is None or node.op not in ("Relu", "Clip") \
+                and not commutes_with_dequantize(model, node):
+            continue
         qin = dq.inputs[0]
         qout = var(model, out.name + "_q", q.dtype)
-        inputs = [qin] + list(node.inputs[1:])
-        if node.op == "Relu":
-            lo = const(model, out.name + "_zp", np.asarray(q.zero_point, q.dtype))
-            hi = const(model, out.name + "_qmax", np.asarray(q.qmax, q.dtype))
-            model.add_node("Clip", [qin, lo, hi], [qout], node.name + "_int")
+        if clamp is not None:
+            lo = const(model, out.name + "_qmin", np.asarray(clamp[0], q.dtype))
+            hi = const(model, out.name + "_qmax", np.asarray(clamp[1], q.dtype))
+            new = model.add_node("Clip", [qin, lo, hi], [qout], node.name + "_int")
         elif node.op == "Dropout":
-            model.add_node("Identity", [qin], [qout], node.name + "_int")
+            new = model.add_node("Identity", [qin], [qout], node.name + "_int")
         else:
-            model.add_node(node.op, inputs, [qout], node.name + "_int", dict(node.attrs))
+            new = model.add_node(node.op, [qin] + list(node.inputs[1:]), [qout], node.name + "_int", dict(node.attrs))
+        sunk.add(new.name)
         node.outputs.clear()
-        model.add_node(DEQUANTIZE, [qout, dq.inputs[1], dq.inputs[2]] if len(dq.inputs) > 2 else [qout, dq.inputs[1]],
-                       [out], node.name + "_dq", dict(dq.attrs))
-        moved += 1
+        model.add_node(DEQUANTIZE, [qout, *dq.inputs[1:]], [out], node.name + "_dq", dict(dq.attrs))
     model.cleanup()
-    return moved
+    return sunk
 
 
 def infer_shapes(model: QModel) -> None:
