@@ -1,6 +1,6 @@
 """CLE benchmark: int8 per-tensor PTQ of a re-parameterized RepVGG, without and with bn_restore + equalize.
 
-    python benchmarks/cle.py [--epochs 4] [--width 16] [--threshold 100] [--model trained.onnx]
+    python benchmarks/cle.py [--epochs 6] [--width 16] [--threshold 100] [--model trained.onnx]
 
 Trains the bundled RepVGG train form on bundled MNIST (4000 train digits), re-parameterizes it
 to the deploy form (one 3x3 conv per block: BN and branches merged, so per-channel weight
@@ -8,6 +8,12 @@ ranges spread), then quantizes with symmetric per-tensor int8 weights and asymme
 per-tensor activations (min-max over calibration data). TinyNeuralNetwork's shape on
 CIFAR-10 (94.46 float / 46.35 PTQ / 94.15 PTQ+CLE) is what CLE should reproduce: close most
 of the gap. Top-1 is on the 1000-digit val split.
+
+Measured (width 16, 6 epochs, lr 1e-3, 2 shared cores, insert_qdq+calibrate): float 92.5,
+PTQ 91.1, PTQ + bn_restore + CLE 91.8 (worst weight-range spread 6.75 -> 2.3). This small
+MNIST RepVGG's deploy weights spread far less than TinyNeuralNetwork's CIFAR-10 RepVGG, so
+per-tensor PTQ loses little and CLE recovers about half of it; HBA absorbs nothing here
+(every layer-2 conv is zero-padded 3x3).
 
 PTQ here is a small simulation (QuantizeLinear/DequantizeLinear on each Conv/Gemm input,
 weights fake-quantized with qgraph.quant) until the insert_qdq/calibrate passes exist; it
@@ -120,7 +126,7 @@ def cle(model: onnx.ModelProto, calib: dict, threshold: float, absorb: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
