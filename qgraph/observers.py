@@ -241,6 +241,11 @@ class EntropyObserver(HistogramObserver):
         if self._empty():
             return (0.0, 0.0)
         counts, width = self.hist.magnitude()
+        if len(counts) > 1:
+            # the exact zeros of ReLU-like tensors would dominate P and pull T down; like
+            # NVIDIA's pytorch-quantization, give the zero bin its neighbour's count
+            counts = counts.copy()
+            counts[0] = counts[1]
         t = kl_threshold_bin(counts, self.levels) * width
         return max(min(self.hist.min, 0.0), -t), min(max(self.hist.max, 0.0), t)
 

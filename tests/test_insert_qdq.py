@@ -189,6 +189,10 @@ def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
     assert w_tensor.inputs and w_tensor.inputs[0].op != "QuantizeLinear"  # computed in-graph
     record = records[w_tensor.name]
     assert record["kind"] == "weight" and record["axis"] == 0
+    # the in-graph weight arithmetic (γ/√(σ²+ε), W·s, bias) is not quantized: one pair per layer
+    assert sum(r["kind"] == "weight" for r in records.values()) == 10
+    assert all(r["node"] in {n.name for n in m.graph.nodes if n.op in ("Conv", "Gemm")} for r in records.values()
+               if r["kind"] == "weight")
     w_fold = next(n for n in folded.graph.nodes if n.name == conv.name).inputs[1].values
     expected = np.abs(w_fold).reshape(len(w_fold), -1).max(1) / 127
     np.testing.assert_allclose(nodes[record["quantize"]].inputs[1].values, expected, rtol=1e-5)

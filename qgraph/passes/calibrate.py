@@ -65,7 +65,8 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
         grid = {k: v for k, v in {**r, **observer_params}.items() if k not in ("kind", "observer")}
         observers[name] = make_observer(observer or r["observer"], **grid)
 
-    batches, samples, seconds = _observe(model, proto, ctx, observers, bypass, max_samples or None, progress)
+    views = {name: observed_view(r) for name, r in observed.items()}
+    batches, samples, seconds = _observe(model, proto, ctx, observers, views, bypass, max_samples or None, progress)
 
     warnings, ranges = [], {}
     for name, r in records.items():
@@ -90,8 +91,18 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
             "fix_activations": bool(fix_activations), "skipped": [], "warnings": warnings}
 
 
-def _observe(model: QModel, proto, ctx: PassContext, observers: dict, bypass: bool, limit: int | None,
-             show: bool) -> tuple[int, int, float]:
+def observed_view(record: dict):
+    """What the quantizer really represents: a non-negative tensor's pair saturates below 0
+    (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m) —
+    otherwise histogram observers would spend levels on values no reader ever sees."""
+    if not record.get("nonnegative"):
+        return None
+    cap = record.get("range_cap")
+    return lambda x: np.clip(x, 0.0, np.inf if cap is None else cap)
+
+
+def _observe(model: QModel, proto, ctx: PassContext, observers: dict, views: dict, bypass: bool,
+             limit: int | None, show: bool) -> tuple[int, int, float]:
     """Stream the data through ORT and feed every observer its tensor, batch by batch."""
     from qgraph.runner import Runner
     inputs = list(model_inputs(proto))
@@ -106,10 +117,9 @@ def _observe(model: QModel, proto, ctx: PassContext, observers: dict, bypass: bo
     for index, batch in enumerate(ctx.batches(inputs, limit=limit)):
         check_finite(batch, index, origin="calibration data")
         values = runner.run(batch, outputs) if runner else {}
-        for name in from_feeds:
-            observers[name].update(batch[name])
-        for name in outputs:
-            observers[name].update(values[name])
+        for name in observers:
+            value = batch[name] if name in from_feeds else values[name]
+            observers[name].update(views[name](value) if views[name] else value)
         samples += len(batch[inputs[0]])
         bar.update(index + 1)
     bar.close()

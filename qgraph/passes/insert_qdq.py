@@ -121,6 +121,8 @@ class QuantPlan:
         for node in nodes:
             if node.op not in QUANTIZABLE or self.is_pass_through(node):
                 continue
+            if all(self.is_constant(t) for t in node.inputs if t.name):
+                continue  # part of a weight computed in-graph (forward-fused BN), not an activation
             if self.configs[node.name].skip:
                 self.skipped.append({"node": node.name, "reason": "a rule says skip: true"})
                 continue

@@ -1,0 +1,173 @@
+"""calibrate: scales from streamed data equal NumPy over all the data; QDQ in ORT equals
+quant.fake_quantize; bad data fails before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, get_annotation
+from qgraph.errors import DataError, PassError
+from qgraph.graph import QModel
+from qgraph.models.builders import build_model
+from qgraph.models.datasets import load_dataset
+from qgraph.passes.calibrate import bypassed
+from qgraph.passes.insert_qdq import quantizer_records
+from qgraph.pipeline import PassContext, run_pass
+from qgraph.quant import fake_quantize, scale_zero_point
+from qgraph.runner import run_concatenated, run_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"input": load_dataset("mnist", "val")["input"][:192]}
+
+
+def _qdq(name: str, mode: str = "fold", **params) -> QModel:
+    m = QModel.from_onnx(build_model(name))
+    run_pass(m, "canonicalize")
+    run_pass(m, "fuse_conv_bn", {"mode": mode})
+    run_pass(m, "ahead_relu")
+    run_pass(m, "insert_qdq", params)
+    return m
+
+
+def _calibrate(m: QModel, data, batch_size=64, **params):
+    return run_pass(m, "calibrate", {"progress": False, **params}, PassContext(data=data, batch_size=batch_size))
+
+
+def _qparams(m: QModel, record):
+    q = {n.name: n for n in m.graph.nodes}[record["quantize"]]
+    return np.asarray(q.inputs[1].values), np.asarray(q.inputs[2].values)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_minmax_scales_equal_numpy_over_all_data(name, data):
+    m = _qdq(name)
+    float_values = run_concatenated(bypassed(m).to_onnx(), data, 64,
+                                    [t for t, r in quantizer_records(m).items()
+                                     if r["kind"] == "activation" and t != "input"])
+    float_values["input"] = data["input"]
+    report = _calibrate(m, data, batch_size=50)  # batches that do not divide the data
+    assert report["samples"] == 192 and report["batches"] == 4
+    assert get_annotation(m, CALIBRATED) is True
+    for t, r in quantizer_records(m).items():
+        if r["kind"] != "activation":
+            continue
+        x = float_values[t].astype(np.float64)
+        if r["nonnegative"]:
+            x = np.clip(x, 0, r["range_cap"] if r["range_cap"] is not None else np.inf)
+        expected = scale_zero_point(x.min(), x.max(), r["bits"], r["signed"], r["symmetric"],
+                                    r["narrow_range"], r["pow2"])
+        scale, zp = _qparams(m, r)
+        np.testing.assert_allclose(scale, expected[0], rtol=1e-6, err_msg=t)
+        assert int(zp) == int(expected[1]), t
+
+
+def test_qdq_in_ort_equals_fake_quantize_and_logits_stay_close(data):
+    m = _qdq("resnet")
+    ref = run_model(m.copy().to_onnx(), data)  # before calibration, to check it changes
+    _calibrate(m, data)
+    proto = m.to_onnx()
+    records = quantizer_records(m)
+    nodes = {n.name: n for n in m.graph.nodes}
+    names = [t for t, r in records.items() if r["kind"] == "activation" and t not in ("input", "logits_float")]
+    dq_names = [nodes[records[t]["dequantize"]].outputs[0].name for t in names]
+    values = run_model(proto, data, names + dq_names + ["logits"], optimize=False)
+    for t, dq in zip(names, dq_names):
+        r = records[t]
+        scale, zp = _qparams(m, r)
+        expected = fake_quantize(values[t], scale, zp, r["qmin"], r["qmax"])
+        np.testing.assert_array_equal(values[dq], expected, err_msg=t)
+    float_logits = run_model(bypassed(m).to_onnx(), data)["logits"]
+    q = values["logits"]
+    cos = float(np.sum(q * float_logits) / np.linalg.norm(q) / np.linalg.norm(float_logits))
+    assert cos > 0.999
+    assert not np.allclose(ref["logits"], q)
+
+
+def test_moving_average_follows_batches(data):
+    m = _qdq("mlp", activations={"observer": "moving_average", "averaging_constant": 0.5})
+    _calibrate(m, data, batch_size=64)
+    r = quantizer_records(m)["input"]
+    lo, hi = None, None
+    for start in range(0, 192, 64):
+        b = data["input"][start:start + 64]
+        if lo is None:
+            lo, hi = float(b.min()), float(b.max())
+        else:
+            lo, hi = lo + 0.5 * (float(b.min()) - lo), hi + 0.5 * (float(b.max()) - hi)
+    expected = scale_zero_point(lo, hi, 8, False, False)
+    scale, zp = _qparams(m, r)
+    np.testing.assert_allclose(scale, expected[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("observer", ["percentile", "entropy", "mse"])
+def test_histogram_observers_give_ranges_inside_minmax(observer, data):
+    m = _qdq("lenet")
+    minmax = _calibrate(m.copy(), data)["ranges"]
+    report = _calibrate(m, data, observer=observer)
+    for t, (lo, hi) in report["ranges"].items():
+        assert minmax[t][0] - 1e-5 <= lo <= hi <= minmax[t][1] + 1e-5, t
+    run_model(m.to_onnx(), data)
+
+
+def test_forward_fused_weights_are_evaluated_and_fix_activations_flag(data):
+    m = _qdq("resnet", mode="forward")
+    report = _calibrate(m, data, fix_activations=True, max_samples=64)
+    assert report["samples"] == 64 and get_annotation(m, FIX_ACTIVATIONS) is True
+    folded = QModel.from_onnx(build_model("resnet"))
+    run_pass(folded, "fuse_conv_bn", {"mode": "fold"})
+    fold_w = {n.name: n.inputs[1].values for n in folded.graph.nodes if n.op == "Conv"}
+    checked = 0
+    for r in quantizer_records(m).values():
+        if r["kind"] == "weight" and r["node"] in fold_w:
+            w = fold_w[r["node"]]
+            scale, _ = _qparams(m, r)
+            np.testing.assert_allclose(scale, np.abs(w).reshape(len(w), -1).max(1) / 127, rtol=1e-5)
+            checked += 1
+    assert checked == 9
+
+
+def test_calibrating_twice_gives_the_same_scales(data):
+    m = _qdq("lenet")
+    _calibrate(m, data)
+    first = {t: _qparams(m, r)[0].copy() for t, r in quantizer_records(m).items()}
+    _calibrate(m, data)
+    for t, r in quantizer_records(m).items():
+        np.testing.assert_array_equal(first[t], _qparams(m, r)[0])
+
+
+def test_constant_tensor_gets_a_valid_scale_and_a_warning():
+    m = _qdq("mlp")
+    report = _calibrate(m, {"input": np.zeros((8, 1, 28, 28), np.float32)})
+    assert any("'input'" in w and "constant" in w for w in report["warnings"])
+    scale, _ = _qparams(m, quantizer_records(m)["input"])
+    assert np.isfinite(scale) and scale > 0
+    assert np.all(np.isfinite(run_model(m.to_onnx(), {"input": np.ones((2, 1, 28, 28), np.float32)})["logits"]))
+
+
+def test_progress_bar_on_stderr(data, capsys):
+    m = _qdq("mlp")
+    run_pass(m, "calibrate", {}, PassContext(data=data, batch_size=64))
+    err = capsys.readouterr().err
+    assert "calibrate [" in err and "3/3 batches" in err
+
+
+def test_bad_data_fails_before_any_work(data):
+    m = _qdq("mlp")
+    bad = data["input"].copy()
+    bad[130, 0, 3, 3] = np.nan
+    with pytest.raises(DataError, match=r"'input'.*batch 2"):
+        _calibrate(m, {"input": bad})
+    with pytest.raises(DataError, match="missing input 'input'"):
+        _calibrate(m, {"image": data["input"]})
+    with pytest.raises(DataError, match="shape"):
+        _calibrate(m, {"input": data["input"][:, :, :14]})
+    with pytest.raises(DataError, match="dtype"):
+        _calibrate(m, {"input": data["input"].astype(np.float64)})
+    with pytest.raises(PassError, match="calibration data"):
+        run_pass(m, "calibrate", {"progress": False}, PassContext())
+    with pytest.raises(PassError, match="run insert_qdq first"):
+        run_pass(QModel.from_onnx(build_model("mlp")), "calibrate", {}, PassContext(data=data))
+    assert get_annotation(m, CALIBRATED) is False
