@@ -37,11 +37,10 @@ def bn_restore(model: QModel, ctx: PassContext, *, layers: list | None = None, e
                 "skipped": skipped, "warnings": [], "layers": []}
     stats = conv_output_statistics(model, ctx, [conv.outputs[0].name for conv in chosen])
     report_layers = []
-    taken = set(model.tensors())
     for conv in chosen:
         name = conv.outputs[0].name
         mean, var = stats[name]
-        insert_identity_bn(model, conv, mean, var, eps, taken)
+        insert_identity_bn(model, conv, mean, var, eps)
         report_layers.append({"node": conv.name, "channels": int(mean.size),
                               "mean_abs_mu": float(np.mean(np.abs(mean))),
                               "mean_sigma": float(np.mean(np.sqrt(var)))})
@@ -146,26 +145,15 @@ class ChannelMoments:
         return self.mean, self.m2 / self.n
 
 
-def insert_identity_bn(model: QModel, conv: gs.Node, mean: np.ndarray, var: np.ndarray, eps: float,
-                       taken: set[str]) -> gs.Node:
+def insert_identity_bn(model: QModel, conv: gs.Node, mean: np.ndarray, var: np.ndarray, eps: float) -> gs.Node:
     """Rewire conv -> BN(γ=√(σ²+ε), β=μ) -> (conv's old output tensor), so every reader sees the BN."""
     out = conv.outputs[0]
     mean32 = mean.astype(np.float32)
     var32 = var.astype(np.float32)
     gamma = np.sqrt(var32 + np.float32(eps)).astype(np.float32)  # the same float32 sum BN computes
-    pre = gs.Variable(fresh_name(f"{out.name}__pre_bn", taken), dtype=out.dtype, shape=out.shape)
+    pre = gs.Variable(model.fresh_tensor_name(f"{out.name}__pre_bn"), dtype=out.dtype, shape=out.shape)
     conv.outputs = [pre]
     base = f"{conv.name}_bn"
-    params = [gs.Constant(fresh_name(f"{base}.{key}", taken), value) for key, value in
+    params = [gs.Constant(model.fresh_tensor_name(f"{base}.{key}"), value) for key, value in
               (("scale", gamma), ("bias", mean32.copy()), ("mean", mean32), ("var", var32))]
     return model.add_node("BatchNormalization", [pre, *params], [out], base, {"epsilon": float(eps)})
-
-
-def fresh_name(base: str, taken: set[str]) -> str:
-    """A tensor name not in `taken` (which it joins). `taken` is built once per pass, so this is O(1);
-    QModel.add_constant rescans the graph per call. Candidate for qgraph/graph.py."""
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name

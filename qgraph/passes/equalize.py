@@ -77,10 +77,9 @@ def equalize(model: QModel, ctx: PassContext, *, iterations: int = 20, threshold
         layer.write_back()
     absorbed = 0
     if high_bias_absorption:
-        taken = set(model.tensors())
         for s in sets:
             for link in s.links:
-                absorbed += absorb_high_bias(link, taken, skipped)
+                absorbed += absorb_high_bias(model, link, skipped)
     model.cleanup()
     report_sets = [{"layers": [layer.node.name for layer in s.layers],
                     "spread_before": round(b, 4), "spread_after": round(set_spread(s), 4)}
@@ -445,7 +444,7 @@ def find_cls_sets(model: QModel, layers: dict[str, Layer], skipped: list[dict]) 
 
 # -- high-bias absorption ----------------------------------------------------------------
 
-def absorb_high_bias(link: Link, taken: set[str], skipped: list[dict]) -> int:
+def absorb_high_bias(model: QModel, link: Link, skipped: list[dict]) -> int:
     """Move cᵢ = max(0, β − 3|γ|) of L1's BN into L2's bias; returns the channels absorbed."""
     first, second = link.first, link.second
     bn = first.bn
@@ -464,7 +463,7 @@ def absorb_high_bias(link: Link, taken: set[str], skipped: list[dict]) -> int:
     taps = w.sum(axis=tuple(range(2, w.ndim))) if w.ndim > 2 else w
     delta = taps[:, 0] * c if second.kind == "dw" else taps @ c
     bn.inputs[2].values = (beta - c).astype(np.asarray(bn.inputs[2].values).dtype)
-    add_to_bias(second, delta, taken)
+    add_to_bias(model, second, delta)
     return int(np.sum(c > 0))
 
 
@@ -474,16 +473,12 @@ def _pads(node: gs.Node) -> bool:
     return auto not in ("NOTSET", "VALID") or any(int(p) for p in node.attrs.get("pads", []))
 
 
-def add_to_bias(layer: Layer, delta: np.ndarray, taken: set[str]) -> None:
+def add_to_bias(model: QModel, layer: Layer, delta: np.ndarray) -> None:
     """bias += delta, creating the bias input when the layer has none."""
     if layer.bias is not None:
         values = np.asarray(layer.bias.values)
         new = np.broadcast_to(values.astype(np.float64).reshape(-1), delta.shape) + delta
         layer.bias.values = new.astype(values.dtype)
         return
-    name, k = f"{layer.node.name}.bias", 1
-    while name in taken:
-        name, k = f"{layer.node.name}.bias_{k}", k + 1
-    taken.add(name)
-    layer.bias = gs.Constant(name, delta.astype(np.float32))
+    layer.bias = model.add_constant(f"{layer.node.name}.bias", delta.astype(np.float32))
     layer.node.inputs.append(layer.bias)
