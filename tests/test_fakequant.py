@@ -203,3 +203,56 @@ def test_gradient_reaches_learned_scales():
         for name in ("conv.w_scale", "fc.w_scale"):
             grad = state.parameters[name].grad
             assert grad is not None and np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0, name
+
+
+def _with_4_bit_weight_grid(model: onnx.ModelProto, qmin: int = -7, qmax: int = 7) -> onnx.ModelProto:
+    """tiny_cnn("qdq") annotated as insert_qdq would for 4-bit weights (storage stays int8)."""
+    from qgraph.annotations import set_annotation
+
+    weight_q = {"conv.weight_fused": "q_conv_w", "fc.weight": "q_fc_w"}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in weight_q:
+            node.name = weight_q[node.input[0]]
+    set_annotation(model, "quantizers", {name: {"kind": "weight", "quantize": q, "bits": 4, "qmin": qmin,
+                                                "qmax": qmax} for name, q in weight_q.items()})
+    set_annotation(model, "forward_fused_bn", {"conv": {"weight": "conv.weight", "folded_weight": "conv.weight_fused"}})
+    return model
+
+
+def test_annotated_4_bit_grid_sets_the_fakequant_range_and_export_clamps_weights_onto_it():
+    from qgraph.quant import quantize
+    from qgraph.runner import Runner
+
+    model = _with_4_bit_weight_grid(tiny_cnn("qdq"))
+    training, info = to_training_form(model)
+    ranges = {r["scale"]: (r["qmin"], r["qmax"], r["bits"]) for r in info.pairs}
+    assert ranges["conv.w_scale"] == ranges["fc.w_scale"] == (-7, 7, 4)
+    assert ranges["relu_scale"] == (0, 255, 8)
+    fq = [n for n in training.graph.node if n.op_type == "FakeQuant"]
+    assert sorted({a.i for n in fq for a in n.attribute if a.name == "quant_max"}) == [7, 255]
+
+    # "trained" weights far outside the 4-bit grid: FakeQuant saturates them at +-7 steps
+    values = {t.name: numpy_helper.to_array(t) for t in training.graph.initializer}
+    trained = {"conv.weight": values["conv.weight"] * 4, "fc.weight": values["fc.weight"] * 4}
+    restored = to_qdq_form(training, trained)
+    inits = {t.name: numpy_helper.to_array(t) for t in restored.graph.initializer}
+    fused = Runner(restored, ["conv.weight_fused"], optimize=False).run(
+        {"input": np.zeros((1, 1, 8, 8), np.float32)}, ["conv.weight_fused"])["conv.weight_fused"]
+    for weight, scale, axis in (("fc.weight", "fc.w_scale", None), (fused, "conv.w_scale", 0)):
+        weight = inits[weight] if isinstance(weight, str) else weight
+        codes = quantize(weight, inits[scale], 0, -128, 127, axis=axis)
+        assert codes.min() == -7 and codes.max() == 7, scale
+    form = onnx.ModelProto()
+    form.CopyFrom(training)
+    for t in form.graph.initializer:
+        if t.name in trained:
+            t.CopyFrom(numpy_helper.from_array(trained[t.name], t.name))
+    x = digits_like()["input"]
+    np.testing.assert_allclose(ort_run(restored, x), ort_run(form, x), rtol=1e-5, atol=1e-5)
+
+
+def test_annotated_grid_outside_the_storage_type_is_refused():
+    from qgraph.errors import TrainError
+
+    with pytest.raises(TrainError, match=r"q_conv_w.*\[-200, 7\].*int8"):
+        to_training_form(_with_4_bit_weight_grid(tiny_cnn("qdq"), qmin=-200))
