@@ -1,0 +1,145 @@
+"""Interpreter benchmark: qgraph.interp vs onnx.reference.ReferenceEvaluator vs ONNX Runtime on
+the lowered bundled ResNet and MobileNetV2, and ORT latency of the lowered models vs the float
+model vs ORT's own quantize_static QOperator output.
+
+    python benchmarks/interp.py [--batch 16] [--image-size 28] [--width 8] [--repeats 5]
+                                [--models resnet mobilenetv2]
+
+Each model: canonicalize + fuse_conv_bn (fold), quantize_static QDQ (per-channel int8 weights,
+uint8 activations, 128 MNIST val images), then `lower` to both targets. Times are medians of
+`--repeats` runs per batch on the same inputs (ORT: default threads; the interpreter: NumPy's
+BLAS). onnx.reference runs batch 1 once (it is slow) and is compared with the interpreter on
+batch 1; what it cannot run is reported with its error. Every lowered model is also checked
+bit-exact between ORT and the interpreter on the benchmark batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qgraph.graph import QModel
+from qgraph.interp import run as interp_run
+from qgraph.lowering import lower_model
+from qgraph.models.builders import build_model
+from qgraph.models.datasets import load_dataset
+from qgraph.pipeline import run_pass
+from qgraph.runner import Runner
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepare(name: str, image_size: int, width: int, calib: np.ndarray, workdir: Path) -> dict[str, onnx.ModelProto]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model = QModel.from_onnx(build_model(name, input_shape=(1, image_size, image_size), width=width))
+    run_pass(model, "canonicalize")
+    run_pass(model, "fuse_conv_bn", {"mode": "fold"})
+    float_path = workdir / f"{name}.onnx"
+    onnx.save(model.to_onnx(), float_path)
+    models = {"float": onnx.load(float_path)}
+    for fmt, label in ((QuantFormat.QDQ, "qdq"), (QuantFormat.QOperator, "qoperator")):
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = iter([{"input": calib[i:i + 32]} for i in range(0, len(calib), 32)])
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        out = workdir / f"{name}_{label}.onnx"
+        quantize_static(str(float_path), str(out), Reader(), quant_format=fmt, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        models[label] = onnx.load(out)
+    for target in ("qlinear", "integer"):
+        models[target], report = lower_model(models["qdq"], target)
+        if report["skipped"]:
+            print(f"  {name} {target}: left float: {report['skipped']}")
+    return models
+
+
+def at_opset_19(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model labelled ai.onnx 19: onnx.reference implements QuantizeLinear/DequantizeLinear
+    only from opset 19, whose integer semantics are those of opset 13 (the ops used here
+    — Cast, Clip, ConvInteger, MatMulInteger, elementwise — have no semantic change 17 → 19)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for imp in copy.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 19
+    copy.ir_version = max(copy.ir_version, 9)
+    return copy
+
+
+def reference_time(model: onnx.ModelProto, x1: np.ndarray) -> tuple[float | None, str]:
+    from onnx.reference import ReferenceEvaluator
+    try:
+        evaluator = ReferenceEvaluator(at_opset_19(model))
+        start = time.perf_counter()
+        evaluator.run(None, {"input": x1})
+        return time.perf_counter() - start, ""
+    except Exception as exc:  # noqa: BLE001 - what it cannot run is a result of the benchmark
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:110]}"
+
+
+def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
+    models = prepare(name, args.image_size, args.width, data[:128], workdir)
+    xb, x1 = data[:args.batch], data[:1]
+    rows = [f"\n{name} (width {args.width}, {args.image_size}x{args.image_size}, batch {args.batch}; "
+            "median time per batch; onnx.reference on the opset-19 relabelled copy, batch 1, once)"]
+    rows.append(f"  {'model':<10} {'ORT ms':>9} {'interp ms':>10} {'interp/ORT':>10} {'bit-exact':>9} "
+                f"{'ORT b1 ms':>9} {'interp b1 ms':>12} {'onnx.ref b1 ms':>14} {'ref/interp':>10}")
+    for label in ("qlinear", "integer"):
+        model = models[label]
+        ort = Runner(model)
+        ort_ms = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
+        interp_ms = 1e3 * median_time(lambda: interp_run(model, {"input": xb}), args.repeats)
+        exact = np.array_equal(ort.run({"input": xb})["logits"], interp_run(model, {"input": xb})["logits"])
+        ort1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
+        interp1 = 1e3 * median_time(lambda: interp_run(model, {"input": x1}), args.repeats)
+        ref_s, why = reference_time(model, x1)
+        ref = f"{1e3 * ref_s:14.1f} {1e3 * ref_s / interp1:9.0f}x" if ref_s is not None else f"{'—':>14} {'—':>10}"
+        rows.append(f"  {label:<10} {ort_ms:9.2f} {interp_ms:10.2f} {interp_ms / ort_ms:9.1f}x {str(exact):>9} "
+                    f"{ort1:9.2f} {interp1:12.2f} {ref}")
+        if why:
+            rows.append(f"  {'':<10} onnx.reference could not run it: {why}")
+    rows.append(f"  ORT latency (batch {args.batch} / batch 1, ms):")
+    for label in ("float", "qdq", "qoperator", "qlinear", "integer"):
+        ort = Runner(models[label])
+        tb = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
+        t1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
+        rows.append(f"    {label:<28} {tb:8.2f} / {t1:6.2f}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--width", type=int, default=8, help="base channel width of the bundled builders")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["resnet", "mobilenetv2"])
+    args = parser.parse_args()
+    data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows += bench_model(name, args, data, Path(tmp))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
