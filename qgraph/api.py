@@ -107,3 +107,19 @@ def lower_file(model_path: str | os.PathLike, target: str, output: str | os.Path
     if report_path:
         write_json(report_path, report)
     return report
+
+
+def diff_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, against: str | None = None,
+              per_layer: bool = False, json_path: str | None = None, batch_size: int = 64,
+              limit: int | None = None):
+    """`qgraph diff`: ORT vs the reference interpreter (and vs `against`) on the data file."""
+    from qgraph.diff import diff_models
+    if json_path:
+        check_output_path(json_path, model_path)
+    model = load_model(model_path, convert_opset=False)
+    data = load_data(data_path, model)
+    other = load_model(against, convert_opset=False) if against else None
+    report = diff_models(model, data, other, per_layer, batch_size=batch_size, limit=limit)
+    if json_path:
+        write_json(json_path, report.as_dict())
+    return report

@@ -163,6 +163,47 @@ def lower(model, target, output, report_path, verbose):
     click.echo(f"wrote {output}")
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="Inputs .npz.")
+@click.option("--against", type=click.Path(dir_okay=False), help="Also compare with this model (e.g. the QDQ one).")
+@click.option("--per-layer", is_flag=True, help="Compare every intermediate tensor too.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+def diff(model, data_path, against, per_layer, json_path, batch_size, limit):
+    """Run MODEL in ORT and in the reference interpreter; exit 1 unless bit-exact.
+
+    \b
+    Example:
+      qgraph diff model.int8.onnx --data val.npz --against trained.onnx --per-layer
+    """
+    from qgraph.api import diff_file
+    report = diff_file(model, data_path, against=against, per_layer=per_layer, json_path=json_path,
+                       batch_size=batch_size, limit=limit)
+    click.echo(report.format_table())
+    if not report.bit_exact:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--model", "model_name", default="mobilenetv2", show_default=True,
+              help="Bundled builder: lenet, resnet, mobilenetv2, repvgg, mlp.")
+@click.option("--out", "out_dir", default="qgraph-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Work folder for every stage's files.")
+@click.option("--quick", is_flag=True, help="Smaller images, less data, fewer epochs (for CI).")
+@click.option("--seed", default=0, show_default=True)
+def demo(model_name, out_dir, quick, seed):
+    """Run the whole chain on the bundled MNIST data and print one table.
+
+    \b
+    Example:
+      qgraph demo --model resnet --out demo-resnet
+    """
+    from qgraph.demo import run_demo
+    run_demo(model_name, out_dir, quick=quick, seed=seed, echo=click.echo)
+
+
 @main.group()
 def models():
     """Bundled model architectures."""
