@@ -171,3 +171,13 @@ def test_bad_data_fails_before_any_work(data):
     with pytest.raises(PassError, match="run insert_qdq first"):
         run_pass(QModel.from_onnx(build_model("mlp")), "calibrate", {}, PassContext(data=data))
     assert get_annotation(m, CALIBRATED) is False
+
+
+def test_fixed_range_is_kept(data):
+    conv = next(n.name for n in QModel.from_onnx(build_model("lenet")).graph.nodes if n.op == "Conv")
+    m = _qdq("lenet", rules=[{"name": conv, "activations": {"fixed_range": [0.0, 2.0]}}])
+    report = _calibrate(m, data)
+    r = quantizer_records(m)["input"]
+    assert r["fixed_range"] == [0.0, 2.0] and report["ranges"]["input"] == [0.0, 2.0]
+    scale, zp = _qparams(m, r)
+    assert scale == np.float32(2.0 / 255) and int(zp) == 0

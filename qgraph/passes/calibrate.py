@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, set_annotation
 from qgraph.data import check_data, check_finite, model_inputs, sample_count
@@ -72,7 +73,7 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
     for name, r in records.items():
         if r["kind"] != "activation":
             continue
-        lo, hi = r["fixed_range"] if name in records and r.get("fixed_range") is not None else observers[name].range()
+        lo, hi = r["fixed_range"] if r.get("fixed_range") is not None else observers[name].range()
         if lo == hi == 0.0 or (r["nonnegative"] and hi <= 0.0):
             warnings.append(f"tensor '{name}' is constant on the calibration data (zero range); "
                             "its scale is set to 1")
@@ -147,10 +148,10 @@ def calibrate_weights(model: QModel, nodes: dict, records: dict) -> int:
     """Recompute weight scales once from the current weights (in-graph folded ones via ORT)."""
     weights = {name: r for name, r in records.items() if r["kind"] == "weight"}
     tensors = {name: nodes[r["quantize"]].inputs[0] for name, r in weights.items()}
-    computed = evaluate_tensors(model, [t for t in tensors.values() if not hasattr(t, "values")])
+    computed = evaluate_tensors(model, [t for t in tensors.values() if not isinstance(t, gs.Constant)])
     for name, r in weights.items():
         t = tensors[name]
-        value = np.asarray(t.values) if hasattr(t, "values") else computed[t.name]
+        value = np.asarray(t.values) if isinstance(t, gs.Constant) else computed[t.name]
         write_qparams(model, nodes, r, *weight_qparams(value, r))
     return len(weights)
 
