@@ -298,3 +298,68 @@ def test_per_channel_weight_quantizer_on_wrong_axis_is_refused():
     with pytest.raises(PassError, match=r"per-channel quantizer 'wdq' of weight 'w_q' is on axis 1, but Conv "
                                         r"'conv' needs its output channels \(axis 0\)"):
         lower_model(qdq, "qlinear")
+
+
+# -- every rule of both targets on one hand-built model -----------------------------------------
+
+def op_zoo() -> onnx.ModelProto:
+    """Conv, Sigmoid, LeakyRelu, Mul, Tanh (table), Concat, AveragePool, Resize(nearest), MaxPool,
+    Flatten and a MatMul head on [N,1,28,28]."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [weight("w1", 8, 1, 3, 3), weight("w2", 8, 8, 1, 1), weight("fcw", 16 * 14 * 14, 10, scale=0.02),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Sigmoid", ["c1"], ["s1"], name="sig"),
+             helper.make_node("Conv", ["s1", "w2"], ["c2"], name="c2"),
+             helper.make_node("LeakyRelu", ["c2"], ["l2"], alpha=0.1, name="lrelu"),
+             helper.make_node("Mul", ["l2", "s1"], ["m"], name="mul"),
+             helper.make_node("Tanh", ["m"], ["t"], name="tanh"),
+             helper.make_node("Concat", ["t", "c1"], ["cat"], axis=1, name="cat"),
+             helper.make_node("AveragePool", ["cat"], ["ap"], kernel_shape=[2, 2], strides=[2, 2], name="ap"),
+             helper.make_node("Resize", ["ap", "", "sc"], ["rs"], mode="nearest", name="rs"),
+             helper.make_node("MaxPool", ["rs"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], name="mp"),
+             helper.make_node("Flatten", ["mp"], ["f"], name="fl"),
+             helper.make_node("MatMul", ["f", "fcw"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "op_zoo", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("activation", ["uint8", "int8"])
+def test_every_rule_lowers_on_both_targets(activation, tmp_dir):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    x = val_inputs()[:64]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x[:32]}, {"input": x[32:]}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    onnx.save(op_zoo(), f"{tmp_dir}/zoo.onnx")
+    quantize_static(f"{tmp_dir}/zoo.onnx", f"{tmp_dir}/zoo_{activation}.onnx", Reader(),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8 if activation == "int8" else QuantType.QUInt8)
+    qdq = onnx.load(f"{tmp_dir}/zoo_{activation}.onnx")
+    ref = run_model(qdq, {"input": x})["logits"]
+    expected = {"AveragePool", "Concat", "Conv", "LeakyRelu", "MatMul", "Mul", "Sigmoid", "Tanh"}
+    for target in ("qlinear", "integer"):
+        lowered, report = lower_model(qdq, target)
+        assert report["skipped"] == [] and expected <= set(report["lowered"]), report
+        out = run_model(lowered, {"input": x})["logits"]
+        assert np.max(np.abs(out - ref)) <= 2.01 * output_scale(qdq)
+        ops = {n.op_type for n in lowered.graph.node}
+        if target == "qlinear":
+            assert {"QLinearSigmoid", "QLinearLeakyRelu", "QLinearMul", "QLinearConcat", "QLinearAveragePool"} <= ops
+        else:
+            assert integer_region_float_tensors(lowered) == []
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
