@@ -16,6 +16,7 @@ from qgraph.annotations import get_annotation
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.lowering import fold, integer, qlinear
+from qgraph.passes.canonicalize import name_nodes
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer)
@@ -38,6 +39,7 @@ def lower_graph(model: QModel, target: str) -> dict:
         raise ConfigError(f"unknown lowering target '{target}'; valid targets: {', '.join(TARGETS)}")
     rules = TARGETS[target]
     check_quantizers(model)
+    name_nodes(model)  # reports, the region and new node names need unique names
     forward_bn = len(get_annotation(model, fold.FORWARD_FUSED_BN, {}) or {})
     folded = fold.fold_constants(model)
     check_weight_axes(model)
