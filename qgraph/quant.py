@@ -47,6 +47,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quantize_multiplier",
+    "shared_shift_multipliers",
     "requantize_fixed_point",
     "requantize_fixed_point_onnx_form",
     "ort_requant_multiplier",
@@ -196,6 +197,17 @@ def quantize_multiplier(real_multiplier):
     exp = np.where(carry, exp + 1, exp)
     shift = np.where(real == 0, 0, -exp).astype(np.int32)
     return m0.astype(np.int32), shift
+
+
+def shared_shift_multipliers(ratios) -> tuple[np.ndarray, int]:
+    """Integers ``K_i`` and one shift ``n`` with ``K_i · 2^-n ≈ ratio_i`` and ``max K_i < 2^31``
+    (the largest ratio keeps 31 significant bits), for sums of differently-scaled terms such as a
+    residual Add. Built on :func:`quantize_multiplier` of the largest ratio."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    _, shift = quantize_multiplier(ratios.max())
+    n = 31 + int(shift)
+    k = np.rint(ratios * 2.0**n).astype(np.int64)
+    return k, n
 
 
 def _total_shift(shift):

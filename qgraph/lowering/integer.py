@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from qgraph import quant
+from qgraph.quant import shared_shift_multipliers
 from qgraph.graph import QModel
 from qgraph.lowering import qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, const, finish_site,
@@ -38,19 +39,6 @@ from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, S
 
 _ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int32": TensorProto.INT32,
                "int64": TensorProto.INT64}
-
-
-# -- quant math missing from qgraph/quant.py (kept here, clearly apart; see the report) ----------
-
-def shared_shift_multipliers(ratios) -> tuple[np.ndarray, int]:
-    """Integers ``K_i`` and one shift ``n`` with ``K_i · 2^-n ≈ ratio_i`` and ``max K_i < 2^31``
-    (the largest ratio keeps 31 significant bits), for sums of differently-scaled terms such as a
-    residual Add. Built on :func:`quant.quantize_multiplier` of the largest ratio."""
-    ratios = np.asarray(ratios, dtype=np.float64)
-    _, shift = quant.quantize_multiplier(ratios.max())
-    n = 31 + int(shift)
-    k = np.rint(ratios * 2.0**n).astype(np.int64)
-    return k, n
 
 
 # -- emitters ---------------------------------------------------------------------------------
