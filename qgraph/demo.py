@@ -19,7 +19,7 @@ import onnx
 from qgraph.api import bundled_pipeline, lower_file, run_passes, train_file
 from qgraph.files import atomic_write_bytes, write_json
 from qgraph.model_io import load_model, save_model
-from qgraph.runner import Runner
+from qgraph.runner import Runner, top1_accuracy
 
 TARGETS = ("qlinear", "integer")
 
@@ -42,18 +42,6 @@ class DemoPlan:
         if quick:
             return cls(14, 2000, 500, 256, 3, 1, 4e-3, 2e-4, 64)
         return cls(28, 4000, 1000, 512, 4, 1, 4e-3, 2e-4, 64)
-
-
-def top1(model, data: dict[str, np.ndarray], batch_size: int = 250) -> float:
-    """Top-1 accuracy of `model` (path or proto) in ORT on `data`."""
-    runner = Runner(model)
-    output = runner.output_names[0]
-    hits = 0
-    for start in range(0, len(data["labels"]), batch_size):
-        feeds = {k: data[k][start:start + batch_size] for k in runner.input_names}
-        logits = runner.run(feeds, [output])[output]
-        hits += int((logits.argmax(axis=1) == data["labels"][start:start + batch_size]).sum())
-    return hits / len(data["labels"])
 
 
 def latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
@@ -137,7 +125,7 @@ def _head(data: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
 
 def _row(label: str, path: Path, val: dict, plan: DemoPlan, bit_exact: bool | None = None) -> dict:
     feeds = {"input": val["input"][:plan.batch_size]}
-    return {"stage": label, "file": path.name, "top1": round(top1(onnx.load(path), val), 4),
+    return {"stage": label, "file": path.name, "top1": round(top1_accuracy(onnx.load(path), val), 4),
             "bit_exact": bit_exact, "bytes": path.stat().st_size,
             "latency_ms": round(latency_ms(onnx.load(path), feeds), 3)}
 

@@ -84,3 +84,17 @@ def run_concatenated(model, data: dict[str, np.ndarray], batch_size: int = 256,
         for k, v in result.items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def top1_accuracy(model, data: dict[str, np.ndarray], batch_size: int = 250, output: str | None = None) -> float:
+    """Fraction of samples whose arg-max over `output` (default: the first output) equals `labels`."""
+    runner = Runner(model)
+    output = output or runner.output_names[0]
+    hits = sum(int((result[output].reshape(len(result[output]), -1).argmax(1) == labels).sum())
+               for result, labels in zip(runner.run_batches(data, batch_size, [output]),
+                                         _chunks(data["labels"], batch_size)))
+    return hits / len(data["labels"])
+
+
+def _chunks(array: np.ndarray, size: int):
+    return (array[start:start + size] for start in range(0, len(array), size))

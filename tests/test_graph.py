@@ -64,3 +64,12 @@ def test_runner_returns_intermediates_streamed(small_cnn):
     whole = runner.run({"input": data["input"]})
     np.testing.assert_allclose(np.concatenate([p["logits"] for p in parts]), whole["logits"], rtol=1e-6)
     assert set(whole) == {"logits", "c1", "r1"}
+
+
+def test_top1_accuracy_counts_argmax_hits_across_batches(small_cnn):
+    from qgraph.runner import top1_accuracy
+    data = small_data(23)
+    predicted = run_model(small_cnn, {"input": data["input"]})["logits"].argmax(1)
+    labels = predicted.copy()
+    labels[:5] = (labels[:5] + 1) % 3
+    assert top1_accuracy(small_cnn, {"input": data["input"], "labels": labels}, batch_size=4) == 18 / 23
