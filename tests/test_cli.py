@@ -160,3 +160,18 @@ def test_train_without_labels_is_refused(tmp_path, small_cnn_file):
     np.savez(data, input=np.zeros((4, 1, 8, 8), np.float32))
     result = invoke("train", small_cnn_file, "--data", data, "-o", tmp_path / "t.onnx")
     assert result.exit_code == 2 and "labels" in result.stderr and not (tmp_path / "t.onnx").exists()
+
+
+def test_inspect_lists_qdq_pairs_and_annotations_of_a_ptq_model(tmp_path, small_cnn_file, small_data_file):
+    from qgraph.api import bundled_pipeline
+    out = tmp_path / "ptq.onnx"
+    result = invoke("passes", "run", small_cnn_file, "--pipeline", bundled_pipeline("ptq"), "--data",
+                    small_data_file, "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    info = json.loads(invoke("inspect", out, "--json").output)
+    weights = [p for p in info["qdq_pairs"] if p["weight"]]
+    assert {p["tensor"] for p in weights} >= {"conv1.weight", "conv2.weight", "fc.weight"}
+    assert all(p["storage"] == "int8" and p["per_channel"] for p in weights)
+    assert info["annotations"]["calibrated"] is True
+    text = invoke("inspect", out).output
+    assert f"QDQ pairs: {len(info['qdq_pairs'])} ({len(weights)} weights" in text

@@ -80,3 +80,27 @@ def test_canonicalize_removes_identity_dropout_and_folds(small_cnn):
     x = {"input": small_data()["input"]}
     from qgraph.runner import run_model
     np.testing.assert_allclose(run_model(model, x)["logits"], run_model(small_cnn, x)["logits"], rtol=1e-6)
+
+
+def test_canonicalize_makes_reshape_shapes_static_where_dims_are_known():
+    import onnx
+    from onnx import TensorProto, helper
+    from qgraph.runner import run_model
+    nodes = [
+        helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "one"], ["channels"], name="gather", axis=0),
+        helper.make_node("Concat", ["minus_one", "channels"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["input", "target"], ["logits"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["M", 6])],
+        [onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+         onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    qmodel = QModel.from_onnx(model)
+    run_pass(qmodel, "canonicalize")
+    assert [n.op for n in qmodel.graph.nodes] == ["Reshape"]
+    assert qmodel.constant_value(qmodel.graph.nodes[0].inputs[1]).tolist() == [-1, 6]
+    x = {"input": np.arange(12, dtype=np.float32).reshape(2, 6)}
+    np.testing.assert_array_equal(run_model(qmodel, x)["logits"], x["input"])
