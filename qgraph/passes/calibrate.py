@@ -17,7 +17,6 @@ Invariant: changes outputs (sets quantization parameters).
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ from qgraph.observers import make_observer
 from qgraph.passes.insert_qdq import (activation_qparams, evaluate_tensors, quantizer_records,
                                       weight_qparams, write_qparams)
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.progress import ProgressBar
 from qgraph.qconfig import OBSERVERS
 
 _OBSERVER_PARAMS = ("averaging_constant", "percentile", "bins")
@@ -122,7 +122,7 @@ def _observe(model: QModel, proto, ctx: PassContext, observers: dict, views: dic
             value = batch[name] if name in from_feeds else values[name]
             observers[name].update(views[name](value) if views[name] else value)
         samples += len(batch[inputs[0]])
-        bar.update(index + 1)
+        bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
     bar.close()
     return (index + 1 if samples else 0), samples, time.perf_counter() - start
 
@@ -154,25 +154,3 @@ def calibrate_weights(model: QModel, nodes: dict, records: dict) -> int:
         value = np.asarray(t.values) if isinstance(t, gs.Constant) else computed[t.name]
         write_qparams(model, nodes, r, *weight_qparams(value, r))
     return len(weights)
-
-
-class ProgressBar:
-    """A one-line text progress bar on stderr."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True, width: int = 30):
-        self.label, self.total, self.enabled, self.width = label, max(total, 1), enabled, width
-        self.start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        filled = int(self.width * done / self.total)
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                         f"{done}/{self.total} batches {rate:.1f}/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
