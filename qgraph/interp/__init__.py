@@ -2,13 +2,15 @@
 models), bit-exact with ONNX Runtime 1.19's CPU kernels for the quantized ops.
 
     outputs = run(model, {"input": x}, outputs=["conv1_out", "logits"])
+    plan = compile_model(model)                  # once per model; then, per batch:
+    outputs = plan.run({"input": x}, outputs=["logits"])
 
 One kernel per (domain, op type) in :data:`OPS`; an op without a kernel raises
 :class:`qgraph.errors.InterpError` naming it — never a silent wrong answer.
 """
 
 from qgraph.interp.registry import OPS, NodeContext, register
-from qgraph.interp.runner import run
+from qgraph.interp.runner import Plan, compile_model, run
 from qgraph.interp import ops_basic, ops_nn, ops_quant, ops_contrib  # noqa: F401  (registration)
 
-__all__ = ["run", "register", "OPS", "NodeContext"]
+__all__ = ["run", "compile_model", "Plan", "register", "OPS", "NodeContext"]

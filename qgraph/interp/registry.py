@@ -41,30 +41,50 @@ def _norm_domain(domain: str) -> str:
 
 
 class NodeContext:
-    """What a kernel may ask about its node: attributes (with defaults), the opset version of
-    the node's domain, and a name for error messages."""
+    """What a kernel may ask about its node: attributes (with defaults, decoded once), the opset
+    version of the node's domain, and a name for error messages. A compiled plan keeps one
+    context per node across runs, so a kernel may memoize work that depends only on constant
+    inputs (weights, scales, zero points) with :meth:`once`."""
 
-    __slots__ = ("node", "opset", "attrs")
+    __slots__ = ("node", "opset", "attrs", "const", "_decoded", "_memo")
 
-    def __init__(self, node: onnx.NodeProto, opset: int):
+    def __init__(self, node: onnx.NodeProto, opset: int, const: tuple[bool, ...] = ()):
         self.node = node
         self.opset = opset
         self.attrs = {a.name: a for a in node.attribute}
+        self.const = const
+        self._decoded: dict = {}
+        self._memo: dict = {}
 
     def attr(self, name: str, default=None):
+        if name in self._decoded:
+            v = self._decoded[name]
+            return default if v is None else v
         a = self.attrs.get(name)
         if a is None:
-            return default
-        if a.type == onnx.AttributeProto.TENSOR:
-            return onnx.numpy_helper.to_array(a.t)
-        if a.type == onnx.AttributeProto.GRAPH:
+            v = None
+        elif a.type == onnx.AttributeProto.TENSOR:
+            v = onnx.numpy_helper.to_array(a.t)
+            v.flags.writeable = False
+        elif a.type == onnx.AttributeProto.GRAPH:
             raise self.error(f"graph attribute {name!r} (subgraphs) is not supported")
-        v = helper.get_attribute_value(a)
-        if isinstance(v, bytes):
-            v = v.decode()
-        if isinstance(v, list):
-            v = [x.decode() if isinstance(x, bytes) else x for x in v]
-        return v
+        else:
+            v = helper.get_attribute_value(a)
+            if isinstance(v, bytes):
+                v = v.decode()
+            if isinstance(v, list):
+                v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        self._decoded[name] = v
+        return default if v is None else v
+
+    def once(self, key, compute: Callable, *inputs: int):
+        """``compute()``, memoized under ``key`` when the node inputs at positions ``inputs`` are
+        all plan constants (initializers no feed overrides); recomputed on every call otherwise."""
+        if not all(i < len(self.const) and self.const[i] for i in inputs):
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def where(self) -> str:

@@ -1,9 +1,14 @@
-"""Graph evaluation: prune to what the requested outputs need, topologically sort, run one
-kernel per node, and free every tensor after its last use."""
+"""Graph evaluation. :func:`compile_model` does the per-model work once — initializers decoded
+(read-only), nodes topologically sorted, kernels looked up, one :class:`NodeContext` per node
+(attributes decoded once, weight-derived constants memoized by the kernels) — and returns a
+:class:`Plan`; ``Plan.run`` prunes to what the requested outputs need (a schedule cached per
+output list), runs one kernel per node and frees every tensor after its last use.
+:func:`run` is the one-call form; it keeps the plans of the last few models it saw."""
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -17,12 +22,7 @@ def _opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {_norm_domain(o.domain): o.version for o in model.opset_import}
 
 
-def _needed_nodes(nodes, wanted: set[str]) -> list[int]:
-    producer = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            if o:
-                producer[o] = i
+def _needed_nodes(nodes, producer: dict[str, int], wanted) -> set[int]:
     keep, stack = set(), [producer[t] for t in wanted if t in producer]
     while stack:
         i = stack.pop()
@@ -30,17 +30,18 @@ def _needed_nodes(nodes, wanted: set[str]) -> list[int]:
             continue
         keep.add(i)
         stack.extend(producer[t] for t in nodes[i].input if t in producer)
-    return sorted(keep)
+    return keep
 
 
-def _toposort(nodes, idx: list[int], available: set[str]) -> list[int]:
-    producer = {o: i for i in idx for o in nodes[i].output if o}
-    deps = {i: {producer[t] for t in nodes[i].input if t in producer and t not in available} for i in idx}
+def _toposort(nodes, available: set[str]) -> list[int]:
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = {i: {producer[t] for t in n.input if t in producer and t not in available}
+            for i, n in enumerate(nodes)}
     users = defaultdict(list)
     for i, ds in deps.items():
         for d in ds:
             users[d].append(i)
-    ready = deque(i for i in idx if not deps[i])
+    ready = deque(i for i in range(len(nodes)) if not deps[i])
     order = []
     while ready:
         i = ready.popleft()
@@ -49,69 +50,140 @@ def _toposort(nodes, idx: list[int], available: set[str]) -> list[int]:
             deps[u].discard(i)
             if not deps[u]:
                 ready.append(u)
-    if len(order) != len(idx):
+    if len(order) != len(nodes):
         raise InterpError("the graph has a cycle; run onnx.checker.check_model on it")
     return order
+
+
+class _Step(NamedTuple):
+    kernel: Callable
+    ctx: NodeContext
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    free: tuple[str, ...]  # tensors whose last use is this step
+
+
+class Plan:
+    """A model compiled for repeated evaluation: ``plan.run(feeds, outputs=None)``.
+
+    Initializers are shared, read-only arrays; kernels never write into their inputs. A feed
+    that overrides an initializer switches that run to fresh node contexts (nothing memoized)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        opsets = _opsets(model)
+        self.nodes = list(g.node)
+        self.consts: dict[str, np.ndarray] = {}
+        for init in g.initializer:
+            arr = numpy_helper.to_array(init)
+            arr.flags.writeable = False
+            self.consts[init.name] = arr
+        self.graph_inputs = {i.name for i in g.input}
+        self.output_names = [o.name for o in g.output]
+        self.order = _toposort(self.nodes, set(self.consts) | self.graph_inputs)
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        fixed = set(self.consts) - self.graph_inputs  # an initializer listed as input may be fed
+        self._opset_of = [opsets.get(_norm_domain(n.domain), 1) for n in self.nodes]
+        self.contexts = [NodeContext(n, self._opset_of[i], tuple(bool(t) and t in fixed for t in n.input))
+                         for i, n in enumerate(self.nodes)]
+        self._schedules: dict[tuple[str, ...], list[_Step]] = {}
+
+    def _schedule(self, wanted: tuple[str, ...]) -> list[_Step]:
+        sched = self._schedules.get(wanted)
+        if sched is not None:
+            return sched
+        needed = _needed_nodes(self.nodes, self.producer, wanted)
+        order = [i for i in self.order if i in needed]
+        kernels = {}
+        for i in order:
+            n = self.nodes[i]
+            kernels[i] = lookup(n.domain, n.op_type)
+            if kernels[i] is None:
+                raise InterpError(f"unsupported op {n.op_type} (domain {n.domain or 'ai.onnx'!r}) "
+                                  f"at node {n.name!r}; the reference interpreter has no kernel for it")
+        last_use = {}
+        for k, i in enumerate(order):
+            for t in self.nodes[i].input:
+                if t:
+                    last_use[t] = k
+        frees = defaultdict(list)
+        for t, k in last_use.items():
+            if t not in wanted:
+                frees[k].append(t)
+        sched = [_Step(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output),
+                       tuple(frees[k])) for k, i in enumerate(order)]
+        self._schedules[wanted] = sched
+        return sched
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Evaluate on ``feeds`` and return the tensors named in ``outputs`` (default: the graph
+        outputs); any intermediate tensor may be requested."""
+        wanted = tuple(outputs) if outputs is not None else tuple(self.output_names)
+        sched = self._schedule(wanted)
+        values = dict(self.consts)
+        for name, arr in feeds.items():
+            values[name] = np.asarray(arr)
+        fresh = any(name in self.consts for name in feeds)
+        for step in sched:
+            try:
+                args = [values[t] if t else None for t in step.inputs]
+            except KeyError:
+                raise self._missing(step, values) from None
+            ctx = step.ctx
+            if fresh:
+                ctx = NodeContext(ctx.node, ctx.opset)
+            try:
+                res = step.kernel(ctx, *args)
+            except InterpError:
+                raise
+            except Exception as e:  # a kernel bug or a malformed node: say where
+                raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
+            if type(res) is not tuple:
+                res = (res,)
+            for name, arr in zip(step.outputs, res):
+                if name:
+                    values[name] = arr
+            for t in step.free:
+                values.pop(t, None)
+        missing = [t for t in wanted if t not in values]
+        if missing:
+            raise InterpError(f"requested tensors {missing} are neither computed nor fed; check the names")
+        return {t: values[t] if values[t].flags.writeable else values[t].copy() for t in wanted}
+
+    def _missing(self, step: _Step, values) -> InterpError:
+        n = step.ctx.node
+        t = next(t for t in step.inputs if t and t not in values)
+        hint = "feed it" if t in self.graph_inputs else "no node or initializer produces it"
+        return InterpError(f"node {n.name!r} ({n.op_type}) needs tensor {t!r}: {hint}")
+
+
+def compile_model(model: onnx.ModelProto) -> Plan:
+    """Compile ``model`` once for many runs (``plan.run(feeds, outputs)``); the plan does not
+    see later edits of ``model``."""
+    return Plan(model)
+
+
+_PLANS: OrderedDict[int, tuple[onnx.ModelProto, bytes, Plan]] = OrderedDict()
+_PLAN_CACHE_SIZE = 4
+
+
+def _plan_for(model: onnx.ModelProto) -> Plan:
+    """The cached plan of ``model``: same object and same serialized bytes (edits recompile)."""
+    data = model.SerializeToString()
+    hit = _PLANS.get(id(model))
+    if hit is not None and hit[0] is model and hit[1] == data:
+        _PLANS.move_to_end(id(model))
+        return hit[2]
+    plan = Plan(model)
+    _PLANS[id(model)] = (model, data, plan)
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
         outputs: list[str] | None = None) -> dict[str, np.ndarray]:
     """Evaluate ``model`` on ``feeds`` and return the tensors named in ``outputs`` (default: the
-    graph outputs); any intermediate tensor may be requested."""
-    g = model.graph
-    opsets = _opsets(model)
-    wanted = list(outputs) if outputs is not None else [o.name for o in g.output]
-    nodes = list(g.node)
-    idx = _needed_nodes(nodes, set(wanted))
-    for i in idx:
-        n = nodes[i]
-        if lookup(n.domain, n.op_type) is None:
-            raise InterpError(f"unsupported op {n.op_type} (domain {n.domain or 'ai.onnx'!r}) "
-                              f"at node {n.name!r}; the reference interpreter has no kernel for it")
-
-    values: dict[str, np.ndarray] = {}
-    for init in g.initializer:
-        values[init.name] = numpy_helper.to_array(init)
-    for name, arr in feeds.items():
-        values[name] = np.asarray(arr)
-    graph_inputs = {i.name for i in g.input}
-    order = _toposort(nodes, idx, set(values))
-
-    uses = defaultdict(int)
-    for i in order:
-        for t in nodes[i].input:
-            if t:
-                uses[t] += 1
-    keep = set(wanted)
-    for i in order:
-        n = nodes[i]
-        args = []
-        for t in n.input:
-            if not t:
-                args.append(None)
-            elif t in values:
-                args.append(values[t])
-            else:
-                hint = "feed it" if t in graph_inputs else "no node or initializer produces it"
-                raise InterpError(f"node {n.name!r} ({n.op_type}) needs tensor {t!r}: {hint}")
-        ctx = NodeContext(n, opsets.get(_norm_domain(n.domain), 1))
-        try:
-            res = lookup(n.domain, n.op_type)(ctx, *args)
-        except InterpError:
-            raise
-        except Exception as e:  # a kernel bug or a malformed node: say where
-            raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
-        if not isinstance(res, tuple):
-            res = (res,)
-        for name, arr in zip(n.output, res):
-            if name:
-                values[name] = arr
-        for t in n.input:
-            if t:
-                uses[t] -= 1
-                if uses[t] == 0 and t not in keep:
-                    values.pop(t, None)
-    missing = [t for t in wanted if t not in values]
-    if missing:
-        raise InterpError(f"requested tensors {missing} are neither computed nor fed; check the names")
-    return {t: values[t] for t in wanted}
+    graph outputs); any intermediate tensor may be requested. Reuses the compiled plan of a
+    model seen in one of the last few calls; for many batches prefer :func:`compile_model`."""
+    return _plan_for(model).run(feeds, outputs)
