@@ -262,10 +262,15 @@ def ort_requant_multiplier(in_scale, w_scale, out_scale) -> np.ndarray:
     return (a * w) / y
 
 
-def requantize_float(acc, multiplier, zero_point, qmin: int, qmax: int, dtype=None):
+def requantize_float(acc, multiplier, zero_point, qmin: int, qmax: int, dtype=None, *, overwrite=False):
     """ORT MlasRequantizeOutput: ``clip(round_half_even(float32(acc) * m), qmin - zp, qmax - zp) + zp``
-    with a float32 conversion and product (``multiplier`` broadcasts against ``acc``)."""
-    f = np.asarray(acc).astype(np.float32)  # float32 accumulators must hold exact integers
+    with a float32 conversion and product (``multiplier`` broadcasts against ``acc``).
+    ``overwrite=True`` lets a float32 ``acc`` be used as the scratch buffer."""
+    acc = np.asarray(acc)
+    if overwrite and acc.dtype == np.float32 and acc.flags.writeable:
+        f = acc
+    else:
+        f = acc.astype(np.float32)  # float32 accumulators must hold exact integers
     f *= np.asarray(multiplier, dtype=np.float32)
     # clamp-then-round-then-add equals round-then-add-then-clamp because the bounds are
     # integers; a huge |f| may round when zp is added but saturates identically.

@@ -1,11 +1,13 @@
 """Convolution, pooling, GEMM and normalization kernels (ONNX domain), plus the shared
-im2col convolution core that the integer kernels reuse.
+convolution core that the integer kernels reuse.
 
-Conv is im2col through ``sliding_window_view`` (channels-last, so each im2col row copies runs
-of contiguous channels) and one batched matmul over the groups; depthwise convs are a short
-loop over kernel taps instead, vectorized over everything else. Integer callers pass
-zero-point-shifted float operands: float32 when every partial sum is provably below 2^24,
-float64 otherwise (below 2^53 for any 8-bit conv), so BLAS computes the integers exactly.
+Conv works in NCHW throughout: im2col gathers the (zero-point-shifted) windows of the padded
+input into ``(N, C·K, P)`` with one strided copy (runs of output columns are contiguous), and one
+batched matmul with the ``(M, C·K)`` weight matrix yields ``(N, M, P)`` — already NCHW. Depthwise
+convs skip im2col: one multiply-add per kernel tap over whole strided views. Integer callers
+pass zero-point-shifted float operands: float32 when every partial sum is provably below 2^24,
+float64 otherwise (below 2^53 for any 8-bit conv), so BLAS computes the integers exactly, in any
+summation order.
 """
 
 from __future__ import annotations
@@ -57,55 +59,176 @@ def _windows(x, kernel, strides, dilations):
     return win[sl]
 
 
-def conv_core(x, w, group: int, strides, dilations, pads, channels_last_out: bool = False):
-    """Cross-correlation of x (N, C, *S) with w (M, C/group, *K); operands already carry their
-    zero points subtracted, padding is with zeros. Works channels-last inside (im2col rows
-    with C innermost copy fast); returns (N, M, *out), or (N, *out, M) if ``channels_last_out``."""
-    nd = w.ndim - 2
-    n, c = x.shape[:2]
-    m, cg = w.shape[:2]
-    kernel = tuple(w.shape[2:])
-    xh = np.moveaxis(x, 1, -1)
-    if any(pads):
-        xh = np.pad(xh, [(0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)] + [(0, 0)])
-    ext = [(kernel[i] - 1) * dilations[i] + 1 for i in range(nd)]
-    win = sliding_window_view(xh, ext, axis=tuple(range(1, 1 + nd)))  # N, *O_full, C, *ext
-    win = win[(slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),)
-              + tuple(slice(None, None, d) for d in dilations)]
-    out = win.shape[1:1 + nd]
-    mg = m // group
-    if cg == 1 and mg == 1 and group == c:  # depthwise: one multiply-add per kernel tap
-        y = np.zeros((n,) + out + (c,), dtype=x.dtype)
-        wk = np.moveaxis(w.reshape((c,) + kernel), 0, -1)  # *K, C
-        lead = (slice(None),) * (1 + nd + 1)
-        for tap in itertools.product(*(range(k) for k in kernel)):
-            y += win[lead + tap] * wk[tap]
+def _padded_shifted(x, pads, shift, dtype):
+    """``x - shift`` in ``dtype``, zero-padded on the spatial axes: one conversion pass."""
+    nd = x.ndim - 2
+    if not any(pads):
+        return _shift(x, shift, dtype)
+    shape = x.shape[:2] + tuple(x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd))
+    xp = np.zeros(shape, dtype)
+    inner = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))
+    if shift is None:
+        xp[inner] = x
     else:
-        p = int(np.prod(out))
-        kk = int(np.prod(kernel))
-        if kk == 1 and group == 1:
-            cols = win.reshape(1, n * p, c)
-        else:
-            cols = win.reshape((n,) + out + (group, cg) + kernel)
-            perm = (1 + nd, 0) + tuple(range(1, 1 + nd)) + tuple(range(3 + nd, 3 + 2 * nd)) + (2 + nd,)
-            cols = cols.transpose(perm).reshape(group, n * p, kk * cg)
-        wm = w.reshape((group, mg, cg) + kernel)
-        wm = wm.transpose((0,) + tuple(range(3, 3 + nd)) + (2, 1)).reshape(group, kk * cg, mg)
-        y = np.matmul(cols, wm)  # (G, N*P, Mg)
-        if group == 1:
-            y = y.reshape((n,) + out + (m,))
-        else:
-            y = np.moveaxis(y.reshape((group, n * p, mg)), 0, 1).reshape((n,) + out + (m,))
-    if channels_last_out:
+        np.subtract(x, shift, out=xp[inner], dtype=dtype, casting="unsafe")
+    return xp
+
+
+def _shift(x, shift, dtype):
+    if shift is None:
+        return x if x.dtype == dtype else x.astype(dtype)
+    return np.subtract(x, shift, dtype=dtype, casting="unsafe")
+
+
+def _tap_views(xp, kernel, strides, dilations, out):
+    """For each kernel tap (row-major), the strided view of padded xp that it multiplies."""
+    nd = len(kernel)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        yield tap, xp[(slice(None), slice(None)) + tuple(
+            slice(tap[i] * dilations[i], tap[i] * dilations[i] + strides[i] * (out[i] - 1) + 1, strides[i])
+            for i in range(nd))]
+
+
+def conv_out_shape(x_shape, kernel, strides, dilations, pads):
+    nd = len(kernel)
+    return tuple((x_shape[2 + i] + pads[i] + pads[i + nd] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                 for i in range(nd))
+
+
+def is_depthwise(w_shape, group: int) -> bool:
+    return group > 1 and w_shape[1] == 1 and w_shape[0] == group
+
+
+class DepthwiseWeights(list):
+    """Per-tap weight columns ``(C, 1, …, 1)`` of a depthwise conv, plus the per-channel weight
+    maps of :func:`_depthwise_2d`, built once per image geometry."""
+
+    def weight_maps(self, per: int, plane: int) -> list[np.ndarray]:
+        maps = getattr(self, "_maps", None)
+        if maps is None:
+            maps = self._maps = {}
+        key = (per, plane)
+        if key not in maps:
+            maps[key] = [np.repeat(np.tile(w.reshape(-1), per), plane) for w in self]
+        return maps[key]
+
+
+def conv_weights(w, group: int, dtype):
+    """Weights in the form :func:`conv_core` consumes: ``(G, M/G, C/G·K)`` for a GEMM, or
+    ``(C, 1, …, 1)`` columns per kernel tap for a depthwise conv."""
+    kernel = w.shape[2:]
+    if is_depthwise(w.shape, group):
+        wk = w.reshape((w.shape[0],) + kernel).astype(dtype)
+        nd = len(kernel)
+        return DepthwiseWeights([np.ascontiguousarray(wk[(slice(None),) + tap]).reshape((-1,) + (1,) * nd)
+                                 for tap in itertools.product(*(range(k) for k in kernel))])
+    return np.ascontiguousarray(w.reshape(group, w.shape[0] // group, -1).astype(dtype))
+
+
+def conv_core(x, wmat, w_shape, group: int, strides, dilations, pads, shift=None, dtype=np.float32):
+    """Cross-correlation of ``x - shift`` (N, C, *S; padding counts as ``shift``, i.e. 0 after
+    the shift) with weights prepared by :func:`conv_weights` from a ``w_shape`` tensor; computed
+    in ``dtype``, returns (N, M, *out)."""
+    kernel = tuple(w_shape[2:])
+    nd = len(kernel)
+    n, c = x.shape[:2]
+    m = w_shape[0]
+    out = conv_out_shape(x.shape, kernel, strides, dilations, pads)
+    if isinstance(wmat, DepthwiseWeights):  # depthwise: y = sum over taps of x_tap * w_tap
+        if nd == 2:
+            return _depthwise_2d(x, wmat, kernel, strides, dilations, pads, out, shift, dtype)
+        xp = _padded_shifted(x, pads, shift, dtype)
+        y = np.empty((n, c) + out, dtype)
+        tmp = np.empty_like(y)
+        for k, (tap, view) in enumerate(_tap_views(xp, kernel, strides, dilations, out)):
+            if k == 0:
+                np.multiply(view, wmat[0], out=y)
+            else:
+                np.multiply(view, wmat[k], out=tmp)
+                y += tmp
         return y
-    return np.ascontiguousarray(np.moveaxis(y, -1, 1))
+    p = math.prod(out)
+    if all(k == 1 for k in kernel) and not any(pads) and all(s == 1 for s in strides):
+        cols = _shift(x, shift, dtype).reshape(n, c, p)
+    else:
+        if any(pads):  # pad in x's own type with the value that the shift turns into 0
+            fill = 0 if shift is None else shift
+            shape = (n, c) + tuple(x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd))
+            xp = np.full(shape, fill, x.dtype)
+            xp[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))] = x
+        else:
+            xp = x
+        win = _windows(xp, kernel, strides, dilations)  # N, C, *out, *K
+        win = win.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
+        cols = np.empty(win.shape, dtype)
+        if shift is None:
+            np.copyto(cols, win, casting="unsafe")
+        else:
+            np.subtract(win, shift, out=cols, dtype=dtype, casting="unsafe")
+        cols = cols.reshape(n, c * math.prod(kernel), p)
+    if group == 1:
+        y = np.matmul(wmat[0], cols)
+    else:
+        y = np.matmul(wmat, cols.reshape(n, group, -1, p))
+    return y.reshape((n, m) + out)
+
+
+#: Elements of one depthwise work chunk (a few images): small enough to stay in L2.
+_DW_CHUNK = 1 << 16
+
+
+def _depthwise_2d(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype):
+    """2-D depthwise conv on flattened images. The padded input is split into its stride phases
+    (phase (a, b) holds rows a, a+s_h, … and columns b, b+s_w, …; one phase when the stride is
+    1), each of shape (Hq, Wq). Output pixel (h, w) of tap (i, j) then reads phase
+    ((i·d_h) mod s_h, (j·d_w) mod s_w) at (h + i·d_h div s_h, w + j·d_w div s_w): a constant
+    offset in the flattened phase. So every tap is one contiguous multiply-add over a whole chunk
+    of images, with the weight repeated per channel (a weight map); positions with w ≥ Wout or
+    h ≥ Hout are computed as garbage and dropped, and no valid position reads past its image."""
+    n, c = x.shape[:2]
+    (sh, sw), (dh, dw) = strides, dilations
+    hp, wp = x.shape[2] + pads[0] + pads[2], x.shape[3] + pads[1] + pads[3]
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    xp = np.zeros((n, c, hq * sh, wq * sw), dtype)
+    inner = (slice(None), slice(None), slice(pads[0], pads[0] + x.shape[2]), slice(pads[1], pads[1] + x.shape[3]))
+    if shift is None:
+        xp[inner] = x
+    else:
+        np.subtract(x, shift, out=xp[inner], dtype=dtype, casting="unsafe")
+    if sh * sw > 1:
+        phases = np.ascontiguousarray(xp.reshape(n, c, hq, sh, wq, sw).transpose(3, 5, 0, 1, 2, 4))
+    else:
+        phases = xp.reshape(1, 1, n, c, hq, wq)
+    taps = [((i * dh) % sh, (j * dw) % sw, (i * dh) // sh * wq + (j * dw) // sw)
+            for i in range(kernel[0]) for j in range(kernel[1])]
+    image = c * hq * wq
+    per = max(1, min(n, _DW_CHUNK // image))
+    omax = max(t[2] for t in taps)
+    maps = wtaps.weight_maps(per, hq * wq)
+    y = np.empty((n, c, hq, wq), dtype)
+    yf = y.reshape(-1)
+    tmp = np.empty(per * image, dtype)
+    flat = phases.reshape(sh, sw, -1)
+    for start in range(0, n * image, per * image):
+        t = min(per * image, n * image - start) - omax
+        dst, scratch = yf[start:start + t], tmp[:t]
+        for k, (a, b, o) in enumerate(taps):
+            src = flat[a, b, start + o:start + o + t]
+            if k == 0:
+                np.multiply(src, maps[k][:t], out=dst)
+            else:
+                np.multiply(src, maps[k][:t], out=scratch)
+                dst += scratch
+    return np.ascontiguousarray(y[:, :, :out[0], :out[1]])
 
 
 @register("Conv")
 def conv(ctx, x, w, b=None):
     """Float convolution (groups, pads, strides, dilations, auto_pad), computed in x's dtype."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
-    y = conv_core(x, w.astype(x.dtype), ctx.attr("group", 1), strides, dilations, pads)
+    group = ctx.attr("group", 1)
+    wmat = ctx.once(("w", x.dtype), lambda: conv_weights(w, group, x.dtype), 1)
+    y = conv_core(x, wmat, w.shape, group, strides, dilations, pads, dtype=x.dtype)
     if b is not None:
         y += b.reshape((1, -1) + (1,) * (y.ndim - 2)).astype(y.dtype)
     return y

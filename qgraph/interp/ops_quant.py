@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import quant
-from qgraph.interp.ops_nn import conv_core, conv_geometry
+from qgraph.interp.ops_nn import conv_core, conv_geometry, conv_weights
 from qgraph.interp.registry import MS_DOMAIN, register
 
 _SUPPORTED_Q = (np.int8, np.uint8, np.int16, np.uint16)
@@ -113,15 +113,27 @@ def _gemm_dtype(x, x_zp, w, w_zp):
     return np.float32 if float(row_sums.max()) * xmax < _F32_EXACT else np.float64
 
 
-def conv_accumulate(ctx, x, x_zp, w, w_zp, channels_last_out=False, as_int32=True):
-    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp): int32, or
-    the float32/float64 array of exact integers that BLAS produced when ``as_int32`` is False."""
+def conv_accumulate(ctx, x, x_zp, w, w_zp, as_int32=True):
+    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp), (N, M, *out):
+    int32, or the float32/float64 array of exact integers that BLAS produced when ``as_int32``
+    is False. The shifted weight matrix and the accumulator type depend only on w, w_zp, x_zp
+    and x's dtype, so a compiled plan computes them once (inputs 1, 2, 3 of ConvInteger)."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
-    dt = _gemm_dtype(x, x_zp, w, w_zp)
-    xf = _shifted(x, x_zp, dt)
-    wf = _shifted(w, w_zp, dt, axis=0)
-    acc = conv_core(xf, wf, ctx.attr("group", 1), strides, dilations, pads, channels_last_out)
+    group = ctx.attr("group", 1)
+
+    def prepare():
+        dt = _gemm_dtype(x, x_zp, w, w_zp)
+        return dt, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
+
+    dt, wmat = ctx.once(("conv", x.dtype), prepare, *_conv_const_inputs(ctx))
+    shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
+    acc = conv_core(x, wmat, w.shape, group, strides, dilations, pads, shift=shift, dtype=dt)
     return acc.astype(np.int32) if as_int32 else acc
+
+
+def _conv_const_inputs(ctx):
+    """Positions of (w, x_zp, w_zp) among the node's inputs."""
+    return (3, 2, 5) if ctx.node.op_type == "QLinearConv" else (1, 2, 3)
 
 
 def matmul_accumulate(a, a_zp, b, b_zp):
@@ -156,22 +168,28 @@ def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
     clamp, round half to even, + yzp)."""
     if ctx.attr("channels_last", 0):
         raise ctx.error("channels_last=1 is not supported")
-    acc = conv_accumulate(ctx, x, xzp, w, wzp, channels_last_out=True, as_int32=False)  # (N, *out, M)
-    if acc.dtype == np.float32 and (b is None or np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24):
+    acc = conv_accumulate(ctx, x, xzp, w, wzp, as_int32=False)  # (N, M, *out)
+    bshape = (1, -1) + (1,) * (acc.ndim - 2)
+    small_b = b is None or ctx.once("small_bias", lambda: np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24, 8)
+    if acc.dtype == np.float32 and small_b:
         # |acc| < 2^24 and |b| < 2^24: one float32 rounding of acc + b, exactly ORT's
         # int32 add followed by cvtdq2ps.
         if b is not None:
-            acc += b.astype(np.float32)
+            acc += ctx.once("bias32", lambda: b.astype(np.float32).reshape(bshape), 8)
     else:
         acc = acc.astype(np.int32)
         if b is not None:
-            acc += b.astype(np.int32)
-    mult = quant.ort_requant_multiplier(xs, ws, ys)
-    mult = mult.reshape(-1) if mult.size > 1 else mult.reshape(())
-    dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
+            acc += b.astype(np.int32).reshape(bshape)
+
+    def params():
+        mult = quant.ort_requant_multiplier(xs, ws, ys)
+        mult = mult.reshape(bshape) if mult.size > 1 else mult.reshape(())
+        dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
+        return mult, _scalar(yzp), dtype
+
+    mult, zp, dtype = ctx.once("requant", params, 1, 4, 6, 7)
     qmin, qmax = qlimits(dtype)
-    y = quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)
-    return np.ascontiguousarray(np.moveaxis(y, -1, 1))
+    return quant.requantize_float(acc, mult, zp, qmin, qmax, dtype=dtype, overwrite=True)
 
 
 @register("QLinearMatMul", "", MS_DOMAIN)

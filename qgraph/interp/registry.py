@@ -79,8 +79,9 @@ class NodeContext:
 
     def once(self, key, compute: Callable, *inputs: int):
         """``compute()``, memoized under ``key`` when the node inputs at positions ``inputs`` are
-        all plan constants (initializers no feed overrides); recomputed on every call otherwise."""
-        if not all(i < len(self.const) and self.const[i] for i in inputs):
+        all plan constants (initializers no feed overrides, or omitted); recomputed on every call
+        otherwise, and always outside a compiled plan (empty ``const``)."""
+        if not self.const or not all(i >= len(self.const) or self.const[i] for i in inputs):
             return compute()
         if key not in self._memo:
             self._memo[key] = compute()

@@ -84,7 +84,7 @@ class Plan:
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         fixed = set(self.consts) - self.graph_inputs  # an initializer listed as input may be fed
         self._opset_of = [opsets.get(_norm_domain(n.domain), 1) for n in self.nodes]
-        self.contexts = [NodeContext(n, self._opset_of[i], tuple(bool(t) and t in fixed for t in n.input))
+        self.contexts = [NodeContext(n, self._opset_of[i], tuple(not t or t in fixed for t in n.input))
                          for i, n in enumerate(self.nodes)]
         self._schedules: dict[tuple[str, ...], list[_Step]] = {}
 
