@@ -32,10 +32,24 @@ def mul(ctx, a, b):
     return np.multiply(a, b, dtype=np.result_type(a, b))
 
 
+def _pow2_exponents(b):
+    """log2 of a signed-integer divisor whose entries are all positive powers of two, else None
+    (the integer lowering divides by 2^n; shifts are exact and far faster than int division)."""
+    if b.dtype.kind != "i" or b.size == 0 or b.min() <= 0 or np.any(b & (b - 1)):
+        return None
+    return np.log2(b.astype(np.float64)).astype(b.dtype)
+
+
 @register("Div")
 def div(ctx, a, b):
-    """A / B. Integer division truncates toward zero (C++ semantics, as ORT), not floor."""
+    """A / B. Integer division truncates toward zero (C++ semantics, as ORT), not floor.
+    For divisors 2^k: trunc(a / 2^k) = (a + (2^k - 1 if a < 0 else 0)) >> k (arithmetic shift)."""
     if np.issubdtype(a.dtype, np.integer):
+        k = ctx.once("pow2", lambda: _pow2_exponents(b), 1)
+        if k is not None and a.dtype == b.dtype:
+            bias = (a >> (a.dtype.itemsize * 8 - 1)) & (b - 1)  # 2^k - 1 where a < 0, else 0
+            bias += a
+            return np.right_shift(bias, k, out=bias)
         q = np.abs(a.astype(np.int64)) // np.abs(b.astype(np.int64))
         return (q * (np.sign(a) * np.sign(b))).astype(a.dtype)
     return np.divide(a, b, dtype=a.dtype)
@@ -43,9 +57,13 @@ def div(ctx, a, b):
 
 @register("Mod")
 def mod(ctx, a, b):
-    """fmod=0: integer remainder with the divisor's sign (Python %); fmod=1: C fmod."""
+    """fmod=0: integer remainder with the divisor's sign (Python %); fmod=1: C fmod.
+    For fmod=0 and divisors 2^k: a mod 2^k = a & (2^k - 1) (two's complement)."""
     if ctx.attr("fmod", 0):
         return np.fmod(a, b).astype(a.dtype)
+    if np.issubdtype(a.dtype, np.integer) and a.dtype == b.dtype:
+        if ctx.once("pow2", lambda: _pow2_exponents(b), 1) is not None:
+            return np.bitwise_and(a, b - 1)
     return np.mod(a, b).astype(a.dtype)
 
 
