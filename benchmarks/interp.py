@@ -3,17 +3,28 @@ the lowered bundled ResNet and MobileNetV2, and ORT latency of the lowered model
 model vs ORT's own quantize_static QOperator output.
 
     python benchmarks/interp.py [--batch 16] [--image-size 28] [--width 8] [--repeats 5]
-                                [--models resnet mobilenetv2]
+                                [--models resnet mobilenetv2] [--threads T]
 
 Each model: canonicalize + fuse_conv_bn (fold), quantize_static QDQ (per-channel int8 weights,
 uint8 activations, 128 MNIST val images), then `lower` to both targets. Times are medians of
-`--repeats` runs per batch on the same inputs (ORT: default threads; the interpreter: NumPy's
-BLAS). onnx.reference runs batch 1 once (it is slow) and is compared with the interpreter on
-batch 1; what it cannot run is reported with its error. Every lowered model is also checked
-bit-exact between ORT and the interpreter on the benchmark batch.
+`--repeats` runs per batch on the same inputs. Threads: `--threads T` gives ORT T intra-op threads
+and NumPy's BLAS T threads (through OPENBLAS_NUM_THREADS/OMP_NUM_THREADS, set before NumPy loads);
+without it both use their defaults (all cores). The interpreter is timed as a compiled plan
+(`qgraph.interp.compile_model(model).run`, what `qgraph diff` needs per batch); the "run()" column
+is the one-call `qgraph.interp.run`, which also serializes the model to find its cached plan.
+onnx.reference runs batch 1 once (it is slow) and is compared with the interpreter on batch 1;
+what it cannot run is reported with its error. Every lowered model is also checked bit-exact
+between ORT and the interpreter on the benchmark batch.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if "--threads" in sys.argv[:-1]:  # BLAS reads its thread count when NumPy is first imported
+    _threads = sys.argv[sys.argv.index("--threads") + 1]
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = _threads
 
 import argparse
 import statistics
@@ -25,6 +36,7 @@ import numpy as np
 import onnx
 
 from qgraph.graph import QModel
+from qgraph.interp import compile_model
 from qgraph.interp import run as interp_run
 from qgraph.lowering import lower_model
 from qgraph.models.builders import build_model
@@ -100,25 +112,27 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
     xb, x1 = data[:args.batch], data[:1]
     rows = [f"\n{name} (width {args.width}, {args.image_size}x{args.image_size}, batch {args.batch}; "
             "median time per batch; onnx.reference on the opset-19 relabelled copy, batch 1, once)"]
-    rows.append(f"  {'model':<10} {'ORT ms':>9} {'interp ms':>10} {'interp/ORT':>10} {'bit-exact':>9} "
-                f"{'ORT b1 ms':>9} {'interp b1 ms':>12} {'onnx.ref b1 ms':>14} {'ref/interp':>10}")
+    rows.append(f"  {'model':<10} {'ORT ms':>9} {'interp ms':>10} {'interp/ORT':>10} {'run() ms':>9} {'bit-exact':>9} "
+                f"{'ORT b1 ms':>9} {'interp b1 ms':>12} {'b1 ratio':>8} {'onnx.ref b1 ms':>14} {'ref/interp':>10}")
     for label in ("qlinear", "integer"):
         model = models[label]
-        ort = Runner(model)
+        ort = Runner(model, threads=args.threads)
+        plan = compile_model(model)
         ort_ms = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
-        interp_ms = 1e3 * median_time(lambda: interp_run(model, {"input": xb}), args.repeats)
-        exact = np.array_equal(ort.run({"input": xb})["logits"], interp_run(model, {"input": xb})["logits"])
+        interp_ms = 1e3 * median_time(lambda: plan.run({"input": xb}), args.repeats)
+        run_ms = 1e3 * median_time(lambda: interp_run(model, {"input": xb}), args.repeats)
+        exact = np.array_equal(ort.run({"input": xb})["logits"], plan.run({"input": xb})["logits"])
         ort1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
-        interp1 = 1e3 * median_time(lambda: interp_run(model, {"input": x1}), args.repeats)
+        interp1 = 1e3 * median_time(lambda: plan.run({"input": x1}), args.repeats)
         ref_s, why = reference_time(model, x1)
         ref = f"{1e3 * ref_s:14.1f} {1e3 * ref_s / interp1:9.0f}x" if ref_s is not None else f"{'—':>14} {'—':>10}"
-        rows.append(f"  {label:<10} {ort_ms:9.2f} {interp_ms:10.2f} {interp_ms / ort_ms:9.1f}x {str(exact):>9} "
-                    f"{ort1:9.2f} {interp1:12.2f} {ref}")
+        rows.append(f"  {label:<10} {ort_ms:9.2f} {interp_ms:10.2f} {interp_ms / ort_ms:9.1f}x {run_ms:9.2f} "
+                    f"{str(exact):>9} {ort1:9.2f} {interp1:12.2f} {interp1 / ort1:7.1f}x {ref}")
         if why:
             rows.append(f"  {'':<10} onnx.reference could not run it: {why}")
     rows.append(f"  ORT latency (batch {args.batch} / batch 1, ms):")
     for label in ("float", "qdq", "qoperator", "qlinear", "integer"):
-        ort = Runner(models[label])
+        ort = Runner(models[label], threads=args.threads)
         tb = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
         t1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
         rows.append(f"    {label:<28} {tb:8.2f} / {t1:6.2f}")
@@ -132,6 +146,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8, help="base channel width of the bundled builders")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["resnet", "mobilenetv2"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ORT intra-op threads and BLAS threads (0: each library's default)")
     args = parser.parse_args()
     data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
     rows = []
