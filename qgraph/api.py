@@ -10,7 +10,7 @@ from qgraph.data import load_data
 from qgraph.describe import describe_model
 from qgraph.files import check_output_path, write_json
 from qgraph.graph import QModel
-from qgraph.model_io import load_model, save_model
+from qgraph.model_io import check_model, load_model, save_model
 from qgraph.pipeline import PassContext, StepReport, load_pipeline, run_pipeline
 
 
@@ -37,7 +37,9 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
                 echo(f"    warning: {item}")
 
     reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
-    save_model(model.to_onnx(), output, input_path=model_path)
+    result = model.to_onnx()
+    check_model(result, origin=f"the output of pipeline {Path(pipeline_path).name} (a qgraph bug; please report it)")
+    save_model(result, output, input_path=model_path)
     if report_path:
         write_json(report_path, {"model": str(model_path), "pipeline": str(pipeline_path),
                                  "output": str(output), "passes": [r.as_dict() for r in reports]})

@@ -17,12 +17,21 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qgraph.errors import PassError
-from qgraph.model_io import MS_DOMAIN, OPSET
+from qgraph.model_io import MS_DOMAIN, OPSET, PROTOBUF_LIMIT
 
 Node = gs.Node
 Tensor = gs.Tensor
 Constant = gs.Constant
 Variable = gs.Variable
+
+
+def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return model  # inference needs one serialised message; such models keep their own types
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        return model  # load_model already reported real errors; keep what the file says
 
 
 class QModel:
@@ -40,7 +49,9 @@ class QModel:
     # -- conversion -------------------------------------------------------------------
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto) -> "QModel":
-        graph = gs.import_onnx(model)
+        """Import with inferred types, so passes can tell float tensors from integer shape tensors
+        (exporters such as torch.onnx write no types for intermediate tensors)."""
+        graph = gs.import_onnx(_with_inferred_types(model))
         metadata = {p.key: p.value for p in model.metadata_props}
         return cls(graph, metadata, model.ir_version, model.producer_name or "qgraph")
 

@@ -104,3 +104,18 @@ def test_canonicalize_makes_reshape_shapes_static_where_dims_are_known():
     assert qmodel.constant_value(qmodel.graph.nodes[0].inputs[1]).tolist() == [-1, 6]
     x = {"input": np.arange(12, dtype=np.float32).reshape(2, 6)}
     np.testing.assert_array_equal(run_model(qmodel, x)["logits"], x["input"])
+
+
+def test_canonicalize_turns_torch_view_reshape_into_flatten():
+    """PyTorch's x.view(x.size(0), -1) with a dynamic batch: Shape->Gather->Unsqueeze->Concat->Reshape."""
+    from pathlib import Path
+
+    import onnx
+    from qgraph.runner import run_model
+    model = onnx.load(Path(__file__).parent / "fixtures" / "torch_cnn_view.onnx")
+    qmodel = QModel.from_onnx(model)
+    report = run_pass(qmodel, "canonicalize")
+    ops = [n.op for n in qmodel.graph.nodes]
+    assert report["flattened"] == 1 and "Shape" not in ops and "Reshape" not in ops and "Flatten" in ops
+    x = {"input": np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)}
+    np.testing.assert_allclose(run_model(qmodel, x)["logits"], run_model(model, x)["logits"], rtol=1e-5, atol=1e-5)

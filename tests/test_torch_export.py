@@ -117,12 +117,6 @@ def test_fixture_accuracy_float_ptq_lowered(fixture_chain, mnist):
         assert acc["interp:logits"] == lowered_top1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "x.view(x.size(0), -1) with a dynamic batch exports Shape->Gather->Unsqueeze->Concat->Reshape: "
-    "insert_qdq quantizes the int64 Gather/Concat outputs (QuantPlan.is_float takes a tensor without "
-    "a known dtype for float; the imported graph has no value_info), and lowering cannot sink the "
-    "DequantizeLinear through a Reshape whose shape is computed (fold.commutes_with_dequantize), "
-    "so the classifier Gemm stays float"))
 def test_view_flatten_fixture_ptq_lower_diff(tmp_path, mnist):
     calib, val, _ = mnist
     assert "Shape" in [n.op_type for n in onnx.load(VIEW_FIXTURE).graph.node]

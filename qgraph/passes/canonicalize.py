@@ -4,7 +4,10 @@
 2. Identity and inference-mode Dropout removed (y = x);
 3. constant subgraphs folded with ONNX Runtime, including Shape->Gather->Concat chains that
    feed Reshape/Flatten, so shape constants become static initializers;
-4. Constant nodes turned into initializers.
+4. Constant nodes turned into initializers;
+5. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
+   with a dynamic batch) becomes Flatten(x, axis=1): the same result, with no shape arithmetic
+   left for quantizers and lowering to trip on.
 QuantizeLinear/DequantizeLinear are never folded, so QDQ models keep their quantizers.
 
 Invariant: outputs unchanged up to float rounding of the folded subgraphs.
@@ -37,10 +40,13 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     lift_constant_nodes(model)
     model.cleanup()
     folded = before - len(model.graph.nodes)
-    changed = renamed + removed + folded
-    summary = f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded"
+    flattened = flatten_batch_reshapes(model)
+    model.cleanup()
+    changed = renamed + removed + folded + flattened
+    summary = (f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded, "
+               f"{flattened} batch reshapes made Flatten")
     return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
-            "folded": folded, "skipped": skipped}
+            "folded": folded, "flattened": flattened, "skipped": skipped}
 
 
 def name_nodes(model: QModel) -> int:
@@ -93,3 +99,39 @@ def lift_constant_nodes(model: QModel) -> None:
         if model.is_graph_output(out):
             continue
         node.outputs.clear()
+
+
+def flatten_batch_reshapes(model: QModel) -> int:
+    """Rewrite Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])) as Flatten(x, axis=1)."""
+    count = 0
+    for node in list(model.graph.nodes):
+        if node.op != "Reshape" or len(node.inputs) < 2 or node.attrs.get("allowzero", 0):
+            continue
+        data, shape = node.inputs[0], node.inputs[1]
+        if _is_batch_then_rest(model, shape, data):
+            node.op, node.attrs = "Flatten", {"axis": 1}
+            node.inputs = [data]
+            count += 1
+    return count
+
+
+def _is_batch_then_rest(model: QModel, shape, data) -> bool:
+    """True when `shape` is computed as [dim 0 of `data`, -1]."""
+    concat = model.producer(shape)
+    if concat is None or concat.op != "Concat" or len(concat.inputs) != 2:
+        return False
+    rest = model.constant_value(concat.inputs[1])
+    if rest is None or rest.reshape(-1).tolist() != [-1]:
+        return False
+    unsqueeze = model.producer(concat.inputs[0])
+    if unsqueeze is None or unsqueeze.op != "Unsqueeze":
+        return False
+    axes = model.constant_value(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+    gather = model.producer(unsqueeze.inputs[0])
+    if axes is None or axes.reshape(-1).tolist() != [0] or gather is None or gather.op != "Gather":
+        return False
+    index = model.constant_value(gather.inputs[1])
+    source = model.producer(gather.inputs[0])
+    return (index is not None and int(index.reshape(-1)[0]) == 0 and gather.attrs.get("axis", 0) == 0
+            and source is not None and source.op == "Shape" and source.inputs[0] is data
+            and not source.attrs.get("start", 0))
