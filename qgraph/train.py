@@ -12,6 +12,9 @@ What ORT 1.19.2 does, found by running it:
   BN in inference mode. `freeze_bn=True` instead rewrites each BN as in-graph arithmetic on
   its parameters, `y = (x - mean) * gamma / sqrt(var + eps) + beta`, so γ and β train and the
   statistics stay fixed. Forward-fused BN (fuse_conv_bn forward) always keeps μ, σ² fixed.
+- Learning-rate schedule: `LinearLRScheduler(opt, 0, total, lr)` does not decay: with no
+  warm-up steps it raises the rate linearly from 0 to `lr` over all `total` steps. qgraph sets
+  the rate itself before each step (linear warm-up, then linear decay to 0).
 - Optimizers: ORT's artifacts offer AdamW and SGD; its SGD has no momentum and no weight
   decay. `optimizer="sgd"` with momentum or weight decay applies the heavy-ball update in
   NumPy from the gradients ORT computed (slower on big models).
@@ -403,15 +406,15 @@ class _Stepper:
             module, state, lr, warmup, schedule, total
         self.momentum, self.weight_decay, self.step_count = momentum, weight_decay, 0
         self.velocity: dict[str, np.ndarray] | None = None
-        self.optimizer = self.scheduler = None
+        self.optimizer = None
         if momentum_sgd:
             self.velocity = dict(np.load(velocity_file)) if velocity_file else {}
             self.trainable = [name for name, p in state.parameters if p.requires_grad]
         else:
+            # not ORT's LinearLRScheduler: with warmup_step_count=0 it ramps the rate *up* from 0
+            # over the whole run (measured on 1.19.2); the rate is set before every step instead
             self.optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), module)
-            self.optimizer.set_learning_rate(lr)
-            if schedule == "linear":
-                self.scheduler = api.LinearLRScheduler(self.optimizer, warmup, total, lr)
+            self.optimizer.set_learning_rate(self.current_lr())
 
     def current_lr(self) -> float:
         t = self.step_count
@@ -429,15 +432,11 @@ class _Stepper:
 
     def _advance_lr(self):
         self.step_count += 1
-        if self.scheduler is not None:
-            self.scheduler.step()
-        elif self.optimizer is not None:
+        if self.optimizer is not None:
             self.optimizer.set_learning_rate(self.current_lr())
 
     def step(self) -> None:
         if self.velocity is None:
-            if self.scheduler is None:
-                self.optimizer.set_learning_rate(self.current_lr())
             self.optimizer.step()
             self._advance_lr()
         else:

@@ -104,7 +104,7 @@ def test_qat_yaml_quantizes_the_folded_weights_and_stays_close_to_float(float_re
     assert get_annotation(prepared, "fix_activations") is True and get_annotation(prepared, "calibrated") is True
 
     expected, got = logits(float_resnet, val["input"]), logits(prepared, val["input"])
-    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.98
     assert abs(top1(prepared, val) - top1(float_resnet, val)) <= 0.015
 
