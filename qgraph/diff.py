@@ -223,7 +223,7 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
                 limit: int | None = None) -> DiffReport:
     """Compare ORT and qgraph.interp on `model` (and ORT on `against`, by tensor name) over `data`
     (a dict of arrays or an .npz path). `per_layer` adds every intermediate tensor."""
-    from qgraph.interp import run as interp_run
+    from qgraph.interp import compile_model
     from qgraph.runner import Runner
 
     model, label = _as_model(model)
@@ -244,6 +244,7 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
         other_names = [n for n in names if n in available]
 
     ort_model = Runner(model, names)
+    interp_plan = compile_model(model)  # decode weights and order nodes once, not per batch
     ort_other = Runner(other, other_names) if other is not None and other_names else None
     grids = tensor_grids(model)
     interp_stats: dict[str, TensorStats] = {}
@@ -255,7 +256,7 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
         feeds = {k: batch[k] for k in inputs}
         samples += len(next(iter(feeds.values())))
         ref = ort_model.run(feeds, names)
-        mine = interp_run(model, feeds, names)
+        mine = interp_plan.run(feeds, names)
         _accumulate(interp_stats, ref, mine, names, grids)
         runs = {"ort": ref, "interp": mine}
         _agreement(agree["interp"], ref, mine, outputs)

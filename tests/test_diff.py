@@ -63,14 +63,14 @@ def test_lowered_model_is_bit_exact_per_layer(lowered, qdq, val, target):
 
 
 def test_interpreter_mismatch_clears_bit_exact(lowered, val, monkeypatch):
-    real = qgraph.interp.run
+    real = qgraph.interp.Plan.run
 
-    def off_by_one(model, feeds, outputs=None):
-        result = real(model, feeds, outputs)
+    def off_by_one(plan, feeds, outputs=None):
+        result = real(plan, feeds, outputs)
         result["logits"] = result["logits"] + np.float32(result["logits"].std() * 0.5)
         return result
 
-    monkeypatch.setattr(qgraph.interp, "run", off_by_one)
+    monkeypatch.setattr(qgraph.interp.Plan, "run", off_by_one)
     report = diff_models(lowered["integer"], val)
     assert not report.bit_exact
     stats = report.comparisons[0].tensors[0]
