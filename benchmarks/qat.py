@@ -1,0 +1,322 @@
+"""QAT benchmark: float training, int8 and W4A8 QAT in ONNX Runtime, against PyTorch on the same graphs.
+
+    python benchmarks/qat.py [--models lenet,mobilenetv2] [--epochs 5] [--qat-epochs 2]
+                             [--torch /tmp/torchvenv/bin/python] [--workdir DIR]
+
+On the bundled MNIST-5k (4,000 train / 1,000 val real digits, 28x28), for each model:
+
+1. float training from scratch with qgraph.train.train_model (what `qgraph train` runs):
+   AdamW lr 3e-3, batch 64, linear decay to 0, seed 0;
+2. the same ONNX graph, with the same initial weights, batch order, optimizer (AdamW,
+   eps 1e-6, no weight decay) and schedule, trained in PyTorch eager mode in a separate
+   interpreter (`--torch`, a venv with torch; qgraph never imports torch) — one small
+   interpreter of the ONNX graph in torch.nn.functional, so the architecture is identical;
+3. models/pipelines/qat.yaml on the float model (calibration: the first 512 train digits):
+   PTQ accuracy of the prepared model, then QAT (`--qat-epochs`, AdamW lr `--qat-lr`,
+   activation scales frozen) — int8 (W8A8) and W4A8 (the same pipeline with 4-bit weights);
+4. a control: the float model fine-tuned for the same epochs at the same learning rate,
+   so the QAT gain is not mistaken for extra training;
+5. PyTorch eager QAT of the same prepared QDQ graph (each Q->DQ pair as
+   torch.fake_quantize_per_{tensor,channel}_affine with the calibrated scales, frozen like
+   qgraph's): throughput only, `--torch-qat-epochs` (default 1, to keep the run near 10 min).
+
+Accuracy is top-1 on the 1,000 val digits (exported models in plain ORT); throughput is
+training images/s over whole epochs (median epoch), both engines on the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORKER_FLAG = "--torch-worker"
+CALIB = 512
+FLOAT_LR = 3e-3
+BATCH = 64
+
+if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
+    import copy
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from qgraph.api import bundled_pipeline
+    from qgraph.fakequant import to_training_form
+    from qgraph.graph import QModel
+    from qgraph.models.builders import build_model
+    from qgraph.models.datasets import load_dataset
+    from qgraph.passes.insert_qdq import quantizer_records
+    from qgraph.pipeline import PassContext, load_pipeline, run_pipeline
+    from qgraph.runner import Runner
+    from qgraph.train import classify_parameters, train_model
+
+
+# --- qgraph side -------------------------------------------------------------------------
+
+def top1(model: "onnx.ModelProto", data: dict) -> float:
+    runner = Runner(model)
+    preds = np.concatenate([r["logits"].argmax(1) for r in runner.run_batches({"input": data["input"]}, 250)])
+    return 100.0 * float((preds == data["labels"]).mean())
+
+
+def prepare(model: "onnx.ModelProto", calib: dict, weight_bits: int) -> "onnx.ModelProto":
+    """The bundled qat.yaml, with `weight_bits`-bit weights."""
+    pipeline = load_pipeline(bundled_pipeline("qat"))
+    pipeline.steps = copy.deepcopy(pipeline.steps)
+    for name, params in pipeline.steps:
+        if name == "insert_qdq":
+            params["weights"]["bits"] = weight_bits
+        if name == "calibrate":
+            params["progress"] = False
+    qmodel = QModel.from_onnx(model)
+    run_pipeline(qmodel, pipeline, PassContext(data={"input": calib["input"]}, batch_size=BATCH))
+    return qmodel.to_onnx()
+
+
+def train(model, train_data, val, workdir: Path, epochs: int, lr: float) -> tuple["onnx.ModelProto", dict]:
+    start = time.perf_counter()
+    trained, history = train_model(model, train_data, val, epochs=epochs, lr=lr, batch_size=BATCH,
+                                   optimizer="adamw", schedule="linear", seed=0, workdir=workdir, progress=False)
+    return trained, {"top1": top1(trained, val), "engine_top1": 100 * history[-1]["val_top1"],
+                     "img_s": float(np.median([h["images_per_s"] for h in history])),
+                     "seconds": time.perf_counter() - start, "curve": [round(100 * h["val_top1"], 1) for h in history]}
+
+
+# --- the PyTorch comparison: the same ONNX graph, interpreted in torch ----------------------
+
+def torch_run(torch_python: str | None, model: "onnx.ModelProto", train_path: Path, val_path: Path,
+              workdir: Path, epochs: int, lr: float, tag: str) -> dict | None:
+    """Train `model`'s graph (float, or QDQ as fake quantization) in the torch venv; None if unavailable."""
+    if not torch_python or not Path(torch_python).is_file():
+        return None
+    spec = graph_spec(model, workdir / f"{tag}.weights.npz")
+    spec.update(train=str(train_path), val=str(val_path), epochs=epochs, lr=lr, batch=BATCH, seed=0)
+    spec_path = workdir / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    done = subprocess.run([torch_python, __file__, WORKER_FLAG, str(spec_path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"[torch {tag}] failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def graph_spec(model: "onnx.ModelProto", weights_path: Path) -> dict:
+    """Nodes, initializers (saved to `weights_path`), trainable names and quantizer grids as JSON."""
+    training, info = to_training_form(model)
+    trainable, _ = classify_parameters(training, info.learned_scales, info.fixed_scales)
+    inits = list(model.graph.initializer)
+    np.savez(weights_path, **{f"t{i}": numpy_helper.to_array(t) for i, t in enumerate(inits)})
+    nodes = [{"op": n.op_type, "name": n.name, "inputs": list(n.input), "outputs": list(n.output),
+              "attrs": {a.name: _plain(helper.get_attribute_value(a)) for a in n.attribute}}
+             for n in model.graph.node]
+    grids = {r["quantize"]: [r["qmin"], r["qmax"]] for r in quantizer_records(model).values()}
+    return {"nodes": nodes, "initializers": [t.name for t in inits], "weights": str(weights_path),
+            "trainable": sorted(set(trainable) & {t.name for t in inits}), "grids": grids,
+            "input": model.graph.input[0].name, "output": model.graph.output[0].name}
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def torch_worker(spec_path: str) -> None:
+    """Runs under the torch venv: train the graph in `spec_path` and print one JSON line."""
+    import torch
+    import torch.nn.functional as F
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.manual_seed(0)
+    stored = np.load(spec["weights"])
+    tensors = {name: torch.from_numpy(np.array(stored[f"t{i}"])) for i, name in enumerate(spec["initializers"])}
+    params = {name: torch.nn.Parameter(tensors[name]) for name in spec["trainable"]}
+    values = {**tensors, **params}
+    grids = spec["grids"]
+
+    def attr(node, key, default=None):
+        return node["attrs"].get(key, default)
+
+    def quantize(node, x, s, z):
+        storage = (0, 255) if z.dtype == torch.uint8 else (-128, 127)
+        qmin, qmax = grids.get(node["name"], storage)
+        if s.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(x, float(s), int(z), qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, s.float(), z.to(torch.int32), attr(node, "axis", 1),
+                                                      qmin, qmax)
+
+    def gemm(node, a, b, c=None):
+        a = a.t() if attr(node, "transA", 0) else a
+        b = b.t() if attr(node, "transB", 0) else b
+        y = attr(node, "alpha", 1.0) * (a @ b)
+        return y if c is None else y + attr(node, "beta", 1.0) * c
+
+    def reshape(x, shape):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape.tolist())]
+        return x.reshape(shape)
+
+    def pads(node):
+        p = attr(node, "pads", [0, 0, 0, 0])
+        return tuple(p[:len(p) // 2])
+
+    ops = {
+        "Conv": lambda n, x, w, b=None: F.conv2d(x, w, b, attr(n, "strides", 1), pads(n), attr(n, "dilations", 1),
+                                                 attr(n, "group", 1)),
+        "BatchNormalization": lambda n, x, g, b, m, v: F.batch_norm(
+            x, m, v, g, b, training, 1.0 - attr(n, "momentum", 0.9), attr(n, "epsilon", 1e-5)),
+        "Relu": lambda n, x: F.relu(x),
+        "Clip": lambda n, x, lo=None, hi=None: torch.clamp(x, None if lo is None else float(lo),
+                                                           None if hi is None else float(hi)),
+        "MaxPool": lambda n, x: F.max_pool2d(x, attr(n, "kernel_shape"), attr(n, "strides"), pads(n)),
+        "GlobalAveragePool": lambda n, x: x.mean((2, 3), keepdim=True),
+        "Flatten": lambda n, x: x.reshape(int(np.prod(x.shape[:attr(n, "axis", 1)])), -1),
+        "Gemm": gemm, "MatMul": lambda n, a, b: a @ b,
+        "Add": lambda n, a, b: a + b, "Sub": lambda n, a, b: a - b, "Mul": lambda n, a, b: a * b,
+        "Div": lambda n, a, b: a / b, "Sqrt": lambda n, x: torch.sqrt(x), "Identity": lambda n, x: x,
+        "Reshape": lambda n, x, shape: reshape(x, shape),
+        "QuantizeLinear": quantize, "DequantizeLinear": lambda n, x, s, z=None: x,  # Q already fake-quantized
+    }
+
+    def forward(x):
+        env = {**values, spec["input"]: x}
+        for node in spec["nodes"]:
+            args = [env[name] if name else None for name in node["inputs"]]
+            env[node["outputs"][0]] = ops[node["op"]](node, *args)
+        return env[spec["output"]]
+
+    data = np.load(spec["train"])
+    images, labels = torch.from_numpy(data["input"]), torch.from_numpy(data["labels"])
+    val = np.load(spec["val"])
+    optimizer = torch.optim.AdamW(list(params.values()), lr=spec["lr"], betas=(0.9, 0.999), eps=1e-6,
+                                  weight_decay=0.0)
+    steps = -(-len(labels) // spec["batch"]) * spec["epochs"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, (steps - t) / steps))
+    rates, curve = [], []
+    for epoch in range(1, spec["epochs"] + 1):
+        training = True
+        order = np.random.default_rng([spec["seed"], epoch]).permutation(len(labels))
+        start = time.perf_counter()
+        for begin in range(0, len(order), spec["batch"]):
+            index = torch.from_numpy(np.sort(order[begin:begin + spec["batch"]]))
+            loss = F.cross_entropy(forward(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        rates.append(len(order) / (time.perf_counter() - start))
+        training = False
+        with torch.no_grad():
+            preds = torch.cat([forward(torch.from_numpy(val["input"][i:i + 250])).argmax(1)
+                               for i in range(0, len(val["labels"]), 250)])
+        curve.append(round(100.0 * float((preds.numpy() == val["labels"]).mean()), 1))
+    print(json.dumps({"top1": curve[-1], "curve": curve, "img_s": float(np.median(rates)),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def bench_model(name: str, args, train_data: dict, val: dict, paths: tuple[Path, Path], work: Path) -> dict:
+    def log(message):
+        print(f"[{name} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    row: dict = {"model": name}
+    model = build_model(name, input_shape=(1, 28, 28), num_classes=10, seed=0)
+    log(f"float training, {args.epochs} epochs")
+    float_model, row["float"] = train(model, train_data, val, work / f"{name}_float", args.epochs, FLOAT_LR)
+    log(f"float {row['float']['top1']:.1f}%; PyTorch float")
+    row["torch_float"] = torch_run(args.torch, model, *paths, work, args.epochs, FLOAT_LR, f"{name}_float")
+    log("control: float fine-tuning")
+    _, row["float_ft"] = train(float_model, train_data, val, work / f"{name}_float_ft", args.qat_epochs, args.qat_lr)
+    calib = {"input": train_data["input"][:CALIB]}
+    for bits, lr in ((8, args.qat_lr), (4, args.w4_lr)):
+        key = "int8" if bits == 8 else "w4a8"
+        prepared = prepare(float_model, calib, bits)
+        row[f"ptq_{key}"] = top1(prepared, val)
+        log(f"PTQ {key} {row[f'ptq_{key}']:.1f}%; QAT {args.qat_epochs} epochs")
+        _, row[f"qat_{key}"] = train(prepared, train_data, val, work / f"{name}_qat_{key}", args.qat_epochs, lr)
+        if bits == 8:
+            log("PyTorch eager QAT of the prepared graph")
+            row["torch_qat"] = torch_run(args.torch, prepared, *paths, work, args.torch_qat_epochs, lr,
+                                         f"{name}_qat")
+    return row
+
+
+def report(rows: list[dict], args) -> None:
+    def fmt(result, key="top1", spec="{:.1f}"):
+        return spec.format(result[key]) if result else "n/a"
+
+    print(f"\nMNIST-5k (4000 train / 1000 val), float {args.epochs} epochs AdamW lr {FLOAT_LR}, QAT "
+          f"{args.qat_epochs} epochs (int8 lr {args.qat_lr}, W4A8 lr {args.w4_lr}), calibration {CALIB} digits\n")
+    print("| model | float qgraph | float PyTorch | float +ft | PTQ int8 | QAT int8 | QAT-float "
+          "| PTQ W4A8 | QAT W4A8 | W4A8 loss recovered |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fl = r["float"]["top1"]
+        loss = fl - r["ptq_w4a8"]
+        recovered = (r["qat_w4a8"]["top1"] - r["ptq_w4a8"]) / loss if loss > 0 else float("nan")
+        print(f"| {r['model']} | {fl:.1f} | {fmt(r['torch_float'])} | {r['float_ft']['top1']:.1f} "
+              f"| {r['ptq_int8']:.1f} | {r['qat_int8']['top1']:.1f} | {r['qat_int8']['top1'] - fl:+.1f} "
+              f"| {r['ptq_w4a8']:.1f} | {r['qat_w4a8']['top1']:.1f} | {100 * recovered:.0f}% of {loss:.1f} pts |")
+    print("\nTraining throughput, images/s (median epoch, 2 shared cores)\n")
+    print("| model | qgraph float | qgraph QAT int8 | QAT/float | qgraph QAT W4A8 | PyTorch float "
+          "| PyTorch eager QAT | qgraph/PyTorch float | qgraph/PyTorch QAT |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, q, w = r["float"]["img_s"], r["qat_int8"]["img_s"], r["qat_w4a8"]["img_s"]
+        tf, tq = r["torch_float"], r["torch_qat"]
+        print(f"| {r['model']} | {f:.0f} | {q:.0f} | {q / f:.2f}x | {w:.0f} | {fmt(tf, 'img_s', '{:.0f}')} "
+              f"| {fmt(tq, 'img_s', '{:.0f}')} | {f / tf['img_s']:.2f}x | {q / tq['img_s']:.2f}x |"
+              if tf and tq else
+              f"| {r['model']} | {f:.0f} | {q:.0f} | {q / f:.2f}x | {w:.0f} | n/a | n/a | n/a | n/a |")
+    print("\nPer-epoch val top-1 (%)")
+    for r in rows:
+        curves = {k: r[k]["curve"] for k in ("float", "float_ft", "qat_int8", "qat_w4a8") if r.get(k)}
+        curves.update({k: r[k]["curve"] for k in ("torch_float", "torch_qat") if r.get(k)})
+        print(f"  {r['model']}: " + "; ".join(f"{k} {v}" for k, v in curves.items()))
+    torch_info = next((r["torch_float"] for r in rows if r.get("torch_float")), None)
+    if torch_info:
+        print(f"\nPyTorch {torch_info['torch']} ({torch_info['threads']} threads) from {args.torch}")
+    else:
+        print(f"\nPyTorch: not available at {args.torch!r}; no framework comparison was made")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="lenet,mobilenetv2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--qat-lr", type=float, default=3e-4)
+    parser.add_argument("--w4-lr", type=float, default=1e-3)
+    parser.add_argument("--torch-qat-epochs", type=int, default=1, help="PyTorch QAT epochs (throughput only)")
+    parser.add_argument("--torch", default="/tmp/torchvenv/bin/python", help="a python with torch installed")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qgraph-qat-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_data, val = load_dataset("mnist", "train"), load_dataset("mnist", "val")
+    paths = (work / "train.npz", work / "val.npz")
+    np.savez(paths[0], **train_data)
+    np.savez(paths[1], **val)
+    rows = [bench_model(name, args, train_data, val, paths, work) for name in args.models.split(",")]
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+    report(rows, args)
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s (results in {work / 'results.json'})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
+        torch_worker(sys.argv[2])
+    else:
+        main()
