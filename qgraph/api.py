@@ -11,7 +11,7 @@ from qgraph.describe import describe_model
 from qgraph.files import check_output_path, write_json
 from qgraph.graph import QModel
 from qgraph.model_io import check_model, load_model, save_model
-from qgraph.pipeline import PassContext, StepReport, load_pipeline, run_pipeline
+from qgraph.pipeline import PassContext, StepReport, bundled_pipeline, load_pipeline, run_pipeline  # noqa: F401
 
 
 def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, output: str | os.PathLike,
@@ -49,12 +49,6 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
 def inspect_model(model_path: str | os.PathLike) -> dict:
     """`qgraph inspect`: the model's description (see qgraph.describe)."""
     return describe_model(load_model(model_path, convert_opset=False))
-
-
-def bundled_pipeline(name: str) -> Path:
-    """Path of a pipeline shipped in qgraph.models/pipelines (float, ptq, qat)."""
-    from importlib.resources import files
-    return Path(str(files("qgraph.models") / "pipelines" / f"{name}.yaml"))
 
 
 def build_model_file(name: str, output: str | os.PathLike, *, input_shape=(1, 28, 28), width: int | None = None,

@@ -42,7 +42,7 @@ def passes():
 @passes.command("run")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--pipeline", "pipeline_path", required=True, type=click.Path(dir_okay=False),
-              help="Pipeline YAML (list of {pass: {params}}).")
+              help="Pipeline YAML, or a bundled name: float, ptq, qat.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output model.")
 @click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Calibration data .npz.")
 @click.option("--verify", is_flag=True, help="Check every output-preserving pass on sample data.")

@@ -29,6 +29,7 @@ def qdq_pairs(model: onnx.ModelProto) -> list[dict]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     inits = {i.name: i for i in model.graph.initializer}
+    static = _static_tensors(model, set(inits))
     pairs = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
@@ -42,8 +43,27 @@ def qdq_pairs(model: onnx.ModelProto) -> list[dict]:
             per_channel = scale is not None and int(np.prod(scale.dims)) > 1
             pairs.append({"tensor": node.input[0], "quantize": node.name, "dequantize": deq.name,
                           "storage": storage, "per_channel": per_channel,
-                          "weight": node.input[0] in inits})
+                          "weight": node.input[0] in static})
     return pairs
+
+
+def _static_tensors(model: onnx.ModelProto, initializers: set[str]) -> set[str]:
+    """Initializers and every tensor computed from them alone (e.g. a forward-fused BN weight)."""
+    static = set(initializers)
+    for node in model.graph.node:  # nodes are topologically sorted in a valid model
+        if all(name in static for name in node.input if name):
+            static.update(node.output)
+    return static
+
+
+_INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+                "ConvInteger", "MatMulInteger"}
+
+
+def integer_ops(model: onnx.ModelProto) -> int:
+    """How many nodes compute on quantized integers directly (a lowered model)."""
+    return sum(n.op_type in _INTEGER_OPS for n in model.graph.node)
 
 
 def describe_model(model: onnx.ModelProto) -> dict:
@@ -61,6 +81,7 @@ def describe_model(model: onnx.ModelProto) -> dict:
         "parameters": params,
         "annotations": all_annotations(model),
         "qdq_pairs": qdq_pairs(model),
+        "integer_ops": integer_ops(model),
     }
 
 
@@ -83,6 +104,8 @@ def format_description(info: dict, name: str = "model") -> str:
             kind = "weight" if p["weight"] else "act"
             axis = "per-channel" if p["per_channel"] else "per-tensor"
             lines.append(f"  {kind:<6} {p['tensor']}: {p['storage']} {axis}")
+    elif info["integer_ops"]:
+        lines.append(f"QDQ pairs: none; {info['integer_ops']} integer ops (a lowered model)")
     else:
         lines.append("QDQ pairs: none (float model)")
     return "\n".join(lines)

@@ -149,10 +149,22 @@ def parse_pipeline(text: str, source: str = "pipeline") -> Pipeline:
     return Pipeline(steps, doc.get("data"), seed, source)
 
 
+BUNDLED_PIPELINES = ("float", "ptq", "qat")
+
+
+def bundled_pipeline(name: str) -> Path:
+    """Path of a pipeline shipped with qgraph (models/pipelines/NAME.yaml)."""
+    from importlib.resources import files
+    return Path(str(files("qgraph.models") / "pipelines" / f"{name}.yaml"))
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
+    """Read a pipeline file; a bare bundled name (float, ptq, qat) means the shipped pipeline."""
     path = Path(path)
+    if not path.is_file() and str(path) in BUNDLED_PIPELINES:
+        path = bundled_pipeline(str(path))
     if not path.is_file():
-        raise ConfigError(f"{path}: no such pipeline file")
+        raise ConfigError(f"{path}: no such pipeline file (or give a bundled one: {', '.join(BUNDLED_PIPELINES)})")
     pipeline = parse_pipeline(path.read_text(), str(path))
     if pipeline.data is not None and not Path(pipeline.data).is_absolute():
         pipeline.data = str(path.parent / pipeline.data)

@@ -163,9 +163,8 @@ def test_train_without_labels_is_refused(tmp_path, small_cnn_file):
 
 
 def test_inspect_lists_qdq_pairs_and_annotations_of_a_ptq_model(tmp_path, small_cnn_file, small_data_file):
-    from qgraph.api import bundled_pipeline
     out = tmp_path / "ptq.onnx"
-    result = invoke("passes", "run", small_cnn_file, "--pipeline", bundled_pipeline("ptq"), "--data",
+    result = invoke("passes", "run", small_cnn_file, "--pipeline", "ptq", "--data",
                     small_data_file, "-o", out)
     assert result.exit_code == 0, result.output + result.stderr
     info = json.loads(invoke("inspect", out, "--json").output)
@@ -175,3 +174,15 @@ def test_inspect_lists_qdq_pairs_and_annotations_of_a_ptq_model(tmp_path, small_
     assert info["annotations"]["calibrated"] is True
     text = invoke("inspect", out).output
     assert f"QDQ pairs: {len(info['qdq_pairs'])} ({len(weights)} weights" in text
+
+
+def test_inspect_counts_forward_fused_weights_and_lowered_ops(tmp_path, small_cnn_file, small_data_file):
+    prepared, lowered = tmp_path / "prepared.onnx", tmp_path / "low.onnx"
+    assert invoke("passes", "run", small_cnn_file, "--pipeline", "qat", "--data", small_data_file,
+                  "-o", prepared).exit_code == 0
+    info = json.loads(invoke("inspect", prepared, "--json").output)
+    weights = {p["tensor"] for p in info["qdq_pairs"] if p["weight"]}
+    assert "conv1.weight_fused" in weights and "conv2.weight" in weights  # computed in-graph, still a weight
+    assert invoke("lower", prepared, "--target", "qlinear", "-o", lowered).exit_code == 0
+    text = invoke("inspect", lowered).output
+    assert "integer ops (a lowered model)" in text and "float model" not in text
