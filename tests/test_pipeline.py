@@ -119,3 +119,14 @@ def test_canonicalize_turns_torch_view_reshape_into_flatten():
     assert report["flattened"] == 1 and "Shape" not in ops and "Reshape" not in ops and "Flatten" in ops
     x = {"input": np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)}
     np.testing.assert_allclose(run_model(qmodel, x)["logits"], run_model(model, x)["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_canonicalize_unties_batchnorm_parameters_shared_by_torch_export(small_cnn):
+    # torch.onnx merges equal initializers: an untrained BN's var equals its gamma (all ones)
+    bn = next(n for n in small_cnn.graph.node if n.op_type == "BatchNormalization")
+    bn.input[4] = bn.input[1]
+    model = QModel.from_onnx(small_cnn)
+    report = run_pass(model, "canonicalize")
+    node = model.node("bn1")
+    assert report["untied"] == 1 and node.inputs[4] is not node.inputs[1]
+    np.testing.assert_array_equal(node.inputs[4].values, node.inputs[1].values)

@@ -5,7 +5,10 @@
 3. constant subgraphs folded with ONNX Runtime, including Shape->Gather->Concat chains that
    feed Reshape/Flatten, so shape constants become static initializers;
 4. Constant nodes turned into initializers;
-5. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
+5. BatchNormalization parameters shared with another input slot get their own copy: torch.onnx
+   merges equal initializers (an untrained BN's running_var equals its γ), and a shared tensor
+   would tie γ to a frozen statistic during training;
+6. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
    with a dynamic batch) becomes Flatten(x, axis=1): the same result, with no shape arithmetic
    left for quantizers and lowering to trip on.
 QuantizeLinear/DequantizeLinear are never folded, so QDQ models keep their quantizers.
@@ -15,6 +18,7 @@ Invariant: outputs unchanged up to float rounding of the folded subgraphs.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from qgraph.errors import PassError
@@ -41,12 +45,14 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     model.cleanup()
     folded = before - len(model.graph.nodes)
     flattened = flatten_batch_reshapes(model)
+    untied = untie_batchnorm_parameters(model)
     model.cleanup()
-    changed = renamed + removed + folded + flattened
+    changed = renamed + removed + folded + flattened + untied
     summary = (f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded, "
-               f"{flattened} batch reshapes made Flatten")
+               f"{flattened} batch reshapes made Flatten, {untied} BN parameters untied")
     return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
-            "folded": folded, "flattened": flattened, "skipped": skipped}
+            "folded": folded, "flattened": flattened, "untied": untied,
+            "skipped": skipped}
 
 
 def name_nodes(model: QModel) -> int:
@@ -135,3 +141,20 @@ def _is_batch_then_rest(model: QModel, shape, data) -> bool:
     return (index is not None and int(index.reshape(-1)[0]) == 0 and gather.attrs.get("axis", 0) == 0
             and source is not None and source.op == "Shape" and source.inputs[0] is data
             and not source.attrs.get("start", 0))
+
+
+def untie_batchnorm_parameters(model: QModel) -> int:
+    """Give each BatchNormalization parameter slot a tensor no other slot reads (a copy if needed)."""
+    untied = 0
+    for node in model.graph.nodes:
+        if node.op != "BatchNormalization":
+            continue
+        for slot in range(1, min(len(node.inputs), 5)):
+            tensor = node.inputs[slot]
+            if not isinstance(tensor, gs.Constant):
+                continue
+            readers = sum(1 for reader in tensor.outputs for t in reader.inputs if t is tensor)
+            if readers > 1:
+                node.inputs[slot] = model.add_constant(f"{node.name}.param{slot}", np.array(tensor.values))
+                untied += 1
+    return untied
