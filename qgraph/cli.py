@@ -158,7 +158,7 @@ def lower(model, target, output, report_path, verbose):
     report = lower_file(model, target, output, report_path=report_path)
     click.echo(report.get("summary", ""))
     if verbose:
-        for item in report.get("skipped", []):
+        for item in report.get("skipped", []) + report.get("outside_region", []):
             click.echo(f"    float {item['node']}: {item['reason']}")
     click.echo(f"wrote {output}")
 

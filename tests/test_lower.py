@@ -363,3 +363,19 @@ def test_every_rule_lowers_on_both_targets(activation, tmp_dir):
             assert integer_region_float_tensors(lowered) == []
         if interp_run is not None:
             np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_float_tail_outside_the_quantized_region_is_reported():
+    """HAT's quantize_output: false on the classifier leaves a float Gemm after the last DQ."""
+    from qgraph.graph import QModel
+    from qgraph.lowering import lower_model
+    from qgraph.models.builders import build_model
+    from qgraph.models.datasets import load_dataset
+    from qgraph.pipeline import PassContext, run_pass
+    model = QModel.from_onnx(build_model("mlp"))
+    data = {k: v[:64] for k, v in load_dataset("mnist", "val").items()}
+    run_pass(model, "insert_qdq", {"rules": [{"op_type": "Gemm", "quantize_output": False}]})
+    run_pass(model, "calibrate", {"progress": False}, PassContext(data=data))
+    _, report = lower_model(model.to_onnx(), "qlinear")
+    outside = [item["node"] for item in report["outside_region"]]
+    assert outside and "float outside the quantized region" in report["summary"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
 
 from qgraph.annotations import get_annotation
@@ -77,13 +78,25 @@ def lower_graph(model: QModel, target: str) -> dict:
     if float_left:
         warnings.append(f"{len(float_left)} float node(s) remain inside the integer region: "
                         + ", ".join(float_left[:8]) + (" …" if len(float_left) > 8 else ""))
+    outside = [{"node": n.name, "reason": "outside the quantized region: no quantizer on its input or output "
+                "(a skip / quantize_output: false rule, or float pre/post-processing)"}
+               for n in model.graph.nodes
+               if n.op not in QUANTIZERS and n.name not in region and not _integer_node(n)]
     changed = sum(lowered.values())
     summary = (f"{target}: {changed} ops lowered, {len(skipped)} left float"
+               + (f", {len(outside)} float outside the quantized region" if outside else "")
                + (f", {folded} constant nodes folded" if folded else ""))
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
-            "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left}
+            "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left,
+            "outside_region": outside}
+
+
+def _integer_node(node) -> bool:
+    """A node whose outputs are all non-float (lowered integer arithmetic, shape computation)."""
+    return bool(node.outputs) and all(t.dtype is not None and not np.issubdtype(np.dtype(t.dtype), np.floating)
+                                      for t in node.outputs)
 
 
 def _lower_requantize_pairs(model: QModel, target: str) -> int:
