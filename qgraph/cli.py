@@ -113,7 +113,7 @@ def inspect(model, as_json):
 @click.option("--learn-scales", is_flag=True, help="LSQ: train quantizer scales too.")
 @click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm statistics fixed.")
 @click.option("--train-activation-scales", "train_act", is_flag=True,
-              help="Let activation scales train even if calibration fixed them.")
+              help="With --learn-scales: train activation scales too, even if calibration fixed them.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
