@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qgraph.annotations import FIX_ACTIVATIONS, get_annotation
+from qgraph.progress import ProgressBar
 from qgraph.errors import DataError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
 from qgraph.ort_training import generate_training_artifacts, import_training_api, session_options
@@ -122,7 +122,7 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     stepper.fast_forward((first_epoch - 1) * steps_per_epoch)
 
     for epoch in range(first_epoch, epochs + 1):
-        bar = _ProgressBar(f"epoch {epoch}/{epochs}", steps_per_epoch, enabled=progress)
+        bar = ProgressBar(f"epoch {epoch}/{epochs}", steps_per_epoch, enabled=progress)
         start = time.perf_counter()
         order = np.random.default_rng([seed, epoch]).permutation(_count(train_feeds))
         module.train()
@@ -133,7 +133,8 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
             stepper.step()
             losses.append(float(np.asarray(outputs[0])) * len(index))
             seen += len(index)
-            bar.update(step + 1, losses[-1] / len(index), seen / (time.perf_counter() - start))
+            bar.update(step + 1, f"loss {losses[-1] / len(index):.4f} "
+                                 f"{seen / (time.perf_counter() - start):.0f} img/s")
         train_seconds = time.perf_counter() - start
         bar.close()
         record = {"epoch": epoch, "train_loss": sum(losses) / seen, "images_per_s": seen / train_seconds}
@@ -527,27 +528,3 @@ def _check_options(optimizer, schedule, epochs, batch_size, lr, loss) -> None:
         raise TrainError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
     if loss not in ("cross_entropy", "mse") and not Path(loss).is_file():
         raise TrainError(f"loss {loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")
-
-
-class _ProgressBar:
-    """A one-line `\\r` progress bar on stderr; silent unless enabled and stderr is a terminal."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.label, self.total, self.last = label, total, 0.0
-
-    def update(self, step: int, loss: float, images_per_s: float) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.1 and step < self.total):
-            return
-        self.last = now
-        filled = int(20 * step / max(self.total, 1))
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (20 - filled)}] {step}/{self.total} "
-                          f"loss {loss:.4f} {images_per_s:.0f} img/s")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
