@@ -45,10 +45,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qgraph.annotations import FIX_ACTIVATIONS, get_annotation
-from qgraph.progress import ProgressBar
 from qgraph.errors import DataError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
 from qgraph.ort_training import generate_training_artifacts, import_training_api, session_options
+from qgraph.progress import ProgressBar
 
 LABELS = "labels"
 PROGRESS_FILE = "progress.json"
