@@ -40,8 +40,8 @@ class DemoPlan:
     @classmethod
     def for_mode(cls, quick: bool) -> "DemoPlan":
         if quick:
-            return cls(14, 2000, 500, 256, 3, 1, 4e-3, 2e-4, 64)
-        return cls(28, 4000, 1000, 512, 4, 1, 4e-3, 2e-4, 64)
+            return cls(14, 2000, 500, 256, 5, 2, 1e-2, 1e-4, 64)
+        return cls(28, 4000, 1000, 512, 5, 2, 1e-2, 1e-4, 64)
 
 
 def latency_ms(model, feeds: dict[str, np.ndarray], repeats: int = 20) -> float:
@@ -93,9 +93,9 @@ def run_demo(model_name: str = "mobilenetv2", out_dir: str | Path = "qgraph-demo
     step("QAT: qat.yaml (forward-fused BN, insert_qdq, calibrate with fixed activations)")
     run_passes(out / "float.onnx", bundled_pipeline("qat"), out / "prepared.onnx",
                data_path=str(paths["calib"]), echo=lambda line: None)
-    step(f"QAT training ({plan.qat_epochs} epoch, lr {plan.qat_lr})")
+    step(f"QAT training ({plan.qat_epochs} epochs, lr {plan.qat_lr}, LSQ weight scales)")
     train_file(out / "prepared.onnx", paths["train"], out / "trained.onnx", val_path=str(paths["val"]),
-               epochs=plan.qat_epochs, lr=plan.qat_lr, **train_opts)
+               epochs=plan.qat_epochs, lr=plan.qat_lr, learn_scales=True, **train_opts)
 
     rows = [_row("float", out / "float.onnx", val, plan), _row("ptq int8 (QDQ)", out / "ptq.onnx", val, plan),
             _row("qat int8 (QDQ)", out / "trained.onnx", val, plan)]
