@@ -6,7 +6,8 @@ state whose size does not depend on how many batches it has seen.
   (HAT / MNN MovingAverage; the first batch sets ``r``).
 - `percentile`: the ``p``-th and ``(100−p)``-th percentiles of a streaming histogram.
 - `entropy`: TensorRT's KL calibration — the clipping threshold ``T`` over the |x| histogram
-  whose ``L``-level quantization ``Q`` minimizes ``KL(P‖Q)`` (2048 bins, L = 128 for int8).
+  whose ``L``-level quantization ``Q`` minimizes ``KL(P‖Q)`` (2048 bins, L = 128 for int8,
+  256 for uint8 non-negative tensors); point masses (exact repeated values) stay whole in Q.
 - `mse`: the clipping range ``α·[min, max]`` minimizing the expected quantization MSE
   ``Σ_bins n·err(c)``, with ``err = s²/12`` inside the range and the clipping error outside.
 
@@ -183,44 +184,84 @@ class PercentileObserver(HistogramObserver):
         return (min(lo, 0.0), max(h.quantile(self.p / 100.0), 0.0))
 
 
-def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
+def point_masses(counts: np.ndarray, halfwidth: int = 4, z: float = 4.0) -> np.ndarray:
+    """The part of each bin that stands above its neighbourhood: a bin holding more than
+    twice the median ``m`` of the `halfwidth` bins on each side, and more than
+    ``m + z·√(m+1)`` (beyond Poisson noise), has a point mass of ``count − m``; others 0.
+
+    Exact repeated values are common in activations: ReLU zeros, Clip's saturated bound, and
+    in convnets on images with a plain background the folded bias every channel outputs on a
+    constant receptive field (on MNIST, 40–70% of the early activations)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) < 3:
+        return np.zeros_like(counts)
+    pad = np.concatenate([np.full(halfwidth, np.nan), counts, np.full(halfwidth, np.nan)])
+    window = np.lib.stride_tricks.sliding_window_view(pad, 2 * halfwidth + 1).copy()
+    window[:, halfwidth] = np.nan                               # the bin itself is not its neighbour
+    with np.errstate(all="ignore"):
+        level = np.nan_to_num(np.nanmedian(window, axis=1))
+    spike = (counts > 2.0 * level) & (counts > level + z * np.sqrt(level + 1.0))
+    return np.where(spike, counts - level, 0.0)
+
+
+def kl_threshold_bin(counts: np.ndarray, levels: int, point_mass: np.ndarray | None = None) -> int:
     """TensorRT's entropy calibration on a magnitude histogram: the number of bins ``i`` (≥
     `levels`) whose clipped distribution P (outliers added to bin i−1) is best approximated,
     in KL divergence, by its `levels`-level quantization Q (each chunk's mass spread evenly
     over the chunk's non-empty bins; an empty Q bin under P mass counts as 1e-12).
 
-    With prefix sums every candidate costs O(levels), all candidates at once:
-    ``KL = ΣP log P / ΣP − log ΣP − Σ_k m_k log(m_k / n_k) / ΣP + log ΣQ`` (m_k, n_k the mass
-    and non-empty bins of chunk k), plus the outlier bin's own terms."""
+    `point_mass` (per bin, ≤ counts) is mass at single values: quantization moves a point
+    mass to one grid point, it does not spread it, so Q keeps it in its own bin and only the
+    rest of the chunk is spread. Without this, a chunk holding a large point mass scores
+    ``m·log(bins per chunk)`` of pure artefact and the search clips to where chunks are one
+    bin wide, or to a point mass that hides the outliers in Q's last bin.
+
+    With prefix sums every candidate costs O(levels + point masses), all candidates at once:
+    ``KL = ΣP log P / ΣP − log ΣP − Σ P log Q / ΣP + log ΣQ``, with
+    ``Σ P log Q = Σ_k m_k log(m_k / n_k)`` over the spread part of the chunks (m_k, n_k its mass
+    and non-empty bins), corrected at point-mass bins and the outlier bin."""
     counts = np.asarray(counts, dtype=np.float64)
     n = len(counts)
     if n <= levels:
         return n
+    total = counts.sum()
+    if total == 0:
+        return n
+    point = np.zeros(n) if point_mass is None else np.minimum(np.asarray(point_mass, np.float64), counts)
+    spread = counts - point                                     # the part Q spreads over its chunk
     cum = np.concatenate([[0.0], np.cumsum(counts)])
-    cum_nz = np.concatenate([[0.0], np.cumsum(counts > 0)])
+    cum_spread = np.concatenate([[0.0], np.cumsum(spread)])
+    cum_nz = np.concatenate([[0.0], np.cumsum(spread > 0)])
     with np.errstate(divide="ignore", invalid="ignore"):
         clogc = np.where(counts > 0, counts * np.log(counts), 0.0)
     cum_clogc = np.concatenate([[0.0], np.cumsum(clogc)])
-    total = cum[n]
-    if total == 0:
-        return n
     i = np.arange(levels, n + 1)                               # candidates
     k = np.arange(levels + 1)
     bounds = -((-k[None, :] * i[:, None]) // levels)          # chunk k = bins [ceil(k·i/L), ceil((k+1)·i/L))
-    mass = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
+    mass = cum_spread[bounds[:, 1:]] - cum_spread[bounds[:, :-1]]
     support = cum_nz[bounds[:, 1:]] - cum_nz[bounds[:, :-1]]
     with np.errstate(divide="ignore", invalid="ignore"):
         q_chunk = np.where(mass > 0, mass / np.maximum(support, 1.0), 1.0)
-        sum_clogq = np.sum(np.where(mass > 0, mass * np.log(q_chunk), 0.0), axis=1)
+        plogq = np.sum(np.where(mass > 0, mass * np.log(q_chunk), 0.0), axis=1)
+    rows = np.arange(len(i))[:, None]
+    spikes = np.flatnonzero(point > 0)
+    if len(spikes):                                            # bin b of chunk c: Q_b = point_b + q_c·[spread_b > 0]
+        inside = spikes[None, :] < i[:, None]
+        chunk = np.minimum(spikes[None, :] * levels // i[:, None], levels - 1)
+        q_c = q_chunk[rows, chunk]
+        has_spread = spread[spikes] > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fix = (counts[spikes] * np.log(point[spikes] + np.where(has_spread, q_c, 0.0))
+                   - np.where(has_spread, spread[spikes] * np.log(q_c), 0.0))
+        plogq += np.sum(np.where(inside, fix, 0.0), axis=1)
     q_total = cum[i]                                           # ΣQ = mass kept inside the range
     tail = total - q_total                                     # outliers, added to bin i−1 of P
     last = counts[i - 1]
-    q_last = q_chunk[:, -1]                                    # bin i−1 is in the last chunk
+    q_last = point[i - 1] + np.where(spread[i - 1] > 0, q_chunk[:, -1], 0.0)   # bin i−1 is in the last chunk
     p_last = last + tail
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = cum_clogc[i - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
-        # Σ P log Q over bins with Q > 0: every chunk's mass, plus the outliers in a non-empty last bin
-        plogq = sum_clogq + np.where(last > 0, tail * np.log(q_last), 0.0)
+        plogq = plogq + np.where(last > 0, tail * np.log(q_last), 0.0)
         # an empty last bin holding only outliers has Q = 0: it scores p·(log p − log 1e-12)
         # instead of p·(log p − log Q + log ΣQ)
         p_orphan = np.where(last > 0, 0.0, tail / total)
@@ -231,7 +272,8 @@ def kl_threshold_bin(counts: np.ndarray, levels: int) -> int:
 
 
 class EntropyObserver(HistogramObserver):
-    """KL threshold T on |x|; the range is the observed one clipped to [−T, T]."""
+    """KL threshold T on |x|; the range is the observed one clipped to [−T, T]. Point masses
+    (ReLU's zeros, constant-background outputs) stay whole in Q: see `kl_threshold_bin`."""
 
     def __init__(self, levels: int = 128, bins: int = 2048):
         super().__init__(bins)
@@ -241,12 +283,7 @@ class EntropyObserver(HistogramObserver):
         if self._empty():
             return (0.0, 0.0)
         counts, width = self.hist.magnitude()
-        if len(counts) > 1:
-            # the exact zeros of ReLU-like tensors would dominate P and pull T down; like
-            # NVIDIA's pytorch-quantization, give the zero bin its neighbour's count
-            counts = counts.copy()
-            counts[0] = counts[1]
-        t = kl_threshold_bin(counts, self.levels) * width
+        t = kl_threshold_bin(counts, self.levels, point_masses(counts)) * width
         return max(min(self.hist.min, 0.0), -t), min(max(self.hist.max, 0.0), t)
 
 
