@@ -59,21 +59,6 @@ def _windows(x, kernel, strides, dilations):
     return win[sl]
 
 
-def _padded_shifted(x, pads, shift, dtype):
-    """``x - shift`` in ``dtype``, zero-padded on the spatial axes: one conversion pass."""
-    nd = x.ndim - 2
-    if not any(pads):
-        return _shift(x, shift, dtype)
-    shape = x.shape[:2] + tuple(x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd))
-    xp = np.zeros(shape, dtype)
-    inner = (slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))
-    if shift is None:
-        xp[inner] = x
-    else:
-        np.subtract(x, shift, out=xp[inner], dtype=dtype, casting="unsafe")
-    return xp
-
-
 def _shift(x, shift, dtype):
     if shift is None:
         return x if x.dtype == dtype else x.astype(dtype)
@@ -100,17 +85,17 @@ def is_depthwise(w_shape, group: int) -> bool:
 
 
 class DepthwiseWeights(list):
-    """Per-tap weight columns ``(C, 1, …, 1)`` of a depthwise conv, plus the per-channel weight
-    maps of :func:`_depthwise_2d`, built once per image geometry."""
+    """Per-tap weight columns ``(C, 1, …, 1)`` of a depthwise conv, plus the per-image weight
+    maps of :func:`_depthwise_2d` (each tap's weight repeated over a channel plane), built once
+    per plane size."""
 
-    def weight_maps(self, per: int, plane: int) -> list[np.ndarray]:
+    def weight_maps(self, plane: int) -> list[np.ndarray]:
         maps = getattr(self, "_maps", None)
         if maps is None:
             maps = self._maps = {}
-        key = (per, plane)
-        if key not in maps:
-            maps[key] = [np.repeat(np.tile(w.reshape(-1), per), plane) for w in self]
-        return maps[key]
+        if plane not in maps:
+            maps[plane] = [np.repeat(w.reshape(-1), plane) for w in self]
+        return maps[plane]
 
 
 def conv_weights(w, group: int, dtype):
@@ -125,101 +110,178 @@ def conv_weights(w, group: int, dtype):
     return np.ascontiguousarray(w.reshape(group, w.shape[0] // group, -1).astype(dtype))
 
 
-def conv_core(x, wmat, w_shape, group: int, strides, dilations, pads, shift=None, dtype=np.float32):
+#: Largest work buffer (elements) of one conv chunk: a few images whose columns, accumulator
+#: and epilogue (bias, requantization) stay in L2 instead of streaming through memory per pass.
+_CHUNK = 1 << 18
+
+
+def conv_core(x, wmat, w_shape, group: int, strides, dilations, pads, shift=None, dtype=np.float32,
+              epilogue=None, out_dtype=None):
     """Cross-correlation of ``x - shift`` (N, C, *S; padding counts as ``shift``, i.e. 0 after
     the shift) with weights prepared by :func:`conv_weights` from a ``w_shape`` tensor; computed
-    in ``dtype``, returns (N, M, *out)."""
+    in ``dtype`` over chunks of images, each chunk's (N_c, M, *out) result passed through
+    ``epilogue`` (default: none) into the returned (N, M, *out) array of ``out_dtype``.
+
+    ``epilogue`` must be elementwise per channel: for 2-D convs it may also see some extra
+    output columns (windows that straddle the padded row end, exact integer sums as bounded as
+    the real ones) which are dropped after it."""
     kernel = tuple(w_shape[2:])
     nd = len(kernel)
     n, c = x.shape[:2]
     m = w_shape[0]
     out = conv_out_shape(x.shape, kernel, strides, dilations, pads)
-    if isinstance(wmat, DepthwiseWeights):  # depthwise: y = sum over taps of x_tap * w_tap
-        if nd == 2:
-            return _depthwise_2d(x, wmat, kernel, strides, dilations, pads, out, shift, dtype)
-        xp = _padded_shifted(x, pads, shift, dtype)
-        y = np.empty((n, c) + out, dtype)
-        tmp = np.empty_like(y)
-        for k, (tap, view) in enumerate(_tap_views(xp, kernel, strides, dilations, out)):
-            if k == 0:
-                np.multiply(view, wmat[0], out=y)
-            else:
-                np.multiply(view, wmat[k], out=tmp)
-                y += tmp
+    y = np.empty((n, m) + out, out_dtype or dtype)
+    depthwise = isinstance(wmat, DepthwiseWeights)
+    if depthwise and nd == 2:
+        _depthwise_2d(x, wmat, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y)
         return y
+    if nd == 2 and not depthwise and tuple(strides) == (1, 1) and (any(pads) or any(k > 1 for k in kernel)):
+        _gemm_conv_2d_stride1(x, wmat, kernel, dilations, pads, out, group, shift, dtype, epilogue, y)
+        return y
+    fill = 0 if shift is None else shift
+    xp = _padded(x, pads, fill) if any(pads) else x
     p = math.prod(out)
-    if all(k == 1 for k in kernel) and not any(pads) and all(s == 1 for s in strides):
-        cols = _shift(x, shift, dtype).reshape(n, c, p)
+    per = max(1, min(n, _CHUNK // max(1, c * math.prod(kernel) * p, m * p)))
+    for s0 in range(0, n, per):
+        xc = xp[s0:s0 + per]
+        nc = xc.shape[0]
+        if depthwise:
+            acc = _depthwise_taps(xc, wmat, kernel, strides, dilations, out, shift, dtype)
+        else:
+            if all(k == 1 for k in kernel) and all(s == 1 for s in strides):
+                cols = _shift(xc, shift, dtype).reshape(nc, c, p)
+            else:
+                win = _windows(xc, kernel, strides, dilations)  # N, C, *out, *K
+                win = win.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
+                cols = np.empty(win.shape, dtype)
+                _shift_into(cols, win, shift)
+                cols = cols.reshape(nc, c * math.prod(kernel), p)
+            acc = _grouped_matmul(wmat, cols, group).reshape((nc, m) + out)
+        y[s0:s0 + nc] = acc if epilogue is None else epilogue(acc)
+    return y
+
+
+def _padded(x, pads, fill, extra_rows: int = 0):
+    """x zero-point padded in its own type (``fill`` becomes 0 after the shift), with
+    ``extra_rows`` more rows of fill below the last spatial row."""
+    nd = x.ndim - 2
+    shape = list(x.shape[:2]) + [x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd)]
+    shape[-2 if nd >= 2 else -1] += extra_rows
+    xp = np.full(shape, fill, x.dtype)
+    xp[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))] = x
+    return xp
+
+
+def _shift_into(dst, src, shift):
+    if shift is None:
+        np.copyto(dst, src, casting="unsafe")
     else:
-        if any(pads):  # pad in x's own type with the value that the shift turns into 0
-            fill = 0 if shift is None else shift
-            shape = (n, c) + tuple(x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd))
-            xp = np.full(shape, fill, x.dtype)
-            xp[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))] = x
-        else:
-            xp = x
-        win = _windows(xp, kernel, strides, dilations)  # N, C, *out, *K
-        win = win.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
-        cols = np.empty(win.shape, dtype)
-        if shift is None:
-            np.copyto(cols, win, casting="unsafe")
-        else:
-            np.subtract(win, shift, out=cols, dtype=dtype, casting="unsafe")
-        cols = cols.reshape(n, c * math.prod(kernel), p)
+        np.subtract(src, shift, out=dst, dtype=dst.dtype, casting="unsafe")
+
+
+def _grouped_matmul(wmat, cols, group):
+    """(G, M/G, K/G) weights times (N, K, P) columns -> (N, M, P)."""
+    nc, _, p = cols.shape
     if group == 1:
-        y = np.matmul(wmat[0], cols)
-    else:
-        y = np.matmul(wmat, cols.reshape(n, group, -1, p))
-    return y.reshape((n, m) + out)
+        return np.matmul(wmat[0], cols)
+    return np.matmul(wmat, cols.reshape(nc, group, -1, p)).reshape(nc, -1, p)
 
 
-#: Elements of one depthwise work chunk (a few images): small enough to stay in L2.
-_DW_CHUNK = 1 << 16
+def _gemm_conv_2d_stride1(x, wmat, kernel, dilations, pads, out, group, shift, dtype, epilogue, y):
+    """Stride-1 2-D conv computed over the padded width: in the flattened padded image, tap
+    (i, j) of output pixel (h, w) is element (h + i·d_h)·Wp + w + j·d_w, so each tap's im2col row
+    is the contiguous run of Ho·Wp elements starting at i·d_h·Wp + j·d_w (one strided copy for
+    all taps). The GEMM then yields Ho rows of Wp columns, of which the first Wo are the output;
+    the last tap reads (kw-1)·d_w elements past the image, hence the extra fill rows."""
+    (kh, kw), (dh, dw) = kernel, dilations
+    n, c = x.shape[:2]
+    m = y.shape[1]
+    fill = 0 if shift is None else shift
+    wp = x.shape[3] + pads[1] + pads[3]
+    extra = -(-((kw - 1) * dw) // wp)
+    xp = _padded(x, pads, fill, extra)
+    image = xp[0].size
+    run = out[0] * wp
+    per = max(1, min(n, _CHUNK // max(c * kh * kw * run, m * run)))
+    isz = xp.itemsize
+    flat = xp.reshape(-1)
+    cols = None
+    for s0 in range(0, n, per):
+        nc = min(per, n - s0)
+        view = np.lib.stride_tricks.as_strided(
+            flat[s0 * image:], shape=(nc, c, kh, kw, run),
+            strides=(image * isz, xp.strides[1], dh * wp * isz, dw * isz, isz), writeable=False)
+        if cols is None or cols.shape[0] != nc:
+            cols = np.empty((nc, c, kh, kw, run), dtype)
+        _shift_into(cols, view, shift)
+        acc = _grouped_matmul(wmat, cols.reshape(nc, c * kh * kw, run), group).reshape(nc, m, out[0], wp)
+        if epilogue is not None:
+            acc = epilogue(acc)
+        y[s0:s0 + nc] = acc[..., :out[1]]
 
 
-def _depthwise_2d(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype):
-    """2-D depthwise conv on flattened images. The padded input is split into its stride phases
-    (phase (a, b) holds rows a, a+s_h, … and columns b, b+s_w, …; one phase when the stride is
-    1), each of shape (Hq, Wq). Output pixel (h, w) of tap (i, j) then reads phase
-    ((i·d_h) mod s_h, (j·d_w) mod s_w) at (h + i·d_h div s_h, w + j·d_w div s_w): a constant
-    offset in the flattened phase. So every tap is one contiguous multiply-add over a whole chunk
-    of images, with the weight repeated per channel (a weight map); positions with w ≥ Wout or
-    h ≥ Hout are computed as garbage and dropped, and no valid position reads past its image."""
+def _depthwise_taps(xc, wtaps, kernel, strides, dilations, out, shift, dtype):
+    """Depthwise conv of already padded images xc: one multiply-add per tap over strided views."""
+    xs = _shift(xc, shift, dtype)
+    acc = np.empty(xc.shape[:2] + out, dtype)
+    tmp = np.empty_like(acc)
+    for k, (tap, view) in enumerate(_tap_views(xs, kernel, strides, dilations, out)):
+        if k == 0:
+            np.multiply(view, wtaps[0], out=acc)
+        else:
+            np.multiply(view, wtaps[k], out=tmp)
+            acc += tmp
+    return acc
+
+
+def _depthwise_2d(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y):
+    """2-D depthwise conv on flattened images, a chunk of images at a time. The padded input is
+    split into its stride phases (phase (a, b) holds rows a, a+s_h, … and columns b, b+s_w, …;
+    one phase when the stride is 1), each of shape (Hq, Wq). Output pixel (h, w) of tap (i, j)
+    then reads phase ((i·d_h) mod s_h, (j·d_w) mod s_w) at (h + i·d_h div s_h, w + j·d_w div s_w):
+    a constant offset in the flattened phase. So every tap is one contiguous multiply-add over the
+    chunk, with the weight map of one image broadcast over its images; positions with w ≥ Wout
+    or h ≥ Hout are computed as garbage (from the next image or a zero tail) and dropped, and no
+    valid position reads past its image."""
     n, c = x.shape[:2]
     (sh, sw), (dh, dw) = strides, dilations
     hp, wp = x.shape[2] + pads[0] + pads[2], x.shape[3] + pads[1] + pads[3]
     hq, wq = -(-hp // sh), -(-wp // sw)
-    xp = np.zeros((n, c, hq * sh, wq * sw), dtype)
-    inner = (slice(None), slice(None), slice(pads[0], pads[0] + x.shape[2]), slice(pads[1], pads[1] + x.shape[3]))
-    if shift is None:
-        xp[inner] = x
-    else:
-        np.subtract(x, shift, out=xp[inner], dtype=dtype, casting="unsafe")
-    if sh * sw > 1:
-        phases = np.ascontiguousarray(xp.reshape(n, c, hq, sh, wq, sw).transpose(3, 5, 0, 1, 2, 4))
-    else:
-        phases = xp.reshape(1, 1, n, c, hq, wq)
+    fill = 0 if shift is None else shift
+    xp = np.full((n, c, hq * sh, wq * sw), fill, x.dtype)
+    xp[:, :, pads[0]:pads[0] + x.shape[2], pads[1]:pads[1] + x.shape[3]] = x
     taps = [((i * dh) % sh, (j * dw) % sw, (i * dh) // sh * wq + (j * dw) // sw)
             for i in range(kernel[0]) for j in range(kernel[1])]
-    image = c * hq * wq
-    per = max(1, min(n, _DW_CHUNK // image))
+    plane = hq * wq
+    image = c * plane
+    per = max(1, min(n, _CHUNK // image))
     omax = max(t[2] for t in taps)
-    maps = wtaps.weight_maps(per, hq * wq)
-    y = np.empty((n, c, hq, wq), dtype)
-    yf = y.reshape(-1)
-    tmp = np.empty(per * image, dtype)
-    flat = phases.reshape(sh, sw, -1)
-    for start in range(0, n * image, per * image):
-        t = min(per * image, n * image - start) - omax
-        dst, scratch = yf[start:start + t], tmp[:t]
+    maps = wtaps.weight_maps(plane)
+    buf = np.zeros((sh * sw, per * image + omax), dtype)  # zero tail: read only by garbage positions
+    acc = np.empty((per, image), dtype)
+    tmp = np.empty((per, image), dtype)
+    for s0 in range(0, n, per):
+        nc = min(per, n - s0)
+        length = nc * image
+        phases = buf[:, :length].reshape(sh, sw, nc, c, hq, wq)
+        src = xp[s0:s0 + nc]
+        if sh * sw > 1:
+            src = src.reshape(nc, c, hq, sh, wq, sw).transpose(3, 5, 0, 1, 2, 4)
+        _shift_into(phases, src, shift)
+        if nc < per:
+            buf[:, length:] = 0
+        dst, scratch = acc[:nc], tmp[:nc]
         for k, (a, b, o) in enumerate(taps):
-            src = flat[a, b, start + o:start + o + t]
+            tap_src = buf[a * sw + b, o:o + length].reshape(nc, image)
             if k == 0:
-                np.multiply(src, maps[k][:t], out=dst)
+                np.multiply(tap_src, maps[k], out=dst)
             else:
-                np.multiply(src, maps[k][:t], out=scratch)
+                np.multiply(tap_src, maps[k], out=scratch)
                 dst += scratch
-    return np.ascontiguousarray(y[:, :, :out[0], :out[1]])
+        res = dst.reshape(nc, c, hq, wq)
+        if epilogue is not None:
+            res = epilogue(res)
+        y[s0:s0 + nc] = res[:, :, :out[0], :out[1]]
 
 
 @register("Conv")

@@ -113,22 +113,26 @@ def _gemm_dtype(x, x_zp, w, w_zp):
     return np.float32 if float(row_sums.max()) * xmax < _F32_EXACT else np.float64
 
 
-def conv_accumulate(ctx, x, x_zp, w, w_zp, as_int32=True):
-    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp), (N, M, *out):
-    int32, or the float32/float64 array of exact integers that BLAS produced when ``as_int32``
-    is False. The shifted weight matrix and the accumulator type depend only on w, w_zp, x_zp
-    and x's dtype, so a compiled plan computes them once (inputs 1, 2, 3 of ConvInteger)."""
+def conv_accumulate(ctx, x, x_zp, w, w_zp, epilogue=None, out_dtype=np.int32):
+    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp), (N, M, *out).
+    BLAS yields it as float32/float64 exact integers, a chunk of images at a time; each chunk
+    goes through ``epilogue(acc, dt)`` (default: conversion to int32) into an ``out_dtype``
+    array. The shifted weight matrix and the accumulator type depend only on w, w_zp, x_zp and
+    x's dtype, so a compiled plan computes them once (inputs 1, 2, 3 of ConvInteger)."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
     group = ctx.attr("group", 1)
 
     def prepare():
         dt = _gemm_dtype(x, x_zp, w, w_zp)
-        return dt, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
+        shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
+        return dt, shift, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
 
-    dt, wmat = ctx.once(("conv", x.dtype), prepare, *_conv_const_inputs(ctx))
-    shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
-    acc = conv_core(x, wmat, w.shape, group, strides, dilations, pads, shift=shift, dtype=dt)
-    return acc.astype(np.int32) if as_int32 else acc
+    dt, shift, wmat = ctx.once(("conv", x.dtype), prepare, *_conv_const_inputs(ctx))
+    if epilogue is None:
+        def epilogue(acc, _):
+            return acc.astype(np.int32)
+    return conv_core(x, wmat, w.shape, group, strides, dilations, pads, shift=shift, dtype=dt,
+                     epilogue=lambda acc: epilogue(acc, dt), out_dtype=out_dtype)
 
 
 def _conv_const_inputs(ctx):
@@ -165,21 +169,14 @@ def matmul_integer(ctx, a, b, a_zp=None, b_zp=None):
 def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
     """Spec: y = saturate(round((xs*ws/ys) * (conv(x - xzp, w - wzp) + b)) + yzp).
     ORT: multiplier (xs * ws) / ys in float32, then MlasRequantizeOutput (float32 product,
-    clamp, round half to even, + yzp)."""
+    clamp, round half to even, + yzp). Bias and requantization run per chunk of images, on the
+    accumulator while it is in cache."""
     if ctx.attr("channels_last", 0):
         raise ctx.error("channels_last=1 is not supported")
-    acc = conv_accumulate(ctx, x, xzp, w, wzp, as_int32=False)  # (N, M, *out)
-    bshape = (1, -1) + (1,) * (acc.ndim - 2)
+    bshape = (1, -1, 1) + (1,) * (x.ndim - 3)
     small_b = b is None or ctx.once("small_bias", lambda: np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24, 8)
-    if acc.dtype == np.float32 and small_b:
-        # |acc| < 2^24 and |b| < 2^24: one float32 rounding of acc + b, exactly ORT's
-        # int32 add followed by cvtdq2ps.
-        if b is not None:
-            acc += ctx.once("bias32", lambda: b.astype(np.float32).reshape(bshape), 8)
-    else:
-        acc = acc.astype(np.int32)
-        if b is not None:
-            acc += b.astype(np.int32).reshape(bshape)
+    bias32 = None if b is None else ctx.once("bias32", lambda: b.astype(np.float32).reshape(bshape), 8)
+    bias_i = None if b is None else ctx.once("bias_i", lambda: b.astype(np.int32).reshape(bshape), 8)
 
     def params():
         mult = quant.ort_requant_multiplier(xs, ws, ys)
@@ -189,7 +186,20 @@ def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
 
     mult, zp, dtype = ctx.once("requant", params, 1, 4, 6, 7)
     qmin, qmax = qlimits(dtype)
-    return quant.requantize_float(acc, mult, zp, qmin, qmax, dtype=dtype, overwrite=True)
+
+    def requantize(acc, dt):
+        if dt == np.float32 and small_b:
+            # |acc| < 2^24 and |b| < 2^24: one float32 rounding of acc + b, exactly ORT's
+            # int32 add followed by cvtdq2ps.
+            if bias32 is not None:
+                acc += bias32
+        else:
+            acc = acc.astype(np.int32)
+            if bias_i is not None:
+                acc += bias_i
+        return quant.requantize_float(acc, mult, zp, qmin, qmax, dtype=dtype, overwrite=True)
+
+    return conv_accumulate(ctx, x, xzp, w, wzp, epilogue=requantize, out_dtype=dtype)
 
 
 @register("QLinearMatMul", "", MS_DOMAIN)
