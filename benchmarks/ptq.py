@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from qgraph.graph import QModel
@@ -50,17 +49,14 @@ from qgraph.model_io import save_model
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
 from qgraph.pipeline import PassContext, run_pass
-from qgraph.runner import Runner
+from qgraph.runner import top1_accuracy
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 MODELS = ("lenet", "resnet", "mobilenetv2", "mlp")
 
 
 def accuracy(model: onnx.ModelProto, data: dict) -> float:
-    runner = Runner(model)
-    preds = np.concatenate([r["logits"].argmax(1) for r in runner.run_batches({"input": data["input"]}, 250)])
-    correct = int((preds == data["labels"]).sum())
-    return 100.0 * correct / len(data["labels"])
+    return 100.0 * top1_accuracy(model, data)
 
 
 def trained_float(name: str, workdir: Path, train: dict, val: dict, epochs: int) -> onnx.ModelProto:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,42 +42,27 @@ FLOAT_LR = 3e-3
 BATCH = 64
 
 if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
-    import copy
-
     import onnx
     from onnx import helper, numpy_helper
 
-    from qgraph.api import bundled_pipeline
+    from qgraph.api import apply_pipeline
     from qgraph.fakequant import to_training_form
-    from qgraph.graph import QModel
     from qgraph.models.builders import build_model
     from qgraph.models.datasets import load_dataset
     from qgraph.passes.insert_qdq import quantizer_records
-    from qgraph.pipeline import PassContext, load_pipeline, run_pipeline
-    from qgraph.runner import Runner
+    from qgraph.runner import top1_accuracy
     from qgraph.train import classify_parameters, train_model
 
 
 # --- qgraph side -------------------------------------------------------------------------
 
 def top1(model: "onnx.ModelProto", data: dict) -> float:
-    runner = Runner(model)
-    preds = np.concatenate([r["logits"].argmax(1) for r in runner.run_batches({"input": data["input"]}, 250)])
-    return 100.0 * float((preds == data["labels"]).mean())
+    return 100.0 * top1_accuracy(model, data)
 
 
 def prepare(model: "onnx.ModelProto", calib: dict, weight_bits: int) -> "onnx.ModelProto":
     """The bundled qat.yaml, with `weight_bits`-bit weights."""
-    pipeline = load_pipeline(bundled_pipeline("qat"))
-    pipeline.steps = copy.deepcopy(pipeline.steps)
-    for name, params in pipeline.steps:
-        if name == "insert_qdq":
-            params["weights"]["bits"] = weight_bits
-        if name == "calibrate":
-            params["progress"] = False
-    qmodel = QModel.from_onnx(model)
-    run_pipeline(qmodel, pipeline, PassContext(data={"input": calib["input"]}, batch_size=BATCH))
-    return qmodel.to_onnx()
+    return apply_pipeline(model, "qat", {"input": calib["input"]}, weight_bits=weight_bits, batch_size=BATCH)
 
 
 def train(model, train_data, val, workdir: Path, epochs: int, lr: float) -> tuple["onnx.ModelProto", dict]:

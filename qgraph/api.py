@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import onnx
+
 from qgraph.data import load_data
 from qgraph.describe import describe_model
 from qgraph.files import check_output_path, write_json
@@ -119,3 +121,22 @@ def diff_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, ag
     if json_path:
         write_json(json_path, report.as_dict())
     return report
+
+
+def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike, data: dict | None = None, *,
+                   weight_bits: int | None = None, batch_size: int = 64) -> onnx.ModelProto:
+    """Run a pipeline (a file or a bundled name) on an in-memory model, without progress output;
+    `weight_bits` overrides insert_qdq's weight bits (e.g. 4 for W4A8)."""
+    pipe = load_pipeline(pipeline)
+    steps = []
+    for name, params in pipe.steps:
+        params = dict(params)
+        if name == "insert_qdq" and weight_bits is not None:
+            params["weights"] = {**params.get("weights", {}), "bits": weight_bits}
+        if name == "calibrate":
+            params["progress"] = False
+        steps.append((name, params))
+    pipe.steps = steps
+    qmodel = QModel.from_onnx(model)
+    run_pipeline(qmodel, pipe, PassContext(data=data, seed=pipe.seed, batch_size=batch_size))
+    return qmodel.to_onnx()

@@ -7,7 +7,6 @@ activation scales) and trained as QAT; W4A8 uses the same pipeline with 4-bit we
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import onnx
@@ -15,14 +14,14 @@ import pytest
 from onnx import numpy_helper
 
 from qgraph.annotations import get_annotation
-from qgraph.api import bundled_pipeline
+from qgraph.api import apply_pipeline
 from qgraph import fakequant
 from qgraph.fakequant import to_training_form
 from qgraph.graph import QModel
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
 from qgraph.passes.insert_qdq import quantizer_records
-from qgraph.pipeline import PassContext, load_pipeline, run_pass, run_pipeline
+from qgraph.pipeline import run_pass
 from qgraph.quant import quantize
 from qgraph.runner import Runner
 from qgraph.train import evaluate_training_engine, train_model
@@ -47,16 +46,7 @@ def float_resnet(digits, tmp_path_factory):
 
 def prepare(model: onnx.ModelProto, calib: dict, weight_bits: int = 8) -> onnx.ModelProto:
     """Run the bundled qat.yaml (optionally with other weight bits) on `model`."""
-    pipeline = load_pipeline(bundled_pipeline("qat"))
-    pipeline.steps = copy.deepcopy(pipeline.steps)
-    for name, params in pipeline.steps:
-        if name == "insert_qdq":
-            params["weights"]["bits"] = weight_bits
-        if name == "calibrate":
-            params["progress"] = False
-    qmodel = QModel.from_onnx(model)
-    run_pipeline(qmodel, pipeline, PassContext(data={"input": calib["input"]}, batch_size=64))
-    return qmodel.to_onnx()
+    return apply_pipeline(model, "qat", {"input": calib["input"]}, weight_bits=weight_bits)
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
