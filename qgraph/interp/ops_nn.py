@@ -120,51 +120,72 @@ def conv_core(x, wmat, w_shape, group: int, strides, dilations, pads, shift=None
     """Cross-correlation of ``x - shift`` (N, C, *S; padding counts as ``shift``, i.e. 0 after
     the shift) with weights prepared by :func:`conv_weights` from a ``w_shape`` tensor; computed
     in ``dtype`` over chunks of images, each chunk's (N_c, M, *out) result passed through
-    ``epilogue`` (default: none) into the returned (N, M, *out) array of ``out_dtype``.
+    ``epilogue`` (default: none) into the returned (N, M, *out) array of ``out_dtype``."""
+    return conv_program(x.shape, wmat, w_shape, group, strides, dilations, pads, shift, dtype, epilogue,
+                        out_dtype)(x)
 
-    ``epilogue`` must be elementwise per channel: for 2-D convs it may also see some extra
-    output columns (windows that straddle the padded row end, exact integer sums as bounded as
-    the real ones) which are dropped after it."""
-    kernel = tuple(w_shape[2:])
+
+def conv_program(x_shape, wmat, w_shape, group: int, strides, dilations, pads, shift=None, dtype=np.float32,
+                 epilogue=None, out_dtype=None):
+    """:func:`conv_core` for inputs of shape ``x_shape``, with the geometry, the method and the
+    chunking decided once: returns ``run(x) -> y``. A kernel memoizes it per input shape, so a
+    compiled plan pays the Python set-up once per node and batch size.
+
+    ``epilogue`` must be elementwise per channel and return a fresh array: for 2-D convs it may
+    also see some extra output positions (windows that straddle the padded row end, exact
+    integer sums as bounded as the real ones) which are dropped after it."""
+    kernel = tuple(int(k) for k in w_shape[2:])
     nd = len(kernel)
-    n, c = x.shape[:2]
+    n, c = x_shape[:2]
     m = w_shape[0]
-    out = conv_out_shape(x.shape, kernel, strides, dilations, pads)
-    y = np.empty((n, m) + out, out_dtype or dtype)
-    depthwise = isinstance(wmat, DepthwiseWeights)
-    if depthwise and nd == 2:
-        _depthwise_2d(x, wmat, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y)
-        return y
-    if nd == 2 and not depthwise and tuple(strides) == (1, 1) and (any(pads) or any(k > 1 for k in kernel)):
-        _gemm_conv_2d_stride1(x, wmat, kernel, dilations, pads, out, group, shift, dtype, epilogue, y)
-        return y
+    out = conv_out_shape(x_shape, kernel, strides, dilations, pads)
+    y_shape, y_dtype = (n, m) + out, out_dtype or dtype
+    epilogue = epilogue or (lambda acc: acc)
     fill = 0 if shift is None else shift
-    xp = _padded(x, pads, fill) if any(pads) else x
-    p = math.prod(out)
-    per = max(1, min(n, _CHUNK // max(1, c * math.prod(kernel) * p, m * p)))
-    for s0 in range(0, n, per):
-        xc = xp[s0:s0 + per]
-        nc = xc.shape[0]
-        if depthwise:
-            acc = _depthwise_taps(xc, wmat, kernel, strides, dilations, out, shift, dtype)
-        else:
-            if all(k == 1 for k in kernel) and all(s == 1 for s in strides):
-                cols = _shift(xc, shift, dtype).reshape(nc, c, p)
-            else:
-                win = _windows(xc, kernel, strides, dilations)  # N, C, *out, *K
-                win = win.transpose((0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd)))
-                cols = np.empty(win.shape, dtype)
-                _shift_into(cols, win, shift)
-                cols = cols.reshape(nc, c * math.prod(kernel), p)
-            acc = _grouped_matmul(wmat, cols, group).reshape((nc, m) + out)
-        y[s0:s0 + nc] = acc if epilogue is None else epilogue(acc)
-    return y
+    if isinstance(wmat, DepthwiseWeights) and nd == 2:
+        return _depthwise_2d_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
+                                     epilogue, y_dtype)
+    if isinstance(wmat, DepthwiseWeights):
+        def chunk(xc):
+            return _depthwise_taps(_padded(xc, pads, fill), wmat, kernel, strides, dilations, out, shift, dtype)
+        per = max(1, _CHUNK // (c * math.prod(out)))
+    elif nd == 2 and tuple(strides) == (1, 1) and (any(pads) or any(k > 1 for k in kernel)):
+        return _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group, shift, dtype,
+                                        epilogue, y_dtype)
+    elif all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
+        p = math.prod(out)
+
+        def chunk(xc):
+            return _grouped_matmul(wmat, _shift(xc, shift, dtype).reshape(xc.shape[0], c, p), group)
+        per = max(1, _CHUNK // max(c * p, m * p))
+    else:
+        p, k = math.prod(out), math.prod(kernel)
+        order = (0, 1) + tuple(range(2 + nd, 2 + 2 * nd)) + tuple(range(2, 2 + nd))
+
+        def chunk(xc):
+            win = _windows(_padded(xc, pads, fill) if any(pads) else xc, kernel, strides, dilations).transpose(order)
+            cols = np.empty(win.shape, dtype)  # N, C, *K, *out
+            _shift_into(cols, win, shift)
+            return _grouped_matmul(wmat, cols.reshape(xc.shape[0], c * k, p), group)
+        per = max(1, _CHUNK // max(c * k * p, m * p))
+
+    def run(x):
+        if n <= per:
+            return epilogue(chunk(x).reshape(y_shape))
+        y = np.empty(y_shape, y_dtype)
+        for s0 in range(0, n, per):
+            xc = x[s0:s0 + per]
+            y[s0:s0 + xc.shape[0]] = epilogue(chunk(xc).reshape((xc.shape[0],) + y_shape[1:]))
+        return y
+    return run
 
 
 def _padded(x, pads, fill, extra_rows: int = 0):
     """x zero-point padded in its own type (``fill`` becomes 0 after the shift), with
     ``extra_rows`` more rows of fill below the last spatial row."""
     nd = x.ndim - 2
+    if not any(pads) and not extra_rows:
+        return x
     shape = list(x.shape[:2]) + [x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd)]
     shape[-2 if nd >= 2 else -1] += extra_rows
     xp = np.full(shape, fill, x.dtype)
@@ -187,43 +208,44 @@ def _grouped_matmul(wmat, cols, group):
     return np.matmul(wmat, cols.reshape(nc, group, -1, p)).reshape(nc, -1, p)
 
 
-def _gemm_conv_2d_stride1(x, wmat, kernel, dilations, pads, out, group, shift, dtype, epilogue, y):
+def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group, shift, dtype, epilogue, y_dtype):
     """Stride-1 2-D conv computed over the padded width: in the flattened padded image, tap
     (i, j) of output pixel (h, w) is element (h + i·d_h)·Wp + w + j·d_w, so each tap's im2col row
     is the contiguous run of Ho·Wp elements starting at i·d_h·Wp + j·d_w (one strided copy for
     all taps). The GEMM then yields Ho rows of Wp columns, of which the first Wo are the output;
     the last tap reads (kw-1)·d_w elements past the image, hence the extra fill rows."""
     (kh, kw), (dh, dw) = kernel, dilations
-    n, c = x.shape[:2]
-    m = y.shape[1]
+    n, c = x_shape[:2]
+    m = wmat.shape[0] * wmat.shape[1]
     fill = 0 if shift is None else shift
-    wp = x.shape[3] + pads[1] + pads[3]
+    wp = x_shape[3] + pads[1] + pads[3]
     extra = -(-((kw - 1) * dw) // wp)
-    xp = _padded(x, pads, fill, extra)
-    image = xp[0].size
-    run = out[0] * wp
-    per = max(1, min(n, _CHUNK // max(c * kh * kw * run, m * run)))
-    isz = xp.itemsize
-    flat = xp.reshape(-1)
-    cols = None
-    for s0 in range(0, n, per):
-        nc = min(per, n - s0)
-        view = np.lib.stride_tricks.as_strided(
-            flat[s0 * image:], shape=(nc, c, kh, kw, run),
-            strides=(image * isz, xp.strides[1], dh * wp * isz, dw * isz, isz), writeable=False)
-        if cols is None or cols.shape[0] != nc:
-            cols = np.empty((nc, c, kh, kw, run), dtype)
-        _shift_into(cols, view, shift)
-        acc = _grouped_matmul(wmat, cols.reshape(nc, c * kh * kw, run), group).reshape(nc, m, out[0], wp)
-        if epilogue is not None:
-            acc = epilogue(acc)
-        y[s0:s0 + nc] = acc[..., :out[1]]
+    image = c * (x_shape[2] + pads[0] + pads[2] + extra) * wp
+    run_len = out[0] * wp
+    per = max(1, min(n, _CHUNK // max(c * kh * kw * run_len, m * run_len)))
+
+    def run(x):
+        xp = _padded(x, pads, fill, extra)
+        isz = xp.itemsize
+        flat = xp.reshape(-1)
+        y = np.empty((n, m) + out, y_dtype)
+        for s0 in range(0, n, per):
+            nc = min(per, n - s0)
+            view = np.lib.stride_tricks.as_strided(
+                flat[s0 * image:], shape=(nc, c, kh, kw, run_len),
+                strides=(image * isz, xp.strides[1], dh * wp * isz, dw * isz, isz), writeable=False)
+            cols = np.empty((nc, c, kh, kw, run_len), dtype)
+            _shift_into(cols, view, shift)
+            acc = _grouped_matmul(wmat, cols.reshape(nc, c * kh * kw, run_len), group)
+            y[s0:s0 + nc] = epilogue(acc.reshape(nc, m, out[0], wp))[..., :out[1]]
+        return y
+    return run
 
 
-def _depthwise_taps(xc, wtaps, kernel, strides, dilations, out, shift, dtype):
-    """Depthwise conv of already padded images xc: one multiply-add per tap over strided views."""
-    xs = _shift(xc, shift, dtype)
-    acc = np.empty(xc.shape[:2] + out, dtype)
+def _depthwise_taps(xp, wtaps, kernel, strides, dilations, out, shift, dtype):
+    """Depthwise conv of already padded images: one multiply-add per tap over strided views."""
+    xs = _shift(xp, shift, dtype)
+    acc = np.empty(xp.shape[:2] + out, dtype)
     tmp = np.empty_like(acc)
     for k, (tap, view) in enumerate(_tap_views(xs, kernel, strides, dilations, out)):
         if k == 0:
@@ -234,7 +256,7 @@ def _depthwise_taps(xc, wtaps, kernel, strides, dilations, out, shift, dtype):
     return acc
 
 
-def _depthwise_2d(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y):
+def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y_dtype):
     """2-D depthwise conv on flattened images, a chunk of images at a time. The padded input is
     split into its stride phases (phase (a, b) holds rows a, a+s_h, … and columns b, b+s_w, …;
     one phase when the stride is 1), each of shape (Hq, Wq). Output pixel (h, w) of tap (i, j)
@@ -243,45 +265,50 @@ def _depthwise_2d(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype,
     chunk, with the weight map of one image broadcast over its images; positions with w ≥ Wout
     or h ≥ Hout are computed as garbage (from the next image or a zero tail) and dropped, and no
     valid position reads past its image."""
-    n, c = x.shape[:2]
+    n, c, h, w = x_shape
     (sh, sw), (dh, dw) = strides, dilations
-    hp, wp = x.shape[2] + pads[0] + pads[2], x.shape[3] + pads[1] + pads[3]
+    hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
     hq, wq = -(-hp // sh), -(-wp // sw)
     fill = 0 if shift is None else shift
-    xp = np.full((n, c, hq * sh, wq * sw), fill, x.dtype)
-    xp[:, :, pads[0]:pads[0] + x.shape[2], pads[1]:pads[1] + x.shape[3]] = x
-    taps = [((i * dh) % sh, (j * dw) % sw, (i * dh) // sh * wq + (j * dw) // sw)
+    taps = [((i * dh) % sh * sw + (j * dw) % sw, (i * dh) // sh * wq + (j * dw) // sw)
             for i in range(kernel[0]) for j in range(kernel[1])]
-    plane = hq * wq
-    image = c * plane
+    image = c * hq * wq
     per = max(1, min(n, _CHUNK // image))
-    omax = max(t[2] for t in taps)
-    maps = wtaps.weight_maps(plane)
-    buf = np.zeros((sh * sw, per * image + omax), dtype)  # zero tail: read only by garbage positions
-    acc = np.empty((per, image), dtype)
-    tmp = np.empty((per, image), dtype)
-    for s0 in range(0, n, per):
-        nc = min(per, n - s0)
-        length = nc * image
-        phases = buf[:, :length].reshape(sh, sw, nc, c, hq, wq)
-        src = xp[s0:s0 + nc]
-        if sh * sw > 1:
-            src = src.reshape(nc, c, hq, sh, wq, sw).transpose(3, 5, 0, 1, 2, 4)
-        _shift_into(phases, src, shift)
-        if nc < per:
-            buf[:, length:] = 0
-        dst, scratch = acc[:nc], tmp[:nc]
-        for k, (a, b, o) in enumerate(taps):
-            tap_src = buf[a * sw + b, o:o + length].reshape(nc, image)
-            if k == 0:
-                np.multiply(tap_src, maps[k], out=dst)
-            else:
-                np.multiply(tap_src, maps[k], out=scratch)
-                dst += scratch
-        res = dst.reshape(nc, c, hq, wq)
-        if epilogue is not None:
-            res = epilogue(res)
-        y[s0:s0 + nc] = res[:, :, :out[0], :out[1]]
+    omax = max(t[1] for t in taps)
+    maps = wtaps.weight_maps(hq * wq)
+    inner = (slice(None), slice(None), slice(pads[0], pads[0] + h), slice(pads[1], pads[1] + w))
+    crop = (slice(None), slice(None), slice(0, out[0]), slice(0, out[1]))
+
+    def run(x):
+        xp = np.full((n, c, hq * sh, wq * sw), fill, x.dtype)
+        xp[inner] = x
+        buf = np.zeros((sh * sw, per * image + omax), dtype)  # zero tail: read only by garbage positions
+        acc = np.empty((per, image), dtype)
+        tmp = np.empty((per, image), dtype)
+        y = None if n <= per else np.empty((n, c) + out, y_dtype)
+        for s0 in range(0, n, per):
+            nc = min(per, n - s0)
+            length = nc * image
+            src = xp[s0:s0 + nc]
+            if sh * sw > 1:
+                src = src.reshape(nc, c, hq, sh, wq, sw).transpose(3, 5, 0, 1, 2, 4)
+            _shift_into(buf[:, :length].reshape(sh, sw, nc, c, hq, wq), src, shift)
+            if nc < per:
+                buf[:, length:] = 0
+            dst, scratch = acc[:nc], tmp[:nc]
+            for k, (phase, o) in enumerate(taps):
+                tap_src = buf[phase, o:o + length].reshape(nc, image)
+                if k == 0:
+                    np.multiply(tap_src, maps[k], out=dst)
+                else:
+                    np.multiply(tap_src, maps[k], out=scratch)
+                    dst += scratch
+            res = epilogue(dst.reshape(nc, c, hq, wq))[crop]
+            if y is None:
+                return np.ascontiguousarray(res)
+            y[s0:s0 + nc] = res
+        return y
+    return run
 
 
 @register("Conv")

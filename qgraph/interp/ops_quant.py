@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import quant
-from qgraph.interp.ops_nn import conv_core, conv_geometry, conv_weights
+from qgraph.interp.ops_nn import conv_geometry, conv_program, conv_weights
 from qgraph.interp.registry import MS_DOMAIN, register
 
 _SUPPORTED_Q = (np.int8, np.uint8, np.int16, np.uint16)
@@ -113,12 +113,12 @@ def _gemm_dtype(x, x_zp, w, w_zp):
     return np.float32 if float(row_sums.max()) * xmax < _F32_EXACT else np.float64
 
 
-def conv_accumulate(ctx, x, x_zp, w, w_zp, epilogue=None, out_dtype=np.int32):
-    """Exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp), (N, M, *out).
-    BLAS yields it as float32/float64 exact integers, a chunk of images at a time; each chunk
-    goes through ``epilogue(acc, dt)`` (default: conversion to int32) into an ``out_dtype``
-    array. The shifted weight matrix and the accumulator type depend only on w, w_zp, x_zp and
-    x's dtype, so a compiled plan computes them once (inputs 1, 2, 3 of ConvInteger)."""
+def conv_accumulate_program(ctx, x, x_zp, w, w_zp, epilogue=None, out_dtype=np.int32):
+    """``run(x)``: the exact conv accumulator of (x - x_zp) * (w - w_zp) (padding counts as x_zp),
+    (N, M, *out), for inputs of x's shape. BLAS yields it as float32/float64 exact integers, a
+    chunk of images at a time; ``epilogue(acc, dt)`` (default: conversion to int32) turns each
+    chunk into the ``out_dtype`` result. The shifted weight matrix and the accumulator type depend
+    only on w, w_zp, x_zp and x's dtype, so a compiled plan computes them once."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
     group = ctx.attr("group", 1)
 
@@ -127,12 +127,15 @@ def conv_accumulate(ctx, x, x_zp, w, w_zp, epilogue=None, out_dtype=np.int32):
         shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
         return dt, shift, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
 
-    dt, shift, wmat = ctx.once(("conv", x.dtype), prepare, *_conv_const_inputs(ctx))
+    dt, shift, wmat = ctx.once(("conv", x.dtype.str), prepare, *_conv_const_inputs(ctx))
     if epilogue is None:
-        def epilogue(acc, _):
+        def chunk_epilogue(acc):
             return acc.astype(np.int32)
-    return conv_core(x, wmat, w.shape, group, strides, dilations, pads, shift=shift, dtype=dt,
-                     epilogue=lambda acc: epilogue(acc, dt), out_dtype=out_dtype)
+    else:
+        def chunk_epilogue(acc):
+            return epilogue(acc, dt)
+    return conv_program(x.shape, wmat, w.shape, group, strides, dilations, pads, shift=shift, dtype=dt,
+                        epilogue=chunk_epilogue, out_dtype=out_dtype)
 
 
 def _conv_const_inputs(ctx):
@@ -156,7 +159,8 @@ def matmul_accumulate(a, a_zp, b, b_zp):
 @register("ConvInteger")
 def conv_integer(ctx, x, w, x_zp=None, w_zp=None):
     """int32 Y = conv(x - x_zp, w - w_zp); w_zp per tensor or per output channel."""
-    return conv_accumulate(ctx, x, x_zp, w, w_zp)
+    return ctx.once(("program", x.shape, x.dtype.str), lambda: conv_accumulate_program(ctx, x, x_zp, w, w_zp),
+                    1, 2, 3)(x)
 
 
 @register("MatMulInteger")
@@ -170,21 +174,22 @@ def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
     """Spec: y = saturate(round((xs*ws/ys) * (conv(x - xzp, w - wzp) + b)) + yzp).
     ORT: multiplier (xs * ws) / ys in float32, then MlasRequantizeOutput (float32 product,
     clamp, round half to even, + yzp). Bias and requantization run per chunk of images, on the
-    accumulator while it is in cache."""
+    accumulator while it is in cache; everything but the input is decided once per input shape."""
     if ctx.attr("channels_last", 0):
         raise ctx.error("channels_last=1 is not supported")
+    return ctx.once(("program", x.shape, x.dtype.str),
+                    lambda: _qlinear_conv_program(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b), *range(1, 9))(x)
+
+
+def _qlinear_conv_program(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b):
     bshape = (1, -1, 1) + (1,) * (x.ndim - 3)
-    small_b = b is None or ctx.once("small_bias", lambda: np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24, 8)
-    bias32 = None if b is None else ctx.once("bias32", lambda: b.astype(np.float32).reshape(bshape), 8)
-    bias_i = None if b is None else ctx.once("bias_i", lambda: b.astype(np.int32).reshape(bshape), 8)
-
-    def params():
-        mult = quant.ort_requant_multiplier(xs, ws, ys)
-        mult = mult.reshape(bshape) if mult.size > 1 else mult.reshape(())
-        dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
-        return mult, _scalar(yzp), dtype
-
-    mult, zp, dtype = ctx.once("requant", params, 1, 4, 6, 7)
+    small_b = b is None or np.abs(b.astype(np.int64)).max(initial=0) < 2 ** 24
+    bias32 = None if b is None else b.astype(np.float32).reshape(bshape)
+    bias_i = None if b is None else b.astype(np.int32).reshape(bshape)
+    mult = quant.ort_requant_multiplier(xs, ws, ys)
+    mult = mult.reshape(bshape) if mult.size > 1 else mult.reshape(())
+    dtype = np.asarray(yzp).dtype.type if yzp is not None else x.dtype.type
+    zp = _scalar(yzp)
     qmin, qmax = qlimits(dtype)
 
     def requantize(acc, dt):
@@ -199,7 +204,7 @@ def qlinear_conv(ctx, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):
                 acc += bias_i
         return quant.requantize_float(acc, mult, zp, qmin, qmax, dtype=dtype, overwrite=True)
 
-    return conv_accumulate(ctx, x, xzp, w, wzp, epilogue=requantize, out_dtype=dtype)
+    return conv_accumulate_program(ctx, x, xzp, w, wzp, epilogue=requantize, out_dtype=dtype)
 
 
 @register("QLinearMatMul", "", MS_DOMAIN)

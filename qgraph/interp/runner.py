@@ -7,6 +7,9 @@ output list), runs one kernel per node and frees every tensor after its last use
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections import OrderedDict, defaultdict, deque
 from typing import Callable, NamedTuple
 
@@ -63,6 +66,27 @@ class _Step(NamedTuple):
     free: tuple[str, ...]  # tensors whose last use is this step
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_heap_tuned = False
+
+
+def _recycle_large_arrays() -> None:
+    """Once per process, on glibc: serve arrays up to 32 MiB from the heap and keep up to 256 MiB
+    of freed heap. By default each large temporary is a fresh mmap, page-faulted in 4 KiB at a
+    time on every run and unmapped when freed; a plan allocates the same sizes run after run, so
+    recycling them removes most of its kernel time (measured: a third of a batch-64 run)."""
+    global _heap_tuned
+    if _heap_tuned or not sys.platform.startswith("linux"):
+        return
+    _heap_tuned = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        pass
+
+
 class Plan:
     """A model compiled for repeated evaluation: ``plan.run(feeds, outputs=None)``.
 
@@ -70,6 +94,7 @@ class Plan:
     that overrides an initializer switches that run to fresh node contexts (nothing memoized)."""
 
     def __init__(self, model: onnx.ModelProto):
+        _recycle_large_arrays()
         g = model.graph
         opsets = _opsets(model)
         self.nodes = list(g.node)
