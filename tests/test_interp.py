@@ -106,6 +106,25 @@ def test_qlinearconv_matches_ort(case, seed, with_bias):
     assert_same(model, {"x": x})
 
 
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_qlinearconv_in_chunks_matches_ort(monkeypatch, case):
+    """Tiny chunk sizes: every conv method runs a batch of 3 one image at a time."""
+    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
+    adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
+    rng = np.random.default_rng(500 + case)
+    xs, xzp = qparams(rng, adt)
+    w = rand_q(rng, wdt, (m, c // group) + k)
+    wzp = np.zeros(m if per_ch else (), wdt)
+    ws = rng.uniform(0.001, 0.05, m if per_ch else ()).astype(np.float32)
+    inits = dict(xs=xs, xzp=xzp, w=w, ws=ws, wzp=wzp, ys=np.float32(0.5), yzp=qparams(rng, adt)[1],
+                 b=rng.integers(-5000, 5000, m).astype(np.int32))
+    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"],
+                            ["y"], group=group, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
+    model = make_model([node], [("x", adt)], [("y", adt)], inits)
+    assert_same(model, {"x": rand_q(rng, adt, (3, c) + hw)})
+
+
 def test_qlinearconv_large_bias_and_accumulators():
     """Biases beyond 2^24 take the int32 path; accumulators beyond 2^24 round in cvtdq2ps."""
     rng = np.random.default_rng(11)
@@ -310,9 +329,14 @@ def test_unsupported_op_raises_interp_error():
         run(model, {"x": np.ones((2, 2), np.float32)})
 
 
-def test_depthwise_equals_grouped_gemm():
-    """The depthwise kernel (per-tap multiply-adds on flattened stride phases) against the
-    grouped-GEMM path on the same operands, over strides, dilations and asymmetric pads."""
+@pytest.mark.parametrize("toeplitz_max_k", [0, 128])
+def test_depthwise_equals_grouped_gemm(monkeypatch, toeplitz_max_k):
+    """Both depthwise kernels (per-channel banded GEMMs; per-tap multiply-adds on flattened
+    stride phases when the rows are too wide) against the grouped-GEMM path on the same
+    operands, over strides, dilations, asymmetric pads and batch chunks."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", toeplitz_max_k)
+    monkeypatch.setattr(ops_nn, "_CHUNK", 256)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 256)
     rng = np.random.default_rng(11)
     for (n, c, h, w), (kh, kw), s, d, pads in [((3, 5, 8, 8), (3, 3), (2, 2), (1, 1), [0, 1, 2, 0]),
                                                ((2, 4, 11, 6), (5, 2), (3, 1), (2, 1), [2, 0, 1, 3]),

@@ -66,10 +66,17 @@ def qlinear_add(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
     r_a = a_s/c_s, r_b = b_s/c_s, k = c_zp - (r_a·a_zp + r_b·b_zp) in float32, then
     C = saturate(round_half_even(fma(a, r_a, fma(b, r_b, k)))); a per-span scalar operand is
     folded into k first (k += a·r_a) before the single FMA of the other operand."""
-    ra = F32(F32(_s(a_s)) / F32(_s(c_s)))
-    rb = F32(F32(_s(b_s)) / F32(_s(c_s)))
-    za, zb, zc = _zp(a_zp), _zp(b_zp), _zp(c_zp)
-    k = F32(F32(zc) - _fma32(np.asarray(F32(za)), ra, F32(rb * F32(zb))))
+    def params():
+        ra = F32(F32(_s(a_s)) / F32(_s(c_s)))
+        rb = F32(F32(_s(b_s)) / F32(_s(c_s)))
+        za, zb, zc = _zp(a_zp), _zp(b_zp), _zp(c_zp)
+        k = F32(F32(zc) - _fma32(np.asarray(F32(za)), ra, F32(rb * F32(zb))))
+        dtype = _out_dtype(c_zp, a)
+        return ra, rb, k, dtype, qlimits(dtype)
+
+    ra, rb, k, dtype, (qmin, qmax) = ctx.once(("params", a.dtype.str), params, 1, 2, 4, 5, 6, 7)
+    if a.shape == b.shape:
+        return _qlinear_add_same_shape(a, b, ra, rb, k, dtype, qmin, qmax)
     side = _scalar_side(a.shape, b.shape)
     af, bf = a.astype(F32), b.astype(F32)
     if side == "a":
@@ -80,9 +87,34 @@ def qlinear_add(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
         c = _fma32(np.broadcast_to(af, np.broadcast_shapes(a.shape, b.shape)), ra, kk)
     else:
         c = _fma32(af, ra, _fma32(bf, rb, k))
-    dtype = _out_dtype(c_zp, a)
-    qmin, qmax = qlimits(dtype)
     return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+
+#: Elements per block of :func:`_qlinear_add_same_shape` (its float64 scratch stays in L2).
+_ADD_BLOCK = 1 << 16
+
+
+def _qlinear_add_same_shape(a, b, ra, rb, k, dtype, qmin, qmax):
+    """``_fma32(a, ra, _fma32(b, rb, k))`` then round and saturate, a block at a time in reused
+    buffers: the 8-bit codes convert to float64 inside the multiplies (exact products, as in
+    :func:`_fma32`), each sum is rounded once to float32."""
+    n = a.size
+    out = np.empty(a.shape, dtype)
+    af, bf, of = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    step = min(n, _ADD_BLOCK)
+    t64, inner32, outer32 = np.empty(step), np.empty(step, F32), np.empty(step, F32)
+    ra64, rb64, k64 = np.float64(ra), np.float64(rb), np.float64(k)
+    for s0 in range(0, n, step):
+        m = min(step, n - s0)
+        t, i32, o32 = t64[:m], inner32[:m], outer32[:m]
+        np.multiply(bf[s0:s0 + m], rb64, out=t)
+        t += k64
+        i32[...] = t
+        np.multiply(af[s0:s0 + m], ra64, out=t)
+        t += i32
+        o32[...] = t
+        of[s0:s0 + m] = quant.saturate(quant.round_half_even(o32), qmin, qmax, dtype)
+    return out
 
 
 @register("QLinearMul", MS_DOMAIN)

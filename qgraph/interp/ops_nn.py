@@ -143,6 +143,10 @@ def conv_program(x_shape, wmat, w_shape, group: int, strides, dilations, pads, s
     epilogue = epilogue or (lambda acc: acc)
     fill = 0 if shift is None else shift
     if isinstance(wmat, DepthwiseWeights) and nd == 2:
+        span = (kernel[0] - 1) * dilations[0] + 1
+        if span * (x_shape[3] + pads[1] + pads[3]) <= _TOEPLITZ_MAX_K:
+            return _depthwise_toeplitz_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
+                                               epilogue, y_dtype)
         return _depthwise_2d_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
                                      epilogue, y_dtype)
     if isinstance(wmat, DepthwiseWeights):
@@ -254,6 +258,55 @@ def _depthwise_taps(xp, wtaps, kernel, strides, dilations, out, shift, dtype):
             np.multiply(view, wtaps[k], out=tmp)
             acc += tmp
     return acc
+
+
+#: Widest row block (kernel rows × padded width) for which a depthwise conv runs as per-channel
+#: GEMMs with a banded weight matrix: BLAS does the extra zero products faster than NumPy does
+#: one multiply-add pass per tap.
+_TOEPLITZ_MAX_K = 128
+
+
+def _depthwise_toeplitz_program(x_shape, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue,
+                                y_dtype):
+    """2-D depthwise conv as one GEMM per channel. Output row h reads the padded rows
+    h·s_h … h·s_h + span - 1, a contiguous block of span·Wp elements of the flattened plane; with
+    the banded matrix T_c[(i·d_h)·Wp + w·s_w + j·d_w, w] = W_c[i, j] (zeros elsewhere), output row
+    h of channel c is block_h @ T_c. The blocks of all images of a chunk form one (N·Ho, span·Wp)
+    matrix per channel, gathered with the zero-point shift in one strided copy. Every partial sum
+    is a sum of a subset of the conv's products, so the float32/float64 exactness bound holds."""
+    n, c, h, w = x_shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    wp = w + pads[1] + pads[3]
+    span = (kh - 1) * dh + 1
+    k = span * wp
+    ho, wo = out
+    toeplitz = np.zeros((c, k, wo), dtype)
+    cols = np.arange(wo)
+    for t, (i, j) in enumerate(itertools.product(range(kh), range(kw))):
+        toeplitz[:, i * dh * wp + cols * sw + j * dw, cols] = wtaps[t].reshape(c, 1)
+    fill = 0 if shift is None else shift
+    per = max(1, min(n, _TOEPLITZ_CHUNK // (c * ho * k)))
+
+    def run(x):
+        xp = _padded(x, pads, fill)
+        isz = xp.itemsize
+        y = np.empty((n, c) + out, y_dtype)
+        rows = np.empty((c, per, ho, k), dtype)
+        for s0 in range(0, n, per):
+            nc = min(per, n - s0)
+            view = np.lib.stride_tricks.as_strided(
+                xp[s0:], shape=(c, nc, ho, k), strides=(xp.strides[1], xp.strides[0], sh * wp * isz, isz),
+                writeable=False)
+            blocks = rows[:, :nc]
+            _shift_into(blocks, view, shift)
+            acc = np.matmul(blocks.reshape(c, nc * ho, k), toeplitz).reshape(c, nc, ho, wo)
+            y[s0:s0 + nc] = epilogue(acc.transpose(1, 0, 2, 3))
+        return y
+    return run
+
+
+#: Largest gathered row-block array of one chunk of :func:`_depthwise_toeplitz_program`.
+_TOEPLITZ_CHUNK = 1 << 20
 
 
 def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y_dtype):
