@@ -3,6 +3,8 @@ dtype; integer arithmetic wraps like C and integer Div truncates toward zero, as
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from qgraph import quant
@@ -302,7 +304,7 @@ def reshape(ctx, x, shape):
 def flatten(ctx, x):
     axis = ctx.attr("axis", 1)
     axis = axis + x.ndim if axis < 0 else axis
-    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @register("Transpose")

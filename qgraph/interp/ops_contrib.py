@@ -132,7 +132,7 @@ def qlinear_mul(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
 # --------------------------------------------------------------------------- pooling
 def _global_avg(x, x_s, x_zp, y_s, y_zp, axes, image_size, dtype):
     scale = F32(F32(_s(x_s)) / F32(F32(_s(y_s)) * F32(image_size)))
-    acc = x.astype(np.int64).sum(axis=axes, keepdims=True) - np.int64(_zp(x_zp)) * image_size
+    acc = x.sum(axis=axes, keepdims=True, dtype=np.int64) - np.int64(_zp(x_zp)) * image_size
     qmin, qmax = qlimits(dtype)
     return quant.requantize_float(acc.astype(np.int32), scale, _zp(y_zp), qmin, qmax, dtype=dtype)
 

@@ -81,11 +81,13 @@ class NodeContext:
         """``compute()``, memoized under ``key`` when the node inputs at positions ``inputs`` are
         all plan constants (initializers no feed overrides, or omitted); recomputed on every call
         otherwise, and always outside a compiled plan (empty ``const``)."""
+        memo = self._memo
+        if key in memo:  # only ever filled when the inputs are constants of the plan
+            return memo[key]
         if not self.const or not all(i >= len(self.const) or self.const[i] for i in inputs):
             return compute()
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        value = memo[key] = compute()
+        return value
 
     @property
     def where(self) -> str:
