@@ -286,3 +286,16 @@ def test_nan_weight_is_an_error_naming_the_tensor():
     init.CopyFrom(numpy_helper.from_array(w, "s2.w"))
     with pytest.raises(PassError, match="s2.w"):
         equalized(model)
+
+
+def test_restored_bn_without_high_bias_reports_no_padding_skip(data):
+    """bn_restore'd RepVGG: β = μ, γ = σ and no channel has μ > 3σ, so nothing is absorbed and the
+    padded convs are not reported as blocking absorption."""
+    model = bundled("repvgg_deploy")
+    qmodel = QModel.from_onnx(model)
+    feeds = feeds_for(model, data)
+    run_pass(qmodel, "bn_restore", {}, PassContext(data=feeds))
+    report = run_pass(qmodel, "equalize", {"high_bias_absorption": True})
+    assert report["absorbed_channels"] == 0
+    assert not any("zero padding" in s["reason"] for s in report["skipped"])
+    assert rel_diff(run_model(qmodel, feeds)["logits"], run_model(model, feeds)["logits"]) <= 1e-4
