@@ -299,3 +299,44 @@ def test_restored_bn_without_high_bias_reports_no_padding_skip(data):
     assert report["absorbed_channels"] == 0
     assert not any("zero padding" in s["reason"] for s in report["skipped"])
     assert rel_diff(run_model(qmodel, feeds)["logits"], run_model(model, feeds)["logits"]) <= 1e-4
+
+
+def _with_outlier_channel(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """The same function with one channel's range blown up: conv A's output channel 0 (weight and
+    bias) times `factor`, conv B's input channel 0 divided by it (exact across Relu). This is the
+    per-channel spread re-parameterization produces, which per-tensor weight scales cannot hold."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+
+    def scale(name, index, value):
+        array = numpy_helper.to_array(inits[name]).copy()
+        array[index] *= value
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    scale("stage1.block0.conv.weight", (0,), factor)
+    scale("stage1.block0.conv.bias", (0,), factor)
+    scale("stage1.block1.conv.weight", (slice(None), 0), 1.0 / factor)
+    return out
+
+
+def _per_tensor_ptq_error(model: onnx.ModelProto, data) -> float:
+    qmodel = QModel.from_onnx(model)
+    run_pass(qmodel, "insert_qdq", {"weights": {"per_channel": False}})
+    run_pass(qmodel, "calibrate", {"progress": False}, PassContext(data=data))
+    reference = run_model(model, data)["logits"]
+    return rel_diff(run_model(qmodel, data)["logits"], reference)
+
+
+def test_equalize_repairs_per_tensor_ptq_of_an_outlier_channel(data):
+    """CLE's purpose: a channel-range outlier ruins per-tensor int8 weights; after equalize the
+    per-tensor PTQ error is back near the well-conditioned model's."""
+    clean = bundled("repvgg_deploy")
+    skewed = _with_outlier_channel(clean, 64.0)
+    np.testing.assert_allclose(run_model(skewed, data)["logits"], run_model(clean, data)["logits"],
+                               rtol=1e-4, atol=1e-5)
+    baseline = _per_tensor_ptq_error(clean, data)
+    broken = _per_tensor_ptq_error(skewed, data)
+    repaired = _per_tensor_ptq_error(equalized(skewed)[0], data)
+    assert broken > 3 * baseline, (baseline, broken)
+    assert repaired < 1.5 * baseline, (baseline, broken, repaired)
