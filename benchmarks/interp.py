@@ -15,6 +15,22 @@ is the one-call `qgraph.interp.run`, which also serializes the model to find its
 onnx.reference runs batch 1 once (it is slow) and is compared with the interpreter on batch 1;
 what it cannot run is reported with its error. Every lowered model is also checked bit-exact
 between ORT and the interpreter on the benchmark batch.
+
+Measured (2-core AMD EPYC VM shared with other jobs; interp/ORT on the qlinear target, width 8,
+28x28; all bit-exact). Medians drift by 10-30% between runs here, default threads the most:
+
+    --threads 1          batch 1   batch 16   batch 64
+      resnet qlinear      7-8x      3.0x       2.7x
+      mobilenetv2 qlinear 10x       5.2x       5.0x
+      resnet integer      2.5-2.8x  0.8-1.0x   0.9x
+      mobilenetv2 integer 1.6x      0.8x       0.8x
+    default threads
+      resnet qlinear      7-8x      3.8x       3.3-3.8x
+      mobilenetv2 qlinear 10x       5-11x      4.9-6.3x
+
+Batch 1 is per-node overhead (~25 us for a pointwise QLinearConv, ~50-65 us for a depthwise or
+3x3 one, against ORT's ~0.1 ms for the whole model); at batch 16/64 the cost is the elementwise
+passes over each conv output (bias, the five of requantization, the store) more than the GEMMs.
 """
 
 from __future__ import annotations
