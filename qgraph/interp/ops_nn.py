@@ -1,13 +1,15 @@
 """Convolution, pooling, GEMM and normalization kernels (ONNX domain), plus the shared
 convolution core that the integer kernels reuse.
 
-Conv works in NCHW throughout: im2col gathers the (zero-point-shifted) windows of the padded
-input into ``(N, C·K, P)`` with one strided copy (runs of output columns are contiguous), and one
-batched matmul with the ``(M, C·K)`` weight matrix yields ``(N, M, P)`` — already NCHW. Depthwise
-convs skip im2col: one multiply-add per kernel tap over whole strided views. Integer callers
-pass zero-point-shifted float operands: float32 when every partial sum is provably below 2^24,
-float64 otherwise (below 2^53 for any 8-bit conv), so BLAS computes the integers exactly, in any
-summation order.
+Conv works in NCHW throughout, a chunk of images at a time (bias and requantization run on each
+chunk while it is in cache): im2col gathers the (zero-point-shifted) windows of the padded input
+into ``(N, C·K, P)`` with one strided copy — for stride 1 straight from the flattened padded rows,
+computing Wp instead of Wo columns per row — and one batched matmul with the ``(M, C·K)`` weight
+matrix yields ``(N, M, P)``, already NCHW. Depthwise convs run as one GEMM per channel with a
+banded weight matrix over blocks of padded rows (per-tap multiply-adds when rows are too wide).
+Integer callers pass zero-point-shifted float operands: float32 when every partial sum is provably
+below 2^24, float64 otherwise (below 2^53 for any 8-bit conv), so BLAS computes the integers
+exactly, in any summation order; extra zero products (banded matrices) do not change that bound.
 """
 
 from __future__ import annotations
