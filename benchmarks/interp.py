@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 
 from qgraph.graph import QModel
-from qgraph.interp import compile_model
+from qgraph.interp import compile_model, recycle_large_arrays
 from qgraph.interp import run as interp_run
 from qgraph.lowering import lower_model
 from qgraph.models.builders import build_model
@@ -156,6 +156,7 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
 
 
 def main() -> None:
+    recycle_large_arrays()  # as `qgraph diff` does
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=28)

@@ -179,6 +179,8 @@ def diff(model, data_path, against, per_layer, json_path, batch_size, limit):
       qgraph diff model.int8.onnx --data val.npz --against trained.onnx --per-layer
     """
     from qgraph.api import diff_file
+    from qgraph.interp import recycle_large_arrays
+    recycle_large_arrays()  # this process is ours: let the interpreter reuse its large buffers
     report = diff_file(model, data_path, against=against, per_layer=per_layer, json_path=json_path,
                        batch_size=batch_size, limit=limit)
     click.echo(report.format_table())
@@ -201,6 +203,8 @@ def demo(model_name, out_dir, quick, seed):
       qgraph demo --model resnet --out demo-resnet
     """
     from qgraph.demo import run_demo
+    from qgraph.interp import recycle_large_arrays
+    recycle_large_arrays()
     run_demo(model_name, out_dir, quick=quick, seed=seed, echo=click.echo)
 
 

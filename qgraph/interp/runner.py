@@ -70,11 +70,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _heap_tuned = False
 
 
-def _recycle_large_arrays() -> None:
+def recycle_large_arrays() -> None:
     """Once per process, on glibc: serve arrays up to 32 MiB from the heap and keep up to 256 MiB
     of freed heap. By default each large temporary is a fresh mmap, page-faulted in 4 KiB at a
     time on every run and unmapped when freed; a plan allocates the same sizes run after run, so
-    recycling them removes most of its kernel time (measured: a third of a batch-64 run)."""
+    recycling them removes most of its kernel time (measured: a third of a batch-64 run).
+    This changes the whole process's allocator, so the library never calls it by itself: the
+    qgraph CLI (diff, demo) and the benchmark do; an embedding application may."""
     global _heap_tuned
     if _heap_tuned or not sys.platform.startswith("linux"):
         return
@@ -94,7 +96,6 @@ class Plan:
     that overrides an initializer switches that run to fresh node contexts (nothing memoized)."""
 
     def __init__(self, model: onnx.ModelProto):
-        _recycle_large_arrays()
         g = model.graph
         opsets = _opsets(model)
         self.nodes = list(g.node)
