@@ -173,8 +173,8 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
             continue
         done.add(record["index"])
         if record["q_node"]:
-            nodes.append(_node_from_json(record["q_node"]))
-        nodes.extend(_node_from_json(d) for d in record["dq_nodes"])
+            nodes.append(_from_b64(record["q_node"], onnx.NodeProto))
+        nodes.extend(_from_b64(d, onnx.NodeProto) for d in record["dq_nodes"])
     missing = {r["index"] for r in info.pairs} - done
     if missing:
         raise TrainError(f"{len(missing)} recorded quantizer pair(s) are missing from the model; "
@@ -182,7 +182,7 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
     restored = []
     for record in info.pairs:
         for blob in record["saved_inits"]:
-            tensor = _tensor_from_b64(blob)
+            tensor = _from_b64(blob, onnx.TensorProto)
             if tensor.name != record["int_weight"] and tensor.name not in inits and tensor.name not in {t.name for t in restored}:
                 restored.append(tensor)
         if record["int_weight"]:
@@ -232,9 +232,9 @@ def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> 
     qmin, qmax = quantizer_grid(first, dtype, grid)
     return {
         "index": index,
-        "q_node": None if int_weight else _node_to_json(q),
+        "q_node": None if int_weight else _to_b64(q),
         "q_output": None if int_weight else q.output[0],
-        "dq_nodes": [_node_to_json(d) for d in dqs],
+        "dq_nodes": [_to_b64(d) for d in dqs],
         "y": [d.output[0] for d in dqs],
         "scale": scale,
         "zero_point": zero_point,
@@ -246,7 +246,7 @@ def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> 
         "dtype": onnx.TensorProto.DataType.Name(dtype).lower(),
         "zero_points": zp_value.reshape(-1).tolist(),
         "int_weight": int_weight,
-        "saved_inits": [_tensor_to_b64(inits[zero_point])] if zero_point else [],
+        "saved_inits": [_to_b64(inits[zero_point])] if zero_point else [],
     }
 
 
@@ -275,7 +275,7 @@ def _float_weight(record, inits, graph) -> str:
         s, z = s.reshape(shape), z.reshape(shape)
     name = record["int_weight"] + _SUFFIX + "_float"
     graph.initializer.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), name))
-    record["saved_inits"].append(_tensor_to_b64(int_tensor))
+    record["saved_inits"].append(_to_b64(int_tensor))
     return name
 
 
@@ -358,7 +358,7 @@ def _apply_values(graph: onnx.GraphProto, values: dict[str, np.ndarray]) -> None
 
 def _requantize(record: dict, inits: dict) -> onnx.TensorProto:
     """The stored integer weight of a DQ-only pair, re-quantized from its trained float copy."""
-    saved = {t.name: t for t in map(_tensor_from_b64, record["saved_inits"])}
+    saved = {t.name: t for t in (_from_b64(b, onnx.TensorProto) for b in record["saved_inits"])}
     original = saved[record["int_weight"]]
     weight = numpy_helper.to_array(inits[record["int_weight"] + _SUFFIX + "_float"])
     zero_point = numpy_helper.to_array(saved[record["zero_point"]]) if record["zero_point"] else 0
@@ -483,24 +483,15 @@ def _with_constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _node_to_json(node: onnx.NodeProto) -> str:
-    return base64.b64encode(node.SerializeToString()).decode("ascii")
+def _to_b64(message) -> str:
+    """A NodeProto or TensorProto as base64 text, to travel inside the JSON annotation."""
+    return base64.b64encode(message.SerializeToString()).decode("ascii")
 
 
-def _node_from_json(blob: str) -> onnx.NodeProto:
-    node = onnx.NodeProto()
-    node.ParseFromString(base64.b64decode(blob))
-    return node
-
-
-def _tensor_to_b64(tensor: onnx.TensorProto) -> str:
-    return base64.b64encode(tensor.SerializeToString()).decode("ascii")
-
-
-def _tensor_from_b64(blob: str) -> onnx.TensorProto:
-    tensor = onnx.TensorProto()
-    tensor.ParseFromString(base64.b64decode(blob))
-    return tensor
+def _from_b64(blob: str, kind):
+    message = kind()
+    message.ParseFromString(base64.b64decode(blob))
+    return message
 
 
 def info_json(info: TrainingFormInfo) -> str:

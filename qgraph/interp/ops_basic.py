@@ -99,9 +99,11 @@ register("Min")(_variadic(np.minimum))
 register("Sum")(_variadic(np.add))
 
 
-@register("Sqrt")
-def sqrt(ctx, x):
-    return np.sqrt(x)
+# Elementwise float ops that are exactly the NumPy ufunc of the same name.
+_UNARY_UFUNCS = {"Sqrt": np.sqrt, "Floor": np.floor, "Ceil": np.ceil, "Abs": np.abs, "Neg": np.negative,
+                 "Exp": np.exp, "Log": np.log, "Tanh": np.tanh}
+for _op, _ufunc in _UNARY_UFUNCS.items():
+    register(_op)(lambda ctx, x, _ufunc=_ufunc: _ufunc(x))
 
 
 @register("Reciprocal")
@@ -109,45 +111,10 @@ def reciprocal(ctx, x):
     return (np.ones((), x.dtype) / x).astype(x.dtype)
 
 
-@register("Floor")
-def floor(ctx, x):
-    return np.floor(x)
-
-
-@register("Ceil")
-def ceil(ctx, x):
-    return np.ceil(x)
-
-
 @register("Round")
 def round_(ctx, x):
     """Round half to even."""
     return quant.round_half_even(x)
-
-
-@register("Abs")
-def abs_(ctx, x):
-    return np.abs(x)
-
-
-@register("Neg")
-def neg(ctx, x):
-    return np.negative(x)
-
-
-@register("Exp")
-def exp(ctx, x):
-    return np.exp(x)
-
-
-@register("Log")
-def log(ctx, x):
-    return np.log(x)
-
-
-@register("Tanh")
-def tanh(ctx, x):
-    return np.tanh(x)
 
 
 @register("Relu")
