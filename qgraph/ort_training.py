@@ -122,6 +122,30 @@ def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str]
     except Exception as exc:  # ORT raises bare RuntimeErrors from C++
         raise TrainError(f"ONNX Runtime cannot build training artifacts: {str(exc).strip().splitlines()[0][:300]}") \
             from None
+    if optimizer == "adamw":
+        _torch_adamw_mode(Path(directory) / "optimizer_model.onnx")
+
+
+def _torch_adamw_mode(path: Path) -> None:
+    """Switch ORT's AdamWOptimizer node from Hugging Face mode to PyTorch mode (`adam_mode` 1 -> 0).
+
+    onnxblock's AdamW always writes `adam_mode=1`, which adds eps to the *uncorrected*
+    sqrt(v): the effective eps is eps / sqrt(1 - beta2^t), 31.6x larger at step 1. Every
+    gradient element below ~3e-5 then gets a far smaller first update than torch.optim.AdamW
+    gives it (measured on mobilenetv2: median per-tensor first-update difference 63% -> 0.4%
+    in mode 0). Mode 0 is torch.optim.AdamW: bias-corrected moments, decoupled weight decay
+    applied before the update.
+    """
+    model = onnx.load(str(path))
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode" and attr.i != 0:
+                    attr.i = 0
+                    changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def _graph_loss_block(onnxblock, loss):

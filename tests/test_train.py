@@ -193,3 +193,17 @@ def test_loss_given_as_onnx_graph_and_mse(data, tmp_path):
     assert [h["train_loss"] for h in custom] == pytest.approx([h["train_loss"] for h in builtin], rel=1e-6)
     _, mse = train_model(tiny_cnn("none"), train, val, workdir=tmp_path / "c", loss="mse", **kwargs)
     assert mse[-1]["train_loss"] < mse[0]["train_loss"] and mse[0]["val_top1"] is None
+
+
+def test_adamw_runs_in_pytorch_mode(tmp_path):
+    """ORT's onnxblock writes Hugging Face-mode AdamW (eps before bias correction); qgraph switches
+    the optimizer graph to mode 0, torch.optim.AdamW's update, so `adamw` means what users expect."""
+    from qgraph.ort_training import generate_training_artifacts
+    model = make_small_cnn()
+    weights = [i.name for i in model.graph.initializer if not i.name.startswith("bn1.")]
+    frozen = [i.name for i in model.graph.initializer if i.name.startswith("bn1.")]
+    generate_training_artifacts(model, weights, frozen, tmp_path, optimizer="adamw")
+    optimizer = onnx.load(str(tmp_path / "optimizer_model.onnx"))
+    modes = [a.i for n in optimizer.graph.node if n.op_type == "AdamWOptimizer"
+             for a in n.attribute if a.name == "adam_mode"]
+    assert modes == [0]
