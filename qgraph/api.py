@@ -32,11 +32,11 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
 
     def show(step: StepReport) -> None:
         echo(step.line())
+        for item in step.report.get("warnings", []):  # always: a rule matching nothing is a user mistake
+            echo(f"    warning: {item}")
         if verbose:
             for item in step.report.get("skipped", []):
                 echo(f"    skipped {item['node']}: {item['reason']}")
-            for item in step.report.get("warnings", []):
-                echo(f"    warning: {item}")
 
     reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
     result = model.to_onnx()

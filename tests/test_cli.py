@@ -186,3 +186,10 @@ def test_inspect_counts_forward_fused_weights_and_lowered_ops(tmp_path, small_cn
     assert invoke("lower", prepared, "--target", "qlinear", "-o", lowered).exit_code == 0
     text = invoke("inspect", lowered).output
     assert "integer ops (a lowered model)" in text and "float model" not in text
+
+
+def test_pass_warnings_are_shown_without_verbose(tmp_path, small_cnn_file, small_data_file):
+    pipeline = tmp_path / "w.yaml"
+    pipeline.write_text("passes:\n  - insert_qdq: {rules: [{name: no_such_node, skip: true}]}\n")
+    result = invoke("passes", "run", small_cnn_file, "--pipeline", pipeline, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0 and "warning:" in result.output and "no_such_node" in result.output
