@@ -22,6 +22,20 @@ On the bundled MNIST-5k (4,000 train / 1,000 val real digits, 28x28), for each m
 
 Accuracy is top-1 on the 1,000 val digits (exported models in plain ORT); throughput is
 training images/s over whole epochs (median epoch), both engines on the same 2 cores.
+
+Measured (`python benchmarks/qat.py --torch /tmp/torchvenv/bin/python`, 2 shared cores, 199 s,
+AdamW in PyTorch mode on both sides; val top-1 %):
+
+    model        float  PyTorch float  float+2ep  PTQ int8  QAT int8  PTQ W4A8  QAT W4A8
+    lenet        95.9   96.0           96.0       96.0      96.0      95.1      96.4
+    mobilenetv2  93.2   94.4           93.7       93.0      93.5      88.9      93.4
+
+QAT int8 >= float - 0.2 and W4A8 QAT recovers all of the PTQ loss on both; QAT int8 does not
+beat the float model given the same extra epochs. mobilenetv2's float curve matches PyTorch's
+through epoch 4 (93.6 vs 93.7) and parts in the last, low-learning-rate epoch (forward pass,
+loss, BN momentum/variance, gradients and AdamW mode were checked step by step and agree).
+Throughput (images/s): QAT/float 1.05x lenet, 0.97x mobilenetv2; qgraph QAT vs PyTorch eager
+QAT of the same graph 2.23x and 1.17x.
 """
 
 from __future__ import annotations
