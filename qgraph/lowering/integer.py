@@ -181,10 +181,8 @@ def lower_conv(model: QModel, site: Site) -> str | None:
 
 def lower_gemm(model: QModel, site: Site) -> str | None:
     node = site.node
-    attrs = node.attrs
-    if node.op == "Gemm" and (float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0
-                              or attrs.get("transA", 0)):
-        return "Gemm with alpha/beta != 1 or transA is not lowered"
+    if (reason := qlinear.unsupported_gemm_form(node)) is not None:
+        return reason
     x, w = _uint8_activation(site, 0), site.qin(1)
     if isinstance(x, str):
         return x

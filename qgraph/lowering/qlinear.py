@@ -97,6 +97,23 @@ def kernel_pair_ok(x: QInput, w: QInput) -> str | None:
     return None
 
 
+def kernel_inputs(site: Site) -> tuple[QInput, QInput] | str:
+    """The (activation, weight) of a Conv/Gemm/MatMul site, or why it cannot be a QLinear kernel."""
+    x, w = activation(site, 0), weight(site, 1)
+    for v in (x, w):
+        if isinstance(v, str):
+            return v
+    return kernel_pair_ok(x, w) or (x, w)
+
+
+def unsupported_gemm_form(node) -> str | None:
+    """Gemm attributes the lowerings do not express (MatMul has none of them)."""
+    attrs = node.attrs
+    if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or attrs.get("transA", 0):
+        return "Gemm with alpha/beta != 1 or transA is not lowered"
+    return None
+
+
 def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
     zp = w.quantizer.zero_point
     return zp if zp.ndim == 0 else zp.reshape(channels)
@@ -106,12 +123,10 @@ def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
 
 def lower_conv(model: QModel, site: Site) -> str | None:
     node = site.node
-    x, w = activation(site, 0), weight(site, 1)
-    for v in (x, w):
-        if isinstance(v, str):
-            return v
-    if (reason := kernel_pair_ok(x, w)) is not None:
-        return reason
+    pair = kernel_inputs(site)
+    if isinstance(pair, str):
+        return pair
+    x, w = pair
     channels = w.const.shape[0]
     bias = int32_bias(site, 2, x, w, channels)
     if isinstance(bias, str):
@@ -134,15 +149,12 @@ def lower_conv(model: QModel, site: Site) -> str | None:
 
 def lower_gemm(model: QModel, site: Site) -> str | None:
     node = site.node
-    attrs = node.attrs
-    if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or attrs.get("transA", 0):
-        return "Gemm with alpha/beta != 1 or transA is not lowered"
-    x, w = activation(site, 0), weight(site, 1)
-    for v in (x, w):
-        if isinstance(v, str):
-            return v
-    if (reason := kernel_pair_ok(x, w)) is not None:
+    if (reason := unsupported_gemm_form(node)) is not None:
         return reason
+    pair = kernel_inputs(site)
+    if isinstance(pair, str):
+        return pair
+    x, w = pair
     w_mk = gemm_weight_mk(node, w.const)
     channels = w_mk.shape[0]
     bias = int32_bias(site, 2, x, w, channels) if node.op == "Gemm" else None
