@@ -125,9 +125,10 @@ def _head(data: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
 
 def _row(label: str, path: Path, val: dict, plan: DemoPlan, bit_exact: bool | None = None) -> dict:
     feeds = {"input": val["input"][:plan.batch_size]}
-    return {"stage": label, "file": path.name, "top1": round(top1_accuracy(onnx.load(path), val), 4),
+    model = onnx.load(path)
+    return {"stage": label, "file": path.name, "top1": round(top1_accuracy(model, val), 4),
             "bit_exact": bit_exact, "bytes": path.stat().st_size,
-            "latency_ms": round(latency_ms(onnx.load(path), feeds), 3)}
+            "latency_ms": round(latency_ms(model, feeds), 3)}
 
 
 def format_table(result: dict) -> str:
