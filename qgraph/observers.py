@@ -139,6 +139,8 @@ class StreamingHistogram:
             return 0.0
         cum = np.cumsum(self.counts)
         target = q * total
+        if abs(target - round(target)) <= 1e-9 * total:  # 0.01·300 is 3.0000000000000004 in floats:
+            target = float(round(target))                 # without this the 4th value, not the 3rd
         i = int(np.searchsorted(cum, target, side="left"))
         i = min(i, self.bins - 1)
         before = cum[i - 1] if i else 0.0
@@ -180,7 +182,7 @@ class PercentileObserver(HistogramObserver):
         if self._empty():
             return (0.0, 0.0)
         h = self.hist
-        lo = h.quantile(1.0 - self.p / 100.0) if h.min < 0 else h.min
+        lo = h.quantile((100.0 - self.p) / 100.0) if h.min < 0 else h.min
         return (min(lo, 0.0), max(h.quantile(self.p / 100.0), 0.0))
 
 
