@@ -213,8 +213,13 @@ def _with_4_bit_weight_grid(model: onnx.ModelProto, qmin: int = -7, qmax: int = 
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] in weight_q:
             node.name = weight_q[node.input[0]]
-    set_annotation(model, "quantizers", {name: {"kind": "weight", "quantize": q, "bits": 4, "qmin": qmin,
-                                                "qmax": qmax} for name, q in weight_q.items()})
+    dequantize = {n.input[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantized = {n.name: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    set_annotation(model, "quantizers", {
+        name: {"kind": "weight", "tensor": name, "quantize": q, "dequantize": dequantize[quantized[q]], "clip": None,
+               "bits": 4, "qmin": qmin, "qmax": qmax, "signed": True, "symmetric": True, "narrow_range": True,
+               "pow2": False, "per_channel": False, "axis": None, "observer": "minmax", "nonnegative": False}
+        for name, q in weight_q.items()})
     set_annotation(model, "forward_fused_bn", {"conv": {"weight": "conv.weight", "folded_weight": "conv.weight_fused"}})
     return model
 

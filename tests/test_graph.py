@@ -49,10 +49,10 @@ def test_bypass_and_unique_names(small_cnn):
 
 def test_annotations_remove_and_list(small_cnn):
     set_annotation(small_cnn, "calibrated", True)
-    set_annotation(small_cnn, "fix_activations", {"a": 1})
-    assert all_annotations(small_cnn) == {"calibrated": True, "fix_activations": {"a": 1}}
+    set_annotation(small_cnn, "user_note", {"a": 1})
+    assert all_annotations(small_cnn) == {"calibrated": True, "user_note": {"a": 1}}
     set_annotation(small_cnn, "calibrated", None)
-    assert all_annotations(small_cnn) == {"fix_activations": {"a": 1}}
+    assert all_annotations(small_cnn) == {"user_note": {"a": 1}}
 
 
 def test_runner_returns_intermediates_streamed(small_cnn):
