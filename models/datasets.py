@@ -66,8 +66,13 @@ def resize_images(images: np.ndarray, image_size: int | tuple[int, int]) -> np.n
     return images[:, rows[:, None], cols[None, :]]
 
 
-def save_npz(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Write `data` as a compressed npz at `path` atomically (temp file in the same folder, then rename)."""
+def encode_npz(data: dict[str, np.ndarray]) -> bytes:
+    """`data` as the bytes of a compressed npz file."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{key: np.asarray(value) for key, value in data.items()})
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_npz(data: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Write `data` as a compressed npz at `path` atomically (temp file in the same folder, then rename)."""
+    return atomic_write_bytes(path, encode_npz(data))

@@ -16,8 +16,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import version_converter
 
-from qgraph.errors import ModelError, QGraphError
-from qgraph.files import check_output_path
+from qgraph.annotations import check_annotations
+from qgraph.errors import ModelError
+from qgraph.files import check_input_file, check_outputs, write_files
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -26,24 +27,43 @@ PROTOBUF_LIMIT = 2**31 - 1
 log = logging.getLogger("qgraph")
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True, convert_opset: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, check: bool = True, convert_opset: bool = True,
+               what: str = "model") -> onnx.ModelProto:
     """Load an ONNX file (external data included), check it and bring it to opset `OPSET`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
+    path = check_input_file(path, what, ModelError)
     try:
-        model = onnx.load(str(path), load_external_data=True)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise ModelError(f"{path}: not a readable ONNX model ({_first_line(exc)}); "
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise many types from C++ for a bad file
+        raise ModelError(f"{path}: not a readable ONNX {what} ({_first_line(exc)}); "
                          "check that the file is a complete .onnx export") from None
     if not model.graph.output or model.ir_version <= 0:
-        raise ModelError(f"{path}: not an ONNX model (no graph outputs or IR version); "
+        raise ModelError(f"{path}: not an ONNX {what} (no graph outputs or IR version); "
                          "check that the file is an .onnx export")
+    _load_external_data(model, path)
+    check_annotations(model, origin=str(path))
     if check:
         check_model(model, origin=str(path))
     if convert_opset:
         model = convert_to_working_opset(model, origin=str(path))
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read weights stored beside the model, naming the missing file instead of a traceback."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
+    locations = {dict((e.key, e.value) for e in t.external_data).get("location", "")
+                 for t in _get_all_tensors(model) if uses_external_data(t)}
+    for location in sorted(locations):
+        data = path.parent / location
+        if not data.is_file():
+            raise ModelError(f"{path}: its weights are stored in {location}, which is not beside it "
+                             f"({data} is missing); copy the .data file next to the model")
+    if locations:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # a truncated or unreadable .data file
+            raise ModelError(f"{path}: cannot read its external weights ({_first_line(exc)}); "
+                             "check the .data file beside it") from None
 
 
 def check_model(model: onnx.ModelProto, origin: str = "model") -> None:
@@ -77,30 +97,38 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
     return converted
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> Path:
-    """Write `model` to `path` atomically; never onto `input_path`.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
+               reads: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """Write `model` to `path` atomically, after checking that `path` is none of `reads`
+    (option label -> input path). Models too big for one protobuf keep their weights in
+    `<name>.data` beside the file."""
+    path = check_outputs({"-o": path}, reads or {})["-o"]
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        write_files({path: model_bytes(model)})
+        return path
+    _save_with_external_data(model, path)
+    return path
 
-    Models too big for one protobuf keep their weights in `<name>.data` beside the file.
-    """
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """The serialised model (for `qgraph.files.write_files`); ModelError above protobuf's 2 GiB."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        raise ModelError("the model is over 2 GiB, too big for one protobuf message; save it with save_model, "
+                         "which keeps its weights in a .data file beside it")
+    return model.SerializeToString()
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    parent = path.parent
     try:
-        path = check_output_path(path, input_path)
-    except QGraphError as exc:
-        raise ModelError(str(exc)) from None
-    parent = path.parent if str(path.parent) else Path(".")
-    external = model.ByteSize() >= PROTOBUF_LIMIT
-    try:
-        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as tmp:
+        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.", suffix=".qgraph-tmp") as tmp:
             tmp_model = Path(tmp) / path.name
-            if external:
-                onnx.save_model(model, str(tmp_model), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=path.name + ".data")
-                os.replace(Path(tmp) / (path.name + ".data"), parent / (path.name + ".data"))
-            else:
-                onnx.save_model(model, str(tmp_model))
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=path.name + ".data")
+            os.replace(Path(tmp) / (path.name + ".data"), parent / (path.name + ".data"))
             os.replace(tmp_model, path)
     except OSError as exc:
         raise ModelError(f"{path}: cannot write ({exc.strerror or exc}); choose another -o path") from None
-    return path
 
 
 def _first_line(exc: BaseException) -> str:

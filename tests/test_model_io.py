@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 from conftest import make_small_cnn
-from qgraph.errors import ModelError
+from qgraph.errors import ModelError, QGraphError
 from qgraph.model_io import OPSET, default_opset, load_model, save_model
 from qgraph.runner import run_model
 
@@ -68,17 +68,17 @@ def test_external_data_model_loads(tmp_path, small_cnn):
 
 
 def test_save_is_atomic_and_refuses_the_input(tmp_path, small_cnn_file, small_cnn):
-    out = save_model(small_cnn, tmp_path / "copy.onnx", input_path=small_cnn_file)
+    out = save_model(small_cnn, tmp_path / "copy.onnx", reads={"model": small_cnn_file})
     assert onnx.load(out).graph.node[0].name == "conv1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.onnx", "small.onnx"]
     before = small_cnn_file.read_bytes()
-    with pytest.raises(ModelError, match="output path is the input"):
-        save_model(helper.make_model(small_cnn.graph), small_cnn_file, input_path=small_cnn_file)
+    with pytest.raises(QGraphError, match="would overwrite the model file"):
+        save_model(helper.make_model(small_cnn.graph), small_cnn_file, reads={"model": small_cnn_file})
     assert small_cnn_file.read_bytes() == before
 
 
 def test_save_into_missing_or_unwritable_directory(tmp_path, small_cnn):
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(QGraphError, match="does not exist"):
         save_model(small_cnn, tmp_path / "nope" / "m.onnx")
-    with pytest.raises(ModelError, match="cannot write|not writable"):
+    with pytest.raises(QGraphError, match="cannot write|not writable"):
         save_model(small_cnn, "/proc/qgraph-test.onnx")
