@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import yaml
+import typing
+from typing import Annotated
 
-from qgraph.data import iter_batches, model_inputs, random_inputs
+import numpy as np
+
+from qgraph.data import FeedPlan, check_data, random_inputs
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
+from qgraph.schema import Range, check_value
+from qgraph.yamlfile import parse_yaml, read_yaml_file
 
 _PASSES: dict[str, "PassSpec"] = {}  # filled once at import of qgraph.passes.*; read-only after
 
@@ -61,40 +65,28 @@ def all_passes() -> dict[str, PassSpec]:
 
 def get_pass(name: str) -> PassSpec:
     passes = all_passes()
-    if name not in passes:
-        raise ConfigError(f"unknown pass '{name}'{_nearest(name, passes)}; valid passes: {', '.join(passes)}")
+    if not isinstance(name, str) or name not in passes:
+        raise ConfigError(f"unknown pass {name!r}{_nearest(str(name), passes)}; valid passes: {', '.join(passes)}")
     return passes[name]
 
 
+def param_hints(spec: PassSpec) -> dict[str, Any]:
+    """The type hint of each parameter of a pass (its YAML schema), `Any` where none is given."""
+    hints = typing.get_type_hints(spec.fn, include_extras=True)
+    return {key: hints.get(key, Any) for key in spec.params}
+
+
 def validate_params(spec: PassSpec, params: dict[str, Any] | None) -> dict[str, Any]:
-    """Params with defaults filled in; unknown keys and wrong basic types are ConfigErrors."""
+    """Params with defaults filled in; unknown keys and values that do not fit the parameter's
+    type hint (type and range) are ConfigErrors naming the pass and the parameter."""
     params = dict(params or {})
+    hints = param_hints(spec)
     for key, value in params.items():
         if key not in spec.params:
-            raise ConfigError(f"pass '{spec.name}' has no parameter '{key}'{_nearest(key, spec.params)}; "
+            raise ConfigError(f"pass '{spec.name}' has no parameter '{key}'{_nearest(str(key), spec.params)}; "
                               f"valid: {', '.join(spec.params) or '(none)'}")
-        default = spec.params[key]
-        if not _type_fits(value, default):
-            raise ConfigError(f"pass '{spec.name}' parameter '{key}' must be {_type_name(default)}, "
-                              f"got {value!r}")
+        check_value(value, hints[key], f"pass '{spec.name}' parameter '{key}'")
     return {**spec.params, **params}
-
-
-def _type_fits(value, default) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
-
-
-def _type_name(default) -> str:
-    return {bool: "true or false", int: "a number", float: "a number", str: "a string",
-            list: "a list", tuple: "a list", dict: "a mapping"}.get(type(default), type(default).__name__)
 
 
 def _nearest(word: str, choices) -> str:
@@ -114,39 +106,42 @@ class Pipeline:
 
 def parse_pipeline(text: str, source: str = "pipeline") -> Pipeline:
     """Parse pipeline YAML: a list of {pass: {params}}, or a mapping with `passes`, `data`, `seed`."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where} YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    return pipeline_from_document(parse_yaml(text, source), source)
+
+
+def pipeline_from_document(doc: Any, source: str = "pipeline") -> Pipeline:
+    """Validate a parsed pipeline document: structure, pass names, every parameter, seed, data."""
     if isinstance(doc, list):
         doc = {"passes": doc}
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'passes' list (or a bare list of passes)")
-    unknown = set(doc) - {"passes", "data", "seed"}
+    unknown = set(map(str, doc)) - {"passes", "data", "seed"}
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(f"{source}: unknown top-level key '{key}'{_nearest(key, ['passes', 'data', 'seed'])}; "
                           "valid: passes, data, seed")
     if "passes" not in doc:
         raise ConfigError(f"{source}: no 'passes' list; add `passes: [canonicalize, ...]`")
+    if not isinstance(doc["passes"], list):
+        raise ConfigError(f"{source}: 'passes' must be a list of passes, got {doc['passes']!r}")
     steps = []
-    for i, item in enumerate(doc["passes"] or []):
+    for i, item in enumerate(doc["passes"]):
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise ConfigError(f"{source}: pass #{i + 1} must be a pass name or {{name: {{params}}}}")
+            raise ConfigError(f"{source}: pass #{i + 1} must be a pass name or {{name: {{params}}}}, got {item!r}")
         (name, params), = item.items()
-        params = params or {}
+        params = {} if params is None else params
         if not isinstance(params, dict):
-            raise ConfigError(f"{source}: parameters of pass '{name}' must be a mapping, got {params!r}")
+            raise ConfigError(f"{source}: parameters of pass {name!r} must be a mapping, got {params!r}")
         validate_params(get_pass(name), params)
         steps.append((name, params))
     seed = doc.get("seed", 0)
-    if not isinstance(seed, int):
-        raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
-    return Pipeline(steps, doc.get("data"), seed, source)
+    check_value(seed, Annotated[int, Range(0)], f"{source}: seed")
+    data = doc.get("data")
+    if data is not None and not isinstance(data, str):
+        raise ConfigError(f"{source}: data must be the path of an .npz file, got {data!r}")
+    return Pipeline(steps, data, seed, source)
 
 
 BUNDLED_PIPELINES = ("float", "ptq", "qat")
@@ -158,14 +153,21 @@ def bundled_pipeline(name: str) -> Path:
     return Path(str(files("qgraph.models") / "pipelines" / f"{name}.yaml"))
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read a pipeline file; a bare bundled name (float, ptq, qat) means the shipped pipeline."""
+def resolve_pipeline_path(path: str | Path) -> Path:
+    """The file a --pipeline argument means: a bundled name (float, ptq, qat) is the shipped
+    pipeline unless a regular file of that name exists."""
     path = Path(path)
     if not path.is_file() and str(path) in BUNDLED_PIPELINES:
-        path = bundled_pipeline(str(path))
-    if not path.is_file():
+        return bundled_pipeline(str(path))
+    return path
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read a pipeline file; a bare bundled name (float, ptq, qat) means the shipped pipeline."""
+    path = resolve_pipeline_path(path)
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"{path}: no such pipeline file (or give a bundled one: {', '.join(BUNDLED_PIPELINES)})")
-    pipeline = parse_pipeline(path.read_text(), str(path))
+    pipeline = pipeline_from_document(read_yaml_file(path, "pipeline"), str(path))
     if pipeline.data is not None and not Path(pipeline.data).is_absolute():
         pipeline.data = str(path.parent / pipeline.data)
     return pipeline
@@ -181,11 +183,18 @@ class PassContext:
     batch_size: int = 64
     verbose: bool = False
 
-    def batches(self, names: list[str], limit: int | None = None):
-        """Calibration batches of the inputs `names`; PassError when no data was given."""
+    def feed_plan(self, model) -> FeedPlan:
+        """How the calibration data feeds `model` (a QModel or ModelProto); PassError when no
+        data was given, DataError when it does not fit the model."""
         if self.data is None:
             raise PassError("this pass needs calibration data: give --data FILE.npz or `data:` in the pipeline")
-        return iter_batches(self.data, self.batch_size, names, limit=limit)
+        proto = model.to_onnx() if hasattr(model, "to_onnx") else model
+        return check_data(self.data, proto, origin="calibration data")
+
+    def batches(self, model, limit: int | None = None):
+        """Calibration feeds for `model`, one dict per ORT run (see qgraph.data.FeedPlan)."""
+        for feeds, _ in self.feed_plan(model).batches(self.batch_size, limit):
+            yield feeds
 
 
 @dataclass
@@ -235,9 +244,8 @@ def verify_outputs(before, after: QModel, pass_name: str, tolerance: float, ctx:
     """Worst relative change over the graph outputs; PassError naming the tensor if > tolerance."""
     from qgraph.runner import run_model  # ORT import is slow; only verification needs it here
     after_proto = after.to_onnx()
-    names = list(model_inputs(before))
     if ctx.data is not None:
-        feeds = next(iter_batches(ctx.data, 32, names))
+        feeds = next(ctx.feed_plan(before).batches(32))[0]
     else:
         feeds = random_inputs(before, batch=4, seed=ctx.seed)
     ref = run_model(before, feeds)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Annotated, Any
 
 from qgraph.errors import ConfigError
 from qgraph.quant import qrange
+from qgraph.schema import Range, check_value
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
@@ -32,7 +34,7 @@ NONNEGATIVE_STORAGE = ("uint8", "int8")
 @dataclass(frozen=True)
 class WeightSpec:
     """How a weight is quantized. Weights are stored signed (int8, zp 0 when symmetric)."""
-    bits: int = 8
+    bits: Annotated[int, Range(2, 8)] = 8
     per_channel: bool = True
     symmetric: bool = True
     narrow_range: bool = True
@@ -50,17 +52,17 @@ class ActivationSpec:
     symmetric → int8. Non-negative tensors (ahead_relu marks) use `nonnegative_storage`:
     uint8 with zero point 0, or int8 with the negative half unused. `fixed_range: [lo, hi]`
     freezes the range (calibrate leaves it alone: HAT's fixed scales, e.g. after Sigmoid)."""
-    bits: int = 8
+    bits: Annotated[int, Range(2, 8)] = 8
     symmetric: bool = False
     signed: bool | None = None
     narrow_range: bool = False
     pow2: bool = False
     observer: str = "minmax"
-    averaging_constant: float = 0.01
-    percentile: float = 99.99
-    bins: int = 2048
+    averaging_constant: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.01
+    percentile: Annotated[float, Range(50.0, 100.0, lo_open=True)] = 99.99
+    bins: Annotated[int, Range(2, 1 << 20)] = 2048
     nonnegative_storage: str = "uint8"
-    fixed_range: list | None = None
+    fixed_range: list[float] | None = None
 
     def storage_signed(self, nonnegative: bool) -> bool:
         if nonnegative:
@@ -107,12 +109,15 @@ def _nearest(word: str, choices) -> str:
 
 
 def _check_fields(where: str, values: dict, spec_cls) -> dict:
+    """Known field names, each value of its field's type and range (the dataclass is the schema)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of fields, got {values!r}")
     names = [f.name for f in fields(spec_cls)]
-    for key in values:
+    hints = typing.get_type_hints(spec_cls, include_extras=True)
+    for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"{where} has no field '{key}'{_nearest(key, names)}; valid: {', '.join(names)}")
+            raise ConfigError(f"{where} has no field '{key}'{_nearest(str(key), names)}; valid: {', '.join(names)}")
+        check_value(value, hints[key], f"{where}.{key}")
     return dict(values)
 
 

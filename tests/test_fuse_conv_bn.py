@@ -265,7 +265,7 @@ def test_nan_is_an_error_naming_the_tensor(bad):
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(ConfigError, match="mode must be one of fold, forward"):
+    with pytest.raises(ConfigError, match="'mode' must be one of 'fold', 'forward'"):
         run_pass(QModel.from_onnx(make_small_cnn()), "fuse_conv_bn", {"mode": "fused"})
 
 

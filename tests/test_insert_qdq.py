@@ -200,9 +200,9 @@ def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
 
 
 def test_bad_input(prepared):
-    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+    with pytest.raises(ConfigError, match="bits must be an integer >= 2 and <= 8"):
         _quantize(prepared["mlp"], weights={"bits": 9})
-    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+    with pytest.raises(ConfigError, match="bits must be an integer >= 2 and <= 8"):
         _quantize(prepared["mlp"], rules=[{"op_type": "Gemm", "activations": {"bits": 1}}])
     with pytest.raises(ConfigError, match="must be a list"):
         _quantize(prepared["mlp"], rules={"op_type": "Gemm"})

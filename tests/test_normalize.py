@@ -153,9 +153,9 @@ def test_nan_weight_is_an_error():
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"weight": -1}, "weight bound must be a positive number"),
+    ({"weight": -1}, "parameter .weight. must be a number > 0 or null"),
     ({"overrides": {"fc": {"wieght": 1}}}, "unknown key 'wieght'"),
-    ({"overrides": ["fc"]}, "overrides must be a mapping"),
+    ({"overrides": ["fc"]}, "parameter .overrides. must be a mapping"),
 ])
 def test_bad_parameters(params, message):
     with pytest.raises(ConfigError, match=message):

@@ -32,7 +32,7 @@ def test_yaml_forms_and_errors():
     pipe = parse_pipeline("data: calib.npz\nseed: 3\npasses:\n  - canonicalize: {fold_constants: false}\n")
     assert pipe.steps == [("canonicalize", {"fold_constants": False})] and pipe.seed == 3
     assert parse_pipeline("- canonicalize\n").steps == [("canonicalize", {})]
-    with pytest.raises(ConfigError, match="line 2 YAML syntax error"):
+    with pytest.raises(ConfigError, match="line 2: YAML syntax error"):
         parse_pipeline("passes:\n\t- canonicalize\n")
     with pytest.raises(ConfigError, match="unknown top-level key 'pases'"):
         parse_pipeline("pases: []\n")

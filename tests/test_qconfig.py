@@ -65,10 +65,10 @@ def test_unmatched_rule_warns_naming_it():
 
 
 @pytest.mark.parametrize("weights, activations, rules, match", [
-    ({"bits": 9}, None, None, "bits must be in 2..8"),
-    ({"bits": 1}, None, None, "bits must be in 2..8"),
-    (None, {"bits": 16}, None, "bits must be in 2..8"),
-    (None, None, [{"op_type": "Conv", "weights": {"bits": 12}}], "bits must be in 2..8"),
+    ({"bits": 9}, None, None, "bits must be an integer >= 2 and <= 8"),
+    ({"bits": 1}, None, None, "bits must be an integer >= 2 and <= 8"),
+    (None, {"bits": 16}, None, "bits must be an integer >= 2 and <= 8"),
+    (None, None, [{"op_type": "Conv", "weights": {"bits": 12}}], "bits must be an integer >= 2 and <= 8"),
     ({"bitz": 8}, None, None, "did you mean 'bits'"),
     (None, {"observer": "kl"}, None, "observer must be one of"),
     ({"observer": "entropy"}, None, None, "observer must be one of minmax, mse"),

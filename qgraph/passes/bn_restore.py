@@ -17,6 +17,7 @@ Invariant: outputs unchanged up to float rounding.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -24,10 +25,12 @@ import onnx_graphsurgeon as gs
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.schema import Range
 
 
 @register_pass("bn_restore", preserves_outputs=True, tolerance=1e-5)
-def bn_restore(model: QModel, ctx: PassContext, *, layers: list | None = None, eps: float = 1e-5) -> dict:
+def bn_restore(model: QModel, ctx: PassContext, *, layers: list[str] | None = None,
+               eps: Annotated[float, Range(0.0, lo_open=True)] = 1e-5) -> dict:
     """Insert identity BatchNormalization (γ=√(σ²+ε), β=μ from calibration data) after convs."""
     if eps <= 0:
         raise ConfigError(f"bn_restore: eps must be > 0, got {eps}")
@@ -97,7 +100,7 @@ def conv_output_statistics(model: QModel, ctx: PassContext, names: list[str]) ->
     runner = Runner(model, extra_outputs=names)
     acc = {name: ChannelMoments() for name in names}
     count = 0
-    for batch in ctx.batches(runner.input_names):
+    for batch in ctx.batches(model):
         values = runner.run(batch, names)
         for name in names:
             acc[name].add(values[name])

@@ -40,6 +40,7 @@ high_bias_absorption off; with it on, unchanged wherever every pre-activation is
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -47,6 +48,7 @@ import onnx_graphsurgeon as gs
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.schema import Range
 
 _LAYER_OPS = ("Conv", "Gemm")
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
@@ -55,7 +57,8 @@ _HBA_SIGMAS = 3.0
 
 
 @register_pass("equalize", preserves_outputs=True, tolerance=1e-4)
-def equalize(model: QModel, ctx: PassContext, *, iterations: int = 20, threshold: float = 100.0,
+def equalize(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Range(1, 1000)] = 20,
+             threshold: Annotated[float, Range(0.0)] = 100.0,
              high_bias_absorption: bool = False) -> dict:
     """Cross-layer equalization of Conv/Gemm pairs and Conv→DWConv→Conv triplets (Nagel 2019)."""
     if not isinstance(iterations, int) or iterations < 1:

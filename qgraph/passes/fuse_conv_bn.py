@@ -21,6 +21,7 @@ Invariant: outputs unchanged up to float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -36,7 +37,7 @@ _MODES = ("fold", "forward")
 
 
 @register_pass("fuse_conv_bn", preserves_outputs=True, tolerance=1e-5)
-def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: str = "fold") -> dict:
+def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forward"] = "fold") -> dict:
     """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul (fold or forward)."""
     if mode not in _MODES:
         raise ConfigError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")

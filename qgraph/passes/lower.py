@@ -14,12 +14,14 @@ half-even in ORT's kernels, half-up in the integer target); bit-exact against qg
 
 from __future__ import annotations
 
+from typing import Literal
+
 from qgraph.graph import QModel
 from qgraph.lowering import lower_graph
 from qgraph.pipeline import PassContext, register_pass
 
 
 @register_pass("lower", preserves_outputs=False)
-def lower(model: QModel, ctx: PassContext, *, target: str = "qlinear") -> dict:
+def lower(model: QModel, ctx: PassContext, *, target: Literal["qlinear", "integer"] = "qlinear") -> dict:
     """Lower QDQ pairs to QLinear ops (target qlinear) or integer-only arithmetic (target integer)."""
     return lower_graph(model, target)

@@ -17,6 +17,7 @@ that fixed point represents well. Running it twice changes nothing more.
 from __future__ import annotations
 
 import re
+from typing import Annotated
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -26,14 +27,18 @@ from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
 from qgraph.passes.fuse_conv_bn import FORWARD_FUSED_BN
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.schema import Range
+
+Bound = Annotated[float, Range(0.0, lo_open=True)]   # a clamp bound N of ±N
 
 _ROLES = ("weight", "bias", "activation")
 
 
 @register_pass("normalize", preserves_outputs=False)
-def normalize(model: QModel, ctx: PassContext, *, weight: float | None = 8.0, bias: float | None = 8.0,
-              activation: float | None = 8.0, skip: list = (),
-              op_types: list = ("Conv", "ConvTranspose", "Gemm", "MatMul"), overrides: dict | None = None) -> dict:
+def normalize(model: QModel, ctx: PassContext, *, weight: Bound | None = 8.0, bias: Bound | None = 8.0,
+              activation: Bound | None = 8.0, skip: list[str] = (),
+              op_types: list[str] = ("Conv", "ConvTranspose", "Gemm", "MatMul"),
+              overrides: dict | None = None) -> dict:
     """Clamp weights/biases to ±N in place and bound outputs with Clip(−N, N) (linger's normalize_layers)."""
     defaults = {"weight": _bound(weight, "weight"), "bias": _bound(bias, "bias"),
                 "activation": _bound(activation, "activation")}
