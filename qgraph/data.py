@@ -1,20 +1,32 @@
 """User data files: `.npz` whose keys are the model's input names, plus `labels`.
 
-`load_data` checks a file against the model before any work starts, so a wrong key, shape
-or dtype is one clear error instead of an ORT failure mid-run.
+`load_data` checks a file against the model before any work starts, so a wrong key, shape,
+dtype, a non-finite value or an empty file is one clear error instead of an ORT failure
+mid-run. `FeedPlan` says how each array feeds its input, from the model's own shapes:
+
+- ``batched``: the input's first dimension is symbolic; the array's rows are samples, fed in
+  batches of any size;
+- ``fixed``: the first dimension is fixed at B (exporters often write 1); the array's rows
+  are samples, fed B at a time;
+- ``stacked``: the array has one more dimension than the input; each entry along the first
+  axis is one whole model input (one sample per run, e.g. for scalar inputs);
+- ``whole``: the array has exactly the input's (static) shape and no sample axis; the same
+  value feeds every run (e.g. a weight given as an input).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import onnx
 
 from qgraph.errors import DataError
+from qgraph.files import check_input_file
 
 LABELS = "labels"
 
@@ -27,23 +39,22 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]]:
         if inp.name in inits:
             continue
         ttype = inp.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"model input {inp.name!r} has element type {ttype.elem_type}, "
+                            "which has no NumPy dtype; qgraph feeds only tensor inputs") from None
         dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
-        result[inp.name] = (np.dtype(dtype), dims)
+        result[inp.name] = (dtype, dims)
     return result
 
 
 def load_data(path: str | os.PathLike, model: onnx.ModelProto | None = None,
               *, need_labels: bool = False) -> dict[str, np.ndarray]:
-    """Read an .npz data file; with `model`, check its keys, shapes and dtypes against the inputs."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc}); save arrays with numpy.savez") from None
+    """Read an .npz data file; with `model`, check its keys, shapes, dtypes and values against
+    the inputs (see `FeedPlan`)."""
+    path = check_input_file(path, "data", DataError)
+    data = _read_npz(path)
     if model is not None:
         check_data(data, model, origin=str(path))
     if need_labels and LABELS not in data:
@@ -51,27 +62,164 @@ def load_data(path: str | os.PathLike, model: onnx.ModelProto | None = None,
     return data
 
 
-def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, origin: str = "data") -> None:
-    """Raise DataError unless `data` holds every model input with matching shape and dtype."""
-    inputs = model_inputs(model)
-    missing = [name for name in inputs if name not in data]
-    if missing:
-        raise DataError(f"{origin}: missing input {missing[0]!r}; the file has keys {sorted(data)}, "
-                        f"the model needs {sorted(inputs)}")
-    counts = set()
-    for name, (dtype, dims) in inputs.items():
-        array = data[name]
-        if array.dtype != dtype:
-            raise DataError(f"{origin}: key {name!r} has dtype {array.dtype}, the model needs {dtype}; "
-                            f"convert with .astype(numpy.{dtype})")
-        if array.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], array.shape[1:])):
-            shown = ["N" if d is None else d for d in dims]
-            raise DataError(f"{origin}: key {name!r} has shape {list(array.shape)}, the model needs {shown}")
-        counts.add(len(array))
-    if LABELS in data:
-        counts.add(len(data[LABELS]))
-    if len(counts) > 1:
-        raise DataError(f"{origin}: arrays have different lengths {sorted(counts)}; every key needs one row per sample")
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_npz(path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if not head:
+        raise DataError(f"{path}: the data file is empty; save arrays with numpy.savez")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_NPY_MAGIC)):
+        raise DataError(f"{path}: not an .npz file (neither a zip archive of .npy arrays nor an .npy array); "
+                        "save arrays with numpy.savez(path, <input name>=array, labels=...)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)}); save arrays with numpy.savez") from None
+    if isinstance(loaded, np.ndarray):
+        raise DataError(f"{path}: holds one bare .npy array, not an .npz archive of named arrays; "
+                        "save with numpy.savez(path, <input name>=array, labels=...)")
+    try:
+        with loaded as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise DataError(f"{path}: an array in it is unreadable ({_first_line(exc)}); "
+                        "save arrays with numpy.savez (object arrays are refused: they need pickle)") from None
+    if not data:
+        raise DataError(f"{path}: holds no arrays; save the inputs with numpy.savez(path, <input name>=array)")
+    return data
+
+
+def check_data(data: dict[str, np.ndarray], model: onnx.ModelProto, origin: str = "data") -> "FeedPlan":
+    """Raise DataError unless `data` can feed every model input; returns how (a FeedPlan)."""
+    return FeedPlan.for_model(data, model, origin)
+
+
+@dataclass(frozen=True)
+class InputFeed:
+    """How one array feeds one model input (see the module docstring)."""
+    name: str
+    mode: str               # batched | fixed | stacked | whole
+    samples: int | None     # rows (None for whole)
+    batch: int | None       # the fixed batch of a `fixed` input
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """The model's inputs, each with its array and feeding mode, and the sample count."""
+    data: dict
+    feeds: tuple[InputFeed, ...]
+    samples: int
+    origin: str
+
+    @classmethod
+    def for_model(cls, data: dict, model: onnx.ModelProto, origin: str = "data") -> "FeedPlan":
+        inputs = model_inputs(model)
+        if not inputs:
+            raise DataError(f"{origin}: the model has no inputs to feed; qgraph runs models on input data")
+        missing = [name for name in inputs if name not in data]
+        if missing:
+            raise DataError(f"{origin}: missing input {missing[0]!r}; the file has keys {sorted(data)}, "
+                            f"the model needs {sorted(inputs)}")
+        feeds = tuple(_input_feed(name, np.asarray(data[name]), dtype, dims, origin)
+                      for name, (dtype, dims) in inputs.items())
+        counts = {f.samples for f in feeds if f.samples is not None}
+        if LABELS in data and any(f.mode != "whole" for f in feeds):
+            labels = np.asarray(data[LABELS])
+            if labels.ndim == 0:
+                raise DataError(f"{origin}: {LABELS!r} is a scalar; give one label per sample")
+            counts.add(len(labels))
+        if len(counts) > 1:
+            raise DataError(f"{origin}: arrays have different numbers of samples {sorted(counts)}; "
+                            "every key needs one row per sample")
+        samples = counts.pop() if counts else 1
+        if samples == 0:
+            raise DataError(f"{origin}: no samples (the arrays have 0 rows); give at least one sample")
+        for name in inputs:
+            _check_finite_array(name, data[name], origin)
+        return cls({k: data[k] for k in [*inputs, *([LABELS] if LABELS in data else [])]}, feeds, samples, origin)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.feeds]
+
+    def run_size(self, batch_size: int) -> int:
+        """Samples per run: `batch_size`, the model's fixed batch, or 1 for stacked inputs."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        fixed = {f.batch for f in self.feeds if f.mode == "fixed"}
+        if len(fixed) > 1:
+            raise DataError(f"{self.origin}: the model's inputs have different fixed batch sizes {sorted(fixed)}")
+        if fixed:
+            return fixed.pop()
+        if any(f.mode == "stacked" for f in self.feeds):
+            return 1
+        return batch_size
+
+    def batches(self, batch_size: int, limit: int | None = None, *, with_labels: bool = False
+                ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """(feeds, samples in them) per model run over the first `limit` samples."""
+        size = self.run_size(batch_size)
+        count = self.samples if limit is None else min(self.samples, limit)
+        if any(f.mode == "fixed" for f in self.feeds):
+            count -= count % size      # a fixed batch cannot run a partial batch
+        for start in range(0, count, size):
+            stop = min(start + size, count)
+            feeds = {}
+            for f in self.feeds:
+                array = self.data[f.name]
+                if f.mode == "whole":
+                    feeds[f.name] = array
+                elif f.mode == "stacked":
+                    feeds[f.name] = array[start]
+                else:
+                    feeds[f.name] = array[start:stop]
+            if with_labels and LABELS in self.data and any(f.mode != "whole" for f in self.feeds):
+                feeds[LABELS] = self.data[LABELS][start:stop]
+            yield feeds, stop - start
+
+    def dropped(self, batch_size: int, limit: int | None = None) -> int:
+        """Samples left out because a fixed batch cannot run a partial batch."""
+        size = self.run_size(batch_size)
+        count = self.samples if limit is None else min(self.samples, limit)
+        return count % size if any(f.mode == "fixed" for f in self.feeds) else 0
+
+
+def _input_feed(name: str, array: np.ndarray, dtype: np.dtype, dims: list, origin: str) -> InputFeed:
+    shown = ["N" if d is None else d for d in dims]
+    if array.dtype != dtype:
+        raise DataError(f"{origin}: key {name!r} has dtype {array.dtype}, the model needs {dtype}; "
+                        f"convert with .astype(numpy.{dtype})")
+
+    def fits(shape) -> bool:
+        return len(shape) == len(dims) and all(d is None or d == s for d, s in zip(dims, shape))
+
+    if array.ndim == len(dims) and dims and dims[0] is None:
+        if fits((None, *array.shape[1:])):
+            return InputFeed(name, "batched", array.shape[0], None)
+    elif array.ndim == len(dims) and dims and dims[0] is not None and fits((dims[0], *array.shape[1:])):
+        batch = dims[0]
+        if batch > 0 and array.shape[0] % batch == 0:
+            return InputFeed(name, "fixed", array.shape[0] // batch * batch, batch)
+        raise DataError(f"{origin}: key {name!r} has {array.shape[0]} rows, but the model's batch is fixed at "
+                        f"{batch}; give a multiple of {batch} rows")
+    elif array.ndim == len(dims) and fits(array.shape):
+        return InputFeed(name, "whole", None, None)
+    if array.ndim == len(dims) + 1 and fits(array.shape[1:]):
+        return InputFeed(name, "stacked", array.shape[0], None)
+    if array.ndim == 0:
+        raise DataError(f"{origin}: key {name!r} is a scalar, the model needs shape {shown}")
+    raise DataError(f"{origin}: key {name!r} has shape {list(array.shape)}, the model needs {shown}")
+
+
+def _check_finite_array(name: str, array: np.ndarray, origin: str) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = np.argwhere(~np.isfinite(np.asarray(array)))[0]
+        what = "NaN" if np.isnan(array[tuple(bad)]) else "Inf"
+        where = f" at sample {int(bad[0])}" if len(bad) else ""
+        raise DataError(f"{origin}: input {name!r} holds {what}{where}; clean the data")
 
 
 def check_finite(batch: dict[str, np.ndarray], batch_index: int, origin: str = "data") -> None:
@@ -81,13 +229,28 @@ def check_finite(batch: dict[str, np.ndarray], batch_index: int, origin: str = "
             raise DataError(f"{origin}: input {name!r} holds NaN or Inf in batch {batch_index}; clean the data")
 
 
+def data_fingerprint(data: dict[str, np.ndarray] | None) -> str | None:
+    """A digest of keys, dtypes, shapes and values (what training results depend on)."""
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        array = np.ascontiguousarray(data[key])
+        digest.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+    return digest.hexdigest()[:16]
+
+
 def sample_count(data: dict[str, np.ndarray]) -> int:
     return len(next(iter(data.values())))
 
 
 def iter_batches(data: dict[str, np.ndarray], batch_size: int, names: list[str] | None = None,
                  *, shuffle: bool = False, seed: int = 0, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of the arrays `names` (default: all keys), optionally shuffled by `seed`."""
+    """Batches of the arrays `names` (default: all keys; all with samples along the first axis),
+    optionally shuffled by `seed`."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be >= 1, got {batch_size}")
     names = list(names) if names is not None else list(data)
     count = sample_count({k: data[k] for k in names})
     if limit is not None:
@@ -107,3 +270,8 @@ def random_inputs(model: onnx.ModelProto, batch: int = 4, seed: int = 0) -> dict
         feeds[name] = rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating) \
             else rng.integers(0, 2, shape).astype(dtype)
     return feeds
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]

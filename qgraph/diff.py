@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qgraph.data import LABELS, iter_batches, load_data, model_inputs
+from qgraph.data import LABELS, check_data, load_data
+from qgraph.errors import DataError
 
 __all__ = ["diff_models", "DiffReport", "Comparison", "TensorStats"]
 
@@ -230,7 +231,10 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
     model = _typed(model)
     if isinstance(data, (str, os.PathLike)):
         data = load_data(data, model)
-    inputs = list(model_inputs(model))
+    plan = check_data(data, model)
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
+    inputs = plan.names
     outputs = [o.name for o in model.graph.output]
     names = intermediate_names(model) if per_layer else outputs
     names = list(dict.fromkeys(outputs + [n for n in names if n not in inputs]))
@@ -252,9 +256,9 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
     agree = {"interp": {}, "against": {}}
     correct: dict[str, list[int]] = {}
     samples = 0
-    for batch in iter_batches(data, batch_size, inputs + ([LABELS] if LABELS in data else []), limit=limit):
+    for batch, count in plan.batches(batch_size, limit, with_labels=True):
         feeds = {k: batch[k] for k in inputs}
-        samples += len(next(iter(feeds.values())))
+        samples += count
         ref = ort_model.run(feeds, names)
         mine = interp_plan.run(feeds, names)
         _accumulate(interp_stats, ref, mine, names, grids)
@@ -265,14 +269,18 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
             _accumulate(against_stats, ref, theirs, other_names, grids)
             _agreement(agree["against"], ref, theirs, [o for o in outputs if o in theirs])
             runs["against"] = theirs
-        if LABELS in batch:
+        labels = batch.get(LABELS)
+        if labels is not None and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
             for run_name, values in runs.items():
                 for o in outputs:
                     v = values.get(o)
-                    if v is not None and v.ndim == 2 and len(v) == len(batch[LABELS]):
+                    if v is not None and v.ndim == 2 and len(v) == len(labels):
                         hit = correct.setdefault(f"{run_name}:{o}", [0, 0])
-                        hit[0] += int(np.sum(v.argmax(1) == batch[LABELS]))
+                        hit[0] += int(np.sum(v.argmax(1) == labels))
                         hit[1] += len(v)
+    if samples == 0:
+        raise DataError(f"no sample was compared (the data holds {plan.samples}, the model's fixed batch is "
+                        f"{plan.run_size(batch_size)}); give at least one full batch")
     comparisons = [Comparison("ort", "interp", [interp_stats[n] for n in names if n in interp_stats],
                               _rates(agree["interp"]))]
     if other is not None:

@@ -15,7 +15,7 @@ def test_valid_file_loads(small_cnn, small_data_file):
     ({"input": np.zeros((2, 1, 8, 8), np.float64)}, "dtype float64.*float32"),
     ({"input": np.zeros((2, 1, 9, 8), np.float32)}, r"shape \[2, 1, 9, 8\].*\['N', 1, 8, 8\]"),
     ({"input": np.zeros((2, 8, 8), np.float32)}, "shape"),
-    ({"input": np.zeros((2, 1, 8, 8), np.float32), "labels": np.zeros(3, np.int64)}, "different lengths"),
+    ({"input": np.zeros((2, 1, 8, 8), np.float32), "labels": np.zeros(3, np.int64)}, "different numbers of samples"),
 ])
 def test_mismatched_files_are_refused(tmp_path, small_cnn, arrays, message):
     path = tmp_path / "d.npz"

@@ -18,12 +18,13 @@ Invariant: changes outputs (sets quantization parameters).
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, set_annotation
-from qgraph.data import check_data, check_finite, model_inputs, sample_count
+from qgraph.data import FeedPlan
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.observers import make_observer
@@ -31,28 +32,30 @@ from qgraph.passes.insert_qdq import (activation_qparams, evaluate_tensors, quan
                                       weight_qparams, write_qparams)
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.progress import ProgressBar
-from qgraph.qconfig import OBSERVERS
+from qgraph.qconfig import OBSERVERS, ActivationSpec, make_activation_spec
+from qgraph.schema import Range
 
 _OBSERVER_PARAMS = ("averaging_constant", "percentile", "bins")
 
 
 @register_pass("calibrate", preserves_outputs=False)
 def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_params: dict = {},  # noqa: B006
-              max_samples: int = 0, weights: bool = True, bypass: bool = True, fix_activations: bool = False,
-              progress: bool = True) -> dict:
+              max_samples: Annotated[int, Range(0)] = 0, weights: bool = True, bypass: bool = True,
+              fix_activations: bool = False, progress: bool = True) -> dict:
     """Set activation scales from calibration data (minmax, moving_average, percentile, entropy, mse)."""
     if observer and observer not in OBSERVERS:
         raise ConfigError(f"calibrate: observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
     unknown = [k for k in observer_params if k not in _OBSERVER_PARAMS]
     if unknown:
         raise ConfigError(f"calibrate: observer_params has no field '{unknown[0]}'; valid: {', '.join(_OBSERVER_PARAMS)}")
+    make_activation_spec(ActivationSpec(), observer_params, "calibrate observer_params")  # types and ranges
     records = quantizer_records(model)
     if not records:
         raise PassError("calibrate: the model has no qgraph quantizers; run insert_qdq first")
     if ctx.data is None:
         raise PassError("calibrate needs calibration data: give --data FILE.npz or `data:` in the pipeline")
     proto = model.to_onnx()
-    check_data(ctx.data, proto, origin="calibration data")
+    plan = ctx.feed_plan(proto)
     nodes = {n.name: n for n in model.graph.nodes}
     missing = [r["quantize"] for r in records.values() if r["quantize"] not in nodes]
     if missing:
@@ -67,7 +70,11 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
         observers[name] = make_observer(observer or r["observer"], **grid)
 
     views = {name: observed_view(r) for name, r in observed.items()}
-    batches, samples, seconds = _observe(model, proto, ctx, observers, views, bypass, max_samples or None, progress)
+    batches, samples, seconds = _observe(model, proto, plan, ctx.batch_size, observers, views, bypass,
+                                         max_samples or None, progress)
+    if samples == 0:
+        raise PassError(f"calibrate: no sample was run (the data holds {plan.samples}, the model's fixed batch is "
+                        f"{plan.run_size(ctx.batch_size)}); give at least one full batch of calibration data")
 
     warnings, ranges = [], {}
     for name, r in records.items():
@@ -102,26 +109,25 @@ def observed_view(record: dict):
     return lambda x: np.clip(x, 0.0, np.inf if cap is None else cap)
 
 
-def _observe(model: QModel, proto, ctx: PassContext, observers: dict, views: dict, bypass: bool,
-             limit: int | None, show: bool) -> tuple[int, int, float]:
+def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: dict, views: dict,
+             bypass: bool, limit: int | None, show: bool) -> tuple[int, int, float]:
     """Stream the data through ORT and feed every observer its tensor, batch by batch."""
     from qgraph.runner import Runner
-    inputs = list(model_inputs(proto))
+    inputs = plan.names
     from_feeds = [n for n in observers if n in inputs]
     outputs = [n for n in observers if n not in inputs]
     run_proto = bypassed(model).to_onnx() if bypass else proto
     runner = Runner(run_proto, outputs) if outputs else None
-    total = min(sample_count({k: ctx.data[k] for k in inputs}), limit or 1 << 62)
-    n_batches = -(-total // ctx.batch_size)
+    total = min(plan.samples, limit or plan.samples)
+    n_batches = -(-total // plan.run_size(batch_size))
     bar = ProgressBar("calibrate", n_batches, enabled=show)
     start, samples, index = time.perf_counter(), 0, 0
-    for index, batch in enumerate(ctx.batches(inputs, limit=limit)):
-        check_finite(batch, index, origin="calibration data")
+    for index, (batch, count) in enumerate(plan.batches(batch_size, limit)):
         values = runner.run(batch, outputs) if runner else {}
         for name in observers:
             value = batch[name] if name in from_feeds else values[name]
             observers[name].update(views[name](value) if views[name] else value)
-        samples += len(batch[inputs[0]])
+        samples += count
         bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
     bar.close()
     return (index + 1 if samples else 0), samples, time.perf_counter() - start
