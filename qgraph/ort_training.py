@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 
 from qgraph.errors import TrainError
+from qgraph.runner import ort_message
 
 _PACKAGE = "onnxruntime.training"
 
@@ -53,7 +54,7 @@ def quiet_ort_logging() -> None:
     """ORT's C++ core logs at verbose/info by default: keep warnings and errors only."""
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(2)
+    onnxruntime.set_default_logger_severity(3)
 
 
 @contextlib.contextmanager
@@ -73,7 +74,7 @@ def _quiet_session_options():
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4   # errors come back as exceptions, which qgraph reports
     return options
 
 
@@ -120,7 +121,7 @@ def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str]
     except TrainError:
         raise
     except Exception as exc:  # ORT raises bare RuntimeErrors from C++
-        raise TrainError(f"ONNX Runtime cannot build training artifacts: {str(exc).strip().splitlines()[0][:300]}") \
+        raise TrainError(f"ONNX Runtime cannot build training artifacts: {ort_message(exc)}") \
             from None
     if optimizer == "adamw":
         _torch_adamw_mode(Path(directory) / "optimizer_model.onnx")

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from qgraph.errors import ModelError
 
-_QUIET = 3  # ORT severity: 0 verbose, 1 info, 2 warning, 3 error
+_QUIET = 4  # ORT severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal: qgraph reports errors itself
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
@@ -48,13 +48,18 @@ class Runner:
             self.session = ort.InferenceSession(proto.SerializeToString(), opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types from C++
-            raise ModelError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+            raise ModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else self.output_names
-        values = self.session.run(names, {k: feeds[k] for k in self.input_names})
+        try:
+            values = self.session.run(names, {k: feeds[k] for k in self.input_names})
+        except Exception as exc:  # ORT raises its own exception types from C++
+            shapes = ", ".join(f"{k} {list(np.shape(feeds[k]))}" for k in self.input_names)
+            raise ModelError(f"ONNX Runtime failed running the model on inputs {shapes}: "
+                             f"{ort_message(exc)}") from None
         return dict(zip(names, values))
 
     def run_batches(self, data: dict[str, np.ndarray], batch_size: int = 64,
@@ -64,6 +69,15 @@ class Runner:
         for start in range(0, count, batch_size):
             batch = {k: data[k][start:start + batch_size] for k in self.input_names}
             yield self.run(batch, outputs)
+
+
+def ort_message(exc: BaseException) -> str:
+    """ORT's message without its source-file prefix, on one line."""
+    text = " ".join(str(exc).split())
+    for marker in ("Status Message: ", "] : "):
+        if marker in text:
+            text = text.split(marker)[-1]
+    return text[:300] or type(exc).__name__
 
 
 def run_model(model, feeds: dict[str, np.ndarray], outputs: Iterable[str] | None = None,

@@ -33,57 +33,84 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qgraph.annotations import FIX_ACTIVATIONS, get_annotation
-from qgraph.errors import DataError, TrainError
+from qgraph.annotations import FIX_ACTIVATIONS, FROZEN, get_annotation
+from qgraph.data import data_fingerprint, model_inputs
+from qgraph.errors import DataError, QGraphError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
+from qgraph.files import atomic_write_bytes, json_bytes
 from qgraph.ort_training import generate_training_artifacts, import_training_api, session_options
 from qgraph.progress import ProgressBar
+from qgraph.runner import ort_message
+from qgraph.schema import Range, check_value
+from qgraph.workdir import ARTIFACTS, PROGRESS_FILE, Workdir
 
 LABELS = "labels"
-PROGRESS_FILE = "progress.json"
-ARTIFACTS = "artifacts"
+BUILTIN_LOSSES = ("cross_entropy", "mse")
 _STAT_NAME_HINTS = ("running_mean", "running_var", "moving_mean", "moving_variance", "moving_var")
+log = logging.getLogger("qgraph")
 
 
-@dataclass
-class _Plan:
-    """Everything derived from the model and options before the artifacts are built."""
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting a training result depends on, validated when built (each field's hint is
+    its schema). `--resume` refuses a checkpoint written under other settings."""
+    epochs: Annotated[int, Range(1, 1_000_000)] = 1
+    lr: Annotated[float, Range(0.0, 1e6, lo_open=True)] = 1e-3
+    batch_size: Annotated[int, Range(1, 1 << 24)] = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.9
+    weight_decay: Annotated[float, Range(0.0, 1e6)] = 0.0
+    warmup_steps: Annotated[int, Range(0)] = 0
+    schedule: Literal["linear", "constant"] = "linear"
+    loss: str = "cross_entropy"
+    learn_scales: bool = False
+    freeze_bn: bool = False
+    fix_activations: bool | None = None
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
 
-    training: onnx.ModelProto         # training form with the input's BN nodes (exported from)
-    graph: onnx.ModelProto            # what generate_artifacts gets (BN rewritten if frozen)
-    trainable: list[str]
-    frozen: list[str]
-    input_names: list[str]
-    output_name: str
-    num_classes: int | None
+    def __post_init__(self):
+        hints = __import__("typing").get_type_hints(TrainConfig, include_extras=True)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "loss" and isinstance(value, os.PathLike):
+                object.__setattr__(self, "loss", os.fspath(value))
+                continue
+            check_value(value, hints[f.name], "--" + f.name.replace("_", "-"))
+        if self.loss not in BUILTIN_LOSSES and not Path(self.loss).exists():
+            raise TrainError(f"--loss {self.loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")
+
+    def resolved(self, model: onnx.ModelProto) -> "TrainConfig":
+        """`fix_activations=None` means the model's `qgraph.fix_activations` flag (set by calibrate)."""
+        if self.fix_activations is not None:
+            return self
+        flag = bool(get_annotation(model, FIX_ACTIVATIONS, False))
+        return TrainConfig(**{**asdict(self), "fix_activations": flag})
 
 
-def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None = None, *, epochs: int = 1,
-                lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adamw", momentum: float = 0.9,
-                weight_decay: float = 0.0, warmup_steps: int = 0, schedule: str = "linear",
-                loss: str | os.PathLike = "cross_entropy", learn_scales: bool = False, freeze_bn: bool = False,
-                fix_activations: bool | None = None, seed: int = 0, workdir: str | os.PathLike,
-                resume: bool = False, progress: bool = True, threads: int = 0
-                ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None = None, *,
+                workdir: str | os.PathLike | Workdir, config: TrainConfig | None = None, resume: bool = False,
+                progress: bool = True, threads: int = 0, **options) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Train `model` on `train_data` ({input name: array, "labels": array}) in ONNX Runtime.
 
     A QDQ model trains as QAT (FakeQuant with straight-through gradients) and comes back in
     QDQ form with trained weights (and scales, with `learn_scales`); a float model trains in
-    float. `fix_activations=None` reads the `qgraph.fix_activations` flag written by
-    calibration. `workdir` receives the artifacts and a checkpoint per epoch; `resume=True`
-    continues after the last completed epoch. Returns the trained model and one dict per
-    epoch: {epoch, train_loss, val_loss, val_top1, images_per_s, seconds}.
+    float. Settings come as a `TrainConfig` or as its fields in `options`. `workdir` receives
+    the artifacts and a checkpoint per epoch; `resume=True` continues after the last completed
+    epoch of a run with the same model, data and settings. Training stops at the first
+    non-finite loss. Returns the trained model and one dict per epoch: {epoch, train_loss,
+    val_loss, val_top1, images_per_s, seconds}.
 
     Measured by benchmarks/qat.py (ORT 1.19.2, 2 shared CPU cores; MNIST 28x28, 4000 train /
     1000 val, batch 64, AdamW lr 3e-3 decaying linearly to 0, 5 epochs): builders' lenet 95.7%
@@ -92,59 +119,124 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     epoch 4). QAT from those checkpoints via qat.yaml, 2 epochs: int8 95.7% / 93.4% (= float),
     W4A8 95.8% / 92.6% (PTQ 95.5% / 90.4%). QAT trains at 0.8-1.0x the float throughput.
     """
-    _check_options(optimizer, schedule, epochs, batch_size, lr, loss)
-    if fix_activations is None:
-        fix_activations = bool(get_annotation(model, FIX_ACTIVATIONS, False))
-    plan = _plan(model, loss, learn_scales, freeze_bn, bool(fix_activations))
-    train_feeds = _prepare_data(train_data, plan, loss, "train data")
-    val_feeds = _prepare_data(val_data, plan, loss, "val data") if val_data is not None else None
+    config = (config or TrainConfig(**options)).resolved(model)
+    if isinstance(workdir, Workdir):
+        return _train(model, train_data, val_data, config, workdir, resume, progress, threads)
+    with Workdir.open(workdir) as opened:
+        return _train(model, train_data, val_data, config, opened, resume, progress, threads)
 
-    workdir = Path(workdir)
+
+def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume: bool, progress: bool,
+           threads: int) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    loss_graph = _load_loss(config.loss)
+    plan = _plan(model, config)
+    train_feeds = _prepare_data(train_data, plan, config, "train data")
+    val_feeds = _prepare_data(val_data, plan, config, "val data") if val_data is not None else None
+    batch = _check_batch(plan, config, _count(train_feeds))
+    if val_feeds is not None and plan.fixed_batch and _count(val_feeds) < plan.fixed_batch:
+        raise DataError(f"val data: {_count(val_feeds)} samples, fewer than the model's fixed batch of {batch}")
+
+    workdir = wd.path
     art = workdir / ARTIFACTS
-    fingerprint = _fingerprint(model, loss, learn_scales, freeze_bn, fix_activations, optimizer)
-    done = _read_progress(workdir, fingerprint) if resume else None
-    momentum_sgd = optimizer == "sgd" and (momentum > 0 or weight_decay > 0)
-    generate_training_artifacts(plan.graph, plan.trainable, plan.frozen, art, loss=_loss_arg(loss),
-                                optimizer=optimizer, weight_decay=weight_decay,
+    identity = _run_identity(model, config, train_feeds, val_feeds, loss_graph)
+    done = _read_progress(workdir, identity, config) if resume else None
+    if resume and done is None:
+        log.warning("%s: no completed epoch to resume from; training starts at epoch 1", workdir)
+    momentum_sgd = config.optimizer == "sgd" and (config.momentum > 0 or config.weight_decay > 0)
+    generate_training_artifacts(plan.graph, plan.trainable, plan.frozen, art,
+                                loss=loss_graph if loss_graph is not None else config.loss,
+                                optimizer=config.optimizer, weight_decay=config.weight_decay,
                                 extra_outputs=[plan.output_name])
     _, api = import_training_api()
     checkpoint = workdir / done["checkpoint"] if done else art / "checkpoint"
-    state = api.CheckpointState.load_checkpoint(str(checkpoint))
-    module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"),
-                        session_options=session_options(threads))
-    steps_per_epoch = -(-_count(train_feeds) // batch_size)
-    total_steps = max(steps_per_epoch * epochs, 1)
-    stepper = _Stepper(api, art, module, state, optimizer, lr, momentum, weight_decay, warmup_steps, schedule,
-                       total_steps, momentum_sgd, workdir / done["velocity"] if done and done.get("velocity")
-                       else None)
+    state = _load_checkpoint(api, checkpoint)
+    module = _ort("loading the training graphs", api.Module, str(art / "training_model.onnx"), state,
+                  str(art / "eval_model.onnx"), session_options=session_options(threads))
+    count = _count(train_feeds) - _count(train_feeds) % batch if plan.fixed_batch else _count(train_feeds)
+    steps_per_epoch = -(-count // batch)
+    total_steps = max(steps_per_epoch * config.epochs, 1)
+    stepper = _Stepper(api, art, module, state, config, total_steps, momentum_sgd,
+                       workdir / done["velocity"] if done and done.get("velocity") else None)
     history: list[dict] = list(done["history"]) if done else []
     first_epoch = done["epoch"] + 1 if done else 1
     stepper.fast_forward((first_epoch - 1) * steps_per_epoch)
 
-    for epoch in range(first_epoch, epochs + 1):
-        bar = ProgressBar(f"epoch {epoch}/{epochs}", steps_per_epoch, enabled=progress)
+    for epoch in range(first_epoch, config.epochs + 1):
+        bar = ProgressBar(f"epoch {epoch}/{config.epochs}", steps_per_epoch, enabled=progress)
         start = time.perf_counter()
-        order = np.random.default_rng([seed, epoch]).permutation(_count(train_feeds))
+        order = np.random.default_rng([config.seed, epoch]).permutation(_count(train_feeds))[:count]
         module.train()
         losses, seen = [], 0
-        for step, begin in enumerate(range(0, len(order), batch_size)):
-            index = np.sort(order[begin:begin + batch_size])
-            outputs = module(*[train_feeds[name][index] for name in module.input_names()])
-            stepper.step()
-            losses.append(float(np.asarray(outputs[0])) * len(index))
+        for step, begin in enumerate(range(0, len(order), batch)):
+            index = np.sort(order[begin:begin + batch])
+            outputs = _ort(f"epoch {epoch} step {step + 1}", module,
+                           *[train_feeds[name][index] for name in module.input_names()])
+            loss = float(np.asarray(outputs[0]))
+            if not math.isfinite(loss):
+                raise TrainError(f"epoch {epoch} step {step + 1}: the training loss is {loss}; lower --lr or check "
+                                 f"the data and the model{_resume_hint(wd)}")
+            _ort(f"epoch {epoch} step {step + 1}: the optimizer step", stepper.step)
+            losses.append(loss * len(index))
             seen += len(index)
-            bar.update(step + 1, f"loss {losses[-1] / len(index):.4f} "
-                                 f"{seen / (time.perf_counter() - start):.0f} img/s")
+            bar.update(step + 1, f"loss {loss:.4f} {seen / (time.perf_counter() - start):.0f} img/s")
         train_seconds = time.perf_counter() - start
         bar.close()
         record = {"epoch": epoch, "train_loss": sum(losses) / seen, "images_per_s": seen / train_seconds}
         if val_feeds is not None:
-            record.update(_evaluate(module, val_feeds, batch_size, plan.num_classes is not None))
+            record.update(_evaluate(module, val_feeds, batch, plan.num_classes is not None, plan.fixed_batch is not None))
+            if not math.isfinite(record["val_loss"]):
+                raise TrainError(f"epoch {epoch}: the validation loss is {record['val_loss']}; lower --lr or check "
+                                 f"the validation data{_resume_hint(wd)}")
         record["seconds"] = time.perf_counter() - start
         history.append(record)
-        _save_progress(workdir, api, state, stepper, epoch, fingerprint, history)
+        _check_finite_parameters(state, epoch, wd)
+        _save_progress(wd, api, state, stepper, epoch, identity, config, history)
     trained = _export(plan, state)
     return trained, history
+
+
+def _ort(what: str, call, *args, **kwargs):
+    """`call(*args)`, with ORT's C++ exceptions turned into one TrainError naming `what`."""
+    try:
+        return call(*args, **kwargs)
+    except QGraphError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ORT raises RuntimeError and its own types
+        raise TrainError(f"{what}: ONNX Runtime failed: {ort_message(exc)}") from None
+
+
+def _resume_hint(wd: Workdir) -> str:
+    done = wd.completed_checkpoint()
+    return f" (the last good checkpoint, {done}, stays in {wd.path}: --resume continues from it)" if done else ""
+
+
+def _check_finite_parameters(state, epoch: int, wd: Workdir) -> None:
+    for name, param in state.parameters:
+        if not np.isfinite(param.data).all():
+            raise TrainError(f"epoch {epoch}: parameter {name!r} became NaN or Inf; lower --lr{_resume_hint(wd)}")
+
+
+def _load_loss(loss: str) -> onnx.ModelProto | None:
+    """A loss graph file as a ModelProto (None for the built-in losses)."""
+    if loss in BUILTIN_LOSSES:
+        return None
+    from qgraph.model_io import load_model
+    return load_model(loss, check=False, convert_opset=False, what="loss graph")
+
+
+def _check_batch(plan: "_Plan", config: TrainConfig, count: int) -> int:
+    """The batch size; a model whose batch dimension is fixed trains only at that size."""
+    if plan.fixed_batch is None:
+        return config.batch_size
+    if config.batch_size != plan.fixed_batch:
+        raise TrainError(f"model input {plan.input_names[0]!r} has a batch dimension fixed at {plan.fixed_batch}; "
+                         f"train with --batch-size {plan.fixed_batch} (or re-export the model with a dynamic batch)")
+    if count < plan.fixed_batch:
+        raise DataError(f"train data: {count} samples, fewer than the model's fixed batch of {plan.fixed_batch}")
+    if count % plan.fixed_batch:
+        log.warning("the last %d training samples do not fill the model's fixed batch of %d; they are left out",
+                    count % plan.fixed_batch, plan.fixed_batch)
+    return plan.fixed_batch
 
 
 def evaluate_training_engine(workdir: str | os.PathLike, data: dict[str, np.ndarray]) -> np.ndarray:
@@ -173,23 +265,57 @@ def evaluate_training_engine(workdir: str | os.PathLike, data: dict[str, np.ndar
 
 # --- planning: the training graph and its parameters -----------------------------------
 
-def _plan(model: onnx.ModelProto, loss, learn_scales: bool, freeze_bn: bool, fix_activations: bool) -> _Plan:
+@dataclass
+class _Plan:
+    """Everything derived from the model and settings before the artifacts are built."""
+
+    training: onnx.ModelProto         # training form with the input's BN nodes (exported from)
+    graph: onnx.ModelProto            # what generate_artifacts gets (BN rewritten if frozen)
+    trainable: list[str]
+    frozen: list[str]
+    input_names: list[str]
+    output_name: str
+    output_dims: list                 # static dims of the first output (None where symbolic)
+    num_classes: int | None
+    fixed_batch: int | None           # the inputs' batch dimension when the model fixes it
+
+
+def _plan(model: onnx.ModelProto, config: TrainConfig) -> _Plan:
     if not model.graph.output:
         raise TrainError("model has no outputs; training needs the model output the loss is computed on")
+    inputs = model_inputs(model)
+    if not inputs:
+        raise TrainError("model has no inputs; training feeds data to the model's inputs")
     base = _bn_inference_form(model)
-    training, info = to_training_form(base, learn_scales=learn_scales, freeze_activation_scales=fix_activations)
-    graph = _freeze_bn(training) if freeze_bn else training
+    training, info = to_training_form(base, learn_scales=config.learn_scales,
+                                      freeze_activation_scales=bool(config.fix_activations))
+    graph = _freeze_bn(training) if config.freeze_bn else training
     bn_stats = [name for node in training.graph.node if node.op_type == "BatchNormalization"
                 for name in node.input[3:5]]
     trainable, frozen = classify_parameters(graph, info.learned_scales, info.fixed_scales + bn_stats)
     if not trainable:
         raise TrainError("model has no trainable parameters (no float weight/bias initializers); "
                          "training needs weights stored as initializers")
-    inits = {t.name for t in model.graph.initializer}
-    input_names = [i.name for i in model.graph.input if i.name not in inits]
+    batch_dims = {dims[0] if dims else None for _, dims in inputs.values()}
+    fixed = {d for d in batch_dims if d is not None}
+    if any(not dims for _, dims in inputs.values()):
+        raise TrainError("model has a scalar input; training needs inputs with a batch dimension")
+    if len(fixed) > 1 or (fixed and None in batch_dims):
+        raise TrainError(f"model inputs have different batch dimensions {sorted(map(str, batch_dims))}; "
+                         "training needs one batch dimension for all inputs")
     output = model.graph.output[0]
-    return _Plan(training, graph, trainable, frozen, input_names, output.name,
-                 _num_classes(model) if loss == "cross_entropy" else None)
+    return _Plan(training, graph, trainable, frozen, list(inputs), output.name, _output_dims(model),
+                 _num_classes(model) if config.loss == "cross_entropy" else None, fixed.pop() if fixed else None)
+
+
+def _output_dims(model: onnx.ModelProto) -> list:
+    output = model.graph.output[0]
+    if not output.type.tensor_type.HasField("shape"):
+        try:
+            output = onnx.shape_inference.infer_shapes(model).graph.output[0]
+        except Exception:  # noqa: BLE001 - dims only help to check targets early
+            return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
 
 
 def classify_parameters(model: onnx.ModelProto, learned_scales: list[str] = (),
@@ -338,7 +464,7 @@ def _num_classes(model: onnx.ModelProto) -> int:
 
 # --- data -----------------------------------------------------------------------------
 
-def _prepare_data(data: dict, plan: _Plan, loss, origin: str) -> dict[str, np.ndarray]:
+def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str) -> dict[str, np.ndarray]:
     """Feeds by training-graph input name: model inputs plus `labels` (cross entropy) or `target` (MSE)."""
     if not isinstance(data, dict):
         raise DataError(f"{origin}: expected a dict of arrays, got {type(data).__name__}")
@@ -346,26 +472,27 @@ def _prepare_data(data: dict, plan: _Plan, loss, origin: str) -> dict[str, np.nd
     for name in plan.input_names:
         if name not in data:
             raise DataError(f"{origin}: no array for model input {name!r}; keys are {sorted(data)}")
-        feeds[name] = np.ascontiguousarray(data[name])
+        array = np.ascontiguousarray(data[name])
+        if array.ndim == 0:
+            raise DataError(f"{origin}: {name!r} is a scalar; training needs one row per sample")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise DataError(f"{origin}: input {name!r} holds NaN or Inf; clean the data")
+        feeds[name] = array
     count = len(feeds[plan.input_names[0]])
     if count == 0:
         raise DataError(f"{origin}: no samples")
-    if loss == "cross_entropy":
+    if config.loss == "cross_entropy":
         feeds[LABELS] = _class_labels(data, plan.num_classes, origin)
-    elif loss == "mse":
-        if LABELS not in data:
-            raise DataError(f"{origin}: no {LABELS!r} array; MSE needs targets under the key {LABELS!r}")
-        target = np.asarray(data[LABELS])
-        if np.issubdtype(target.dtype, np.integer):  # class indices: regress onto one-hot vectors
-            target = np.eye(int(target.max()) + 1, dtype=np.float32)[target]
-        feeds["target"] = target.astype(np.float32)
+    elif config.loss == "mse":
+        feeds["target"] = _mse_targets(data, plan, origin)
     else:
         for key, value in data.items():
             if key not in feeds:
                 feeds[key] = np.ascontiguousarray(value)
     for key, value in feeds.items():
-        if len(value) != count:
-            raise DataError(f"{origin}: {key!r} has {len(value)} rows, {plan.input_names[0]!r} has {count}")
+        if np.ndim(value) == 0 or len(value) != count:
+            raise DataError(f"{origin}: {key!r} has {np.shape(value)[:1] or 'no'} rows, "
+                            f"{plan.input_names[0]!r} has {count}")
     return feeds
 
 
@@ -386,12 +513,36 @@ def _class_labels(data: dict, num_classes: int, origin: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _mse_targets(data: dict, plan: _Plan, origin: str) -> np.ndarray:
+    """MSE targets: float arrays shaped like the output, or class indices regressed as one-hot rows."""
+    if LABELS not in data:
+        raise DataError(f"{origin}: no {LABELS!r} array; MSE needs targets under the key {LABELS!r}")
+    target = np.asarray(data[LABELS])
+    expected = plan.output_dims[1:]
+    if np.issubdtype(target.dtype, np.integer):
+        classes = expected[-1] if expected and expected[-1] is not None else None
+        if target.ndim != 1 or len(expected) != 1 or classes is None:
+            raise DataError(f"{origin}: integer {LABELS!r} of shape {list(target.shape)} cannot be one-hot "
+                            f"targets for an output of shape {['N', *expected]}; give float targets of the "
+                            "output's shape")
+        bad = (target < 0) | (target >= classes)
+        if target.size and bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"{origin}: {LABELS!r}[{i}] = {int(target[i])} is outside [0, {classes}) "
+                            f"(the output has {classes} values per sample)")
+        return np.eye(classes, dtype=np.float32)[target]
+    if not np.issubdtype(target.dtype, np.floating):
+        raise DataError(f"{origin}: {LABELS!r} has dtype {target.dtype}; MSE targets are numbers")
+    if len(expected) != target.ndim - 1 or any(d is not None and d != s for d, s in zip(expected, target.shape[1:])):
+        raise DataError(f"{origin}: {LABELS!r} has shape {list(target.shape)}, the output is "
+                        f"{['N', *['?' if d is None else d for d in expected]]}")
+    if not np.isfinite(target).all():
+        raise DataError(f"{origin}: {LABELS!r} holds NaN or Inf; clean the targets")
+    return target.astype(np.float32)
+
+
 def _count(feeds: dict) -> int:
     return len(next(iter(feeds.values())))
-
-
-def _loss_arg(loss):
-    return loss if loss in ("cross_entropy", "mse") else os.fspath(loss)
 
 
 # --- steps, evaluation, checkpoints ----------------------------------------------------
@@ -399,15 +550,15 @@ def _loss_arg(loss):
 class _Stepper:
     """One optimizer + learning-rate step after each train step (ORT's, or NumPy momentum SGD)."""
 
-    def __init__(self, api, art, module, state, optimizer, lr, momentum, weight_decay, warmup, schedule,
-                 total, momentum_sgd, velocity_file):
+    def __init__(self, api, art, module, state, config: TrainConfig, total: int, momentum_sgd: bool,
+                 velocity_file: Path | None):
         self.module, self.state, self.lr, self.warmup, self.schedule, self.total = \
-            module, state, lr, warmup, schedule, total
-        self.momentum, self.weight_decay, self.step_count = momentum, weight_decay, 0
+            module, state, config.lr, config.warmup_steps, config.schedule, total
+        self.momentum, self.weight_decay, self.step_count = config.momentum, config.weight_decay, 0
         self.velocity: dict[str, np.ndarray] | None = None
         self.optimizer = None
         if momentum_sgd:
-            self.velocity = dict(np.load(velocity_file)) if velocity_file else {}
+            self.velocity = _read_velocity(velocity_file) if velocity_file else {}
             self.trainable = [name for name, p in state.parameters if p.requires_grad]
         else:
             # not ORT's LinearLRScheduler: with warmup_step_count=0 it ramps the rate *up* from 0
@@ -453,12 +604,15 @@ class _Stepper:
         self.module.lazy_reset_grad()
 
 
-def _evaluate(module, feeds: dict, batch_size: int, classify: bool) -> dict:
+def _evaluate(module, feeds: dict, batch_size: int, classify: bool, fixed_batch: bool = False) -> dict:
+    """Mean loss (and top-1) over the feeds; a fixed-batch model sees only whole batches."""
     module.eval()
     total_loss, correct, count = 0.0, 0, _count(feeds)
+    if fixed_batch:
+        count -= count % batch_size
     for begin in range(0, count, batch_size):
         batch = [feeds[name][begin:begin + batch_size] for name in module.input_names()]
-        loss, output = module(*batch)[:2]
+        loss, output = _ort("evaluating the validation data", module, *batch)[:2]
         n = len(batch[0])
         total_loss += float(np.asarray(loss)) * n
         if classify:
@@ -469,62 +623,101 @@ def _evaluate(module, feeds: dict, batch_size: int, classify: bool) -> dict:
     return result
 
 
-def _fingerprint(model, loss, learn_scales, freeze_bn, fix_activations, optimizer) -> str:
-    digest = hashlib.sha256(model.graph.SerializeToString())
-    digest.update(json.dumps([str(loss), learn_scales, freeze_bn, fix_activations, optimizer]).encode())
-    return digest.hexdigest()[:16]
+def _run_identity(model: onnx.ModelProto, config: TrainConfig, train_feeds: dict, val_feeds: dict | None,
+                  loss_graph: onnx.ModelProto | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model, the data and every setting
+    (a loss graph by its content, not its path)."""
+    settings = asdict(config)
+    if loss_graph is not None:
+        settings["loss"] = "graph:" + hashlib.sha256(loss_graph.SerializeToString()).hexdigest()[:16]
+    return {"model": hashlib.sha256(model.graph.SerializeToString()).hexdigest()[:16],
+            "train_data": data_fingerprint(train_feeds), "val_data": data_fingerprint(val_feeds),
+            "settings": settings}
 
 
-def _read_progress(workdir: Path, fingerprint: str) -> dict | None:
+def _read_progress(workdir: Path, identity: dict, config: TrainConfig) -> dict | None:
+    """The progress record of `workdir` when it can be resumed with this run's identity;
+    TrainError naming every field that differs."""
     path = workdir / PROGRESS_FILE
     if not path.is_file():
         return None
     try:
         progress = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: unreadable ({exc}); delete it to start over") from None
-    if progress.get("fingerprint") != fingerprint:
-        raise TrainError(f"{path}: checkpoint belongs to another model or other training options "
-                         f"(fingerprint {progress.get('fingerprint')}, this run {fingerprint}); "
-                         "use another workdir or train without resume")
-    if not (workdir / progress["checkpoint"]).exists():
-        raise TrainError(f"{workdir / progress['checkpoint']}: checkpoint named in {path} is missing; "
-                         "train without resume")
+        if not isinstance(progress, dict):
+            raise ValueError("not a JSON object")
+        epoch, checkpoint, history = progress["epoch"], progress["checkpoint"], progress["history"]
+        if not (isinstance(epoch, int) and epoch >= 1 and isinstance(checkpoint, str) and isinstance(history, list)
+                and len(history) == epoch and isinstance(progress.get("identity"), dict)):
+            raise ValueError("unexpected fields")
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainError(f"{path}: unreadable progress record ({exc}); train without --resume to start over") from None
+    stored = progress["identity"]
+    what = {"model": "another model", "train_data": "other --data", "val_data": "other --val data"}
+    differ = [text for key, text in what.items() if stored.get(key) != identity[key]]
+    old, new = stored.get("settings", {}), identity["settings"]
+    settings = [f"--{key.replace('_', '-')} {old.get(key)!r} (now {new[key]!r})" for key in new
+                if key != "epochs" and old.get(key) != new[key]]
+    if settings:
+        differ.append("other settings: " + ", ".join(settings))
+    if differ:
+        raise TrainError(f"{path}: the checkpoint belongs to " + "; ".join(differ) +
+                         "; resume with the same model, data and settings, or train without --resume")
+    if epoch > config.epochs or (config.epochs != old.get("epochs") and config.schedule == "linear"):
+        raise TrainError(f"{path}: the checkpoint's run has --epochs {old.get('epochs')} ({epoch} done); "
+                         f"--epochs {config.epochs} would change its linear schedule: resume with --epochs "
+                         f"{old.get('epochs')} (with --schedule constant, a resumed run may add epochs)")
+    if not (workdir / checkpoint).exists():
+        raise TrainError(f"{workdir / checkpoint}: checkpoint named in {path} is missing; train without --resume")
     return progress
 
 
-def _save_progress(workdir: Path, api, state, stepper: _Stepper, epoch: int, fingerprint: str,
+def _load_checkpoint(api, path: Path):
+    try:
+        return api.CheckpointState.load_checkpoint(str(path))
+    except Exception as exc:  # ORT raises RuntimeError from C++ for a truncated or foreign file
+        raise TrainError(f"{path}: cannot load the checkpoint ({str(exc).strip().splitlines()[0][:200]}); "
+                         "train without --resume to start over") from None
+
+
+def _read_velocity(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {k: stored[k] for k in stored.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise TrainError(f"{path}: cannot read the SGD momentum state ({exc}); train without --resume") from None
+
+
+def _save_progress(wd: Workdir, api, state, stepper: _Stepper, epoch: int, identity: dict, config: TrainConfig,
                    history: list) -> None:
     """Checkpoint first, then the JSON that points at it (atomic rename), then drop the old one."""
+    workdir = wd.path
     name = f"epoch{epoch}.ckpt"
-    api.CheckpointState.save_checkpoint(state, str(workdir / name), include_optimizer_state=True)
+    try:
+        api.CheckpointState.save_checkpoint(state, str(workdir / name), include_optimizer_state=True)
+    except Exception as exc:  # disk full, permissions: ORT raises RuntimeError
+        _remove_quietly(workdir / name)
+        raise TrainError(f"{workdir / name}: cannot write the checkpoint of epoch {epoch} "
+                         f"({str(exc).strip().splitlines()[0][:200]}); free some space{_resume_hint(wd)}") from None
     velocity = None
     if stepper.velocity is not None:
+        import io
         velocity = f"epoch{epoch}.velocity.npz"
-        np.savez(workdir / velocity, **stepper.velocity)
-    progress = {"fingerprint": fingerprint, "epoch": epoch, "checkpoint": name, "velocity": velocity,
+        buffer = io.BytesIO()
+        np.savez(buffer, **stepper.velocity)
+        atomic_write_bytes(workdir / velocity, buffer.getvalue())
+    progress = {"identity": identity, "epoch": epoch, "checkpoint": name, "velocity": velocity,
                 "history": history}
-    with tempfile.NamedTemporaryFile("w", dir=workdir, delete=False, suffix=".json") as tmp:
-        json.dump(progress, tmp, indent=1)
-    os.replace(tmp.name, workdir / PROGRESS_FILE)
-    for old in workdir.glob("epoch*"):
-        if old.name not in (name, velocity):
-            old.unlink()
+    atomic_write_bytes(workdir / PROGRESS_FILE, json_bytes(progress))
+    wd.remove_stale_checkpoints(keep={name, velocity} - {None})
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _export(plan: _Plan, state) -> onnx.ModelProto:
     values = {name: param.data for name, param in state.parameters}
     return to_qdq_form(plan.training, values)
-
-
-# --- checks and the progress bar ---------------------------------------------------------
-
-def _check_options(optimizer, schedule, epochs, batch_size, lr, loss) -> None:
-    if optimizer not in ("adamw", "sgd"):
-        raise TrainError(f"optimizer {optimizer!r}: ORT training offers adamw and sgd")
-    if schedule not in ("linear", "constant"):
-        raise TrainError(f"schedule {schedule!r} is not one of linear, constant")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise TrainError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
-    if loss not in ("cross_entropy", "mse") and not Path(loss).is_file():
-        raise TrainError(f"loss {loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")

@@ -147,7 +147,7 @@ def test_resume_after_kill_9_mid_epoch(tmp_path):
 def test_resume_with_another_models_checkpoint_is_refused(data, tmp_path):
     train, _ = data
     train_model(tiny_cnn("none"), train, epochs=1, workdir=tmp_path, progress=False)
-    with pytest.raises(TrainError, match="another model"):
+    with pytest.raises(TrainError, match="belongs to another model"):
         train_model(tiny_cnn("none", seed=3), train, epochs=2, workdir=tmp_path, resume=True, progress=False)
 
 
@@ -207,3 +207,139 @@ def test_adamw_runs_in_pytorch_mode(tmp_path):
     modes = [a.i for n in optimizer.graph.node if n.op_type == "AdamWOptimizer"
              for a in n.attribute if a.name == "adam_mode"]
     assert modes == [0]
+
+
+# -- reliability: resume settings, non-finite values, the work folder --------------------------
+
+def test_resume_refuses_other_settings_and_data_naming_them(data, tmp_path):
+    train, val = data
+    kwargs = dict(epochs=2, lr=1e-2, batch_size=32, progress=False)
+    train_model(tiny_cnn("none"), train, val, workdir=tmp_path, **kwargs)
+    with pytest.raises(TrainError, match=r"other settings: --lr 0\.01 \(now 0\.02\), --batch-size 32 \(now 16\)"):
+        train_model(tiny_cnn("none"), train, val, workdir=tmp_path, resume=True,
+                    **{**kwargs, "lr": 2e-2, "batch_size": 16})
+    other = {k: v.copy() for k, v in train.items()}
+    other["labels"][0] = (other["labels"][0] + 1) % 10
+    with pytest.raises(TrainError, match="other --data"):
+        train_model(tiny_cnn("none"), other, val, workdir=tmp_path, resume=True, **kwargs)
+    with pytest.raises(TrainError, match="other settings: --weight-decay"):
+        train_model(tiny_cnn("none"), train, val, workdir=tmp_path, resume=True, **{**kwargs, "weight_decay": 0.1})
+    # the same settings: nothing left to train, the same result
+    again, history = train_model(tiny_cnn("none"), train, val, workdir=tmp_path, resume=True, **kwargs)
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_resume_with_fewer_or_more_epochs_of_a_linear_schedule_is_refused(data, tmp_path):
+    train, _ = data
+    train_model(tiny_cnn("none"), train, epochs=3, lr=1e-2, batch_size=64, workdir=tmp_path, progress=False)
+    for epochs in (2, 4):
+        with pytest.raises(TrainError, match=r"--epochs 3 \(3 done\).*resume with --epochs 3"):
+            train_model(tiny_cnn("none"), train, epochs=epochs, lr=1e-2, batch_size=64, workdir=tmp_path,
+                        resume=True, progress=False)
+
+
+def test_resume_may_add_epochs_to_a_constant_schedule(data, tmp_path):
+    train, _ = data
+    kwargs = dict(lr=1e-2, batch_size=64, schedule="constant", progress=False)
+    train_model(tiny_cnn("none"), train, epochs=1, workdir=tmp_path / "a", **kwargs)
+    resumed, history = train_model(tiny_cnn("none"), train, epochs=2, workdir=tmp_path / "a", resume=True, **kwargs)
+    straight, _ = train_model(tiny_cnn("none"), train, epochs=2, workdir=tmp_path / "b", **kwargs)
+    assert [h["epoch"] for h in history] == [1, 2]
+    for name, value in params(straight).items():
+        np.testing.assert_array_equal(params(resumed)[name], value, err_msg=name)
+
+
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_checkpoint(data, tmp_path,
+                                                                                            monkeypatch):
+    import qgraph.train as train_module
+    train, _ = data
+    workdir = tmp_path / "run"
+    step = train_module._Stepper.step
+    calls = {"n": 0}
+
+    def poisoned_step(self):  # step 8 of epoch 2 (6 steps per epoch) writes NaN into a weight
+        step(self)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            self.state.parameters["fc.weight"] = np.full_like(self.state.parameters["fc.weight"].data, np.nan)
+
+    monkeypatch.setattr(train_module._Stepper, "step", poisoned_step)
+    with pytest.raises(TrainError, match=r"epoch 2 step 2: the training loss is nan.*epoch1\.ckpt, stays in"):
+        train_model(tiny_cnn("none"), train, epochs=3, lr=1e-2, batch_size=64, workdir=workdir, progress=False)
+    progress = json.loads((workdir / "progress.json").read_text())
+    assert progress["epoch"] == 1 and (workdir / "epoch1.ckpt").exists()
+
+
+def test_a_learning_rate_that_diverges_is_an_error_not_a_nan_model(data, tmp_path):
+    train, _ = data
+    with pytest.raises(TrainError, match=r"epoch 1 step \d+: the training loss is (nan|inf)"):
+        train_model(tiny_cnn("none"), train, epochs=1, lr=1e6, batch_size=64, optimizer="sgd", momentum=0.0,
+                    workdir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()   # nothing to resume from: the folder it created is gone
+
+
+def test_non_finite_training_data_is_refused_before_any_work(data, tmp_path):
+    train = {k: v.copy() for k, v in data[0].items()}
+    train["input"][7, 0, 0, 0] = np.inf
+    with pytest.raises(DataError, match="'input' holds NaN or Inf"):
+        train_model(tiny_cnn("none"), train, workdir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_work_folder_never_loses_a_users_file(data, tmp_path):
+    """Regression: `--workdir .` deleted every file named epoch* (the input model included)."""
+    train, _ = data
+    folder = tmp_path / "here"
+    folder.mkdir()
+    (folder / "epoch10.onnx").write_bytes(b"the user's model")
+    with pytest.raises(TrainError, match="holds files qgraph did not create"):
+        train_model(tiny_cnn("none"), train, workdir=folder, progress=False)
+    assert (folder / "epoch10.onnx").read_bytes() == b"the user's model"
+    # files a user drops into a qgraph work folder later survive checkpoint clean-up too
+    workdir = tmp_path / "run"
+    train_model(tiny_cnn("none"), train, epochs=1, schedule="constant", workdir=workdir, progress=False)
+    (workdir / "epoch_notes.txt").write_text("mine")
+    (workdir / "epoch10.onnx").write_bytes(b"mine")
+    train_model(tiny_cnn("none"), train, epochs=2, schedule="constant", workdir=workdir, resume=True,
+                progress=False)
+    assert (workdir / "epoch_notes.txt").read_text() == "mine" and (workdir / "epoch10.onnx").exists()
+    assert not (workdir / "epoch1.ckpt").exists() and (workdir / "epoch2.ckpt").exists()
+
+
+def test_a_second_concurrent_run_on_one_work_folder_is_refused(data, tmp_path):
+    from qgraph.workdir import Workdir
+    train, _ = data
+    with Workdir.open(tmp_path / "run") as held:
+        with pytest.raises(TrainError, match="another qgraph train is using this work folder"):
+            train_model(tiny_cnn("none"), train, workdir=tmp_path / "run", progress=False)
+        assert held.path.is_dir()
+    train_model(tiny_cnn("none"), train, workdir=tmp_path / "run", progress=False)   # free again
+
+
+def test_a_fixed_batch_model_trains_only_at_its_batch(data, tmp_path):
+    train, _ = data
+    model = tiny_cnn("none")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
+    with pytest.raises(TrainError, match="fixed at 32; train with --batch-size 32"):
+        train_model(model, train, batch_size=64, workdir=tmp_path / "a", progress=False)
+    trained, history = train_model(model, train, batch_size=32, workdir=tmp_path / "b", progress=False)
+    assert history[0]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated_checkpoint", "progress_not_json", "progress_wrong_fields"])
+def test_a_damaged_work_folder_is_one_error_on_resume(data, tmp_path, damage):
+    train, _ = data
+    kwargs = dict(epochs=2, lr=1e-2, batch_size=64, schedule="constant", progress=False)
+    train_model(tiny_cnn("none"), train, workdir=tmp_path, **{**kwargs, "epochs": 1})
+    if damage == "truncated_checkpoint":
+        ckpt = tmp_path / "epoch1.ckpt"
+        ckpt.write_bytes(ckpt.read_bytes()[:100])
+        expect = "cannot load the checkpoint"
+    elif damage == "progress_not_json":
+        (tmp_path / "progress.json").write_text("{epoch: 1")
+        expect = "unreadable progress record"
+    else:
+        (tmp_path / "progress.json").write_text(json.dumps({"epoch": "one", "checkpoint": 5, "history": {}}))
+        expect = "unreadable progress record"
+    with pytest.raises(TrainError, match=expect):
+        train_model(tiny_cnn("none"), train, workdir=tmp_path, resume=True, **kwargs)
