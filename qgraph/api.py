@@ -1,31 +1,46 @@
-"""The library calls behind the CLI commands: each reads files, calls the core, writes files."""
+"""The library calls behind the CLI commands: each checks every path and number it was given,
+then reads files, calls the core, and writes its outputs all at once (qgraph.files).
+
+Path labels in errors are the CLI's option names (`-o`, `--data`, ...), since this is the
+boundary users cross."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import onnx
 
+from qgraph.annotations import CALIBRATED, get_annotation
 from qgraph.data import load_data
 from qgraph.describe import describe_model
-from qgraph.files import check_output_path, write_json
+from qgraph.errors import ConfigError, ModelError
+from qgraph.files import check_input_file, check_outputs, json_bytes, write_files
 from qgraph.graph import QModel
-from qgraph.model_io import check_model, load_model, save_model
-from qgraph.pipeline import PassContext, StepReport, bundled_pipeline, load_pipeline, run_pipeline  # noqa: F401
+from qgraph.model_io import check_model, load_model, model_bytes, save_model
+from qgraph.pipeline import (PassContext, StepReport, bundled_pipeline, load_pipeline,  # noqa: F401
+                             resolve_pipeline_path, run_pipeline)
+from qgraph.schema import Range, check_value
+
+log = logging.getLogger("qgraph")
+
+BatchSize = Annotated[int, Range(1, 1 << 24)]
+Count = Annotated[int, Range(1)]
 
 
 def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, output: str | os.PathLike,
                *, data_path: str | None = None, verify: bool = False, report_path: str | None = None,
                batch_size: int = 64, echo: Callable[[str], None] = print, verbose: bool = False) -> list[StepReport]:
     """`qgraph passes run`: load, apply the pipeline, save atomically; every check before any work."""
-    check_output_path(output, model_path)
-    if report_path:
-        check_output_path(report_path, model_path)
-    proto = load_model(model_path)
-    pipeline = load_pipeline(pipeline_path)
+    check_value(batch_size, BatchSize, "--batch-size")
+    pipeline_file = resolve_pipeline_path(pipeline_path)
+    pipeline = load_pipeline(pipeline_file)
     data_path = data_path or pipeline.data
+    reads = {"model": model_path, "--pipeline": pipeline_file, "--data": data_path}
+    check_outputs({"-o": output, "--report": report_path}, reads)
+    proto = load_model(model_path)
     data = load_data(data_path, proto) if data_path else None
     ctx = PassContext(data=data, seed=pipeline.seed, batch_size=batch_size, verbose=verbose)
     model = QModel.from_onnx(proto)
@@ -40,11 +55,12 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
 
     reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
     result = model.to_onnx()
-    check_model(result, origin=f"the output of pipeline {Path(pipeline_path).name} (a qgraph bug; please report it)")
-    save_model(result, output, input_path=model_path)
+    check_model(result, origin=f"the output of pipeline {Path(pipeline_file).name} on {model_path}")
+    payloads = {output: model_bytes(result)}
     if report_path:
-        write_json(report_path, {"model": str(model_path), "pipeline": str(pipeline_path),
-                                 "output": str(output), "passes": [r.as_dict() for r in reports]})
+        payloads[report_path] = json_bytes({"model": str(model_path), "pipeline": str(pipeline_file),
+                                            "output": str(output), "passes": [r.as_dict() for r in reports]})
+    write_files(payloads)
     return reports
 
 
@@ -56,55 +72,115 @@ def inspect_model(model_path: str | os.PathLike) -> dict:
 def build_model_file(name: str, output: str | os.PathLike, *, input_shape=(1, 28, 28), width: int | None = None,
                      num_classes: int = 10, seed: int = 0) -> Path:
     """`qgraph models build`: write a bundled architecture (untrained, seeded) to a file."""
-    from qgraph.models.builders import build_model
-    check_output_path(output)
-    kwargs = {"input_shape": tuple(input_shape), "num_classes": num_classes, "seed": seed}
+    from qgraph.models.builders import BUILDERS, build_model
+    if name not in BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(BUILDERS)}")
+    shape = parse_input_shape(input_shape)
+    check_value(width, Annotated[int, Range(1, 4096)] | None, "--width")
+    check_value(num_classes, Annotated[int, Range(2, 1_000_000)], "--classes")
+    check_value(seed, Annotated[int, Range(0, 2**32 - 1)], "--seed")
+    check_outputs({"-o": output})
+    kwargs = {"input_shape": shape, "num_classes": num_classes, "seed": seed}
     if width is not None:
         kwargs["width"] = width
     return save_model(build_model(name, **kwargs), output)
 
 
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def parse_input_shape(value) -> tuple[int, int, int]:
+    """C,H,W from "1,28,28" (or a sequence): three integers >= 1, at most 4096x4096 pixels."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        dims = tuple(int(str(p).strip()) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--input-shape {value!r} must be three integers C,H,W like 1,28,28") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise ConfigError(f"--input-shape {value!r} must be three integers C,H,W >= 1, like 1,28,28")
+    if dims[1] * dims[2] > MAX_INPUT_PIXELS or dims[0] > 4096:
+        raise ConfigError(f"--input-shape {value!r} is too large (at most 4096 channels and 4096x4096 pixels)")
+    return dims
+
+
+MAX_IMAGE_SIZE = 1024   # the bundled images are 8x8 and 28x28; larger only costs memory
+
+
 def export_dataset(name: str, split: str, output: str | os.PathLike, *, image_size: int | None = None,
                    limit: int | None = None) -> dict:
     """`qgraph data export`: write a bundled dataset split as a user data file (input + labels)."""
-    from qgraph.models.datasets import load_dataset, save_npz
-    check_output_path(output)
+    from qgraph.models.datasets import DATASETS, SPLITS, encode_npz, load_dataset
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    check_value(image_size, Annotated[int, Range(1, MAX_IMAGE_SIZE)] | None, "--image-size")
+    check_value(limit, Count | None, "--limit")
+    check_outputs({"-o": output})
     data = load_dataset(name, split, image_size=image_size)
     if limit is not None:
         data = {k: v[:limit] for k, v in data.items()}
-    save_npz(data, output)
+    write_files({output: encode_npz(data)})
     return {k: v.shape for k, v in data.items()}
 
 
 def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, output: str | os.PathLike, *,
-               val_path: str | None = None, workdir: str | None = None, **options) -> list[dict]:
+               val_path: str | None = None, workdir: str | None = None, resume: bool = False,
+               progress: bool = True, threads: int = 0, **options) -> list[dict]:
     """`qgraph train`: checks first, then ORT training, then an atomic save of the QDQ/float result.
 
-    Checkpoints go to `workdir` (default `<output>.work/` beside the output) every epoch.
+    Checkpoints go to `workdir` (default `<output>.work/` beside the output) every epoch; it
+    stays after success (for --resume and history.json) and after a failure that left a
+    completed epoch; otherwise a failed run removes what it created.
     """
-    from qgraph.train import train_model
-    check_output_path(output, model_path)
+    from qgraph.train import BUILTIN_LOSSES, TrainConfig, train_model
+    from qgraph.workdir import HISTORY, Workdir
+    config = TrainConfig(**options)
+    loss_file = None if config.loss in BUILTIN_LOSSES else config.loss
+    reads = {"model": model_path, "--data": data_path, "--val": val_path, "--loss": loss_file}
+    if loss_file:
+        check_input_file(loss_file, "loss graph", ConfigError)
+    check_outputs({"-o": output}, reads)
     model = load_model(model_path)
-    train = load_data(data_path, model, need_labels=True)
+    train = load_data(data_path, model, need_labels=config.loss in BUILTIN_LOSSES)
     val = load_data(val_path, model, need_labels=True) if val_path else None
     workdir = Path(workdir) if workdir else Path(str(output) + ".work")
-    workdir.mkdir(parents=True, exist_ok=True)
-    trained, history = train_model(model, train, val, workdir=workdir, **options)
-    save_model(trained, output, input_path=model_path)
-    write_json(workdir / "history.json", history)
+    with Workdir.open(workdir, reads, {"-o": output}) as wd:
+        trained, history = train_model(model, train, val, workdir=wd, config=config, resume=resume,
+                                       progress=progress, threads=threads)
+        write_files({output: model_bytes(trained), wd.path / HISTORY: json_bytes(history)})
     return history
 
 
 def lower_file(model_path: str | os.PathLike, target: str, output: str | os.PathLike,
                *, report_path: str | None = None) -> dict:
     """`qgraph lower`: QDQ model -> integer ops for `target`, saved atomically."""
-    from qgraph.lowering import lower_model
-    check_output_path(output, model_path)
-    lowered, report = lower_model(load_model(model_path), target)
-    save_model(lowered, output, input_path=model_path)
+    from qgraph.lowering import TARGETS, lower_model
+    if target not in TARGETS:
+        raise ConfigError(f"unknown lowering target {target!r}; valid targets: {', '.join(TARGETS)}")
+    check_outputs({"-o": output, "--report": report_path}, {"model": model_path})
+    model = load_model(model_path)
+    _check_lowerable(model, model_path)
+    lowered, report = lower_model(model, target)
+    payloads = {output: model_bytes(lowered)}
     if report_path:
-        write_json(report_path, report)
+        payloads[report_path] = json_bytes(report)
+    write_files(payloads)
     return report
+
+
+def _check_lowerable(model: onnx.ModelProto, path) -> None:
+    """Lowering needs QDQ pairs; an uncalibrated qgraph model lowers, with a warning."""
+    from qgraph.describe import integer_ops, qdq_pairs
+    if not qdq_pairs(model):
+        if integer_ops(model):
+            raise ModelError(f"{path}: holds no QuantizeLinear/DequantizeLinear pairs but {integer_ops(model)} "
+                             "integer ops: it is already lowered; lower its QDQ source instead")
+        raise ModelError(f"{path}: holds no QuantizeLinear/DequantizeLinear pairs, so there is nothing to lower; "
+                         "quantize it first (qgraph passes run MODEL --pipeline ptq --data calib.npz -o q.onnx)")
+    if get_annotation(model, CALIBRATED) is False:
+        log.warning("%s: its quantizers were never calibrated (activation ranges are the defaults [-1, 1]); "
+                    "run calibrate before lowering for a usable model", path)
 
 
 def diff_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, against: str | None = None,
@@ -112,14 +188,15 @@ def diff_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, ag
               limit: int | None = None):
     """`qgraph diff`: ORT vs the reference interpreter (and vs `against`) on the data file."""
     from qgraph.diff import diff_models
-    if json_path:
-        check_output_path(json_path, model_path)
+    check_value(batch_size, BatchSize, "--batch-size")
+    check_value(limit, Count | None, "--limit")
+    check_outputs({"--json": json_path}, {"model": model_path, "--data": data_path, "--against": against})
     model = load_model(model_path, convert_opset=False)
     data = load_data(data_path, model)
-    other = load_model(against, convert_opset=False) if against else None
+    other = load_model(against, convert_opset=False, what="--against model") if against else None
     report = diff_models(model, data, other, per_layer, batch_size=batch_size, limit=limit)
     if json_path:
-        write_json(json_path, report.as_dict())
+        write_files({json_path: json_bytes(report.as_dict())})
     return report
 
 

@@ -2,24 +2,94 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 
 import click
 
 from qgraph.errors import QGraphError
 
+DEBUG_ENV = "QGRAPH_DEBUG"   # set to 1 to see the traceback of an unexpected error
+
 
 class _Group(click.Group):
-    """Turns every QGraphError into one line on stderr and exit code 2."""
+    """Every failure is one `error:` line on stderr and exit code 2: qgraph's own errors,
+    click's usage errors, and (as a last resort, naming itself a bug) anything unexpected."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            _fail(_click_message(exc))
+        except click.exceptions.Abort:
+            _fail("aborted")
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except QGraphError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            _fail("out of memory; use less data per batch (--batch-size) or a smaller model")
+        except OSError as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            _fail(f"{where}{reason}")
+        except Exception as exc:  # noqa: BLE001 - the promise is one line, never a traceback
+            if os.environ.get(DEBUG_ENV):
+                raise
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _fail(f"internal error ({type(exc).__name__}: {text}); this is a qgraph bug: please report it "
+                  f"with the command and files (rerun with {DEBUG_ENV}=1 for the traceback)")
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the *current* sys.stderr (click's test runner swaps it per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never fail a command
+            self.handleError(record)
+
+
+def _log_warnings_to_stderr() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    """One line: messages from ORT or the ONNX checker may span several."""
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
+
+
+def _click_message(exc: click.ClickException) -> str:
+    message = " ".join(exc.format_message().split())
+    if isinstance(exc, click.UsageError) and exc.ctx is not None:
+        message += f" (see '{exc.ctx.command_path} --help')"
+    return message
 
 
 @click.group(cls=_Group)
@@ -31,7 +101,7 @@ def main():
     Example:
       qgraph passes run model.onnx --pipeline qat.yaml --data calib.npz -o prepared.onnx
     """
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
+    _log_warnings_to_stderr()
 
 
 @main.group()
@@ -40,13 +110,13 @@ def passes():
 
 
 @passes.command("run")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--pipeline", "pipeline_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("model", type=click.Path())
+@click.option("--pipeline", "pipeline_path", required=True, type=click.Path(),
               help="Pipeline YAML, or a bundled name: float, ptq, qat.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output model.")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="Calibration data .npz.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output model.")
+@click.option("--data", "data_path", type=click.Path(), help="Calibration data .npz.")
 @click.option("--verify", is_flag=True, help="Check every output-preserving pass on sample data.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--batch-size", default=64, show_default=True, help="Calibration batch size.")
 @click.option("-v", "--verbose", is_flag=True, help="Say why each pass skipped what it skipped.")
 def passes_run(model, pipeline_path, output, data_path, verify, report_path, batch_size, verbose):
@@ -79,7 +149,7 @@ def passes_list():
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(model, as_json):
     """Show opset, inputs/outputs, op histogram, parameters, annotations and QDQ pairs.
@@ -95,11 +165,11 @@ def inspect(model, as_json):
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("model", type=click.Path())
+@click.option("--data", "data_path", required=True, type=click.Path(),
               help="Training data .npz (input names + labels).")
-@click.option("--val", "val_path", type=click.Path(dir_okay=False), help="Validation data .npz.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained model.")
+@click.option("--val", "val_path", type=click.Path(), help="Validation data .npz.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Trained model.")
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate.")
 @click.option("--batch-size", default=64, show_default=True)
@@ -115,7 +185,7 @@ def inspect(model, as_json):
 @click.option("--train-activation-scales", "train_act", is_flag=True,
               help="With --learn-scales: train activation scales too, even if calibration fixed them.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False), help="Checkpoints (default OUTPUT.work/).")
+@click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
@@ -141,11 +211,11 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--target", type=click.Choice(["qlinear", "integer"]), default="qlinear", show_default=True,
               help="qlinear: ORT QLinear* ops; integer: integer-only arithmetic.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Lowered model.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Lowered model.")
+@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("-v", "--verbose", is_flag=True, help="List every node left in float, with why.")
 def lower(model, target, output, report_path, verbose):
     """Lower a QDQ MODEL to integer operators for a deployment target.
@@ -164,11 +234,11 @@ def lower(model, target, output, report_path, verbose):
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="Inputs .npz.")
-@click.option("--against", type=click.Path(dir_okay=False), help="Also compare with this model (e.g. the QDQ one).")
+@click.argument("model", type=click.Path())
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Inputs .npz.")
+@click.option("--against", type=click.Path(), help="Also compare with this model (e.g. the QDQ one).")
 @click.option("--per-layer", is_flag=True, help="Compare every intermediate tensor too.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--limit", type=int, help="Use only the first N samples.")
 def diff(model, data_path, against, per_layer, json_path, batch_size, limit):
@@ -191,7 +261,7 @@ def diff(model, data_path, against, per_layer, json_path, batch_size, limit):
 @main.command()
 @click.option("--model", "model_name", default="mobilenetv2", show_default=True,
               help="Bundled builder: lenet, resnet, mobilenetv2, repvgg, mlp.")
-@click.option("--out", "out_dir", default="qgraph-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="qgraph-demo", show_default=True, type=click.Path(),
               help="Work folder for every stage's files.")
 @click.option("--quick", is_flag=True, help="Smaller images, less data, fewer epochs (for CI).")
 @click.option("--seed", default=0, show_default=True)
@@ -215,7 +285,7 @@ def models():
 
 @models.command("build")
 @click.argument("name")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--input-shape", default="1,28,28", show_default=True, help="C,H,W of the input.")
 @click.option("--width", type=int, help="Base channel width (builder default if omitted).")
 @click.option("--classes", "num_classes", default=10, show_default=True)
@@ -228,8 +298,7 @@ def models_build(name, output, input_shape, width, num_classes, seed):
       qgraph models build resnet -o resnet.onnx
     """
     from qgraph.api import build_model_file
-    shape = tuple(int(v) for v in input_shape.split(","))
-    build_model_file(name, output, input_shape=shape, width=width, num_classes=num_classes, seed=seed)
+    build_model_file(name, output, input_shape=input_shape, width=width, num_classes=num_classes, seed=seed)
     click.echo(f"wrote {output}")
 
 
@@ -241,7 +310,7 @@ def data():
 @data.command("export")
 @click.argument("name")
 @click.option("--split", default="train", show_default=True, help="train, val or all.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--image-size", type=int, help="Resize images to this size (e.g. 14).")
 @click.option("--limit", type=int, help="Keep only the first N samples.")
 def data_export(name, split, output, image_size, limit):

@@ -11,12 +11,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import onnx
 
 from qgraph.api import bundled_pipeline, lower_file, run_passes, train_file
+from qgraph.errors import ConfigError
+from qgraph.schema import Range, check_value
 from qgraph.files import atomic_write_bytes, write_json
 from qgraph.model_io import load_model, save_model
 from qgraph.runner import Runner, top1_accuracy
@@ -64,8 +66,7 @@ def run_demo(model_name: str = "mobilenetv2", out_dir: str | Path = "qgraph-demo
     from qgraph.models.datasets import load_dataset, save_npz
 
     plan = DemoPlan.for_mode(quick)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _demo_folder(model_name, out_dir, seed)
     started = time.perf_counter()
 
     def step(text: str) -> None:
@@ -117,6 +118,26 @@ def run_demo(model_name: str = "mobilenetv2", out_dir: str | Path = "qgraph-demo
     step(f"done: {out / 'results.json'}, {out / 'report.md'}")
     echo(table)
     return result
+
+
+DEMO_MODELS = ("lenet", "resnet", "mobilenetv2", "repvgg", "mlp")
+
+
+def _demo_folder(model_name: str, out_dir, seed: int) -> Path:
+    """Check the arguments before anything is written, then create the work folder."""
+    if model_name not in DEMO_MODELS:
+        raise ConfigError(f"--model {model_name!r} is not a bundled demo model; choose one of: {', '.join(DEMO_MODELS)}")
+    check_value(seed, Annotated[int, Range(0, 2**32 - 1)], "--seed")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out exists and is not a folder; give a folder for the demo's files")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out}: the folder {out.parent} of --out does not exist; create it first")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create the demo folder ({exc.strerror or exc})") from None
+    return out
 
 
 def _head(data: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:

@@ -83,7 +83,7 @@ def _wrong_data(tmp_path):
     ("unknown_pass", "unknown pass 'fuse_everything'"),
     ("bad_param", "no parameter 'fold'"),
     ("bad_yaml", "YAML syntax error"),
-    ("output_is_input", "output path is the input"),
+    ("output_is_input", "would overwrite the model file"),
     ("missing_dir", "does not exist"),
     ("unwritable", "cannot write|not writable"),
     ("wrong_data", "missing input 'input'"),
@@ -193,3 +193,29 @@ def test_pass_warnings_are_shown_without_verbose(tmp_path, small_cnn_file, small
     pipeline.write_text("passes:\n  - insert_qdq: {rules: [{name: no_such_node, skip: true}]}\n")
     result = invoke("passes", "run", small_cnn_file, "--pipeline", pipeline, "-o", tmp_path / "o.onnx")
     assert result.exit_code == 0 and "warning:" in result.output and "no_such_node" in result.output
+
+
+def test_lowering_an_uncalibrated_model_warns(tmp_path, small_cnn_file):
+    pipeline = tmp_path / "q.yaml"
+    pipeline.write_text("passes: [canonicalize, insert_qdq]\n")
+    assert invoke("passes", "run", small_cnn_file, "--pipeline", pipeline, "-o", tmp_path / "q.onnx").exit_code == 0
+    result = invoke("lower", tmp_path / "q.onnx", "-o", tmp_path / "low.onnx")
+    assert result.exit_code == 0 and "never calibrated" in result.stderr
+
+
+def test_a_bundled_pipeline_name_wins_over_a_folder_of_that_name(tmp_path, small_cnn_file, small_data_file,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ptq").mkdir()
+    result = invoke("passes", "run", small_cnn_file, "--pipeline", "ptq", "--data", small_data_file,
+                    "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "calibrate" in result.output
+
+
+def test_a_failed_train_leaves_no_work_folder(tmp_path, small_cnn_file, small_data_file):
+    """Regression: OUTPUT.work/ (with artifacts/) stayed after every train error past data loading."""
+    result = invoke("train", small_cnn_file, "--data", small_data_file, "--quiet", "--lr", "1e6", "--epochs", "5",
+                    "--batch-size", "2", "--optimizer", "sgd", "--momentum", "0", "-o", tmp_path / "t.onnx")
+    assert result.exit_code == 2 and "training loss is" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "small.onnx"]
