@@ -3,18 +3,21 @@
 Keys are namespaced `qgraph.<name>`; values are JSON whose shape `SCHEMAS` gives. One API
 for ModelProto and QModel. `check_annotations` validates every qgraph key of a model (run
 by `load_model`), so a corrupt or hand-edited annotation is one error naming the key, not a
-failure deep inside a pass.
+failure deep inside a pass. `QuantizerRecord` is the typed form of one `qgraph.quantizers` entry.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from typing import Any
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Annotated, Any, Literal
 
 import onnx
 
 from qgraph.errors import ConfigError, ModelError
-from qgraph.schema import check_value
+from qgraph.schema import Range, check_value
 
 PREFIX = "qgraph."
 NONNEGATIVE = "nonnegative"          # tensors whose quantizer covers only [0, max]
@@ -30,20 +33,92 @@ SCHEMAS: dict[str, Any] = {
     NONNEGATIVE: list[str],
     FIX_ACTIVATIONS: bool,
     CALIBRATED: bool,
-    QUANTIZERS: dict[str, dict],
+    QUANTIZERS: dict[str, dict],         # each value a QuantizerRecord, checked field by field
     QUANT_ALIASES: dict[str, str],
     FORWARD_FUSED_BN: dict[str, dict],
     FROZEN: list[str],
     TRAINING_FORM: dict,
 }
 
-# the fields every quantizer record has (insert_qdq writes them; calibrate, fakequant and
-# the trainer read them)
-QUANTIZER_FIELDS: dict[str, Any] = {
-    "kind": str, "tensor": str, "bits": int, "signed": bool, "symmetric": bool, "narrow_range": bool,
-    "pow2": bool, "per_channel": bool, "axis": int | None, "qmin": int, "qmax": int, "observer": str,
-    "nonnegative": bool, "quantize": str, "dequantize": str, "clip": str | None,
-}
+
+@dataclass
+class QuantizerRecord:
+    """One quantizer that insert_qdq placed, as `qgraph.quantizers` stores it (keyed by the
+    float tensor it quantizes): its grid, how calibration measures it, and the names of its
+    nodes and parameters. calibrate, fakequant and the trainer read it; nothing reads it as a
+    loose dict. Fields with defaults may be absent in the annotation (weights have no observer
+    options); any other missing or unknown field is an error naming it."""
+
+    kind: Literal["weight", "activation"]
+    tensor: str                      # the float tensor (renamed when it was a graph output)
+    node: str                        # the node whose config placed it
+    bits: Annotated[int, Range(2, 8)]
+    signed: bool
+    symmetric: bool
+    narrow_range: bool
+    pow2: bool
+    per_channel: bool
+    axis: int | None
+    qmin: int
+    qmax: int
+    observer: str
+    nonnegative: bool
+    quantize: str = ""               # QuantizeLinear node
+    dequantize: str = ""             # DequantizeLinear node
+    clip: str | None = None          # the Clip before a sub-8-bit activation pair
+    scale: str = ""                  # scale initializer (shared by Q and DQ)
+    zero_point: str = ""
+    averaging_constant: float | None = None
+    percentile: float | None = None
+    bins: int | None = None
+    fixed_range: list[float] | None = None
+    range_cap: float | None = None   # a non-negative tensor read only by Clip(0, m): max m
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        """The keywords of quant.scale_zero_point for this quantizer's grid."""
+        return {"bits": self.bits, "signed": self.signed, "symmetric": self.symmetric,
+                "narrow_range": self.narrow_range, "pow2": self.pow2}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, tensor: str, raw: Any) -> "QuantizerRecord":
+        """A record from its annotation form; AnnotationError names the tensor and the field."""
+        where = f"metadata '{PREFIX}{QUANTIZERS}' record of tensor '{tensor}'"
+        if not isinstance(raw, dict):
+            raise AnnotationError(f"{where} must be a mapping, got {raw!r}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise AnnotationError(f"{where} has an unknown field '{unknown[0]}'{_nearest(unknown[0], known)}; "
+                                  "re-run insert_qdq on the float model")
+        missing = [name for name, f in known.items() if name not in raw and f.default is MISSING]
+        if missing:
+            raise AnnotationError(f"{where} lacks the field '{missing[0]}'; re-run insert_qdq on the float model")
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for name, value in raw.items():
+            try:
+                check_value(value, hints[name], f"{where} field '{name}'")
+            except ConfigError as exc:
+                raise AnnotationError(f"{exc}; re-run insert_qdq on the float model") from None
+        return cls(**raw)
+
+
+def read_quantizers(model) -> dict[str, QuantizerRecord]:
+    """The `qgraph.quantizers` annotation as records (empty when insert_qdq never ran)."""
+    raw = get_annotation(model, QUANTIZERS, {}) or {}
+    return {tensor: QuantizerRecord.from_dict(tensor, record) for tensor, record in raw.items()}
+
+
+def write_quantizers(model, records: dict[str, QuantizerRecord]) -> None:
+    set_annotation(model, QUANTIZERS, {tensor: r.to_dict() for tensor, r in records.items()} or None)
+
+
+def _nearest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class AnnotationError(ModelError):
@@ -106,20 +181,7 @@ def _decode(key: str, raw: str) -> Any:
             raise AnnotationError(f"{exc}; remove it or re-run the pass that writes it") from None
     if key == QUANTIZERS and value:
         for tensor, record in value.items():
-            check_quantizer_record(tensor, record)
+            QuantizerRecord.from_dict(tensor, record)
     return value
 
 
-def check_quantizer_record(tensor: str, record: dict) -> None:
-    """AnnotationError naming the tensor and the field when a record lacks a field or holds a wrong type."""
-    where = f"metadata '{PREFIX}{QUANTIZERS}' record of tensor '{tensor}'"
-    missing = [field for field in QUANTIZER_FIELDS if field not in record]
-    if missing:
-        raise AnnotationError(f"{where} lacks the field '{missing[0]}'; re-run insert_qdq on the float model")
-    for field, hint in QUANTIZER_FIELDS.items():
-        try:
-            check_value(record[field], hint, f"{where} field '{field}'")
-        except ConfigError as exc:
-            raise AnnotationError(f"{exc}; re-run insert_qdq on the float model") from None
-    if record["kind"] not in ("weight", "activation"):
-        raise AnnotationError(f"{where} field 'kind' must be weight or activation, got {record['kind']!r}")

@@ -30,20 +30,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qgraph.annotations import get_annotation, set_annotation
+from qgraph import quant
+from qgraph.annotations import FORWARD_FUSED_BN, TRAINING_FORM, get_annotation, read_quantizers, set_annotation
 from qgraph.errors import TrainError
-from qgraph.passes.insert_qdq import quantizer_records
-from qgraph.quant import dequantize, quantize
+from qgraph.idioms import constant_tensors, constants_as_initializers, rank_map
+from qgraph.model_io import MS_DOMAIN
+from qgraph.quant import quantize
 
-MS_DOMAIN = "com.microsoft"
-TRAINING_FORM = "training_form"   # annotation key holding the pair records
-_SUFFIX = "__fq"                  # prefix of every name this module creates
+_SUFFIX = "__fq"                  # marks every name this module creates
+_TRAINABLE_STORAGE = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+                      onnx.TensorProto.INT16)
 
-# Storage range of each QuantizeLinear output type; the pair saturates exactly there.
-_DTYPE_RANGES = {
-    onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127),
-    onnx.TensorProto.UINT16: (0, 65535), onnx.TensorProto.INT16: (-32768, 32767),
-}
+
+def _storage_range(dtype: int) -> tuple[int, int]:
+    """Where a Q→DQ pair of this ONNX storage type saturates."""
+    return quant.storage_range(helper.tensor_dtype_to_np_dtype(dtype))
 
 
 @dataclass
@@ -58,6 +59,16 @@ class TrainingFormInfo:
     def quantized(self) -> bool:
         return bool(self.pairs)
 
+    @property
+    def float_weights(self) -> list[str]:
+        """The trainable float copies made of stored integer weights."""
+        return [r["x"] for r in self.pairs if r["int_weight"]]
+
+    @property
+    def created_constants(self) -> list[str]:
+        """Initializers the FakeQuant form added (ones, zero points, reshape shapes): never trained."""
+        return [name for r in self.pairs for name in r["created_inits"]]
+
 
 def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
                      freeze_activation_scales: bool = True) -> tuple[onnx.ModelProto, TrainingFormInfo]:
@@ -66,7 +77,7 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
     `learn_scales` makes weight scales trainable, and activation scales too unless
     `freeze_activation_scales`. A model without quantizers comes back as an unchanged copy.
     """
-    model = _with_constants_as_initializers(model)
+    model = constants_as_initializers(model)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consumers = _consumers(graph)
@@ -75,9 +86,9 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
     new_nodes: list[onnx.NodeProto] = []
     removed_inits: set[str] = set()
     handled: set[int] = set()
-    ranks = _ranks(model)
-    constant = _constant_tensors(graph)
-    grids = {r["quantize"]: r for r in quantizer_records(model).values() if r.get("quantize")}
+    ranks = rank_map(model)
+    constant = constant_tensors(model)
+    grids = {r.quantize: r for r in read_quantizers(model).values() if r.quantize}
 
     for index, node in enumerate(graph.node):
         if id(node) in handled:
@@ -203,7 +214,7 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
 
 # --- building the training form --------------------------------------------------------
 
-def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> dict:
+def _pair_record(q, dqs, inits, int_weight, index, grid=None) -> dict:
     """Describe one quantizer: its scale, zero point, axis, storage type and range.
 
     The range is the storage type's, or `grid`'s qmin/qmax (its `qgraph.quantizers` record)."""
@@ -222,7 +233,7 @@ def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> 
                              f"QuantizeLinear's ({scale}); such pairs cannot be trained")
     dtype = (inits[zero_point].data_type if zero_point
              else inits[int_weight].data_type if int_weight else onnx.TensorProto.UINT8)
-    if dtype not in _DTYPE_RANGES:
+    if dtype not in _TRAINABLE_STORAGE:
         raise TrainError(f"{first.op_type} {first.name or first.output[0]}: storage type "
                          f"{onnx.TensorProto.DataType.Name(dtype)} is not trainable (int8/uint8/int16/uint16 are)")
     scale_value = numpy_helper.to_array(inits[scale])
@@ -242,7 +253,7 @@ def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> 
         "channels": int(scale_value.size) if per_channel else None,
         "scale_rank": int(scale_value.ndim),
         "qmin": qmin, "qmax": qmax,
-        "bits": int(grid["bits"]) if grid and grid.get("bits") else int(np.ceil(np.log2(qmax - qmin + 1))),
+        "bits": int(grid.bits) if grid is not None else int(np.ceil(np.log2(qmax - qmin + 1))),
         "dtype": onnx.TensorProto.DataType.Name(dtype).lower(),
         "zero_points": zp_value.reshape(-1).tolist(),
         "int_weight": int_weight,
@@ -250,12 +261,13 @@ def _pair_record(q, dqs, inits, int_weight, index, grid: dict | None = None) -> 
     }
 
 
-def quantizer_grid(node: onnx.NodeProto, dtype: int, grid: dict | None) -> tuple[int, int]:
-    """[qmin, qmax] of a pair: the annotated grid (bits < 8 keep 8-bit storage), else the storage range."""
-    lo, hi = _DTYPE_RANGES[dtype]
-    if grid is None or grid.get("qmin") is None or grid.get("qmax") is None:
+def quantizer_grid(node: onnx.NodeProto, dtype: int, grid) -> tuple[int, int]:
+    """[qmin, qmax] of a pair: the annotated grid (a QuantizerRecord; bits < 8 keep 8-bit
+    storage), else the storage range."""
+    lo, hi = _storage_range(dtype)
+    if grid is None:
         return lo, hi
-    qmin, qmax = int(grid["qmin"]), int(grid["qmax"])
+    qmin, qmax = int(grid.qmin), int(grid.qmax)
     if not lo <= qmin < qmax <= hi:
         raise TrainError(f"{node.op_type} {node.name}: qgraph.quantizers gives the range [{qmin}, {qmax}], "
                          f"which does not fit its {onnx.TensorProto.DataType.Name(dtype).lower()} storage "
@@ -375,11 +387,11 @@ def clamp_narrow_weights(model: onnx.ModelProto, info: TrainingFormInfo) -> list
     `x = W·g` (g per output channel from γ, σ²) is clamped through W. Returns the clamped names.
     """
     narrow = [r for r in info.pairs if r["weight"] and not r["int_weight"]
-              and (r["qmin"], r["qmax"]) != _DTYPE_RANGES[onnx.TensorProto.DataType.Value(r["dtype"].upper())]]
+              and (r["qmin"], r["qmax"]) != _storage_range(onnx.TensorProto.DataType.Value(r["dtype"].upper()))]
     if not narrow:
         return []
     inits = {t.name: t for t in model.graph.initializer}
-    fused = {e["folded_weight"]: e["weight"] for e in (get_annotation(model, "forward_fused_bn", {}) or {}).values()
+    fused = {e["folded_weight"]: e["weight"] for e in (get_annotation(model, FORWARD_FUSED_BN, {}) or {}).values()
              if e.get("folded_weight") and e.get("weight")}
     computed = _evaluate_constants(model, [r["x"] for r in narrow if r["x"] not in inits])
     clamped = []
@@ -410,14 +422,9 @@ def _grid_bounds(record: dict, inits: dict, ndim: int) -> tuple[np.ndarray, np.n
     """Real values of qmin and qmax, shaped to broadcast over the weight."""
     scale = numpy_helper.to_array(inits[record["scale"]]).astype(np.float32).reshape(-1)
     zp = np.asarray(record["zero_points"], np.float32).reshape(-1)
-    shape = [1] * ndim
-    if record["axis"] is not None:
-        shape[record["axis"] % ndim] = -1
-    else:
-        scale, zp = scale[:1], zp[:1]
-    lo = dequantize(np.full(scale.shape, record["qmin"]), scale, zp).reshape(shape)
-    hi = dequantize(np.full(scale.shape, record["qmax"]), scale, zp).reshape(shape)
-    return lo, hi
+    if record["axis"] is None:
+        return quant.grid_bounds(scale[0], zp[0], record["qmin"], record["qmax"])
+    return quant.grid_bounds(scale, zp, record["qmin"], record["qmax"], axis=record["axis"], ndim=ndim)
 
 
 def _evaluate_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
@@ -425,10 +432,9 @@ def _evaluate_constants(model: onnx.ModelProto, names: list[str]) -> dict[str, n
     if not names:
         return {}
     from qgraph.graph import QModel
-    from qgraph.passes.insert_qdq import evaluate_tensors
+    from qgraph.idioms import evaluate_constants
     qmodel = QModel.from_onnx(model)
-    tensors = qmodel.graph.tensors()
-    return evaluate_tensors(qmodel, [tensors[n] for n in names if n in tensors])
+    return evaluate_constants(qmodel, [n for n in names if n in qmodel.tensors()])
 
 
 # --- small helpers --------------------------------------------------------------------
@@ -438,48 +444,6 @@ def _consumers(graph) -> dict[str, list[onnx.NodeProto]]:
     for node in graph.node:
         for name in node.input:
             out.setdefault(name, []).append(node)
-    return out
-
-
-def _constant_tensors(graph) -> set[str]:
-    """Tensors computed from initializers alone (weights, forward-fused BN weights)."""
-    constant = {t.name for t in graph.initializer} | {""}
-    for node in graph.node:
-        if all(name in constant for name in node.input):
-            constant.update(node.output)
-    return constant
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is only a help here; unknown ranks are reported later
-        return ranks
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
-    return ranks
-
-
-def _with_constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which Constant nodes holding a tensor are initializers (trainer parameters)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    kept = []
-    for node in graph.node:
-        value = next((a for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
-            kept.append(node)
-    if len(kept) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept)
     return out
 
 

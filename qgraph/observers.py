@@ -329,10 +329,8 @@ def expected_mse(values: np.ndarray, counts: np.ndarray, rmin: np.ndarray, rmax:
 
 def make_observer(kind: str, *, bits: int = 8, signed: bool = False, symmetric: bool = False,
                   narrow_range: bool = False, pow2: bool = False, nonnegative: bool = False,
-                  averaging_constant: float = 0.01, percentile: float = 99.99, bins: int = 2048,
-                  **_unused) -> Observer:
-    """An activation observer for a quantizer with the given grid (the fields of a
-    `qgraph.quantizers` record can be passed as keywords)."""
+                  averaging_constant: float = 0.01, percentile: float = 99.99, bins: int = 2048) -> Observer:
+    """An activation observer for a quantizer with the given grid and options."""
     if kind == "minmax":
         return MinMaxObserver()
     if kind == "moving_average":

@@ -40,6 +40,15 @@ from qgraph.errors import ConfigError
 __all__ = [
     "qrange",
     "storage_dtype",
+    "storage_range",
+    "dtype_for_range",
+    "UNSIGNED_OFFSET",
+    "int8_as_uint8",
+    "grid_bounds",
+    "requant_multiplier",
+    "bias_scale",
+    "quantize_bias",
+    "INT32_BIAS_RANGE",
     "scale_zero_point",
     "round_half_even",
     "saturate",
@@ -84,12 +93,75 @@ def storage_dtype(signed: bool) -> type:
     return np.int8 if signed else np.uint8
 
 
-def _dtype_for_range(qmin: int, qmax: int) -> type:
+def storage_range(dtype) -> tuple[int, int]:
+    """Saturation range ``(qmin, qmax)`` of an integer storage type (int8, uint8, int16, ...):
+    where QuantizeLinear saturates and where a Q→DQ pair's grid ends."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise ConfigError(f"{dtype.name} is not an integer storage type")
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def dtype_for_range(qmin: int, qmax: int) -> type:
+    """The smallest of uint8, int8 and int32 holding ``[qmin, qmax]``."""
     if qmin >= 0 and qmax <= 255:
         return np.uint8
     if qmin >= -128 and qmax <= 127:
         return np.int8
     return np.int32
+
+
+_dtype_for_range = dtype_for_range
+
+#: int8 code q and uint8 code q + 128 (zero point + 128) stand for the same real value:
+#: ``(q − z)·s == ((q + 128) − (z + 128))·s``, and QuantizeLinear rounds the same way for both.
+UNSIGNED_OFFSET = 128
+
+
+def int8_as_uint8(q) -> np.ndarray:
+    """int8 codes (or zero points) as the uint8 codes of the same real values: q + 128."""
+    return (np.asarray(q).astype(np.int16) + UNSIGNED_OFFSET).astype(np.uint8)
+
+
+def grid_bounds(scale, zero_point, qmin: int, qmax: int, axis: int | None = None, ndim: int = 1):
+    """Real values ``((qmin − z)·s, (qmax − z)·s)`` of a grid's ends, in float32 as
+    DequantizeLinear computes them; per channel along `axis` of an `ndim`-dimensional tensor."""
+    scale = np.asarray(scale, np.float32)
+    zero_point = np.broadcast_to(np.asarray(zero_point), scale.shape)
+    lo = dequantize(np.full(scale.shape, qmin), scale, zero_point)
+    hi = dequantize(np.full(scale.shape, qmax), scale, zero_point)
+    if axis is None or scale.size == 1:
+        return np.float32(lo.reshape(-1)[0]), np.float32(hi.reshape(-1)[0])
+    return _along(lo, ndim, axis), _along(hi, ndim, axis)
+
+
+def requant_multiplier(in_scale, w_scale, out_scale, divisor: int = 1) -> np.ndarray:
+    """The real multiplier ``s_in · s_w / (divisor · s_out)`` of an integer accumulator, in
+    float64 from the float32 scales (the integer target turns it into a fixed-point M0·2^-n with
+    :func:`quantize_multiplier`; ORT's kernels use :func:`ort_requant_multiplier` instead).
+    `w_scale` may be per channel; `divisor` counts the summed terms of an average."""
+    s_in = np.float64(np.asarray(in_scale, np.float32).reshape(-1)[0])
+    s_out = np.float64(np.asarray(out_scale, np.float32).reshape(-1)[0])
+    return s_in * np.asarray(w_scale, np.float32).astype(np.float64) / (int(divisor) * s_out)
+
+
+#: int32 bias range, kept 128 inside int32 so that its float32 clamp bounds are exact.
+INT32_BIAS_RANGE = (-(2**31) + 128, 2**31 - 128)
+
+
+def bias_scale(in_scale, w_scale) -> np.ndarray:
+    """Scale of an int32 bias: ``s_in · s_w`` in float32 (what ORT's QDQ fusion and
+    quantize_static use), per channel when `w_scale` is."""
+    return (np.float32(np.asarray(in_scale, np.float32).reshape(-1)[0])
+            * np.asarray(w_scale, np.float32)).astype(np.float32)
+
+
+def quantize_bias(bias, in_scale, w_scale) -> np.ndarray:
+    """A float bias as int32 at scale ``s_in · s_w`` per output channel (zero point 0)."""
+    bias = np.asarray(bias, np.float32).reshape(-1)
+    scale = np.broadcast_to(bias_scale(in_scale, w_scale), bias.shape)
+    return quantize(bias, scale, 0, INT32_BIAS_RANGE[0], INT32_BIAS_RANGE[1], axis=0, dtype=np.int32)
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:

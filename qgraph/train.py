@@ -58,7 +58,6 @@ from qgraph.workdir import ARTIFACTS, PROGRESS_FILE, Workdir
 
 LABELS = "labels"
 BUILTIN_LOSSES = ("cross_entropy", "mse")
-_STAT_NAME_HINTS = ("running_mean", "running_var", "moving_mean", "moving_variance", "moving_var")
 log = logging.getLogger("qgraph")
 
 
@@ -292,7 +291,8 @@ def _plan(model: onnx.ModelProto, config: TrainConfig) -> _Plan:
     graph = _freeze_bn(training) if config.freeze_bn else training
     bn_stats = [name for node in training.graph.node if node.op_type == "BatchNormalization"
                 for name in node.input[3:5]]
-    trainable, frozen = classify_parameters(graph, info.learned_scales, info.fixed_scales + bn_stats)
+    trainable, frozen = classify_parameters(graph, info.learned_scales,
+                                            info.fixed_scales + info.created_constants + bn_stats)
     if not trainable:
         raise TrainError("model has no trainable parameters (no float weight/bias initializers); "
                          "training needs weights stored as initializers")
@@ -320,73 +320,39 @@ def _output_dims(model: onnx.ModelProto) -> list:
 
 def classify_parameters(model: onnx.ModelProto, learned_scales: list[str] = (),
                         fixed: list[str] = ()) -> tuple[list[str], list[str]]:
-    """Split the used initializers into (trainable, frozen).
+    """Split the used initializers into (trainable, frozen), from what the graph and its
+    rewrites say, never from names.
 
-    Trainable: float tensors of more than one element feeding the computation — weights,
-    biases, BN γ/β — and the learned scales. Frozen: `fixed`, and everything else — BN running
-    statistics (BN inputs 3-4, and in forward-fused BN the tensors under a Sqrt and the
-    subtracted mean, and those listed by fuse_conv_bn's `qgraph.forward_fused_bn`), scalars
-    (eps, clip bounds), fixed scales and zero points, integer tensors (shapes), and names
-    listed in the model's `qgraph.frozen` annotation.
+    Frozen: `fixed` (the training form's fixed scales and the constants it created), the
+    tensors rewrites list in the `qgraph.frozen` annotation (fuse_conv_bn's forward mode lists
+    BN statistics), BatchNormalization's running statistics (inputs 3-4), quantizer parameters
+    (scale and zero point inputs of FakeQuant and com.microsoft ops), non-float tensors
+    (shapes, indices) and scalars (epsilons, clip bounds, exponents: hyper-parameters in an
+    exported graph). Trainable: every other float initializer the graph uses, and the learned
+    scales.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     used = {name for node in graph.node for name in node.input if name in inits}
-    producer = {out: node for node in graph.node for out in node.output}
-    frozen = set(get_annotation(model, "frozen", []) or []) | set(fixed)
-    for entry in (get_annotation(model, "forward_fused_bn", {}) or {}).values():
-        frozen.update(entry.get(key) for key in ("mean", "var") if entry.get(key))
-    constant = set(inits)
-    for node in graph.node:
-        if all(name in constant or not name for name in node.input):
-            constant.update(node.output)
+    frozen = set(get_annotation(model, FROZEN, []) or []) | set(fixed)
     for node in graph.node:
         if node.op_type == "BatchNormalization":
             frozen.update(node.input[3:5])
-        if node.op_type in ("Sqrt", "Reciprocal", "Pow"):
-            frozen.update(_initializer_ancestors(node.input[0], producer, inits, constant))
-        if node.op_type == "Sub" and len(node.input) > 1:
-            subtracted = node.input[1]
-            if subtracted in inits:
-                frozen.add(subtracted)
-            elif subtracted in producer and producer[subtracted].op_type == "Mul":
-                frozen.update(n for n in producer[subtracted].input if n in inits and _is_stat(n))
         if node.op_type == "FakeQuant" or node.domain == "com.microsoft":
             frozen.update(n for n in node.input[1:] if n in inits)
     learned = set(learned_scales)
-    trainable, fixed = [], []
+    trainable, kept = [], []
     for name in sorted(used):
         tensor = inits[name]
         is_float = tensor.data_type == onnx.TensorProto.FLOAT
         size = int(np.prod(tensor.dims)) if tensor.dims else 1
         if name in learned:
             trainable.append(name)
-        elif not is_float or name in frozen or size <= 1 or _is_stat(name) or "__fq" in name and \
-                not name.endswith("__fq_float"):
-            fixed.append(name)
+        elif not is_float or name in frozen or size <= 1:
+            kept.append(name)
         else:
             trainable.append(name)
-    return trainable, fixed
-
-
-def _is_stat(name: str) -> bool:
-    lowered = name.lower()
-    return any(hint in lowered for hint in _STAT_NAME_HINTS)
-
-
-def _initializer_ancestors(name: str, producer: dict, inits: dict, constant: set) -> set[str]:
-    """Initializers that `name` is computed from, if it is computed from initializers alone."""
-    found, stack, seen = set(), [name], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or current not in constant:
-            continue
-        seen.add(current)
-        if current in inits:
-            found.add(current)
-        elif current in producer:
-            stack.extend(producer[current].input)
-    return found
+    return trainable, kept
 
 
 def _bn_inference_form(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ from qgraph.graph import QModel
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
 from qgraph.passes.calibrate import bypassed
-from qgraph.passes.insert_qdq import quantizer_records
+from qgraph.annotations import read_quantizers
 from qgraph.pipeline import PassContext, run_pass
 from qgraph.quant import fake_quantize, scale_zero_point
 from qgraph.runner import run_concatenated, run_model
@@ -37,7 +37,7 @@ def _calibrate(m: QModel, data, batch_size=64, **params):
 
 
 def _qparams(m: QModel, record):
-    q = {n.name: n for n in m.graph.nodes}[record["quantize"]]
+    q = {n.name: n for n in m.graph.nodes}[record.quantize]
     return np.asarray(q.inputs[1].values), np.asarray(q.inputs[2].values)
 
 
@@ -45,20 +45,20 @@ def _qparams(m: QModel, record):
 def test_minmax_scales_equal_numpy_over_all_data(name, data):
     m = _qdq(name)
     float_values = run_concatenated(bypassed(m).to_onnx(), data, 64,
-                                    [t for t, r in quantizer_records(m).items()
-                                     if r["kind"] == "activation" and t != "input"])
+                                    [t for t, r in read_quantizers(m).items()
+                                     if r.kind == "activation" and t != "input"])
     float_values["input"] = data["input"]
     report = _calibrate(m, data, batch_size=50)  # batches that do not divide the data
     assert report["samples"] == 192 and report["batches"] == 4
     assert get_annotation(m, CALIBRATED) is True
-    for t, r in quantizer_records(m).items():
-        if r["kind"] != "activation":
+    for t, r in read_quantizers(m).items():
+        if r.kind != "activation":
             continue
         x = float_values[t].astype(np.float64)
-        if r["nonnegative"]:
-            x = np.clip(x, 0, r["range_cap"] if r["range_cap"] is not None else np.inf)
-        expected = scale_zero_point(x.min(), x.max(), r["bits"], r["signed"], r["symmetric"],
-                                    r["narrow_range"], r["pow2"])
+        if r.nonnegative:
+            x = np.clip(x, 0, r.range_cap if r.range_cap is not None else np.inf)
+        expected = scale_zero_point(x.min(), x.max(), r.bits, r.signed, r.symmetric,
+                                    r.narrow_range, r.pow2)
         scale, zp = _qparams(m, r)
         np.testing.assert_allclose(scale, expected[0], rtol=1e-6, err_msg=t)
         assert int(zp) == int(expected[1]), t
@@ -69,15 +69,15 @@ def test_qdq_in_ort_equals_fake_quantize_and_logits_stay_close(data):
     ref = run_model(m.copy().to_onnx(), data)  # before calibration, to check it changes
     _calibrate(m, data)
     proto = m.to_onnx()
-    records = quantizer_records(m)
+    records = read_quantizers(m)
     nodes = {n.name: n for n in m.graph.nodes}
-    names = [t for t, r in records.items() if r["kind"] == "activation" and t not in ("input", "logits_float")]
-    dq_names = [nodes[records[t]["dequantize"]].outputs[0].name for t in names]
+    names = [t for t, r in records.items() if r.kind == "activation" and t not in ("input", "logits_float")]
+    dq_names = [nodes[records[t].dequantize].outputs[0].name for t in names]
     values = run_model(proto, data, names + dq_names + ["logits"], optimize=False)
     for t, dq in zip(names, dq_names):
         r = records[t]
         scale, zp = _qparams(m, r)
-        expected = fake_quantize(values[t], scale, zp, r["qmin"], r["qmax"])
+        expected = fake_quantize(values[t], scale, zp, r.qmin, r.qmax)
         np.testing.assert_array_equal(values[dq], expected, err_msg=t)
     float_logits = run_model(bypassed(m).to_onnx(), data)["logits"]
     q = values["logits"]
@@ -89,7 +89,7 @@ def test_qdq_in_ort_equals_fake_quantize_and_logits_stay_close(data):
 def test_moving_average_follows_batches(data):
     m = _qdq("mlp", activations={"observer": "moving_average", "averaging_constant": 0.5})
     _calibrate(m, data, batch_size=64)
-    r = quantizer_records(m)["input"]
+    r = read_quantizers(m)["input"]
     lo, hi = None, None
     for start in range(0, 192, 64):
         b = data["input"][start:start + 64]
@@ -120,9 +120,9 @@ def test_forward_fused_weights_are_evaluated_and_fix_activations_flag(data):
     run_pass(folded, "fuse_conv_bn", {"mode": "fold"})
     fold_w = {n.name: n.inputs[1].values for n in folded.graph.nodes if n.op == "Conv"}
     checked = 0
-    for r in quantizer_records(m).values():
-        if r["kind"] == "weight" and r["node"] in fold_w:
-            w = fold_w[r["node"]]
+    for r in read_quantizers(m).values():
+        if r.kind == "weight" and r.node in fold_w:
+            w = fold_w[r.node]
             scale, _ = _qparams(m, r)
             np.testing.assert_allclose(scale, np.abs(w).reshape(len(w), -1).max(1) / 127, rtol=1e-5)
             checked += 1
@@ -132,9 +132,9 @@ def test_forward_fused_weights_are_evaluated_and_fix_activations_flag(data):
 def test_calibrating_twice_gives_the_same_scales(data):
     m = _qdq("lenet")
     _calibrate(m, data)
-    first = {t: _qparams(m, r)[0].copy() for t, r in quantizer_records(m).items()}
+    first = {t: _qparams(m, r)[0].copy() for t, r in read_quantizers(m).items()}
     _calibrate(m, data)
-    for t, r in quantizer_records(m).items():
+    for t, r in read_quantizers(m).items():
         np.testing.assert_array_equal(first[t], _qparams(m, r)[0])
 
 
@@ -142,7 +142,7 @@ def test_constant_tensor_gets_a_valid_scale_and_a_warning():
     m = _qdq("mlp")
     report = _calibrate(m, {"input": np.zeros((8, 1, 28, 28), np.float32)})
     assert any("'input'" in w and "constant" in w for w in report["warnings"])
-    scale, _ = _qparams(m, quantizer_records(m)["input"])
+    scale, _ = _qparams(m, read_quantizers(m)["input"])
     assert np.isfinite(scale) and scale > 0
     assert np.all(np.isfinite(run_model(m.to_onnx(), {"input": np.ones((2, 1, 28, 28), np.float32)})["logits"]))
 
@@ -182,7 +182,7 @@ def test_fixed_range_is_kept(data):
     conv = next(n.name for n in QModel.from_onnx(build_model("lenet")).graph.nodes if n.op == "Conv")
     m = _qdq("lenet", rules=[{"name": conv, "activations": {"fixed_range": [0.0, 2.0]}}])
     report = _calibrate(m, data)
-    r = quantizer_records(m)["input"]
-    assert r["fixed_range"] == [0.0, 2.0] and report["ranges"]["input"] == [0.0, 2.0]
+    r = read_quantizers(m)["input"]
+    assert r.fixed_range == [0.0, 2.0] and report["ranges"]["input"] == [0.0, 2.0]
     scale, zp = _qparams(m, r)
     assert scale == np.float32(2.0 / 255) and int(zp) == 0

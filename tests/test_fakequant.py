@@ -58,6 +58,7 @@ def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int
                   helper.make_node("Add", ["bn.scaled", "bn.bias"], ["conv.bias_fused"])]
         weight, bias = "conv.weight_fused", "conv.bias_fused"
         w = w * (gamma / np.sqrt(var + 1e-5)).astype(np.float32).reshape(C, 1, 1, 1)
+        frozen = ["bn.running_mean", "bn.running_var"]   # what fuse_conv_bn's forward mode records
     w_scale = (np.abs(w).reshape(C, -1).max(1) / 127).astype(np.float32)
     fc_scale = np.float32(np.abs(fw).max() / 127)
     if quant == "qdq":
@@ -94,6 +95,9 @@ def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    if fused_bn:
+        from qgraph.annotations import FROZEN, set_annotation
+        set_annotation(model, FROZEN, frozen)
     onnx.checker.check_model(model)
     return model
 
@@ -216,7 +220,8 @@ def _with_4_bit_weight_grid(model: onnx.ModelProto, qmin: int = -7, qmax: int = 
     dequantize = {n.input[0]: n.name for n in model.graph.node if n.op_type == "DequantizeLinear"}
     quantized = {n.name: n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     set_annotation(model, "quantizers", {
-        name: {"kind": "weight", "tensor": name, "quantize": q, "dequantize": dequantize[quantized[q]], "clip": None,
+        name: {"kind": "weight", "tensor": name, "node": "conv", "quantize": q, "dequantize": dequantize[quantized[q]],
+               "clip": None,
                "bits": 4, "qmin": qmin, "qmax": qmax, "signed": True, "symmetric": True, "narrow_range": True,
                "pow2": False, "per_channel": False, "axis": None, "observer": "minmax", "nonnegative": False}
         for name, q in weight_q.items()})

@@ -11,7 +11,7 @@ from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
-from qgraph.passes.insert_qdq import ALIASES, QUANTIZERS
+from qgraph.annotations import QUANT_ALIASES as ALIASES, read_quantizers
 from qgraph.pipeline import PassContext, run_pass
 from qgraph.quant import qrange
 from qgraph.runner import run_model
@@ -56,7 +56,7 @@ def _through_aliases(model: QModel, tensor):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_quantizable_op_reads_quantized_tensors_and_model_runs(name, prepared, images):
     m, report = _quantize(prepared[name])
-    records = get_annotation(m, QUANTIZERS)
+    records = read_quantizers(m)
     qs = [n for n in m.graph.nodes if n.op == "QuantizeLinear"]
     # one quantizer per tensor: as many Q nodes as records, each on a different tensor
     assert len(qs) == len(records) == report["changed"]
@@ -82,15 +82,15 @@ def test_nonnegative_marks_give_zero_point_zero_and_relu_shares_the_quantizer(pr
     proto = prepared["lenet"]
     marked = set(get_annotation(proto, NONNEGATIVE))
     m, report = _quantize(proto)
-    records = get_annotation(m, QUANTIZERS)
+    records = read_quantizers(m)
     aliases = get_annotation(m, ALIASES)
     nodes = {n.name: n for n in m.graph.nodes}
-    nonneg = [t for t, r in records.items() if r["nonnegative"]]
+    nonneg = [t for t, r in records.items() if r.nonnegative]
     assert nonneg and set(nonneg) <= marked
     for t in nonneg:
-        q = nodes[records[t]["quantize"]]
+        q = nodes[records[t].quantize]
         assert q.inputs[2].values.dtype == np.uint8 and int(q.inputs[2].values) == 0
-        assert (records[t]["qmin"], records[t]["qmax"]) == (0, 255)
+        assert (records[t].qmin, records[t].qmax) == (0, 255)
     relus = [n for n in m.graph.nodes if n.op == "Relu"]
     for relu in relus:  # DQ → Relu, and the Relu's output is an alias of the pair's float tensor
         dq = relu.inputs[0].inputs[0]
@@ -100,8 +100,8 @@ def test_nonnegative_marks_give_zero_point_zero_and_relu_shares_the_quantizer(pr
     assert not any(r.outputs[0].name in records for r in relus)
     # int8 storage of non-negative tensors: zp 0, int8, negative half unused
     m8, _ = _quantize(proto, activations={"nonnegative_storage": "int8"})
-    rec8 = get_annotation(m8, QUANTIZERS)
-    assert all(rec8[t]["signed"] and rec8[t]["symmetric"] for t in nonneg)
+    rec8 = read_quantizers(m8)
+    assert all(rec8[t].signed and rec8[t].symmetric for t in nonneg)
 
 
 def test_rule_priority_on_a_real_model(prepared):
@@ -112,7 +112,7 @@ def test_rule_priority_on_a_real_model(prepared):
         {"name": "stage2.block0.conv1", "weights": {"bits": 6}},
     ]
     m, report = _quantize(proto, weights={"bits": 7}, rules=rules)
-    bits = {r["node"]: r["bits"] for r in get_annotation(m, QUANTIZERS).values() if r["kind"] == "weight"}
+    bits = {r.node: r.bits for r in read_quantizers(m).values() if r.kind == "weight"}
     assert bits["stage2.block0.conv1"] == 6
     assert bits["stage2.block0.conv2"] == 5
     assert bits["stage3.block0.conv1"] == 4
@@ -141,20 +141,20 @@ def test_quantize_output_false_keeps_the_head_float(prepared, images):
     assert m2.graph.outputs[0].name == "logits" and m2.graph.outputs[0].inputs[0].op == "DequantizeLinear"
     # quantize_input false on a node whose producer is quantized changes nothing (HAT's neck)
     m3, _ = _quantize(proto, rules=[{"name": head.name, "quantize_input": False}])
-    assert len(get_annotation(m3, QUANTIZERS)) == len(get_annotation(m2, QUANTIZERS))
+    assert len(read_quantizers(m3)) == len(read_quantizers(m2))
     run_model(m.to_onnx(), {"input": images})
 
 
 def test_four_bit_weights_stay_in_their_range(prepared, images):
     proto = prepared["lenet"]
     m, _ = _quantize(proto, weights={"bits": 4})
-    records = get_annotation(m, QUANTIZERS)
-    weights = {t: r for t, r in records.items() if r["kind"] == "weight"}
+    records = read_quantizers(m)
+    weights = {t: r for t, r in records.items() if r.kind == "weight"}
     qmin, qmax = qrange(4, True, True)
     outs = [f"{t}_quantized" for t in weights]
     values = run_model(m.to_onnx(), {"input": images}, outs)
     for t, r in weights.items():
-        assert (r["qmin"], r["qmax"]) == (qmin, qmax) == (-7, 7)
+        assert (r.qmin, r.qmax) == (qmin, qmax) == (-7, 7)
         q = values[f"{t}_quantized"]
         assert q.dtype == np.int8 and q.min() >= qmin and q.max() <= qmax
         assert q.max() == qmax or q.min() == qmin  # the range is used
@@ -162,14 +162,14 @@ def test_four_bit_weights_stay_in_their_range(prepared, images):
 
 def test_sub_8_bit_activations_get_a_clip(prepared, images):
     m, _ = _quantize(prepared["mlp"], activations={"bits": 4})
-    records = get_annotation(m, QUANTIZERS)
-    acts = [r for r in records.values() if r["kind"] == "activation"]
-    assert acts and all(r["clip"] for r in acts)
+    records = read_quantizers(m)
+    acts = [r for r in records.values() if r.kind == "activation"]
+    assert acts and all(r.clip for r in acts)
     nodes = {n.name: n for n in m.graph.nodes}
-    outs = [nodes[r["quantize"]].outputs[0].name for r in acts]
+    outs = [nodes[r.quantize].outputs[0].name for r in acts]
     values = run_model(m.to_onnx(), {"input": images * 5}, outs)  # beyond the default range
     for r, name in zip(acts, outs):
-        assert values[name].min() >= r["qmin"] and values[name].max() <= r["qmax"]
+        assert values[name].min() >= r.qmin and values[name].max() <= r.qmax
 
 
 def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
@@ -180,7 +180,7 @@ def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
     folded = QModel.from_onnx(build_model("resnet"))
     run_pass(folded, "fuse_conv_bn", {"mode": "fold"})
     run_pass(m, "insert_qdq")
-    records = get_annotation(m, QUANTIZERS)
+    records = read_quantizers(m)
     nodes = {n.name: n for n in m.graph.nodes}
     conv = next(n for n in m.graph.nodes if n.op == "Conv" and n.name in fused)
     dq = conv.inputs[1].inputs[0]
@@ -188,14 +188,14 @@ def test_forward_fused_weight_is_quantized_where_it_is_computed(images):
     w_tensor = dq.inputs[0].inputs[0].inputs[0]
     assert w_tensor.inputs and w_tensor.inputs[0].op != "QuantizeLinear"  # computed in-graph
     record = records[w_tensor.name]
-    assert record["kind"] == "weight" and record["axis"] == 0
+    assert record.kind == "weight" and record.axis == 0
     # the in-graph weight arithmetic (γ/√(σ²+ε), W·s, bias) is not quantized: one pair per layer
-    assert sum(r["kind"] == "weight" for r in records.values()) == 10
-    assert all(r["node"] in {n.name for n in m.graph.nodes if n.op in ("Conv", "Gemm")} for r in records.values()
-               if r["kind"] == "weight")
+    assert sum(r.kind == "weight" for r in records.values()) == 10
+    assert all(r.node in {n.name for n in m.graph.nodes if n.op in ("Conv", "Gemm")} for r in records.values()
+               if r.kind == "weight")
     w_fold = next(n for n in folded.graph.nodes if n.name == conv.name).inputs[1].values
     expected = np.abs(w_fold).reshape(len(w_fold), -1).max(1) / 127
-    np.testing.assert_allclose(nodes[record["quantize"]].inputs[1].values, expected, rtol=1e-5)
+    np.testing.assert_allclose(nodes[record.quantize].inputs[1].values, expected, rtol=1e-5)
     run_model(m.to_onnx(), {"input": images})
 
 

@@ -20,7 +20,7 @@ from qgraph.fakequant import to_training_form
 from qgraph.graph import QModel
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
-from qgraph.passes.insert_qdq import quantizer_records
+from qgraph.annotations import read_quantizers
 from qgraph.pipeline import run_pass
 from qgraph.quant import quantize
 from qgraph.runner import Runner
@@ -63,13 +63,13 @@ def params(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def weight_codes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Each weight quantizer's integer codes as its QuantizeLinear computes them (storage range)."""
-    records = {name: r for name, r in quantizer_records(model).items() if r["kind"] == "weight"}
+    records = {name: r for name, r in read_quantizers(model).items() if r.kind == "weight"}
     values = params(model)
     computed = [name for name in records if name not in values]
     if computed:  # forward-fused weights: evaluate the in-graph BN arithmetic
         values.update(Runner(model, computed, optimize=False).run(
             {"input": np.zeros((1, 1, 8, 8), np.float32)}, computed))
-    return {name: quantize(values[name], values[r["scale"]], values[r["zero_point"]], -128, 127, axis=r["axis"])
+    return {name: quantize(values[name], values[r.scale], values[r.zero_point], -128, 127, axis=r.axis)
             for name, r in records.items()}
 
 
@@ -80,16 +80,16 @@ def prepared(float_resnet, digits):
 
 def test_qat_yaml_quantizes_the_folded_weights_and_stays_close_to_float(float_resnet, prepared, digits):
     _, val = digits
-    records = quantizer_records(prepared)
+    records = read_quantizers(prepared)
     fused = get_annotation(prepared, "forward_fused_bn")
     assert len(fused) == sum(n.op_type == "BatchNormalization" for n in float_resnet.graph.node) == 6
-    weights = {name for name, r in records.items() if r["kind"] == "weight"}
+    weights = {name for name, r in records.items() if r.kind == "weight"}
     assert weights == {e["folded_weight"] for e in fused.values()} | {"head.fc.weight"}
     # BN arithmetic stays float; every weight quantizer is per channel, 8 bit, symmetric narrow
     producers = {o: n for n in prepared.graph.node for o in n.output}
     q_inputs = [n.input[0] for n in prepared.graph.node if n.op_type == "QuantizeLinear"]
     assert not any("/bn_fuse/" in producers[x].name for x in q_inputs if x in producers and x not in weights)
-    assert all((records[w]["qmin"], records[w]["qmax"], records[w]["per_channel"]) == (-127, 127, True)
+    assert all((records[w].qmin, records[w].qmax, records[w].per_channel) == (-127, 127, True)
                for w in weights)
     assert get_annotation(prepared, "fix_activations") is True and get_annotation(prepared, "calibrated") is True
 
@@ -121,9 +121,9 @@ def test_qat_keeps_ptq_accuracy_and_exports_standard_qdq_that_ort_runs(prepared,
             assert not np.array_equal(before[entry[key]], after[entry[key]]), entry[key]
         for key in ("mean", "var"):
             np.testing.assert_array_equal(before[entry[key]], after[entry[key]])
-    for r in quantizer_records(prepared).values():
-        if r["kind"] == "activation":
-            np.testing.assert_array_equal(before[r["scale"]], after[r["scale"]])
+    for r in read_quantizers(prepared).values():
+        if r.kind == "activation":
+            np.testing.assert_array_equal(before[r.scale], after[r.scale])
 
     # constant folding (what lowering starts with) turns the BN arithmetic into plain weights
     folded = QModel.from_onnx(trained)

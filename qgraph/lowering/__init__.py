@@ -13,11 +13,11 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from qgraph.annotations import get_annotation
+from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
+from qgraph.idioms import Declined, name_nodes, skip
 from qgraph.lowering import fold, integer, qlinear
-from qgraph.passes.canonicalize import name_nodes
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer)
@@ -41,12 +41,12 @@ def lower_graph(model: QModel, target: str) -> dict:
     rules = TARGETS[target]
     check_quantizers(model)
     name_nodes(model)  # reports, the region and new node names need unique names
-    forward_bn = len(get_annotation(model, fold.FORWARD_FUSED_BN, {}) or {})
+    forward_bn = len(get_annotation(model, FORWARD_FUSED_BN, {}) or {})
     folded = fold.fold_constants(model)
     check_weight_axes(model)
     unsigned = integer.unsign_activations(model) if target == "integer" else 0
     sunk = fold.sink_dequantize(model)
-    fold.infer_shapes(model)
+    warnings = [w for w in [fold.infer_shapes(model)] if w]
 
     region = quantized_region(model)
     lowered, skipped, absorbed = Counter(), [], set()
@@ -56,13 +56,13 @@ def lower_graph(model: QModel, target: str) -> dict:
             continue
         rule = rules.get(node.op)
         if rule is None:
-            skipped.append({"node": node.name, "reason": f"unsupported op: {node.op} has no {target} lowering"})
+            skipped.append(skip(node, f"unsupported op: {node.op} has no {target} lowering"))
             continue
-        site, reason = match_site(model, node)
-        if site is not None:
-            reason = rule(model, site)
-        if reason is not None:
-            skipped.append({"node": node.name, "reason": reason})
+        try:
+            site = match_site(model, node)
+            rule(model, site)
+        except Declined as declined:
+            skipped.append(skip(node, declined.reason))
             continue
         lowered[node.op] += 1
         absorbed.update(id(n) for n in site.act_nodes)
@@ -70,16 +70,16 @@ def lower_graph(model: QModel, target: str) -> dict:
             lowered[act.op + " (folded)"] += 1
     requantized = _lower_requantize_pairs(model, target)
     model.cleanup()
-    fold.infer_shapes(model)
+    if (failed := fold.infer_shapes(model)) is not None:
+        warnings.append(failed + "; unknown types count as float in the integer-only check")
 
-    warnings = []
     region = quantized_region(model)
     float_left = [n.name for n in integer.float_nodes(model) if n.name in region] if target == "integer" else []
     if float_left:
         warnings.append(f"{len(float_left)} float node(s) remain inside the integer region: "
                         + ", ".join(float_left[:8]) + (" …" if len(float_left) > 8 else ""))
-    outside = [{"node": n.name, "reason": "outside the quantized region: no quantizer on its input or output "
-                "(a skip / quantize_output: false rule, or float pre/post-processing)"}
+    outside = [skip(n, "outside the quantized region: no quantizer on its input or output "
+                    "(a skip / quantize_output: false rule, or float pre/post-processing)")
                for n in model.graph.nodes
                if n.op not in QUANTIZERS and n.name not in region and not _integer_node(n)]
     changed = sum(lowered.values())

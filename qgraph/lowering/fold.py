@@ -17,23 +17,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qgraph.annotations import get_annotation, set_annotation
+from qgraph.annotations import FORWARD_FUSED_BN, get_annotation, set_annotation
 from qgraph.graph import QModel
+from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, Declined, clip_bounds, constant_tensors, evaluate_constants,
+                           is_range_preserving, lift_constant_nodes)
 from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer, var
-
-FORWARD_FUSED_BN = "forward_fused_bn"
-
-#: Ops where ``op(DQ(q)) == DQ(op(q))`` for a per-tensor quantizer (they move or select values;
-#: Relu and Clip too when their bounds lie on the grid, see :func:`grid_clamp`).
-COMMUTING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                 "Dropout", "Resize")
 
 
 def fold_constants(model: QModel) -> int:
     """Evaluate constant subgraphs once with ORT (onnx-graphsurgeon never folds Q/DQ), keeping each
     DequantizeLinear of a constant that a non-constant node reads — the quantized weights and
     biases; returns the number of nodes removed."""
-    _lift_constant_nodes(model)
+    lift_constant_nodes(model)
     model.cleanup()
     before = len(model.graph.nodes)
     constant, kept = _constant_tensors(model)
@@ -51,7 +46,7 @@ def fold_constants(model: QModel) -> int:
         if id(t) in constant and not isinstance(t, gs.Constant):
             targets[t.name] = t
     if targets:
-        values = _evaluate(model, list(targets))
+        values = evaluate_constants(model, list(targets))
         for name, tensor in targets.items():
             tensor.inputs.clear()  # detach the producer, or cleanup would keep the subgraph
             tensor.to_constant(np.asarray(values[name]))
@@ -62,17 +57,16 @@ def fold_constants(model: QModel) -> int:
 
 
 def _constant_tensors(model: QModel) -> tuple[set[int], set[int]]:
-    """ids of tensors computable from initializers only, and ids of the DequantizeLinear nodes
-    that stay: computed from constants, read by a non-constant node or the graph output."""
-    constant: set[int] = set()
+    """ids of tensors computable from initializers only (idioms.constant_tensors), and ids of
+    the DequantizeLinear nodes that stay: computed from constants, read by a non-constant node
+    or the graph output."""
+    model.graph.toposort()
+    names = constant_tensors(model)
+    constant = {id(t) for name, t in model.tensors().items() if name in names and not isinstance(t, gs.Constant)}
 
     def is_const(t) -> bool:
         return isinstance(t, gs.Constant) or id(t) in constant or not t.name
 
-    model.graph.toposort()
-    for node in model.graph.nodes:
-        if node.inputs and all(is_const(t) for t in node.inputs):
-            constant.update(id(t) for t in node.outputs)
     kept = set()
     for node in model.graph.nodes:
         if node.op != DEQUANTIZE or id(node.outputs[0]) not in constant:
@@ -86,61 +80,12 @@ def _constant_tensors(model: QModel) -> tuple[set[int], set[int]]:
     return constant, kept
 
 
-def _evaluate(model: QModel, names: list[str]) -> dict[str, np.ndarray]:
-    """Values of constant tensors `names`, computed by ORT on the subgraph that produces them."""
-    from qgraph.runner import run_model
-    graph = model.graph.copy()
-    tensors = graph.tensors()
-    graph.outputs = [tensors[n] for n in names]
-    graph.inputs = []
-    graph.cleanup()
-    proto = gs.export_onnx(graph, do_type_check=False)
-    proto.ir_version = model.ir_version
-    proto = onnx.shape_inference.infer_shapes(proto)
-    return run_model(proto, {}, names, optimize=False)
-
-
-def _lift_constant_nodes(model: QModel) -> None:
-    for node in list(model.graph.nodes):
-        if node.op != "Constant" or "value" not in node.attrs or not node.outputs:
-            continue
-        out = node.outputs[0]
-        if model.is_graph_output(out):
-            continue
-        value = node.attrs["value"]
-        c = gs.Constant(out.name + "__const", np.asarray(value.values if isinstance(value, gs.Constant) else value))
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = c
-        node.outputs.clear()
-
-
-def commutes_with_dequantize(model: QModel, node: gs.Node) -> bool:
-    if node.op not in COMMUTING_OPS:
-        return False
-    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
-        return False
-    if node.op == "MaxPool" and len([t for t in node.outputs if t.name]) > 1:
-        return False
-    if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
-        return False
-    return all(model.constant_value(t) is not None for t in node.inputs[1:] if t.name)
-
-
 def grid_clamp(model: QModel, node: gs.Node, q) -> tuple[int, int] | None:
     """Integer bounds ``(a, b)`` with ``clip(DQ(x), lo, hi) == DQ(clip(x, a, b))`` for a Relu/Clip,
     or None when a bound lies strictly inside the grid's range but off the grid (not exact)."""
-    if node.op == "Relu":
-        bounds = [0.0, np.inf]
-    elif node.op == "Clip":
-        bounds = []
-        for i, default in ((1, -np.inf), (2, np.inf)):
-            v = model.constant_value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name else default
-            if v is None:
-                return None
-            bounds.append(float(v))
-    else:
+    try:
+        bounds = list(clip_bounds(node))
+    except Declined:
         return None
     ints = []
     for bound, end in zip(bounds, (q.qmin, q.qmax)):
@@ -165,7 +110,7 @@ def sink_dequantize(model: QModel) -> set[str]:
     sunk: set[str] = set()
     model.graph.toposort()
     for node in list(model.graph.nodes):
-        if not node.inputs or node.op not in COMMUTING_OPS + ("Relu", "Clip"):
+        if not node.inputs or node.op not in RANGE_PRESERVING + CLAMPS:
             continue
         dq = model.producer(node.inputs[0])
         if dq is None or dq.op != DEQUANTIZE:
@@ -176,9 +121,8 @@ def sink_dequantize(model: QModel) -> set[str]:
         out = node.outputs[0]
         if len(out.outputs) == 1 and out.outputs[0].op == QUANTIZE and not model.is_graph_output(out):
             continue  # a site: the target lowers it with its requantization
-        clamp = grid_clamp(model, node, q) if node.op in ("Relu", "Clip") else None
-        if node.op in ("Relu", "Clip") and clamp is None or node.op not in ("Relu", "Clip") \
-                and not commutes_with_dequantize(model, node):
+        clamp = grid_clamp(model, node, q) if node.op in CLAMPS else None
+        if node.op in CLAMPS and clamp is None or node.op not in CLAMPS and not is_range_preserving(node):
             continue
         qin = dq.inputs[0]
         qout = var(model, out.name + "_q", q.dtype)
@@ -197,12 +141,15 @@ def sink_dequantize(model: QModel) -> set[str]:
     return sunk
 
 
-def infer_shapes(model: QModel) -> None:
-    """Run ONNX shape inference and take the inferred dtypes/shapes into the gs graph."""
+def infer_shapes(model: QModel) -> str | None:
+    """Run ONNX shape inference and take the inferred dtypes/shapes into the gs graph; returns
+    why it failed (rules needing shapes then decline, and the integer check counts unknown
+    types as float), or None."""
     proto = model.to_onnx()
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # inference is a help here, not a requirement
-        return
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, never silent
+        return f"shape inference failed ({str(exc).strip().splitlines()[0][:200]})"
     model.graph = gs.import_onnx(proto)
     model.cleanup()
+    return None

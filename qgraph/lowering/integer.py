@@ -31,9 +31,10 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from qgraph import quant
-from qgraph.quant import shared_shift_multipliers
 from qgraph.graph import QModel
+from qgraph.idioms import Declined
 from qgraph.lowering import qlinear
+from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, const, finish_site,
                                       read_quantizer, var)
 
@@ -92,8 +93,7 @@ def emit_centered(model: QModel, x: QInput, name: str, dtype=np.int32) -> gs.Ten
 def requantize_integer(model: QModel, x: QInput, out_q: Quantizer, out: gs.Tensor, name: str) -> None:
     """Change grids with integers only: ``(x − zx) · s_x/s_y`` in fixed point, plus zp_y."""
     acc = emit_centered(model, x, name)
-    ratio = np.float64(x.quantizer.scalar_scale()) / np.float64(out_q.scalar_scale())
-    emit_requantize(model, acc, ratio, out_q, out, name)
+    emit_requantize(model, acc, quant.requant_multiplier(x.quantizer.scale, 1.0, out_q.scale), out_q, out, name)
 
 
 # -- preparation -------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def unsign_activations(model: QModel) -> int:
         readers = list(out.outputs)
         if any(r.op != DEQUANTIZE for r in readers):
             continue
-        zp = const(model, f"{out.name}_zero_point_u8", (q.zero_point.astype(np.int16) + 128).astype(np.uint8))
+        zp = const(model, f"{out.name}_zero_point_u8", quant.int8_as_uint8(q.zero_point))
         for n in [node, *readers]:
             n.inputs[2] = zp
         out.dtype = np.uint8
@@ -121,12 +121,11 @@ def unsign_activations(model: QModel) -> int:
 
 # -- rules -------------------------------------------------------------------------------------
 
-def _uint8_activation(site: Site, i: int) -> QInput | str:
+def _uint8_activation(site: Site, i: int) -> QInput:
     x = qlinear.activation(site, i)
-    if isinstance(x, str):
-        return x
     if x.quantizer.dtype != np.uint8:
-        return f"input '{x.tensor.name}' is {x.quantizer.dtype.name}; the integer target stores activations as uint8"
+        raise Declined(f"input '{x.tensor.name}' is {x.quantizer.dtype.name}; the integer target stores "
+                       "activations as uint8")
     return x
 
 
@@ -140,28 +139,21 @@ def _add_bias(model: QModel, acc: gs.Tensor, bias, channel_shape, name: str) -> 
 
 
 def _weight_multiplier(x: QInput, w: QInput, out_q: Quantizer) -> np.ndarray:
-    return (np.float64(x.quantizer.scalar_scale()) * w.quantizer.scale.astype(np.float64)
-            / np.float64(out_q.scalar_scale()))
+    return quant.requant_multiplier(x.quantizer.scale, w.quantizer.scale, out_q.scale)
 
 
-def lower_conv(model: QModel, site: Site) -> str | None:
+def lower_conv(model: QModel, site: Site) -> None:
     node = site.node
     x, w = _uint8_activation(site, 0), qlinear.weight(site, 1)
-    for v in (x, w):
-        if isinstance(v, str):
-            return v
     wzp = np.unique(w.quantizer.zero_point)
     if wzp.size != 1:
-        return "per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point"
+        raise Declined("per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point")
     if w.quantizer.dtype == np.int8:
-        w_u8 = (w.const.astype(np.int16) + 128).astype(np.uint8)
-        wz = np.uint8(int(wzp[0]) + 128)
+        w_u8, wz = quant.int8_as_uint8(w.const), quant.int8_as_uint8(wzp[0])
     else:
         w_u8, wz = w.const, np.uint8(wzp[0])
     channels = w.const.shape[0]
     bias = qlinear.int32_bias(site, 2, x, w, channels)
-    if isinstance(bias, str):
-        return bias
     channel_shape = (channels,) + (1,) * (w.const.ndim - 2)
     name = node.name
 
@@ -176,24 +168,19 @@ def lower_conv(model: QModel, site: Site) -> str | None:
                         channel_shape)
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_gemm(model: QModel, site: Site) -> str | None:
+def lower_gemm(model: QModel, site: Site) -> None:
     node = site.node
-    if (reason := qlinear.unsupported_gemm_form(node)) is not None:
-        return reason
+    qlinear.check_gemm_form(node)
     x, w = _uint8_activation(site, 0), site.qin(1)
-    if isinstance(x, str):
-        return x
     if w is None:
-        return "missing quantizer: input 1 is not dequantized"
+        raise Declined("missing quantizer: input 1 is not dequantized")
     name = node.name
     if w.const is None:  # activation × activation
         if w.quantizer.per_channel or w.quantizer.dtype != np.uint8:
-            return f"input '{w.tensor.name}' must be a per-tensor uint8 activation"
-        ratio = (np.float64(x.quantizer.scalar_scale()) * np.float64(w.quantizer.scalar_scale())
-                 / np.float64(site.out_q.scalar_scale()))
+            raise Declined(f"input '{w.tensor.name}' must be a per-tensor uint8 activation")
+        ratio = quant.requant_multiplier(x.quantizer.scale, w.quantizer.scale, site.out_q.scale)
 
         def build_act(out):
             acc = var(model, f"{name}_acc", np.int32)
@@ -203,12 +190,10 @@ def lower_gemm(model: QModel, site: Site) -> str | None:
             emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
 
         finish_site(model, site, build_act)
-        return None
+        return
     w_km = np.ascontiguousarray(qlinear.gemm_weight_mk(node, w.const).T)
     channels = w_km.shape[1]
     bias = qlinear.int32_bias(site, 2, x, w, channels) if node.op == "Gemm" else None
-    if isinstance(bias, str):
-        return bias
     wz = w.quantizer.zero_point
     wz = np.broadcast_to(wz, (channels,)).copy() if wz.ndim else wz
 
@@ -222,20 +207,14 @@ def lower_gemm(model: QModel, site: Site) -> str | None:
                         (channels,))
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_add(model: QModel, site: Site) -> str | None:
+def lower_add(model: QModel, site: Site) -> None:
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
-    if isinstance(a, str):
-        return a
-    if isinstance(b, str):
-        return b
-    so = np.float64(site.out_q.scalar_scale())
-    k, n = shared_shift_multipliers([np.float64(a.quantizer.scalar_scale()) / so,
-                                     np.float64(b.quantizer.scalar_scale()) / so])
+    k, n = shared_shift_multipliers([quant.requant_multiplier(a.quantizer.scale, 1.0, site.out_q.scale),
+                                     quant.requant_multiplier(b.quantizer.scale, 1.0, site.out_q.scale)])
     if n < 1 or n > 62:
-        return f"Add scales too far apart for a 64-bit fixed-point sum (shift {n})"
+        raise Declined(f"Add scales too far apart for a 64-bit fixed-point sum (shift {n})")
     name = site.node.name
     steps = quant.requantize_fixed_point_onnx_form(np.int64(1), n - 31, site.out_q.zero_point.astype(np.int64),
                                                    site.out_q.qmin, site.out_q.qmax)
@@ -254,17 +233,11 @@ def lower_add(model: QModel, site: Site) -> str | None:
         emit_requantize(model, total, None, site.out_q, out, f"{name}_requant", steps=steps[2:])
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_mul(model: QModel, site: Site) -> str | None:
+def lower_mul(model: QModel, site: Site) -> None:
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
-    if isinstance(a, str):
-        return a
-    if isinstance(b, str):
-        return b
-    ratio = (np.float64(a.quantizer.scalar_scale()) * np.float64(b.quantizer.scalar_scale())
-             / np.float64(site.out_q.scalar_scale()))
+    ratio = quant.requant_multiplier(a.quantizer.scale, b.quantizer.scale, site.out_q.scale)
     name = site.node.name
 
     def build(out):
@@ -274,7 +247,6 @@ def lower_mul(model: QModel, site: Site) -> str | None:
         emit_requantize(model, prod, ratio, site.out_q, out, f"{name}_requant")
 
     finish_site(model, site, build)
-    return None
 
 
 def _static_dims(tensor: gs.Tensor, axes) -> list[int] | None:
@@ -285,16 +257,14 @@ def _static_dims(tensor: gs.Tensor, axes) -> list[int] | None:
     return dims if all(isinstance(d, (int, np.integer)) and d > 0 for d in dims) else None
 
 
-def lower_global_average_pool(model: QModel, site: Site) -> str | None:
+def lower_global_average_pool(model: QModel, site: Site) -> None:
     x = _uint8_activation(site, 0)
-    if isinstance(x, str):
-        return x
     rank = len(site.node.inputs[0].shape or ())
     spatial = _static_dims(site.node.inputs[0], range(2, rank)) if rank > 2 else None
     if spatial is None:
-        return "dynamic shape: GlobalAveragePool needs static spatial dimensions"
+        raise Declined("dynamic shape: GlobalAveragePool needs static spatial dimensions")
     count = int(np.prod(spatial))
-    ratio = np.float64(x.quantizer.scalar_scale()) / (count * np.float64(site.out_q.scalar_scale()))
+    ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
     name = site.node.name
 
     def build(out):
@@ -309,23 +279,20 @@ def lower_global_average_pool(model: QModel, site: Site) -> str | None:
         emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_average_pool(model: QModel, site: Site) -> str | None:
+def lower_average_pool(model: QModel, site: Site) -> None:
     x = _uint8_activation(site, 0)
-    if isinstance(x, str):
-        return x
     attrs = site.node.attrs
     if any(attrs.get("pads", [0])) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") \
             or attrs.get("ceil_mode", 0):
-        return "padded or ceil-mode AveragePool is not lowered (the divisor varies per position)"
+        raise Declined("padded or ceil-mode AveragePool is not lowered (the divisor varies per position)")
     channels = _static_dims(site.node.inputs[0], [1])
     if channels is None:
-        return "dynamic shape: AveragePool needs a static channel count"
+        raise Declined("dynamic shape: AveragePool needs a static channel count")
     kernel = list(attrs["kernel_shape"])
     count = int(np.prod(kernel))
-    ratio = np.float64(x.quantizer.scalar_scale()) / (count * np.float64(site.out_q.scalar_scale()))
+    ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
     name = site.node.name
     conv_attrs = {"group": channels[0], "kernel_shape": kernel}
     if "strides" in attrs:
@@ -340,14 +307,10 @@ def lower_average_pool(model: QModel, site: Site) -> str | None:
         emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_concat(model: QModel, site: Site) -> str | None:
+def lower_concat(model: QModel, site: Site) -> None:
     acts = [_uint8_activation(site, i) for i in range(len(site.inputs))]
-    for a in acts:
-        if isinstance(a, str):
-            return a
     name = site.node.name
 
     def build(out):
@@ -362,11 +325,10 @@ def lower_concat(model: QModel, site: Site) -> str | None:
         model.add_node("Concat", parts, [out], name, {"axis": site.node.attrs["axis"]})
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_moving(model: QModel, site: Site) -> str | None:
-    return qlinear.lower_moving(model, site, requantize=requantize_integer)
+def lower_moving(model: QModel, site: Site) -> None:
+    qlinear.lower_moving(model, site, requantize=requantize_integer)
 
 
 RULES = {
@@ -402,10 +364,11 @@ def float_nodes(model: QModel) -> list[gs.Node]:
 
 
 def _is_float(tensor: gs.Tensor) -> bool:
+    """Float, or of unknown type: the integer-only guarantee holds only for tensors proven integer."""
     dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
     if dtype is None:
-        return False
+        return True
     try:
-        return np.issubdtype(np.dtype(dtype), np.floating)
+        return not np.issubdtype(np.dtype(dtype), np.integer) and np.dtype(dtype) != np.bool_
     except TypeError:
-        return False
+        return True

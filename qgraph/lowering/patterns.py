@@ -24,16 +24,13 @@ import onnx_graphsurgeon as gs
 from qgraph import quant
 from qgraph.errors import PassError
 from qgraph.graph import QModel
+from qgraph.idioms import CLAMPS, Declined, clip_bounds_or_none
 
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 QUANTIZERS = (QUANTIZE, DEQUANTIZE)
 NOTHING_TO_LOWER = ("nothing to lower: the model has no QuantizeLinear/DequantizeLinear pairs; "
                     "run insert_qdq first")
-
-_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
-           np.dtype(np.int32): (-(2**31), 2**31 - 1)}
-
 
 @dataclass(frozen=True, eq=False)
 class Quantizer:
@@ -50,11 +47,11 @@ class Quantizer:
 
     @property
     def qmin(self) -> int:
-        return _RANGES[self.dtype][0]
+        return quant.storage_range(self.dtype)[0]
 
     @property
     def qmax(self) -> int:
-        return _RANGES[self.dtype][1]
+        return quant.storage_range(self.dtype)[1]
 
     @property
     def per_channel(self) -> bool:
@@ -201,25 +198,8 @@ class Site:
         return v if isinstance(v, QInput) else None
 
 
-def _clamp_of(model: QModel, node: gs.Node) -> tuple[float, float] | None:
-    if node.op == "Relu":
-        return 0.0, np.inf
-    if node.op == "Clip":
-        bounds = []
-        for i, default in ((1, -np.inf), (2, np.inf)):
-            if len(node.inputs) <= i or not node.inputs[i].name:
-                bounds.append(default)
-                continue
-            v = model.constant_value(node.inputs[i])
-            if v is None:
-                return None
-            bounds.append(float(v))
-        return bounds[0], bounds[1]
-    return None
-
-
-def match_site(model: QModel, node: gs.Node) -> tuple[Site | None, str | None]:
-    """The site rooted at `node`, or (None, reason) saying why it is not one."""
+def match_site(model: QModel, node: gs.Node) -> Site:
+    """The site rooted at `node`; Declined says why `node` is not one."""
     inputs = []
     for tensor in node.inputs:
         if not tensor.name:
@@ -229,24 +209,24 @@ def match_site(model: QModel, node: gs.Node) -> tuple[Site | None, str | None]:
         if producer is not None and producer.op == DEQUANTIZE:
             q = read_quantizer(producer)
             if q is None:
-                return None, f"input '{tensor.name}' has a computed (dynamic) quantizer"
+                raise Declined(f"input '{tensor.name}' has a computed (dynamic) quantizer")
             inputs.append(QInput(producer.inputs[0], q))
             continue
         value = model.constant_value(tensor)
         if value is None:
-            return None, f"missing quantizer: input '{tensor.name}' is not dequantized"
+            raise Declined(f"missing quantizer: input '{tensor.name}' is not dequantized")
         inputs.append(np.asarray(value))
     if len(node.outputs) != 1:
-        return None, f"unsupported op: {node.op} with {len(node.outputs)} outputs"
+        raise Declined(f"unsupported op: {node.op} with {len(node.outputs)} outputs")
     lo, hi = -np.inf, np.inf
     act_nodes = []
-    own = _clamp_of(model, node)
+    own = clip_bounds_or_none(node) if node.op in CLAMPS else None
     if own is not None:
         lo, hi = own
     tensor = node.outputs[0]
     while True:
         nxt = model.only_consumer(tensor)
-        clamp = _clamp_of(model, nxt) if nxt is not None else None
+        clamp = clip_bounds_or_none(nxt) if nxt is not None and nxt.op in CLAMPS else None
         if clamp is None or nxt.inputs[0] is not tensor:
             break
         lo, hi = max(lo, clamp[0]), min(hi, clamp[1])
@@ -254,13 +234,13 @@ def match_site(model: QModel, node: gs.Node) -> tuple[Site | None, str | None]:
         tensor = nxt.outputs[0]
     readers = list(tensor.outputs)
     if model.is_graph_output(tensor) or len(readers) != 1 or readers[0].op != QUANTIZE:
-        return None, f"missing quantizer: output '{tensor.name}' is not read by exactly one QuantizeLinear"
+        raise Declined(f"missing quantizer: output '{tensor.name}' is not read by exactly one QuantizeLinear")
     out_q = read_quantizer(readers[0])
     if out_q is None:
-        return None, f"output '{tensor.name}' has a computed (dynamic) quantizer"
+        raise Declined(f"output '{tensor.name}' has a computed (dynamic) quantizer")
     if out_q.per_channel:
-        return None, f"output '{tensor.name}' has a per-channel activation quantizer"
-    return Site(node, inputs, readers[0], out_q, (lo, hi), act_nodes), None
+        raise Declined(f"output '{tensor.name}' has a per-channel activation quantizer")
+    return Site(node, inputs, readers[0], out_q, (lo, hi), act_nodes)
 
 
 # -- editing helpers shared by the targets ----------------------------------------------------

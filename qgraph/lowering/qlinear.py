@@ -28,58 +28,54 @@ import numpy as np
 
 from qgraph import quant
 from qgraph.graph import QModel
+from qgraph.idioms import CLAMPS, RANGE_PRESERVING, Declined, range_preserving_reason
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
                                       quantizer_constants, var)
 from qgraph.model_io import MS_DOMAIN
 
-MOVING_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout",
-              "Resize", "Relu", "Clip")
+MOVING_OPS = RANGE_PRESERVING + CLAMPS   # run unchanged on integer tensors (idioms.RANGE_PRESERVING)
 UNARY_TABLE_OPS = ("Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus",
                    "Softsign", "Exp", "Neg", "Abs", "Erf", "Gelu", "ThresholdedRelu", "Celu")
 
 
-# -- shared checks -----------------------------------------------------------------------
+# -- shared checks (each raises Declined with the reason a site cannot be lowered) ---------------
 
-def activation(site: Site, i: int) -> QInput | str:
-    """The per-tensor integer activation input ``i``, or the reason it is not one."""
+def activation(site: Site, i: int) -> QInput:
+    """The per-tensor integer activation input ``i``."""
     qi = site.qin(i)
     if qi is None:
-        return f"missing quantizer: input {i} of {site.node.op} is not dequantized"
+        raise Declined(f"missing quantizer: input {i} of {site.node.op} is not dequantized")
     if qi.quantizer.per_channel:
-        return f"input '{qi.tensor.name}' has a per-channel activation quantizer"
+        raise Declined(f"input '{qi.tensor.name}' has a per-channel activation quantizer")
     return qi
 
 
-def weight(site: Site, i: int) -> QInput | str:
+def weight(site: Site, i: int) -> QInput:
+    """The dequantized constant weight input ``i``."""
     qi = site.qin(i)
     if qi is None or qi.const is None:
-        return f"missing quantizer: weight input {i} of {site.node.op} is not a dequantized constant"
+        raise Declined(f"missing quantizer: weight input {i} of {site.node.op} is not a dequantized constant")
     return qi
 
 
-def int32_bias(site: Site, i: int, x: QInput, w: QInput, channels: int) -> np.ndarray | str | None:
+def int32_bias(site: Site, i: int, x: QInput, w: QInput, channels: int) -> np.ndarray | None:
     """The bias as int32 at scale ``s_x·s_w`` (per channel): an int32 DequantizeLinear at that scale is
     taken as is (what ORT's own QDQ fusion does); a float bias is quantized with that scale."""
     if i >= len(site.inputs) or site.inputs[i] is None:
         return None
     value = site.inputs[i]
-    bias_scale = (np.float32(x.quantizer.scalar_scale()) * w.quantizer.scale.astype(np.float32)).astype(np.float32)
-    bias_scale = np.broadcast_to(bias_scale, (channels,))
     if isinstance(value, QInput):
         b = value.const
         if b is None:
-            return "the bias is not constant"
+            raise Declined("the bias is not constant")
         bq = value.quantizer
+        expected = np.broadcast_to(quant.bias_scale(x.quantizer.scale, w.quantizer.scale), (channels,))
         if (b.dtype == np.int32 and not np.any(bq.zero_point)
-                and np.array_equal(np.broadcast_to(bq.scale, (channels,)), bias_scale)):
+                and np.array_equal(np.broadcast_to(bq.scale, (channels,)), expected)):
             return b.reshape(channels).astype(np.int32)
         value = bq.dequantize(b, axis=0)
-    return quant.quantize(np.asarray(value, np.float32).reshape(channels), bias_scale, 0,
-                          INT32_BIAS_RANGE[0], INT32_BIAS_RANGE[1], axis=0, dtype=np.int32)
-
-
-#: int32 bias range, kept 128 inside int32 so that its float32 clamp bounds are exact.
-INT32_BIAS_RANGE = (-(2**31) + 128, 2**31 - 128)
+    return quant.quantize_bias(np.asarray(value, np.float32).reshape(channels), x.quantizer.scale,
+                               np.broadcast_to(w.quantizer.scale, (channels,)))
 
 
 def gemm_weight_mk(node, w: np.ndarray) -> np.ndarray:
@@ -89,29 +85,25 @@ def gemm_weight_mk(node, w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def kernel_pair_ok(x: QInput, w: QInput) -> str | None:
+def check_kernel_pair(x: QInput, w: QInput) -> None:
     if x.quantizer.dtype == np.int8 and w.quantizer.dtype != np.int8:
-        return "ORT 1.19 has no QLinearConv/QLinearMatMul kernel for int8 activations with uint8 weights"
+        raise Declined("ORT 1.19 has no QLinearConv/QLinearMatMul kernel for int8 activations with uint8 weights")
     if x.quantizer.dtype not in (np.int8, np.uint8) or w.quantizer.dtype not in (np.int8, np.uint8):
-        return "activation and weight must be 8-bit"
-    return None
+        raise Declined("activation and weight must be 8-bit")
 
 
-def kernel_inputs(site: Site) -> tuple[QInput, QInput] | str:
-    """The (activation, weight) of a Conv/Gemm/MatMul site, or why it cannot be a QLinear kernel."""
+def kernel_inputs(site: Site) -> tuple[QInput, QInput]:
+    """The (activation, weight) of a Conv/Gemm/MatMul site that a QLinear kernel can take."""
     x, w = activation(site, 0), weight(site, 1)
-    for v in (x, w):
-        if isinstance(v, str):
-            return v
-    return kernel_pair_ok(x, w) or (x, w)
+    check_kernel_pair(x, w)
+    return x, w
 
 
-def unsupported_gemm_form(node) -> str | None:
+def check_gemm_form(node) -> None:
     """Gemm attributes the lowerings do not express (MatMul has none of them)."""
     attrs = node.attrs
     if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0 or attrs.get("transA", 0):
-        return "Gemm with alpha/beta != 1 or transA is not lowered"
-    return None
+        raise Declined("Gemm with alpha/beta != 1 or transA is not lowered")
 
 
 def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
@@ -121,16 +113,11 @@ def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
 
 # -- rules -------------------------------------------------------------------------------
 
-def lower_conv(model: QModel, site: Site) -> str | None:
+def lower_conv(model: QModel, site: Site) -> None:
     node = site.node
-    pair = kernel_inputs(site)
-    if isinstance(pair, str):
-        return pair
-    x, w = pair
+    x, w = kernel_inputs(site)
     channels = w.const.shape[0]
     bias = int32_bias(site, 2, x, w, channels)
-    if isinstance(bias, str):
-        return bias
     name = node.name
 
     def build(out):
@@ -144,22 +131,15 @@ def lower_conv(model: QModel, site: Site) -> str | None:
         model.add_node("QLinearConv", inputs, [out], name, dict(node.attrs))
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_gemm(model: QModel, site: Site) -> str | None:
+def lower_gemm(model: QModel, site: Site) -> None:
     node = site.node
-    if (reason := unsupported_gemm_form(node)) is not None:
-        return reason
-    pair = kernel_inputs(site)
-    if isinstance(pair, str):
-        return pair
-    x, w = pair
+    check_gemm_form(node)
+    x, w = kernel_inputs(site)
     w_mk = gemm_weight_mk(node, w.const)
     channels = w_mk.shape[0]
     bias = int32_bias(site, 2, x, w, channels) if node.op == "Gemm" else None
-    if isinstance(bias, str):
-        return bias
     name = node.name
 
     def build(out):
@@ -179,22 +159,18 @@ def lower_gemm(model: QModel, site: Site) -> str | None:
         model.add_node("Flatten", [y4], [out], f"{name}_to2d", {"axis": 1})
 
     finish_site(model, site, build)
-    return None
 
 
-def lower_matmul(model: QModel, site: Site) -> str | None:
+def lower_matmul(model: QModel, site: Site) -> None:
     a, b = activation(site, 0), site.qin(1)
-    if isinstance(a, str):
-        return a
     if b is None:
-        return "missing quantizer: input 1 of MatMul is not dequantized"
+        raise Declined("missing quantizer: input 1 of MatMul is not dequantized")
     rank = len(site.node.inputs[0].shape or ())
     if b.const is not None and b.const.ndim == 2 and rank == 2:
         return lower_gemm(model, site)
     if b.const is None and b.quantizer.per_channel:
-        return f"input '{b.tensor.name}' has a per-channel activation quantizer"
-    if (reason := kernel_pair_ok(a, b)) is not None:
-        return reason
+        raise Declined(f"input '{b.tensor.name}' has a per-channel activation quantizer")
+    check_kernel_pair(a, b)
     name = site.node.name
 
     def build(out):
@@ -205,19 +181,15 @@ def lower_matmul(model: QModel, site: Site) -> str | None:
         model.add_node("QLinearMatMul", [a.tensor, as_, az, b.tensor, bs, bz, ys, yz], [out], name)
 
     finish_site(model, site, build)
-    return None
 
 
 def _contrib(op: str, n_act: int, attr_names=()):
     """A rule for a com.microsoft QLinear op with `n_act` per-tensor activation inputs:
     inputs (x, x_scale, x_zp)* then (y_scale, y_zp)."""
-    def rule(model: QModel, site: Site) -> str | None:
+    def rule(model: QModel, site: Site) -> None:
         acts = [activation(site, i) for i in range(n_act)]
-        for a in acts:
-            if isinstance(a, str):
-                return a
         if len({a.quantizer.dtype for a in acts} | {site.out_q.dtype}) != 1:
-            return f"{op} needs one storage type for inputs and output"
+            raise Declined(f"{op} needs one storage type for inputs and output")
         name = site.node.name
         attrs = {k: v for k, v in site.node.attrs.items() if k in attr_names}
 
@@ -231,17 +203,13 @@ def _contrib(op: str, n_act: int, attr_names=()):
             model.add_node(op, inputs, [out], name, attrs, domain=MS_DOMAIN)
 
         finish_site(model, site, build)
-        return None
     return rule
 
 
-def lower_concat(model: QModel, site: Site) -> str | None:
+def lower_concat(model: QModel, site: Site) -> None:
     acts = [activation(site, i) for i in range(len(site.inputs))]
-    for a in acts:
-        if isinstance(a, str):
-            return a
     if len({a.quantizer.dtype for a in acts} | {site.out_q.dtype}) != 1:
-        return "QLinearConcat needs one storage type for inputs and output"
+        raise Declined("QLinearConcat needs one storage type for inputs and output")
     name = site.node.name
 
     def build(out):
@@ -251,7 +219,6 @@ def lower_concat(model: QModel, site: Site) -> str | None:
         model.add_node("QLinearConcat", inputs, [out], name, {"axis": site.node.attrs["axis"]}, domain=MS_DOMAIN)
 
     finish_site(model, site, build)
-    return None
 
 
 def requantize_dq_q(model: QModel, x: QInput, out_q, out, name: str) -> None:
@@ -261,21 +228,17 @@ def requantize_dq_q(model: QModel, x: QInput, out_q, out, name: str) -> None:
     model.add_node(QUANTIZE, [f, *quantizer_constants(model, out_q, f"{name}_out")], [out], f"{name}_q")
 
 
-def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> str | None:
-    """Data movement / max / nearest resize / Relu / Clip on the integer tensor; requantize if the
-    output grid differs (Relu and Clip become the output clamp)."""
+def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
+    """A range-preserving op (idioms.RANGE_PRESERVING) or a Relu/Clip on the integer tensor;
+    requantize if the output grid differs (Relu and Clip become the output clamp)."""
     node = site.node
     x = activation(site, 0)
-    if isinstance(x, str):
-        return x
-    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
-        return "Resize with mode other than nearest is not lowered"
-    if node.op == "MaxPool" and len([t for t in node.outputs if t.name]) > 1:
-        return "MaxPool with an indices output is not lowered"
+    if node.op not in CLAMPS and (reason := range_preserving_reason(node)) is not None:
+        raise Declined(reason)
     extra = list(node.inputs[1:])
     for t, v in zip(extra, site.inputs[1:]):
         if t.name and not isinstance(v, np.ndarray):
-            return f"input '{t.name}' of {node.op} is not constant"
+            raise Declined(f"input '{t.name}' of {node.op} is not constant")
     name = node.name
     same = x.quantizer.same_grid(site.out_q)
     passthrough = node.op in ("Identity", "Dropout", "Relu", "Clip")
@@ -291,7 +254,6 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> str |
             requantize(model, QInput(moved, x.quantizer), site.out_q, out, f"{name}_requant")
 
     finish_site(model, site, build)
-    return None
 
 
 def unary_table(model: QModel, site: Site, x: QInput) -> np.ndarray:
@@ -314,16 +276,14 @@ def unary_table(model: QModel, site: Site, x: QInput) -> np.ndarray:
     return site.out_q.quantize(y)
 
 
-def lower_unary_table(model: QModel, site: Site) -> str | None:
+def lower_unary_table(model: QModel, site: Site) -> None:
     x = activation(site, 0)
-    if isinstance(x, str):
-        return x
     if len(site.node.inputs) != 1:
-        return f"{site.node.op} with more than one input is not lowered"
+        raise Declined(f"{site.node.op} with more than one input is not lowered")
     try:
         table = unary_table(model, site, x)
     except Exception as exc:  # noqa: BLE001 - ORT refusing the op is a reason, not a crash
-        return f"cannot tabulate {site.node.op}: {str(exc).splitlines()[0][:120]}"
+        raise Declined(f"cannot tabulate {site.node.op}: {str(exc).splitlines()[0][:120]}") from None
     name = site.node.name
     offset = -int(np.iinfo(x.quantizer.dtype).min)
 
@@ -338,7 +298,6 @@ def lower_unary_table(model: QModel, site: Site) -> str | None:
         model.add_node("Gather", [const(model, f"{name}_table", table), index], [out], name, {"axis": 0})
 
     finish_site(model, site, build)
-    return None
 
 
 RULES = {

@@ -21,16 +21,14 @@ import time
 from typing import Annotated
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, set_annotation
+from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, QuantizerRecord, read_quantizers, set_annotation
 from qgraph.data import FeedPlan
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.observers import make_observer
-from qgraph.passes.insert_qdq import (activation_qparams, evaluate_tensors, quantizer_records,
-                                      weight_qparams, write_qparams)
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams, write_qparams
 from qgraph.progress import ProgressBar
 from qgraph.qconfig import OBSERVERS, ActivationSpec, make_activation_spec
 from qgraph.schema import Range
@@ -49,7 +47,7 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
     if unknown:
         raise ConfigError(f"calibrate: observer_params has no field '{unknown[0]}'; valid: {', '.join(_OBSERVER_PARAMS)}")
     make_activation_spec(ActivationSpec(), observer_params, "calibrate observer_params")  # types and ranges
-    records = quantizer_records(model)
+    records = read_quantizers(model)
     if not records:
         raise PassError("calibrate: the model has no qgraph quantizers; run insert_qdq first")
     if ctx.data is None:
@@ -57,17 +55,13 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
     proto = model.to_onnx()
     plan = ctx.feed_plan(proto)
     nodes = {n.name: n for n in model.graph.nodes}
-    missing = [r["quantize"] for r in records.values() if r["quantize"] not in nodes]
+    missing = [r.quantize for r in records.values() if r.quantize not in nodes]
     if missing:
         raise PassError(f"calibrate: quantizer node '{missing[0]}' from the qgraph.quantizers annotation is "
                         "not in the graph; re-run insert_qdq on the float model")
 
-    observed = {name: r for name, r in records.items()
-                if r["kind"] == "activation" and r.get("fixed_range") is None}
-    observers = {}
-    for name, r in observed.items():
-        grid = {k: v for k, v in {**r, **observer_params}.items() if k not in ("kind", "observer")}
-        observers[name] = make_observer(observer or r["observer"], **grid)
+    observed = {name: r for name, r in records.items() if r.kind == "activation" and r.fixed_range is None}
+    observers = {name: _observer(observer or r.observer, r, observer_params) for name, r in observed.items()}
 
     views = {name: observed_view(r) for name, r in observed.items()}
     batches, samples, seconds = _observe(model, proto, plan, ctx.batch_size, observers, views, bypass,
@@ -78,20 +72,20 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
 
     warnings, ranges = [], {}
     for name, r in records.items():
-        if r["kind"] != "activation":
+        if r.kind != "activation":
             continue
-        lo, hi = r["fixed_range"] if r.get("fixed_range") is not None else observers[name].range()
-        if lo == hi == 0.0 or (r["nonnegative"] and hi <= 0.0):
+        lo, hi = r.fixed_range if r.fixed_range is not None else observers[name].range()
+        if lo == hi == 0.0 or (r.nonnegative and hi <= 0.0):
             warnings.append(f"tensor '{name}' is constant on the calibration data (zero range); "
                             "its scale is set to 1")
         scale, zp = activation_qparams(lo, hi, r)
-        write_qparams(model, nodes, r, scale, zp)
+        write_qparams(nodes, r, scale, zp)
         ranges[name] = [round(float(lo), 6), round(float(hi), 6)]
     n_weights = calibrate_weights(model, nodes, records) if weights else 0
     set_annotation(model, CALIBRATED, True)
     if fix_activations:
         set_annotation(model, FIX_ACTIVATIONS, True)
-    kinds = sorted({observer or r["observer"] for r in observed.values()})
+    kinds = sorted({observer or r.observer for r in observed.values()})
     summary = (f"{len(observed)} activation ranges from {samples} samples in {batches} batches "
                f"({', '.join(kinds) or 'none'}), {n_weights} weights; calibrated")
     return {"changed": len(observed) + n_weights, "summary": summary, "samples": samples, "batches": batches,
@@ -99,13 +93,22 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
             "fix_activations": bool(fix_activations), "skipped": [], "warnings": warnings}
 
 
-def observed_view(record: dict):
+def _observer(kind: str, record: QuantizerRecord, overrides: dict):
+    """The observer of one activation quantizer: its grid, its options, `observer_params` over them."""
+    options = {"averaging_constant": record.averaging_constant, "percentile": record.percentile, "bins": record.bins}
+    options = {k: v for k, v in {**options, **overrides}.items() if v is not None}
+    return make_observer(kind, bits=record.bits, signed=record.signed, symmetric=record.symmetric,
+                         narrow_range=record.narrow_range, pow2=record.pow2, nonnegative=record.nonnegative,
+                         **options)
+
+
+def observed_view(record: QuantizerRecord):
     """What the quantizer really represents: a non-negative tensor's pair saturates below 0
     (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m) —
     otherwise histogram observers would spend levels on values no reader ever sees."""
-    if not record.get("nonnegative"):
+    if not record.nonnegative:
         return None
-    cap = record.get("range_cap")
+    cap = record.range_cap
     return lambda x: np.clip(x, 0.0, np.inf if cap is None else cap)
 
 
@@ -136,11 +139,11 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
 def bypassed(model: QModel) -> QModel:
     """A copy in which every reader of a quantizer's DequantizeLinear reads the float tensor."""
     copy = model.copy()
-    records = quantizer_records(copy)
+    records = read_quantizers(copy)
     nodes = {n.name: n for n in copy.graph.nodes}
     for r in records.values():
-        first = nodes[r["clip"] or r["quantize"]]
-        dq = nodes[r["dequantize"]]
+        first = nodes[r.clip or r.quantize]
+        dq = nodes[r.dequantize]
         source, out = first.inputs[0], dq.outputs[0]
         if copy.is_graph_output(out):
             continue  # nothing reads it inside the graph; its input is what is observed
@@ -150,13 +153,11 @@ def bypassed(model: QModel) -> QModel:
     return copy
 
 
-def calibrate_weights(model: QModel, nodes: dict, records: dict) -> int:
+def calibrate_weights(model: QModel, nodes: dict, records: dict[str, QuantizerRecord]) -> int:
     """Recompute weight scales once from the current weights (in-graph folded ones via ORT)."""
-    weights = {name: r for name, r in records.items() if r["kind"] == "weight"}
-    tensors = {name: nodes[r["quantize"]].inputs[0] for name, r in weights.items()}
-    computed = evaluate_tensors(model, [t for t in tensors.values() if not isinstance(t, gs.Constant)])
+    weights = {name: r for name, r in records.items() if r.kind == "weight"}
+    tensors = {name: nodes[r.quantize].inputs[0] for name, r in weights.items()}
+    values = constant_input_values(model, list(tensors.values()))
     for name, r in weights.items():
-        t = tensors[name]
-        value = np.asarray(t.values) if isinstance(t, gs.Constant) else computed[t.name]
-        write_qparams(model, nodes, r, *weight_qparams(value, r))
+        write_qparams(nodes, r, *weight_qparams(values[tensors[name].name], r))
     return len(weights)

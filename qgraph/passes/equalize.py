@@ -47,6 +47,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
+from qgraph.idioms import bn_scale
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -222,7 +223,7 @@ def bn_fold_factor(bn: gs.Node) -> np.ndarray:
     for t in bn.inputs[1:5]:
         if not np.all(np.isfinite(np.asarray(t.values))):
             raise PassError(f"equalize: BatchNormalization '{bn.name}' parameter '{t.name}' contains NaN/Inf")
-    return gamma / np.sqrt(var + eps)
+    return bn_scale(gamma, var, eps)
 
 
 def spread(ranges: np.ndarray) -> float:

@@ -8,8 +8,8 @@ initializers. `mode: forward` (QAT, linger's "forward fused, backward not fused"
 Krishnamoorthi 2018) builds the same arithmetic as nodes inside the graph from W, b, γ, β
 (μ, σ², ε frozen constants), so training updates W, γ, β while the layer (and the weight
 quantizer later put on `<layer>.weight_fused`) sees the folded weight; the subgraphs are
-listed in the `forward_fused_bn` annotation and canonicalize's constant folding turns them
-into the `fold` result.
+listed in the `forward_fused_bn` annotation, μ and σ² in `frozen` (the trainer keeps what
+that lists fixed), and canonicalize's constant folding turns them into the `fold` result.
 
 The output channel is axis 0 of a Conv weight (C_out, C_in/g, k…), axis 1 *within each
 group* of a ConvTranspose weight (C_in, C_out/g, k…), and the feature axis of a Gemm/MatMul
@@ -26,12 +26,11 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qgraph.annotations import get_annotation, set_annotation
+from qgraph.annotations import FORWARD_FUSED_BN, FROZEN, get_annotation, set_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
+from qgraph.idioms import bn_scale, skip
 from qgraph.pipeline import PassContext, register_pass
-
-FORWARD_FUSED_BN = "forward_fused_bn"  # annotation: layer name -> names of its fused-BN tensors
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _MODES = ("fold", "forward")
 
@@ -45,7 +44,7 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forw
     for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
         match, reason = match_bn(model, bn)
         if match is None:
-            skipped.append({"node": bn.name, "reason": reason})
+            skipped.append(skip(bn, reason))
             continue
         check_finite(match)
         if not match.layer.name:  # the annotation and new tensor names need one
@@ -59,6 +58,8 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forw
         model.cleanup()
     if annotation:
         set_annotation(model, FORWARD_FUSED_BN, {**get_annotation(model, FORWARD_FUSED_BN, {}), **annotation})
+        frozen = {entry[key] for entry in annotation.values() for key in ("mean", "var")}
+        set_annotation(model, FROZEN, sorted(set(get_annotation(model, FROZEN, []) or []) | frozen))
     if fused:
         summary = f"{len(fused)} BatchNormalization {'folded' if mode == 'fold' else 'forward-fused'}"
         summary += f", {len(skipped)} left alone" if skipped else ""
@@ -234,7 +235,7 @@ def fold_bn(model: QModel, m: BNMatch) -> None:
     """Replace W, b by W', b' (computed in float64; names kept when unshared) and remove the BN."""
     weight = m.value(m.weight)
     gamma, beta, mean, var = (m.value(t).astype(np.float64).reshape(-1) for t in (m.gamma, m.beta, m.mean, m.var))
-    scale = gamma / np.sqrt(var + m.epsilon)
+    scale = bn_scale(gamma, var, m.epsilon)
     alpha, gemm_beta = _gemm_factors(m)
     view, scale_shape = grouped_view(m.layer, weight.shape)
     folded = (weight.astype(np.float64).reshape(view) * (alpha * scale).reshape(scale_shape)).reshape(weight.shape)

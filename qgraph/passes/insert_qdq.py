@@ -12,8 +12,8 @@ Activations: every float input and output of a quantizable op (Conv, ConvTranspo
 MatMul, Add, Mul, Concat, AveragePool, GlobalAveragePool, Relu, Clip, Sigmoid, Resize),
 graph inputs included, gets one pair per *tensor*, shared by all its readers. A tensor is
 quantized when its producer asks (`quantize_output`) or any reader asks (`quantize_input`);
-the producer's config wins. Range-preserving ops — MaxPool, Reshape, Flatten, Transpose,
-Squeeze, Unsqueeze, and Relu/Clip reading a tensor marked non-negative by ahead_relu — get
+the producer's config wins. Range-preserving ops (idioms.RANGE_PRESERVING: data movement,
+MaxPool, nearest Resize), and Relu/Clip reading a tensor marked non-negative by ahead_relu, get
 no quantizer of their own: the pair sits on their input and the op stays between it and the
 next pair (ORT's QDQ layout); the annotation `qgraph.quant_aliases` maps such an op's
 output to the quantized tensor whose grid it stays on. Nodes a rule skips read the float
@@ -28,9 +28,7 @@ their own range; a trainer must respect qmin/qmax from the annotation).
 
 Until `calibrate` runs, activation ranges default to [-1, 1] ([0, 1] for non-negative
 tensors, `fixed_range` where configured) and `qgraph.calibrated` is false. Every quantizer
-is described in `qgraph.quantizers`: {float tensor: {kind, bits, signed, symmetric,
-narrow_range, pow2, per_channel, axis, qmin, qmax, observer, nonnegative, quantize,
-dequantize, clip, ...}}.
+is described in `qgraph.quantizers`: {float tensor: annotations.QuantizerRecord}.
 
 Invariant: changes outputs (quantization).
 """
@@ -42,20 +40,18 @@ from dataclasses import asdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qgraph.annotations import CALIBRATED, NONNEGATIVE, get_annotation, set_annotation
+from qgraph import quant
+from qgraph.annotations import (CALIBRATED, NONNEGATIVE, QUANT_ALIASES, QuantizerRecord, get_annotation,
+                                set_annotation, write_quantizers)
 from qgraph.errors import PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.observers import weight_range
+from qgraph.idioms import clip_bounds_or_none, constant_tensors, is_range_preserving, skip
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qconfig import ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
-from qgraph.quant import dequantize, qrange, scale_zero_point
-
-QUANTIZERS = "quantizers"        # annotation: float tensor -> quantizer record
-ALIASES = "quant_aliases"        # annotation: output of a range-preserving op -> quantized tensor
+from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams
 
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
                "GlobalAveragePool", "Relu", "Clip", "Sigmoid", "Resize")
-PASS_THROUGH = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 DEFAULT_RANGE = (-1.0, 1.0)             # activation range before calibration
 DEFAULT_NONNEGATIVE_RANGE = (0.0, 1.0)
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -73,22 +69,21 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
     model.cleanup()
     plan = QuantPlan(model, resolver, set(get_annotation(model, NONNEGATIVE, []) or []))
     plan.collect()
-    weight_values = evaluate_tensors(model, [t for t, *_ in plan.weights.values()
-                                             if not isinstance(t, gs.Constant)])
-    records: dict[str, dict] = {}
+    weight_values = constant_input_values(model, [t for t, *_ in plan.weights.values()])
+    records: dict[str, QuantizerRecord] = {}
     for name, (tensor, spec, axis, node) in plan.weights.items():
-        value = weight_values.get(name) if not isinstance(tensor, gs.Constant) else np.asarray(tensor.values)
-        records[tensor.name] = add_weight_quantizer(model, tensor, spec, axis, node, value, plan.skipped_nodes)
+        records[tensor.name] = add_weight_quantizer(model, tensor, spec, axis, node, weight_values[name],
+                                                    plan.skipped_nodes)
     for name, (tensor, spec, node) in plan.activations.items():
         nonneg = name in plan.nonnegative
         record = add_activation_quantizer(model, tensor, spec, node, nonneg, plan.range_cap(tensor),
                                           plan.skipped_nodes)
-        records[record["tensor"]] = record
+        records[record.tensor] = record
     model.cleanup()
-    set_annotation(model, QUANTIZERS, records)
-    set_annotation(model, ALIASES, plan.aliases or None)
+    write_quantizers(model, records)
+    set_annotation(model, QUANT_ALIASES, plan.aliases or None)
     set_annotation(model, CALIBRATED, False)
-    n_w = sum(r["kind"] == "weight" for r in records.values())
+    n_w = sum(r.kind == "weight" for r in records.values())
     n_a = len(records) - n_w
     warnings = resolver.unmatched_warnings() + plan.warnings
     summary = (f"{n_w} weight + {n_a} activation quantizers, {len(plan.aliases)} range-preserving ops share one; "
@@ -113,7 +108,7 @@ class QuantPlan:
         self.skipped: list[dict] = []
         self.warnings: list[str] = []
         self.skipped_nodes: set[str] = {name for name, c in self.configs.items() if c.skip}
-        self._constant: dict[str, bool] = {}
+        self.constant = constant_tensors(model)
 
     def collect(self) -> None:
         nodes = list(self.model.graph.nodes)
@@ -124,7 +119,7 @@ class QuantPlan:
             if all(self.is_constant(t) for t in node.inputs if t.name):
                 continue  # part of a weight computed in-graph (forward-fused BN), not an activation
             if self.configs[node.name].skip:
-                self.skipped.append({"node": node.name, "reason": "a rule says skip: true"})
+                self.skipped.append(skip(node, "a rule says skip: true"))
                 continue
             roles = self.roles(node)
             if roles is None:
@@ -155,7 +150,7 @@ class QuantPlan:
         op, ins = node.op, node.inputs
         if op in ("Conv", "ConvTranspose", "Gemm"):
             if len(ins) < 2 or not self.is_constant(ins[1]):
-                self.skipped.append({"node": node.name, "reason": "its weight is not a constant (graph input?)"})
+                self.skipped.append(skip(node, "its weight is not a constant (graph input?)"))
                 return None
             return [(1, self.weight_axis(node))], [0]
         if op in ("MatMul", "Add", "Mul", "Concat"):
@@ -184,9 +179,11 @@ class QuantPlan:
         return None
 
     def is_pass_through(self, node: Node) -> bool:
+        """Range-preserving ops (idioms.RANGE_PRESERVING) and Relu/Clip(0, ·) of a tensor already
+        quantized over [0, max] keep their input's grid: no quantizer of their own."""
         if self.configs[node.name].skip or not node.inputs:
             return False
-        if node.op in PASS_THROUGH:
+        if is_range_preserving(node):
             return True
         return node.op in ("Relu", "Clip") and node.inputs[0].name in self.nonnegative
 
@@ -200,23 +197,7 @@ class QuantPlan:
 
     def is_constant(self, tensor: Tensor) -> bool:
         """A constant, or computed from constants only (e.g. a forward-fused BN weight)."""
-        stack, order = [tensor], []
-        while stack:
-            t = stack.pop()
-            if t.name in self._constant:
-                continue
-            if isinstance(t, gs.Constant):
-                self._constant[t.name] = True
-                continue
-            producer = t.inputs[0] if t.inputs else None
-            if producer is None or self.model.is_graph_input(t):
-                self._constant[t.name] = False
-                continue
-            order.append(t)
-            stack.extend(i for i in producer.inputs if i.name not in self._constant)
-        for t in reversed(order):
-            self._constant[t.name] = all(self._constant.get(i.name, False) for i in t.inputs[0].inputs)
-        return self._constant[tensor.name]
+        return tensor.name in self.constant
 
     @staticmethod
     def is_float(tensor: Tensor) -> bool:
@@ -246,76 +227,74 @@ class QuantPlan:
             return None
         caps = []
         for reader in tensor.outputs:
-            if reader.op != "Clip" or len(reader.inputs) < 3 or reader.inputs[2].name == "":
+            bounds = clip_bounds_or_none(reader) if reader.op == "Clip" else None
+            if bounds is None or not np.isfinite(bounds[1]):
                 return None
-            value = self.model.constant_value(reader.inputs[2])
-            if value is None:
-                return None
-            caps.append(float(np.asarray(value).reshape(-1)[0]))
+            caps.append(bounds[1])
         return max(caps)
 
 
 # -- rewrite: building the pairs ---------------------------------------------------------
 
 def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec, axis: int | None, node: Node,
-                         value: np.ndarray, skipped_nodes: set[str]) -> dict:
-    record = {"kind": "weight", "tensor": tensor.name, "node": node.name, "bits": spec.bits, "signed": True,
-              "symmetric": spec.symmetric, "narrow_range": spec.narrow_range, "pow2": spec.pow2,
-              "per_channel": axis is not None, "axis": axis, "observer": spec.observer,
-              "nonnegative": False}
-    record["qmin"], record["qmax"] = qrange(spec.bits, True, spec.narrow_range)
+                         value: np.ndarray, skipped_nodes: set[str]) -> QuantizerRecord:
+    qmin, qmax = quant.qrange(spec.bits, True, spec.narrow_range)
+    record = QuantizerRecord(kind="weight", tensor=tensor.name, node=node.name, bits=spec.bits, signed=True,
+                             symmetric=spec.symmetric, narrow_range=spec.narrow_range, pow2=spec.pow2,
+                             per_channel=axis is not None, axis=axis, qmin=qmin, qmax=qmax,
+                             observer=spec.observer, nonnegative=False)
     scale, zp = weight_qparams(value, record)
     _build_pair(model, tensor, record, scale, zp, skipped_nodes)
     return record
 
 
 def add_activation_quantizer(model: QModel, tensor: Tensor, spec: ActivationSpec, node: Node, nonnegative: bool,
-                             range_cap: float | None, skipped_nodes: set[str]) -> dict:
+                             range_cap: float | None, skipped_nodes: set[str]) -> QuantizerRecord:
     signed = spec.storage_signed(nonnegative)
-    record = {"kind": "activation", "tensor": tensor.name, "node": node.name, "bits": spec.bits,
-              "signed": signed, "symmetric": spec.symmetric or nonnegative, "narrow_range": spec.narrow_range,
-              "pow2": spec.pow2, "per_channel": False, "axis": None, "observer": spec.observer,
-              "nonnegative": nonnegative, "averaging_constant": spec.averaging_constant,
-              "percentile": spec.percentile, "bins": spec.bins,
-              "fixed_range": list(map(float, spec.fixed_range)) if spec.fixed_range is not None else None,
-              "range_cap": range_cap}
-    record["qmin"], record["qmax"] = qrange(spec.bits, signed, spec.narrow_range)
-    if record["fixed_range"] is not None:
-        lo, hi = record["fixed_range"]
+    qmin, qmax = quant.qrange(spec.bits, signed, spec.narrow_range)
+    record = QuantizerRecord(
+        kind="activation", tensor=tensor.name, node=node.name, bits=spec.bits, signed=signed,
+        symmetric=spec.symmetric or nonnegative, narrow_range=spec.narrow_range, pow2=spec.pow2,
+        per_channel=False, axis=None, qmin=qmin, qmax=qmax, observer=spec.observer, nonnegative=nonnegative,
+        averaging_constant=spec.averaging_constant, percentile=spec.percentile, bins=spec.bins,
+        fixed_range=list(map(float, spec.fixed_range)) if spec.fixed_range is not None else None,
+        range_cap=range_cap)
+    if record.fixed_range is not None:
+        lo, hi = record.fixed_range
     else:
         lo, hi = DEFAULT_NONNEGATIVE_RANGE if nonnegative else DEFAULT_RANGE
     scale, zp = activation_qparams(lo, hi, record)
     graph_output = model.is_graph_output(tensor)
     _build_pair(model, tensor, record, scale, zp, skipped_nodes)
     if graph_output:
-        record["tensor"] = tensor.name  # renamed: the graph output is now the DQ output
+        record.tensor = tensor.name  # renamed: the graph output is now the DQ output
     return record
 
 
-def _build_pair(model: QModel, tensor: Tensor, record: dict, scale: np.ndarray, zp: np.ndarray,
+def _build_pair(model: QModel, tensor: Tensor, record: QuantizerRecord, scale: np.ndarray, zp: np.ndarray,
                 skipped_nodes: set[str]) -> None:
     """x [→ Clip] → QuantizeLinear → DequantizeLinear, readers (but skipped nodes) moved to the DQ."""
     base = tensor.name
     readers = [n for n in tensor.outputs if n.name not in skipped_nodes]
     graph_output = model.is_graph_output(tensor)
-    storage = np.int8 if record["signed"] else np.uint8
+    storage = quant.storage_dtype(record.signed)
     s = _constant(model, f"{base}_scale", np.asarray(scale, np.float32))
     z = _constant(model, f"{base}_zero_point", np.asarray(zp).astype(storage))
-    attrs = {"axis": int(record["axis"])} if record["axis"] is not None else {}
+    attrs = {"axis": int(record.axis)} if record.axis is not None else {}
     source = tensor
-    record["clip"] = None
-    if record["kind"] == "activation" and record["bits"] < 8:
-        lo, hi = clip_bounds(scale, zp, record)
+    record.clip = None
+    if record.kind == "activation" and record.bits < 8:
+        lo, hi = quant.grid_bounds(scale, zp, record.qmin, record.qmax)
         clipped = model.add_variable(f"{base}_clipped", np.float32, tensor.shape)
         clip = model.add_node("Clip", [tensor, _constant(model, f"{base}_clip_min", lo),
                                        _constant(model, f"{base}_clip_max", hi)], [clipped], f"{base}_Clip")
-        record["clip"] = clip.name
+        record.clip = clip.name
         source = clipped
     q_out = model.add_variable(f"{base}_quantized", storage, tensor.shape)
     dq_out = model.add_variable(f"{base}_dequantized", np.float32, tensor.shape)
     q = model.add_node("QuantizeLinear", [source, s, z], [q_out], f"{base}_QuantizeLinear", attrs)
     dq = model.add_node("DequantizeLinear", [q_out, s, z], [dq_out], f"{base}_DequantizeLinear", attrs)
-    record.update(quantize=q.name, dequantize=dq.name, scale=s.name, zero_point=z.name)
+    record.quantize, record.dequantize, record.scale, record.zero_point = q.name, dq.name, s.name, z.name
     for reader in readers:
         reader.inputs = [dq_out if t is tensor else t for t in reader.inputs]
     if graph_output:  # the graph output keeps its name and now carries the quantized value
@@ -331,62 +310,3 @@ def _constant(model: QModel, name: str, value: np.ndarray) -> gs.Constant:
     const = model.add_constant(name, value)
     const.values = np.asarray(value)
     return const
-
-
-# -- qparams: every number comes from qgraph.quant -----------------------------------------
-
-def weight_qparams(value: np.ndarray, record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of a weight from its own range (per channel along `axis`)."""
-    rmin, rmax = weight_range(value, record["axis"], record["observer"], bits=record["bits"],
-                              symmetric=record["symmetric"], narrow_range=record["narrow_range"],
-                              pow2=record["pow2"])
-    return scale_zero_point(rmin, rmax, record["bits"], True, record["symmetric"], record["narrow_range"],
-                            record["pow2"])
-
-
-def activation_qparams(rmin: float, rmax: float, record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of an activation range ([0, max] for non-negative tensors, capped
-    by a following Clip's upper bound)."""
-    if record.get("nonnegative"):
-        rmin = 0.0
-    if record.get("range_cap") is not None:
-        rmax = min(rmax, record["range_cap"])
-    return scale_zero_point(rmin, rmax, record["bits"], record["signed"], record["symmetric"],
-                            record["narrow_range"], record["pow2"])
-
-
-def clip_bounds(scale, zp, record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Real bounds of the [qmin, qmax] grid: what a sub-8-bit pair's Clip lets through."""
-    lo, hi = dequantize(np.array([record["qmin"], record["qmax"]]), scale, zp)
-    return np.float32(lo), np.float32(hi)
-
-
-# -- shared with calibrate -------------------------------------------------------------------
-
-def quantizer_records(model) -> dict[str, dict]:
-    """The `qgraph.quantizers` annotation (empty if insert_qdq never ran)."""
-    return get_annotation(model, QUANTIZERS, {}) or {}
-
-
-def write_qparams(model: QModel, nodes: dict[str, Node], record: dict, scale, zp) -> None:
-    """Set a pair's scale and zero point (shared by its Q and DQ) and its Clip bounds."""
-    q = nodes[record["quantize"]]
-    storage = np.int8 if record["signed"] else np.uint8
-    shape = np.asarray(q.inputs[1].values).shape
-    q.inputs[1].values = np.asarray(scale, np.float32).reshape(shape)
-    q.inputs[2].values = np.asarray(zp).astype(storage).reshape(shape)
-    if record.get("clip"):
-        lo, hi = clip_bounds(scale, zp, record)
-        clip = nodes[record["clip"]]
-        clip.inputs[1].values, clip.inputs[2].values = lo, hi
-
-
-def evaluate_tensors(model: QModel, tensors: list[Tensor]) -> dict[str, np.ndarray]:
-    """Values of tensors computed from constants only (forward-fused weights), by ORT."""
-    if not tensors:
-        return {}
-    from qgraph.data import random_inputs
-    from qgraph.runner import Runner
-    proto = model.to_onnx()
-    names = [t.name for t in tensors]
-    return Runner(proto, names, optimize=False).run(random_inputs(proto, batch=1), names)

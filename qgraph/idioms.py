@@ -1,0 +1,280 @@
+"""Graph idioms: the questions many rewrites ask of an ONNX graph, answered in one place.
+
+In the style of onnxscript's rewriter, an idiom is a *pattern* (what to look for) with a
+*check* that says why it does not apply. A check that fails raises `Declined(reason)`; the
+code that drives a rewrite catches it and reports ``{"node": name, "reason": reason}``
+(`skip`), the one shape every pass report and `-v` use.
+
+- constant-only tensors: initializers, Constant outputs, and outputs of deterministic nodes
+  whose inputs are all constant (graph inputs never are: an initializer that is also a graph
+  input is only a default the caller may override);
+- Constant nodes lifted to initializers under fresh names;
+- Clip/Relu bounds for every opset (inputs since opset 11, attributes before);
+- the range-preserving ops, one table with the conditions under which each is one;
+- tensor ranks, node selection by name or regex, BatchNormalization's scale γ/√(σ²+ε),
+  unique node names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qgraph.errors import ConfigError
+from qgraph.graph import QModel
+
+
+class Declined(Exception):
+    """A pattern matched but its check failed: `reason` says why the rewrite does not apply."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def skip(node, reason: str) -> dict:
+    """The one shape of a "why not" entry in pass reports: {node, reason}."""
+    name = node if isinstance(node, str) else (node.name or node.op)
+    return {"node": name, "reason": reason}
+
+
+# -- constants ---------------------------------------------------------------------------------
+
+#: Ops whose output is not a function of their inputs: never folded, never constant.
+NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                    "Bernoulli")
+
+
+def constant_tensors(model) -> set[str]:
+    """Names of the tensors computed from constants alone, for a QModel or a ModelProto
+    (one pass in node order: both keep their nodes topologically sorted)."""
+    if isinstance(model, onnx.ModelProto):
+        graph = model.graph
+        inputs = {i.name for i in graph.input}
+        constant = {t.name for t in graph.initializer if t.name not in inputs}
+        nodes = ((n.op_type, list(n.input), list(n.output)) for n in graph.node)
+    else:
+        inputs = {t.name for t in model.graph.inputs}
+        constant = {name for name, t in model.tensors().items() if isinstance(t, gs.Constant) and name not in inputs}
+        nodes = ((n.op, [t.name for t in n.inputs], [t.name for t in n.outputs]) for n in model.graph.nodes)
+    for op, ins, outs in nodes:
+        named = [name for name in ins if name]
+        if op == "Constant" or (op not in NONDETERMINISTIC and named and all(name in constant for name in named)):
+            constant.update(name for name in outs if name)
+    return constant
+
+
+def lift_constant_nodes(model: QModel) -> int:
+    """Constant nodes holding a tensor become initializers (gs.Constant) under fresh names, so
+    passes see their values; a Constant that is a graph output stays. Returns how many."""
+    lifted = 0
+    for node in list(model.graph.nodes):
+        if node.op != "Constant" or "value" not in node.attrs or not node.outputs:
+            continue
+        out = node.outputs[0]
+        value = node.attrs["value"]
+        values = np.asarray(value.values if isinstance(value, gs.Constant) else value)
+        const = gs.Constant(model.fresh_tensor_name(out.name + "_value"), values)
+        for consumer in list(out.outputs):
+            consumer.inputs = [const if t is out else t for t in consumer.inputs]
+        if not model.is_graph_output(out):
+            node.outputs.clear()
+        lifted += 1
+    return lifted
+
+
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The ModelProto form of `lift_constant_nodes`, for code that works on protos (the trainer):
+    a copy whose Constant nodes holding a tensor are initializers named like their output
+    (output names are unique in a valid graph, so no name can collide)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and node.output[0] not in outputs):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    return out
+
+
+def evaluate_constants(model: QModel, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Values of constant-only tensors `names`, computed by ONNX Runtime (the kernels that run
+    the model) on the subgraph that produces them."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    from qgraph.runner import run_model  # ORT import is slow; only evaluation needs it
+    graph = model.graph.copy()
+    tensors = graph.tensors()
+    graph.outputs = [tensors[n] for n in names]
+    graph.inputs = []
+    graph.cleanup()
+    proto = gs.export_onnx(graph, do_type_check=False)
+    proto.ir_version = model.ir_version
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return run_model(proto, {}, names, optimize=False)
+
+
+# -- Clip and Relu bounds ---------------------------------------------------------------------
+
+CLAMPS = ("Relu", "Clip")
+
+
+def clip_bounds(node) -> tuple[float, float]:
+    """(low, high) of a Relu or Clip, ±inf where unbounded: Clip's optional inputs 1 and 2
+    (opset ≥ 11) or its `min`/`max` attributes (opset < 11). Declined when a bound is computed."""
+    if node.op == "Relu":
+        return 0.0, math.inf
+    if node.op != "Clip":
+        raise Declined(f"{node.op} '{node.name}' is not a Relu or Clip")
+    bounds = []
+    for index, attr, default in ((1, "min", -math.inf), (2, "max", math.inf)):
+        if len(node.inputs) > index and node.inputs[index].name:
+            value = QModel.constant_value(node.inputs[index])
+            if value is None:
+                raise Declined(f"Clip '{node.name}' {attr} '{node.inputs[index].name}' is not a constant")
+            bounds.append(float(np.asarray(value).reshape(-1)[0]))
+        elif attr in node.attrs:
+            bounds.append(float(node.attrs[attr]))
+        else:
+            bounds.append(default)
+    return bounds[0], bounds[1]
+
+
+def clip_bounds_or_none(node) -> tuple[float, float] | None:
+    try:
+        return clip_bounds(node)
+    except Declined:
+        return None
+
+
+# -- range-preserving ops ---------------------------------------------------------------------
+
+#: Ops whose output only moves or selects values of their first input, so that for a per-tensor
+#: quantizer ``op(DQ(q)) == DQ(op(q))``: they need no quantizer of their own (insert_qdq puts the
+#: pair on their input), commute with DequantizeLinear (lowering sinks it below them) and run
+#: unchanged on integer tensors (both targets). `range_preserving_reason` checks the per-node
+#: conditions: Resize only in nearest mode (linear interpolation makes new values), MaxPool
+#: without its indices output, Dropout without its mask, and every other input constant.
+#: Relu and Clip (CLAMPS) preserve the grid only when their bounds lie on it; insert_qdq and
+#: lowering decide that with `clip_bounds`. Before this table, insert_qdq lacked Identity,
+#: Dropout and Resize (nearest Resize got a quantizer of its own), the lowering's lists had them.
+RANGE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                    "Dropout", "Resize")
+
+
+def range_preserving_reason(node) -> str | None:
+    """None when `node` is range-preserving (see RANGE_PRESERVING), else why not."""
+    if node.op not in RANGE_PRESERVING:
+        return f"{node.op} is not a range-preserving op"
+    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
+        return f"Resize '{node.name}' interpolates ({node.attrs.get('mode')}); only nearest preserves the grid"
+    if node.op == "MaxPool" and len([t for t in node.outputs if t.name]) > 1:
+        return f"MaxPool '{node.name}' also outputs indices"
+    if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
+        return f"Dropout '{node.name}' has its mask output read"
+    for t in node.inputs[1:]:
+        if t.name and QModel.constant_value(t) is None:
+            return f"input '{t.name}' of {node.op} '{node.name}' is not constant"
+    return None
+
+
+def is_range_preserving(node) -> bool:
+    return range_preserving_reason(node) is None
+
+
+# -- ranks -------------------------------------------------------------------------------------
+
+def rank_map(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor whose rank is known: initializers, and what shape inference finds
+    (a model shape inference cannot handle keeps only the ranks it already states)."""
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - ranks are a help; a caller needing one names the tensor
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
+    return ranks
+
+
+# -- node selection ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NamePattern:
+    """An exact node name or a regular expression matched against the whole name."""
+    key: str
+    regex: re.Pattern
+
+    def matches(self, name: str) -> bool:
+        return name == self.key or self.regex.fullmatch(name or "") is not None
+
+
+def name_patterns(keys: Iterable[str], where: str) -> list[NamePattern]:
+    """Compile node-name keys (exact names or full-match regexes); ConfigError for a bad regex."""
+    patterns = []
+    for key in keys:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where}: node names must be non-empty strings, got {key!r}")
+        try:
+            patterns.append(NamePattern(key, re.compile(key)))
+        except re.error as exc:
+            raise ConfigError(f"{where}: {key!r} is neither a node name nor a valid regular expression "
+                              f"({exc})") from None
+    return patterns
+
+
+def first_match(patterns: list[NamePattern], name: str) -> str | None:
+    """The key that selects `name`: an exact name wins over a regex, else the first regex."""
+    for p in patterns:
+        if p.key == name:
+            return p.key
+    return next((p.key for p in patterns if p.regex.fullmatch(name or "")), None)
+
+
+# -- BatchNormalization -------------------------------------------------------------------------
+
+def bn_scale(gamma, var, eps: float) -> np.ndarray:
+    """γ/√(σ²+ε) per channel, in float64: BN is y = (x − μ)·scale + β."""
+    gamma = np.asarray(gamma, np.float64).reshape(-1)
+    var = np.asarray(var, np.float64).reshape(-1)
+    return gamma / np.sqrt(var + float(eps))
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+def name_nodes(model: QModel) -> int:
+    """Give every unnamed or duplicate-named node a unique name `<name or op>_<k>`."""
+    seen: set[str] = set()
+    renamed = 0
+    for node in model.graph.nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or node.op.lower()
+        k = 0
+        while f"{base}_{k}" in seen:
+            k += 1
+        node.name = f"{base}_{k}"
+        seen.add(node.name)
+        renamed += 1
+    model.cleanup()
+    return renamed
