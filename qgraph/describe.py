@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from qgraph.annotations import all_annotations
+from qgraph.idioms import constant_tensors
 from qgraph.model_io import default_opset
 
 
@@ -29,7 +30,7 @@ def qdq_pairs(model: onnx.ModelProto) -> list[dict]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     inits = {i.name: i for i in model.graph.initializer}
-    static = _static_tensors(model, set(inits))
+    static = constant_tensors(model)
     pairs = []
     for node in model.graph.node:
         if node.op_type != "QuantizeLinear":
@@ -45,15 +46,6 @@ def qdq_pairs(model: onnx.ModelProto) -> list[dict]:
                           "storage": storage, "per_channel": per_channel,
                           "weight": node.input[0] in static})
     return pairs
-
-
-def _static_tensors(model: onnx.ModelProto, initializers: set[str]) -> set[str]:
-    """Initializers and every tensor computed from them alone (e.g. a forward-fused BN weight)."""
-    static = set(initializers)
-    for node in model.graph.node:  # nodes are topologically sorted in a valid model
-        if all(name in static for name in node.input if name):
-            static.update(node.output)
-    return static
 
 
 _INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",

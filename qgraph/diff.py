@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph.data import LABELS, check_data, load_data
+from qgraph.quant import int8_as_uint8
 from qgraph.errors import DataError
 
 __all__ = ["diff_models", "DiffReport", "Comparison", "TensorStats"]
@@ -295,9 +296,9 @@ def _same_codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes as uint8 + 128 when the other side is uint8 (the integer target stores int8
     activations that way: same real values)."""
     if a.dtype == np.int8 and b.dtype == np.uint8:
-        return (a.astype(np.int16) + 128).astype(np.uint8), b
+        return int8_as_uint8(a), b
     if a.dtype == np.uint8 and b.dtype == np.int8:
-        return a, (b.astype(np.int16) + 128).astype(np.uint8)
+        return a, int8_as_uint8(b)
     return a, b
 
 

@@ -220,25 +220,29 @@ def rank_map(model: onnx.ModelProto) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class NamePattern:
-    """An exact node name or a regular expression matched against the whole name."""
+    """A node-name key: an exact name, and a regular expression matched against the whole
+    name (None when the key is not a valid regex: then it is an exact name only)."""
     key: str
-    regex: re.Pattern
+    regex: re.Pattern | None
 
     def matches(self, name: str) -> bool:
-        return name == self.key or self.regex.fullmatch(name or "") is not None
+        return name == self.key or (self.regex is not None and self.regex.fullmatch(name or "") is not None)
 
 
-def name_patterns(keys: Iterable[str], where: str) -> list[NamePattern]:
-    """Compile node-name keys (exact names or full-match regexes); ConfigError for a bad regex."""
+def name_patterns(keys: Iterable[str], where: str, *, strict: bool = False) -> list[NamePattern]:
+    """Node-name keys as patterns. `strict`: a key that is not a valid regex is a ConfigError
+    (for options documented as regexes); otherwise it selects by exact name only."""
     patterns = []
     for key in keys:
         if not isinstance(key, str) or not key:
             raise ConfigError(f"{where}: node names must be non-empty strings, got {key!r}")
         try:
-            patterns.append(NamePattern(key, re.compile(key)))
+            regex = re.compile(key)
         except re.error as exc:
-            raise ConfigError(f"{where}: {key!r} is neither a node name nor a valid regular expression "
-                              f"({exc})") from None
+            if strict:
+                raise ConfigError(f"{where}: {key!r} is not a valid regular expression: {exc}") from None
+            regex = None
+        patterns.append(NamePattern(key, regex))
     return patterns
 
 
@@ -247,7 +251,7 @@ def first_match(patterns: list[NamePattern], name: str) -> str | None:
     for p in patterns:
         if p.key == name:
             return p.key
-    return next((p.key for p in patterns if p.regex.fullmatch(name or "")), None)
+    return next((p.key for p in patterns if p.regex is not None and p.regex.fullmatch(name or "")), None)
 
 
 # -- BatchNormalization -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Annotated, Any
 
 from qgraph.errors import ConfigError
+from qgraph.idioms import name_patterns
 from qgraph.quant import qrange
 from qgraph.schema import Range, check_value
 
@@ -177,12 +178,7 @@ def parse_rules(rules: list) -> list[Rule]:
         pattern = raw[selector]
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"{where}.{selector} must be a non-empty string, got {pattern!r}")
-        compiled = None
-        if selector == "regex":
-            try:
-                compiled = re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{where}.regex {pattern!r} is not a valid regular expression: {exc}") from None
+        compiled = name_patterns([pattern], f"{where}.regex", strict=True)[0].regex if selector == "regex" else None
         flags = {}
         for key in ("skip", "quantize_input", "quantize_output"):
             if key in raw:

@@ -50,6 +50,7 @@ from qgraph.data import data_fingerprint, model_inputs
 from qgraph.errors import DataError, QGraphError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
 from qgraph.files import atomic_write_bytes, json_bytes
+from qgraph.idioms import rank_map
 from qgraph.ort_training import generate_training_artifacts, import_training_api, session_options
 from qgraph.progress import ProgressBar
 from qgraph.runner import ort_message
@@ -375,7 +376,7 @@ def _freeze_bn(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    ranks = _ranks(out)
+    ranks = rank_map(out)
     nodes = []
     for node in graph.node:
         if node.op_type != "BatchNormalization":
@@ -402,18 +403,6 @@ def _freeze_bn(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return out
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # only a help: unknown ranks are reported where they matter
-        inferred = model
-    ranks = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    return ranks
 
 
 def _num_classes(model: onnx.ModelProto) -> int:

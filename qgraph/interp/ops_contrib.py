@@ -16,7 +16,7 @@ import numpy as np
 
 from qgraph import quant
 from qgraph.interp.ops_nn import _pool_setup, _pooled
-from qgraph.interp.ops_quant import qlimits
+from qgraph.quant import storage_range as qlimits
 from qgraph.interp.registry import MS_DOMAIN, register
 
 F32 = np.float32
@@ -121,7 +121,7 @@ def _qlinear_add_same_shape(a, b, ra, rb, k, dtype, qmin, qmax):
 def qlinear_mul(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
     """Spec: C = quantize(dequantize(A) * dequantize(B)). ORT (qlmul.cpp, SSE2):
     r = (a_s * b_s) / c_s in float32, C = saturate(round_half_even(float32((a-a_zp)(b-b_zp)) * r + c_zp))."""
-    r = F32(F32(F32(_s(a_s)) * F32(_s(b_s))) / F32(_s(c_s)))
+    r = F32(quant.ort_requant_multiplier(_s(a_s), _s(b_s), _s(c_s)))
     prod = (a.astype(np.int32) - _zp(a_zp)) * (b.astype(np.int32) - _zp(b_zp))
     c = (prod.astype(F32) * r + F32(_zp(c_zp))).astype(F32)
     dtype = _out_dtype(c_zp, a)

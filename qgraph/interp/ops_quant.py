@@ -11,16 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import quant
+from qgraph.quant import storage_range as qlimits  # saturation range of a storage dtype
 from qgraph.interp.ops_nn import conv_geometry, conv_program, conv_weights
 from qgraph.interp.registry import MS_DOMAIN, register
 
 _SUPPORTED_Q = (np.int8, np.uint8, np.int16, np.uint16)
-
-
-def qlimits(dtype) -> tuple[int, int]:
-    """Saturation range of an integer storage dtype."""
-    info = np.iinfo(dtype)
-    return int(info.min), int(info.max)
 
 
 def _scalar(v, default=0):

@@ -13,11 +13,9 @@ Invariant: no node or value changes; only the annotation is written.
 
 from __future__ import annotations
 
-import numpy as np
-import onnx_graphsurgeon as gs
-
 from qgraph.annotations import NONNEGATIVE, get_annotation, set_annotation
 from qgraph.graph import Node, QModel, Tensor
+from qgraph.idioms import Declined, clip_bounds, constant_tensors, skip
 from qgraph.pipeline import PassContext, register_pass
 
 _OPTION_OF_OP = {"Conv": "ahead_conv_relu", "ConvTranspose": "ahead_conv_relu",
@@ -33,7 +31,7 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
     options = {"ahead_conv_relu": ahead_conv_relu, "ahead_bn_relu": ahead_bn_relu,
                "ahead_linear_relu": ahead_linear_relu, "ahead_add_relu": ahead_add_relu}
     marked, activations, skipped = [], [], []
-    static = static_tensors(model)
+    static = constant_tensors(model)
     for node in model.graph.nodes:
         if node.op in ("Relu", "Clip"):
             if node.outputs and clip_floor_reason(node) == "":
@@ -46,7 +44,7 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
         reason = (f"option {option} is off" if not options[option] else
                   ahead_reason(model, out))
         if reason:
-            skipped.append({"node": node.name, "reason": reason})
+            skipped.append(skip(node, reason))
         else:
             marked.append(out.name)
 
@@ -63,17 +61,6 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
             f"nothing marked: {len(skipped)} candidate(s) not followed only by Relu/Clip(0,·)"
     return {"changed": added, "summary": summary, "marked": sorted(marked),
             "activations_marked": sorted(activations), "skipped": skipped, "warnings": []}
-
-
-def static_tensors(model: QModel) -> set[str]:
-    """Names of tensors computed from constants alone (one pass in node order; a graph that
-    is not topologically sorted only makes the set smaller, which is safe)."""
-    static = {name for name, t in model.tensors().items() if isinstance(t, gs.Constant)}
-    for node in model.graph.nodes:
-        inputs = [t for t in node.inputs if t.name]
-        if node.op == "Constant" or (inputs and all(t.name in static for t in inputs)):
-            static.update(t.name for t in node.outputs)
-    return static
 
 
 def ahead_reason(model: QModel, tensor: Tensor) -> str:
@@ -95,16 +82,11 @@ def ahead_reason(model: QModel, tensor: Tensor) -> str:
 
 def clip_floor_reason(node: Node) -> str:
     """'' if `node` (Relu or Clip) outputs only values ≥ 0, else why not."""
-    if node.op == "Relu":
-        return ""
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        low = QModel.constant_value(node.inputs[1])
-        if low is None:
-            return f"Clip '{node.name}' min '{node.inputs[1].name}' is not a constant"
-    elif "min" in node.attrs:  # opset < 11 form, kept for models not yet converted
-        low = np.asarray(node.attrs["min"])
-    else:
-        return f"Clip '{node.name}' has no min (−inf)"
-    if low.size != 1 or not float(low.reshape(-1)[0]) >= 0:
-        return f"Clip '{node.name}' min {low.reshape(-1)[:1].tolist()} is below 0"
+    try:
+        low, _ = clip_bounds(node)
+    except Declined as declined:
+        return declined.reason
+    if not low >= 0:
+        return f"Clip '{node.name}' has no min (−inf)" if low == float("-inf") else \
+            f"Clip '{node.name}' min {low:g} is below 0"
     return ""

@@ -16,7 +16,6 @@ Invariant: outputs unchanged up to float rounding.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 import numpy as np
@@ -24,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
+from qgraph.idioms import NamePattern, name_patterns, skip
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -53,17 +53,12 @@ def bn_restore(model: QModel, ctx: PassContext, *, layers: list[str] | None = No
             "layers": report_layers}
 
 
-def _layer_patterns(layers) -> list[re.Pattern] | None:
+def _layer_patterns(layers) -> list[NamePattern] | None:
     if layers is None:
         return None
     if isinstance(layers, str):
         layers = [layers]
-    if not all(isinstance(p, str) for p in layers):
-        raise ConfigError(f"bn_restore: 'layers' must be a list of node names or regexes, got {layers!r}")
-    try:
-        return [re.compile(p) for p in layers]
-    except re.error as exc:
-        raise ConfigError(f"bn_restore: bad regex in 'layers': {exc}") from None
+    return name_patterns(layers, "bn_restore layers", strict=True)
 
 
 def choose_convs(model: QModel, layers) -> tuple[list[gs.Node], list[dict]]:
@@ -73,11 +68,11 @@ def choose_convs(model: QModel, layers) -> tuple[list[gs.Node], list[dict]]:
     for node in model.graph.nodes:
         if node.op != "Conv":
             continue
-        if patterns is not None and not any(node.name == p.pattern or p.fullmatch(node.name) for p in patterns):
+        if patterns is not None and not any(p.matches(node.name) for p in patterns):
             continue
         reason = _why_not(model, node)
         if reason:
-            skipped.append({"node": node.name, "reason": reason})
+            skipped.append(skip(node, reason))
         else:
             chosen.append(node)
     if patterns is not None and not chosen and not skipped:

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import PassError
 from qgraph.graph import QModel
+from qgraph.idioms import lift_constant_nodes, name_nodes, skip
 from qgraph.pipeline import PassContext, register_pass
 
 _REMOVABLE = ("Identity", "Dropout")
@@ -55,56 +56,21 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
             "skipped": skipped}
 
 
-def name_nodes(model: QModel) -> int:
-    """Give every unnamed or duplicate-named node a unique name `<op>_<k>`."""
-    seen: set[str] = set()
-    renamed = 0
-    for node in model.graph.nodes:
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        base = node.name or node.op.lower()
-        k = 0
-        while f"{base}_{k}" in seen:
-            k += 1
-        node.name = f"{base}_{k}"
-        seen.add(node.name)
-        renamed += 1
-    model.cleanup()
-    return renamed
-
-
 def remove_passthrough(model: QModel) -> tuple[int, list[dict]]:
     removed, skipped = 0, []
     for node in list(model.graph.nodes):
         if node.op not in _REMOVABLE:
             continue
         if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
-            skipped.append({"node": node.name, "reason": "its mask output is used"})
+            skipped.append(skip(node, "its mask output is used"))
             continue
         try:
             model.bypass(node)
             removed += 1
         except PassError as exc:
-            skipped.append({"node": node.name, "reason": str(exc)})
+            skipped.append(skip(node, str(exc)))
     model.cleanup()
     return removed, skipped
-
-
-def lift_constant_nodes(model: QModel) -> None:
-    """Constant node outputs become initializers (gs.Constant) so passes see their values."""
-    for node in list(model.graph.nodes):
-        if node.op != "Constant" or "value" not in node.attrs or not node.outputs:
-            continue
-        out = node.outputs[0]
-        value = node.attrs["value"]
-        values = value.values if isinstance(value, gs.Constant) else value
-        const = gs.Constant(out.name + "__const", values)
-        for consumer in list(out.outputs):
-            consumer.inputs = [const if t is out else t for t in consumer.inputs]
-        if model.is_graph_output(out):
-            continue
-        node.outputs.clear()
 
 
 def flatten_batch_reshapes(model: QModel) -> int:

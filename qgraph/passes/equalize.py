@@ -47,7 +47,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
-from qgraph.idioms import bn_scale
+from qgraph.idioms import Declined, bn_scale, clip_bounds
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -404,18 +404,10 @@ def _activation_blocker(node: gs.Node) -> str | None:
         return None if isinstance(slope, gs.Constant) else "PRelu slope is not constant"
     if node.op != "Clip":
         return None
-    bounds = []
-    for index, attr in ((1, "min"), (2, "max")):
-        if len(node.inputs) > index and node.inputs[index].name:
-            t = node.inputs[index]
-            if not isinstance(t, gs.Constant):
-                return f"Clip '{node.name}' bound '{t.name}' is not constant"
-            bounds.append(float(np.asarray(t.values).reshape(-1)[0]))
-        elif attr in node.attrs:
-            bounds.append(float(node.attrs[attr]))
-        else:
-            bounds.append(-math.inf if attr == "min" else math.inf)
-    low, high = bounds
+    try:
+        low, high = clip_bounds(node)
+    except Declined as declined:
+        return declined.reason
     if math.isfinite(high):
         return (f"Clip '{node.name}' ({low:g}, {high:g}) has a finite upper bound: not positive-homogeneous, and "
                 "ONNX Clip bounds are scalars so no per-channel rescale keeps it exact")

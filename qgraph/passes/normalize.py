@@ -16,16 +16,15 @@ that fixed point represents well. Running it twice changes nothing more.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qgraph.annotations import get_annotation
+from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.passes.fuse_conv_bn import FORWARD_FUSED_BN
+from qgraph.idioms import first_match, name_patterns
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -104,16 +103,10 @@ class NameRules:
 
     def __init__(self, rules: dict, what: str):
         self.rules, self.what, self.used, self.last_key = rules, what, set(), None
-        self.patterns = []
-        for key in rules:
-            try:
-                self.patterns.append((key, re.compile(key)))
-            except re.error:  # not a regex: an exact name only
-                pass
+        self.patterns = name_patterns(rules, f"normalize {what}")
 
     def match(self, name: str):
-        key = name if name in self.rules else next(
-            (k for k, pattern in self.patterns if pattern.fullmatch(name)), None)
+        key = first_match(self.patterns, name)
         if key is None:
             return None
         self.used.add(key)
