@@ -63,7 +63,7 @@ if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, whic
     from qgraph.fakequant import to_training_form
     from qgraph.models.builders import build_model
     from qgraph.models.datasets import load_dataset
-    from qgraph.passes.insert_qdq import quantizer_records
+    from qgraph.annotations import read_quantizers
     from qgraph.runner import top1_accuracy
     from qgraph.train import classify_parameters, train_model
 
@@ -123,13 +123,13 @@ def torch_run(torch_python: str | None, model: "onnx.ModelProto", train_path: Pa
 def graph_spec(model: "onnx.ModelProto", weights_path: Path) -> dict:
     """Nodes, initializers (saved to `weights_path`), trainable names and quantizer grids as JSON."""
     training, info = to_training_form(model)
-    trainable, _ = classify_parameters(training, info.learned_scales, info.fixed_scales)
+    trainable, _ = classify_parameters(training, info.learned_scales, info.fixed_scales + info.created_constants)
     inits = list(model.graph.initializer)
     np.savez(weights_path, **{f"t{i}": numpy_helper.to_array(t) for i, t in enumerate(inits)})
     nodes = [{"op": n.op_type, "name": n.name, "inputs": list(n.input), "outputs": list(n.output),
               "attrs": {a.name: _plain(helper.get_attribute_value(a)) for a in n.attribute}}
              for n in model.graph.node]
-    grids = {r["quantize"]: [r["qmin"], r["qmax"]] for r in quantizer_records(model).values()}
+    grids = {r.quantize: [r.qmin, r.qmax] for r in read_quantizers(model).values()}
     return {"nodes": nodes, "initializers": [t.name for t in inits], "weights": str(weights_path),
             "trainable": sorted(set(trainable) & {t.name for t in inits}), "grids": grids,
             "input": model.graph.input[0].name, "output": model.graph.output[0].name}

@@ -2,7 +2,7 @@
 
 `load_dataset` returns a data dict in the project's format: `input` float32 (N, 1, H, W)
 with pixels x / 255 in [0, 1], and `labels` int64. Splits are fixed in the files (see
-`make_datasets.py` for sources, licences and how they were made).
+`scripts/make_datasets.py` for sources, licences and how they were made).
 """
 
 from __future__ import annotations

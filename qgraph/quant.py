@@ -41,6 +41,7 @@ __all__ = [
     "qrange",
     "storage_dtype",
     "storage_range",
+    "all_codes",
     "dtype_for_range",
     "UNSIGNED_OFFSET",
     "int8_as_uint8",
@@ -101,6 +102,13 @@ def storage_range(dtype) -> tuple[int, int]:
         raise ConfigError(f"{dtype.name} is not an integer storage type")
     info = np.iinfo(dtype)
     return int(info.min), int(info.max)
+
+
+def all_codes(dtype) -> np.ndarray:
+    """Every code of an integer storage type, ascending (what a lookup table is indexed by:
+    code q sits at index q − qmin)."""
+    qmin, qmax = storage_range(dtype)
+    return np.arange(qmin, qmax + 1).astype(dtype)
 
 
 def dtype_for_range(qmin: int, qmax: int) -> type:

@@ -69,3 +69,15 @@ def small_data_file(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, **small_data())
     return path
+
+
+def paired_margin(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """How far two models' top-1 accuracies on the same images may differ by chance alone.
+
+    Only images where the two predictions differ can move the difference; if neither model is
+    better, each such image is a fair coin for which one is right (the sign test), so the
+    difference in correct counts has standard deviation ≤ √k for k differing images. The margin
+    is 2√k / n (about 95%), plus one image for the discreteness of counts."""
+    pred_a, pred_b = np.asarray(pred_a).reshape(-1), np.asarray(pred_b).reshape(-1)
+    k = int(np.sum(pred_a != pred_b))
+    return (2.0 * np.sqrt(k) + 1.0) / len(pred_a)

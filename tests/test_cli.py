@@ -219,3 +219,23 @@ def test_a_failed_train_leaves_no_work_folder(tmp_path, small_cnn_file, small_da
                     "--batch-size", "2", "--optimizer", "sgd", "--momentum", "0", "-o", tmp_path / "t.onnx")
     assert result.exit_code == 2 and "training loss is" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "small.onnx"]
+
+
+def test_a_misspelled_quantizer_key_is_one_error_line_naming_it(tmp_path, small_cnn_file, small_data_file):
+    ptq = tmp_path / "ptq.onnx"
+    assert invoke("passes", "run", small_cnn_file, "--pipeline", "ptq", "--data", small_data_file,
+                  "-o", ptq).exit_code == 0
+    model = onnx.load(ptq)
+    props = {p.key: p for p in model.metadata_props}
+    records = json.loads(props["qgraph.quantizers"].value)
+    first = next(iter(records))
+    records[first]["zero_piont"] = records[first].pop("zero_point")
+    props["qgraph.quantizers"].value = json.dumps(records)
+    onnx.save(model, tmp_path / "typo.onnx")
+    for command in (["lower", tmp_path / "typo.onnx", "-o", tmp_path / "low.onnx"],
+                    ["train", tmp_path / "typo.onnx", "--data", small_data_file, "-o", tmp_path / "t.onnx"],
+                    ["inspect", tmp_path / "typo.onnx"]):
+        result = invoke(*command)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert f"record of tensor '{first}' has an unknown field 'zero_piont' (did you mean 'zero_point'?)" in lines[0]

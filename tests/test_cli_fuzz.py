@@ -211,6 +211,10 @@ def _build_template(folder):
     _write_model(folder / "meta_record.onnx", _with_metadata(ptq, "qgraph.quantizers",
                                                              json.dumps({"x": {"kind": "activation"}})))
     _write_model(folder / "meta_flag.onnx", _with_metadata(ptq, "qgraph.calibrated", "\"maybe\""))
+    records = json.loads({p.key: p.value for p in ptq.metadata_props}["qgraph.quantizers"])
+    first = next(iter(records))
+    records[first]["scael"] = records[first].pop("scale")
+    _write_model(folder / "meta_typo.onnx", _with_metadata(ptq, "qgraph.quantizers", json.dumps(records)))
     _write_model(folder / "fixed_batch2.onnx", _fixed_batch(model, 2))
     (folder / "model_dir.onnx").mkdir()
 
@@ -355,6 +359,7 @@ BAD_MODELS = {
     "meta_type.onnx": ("passes", "inspect", "train", "lower", "diff"),
     "meta_record.onnx": ("passes", "inspect", "train", "lower", "diff"),
     "meta_flag.onnx": ("passes", "inspect", "train", "lower", "diff"),
+    "meta_typo.onnx": ("passes", "inspect", "train", "lower", "diff"),
     "model.onnx": ("lower",),           # a float model has nothing to lower
     "lowered.onnx": ("lower",),         # lowering twice lowers nothing
     "fixed_batch2.onnx": ("train",),    # batch 8 cannot feed a model whose batch is fixed at 2

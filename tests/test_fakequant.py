@@ -102,22 +102,11 @@ def tiny_cnn(quant: str = "qdq", fused_bn: bool = True, seed: int = 0, size: int
     return model
 
 
-def digits_like(n: int = 64, size: int = 8, seed: int = 1) -> dict[str, np.ndarray]:
-    """Real digits when the dataset module has landed, else seeded blobs with learnable labels."""
-    try:
-        from qgraph.models.datasets import load_dataset
-        data = load_dataset("digits", "train")
-        if data["input"].shape[-1] == size:
-            return {"input": data["input"][:n], "labels": data["labels"][:n]}
-    except Exception:  # TODO: drop the fallback once models/datasets.py is on main
-        pass
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.int64)
-    images = rng.random((n, 1, size, size)).astype(np.float32) * 0.3
-    for i, label in enumerate(labels):  # a bright block whose position encodes the class
-        r, c = divmod(int(label), 4)
-        images[i, 0, 2 * r:2 * r + 3, 2 * c:2 * c + 3] += 0.7
-    return {"input": np.clip(images, 0, 1), "labels": labels}
+def digits_like(n: int = 64, split: str = "train") -> dict[str, np.ndarray]:
+    """The first `n` real 8x8 digits (scikit-learn's, bundled) of a split."""
+    from qgraph.models.datasets import load_dataset
+    data = load_dataset("digits", split)
+    return {"input": data["input"][:n], "labels": data["labels"][:n]}
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray, output: str = "logits") -> np.ndarray:

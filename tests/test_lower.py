@@ -379,3 +379,18 @@ def test_float_tail_outside_the_quantized_region_is_reported():
     _, report = lower_model(model.to_onnx(), "qlinear")
     outside = [item["node"] for item in report["outside_region"]]
     assert outside and "float outside the quantized region" in report["summary"]
+
+
+def test_failed_shape_inference_is_reported_and_unknown_types_count_as_float(tmp_dir, monkeypatch):
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering import fold, integer
+    assert integer._is_float(gs.Variable("unknown", dtype=None))
+    assert not integer._is_float(gs.Variable("codes", dtype=np.uint8))
+    model = QModel.from_onnx(ort_qdq("lenet", True, "int8", tmp_dir))
+
+    def fail(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] made to fail")
+
+    monkeypatch.setattr(fold.onnx.shape_inference, "infer_shapes", fail)
+    report = run_pass(model, "lower", {"target": "integer"})
+    assert any("shape inference failed ([ShapeInferenceError] made to fail)" in w for w in report["warnings"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qgraph.observers import (EntropyObserver, MinMaxObserver, MovingAverageObserver, MSEObserver,
@@ -57,8 +57,7 @@ def test_streaming_histogram_equals_one_shot(spec):
     data = np.concatenate(batches).astype(np.float64)
     assert hist.counts.sum() == len(data)
     assert hist.lo <= min(data.min(), 0) and hist.hi >= max(data.max(), 0) - 1e-9 * max(1.0, abs(hist.hi))
-    if hist.width == 0:
-        return
+    assume(hist.width > 0)   # all-zero data has no grid to compare
     one_shot, _ = np.histogram(data, bins=256, range=(hist.lo, hist.hi))
     # values exactly on an edge may go either way: the cumulative counts agree within a few values
     moved = np.abs(np.cumsum(one_shot) - np.cumsum(hist.counts)).max()

@@ -1,7 +1,7 @@
 """End to end on a model the project did not build: a CNN exported by `torch.onnx.export`.
 
 `tests/fixtures/torch_cnn.onnx` was trained on the bundled MNIST train split and exported by
-PyTorch (`models/export_torch_fixture.py` records how): BN folded into the convs by the
+PyTorch (`scripts/export_torch_fixture.py` records how): BN folded into the convs by the
 exporter, a residual Add, MaxPool, a depthwise conv, GlobalAveragePool, Flatten, Gemm,
 PyTorch's node/tensor names (`/block/conv1/Conv`, `onnx::Conv_63`). It goes through the
 bundled ptq.yaml, `qgraph lower` to both targets and `qgraph diff`, all through the CLI, with
@@ -135,7 +135,12 @@ def test_view_fixture_is_the_same_network(mnist):
 
 def test_live_torch_export_ptq_lower_diff(tmp_path, mnist):
     torch = pytest.importorskip("torch")
-    from qgraph.models.export_torch_fixture import build_model, export_onnx
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "export_torch_fixture", Path(__file__).resolve().parents[1] / "scripts" / "export_torch_fixture.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    build_model, export_onnx = script.build_model, script.export_onnx
 
     torch.manual_seed(0)
     model = build_model(seed=1).eval()

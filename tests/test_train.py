@@ -30,7 +30,7 @@ def params(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def data():
-    return digits_like(384), digits_like(128, seed=7)
+    return digits_like(384), digits_like(128, "val")
 
 
 def test_float_training_learns_and_exports_what_the_engine_computes(data, tmp_path):

@@ -182,20 +182,15 @@ def qlinear_average_pool(ctx, x, x_s, x_zp, y_s, y_zp=None):
 
 
 # --------------------------------------------------------------------------- lookup tables
-def _codes(dtype):
-    info = np.iinfo(dtype)
-    return np.arange(info.min, info.max + 1).astype(dtype)
-
-
 def _lookup(x, table, dtype):
-    """Apply a 256-entry table indexed by the code's value."""
-    idx = x.astype(np.int32) - int(np.iinfo(dtype).min)
+    """Apply a 256-entry table indexed by the code's value (quant.all_codes order)."""
+    idx = x.astype(np.int32) - qlimits(dtype)[0]
     return table[idx]
 
 
 def _requant_table(dtype, x_s, x_zp, y_s, y_zp, fn):
     """ORT QlinearBuildLookupTable: f32(x_s · (code - x_zp)) → fn → MlasQuantizeLinear."""
-    codes = _codes(dtype)
+    codes = quant.all_codes(dtype)
     deq = (F32(_s(x_s)) * (codes.astype(np.int32) - _zp(x_zp)).astype(F32)).astype(F32)
     qmin, qmax = qlimits(dtype)
     return quant.quantize(fn(deq), F32(_s(y_s)), _zp(y_zp), qmin, qmax, dtype=dtype)

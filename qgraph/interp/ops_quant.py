@@ -100,8 +100,8 @@ def _gemm_dtype(x, x_zp, w, w_zp):
     if not w.size:
         return np.float32
     xz = np.asarray(0 if x_zp is None else x_zp).astype(np.int64).reshape(-1)
-    xi = np.iinfo(x.dtype)
-    xmax = int(np.max(np.maximum(np.abs(xi.max - xz), np.abs(xi.min - xz))))
+    lo, hi = qlimits(x.dtype)
+    xmax = int(np.max(np.maximum(np.abs(hi - xz), np.abs(lo - xz))))
     wz = np.asarray(0 if w_zp is None else w_zp).astype(np.int64).reshape(-1)
     wz = wz.reshape((-1,) + (1,) * (w.ndim - 1)) if wz.size > 1 else wz.reshape(())
     row_sums = np.abs(w.astype(np.int64) - wz).reshape(w.shape[0], -1).sum(axis=1)

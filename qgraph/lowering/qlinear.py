@@ -261,8 +261,7 @@ def unary_table(model: QModel, site: Site, x: QInput) -> np.ndarray:
     import onnx
     from onnx import TensorProto, helper
     from qgraph.runner import run_model
-    info = np.iinfo(x.quantizer.dtype)
-    codes = np.arange(info.min, info.max + 1).astype(x.quantizer.dtype)
+    codes = quant.all_codes(x.quantizer.dtype)
     real = x.quantizer.dequantize(codes)
     node = site.node
     attrs = {k: v for k, v in node.attrs.items()}
@@ -285,7 +284,7 @@ def lower_unary_table(model: QModel, site: Site) -> None:
     except Exception as exc:  # noqa: BLE001 - ORT refusing the op is a reason, not a crash
         raise Declined(f"cannot tabulate {site.node.op}: {str(exc).splitlines()[0][:120]}") from None
     name = site.node.name
-    offset = -int(np.iinfo(x.quantizer.dtype).min)
+    offset = -x.quantizer.qmin   # table index of code q is q − qmin
 
     def build(out):
         index = var(model, f"{name}_index", np.int32)

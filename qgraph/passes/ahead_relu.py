@@ -34,19 +34,20 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
     static = constant_tensors(model)
     for node in model.graph.nodes:
         if node.op in ("Relu", "Clip"):
-            if node.outputs and clip_floor_reason(node) == "":
+            if node.outputs and _is_nonnegative_clamp(node):
                 activations.append(node.outputs[0].name)
             continue
         option = _OPTION_OF_OP.get(node.op)
         if option is None or not node.outputs or node.outputs[0].name in static:
             continue  # static: weight arithmetic such as fuse_conv_bn's forward-mode subgraphs
         out = node.outputs[0]
-        reason = (f"option {option} is off" if not options[option] else
-                  ahead_reason(model, out))
-        if reason:
-            skipped.append(skip(node, reason))
-        else:
+        try:
+            if not options[option]:
+                raise Declined(f"option {option} is off")
+            check_ahead(model, out)
             marked.append(out.name)
+        except Declined as declined:
+            skipped.append(skip(node, declined.reason))
 
     existing = get_annotation(model, NONNEGATIVE, []) or []
     merged = sorted(set(existing) | set(marked) | set(activations))
@@ -63,30 +64,32 @@ def ahead_relu(model: QModel, ctx: PassContext, *, ahead_conv_relu: bool = True,
             "activations_marked": sorted(activations), "skipped": skipped, "warnings": []}
 
 
-def ahead_reason(model: QModel, tensor: Tensor) -> str:
-    """Why `tensor` may not be quantized over [0, max] alone, or '' when it may."""
+def check_ahead(model: QModel, tensor: Tensor) -> None:
+    """Declined unless `tensor` may be quantized over [0, max] alone: every reader clamps at ≥ 0."""
     if model.is_graph_output(tensor):
-        return f"'{tensor.name}' is a graph output"
+        raise Declined(f"'{tensor.name}' is a graph output")
     if not tensor.outputs:
-        return f"'{tensor.name}' has no consumers"
+        raise Declined(f"'{tensor.name}' has no consumers")
     for consumer in tensor.outputs:
         if consumer.op not in ("Relu", "Clip"):
-            return f"consumer {consumer.op} is not Relu/Clip(0,·) ('{consumer.name}')"
+            raise Declined(f"consumer {consumer.op} is not Relu/Clip(0,·) ('{consumer.name}')")
         if consumer.inputs[0] is not tensor:
-            return f"'{tensor.name}' is a bound of Clip '{consumer.name}', not its data input"
-        reason = clip_floor_reason(consumer)
-        if reason:
-            return reason
-    return ""
+            raise Declined(f"'{tensor.name}' is a bound of Clip '{consumer.name}', not its data input")
+        check_nonnegative_clamp(consumer)
 
 
-def clip_floor_reason(node: Node) -> str:
-    """'' if `node` (Relu or Clip) outputs only values ≥ 0, else why not."""
-    try:
-        low, _ = clip_bounds(node)
-    except Declined as declined:
-        return declined.reason
+def check_nonnegative_clamp(node: Node) -> None:
+    """Declined unless `node` (Relu or Clip) outputs only values ≥ 0."""
+    low, _ = clip_bounds(node)
+    if low == float("-inf"):
+        raise Declined(f"Clip '{node.name}' has no min (−inf)")
     if not low >= 0:
-        return f"Clip '{node.name}' has no min (−inf)" if low == float("-inf") else \
-            f"Clip '{node.name}' min {low:g} is below 0"
-    return ""
+        raise Declined(f"Clip '{node.name}' min {low:g} is below 0")
+
+
+def _is_nonnegative_clamp(node: Node) -> bool:
+    try:
+        check_nonnegative_clamp(node)
+        return True
+    except Declined:
+        return False

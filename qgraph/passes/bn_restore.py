@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
-from qgraph.idioms import NamePattern, name_patterns, skip
+from qgraph.idioms import Declined, NamePattern, name_patterns, skip
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -70,23 +70,23 @@ def choose_convs(model: QModel, layers) -> tuple[list[gs.Node], list[dict]]:
             continue
         if patterns is not None and not any(p.matches(node.name) for p in patterns):
             continue
-        reason = _why_not(model, node)
-        if reason:
-            skipped.append(skip(node, reason))
-        else:
+        try:
+            _check_conv(model, node)
             chosen.append(node)
+        except Declined as declined:
+            skipped.append(skip(node, declined.reason))
     if patterns is not None and not chosen and not skipped:
         raise ConfigError(f"bn_restore: no Conv node matches 'layers' {layers!r}; see `qgraph inspect` for names")
     return chosen, skipped
 
 
-def _why_not(model: QModel, conv: gs.Node) -> str | None:
+def _check_conv(model: QModel, conv: gs.Node) -> None:
+    """Declined when a BN cannot go after `conv`."""
     out = conv.outputs[0]
     if any(c.op == "BatchNormalization" for c in out.outputs):
-        return "already followed by BatchNormalization"
+        raise Declined("already followed by BatchNormalization")
     if model.constant_value(conv.inputs[1]) is None:
-        return f"weight '{conv.inputs[1].name}' is not an initializer (graph input or computed)"
-    return None
+        raise Declined(f"weight '{conv.inputs[1].name}' is not an initializer (graph input or computed)")
 
 
 def conv_output_statistics(model: QModel, ctx: PassContext, names: list[str]) -> dict:

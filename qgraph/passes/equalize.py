@@ -47,7 +47,7 @@ import onnx_graphsurgeon as gs
 
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, bn_scale, clip_bounds
+from qgraph.idioms import Declined, bn_scale, clip_bounds, skip
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -236,40 +236,40 @@ def _single_use_constant(tensor) -> bool:
     return isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1
 
 
-def layer_kind(model: QModel, node: gs.Node) -> tuple[Layer | None, str | None]:
-    """A Layer for `node`, or the reason it cannot be scaled."""
+def layer_kind(model: QModel, node: gs.Node) -> Layer:
+    """A Layer for `node`; Declined says why it cannot be scaled."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or not isinstance(weight, gs.Constant):
         name = weight.name if weight is not None else "?"
-        return None, f"weight '{name}' is not an initializer (graph input or computed); CLE needs constant weights"
+        raise Declined(f"weight '{name}' is not an initializer (graph input or computed); CLE needs constant weights")
     if len(weight.outputs) != 1:
-        return None, f"weight '{weight.name}' is shared with other nodes"
+        raise Declined(f"weight '{weight.name}' is shared with other nodes")
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if bias is not None and not _single_use_constant(bias):
-        return None, f"bias '{bias.name}' is not a constant used only here"
+        raise Declined(f"bias '{bias.name}' is not a constant used only here")
     shape = weight.shape
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
         if len(shape) < 3:
-            return None, f"weight '{weight.name}' has rank {len(shape)}"
+            raise Declined(f"weight '{weight.name}' has rank {len(shape)}")
         if group == 1:
             kind = "conv"
         elif shape[1] == 1 and group == shape[0]:
             kind = "dw"
         else:
-            return None, f"grouped conv (group={group}) that is not depthwise is not handled"
+            raise Declined(f"grouped conv (group={group}) that is not depthwise is not handled")
         out_axis, in_axis = 0, 1
     else:
         if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
-            return None, "Gemm with transA or alpha/beta != 1 is not handled"
+            raise Declined("Gemm with transA or alpha/beta != 1 is not handled")
         if len(shape) != 2:
-            return None, f"Gemm weight '{weight.name}' has rank {len(shape)}"
+            raise Declined(f"Gemm weight '{weight.name}' has rank {len(shape)}")
         kind = "gemm"
         out_axis, in_axis = (0, 1) if node.attrs.get("transB", 0) else (1, 0)
     bn = following_bn(model, node)
     if bias is not None and bn is None and bias.values.size not in (1, shape[out_axis]):
-        return None, f"bias '{bias.name}' does not broadcast per output channel"
-    return Layer(node, kind, weight, bias, bn, out_axis, in_axis), None
+        raise Declined(f"bias '{bias.name}' does not broadcast per output channel")
+    return Layer(node, kind, weight, bias, bn, out_axis, in_axis)
 
 
 def following_bn(model: QModel, node: gs.Node) -> gs.Node | None:
@@ -289,11 +289,10 @@ def find_layers(model: QModel, skipped: list[dict]) -> dict[str, Layer]:
     for node in model.graph.nodes:
         if node.op not in _LAYER_OPS:
             continue
-        layer, reason = layer_kind(model, node)
-        if layer is None:
-            skipped.append({"node": node.name, "reason": reason})
-        else:
-            layers[node.name] = layer
+        try:
+            layers[node.name] = layer_kind(model, node)
+        except Declined as declined:
+            skipped.append(skip(node, declined.reason))
     return layers
 
 
@@ -369,62 +368,62 @@ def set_spread(s: ClsSet) -> float:
     return max(values)
 
 
-def next_link(model: QModel, layer: Layer, layers: dict[str, Layer]) -> tuple[Layer | None, gs.Node | None, str | None]:
-    """The layer fed by `layer` through [BN] [activation], the activation node, or why there is none."""
+def next_link(model: QModel, layer: Layer, layers: dict[str, Layer]) -> tuple[Layer, gs.Node | None] | None:
+    """The layer fed by `layer` through [BN] [activation], and the activation node; None when
+    there is nothing to pair with (a branch, a graph output, a non-layer, a layer already
+    reported); Declined when a pairing exists but cannot be scaled exactly."""
     tensor = (layer.bn or layer.node).outputs[0]
     node = model.only_consumer(tensor)
     if node is None:
-        return None, None, None  # a branch or graph output: nothing to pair with, not worth a reason
+        return None
     activation = None
     if node.op in _HOMOGENEOUS or node.op == "Clip":
-        reason = _activation_blocker(node)
-        if reason:
-            return None, None, reason
+        _check_activation(node)
         activation = node
         node = model.only_consumer(node.outputs[0])
         if node is None:
-            return None, None, None
+            return None
     if node.op not in _LAYER_OPS:
-        return None, None, None
+        return None
     second = layers.get(node.name)
     if second is None:
-        return None, None, None  # its own skip reason is already reported
-    if (layer.kind == "gemm") != (second.kind == "gemm"):
-        return None, None, f"cannot pair {layer.node.op} with {node.op} '{node.name}'"
-    if node.inputs[0] is not (activation.outputs[0] if activation is not None else tensor):
-        return None, None, f"'{node.name}' reads the chain tensor as its weight, not its input"
-    if second.in_channels != layer.out_channels:
-        return None, None, f"channel count mismatch with '{node.name}'"
-    return second, activation, None
-
-
-def _activation_blocker(node: gs.Node) -> str | None:
-    if node.op == "PRelu":
-        slope = node.inputs[1]
-        return None if isinstance(slope, gs.Constant) else "PRelu slope is not constant"
-    if node.op != "Clip":
         return None
-    try:
-        low, high = clip_bounds(node)
-    except Declined as declined:
-        return declined.reason
+    if (layer.kind == "gemm") != (second.kind == "gemm"):
+        raise Declined(f"cannot pair {layer.node.op} with {node.op} '{node.name}'")
+    if node.inputs[0] is not (activation.outputs[0] if activation is not None else tensor):
+        raise Declined(f"'{node.name}' reads the chain tensor as its weight, not its input")
+    if second.in_channels != layer.out_channels:
+        raise Declined(f"channel count mismatch with '{node.name}'")
+    return second, activation
+
+
+def _check_activation(node: gs.Node) -> None:
+    """Declined unless the activation is positive-homogeneous (f(s·x) = s·f(x) for s > 0)."""
+    if node.op == "PRelu":
+        if not isinstance(node.inputs[1], gs.Constant):
+            raise Declined("PRelu slope is not constant")
+        return
+    if node.op != "Clip":
+        return
+    low, high = clip_bounds(node)
     if math.isfinite(high):
-        return (f"Clip '{node.name}' ({low:g}, {high:g}) has a finite upper bound: not positive-homogeneous, and "
-                "ONNX Clip bounds are scalars so no per-channel rescale keeps it exact")
+        raise Declined(f"Clip '{node.name}' ({low:g}, {high:g}) has a finite upper bound: not positive-homogeneous, "
+                       "and ONNX Clip bounds are scalars so no per-channel rescale keeps it exact")
     if low not in (0.0, -math.inf):
-        return f"Clip '{node.name}' lower bound {low:g} is neither 0 nor -inf: not positive-homogeneous"
-    return None
+        raise Declined(f"Clip '{node.name}' lower bound {low:g} is neither 0 nor -inf: not positive-homogeneous")
 
 
 def find_cls_sets(model: QModel, layers: dict[str, Layer], skipped: list[dict]) -> list[ClsSet]:
     """Pairs and depthwise triplets, in graph order; each link belongs to one set (AIMET's rule)."""
     links: dict[str, Link] = {}
     for name, layer in layers.items():
-        second, activation, reason = next_link(model, layer, layers)
-        if reason:
-            skipped.append({"node": name, "reason": reason})
-        if second is not None:
-            links[name] = Link(layer, second, activation)
+        try:
+            found = next_link(model, layer, layers)
+        except Declined as declined:
+            skipped.append(skip(name, declined.reason))
+            continue
+        if found is not None:
+            links[name] = Link(layer, *found)
     sets, used = [], set()
     for name in layers:  # graph order (QModel keeps nodes toposorted)
         link = links.get(name)
@@ -454,9 +453,9 @@ def absorb_high_bias(model: QModel, link: Link, skipped: list[dict]) -> int:
     if not np.any(c > 0):
         return 0  # no channel has β > 3|γ|: nothing to absorb, nothing to report
     if second.kind != "gemm" and _pads(second.node):
-        skipped.append({"node": second.node.name, "reason": f"high-bias absorption {first.node.name}->"
-                        f"{second.node.name} skipped ({int(np.sum(c > 0))} channels): zero padding would "
-                        "make the absorbed bias wrong at the borders"})
+        skipped.append(skip(second.node, f"high-bias absorption {first.node.name}->{second.node.name} skipped "
+                            f"({int(np.sum(c > 0))} channels): zero padding would make the absorbed bias wrong "
+                            "at the borders"))
         return 0
     w = np.moveaxis(np.asarray(second.weight.values, dtype=np.float64), (second.out_axis, second.in_axis), (0, 1))
     taps = w.sum(axis=tuple(range(2, w.ndim))) if w.ndim > 2 else w

@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from qgraph.annotations import FORWARD_FUSED_BN, FROZEN, get_annotation, set_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.idioms import bn_scale, skip
+from qgraph.idioms import Declined, bn_scale, skip
 from qgraph.pipeline import PassContext, register_pass
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _MODES = ("fold", "forward")
@@ -42,9 +42,10 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forw
         raise ConfigError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
     fused, skipped, annotation = [], [], {}
     for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
-        match, reason = match_bn(model, bn)
-        if match is None:
-            skipped.append(skip(bn, reason))
+        try:
+            match = match_bn(model, bn)
+        except Declined as declined:
+            skipped.append(skip(bn, declined.reason))
             continue
         check_finite(match)
         if not match.layer.name:  # the annotation and new tensor names need one
@@ -91,74 +92,64 @@ class BNMatch:
         return QModel.constant_value(tensor)
 
 
-def match_bn(model: QModel, bn: Node) -> tuple[BNMatch | None, str]:
-    """The fusion for `bn`, or None and the reason it does not apply."""
+def match_bn(model: QModel, bn: Node) -> BNMatch:
+    """The fusion for `bn`; Declined says why it does not apply."""
     if int(bn.attrs.get("training_mode", 0)) != 0:
-        return None, "BatchNormalization has training_mode=1"
+        raise Declined("BatchNormalization has training_mode=1")
     for extra in bn.outputs[1:]:
         if extra.outputs or model.is_graph_output(extra):
-            return None, f"its running-statistics output '{extra.name}' is used"
+            raise Declined(f"its running-statistics output '{extra.name}' is used")
     x = bn.inputs[0]
     layer = model.producer(x)
     if layer is None:
-        return None, f"its input '{x.name}' is a graph input, not a Conv/ConvTranspose/Gemm/MatMul output"
+        raise Declined(f"its input '{x.name}' is a graph input, not a Conv/ConvTranspose/Gemm/MatMul output")
     if layer.op not in _LAYERS:
-        return None, f"its input '{x.name}' is produced by {layer.op} '{layer.name}', not Conv/ConvTranspose/Gemm/MatMul"
+        raise Declined(f"its input '{x.name}' is produced by {layer.op} '{layer.name}', not "
+                       "Conv/ConvTranspose/Gemm/MatMul")
     if model.only_consumer(x) is not bn:
         readers = len(x.outputs) - 1
         why = "is a graph output" if model.is_graph_output(x) else f"has {readers} other consumer(s)"
-        return None, f"the {layer.op} output '{x.name}' {why}; fusing would change it for them"
+        raise Declined(f"the {layer.op} output '{x.name}' {why}; fusing would change it for them")
     if layer.domain not in (None, "", "ai.onnx"):
-        return None, f"{layer.op} '{layer.name}' is in domain '{layer.domain}'"
+        raise Declined(f"{layer.op} '{layer.name}' is in domain '{layer.domain}'")
     params = bn.inputs[1:5]
     for role, tensor in zip(("scale", "B", "mean", "var"), params):
-        reason = _not_constant(model, tensor, f"BatchNormalization {role}")
-        if reason:
-            return None, reason
-    weight, bias, reason = _layer_params(model, layer)
-    if reason:
-        return None, reason
+        _check_constant(model, tensor, f"BatchNormalization {role}")
+    weight, bias = _layer_params(model, layer)
     match = BNMatch(bn, layer, layer.op, weight, bias, *params, float(bn.attrs.get("epsilon", 1e-5)))
-    reason = _check_shapes(match)
-    return (None, reason) if reason else (match, "")
+    _check_shapes(match)
+    return match
 
 
-def _not_constant(model: QModel, tensor: Tensor, role: str) -> str:
+def _check_constant(model: QModel, tensor: Tensor, role: str) -> None:
     if model.is_graph_input(tensor):
-        return f"{role} '{tensor.name}' is a graph input, not an initializer"
+        raise Declined(f"{role} '{tensor.name}' is a graph input, not an initializer")
     if model.constant_value(tensor) is None:
-        return f"{role} '{tensor.name}' is not a constant"
-    return ""
+        raise Declined(f"{role} '{tensor.name}' is not a constant")
 
 
-def _layer_params(model: QModel, layer: Node) -> tuple[Tensor | None, Tensor | None, str]:
-    """The layer's weight and bias tensors (bias None when absent), or a reason."""
+def _layer_params(model: QModel, layer: Node) -> tuple[Tensor, Tensor | None]:
+    """The layer's weight and bias tensors (bias None when absent)."""
     inputs = layer.inputs
     if layer.op == "Gemm" and int(layer.attrs.get("transA", 0)) not in (0, 1):
-        return None, None, f"Gemm '{layer.name}' has an unexpected transA"
+        raise Declined(f"Gemm '{layer.name}' has an unexpected transA")
     if layer.op == "MatMul":
         weight = inputs[1]
-        reason = _not_constant(model, weight, f"MatMul '{layer.name}' weight")
-        if reason:
-            return None, None, reason
+        _check_constant(model, weight, f"MatMul '{layer.name}' weight")
         if model.constant_value(weight).ndim != 2:
-            return None, None, f"MatMul '{layer.name}' weight '{weight.name}' is not 2-D"
+            raise Declined(f"MatMul '{layer.name}' weight '{weight.name}' is not 2-D")
         if not _is_2d(inputs[0]) and not _is_2d(layer.outputs[0]):
-            return None, None, (f"MatMul '{layer.name}' output is not known to be 2-D (N, C), so the BN "
-                                "channel axis 1 may not be its feature axis; run shape inference first")
-        return weight, None, ""
+            raise Declined(f"MatMul '{layer.name}' output is not known to be 2-D (N, C), so the BN "
+                           "channel axis 1 may not be its feature axis; run shape inference first")
+        return weight, None
     weight = inputs[1] if len(inputs) > 1 else None
     if weight is None:
-        return None, None, f"{layer.op} '{layer.name}' has no weight input"
-    reason = _not_constant(model, weight, f"{layer.op} '{layer.name}' weight")
-    if reason:
-        return None, None, reason
+        raise Declined(f"{layer.op} '{layer.name}' has no weight input")
+    _check_constant(model, weight, f"{layer.op} '{layer.name}' weight")
     bias = inputs[2] if len(inputs) > 2 and inputs[2].name else None
     if bias is not None:
-        reason = _not_constant(model, bias, f"{layer.op} '{layer.name}' bias")
-        if reason:
-            return None, None, reason
-    return weight, bias, ""
+        _check_constant(model, bias, f"{layer.op} '{layer.name}' bias")
+    return weight, bias
 
 
 def _is_2d(tensor: Tensor) -> bool:
@@ -168,19 +159,19 @@ def _is_2d(tensor: Tensor) -> bool:
     return producer is not None and producer.op in ("Flatten", "Gemm")
 
 
-def _check_shapes(m: BNMatch) -> str:
+def _check_shapes(m: BNMatch) -> None:
     weight = m.value(m.weight)
     if weight.dtype.kind != "f":
-        return f"{m.layer_op} '{m.layer.name}' weight '{m.weight.name}' is {weight.dtype}, not float"
+        raise Declined(f"{m.layer_op} '{m.layer.name}' weight '{m.weight.name}' is {weight.dtype}, not float")
     channels = out_channels(m.layer, weight.shape)
     for tensor in (m.gamma, m.beta, m.mean, m.var):
         size = m.value(tensor).size
         if size != channels:
-            return (f"BatchNormalization {tensor.name} has {size} channels but {m.layer_op} '{m.layer.name}' "
-                    f"has {channels} outputs")
+            raise Declined(f"BatchNormalization {tensor.name} has {size} channels but {m.layer_op} "
+                           f"'{m.layer.name}' has {channels} outputs")
     if m.bias is not None and m.layer_op in ("Conv", "ConvTranspose") and m.value(m.bias).size != channels:
-        return f"{m.layer_op} '{m.layer.name}' bias '{m.bias.name}' has {m.value(m.bias).size} values, not {channels}"
-    return ""
+        raise Declined(f"{m.layer_op} '{m.layer.name}' bias '{m.bias.name}' has {m.value(m.bias).size} values, "
+                       f"not {channels}")
 
 
 def check_finite(m: BNMatch) -> None:

@@ -24,7 +24,8 @@ import onnx_graphsurgeon as gs
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.idioms import first_match, name_patterns
+from qgraph.idioms import Declined, first_match, name_patterns
+from qgraph.idioms import skip as skip_entry  # `skip` is also this pass's parameter
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
@@ -50,7 +51,7 @@ def normalize(model: QModel, ctx: PassContext, *, weight: Bound | None = 8.0, bi
         if node.op not in op_types:
             continue
         if skip_rules.match(node.name) is not None:
-            skipped.append({"node": node.name, "reason": f"in skip list ('{skip_rules.last_key}')"})
+            skipped.append(skip_entry(node, f"in skip list ('{skip_rules.last_key}')"))
             continue
         chosen += 1
         bounds = {**defaults, **(override_rules.match(node.name) or {})}
@@ -136,37 +137,39 @@ class ClipEditor:
         for role, index in param_slots(node):
             if bounds[role] is None or index is None or index >= len(node.inputs) or not node.inputs[index].name:
                 continue
-            reason = self.clamp_input(node, index, bounds[role])
-            if reason:
-                skipped.append({"node": node.name, "reason": f"{role}: {reason}"})
+            try:
+                self.clamp_input(node, index, bounds[role])
+            except Declined as declined:
+                skipped.append(skip_entry(node, f"{role}: {declined.reason}"))
         if bounds["activation"] is not None and node.outputs:
-            reason = self.bound_output(node, bounds["activation"])
-            if reason:
-                skipped.append({"node": node.name, "reason": f"activation: {reason}"})
+            try:
+                self.bound_output(node, bounds["activation"])
+            except Declined as declined:
+                skipped.append(skip_entry(node, f"activation: {declined.reason}"))
         return skipped
 
-    def clamp_input(self, node: Node, index: int, bound: float) -> str:
+    def clamp_input(self, node: Node, index: int, bound: float) -> None:
         tensor = node.inputs[index]
         if self.model.is_graph_input(tensor):
-            return f"'{tensor.name}' is a graph input, not an initializer"
+            raise Declined(f"'{tensor.name}' is a graph input, not an initializer")
         if tensor.name in self.fused:
             if self._is_clip(tensor.inputs[0] if tensor.inputs else None, bound):
-                return ""
+                return
             self.insert_clip(tensor, bound)
             self.weight_clips += 1
-            return ""
+            return
         if not isinstance(tensor, gs.Constant):
-            return f"'{tensor.name}' is computed in the graph, not a constant"
+            raise Declined(f"'{tensor.name}' is computed in the graph, not a constant")
         values = np.asarray(tensor.values)
         if values.dtype.kind != "f":
-            return f"'{tensor.name}' is {values.dtype}, not float"
+            raise Declined(f"'{tensor.name}' is {values.dtype}, not float")
         if not np.all(np.isfinite(values)):
             raise PassError(f"normalize: tensor '{tensor.name}' (used by '{node.name}') contains NaN or Inf; "
                             "fix the model's weights first")
         count = int(np.count_nonzero(np.abs(values) > bound))
         self.clipped[tensor.name] = self.clipped.get(tensor.name, 0) + count
         if count == 0:
-            return ""
+            return
         clamped = np.clip(values, -bound, bound).astype(values.dtype)
         if len(tensor.outputs) > 1:  # shared: only this node's copy is clamped
             key = (tensor.name, bound)
@@ -176,17 +179,15 @@ class ClipEditor:
         else:
             tensor.values = clamped
         self.changed += 1
-        return ""
 
-    def bound_output(self, node: Node, bound: float) -> str:
+    def bound_output(self, node: Node, bound: float) -> None:
         out = node.outputs[0]
         if _np_dtype(out.dtype).kind != "f":
-            return f"output '{out.name}' is {_np_dtype(out.dtype)}, not float"
+            raise Declined(f"output '{out.name}' is {_np_dtype(out.dtype)}, not float")
         if len(out.outputs) == 1 and self._is_clip(out.outputs[0], bound) and not self.model.is_graph_output(out):
-            return ""  # normalized before
+            return  # normalized before
         self.insert_clip(out, bound)
         self.activation_clips += 1
-        return ""
 
     def insert_clip(self, tensor: Tensor, bound: float) -> None:
         """`tensor`'s producer now writes a fresh tensor; Clip(fresh, −N, N) writes `tensor`."""

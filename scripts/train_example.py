@@ -1,6 +1,6 @@
 """The ort-training script: build a model, train it in float with ONNX Runtime, save it.
 
-    python models/train_example.py [--model lenet] [--epochs 5] [-o lenet_trained.onnx]
+    python scripts/train_example.py [--model lenet] [--epochs 5] [-o lenet_trained.onnx]
 
 Everything runs on ONNX: the model is an ONNX graph from qgraph's builders, training runs
 through ONNX Runtime's training artifacts (no torch), and the result is a plain .onnx file.

@@ -5,7 +5,7 @@ separate environment that has torch:
 
     python3 -m venv /tmp/torchvenv
     /tmp/torchvenv/bin/pip install torch==2.13.0 "onnx==1.17.*" numpy
-    /tmp/torchvenv/bin/python models/export_torch_fixture.py
+    /tmp/torchvenv/bin/python scripts/export_torch_fixture.py
 
 The committed fixture was made exactly so, with torch 2.13.0+cpu, onnx 1.17.0, on CPU, by
 the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`), opset 17, input `input`
@@ -23,9 +23,9 @@ images), read straight from `models/data/mnist5k.npz` with the same pixel scalin
 `qgraph.models.datasets.load_dataset` (x / 255), with fixed seeds, so its weights are
 meaningful (about 96 % top-1 on the 1,000-image val split).
 
-`tests/test_torch_export.py` imports `export_onnx` from here (as
-`qgraph.models.export_torch_fixture`) to export the same architecture live when torch is
-installed; torch is imported only inside the functions.
+`tests/test_torch_export.py` imports `export_onnx` from here (a developer script, not part
+of the installed package) to export the same architecture live when torch is installed;
+torch is imported only inside the functions.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "torch_cnn.onnx"
 VIEW_FIXTURE = ROOT / "tests" / "fixtures" / "torch_cnn_view.onnx"
-DATA = Path(__file__).resolve().parent / "data" / "mnist5k.npz"
+DATA = ROOT / "models" / "data" / "mnist5k.npz"
 OPSET = 17
 SEED = 0
 EPOCHS = 8
