@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from qgraph import quant
+from qgraph.interp import mlas
 from qgraph.interp.registry import MS_DOMAIN, np_dtype, register
 
 
@@ -101,7 +102,7 @@ register("Sum")(_variadic(np.add))
 
 # Elementwise float ops that are exactly the NumPy ufunc of the same name.
 _UNARY_UFUNCS = {"Sqrt": np.sqrt, "Floor": np.floor, "Ceil": np.ceil, "Abs": np.abs, "Neg": np.negative,
-                 "Exp": np.exp, "Log": np.log, "Tanh": np.tanh}
+                 "Exp": np.exp, "Log": np.log}
 for _op, _ufunc in _UNARY_UFUNCS.items():
     register(_op)(lambda ctx, x, _ufunc=_ufunc: _ufunc(x))
 
@@ -124,10 +125,20 @@ def relu(ctx, x):
 
 @register("Sigmoid")
 def sigmoid(ctx, x):
-    """1 / (1 + exp(-x)), evaluated in float64 and rounded once (ORT uses a rational
-    approximation; results agree to ~1 ulp)."""
+    """1 / (1 + exp(-x)). float32: ORT's rational approximation (MlasComputeLogistic), bit for
+    bit — it differs from the true value by up to a few ulp, and a dynamically quantized model
+    downstream of a Sigmoid is only bit-exact with the same rounding. Other types: float64,
+    rounded once."""
+    if x.dtype == np.float32:
+        return mlas.logistic(x)
     x64 = x.astype(np.float64)
     return (0.5 * (1.0 + np.tanh(0.5 * x64))).astype(x.dtype)
+
+
+@register("Tanh")
+def tanh(ctx, x):
+    """float32: ORT's rational approximation (MlasComputeTanh), bit for bit; else NumPy's tanh."""
+    return mlas.tanh(x) if x.dtype == np.float32 else np.tanh(x)
 
 
 @register("LeakyRelu")
