@@ -188,13 +188,17 @@ def dropout(ctx, x, ratio=None, training_mode=None):
     return x, np.ones(x.shape, dtype=bool)
 
 
-@register("Cast")
-def cast(ctx, x):
-    """C-style conversion (float→int truncates)."""
-    to = np_dtype(ctx.attr("to"))
+def cast_array(x, to) -> np.ndarray:
+    """C-style conversion to numpy dtype ``to`` (float→int truncates toward zero), as ORT."""
     if np.issubdtype(to, np.integer) and np.issubdtype(x.dtype, np.floating):
         return np.trunc(x).astype(to)
     return x.astype(to)
+
+
+@register("Cast")
+def cast(ctx, x):
+    """C-style conversion (float→int truncates)."""
+    return cast_array(x, np_dtype(ctx.attr("to")))
 
 
 @register("Constant")
