@@ -40,23 +40,16 @@ OUT_OF_SCOPE_CASES = [
     ("training_mode", "BatchNormalization training mode: the interpreter is inference-only"),
     ("test_training_dropout", "Dropout in training mode: the interpreter is inference-only"),
     ("maxpool_with_argmax", "MaxPool's optional Indices output is not implemented"),
-    ("resize_upsample_scales_linear", "Resize linear mode: only nearest is implemented"),
-    ("resize_downsample_scales_linear", "Resize linear mode: only nearest is implemented"),
-    ("resize_upsample_sizes_linear", "Resize linear mode: only nearest is implemented"),
-    ("resize_downsample_sizes_linear", "Resize linear mode: only nearest is implemented"),
-    ("resize_upsample_scales_cubic", "Resize cubic mode: only nearest is implemented"),
-    ("resize_downsample_scales_cubic", "Resize cubic mode: only nearest is implemented"),
-    ("resize_upsample_sizes_cubic", "Resize cubic mode: only nearest is implemented"),
-    ("resize_downsample_sizes_cubic", "Resize cubic mode: only nearest is implemented"),
-    ("resize_tf_crop_and_resize", "Resize tf_crop_and_resize: only nearest without ROI is implemented"),
-    ("resize_upsample_scales_linear_half_pixel_symmetric", "Resize half_pixel_symmetric is not implemented"),
-    ("resize_downsample_scales_linear_half_pixel_symmetric", "Resize half_pixel_symmetric is not implemented"),
 ]
 
 #: Cases whose stored expected output disagrees with ONNX Runtime; checked against ORT instead.
 #: onnx 1.17's QLinearMatMul int8 data wraps the int32 result into int8 where the spec (and ORT
 #: 1.19) saturates, e.g. -236 is stored as 20 instead of -128.
-CHECK_AGAINST_ORT = {"test_qlinearmatmul_2D_int8_float32", "test_qlinearmatmul_3D_int8_float32"}
+#: Resize with align_corners and a non-integral scale: the ONNX reference divides by the unrounded
+#: output length (scale · length - 1), ORT by the output length - 1; the interpreter follows ORT.
+CHECK_AGAINST_ORT = {"test_qlinearmatmul_2D_int8_float32", "test_qlinearmatmul_3D_int8_float32",
+                     "test_resize_downsample_scales_linear_align_corners",
+                     "test_resize_downsample_scales_cubic_align_corners"}
 
 
 def _types_in(model: onnx.ModelProto) -> set[int]:
