@@ -4,10 +4,12 @@ All directions run together: the input projection ``X·Wᵀ`` of every step is o
 front, then each time step is one batched GEMM ``H_{t-1}·Rᵀ`` for both directions and a few
 vectorized gate updates. The arithmetic follows ORT's CPU kernels (providers/cpu/rnn/
 uni_directional_lstm.cc, deep_cpu_gru.cc, rnn.cc) in float32 and in their order — gates
-``(X·Wᵀ + H·Rᵀ) + (Wb + Rb)``, then clip, then the activations — except the activation functions
-themselves: ORT uses MLAS's rational approximations of the logistic and tanh (a few ulp from the
-true value), the interpreter rounds the float64 value once. Results therefore agree to a few
-float32 ulp per step, and differences grow slowly with the sequence length.
+``(X·Wᵀ + H·Rᵀ) + (Wb + Rb)``, then clip, then the activations, Sigmoid and Tanh being MLAS's
+(:mod:`qgraph.interp.mlas`, bit-exact). What remains is the summation order of the float GEMMs
+(OpenBLAS here, MLAS in ORT): LSTM outputs agree to a few float32 ulp of their range (measured
+≤ 5 over 64 steps of a 512-wide bidirectional LSTM). DynamicQuantizeLSTM's GEMMs are exact
+integers, so it is bit-exact. GRU's reset and output gates use ORT's own inline polynomial
+sigmoid/tanh (deep_cpu_gru.cc), not transcribed here: GRU agrees to a few ulp.
 
 ``sequence_lens`` follows ORT: a batch entry stops at its length (outputs beyond it are 0, its
 state is frozen), the reverse direction reverses each entry's first ``len`` steps, and ``Y_h``/
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qgraph.interp import mlas
 from qgraph.interp.ops_quant import dynamic_quantize_linear
 from qgraph.interp.registry import MS_DOMAIN, register
 
@@ -34,8 +37,8 @@ def _f64_unary(fn):
 #: ORT (rnn_helpers.cc) consumes activation_alpha/activation_beta in order, only for the functions
 #: that take them, and falls back to these defaults.
 _ACTIVATIONS = {
-    "sigmoid": (_f64_unary(lambda x, a, b: 1.0 / (1.0 + np.exp(-x))), 0.0, 0.0, False, False),
-    "tanh": (_f64_unary(lambda x, a, b: np.tanh(x)), 0.0, 0.0, False, False),
+    "sigmoid": (lambda x, a, b: mlas.logistic(x), 0.0, 0.0, False, False),
+    "tanh": (lambda x, a, b: mlas.tanh(x), 0.0, 0.0, False, False),
     "relu": (lambda x, a, b: np.maximum(x, F32(0)), 0.0, 0.0, False, False),
     "affine": (lambda x, a, b: x * F32(a) + F32(b), 0.0, 0.0, True, True),
     "leakyrelu": (lambda x, a, b: np.where(x >= 0, x, x * F32(a)), 0.01, 0.0, True, False),
@@ -140,6 +143,12 @@ class _Sequence:
         y = ys.transpose(1, 0, 2, 3)
         return np.ascontiguousarray(y.transpose(2, 0, 1, 3) if self.layout == 1 else y)
 
+    def zero_empty(self, s: np.ndarray) -> np.ndarray:
+        """(D, B, H) final state with the entries of length 0 zeroed (ORT's Y_h/Y_c for them)."""
+        if self.lens is None or self.lens.min() > 0:
+            return s
+        return np.where((self.lens > 0).reshape(1, -1, 1), s, F32(0))
+
     def state_out(self, s: np.ndarray) -> np.ndarray:
         """(D, B, H) final state, or (B, D, H) for layout=1."""
         return np.ascontiguousarray(s.transpose(1, 0, 2)) if self.layout == 1 else s
@@ -189,7 +198,7 @@ def _lstm(ctx, seq: _Sequence, xw, recurrent, b, initial_h, initial_c, p):
         bias_o = bias[..., h_size:2 * h_size].copy()
         bias = bias.copy()
         bias[..., h_size:2 * h_size] = 0  # the output gate's bias is added after its peephole term
-    h = seq.state_in(initial_h, "initial_h", ctx)
+    h = h_last = seq.state_in(initial_h, "initial_h", ctx)
     c = seq.state_in(initial_c, "initial_c", ctx)
     ys = np.zeros((seq.d, seq.t, seq.b, h_size), F32)
     i_sl, o_sl, f_sl, c_sl = (slice(k * h_size, (k + 1) * h_size) for k in range(4))
@@ -202,8 +211,9 @@ def _lstm(ctx, seq: _Sequence, xw, recurrent, b, initial_h, initial_c, p):
                 g[..., f_sl] += c * peep[..., 2 * h_size:3 * h_size]
         if bias is not None:
             g += bias
-        if clip is not None:
-            np.clip(g, F32(-clip), F32(clip), out=g)
+        if clip is not None:  # the output gate's input is complete (and clipped) only after its peephole
+            for sl in ((i_sl, f_sl, c_sl) if peep is not None else (slice(None),)):
+                np.clip(g[..., sl], F32(-clip), F32(clip), out=g[..., sl])
         gi = _apply(f_act, g[..., i_sl])
         gf = F32(1) - gi if input_forget else _apply(f_act, g[..., f_sl])
         gc = _apply(g_act, g[..., c_sl])
@@ -219,12 +229,14 @@ def _lstm(ctx, seq: _Sequence, xw, recurrent, b, initial_h, initial_c, p):
         h_new = _apply(h_act, c_new) * go
         mask = seq.active(step)
         if mask is None:
-            h, c = h_new, c_new
-        else:
-            h = np.where(mask, h_new, h)
+            h = h_last = h_new
+            c = c_new
+        else:  # ORT feeds a finished entry's (zeroed) output row to the next step's GEMM
+            h_last = np.where(mask, h_new, h_last)
+            h = np.where(mask, h_new, F32(0))
             c = np.where(mask, c_new, c)
         ys[:, step] = h_new
-    return ys, h, c
+    return ys, seq.zero_empty(h_last), seq.zero_empty(c)
 
 
 def _apply(fns, x):
@@ -343,7 +355,7 @@ def gru(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None):
         h = h_new if mask is None else np.where(mask, h_new, h)
         ys[:, step] = h_new
     _check_outputs(ctx, 2)
-    return seq.outputs(ys), seq.state_out(h)
+    return seq.outputs(ys), seq.state_out(seq.zero_empty(h))
 
 
 @register("RNN")
@@ -368,4 +380,4 @@ def rnn(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None):
         h = h_new if mask is None else np.where(mask, h_new, h)
         ys[:, step] = h_new
     _check_outputs(ctx, 2)
-    return seq.outputs(ys), seq.state_out(h)
+    return seq.outputs(ys), seq.state_out(seq.zero_empty(h))
