@@ -111,16 +111,18 @@ def erf(ctx, x):
 @register("Gelu")
 def gelu(ctx, x):
     """approximate='none': ``0.5·x·(1 + erf(x/√2))`` — as ORT: ``t = x · float32(1/√2)``, MLAS erf,
-    then ``0.5·x·(erf + 1)`` in float32; 'tanh': ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``."""
+    then ``0.5·x·(erf + 1)`` in float32; 'tanh': ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` in
+    ORT's factored float32 form."""
     if x.dtype != F32:
         raise ctx.error(f"input type {x.dtype} is not supported (float32 only)")
     approx = ctx.attr("approximate", "none")
     if approx == "none":
         e = mlas.erf(x * F32(1 / math.sqrt(2)))
         return F32(0.5) * x * (e + F32(1))
-    if approx == "tanh":
-        inner = F32(math.sqrt(2 / math.pi)) * (x + F32(0.044715) * x * x * x)
-        return F32(0.5) * x * (F32(1) + mlas.tanh(inner))
+    if approx == "tanh":  # ORT: inner = x·(√(2/π) + 0.044715·√(2/π)·x²), MLAS tanh, then 0.5·x·(t + 1)
+        alpha = math.sqrt(2 / math.pi)
+        inner = x * (F32(alpha) + F32(0.044715 * alpha) * x * x)
+        return F32(0.5) * x * (mlas.tanh(inner) + F32(1))
     raise ctx.error(f"approximate={approx!r} is not supported")
 
 
@@ -170,31 +172,33 @@ def shrink(ctx, x):
 
 @register("Softsign")
 def softsign(ctx, x):
-    """``x / (1 + |x|)`` in x's type."""
-    return x / (np.ones((), x.dtype) + np.abs(x))
+    """``x / (1 + |x|)``, computed as ORT's functor does: ``x · (1 / (1 + |x|))`` in x's type."""
+    one = np.ones((), x.dtype)
+    return x * (one / (one + np.abs(x)))
 
 
 @register("Elu")
-@_f64
 def elu(ctx, x):
-    """``x`` for x ≥ 0 else ``alpha·(exp(x) - 1)`` (alpha 1)."""
-    return np.where(x >= 0, x, ctx.attr("alpha", 1.0) * np.expm1(x))
+    """``x`` for x ≥ 0 else ``alpha·(exp(x) - 1)`` (alpha 1), in x's type as ORT's functor (and the
+    ONNX reference) computes it — exp, subtract, multiply — so the cancellation near 0 is theirs."""
+    alpha = _attr_f(ctx, "alpha", 1.0, x.dtype)
+    return np.where(x >= 0, x, alpha * (np.exp(x) - np.ones((), x.dtype)))
 
 
 @register("Selu")
-@_f64
 def selu(ctx, x):
-    """``gamma·x`` for x > 0 else ``gamma·alpha·(exp(x) - 1)``."""
-    alpha, gamma = ctx.attr("alpha", 1.67326319217681884765625), ctx.attr("gamma", 1.05070102214813232421875)
-    return gamma * np.where(x > 0, x, alpha * np.expm1(x))
+    """``gamma·x`` for x > 0 else ``gamma·(alpha·exp(x) - alpha)``, in x's type (ORT's functor)."""
+    alpha = _attr_f(ctx, "alpha", 1.67326319217681884765625, x.dtype)
+    gamma = _attr_f(ctx, "gamma", 1.05070102214813232421875, x.dtype)
+    return np.where(x > 0, gamma * x, gamma * (alpha * np.exp(x) - alpha))
 
 
 @register("Celu")
-@_f64
 def celu(ctx, x):
-    """``max(0, x) + min(0, alpha·(exp(x/alpha) - 1))``."""
-    alpha = ctx.attr("alpha", 1.0)
-    return np.maximum(0, x) + np.minimum(0, alpha * np.expm1(x / alpha))
+    """The spec's function body in x's type: ``max(0, x) + min(0, alpha·(exp(x/alpha) - 1))``."""
+    alpha = _attr_f(ctx, "alpha", 1.0, x.dtype)
+    zero = np.zeros((), x.dtype)
+    return np.maximum(zero, x) + np.minimum(zero, alpha * (np.exp(x / alpha) - np.ones((), x.dtype)))
 
 
 @register("Softplus")
