@@ -477,9 +477,21 @@ def max_pool(ctx, x):
         raise ctx.error("the Indices output is not supported")
     kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
     fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-    win = _pooled(x, kernel, strides, dil, pads, extra, outs, fill)
     nd = len(kernel)
-    return win.max(axis=tuple(range(-nd, 0))).astype(x.dtype)
+    width = [(0, 0)] * (x.ndim - nd) + [(pads[i], pads[i + nd] + extra[i]) for i in range(nd)]
+    a = np.pad(x, width, constant_values=fill) if any(p for w in width for p in w) else x
+    # The max over a box is the max over each axis in turn: one strided np.maximum per tap and axis
+    # (k₁ + k₂ passes instead of a k₁·k₂-element reduction per output), the same values exactly.
+    for i in range(nd):
+        axis = x.ndim - nd + i
+        lead = (slice(None),) * axis
+        y = None
+        for k in range(kernel[i]):
+            start = k * dil[i]
+            tap = a[lead + (slice(start, start + strides[i] * (outs[i] - 1) + 1, strides[i]),)]
+            y = tap.copy() if y is None else np.maximum(y, tap, out=y)
+        a = y
+    return a.astype(x.dtype, copy=False)
 
 
 @register("AveragePool")
