@@ -66,13 +66,12 @@ def _horner_into(acc, x2, coeffs, t64):
 
 def _rational(x, bound, p_coeffs, q_coeffs, epilogue):
     """``epilogue((v·P(v²)) / Q(v²))`` on ``v = clamp(x, ±bound)`` (NaN propagates), evaluated a
-    cache-sized chunk at a time with FMAs; the float32 operations are exactly MLAS's."""
+    cache-sized chunk at a time with FMAs; the float32 operations are exactly MLAS's. The
+    coefficients are the float32 constants, as Python floats."""
     x = np.ascontiguousarray(x, F32)
     flat = x.reshape(-1)
     out = np.empty_like(flat)
     scratch = _Scratch(min(flat.size, _CHUNK))
-    p_coeffs = [float(F32(c)) for c in p_coeffs]
-    q_coeffs = [float(F32(c)) for c in q_coeffs]
     for s in range(0, flat.size, _CHUNK):
         v = np.clip(flat[s:s + _CHUNK], -bound, bound, out=out[s:s + _CHUNK])
         x2, t64, p, q = scratch.view(v.size)
@@ -97,12 +96,13 @@ _LOGISTIC_P = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
                2.48287947061529e-01)
 _LOGISTIC_Q = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
                1.16817656904453e-01, 9.93151921023180e-01)
+_LOGISTIC_P32, _LOGISTIC_Q32 = ([float(F32(c)) for c in cs] for cs in (_LOGISTIC_P, _LOGISTIC_Q))
 
 
 def logistic(x: np.ndarray) -> np.ndarray:
     """MlasComputeLogistic: ``v = clamp(x, ±18)``, ``p/q + 0.5`` with p odd of degree 9 and q even
     of degree 10 in v, clamped below at 0 (NaN propagates)."""
-    return _rational(x, _LOGISTIC_RANGE, _LOGISTIC_P, _LOGISTIC_Q, _logistic_epilogue)
+    return _rational(x, _LOGISTIC_RANGE, _LOGISTIC_P32, _LOGISTIC_Q32, _logistic_epilogue)
 
 
 # MlasTanhConstants (Eigen's coefficients): clamp range, alpha_13..alpha_1, beta_6..beta_0.
@@ -110,11 +110,12 @@ _TANH_RANGE = F32(9.0)
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
            1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
 _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+_TANH_P32, _TANH_Q32 = ([float(F32(c)) for c in cs] for cs in (_TANH_P, _TANH_Q))
 
 
 def tanh(x: np.ndarray) -> np.ndarray:
     """MlasComputeTanh: ``v = clamp(x, ±9)``, ``p/q`` with p odd of degree 13, q even of degree 6."""
-    return _rational(x, _TANH_RANGE, _TANH_P, _TANH_Q, lambda y: None)
+    return _rational(x, _TANH_RANGE, _TANH_P32, _TANH_Q32, lambda y: None)
 
 
 # MlasErfConstants: Norbert Juffa's faithfully rounded erff, with a polynomial in |x|² below the

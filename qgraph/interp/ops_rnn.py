@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.interp import mlas
-from qgraph.interp.ops_quant import dynamic_quantize_linear
+from qgraph.interp.ops_quant import _gemm_dtype, dynamic_quantize_linear
 from qgraph.interp.registry import MS_DOMAIN, register
 
 F32 = np.float32
@@ -202,6 +202,7 @@ def _lstm(ctx, seq: _Sequence, xw, recurrent, b, initial_h, initial_c, p):
     c = seq.state_in(initial_c, "initial_c", ctx)
     ys = np.zeros((seq.d, seq.t, seq.b, h_size), F32)
     i_sl, o_sl, f_sl, c_sl = (slice(k * h_size, (k + 1) * h_size) for k in range(4))
+    fused = peep is None and not input_forget
 
     for step in range(seq.steps):
         g = xw[:, step] + recurrent(h)
@@ -214,18 +215,23 @@ def _lstm(ctx, seq: _Sequence, xw, recurrent, b, initial_h, initial_c, p):
         if clip is not None:  # the output gate's input is complete (and clipped) only after its peephole
             for sl in ((i_sl, f_sl, c_sl) if peep is not None else (slice(None),)):
                 np.clip(g[..., sl], F32(-clip), F32(clip), out=g[..., sl])
-        gi = _apply(f_act, g[..., i_sl])
-        gf = F32(1) - gi if input_forget else _apply(f_act, g[..., f_sl])
+        if fused:  # i, o, f are contiguous and share f(): one call (element-wise, so the same values)
+            ifo = _apply(f_act, g[..., :3 * h_size])
+            gi, go, gf = ifo[..., i_sl], ifo[..., o_sl], ifo[..., f_sl]
+        else:
+            gi = _apply(f_act, g[..., i_sl])
+            gf = F32(1) - gi if input_forget else _apply(f_act, g[..., f_sl])
         gc = _apply(g_act, g[..., c_sl])
         c_new = c * gf + gi * gc
-        go = g[..., o_sl]
-        if peep is not None:
-            go = go + c_new * peep[..., h_size:2 * h_size]
-            if bias is not None:
-                go = go + bias_o
-            if clip is not None:
-                go = np.clip(go, F32(-clip), F32(clip))
-        go = _apply(f_act, go)
+        if not fused:
+            go = g[..., o_sl]
+            if peep is not None:
+                go = go + c_new * peep[..., h_size:2 * h_size]
+                if bias is not None:
+                    go = go + bias_o
+                if clip is not None:
+                    go = np.clip(go, F32(-clip), F32(clip))
+            go = _apply(f_act, go)
         h_new = _apply(h_act, c_new) * go
         mask = seq.active(step)
         if mask is None:
@@ -266,14 +272,20 @@ def lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=Non
 
 # --------------------------------------------------------------------------- DynamicQuantizeLSTM
 def _quantized_weights(ctx, wq, scale, zp, d: int, what: str):
-    """(D, K, N) float64 ``wq - zp`` and (D, 1, N) or (D, 1, 1) float32 scales. ORT takes one zero
-    point per direction (its first entry; a per-column zero point must be constant, and zero for
-    int8 weights) and a per-direction or per-column scale."""
+    """(D, K, N) ``wq - zp`` as exact floats and (D, 1, N) or (D, 1, 1) float32 scales. ORT takes
+    one zero point per direction (its first entry; a per-column zero point must be constant, and
+    zero for int8 weights) and a per-direction or per-column scale. The float type is float32 when
+    no partial sum of a uint8 activation row with a weight column can reach 2^24 (then BLAS is
+    exact in any order and reads half the bytes per step), else float64 — ops_quant's rule."""
     zp = np.asarray(zp)
     zpd = zp.reshape(d, -1)
     if np.any(zpd != zpd[:, :1]) or (wq.dtype == np.int8 and np.any(zpd != 0)):
         raise ctx.error(f"{what} zero point must be constant per direction (and 0 for int8 weights), as in ORT")
-    wf = wq.astype(np.float64) - zpd[:, :1, None].astype(np.float64)
+    dt = np.float32
+    for k in range(d):
+        if _gemm_dtype(np.empty(0, np.uint8), None, wq[k].T, zpd[k, 0]) != np.float32:
+            dt = np.float64
+    wf = (wq.astype(np.float64) - zpd[:, :1, None].astype(np.float64)).astype(dt)
     s = np.asarray(scale, F32).reshape(d, 1, -1)
     return wf, s
 
@@ -281,10 +293,11 @@ def _quantized_weights(ctx, wq, scale, zp, d: int, what: str):
 def _dynamic_quant_gemm(a, b_shifted, b_scale):
     """ORT's quantized RNN GEMM (rnn_helpers.cc ComputeGemm, uint8 weights): A (M, K) float32 is
     quantized to uint8 with one dynamic scale/zero point over all of A (DynamicQuantizeLinear's
-    rule), the int32 product with the zero-point-shifted weights is exact (float64 BLAS), and
-    the result is ``float32(acc) * float32(a_scale * b_scale)``."""
+    rule), the int32 product with the zero-point-shifted weights is exact (float BLAS on exact
+    integers, see :func:`_quantized_weights`), and the result is
+    ``float32(acc) * float32(a_scale * b_scale)``."""
     q, a_scale, a_zp = dynamic_quantize_linear(None, a)
-    acc = np.matmul(q.astype(np.float64) - np.float64(a_zp), b_shifted)
+    acc = np.matmul(q.astype(b_shifted.dtype) - b_shifted.dtype.type(a_zp), b_shifted)
     return acc.astype(F32) * (a_scale * b_scale)
 
 
@@ -307,8 +320,11 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
     for k in range(d):
         xw[k, :seq.steps] = _dynamic_quant_gemm(xs[k].reshape(-1, seq.i), wf[k], ws[k]).reshape(seq.steps, seq.b, -1)
 
-    def recurrent(h):
-        return np.stack([_dynamic_quant_gemm(h[k], rf[k], rs[k]) for k in range(d)])
+    def recurrent(h):  # each direction's H quantized on its own range, both GEMMs in one call
+        quantized = [dynamic_quantize_linear(None, h[k]) for k in range(d)]
+        a = np.stack([q.astype(rf.dtype) - rf.dtype.type(zp) for q, _, zp in quantized])
+        mult = np.stack([a_scale * rs[k] for k, (_, a_scale, _) in enumerate(quantized)])
+        return np.matmul(a, rf).astype(F32) * mult
 
     ys, h, c = _lstm(ctx, seq, xw, recurrent, b, initial_h, initial_c, p)
     return _lstm_outputs(ctx, seq, ys, h, c)
