@@ -257,8 +257,9 @@ def argmin(ctx, x):
 def topk(ctx, x, k):
     """The k largest (``largest=1``) or smallest values along ``axis`` and their int64 indices,
     sorted; equal values keep ascending index order (ORT's comparator breaks ties by index).
-    ``sorted=0`` is computed sorted too, which is one of the orders the spec allows; ORT 1.19
-    also returns sorted results for it on CPU."""
+    ``sorted=0`` leaves the order to the implementation: ORT returns its selection heap's or
+    std::nth_element's order (math/top_k.cc), the interpreter the sorted order — the same
+    elements, possibly permuted."""
     kk = int(_scalar(k))
     axis = ctx.attr("axis", -1) % x.ndim
     if kk < 0 or kk > x.shape[axis]:
