@@ -45,7 +45,6 @@ OUT_OF_SCOPE_CASES = [
     ("_blocked", "blocked quantization (block_size) is out of scope"),
     ("training_mode", "BatchNormalization training mode: the interpreter is inference-only"),
     ("test_training_dropout", "Dropout in training mode: the interpreter is inference-only"),
-    ("maxpool_with_argmax", "MaxPool's optional Indices output is not implemented"),
 ]
 
 #: Cases whose stored expected output disagrees with ONNX Runtime; checked against ORT instead.

@@ -595,3 +595,42 @@ def test_dynamic_quantize_matmul_and_integer_to_float_are_bit_exact(rng, per_col
     nodes = [node("DynamicQuantizeMatMul", ["a", "b", "bs", "bz", "bias"], ["y1"], domain=MS),
              node("MatMulIntegerToFloat", ["aq", "b", "as", "bs", "az", "bz", "bias"], ["y2"], domain=MS)]
     assert_matches_ort(make(nodes, feeds, inits, outputs=["y1", "y2"]), feeds)
+
+
+# --------------------------------------------------------------------------- detection, pooling extras
+@pytest.mark.parametrize("center_point_box", [0, 1])
+@pytest.mark.parametrize("with_score_threshold", [False, True])
+def test_non_max_suppression_matches_ort(rng, center_point_box, with_score_threshold):
+    """Greedy per-class NMS with ORT's float32 IoU; distinct scores (ORT's order of equal scores
+    is its priority queue's)."""
+    b, c, n = 2, 3, 200
+    xy = rng.uniform(0, 100, (b, n, 2)).astype(F32)
+    wh = rng.uniform(2, 30, (b, n, 2)).astype(F32)
+    if center_point_box:
+        boxes = np.concatenate([xy, wh], axis=2)
+    else:  # [y1, x1, y2, x2], corners sometimes swapped
+        boxes = np.concatenate([xy[..., ::-1], (xy + wh)[..., ::-1]], axis=2)
+        boxes[:, ::7] = boxes[:, ::7][..., [2, 3, 0, 1]]
+    scores = rng.permutation(b * c * n).reshape(b, c, n).astype(F32) / (b * c * n)
+    inits = {"m": np.array([25], np.int64), "iou": np.array([0.4], F32), "st": np.array([0.3], F32)}
+    ins = ["boxes", "scores", "m", "iou"] + (["st"] if with_score_threshold else [])
+    feeds = {"boxes": boxes.astype(F32), "scores": scores}
+    m = make([node("NonMaxSuppression", ins, center_point_box=center_point_box)], feeds, inits, opset=11)
+    assert_matches_ort(m, feeds)
+
+
+def test_max_pool_indices_lp_pool_and_unique_match_ort(rng):
+    x = rng.normal(size=(2, 3, 9, 10)).astype(F32)
+    x[0, 0, :3, :3] = 1.0  # ties inside a window: the first one wins
+    nodes = [node("MaxPool", ["x"], ["mp", "mi"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             node("MaxPool", ["x"], ["mp2", "mi2"], kernel_shape=[2, 3], strides=[1, 2], storage_order=1),
+             node("LpPool", ["x"], ["lp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 0], p=3),
+             node("GlobalLpPool", ["x"], ["glp"], p=2)]
+    assert_matches_ort(make(nodes, {"x": x}, outputs=["mp", "mi", "mp2", "mi2", "lp", "glp"], opset=12), {"x": x},
+                       range_ulp=16)
+    v = rng.integers(0, 6, (5, 4)).astype(np.int64)
+    nodes = [node("Unique", ["v"], ["u", "i", "inv", "cnt"]),
+             node("Unique", ["v"], ["u0", "i0", "inv0", "cnt0"], sorted=0),
+             node("Unique", ["v"], ["ua", "ia", "inva", "cnta"], axis=1)]
+    outs = ["u", "i", "inv", "cnt", "u0", "i0", "inv0", "cnt0", "ua", "ia", "inva", "cnta"]
+    assert_matches_ort(make(nodes, {"v": v}, outputs=outs, opset=11), {"v": v})

@@ -1,6 +1,6 @@
 """Float kernels with reductions inside (ONNX domain): LogSoftmax, Hardmax, LayerNormalization,
-InstanceNormalization, GroupNormalization, MeanVarianceNormalization, LRN, Einsum, and the
-reductions ReduceL1/L2/LogSum/LogSumExp/Prod/SumSquare.
+InstanceNormalization, GroupNormalization, MeanVarianceNormalization, LRN, Einsum, the
+reductions ReduceL1/L2/LogSum/LogSumExp/Prod/SumSquare, LpPool/GlobalLpPool and Det.
 
 Statistics (means, variances, sums) are accumulated in float64 and every output is rounded
 once to the input's type. ORT accumulates in float32 in its own summation order (Eigen/MLAS), so
@@ -173,3 +173,30 @@ def _log_sum_exp(x, ax, kd):
 
 
 register("ReduceLogSumExp")(_reduction(_reducer(_log_sum_exp)))
+
+
+# --------------------------------------------------------------------------- pooling, linear algebra
+@register("LpPool")
+def lp_pool(ctx, x):
+    """``(Σ_window |x|^p)^(1/p)`` over each window (p default 2); padding contributes 0."""
+    from qgraph.interp.ops_nn import _pool_setup, _pooled
+
+    p = ctx.attr("p", 2)
+    kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
+    nd = len(kernel)
+    win = _pooled(np.abs(x.astype(np.float64)) ** p, kernel, strides, dil, pads, extra, outs, 0.0)
+    return (win.sum(axis=tuple(range(-nd, 0))) ** (1.0 / p)).astype(x.dtype)
+
+
+@register("GlobalLpPool")
+def global_lp_pool(ctx, x):
+    """``(Σ_spatial |x|^p)^(1/p)`` per (image, channel), keeping the spatial axes as 1."""
+    p = ctx.attr("p", 2)
+    axes = tuple(range(2, x.ndim))
+    return (np.sum(np.abs(x.astype(np.float64)) ** p, axis=axes, keepdims=True) ** (1.0 / p)).astype(x.dtype)
+
+
+@register("Det")
+def det(ctx, x):
+    """Determinant of the trailing square matrices (LU in float64, rounded once)."""
+    return np.linalg.det(x.astype(np.float64)).astype(x.dtype)

@@ -472,11 +472,13 @@ def _pooled(a, kernel, strides, dil, pads, extra, outs, fill):
 
 @register("MaxPool")
 def max_pool(ctx, x):
-    """Max over windows; padding never wins. The Indices output is not supported."""
-    if len(ctx.node.output) > 1 and ctx.node.output[1]:
-        raise ctx.error("the Indices output is not supported")
+    """Max over windows; padding never wins. The optional Indices output holds the flat index of
+    each selected input element in (N, C, *spatial) — row-major, or column-major over the spatial
+    axes with storage_order=1 — the first maximum of the window in row-major window order."""
     kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
     fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+    if len(ctx.node.output) > 1 and ctx.node.output[1]:
+        return _max_pool_with_indices(ctx, x, kernel, strides, dil, pads, extra, outs, fill)
     nd = len(kernel)
     width = [(0, 0)] * (x.ndim - nd) + [(pads[i], pads[i + nd] + extra[i]) for i in range(nd)]
     a = np.pad(x, width, constant_values=fill) if any(p for w in width for p in w) else x
@@ -492,6 +494,23 @@ def max_pool(ctx, x):
             y = tap.copy() if y is None else np.maximum(y, tap, out=y)
         a = y
     return a.astype(x.dtype, copy=False)
+
+
+def _max_pool_with_indices(ctx, x, kernel, strides, dil, pads, extra, outs, fill):
+    nd = len(kernel)
+    spatial = x.shape[2:]
+    flat = np.arange(x.size, dtype=np.int64).reshape(x.shape)
+    if ctx.attr("storage_order", 0):
+        plane = int(np.prod(spatial))
+        col = np.arange(plane, dtype=np.int64).reshape(spatial[::-1]).transpose(tuple(range(nd))[::-1])
+        flat = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * plane).reshape(x.shape[:2] + (1,) * nd) + col
+    win = _pooled(x, kernel, strides, dil, pads, extra, outs, fill)
+    idx = _pooled(flat, kernel, strides, dil, pads, extra, outs, -1)
+    win = win.reshape(win.shape[:2 + nd] + (-1,))
+    best = np.argmax(win, axis=-1)[..., None]
+    values = np.take_along_axis(win, best, axis=-1)[..., 0]
+    indices = np.take_along_axis(idx.reshape(idx.shape[:2 + nd] + (-1,)), best, axis=-1)[..., 0]
+    return values.astype(x.dtype), indices
 
 
 @register("AveragePool")

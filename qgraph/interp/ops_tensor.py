@@ -311,3 +311,22 @@ def space_to_depth(ctx, x):
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4)
     return np.ascontiguousarray(y.reshape(n, c * b * b, h // b, w // b))
+
+
+@register("Unique")
+def unique(ctx, x):
+    """Unique elements (or slices along ``axis``), with the first-occurrence indices, the inverse
+    indices and the counts (int64). ``sorted=1`` (default) sorts ascending; ``sorted=0`` keeps the
+    order of first occurrence."""
+    axis = ctx.attr("axis")
+    data = x.reshape(-1) if axis is None else x
+    ax = 0 if axis is None else axis % x.ndim
+    values, first, inverse, counts = np.unique(data, return_index=True, return_inverse=True, return_counts=True,
+                                               axis=ax)
+    inverse = inverse.reshape(-1)
+    if not ctx.attr("sorted", 1):
+        order = np.argsort(first, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        values, first, counts, inverse = np.take(values, order, axis=ax), first[order], counts[order], rank[inverse]
+    return values, first.astype(np.int64), inverse.astype(np.int64), counts.astype(np.int64)
