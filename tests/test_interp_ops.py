@@ -634,3 +634,21 @@ def test_max_pool_indices_lp_pool_and_unique_match_ort(rng):
              node("Unique", ["v"], ["ua", "ia", "inva", "cnta"], axis=1)]
     outs = ["u", "i", "inv", "cnt", "u0", "i0", "inv0", "cnt0", "ua", "ia", "inva", "cnta"]
     assert_matches_ort(make(nodes, {"v": v}, outputs=outs, opset=11), {"v": v})
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align_corners", [0, 1])
+def test_grid_sample_matches_ort(rng, mode, padding_mode, align_corners):
+    """Grid points inside and well outside [-1, 1] (padding matters), 2-D; 3-D for the modes ORT
+    has there."""
+    x = rng.normal(size=(2, 3, 7, 9)).astype(F32)
+    grid = rng.uniform(-1.6, 1.6, (2, 5, 6, 2)).astype(F32)
+    grid[0, 0, :3] = [[-1, -1], [1, 1], [0, 0]]
+    attrs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    feeds = {"x": x, "grid": grid}
+    assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=16), feeds, range_ulp=8)
+    if mode != "bicubic":
+        feeds = {"x": rng.normal(size=(1, 2, 4, 5, 6)).astype(F32), "grid": rng.uniform(-1.3, 1.3, (1, 3, 4, 5, 3)).astype(F32)}
+        attrs["mode"] = {"bilinear": "linear"}.get(mode, mode)
+        assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=20), feeds, range_ulp=8)

@@ -263,3 +263,120 @@ class _OverrideMode:
 
     def __getattr__(self, name):
         return getattr(self._ctx, name)
+
+
+# --------------------------------------------------------------------------- GridSample
+def _grid_denormalize(n, length: int, align_corners: bool):
+    """Normalized [-1, 1] grid coordinates to pixel coordinates, in float32 as ORT's GsDenormalize."""
+    one, two = F32(1), F32(2)
+    if align_corners:
+        return (n + one) / two * F32(length - 1)
+    return ((n + one) * F32(length) - one) / two
+
+
+def _grid_reflect(c, lo: F32, hi: F32):
+    """ORT's GsReflect on integer pixel coordinates (as float32) between the borders ``lo``/``hi``."""
+    rng = hi - lo
+    fx = c.astype(F32)
+    below, above = fx < lo, fx > hi
+    d = np.where(below, lo - fx, np.where(above, fx - hi, F32(0)))
+    k = np.trunc(d / rng)
+    r = d - k * rng
+    even = (k.astype(np.int64) % 2) == 0
+    out = np.where(below, np.where(even, lo + r, hi - r), np.where(above, np.where(even, hi - r, lo + r), fx))
+    return np.trunc(out).astype(np.int64)
+
+
+class _GridPixels:
+    """Fetches input pixels at integer coordinates per ORT's PixelAtGrid: zeros (0 outside),
+    border (clamped) or reflection (reflected between the pixel-edge or pixel-centre borders)."""
+
+    def __init__(self, x, padding: str, align_corners: bool):
+        self.n, self.c = x.shape[:2]
+        self.spatial = x.shape[2:]
+        self.flat = x.reshape(self.n, self.c, -1)
+        self.padding = padding
+        half = F32(0) if align_corners else F32(0.5)
+        self.borders = [(F32(0) - half, F32(s - 1) + half) for s in self.spatial]
+
+    def __call__(self, coords):
+        """coords: one (N, P) int64 array per spatial axis (slowest first) -> (N, C, P) values."""
+        valid = np.ones(coords[0].shape, bool)
+        fixed = []
+        for c, size, (lo, hi) in zip(coords, self.spatial, self.borders):
+            if self.padding == "zeros":
+                valid &= (c >= 0) & (c < size)
+                c = np.clip(c, 0, size - 1)
+            elif self.padding == "border":
+                c = np.clip(c, 0, size - 1)
+            else:
+                c = np.clip(_grid_reflect(c, lo, hi), 0, size - 1)
+            fixed.append(c)
+        flat_idx = np.ravel_multi_index(tuple(fixed), self.spatial)
+        vals = np.take_along_axis(self.flat, flat_idx[:, None, :], axis=2)
+        if self.padding == "zeros":
+            vals = np.where(valid[:, None, :], vals, np.zeros((), vals.dtype))
+        return vals
+
+
+def _grid_cubic_coeffs(t):
+    """ORT's GsGetCubicCoeffs (Keys, alpha = -0.75) in float32 for offsets t (N, P) in [0, 1):
+    (4, N, 1, P), one row per tap at -1, 0, 1, 2."""
+    return _cubic_coeffs(t.reshape(-1), -0.75).T.reshape((4, t.shape[0], 1, t.shape[1]))
+
+
+@register("GridSample")
+def grid_sample(ctx, x, grid):
+    """Samples x (N, C, *in) at the normalized grid (N, *out, nd) points, as ORT 1.19
+    (tensor/grid_sample.cc): modes nearest (round half to even), (bi)linear, (bi)cubic (2-D only);
+    padding zeros / border / reflection applied to the integer neighbour coordinates;
+    align_corners. float32 arithmetic in ORT's order."""
+    nd = x.ndim - 2
+    if grid.shape[-1] != nd or grid.shape[0] != x.shape[0] or nd not in (2, 3):
+        raise ctx.error(f"grid {grid.shape} does not fit input {x.shape} (2-D or 3-D sampling)")
+    mode = ctx.attr("mode", "bilinear" if ctx.opset < 20 else "linear")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
+    padding = ctx.attr("padding_mode", "zeros")
+    if mode not in ("nearest", "linear", "cubic") or padding not in ("zeros", "border", "reflection"):
+        raise ctx.error(f"mode={mode!r} / padding_mode={padding!r} is not supported")
+    if mode == "cubic" and nd != 2:
+        raise ctx.error("cubic mode is 2-D only (as in ORT)")
+    if x.dtype != F32:
+        raise ctx.error(f"input type {x.dtype} is not supported (float32)")
+    align = bool(ctx.attr("align_corners", 0))
+    n = x.shape[0]
+    out_shape = grid.shape[1:-1]
+    g = grid.astype(F32).reshape(n, -1, nd)
+    # grid's last axis is (x, y[, z]): the fastest spatial axis first
+    pos = [_grid_denormalize(g[..., nd - 1 - a], x.shape[2 + a], align) for a in range(nd)]
+    pixels = _GridPixels(x, padding, align)
+    if mode == "nearest":
+        y = pixels([np.rint(p).astype(np.int64) for p in pos])
+    elif mode == "linear":
+        lo = [np.floor(p).astype(np.int64) for p in pos]
+        w_hi = [p - lo_i.astype(F32) for p, lo_i in zip(pos, lo)]            # d1 = x - x1
+        w_lo = [(lo_i + 1).astype(F32) - p for p, lo_i in zip(pos, lo)]      # d2 = x2 - x
+
+        def blend(axis, base):
+            """Interpolate along ``axis`` given the corner offsets fixed for the slower axes."""
+            if axis == nd:
+                return pixels([lo[a] + base[a] for a in range(nd)])
+            v0 = blend(axis + 1, base + [0])
+            v1 = blend(axis + 1, base + [1])
+            return w_lo[axis][:, None, :] * v0 + w_hi[axis][:, None, :] * v1
+        # ORT: dy2·(dx2·p11 + dx1·p12) + dy1·(dx2·p21 + dx1·p22), slowest axis outermost
+        y = blend(0, [])
+    else:
+        y0 = np.floor(pos[0]).astype(np.int64) - 1
+        x0 = np.floor(pos[1]).astype(np.int64) - 1
+        cx = _grid_cubic_coeffs(pos[1] - (x0 + 1).astype(F32))
+        cy = _grid_cubic_coeffs(pos[0] - (y0 + 1).astype(F32))
+        rows = []
+        for i in range(4):
+            acc = None
+            for j in range(4):
+                term = cx[j] * pixels([y0 + i, x0 + j])
+                acc = term if acc is None else acc + term
+            rows.append(acc)
+        y = cy[0] * rows[0] + cy[1] * rows[1] + cy[2] * rows[2] + cy[3] * rows[3]
+    return y.reshape((n, x.shape[1]) + out_shape).astype(F32)
