@@ -52,10 +52,11 @@ OUT_OF_SCOPE_CASES = [
 #: 1.19) saturates, e.g. -236 is stored as 20 instead of -128.
 #: Resize with align_corners and a non-integral scale: the ONNX reference divides by the unrounded
 #: output length (scale · length - 1), ORT by the output length - 1; the interpreter follows ORT.
-#: test_gridsample_bicubic's stored output is rounded to 4 decimals.
+#: test_gridsample_bicubic's and test_roialign_aligned_*'s stored outputs are rounded to 4 decimals.
 CHECK_AGAINST_ORT = {"test_qlinearmatmul_2D_int8_float32", "test_qlinearmatmul_3D_int8_float32",
                      "test_resize_downsample_scales_linear_align_corners",
-                     "test_resize_downsample_scales_cubic_align_corners", "test_gridsample_bicubic"}
+                     "test_resize_downsample_scales_cubic_align_corners", "test_gridsample_bicubic",
+                     "test_roialign_aligned_false", "test_roialign_aligned_true"}
 
 
 def _types_in(model: onnx.ModelProto) -> set[int]:

@@ -652,3 +652,18 @@ def test_grid_sample_matches_ort(rng, mode, padding_mode, align_corners):
         feeds = {"x": rng.normal(size=(1, 2, 4, 5, 6)).astype(F32), "grid": rng.uniform(-1.3, 1.3, (1, 3, 4, 5, 3)).astype(F32)}
         attrs["mode"] = {"bilinear": "linear"}.get(mode, mode)
         assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=20), feeds, range_ulp=8)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("ctm", ["half_pixel", "output_half_pixel"])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_roi_align_matches_ort(rng, mode, ctm, sampling_ratio):
+    """ROIs small and large, partly outside the feature map, on two images."""
+    x = rng.normal(size=(2, 4, 12, 15)).astype(F32)
+    xy = rng.uniform(-10, 110, (9, 2))
+    wh = rng.uniform(3, 60, (9, 2))
+    rois = np.concatenate([xy, xy + wh], axis=1).astype(F32)
+    feeds = {"x": x, "rois": rois, "bi": rng.integers(0, 2, 9).astype(np.int64)}
+    m = make([node("RoiAlign", ["x", "rois", "bi"], mode=mode, coordinate_transformation_mode=ctm, output_height=3,
+                   output_width=4, sampling_ratio=sampling_ratio, spatial_scale=0.125)], feeds, opset=16)
+    assert_matches_ort(m, feeds, range_ulp=8)
