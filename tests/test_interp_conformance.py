@@ -53,10 +53,12 @@ OUT_OF_SCOPE_CASES = [
 #: Resize with align_corners and a non-integral scale: the ONNX reference divides by the unrounded
 #: output length (scale · length - 1), ORT by the output length - 1; the interpreter follows ORT.
 #: test_gridsample_bicubic's and test_roialign_aligned_*'s stored outputs are rounded to 4 decimals.
+#: MaxUnpool with output_shape: ORT reads the indices in the output shape, the reference pads.
 CHECK_AGAINST_ORT = {"test_qlinearmatmul_2D_int8_float32", "test_qlinearmatmul_3D_int8_float32",
                      "test_resize_downsample_scales_linear_align_corners",
                      "test_resize_downsample_scales_cubic_align_corners", "test_gridsample_bicubic",
-                     "test_roialign_aligned_false", "test_roialign_aligned_true"}
+                     "test_roialign_aligned_false", "test_roialign_aligned_true",
+                     "test_maxunpool_export_with_output_shape"}
 
 
 def _types_in(model: onnx.ModelProto) -> set[int]:

@@ -380,3 +380,25 @@ def grid_sample(ctx, x, grid):
             rows.append(acc)
         y = cy[0] * rows[0] + cy[1] * rows[1] + cy[2] * rows[2] + cy[3] * rows[3]
     return y.reshape((n, x.shape[1]) + out_shape).astype(F32)
+
+
+@register("AffineGrid")
+def affine_grid(ctx, theta, size):
+    """The sampling grid of affine matrices theta (N, 2, 3) or (N, 3, 4) over an output of
+    ``size`` (N, C, H, W[, D]): normalized base coordinates in [-1, 1] (pixel centres, or corners
+    with align_corners), with the last axis (x, y[, z]) — GridSample's input layout."""
+    dims = [int(v) for v in np.asarray(size).reshape(-1)]
+    spatial = dims[2:]
+    nd = len(spatial)
+    if theta.shape[1:] != (nd, nd + 1):
+        raise ctx.error(f"theta {theta.shape} does not fit a {nd}-D size {dims}")
+    align = bool(ctx.attr("align_corners", 0))
+
+    def base(n):
+        if align:
+            return np.linspace(-1, 1, n) if n > 1 else np.zeros(1)
+        return (np.arange(n) * 2 + 1) / n - 1
+    axes = np.meshgrid(*[base(s) for s in spatial], indexing="ij")      # slowest axis first
+    coords = np.stack(list(axes[::-1]) + [np.ones_like(axes[0])], axis=-1)   # (..., x, y[, z], 1)
+    grid = np.einsum("...k,njk->n...j", coords.astype(np.float64), theta.astype(np.float64))
+    return grid.astype(theta.dtype)

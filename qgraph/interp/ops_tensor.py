@@ -8,6 +8,8 @@ kernel does the same.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from qgraph.interp.registry import np_dtype, register
@@ -330,3 +332,71 @@ def unique(ctx, x):
         rank[order] = np.arange(order.size)
         values, first, counts, inverse = np.take(values, order, axis=ax), first[order], counts[order], rank[inverse]
     return values, first.astype(np.int64), inverse.astype(np.int64), counts.astype(np.int64)
+
+
+@register("CenterCropPad")
+def center_crop_pad(ctx, x, shape):
+    """Crops or zero-pads ``axes`` (default all) to ``shape``, centred: a crop drops
+    ⌊excess/2⌋ at the start, a pad puts ⌊missing/2⌋ zeros at the start."""
+    target = _ints(shape)
+    axes = ctx.attr("axes")
+    axes = list(range(x.ndim)) if axes is None else [a % x.ndim for a in axes]
+    y = x
+    for a, t in zip(axes, target):
+        n = y.shape[a]
+        if t < n:
+            start = (n - t) // 2
+            y = np.take(y, np.arange(start, start + t), axis=a)
+        elif t > n:
+            width = [(0, 0)] * y.ndim
+            before = (t - n) // 2
+            width[a] = (before, t - n - before)
+            y = np.pad(y, width)
+    return np.ascontiguousarray(y)
+
+
+@register("MaxUnpool")
+def max_unpool(ctx, x, indices, output_shape=None):
+    """Scatters x into zeros at the flat ``indices`` MaxPool returned. The output shape is
+    ``output_shape``, else the MaxPool input shape implied by kernel/strides/pads. With an
+    ``output_shape`` ORT (and so the interpreter) reads the indices as flat positions in *that*
+    shape; the ONNX reference scatters into the implied shape and pads it at the end instead."""
+    nd = x.ndim - 2
+    if output_shape is not None:
+        out = _ints(output_shape)
+    else:
+        kernel = list(ctx.attr("kernel_shape"))
+        strides = list(ctx.attr("strides", [1] * nd))
+        pads = list(ctx.attr("pads", [0] * 2 * nd))
+        out = list(x.shape[:2]) + [(x.shape[2 + i] - 1) * strides[i] - pads[i] - pads[i + nd] + kernel[i]
+                                   for i in range(nd)]
+    y = np.zeros(int(np.prod(out)), x.dtype)
+    idx = np.asarray(indices).astype(np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= y.size):
+        raise ctx.error(f"indices out of range for output shape {out}")
+    y[idx] = x.reshape(-1)
+    return y.reshape(out)
+
+
+@register("Col2Im")
+def col2im(ctx, x, image_shape, block_shape):
+    """Rearranges columns (N, C·∏block, L) into images (N, C, *image_shape), summing overlapping
+    blocks (the inverse of im2col) with dilations, pads and strides."""
+    img = _ints(image_shape)
+    blk = _ints(block_shape)
+    nd = len(img)
+    dil = list(ctx.attr("dilations", [1] * nd))
+    pads = list(ctx.attr("pads", [0] * 2 * nd))
+    strides = list(ctx.attr("strides", [1] * nd))
+    n = x.shape[0]
+    k = int(np.prod(blk))
+    c = x.shape[1] // k
+    outs = [(img[i] + pads[i] + pads[i + nd] - (dil[i] * (blk[i] - 1) + 1)) // strides[i] + 1 for i in range(nd)]
+    cols = x.reshape((n, c) + tuple(blk) + tuple(outs))
+    padded = np.zeros((n, c) + tuple(img[i] + pads[i] + pads[i + nd] for i in range(nd)), x.dtype)
+    for tap in itertools.product(*(range(b) for b in blk)):
+        sl = tuple(slice(tap[i] * dil[i], tap[i] * dil[i] + strides[i] * (outs[i] - 1) + 1, strides[i])
+                   for i in range(nd))
+        padded[(slice(None), slice(None)) + sl] += cols[(slice(None), slice(None)) + tap]
+    crop = tuple(slice(pads[i], pads[i] + img[i]) for i in range(nd))
+    return np.ascontiguousarray(padded[(slice(None), slice(None)) + crop])
