@@ -667,3 +667,25 @@ def test_roi_align_matches_ort(rng, mode, ctm, sampling_ratio):
     m = make([node("RoiAlign", ["x", "rois", "bi"], mode=mode, coordinate_transformation_mode=ctm, output_height=3,
                    output_width=4, sampling_ratio=sampling_ratio, spatial_scale=0.125)], feeds, opset=16)
     assert_matches_ort(m, feeds, range_ulp=8)
+
+
+def test_spatial_transformer_and_audio_front_end_match_ort(rng):
+    """Exporter idioms beyond the zoo: an STN (AffineGrid -> GridSample) and an audio front end
+    (HannWindow -> STFT -> power -> MelWeightMatrix)."""
+    x = rng.normal(size=(2, 3, 12, 16)).astype(F32)
+    theta = (np.array([[1, 0, 0], [0, 1, 0]], F32) + rng.normal(0, 0.2, (2, 2, 3))).astype(F32)
+    nodes = [node("AffineGrid", ["theta", "size"], ["grid"], align_corners=0),
+             node("GridSample", ["x", "grid"], ["y"], mode="linear", padding_mode="border")]
+    feeds = {"x": x, "theta": theta}
+    assert_matches_ort(make(nodes, feeds, {"size": np.array([2, 3, 10, 14], np.int64)}, outputs=["grid", "y"],
+                            opset=20), feeds, range_ulp=16)
+    audio = rng.normal(size=(2, 1600, 1)).astype(F32)
+    nodes = [node("HannWindow", ["n"], ["win"]), node("STFT", ["a", "step", "win"], ["spec"]),
+             node("ReduceSumSquare", ["spec", "last"], ["power"], keepdims=0),
+             node("MelWeightMatrix", ["mels", "n", "rate", "lo", "hi"], ["mel"]),
+             node("MatMul", ["power", "mel"], ["y"])]
+    inits = {"n": np.array(256, np.int64), "step": np.array(160, np.int64), "last": np.array([-1], np.int64),
+             "mels": np.array(40, np.int64), "rate": np.array(16000, np.int64), "lo": np.array(20.0, F32),
+             "hi": np.array(7600.0, F32)}
+    feeds = {"a": audio}
+    assert_matches_ort(make(nodes, feeds, inits, outputs=["win", "spec", "mel", "y"], opset=18), feeds, range_ulp=16)
