@@ -689,3 +689,25 @@ def test_spatial_transformer_and_audio_front_end_match_ort(rng):
              "hi": np.array(7600.0, F32)}
     feeds = {"a": audio}
     assert_matches_ort(make(nodes, feeds, inits, outputs=["win", "spec", "mel", "y"], opset=18), feeds, range_ulp=16)
+
+
+def test_unsupported_attribute_combinations_raise_interp_errors(rng):
+    """What the interpreter does not compute is refused with the node and the reason, never
+    approximated."""
+    x = rng.normal(size=(2, 3)).astype(F32)
+    cases = [
+        (node("Cast", ["x"], to=TensorProto.STRING, name="to_text"), "Cast.*to_text.*STRING"),
+        (node("Cast", ["x"], to=TensorProto.BFLOAT16, name="to_bf16"), "Cast.*to_bf16.*BFLOAT16"),
+        (node("Resize", ["x", "", "s"], mode="area", name="rz"), "Resize.*rz.*mode='area'"),
+        (node("LSTM", ["x3", "W", "R"], ["Y"], hidden_size=2, activations=["Gelu", "Tanh", "Tanh"], name="l"),
+         "LSTM.*'l'.*activation 'Gelu'"),
+        (node("GridSample", ["x4", "g"], mode="cubic", name="gs"), "GridSample.*gs.*cubic mode is 2-D only"),
+        (node("Split", ["x", "sp"], ["a", "b"], axis=1, name="sp"), "Split.*sp.*do not add up"),
+    ]
+    inits = {"s": np.array([1, 2], F32), "W": np.zeros((1, 8, 3), F32), "R": np.zeros((1, 8, 2), F32),
+             "x3": np.zeros((2, 1, 3), F32), "x4": np.zeros((1, 1, 2, 2, 2), F32), "g": np.zeros((1, 2, 2, 2, 3), F32),
+             "sp": np.array([1, 1], np.int64)}
+    for n, pattern in cases:
+        m = make([n], {"x": x}, inits, opset=20)
+        with pytest.raises(InterpError, match=pattern):
+            run(m, {"x": x})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from qgraph import quant
 from qgraph.interp import mlas
@@ -197,8 +198,19 @@ def cast_array(x, to) -> np.ndarray:
 
 @register("Cast")
 def cast(ctx, x):
-    """C-style conversion (float→int truncates)."""
-    return cast_array(x, np_dtype(ctx.attr("to")))
+    """C-style conversion (float→int truncates). Numeric and boolean types only."""
+    code = ctx.attr("to")
+    if code not in _CASTABLE or x.dtype.kind not in "biuf":
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else code
+        raise ctx.error(f"cast from {x.dtype} to {name} is not supported (numeric and boolean types only)")
+    return cast_array(x, np_dtype(code))
+
+
+#: ONNX element types Cast may produce: NumPy's own numeric and boolean types (not strings,
+#: complex, bfloat16, float8 or int4, which NumPy would only store in a wider carrier type).
+_CASTABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BOOL,
+             onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+             onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 @register("Constant")

@@ -86,6 +86,8 @@ def sign(ctx, x):
 @register("CastLike")
 def cast_like(ctx, x, like):
     """Cast to ``like``'s element type, with Cast's conversion rules."""
+    if like.dtype.kind not in "biuf" or x.dtype.kind not in "biuf":
+        raise ctx.error(f"cast from {x.dtype} to {like.dtype} is not supported (numeric and boolean types only)")
     return x if x.dtype == like.dtype else cast_array(x, like.dtype)
 
 
