@@ -197,7 +197,18 @@ def test_resize_interpolating_matches_ort(rng, mode, ctm):
             inits["sizes"] = np.array(sizes, np.int64)
             ins.append("sizes")
         m = make([node("Resize", ins, mode=mode, coordinate_transformation_mode=ctm)], {"x": x}, inits, opset=13)
-        assert_matches_ort(m, {"x": x}, range_ulp=16)
+        assert_matches_ort(m, {"x": x}, range_ulp=0 if mode == "linear" else 16)  # bilinear: ORT's expression
+
+
+@pytest.mark.parametrize("dt", [np.uint8, np.int8, np.int32])
+def test_resize_bilinear_integers_match_ort(rng, dt):
+    """Integer bilinear: ORT's float32 expression, truncated toward zero."""
+    x = rng.integers(0 if dt == np.uint8 else -100, 100, (1, 2, 7, 9)).astype(dt)
+    for ctm in ("half_pixel", "align_corners", "asymmetric"):
+        for scales in ([1, 1, 2, 2], [1, 1, 0.6, 1.7]):
+            m = make([node("Resize", ["x", "roi", "scales"], mode="linear", coordinate_transformation_mode=ctm)],
+                     {"x": x}, {"roi": np.array([], F32), "scales": np.array(scales, F32)}, opset=13)
+            assert_matches_ort(m, {"x": x})
 
 
 def test_resize_cubic_exclude_outside_and_crop_match_ort(rng):
@@ -218,7 +229,7 @@ def test_resize_opset18_axes_and_aspect_policy_match_ort(rng):
     for policy in ("stretch", "not_larger", "not_smaller"):
         m = make([node("Resize", ["x", "", "", "sizes"], mode="linear", axes=[2, 3], keep_aspect_ratio_policy=policy)],
                  {"x": x}, {"sizes": np.array([5, 20], np.int64)}, opset=18)
-        assert_matches_ort(m, {"x": x}, range_ulp=16)
+        assert_matches_ort(m, {"x": x})
 
 
 # --------------------------------------------------------------------------- ConvTranspose

@@ -16,9 +16,11 @@ weighting. The tables follow ORT (providers/cpu/tensor/upsamplebase.h, upsample.
   and clamps neighbour indices to the edge; tf_crop_and_resize writes ``extrapolation_value``
   for coordinates outside the input.
 
-Interpolated values are accumulated in float64 and rounded once, where ORT sums weighted float32
-products: float outputs agree to about one float32 ulp of the output range. 8-bit inputs are
-rounded half away from zero and saturated.
+Bilinear resizing of the last two axes (what every 2-D upsampler exports) repeats ORT's
+float32 expression and is bit-exact. Other interpolations (cubic, trilinear, antialias) are
+accumulated in float64 and rounded once, where ORT sums weighted float32 products: they agree
+to about one float32 ulp of the output range. Integer inputs are truncated toward zero, as ORT's
+``static_cast<T>``.
 """
 
 from __future__ import annotations
@@ -211,20 +213,51 @@ def _resize(ctx, x, roi, scales, sizes):
             raise ctx.error(f"roi has {roi_v.size} entries; expected {2 * len(axes)}")
     fill = ctx.attr("extrapolation_value", 0.0)
     integer = np.issubdtype(x.dtype, np.integer)
-    y = x
+    tables = {}
     for i, (axis, n_out, scale) in enumerate(geometry):
-        n_in = x.shape[axis]
-        if n_out == n_in and scale == 1 and roi_v is None:
+        if n_out == x.shape[axis] and scale == 1 and roi_v is None:
             continue
         r = (0.0, 1.0) if roi_v is None else (roi_v[i], roi_v[i + len(axes)])
-        idx, w, outside = axis_table(ctx, mode, n_in, n_out, float(scale), r)
-        y = _resample_axis(y, axis, idx, w, outside, fill)
-    if y is x:
+        tables[axis] = axis_table(ctx, mode, x.shape[axis], n_out, float(scale), r)
+    if not tables:
         return x.copy()
-    if integer and y.dtype != x.dtype:
+    antialias = ctx.attr("antialias", 0) and any(s < 1 for _, _, s in geometry)
+    if mode == "linear" and not antialias and x.ndim >= 2 and min(tables) >= x.ndim - 2:
+        for axis in (x.ndim - 2, x.ndim - 1):
+            if axis not in tables:
+                tables[axis] = axis_table(ctx, mode, x.shape[axis], x.shape[axis], 1.0)
+        y = _bilinear(x, tables[x.ndim - 2], tables[x.ndim - 1], fill)
+    else:
+        y = x
+        for axis, (idx, w, outside) in tables.items():
+            y = _resample_axis(y, axis, idx, w, outside, fill)
+    if integer and y.dtype != x.dtype:  # ORT: static_cast<T>(float), i.e. truncation
         info = np.iinfo(x.dtype)
-        return np.clip(_round_half_away(y), info.min, info.max).astype(x.dtype)
+        return np.clip(np.trunc(y), info.min, info.max).astype(x.dtype)
     return y.astype(x.dtype)
+
+
+def _bilinear(x, rows, cols, fill):
+    """ORT's UpsampleBilinear over the last two axes, operation for operation:
+    ``dx2·dy2·X11 + dx1·dy2·X21 + dx2·dy1·X12 + dx1·dy1·X22`` in float32 (float64 for double input),
+    so float outputs are bit-exact; tf_crop_and_resize positions outside the input get ``fill``."""
+    dt = np.float64 if x.dtype == np.float64 else F32
+    (ri, rw, ro), (ci, cw, co) = rows, cols
+    dy2, dy1 = (rw[:, k].astype(dt)[:, None] for k in (0, 1))
+    dx2, dx1 = (cw[:, k].astype(dt)[None, :] for k in (0, 1))
+    xf = x.astype(dt, copy=False)
+
+    def at(r, c):
+        return xf[..., ri[:, r][:, None], ci[:, c][None, :]]
+    y = (dx2 * dy2) * at(0, 0) + (dx1 * dy2) * at(0, 1) + (dx2 * dy1) * at(1, 0) + (dx1 * dy1) * at(1, 1)
+    outside = None
+    if ro is not None:
+        outside = ro[:, None] | np.zeros((1, len(ci)), bool)
+    if co is not None:
+        outside = (co[None, :] | np.zeros((len(ri), 1), bool)) if outside is None else outside | co[None, :]
+    if outside is not None and outside.any():
+        y = np.where(outside, dt(fill), y)
+    return y
 
 
 @register("Resize")
