@@ -5,7 +5,8 @@ Tolerances (float32; "ulp" is the spacing of float32 at the compared value, "ran
 largest magnitude of the expected output):
 
 - bit-exact: every integer and boolean result, index/shape/data-movement op (Split, Gather*,
-  Scatter*, Slice, Tile, Expand, Range, TopK, ArgMax, NonZero, Resize nearest, …), selections and
+  Scatter*, Slice, Tile, Expand, Range, TopK, ArgMax, NonZero, Resize nearest and bilinear, NMS,
+  MaxPool, GridSample bilinear/nearest, …), selections and
   IEEE-exact arithmetic (HardSigmoid, HardSwish, PRelu, Relu, Clip, Where, Reciprocal, Div), the
   MLAS transcriptions (Sigmoid, Tanh, Erf, Gelu) and the dynamic-quantization ops
   (DynamicQuantizeLinear, ConvInteger, MatMulInteger, DynamicQuantizeMatMul, MatMulIntegerToFloat,
@@ -15,8 +16,9 @@ largest magnitude of the expected output):
 - Elu, Selu, Celu: exp(x) - 1 in float32 as ORT computes it, so near 0 the two agree to a few ulp
   of 1.0, not of the (cancelled) result: absolute 4·2⁻²³·alpha·gamma;
 - 16 range ulp: sums and dot products (MatMul, Gemm, Conv, ConvTranspose, reductions, Softmax,
-  normalizations, Einsum, Resize linear/cubic): same math, another summation order (OpenBLAS or
-  float64 accumulation here, MLAS/Eigen float32 in ORT);
+  normalizations, Einsum, Resize cubic/trilinear/crop, RoiAlign, GridSample cubic, DFT/STFT):
+  same math, another summation order (OpenBLAS or float64 accumulation here, MLAS/Eigen float32
+  in ORT);
 - LSTM/GRU/RNN: 16 range ulp over the sequence (GEMM summation order, compounded per step).
 """
 
