@@ -660,11 +660,13 @@ def test_grid_sample_matches_ort(rng, mode, padding_mode, align_corners):
     grid[0, 0, :3] = [[-1, -1], [1, 1], [0, 0]]
     attrs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     feeds = {"x": x, "grid": grid}
-    assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=16), feeds, range_ulp=8)
+    exact = mode != "bicubic"  # nearest and bilinear repeat ORT's float32 expressions
+    assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=16), feeds,
+                       range_ulp=0 if exact else 8)
     if mode != "bicubic":
         feeds = {"x": rng.normal(size=(1, 2, 4, 5, 6)).astype(F32), "grid": rng.uniform(-1.3, 1.3, (1, 3, 4, 5, 3)).astype(F32)}
         attrs["mode"] = {"bilinear": "linear"}.get(mode, mode)
-        assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=20), feeds, range_ulp=8)
+        assert_matches_ort(make([node("GridSample", ["x", "grid"], **attrs)], feeds, opset=20), feeds)
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
