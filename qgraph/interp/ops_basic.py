@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 
 from qgraph import quant
+from qgraph.interp import mlas
 from qgraph.interp.registry import MS_DOMAIN, np_dtype, register
 
 
@@ -101,7 +103,7 @@ register("Sum")(_variadic(np.add))
 
 # Elementwise float ops that are exactly the NumPy ufunc of the same name.
 _UNARY_UFUNCS = {"Sqrt": np.sqrt, "Floor": np.floor, "Ceil": np.ceil, "Abs": np.abs, "Neg": np.negative,
-                 "Exp": np.exp, "Log": np.log, "Tanh": np.tanh}
+                 "Exp": np.exp, "Log": np.log}
 for _op, _ufunc in _UNARY_UFUNCS.items():
     register(_op)(lambda ctx, x, _ufunc=_ufunc: _ufunc(x))
 
@@ -124,10 +126,20 @@ def relu(ctx, x):
 
 @register("Sigmoid")
 def sigmoid(ctx, x):
-    """1 / (1 + exp(-x)), evaluated in float64 and rounded once (ORT uses a rational
-    approximation; results agree to ~1 ulp)."""
+    """1 / (1 + exp(-x)). float32: ORT's rational approximation (MlasComputeLogistic), bit for
+    bit — it differs from the true value by up to a few ulp, and a dynamically quantized model
+    downstream of a Sigmoid is only bit-exact with the same rounding. Other types: float64,
+    rounded once."""
+    if x.dtype == np.float32:
+        return mlas.logistic(x)
     x64 = x.astype(np.float64)
     return (0.5 * (1.0 + np.tanh(0.5 * x64))).astype(x.dtype)
+
+
+@register("Tanh")
+def tanh(ctx, x):
+    """float32: ORT's rational approximation (MlasComputeTanh), bit for bit; else NumPy's tanh."""
+    return mlas.tanh(x) if x.dtype == np.float32 else np.tanh(x)
 
 
 @register("LeakyRelu")
@@ -177,13 +189,28 @@ def dropout(ctx, x, ratio=None, training_mode=None):
     return x, np.ones(x.shape, dtype=bool)
 
 
-@register("Cast")
-def cast(ctx, x):
-    """C-style conversion (float→int truncates)."""
-    to = np_dtype(ctx.attr("to"))
+def cast_array(x, to) -> np.ndarray:
+    """C-style conversion to numpy dtype ``to`` (float→int truncates toward zero), as ORT."""
     if np.issubdtype(to, np.integer) and np.issubdtype(x.dtype, np.floating):
         return np.trunc(x).astype(to)
     return x.astype(to)
+
+
+@register("Cast")
+def cast(ctx, x):
+    """C-style conversion (float→int truncates). Numeric and boolean types only."""
+    code = ctx.attr("to")
+    if code not in _CASTABLE or x.dtype.kind not in "biuf":
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else code
+        raise ctx.error(f"cast from {x.dtype} to {name} is not supported (numeric and boolean types only)")
+    return cast_array(x, np_dtype(code))
+
+
+#: ONNX element types Cast may produce: NumPy's own numeric and boolean types (not strings,
+#: complex, bfloat16, float8 or int4, which NumPy would only store in a wider carrier type).
+_CASTABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BOOL,
+             onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+             onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 @register("Constant")

@@ -380,8 +380,14 @@ def conv(ctx, x, w, b=None):
 
 @register("ConvTranspose")
 def conv_transpose(ctx, x, w, b=None):
-    """Transposed convolution by scattering one tap at a time (pads, output_padding,
-    output_shape, auto_pad, groups, dilations)."""
+    """Transposed convolution (pads, output_padding, output_shape, auto_pad, groups, dilations):
+    per group one GEMM ``Wᵀ·X`` gives every tap's contribution (col2im columns), which are then
+    scatter-added tap by tap at ``stride·i + dilation·k`` into the full output, cropped by the pads.
+
+    Pads: explicit, or from ``output_shape`` / SAME_* as the spec says (total = full - target;
+    SAME_UPPER puts the smaller half first). Where ORT (conv_transpose_attributes.h) differs from
+    the spec, this follows ORT: an ``output_shape`` larger than the full output clamps the total
+    padding at 0 and appends zeros at the end of each axis (the spec would pad both sides)."""
     nd = x.ndim - 2
     n, c = x.shape[:2]
     group = ctx.attr("group", 1)
@@ -394,34 +400,35 @@ def conv_transpose(ctx, x, w, b=None):
     full = [strides[i] * (in_sp[i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
     out_shape = ctx.attr("output_shape")
     auto = ctx.attr("auto_pad", "NOTSET")
+    tail = [0] * nd
     if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
         target = list(out_shape)[-nd:] if out_shape is not None else [in_sp[i] * strides[i] for i in range(nd)]
         total = [full[i] - target[i] for i in range(nd)]
-        if auto == "SAME_UPPER":
-            pb = [t // 2 for t in total]
-        else:
-            pb = [t - t // 2 for t in total]
+        tail = [max(0, -t) for t in total]
+        total = [max(0, t) for t in total]
+        pb = [t // 2 for t in total] if auto == "SAME_UPPER" else [t - t // 2 for t in total]
         pads = pb + [total[i] - pb[i] for i in range(nd)]
     elif auto == "VALID":
         pads = [0] * 2 * nd
     else:
         pads = list(ctx.attr("pads", [0] * 2 * nd))
     cg, mg = c // group, m // group
+    k = int(np.prod(kernel))
+    p = int(np.prod(in_sp))
+    wt = ctx.once(("wt", x.dtype), lambda: np.ascontiguousarray(
+        w.astype(x.dtype).reshape(group, cg, mg * k).transpose(0, 2, 1)), 1)
+    cols = np.matmul(wt, x.reshape(n, group, cg, p))  # (n, G, mg·K, P)
+    cols = cols.reshape((n, group * mg) + tuple(kernel) + tuple(in_sp))
     y = np.zeros((n, m) + tuple(full), dtype=x.dtype)
-    for g in range(group):
-        xg = x[:, g * cg:(g + 1) * cg]
-        wg = w[g * cg:(g + 1) * cg].astype(x.dtype)
-        for tap in itertools.product(*(range(k) for k in kernel)):
-            contrib = np.einsum("nc...,cm->nm...", xg, wg[(slice(None), slice(None)) + tap])
-            sl = tuple(slice(tap[i] * dil[i], tap[i] * dil[i] + strides[i] * (in_sp[i] - 1) + 1, strides[i])
-                       for i in range(nd))
-            y[(slice(None), slice(g * mg, (g + 1) * mg)) + sl] += contrib
-    if any(v < 0 for v in pads):  # a larger output_shape than the scatter covers: zeros
-        y = np.pad(y, [(0, 0), (0, 0)] + [(max(0, -pads[i]), max(0, -pads[i + nd])) for i in range(nd)])
-        full = list(y.shape[2:])
-        pads = [max(0, v) for v in pads]
+    for tap in itertools.product(*(range(kk) for kk in kernel)):
+        sl = tuple(slice(tap[i] * dil[i], tap[i] * dil[i] + strides[i] * (in_sp[i] - 1) + 1, strides[i])
+                   for i in range(nd))
+        y[(slice(None), slice(None)) + sl] += cols[(slice(None), slice(None)) + tap]
     crop = tuple(slice(pads[i], full[i] - pads[i + nd]) for i in range(nd))
-    y = np.ascontiguousarray(y[(slice(None), slice(None)) + crop])
+    y = y[(slice(None), slice(None)) + crop]
+    if any(tail):
+        y = np.pad(y, [(0, 0), (0, 0)] + [(0, t) for t in tail])
+    y = np.ascontiguousarray(y)
     if b is not None:
         y += b.reshape((1, -1) + (1,) * nd).astype(y.dtype)
     return y
@@ -465,14 +472,45 @@ def _pooled(a, kernel, strides, dil, pads, extra, outs, fill):
 
 @register("MaxPool")
 def max_pool(ctx, x):
-    """Max over windows; padding never wins. The Indices output is not supported."""
-    if len(ctx.node.output) > 1 and ctx.node.output[1]:
-        raise ctx.error("the Indices output is not supported")
+    """Max over windows; padding never wins. The optional Indices output holds the flat index of
+    each selected input element in (N, C, *spatial) — row-major, or column-major over the spatial
+    axes with storage_order=1 — the first maximum of the window in row-major window order."""
     kernel, strides, dil, pads, extra, outs = _pool_setup(ctx, x)
     fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-    win = _pooled(x, kernel, strides, dil, pads, extra, outs, fill)
+    if len(ctx.node.output) > 1 and ctx.node.output[1]:
+        return _max_pool_with_indices(ctx, x, kernel, strides, dil, pads, extra, outs, fill)
     nd = len(kernel)
-    return win.max(axis=tuple(range(-nd, 0))).astype(x.dtype)
+    width = [(0, 0)] * (x.ndim - nd) + [(pads[i], pads[i + nd] + extra[i]) for i in range(nd)]
+    a = np.pad(x, width, constant_values=fill) if any(p for w in width for p in w) else x
+    # The max over a box is the max over each axis in turn: one strided np.maximum per tap and axis
+    # (k₁ + k₂ passes instead of a k₁·k₂-element reduction per output), the same values exactly.
+    for i in range(nd):
+        axis = x.ndim - nd + i
+        lead = (slice(None),) * axis
+        y = None
+        for k in range(kernel[i]):
+            start = k * dil[i]
+            tap = a[lead + (slice(start, start + strides[i] * (outs[i] - 1) + 1, strides[i]),)]
+            y = tap.copy() if y is None else np.maximum(y, tap, out=y)
+        a = y
+    return a.astype(x.dtype, copy=False)
+
+
+def _max_pool_with_indices(ctx, x, kernel, strides, dil, pads, extra, outs, fill):
+    nd = len(kernel)
+    spatial = x.shape[2:]
+    flat = np.arange(x.size, dtype=np.int64).reshape(x.shape)
+    if ctx.attr("storage_order", 0):
+        plane = int(np.prod(spatial))
+        col = np.arange(plane, dtype=np.int64).reshape(spatial[::-1]).transpose(tuple(range(nd))[::-1])
+        flat = (np.arange(x.shape[0] * x.shape[1], dtype=np.int64) * plane).reshape(x.shape[:2] + (1,) * nd) + col
+    win = _pooled(x, kernel, strides, dil, pads, extra, outs, fill)
+    idx = _pooled(flat, kernel, strides, dil, pads, extra, outs, -1)
+    win = win.reshape(win.shape[:2 + nd] + (-1,))
+    best = np.argmax(win, axis=-1)[..., None]
+    values = np.take_along_axis(win, best, axis=-1)[..., 0]
+    indices = np.take_along_axis(idx.reshape(idx.shape[:2 + nd] + (-1,)), best, axis=-1)[..., 0]
+    return values.astype(x.dtype), indices
 
 
 @register("AveragePool")
@@ -533,57 +571,3 @@ def batch_normalization(ctx, x, scale, bias, mean, var):
     inv = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)).reshape(shp)
     y = (x - mean.reshape(shp)) * inv + bias.reshape(shp)
     return y.astype(x.dtype)
-
-
-# --------------------------------------------------------------------------- resize
-_COORD = {
-    "half_pixel": lambda o, s, i, n: (o + 0.5) / s - 0.5,
-    "pytorch_half_pixel": lambda o, s, i, n: (o + 0.5) / s - 0.5 if n > 1 else np.zeros_like(o),
-    "asymmetric": lambda o, s, i, n: o / s,
-    "align_corners": lambda o, s, i, n: o * (i - 1) / (n - 1) if n > 1 else np.zeros_like(o),
-    "tf_half_pixel_for_nn": lambda o, s, i, n: (o + 0.5) / s,
-}
-_NEAREST = {
-    "round_prefer_floor": lambda v: np.where(v - np.floor(v) == 0.5, np.floor(v), np.round(v)),
-    "round_prefer_ceil": lambda v: np.where(v - np.floor(v) == 0.5, np.ceil(v), np.round(v)),
-    "floor": np.floor,
-    "ceil": np.ceil,
-}
-
-
-@register("Resize")
-def resize(ctx, x, roi=None, scales=None, sizes=None):
-    """Nearest-neighbour resize (all coordinate transformation and nearest modes except
-    tf_crop_and_resize and half_pixel_symmetric); linear/cubic are not supported."""
-    if ctx.opset < 11:
-        scales, roi = roi, None
-    mode = ctx.attr("mode", "nearest")
-    if mode != "nearest":
-        raise ctx.error(f"mode={mode!r} is not supported (nearest only)")
-    ctm = ctx.attr("coordinate_transformation_mode", "half_pixel" if ctx.opset >= 11 else "asymmetric")
-    nm = ctx.attr("nearest_mode", "round_prefer_floor" if ctx.opset >= 11 else "floor")
-    if ctm not in _COORD or nm not in _NEAREST:
-        raise ctx.error(f"coordinate_transformation_mode={ctm!r} / nearest_mode={nm!r} not supported")
-    axes = ctx.attr("axes")
-    axes = list(range(x.ndim)) if axes is None else [a % x.ndim for a in axes]
-    policy = ctx.attr("keep_aspect_ratio_policy", "stretch")
-    if sizes is not None and sizes.size:
-        sz = [int(v) for v in sizes.reshape(-1)]
-        if policy != "stretch":
-            ratios = [sz[i] / x.shape[a] for i, a in enumerate(axes)]
-            r = min(ratios) if policy == "not_larger" else max(ratios)
-            sz = [int(math.floor(r * x.shape[a] + 0.5)) for a in axes]
-            sc = [r] * len(axes)
-        else:
-            sc = [sz[i] / x.shape[a] for i, a in enumerate(axes)]
-    else:
-        sc = [float(v) for v in scales.reshape(-1)]
-        sz = [int(math.floor(x.shape[a] * sc[i])) for i, a in enumerate(axes)]
-    y = x
-    for i, a in enumerate(axes):
-        n_in, n_out = x.shape[a], sz[i]
-        o = np.arange(n_out, dtype=np.float64)
-        src = _COORD[ctm](o, sc[i], n_in, n_out)
-        idx = np.clip(_NEAREST[nm](src), 0, n_in - 1).astype(np.int64)
-        y = np.take(y, idx, axis=a)
-    return y

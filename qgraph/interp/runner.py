@@ -89,6 +89,51 @@ def recycle_large_arrays() -> None:
         pass
 
 
+#: Thread-count entry points of the OpenBLAS builds NumPy ships with (scipy-openblas for NumPy 2,
+#: the 64-bit-integer build before it, a system OpenBLAS), as (set, get) symbol names.
+_OPENBLAS_SYMBOLS = [("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+                     ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                     ("openblas_set_num_threads", "openblas_get_num_threads")]
+
+
+def _openblas_thread_calls():
+    """(set, get) ctypes functions of the OpenBLAS loaded into this process, or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_SYMBOLS:
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                setter, getter = getattr(lib, set_name), getattr(lib, get_name)
+                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                return setter, getter
+    return None
+
+
+def set_blas_threads(threads: int) -> int | None:
+    """Set the thread count of NumPy's OpenBLAS for the whole process and return the previous
+    count (None when NumPy's BLAS is not an OpenBLAS this can reach). The interpreter's GEMMs are
+    many and small: on a busy machine, BLAS threads waiting for a core cost more than they save
+    (measured here: a YOLOv8n run 10x slower with two threads than with one while other processes
+    held the cores). Like :func:`recycle_large_arrays` this is process-wide, so the library never
+    calls it by itself; benchmarks and the CLI may."""
+    calls = _openblas_thread_calls()
+    if calls is None:
+        return None
+    setter, getter = calls
+    previous = int(getter())
+    setter(int(threads))
+    return previous
+
+
 class Plan:
     """A model compiled for repeated evaluation: ``plan.run(feeds, outputs=None)``.
 
