@@ -48,6 +48,10 @@ BN_EPSILON = 1e-5
 LN_EPSILON = 1e-6
 # Spread of a trained classifier's logits over classes (ImageNet nets: about 2-4).
 LOGIT_STD = 3.0
+# Share of a DB probability map that is text on the probe (a page of text: 10-20%).
+DB_FOREGROUND = 0.15
+# Share of a CTC recognizer's frames that decode as blank on the probe.
+CTC_BLANK_SHARE = 0.6
 EXPORTED = ("pplcnet_paddle", "vit_encoder", "db_detector", "svtr_recognizer")
 
 # PP-LCNet's stages (PaddleClas NET_CONFIG): kernel, in, out, stride, SE. Strides may be
@@ -356,8 +360,9 @@ def _image_input(name: str, input_shape: Sequence[int], batch="N") -> onnx.Value
 
 
 def pplcnet_paddle(input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000, scale: float = 0.5,
-                   seed: int = 0) -> onnx.ModelProto:
-    """PP-LCNet classifier as Paddle2ONNX writes a PaddleClas inference model (softmax output)."""
+                   seed: int = 0, probe: np.ndarray | None = None) -> onnx.ModelProto:
+    """PP-LCNet classifier as Paddle2ONNX writes a PaddleClas inference model (softmax output).
+    `probe`: inputs the statistics are measured on (default: `probe_batch`)."""
     w = _Writer(seed, "paddle")
     x, _ = pplcnet_backbone(w, "x", scale, se_gate="op")
     x = w.op("GlobalAveragePool", [x])
@@ -370,13 +375,14 @@ def pplcnet_paddle(input_shape: Sequence[int] = (3, 224, 224), num_classes: int 
                    [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT,
                                                   ["p2o.DynamicDimension.0", num_classes])],
                    "pplcnet_paddle", ("PaddlePaddle", "2.6.0"))
-    model = _fill_norm_statistics(w, model, input_shape, seed)
-    return _set_logit_scale(model, logits, input_shape, seed)
+    probe = _probe(probe, input_shape, seed)
+    return _set_head_scale(_fill_norm_statistics(w, model, probe), logits, probe)
 
 
 def db_detector(input_shape: Sequence[int] = (3, 320, 320), scale: float = 0.5, fpn_channels: int = 96,
-                seed: int = 0) -> onnx.ModelProto:
-    """PaddleOCR DB text detector: LCNet backbone, DBFPN, DBHead; output a [N, 1, H, W] probability map."""
+                seed: int = 0, probe: np.ndarray | None = None) -> onnx.ModelProto:
+    """PaddleOCR DB text detector: LCNet backbone, DBFPN, DBHead; output a [N, 1, H, W] probability map
+    that marks about `DB_FOREGROUND` of the probe's pixels as text (> 0.5 after the sigmoid)."""
     if input_shape[1] % 32 or input_shape[2] % 32:
         raise ValueError(f"db_detector: input height and width {tuple(input_shape[1:])} must be multiples of 32")
     w = _Writer(seed, "paddle")
@@ -387,7 +393,9 @@ def db_detector(input_shape: Sequence[int] = (3, 320, 320), scale: float = 0.5, 
     model = _model(w, [_image_input("x", input_shape, batch)],
                    [helper.make_tensor_value_info(prob, TensorProto.FLOAT, [batch, 1, *input_shape[1:]])],
                    "db_detector", ("PaddlePaddle", "2.6.0"))
-    return _fill_norm_statistics(w, model, input_shape, seed)
+    probe = _probe(probe, input_shape, seed)
+    logits = next(node.input[0] for node in model.graph.node if node.output[0] == prob)
+    return _set_head_scale(_fill_norm_statistics(w, model, probe), logits, probe, centre="quantile")
 
 
 def _resize(w: _Writer, x: str, factor: int) -> str:
@@ -425,7 +433,8 @@ def _conv_transpose(w: _Writer, x: str, cin: int, cout: int, bias: bool = False)
 
 
 def svtr_recognizer(input_shape: Sequence[int] = (3, 48, 320), num_classes: int = 97, scale: float = 0.5,
-                    dim: int = 64, depth: int = 2, heads: int = 4, seed: int = 0) -> onnx.ModelProto:
+                    dim: int = 64, depth: int = 2, heads: int = 4, seed: int = 0,
+                    probe: np.ndarray | None = None) -> onnx.ModelProto:
     """SVTR-like CTC recognizer: LCNet with (2, 1) strides, height pooled away, global-mixing blocks on
     the width sequence, MatMul + Softmax CTC head; output [N, W/8, num_classes]."""
     if input_shape[1] != 48 or input_shape[2] % 8:
@@ -447,8 +456,9 @@ def svtr_recognizer(input_shape: Sequence[int] = (3, 48, 320), num_classes: int 
                    [helper.make_tensor_value_info("softmax_0.tmp_0", TensorProto.FLOAT,
                                                   [batch, input_shape[2] // 8, num_classes])],
                    "svtr_recognizer", ("PaddlePaddle", "2.6.0"))
-    model = _fill_norm_statistics(w, model, input_shape, seed)
-    return _set_logit_scale(model, logits, input_shape, seed)
+    probe = _probe(probe, input_shape, seed)
+    model = _set_head_scale(_fill_norm_statistics(w, model, probe), logits, probe)
+    return _raise_blank(model, logits, probe)
 
 
 def _p2o_layernorm(w: _Writer, x: str, dim: int) -> str:
@@ -484,7 +494,7 @@ def _svtr_block(w: _Writer, x: str, dim: int, heads: int) -> str:
 
 def vit_encoder(input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1000, patch: int = 16,
                 dim: int = 192, depth: int = 4, heads: int = 3, mlp_ratio: int = 4, outliers: int = 2,
-                seed: int = 0) -> onnx.ModelProto:
+                seed: int = 0, probe: np.ndarray | None = None) -> onnx.ModelProto:
     """A timm-style ViT as torch.onnx exports it (dynamic batch); output `logits` [N, num_classes]."""
     channels, height, width = input_shape
     if height % patch or width % patch:
@@ -517,7 +527,7 @@ def vit_encoder(input_shape: Sequence[int] = (3, 224, 224), num_classes: int = 1
     model = _model(w, [_image_input("input", input_shape, "batch_size")],
                    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", num_classes])],
                    "vit_encoder", ("pytorch", "2.3.1"))
-    return _set_logit_scale(model, "logits", input_shape, seed)
+    return _set_head_scale(model, "logits", _probe(probe, input_shape, seed))
 
 
 # --- normalization statistics -------------------------------------------------------------------
@@ -539,11 +549,19 @@ def probe_batch(input_shape: Sequence[int], seed: int, count: int = 8) -> np.nda
     return np.stack(samples).astype(np.float32)
 
 
-def _fill_norm_statistics(w: _Writer, model: onnx.ModelProto, input_shape: Sequence[int],
-                          seed: int) -> onnx.ModelProto:
+def _probe(probe: np.ndarray | None, input_shape: Sequence[int], seed: int) -> np.ndarray:
+    if probe is None:
+        return probe_batch(input_shape, seed)
+    probe = np.asarray(probe, np.float32)
+    if probe.ndim != 4 or tuple(probe.shape[1:]) != tuple(input_shape) or len(probe) < 2:
+        raise ValueError(f"probe of shape {probe.shape} does not fit input {tuple(input_shape)} (need N >= 2)")
+    return probe
+
+
+def _fill_norm_statistics(w: _Writer, model: onnx.ModelProto, probe: np.ndarray) -> onnx.ModelProto:
     """Measure every norm site's batch mean/var on the probe (one ORT run), write them into the
     BatchNormalization nodes, and turn the `affine` sites into Paddle's `Mul(c) -> Add(c)`."""
-    stats = _probe_statistics(model, w.norm_sites, probe_batch(input_shape, seed))
+    stats = _probe_statistics(model, w.norm_sites, probe)
     inits = {t.name: t for t in model.graph.initializer}
     for site, (mean, var) in zip(w.norm_sites, stats):
         _, scale_name, bias_name, mean_name, var_name = site.node.input
@@ -555,31 +573,51 @@ def _fill_norm_statistics(w: _Writer, model: onnx.ModelProto, input_shape: Seque
     return model
 
 
-def _set_logit_scale(model: onnx.ModelProto, logits: str, input_shape: Sequence[int], seed: int,
-                     target_std: float = LOGIT_STD) -> onnx.ModelProto:
-    """Re-bias and rescale the head producing `logits` so that, on the probe, no class is favoured
-    whatever the input (per-class mean 0) and the logits vary like a trained net's (std `target_std`):
-    an untrained head gives a flat softmax, or one class always, and its argmax is then noise.
-        L = f W + b,   m = mean over samples of L,   s = std(L - m):   W' = W k,  b' = (b - m) k,  k = target / s
+def _set_head_scale(model: onnx.ModelProto, logits: str, probe: np.ndarray, centre: str = "class_mean",
+                    target_std: float = LOGIT_STD) -> onnx.ModelProto:
+    """Shift and scale the head writing `logits` so that, on the probe, it behaves like a trained one:
+    an untrained head gives a flat softmax, one class for every input, or a map that is all text.
+        L = f W + b,   s = std(L - m),   W' = W k,   b' = (b - m) k,   k = target_std / s
+    with m the per-class mean over the probe (`class_mean`: no class favoured whatever the input) or
+    the (1 - DB_FOREGROUND) quantile of all values (`quantile`: that share of pixels above 0.5).
     """
-    values = _run_probe(model, [logits], probe_batch(input_shape, seed))[0]
-    values = values.reshape(-1, values.shape[-1])
-    class_mean = values.mean(axis=0)
-    factor = np.float32(target_std / max(float((values - class_mean).std()), 1e-12))
+    values = _run_probe(model, [logits], probe)[0]
+    if centre == "class_mean":
+        values = values.reshape(-1, values.shape[-1])
+        shift = values.mean(axis=0)
+    else:
+        shift = np.float32(np.quantile(values, 1.0 - DB_FOREGROUND))
+    factor = np.float32(target_std / max(float((values - shift).std()), 1e-12))
     weight, bias = _head_parameters(model, logits)
     inits = {t.name: t for t in model.graph.initializer}
     new_weight = numpy_helper.to_array(inits[weight]) * factor
-    new_bias = (numpy_helper.to_array(inits[bias]) - class_mean) * factor
+    new_bias = (numpy_helper.to_array(inits[bias]) - shift) * factor
     inits[weight].CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight))
     inits[bias].CopyFrom(numpy_helper.from_array(new_bias.astype(np.float32), bias))
     return model
 
 
+def _raise_blank(model: onnx.ModelProto, logits: str, probe: np.ndarray, share: float = CTC_BLANK_SHARE,
+                 blank: int = 0) -> onnx.ModelProto:
+    """Raise the CTC blank's bias so that `share` of the probe's frames decode as blank, as in a trained
+    recognizer (characters are short peaks between blanks): the margin by which the best other class
+    beats the blank, at the `share` quantile over frames."""
+    values = _run_probe(model, [logits], probe)[0].reshape(-1, model.graph.output[0].type.tensor_type.shape.dim[-1]
+                                                           .dim_value)
+    margin = np.delete(values, blank, axis=1).max(axis=1) - values[:, blank]
+    _, bias = _head_parameters(model, logits)
+    tensor = next(t for t in model.graph.initializer if t.name == bias)
+    raised = numpy_helper.to_array(tensor).copy()
+    raised[blank] += np.float32(np.quantile(margin, share) + 1e-3)
+    tensor.CopyFrom(numpy_helper.from_array(raised.astype(np.float32), bias))
+    return model
+
+
 def _head_parameters(model: onnx.ModelProto, logits: str) -> tuple[str, str]:
-    """(weight, bias) initializer names of the Gemm, or MatMul + Add(bias), that writes `logits`."""
+    """(weight, bias) initializer names of the Gemm/Conv/ConvTranspose, or MatMul + Add(bias), writing `logits`."""
     inits = {t.name for t in model.graph.initializer}
     producer = next(node for node in model.graph.node if logits in node.output)
-    if producer.op_type == "Gemm":
+    if producer.op_type in ("Gemm", "Conv", "ConvTranspose"):
         return producer.input[1], producer.input[2]
     matmul = next(node for node in model.graph.node if node.output[0] in producer.input)
     bias = next(name for name in producer.input if name in inits)
