@@ -313,14 +313,11 @@ def _random_box(rng: np.random.Generator, width: int, height: int) -> tuple[int,
 
 def text_strips(split: str, count: int) -> list[tuple[str, object, str | None]]:
     """`count` (name, PIL grayscale strip, text or None): MNIST digit strips alternating with
-    windows on scanned text lines."""
+    windows on scanned text lines (which repeat past the ~60 windows the two scans hold)."""
     _check_split(split)
     digits = _mnist_strips(split, (count + 1) // 2)
-    scans = _scan_windows(split, count // 2)
-    strips = []
-    for i in range(count):
-        strips.append(digits[i // 2] if i % 2 == 0 else scans[i // 2])
-    return strips
+    scans = _scan_windows(split)
+    return [digits[i // 2] if i % 2 == 0 else scans[(i // 2) % len(scans)] for i in range(count)]
 
 
 DIGITS_PER_STRIP = 5
@@ -340,23 +337,22 @@ def _mnist_strips(split: str, count: int) -> list[tuple[str, object, str]]:
     return strips
 
 
-def _scan_windows(split: str, count: int) -> list[tuple[str, object, None]]:
-    """Windows of aspect 5:1 on the text lines of page.png, and 64-pixel bands of text.png; the
-    calibration split takes windows shifted by half a step, the probe by a quarter."""
+def _scan_windows(split: str) -> list[tuple[str, object, None]]:
+    """Windows of aspect 5:1, half-overlapping, on the text lines of page.png and on 64-pixel bands of
+    the handwritten text.png; the calibration split's are shifted by a quarter window, the probe's by
+    an eighth, so no split sees another's exact view."""
+    shift = {"eval": 0.0, "calib": 0.25, "probe": 0.125}[split]
+    page, text = load_picture("page").convert("L"), load_picture("text").convert("L")
+    bands = [(page, top, bottom) for top, bottom in text_lines(np.asarray(page))]
+    bands += [(text, top, top + 64) for top in (0, 54, 108)]
     windows = []
-    shift = {"eval": 0.0, "calib": 0.5, "probe": 0.25}[split]
-    page = load_picture("page").convert("L")
-    for top, bottom in text_lines(np.asarray(page)):
+    for image, top, bottom in bands:
         width = 5 * (bottom - top)
-        for left in np.arange(shift * width, page.width - width + 1, width):
-            windows.append((f"page@{int(left)},{top}", page.crop((int(left), top, int(left) + width, bottom))))
-    text = load_picture("text").convert("L")
-    for top in (0, 54, 108):
-        for left in np.arange(shift * 160, text.width - 320 + 1, 160):
-            windows.append((f"text@{int(left)},{top}", text.crop((int(left), top, int(left) + 320, top + 64))))
-    # interleave page and text windows so that a few samples already cover both
-    order = sorted(range(len(windows)), key=lambda i: (i % 7, i))
-    return [(windows[i][0], windows[i][1], None) for i in order[:count]] if count else []
+        for left in np.arange(shift * width, image.width - width + 1, width / 2).astype(int):
+            name = f"{'page' if image is page else 'text'}@{left},{top}"
+            windows.append((name, image.crop((left, top, left + width, bottom)), None))
+    # spread the order so that the first few windows already cover several lines and both scans
+    return [windows[i] for i in sorted(range(len(windows)), key=lambda i: (i % 5, i))]
 
 
 def text_lines(gray: np.ndarray, min_height: int = 8, padding: int = 3) -> list[tuple[int, int]]:
@@ -371,7 +367,7 @@ def text_lines(gray: np.ndarray, min_height: int = 8, padding: int = 3) -> list[
         if on and start is None:
             start = row
         elif not on and start is not None:
-            if runs and start - runs[-1][1] <= 3:  # descenders and dots split a line
+            if runs and start - runs[-1][1] <= 1:  # a thin gap is a line split by descenders or dots
                 start = runs.pop()[0]
             runs.append((start, row))
             start = None
