@@ -236,7 +236,7 @@ def zoo_entry(key: str) -> ZooEntry:
     return ZOO[key]
 
 
-PROBE_COUNT = 8
+PROBE_COUNT = 32
 
 
 def zoo_model(key: str) -> onnx.ModelProto:

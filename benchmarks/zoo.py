@@ -1,0 +1,315 @@
+"""Zoo benchmark: qgraph `ptq` against ONNX Runtime's quantize_static on real models and real inputs.
+
+    .venv/bin/python benchmarks/zoo.py [--models nudenet_320n,ddddocr_ocr,...] [--images N]
+                                       [--calib N] [--eval N] [--json out.json]
+
+Goal: qgraph must quantize what exporters write, as faithfully as the peer tool. For every zoo
+model (benchmarks/zoo_models.py: four models from PyPI wheels and five exporter-style builders)
+it prints the float op count, and for qgraph `ptq` (qgraph.api.apply_pipeline, W8A8, per-channel
+weights) and for ORT quantize_static (QDQ, per-channel int8 weights, uint8 activations; MinMax,
+Entropy and Percentile, after quant_pre_process where that works) the Q/DQ node count, the
+quantization wall time, cosine and SNR of every output against float, and task agreement with
+float: detectors the share of float boxes matched at IoU >= 0.5 with the same class, OCR the
+share of identical CTC greedy strings (plus, for ddddocr, the share of MNIST strips read
+exactly), classifiers the same top-1, the DB detector the pixel IoU of maps > 0.3. Failures are
+caught and reported per setting. Fixed-batch models are fed one sample at a time to ORT's
+calibration reader; qgraph gets the calibration set as one data dict, as its users do.
+
+Inputs: `--calib` calibration and `--eval` evaluation samples (`--images` sets both), real
+pictures from the scikit-image 0.26.0 wheel (the evaluation split is the 14 pictures whole,
+then seeded crops; calibration uses other crops) and text strips (MNIST digits from qgraph's
+bundled data, windows on the scanned page.png and the handwritten text.png).
+
+Measured (2 cores, --images 24: 24 calibration and 24 evaluation samples each): see
+MEASURED below, printed again by every run's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo_models as zoo  # noqa: E402
+
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+MEASURED = """(filled in from the baseline run)"""
+
+
+@dataclass
+class Result:
+    """One quantization of one model (or the float reference) and how close it stays to float."""
+    model: str
+    tool: str
+    config: str
+    ops: int = 0
+    qdq: int = 0
+    seconds: float = 0.0
+    outputs: list[dict] = field(default_factory=list)   # name, cosine, snr_db
+    agreement: float | None = None
+    agreement_text: str = ""
+    digits_exact: float | None = None                     # ddddocr: MNIST strips read exactly
+    note: str = ""
+    error: str = ""
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o["cosine"] for o in self.outputs), default=float("nan"))
+
+    @property
+    def min_snr(self) -> float:
+        return min((o["snr_db"] for o in self.outputs), default=float("nan"))
+
+
+def error_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:240] if text else ''}"
+
+
+def count_ops(model: onnx.ModelProto) -> tuple[int, int]:
+    """(all nodes, QuantizeLinear + DequantizeLinear nodes) of the main graph."""
+    nodes = model.graph.node
+    return len(nodes), sum(n.op_type in QDQ_OPS for n in nodes)
+
+
+def score(result: Result, entry: zoo.ZooEntry, model: onnx.ModelProto, x_eval: np.ndarray,
+          reference: list[np.ndarray], samples: list[zoo.Sample], names: list[str]) -> Result:
+    """Run `model` on the evaluation inputs and fill in fidelity and task agreement."""
+    outputs = zoo.run_entry(entry, zoo.ort_session(model), x_eval)
+    result.outputs = [{"name": name, "cosine": zoo.cosine(ref, got), "snr_db": zoo.snr_db(ref, got)}
+                      for name, ref, got in zip(names, reference, outputs)]
+    result.agreement, result.agreement_text = zoo.task_agreement(entry, reference, outputs)
+    result.digits_exact = digits_exact(entry, outputs, samples)
+    return result
+
+
+def digits_exact(entry: zoo.ZooEntry, outputs: list[np.ndarray], samples: list[zoo.Sample]) -> float | None:
+    """Share of MNIST strips a ddddocr model reads exactly (labels are known only for those)."""
+    if not entry.charset:
+        return None
+    decoded = zoo.decode(entry, outputs)
+    pairs = [(s.text, zoo.decoded_text(entry, seq)) for s, seq in zip(samples, decoded) if s.text]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
+def qgraph_ptq(key: str, float_path: Path, calib: dict) -> tuple[onnx.ModelProto, float]:
+    from qgraph.api import apply_pipeline
+    from qgraph.model_io import load_model
+    start = time.perf_counter()
+    model = apply_pipeline(load_model(float_path), "ptq", calib)
+    return model, time.perf_counter() - start
+
+
+class _Reader:
+    """ORT CalibrationDataReader over the calibration set (one sample per batch for fixed-batch models)."""
+
+    def __init__(self, entry: zoo.ZooEntry, data: np.ndarray, batch_size: int = 8):
+        step = 1 if entry.fixed_batch else batch_size
+        self._batches = iter([{entry.input_name: data[i:i + step]} for i in range(0, len(data), step)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+ORT_MIN_OPSET = 13  # quantize_static refuses per-channel QDQ below opset 13
+
+
+def ort_source(float_model: onnx.ModelProto, float_path: Path, tmp: Path) -> tuple[Path, str]:
+    """The file ORT starts from: the float model, its opset raised with onnx's version converter when
+    quantize_static would refuse it (as an ORT user does; qgraph's load_model does the same)."""
+    opset = next(o.version for o in float_model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= ORT_MIN_OPSET:
+        return float_path, ""
+    from onnx import version_converter
+    path = tmp / "float_opset17.onnx"
+    onnx.save(version_converter.convert_version(float_model, 17), str(path))
+    return path, f"opset {opset} -> 17 (onnx.version_converter)"
+
+
+def ort_preprocess(float_path: Path, tmp: Path) -> tuple[Path, str]:
+    """quant_pre_process with symbolic shape inference, else without it, else the raw model."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    notes = []
+    for skip_symbolic in (False, True):
+        out = tmp / f"pre_{int(skip_symbolic)}.onnx"
+        try:
+            quant_pre_process(str(float_path), str(out), skip_symbolic_shape=skip_symbolic)
+            label = "quant_pre_process" + (" (skip_symbolic_shape)" if skip_symbolic else "")
+            return out, "; ".join([*notes, label])
+        except Exception as exc:  # report why, then try the next, weaker form
+            notes.append(f"quant_pre_process{' (skip_symbolic_shape)' if skip_symbolic else ''} failed: "
+                         f"{error_line(exc)}")
+    return float_path, "; ".join([*notes, "raw model"])
+
+
+def ort_quantize(entry: zoo.ZooEntry, source: Path, method: str, calib: np.ndarray,
+                 tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(entry, calib)
+    out = tmp / f"ort_{method}.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
+    return onnx.load(str(out))
+
+
+def benchmark_model(key: str, n_calib: int, n_eval: int, methods: list[str], echo) -> list[Result]:
+    entry = zoo.zoo_entry(key)
+    float_model = zoo.zoo_model(key)
+    calib = zoo.zoo_inputs(key, n_calib, "calib")
+    samples = zoo.zoo_samples(key, n_eval, "eval")
+    x_eval = np.stack([s.array for s in samples])
+    names = [o.name for o in float_model.graph.output]
+    reference = zoo.run_entry(entry, zoo.ort_session(float_model), x_eval)
+    ops, qdq = count_ops(float_model)
+    base = Result(key, "float", "fp32", ops, qdq, note=entry.source)
+    results = [score(base, entry, float_model, x_eval, reference, samples, names)]
+    echo(line(results[-1]))
+    with tempfile.TemporaryDirectory(prefix=f"zoo-{key}-") as tmp_name:
+        tmp = Path(tmp_name)
+        float_path = tmp / "float.onnx"
+        onnx.save(float_model, str(float_path))
+        results.append(run_setting(key, "qgraph", "ptq (W8A8 minmax)", lambda: qgraph_ptq(key, float_path, calib),
+                                   entry, x_eval, reference, samples, names))
+        echo(line(results[-1]))
+        start = time.perf_counter()
+        source, opset_note = ort_source(float_model, float_path, tmp)
+        prepared, pre_note = ort_preprocess(source, tmp)
+        pre_note = "; ".join(n for n in (opset_note, pre_note) if n)
+        pre_seconds = time.perf_counter() - start
+        for method in methods:
+            def quantize(method=method):
+                begin = time.perf_counter()
+                model = ort_quantize(entry, prepared, method, calib[entry.input_name], tmp)
+                return model, pre_seconds + time.perf_counter() - begin
+            result = run_setting(key, "ort", f"QDQ per-channel {method}", quantize, entry, x_eval, reference,
+                                 samples, names)
+            result.note = pre_note
+            results.append(result)
+            echo(line(results[-1]))
+    return results
+
+
+def run_setting(key, tool, config, quantize, entry, x_eval, reference, samples, names) -> Result:
+    """Quantize and score one setting; any failure becomes the result's error line."""
+    result = Result(key, tool, config)
+    try:
+        model, result.seconds = quantize()
+    except Exception as exc:
+        result.error = f"quantization failed: {error_line(exc)}"
+        result.note = _where(exc)
+        return result
+    result.ops, result.qdq = count_ops(model)
+    try:
+        return score(result, entry, model, x_eval, reference, samples, names)
+    except Exception as exc:
+        result.error = f"quantized model does not run: {error_line(exc)}"
+        return result
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame, so a failure names the code that raised it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+
+
+def line(r: Result) -> str:
+    if r.error:
+        return f"{r.model:<17} {r.tool:<7} {r.config:<27} ERROR {r.error}"
+    agreement = "-" if r.agreement is None or r.tool == "float" else f"{r.agreement:6.3f} ({r.agreement_text})"
+    digits = "" if r.digits_exact is None else f"  digits exact {r.digits_exact:.2f}"
+    fidelity = "" if r.tool == "float" else f"cos {r.min_cosine:8.5f}  SNR {r.min_snr:6.1f} dB  "
+    return (f"{r.model:<17} {r.tool:<7} {r.config:<27} ops {r.ops:4d}  Q/DQ {r.qdq:4d}  {r.seconds:6.1f}s  "
+            f"{fidelity}{agreement}{digits}")
+
+
+def best_ort(results: list[Result]) -> Result | None:
+    """The ORT setting with the best task agreement, then the best worst-output SNR."""
+    done = [r for r in results if r.tool == "ort" and not r.error]
+    return max(done, key=lambda r: (np.nan_to_num(r.agreement, nan=-1.0), r.min_snr)) if done else None
+
+
+def summary(results: list[Result]) -> list[str]:
+    rows = [f"{'model':<17} {'ops':>4} {'Q/DQ qg':>7} {'Q/DQ ort':>8} {'cos qg':>8} {'cos ort':>8} "
+            f"{'SNR qg':>6} {'SNR ort':>7} {'task qg':>7} {'task ort':>8} {'t qg':>6} {'t ort':>6}  ort best"]
+    for model in dict.fromkeys(r.model for r in results):
+        mine = [r for r in results if r.model == model]
+        base = next(r for r in mine if r.tool == "float")
+        qg = next((r for r in mine if r.tool == "qgraph"), None)
+        ort = best_ort(mine)
+
+        def cell(r, attr, fmt):
+            if r is None or r.error:
+                return "fail"
+            value = getattr(r, attr)
+            return "-" if value is None else format(value, fmt)
+        rows.append(f"{model:<17} {base.ops:4d} {cell(qg, 'qdq', 'd'):>7} {cell(ort, 'qdq', 'd'):>8} "
+                    f"{cell(qg, 'min_cosine', '.5f'):>8} {cell(ort, 'min_cosine', '.5f'):>8} "
+                    f"{cell(qg, 'min_snr', '.1f'):>6} {cell(ort, 'min_snr', '.1f'):>7} "
+                    f"{cell(qg, 'agreement', '.3f'):>7} {cell(ort, 'agreement', '.3f'):>8} "
+                    f"{cell(qg, 'seconds', '.1f'):>6} {cell(ort, 'seconds', '.1f'):>6}  "
+                    f"{ort.config.split()[-1] if ort else '-'}")
+    return rows
+
+
+def finite(value):
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return [finite(v) for v in value] if isinstance(value, list) else value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo keys")
+    parser.add_argument("--images", type=int, default=24, help="calibration and evaluation samples each")
+    parser.add_argument("--calib", type=int, help="calibration samples (default: --images)")
+    parser.add_argument("--eval", type=int, help="evaluation samples (default: --images)")
+    parser.add_argument("--methods", default=",".join(ORT_METHODS), help="ORT calibration methods")
+    parser.add_argument("--json", default="zoo_results.json", help="where to write all numbers")
+    args = parser.parse_args()
+    n_calib, n_eval = args.calib or args.images, args.eval or args.images
+    keys = args.models.split(",")
+    for key in keys:
+        zoo.zoo_entry(key)  # unknown names fail before any work
+
+    def echo(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    results: list[Result] = []
+    for key in keys:
+        try:
+            results += benchmark_model(key, n_calib, n_eval, args.methods.split(","), echo)
+        except zoo.ZooUnavailable as exc:
+            results.append(Result(key, "float", "fp32", error=str(exc)))
+            echo(line(results[-1]))
+    print("\nall settings:")
+    print("\n".join(line(r) for r in results))
+    print(f"\nsummary ({n_calib} calibration / {n_eval} evaluation samples; worst output's cosine and SNR; "
+          "ORT: best setting by task agreement):")
+    print("\n".join(summary(results)))
+    Path(args.json).write_text(json.dumps(finite({"calib": n_calib, "eval": n_eval, "results": [
+        {**asdict(r), "min_cosine": r.min_cosine, "min_snr": r.min_snr} for r in results]}), indent=1))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
