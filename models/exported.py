@@ -46,6 +46,7 @@ OPSET = 17
 IR_VERSION = 8
 BN_EPSILON = 1e-5
 LN_EPSILON = 1e-6
+BN_GAMMA = (0.5, 1.5)
 # Share of a conv weight that is He-normal noise; the rest copies channels (see STRUCTURED_INIT).
 RANDOM_PART = np.float32(0.5)
 STRUCTURED_INIT = """Why conv weights are not plain He-normal: a deep stack of random convs with BatchNorm is
@@ -208,7 +209,7 @@ def p2o_conv(w: _Writer, x: str, cin: int, cout: int, kernel: int, stride=1, gro
 def p2o_norm(w: _Writer, x: str, channels: int, affine: bool = False) -> str:
     """BatchNormalization (or, with `affine`, Paddle's folded `Mul(c) -> Add(c)`) after a conv."""
     index = w.count("batch_norm")
-    params = [w.init(f"batch_norm_{index}.w_0", w.rng.uniform(0.5, 1.5, channels)),
+    params = [w.init(f"batch_norm_{index}.w_0", w.rng.uniform(*BN_GAMMA, channels)),
               w.init(f"batch_norm_{index}.b_0", w.normal((channels,), 0.25)),
               w.init(f"batch_norm_{index}.w_1", np.zeros(channels)),
               w.init(f"batch_norm_{index}.w_2", np.ones(channels))]
