@@ -58,6 +58,8 @@ class Result:
     config: str
     ops: int = 0
     qdq: int = 0
+    act_quantizers: int = 0
+    weight_quantizers: int = 0
     seconds: float = 0.0
     outputs: list[dict] = field(default_factory=list)   # name, cosine, snr_db
     agreement: float | None = None
@@ -85,6 +87,19 @@ def count_ops(model: onnx.ModelProto) -> tuple[int, int]:
     """(all nodes, QuantizeLinear + DequantizeLinear nodes) of the main graph."""
     nodes = model.graph.node
     return len(nodes), sum(n.op_type in QDQ_OPS for n in nodes)
+
+
+def count_quantizers(model: onnx.ModelProto) -> tuple[int, int]:
+    """(activation quantizers, weight quantizers): node counts alone do not compare, since ORT stores
+    weights as int8 initializers + DequantizeLinear and qgraph keeps float weights + Q + DQ."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    quantized_constants = {n.output[0] for n in model.graph.node
+                           if n.op_type == "QuantizeLinear" and n.input[0] in constants}
+    weights = sum(n.op_type == "DequantizeLinear" and (n.input[0] in constants or n.input[0] in quantized_constants)
+                  for n in model.graph.node)
+    activations = sum(n.op_type == "QuantizeLinear" and n.input[0] not in constants for n in model.graph.node)
+    return activations, weights
 
 
 def score(result: Result, entry: zoo.ZooEntry, model: onnx.ModelProto, x_eval: np.ndarray,
@@ -221,6 +236,7 @@ def run_setting(key, tool, config, quantize, entry, x_eval, reference, samples, 
         result.note = _where(exc)
         return result
     result.ops, result.qdq = count_ops(model)
+    result.act_quantizers, result.weight_quantizers = count_quantizers(model)
     try:
         return score(result, entry, model, x_eval, reference, samples, names)
     except Exception as exc:
@@ -245,8 +261,9 @@ def line(r: Result) -> str:
     agreement = "-" if r.agreement is None or r.tool == "float" else f"{r.agreement:6.3f} ({r.agreement_text})"
     digits = "" if r.digits_exact is None else f"  digits exact {r.digits_exact:.2f}"
     fidelity = "" if r.tool == "float" else f"cos {r.min_cosine:8.5f}  SNR {r.min_snr:6.1f} dB  "
-    return (f"{r.model:<17} {r.tool:<7} {r.config:<27} ops {r.ops:4d}  Q/DQ {r.qdq:4d}  {r.seconds:6.1f}s  "
-            f"{fidelity}{agreement}{digits}")
+    quantizers = f"(a {r.act_quantizers:3d}, w {r.weight_quantizers:3d})" if r.tool != "float" else " " * 16
+    return (f"{r.model:<17} {r.tool:<7} {r.config:<27} ops {r.ops:4d}  Q/DQ {r.qdq:4d} {quantizers} "
+            f"{r.seconds:6.1f}s  {fidelity}{agreement}{digits}")
 
 
 def best_ort(results: list[Result]) -> Result | None:
@@ -256,7 +273,7 @@ def best_ort(results: list[Result]) -> Result | None:
 
 
 def summary(results: list[Result]) -> list[str]:
-    rows = [f"{'model':<17} {'ops':>4} {'Q/DQ qg':>7} {'Q/DQ ort':>8} {'cos qg':>8} {'cos ort':>8} "
+    rows = [f"{'model':<17} {'ops':>4} {'Q/DQ qg':>7} {'Q/DQ ort':>8} {'aQ qg':>5} {'aQ ort':>6} {'cos qg':>8} {'cos ort':>8} "
             f"{'SNR qg':>6} {'SNR ort':>7} {'task qg':>7} {'task ort':>8} {'t qg':>6} {'t ort':>6}  ort best"]
     for model in dict.fromkeys(r.model for r in results):
         mine = [r for r in results if r.model == model]
@@ -271,6 +288,7 @@ def summary(results: list[Result]) -> list[str]:
             value = getattr(r, attr)
             return "-" if value is None else format(value, fmt)
         rows.append(f"{model:<17} {base.ops:4d} {cell(qg, 'qdq', 'd'):>7} {cell(ort, 'qdq', 'd'):>8} "
+                    f"{cell(qg, 'act_quantizers', 'd'):>5} {cell(ort, 'act_quantizers', 'd'):>6} "
                     f"{cell(qg, 'min_cosine', '.5f'):>8} {cell(ort, 'min_cosine', '.5f'):>8} "
                     f"{cell(qg, 'min_snr', '.1f'):>6} {cell(ort, 'min_snr', '.1f'):>7} "
                     f"{cell(qg, 'agreement', '.3f'):>7} {cell(ort, 'agreement', '.3f'):>8} "
