@@ -23,13 +23,23 @@ builders reproduce the exporters' idioms on purpose:
   SVTR-style global-mixing blocks on the width sequence (MatMul attention, decomposed
   LayerNorm, decomposed HardSwish MLP) and a CTC head (MatMul + Add + Softmax).
 
-Weights are deterministic from `seed`: He-normal convs, and every BatchNormalization (or
-folded affine) gets the statistics it would have after training, measured once in ONNX
-Runtime on a seeded smooth-noise probe batch (so activations keep realistic O(1) ranges
-through depth instead of exploding or vanishing), with gamma ~ U(0.5, 1.5) and beta ~
-N(0, 0.25). The transformer LayerNorms carry a few outlier channels (gamma ~ 8), as
-trained transformers do (Bondarenko et al. 2021). The nets are untrained: fine for
-measuring quantization fidelity, not for accuracy.
+Weights are deterministic from `seed` (and the probe). Plain He-normal convs under BatchNorm
+are chaotic at initialization (Yang et al. 2019): an input perturbation at -50 dB came out of
+the recognizer at -12 dB, where the trained wheel models keep it near -45 dB, so quantization
+noise would be measured through an amplifier. Trained weights are far from isotropic, so each
+conv here is a channel copy (identity at the kernel centre, out channel j <- in channel j mod
+C_in) plus He-normal noise at `RANDOM_PART`, and depthwise kernels add a Gaussian low-pass.
+Every BatchNormalization (or folded affine) gets the statistics it would have after training,
+measured in one ONNX Runtime run on a probe batch (seeded image-like noise, or real inputs
+passed as `probe`: the zoo passes 32 real pictures), with gamma ~ U(BN_GAMMA) and beta ~
+N(0, 0.25); heads are shifted and scaled on the same probe (`_set_head_scale`). The
+transformer LayerNorms carry a few outlier channels (gamma 8), as trained transformers do
+(Bondarenko et al. 2021).
+
+Known limit: without training, stacked HardSwish compounds kurtosis (channel kurtosis about 30
+deep in PP-LCNet against about 5 in the trained YOLOv8n, activation absmax/std about 25), so
+8-bit PTQ loses much more here than on trained nets. Use these models for the exporters'
+graph idioms and for tool-against-tool comparisons, not for absolute accuracy.
 """
 
 from __future__ import annotations
@@ -47,15 +57,8 @@ IR_VERSION = 8
 BN_EPSILON = 1e-5
 LN_EPSILON = 1e-6
 BN_GAMMA = (0.5, 1.5)
-# Share of a conv weight that is He-normal noise; the rest copies channels (see STRUCTURED_INIT).
+# Share of a conv weight that is He-normal noise; the rest copies channels (see the module docstring).
 RANDOM_PART = np.float32(0.5)
-STRUCTURED_INIT = """Why conv weights are not plain He-normal: a deep stack of random convs with BatchNorm is
-chaotic at initialization (Yang et al. 2019, mean-field theory of BN): an input perturbation of
--50 dB came out at -12 dB here, where the wheel models (trained) keep it near -45 dB. Quantization
-noise would then be amplified the same way, measuring the untrained net instead of the quantizer.
-Trained weights are far from isotropic, so each conv here is a channel copy (identity at the kernel
-centre, out channel j <- in channel j mod C_in) plus He-normal noise at RANDOM_PART, and depthwise
-kernels add a Gaussian low-pass."""
 # Spread of a trained classifier's logits over classes (ImageNet nets: about 2-4).
 LOGIT_STD = 3.0
 # Share of a DB probability map that is text on the probe (a page of text: 10-20%).
@@ -174,7 +177,7 @@ class _Writer:
 
     def conv_weight(self, cout: int, cin: int, kernel: int, group: int = 1) -> np.ndarray:
         """[cout, cin / group, k, k]: a channel-copy part at the kernel centre plus He-normal noise at
-        `RANDOM_PART`; depthwise kernels add a smoothing part (see STRUCTURED_INIT)."""
+        `RANDOM_PART`; depthwise kernels add a smoothing part (why: the module docstring)."""
         per_group = cin // group
         weight = RANDOM_PART * self.he_normal((cout, per_group, kernel, kernel), fan_in=per_group * kernel * kernel)
         centre = kernel // 2

@@ -125,7 +125,7 @@ def test_builder_is_valid_and_runs_with_spread_outputs(built, key):
 
 @pytest.mark.parametrize("key", SMALL)
 def test_small_input_perturbations_are_not_amplified(built, key):
-    """Not chaotic (see exported.STRUCTURED_INIT): input noise at -50 dB stays below -30 dB at the output,
+    """Not chaotic (see the exported module docstring): input noise at -50 dB stays below -30 dB at the output,
     else quantization noise would be measured through an amplifier the trained wheel models are not."""
     x = probe_batch(shape_of(key), seed=42)
     noise = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32) * np.float32(0.003 * x.std())
