@@ -313,7 +313,7 @@ def _random_box(rng: np.random.Generator, width: int, height: int) -> tuple[int,
 
 def text_strips(split: str, count: int) -> list[tuple[str, object, str | None]]:
     """`count` (name, PIL grayscale strip, text or None): MNIST digit strips alternating with
-    windows on scanned text lines (which repeat past the ~60 windows the two scans hold)."""
+    windows on scanned text lines (which repeat past the 44 windows the two scans hold)."""
     _check_split(split)
     digits = _mnist_strips(split, (count + 1) // 2)
     scans = _scan_windows(split)
