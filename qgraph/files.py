@@ -79,18 +79,24 @@ def check_outputs(writes: Mapping[str, PathLike | None], reads: Mapping[str, Pat
     return outputs
 
 
+def path_mode(path: PathLike, label: str, error: type[QGraphError] = FileError) -> int | None:
+    """`os.stat(path).st_mode` (links followed), None when nothing is there; `error` naming
+    `label` when the path cannot be examined (a symlink loop, a file used as a folder, ...)."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error(f"{path}: cannot use it as {label} ({_reason(exc)}); choose another path") from None
+
+
 def check_output_path(path: PathLike, label: str = "-o") -> Path:
     """`path` may be created or atomically replaced: not a folder or special file, in an
     existing writable folder."""
     path = Path(path)
     if str(path) in ("", "."):
         raise FileError(f"{label}: an empty path; give a file name")
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise FileError(f"{path}: cannot use it as {label} ({_reason(exc)}); choose another path") from None
+    mode = path_mode(path, label)
     if mode is not None and stat.S_ISDIR(mode):
         raise FileError(f"{path}: {label} is a folder; give a file path")
     if mode is not None and not stat.S_ISREG(mode):

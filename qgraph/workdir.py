@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from qgraph.errors import TrainError
-from qgraph.files import is_inside, same_file
+from qgraph.files import is_inside, path_mode, same_file
 
 MARKER = ".qgraph-workdir"
 LOCK = ".qgraph-lock"
@@ -32,8 +32,8 @@ _CHECKPOINT = re.compile(r"^epoch(\d+)\.(ckpt|velocity\.npz)$")
 class Workdir:
     """An opened, locked work folder. Use as a context manager: `with Workdir.open(...) as wd:`."""
 
-    def __init__(self, path: Path, created: bool, lock_fd: int, entries_before: set[str]):
-        self.path, self.created, self._lock_fd = path, created, lock_fd
+    def __init__(self, path: Path, created: Path | None, lock_fd: int, entries_before: set[str]):
+        self.path, self.created, self._lock_fd = path, created, lock_fd   # created: the top folder made
         self._entries_before = entries_before
 
     @classmethod
@@ -49,21 +49,17 @@ class Workdir:
         for name, other in writes.items():
             if other is not None and is_inside(other, path):
                 raise TrainError(f"{other}: {name} lies inside the work folder {path}; write it elsewhere")
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            mode = None
-        except OSError as exc:
-            raise TrainError(f"{path}: cannot use it as {label} ({exc.strerror or exc})") from None
+        mode = path_mode(path, label, TrainError)
         if mode is not None and not stat.S_ISDIR(mode):
             raise TrainError(f"{path}: {label} exists and is not a folder; give a folder path")
-        created = mode is None
-        if created:
-            if not path.parent.is_dir():
-                raise TrainError(f"{path}: the folder {path.parent} of {label} does not exist; create it first")
+        created = None
+        if mode is None:
+            created = _topmost_missing(path)
             try:
-                path.mkdir()
+                path.mkdir(parents=True)
             except OSError as exc:
+                if created.exists():
+                    shutil.rmtree(created, ignore_errors=True)
                 raise TrainError(f"{path}: cannot create the work folder ({exc.strerror or exc}); "
                                  "choose another --workdir") from None
         try:
@@ -77,7 +73,7 @@ class Workdir:
                 (path / MARKER).write_text(json.dumps({"created_by": "qgraph train"}) + "\n")
         except BaseException:
             if created:
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(created, ignore_errors=True)
             raise
         return cls(path, created, lock_fd, before)
 
@@ -112,7 +108,7 @@ class Workdir:
         """A failed run leaves what can be resumed; anything else it created goes."""
         if self.completed_checkpoint() is None:
             if self.created:
-                shutil.rmtree(self.path, ignore_errors=True)
+                shutil.rmtree(self.created, ignore_errors=True)
                 return
             for entry in set(os.listdir(self.path)) - self._entries_before - {LOCK}:
                 _remove(self.path / entry)
@@ -120,6 +116,14 @@ class Workdir:
         artifacts = self.path / ARTIFACTS
         if ARTIFACTS not in self._entries_before and artifacts.exists():
             shutil.rmtree(artifacts, ignore_errors=True)   # rebuilt by every run, resume included
+
+
+def _topmost_missing(path: Path) -> Path:
+    """The outermost folder of `path` that does not exist yet (what creating it would make)."""
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
 
 
 def _lock(path: Path) -> int:

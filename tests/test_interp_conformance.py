@@ -132,15 +132,19 @@ def _skip_reason(name: str, model: onnx.ModelProto) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_node_conformance(name):
+def _case(name: str, diverges: dict | None = None):
+    """(folder, model, input names, output names) of a node test; skipped when out of scope."""
     d = os.path.join(NODE_DIR, name)
     model = onnx.load(os.path.join(d, "model.onnx"))
-    reason = _skip_reason(name, model)
+    reason = _skip_reason(name, model) or (diverges or {}).get(name)
     if reason:
         pytest.skip(reason)
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
+    return d, model, [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_node_conformance(name):
+    d, model, inputs, outputs = _case(name)
     for ds in sorted(glob.glob(os.path.join(d, "test_data_set_*"))):
         feeds = dict(zip(inputs, _load_tensors(ds, "input")))
         want = _ort_outputs(model, feeds) if name in CHECK_AGAINST_ORT else _load_tensors(ds, "output")
@@ -183,13 +187,7 @@ ORT_RANGE_ULP = 32
 @pytest.mark.parametrize("name", CASES)
 def test_node_case_matches_ort(name):
     """The same node tests through ORT 1.19: integers exact, floats within ORT_RANGE_ULP."""
-    d = os.path.join(NODE_DIR, name)
-    model = onnx.load(os.path.join(d, "model.onnx"))
-    reason = _skip_reason(name, model) or ORT_DIVERGES.get(name)
-    if reason:
-        pytest.skip(reason)
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
+    d, model, inputs, outputs = _case(name, ORT_DIVERGES)
     for ds in sorted(glob.glob(os.path.join(d, "test_data_set_*"))):
         feeds = dict(zip(inputs, _load_tensors(ds, "input")))
         try:
