@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from qgraph import quant
 from qgraph.annotations import FORWARD_FUSED_BN, TRAINING_FORM, get_annotation, read_quantizers, set_annotation
+from qgraph.differentiable import make_differentiable, restore_nodes
 from qgraph.errors import TrainError
 from qgraph.idioms import constant_tensors, constants_as_initializers, rank_map
 from qgraph.model_io import MS_DOMAIN
@@ -49,11 +50,14 @@ def _storage_range(dtype: int) -> tuple[int, int]:
 
 @dataclass
 class TrainingFormInfo:
-    """What `to_training_form` did: one record per pair, and the scale parameters."""
+    """What `to_training_form` did: one record per pair, the scale parameters, and the nodes
+    rewritten into ops ORT can differentiate (qgraph.differentiable) or left as they were."""
 
     pairs: list[dict] = field(default_factory=list)
     learned_scales: list[str] = field(default_factory=list)
     fixed_scales: list[str] = field(default_factory=list)
+    ops: list[dict] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -66,23 +70,25 @@ class TrainingFormInfo:
 
     @property
     def created_constants(self) -> list[str]:
-        """Initializers the FakeQuant form added (ones, zero points, reshape shapes): never trained."""
-        return [name for r in self.pairs for name in r["created_inits"]]
+        """Initializers the training form added (ones, zero points, reshape shapes, resize taps):
+        never trained."""
+        return [name for r in self.pairs + self.ops for name in r["created_inits"]]
 
 
 def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
                      freeze_activation_scales: bool = True) -> tuple[onnx.ModelProto, TrainingFormInfo]:
-    """Replace every Q->DQ pair (and every DQ of a constant integer weight) by FakeQuant.
+    """Replace every Q->DQ pair (and every DQ of a constant integer weight) by FakeQuant, and
+    the ops ORT cannot differentiate by ones it can (qgraph.differentiable).
 
     `learn_scales` makes weight scales trainable, and activation scales too unless
-    `freeze_activation_scales`. A model without quantizers comes back as an unchanged copy.
+    `freeze_activation_scales`. A model with neither comes back as an unchanged copy.
     """
-    model = constants_as_initializers(model)
+    model, rewrites = make_differentiable(constants_as_initializers(model))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consumers = _consumers(graph)
     graph_outputs = {o.name for o in graph.output}
-    info = TrainingFormInfo()
+    info = TrainingFormInfo(ops=rewrites.records, declined=rewrites.declined)
     new_nodes: list[onnx.NodeProto] = []
     removed_inits: set[str] = set()
     handled: set[int] = set()
@@ -128,6 +134,8 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
         (info.learned_scales if record["learned"] else info.fixed_scales).append(record["scale"])
 
     if not info.pairs:
+        if info.ops:
+            set_annotation(model, TRAINING_FORM, {"pairs": [], "ops": info.ops})
         return model, info
     still_used = {i for n in new_nodes for i in n.input}
     for name in sorted(removed_inits - still_used):
@@ -143,14 +151,14 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     info.learned_scales = sorted(set(info.learned_scales))
     info.fixed_scales = sorted(set(info.fixed_scales) - set(info.learned_scales))
-    set_annotation(model, TRAINING_FORM, {"pairs": info.pairs})
+    set_annotation(model, TRAINING_FORM, {"pairs": info.pairs, "ops": info.ops})
     return model, info
 
 
 def training_form_info(model: onnx.ModelProto) -> TrainingFormInfo:
     """The records `to_training_form` left in `model` (empty for a float model)."""
     stored = get_annotation(model, TRAINING_FORM, {"pairs": []})
-    info = TrainingFormInfo(pairs=stored["pairs"])
+    info = TrainingFormInfo(pairs=stored["pairs"], ops=stored.get("ops", []))
     for r in info.pairs:
         (info.learned_scales if r["learned"] else info.fixed_scales).append(r["scale"])
     return info
@@ -167,7 +175,11 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
     graph = out.graph
     _apply_values(graph, trained_values or {})
     info = training_form_info(out)
+    restore_nodes(graph, info.ops)
     if not info.pairs:
+        if info.ops:
+            set_annotation(out, TRAINING_FORM, None)
+            _drop_unused_ms_opset(out)
         return out
     by_node = {name: r for r in info.pairs for name in r["created_nodes"]}
     created_inits = {name for r in info.pairs for name in r["created_inits"]}
@@ -205,11 +217,15 @@ def to_qdq_form(model: onnx.ModelProto, trained_values: dict[str, np.ndarray] | 
     graph.node.extend(nodes)
     clamp_narrow_weights(out, info)
     set_annotation(out, TRAINING_FORM, None)
-    if not any(n.domain == MS_DOMAIN for n in graph.node):
-        kept = [o for o in out.opset_import if o.domain != MS_DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(kept)
+    _drop_unused_ms_opset(out)
     return out
+
+
+def _drop_unused_ms_opset(model: onnx.ModelProto) -> None:
+    if not any(n.domain == MS_DOMAIN for n in model.graph.node):
+        kept = [o for o in model.opset_import if o.domain != MS_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
 
 
 # --- building the training form --------------------------------------------------------

@@ -216,6 +216,21 @@ def rank_map(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def dims_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Dimensions of every tensor whose rank is known (None where a dimension is symbolic),
+    like `rank_map`."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - as in rank_map
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            dims.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                      for d in vi.type.tensor_type.shape.dim])
+    return dims
+
+
 # -- node selection ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -17,8 +17,14 @@ import sys
 import types
 from pathlib import Path
 
-import onnx
+from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qgraph.differentiable import explain_failure
 from qgraph.errors import TrainError
 from qgraph.runner import ort_message
 
@@ -87,19 +93,23 @@ def session_options(threads: int = 0):
 
 def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str], frozen: list[str],
                                 directory: str | os.PathLike, *, loss="cross_entropy", optimizer: str = "adamw",
-                                weight_decay: float = 0.0, extra_outputs: list[str] | None = None) -> None:
+                                weight_decay: float = 0.0, extra_outputs: list[str] | None = None,
+                                declined: dict[str, str] | None = None) -> None:
     """Write training_model.onnx, eval_model.onnx, optimizer_model.onnx and checkpoint into `directory`.
 
-    `loss` is "cross_entropy", "mse", or an ONNX loss graph (path or ModelProto) whose first
+    `loss` is "cross_entropy", "mse", an ONNX loss graph (path or ModelProto) whose first
     input takes the model's first output, whose other inputs are data keys, and whose first
-    output is the scalar loss. `optimizer` is "adamw" or "sgd" (ORT's SGD has no momentum).
+    output is the scalar loss, or a `DistillationLoss`. `optimizer` is "adamw" or "sgd" (ORT's
+    SGD has no momentum). `declined` (node -> reason) explains ops ORT cannot differentiate.
     """
     artifacts, _ = import_training_api()
     from onnxruntime.training import onnxblock
     from onnxruntime.training.onnxblock import _training_graph_utils
 
     Path(directory).mkdir(parents=True, exist_ok=True)
-    if loss == "cross_entropy":
+    if isinstance(loss, DistillationLoss):
+        loss_block = _distillation_block(onnxblock, loss)
+    elif loss == "cross_entropy":
         loss_block = artifacts.LossType.CrossEntropyLoss
     elif loss == "mse":
         loss_block = artifacts.LossType.MSELoss
@@ -121,7 +131,8 @@ def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str]
     except TrainError:
         raise
     except Exception as exc:  # ORT raises bare RuntimeErrors from C++
-        raise TrainError(f"ONNX Runtime cannot build training artifacts: {ort_message(exc)}") \
+        explained = explain_failure(str(exc), declined)
+        raise TrainError(f"ONNX Runtime cannot build training artifacts: {explained or ort_message(exc)}") \
             from None
     if optimizer == "adamw":
         _torch_adamw_mode(Path(directory) / "optimizer_model.onnx")
@@ -186,3 +197,127 @@ def _graph_loss_block(onnxblock, loss):
             return graph.output[0].name
 
     return GraphLoss()
+
+
+# --- the distillation loss ------------------------------------------------------------------
+
+TEACHER_PREFIX = "teacher::"   # graph inputs that carry the teacher's value of a tensor
+
+
+@dataclass(frozen=True)
+class DistillTerm:
+    """One term of a distillation loss: the student tensor, compared with the teacher's value of
+    it (fed as the graph input `TEACHER_PREFIX + tensor`).
+
+    `mse`: mean((s - t)^2) / max(mean(t^2), 1e-12), the squared error relative to the teacher's
+    energy (1 / SNR), so outputs of any magnitude weigh alike. `kl`: T^2 * mean over positions of
+    KL(softmax(t / T) || softmax(s / T)) along `axis`; `form` says what the tensors hold
+    (logits; probabilities, whose log is taken first; log-probabilities)."""
+
+    tensor: str
+    kind: Literal["mse", "kl"]
+    rank: int
+    weight: float = 1.0
+    form: Literal["logits", "probs", "logprobs"] = "logits"
+    axis: int = -1
+    temperature: float = 1.0
+
+    @property
+    def teacher_input(self) -> str:
+        return TEACHER_PREFIX + self.tensor
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """The loss of distillation training: the sum of `terms`, plus `label_weight` times the
+    label loss (`label_loss`: "cross_entropy", "mse" or a loss graph) on the first output."""
+
+    terms: tuple[DistillTerm, ...]
+    label_loss: object = None
+    label_weight: float = 0.0
+
+
+_EPS = 1e-12
+
+
+def _distillation_block(onnxblock, spec: DistillationLoss):
+    """An onnxblock.Block that adds the teacher inputs and the distillation loss nodes."""
+
+    label_block = None
+    if spec.label_weight > 0:
+        if spec.label_loss == "cross_entropy":
+            label_block = onnxblock.loss.CrossEntropyLoss()
+        elif spec.label_loss == "mse":
+            label_block = onnxblock.loss.MSELoss()
+        else:
+            label_block = _graph_loss_block(onnxblock, spec.label_loss)
+
+    class Distillation(onnxblock.Block):
+        def build(self, *outputs):
+            graph = self.base.graph
+            nodes: list[onnx.NodeProto] = []
+
+            def const(name: str, value) -> str:
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+                return name
+
+            def node(op: str, inputs: list[str], out: str, **attrs) -> str:
+                nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+                return out
+
+            parts = []
+            for i, term in enumerate(spec.terms):
+                p = f"distill::{i}::"
+                graph.input.append(helper.make_tensor_value_info(
+                    term.teacher_input, onnx.TensorProto.FLOAT, [f"{p}d{k}" for k in range(term.rank)]))
+                if term.kind == "mse":
+                    value = _relative_mse(node, const, p, term.tensor, term.teacher_input)
+                else:
+                    value = _kl_divergence(node, const, p, term)
+                if term.weight != 1.0:
+                    value = node("Mul", [value, const(p + "weight", term.weight)], p + "weighted")
+                parts.append(value)
+            if label_block is not None:
+                graph.node.extend(nodes)
+                nodes.clear()
+                label = label_block(outputs[0])
+                parts.append(node("Mul", [label, const("distill::label_weight", spec.label_weight)],
+                                  "distill::label_term"))
+            total = parts[0]
+            for i, part in enumerate(parts[1:]):
+                total = node("Add", [total, part], f"distill::sum{i}")
+            graph.node.extend(nodes)
+            return total
+
+    return Distillation()
+
+
+def _relative_mse(node, const, p: str, student: str, teacher: str) -> str:
+    diff = node("Sub", [student, teacher], p + "diff")
+    error = node("ReduceMean", [node("Mul", [diff, diff], p + "sq")], p + "mse", keepdims=0)
+    energy = node("ReduceMean", [node("Mul", [teacher, teacher], p + "tsq")], p + "energy", keepdims=0)
+    energy = node("Max", [energy, const(p + "eps", _EPS)], p + "energy_floor")
+    return node("Div", [error, energy], p + "relative_mse")
+
+
+def _kl_divergence(node, const, p: str, term: DistillTerm) -> str:
+    def logits(name: str, side: str) -> str:
+        if term.form == "probs":
+            floor = node("Max", [name, const(p + side + "tiny", 1e-30)], p + side + "floor")
+            name = node("Log", [floor], p + side + "log")
+        if term.temperature != 1.0:
+            name = node("Div", [name, const(p + side + "T", term.temperature)], p + side + "scaled")
+        return name
+
+    student = node("LogSoftmax", [logits(term.tensor, "s_")], p + "s_logp", axis=term.axis)
+    teacher_logits = logits(term.teacher_input, "t_")
+    teacher = node("LogSoftmax", [teacher_logits], p + "t_logp", axis=term.axis)
+    prob = node("Softmax", [teacher_logits], p + "t_p", axis=term.axis)
+    gap = node("Mul", [prob, node("Sub", [teacher, student], p + "gap")], p + "pointwise")
+    axes = p + "axes"
+    node("Constant", [], axes, value=numpy_helper.from_array(np.array([term.axis], np.int64), axes))
+    per_position = node("ReduceSum", [gap, axes], p + "kl", keepdims=0)
+    value = node("ReduceMean", [per_position], p + "kl_mean", keepdims=0)
+    if term.temperature != 1.0:
+        value = node("Mul", [value, const(p + "T2", term.temperature ** 2)], p + "kl_scaled")
+    return value

@@ -37,7 +37,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING as dataclasses_MISSING
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,13 +48,15 @@ from onnx import helper, numpy_helper
 
 from qgraph.annotations import FIX_ACTIVATIONS, FROZEN, get_annotation
 from qgraph.data import data_fingerprint, model_inputs
-from qgraph.errors import DataError, QGraphError, TrainError
+from qgraph.differentiable import explain_failure, is_parameter_slot
+from qgraph.errors import DataError, ModelError, QGraphError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
 from qgraph.files import atomic_write_bytes, json_bytes
 from qgraph.idioms import rank_map
-from qgraph.ort_training import generate_training_artifacts, import_training_api, session_options
+from qgraph.ort_training import (TEACHER_PREFIX, DistillationLoss, DistillTerm, generate_training_artifacts,
+                                 import_training_api, session_options)
 from qgraph.progress import ProgressBar
-from qgraph.runner import ort_message
+from qgraph.runner import Runner, ort_message
 from qgraph.schema import Range, check_value
 from qgraph.workdir import ARTIFACTS, PROGRESS_FILE, Workdir
 
@@ -79,6 +82,13 @@ class TrainConfig:
     freeze_bn: bool = False
     fix_activations: bool | None = None
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0
+    # distillation (with a teacher model): the loss per output, the KL temperature, feature
+    # tensors matched by name, their weight, and the weight of the label loss mixed in
+    distill_loss: dict[str, Literal["mse", "kl"]] = field(default_factory=dict)
+    temperature: Annotated[float, Range(0.0, 1000.0, lo_open=True)] = 1.0
+    feature: tuple[str, ...] = ()
+    feature_weight: Annotated[float, Range(0.0, 1e6)] = 1.0
+    label_weight: Annotated[float, Range(0.0, 1e6)] = 0.0
 
     def __post_init__(self):
         hints = __import__("typing").get_type_hints(TrainConfig, include_extras=True)
@@ -88,8 +98,16 @@ class TrainConfig:
                 object.__setattr__(self, "loss", os.fspath(value))
                 continue
             check_value(value, hints[f.name], "--" + f.name.replace("_", "-"))
+        object.__setattr__(self, "feature", tuple(dict.fromkeys(self.feature)))
         if self.loss not in BUILTIN_LOSSES and not Path(self.loss).exists():
             raise TrainError(f"--loss {self.loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")
+
+    def distill_settings(self) -> list[str]:
+        """The options given that only distillation uses (they need a teacher)."""
+        defaults = TrainConfig.__dataclass_fields__
+        names = ("distill_loss", "temperature", "feature", "feature_weight", "label_weight")
+        return ["--" + name.replace("_", "-") for name in names
+                if getattr(self, name) != _default(defaults[name])]
 
     def resolved(self, model: onnx.ModelProto) -> "TrainConfig":
         """`fix_activations=None` means the model's `qgraph.fix_activations` flag (set by calibrate)."""
@@ -99,9 +117,14 @@ class TrainConfig:
         return TrainConfig(**{**asdict(self), "fix_activations": flag})
 
 
+def _default(f):
+    return f.default_factory() if f.default_factory is not dataclasses_MISSING else f.default
+
+
 def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None = None, *,
                 workdir: str | os.PathLike | Workdir, config: TrainConfig | None = None, resume: bool = False,
-                progress: bool = True, threads: int = 0, **options) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+                progress: bool = True, threads: int = 0, teacher: onnx.ModelProto | None = None,
+                **options) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Train `model` on `train_data` ({input name: array, "labels": array}) in ONNX Runtime.
 
     A QDQ model trains as QAT (FakeQuant with straight-through gradients) and comes back in
@@ -112,6 +135,10 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     non-finite loss. Returns the trained model and one dict per epoch: {epoch, train_loss,
     val_loss, val_top1, images_per_s, seconds}.
 
+    With a `teacher` (the float model), the loss is distillation (see `_distill_plan`): labels
+    are not needed, and validation adds `val_cosine` and `val_snr_db` (the worst output's
+    fidelity to the teacher) and `val_outputs` (per output).
+
     Measured by benchmarks/qat.py (ORT 1.19.2, 2 shared CPU cores; MNIST 28x28, 4000 train /
     1000 val, batch 64, AdamW lr 3e-3 decaying linearly to 0, 5 epochs): builders' lenet 95.7%
     val top-1, mobilenetv2 93.4%; the same graphs with the same initial weights, batch order,
@@ -120,38 +147,58 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     W4A8 95.8% / 92.6% (PTQ 95.5% / 90.4%). QAT trains at 0.8-1.0x the float throughput.
     """
     config = (config or TrainConfig(**options)).resolved(model)
+    if teacher is None and config.distill_settings():
+        raise TrainError(f"{config.distill_settings()[0]} is a distillation setting; give the float model "
+                         "as --teacher, or drop it")
     if isinstance(workdir, Workdir):
-        return _train(model, train_data, val_data, config, workdir, resume, progress, threads)
+        return _train(model, train_data, val_data, config, workdir, resume, progress, threads, teacher)
     with Workdir.open(workdir) as opened:
-        return _train(model, train_data, val_data, config, opened, resume, progress, threads)
+        return _train(model, train_data, val_data, config, opened, resume, progress, threads, teacher)
 
 
 def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume: bool, progress: bool,
-           threads: int) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+           threads: int, teacher: onnx.ModelProto | None) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     loss_graph = _load_loss(config.loss)
-    plan = _plan(model, config)
-    train_feeds = _prepare_data(train_data, plan, config, "train data")
-    val_feeds = _prepare_data(val_data, plan, config, "val data") if val_data is not None else None
+    labelled = teacher is None or config.label_weight > 0
+    shapes = {name: np.shape(train_data[name])[1:] for name in model_inputs(model)
+              if isinstance(train_data, dict) and name in train_data}
+    plan = _plan(model, config, labelled, shapes)
+    train_feeds = _prepare_data(train_data, plan, config, "train data", labelled)
+    val_feeds = _prepare_data(val_data, plan, config, "val data", labelled, optional_labels=teacher is not None) \
+        if val_data is not None else None
     batch = _check_batch(plan, config, _count(train_feeds))
+    plan.graph = _with_observed_shapes(plan.graph, train_feeds, plan)
+    for name in plan.input_names if val_feeds is not None else ():
+        if val_feeds[name].shape[1:] != train_feeds[name].shape[1:]:
+            raise DataError(f"val data: {name!r} has samples of shape {list(val_feeds[name].shape[1:])}, the "
+                            f"train data {list(train_feeds[name].shape[1:])}; training runs the model at the "
+                            "training data's size, so validate at that size too")
     if val_feeds is not None and plan.fixed_batch and _count(val_feeds) < plan.fixed_batch:
         raise DataError(f"val data: {_count(val_feeds)} samples, fewer than the model's fixed batch of {batch}")
+    distill = _distill_plan(teacher, model, plan, config, train_feeds, batch, threads, loss_graph) \
+        if teacher is not None else None
 
     workdir = wd.path
     art = workdir / ARTIFACTS
-    identity = _run_identity(model, config, train_feeds, val_feeds, loss_graph)
+    identity = _run_identity(model, config, train_feeds, val_feeds, loss_graph, teacher)
     done = _read_progress(workdir, identity, config) if resume else None
     if resume and done is None:
         log.warning("%s: no completed epoch to resume from; training starts at epoch 1", workdir)
     momentum_sgd = config.optimizer == "sgd" and (config.momentum > 0 or config.weight_decay > 0)
-    generate_training_artifacts(plan.graph, plan.trainable, plan.frozen, art,
-                                loss=loss_graph if loss_graph is not None else config.loss,
-                                optimizer=config.optimizer, weight_decay=config.weight_decay,
-                                extra_outputs=[plan.output_name])
+    if distill is not None:
+        generate_training_artifacts(distill.graph, plan.trainable, plan.frozen, art, loss=distill.loss,
+                                    optimizer=config.optimizer, weight_decay=config.weight_decay,
+                                    extra_outputs=distill.outputs, declined=plan.declined)
+    else:
+        generate_training_artifacts(plan.graph, plan.trainable, plan.frozen, art,
+                                    loss=loss_graph if loss_graph is not None else config.loss,
+                                    optimizer=config.optimizer, weight_decay=config.weight_decay,
+                                    extra_outputs=[plan.output_name], declined=plan.declined)
     _, api = import_training_api()
     checkpoint = workdir / done["checkpoint"] if done else art / "checkpoint"
     state = _load_checkpoint(api, checkpoint)
     module = _ort("loading the training graphs", api.Module, str(art / "training_model.onnx"), state,
-                  str(art / "eval_model.onnx"), session_options=session_options(threads))
+                  str(art / "eval_model.onnx"), session_options=session_options(threads), declined=plan.declined)
     count = _count(train_feeds) - _count(train_feeds) % batch if plan.fixed_batch else _count(train_feeds)
     steps_per_epoch = -(-count // batch)
     total_steps = max(steps_per_epoch * config.epochs, 1)
@@ -160,6 +207,8 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     history: list[dict] = list(done["history"]) if done else []
     first_epoch = done["epoch"] + 1 if done else 1
     stepper.fast_forward((first_epoch - 1) * steps_per_epoch)
+    names = module.input_names()
+    what = "distillation loss" if distill is not None else "training loss"
 
     for epoch in range(first_epoch, config.epochs + 1):
         bar = ProgressBar(f"epoch {epoch}/{config.epochs}", steps_per_epoch, enabled=progress)
@@ -169,13 +218,14 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         losses, seen = [], 0
         for step, begin in enumerate(range(0, len(order), batch)):
             index = np.sort(order[begin:begin + batch])
-            outputs = _ort(f"epoch {epoch} step {step + 1}", module,
-                           *[train_feeds[name][index] for name in module.input_names()])
+            where = f"epoch {epoch} step {step + 1}"
+            feeds = _step_feeds(names, train_feeds, index, distill, where)
+            outputs = _ort(where, module, *feeds)
             loss = float(np.asarray(outputs[0]))
             if not math.isfinite(loss):
-                raise TrainError(f"epoch {epoch} step {step + 1}: the training loss is {loss}; lower --lr or check "
-                                 f"the data and the model{_resume_hint(wd)}")
-            _ort(f"epoch {epoch} step {step + 1}: the optimizer step", stepper.step)
+                raise TrainError(f"{where}: the {what} is {loss}; lower --lr or check the data and the "
+                                 f"model{_resume_hint(wd)}")
+            _ort(f"{where}: the optimizer step", stepper.step)
             losses.append(loss * len(index))
             seen += len(index)
             bar.update(step + 1, f"loss {loss:.4f} {seen / (time.perf_counter() - start):.0f} img/s")
@@ -183,26 +233,37 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         bar.close()
         record = {"epoch": epoch, "train_loss": sum(losses) / seen, "images_per_s": seen / train_seconds}
         if val_feeds is not None:
-            record.update(_evaluate(module, val_feeds, batch, plan.num_classes is not None, plan.fixed_batch is not None))
+            record.update(_evaluate(module, val_feeds, batch, plan.num_classes is not None and LABELS in val_feeds,
+                                    plan.fixed_batch is not None, distill))
             if not math.isfinite(record["val_loss"]):
                 raise TrainError(f"epoch {epoch}: the validation loss is {record['val_loss']}; lower --lr or check "
                                  f"the validation data{_resume_hint(wd)}")
         record["seconds"] = time.perf_counter() - start
         history.append(record)
-        _check_finite_parameters(state, epoch, wd)
+        _check_finite_parameters(state, epoch, wd, plan.nonfinite)
         _save_progress(wd, api, state, stepper, epoch, identity, config, history)
-    trained = _export(plan, state)
+    trained = _export(plan, state, model)
     return trained, history
 
 
-def _ort(what: str, call, *args, **kwargs):
-    """`call(*args)`, with ORT's C++ exceptions turned into one TrainError naming `what`."""
+def _step_feeds(names: list[str], feeds: dict, index: np.ndarray, distill: "_Distill | None", where: str) -> list:
+    """The arrays of one step in the order of the graph's inputs (teacher values computed on the batch)."""
+    batch = {name: feeds[name][index] for name in names if name in feeds}
+    if distill is not None:
+        batch.update(distill.teacher_values(batch, where))
+    return [batch[name] for name in names]
+
+
+def _ort(what: str, call, *args, declined: dict[str, str] | None = None, **kwargs):
+    """`call(*args)`, with ORT's C++ exceptions turned into one TrainError naming `what` (and the
+    node, when ORT cannot differentiate an op of the model)."""
     try:
         return call(*args, **kwargs)
     except QGraphError:
         raise
     except Exception as exc:  # noqa: BLE001 - ORT raises RuntimeError and its own types
-        raise TrainError(f"{what}: ONNX Runtime failed: {ort_message(exc)}") from None
+        explained = explain_failure(str(exc), declined)
+        raise TrainError(f"{what}: {explained or 'ONNX Runtime failed: ' + ort_message(exc)}") from None
 
 
 def _resume_hint(wd: Workdir) -> str:
@@ -210,10 +271,12 @@ def _resume_hint(wd: Workdir) -> str:
     return f" (the last good checkpoint, {done}, stays in {wd.path}: --resume continues from it)" if done else ""
 
 
-def _check_finite_parameters(state, epoch: int, wd: Workdir) -> None:
+def _check_finite_parameters(state, epoch: int, wd: Workdir, nonfinite: str | None = None) -> None:
+    advice = (f"the model computes NaN or Inf at {nonfinite} on the training data; fix the model there"
+              if nonfinite else "lower --lr")
     for name, param in state.parameters:
         if not np.isfinite(param.data).all():
-            raise TrainError(f"epoch {epoch}: parameter {name!r} became NaN or Inf; lower --lr{_resume_hint(wd)}")
+            raise TrainError(f"epoch {epoch}: parameter {name!r} became NaN or Inf; {advice}{_resume_hint(wd)}")
 
 
 def _load_loss(loss: str) -> onnx.ModelProto | None:
@@ -239,8 +302,10 @@ def _check_batch(plan: "_Plan", config: TrainConfig, count: int) -> int:
     return plan.fixed_batch
 
 
-def evaluate_training_engine(workdir: str | os.PathLike, data: dict[str, np.ndarray]) -> np.ndarray:
-    """The eval step's model output for `data["input"]`-style feeds, from `workdir`'s last checkpoint.
+def evaluate_training_engine(workdir: str | os.PathLike, data: dict[str, np.ndarray],
+                             teacher: onnx.ModelProto | None = None) -> np.ndarray:
+    """The eval step's model output for `data["input"]`-style feeds, from `workdir`'s last checkpoint
+    (the first distilled output for a run with a `teacher`).
 
     (For checking that an exported model computes what the training engine computed.)"""
     workdir = Path(workdir)
@@ -252,15 +317,20 @@ def evaluate_training_engine(workdir: str | os.PathLike, data: dict[str, np.ndar
                         session_options=session_options())
     module.eval()
     count = len(next(iter(data.values())))
+    names = module.input_names()
+    taught = [name[len(TEACHER_PREFIX):] for name in names if name.startswith(TEACHER_PREFIX)]
+    values = Runner(teacher, taught).run(data, taught) if teacher is not None and taught else {}
     feeds = []
-    for name in module.input_names():
+    for name in names:
         if name in data:
             feeds.append(data[name])
         elif name == LABELS:  # the loss needs labels; the output does not depend on them
             feeds.append(np.zeros(count, np.int64))
+        elif name.startswith(TEACHER_PREFIX) and name[len(TEACHER_PREFIX):] in values:
+            feeds.append(values[name[len(TEACHER_PREFIX):]])
         else:
             raise DataError(f"evaluate_training_engine: no array for {name!r}; the eval graph needs it")
-    return module(*feeds)[-1]
+    return module(*feeds)[1]
 
 
 # --- planning: the training graph and its parameters -----------------------------------
@@ -278,15 +348,18 @@ class _Plan:
     output_dims: list                 # static dims of the first output (None where symbolic)
     num_classes: int | None
     fixed_batch: int | None           # the inputs' batch dimension when the model fixes it
+    declined: dict[str, str] = field(default_factory=dict)   # nodes left for ORT to differentiate, why
+    nonfinite: str | None = None      # the first tensor the model computes as NaN/Inf on the data
 
 
-def _plan(model: onnx.ModelProto, config: TrainConfig) -> _Plan:
+def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
+          sample_shapes: dict[str, tuple] | None = None) -> _Plan:
     if not model.graph.output:
         raise TrainError("model has no outputs; training needs the model output the loss is computed on")
     inputs = model_inputs(model)
     if not inputs:
         raise TrainError("model has no inputs; training feeds data to the model's inputs")
-    base = _bn_inference_form(model)
+    base = _with_sample_shapes(_bn_inference_form(model), sample_shapes or {})
     training, info = to_training_form(base, learn_scales=config.learn_scales,
                                       freeze_activation_scales=bool(config.fix_activations))
     graph = _freeze_bn(training) if config.freeze_bn else training
@@ -305,8 +378,83 @@ def _plan(model: onnx.ModelProto, config: TrainConfig) -> _Plan:
         raise TrainError(f"model inputs have different batch dimensions {sorted(map(str, batch_dims))}; "
                          "training needs one batch dimension for all inputs")
     output = model.graph.output[0]
+    if config.loss != "cross_entropy":
+        classes = None
+    elif labelled:
+        classes = _num_classes(model)
+    else:  # distillation: classes only for reporting top-1 when the data has labels
+        try:
+            classes = _num_classes(model)
+        except TrainError:
+            classes = None
     return _Plan(training, graph, trainable, frozen, list(inputs), output.name, _output_dims(model),
-                 _num_classes(model) if config.loss == "cross_entropy" else None, fixed.pop() if fixed else None)
+                 classes, fixed.pop() if fixed else None, info.declined)
+
+
+def _with_sample_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
+    """`model` with the symbolic non-batch dimensions of its inputs fixed to the data's.
+
+    ORT 1.19's CPU pooling gradients read the input size from the graph's static shapes: with a
+    symbolic dimension AveragePoolGrad divides by zero (the process dies of SIGFPE) and MaxPoolGrad
+    returns zeros. A data file has one sample shape, so fixing it changes nothing else; the
+    exported model keeps the input's own dimensions."""
+    fixed = False
+    for inp in model.graph.input:
+        shape = shapes.get(inp.name)
+        dims = inp.type.tensor_type.shape.dim
+        if shape is None or len(shape) != len(dims) - 1:
+            continue
+        for dim, size in zip(list(dims)[1:], shape):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_value = int(size)
+                fixed = True
+    if fixed:   # shapes the exporter inferred from the symbolic sizes would shadow the static ones
+        del model.graph.value_info[:]
+    return model
+
+
+def _with_observed_shapes(graph: onnx.ModelProto, feeds: dict, plan: "_Plan") -> onnx.ModelProto:
+    """`graph` with the shape of every tensor declared as ORT computes it on the data.
+
+    ORT's gradient builder takes tensor shapes from the graph, and ONNX shape inference stops
+    at com.microsoft FakeQuant: behind the first quantizer every shape is unknown, and some
+    gradients fail on that (MaxPoolGrad of chained pools crashes the process). The graph runs
+    on one sample and on two; a dimension that differs between them depends on the batch and
+    stays symbolic, every other one is static."""
+    count = _count(feeds)
+    sizes = [plan.fixed_batch] if plan.fixed_batch else ([1, 2] if count >= 2 else [1])
+    inits = {t.name for t in graph.graph.initializer}
+    names = [out for node in graph.graph.node for out in node.output if out and out not in inits]
+    try:
+        runner = Runner(graph, names)
+        runs = [runner.run({k: feeds[k][:size] for k in plan.input_names}, names) for size in sizes]
+    except ModelError as exc:
+        raise TrainError(f"the training form of the model cannot run on the training data: {exc}") from None
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    for name in names:
+        value = np.asarray(runs[0][name])
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            node = producers[name]
+            plan.nonfinite = f"{name} ({node.op_type} {node.name or name})"
+            log.warning("the model computes NaN or Inf at %s on the training data; gradients through it are "
+                        "NaN (a quantizer that rounds a variance or a divisor to 0 does this)", plan.nonfinite)
+            break
+    out = onnx.ModelProto()
+    out.CopyFrom(graph)
+    declared = {o.name for o in out.graph.output} | {i.name for i in out.graph.input}
+    del out.graph.value_info[:]
+    for name in names:
+        values = [np.asarray(run[name]) for run in runs]
+        if name in declared or values[0].dtype.kind not in "fiub":
+            continue
+        shapes = [v.shape for v in values]
+        if len({len(s) for s in shapes}) != 1:
+            continue
+        dims = [d if all(s[k] == d for s in shapes) else f"{name}::batch{k}" for k, d in enumerate(shapes[0])]
+        elem = helper.np_dtype_to_tensor_dtype(values[0].dtype)
+        out.graph.value_info.append(helper.make_tensor_value_info(name, elem, dims))
+    return out
 
 
 def _output_dims(model: onnx.ModelProto) -> list:
@@ -328,18 +476,21 @@ def classify_parameters(model: onnx.ModelProto, learned_scales: list[str] = (),
     tensors rewrites list in the `qgraph.frozen` annotation (fuse_conv_bn's forward mode lists
     BN statistics), BatchNormalization's running statistics (inputs 3-4), quantizer parameters
     (scale and zero point inputs of FakeQuant and com.microsoft ops), non-float tensors
-    (shapes, indices) and scalars (epsilons, clip bounds, exponents: hyper-parameters in an
-    exported graph). Trainable: every other float initializer the graph uses, and the learned
-    scales.
+    (shapes, indices), scalars (epsilons, clip bounds, exponents: hyper-parameters in an
+    exported graph) and tensors used only where no gradient reaches (Resize scales, Pad values:
+    `qgraph.differentiable.NON_DIFFERENTIABLE_INPUTS`). Trainable: every other float
+    initializer the graph uses, and the learned scales.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     used = {name for node in graph.node for name in node.input if name in inits}
-    frozen = set(get_annotation(model, FROZEN, []) or []) | set(fixed)
+    reachable = {name for node in graph.node for i, name in enumerate(node.input)
+                 if name in inits and is_parameter_slot(node.op_type, i)}
+    frozen = set(get_annotation(model, FROZEN, []) or []) | set(fixed) | (used - reachable)
     for node in graph.node:
         if node.op_type == "BatchNormalization":
             frozen.update(node.input[3:5])
-        if node.op_type == "FakeQuant" or node.domain == "com.microsoft":
+        if node.op_type == "FakeQuant" or (node.domain == "com.microsoft" and not node.op_type.endswith("Training")):
             frozen.update(n for n in node.input[1:] if n in inits)
     learned = set(learned_scales)
     trainable, kept = [], []
@@ -417,10 +568,154 @@ def _num_classes(model: onnx.ModelProto) -> int:
                      "symbolic); give the output a static class dimension")
 
 
+# --- distillation: the teacher beside the trainer, and what the loss compares ------------
+
+@dataclass
+class _Distill:
+    """The teacher in ORT inference beside the trainer, and the loss that compares with it."""
+
+    runner: Runner                 # the teacher, returning its outputs and the feature tensors
+    inputs: list[str]              # the teacher's inputs (each also a student input)
+    outputs: list[str]             # student outputs distilled (float), compared for fidelity
+    tensors: list[str]             # outputs + features: the teacher values the loss reads
+    graph: onnx.ModelProto         # the student training graph, features added as outputs
+    loss: DistillationLoss
+
+    def teacher_values(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+        """The teacher's value of every distilled tensor on `batch`, keyed by graph input name."""
+        try:
+            values = self.runner.run({name: batch[name] for name in self.inputs}, self.tensors)
+        except ModelError as exc:
+            raise TrainError(f"{where}: the teacher failed: {exc}") from None
+        for name, value in values.items():
+            if not np.isfinite(value).all():
+                raise TrainError(f"{where}: the teacher's {name!r} holds NaN or Inf on this batch; "
+                                 "check the data and the --teacher model")
+        return {TEACHER_PREFIX + name: value for name, value in values.items()}
+
+
+def _distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: _Plan, config: TrainConfig,
+                  train_feeds: dict, batch: int, threads: int, loss_graph) -> _Distill:
+    """Check that the teacher fits the student, and build the loss terms.
+
+    The teacher takes the student's inputs and has each of its float outputs by name (and each
+    --feature tensor); on the first training batch both run in ORT inference and every pair of
+    tensors must have one shape."""
+    student_inputs = set(plan.input_names)
+    teacher_inputs = list(model_inputs(teacher))
+    for name in teacher_inputs:
+        if name not in student_inputs:
+            raise TrainError(f"--teacher: its input {name!r} is not an input of the model "
+                             f"({', '.join(plan.input_names)}); the teacher must take the model's inputs")
+    teacher_outputs = [o.name for o in teacher.graph.output]
+    outputs = [o.name for o in student.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not outputs:
+        raise TrainError("the model has no float output to distill")
+    for name in outputs:
+        if name not in teacher_outputs:
+            raise TrainError(f"--teacher: the model's output {name!r} is not an output of the teacher (its outputs: "
+                             f"{', '.join(teacher_outputs)}); distill against the float model the model was "
+                             "prepared from")
+    for name in config.distill_loss:
+        if name not in outputs:
+            raise TrainError(f"--distill-loss {name!r}: the model has no float output of that name; its outputs: "
+                             f"{', '.join(outputs)}")
+    features = list(config.feature)
+    for name in features:
+        if name in outputs:
+            raise TrainError(f"--feature {name!r} is a model output, which is distilled anyway; "
+                             "name intermediate tensors")
+        for model, who in ((student, "the model"), (teacher, "the teacher")):
+            _check_feature(model, name, who)
+    tensors = outputs + features
+    try:
+        runner = Runner(teacher, features, threads=threads)
+    except ModelError as exc:
+        raise TrainError(f"--teacher: {exc}") from None
+    probe = {name: train_feeds[name][:batch] for name in plan.input_names}
+    taught = _distill_probe(runner, probe, tensors, "the teacher")
+    learnt = _distill_probe(Runner(student, features, threads=threads), probe, tensors, "the model")
+    for name in tensors:
+        if taught[name].shape != learnt[name].shape:
+            kind = "output" if name in outputs else "--feature"
+            raise TrainError(f"--teacher: {kind} {name!r} has shape {list(taught[name].shape)} in the teacher and "
+                             f"{list(learnt[name].shape)} in the model on the same batch; distill against the "
+                             "float model the model was prepared from")
+    terms = [_output_term(teacher, name, taught[name].shape, config) for name in outputs]
+    terms += [DistillTerm(name, "mse", taught[name].ndim, weight=config.feature_weight) for name in features]
+    label_loss = loss_graph if loss_graph is not None else config.loss
+    loss = DistillationLoss(tuple(terms), label_loss, config.label_weight)
+    graph = _with_distilled_outputs(plan.graph, {name: taught[name].ndim for name in tensors})
+    return _Distill(runner, teacher_inputs, outputs, tensors, graph, loss)
+
+
+def _check_feature(model: onnx.ModelProto, name: str, who: str) -> None:
+    produced = [out for node in model.graph.node for out in node.output if out]
+    if name in produced:
+        return
+    import difflib
+    close = difflib.get_close_matches(name, produced, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TrainError(f"--feature {name!r}: {who} has no tensor of that name{hint}; name a tensor both the "
+                     "teacher and the model compute")
+
+
+def _distill_probe(runner: Runner, feeds: dict, names: list[str], who: str) -> dict[str, np.ndarray]:
+    try:
+        values = runner.run(feeds, names)
+    except ModelError as exc:
+        raise TrainError(f"{who} cannot run on the first training batch: {exc}") from None
+    for name, value in values.items():
+        if not np.issubdtype(np.asarray(value).dtype, np.floating):
+            raise TrainError(f"{who}'s {name!r} is {np.asarray(value).dtype}, not float; distill float tensors")
+    return values
+
+
+def _output_term(teacher: onnx.ModelProto, name: str, shape: tuple, config: TrainConfig) -> DistillTerm:
+    """The loss term of one output: `--distill-loss`, else KL along the axis of a Softmax or
+    LogSoftmax output (a distribution) and relative MSE for every other output."""
+    producer = _producer(teacher, name)
+    op = producer.op_type if producer is not None else ""
+    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1) if op in ("Softmax", "LogSoftmax") else -1
+    form = {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(op, "logits")
+    if name in config.distill_loss:
+        kind = config.distill_loss[name]
+    else:   # a distribution: KL; raw values (logits, boxes, maps): MSE, which measured as well on logits
+        kind = "kl" if op in ("Softmax", "LogSoftmax") else "mse"
+    return DistillTerm(name, kind, len(shape), form=form, axis=axis, temperature=config.temperature)
+
+
+def _producer(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
+    """The node computing `name`, looking through Identity."""
+    by_output = {out: node for node in model.graph.node for out in node.output}
+    node = by_output.get(name)
+    while node is not None and node.op_type == "Identity":
+        node = by_output.get(node.input[0])
+    return node
+
+
+def _with_distilled_outputs(graph: onnx.ModelProto, ranks: dict[str, int]) -> onnx.ModelProto:
+    """A copy whose outputs are the distilled tensors (features added), declared by rank only
+    (exporters sometimes declare output shapes the model does not produce)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(graph)
+    kept = [o for o in out.graph.output if o.name not in ranks]
+    del out.graph.output[:]
+    for name, rank in ranks.items():
+        out.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                              [f"{name}::d{k}" for k in range(rank)]))
+    out.graph.output.extend(kept)
+    return out
+
+
 # --- data -----------------------------------------------------------------------------
 
-def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str) -> dict[str, np.ndarray]:
-    """Feeds by training-graph input name: model inputs plus `labels` (cross entropy) or `target` (MSE)."""
+def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str, labelled: bool = True,
+                  optional_labels: bool = False) -> dict[str, np.ndarray]:
+    """Feeds by training-graph input name: model inputs plus `labels` (cross entropy) or `target` (MSE).
+
+    Unlabelled (distillation without label loss): model inputs only, and with `optional_labels`
+    the class labels when the data has them (validation top-1)."""
     if not isinstance(data, dict):
         raise DataError(f"{origin}: expected a dict of arrays, got {type(data).__name__}")
     feeds = {}
@@ -436,7 +731,10 @@ def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str) -> 
     count = len(feeds[plan.input_names[0]])
     if count == 0:
         raise DataError(f"{origin}: no samples")
-    if config.loss == "cross_entropy":
+    if not labelled:
+        if optional_labels and LABELS in data and plan.num_classes is not None:
+            feeds[LABELS] = _class_labels(data, plan.num_classes, origin)
+    elif config.loss == "cross_entropy":
         feeds[LABELS] = _class_labels(data, plan.num_classes, origin)
     elif config.loss == "mse":
         feeds["target"] = _mse_targets(data, plan, origin)
@@ -559,35 +857,58 @@ class _Stepper:
         self.module.lazy_reset_grad()
 
 
-def _evaluate(module, feeds: dict, batch_size: int, classify: bool, fixed_batch: bool = False) -> dict:
-    """Mean loss (and top-1) over the feeds; a fixed-batch model sees only whole batches."""
+def _evaluate(module, feeds: dict, batch_size: int, classify: bool, fixed_batch: bool = False,
+              distill: "_Distill | None" = None) -> dict:
+    """Mean loss (and top-1) over the feeds; a fixed-batch model sees only whole batches. With a
+    teacher, also each output's fidelity to it (cosine, SNR) and the worst of them."""
+    from qgraph.diff import TensorStats
     module.eval()
     total_loss, correct, count = 0.0, 0, _count(feeds)
     if fixed_batch:
         count -= count % batch_size
+    names = module.input_names()
+    fidelity = {name: TensorStats(name, "float32") for name in distill.outputs} if distill else {}
     for begin in range(0, count, batch_size):
-        batch = [feeds[name][begin:begin + batch_size] for name in module.input_names()]
-        loss, output = _ort("evaluating the validation data", module, *batch)[:2]
-        n = len(batch[0])
-        total_loss += float(np.asarray(loss)) * n
+        index = np.arange(begin, min(begin + batch_size, count))
+        batch = _step_feeds(names, feeds, index, distill, "evaluating the validation data")
+        results = _ort("evaluating the validation data", module, *batch)
+        n = len(index)
+        total_loss += float(np.asarray(results[0])) * n
+        if distill is not None:
+            for name, value in zip(distill.outputs, results[1:]):
+                fidelity[name].update(batch[names.index(TEACHER_PREFIX + name)], np.asarray(value))
         if classify:
+            output = results[1]
             correct += int((np.asarray(output).reshape(n, -1).argmax(1) == feeds[LABELS][begin:begin + n]).sum())
     module.train()
     result = {"val_loss": total_loss / count}
     result["val_top1"] = correct / count if classify else None
+    if distill is not None:
+        result["val_outputs"] = {name: {"cosine": stats.cosine, "snr_db": stats.snr_db}
+                                 for name, stats in fidelity.items()}
+        result["val_cosine"] = min(stats.cosine for stats in fidelity.values())
+        result["val_snr_db"] = min(stats.snr_db for stats in fidelity.values())
     return result
 
 
 def _run_identity(model: onnx.ModelProto, config: TrainConfig, train_feeds: dict, val_feeds: dict | None,
-                  loss_graph: onnx.ModelProto | None) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the model, the data and every setting
-    (a loss graph by its content, not its path)."""
-    settings = asdict(config)
+                  loss_graph: onnx.ModelProto | None, teacher: onnx.ModelProto | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model, the teacher, the data and every
+    setting (a loss graph by its content, not its path), as JSON would store them."""
+    settings = json.loads(json.dumps(asdict(config)))
     if loss_graph is not None:
         settings["loss"] = "graph:" + hashlib.sha256(loss_graph.SerializeToString()).hexdigest()[:16]
-    return {"model": hashlib.sha256(model.graph.SerializeToString()).hexdigest()[:16],
+    return {"model": _graph_hash(model), "teacher": _graph_hash(teacher) if teacher is not None else None,
             "train_data": data_fingerprint(train_feeds), "val_data": data_fingerprint(val_feeds),
             "settings": settings}
+
+
+_DISTILL_DEFAULTS = {"distill_loss": {}, "temperature": 1.0, "feature": [], "feature_weight": 1.0,
+                     "label_weight": 0.0}
+
+
+def _graph_hash(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()[:16]
 
 
 def _read_progress(workdir: Path, identity: dict, config: TrainConfig) -> dict | None:
@@ -607,9 +928,13 @@ def _read_progress(workdir: Path, identity: dict, config: TrainConfig) -> dict |
     except (OSError, ValueError, KeyError) as exc:
         raise TrainError(f"{path}: unreadable progress record ({exc}); train without --resume to start over") from None
     stored = progress["identity"]
-    what = {"model": "another model", "train_data": "other --data", "val_data": "other --val data"}
+    what = {"model": "another model", "teacher": "another --teacher model (or none)", "train_data": "other --data",
+            "val_data": "other --val data"}
     differ = [text for key, text in what.items() if stored.get(key) != identity[key]]
-    old, new = stored.get("settings", {}), identity["settings"]
+    new = identity["settings"]
+    recorded = stored.get("settings", {})
+    # runs recorded before distillation existed have none of its settings: they had the defaults
+    old = {key: recorded.get(key, _DISTILL_DEFAULTS.get(key)) for key in new}
     settings = [f"--{key.replace('_', '-')} {old.get(key)!r} (now {new[key]!r})" for key in new
                 if key != "epochs" and old.get(key) != new[key]]
     if settings:
@@ -673,6 +998,15 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _export(plan: _Plan, state) -> onnx.ModelProto:
+def _export(plan: _Plan, state, model: onnx.ModelProto) -> onnx.ModelProto:
+    """The trained values in the input's form, with the input's own input dimensions."""
     values = {name: param.data for name, param in state.parameters}
-    return to_qdq_form(plan.training, values)
+    trained = to_qdq_form(plan.training, values)
+    originals = {i.name: i for i in model.graph.input}
+    for inp in trained.graph.input:
+        if inp.name in originals:
+            inp.CopyFrom(originals[inp.name])
+    if not trained.graph.value_info:
+        present = {name for node in trained.graph.node for name in node.output}
+        trained.graph.value_info.extend(v for v in model.graph.value_info if v.name in present)
+    return trained
