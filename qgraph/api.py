@@ -126,30 +126,55 @@ def export_dataset(name: str, split: str, output: str | os.PathLike, *, image_si
 
 def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, output: str | os.PathLike, *,
                val_path: str | None = None, workdir: str | None = None, resume: bool = False,
-               progress: bool = True, threads: int = 0, **options) -> list[dict]:
+               progress: bool = True, threads: int = 0, teacher_path: str | None = None,
+               distill_loss=(), **options) -> list[dict]:
     """`qgraph train`: checks first, then ORT training, then an atomic save of the QDQ/float result.
 
     Checkpoints go to `workdir` (default `<output>.work/` beside the output) every epoch; it
     stays after success (for --resume and history.json) and after a failure that left a
-    completed epoch; otherwise a failed run removes what it created.
+    completed epoch; otherwise a failed run removes what it created. With `teacher_path`
+    the loss is distillation from that model; `distill_loss` is "OUTPUT=KIND" strings (or a
+    mapping).
     """
     from qgraph.train import BUILTIN_LOSSES, TrainConfig, train_model
     from qgraph.workdir import HISTORY, Workdir
-    config = TrainConfig(**options)
+    config = TrainConfig(distill_loss=parse_assignments(distill_loss, "--distill-loss"), **options)
+    if teacher_path is None and config.distill_settings():
+        raise ConfigError(f"{config.distill_settings()[0]} is a distillation setting; give the float model as "
+                          "--teacher, or drop it")
     loss_file = None if config.loss in BUILTIN_LOSSES else config.loss
-    reads = {"model": model_path, "--data": data_path, "--val": val_path, "--loss": loss_file}
+    reads = {"model": model_path, "--data": data_path, "--val": val_path, "--loss": loss_file,
+             "--teacher": teacher_path}
     if loss_file:
         check_input_file(loss_file, "loss graph", ConfigError)
     check_outputs({"-o": output}, reads)
     model = load_model(model_path)
-    train = load_data(data_path, model, need_labels=config.loss in BUILTIN_LOSSES)
-    val = load_data(val_path, model, need_labels=True) if val_path else None
+    teacher = load_model(teacher_path, what="teacher model") if teacher_path else None
+    labelled = teacher is None or config.label_weight > 0
+    train = load_data(data_path, model, need_labels=labelled and config.loss in BUILTIN_LOSSES)
+    val = load_data(val_path, model, need_labels=teacher is None) if val_path else None
     workdir = Path(workdir) if workdir else Path(str(output) + ".work")
     with Workdir.open(workdir, reads, {"-o": output}) as wd:
         trained, history = train_model(model, train, val, workdir=wd, config=config, resume=resume,
-                                       progress=progress, threads=threads)
+                                       progress=progress, threads=threads, teacher=teacher)
         write_files({output: model_bytes(trained), wd.path / HISTORY: json_bytes(history)})
     return history
+
+
+def parse_assignments(values, option: str) -> dict[str, str]:
+    """{"name": "value"} from "name=value" strings (a mapping passes through); ConfigError naming
+    `option` for anything else. The name may itself hold "=": the value is after the last one."""
+    if isinstance(values, dict):
+        return dict(values)
+    if isinstance(values, str):
+        values = [values]
+    result = {}
+    for text in values:
+        name, sep, value = str(text).rpartition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{option} {text!r} must be NAME=VALUE, e.g. {option} logits=kl")
+        result[name] = value
+    return result
 
 
 def lower_file(model_path: str | os.PathLike, target: str, output: str | os.PathLike,

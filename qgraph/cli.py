@@ -185,16 +185,30 @@ def inspect(model, as_json):
 @click.option("--train-activation-scales", "train_act", is_flag=True,
               help="With --learn-scales: train activation scales too, even if calibration fixed them.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--teacher", "teacher_path", type=click.Path(),
+              help="Distill from this float model: the loss compares MODEL's outputs with the teacher's "
+                   "(no labels needed).")
+@click.option("--distill-loss", multiple=True, metavar="OUTPUT=KIND",
+              help="With --teacher: mse or kl for one output (default: kl for Softmax/LogSoftmax outputs, "
+                   "else mse). Repeatable.")
+@click.option("--temperature", default=1.0, show_default=True, help="With --teacher: the KL temperature.")
+@click.option("--feature", multiple=True, metavar="TENSOR",
+              help="With --teacher: also match this intermediate tensor (by name) with MSE. Repeatable.")
+@click.option("--feature-weight", default=1.0, show_default=True, help="With --teacher: weight of each --feature.")
+@click.option("--label-weight", default=0.0, show_default=True,
+              help="With --teacher: add this times the --loss on the labels.")
 @click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
-          warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, workdir, resume, quiet):
+          warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, teacher_path, distill_loss,
+          temperature, feature, feature_weight, label_weight, workdir, resume, quiet):
     """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
 
     \b
     Example:
       qgraph train prepared.onnx --data train.npz --val val.npz --epochs 3 --lr 1e-4 -o trained.onnx
+      qgraph train prepared.onnx --teacher float.onnx --data unlabelled.npz -o trained.onnx
     """
     from qgraph.api import train_file
     history = train_file(model, data_path, output, val_path=val_path, workdir=workdir, epochs=epochs, lr=lr,
@@ -202,12 +216,20 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
                          weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule, loss=loss,
                          learn_scales=learn_scales, freeze_bn=freeze_bn,
                          fix_activations=False if train_act else None, seed=seed, resume=resume,
-                         progress=not quiet)
+                         progress=not quiet, teacher_path=teacher_path, distill_loss=distill_loss,
+                         temperature=temperature, feature=feature, feature_weight=feature_weight,
+                         label_weight=label_weight)
     for row in history:
-        top1 = "" if row.get("val_top1") is None else f"  val top-1 {row['val_top1']:.4f}"
-        click.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}{top1}  "
-                   f"{row['images_per_s']:.0f} img/s")
+        click.echo(_epoch_line(row, distilled=teacher_path is not None))
     click.echo(f"wrote {output}")
+
+
+def _epoch_line(row: dict, distilled: bool) -> str:
+    top1 = "" if row.get("val_top1") is None else f"  val top-1 {row['val_top1']:.4f}"
+    fidelity = "" if row.get("val_cosine") is None else \
+        f"  val cosine {row['val_cosine']:.5f}  SNR {row['val_snr_db']:.1f} dB"
+    loss = "distill loss" if distilled else "train loss"
+    return f"epoch {row['epoch']}: {loss} {row['train_loss']:.4f}{fidelity}{top1}  {row['images_per_s']:.0f} img/s"
 
 
 @main.command()

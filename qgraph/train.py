@@ -150,6 +150,9 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     if teacher is None and config.distill_settings():
         raise TrainError(f"{config.distill_settings()[0]} is a distillation setting; give the float model "
                          "as --teacher, or drop it")
+    if teacher is not None and config.loss != "cross_entropy" and config.label_weight == 0:
+        raise TrainError(f"--loss {config.loss!r} is the loss on the labels, which distillation only adds with "
+                         "--label-weight > 0; give a --label-weight or drop --loss")
     if isinstance(workdir, Workdir):
         return _train(model, train_data, val_data, config, workdir, resume, progress, threads, teacher)
     with Workdir.open(workdir) as opened:
