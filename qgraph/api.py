@@ -149,7 +149,7 @@ def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, outp
         check_input_file(loss_file, "loss graph", ConfigError)
     check_outputs({"-o": output}, reads)
     model = load_model(model_path)
-    teacher = load_model(teacher_path, what="teacher model") if teacher_path else None
+    teacher = _load_teacher(teacher_path) if teacher_path else None
     labelled = teacher is None or config.label_weight > 0
     train = load_data(data_path, model, need_labels=labelled and config.loss in BUILTIN_LOSSES)
     val = load_data(val_path, model, need_labels=teacher is None) if val_path else None
@@ -159,6 +159,13 @@ def train_file(model_path: str | os.PathLike, data_path: str | os.PathLike, outp
                                        progress=progress, threads=threads, teacher=teacher)
         write_files({output: model_bytes(trained), wd.path / HISTORY: json_bytes(history)})
     return history
+
+
+def _load_teacher(path) -> onnx.ModelProto:
+    try:
+        return load_model(path, what="teacher model")
+    except ModelError as exc:
+        raise ModelError(f"--teacher: {exc}") from None
 
 
 def parse_assignments(values, option: str) -> dict[str, str]:

@@ -605,11 +605,16 @@ def _distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: _Pla
     --feature tensor); on the first training batch both run in ORT inference and every pair of
     tensors must have one shape."""
     student_inputs = set(plan.input_names)
-    teacher_inputs = list(model_inputs(teacher))
-    for name in teacher_inputs:
+    teacher_inputs = model_inputs(teacher)
+    for name, (_, dims) in teacher_inputs.items():
         if name not in student_inputs:
             raise TrainError(f"--teacher: its input {name!r} is not an input of the model "
                              f"({', '.join(plan.input_names)}); the teacher must take the model's inputs")
+        if dims and dims[0] is not None and dims[0] != batch:
+            raise TrainError(f"--teacher: its input {name!r} has a batch dimension fixed at {dims[0]}, and the "
+                             f"model trains at batch {batch}; give --batch-size {dims[0]} or a teacher with a "
+                             "dynamic batch")
+    teacher_inputs = list(teacher_inputs)
     teacher_outputs = [o.name for o in teacher.graph.output]
     outputs = [o.name for o in student.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     if not outputs:

@@ -90,6 +90,28 @@ def _fixed_batch(model, batch):
     return fixed
 
 
+def _renamed_output(model, name):
+    """A teacher whose output has another name than the student's."""
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    old = other.graph.output[0].name
+    for node in other.graph.node:
+        node.output[:] = [name if o == old else o for o in node.output]
+    other.graph.output[0].name = name
+    return other
+
+
+def _renamed_input(model, name):
+    """A teacher that reads an input the student does not have."""
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    old = other.graph.input[0].name
+    for node in other.graph.node:
+        node.input[:] = [name if i == old else i for i in node.input]
+    other.graph.input[0].name = name
+    return other
+
+
 def _external_missing(folder, model):
     path = folder / "external.onnx"
     copy = onnx.ModelProto()
@@ -216,6 +238,8 @@ def _build_template(folder):
     records[first]["scael"] = records[first].pop("scale")
     _write_model(folder / "meta_typo.onnx", _with_metadata(ptq, "qgraph.quantizers", json.dumps(records)))
     _write_model(folder / "fixed_batch2.onnx", _fixed_batch(model, 2))
+    _write_model(folder / "renamed_output.onnx", _renamed_output(model, "scores"))
+    _write_model(folder / "other_input.onnx", _renamed_input(model, "pixels"))
     (folder / "model_dir.onnx").mkdir()
 
     # bad data
@@ -422,6 +446,28 @@ def _option_cases():
             yield Case(f"train{option}={value}", (*train, option, value))
     for loss in ("absent.onnx", "loss.txt", "data_dir.npz", "noise.onnx", "hinge"):
         yield Case(f"train-loss-{loss}", (*train, "--loss", loss), expect="loss")
+    distill = (*train, "--teacher", "model.onnx")
+    for teacher in ("absent.onnx", "noise.onnx", "text.onnx", "npz.onnx", "checker.onnx", "model_dir.onnx",
+                    "renamed_output.onnx", "other_input.onnx"):
+        yield Case(f"train-teacher-{teacher}", (*train, "--teacher", teacher), expect="teacher")
+    for option, values in {"--temperature": ("0", "-1", "nan", "inf"), "--feature-weight": ("-1", "nan"),
+                           "--label-weight": ("-0.5", "inf")}.items():
+        for value in values:
+            yield Case(f"train-distill{option}={value}", (*distill, option, value), expect=option)
+    for label, extra, expect in [
+        ("unknown-feature", ("--feature", "no_such_tensor"), "--feature 'no_such_tensor'"),
+        ("feature-is-output", ("--feature", "logits"), "--feature 'logits'"),
+        ("distill-loss-kind", ("--distill-loss", "logits=hinge"), "--distill-loss"),
+        ("distill-loss-output", ("--distill-loss", "scores=kl"), "--distill-loss 'scores'"),
+        ("distill-loss-syntax", ("--distill-loss", "logits"), "--distill-loss 'logits' must be NAME=VALUE"),
+        ("loss-without-label-weight", ("--loss", "mse"), "--label-weight"),
+        ("label-weight-without-labels", ("--label-weight", "1", "--data", "labels_missing.npz"), "labels"),
+        ("fixed-batch-teacher", ("--teacher", "fixed_batch2.onnx"), "batch"),
+    ]:
+        yield Case(f"train-distill-{label}", (*distill, *extra), expect=expect)
+    for option, value in (("--temperature", "2"), ("--feature", "c1"), ("--label-weight", "0.5"),
+                          ("--distill-loss", "logits=kl")):
+        yield Case(f"train-no-teacher{option}", (*train, option, value), expect="--teacher")
     yield Case("lower-target", ("lower", "ptq.onnx", "--target", "fpga", "-o", "out.onnx"))
     diff = ("diff", "ptq.onnx", "--data", "data.npz")
     for option, values in {"--batch-size": ("0", "-3"), "--limit": ("0", "-5")}.items():
@@ -490,6 +536,11 @@ def _alias_cases():
         ("workdir=cwd", ("-o", "out.onnx", "--workdir", "."), None),
         ("workdir=proc", ("-o", "out.onnx", "--workdir", "/proc/qgraph-wd"), None),
         ("o-inside-workdir", ("-o", "wd2/out.onnx", "--workdir", "wd2"), _mkdir("wd2")),
+        ("o=teacher", ("-o", "teacher.onnx", "--teacher", "teacher.onnx"),
+         lambda f: shutil.copy(f / "model.onnx", f / "teacher.onnx")),
+        ("o=symlink-teacher", ("-o", "link.onnx", "--teacher", "model.onnx"), _symlink("link.onnx", "model.onnx")),
+        ("workdir=teacher", ("-o", "out.onnx", "--workdir", "teacher.onnx", "--teacher", "teacher.onnx"),
+         lambda f: shutil.copy(f / "model.onnx", f / "teacher.onnx")),
     ]:
         yield Case(f"alias-train-{label}", (*train, *extra), prepare=prepare)
     lower = ("lower", "ptq.onnx")
