@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 
 WORKER_FLAG = "--torch-worker"
+ZOO_MODELS = ("nudenet_320n", "ddddocr_det", "ddddocr_ocr", "pplcnet", "pplcnet_textdir", "vit_encoder", "db_detector",
+              "svtr_recognizer")
 CALIB = 512
 FLOAT_LR = 3e-3
 BATCH = 64
@@ -64,7 +66,8 @@ if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, whic
     from qgraph.models.builders import build_model
     from qgraph.models.datasets import load_dataset
     from qgraph.annotations import read_quantizers
-    from qgraph.runner import top1_accuracy
+    from qgraph.diff import TensorStats
+    from qgraph.runner import run_model, top1_accuracy
     from qgraph.train import classify_parameters, train_model
 
 
@@ -79,13 +82,40 @@ def prepare(model: "onnx.ModelProto", calib: dict, weight_bits: int) -> "onnx.Mo
     return apply_pipeline(model, "qat", {"input": calib["input"]}, weight_bits=weight_bits, batch_size=BATCH)
 
 
-def train(model, train_data, val, workdir: Path, epochs: int, lr: float) -> tuple["onnx.ModelProto", dict]:
+def train(model, train_data, val, workdir: Path, epochs: int, lr: float, teacher=None,
+          **options) -> tuple["onnx.ModelProto", dict]:
     start = time.perf_counter()
     trained, history = train_model(model, train_data, val, epochs=epochs, lr=lr, batch_size=BATCH,
-                                   optimizer="adamw", schedule="linear", seed=0, workdir=workdir, progress=False)
-    return trained, {"top1": top1(trained, val), "engine_top1": 100 * history[-1]["val_top1"],
-                     "img_s": float(np.median([h["images_per_s"] for h in history])),
-                     "seconds": time.perf_counter() - start, "curve": [round(100 * h["val_top1"], 1) for h in history]}
+                                   optimizer="adamw", schedule="linear", seed=0, workdir=workdir, progress=False,
+                                   teacher=teacher, **options)
+    result = {"top1": top1(trained, val), "engine_top1": 100 * history[-1]["val_top1"],
+              "img_s": float(np.median([h["images_per_s"] for h in history])),
+              "seconds": time.perf_counter() - start, "curve": [round(100 * h["val_top1"], 1) for h in history]}
+    if teacher is not None:
+        result["cosine"] = logits_fidelity(teacher, trained, val)
+    return trained, result
+
+
+def logits_fidelity(reference, model, val: dict) -> float:
+    """Cosine of `model`'s logits to `reference`'s over the validation digits."""
+    stats = TensorStats("logits", "float32")
+    stats.update(run_model(reference, {"input": val["input"]})["logits"],
+                 run_model(model, {"input": val["input"]})["logits"])
+    return stats.cosine
+
+
+def interleaved_distill_throughput(float_model, prepared, train_data: dict, work: Path, rounds: int = 3,
+                                   samples: int = 1024) -> dict:
+    """Median images/s of labelled QAT and distillation QAT epochs run alternately on `prepared`."""
+    subset = {k: v[:samples] for k, v in train_data.items()}
+    rates: dict[str, list[float]] = {"qat": [], "distill": []}
+    for i in range(rounds):
+        for key, teacher in (("qat", None), ("distill", float_model)):
+            data = subset if teacher is None else {"input": subset["input"]}
+            _, history = train_model(prepared, data, None, epochs=1, lr=1e-4, batch_size=BATCH, progress=False,
+                                     workdir=work / f"{key}{i}", teacher=teacher)
+            rates[key].append(history[0]["images_per_s"])
+    return {key: float(np.median(v)) for key, v in rates.items()}
 
 
 def interleaved_throughput(float_model, prepared, train_data: dict, work: Path, rounds: int = 3,
@@ -262,7 +292,113 @@ def bench_model(name: str, args, train_data: dict, val: dict, paths: tuple[Path,
             log("PyTorch eager QAT of the prepared graph")
             row["torch_qat"] = torch_run(args.torch, prepared, *paths, work, args.torch_qat_epochs, lr,
                                          f"{name}_qat")
+        if args.distill:
+            unlabelled = {"input": train_data["input"]}
+            row[f"ptq_{key}_cosine"] = logits_fidelity(float_model, prepared, val)
+            log(f"distillation QAT {key} without labels, {args.qat_epochs} epochs")
+            _, row[f"distill_{key}"] = train(prepared, unlabelled, val, work / f"{name}_distill_{key}",
+                                             args.qat_epochs, lr, teacher=float_model)
+            if bits == 8:
+                log("distillation QAT int8 with labels mixed in (label weight 1)")
+                _, row["distill_labels_int8"] = train(prepared, train_data, val, work / f"{name}_distill_labels",
+                                                      args.qat_epochs, lr, teacher=float_model, label_weight=1.0)
+                log("interleaved throughput runs, labelled QAT vs distillation QAT")
+                row["distill_speed"] = interleaved_distill_throughput(float_model, prepared, train_data,
+                                                                      work / f"{name}_distill_speed")
     return row
+
+
+def distill_zoo(key: str, args, work: Path) -> dict:
+    """Distillation QAT of one zoo model from its int8 and W4A8 PTQ form, without labels: fidelity
+    (worst output's cosine and SNR to float, task agreement) on the evaluation inputs before and after."""
+    import zoo_models as zoo
+
+    from qgraph.errors import QGraphError
+    from qgraph.model_io import load_model
+
+    def log(message):
+        print(f"[zoo {key} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    entry = zoo.ZOO[key]
+    float_model = load_model(zoo.zoo_model_path(key)) if entry.wheel else zoo.zoo_model(key)
+    data = zoo.zoo_inputs(key, args.zoo_train, "calib")
+    calib = {name: array[:args.zoo_calib] for name, array in data.items()}
+    inputs = zoo.zoo_inputs(key, args.zoo_eval, "eval")[entry.input_name]
+    batch = 1 if entry.fixed_batch else args.zoo_batch
+    reference = zoo.run_entry(entry, zoo.ort_session(float_model), inputs)
+
+    def measure(model) -> dict:
+        outputs = zoo.run_entry(entry, zoo.ort_session(model), inputs)
+        agreement, unit = zoo.task_agreement(entry, reference, outputs)
+        return {"cosine": min(zoo.cosine(a, b) for a, b in zip(reference, outputs)),
+                "snr_db": min(zoo.snr_db(a, b) for a, b in zip(reference, outputs)), "task": agreement,
+                "task_unit": unit}
+
+    row: dict = {"model": key, "batch": batch}
+    for bits, lr in ((8, args.zoo_lr), (4, args.zoo_w4_lr)):
+        name = "int8" if bits == 8 else "w4a8"
+        prepared = apply_pipeline(float_model, "qat", calib, weight_bits=bits, batch_size=batch)
+        row[f"ptq_{name}"] = measure(prepared)
+        log(f"PTQ {name}: cosine {row[f'ptq_{name}']['cosine']:.5f}; distillation {args.zoo_epochs} epochs, lr {lr}")
+        start = time.perf_counter()
+        try:
+            trained, history = train_model(prepared, data, None, teacher=float_model, epochs=args.zoo_epochs, lr=lr,
+                                           batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False)
+        except QGraphError as exc:
+            row[f"distill_{name}"] = {"error": str(exc)}
+            log(f"failed: {exc}")
+            continue
+        row[f"distill_{name}"] = {**measure(trained), "img_s": float(np.median([h["images_per_s"] for h in history])),
+                                  "seconds": time.perf_counter() - start}
+        log(f"distilled {name}: cosine {row[f'distill_{name}']['cosine']:.5f}")
+    return row
+
+
+def report_distill(rows: list[dict], zoo_rows: list[dict], args) -> None:
+    if rows and "distill_int8" in rows[0]:
+        print(f"\nDistillation QAT from the float model, no labels ({args.qat_epochs} epochs, same lr, data and "
+              "schedule as labelled QAT); val top-1 % and logits cosine to float\n")
+        print("| model | float | float +ft | PTQ int8 (cos) | QAT int8 labels | distill int8 (cos) "
+              "| distill+labels int8 | PTQ W4A8 (cos) | QAT W4A8 labels | distill W4A8 (cos) | distill W4A8 - float |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            fl = r["float"]["top1"]
+            print(f"| {r['model']} | {fl:.1f} | {r['float_ft']['top1']:.1f} "
+                  f"| {r['ptq_int8']:.1f} ({r['ptq_int8_cosine']:.5f}) | {r['qat_int8']['top1']:.1f} "
+                  f"| {r['distill_int8']['top1']:.1f} ({r['distill_int8']['cosine']:.5f}) "
+                  f"| {r['distill_labels_int8']['top1']:.1f} "
+                  f"| {r['ptq_w4a8']:.1f} ({r['ptq_w4a8_cosine']:.5f}) | {r['qat_w4a8']['top1']:.1f} "
+                  f"| {r['distill_w4a8']['top1']:.1f} ({r['distill_w4a8']['cosine']:.5f}) "
+                  f"| {r['distill_w4a8']['top1'] - fl:+.1f} |")
+        print("\nThroughput, images/s (3 alternating 1-epoch runs on 1024 digits, median): labelled QAT int8 vs "
+              "distillation QAT int8 (the teacher's forward pass is the extra work)\n")
+        print("| model | labelled QAT | distillation QAT | ratio |")
+        print("|---|---|---|---|")
+        for r in rows:
+            q, d = r["distill_speed"]["qat"], r["distill_speed"]["distill"]
+            print(f"| {r['model']} | {q:.0f} | {d:.0f} | {d / q:.2f}x |")
+    if zoo_rows:
+        print(f"\nZoo: distillation QAT without labels ({args.zoo_epochs} epochs on {args.zoo_train} calibration-"
+              f"split inputs, int8 lr {args.zoo_lr}, W4A8 lr {args.zoo_w4_lr}; PTQ = the qat.yaml model before "
+              f"training, calibrated on {args.zoo_calib}); worst output's cosine / SNR dB to float and task "
+              f"agreement on {args.zoo_eval} evaluation inputs\n")
+        print("| model | batch | PTQ int8 | distill int8 | gap closed | PTQ W4A8 | distill W4A8 | W4A8 >= PTQ int8 "
+              "| img/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+
+        def cell(result):
+            if "error" in result:
+                return "fail: " + result["error"][:120]
+            return f"{result['cosine']:.5f} / {result['snr_db']:.1f} / {result['task']:.2f}"
+
+        for r in zoo_rows:
+            ptq8, d8, ptq4, d4 = r["ptq_int8"], r["distill_int8"], r["ptq_w4a8"], r["distill_w4a8"]
+            closed = "n/a" if "error" in d8 or ptq8["cosine"] >= 1 else \
+                f"{(d8['cosine'] - ptq8['cosine']) / (1 - ptq8['cosine']):+.0%}"
+            beats = "n/a" if "error" in d4 else ("yes" if d4["cosine"] >= ptq8["cosine"] else "no")
+            speed = "n/a" if "error" in d8 else f"{d8['img_s']:.1f}"
+            print(f"| {r['model']} | {r['batch']} | {cell(ptq8)} | {cell(d8)} | {closed} | {cell(ptq4)} | {cell(d4)} "
+                  f"| {beats} | {speed} |")
 
 
 def report(rows: list[dict], args) -> None:
@@ -315,6 +451,17 @@ def main() -> None:
     parser.add_argument("--torch-qat-epochs", type=int, default=1, help="PyTorch QAT epochs (throughput only)")
     parser.add_argument("--torch", default="/tmp/torchvenv/bin/python", help="a python with torch installed")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-distill", dest="distill", action="store_false",
+                        help="skip the distillation section (bundled models and zoo)")
+    parser.add_argument("--zoo", default=",".join(ZOO_MODELS),
+                        help="zoo models for distillation QAT (benchmarks/zoo_models.py; empty: none)")
+    parser.add_argument("--zoo-train", type=int, default=64, help="unlabelled training inputs per zoo model")
+    parser.add_argument("--zoo-calib", type=int, default=32, help="calibration inputs (the first training ones)")
+    parser.add_argument("--zoo-eval", type=int, default=32, help="evaluation inputs")
+    parser.add_argument("--zoo-epochs", type=int, default=3)
+    parser.add_argument("--zoo-batch", type=int, default=8, help="batch of dynamic-batch zoo models")
+    parser.add_argument("--zoo-lr", type=float, default=1e-5)
+    parser.add_argument("--zoo-w4-lr", type=float, default=1e-4)
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -324,9 +471,12 @@ def main() -> None:
     paths = (work / "train.npz", work / "val.npz")
     np.savez(paths[0], **train_data)
     np.savez(paths[1], **val)
-    rows = [bench_model(name, args, train_data, val, paths, work) for name in args.models.split(",")]
-    (work / "results.json").write_text(json.dumps(rows, indent=1))
-    report(rows, args)
+    rows = [bench_model(name, args, train_data, val, paths, work) for name in args.models.split(",") if name]
+    zoo_rows = [distill_zoo(key, args, work) for key in args.zoo.split(",") if key] if args.distill else []
+    (work / "results.json").write_text(json.dumps({"bundled": rows, "zoo": zoo_rows}, indent=1))
+    if rows:
+        report(rows, args)
+    report_distill(rows, zoo_rows, args)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s (results in {work / 'results.json'})")
 
 
