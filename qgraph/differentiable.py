@@ -143,12 +143,15 @@ def is_parameter_slot(op_type: str, index: int) -> bool:
 
 _NO_GRADIENT = re.compile(r"gradient builder has not been registered:\s*(\w+) for node\s*(\S*)")
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)Grad\(\d+\) node with name '(.*?)_Grad/")
+# a plain LSTM/GRU: ORT builds the gradient of its *Training form, whose inputs do not line up
+_WRONG_FORM = re.compile(r"of operator \((LSTM|GRU)Grad\) in node \((.*?)(?:_training)?_Grad/")
 
 
 def explain_failure(message: str, declined: dict[str, str] | None = None) -> str | None:
     """A one-line explanation of an ORT training failure on an op it cannot differentiate, or None."""
     declined = declined or {}
-    for pattern, what in ((_NO_GRADIENT, "has no gradient for"), (_NO_KERNEL, "has no CPU gradient kernel for")):
+    for pattern, what in ((_NO_GRADIENT, "has no gradient for"), (_NO_KERNEL, "has no CPU gradient kernel for"),
+                          (_WRONG_FORM, "cannot differentiate this form of")):
         match = pattern.search(message)
         if match:
             op, node = match.group(1), match.group(2)
@@ -508,13 +511,19 @@ def _average_pool(node, emit: _Emitter, context: _Context) -> None:
 _RNN_INPUTS = {"LSTM": 8, "GRU": 6}          # X, W, R, B, sequence_lens, initial_h[, initial_c, P]
 _RNN_TRAINING_OUTPUTS = {"LSTM": 5, "GRU": 3}
 _RNN_STATES = {"LSTM": (1, 2), "GRU": (1,)}    # outputs with a leading num_directions axis
+_RNN_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
 _RNN_ATTRIBUTES = {"LSTM": ("hidden_size",), "GRU": ("hidden_size", "linear_before_reset")}   # the rest: defaults
 _RNN_PER_DIRECTION = {"LSTM": (1, 2, 3, 5, 6, 7), "GRU": (1, 2, 3, 5)}   # W, R, B, h0, c0, P
 
 
 def _recurrent(node, emit: _Emitter, context: _Context) -> None:
     op = node.op_type
-    for name in ("activations", "activation_alpha", "activation_beta", "clip"):
+    activations = _attr(node, "activations")
+    directions = 2 if _attr(node, "direction", "forward") == "bidirectional" else 1
+    if activations is not None and [a.decode().lower() if isinstance(a, bytes) else a.lower()
+                                    for a in activations] != list(_RNN_DEFAULT_ACTIVATIONS[op]) * directions:
+        raise Declined(f"activations {activations} (ONNX Runtime's {op}Training runs only the default ones)")
+    for name in ("activation_alpha", "activation_beta", "clip"):
         if _attr(node, name) is not None:
             raise Declined(f"its {name} attribute is not supported by ONNX Runtime's {op}Training")
     if _attr(node, "input_forget", 0) or _attr(node, "layout", 0):

@@ -104,6 +104,8 @@ CASES = {
     "LSTM reverse": lambda: seq_then("LSTM", "reverse"),
     "LSTM bidirectional": lambda: seq_then("LSTM", "bidirectional"),
     "GRU bidirectional": lambda: seq_then("GRU", "bidirectional", linear_before_reset=1),
+    "LSTM with the default activations spelled out": lambda: seq_then("LSTM", "forward",
+                                                                      activations=["Sigmoid", "Tanh", "Tanh"]),
 }
 
 
@@ -175,6 +177,15 @@ def test_a_node_that_cannot_be_rewritten_is_kept_and_named_when_ort_needs_its_gr
     x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
     train_model(model, {"x": x, "labels": np.zeros((2, 4, 16, 16), np.float32)}, loss="mse", workdir=tmp_path,
                 progress=False)
+
+
+def test_an_lstm_ort_cannot_train_fails_naming_the_node_and_why(tmp_path):
+    model = seq_then("LSTM", "forward", clip=3.0)
+    x = RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)
+    target = np.zeros(run_model(model, {"x": x})["y"].shape, np.float32)
+    with pytest.raises(TrainError, match=r"node rnn \(LSTM\) lies between a trained parameter and the loss.*"
+                                         r"could not rewrite it: its clip attribute is not supported"):
+        train_model(model, {"x": x, "labels": target}, loss="mse", workdir=tmp_path / "run", progress=False)
 
 
 @pytest.mark.parametrize("op, attrs, extra", [
