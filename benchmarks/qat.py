@@ -335,14 +335,14 @@ def distill_zoo(key: str, args, work: Path) -> dict:
                 "task_unit": unit}
 
     row: dict = {"model": key, "batch": batch}
-    for bits, lr in ((8, args.zoo_lr), (4, args.zoo_w4_lr)):
+    for bits, lr, epochs in ((8, args.zoo_lr, args.zoo_epochs), (4, args.zoo_w4_lr, args.zoo_w4_epochs)):
         name = "int8" if bits == 8 else "w4a8"
         prepared = apply_pipeline(float_model, "qat", calib, weight_bits=bits, batch_size=batch)
         row[f"ptq_{name}"] = measure(prepared)
-        log(f"PTQ {name}: cosine {row[f'ptq_{name}']['cosine']:.5f}; distillation {args.zoo_epochs} epochs, lr {lr}")
+        log(f"PTQ {name}: cosine {row[f'ptq_{name}']['cosine']:.5f}; distillation {epochs} epochs, lr {lr}")
         start = time.perf_counter()
         try:
-            trained, history = train_model(prepared, data, None, teacher=float_model, epochs=args.zoo_epochs, lr=lr,
+            trained, history = train_model(prepared, data, None, teacher=float_model, epochs=epochs, lr=lr,
                                            batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False)
         except QGraphError as exc:
             row[f"distill_{name}"] = {"error": str(exc)}
@@ -378,8 +378,9 @@ def report_distill(rows: list[dict], zoo_rows: list[dict], args) -> None:
             q, d = r["distill_speed"]["qat"], r["distill_speed"]["distill"]
             print(f"| {r['model']} | {q:.0f} | {d:.0f} | {d / q:.2f}x |")
     if zoo_rows:
-        print(f"\nZoo: distillation QAT without labels ({args.zoo_epochs} epochs on {args.zoo_train} calibration-"
-              f"split inputs, int8 lr {args.zoo_lr}, W4A8 lr {args.zoo_w4_lr}; PTQ = the qat.yaml model before "
+        print(f"\nZoo: distillation QAT without labels (on {args.zoo_train} calibration-split inputs; int8 "
+              f"{args.zoo_epochs} epochs lr {args.zoo_lr}, W4A8 {args.zoo_w4_epochs} epochs lr {args.zoo_w4_lr}; "
+              "PTQ = the qat.yaml model before "
               f"training, calibrated on {args.zoo_calib}); worst output's cosine / SNR dB to float and task "
               f"agreement on {args.zoo_eval} evaluation inputs\n")
         print("| model | batch | PTQ int8 | distill int8 | gap closed | PTQ W4A8 | distill W4A8 | W4A8 >= PTQ int8 "
@@ -460,8 +461,9 @@ def main() -> None:
     parser.add_argument("--zoo-eval", type=int, default=32, help="evaluation inputs")
     parser.add_argument("--zoo-epochs", type=int, default=3)
     parser.add_argument("--zoo-batch", type=int, default=8, help="batch of dynamic-batch zoo models")
-    parser.add_argument("--zoo-lr", type=float, default=1e-5)
-    parser.add_argument("--zoo-w4-lr", type=float, default=1e-4)
+    parser.add_argument("--zoo-lr", type=float, default=3e-5)
+    parser.add_argument("--zoo-w4-lr", type=float, default=1e-3)
+    parser.add_argument("--zoo-w4-epochs", type=int, default=6)
     args = parser.parse_args()
 
     start = time.perf_counter()

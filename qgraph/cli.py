@@ -197,12 +197,14 @@ def inspect(model, as_json):
 @click.option("--feature-weight", default=1.0, show_default=True, help="With --teacher: weight of each --feature.")
 @click.option("--label-weight", default=0.0, show_default=True,
               help="With --teacher: add this times the --loss on the labels.")
+@click.option("--keep-best", is_flag=True,
+              help="Write the epoch with the lowest --val loss (the input itself, epoch 0, included).")
 @click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
           warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, teacher_path, distill_loss,
-          temperature, feature, feature_weight, label_weight, workdir, resume, quiet):
+          temperature, feature, feature_weight, label_weight, keep_best, workdir, resume, quiet):
     """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
 
     \b
@@ -218,9 +220,12 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
                          fix_activations=False if train_act else None, seed=seed, resume=resume,
                          progress=not quiet, teacher_path=teacher_path, distill_loss=distill_loss,
                          temperature=temperature, feature=feature, feature_weight=feature_weight,
-                         label_weight=label_weight)
+                         label_weight=label_weight, keep_best=keep_best)
     for row in history:
         click.echo(_epoch_line(row, distilled=teacher_path is not None))
+    kept = [row["epoch"] for row in history if row.get("kept")]
+    if kept:
+        click.echo(f"kept epoch {kept[0]} (lowest val loss)")
     click.echo(f"wrote {output}")
 
 
@@ -228,6 +233,8 @@ def _epoch_line(row: dict, distilled: bool) -> str:
     top1 = "" if row.get("val_top1") is None else f"  val top-1 {row['val_top1']:.4f}"
     fidelity = "" if row.get("val_cosine") is None else \
         f"  val cosine {row['val_cosine']:.5f}  SNR {row['val_snr_db']:.1f} dB"
+    if row["epoch"] == 0:
+        return f"epoch 0: before training  val loss {row['val_loss']:.4f}{fidelity}{top1}"
     loss = "distill loss" if distilled else "train loss"
     return f"epoch {row['epoch']}: {loss} {row['train_loss']:.4f}{fidelity}{top1}  {row['images_per_s']:.0f} img/s"
 

@@ -107,6 +107,8 @@ class TrainConfig:
     feature: tuple[str, ...] = ()
     feature_weight: Annotated[float, Range(0.0, 1e6)] = 1.0
     label_weight: Annotated[float, Range(0.0, 1e6)] = 0.0
+    # export the epoch with the lowest validation loss, the input itself (epoch 0) included
+    keep_best: bool = False
 
     def __post_init__(self):
         hints = __import__("typing").get_type_hints(TrainConfig, include_extras=True)
@@ -168,6 +170,8 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     if teacher is None and config.distill_settings():
         raise TrainError(f"{config.distill_settings()[0]} is a distillation setting; give the float model "
                          "as --teacher, or drop it")
+    if config.keep_best and val_data is None:
+        raise TrainError("--keep-best picks the epoch with the lowest validation loss; give --val data")
     if teacher is not None and config.loss != "cross_entropy" and config.label_weight == 0:
         raise TrainError(f"--loss {config.loss!r} is the loss on the labels, which distillation only adds with "
                          "--label-weight > 0; give a --label-weight or drop --loss")
@@ -230,6 +234,13 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     stepper.fast_forward((first_epoch - 1) * steps_per_epoch)
     names = module.input_names()
     what = "distillation loss" if distill is not None else "training loss"
+    classify = plan.num_classes is not None and val_feeds is not None and LABELS in val_feeds
+    best = done.get("best") if done else None
+    if not done and val_feeds is not None and (distill is not None or config.keep_best):
+        # where training starts from: the input's own validation loss and fidelity
+        history.append({"epoch": 0, **_evaluate(module, val_feeds, batch, classify, plan.fixed_batch is not None,
+                                                 distill)})
+        best = {"epoch": 0, "val_loss": history[0]["val_loss"], "file": None}
 
     for epoch in range(first_epoch, config.epochs + 1):
         bar = ProgressBar(f"epoch {epoch}/{config.epochs}", steps_per_epoch, enabled=progress)
@@ -254,15 +265,20 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         bar.close()
         record = {"epoch": epoch, "train_loss": sum(losses) / seen, "images_per_s": seen / train_seconds}
         if val_feeds is not None:
-            record.update(_evaluate(module, val_feeds, batch, plan.num_classes is not None and LABELS in val_feeds,
-                                    plan.fixed_batch is not None, distill))
+            record.update(_evaluate(module, val_feeds, batch, classify, plan.fixed_batch is not None, distill))
             if not math.isfinite(record["val_loss"]):
                 raise TrainError(f"epoch {epoch}: the validation loss is {record['val_loss']}; lower --lr or check "
                                  f"the validation data{_resume_hint(wd)}")
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         _check_finite_parameters(state, epoch, wd, plan.nonfinite)
-        _save_progress(wd, api, state, stepper, epoch, identity, config, history)
+        if config.keep_best and best is not None and record["val_loss"] < best["val_loss"]:
+            best = {"epoch": epoch, "val_loss": record["val_loss"], "file": _save_best(wd, state, epoch)}
+        _save_progress(wd, api, state, stepper, epoch, identity, config, history, best)
+    if config.keep_best and best is not None:
+        for record in history:
+            record["kept"] = record["epoch"] == best["epoch"]
+        return _export_best(plan, model, wd, best), history
     trained = _export(plan, state, model)
     return trained, history
 
@@ -930,7 +946,7 @@ def _run_identity(model: onnx.ModelProto, config: TrainConfig, train_feeds: dict
 
 
 _DISTILL_DEFAULTS = {"distill_loss": {}, "temperature": 1.0, "feature": [], "feature_weight": 1.0,
-                     "label_weight": 0.0}
+                     "label_weight": 0.0, "keep_best": False}
 
 
 def _graph_hash(model: onnx.ModelProto) -> str:
@@ -948,8 +964,9 @@ def _read_progress(workdir: Path, identity: dict, config: TrainConfig) -> dict |
         if not isinstance(progress, dict):
             raise ValueError("not a JSON object")
         epoch, checkpoint, history = progress["epoch"], progress["checkpoint"], progress["history"]
+        start = 1 if history and isinstance(history[0], dict) and history[0].get("epoch") == 0 else 0
         if not (isinstance(epoch, int) and epoch >= 1 and isinstance(checkpoint, str) and isinstance(history, list)
-                and len(history) == epoch and isinstance(progress.get("identity"), dict)):
+                and len(history) == epoch + start and isinstance(progress.get("identity"), dict)):
             raise ValueError("unexpected fields")
     except (OSError, ValueError, KeyError) as exc:
         raise TrainError(f"{path}: unreadable progress record ({exc}); train without --resume to start over") from None
@@ -974,6 +991,10 @@ def _read_progress(workdir: Path, identity: dict, config: TrainConfig) -> dict |
                          f"{old.get('epochs')} (with --schedule constant, a resumed run may add epochs)")
     if not (workdir / checkpoint).exists():
         raise TrainError(f"{workdir / checkpoint}: checkpoint named in {path} is missing; train without --resume")
+    best = progress.get("best")
+    if best is not None and best.get("file") and not (workdir / best["file"]).exists():
+        raise TrainError(f"{workdir / best['file']}: the best epoch's parameters named in {path} are missing; "
+                         "train without --resume")
     return progress
 
 
@@ -993,8 +1014,34 @@ def _read_velocity(path: Path) -> dict[str, np.ndarray]:
         raise TrainError(f"{path}: cannot read the SGD momentum state ({exc}); train without --resume") from None
 
 
+def _save_best(wd: Workdir, state, epoch: int) -> str:
+    """The parameters of the best epoch so far, beside the checkpoints (the older best goes with
+    the stale checkpoints)."""
+    import io
+    name = f"epoch{epoch}.best.npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key: param.data for key, param in state.parameters})
+    atomic_write_bytes(wd.path / name, buffer.getvalue())
+    return name
+
+
+def _export_best(plan: _Plan, model: onnx.ModelProto, wd: Workdir, best: dict) -> onnx.ModelProto:
+    if best["file"] is None:   # no epoch beat the input: it is the result
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    try:
+        with np.load(wd.path / best["file"], allow_pickle=False) as stored:
+            values = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise TrainError(f"{wd.path / best['file']}: cannot read the best epoch's parameters ({exc}); "
+                         "train without --resume") from None
+    trained = to_qdq_form(plan.training, values)
+    return _with_input_shapes(trained, model)
+
+
 def _save_progress(wd: Workdir, api, state, stepper: _Stepper, epoch: int, identity: dict, config: TrainConfig,
-                   history: list) -> None:
+                   history: list, best: dict | None = None) -> None:
     """Checkpoint first, then the JSON that points at it (atomic rename), then drop the old one."""
     workdir = wd.path
     name = f"epoch{epoch}.ckpt"
@@ -1012,9 +1059,9 @@ def _save_progress(wd: Workdir, api, state, stepper: _Stepper, epoch: int, ident
         np.savez(buffer, **stepper.velocity)
         atomic_write_bytes(workdir / velocity, buffer.getvalue())
     progress = {"identity": identity, "epoch": epoch, "checkpoint": name, "velocity": velocity,
-                "history": history}
+                "history": history, "best": best}
     atomic_write_bytes(workdir / PROGRESS_FILE, json_bytes(progress))
-    wd.remove_stale_checkpoints(keep={name, velocity} - {None})
+    wd.remove_stale_checkpoints(keep={name, velocity, (best or {}).get("file")} - {None})
 
 
 def _remove_quietly(path: Path) -> None:
@@ -1027,7 +1074,10 @@ def _remove_quietly(path: Path) -> None:
 def _export(plan: _Plan, state, model: onnx.ModelProto) -> onnx.ModelProto:
     """The trained values in the input's form, with the input's own input dimensions."""
     values = {name: param.data for name, param in state.parameters}
-    trained = to_qdq_form(plan.training, values)
+    return _with_input_shapes(to_qdq_form(plan.training, values), model)
+
+
+def _with_input_shapes(trained: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
     originals = {i.name: i for i in model.graph.input}
     for inp in trained.graph.input:
         if inp.name in originals:

@@ -26,7 +26,7 @@ LOCK = ".qgraph-lock"
 PROGRESS_FILE = "progress.json"
 ARTIFACTS = "artifacts"
 HISTORY = "history.json"
-_CHECKPOINT = re.compile(r"^epoch(\d+)\.(ckpt|velocity\.npz)$")
+_CHECKPOINT = re.compile(r"^epoch(\d+)\.(ckpt|velocity\.npz|best\.npz)$")
 
 
 class Workdir:

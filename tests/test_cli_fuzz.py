@@ -465,6 +465,7 @@ def _option_cases():
         ("fixed-batch-teacher", ("--teacher", "fixed_batch2.onnx"), "batch"),
     ]:
         yield Case(f"train-distill-{label}", (*distill, *extra), expect=expect)
+    yield Case("train-keep-best-without-val", (*train, "--keep-best"), expect="--val")
     for option, value in (("--temperature", "2"), ("--feature", "c1"), ("--label-weight", "0.5"),
                           ("--distill-loss", "logits=kl")):
         yield Case(f"train-no-teacher{option}", (*train, option, value), expect="--teacher")

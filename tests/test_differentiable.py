@@ -46,17 +46,27 @@ def conv_then(nodes, inits=(), x_dims=("N", 3, 8, 8), channels=4):
     return model
 
 
-def seq_then(op, direction, **attrs):
+def seq_then(op, direction, initial_states=False, **attrs):
     """Conv features as a sequence over the width: [W, N, C*H] -> LSTM/GRU -> y."""
     gates = {"LSTM": 4, "GRU": 3}[op]
     hidden, size = 5, 4 * 4
     dirs = 2 if direction == "bidirectional" else 1
     inputs = ["seq", "Wr", "Rr", "Br"]
+    if initial_states:   # as exporters write them: states [dirs, N, hidden] computed from the batch size
+        inputs += ["", "h0"] + (["c0"] if op == "LSTM" else [])
     outputs = ["ys"] if op == "GRU" else ["ys", "", "yc"]
     nodes = [N("Reshape", ["a", "shape"], ["r"]), N("Transpose", ["r"], ["seq"], perm=[2, 0, 1]),
              N(op, inputs, outputs, name="rnn", hidden_size=hidden, direction=direction, **attrs),
              N("Transpose", ["ys"], ["y"], perm=[2, 0, 1, 3])]   # [T, D, N, H] -> samples first
-    inits = [const("shape", i64([0, size, -1])),
+    if initial_states:
+        nodes[2:2] = [N("Shape", ["seq"], ["seq_shape"]), N("Gather", ["seq_shape", "one"], ["batch"], axis=0),
+                      N("Concat", ["dirs", "batch", "hidden"], ["state_shape"], axis=0),
+                      N("ConstantOfShape", ["state_shape"], ["h0"], value=helper.make_tensor("v", TensorProto.FLOAT,
+                                                                                            [1], [0.25]))]
+        if op == "LSTM":
+            nodes.insert(6, N("Mul", ["h0", "half"], ["c0"]))
+    inits = [const("shape", i64([0, size, -1])), const("one", i64([1])), const("dirs", i64([dirs])),
+             const("hidden", i64([hidden])), const("half", f32(-0.5)),
              const("Wr", f32(RNG.standard_normal((dirs, gates * hidden, size)) * 0.3)),
              const("Rr", f32(RNG.standard_normal((dirs, gates * hidden, hidden)) * 0.3)),
              const("Br", f32(RNG.standard_normal((dirs, 2 * gates * hidden)) * 0.1))]
@@ -103,6 +113,8 @@ CASES = {
     "LSTM forward": lambda: seq_then("LSTM", "forward"),
     "LSTM reverse": lambda: seq_then("LSTM", "reverse"),
     "LSTM bidirectional": lambda: seq_then("LSTM", "bidirectional"),
+    "LSTM bidirectional with initial states": lambda: seq_then("LSTM", "bidirectional", initial_states=True),
+    "GRU reverse with initial state": lambda: seq_then("GRU", "reverse", initial_states=True),
     "GRU bidirectional": lambda: seq_then("GRU", "bidirectional", linear_before_reset=1),
     "LSTM with the default activations spelled out": lambda: seq_then("LSTM", "forward",
                                                                       activations=["Sigmoid", "Tanh", "Tanh"]),

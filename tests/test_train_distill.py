@@ -76,7 +76,9 @@ def test_distillation_without_labels_closes_most_of_the_w4_gap_and_exports_qdq(t
     assert history[-1]["val_cosine"] == pytest.approx(after.cosine, abs=2e-4)
     assert history[-1]["val_outputs"]["logits"]["snr_db"] == pytest.approx(after.snr_db, abs=0.2)
     assert history[-1]["val_top1"] is not None            # the val data has labels: top-1 is reported too
-    assert history[0]["train_loss"] > history[-1]["train_loss"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]     # epoch 0: the input's own fidelity
+    assert history[0]["val_cosine"] == pytest.approx(before.cosine, abs=2e-4)
+    assert history[1]["train_loss"] > history[2]["train_loss"]
     assert Counter(n.op_type for n in trained.graph.node) == Counter(n.op_type for n in w4_student.graph.node)
     engine = evaluate_training_engine(tmp_path, unlabelled(val), teacher=teacher)
     np.testing.assert_allclose(run_model(trained, unlabelled(val))["logits"], engine, rtol=1e-4, atol=1e-4)
@@ -338,3 +340,26 @@ def test_bad_distillation_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="--distill-loss 'logits' must be NAME=VALUE"):
         parse_assignments(["logits"], "--distill-loss")
     assert parse_assignments(["a=b=kl", "logits=mse"], "--distill-loss") == {"a=b": "kl", "logits": "mse"}
+
+
+def test_keep_best_writes_the_epoch_with_the_lowest_validation_loss_the_input_included(teacher, w4_student, digits,
+                                                                                        tmp_path):
+    train, val = unlabelled(digits[0]), {k: v[:128] for k, v in digits[1].items()}
+    # a learning rate that wrecks the model: no epoch beats the input, which comes back unchanged
+    wrecked, history = train_model(w4_student, train, val, teacher=teacher, epochs=2, lr=3.0, keep_best=True,
+                                   workdir=tmp_path / "wrecked", progress=False)
+    assert [h["kept"] for h in history] == [True, False, False]
+    assert history[1]["val_loss"] > history[0]["val_loss"]
+    for name, value in params(w4_student).items():
+        np.testing.assert_array_equal(params(wrecked)[name], value, err_msg=name)
+    # a good one: the best epoch's parameters, also after a resume that adds nothing
+    kwargs = dict(teacher=teacher, epochs=3, lr=1e-3, keep_best=True, schedule="constant", progress=False)
+    kept, history = train_model(w4_student, train, val, workdir=tmp_path / "good", **kwargs)
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert best > 0 and [h["kept"] for h in history] == [h["epoch"] == best for h in history]
+    assert fidelity(teacher, kept, unlabelled(val)).cosine == pytest.approx(history[best]["val_cosine"], abs=2e-4)
+    again, _ = train_model(w4_student, train, val, workdir=tmp_path / "good", resume=True, **kwargs)
+    for name, value in params(kept).items():
+        np.testing.assert_array_equal(params(again)[name], value, err_msg=name)
+    with pytest.raises(TrainError, match="--keep-best picks the epoch with the lowest validation loss; give --val"):
+        train_model(w4_student, train, teacher=teacher, keep_best=True, workdir=tmp_path / "noval", progress=False)
