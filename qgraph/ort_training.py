@@ -84,10 +84,15 @@ def _quiet_session_options():
     return options
 
 
-def session_options(threads: int = 0):
-    """SessionOptions for training sessions: quiet, `threads` intra-op threads (0 = ORT's choice)."""
+def session_options(threads: int = 0, spin: bool = True):
+    """SessionOptions for training sessions: quiet, `threads` intra-op threads (0 = ORT's choice);
+    `spin=False` when another session (a distillation teacher) alternates with this one: ORT's
+    idle worker threads busy-wait by default, and two pools spinning in turn halve the throughput
+    of both on few cores (measured: distillation at 0.66x of labelled QAT on LeNet, 0.88x without)."""
     options = _quiet_session_options()
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -36,12 +36,14 @@ class Runner:
     """An ORT CPU session over `model` that returns the graph outputs plus `extra_outputs`."""
 
     def __init__(self, model, extra_outputs: Iterable[str] = (), *, optimize: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, spin: bool = True):
         proto = model.to_onnx() if hasattr(model, "to_onnx") else model
         proto = with_outputs(proto, extra_outputs)
         opts = ort.SessionOptions()
         opts.log_severity_level = _QUIET
         opts.intra_op_num_threads = threads
+        if not spin:   # a session that waits while another one works must not busy-wait on the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:

@@ -223,7 +223,8 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     checkpoint = workdir / done["checkpoint"] if done else art / "checkpoint"
     state = _load_checkpoint(api, checkpoint)
     module = _ort("loading the training graphs", api.Module, str(art / "training_model.onnx"), state,
-                  str(art / "eval_model.onnx"), session_options=session_options(threads), declined=plan.declined)
+                  str(art / "eval_model.onnx"), session_options=session_options(threads, spin=distill is None),
+                  declined=plan.declined)
     count = _count(train_feeds) - _count(train_feeds) % batch if plan.fixed_batch else _count(train_feeds)
     steps_per_epoch = -(-count // batch)
     total_steps = max(steps_per_epoch * config.epochs, 1)
@@ -671,7 +672,7 @@ def _distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: _Pla
             _check_feature(model, name, who)
     tensors = outputs + features
     try:
-        runner = Runner(teacher, features, threads=threads)
+        runner = Runner(teacher, features, threads=threads, spin=False)
     except ModelError as exc:
         raise TrainError(f"--teacher: {exc}") from None
     probe = {name: train_feeds[name][:batch] for name in plan.input_names}
