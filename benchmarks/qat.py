@@ -321,7 +321,9 @@ def distill_zoo(key: str, args, work: Path) -> dict:
 
     entry = zoo.ZOO[key]
     float_model = load_model(zoo.zoo_model_path(key)) if entry.wheel else zoo.zoo_model(key)
-    data = zoo.zoo_inputs(key, args.zoo_train, "calib")
+    pool = zoo.zoo_inputs(key, args.zoo_train + args.zoo_val, "calib")
+    data = {name: array[:args.zoo_train] for name, array in pool.items()}
+    held_out = {name: array[args.zoo_train:] for name, array in pool.items()}   # --keep-best picks by these
     calib = {name: array[:args.zoo_calib] for name, array in data.items()}
     inputs = zoo.zoo_inputs(key, args.zoo_eval, "eval")[entry.input_name]
     batch = 1 if entry.fixed_batch else args.zoo_batch
@@ -342,14 +344,18 @@ def distill_zoo(key: str, args, work: Path) -> dict:
         log(f"PTQ {name}: cosine {row[f'ptq_{name}']['cosine']:.5f}; distillation {epochs} epochs, lr {lr}")
         start = time.perf_counter()
         try:
-            trained, history = train_model(prepared, data, None, teacher=float_model, epochs=epochs, lr=lr,
-                                           batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False)
+            trained, history = train_model(prepared, data, held_out, teacher=float_model, epochs=epochs, lr=lr,
+                                           batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False,
+                                           keep_best=True)
         except QGraphError as exc:
             row[f"distill_{name}"] = {"error": str(exc)}
             log(f"failed: {exc}")
             continue
-        row[f"distill_{name}"] = {**measure(trained), "img_s": float(np.median([h["images_per_s"] for h in history])),
-                                  "seconds": time.perf_counter() - start}
+        trained_epochs = [h for h in history if h["epoch"] > 0]
+        row[f"distill_{name}"] = {**measure(trained), "img_s": float(np.median([h["images_per_s"] for h in trained_epochs])),
+                                  "seconds": time.perf_counter() - start,
+                                  "kept_epoch": next(h["epoch"] for h in history if h.get("kept")),
+                                  "held_out_cosine": [round(h["val_cosine"], 5) for h in history]}
         log(f"distilled {name}: cosine {row[f'distill_{name}']['cosine']:.5f}")
     return row
 
@@ -384,8 +390,8 @@ def report_distill(rows: list[dict], zoo_rows: list[dict], args) -> None:
               f"training, calibrated on {args.zoo_calib}); worst output's cosine / SNR dB to float and task "
               f"agreement on {args.zoo_eval} evaluation inputs\n")
         print("| model | batch | PTQ int8 | distill int8 | gap closed | PTQ W4A8 | distill W4A8 | W4A8 >= PTQ int8 "
-              "| img/s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| kept epoch int8/W4A8 | img/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
 
         def cell(result):
             if "error" in result:
@@ -398,8 +404,9 @@ def report_distill(rows: list[dict], zoo_rows: list[dict], args) -> None:
                 f"{(d8['cosine'] - ptq8['cosine']) / (1 - ptq8['cosine']):+.0%}"
             beats = "n/a" if "error" in d4 else ("yes" if d4["cosine"] >= ptq8["cosine"] else "no")
             speed = "n/a" if "error" in d8 else f"{d8['img_s']:.1f}"
+            kept = "/".join(str(d.get("kept_epoch", "-")) for d in (d8, d4))
             print(f"| {r['model']} | {r['batch']} | {cell(ptq8)} | {cell(d8)} | {closed} | {cell(ptq4)} | {cell(d4)} "
-                  f"| {beats} | {speed} |")
+                  f"| {beats} | {kept} | {speed} |")
 
 
 def report(rows: list[dict], args) -> None:
@@ -458,10 +465,12 @@ def main() -> None:
                         help="zoo models for distillation QAT (benchmarks/zoo_models.py; empty: none)")
     parser.add_argument("--zoo-train", type=int, default=64, help="unlabelled training inputs per zoo model")
     parser.add_argument("--zoo-calib", type=int, default=32, help="calibration inputs (the first training ones)")
+    parser.add_argument("--zoo-val", type=int, default=16,
+                        help="held-out calibration-split inputs by which --keep-best picks the epoch")
     parser.add_argument("--zoo-eval", type=int, default=32, help="evaluation inputs")
     parser.add_argument("--zoo-epochs", type=int, default=3)
     parser.add_argument("--zoo-batch", type=int, default=8, help="batch of dynamic-batch zoo models")
-    parser.add_argument("--zoo-lr", type=float, default=3e-5)
+    parser.add_argument("--zoo-lr", type=float, default=1e-5)
     parser.add_argument("--zoo-w4-lr", type=float, default=1e-3)
     parser.add_argument("--zoo-w4-epochs", type=int, default=6)
     args = parser.parse_args()
