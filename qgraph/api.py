@@ -52,6 +52,8 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
         if verbose:
             for item in step.report.get("skipped", []):
                 echo(f"    skipped {item['node']}: {item['reason']}")
+            for tensor, why in step.report.get("placement", {}).items():
+                echo(f"    tensor {tensor}: {why}")
 
     reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
     result = model.to_onnx()

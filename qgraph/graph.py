@@ -50,8 +50,14 @@ class QModel:
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto) -> "QModel":
         """Import with inferred types, so passes can tell float tensors from integer shape tensors
-        (exporters such as torch.onnx write no types for intermediate tensors)."""
+        (exporters such as torch.onnx write no types for intermediate tensors), at the working
+        opset (a model of another opset is converted, as load_model does for files)."""
+        from qgraph.model_io import convert_to_working_opset, default_opset
+        if default_opset(model) != OPSET:
+            model = convert_to_working_opset(model)
         graph = gs.import_onnx(_with_inferred_types(model))
+        others = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
+        graph.import_domains = [onnx.helper.make_opsetid("", OPSET), *others]
         metadata = {p.key: p.value for p in model.metadata_props}
         return cls(graph, metadata, model.ir_version, model.producer_name or "qgraph")
 
@@ -60,6 +66,10 @@ class QModel:
         self.cleanup()
         self.graph.opset = OPSET
         model = gs.export_onnx(self.graph, do_type_check=False)
+        imports = [imp for imp in model.opset_import if imp.domain not in ("", "ai.onnx")]
+        del model.opset_import[:]
+        model.opset_import.add(domain="", version=OPSET)
+        model.opset_import.extend(imports)
         domains = {imp.domain for imp in model.opset_import}
         if any(n.domain == MS_DOMAIN for n in self.graph.nodes) and MS_DOMAIN not in domains:
             model.opset_import.add(domain=MS_DOMAIN, version=1)

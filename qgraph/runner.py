@@ -11,6 +11,8 @@ import onnxruntime as ort
 from qgraph.errors import ModelError
 
 _QUIET = 4  # ORT severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal: qgraph reports errors itself
+# graph optimizers log through the default logger (e.g. "UnsqueezeElimination cannot remove node")
+ort.set_default_logger_severity(3)
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

@@ -16,7 +16,8 @@ import onnx
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, name_nodes, skip
+from qgraph.idioms import Declined, name_nodes, skip, unary_regions
+from qgraph.lowering.tables import lower_region
 from qgraph.lowering import fold, integer, qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
@@ -50,9 +51,19 @@ def lower_graph(model: QModel, target: str) -> dict:
 
     region = quantized_region(model)
     lowered, skipped, absorbed = Counter(), [], set()
+    for unary in unary_regions(model):      # exported activations (HardSwish, SiLU, GELU, ...) as one table
+        if len(unary.nodes) < 2 or unary.nodes[-1] not in region:
+            continue
+        try:
+            lower_region(model, unary)
+        except Declined as declined:
+            skipped.extend(skip(name, declined.reason) for name in unary.nodes)
+        else:
+            lowered[f"{unary.kind} (table)"] += 1
+        absorbed.update(unary.nodes)
     for node in list(model.graph.nodes):
-        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region \
-                or node.name in sunk:
+        if node.op in QUANTIZERS or id(node) in absorbed or node.name in absorbed or not node.outputs \
+                or node.name not in region or node.name in sunk:
             continue
         rule = rules.get(node.op)
         if rule is None:

@@ -34,6 +34,7 @@ from qgraph import quant
 from qgraph.graph import QModel
 from qgraph.idioms import Declined
 from qgraph.lowering import qlinear
+from qgraph.lowering.float_output import lower_to_float
 from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, const, finish_site,
                                       read_quantizer, var)
@@ -145,6 +146,8 @@ def _weight_multiplier(x: QInput, w: QInput, out_q: Quantizer) -> np.ndarray:
 def lower_conv(model: QModel, site: Site) -> None:
     node = site.node
     x, w = _uint8_activation(site, 0), qlinear.weight(site, 1)
+    if site.float_output:
+        return lower_to_float(model, site, x, w)
     wzp = np.unique(w.quantizer.zero_point)
     if wzp.size != 1:
         raise Declined("per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point")
@@ -176,6 +179,10 @@ def lower_gemm(model: QModel, site: Site) -> None:
     x, w = _uint8_activation(site, 0), site.qin(1)
     if w is None:
         raise Declined("missing quantizer: input 1 is not dequantized")
+    if site.float_output:
+        if w.const is None:
+            raise Declined("a MatMul of two activations with a float output is not lowered")
+        return lower_to_float(model, site, x, w)
     name = node.name
     if w.const is None:  # activation × activation
         if w.quantizer.per_channel or w.quantizer.dtype != np.uint8:

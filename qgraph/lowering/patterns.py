@@ -156,15 +156,26 @@ def check_weight_axes(model: QModel) -> None:
                                     f"(axis {want}); re-quantize that weight per output channel")
 
 
+#: Compute ops that may read integers and write float: the last layer before float post-processing.
+FLOAT_OUTPUT_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def quantized_region(model: QModel) -> set[str]:
     """Names of the nodes between an activation QuantizeLinear and a DequantizeLinear: reachable
-    from the first and reaching the second (float pre/post-processing outside is not lowered)."""
+    from the first and reaching the second (float pre/post-processing outside is not lowered),
+    plus compute ops reading dequantized activations whose output stays float."""
     view = model.nx_view()
     starts = [n.name for n in model.graph.nodes if n.op == QUANTIZE and model.constant_value(n.inputs[0]) is None]
     ends = [n.name for n in model.graph.nodes if n.op == DEQUANTIZE and model.constant_value(n.inputs[0]) is None]
     after = set(starts).union(*(nx.descendants(view, s) for s in starts)) if starts else set()
     before = set(ends).union(*(nx.ancestors(view, e) for e in ends)) if ends else set()
-    return after & before
+    region = after & before
+    for node in model.graph.nodes:
+        if node.op in FLOAT_OUTPUT_OPS and node.inputs and node.name in after:
+            producer = model.producer(node.inputs[0])
+            if producer is not None and producer.op == DEQUANTIZE:
+                region.add(node.name)
+    return region
 
 
 # -- sites --------------------------------------------------------------------------------
@@ -184,14 +195,18 @@ class QInput:
 class Site:
     node: gs.Node
     inputs: list  # per node input: QInput, np.ndarray (float constant), or None (omitted)
-    quantize_node: gs.Node
-    out_q: Quantizer
+    quantize_node: gs.Node | None        # None: a compute op whose output stays float
+    out_q: Quantizer | None
     clamp: tuple[float, float] = (-np.inf, np.inf)
     act_nodes: list = field(default_factory=list)
 
     @property
     def out(self) -> gs.Variable:
-        return self.quantize_node.outputs[0]
+        return self.quantize_node.outputs[0] if self.quantize_node is not None else self.node.outputs[0]
+
+    @property
+    def float_output(self) -> bool:
+        return self.quantize_node is None
 
     def qin(self, i: int) -> QInput | None:
         v = self.inputs[i] if i < len(self.inputs) else None
@@ -234,6 +249,8 @@ def match_site(model: QModel, node: gs.Node) -> Site:
         tensor = nxt.outputs[0]
     readers = list(tensor.outputs)
     if model.is_graph_output(tensor) or len(readers) != 1 or readers[0].op != QUANTIZE:
+        if node.op in FLOAT_OUTPUT_OPS:   # integer inputs, float output: no activation folds in
+            return Site(node, inputs, None, None)
         raise Declined(f"missing quantizer: output '{tensor.name}' is not read by exactly one QuantizeLinear")
     out_q = read_quantizer(readers[0])
     if out_q is None:

@@ -29,6 +29,8 @@ import numpy as np
 from qgraph import quant
 from qgraph.graph import QModel
 from qgraph.idioms import CLAMPS, RANGE_PRESERVING, Declined, range_preserving_reason
+from qgraph.lowering.float_output import lower_to_float
+from qgraph.lowering.tables import emit_table, function_table
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
                                       quantizer_constants, var)
 from qgraph.model_io import MS_DOMAIN
@@ -116,6 +118,8 @@ def weight_zero_points(w: QInput, channels: int) -> np.ndarray:
 def lower_conv(model: QModel, site: Site) -> None:
     node = site.node
     x, w = kernel_inputs(site)
+    if site.float_output:
+        return lower_to_float(model, site, x, w)
     channels = w.const.shape[0]
     bias = int32_bias(site, 2, x, w, channels)
     name = node.name
@@ -137,6 +141,8 @@ def lower_gemm(model: QModel, site: Site) -> None:
     node = site.node
     check_gemm_form(node)
     x, w = kernel_inputs(site)
+    if site.float_output:
+        return lower_to_float(model, site, x, w)
     w_mk = gemm_weight_mk(node, w.const)
     channels = w_mk.shape[0]
     bias = int32_bias(site, 2, x, w, channels) if node.op == "Gemm" else None
@@ -165,6 +171,10 @@ def lower_matmul(model: QModel, site: Site) -> None:
     a, b = activation(site, 0), site.qin(1)
     if b is None:
         raise Declined("missing quantizer: input 1 of MatMul is not dequantized")
+    if site.float_output:
+        if b.const is None:
+            raise Declined("a MatMul of two activations with a float output is not lowered")
+        return lower_to_float(model, site, a, b)
     rank = len(site.node.inputs[0].shape or ())
     if b.const is not None and b.const.ndim == 2 and rank == 2:
         return lower_gemm(model, site)
@@ -256,47 +266,14 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
-def unary_table(model: QModel, site: Site, x: QInput) -> np.ndarray:
-    """``Q_out(f(DQ_in(q)))`` for every code q of the input type, with f run by ORT's float kernel."""
-    import onnx
-    from onnx import TensorProto, helper
-    from qgraph.runner import run_model
-    codes = quant.all_codes(x.quantizer.dtype)
-    real = x.quantizer.dequantize(codes)
-    node = site.node
-    attrs = {k: v for k, v in node.attrs.items()}
-    graph = helper.make_graph([helper.make_node(node.op, ["x"], ["y"], **attrs)], "table",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(codes)])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(codes)])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.checker.check_model(proto)
-    y = run_model(proto, {"x": real})["y"]
-    return site.out_q.quantize(y)
-
-
 def lower_unary_table(model: QModel, site: Site) -> None:
+    """A one-input elementwise op as a lookup table (qgraph.lowering.tables)."""
     x = activation(site, 0)
     if len(site.node.inputs) != 1:
         raise Declined(f"{site.node.op} with more than one input is not lowered")
-    try:
-        table = unary_table(model, site, x)
-    except Exception as exc:  # noqa: BLE001 - ORT refusing the op is a reason, not a crash
-        raise Declined(f"cannot tabulate {site.node.op}: {str(exc).splitlines()[0][:120]}") from None
-    name = site.node.name
-    offset = -x.quantizer.qmin   # table index of code q is q − qmin
-
-    def build(out):
-        index = var(model, f"{name}_index", np.int32)
-        model.add_node("Cast", [x.tensor], [index], f"{name}_cast", {"to": 6})  # TensorProto.INT32
-        if offset:
-            shifted = var(model, f"{name}_index_shifted", np.int32)
-            model.add_node("Add", [index, const(model, f"{name}_offset", np.array(offset, np.int32))],
-                           [shifted], f"{name}_offset")
-            index = shifted
-        model.add_node("Gather", [const(model, f"{name}_table", table), index], [out], name, {"axis": 0})
-
-    finish_site(model, site, build)
+    node = site.node
+    table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
+    finish_site(model, site, lambda out: emit_table(model, x, table, out, node.name))
 
 
 RULES = {

@@ -1,0 +1,104 @@
+"""Unary functions of one quantized tensor as 256-entry lookup tables: exact by construction.
+
+For an input grid with codes q ∈ [qmin, qmax] and an output grid Q_out,
+
+    table[q − qmin] = Q_out(f(DQ_in(q)))          y_q = table[x_q − qmin]   (Cast, Add, Gather)
+
+where f is computed by ONNX Runtime's own float kernels on the subgraph that defines it — one
+op (Tanh, HardSwish, ...) or a whole unary region as exported (idioms.unary_regions: HardSwish
+as x·Clip(x+3, 0, 6)/6, SiLU as x·Sigmoid(x), GELU with Erf). The table reproduces exactly what
+the QDQ model computes for every possible input code, so lowering adds no error at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from qgraph import quant
+from qgraph.graph import QModel
+from qgraph.idioms import Declined, UnaryRegion
+from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, QInput, Quantizer, const, read_quantizer, var
+from qgraph.model_io import OPSET
+
+
+def function_table(model: QModel, nodes: list[gs.Node], x: str, y: str, in_q: Quantizer,
+                   out_q: Quantizer) -> np.ndarray:
+    """``Q_out(f(DQ_in(q)))`` for every code q of `in_q`'s storage type, f being `nodes` (from
+    tensor `x` to tensor `y`) run by ORT."""
+    from qgraph.runner import run_model
+    codes = quant.all_codes(in_q.dtype)
+    real = in_q.dequantize(codes)
+    tensors = model.tensors()
+    graph = gs.Graph(nodes=[_copy(n) for n in nodes], opset=OPSET)
+    inputs = {t.name: t for n in graph.nodes for t in n.inputs}
+    outputs = {t.name: t for n in graph.nodes for t in n.outputs}
+    source, target = inputs.get(x), outputs.get(y)
+    if source is None or target is None:
+        raise Declined(f"the function from '{x}' to '{y}' is not self-contained")
+    source.dtype, source.shape = np.float32, [len(codes)]
+    target.dtype, target.shape = np.float32, [len(codes)]
+    graph.inputs, graph.outputs = [source], [target]
+    proto = gs.export_onnx(graph.cleanup(), do_type_check=False)
+    proto.ir_version = 8
+    del proto.opset_import[:]
+    proto.opset_import.add(domain="", version=OPSET)
+    if any(n.domain == "com.microsoft" for n in proto.graph.node):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+    try:
+        onnx.checker.check_model(proto)
+        y_real = run_model(proto, {x: real})[y]
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the function is a reason, not a crash
+        raise Declined(f"cannot tabulate: {str(exc).splitlines()[0][:120]}") from None
+    del tensors
+    return out_q.quantize(y_real.reshape(-1))
+
+
+def _copy(node: gs.Node) -> gs.Node:
+    """A node of a new graph: inputs and outputs are fresh tensors with the same names (constants copied)."""
+    def tensor(t):
+        if isinstance(t, gs.Constant):
+            return gs.Constant(t.name, np.asarray(t.values))
+        return gs.Variable(t.name, dtype=t.dtype)
+    return gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), inputs=[tensor(t) for t in node.inputs],
+                   outputs=[tensor(t) for t in node.outputs], domain=node.domain)
+
+
+def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name: str) -> None:
+    """``out = table[x − qmin]`` on the integer tensor of `x` (Cast to int32, shift, Gather)."""
+    index = var(model, f"{name}_index", np.int32)
+    model.add_node("Cast", [x.tensor], [index], f"{name}_cast", {"to": TensorProto.INT32})
+    offset = -x.quantizer.qmin        # table index of code q is q − qmin
+    if offset:
+        shifted = var(model, f"{name}_index_shifted", np.int32)
+        model.add_node("Add", [index, const(model, f"{name}_offset", np.array(offset, np.int32))], [shifted],
+                       f"{name}_offset")
+        index = shifted
+    model.add_node("Gather", [const(model, f"{name}_table", table), index], [out], name, {"axis": 0})
+
+
+def lower_region(model: QModel, region: UnaryRegion) -> None:
+    """Replace ``DQ(x_q) → [region] → Q → y_q`` by one table on x_q; Declined when the region is
+    not between a per-tensor DequantizeLinear and a single per-tensor QuantizeLinear."""
+    tensors = model.tensors()
+    x, y = tensors[region.input], tensors[region.output]
+    dq = model.producer(x)
+    if dq is None or dq.op != DEQUANTIZE:
+        raise Declined(f"the input '{x.name}' of the {region.kind} is not dequantized")
+    in_q = read_quantizer(dq)
+    readers = list(y.outputs)
+    if model.is_graph_output(y) or len(readers) != 1 or readers[0].op != QUANTIZE:
+        raise Declined(f"the output '{y.name}' of the {region.kind} is not read by exactly one QuantizeLinear")
+    q = readers[0]
+    out_q = read_quantizer(q)
+    if in_q is None or out_q is None or in_q.per_channel or out_q.per_channel:
+        raise Declined(f"the {region.kind} needs constant per-tensor quantizers on both sides")
+    nodes = [n for n in model.graph.nodes if n.name in set(region.nodes)]
+    table = function_table(model, nodes, x.name, y.name, in_q, out_q)
+    out = q.outputs[0]
+    q.outputs.clear()
+    for node in nodes:
+        node.outputs.clear()
+    emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table")
