@@ -173,15 +173,17 @@ def clip_bounds_or_none(node) -> tuple[float, float] | None:
 #: unchanged on integer tensors (both targets). `range_preserving_reason` checks the per-node
 #: conditions: Resize only in nearest mode (linear interpolation makes new values), MaxPool
 #: without its indices output, Dropout without its mask, and every other input constant.
+#: Split's outputs all keep the input's grid; Gather selects with constant indices.
 #: Relu and Clip (CLAMPS) preserve the grid only when their bounds lie on it; insert_qdq and
 #: lowering decide that with `clip_bounds`. Before this table, insert_qdq lacked Identity,
 #: Dropout and Resize (nearest Resize got a quantizer of its own), the lowering's lists had them.
 RANGE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                    "Dropout", "Resize")
+                    "Dropout", "Resize", "Slice", "Split", "Gather")
 
 
-def range_preserving_reason(node) -> str | None:
-    """None when `node` is range-preserving (see RANGE_PRESERVING), else why not."""
+def range_preserving_reason(node, computed: set[str] = frozenset()) -> str | None:
+    """None when `node` is range-preserving (see RANGE_PRESERVING), else why not. Inputs
+    besides the data must be constants or shapes computed at run time (names in `computed`)."""
     if node.op not in RANGE_PRESERVING:
         return f"{node.op} is not a range-preserving op"
     if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
@@ -191,13 +193,13 @@ def range_preserving_reason(node) -> str | None:
     if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
         return f"Dropout '{node.name}' has its mask output read"
     for t in node.inputs[1:]:
-        if t.name and QModel.constant_value(t) is None:
+        if t.name and QModel.constant_value(t) is None and t.name not in computed:
             return f"input '{t.name}' of {node.op} '{node.name}' is not constant"
     return None
 
 
-def is_range_preserving(node) -> bool:
-    return range_preserving_reason(node) is None
+def is_range_preserving(node, computed: set[str] = frozenset()) -> bool:
+    return range_preserving_reason(node, computed) is None
 
 
 # -- ranks -------------------------------------------------------------------------------------

@@ -22,12 +22,15 @@ from qgraph.lowering.patterns import DEQUANTIZE, QInput, Site, const, var
 
 
 def lower_to_float(model: QModel, site: Site, x: QInput, w: QInput) -> None:
-    """Rewrite a float-output Conv/Gemm/MatMul site (integer activation `x`, weight `w`)."""
+    """Rewrite a float-output Conv/Gemm/MatMul site (integer activation `x`, weight `w`; for a
+    MatMul `w` may be a second activation, as in attention scores before a float Softmax)."""
     node = site.node
     name = node.name
     if x.quantizer.dtype != np.uint8:
         raise Declined(f"input '{x.tensor.name}' is {x.quantizer.dtype.name}; the integer accumulation "
                        "takes uint8 activations")
+    if w.const is None:
+        return _activation_product(model, site, x, w)
     if node.op == "Conv":
         weight, channels, channel_shape = _conv_weight(w)
         axis = 1
@@ -65,6 +68,20 @@ def lower_to_float(model: QModel, site: Site, x: QInput, w: QInput) -> None:
         acc = biased
     model.add_node(DEQUANTIZE, [acc, const(model, f"{name}_acc_scale", scale)], [out], f"{name}_dequantize",
                    {"axis": axis})
+
+
+def _activation_product(model: QModel, site: Site, a: QInput, b: QInput) -> None:
+    """``DQ(MatMulInteger(a_q, b_q, z_a, z_b), s_a · s_b)`` for a MatMul of two activations."""
+    if a.quantizer.per_channel or b.quantizer.per_channel:
+        raise Declined("a MatMul of two activations needs per-tensor quantizers")
+    name = site.node.name
+    out = site.node.outputs[0]
+    site.node.outputs.clear()
+    acc = var(model, f"{name}_acc", np.int32)
+    model.add_node("MatMulInteger", [a.tensor, b.tensor, const(model, f"{name}_a_zp", a.quantizer.zero_point),
+                                     const(model, f"{name}_b_zp", b.quantizer.zero_point)], [acc], name)
+    scale = quant.bias_scale(a.quantizer.scale, b.quantizer.scale).reshape(())
+    model.add_node(DEQUANTIZE, [acc, const(model, f"{name}_acc_scale", scale)], [out], f"{name}_dequantize")
 
 
 def _conv_weight(w: QInput):

@@ -32,7 +32,7 @@ from onnx import TensorProto
 
 from qgraph import quant
 from qgraph.graph import QModel
-from qgraph.idioms import Declined
+from qgraph.idioms import SHAPE_SOURCES, Declined
 from qgraph.lowering import qlinear
 from qgraph.lowering.float_output import lower_to_float
 from qgraph.quant import shared_shift_multipliers
@@ -180,8 +180,6 @@ def lower_gemm(model: QModel, site: Site) -> None:
     if w is None:
         raise Declined("missing quantizer: input 1 is not dequantized")
     if site.float_output:
-        if w.const is None:
-            raise Declined("a MatMul of two activations with a float output is not lowered")
         return lower_to_float(model, site, x, w)
     name = node.name
     if w.const is None:  # activation × activation
@@ -360,6 +358,8 @@ def float_nodes(model: QModel) -> list[gs.Node]:
     the integer region). Needs inferred dtypes."""
     found = []
     for node in model.graph.nodes:
+        if node.op in SHAPE_SOURCES:
+            continue                     # reads a tensor's shape, not its values
         tensors = [t for t in (*node.inputs, *node.outputs) if isinstance(t, gs.Variable) and t.name]
         if node.op == QUANTIZE:
             tensors = [node.outputs[0]]

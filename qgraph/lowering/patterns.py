@@ -213,8 +213,9 @@ class Site:
         return v if isinstance(v, QInput) else None
 
 
-def match_site(model: QModel, node: gs.Node) -> Site:
-    """The site rooted at `node`; Declined says why `node` is not one."""
+def match_site(model: QModel, node: gs.Node, index: set[str] = frozenset()) -> Site:
+    """The site rooted at `node`; Declined says why `node` is not one. Inputs in `index`
+    (shapes computed at run time) are taken as they are."""
     inputs = []
     for tensor in node.inputs:
         if not tensor.name:
@@ -228,6 +229,9 @@ def match_site(model: QModel, node: gs.Node) -> Site:
             inputs.append(QInput(producer.inputs[0], q))
             continue
         value = model.constant_value(tensor)
+        if value is None and tensor.name in index:
+            inputs.append(tensor)             # a shape computed at run time (Reshape's target, ...)
+            continue
         if value is None:
             raise Declined(f"missing quantizer: input '{tensor.name}' is not dequantized")
         inputs.append(np.asarray(value))

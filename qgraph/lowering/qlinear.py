@@ -25,6 +25,7 @@ activation × weight pairs only; other pairs stay float with a reason.
 from __future__ import annotations
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from qgraph import quant
 from qgraph.graph import QModel
@@ -172,8 +173,6 @@ def lower_matmul(model: QModel, site: Site) -> None:
     if b is None:
         raise Declined("missing quantizer: input 1 of MatMul is not dequantized")
     if site.float_output:
-        if b.const is None:
-            raise Declined("a MatMul of two activations with a float output is not lowered")
         return lower_to_float(model, site, a, b)
     rank = len(site.node.inputs[0].shape or ())
     if b.const is not None and b.const.ndim == 2 and rank == 2:
@@ -243,12 +242,13 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     requantize if the output grid differs (Relu and Clip become the output clamp)."""
     node = site.node
     x = activation(site, 0)
-    if node.op not in CLAMPS and (reason := range_preserving_reason(node)) is not None:
+    computed = {t.name for t, v in zip(node.inputs, site.inputs) if isinstance(v, gs.Tensor)}
+    if node.op not in CLAMPS and (reason := range_preserving_reason(node, computed)) is not None:
         raise Declined(reason)
     extra = list(node.inputs[1:])
     for t, v in zip(extra, site.inputs[1:]):
-        if t.name and not isinstance(v, np.ndarray):
-            raise Declined(f"input '{t.name}' of {node.op} is not constant")
+        if t.name and isinstance(v, QInput):
+            raise Declined(f"input '{t.name}' of {node.op} is quantized data, not a constant or shape")
     name = node.name
     same = x.quantizer.same_grid(site.out_q)
     passthrough = node.op in ("Identity", "Dropout", "Relu", "Clip")

@@ -31,12 +31,10 @@ def function_table(model: QModel, nodes: list[gs.Node], x: str, y: str, in_q: Qu
     from qgraph.runner import run_model
     codes = quant.all_codes(in_q.dtype)
     real = in_q.dequantize(codes)
-    tensors = model.tensors()
-    graph = gs.Graph(nodes=[_copy(n) for n in nodes], opset=OPSET)
-    inputs = {t.name: t for n in graph.nodes for t in n.inputs}
-    outputs = {t.name: t for n in graph.nodes for t in n.outputs}
-    source, target = inputs.get(x), outputs.get(y)
-    if source is None or target is None:
+    shared: dict[str, gs.Tensor] = {}
+    graph = gs.Graph(nodes=[_copy(n, shared) for n in nodes], opset=OPSET)
+    source, target = shared.get(x), shared.get(y)
+    if source is None or target is None or isinstance(source, gs.Constant):
         raise Declined(f"the function from '{x}' to '{y}' is not self-contained")
     source.dtype, source.shape = np.float32, [len(codes)]
     target.dtype, target.shape = np.float32, [len(codes)]
@@ -52,16 +50,16 @@ def function_table(model: QModel, nodes: list[gs.Node], x: str, y: str, in_q: Qu
         y_real = run_model(proto, {x: real})[y]
     except Exception as exc:  # noqa: BLE001 - ORT refusing the function is a reason, not a crash
         raise Declined(f"cannot tabulate: {str(exc).splitlines()[0][:120]}") from None
-    del tensors
     return out_q.quantize(y_real.reshape(-1))
 
 
-def _copy(node: gs.Node) -> gs.Node:
-    """A node of a new graph: inputs and outputs are fresh tensors with the same names (constants copied)."""
+def _copy(node: gs.Node, shared: dict[str, gs.Tensor]) -> gs.Node:
+    """`node` in a new graph, its tensors shared by name with the other copied nodes."""
     def tensor(t):
-        if isinstance(t, gs.Constant):
-            return gs.Constant(t.name, np.asarray(t.values))
-        return gs.Variable(t.name, dtype=t.dtype)
+        if t.name not in shared:
+            shared[t.name] = gs.Constant(t.name, np.asarray(t.values)) if isinstance(t, gs.Constant) \
+                else gs.Variable(t.name, dtype=t.dtype)
+        return shared[t.name]
     return gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), inputs=[tensor(t) for t in node.inputs],
                    outputs=[tensor(t) for t in node.outputs], domain=node.domain)
 

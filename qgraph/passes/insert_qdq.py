@@ -190,7 +190,7 @@ class QuantPlan:
             if self.is_pass_through(node) and node.outputs:
                 root = self.root(node.inputs[0])
                 if root.name in self.activations:
-                    self.aliases[node.outputs[0].name] = root.name
+                    self.aliases.update({out.name: root.name for out in node.outputs if out.name})
         self.explain_float_tensors()
 
     def producer_unit(self, tensor: Tensor) -> Node | None:
@@ -310,7 +310,7 @@ class QuantPlan:
         quantized over [0, max] keep their input's grid: no quantizer of their own."""
         if self.configs[node.name].skip or not node.inputs:
             return False
-        if is_range_preserving(node):
+        if is_range_preserving(node, self.index):
             return True
         return node.op in ("Relu", "Clip") and node.inputs[0].name in self.nonnegative
 
@@ -335,13 +335,13 @@ class QuantPlan:
 
     # -- requests ------------------------------------------------------------------------
     def request_weight(self, node: Node, tensor: Tensor, axis: int | None) -> None:
-        spec = self.configs[node.name].weights
+        spec = self.configs[node.name].weights if node.op in COMPUTE_OPS else self.configs[node.name].activations
         if tensor.name in self.weights:
             if self.weights[tensor.name][1] != spec:
                 self.warnings.append(f"weight '{tensor.name}' is shared by '{self.weights[tensor.name][3].name}' "
                                      f"and '{node.name}' with different configs; the first one is used")
             return
-        self.weights[tensor.name] = (tensor, spec, axis if spec.per_channel else None, node)
+        self.weights[tensor.name] = (tensor, spec, axis if getattr(spec, "per_channel", False) else None, node)
 
     def range_cap(self, tensor: Tensor) -> float | None:
         """Upper bound of a non-negative tensor read only by Clip(0, m) nodes: max m."""
@@ -358,13 +358,19 @@ class QuantPlan:
 
 # -- rewrite: building the pairs ---------------------------------------------------------
 
-def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec, axis: int | None, node: Node,
-                         value: np.ndarray, skipped_nodes: set[str]) -> QuantizerRecord:
-    qmin, qmax = quant.qrange(spec.bits, True, spec.narrow_range)
-    record = QuantizerRecord(kind="weight", tensor=tensor.name, node=node.name, bits=spec.bits, signed=True,
+def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec | ActivationSpec, axis: int | None,
+                         node: Node, value: np.ndarray, skipped_nodes: set[str]) -> QuantizerRecord:
+    """A compute op's weight (WeightSpec: signed), or an elementwise op's constant operand
+    quantized on the activations' grid (ActivationSpec), from the constant's own range."""
+    if isinstance(spec, WeightSpec):
+        signed, observer = True, spec.observer
+    else:
+        signed, observer, axis = spec.storage_signed(False), "minmax", None
+    qmin, qmax = quant.qrange(spec.bits, signed, spec.narrow_range)
+    record = QuantizerRecord(kind="weight", tensor=tensor.name, node=node.name, bits=spec.bits, signed=signed,
                              symmetric=spec.symmetric, narrow_range=spec.narrow_range, pow2=spec.pow2,
                              per_channel=axis is not None, axis=axis, qmin=qmin, qmax=qmax,
-                             observer=spec.observer, nonnegative=False)
+                             observer=observer, nonnegative=False)
     scale, zp = weight_qparams(value, record)
     _build_pair(model, tensor, record, scale, zp, skipped_nodes)
     return record
