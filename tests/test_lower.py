@@ -177,7 +177,10 @@ def test_forward_fused_bn_is_folded_into_quantized_weights():
     qdq = qgraph_qdq("resnet")
     assert any(n.op_type in ("Sqrt", "Div") for n in qdq.graph.node)
     lowered, report = lower_model(qdq, "qlinear")
-    assert not any(n.op_type in ("Sqrt", "Div", "Mul") for n in lowered.graph.node)
+    assert not any(n.op_type in ("Sqrt", "Div") for n in lowered.graph.node)
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    muls = [n for n in lowered.graph.node if n.op_type == "Mul"]   # only the float head's int32 -> float scaling
+    assert all(producers[m.input[0]].op_type == "Cast" for m in muls)
     weights = {i.name: numpy_helper.to_array(i) for i in lowered.graph.initializer}
     for n in lowered.graph.node:
         if n.op_type == "QLinearConv":

@@ -2,7 +2,7 @@
 before float post-processing). Both targets use one integer form:
 
     acc = ConvInteger | MatMulInteger (x_q, w_q, z_x, z_w) + b_int32          (int32, exact)
-    y   = DequantizeLinear(acc, s_x · s_w)                                      (float32, per channel)
+    y   = float32(acc) · (s_x · s_w)              (Cast and Mul: a DequantizeLinear, per channel)
 
 with ``b_int32 = round(b / (s_x·s_w))`` (quant.quantize_bias). ORT 1.19 runs ConvInteger only
 for uint8 × uint8 with one weight zero point, so int8 weights are stored shifted (q + 128,
@@ -14,11 +14,12 @@ and float32 rounding of the sum; `qgraph diff` compares such outputs as float te
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from qgraph import quant
 from qgraph.graph import QModel
 from qgraph.idioms import Declined
-from qgraph.lowering.patterns import DEQUANTIZE, QInput, Site, const, var
+from qgraph.lowering.patterns import QInput, Site, const, var
 
 
 def lower_to_float(model: QModel, site: Site, x: QInput, w: QInput) -> None:
@@ -66,8 +67,19 @@ def lower_to_float(model: QModel, site: Site, x: QInput, w: QInput) -> None:
         model.add_node("Add", [acc, const(model, f"{name}_bias_int32", bias.reshape(channel_shape))], [biased],
                        f"{name}_bias")
         acc = biased
-    model.add_node(DEQUANTIZE, [acc, const(model, f"{name}_acc_scale", scale)], [out], f"{name}_dequantize",
-                   {"axis": axis})
+    _to_float(model, acc, scale if np.any(scale != scale[0]) else scale[0], channel_shape, out, name)
+
+
+def _to_float(model: QModel, acc, scale, channel_shape, out, name: str) -> None:
+    """``out = float32(acc) · scale``, per channel or per tensor. This is what DequantizeLinear of
+    an int32 tensor computes; written as Cast and Mul because ORT 1.19's QDQ propagation moves
+    an int32 DequantizeLinear below a following Reshape by inserting a QuantizeLinear without a
+    zero point — a uint8 one — which saturates the accumulator."""
+    wide = var(model, f"{name}_acc_float", np.float32)
+    model.add_node("Cast", [acc], [wide], f"{name}_to_float", {"to": TensorProto.FLOAT})
+    scale = np.asarray(scale, np.float32)
+    scale = scale.reshape(channel_shape) if scale.size > 1 else scale.reshape(())
+    model.add_node("Mul", [wide, const(model, f"{name}_acc_scale", scale)], [out], f"{name}_scale")
 
 
 def _activation_product(model: QModel, site: Site, a: QInput, b: QInput) -> None:
@@ -80,8 +92,7 @@ def _activation_product(model: QModel, site: Site, a: QInput, b: QInput) -> None
     acc = var(model, f"{name}_acc", np.int32)
     model.add_node("MatMulInteger", [a.tensor, b.tensor, const(model, f"{name}_a_zp", a.quantizer.zero_point),
                                      const(model, f"{name}_b_zp", b.quantizer.zero_point)], [acc], name)
-    scale = quant.bias_scale(a.quantizer.scale, b.quantizer.scale).reshape(())
-    model.add_node(DEQUANTIZE, [acc, const(model, f"{name}_acc_scale", scale)], [out], f"{name}_dequantize")
+    _to_float(model, acc, quant.bias_scale(a.quantizer.scale, b.quantizer.scale), (1,), out, name)
 
 
 def _conv_weight(w: QInput):
