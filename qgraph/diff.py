@@ -44,7 +44,7 @@ from onnx import numpy_helper
 
 from qgraph.data import LABELS, check_data, load_data
 from qgraph.errors import DataError
-from qgraph.interp.tolerance import EXACT, SUM_REDUCTIONS, Tolerance, node_tolerance
+from qgraph.interp.tolerance import EXACT, Tolerance, node_tolerance, summed_terms
 from qgraph.quant import int8_as_uint8
 
 __all__ = ["diff_models", "check_feeds", "DiffReport", "Comparison", "TensorStats", "TensorCheck",
@@ -427,6 +427,13 @@ class ToleranceGate:
         node = self.nodes[i]
         return self.tolerance[i].exact or not any(t in self.float_tensors for t in [*node.input, *node.output] if t)
 
+    @staticmethod
+    def _shape(name: str, ref: dict, feeds: dict, plan) -> tuple | None:
+        for values in (ref, feeds, plan.consts):
+            if name and name in values:
+                return np.shape(values[name])
+        return None
+
     def new_check(self, name: str, dtype: np.dtype) -> TensorCheck:
         i = self.producer[name]
         integer = np.dtype(dtype).kind in "iub"
@@ -463,11 +470,9 @@ class ToleranceGate:
                 check.note("op", float("inf"), a.size, f"op gives {c.dtype}{list(c.shape)}")
                 continue
             tol = check.tolerance
-            if not check.integer and self.nodes[i].op_type in SUM_REDUCTIONS:
-                first = self.nodes[i].input[0]
-                source = ref.get(first, feeds.get(first))
-                if source is not None and a.size:
-                    tol = check.tolerance = tol.for_terms(np.size(source) // a.size)
+            if not check.integer and not tol.exact:
+                shapes = [self._shape(t, ref, feeds, plan) for t in self.nodes[i].input]
+                tol = check.tolerance = node_tolerance(self.nodes[i], summed_terms(self.nodes[i], shapes, a.shape))
             worst, beyond = tol.measure(a, c)
             check.note("op", worst, beyond)
 

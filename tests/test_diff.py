@@ -214,8 +214,15 @@ def test_tolerance_measure():
     assert tolerance_for("Resize", attrs={"mode": "cubic"}).range_ulp == 16
     assert tolerance_for("Elu", attrs={"alpha": 0.5}).atol == pytest.approx(4 * 2 ** -23 * 0.5)
     assert tolerance_for("QLinearConv", "com.microsoft").exact and tolerance_for("Sigmoid").exact
-    big = node_tolerance(helper.make_node("ReduceSum", ["x"], ["y"]), terms=6400)
-    assert big.range_ulp == 80 and node_tolerance(helper.make_node("ReduceSum", ["x"], ["y"]), 100).range_ulp == 16
+    from qgraph.interp.tolerance import summed_terms
+    conv = helper.make_node("Conv", ["x", "w"], ["y"])
+    assert summed_terms(conv, [(1, 64, 8, 8), (32, 64, 3, 3)]) == 576
+    assert node_tolerance(conv, 576).range_ulp == 48 and node_tolerance(conv, 9).range_ulp == 16
+    gemm = helper.make_node("Gemm", ["a", "b"], ["y"], transA=1)
+    assert summed_terms(gemm, [(300, 2), (300, 10)]) == 300
+    reduce = helper.make_node("ReduceSum", ["x", "axes"], ["y"])
+    assert summed_terms(reduce, [(2, 6400), (1,)], (2, 1)) == 6400 and node_tolerance(reduce, 6400).range_ulp == 160
+    assert summed_terms(helper.make_node("Relu", ["x"], ["y"]), [(4, 4)]) == 1
 
 
 def test_every_op_the_table_names_has_a_kernel():
