@@ -71,6 +71,22 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def paired_times(reference, candidate, repeats: int) -> tuple[float, float, float]:
+    """Median ms of each and the median of their per-pair ratios, the two timed alternately
+    (after one warm-up each), so that a load change on a shared machine hits both."""
+    reference(), candidate()
+    ref_s, cand_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        ref_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        candidate()
+        cand_s.append(time.perf_counter() - start)
+    ratio = statistics.median(c / r for c, r in zip(cand_s, ref_s))
+    return 1e3 * statistics.median(ref_s), 1e3 * statistics.median(cand_s), ratio
+
+
 def prepare(name: str, image_size: int, width: int, calib: np.ndarray, workdir: Path) -> dict[str, onnx.ModelProto]:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -155,6 +171,44 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
     return rows
 
 
+def zoo_ratio_rows(args) -> list[str]:
+    """Interpreter vs ORT per zoo model (benchmarks/zoo_models.py) at each of `--zoo-batches`:
+    medians of `--repeats` alternated runs on real preprocessed inputs and the median of the
+    per-pair ratios, one thread each (ORT intra-op 1, BLAS 1). A fixed-batch model runs a batch of
+    B as B runs of one sample, in both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo_models as zoo
+    from qgraph.interp import set_blas_threads
+
+    previous = set_blas_threads(1)
+    rows = [f"\nzoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} runs",
+            f"  {'model':<18} {'nodes':>5} " + " ".join(f"{'b' + str(b) + ' ORT':>9} {'interp':>8} {'ratio':>6}"
+                                                     for b in args.zoo_batches)]
+    try:
+        for key in args.zoo_models:
+            entry = zoo.zoo_entry(key)
+            try:
+                model = zoo.zoo_model(key)
+                data = zoo.zoo_inputs(key, max(args.zoo_batches), "eval")[entry.input_name]
+            except (zoo.ZooUnavailable, OSError) as exc:
+                rows.append(f"  {key:<18} unavailable: {exc}")
+                continue
+            ort = Runner(model, threads=1)
+            plan = compile_model(model)
+            cells = []
+            for b in args.zoo_batches:
+                step = 1 if entry.fixed_batch else b
+                feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
+                ort_ms, interp_ms, ratio = paired_times(lambda: [ort.run(f) for f in feeds],
+                                                        lambda: [plan.run(f) for f in feeds], args.repeats)
+                cells.append(f"{ort_ms:9.1f} {interp_ms:8.1f} {ratio:5.1f}x")
+            rows.append(f"  {key:<18} {len(model.graph.node):5d} " + " ".join(cells))
+    finally:
+        if previous is not None:
+            set_blas_threads(previous)
+    return rows
+
+
 def main() -> None:
     recycle_large_arrays()  # as `qgraph diff` does
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -165,13 +219,26 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet", "mobilenetv2"])
     parser.add_argument("--threads", type=int, default=0,
                         help="ORT intra-op threads and BLAS threads (0: each library's default)")
+    parser.add_argument("--zoo", action="store_true", help="also time every zoo model (benchmarks/zoo_models.py)")
+    parser.add_argument("--zoo-only", action="store_true", help="only the zoo section")
+    parser.add_argument("--zoo-models", nargs="+", default=ZOO_KEYS)
+    parser.add_argument("--zoo-batches", nargs="+", type=int, default=[1, 8])
     args = parser.parse_args()
+    if args.zoo_only:
+        print("\n".join(zoo_ratio_rows(args)))
+        return
     data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, data, Path(tmp))
+    if args.zoo:
+        rows += zoo_ratio_rows(args)
     print("\n".join(rows))
+
+
+ZOO_KEYS = ["nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "pplcnet", "pplcnet_textdir",
+            "vit_encoder", "db_detector", "svtr_recognizer"]
 
 
 if __name__ == "__main__":

@@ -368,13 +368,18 @@ def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out,
 
 @register("Conv")
 def conv(ctx, x, w, b=None):
-    """Float convolution (groups, pads, strides, dilations, auto_pad), computed in x's dtype."""
-    strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
-    group = ctx.attr("group", 1)
-    wmat = ctx.once(("w", x.dtype), lambda: conv_weights(w, group, x.dtype), 1)
-    y = conv_core(x, wmat, w.shape, group, strides, dilations, pads, dtype=x.dtype)
+    """Float convolution (groups, pads, strides, dilations, auto_pad), computed in x's dtype. The
+    program (weights in GEMM form, geometry, method, chunking) is built once per input shape."""
+    def program():
+        strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
+        group = ctx.attr("group", 1)
+        wmat = ctx.once(("w", x.dtype), lambda: conv_weights(w, group, x.dtype), 1)
+        return conv_program(x.shape, wmat, w.shape, group, strides, dilations, pads, dtype=x.dtype)
+
+    y = ctx.once(("program", x.shape, x.dtype.str), program, 1)(x)
     if b is not None:
-        y += b.reshape((1, -1) + (1,) * (y.ndim - 2)).astype(y.dtype)
+        y += ctx.once(("bias", x.ndim, x.dtype.str), lambda: b.reshape((1, -1) + (1,) * (x.ndim - 2)).astype(x.dtype),
+                      2)
     return y
 
 
@@ -567,7 +572,13 @@ def batch_normalization(ctx, x, scale, bias, mean, var):
     if ctx.attr("training_mode", 0):
         raise ctx.error("training_mode=1 is not supported (inference only)")
     shp = (1, -1) + (1,) * (x.ndim - 2)
-    eps = ctx.attr("epsilon", 1e-5)
-    inv = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)).reshape(shp)
-    y = (x - mean.reshape(shp)) * inv + bias.reshape(shp)
+
+    def constants():
+        eps = ctx.attr("epsilon", 1e-5)
+        inv = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)).reshape(shp)
+        return mean.reshape(shp), inv, bias.astype(np.float64).reshape(shp)
+
+    centre, inv, shift = ctx.once(("bn", x.ndim), constants, 1, 2, 3, 4)
+    y = (x - centre) * inv
+    y += shift
     return y.astype(x.dtype)
