@@ -65,13 +65,24 @@ def dequantize_linear(ctx, x, scale, zp=None):
 def dynamic_quantize_linear(ctx, x):
     """uint8 quantization over [min(x, 0), max(x, 0)]: scale = (max - min) / 255 in float32,
     zp = round_half_even(clamp(0 - min / scale, 0, 255)) (ORT GetQuantizationParameter)."""
-    lo = np.float32(min(np.min(x), np.float32(0))) if x.size else np.float32(0)
-    hi = np.float32(max(np.max(x), np.float32(0))) if x.size else np.float32(0)
-    scale = np.float32(1.0) if hi == lo else np.float32((hi - lo) / np.float32(255))
-    zpf = np.float32(np.float32(0) - lo / scale)
-    zp = np.uint8(quant.round_half_even(np.clip(zpf, np.float32(0), np.float32(255))))
-    y = quant.quantize(x, scale, zp, 0, 255, dtype=np.uint8)
-    return y, np.asarray(scale, np.float32), np.asarray(zp, np.uint8)
+    q, scale, zp = dynamic_quantize_rows(x.reshape(1, -1))
+    return q.reshape(x.shape), scale.reshape(()), zp.reshape(())
+
+
+def dynamic_quantize_rows(x):
+    """DynamicQuantizeLinear of each row of a 2-D+ array on its own range (a recurrent step
+    quantizes each direction's state so): (uint8 codes, float32 scales, uint8 zero points)."""
+    flat = x.reshape(x.shape[0], -1)
+    f0 = np.float32(0)
+    if flat.shape[1]:
+        lo = np.minimum(flat.min(axis=1), f0)
+        hi = np.maximum(flat.max(axis=1), f0)
+    else:
+        lo = hi = np.zeros(flat.shape[0], np.float32)
+    scale = np.where(hi == lo, np.float32(1), (hi - lo) / np.float32(255)).astype(np.float32)
+    zpf = (f0 - lo / scale).astype(np.float32)
+    zp = quant.round_half_even(np.clip(zpf, f0, np.float32(255))).astype(np.uint8)
+    return quant.quantize(x, scale, zp, 0, 255, axis=0, dtype=np.uint8), scale, zp
 
 
 # --------------------------------------------------------------------------- accumulators
