@@ -262,6 +262,32 @@ def diff(model, data_path, against, per_layer, json_path, batch_size, limit):
 
 
 @main.command()
+@click.argument("model", type=click.Path())
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Inputs .npz.")
+@click.option("--against", type=click.Path(), help="Profile this model too, side by side (e.g. the float one).")
+@click.option("--batch-size", default=8, show_default=True, help="The second batch size (the first is 1).")
+@click.option("--repeats", default=20, show_default=True, help="Timed runs per batch size.")
+@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: ORT's default).")
+@click.option("--top", default=5, show_default=True, help="Top nodes listed per model.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+def profile(model, data_path, against, batch_size, repeats, threads, top, json_path):
+    """ORT latency at batch 1 and --batch-size, and ORT's per-op profile grouped by op type,
+    with the top costs and what qgraph could change about them.
+
+    \b
+    Example:
+      qgraph profile model.int8.onnx --against float.onnx --data val.npz
+    """
+    from qgraph.api import profile_file
+    from qgraph.schema import Range, check_value
+    from typing import Annotated
+    check_value(top, Annotated[int, Range(1, 1000)], "--top")
+    report = profile_file(model, data_path, against=against, batch_size=batch_size, repeats=repeats,
+                          threads=threads, json_path=json_path)
+    click.echo(report.format_table(top=top))
+
+
+@main.command()
 @click.option("--model", "model_name", default="mobilenetv2", show_default=True,
               help="Bundled builder: lenet, resnet, mobilenetv2, repvgg, mlp.")
 @click.option("--out", "out_dir", default="qgraph-demo", show_default=True, type=click.Path(),
