@@ -35,6 +35,7 @@ import onnx
 
 from qgraph.data import check_data
 from qgraph.errors import DataError, ModelError
+from qgraph.runner import Runner
 
 __all__ = ["profile_models", "ProfileReport", "ModelProfile", "Latency", "OpCost", "NodeCost", "node_roles"]
 
@@ -308,31 +309,6 @@ def _short(label: str, width: int) -> str:
     return name if len(name) < width - 1 else "…" + name[-(width - 3):]
 
 
-def _session(model: onnx.ModelProto, threads: int, profile_prefix: str | None = None):
-    import onnxruntime as ort
-    from qgraph.runner import ort_message
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.intra_op_num_threads = threads
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own types from C++
-        raise ModelError(f"ONNX Runtime cannot load the model: {ort_message(exc)}") from None
-
-
-def _run(session, feeds: dict) -> None:
-    from qgraph.runner import ort_message
-    names = {i.name for i in session.get_inputs()}
-    try:
-        session.run(None, {k: v for k, v in feeds.items() if k in names})
-    except Exception as exc:  # ORT raises its own types from C++
-        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
-        raise ModelError(f"ONNX Runtime failed running the model on inputs {shapes}: {ort_message(exc)}") from None
-
-
 def _feeds(plan, batch: int) -> tuple[dict, int]:
     """The first run of ``batch`` samples (or the model's fixed batch) and its size."""
     size = plan.run_size(batch)
@@ -344,13 +320,13 @@ def _feeds(plan, batch: int) -> tuple[dict, int]:
     raise DataError(f"{plan.origin}: no samples to run")
 
 
-def _latency(session, feeds: dict, batch: int, repeats: int, warmup: int) -> Latency:
+def _latency(runner, feeds: dict, batch: int, repeats: int, warmup: int) -> Latency:
     for _ in range(warmup):
-        _run(session, feeds)
+        runner.run(feeds)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _run(session, feeds)
+        runner.run(feeds)
         times.append(1e3 * (time.perf_counter() - start))
     q = np.percentile(times, [10, 90])
     return Latency(batch, repeats, statistics.median(times), float(q[0]), float(q[1]))
@@ -360,15 +336,14 @@ def _ort_profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int) -
     """ORT's per-node events ("cat": "Node", "*_kernel_time") of ``runs`` runs; the profile file
     lives in a temporary folder that is removed before returning."""
     with tempfile.TemporaryDirectory(prefix="qgraph-profile-") as tmp:
-        session = _session(model, threads, os.path.join(tmp, "ort"))
-        path = None
+        runner = Runner(model, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
         try:
-            _run(session, feeds)  # warm-up run, profiled too: dropped below
+            runner.run(feeds)  # warm-up run, profiled too: dropped below
             for _ in range(runs):
-                _run(session, feeds)
+                runner.run(feeds)
         finally:
-            path = session.end_profiling()
-            del session
+            path = runner.session.end_profiling()
+            del runner
         try:
             with open(path) as handle:
                 events = json.load(handle)
@@ -452,12 +427,12 @@ def profile_models(models: list[tuple[onnx.ModelProto, str]], data: dict, *, bat
     for model, label in models:
         plan = check_data(data, model, origin="--data")
         batches = list(dict.fromkeys([plan.run_size(1), plan.run_size(batch_size)]))
-        session = _session(model, threads)
+        runner = Runner(model, threads=threads)
         latency = []
         for b in batches:
             feeds, count = _feeds(plan, b)
-            latency.append(_latency(session, feeds, count, repeats, warmup))
-        del session
+            latency.append(_latency(runner, feeds, count, repeats, warmup))
+        del runner
         feeds, count = _feeds(plan, batches[-1])
         events = _ort_profile(model, feeds, threads, profile_runs)
         ops, nodes = _aggregate(model, events, profile_runs)
