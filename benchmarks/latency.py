@@ -22,8 +22,8 @@ nodes `qgraph lower` left in float):
     model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
     nudenet_320n          1     36.82          0.52x          0.54x          6.43x   float left: qlinear 88, integer 79
     nudenet_320n          8    322.31          0.45x          0.46x          7.54x   float left: qlinear 88, integer 79
-    ddddocr_det           1    102.20          0.39x           fail           fail
-    ddddocr_det           8    798.91          0.37x           fail           fail
+    ddddocr_det           1    101.21          0.39x          0.38x           fail
+    ddddocr_det           8    800.65          0.38x          0.41x           fail
     ddddocr_ocr           1     58.73          0.61x          1.05x          2.34x   float left: qlinear 24, integer 24
     ddddocr_ocr           8    446.39          0.63x          1.06x          2.41x   float left: qlinear 24, integer 24
     ddddocr_ocr_old       1     16.64           fail          1.16x          7.77x   float left: qlinear 222, integer 178
@@ -41,15 +41,19 @@ nodes `qgraph lower` left in float):
 
 What the numbers say:
 - Where qgraph's lowering covers the model, `qgraph lower --target qlinear` is as fast as ORT's
-  own QOperator output (nudenet: 0.54x / 0.46x of float against ORT's 0.52x / 0.45x).
+  own QOperator output (nudenet: 0.54x / 0.46x of float against ORT's 0.52x / 0.45x; the YOLOX
+  detector 0.38x / 0.41x against 0.39x / 0.38x).
 - Where it leaves float nodes (the count on the right), each float island costs a
   DequantizeLinear/QuantizeLinear pair and a float kernel: pplcnet, vit, db and the CRNN lose
   their speed-up or run slower than float (ddddocr_ocr 1.05x against ORT's 0.61x). That is the
   lowering coverage work (exporter idioms, HardSwish/GELU/LSTM), not the kernels;
   `qgraph profile MODEL --against float.onnx` shows which ops cost what and why.
-- ddddocr_det: qgraph's ptq + lower fails (RecursionError in qgraph/graph.py on its 279-node
-  graph); ORT's QOperator gives 0.39x. ddddocr_ocr_old is already dynamically quantized: ORT's
-  quantize_static refuses it ("Graph is not a DAG"), qgraph quantizes and lowers it.
+- ddddocr_det, `integer` target: the lowering fails — QModel.cleanup (qgraph/graph.py:174) calls
+  onnx-graphsurgeon's recursive toposort, which exceeds Python's recursion limit on the deep
+  chain of integer requantization ops. ddddocr_ocr_old is already dynamically quantized: ORT's
+  quantize_static refuses it ("Graph is not a DAG"), qgraph quantizes and lowers it. (The
+  ddddocr_det row was re-measured after the table's first run, where one failing target had
+  hidden the other.)
 - The tiny recognizers (pplcnet_textdir 0.7 ms, svtr 1.8 ms per image) get slower with both
   tools at batch 1: per-node overhead of the quantized kernels and the Q/DQ boundaries dominates.
 - The `integer` target is 2-26x slower than float in ORT by design: its fixed-point
@@ -95,14 +99,25 @@ def ort_qoperator(entry: zoo.ZooEntry, float_model: onnx.ModelProto, float_path:
     return onnx.load(str(out))
 
 
-def qgraph_lowered(entry: zoo.ZooEntry, float_path: Path, calib: dict) -> dict:
+def qgraph_lowered(entry: zoo.ZooEntry, float_path: Path, calib: dict) -> tuple[dict, dict]:
+    """({variant: (model, float nodes left)}, {variant: error}) for both targets of one ptq."""
     from qgraph.lowering import lower_model
     qdq, _ = zoo_benchmark.qgraph_ptq(float_path, calib, 1 if entry.fixed_batch else 64)
-    result = {}
+    result, errors = {}, {}
     for target in ("qlinear", "integer"):
-        model, report = lower_model(qdq, target)
-        result[f"qgraph {target}"] = (model, len(report.get("skipped", [])))
-    return result
+        try:
+            model, report = lower_model(qdq, target)
+            result[f"qgraph {target}"] = (model, len(report.get("skipped", [])))
+        except Exception as exc:  # noqa: BLE001 - a failing lowering is a result
+            errors[f"qgraph {target}"] = f"{_error(exc)} ({_where(exc)})"
+    return result, errors
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost qgraph frame and the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/qgraph/" in f.filename] or frames
+    return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in (frames[-1], ours[-1]))
 
 
 def _error(exc: BaseException) -> str:
@@ -126,11 +141,11 @@ def build_variants(key: str, n_calib: int, echo) -> tuple[zoo.ZooEntry, dict, di
         except Exception as exc:  # noqa: BLE001 - a failing tool is a result
             errors["ORT QOperator"] = _error(exc)
         try:
-            variants.update(qgraph_lowered(entry, float_path, calib))
-        except Exception as exc:  # noqa: BLE001
-            frames = traceback.extract_tb(exc.__traceback__)
-            errors["qgraph qlinear"] = errors["qgraph integer"] = \
-                f"{_error(exc)} ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})"
+            lowered, failed = qgraph_lowered(entry, float_path, calib)
+            variants.update(lowered)
+            errors.update(failed)
+        except Exception as exc:  # noqa: BLE001 - ptq itself failed
+            errors["qgraph qlinear"] = errors["qgraph integer"] = f"{_error(exc)} ({_where(exc)})"
     for name, text in errors.items():
         echo(f"  {key} {name}: {text}")
     return entry, variants, errors
