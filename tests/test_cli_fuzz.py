@@ -426,7 +426,7 @@ def _option_cases():
         yield Case(f"train-loss-{loss}", (*train, "--loss", loss), expect="loss")
     yield Case("lower-target", ("lower", "ptq.onnx", "--target", "fpga", "-o", "out.onnx"))
     diff = ("diff", "ptq.onnx", "--data", "data.npz")
-    for option, values in {"--batch-size": ("0", "-3"), "--limit": ("0", "-5")}.items():
+    for option, values in {"--batch-size": ("0", "-3"), "--limit": ("0", "-5"), "--threads": ("-1", "x")}.items():
         for value in values:
             yield Case(f"diff{option}={value}", (*diff, option, value))
     profile = ("profile", "ptq.onnx", "--data", "data.npz", "--repeats", "1")

@@ -123,8 +123,9 @@ def set_blas_threads(threads: int) -> int | None:
     count (None when NumPy's BLAS is not an OpenBLAS this can reach). The interpreter's GEMMs are
     many and small: on a busy machine, BLAS threads waiting for a core cost more than they save
     (measured here: a YOLOv8n run 10x slower with two threads than with one while other processes
-    held the cores). Like :func:`recycle_large_arrays` this is process-wide, so the library never
-    calls it by itself; benchmarks and the CLI may."""
+    held the cores; 5-9x on the zoo models at load 8). Like :func:`recycle_large_arrays` this is
+    process-wide, so the library never calls it by itself: `qgraph diff` sets one thread
+    (``--threads``), the benchmarks time the interpreter with one thread next to ORT's one."""
     calls = _openblas_thread_calls()
     if calls is None:
         return None
