@@ -426,14 +426,14 @@ def profile_models(models: list[tuple[onnx.ModelProto, str]], data: dict, *, bat
     report = ProfileReport()
     for model, label in models:
         plan = check_data(data, model, origin="--data")
-        batches = list(dict.fromkeys([plan.run_size(1), plan.run_size(batch_size)]))
+        runs = {}   # samples per run -> feeds (a model fed whole, or at a fixed batch, has one size)
+        for b in (1, batch_size):
+            feeds, count = _feeds(plan, plan.run_size(b))
+            runs.setdefault(count, feeds)
         runner = Runner(model, threads=threads)
-        latency = []
-        for b in batches:
-            feeds, count = _feeds(plan, b)
-            latency.append(_latency(runner, feeds, count, repeats, warmup))
+        latency = [_latency(runner, feeds, count, repeats, warmup) for count, feeds in runs.items()]
         del runner
-        feeds, count = _feeds(plan, batches[-1])
+        count, feeds = list(runs.items())[-1]
         events = _ort_profile(model, feeds, threads, profile_runs)
         ops, nodes = _aggregate(model, events, profile_runs)
         report.models.append(ModelProfile(label, latency, ops, nodes, count, profile_runs, threads))
