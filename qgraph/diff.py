@@ -535,6 +535,7 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
     agree = {"interp": {}, "against": {}}
     correct: dict[str, list[int]] = {}
     samples = 0
+    batch_size = _bounded_batch(ort_model, plan, fetched, batch_size)
     for batch, count in plan.batches(batch_size, limit, with_labels=True):
         feeds = {k: batch[k] for k in inputs}
         samples += count
@@ -615,6 +616,21 @@ def _ort_runner(model: onnx.ModelProto, needed, inputs: list[str], names: list[s
         except ModelError:
             raise refused from None   # ORT's reason says more than the converter's
     return runner(converted)
+
+
+#: Bytes of the tensors one side of the comparison holds per batch: beyond it, the batch shrinks.
+FETCH_BUDGET = 1 << 30
+
+
+def _bounded_batch(runner, plan, fetched: list[str], batch_size: int) -> int:
+    """``batch_size``, lowered so that one batch of every fetched tensor (all of them for a float
+    model: the gate checks each op) stays under FETCH_BUDGET; measured on one sample."""
+    if plan.run_size(batch_size) <= 1 or plan.run_size(1) != 1:
+        return batch_size   # a fixed or stacked feed has its own run size
+    for feeds, _ in plan.batches(1, 1):
+        per_sample = sum(np.asarray(v).nbytes for v in runner.run(feeds, fetched).values())
+        return max(1, min(batch_size, FETCH_BUDGET // max(per_sample, 1)))
+    return batch_size
 
 
 def _same_codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

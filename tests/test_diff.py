@@ -258,3 +258,23 @@ def test_onnx_node_tests_with_scalar_inputs_run_through_the_cli(case, tmp_path):
     result = CliRunner().invoke(main, ["diff", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz")])
     assert result.exit_code == 0, result.output + result.stderr
     assert "ORT vs interpreter: pass: integer tensors exact (1)" in result.stdout
+
+
+def test_fetch_budget_shrinks_the_batch(qdq, val, monkeypatch):
+    """The gate fetches every tensor of a QDQ or float model; a batch whose tensors would outgrow
+    FETCH_BUDGET runs in smaller batches, with the same verdict and sample count."""
+    import qgraph.diff
+    sizes = []
+    real = qgraph.interp.Plan.run
+
+    def counting(plan, feeds, outputs=None):
+        sizes.append(len(next(iter(feeds.values()))))
+        return real(plan, feeds, outputs)
+
+    monkeypatch.setattr(qgraph.interp.Plan, "run", counting)
+    report = diff_models(qdq, val, batch_size=32)
+    assert report.passed and report.samples == 96 and sizes == [32, 32, 32]
+    sizes.clear()
+    monkeypatch.setattr(qgraph.diff, "FETCH_BUDGET", 1)
+    report = diff_models(qdq, val, batch_size=32)
+    assert report.passed and report.samples == 96 and sizes == [1] * 96
