@@ -239,10 +239,19 @@ def quantize(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None
     x = np.asarray(x, dtype=np.float32)
     s = _along(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     zp = _along(np.asarray(zero_point).astype(np.int32), x.ndim, axis)
+    v = np.empty(np.broadcast_shapes(x.shape, s.shape), np.float32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        v = x / s
+        np.divide(x, s, out=v)
     lo = (qmin - zp).astype(np.float32)
     hi = (qmax - zp).astype(np.float32)
+    if qmax - qmin <= 1 << 16:
+        # 8/16-bit grids: every step below is exact in float32, in place (the interpreter's hot path)
+        np.fmax(v, lo, out=v)  # NaN -> lo: MAXPS returns its second operand for NaN
+        np.fmin(v, hi, out=v)
+        np.rint(v, out=v)      # round half to even, as round_half_even
+        v += zp.astype(np.float32)
+        q = v.astype(dtype or _dtype_for_range(qmin, qmax))
+        return q[()] if q.ndim == 0 else q
     v = np.where(np.isnan(v), lo, v)  # MAXPS returns its second operand for NaN
     v = np.minimum(np.maximum(v, lo), hi)
     q = round_half_even(v).astype(np.int32) + zp

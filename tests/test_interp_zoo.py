@@ -181,3 +181,17 @@ def test_zoo_model_matches_ort(spec, capsys):
         assert rel < 1e-4, f"{name}: max |diff| is {rel:.2e} of the output range"
         if spec.kind == "ocr":  # (T, batch, classes) logits: the same character at every step
             np.testing.assert_array_equal(g.argmax(-1), w.argmax(-1), err_msg=f"{name}: decoded classes differ")
+
+
+@pytest.mark.parametrize("spec", ZOO, ids=[z.name for z in ZOO])
+def test_zoo_model_passes_qgraph_diff(spec):
+    """`qgraph diff`'s gate on every tensor of the real models: each float op within the
+    tolerance of qgraph/interp/tolerance.py on the inputs ORT gave it, integers exact."""
+    from qgraph.diff import diff_models
+    model = load_zoo_model(spec)
+    report = diff_models(model, {model.graph.input[0].name: synthetic_image(spec)}, per_layer=True)
+    failed = [f"{c.name} ({c.op}): {c.describe()}" for c in report.checks if not c.passed]
+    assert report.passed, "; ".join(failed)
+    assert len(report.checks) > 60
+    if spec.bit_exact and _has_fma3():
+        assert report.bit_exact
