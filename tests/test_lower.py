@@ -401,3 +401,64 @@ def test_failed_shape_inference_is_reported_and_unknown_types_count_as_float(tmp
     monkeypatch.setattr(fold.onnx.shape_inference, "infer_shapes", fail)
     report = run_pass(model, "lower", {"target": "integer"})
     assert any("shape inference failed ([ShapeInferenceError] made to fail)" in w for w in report["warnings"])
+
+
+# -- ConvTranspose -------------------------------------------------------------------------------
+
+def conv_transpose_qdq(kernel: int, stride: int, relu: bool, per_channel: bool) -> onnx.ModelProto:
+    """input -Q/DQ- ConvTranspose(bias) [-Relu] -Q/DQ-> logits (dynamic H and W)."""
+    rng = np.random.default_rng(2)
+    w = rng.integers(-127, 128, (3, 5, kernel, kernel)).astype(np.int8)   # C_in 3, C_out 5
+    w_s = np.linspace(0.004, 0.02, 5).astype(np.float32) if per_channel else np.float32(0.01)
+    inits = [numpy_helper.from_array(np.float32(1 / 255), "x_s"), numpy_helper.from_array(np.uint8(0), "x_z"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(w_s, "w_s"),
+             numpy_helper.from_array(np.zeros(w_s.shape, np.int8), "w_z"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.01), "y_s"),
+             numpy_helper.from_array(np.uint8(0 if relu else 128), "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wf"], name="wdq", axis=1),
+             helper.make_node("ConvTranspose", ["xf", "wf", "b"], ["c"], name="up", strides=[stride, stride])]
+    last = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["a"], name="relu"))
+        last = "a"
+    nodes += [helper.make_node("QuantizeLinear", [last, "y_s", "y_z"], ["yq"], name="yq"),
+              helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                          ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("relu,per_channel", [(True, True), (False, False)])
+def test_conv_transpose_with_kernel_equal_to_stride_lowers_as_a_pointwise_conv(relu, per_channel, target):
+    qdq = conv_transpose_qdq(2, 2, relu, per_channel)
+    lowered, report = lower_model(qdq, target)
+    assert report["skipped"] == [] and report["conv_transpose_as_conv"] == 1
+    ops = {n.op_type for n in lowered.graph.node}
+    assert "ConvTranspose" not in ops and not {"Conv", "Relu"} & ops
+    assert ("QLinearConv" if target == "qlinear" else "ConvInteger") in ops
+    if target == "integer":
+        assert integer_region_float_tensors(lowered) == []
+    for shape in [(4, 3, 6, 7), (1, 3, 3, 5)]:           # dynamic H and W
+        x = np.random.default_rng(3).random(shape).astype(np.float32)
+        ref = run_model(qdq, {"input": x})["logits"]
+        out = run_model(lowered, {"input": x})["logits"]
+        assert out.shape == (shape[0], 5, 2 * shape[2], 2 * shape[3])
+        # the same products and sums; only the final rounding differs (ORT's float path vs the target's)
+        assert np.max(np.abs(out - ref)) <= 0.01 * 1.01
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_overlapping_conv_transpose_stays_float_with_the_reason():
+    lowered, report = lower_model(conv_transpose_qdq(3, 2, False, True), "qlinear")
+    assert report["conv_transpose_as_conv"] == 0
+    assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with kernel [3, 3] != stride [2, 2] "
+                                                         "(overlapping outputs) has no integer form yet"}]
+    assert "ConvTranspose" in {n.op_type for n in lowered.graph.node}

@@ -18,7 +18,7 @@ from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.idioms import BINARY_ELEMENTWISE, Declined, index_tensors, name_nodes, skip, unary_regions
 from qgraph.lowering.tables import lower_region
-from qgraph.lowering import fold, integer, qlinear
+from qgraph.lowering import conv_transpose, fold, integer, qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, FLOAT_OUTPUT_OPS, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer)
@@ -47,11 +47,14 @@ def lower_graph(model: QModel, target: str) -> dict:
     check_weight_axes(model)
     unsigned = integer.unsign_activations(model) if target == "integer" else 0
     sunk = fold.sink_dequantize(model)
+    transposed, transpose_declined = conv_transpose.rewrite_conv_transposes(model)
+    if transposed:          # its pixel shuffle runs on the codes: sink the new DequantizeLinear too
+        sunk |= fold.sink_dequantize(model)
     warnings = [w for w in [fold.infer_shapes(model)] if w]
 
     region = quantized_region(model)
     index = index_tensors(model)
-    lowered, skipped, kept_float, absorbed = Counter(), [], [], set()
+    lowered, skipped, kept_float, absorbed, float_heads = Counter(), [], [], set(), set()
     nodes_by_name = {n.name: n for n in model.graph.nodes}
     for unary in unary_regions(model):      # exported activations (HardSwish, SiLU, GELU, ...) as one table
         single = len(unary.nodes) == 1 and nodes_by_name[unary.nodes[0]].op not in BINARY_ELEMENTWISE
@@ -78,14 +81,19 @@ def lower_graph(model: QModel, target: str) -> dict:
             continue
         rule = rules.get(node.op)
         if rule is None:
-            skipped.append(skip(node, f"unsupported op: {node.op} has no {target} lowering"))
+            skipped.append(skip(node, transpose_declined.get(node.name)
+                                or f"unsupported op: {node.op} has no {target} lowering"))
             continue
+        float_output = node.op in FLOAT_OUTPUT_OPS and not _quantized_output(node)
+        before = {id(n) for n in model.graph.nodes} if float_output else set()
         try:
             site = match_site(model, node, index)
             rule(model, site)
         except Declined as declined:
             skipped.append(skip(node, declined.reason))
             continue
+        if float_output:        # its float tail (Cast + Mul of the accumulator) is float by design
+            float_heads.update(n.name for n in model.graph.nodes if id(n) not in before)
         lowered[node.op] += 1
         absorbed.update(id(n) for n in site.act_nodes)
         for act in site.act_nodes:
@@ -96,7 +104,11 @@ def lower_graph(model: QModel, target: str) -> dict:
         warnings.append(failed + "; unknown types count as float in the integer-only check")
 
     region = quantized_region(model)
-    float_left = [n.name for n in integer.float_nodes(model) if n.name in region] if target == "integer" else []
+    # float by design: islands insert_qdq left float, float heads of compute ops, and index
+    # computation that happens to write float (ConstantOfShape); declined nodes do count
+    by_design = {e["node"] for e in kept_float} | float_heads
+    float_left = [n.name for n in integer.float_nodes(model) if n.name in region and n.name not in by_design
+                  and not all(t.name in index for t in n.outputs if t.name)] if target == "integer" else []
     if float_left:
         warnings.append(f"{len(float_left)} float node(s) remain inside the integer region: "
                         + ", ".join(float_left[:8]) + (" …" if len(float_left) > 8 else ""))
@@ -113,7 +125,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
-            "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left,
+            "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed, "requantize_pairs": requantized, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float}
 
 
@@ -123,12 +135,16 @@ def _float_by_placement(model: QModel, node) -> str | None:
     dequantized = any((p := model.producer(t)) is not None and p.op == DEQUANTIZE for t in node.inputs if t.name)
     if not dequantized:
         return "float by placement: none of its inputs is dequantized (a float island)"
-    quantized = any(c.op == QUANTIZE for t in node.outputs for c in t.outputs) or any(
-        c.op in ("Relu", "Clip") and any(cc.op == QUANTIZE for o in c.outputs for cc in o.outputs)
-        for t in node.outputs for c in t.outputs)
-    if not quantized and node.op not in FLOAT_OUTPUT_OPS:
+    if not _quantized_output(node) and node.op not in FLOAT_OUTPUT_OPS:
         return "float by placement: no integer op reads its output"
     return None
+
+
+def _quantized_output(node) -> bool:
+    """Some reader of `node`'s output quantizes it (directly, or after a Relu/Clip that folds in)."""
+    return any(c.op == QUANTIZE for t in node.outputs for c in t.outputs) or any(
+        c.op in ("Relu", "Clip") and any(cc.op == QUANTIZE for o in c.outputs for cc in o.outputs)
+        for t in node.outputs for c in t.outputs)
 
 
 def _region_float_by_placement(model: QModel, unary) -> str | None:
