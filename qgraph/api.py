@@ -173,8 +173,13 @@ def lower_file(model_path: str | os.PathLike, target: str, output: str | os.Path
 
 def _check_lowerable(model: onnx.ModelProto, path) -> None:
     """Lowering needs QDQ pairs; an uncalibrated qgraph model lowers, with a warning."""
-    from qgraph.describe import integer_ops, qdq_pairs
+    from qgraph.describe import dynamic_quantizers, integer_ops, qdq_pairs
     if not qdq_pairs(model):
+        if dynamic_quantizers(model):
+            raise ModelError(f"{path}: is dynamically quantized (ONNX Runtime quantize_dynamic: "
+                             f"{dynamic_quantizers(model)} run-time quantizers), not QDQ; quantize it statically "
+                             "first: qgraph passes run MODEL --pipeline ptq --data calib.npz -o q.onnx "
+                             "(its dequantize_dynamic step restores the float layers), then lower q.onnx")
         if integer_ops(model):
             raise ModelError(f"{path}: holds no QuantizeLinear/DequantizeLinear pairs but {integer_ops(model)} "
                              "integer ops: it is already lowered; lower its QDQ source instead")

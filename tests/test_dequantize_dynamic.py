@@ -142,3 +142,22 @@ def test_an_unmatched_pattern_is_reported_not_guessed(models):
     report = run_pass(q, "dequantize_dynamic")
     assert report["changed"] == 0
     assert report["skipped"] == [{"node": "conv", "reason": "its integer input is not computed by DynamicQuantizeLinear"}]
+
+
+def test_lower_and_inspect_say_what_a_dynamic_model_is(models, tmp_path):
+    """`qgraph lower` refuses a quantize_dynamic model in one line that says what to run instead;
+    `qgraph inspect` names it dynamically quantized (not "lowered")."""
+    from click.testing import CliRunner
+
+    from qgraph.cli import main
+    models, _ = models
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(models[True], path)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["lower", str(path), "--target", "qlinear", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "is dynamically quantized" in error[0] and "--pipeline ptq" in error[0]
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0
+    assert "dynamically quantized (ONNX Runtime quantize_dynamic): 4 run-time quantizers" in result.output
