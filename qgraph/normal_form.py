@@ -125,19 +125,9 @@ def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
         raise Declined(f"Div '{div.name}' does not divide by the standard deviation")
     nodes = [mean, sub, square, var, add_eps, sqrt, div]
     shape = tuple(x.shape[axis:])
-    output, gamma, beta = div.outputs[0], None, None
-    scale = model.only_consumer(output)
-    if scale is not None and scale.op == "Mul":
-        gamma = _affine_constant(model, _other(scale, output), shape)
-        if gamma is not None:
-            nodes.append(scale)
-            output = scale.outputs[0]
-    shift = model.only_consumer(output)
-    if shift is not None and shift.op == "Add":
-        beta = _affine_constant(model, _other(shift, output), shape)
-        if beta is not None:
-            nodes.append(shift)
-            output = shift.outputs[0]
+    output = div.outputs[0]
+    gamma, output = _absorb_affine(model, output, "Mul", shape, nodes)
+    beta, output = _absorb_affine(model, output, "Add", shape, nodes)
     for node in nodes[:-1]:
         if any(model.is_graph_output(t) for t in node.outputs):
             raise Declined(f"inner tensor of '{node.name}' is a graph output")
@@ -157,6 +147,19 @@ def _affine_constant(model: QModel, tensor: Tensor, shape: tuple) -> np.ndarray 
         return np.broadcast_to(trailing, shape).astype(np.float32)
     except ValueError:
         return None
+
+
+def _absorb_affine(model: QModel, output: Tensor, op: str, shape: tuple, nodes: list) -> tuple:
+    """(γ or β, new output) when `output`'s only reader is `op` by a constant over the normalized
+    axes (the reader joins `nodes`); (None, output) otherwise."""
+    reader = model.only_consumer(output)
+    if reader is None or reader.op != op:
+        return None, output
+    value = _affine_constant(model, _other(reader, output), shape)
+    if value is None:
+        return None, output
+    nodes.append(reader)
+    return value, reader.outputs[0]
 
 
 def fuse_layernorm(model: QModel, m: LayerNormMatch) -> None:

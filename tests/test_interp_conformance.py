@@ -109,12 +109,7 @@ def _load_tensors(d, prefix):
 def _ort_outputs(model: onnx.ModelProto, feeds, max_opset: int = 20, max_ir: int = 9):
     import onnxruntime as ort
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for o in m.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = min(o.version, max_opset)
-    m.ir_version = min(m.ir_version, max_ir)
+    m = _relabelled(model, max_opset, max_ir)
     so = ort.SessionOptions()
     so.log_severity_level = 4
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -181,6 +176,7 @@ ORT_DIVERGES = {
 }
 
 def _relabelled(model: onnx.ModelProto, max_opset: int = 21, max_ir: int = 10) -> onnx.ModelProto:
+    """A copy of `model` claiming at most `max_opset` / `max_ir` (what the runtime loads)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for o in m.opset_import:

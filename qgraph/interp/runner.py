@@ -204,14 +204,7 @@ class Plan:
             ctx = step.ctx
             if fresh:
                 ctx = NodeContext(ctx.node, ctx.opset)
-            try:
-                res = step.kernel(ctx, *args)
-            except InterpError:
-                raise
-            except Exception as e:  # a kernel bug or a malformed node: say where
-                raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
-            if type(res) is not tuple:
-                res = (res,)
+            res = _call(step.kernel, ctx, args)
             for name, arr in zip(step.outputs, res):
                 if name:
                     values[name] = arr
@@ -241,14 +234,7 @@ class Plan:
                 args.append(self.consts[t])
             else:
                 raise InterpError(f"node {node.name!r} ({node.op_type}) needs tensor {t!r}: give its value")
-        try:
-            res = kernel(ctx, *args)
-        except InterpError:
-            raise
-        except Exception as e:  # a kernel bug or a malformed node: say where
-            raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
-        if type(res) is not tuple:
-            res = (res,)
+        res = _call(kernel, ctx, args)
         return {name: arr for name, arr in zip(node.output, res) if name}
 
     def _missing(self, step: _Step, values) -> InterpError:
@@ -288,3 +274,15 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
     graph outputs); any intermediate tensor may be requested. Reuses the compiled plan of a
     model seen in one of the last few calls; for many batches prefer :func:`compile_model`."""
     return _plan_for(model).run(feeds, outputs)
+
+
+def _call(kernel, ctx, args: list) -> tuple:
+    """The kernel's outputs as a tuple; an exception other than InterpError (a kernel bug or a
+    malformed node) becomes an InterpError that says which node."""
+    try:
+        res = kernel(ctx, *args)
+    except InterpError:
+        raise
+    except Exception as e:
+        raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
+    return res if type(res) is tuple else (res,)
