@@ -64,8 +64,6 @@ What the numbers say:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import statistics
 import sys
@@ -86,17 +84,9 @@ VARIANTS = ("float", "ORT QOperator", "qgraph qlinear", "qgraph integer")
 
 def ort_qoperator(entry: zoo.ZooEntry, float_model: onnx.ModelProto, float_path: Path, calib: np.ndarray,
                   tmp: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
     source, _ = zoo_benchmark.ort_source(float_model, float_path, tmp)
     prepared, _ = zoo_benchmark.ort_preprocess(source, tmp)
-    reader = type("Reader", (zoo_benchmark._Reader, CalibrationDataReader), {})(entry, calib)
-    out = tmp / "ort_qoperator.onnx"
-    with contextlib.redirect_stdout(io.StringIO()), zoo_benchmark.working_directory(tmp):
-        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-    return onnx.load(str(out))
+    return zoo_benchmark.ort_quantize(entry, prepared, "MinMax", calib, tmp, quant_format="QOperator")
 
 
 def qgraph_lowered(entry: zoo.ZooEntry, float_path: Path, calib: dict) -> tuple[dict, dict]:
