@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qgraph import quant
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.lowering import lower_model
@@ -462,3 +463,46 @@ def test_overlapping_conv_transpose_stays_float_with_the_reason():
     assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with kernel [3, 3] != stride [2, 2] "
                                                          "(overlapping outputs) has no integer form yet"}]
     assert "ConvTranspose" in {n.op_type for n in lowered.graph.node}
+
+
+# -- lookup tables ------------------------------------------------------------------------------
+
+def silu_qdq(dtype) -> onnx.ModelProto:
+    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers)."""
+    zero = np.array(0 if dtype == np.int8 else 128, dtype)
+    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(zero, "x_z"),
+             numpy_helper.from_array(np.float32(0.03), "y_s"), numpy_helper.from_array(zero, "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("Sigmoid", ["xf"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["xf", "s"], ["a"], name="silu"),
+             helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", 2, 8, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
+    """A table is GatherElements over the codes (int8 codes as negative indices into a rotated
+    table); the qlinear target runs it in NHWC between Transposes. Every one of the 256 codes
+    gives what the QDQ model computes, in ORT and in the interpreter."""
+    qdq = silu_qdq(dtype)
+    lowered, report = lower_model(qdq, target)
+    assert report["lowered"] == {"silu (table)": 1}
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "GatherElements" in ops and "Gather" not in ops and "Sigmoid" not in ops
+    assert ops.count("Transpose") == (2 if target == "qlinear" else 0)
+    codes = quant.all_codes(dtype).astype(np.float32)
+    zp = 0 if dtype == np.int8 else 128
+    x = np.tile((codes - zp) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)

@@ -336,6 +336,9 @@ def lower_moving(model: QModel, site: Site) -> None:
     qlinear.lower_moving(model, site, requantize=requantize_integer)
 
 
+#: Tables stay in the model's layout: ConvInteger runs NCHW, ORT inserts no Transposes.
+TABLES_CHANNELS_LAST = False
+
 RULES = {
     "Conv": lower_conv,
     "Gemm": lower_gemm,
