@@ -7,7 +7,7 @@ written to a temporary folder and removed) grouped by op type, with the top node
 
 Each profiled node is put in a role from qgraph's knowledge of the *model* graph — quantizer
 boundary, a float island between a DequantizeLinear and a QuantizeLinear, constant weights
-dequantized on every run, a layout Transpose, a lookup table (Cast + Gather), integer
+dequantized on every run, a layout Transpose, a lookup table (Cast + GatherElements), integer
 requantization done by generic ops, float compute left in a quantized model, or a node ORT
 made itself (layout conversions, fused kernels) — and each op type's row says what qgraph could
 change about the roles that cost the most. Design decisions:
@@ -53,8 +53,9 @@ ROLE_HINTS = {
                     "its ops stayed float; an integer op or requantization would replace the pair",
     "float compute in quantized model": "left float in a quantized model: check the insert_qdq rules and "
                                         "`qgraph lower -v`",
-    "lookup table": "a unary activation as Cast + Gather (the lowering's table form): a table indexed by the "
-                    "uint8 codes directly would drop the Cast pass",
+    "lookup table": "a unary activation as a 256-entry table (Cast + GatherElements, the lowering's table "
+                    "form; a plain Gather copies byte by byte, 3x slower): ORT has no integer lookup op for "
+                    "arbitrary tables",
     "integer requantization": "integer-target requantization as generic int ops (meant for integer engines; on "
                               "ORT the qlinear target does it inside QLinear* kernels)",
     "integer clamp": "a Clip on integer codes after an integer op: when its bound is the grid's end the "
@@ -97,6 +98,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+_TABLE_OPS = ("Gather", "GatherElements")      # a constant table indexed by cast integer codes
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -142,10 +144,10 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
             role = "dynamic quantization"
         elif op in _INTEGER_COMPUTE:
             role = "integer compute"
-        elif op == "Gather" and n.input[0] in constants and not is_float(n.input[1]) \
+        elif op in _TABLE_OPS and n.input[0] in constants and not is_float(n.input[1]) \
                 and producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "Cast":
             role = "lookup table"
-        elif op == "Cast" and any(c.op_type == "Gather" and c.input[0] in constants and c.input[1] == n.output[0]
+        elif op == "Cast" and any(c.op_type in _TABLE_OPS and c.input[0] in constants and c.input[1] == n.output[0]
                                   for c in consumers[n.output[0]]):
             role = "lookup table"
         elif op == "Transpose" and n.input[0] in constants:

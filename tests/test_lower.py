@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qgraph import quant
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.lowering import lower_model
@@ -267,7 +268,7 @@ def test_relu_clip_fold_into_output_range(act, zp, clip_expected, target):
     assert report["skipped"] == []
     assert report["lowered"].get(("Relu" if act == "relu" else "Clip") + " (folded)") == 1
     clips = [n for n in lowered.graph.node if n.op_type == "Clip" and n.name.endswith("_clamp")]
-    assert bool(clips) == clip_expected
+    assert bool(clips) == (clip_expected and target == "qlinear")  # the integer target clamps as it requantizes
     x = np.random.default_rng(1).random((16, 1, 8, 8)).astype(np.float32)
     ref = run_model(qdq, {"input": x})["logits"]
     out = run_model(lowered, {"input": x})["logits"]
@@ -462,3 +463,95 @@ def test_overlapping_conv_transpose_stays_float_with_the_reason():
     assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with kernel [3, 3] != stride [2, 2] "
                                                          "(overlapping outputs) has no integer form yet"}]
     assert "ConvTranspose" in {n.op_type for n in lowered.graph.node}
+
+
+# -- lookup tables ------------------------------------------------------------------------------
+
+def silu_qdq(dtype) -> onnx.ModelProto:
+    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers)."""
+    zero = np.array(0 if dtype == np.int8 else 128, dtype)
+    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(zero, "x_z"),
+             numpy_helper.from_array(np.float32(0.03), "y_s"), numpy_helper.from_array(zero, "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("Sigmoid", ["xf"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["xf", "s"], ["a"], name="silu"),
+             helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", 2, 8, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
+    """A table is GatherElements over the codes (int8 codes as negative indices into a rotated
+    table); the qlinear target runs it in NHWC between Transposes. Every one of the 256 codes
+    gives what the QDQ model computes, in ORT and in the interpreter."""
+    qdq = silu_qdq(dtype)
+    lowered, report = lower_model(qdq, target)
+    assert report["lowered"] == {"silu (table)": 1}
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "GatherElements" in ops and "Gather" not in ops and "Sigmoid" not in ops
+    assert ops.count("Transpose") == (2 if target == "qlinear" else 0)
+    codes = quant.all_codes(dtype).astype(np.float32)
+    zp = 0 if dtype == np.int8 else 128
+    x = np.tile((codes - zp) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+# -- the integer target's requantization ---------------------------------------------------------
+
+REQUANT_CASES = {   # name: (real multipliers, storage, bias, acc_bound, (qlo, qhi) or None)
+    "per-channel, bias and bound": ([0.003, 0.0005, 0.5, 0.02], np.uint8, [100, -7, 0, 2**20], [2**22] * 4, None),
+    "unbounded: clipped first": ([0.003, 0.0005, 0.5, 0.02], np.uint8, None, None, None),
+    "per-tensor, unbounded": ([0.25], np.uint8, None, None, None),
+    "int8 with a clamp": ([0.004, 0.01, 0.2, 1.5], np.int8, [5, 5, 5, 5], [2**20] * 4, (-20, 90)),
+    "one shift per channel": ([0.6, 1e-7, 0.01, 0.3], np.uint8, [2**30, 0, 0, 0], None, None),
+    "Mod/Div form": ([1e-12], np.uint8, None, None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUANT_CASES))
+def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
+    """emit_requantize (quant.fixed_point_steps as ONNX ops: BitShift on uint64, the cast keeping
+    the low byte) against requantize_fixed_point, in ORT and in the interpreter."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.integer import emit_requantize
+    from qgraph.lowering.patterns import Quantizer
+    real, storage, bias, bound, bounds = REQUANT_CASES[case]
+    real = np.array(real)
+    channels, zp = real.size, np.array(3 if storage == np.uint8 else -4, storage)
+    rng = np.random.default_rng(0)
+    reach = np.asarray(bound if bound is not None else [2**31 - 1] * channels)[: max(channels, 1)]
+    acc = np.concatenate([rng.integers(-reach, reach + 1, (40, channels)), [-reach, reach, np.zeros(channels)]],
+                         axis=0).astype(np.int32).reshape(-1, channels, 1, 1)
+    acc = np.broadcast_to(acc, (acc.shape[0], max(channels, 4), 1, 1)).copy() if channels == 1 else acc
+    x = gs.Variable("acc", dtype=np.int32, shape=list(acc.shape))
+    y = gs.Variable("y", dtype=storage, shape=list(acc.shape))
+    model = QModel(gs.Graph(inputs=[x], outputs=[y]))
+    out_q = Quantizer(np.float32(0.1), zp, 1, "q")
+    emit_requantize(model, x, real, out_q, y, "rq", (channels, 1, 1), bias=None if bias is None else np.array(bias),
+                    acc_bound=bound, bounds=bounds)
+    lowered = model.to_onnx()
+    ops = {n.op_type for n in lowered.graph.node}
+    assert ("Mod" in ops) == (case == "Mod/Div form") and ("BitShift" in ops) != (case == "Mod/Div form")
+    m0, shift = quant.quantize_multiplier(real)
+    qmin, qmax = quant.storage_range(storage)
+    lo, hi = bounds or (qmin, qmax)
+    shape = (channels, 1, 1) if channels > 1 else ()
+    b = 0 if bias is None else np.array(bias).reshape(shape)
+    want = np.clip(quant.requantize_fixed_point(acc.astype(np.int64) + b, m0.reshape(shape), shift.reshape(shape),
+                                                int(zp), qmin, qmax, dtype=np.int64), lo, hi).astype(storage)
+    got = run_model(lowered, {"acc": acc})["y"]
+    np.testing.assert_array_equal(got, want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"acc": acc})["y"], got)

@@ -23,7 +23,8 @@ from qgraph.lowering.patterns import (DEQUANTIZE, FLOAT_OUTPUT_OPS, QUANTIZE, QU
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer)
 
-TARGETS = {"qlinear": qlinear.RULES, "integer": integer.RULES}
+_MODULES = {"qlinear": qlinear, "integer": integer}
+TARGETS = {name: module.RULES for name, module in _MODULES.items()}
 
 __all__ = ["TARGETS", "lower_graph", "lower_model"]
 
@@ -65,7 +66,7 @@ def lower_graph(model: QModel, target: str) -> dict:
             kept_float.extend(skip(name, reason) for name in unary.nodes)
             continue
         try:
-            lower_region(model, unary)
+            lower_region(model, unary, _MODULES[target].TABLES_CHANNELS_LAST)
         except Declined as declined:
             skipped.extend(skip(name, declined.reason) for name in unary.nodes)
         else:

@@ -60,7 +60,7 @@ def _constant_tensors(model: QModel) -> tuple[set[int], set[int]]:
     """ids of tensors computable from initializers only (idioms.constant_tensors), and ids of
     the DequantizeLinear nodes that stay: computed from constants, read by a non-constant node
     or the graph output."""
-    model.graph.toposort()
+    model.toposort()
     names = constant_tensors(model)
     constant = {id(t) for name, t in model.tensors().items() if name in names and not isinstance(t, gs.Constant)}
 
@@ -108,7 +108,7 @@ def sink_dequantize(model: QModel) -> set[str]:
     """Rewrite ``DQ → op`` (op commuting, output not quantized) as ``op → DQ``; returns the names
     of the new integer nodes."""
     sunk: set[str] = set()
-    model.graph.toposort()
+    model.toposort()
     computed = index_tensors(model)        # Reshape targets computed from shapes at run time
     for node in list(model.graph.nodes):
         if not node.inputs or node.op not in RANGE_PRESERVING + CLAMPS:

@@ -293,14 +293,15 @@ def clamp_bounds(site: Site) -> tuple[int, int] | None:
     return qlo, qhi
 
 
-def finish_site(model: QModel, site: Site, build) -> None:
+def finish_site(model: QModel, site: Site, build, clamped: bool = False) -> None:
     """Detach the site's QuantizeLinear, call ``build(out_tensor)`` to emit the lowered nodes
-    writing ``out_tensor``, and add the Clip of a folded activation when it is not implicit."""
+    writing ``out_tensor``, and add the Clip of a folded activation when it is not implicit —
+    unless `clamped`: `build` clips to clamp_bounds(site) itself."""
     out = site.out
     site.quantize_node.outputs.clear()
     out.dtype = site.out_q.dtype
     bounds = clamp_bounds(site)
-    if bounds is None:
+    if bounds is None or clamped:
         build(out)
         return
     raw = var(model, out.name + "_unclamped", site.out_q.dtype)

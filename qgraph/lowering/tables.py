@@ -2,7 +2,7 @@
 
 For an input grid with codes q ∈ [qmin, qmax] and an output grid Q_out,
 
-    table[q − qmin] = Q_out(f(DQ_in(q)))          y_q = table[x_q − qmin]   (Cast, Add, Gather)
+    table[q − qmin] = Q_out(f(DQ_in(q)))          y_q = table[x_q − qmin]   (Cast, GatherElements)
 
 where f is computed by ONNX Runtime's own float kernels on the subgraph that defines it — one
 op (Tanh, HardSwish, ...) or a whole unary region as exported (idioms.unary_regions: HardSwish
@@ -64,22 +64,51 @@ def _copy(node: gs.Node, shared: dict[str, gs.Tensor]) -> gs.Node:
                    outputs=[tensor(t) for t in node.outputs], domain=node.domain)
 
 
-def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name: str) -> None:
-    """``out = table[x − qmin]`` on the integer tensor of `x` (Cast to int32, shift, Gather)."""
+def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name: str,
+               channels_last: bool = False) -> None:
+    """``out = table[x − qmin]`` on the integer tensor of `x`: the codes as one int32 row, a
+    GatherElements on the table as a [1, 256] row, reshaped back to x's shape.
+
+    Not Gather: ORT 1.19's Gather copies each element with its own memcpy (1.5 ms on a
+    16×160×160 uint8 map, one thread), GatherElements runs a typed loop (0.45 ms with the Cast,
+    Flatten and Reshape). Codes index the table directly, int8 ones as negative indices (which
+    count from the end): the table is stored rotated so that index q mod 256 holds code q.
+
+    ``channels_last`` (4-D maps): the lookup runs between a Transpose to NHWC and one back.
+    An elementwise function does not care about the layout, and ORT, which runs QLinearConv in
+    NHWC between Transposes of its own, cancels them against these: without, ORT could not move
+    its Transposes across the Flatten and Reshape, and kept two around every convolution
+    (YOLOv8n: 112 Transposes, and its MaxPools stayed NCHW, 50x slower than NhwcMaxPool)."""
+    final = out
+    if channels_last:
+        nhwc = var(model, f"{name}_nhwc", x.quantizer.dtype)
+        model.add_node("Transpose", [x.tensor], [nhwc], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
+        x = QInput(nhwc, x.quantizer)
+        out = var(model, f"{name}_looked_up_nhwc", table.dtype)
+    codes = var(model, f"{name}_codes", x.quantizer.dtype)
+    model.add_node("Flatten", [x.tensor], [codes], f"{name}_flat", {"axis": 0})
     index = var(model, f"{name}_index", np.int32)
-    model.add_node("Cast", [x.tensor], [index], f"{name}_cast", {"to": TensorProto.INT32})
-    offset = -x.quantizer.qmin        # table index of code q is q − qmin
-    if offset:
-        shifted = var(model, f"{name}_index_shifted", np.int32)
-        model.add_node("Add", [index, const(model, f"{name}_offset", np.array(offset, np.int32))], [shifted],
-                       f"{name}_offset")
-        index = shifted
-    model.add_node("Gather", [const(model, f"{name}_table", table), index], [out], name, {"axis": 0})
+    model.add_node("Cast", [codes], [index], f"{name}_cast", {"to": TensorProto.INT32})
+    rotated = np.roll(np.asarray(table), x.quantizer.qmin)   # index q − qmin → q mod 256
+    looked_up = var(model, f"{name}_row", table.dtype)
+    model.add_node("GatherElements", [const(model, f"{name}_table", rotated.reshape(1, -1)), index], [looked_up],
+                   name, {"axis": 1})
+    shape = var(model, f"{name}_shape", np.int64)
+    model.add_node("Shape", [x.tensor], [shape], f"{name}_shape")
+    model.add_node("Reshape", [looked_up, shape], [out], f"{name}_reshape")
+    if channels_last:
+        model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
 
 
-def lower_region(model: QModel, region: UnaryRegion) -> None:
-    """Replace ``DQ(x_q) → [region] → Q → y_q`` by one table on x_q; Declined when the region is
-    not between a per-tensor DequantizeLinear and a single per-tensor QuantizeLinear."""
+def is_map(tensor: gs.Tensor) -> bool:
+    """A tensor of rank 4 (N, C, H, W): where a channels-last table applies."""
+    return tensor.shape is not None and len(tensor.shape) == 4
+
+
+def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False) -> None:
+    """Replace ``DQ(x_q) → [region] → Q → y_q`` by one table on x_q (see emit_table for
+    `channels_last`); Declined when the region is not between a per-tensor DequantizeLinear and
+    a single per-tensor QuantizeLinear."""
     tensors = model.tensors()
     x, y = tensors[region.input], tensors[region.output]
     dq = model.producer(x)
@@ -99,4 +128,5 @@ def lower_region(model: QModel, region: UnaryRegion) -> None:
     q.outputs.clear()
     for node in nodes:
         node.outputs.clear()
-    emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table")
+    emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table",
+               channels_last and is_map(x))

@@ -42,7 +42,7 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     removed, skipped = remove_passthrough(model) if remove_identity else (0, [])
     before = len(model.graph.nodes)
     if fold_constants:
-        model.graph.toposort()
+        model.toposort()
         model.graph.fold_constants(
             fold_shapes=True, error_ok=True,
             should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
