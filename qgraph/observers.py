@@ -75,6 +75,9 @@ class MovingAverageObserver(Observer):
         return (0.0, 0.0) if self.lo is None else (self.lo, self.hi)
 
 
+_INDEX_BLOCK = 1 << 16     # elements per block when binning (512 KB of float64 scratch)
+
+
 class StreamingHistogram:
     """Uniform histogram over a growing range [lo, lo + bins·width] that always contains 0."""
 
@@ -113,8 +116,19 @@ class StreamingHistogram:
         self.counts += np.bincount(self._index(x), minlength=self.bins)
 
     def _index(self, x: np.ndarray) -> np.ndarray:
-        idx = np.floor((x.astype(np.float64) - self.lo) / self.width)
-        return np.clip(idx, 0, self.bins - 1).astype(np.int64)
+        # float64 in blocks: exact bin edges without a float64 copy of a whole feature map
+        # (calibration spends most of its time here on big activations)
+        out = np.empty(x.size, dtype=np.intp)
+        block = np.empty(min(x.size, _INDEX_BLOCK), dtype=np.float64)
+        for start in range(0, x.size, _INDEX_BLOCK):
+            part = x[start:start + _INDEX_BLOCK]
+            buf = block[:part.size]
+            np.subtract(part, self.lo, out=buf, dtype=np.float64)
+            np.divide(buf, self.width, out=buf)
+            np.floor(buf, out=buf)
+            np.clip(buf, 0, self.bins - 1, out=buf)
+            out[start:start + part.size] = buf
+        return out
 
     def _grow(self, new_min: float, new_max: float) -> None:
         """Widen to cover [new_min, new_max]: new lo on the old grid, width k·old width."""
