@@ -41,7 +41,7 @@ def write_qparams(nodes: dict[str, Node], record: QuantizerRecord, scale, zp) ->
     q = nodes[record.quantize]
     shape = np.asarray(q.inputs[1].values).shape
     q.inputs[1].values = np.asarray(scale, np.float32).reshape(shape)
-    q.inputs[2].values = np.asarray(zp).astype(quant.storage_dtype(record.signed)).reshape(shape)
+    q.inputs[2].values = np.asarray(zp).astype(quant.storage_dtype(record.signed, record.bits)).reshape(shape)
     if record.clip:
         lo, hi = quant.grid_bounds(scale, zp, record.qmin, record.qmax)
         clip = nodes[record.clip]
