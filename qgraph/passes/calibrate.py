@@ -28,7 +28,7 @@ from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.observers import make_observer
 from qgraph.pipeline import PassContext, register_pass
-from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams, write_qparams
+from qgraph.qparams import activation_qparams, bypassed, constant_input_values, weight_qparams, write_qparams
 from qgraph.progress import ProgressBar
 from qgraph.qconfig import OBSERVERS, ActivationSpec, make_activation_spec
 from qgraph.schema import Range
@@ -134,23 +134,6 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
         bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
     bar.close()
     return (index + 1 if samples else 0), samples, time.perf_counter() - start
-
-
-def bypassed(model: QModel) -> QModel:
-    """A copy in which every reader of a quantizer's DequantizeLinear reads the float tensor."""
-    copy = model.copy()
-    records = read_quantizers(copy)
-    nodes = {n.name: n for n in copy.graph.nodes}
-    for r in records.values():
-        first = nodes[r.clip or r.quantize]
-        dq = nodes[r.dequantize]
-        source, out = first.inputs[0], dq.outputs[0]
-        if copy.is_graph_output(out):
-            continue  # nothing reads it inside the graph; its input is what is observed
-        for reader in list(out.outputs):
-            reader.inputs = [source if t is out else t for t in reader.inputs]
-    copy.cleanup()
-    return copy
 
 
 def calibrate_weights(model: QModel, nodes: dict, records: dict[str, QuantizerRecord]) -> int:
