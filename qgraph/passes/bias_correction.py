@@ -26,7 +26,7 @@ import numpy as np
 from qgraph.annotations import read_quantizers
 from qgraph.errors import PassError
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, skip
+from qgraph.idioms import Declined, layer_waves, skip
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qparams import bypassed
 from qgraph.schema import Range
@@ -56,7 +56,7 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
         return {"changed": 0, "summary": "no Conv/Gemm with a quantized weight", "skipped": skipped, "warnings": []}
     outputs = {node.name: node.outputs[0].name for node, _ in layers}
     reference = _channel_means(bypassed(model), list(outputs.values()), ctx, max_samples)
-    waves = _waves(model, [node.name for node, _ in layers])
+    waves = layer_waves(model, [node.name for node, _ in layers])
     shifts = []
     for _ in range(iterations):
         worst = 0.0
@@ -73,20 +73,6 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
                f"shift {shifts[0]:.3g}" + (f", {shifts[-1]:.3g} in the last sweep" if iterations > 1 else ""))
     return {"changed": len(layers), "summary": summary, "largest_shift": shifts, "skipped": skipped,
             "warnings": []}
-
-
-def _waves(model: QModel, layers: list[str]) -> list[list[str]]:
-    """Layers grouped by how many of them lie upstream (node order is topological)."""
-    chosen = set(layers)
-    depth: dict[str, int] = {}
-    waves: dict[int, list[str]] = {}
-    for node in model.graph.nodes:
-        upstream = max((depth.get(t.inputs[0].name, 0) for t in node.inputs if t.inputs), default=0)
-        if node.name in chosen:
-            waves.setdefault(upstream, []).append(node.name)
-            upstream += 1
-        depth[node.name] = upstream
-    return [waves[k] for k in sorted(waves)]
 
 
 def _bias_of(model: QModel, node):
