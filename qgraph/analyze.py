@@ -40,6 +40,7 @@ from qgraph.observers import StreamingHistogram
 from qgraph.parallel import Evaluator
 
 SWITCHES = "qgraph_switches"
+ALTERNATES = "qgraph_alternates"
 GRANULARITIES = ("quantizer", "layer")
 HISTOGRAM_BINS = 512
 
@@ -97,7 +98,7 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
             continue
         inp = node.inputs[0]
         producer = inp.inputs[0] if inp.inputs else None
-        grid = read_quantizer(node)
+        grid = read_quantizer(node, any_storage=True)
         if grid is None:
             skipped.append(skip(node, "its scale or zero point is computed, not a constant"))
             continue
@@ -138,6 +139,24 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
     return model, list(sites.values()), skipped
 
 
+def _alternate_pair(board: QModel, site: QuantizerSite, source, alt_input, i: int, scale, zero_point, axis):
+    """Q→DQ of the source on another grid (com.microsoft for 16 bits), and its selection flag."""
+    name = f"{site.name}_qgraph_alt"
+    s = board.add_constant(f"{name}_scale", np.asarray(scale, np.float32))
+    z = board.add_constant(f"{name}_zero_point", np.asarray(zero_point))
+    s.values, z.values = np.asarray(scale, np.float32), np.asarray(zero_point)
+    attrs = {"axis": int(axis)} if axis is not None else {}
+    domain = quant.qdq_domain(np.asarray(zero_point).dtype)
+    q = board.add_variable(f"{name}_quantized", np.asarray(zero_point).dtype, None)
+    dq = board.add_variable(f"{name}_dequantized", np.float32, None)
+    board.add_node("QuantizeLinear", [source, s, z], [q], f"{name}_QuantizeLinear", attrs, domain=domain)
+    board.add_node("DequantizeLinear", [q, s, z], [dq], f"{name}_DequantizeLinear", attrs, domain=domain)
+    index = board.add_constant(f"{ALTERNATES}_{i}_index", np.array(i, np.int64))
+    flag = board.add_variable(f"{ALTERNATES}_{i}", np.bool_, [])
+    board.add_node("Gather", [alt_input, index], [flag], f"{ALTERNATES}_{i}_Gather")
+    return flag, dq
+
+
 def _layers_reading(tensors) -> list[str]:
     """The compute nodes that read these tensors, looking through range-preserving ops and clamps
     (a quantizer ahead of a ReLU belongs to the layer after the ReLU)."""
@@ -165,13 +184,20 @@ def _clamp_view(readers) -> tuple[float, float] | None:
     return min(b[0] for b in bounds), max(b[1] for b in bounds)
 
 
-def switchboard(model: QModel, sites: list[QuantizerSite]) -> onnx.ModelProto:
+def switchboard(model: QModel, sites: list[QuantizerSite],
+                alternates: dict[int, tuple[np.ndarray, np.ndarray, int | None]] | None = None) -> onnx.ModelProto:
     """The QDQ model with a bool input `qgraph_switches` [len(sites)]: quantizer i is applied where
-    switches[i] is true, and its readers read the float source where it is false."""
+    switches[i] is true, and its readers read the float source where it is false. With
+    `alternates` ({site index: (scale, zero point in its storage type, axis)}), a second bool
+    input `qgraph_alternates` selects, per quantizer, that other grid instead of the model's."""
     board = model.copy()
     tensors = board.tensors()
     switches = gs.Variable(SWITCHES, np.bool_, [len(sites)])
     board.graph.inputs.append(switches)
+    alt_input = None
+    if alternates:
+        alt_input = gs.Variable(ALTERNATES, np.bool_, [len(sites)])
+        board.graph.inputs.append(alt_input)
     for i, site in enumerate(sites):
         source = tensors.get(site.source)
         if source is None:  # a weight stored quantized: its float original comes from the float model
@@ -179,13 +205,22 @@ def switchboard(model: QModel, sites: list[QuantizerSite]) -> onnx.ModelProto:
         index = board.add_constant(f"{SWITCHES}_{i}_index", np.array(i, np.int64))
         flag = board.add_variable(f"{SWITCHES}_{i}", np.bool_, [])
         board.add_node("Gather", [switches, index], [flag], f"{SWITCHES}_{i}_Gather")
+        alt = None
+        if alternates and i in alternates:
+            alt = _alternate_pair(board, site, source, alt_input, i, *alternates[i])
         for out_name in site.outputs:
             quantized = tensors[out_name]
+            if alt is not None:
+                chosen = board.add_variable(f"{out_name}_qgraph_chosen", np.float32, quantized.shape)
+                board.add_node("Where", [alt[0], alt[1], quantized], [chosen], f"{out_name}_qgraph_alternate")
+                quantized = chosen
             switched = gs.Variable(out_name, quantized.dtype or np.float32, quantized.shape)
-            quantized.name = f"{out_name}_qgraph_on"
-            for reader in list(quantized.outputs):
-                reader.inputs = [switched if t is quantized else t for t in reader.inputs]
-            board.graph.outputs = [switched if t is quantized else t for t in board.graph.outputs]
+            original = tensors[out_name]
+            original.name = f"{out_name}_qgraph_on"
+            for reader in list(original.outputs):
+                if reader.op != "Where" or not reader.name.endswith("_qgraph_alternate"):
+                    reader.inputs = [switched if t is original else t for t in reader.inputs]
+            board.graph.outputs = [switched if t is original else t for t in board.graph.outputs]
             board.add_node("Where", [flag, quantized, source], [switched], f"{out_name}_qgraph_switch")
     return board.to_onnx()
 
@@ -203,9 +238,11 @@ def evaluate_variant(state, switches: np.ndarray) -> dict:
     runner, shared = state
     stats = {name: TensorStats(name, "float32") for name in shared["outputs"]}
     hits = 0
-    flags = np.asarray(switches, np.bool_)
+    extra = {SWITCHES: np.asarray(switches, np.bool_)}
+    if isinstance(switches, tuple):      # (switches, alternates)
+        extra = {SWITCHES: np.asarray(switches[0], np.bool_), ALTERNATES: np.asarray(switches[1], np.bool_)}
     for feeds, reference, labels in zip(shared["feeds"], shared["reference"], shared["labels"]):
-        values = runner.run({**feeds, SWITCHES: flags}, shared["outputs"])
+        values = runner.run({**feeds, **extra}, shared["outputs"])
         for name in shared["outputs"]:
             stats[name].update(reference[name], values[name])
         if labels is not None:
@@ -357,10 +394,9 @@ def analyze_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
             flags = np.zeros(len(sites), np.bool_)
             flags[members] = True
             variants.append(flags)
-        variants.append(np.ones(len(sites), np.bool_))   # all on: the switchboard's own cumulative run
         say(f"local sensitivity: {len(groups)} {granularity} runs ({evaluator.describe()})")
         results = evaluator.map(prepare_variant_runner, evaluate_variant, shared, variants)
-        for (name, members), result in zip(groups, results[:-1]):
+        for (name, members), result in zip(groups, results):
             row = {"group": name, "quantizers": [sites[i].name for i in members],
                    "kinds": sorted({sites[i].kind for i in members}), **_worst(result["outputs"])}
             if has_labels:

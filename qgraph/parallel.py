@@ -2,7 +2,7 @@
 
 A job is ``map(task, shared, items)``: `shared` (model bytes, data batches, reference outputs)
 travels once per worker and each item is one task. Local workers receive `shared` as their
-pool initializer's argument (spawned processes: no ORT state is forked); on Ray it goes into
+pool initializer's argument (forked processes that build their own ORT session); on Ray it goes into
 the object store once (``ray.put``) and every task gets the reference. A worker turns `shared`
 into its state once (``prepare``: e.g. an ORT session) and keeps it for every task it runs.
 Results come back in item order, and every ORT session used for evaluation runs one intra-op
@@ -85,7 +85,10 @@ def _run_local(token: str, task, item):
 def _local_map(workers: int, prepare, task, shared, items, token: str) -> list:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    context = multiprocessing.get_context("spawn")
+    # fork: a script without a `__main__` guard would re-run itself under spawn; the parent's
+    # ORT sessions are idle between runs, and every worker builds its own session
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     workers = min(workers, len(items))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(token, prepare, shared)) as pool:

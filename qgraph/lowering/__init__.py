@@ -18,7 +18,7 @@ from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, name_nodes, skip
 from qgraph.lowering import fold, integer, qlinear
-from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
+from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers, wide_quantizer_nodes,
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer)
 
@@ -50,6 +50,8 @@ def lower_graph(model: QModel, target: str) -> dict:
 
     region = quantized_region(model)
     lowered, skipped, absorbed = Counter(), [], set()
+    kept = [skip(n, "16-bit quantizer: kept as a QDQ pair (ORT has no 16-bit QLinear*/integer kernels)")
+            for n in wide_quantizer_nodes(model)]
     for node in list(model.graph.nodes):
         if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region \
                 or node.name in sunk:
@@ -85,12 +87,13 @@ def lower_graph(model: QModel, target: str) -> dict:
     changed = sum(lowered.values())
     summary = (f"{target}: {changed} ops lowered, {len(skipped)} left float"
                + (f", {len(outside)} float outside the quantized region" if outside else "")
-               + (f", {folded} constant nodes folded" if folded else ""))
+               + (f", {folded} constant nodes folded" if folded else "")
+               + (f", {len(kept)} 16-bit Q/DQ nodes kept" if kept else ""))
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left,
-            "outside_region": outside}
+            "outside_region": outside, "kept_qdq": kept}
 
 
 def _integer_node(node) -> bool:
