@@ -76,8 +76,9 @@ class Quantizer:
         return int(self.zero_point.reshape(-1)[0])
 
 
-#: Storage types the targets lower; 16-bit pairs (mixed precision, com.microsoft domain) stay QDQ.
-LOWERED_STORAGE = ("int8", "uint8")
+#: Storage types the targets do not lower: 16-bit pairs (mixed precision, com.microsoft domain)
+#: stay QDQ (8-bit activations and weights and int32 biases lower).
+WIDE_STORAGE = ("int16", "uint16")
 
 
 def wide_quantizer_nodes(model: QModel) -> list[gs.Node]:
@@ -86,14 +87,14 @@ def wide_quantizer_nodes(model: QModel) -> list[gs.Node]:
     wide = []
     for node in quantizer_nodes(model):
         q = read_quantizer(node, any_storage=True)
-        if q is not None and q.dtype.name not in LOWERED_STORAGE:
+        if q is not None and q.dtype.name in WIDE_STORAGE:
             wide.append(node)
     return wide
 
 
 def read_quantizer(node: gs.Node, any_storage: bool = False) -> Quantizer | None:
     """The constant parameters of a Q/DQ node, or None when the scale or zero point is computed
-    or (unless `any_storage`) its storage is not 8-bit (see LOWERED_STORAGE)."""
+    or (unless `any_storage`) its storage is 16-bit (see WIDE_STORAGE)."""
     scale = QModel.constant_value(node.inputs[1])
     if scale is None:
         return None
@@ -105,7 +106,7 @@ def read_quantizer(node: gs.Node, any_storage: bool = False) -> Quantizer | None
         zp = np.zeros(scale.shape, np.uint8)
     scale = np.asarray(scale, np.float32)
     zp = np.asarray(zp)
-    if not any_storage and zp.dtype.name not in LOWERED_STORAGE:
+    if not any_storage and zp.dtype.name in WIDE_STORAGE:
         return None
     if scale.ndim == 1 and scale.size == 1:
         scale, zp = scale.reshape(()), zp.reshape(())
