@@ -8,8 +8,8 @@ quantizer, against its float source.
 - *local*: each quantizer alone. Per tensor, the error the quantizer adds to the float tensor
   (DQ(Q(x_float)) against x_float); per quantizer (or per layer: every quantizer a layer
   reads), the model outputs with only it enabled and everything else float.
-- range use: the share of float values outside the grid (clipped) and the share of codes no
-  value ever lands on (unused levels; per channel for weights, averaged).
+- range use: the share of float values more than half a step outside the grid (clipped) and the
+  share of codes no value ever lands on (unused levels; per channel for weights, averaged).
 
 Quantizers are found in any QDQ model: a QuantizeLinear with its DequantizeLinear readers, or a
 DequantizeLinear of a constant integer weight (ORT's quantize_static) whose float original the
@@ -43,6 +43,7 @@ SWITCHES = "qgraph_switches"
 ALTERNATES = "qgraph_alternates"
 GRANULARITIES = ("quantizer", "layer")
 HISTOGRAM_BINS = 512
+MAX_COUNTED_LEVELS = 1 << 16
 
 
 @dataclass
@@ -272,16 +273,21 @@ class _RangeUse:
         x = site.seen(np.asarray(x, np.float32))
         lo, hi = quant.grid_bounds(site.grid.scale, site.grid.zero_point, site.qmin, site.qmax,
                                    axis=site.axis, ndim=x.ndim)
+        half = quant._along(np.asarray(site.grid.scale, np.float32), x.ndim, site.axis) / 2
         self.count += x.size
-        self.clipped += int(np.count_nonzero((x < lo) | (x > hi)))
-        codes = site.codes(x) - site.qmin
+        # clipped: beyond half a step outside the grid (nearer values only round to its end)
+        self.clipped += int(np.count_nonzero((x < lo - half) | (x > hi + half)))
         levels = site.qmax - site.qmin + 1
-        if site.axis is None:
-            used = np.bincount(codes.reshape(-1), minlength=levels)[None, :]
+        if levels > MAX_COUNTED_LEVELS:     # an int32 bias: its levels are not worth counting
+            codes = None
+        elif site.axis is None:
+            codes = np.bincount((site.codes(x) - site.qmin).reshape(-1), minlength=levels)[None, :]
         else:
-            per = np.moveaxis(codes, site.axis, 0).reshape(codes.shape[site.axis], -1)
-            used = np.stack([np.bincount(row, minlength=levels) for row in per])
-        self.codes = used if self.codes is None else self.codes + used
+            per = np.moveaxis(site.codes(x) - site.qmin, site.axis, 0)
+            per = per.reshape(per.shape[0], -1)
+            codes = np.stack([np.bincount(row, minlength=levels) for row in per])
+        if codes is not None:
+            self.codes = codes if self.codes is None else self.codes + codes
         if self.hist is None:
             self.hist = StreamingHistogram(HISTOGRAM_BINS)
             self.local = TensorStats(site.name, "float32")
