@@ -13,6 +13,9 @@ holds the layers with the same number of corrected layers upstream, and is measu
 model with every earlier wave corrected (correcting all layers from one measurement
 overshoots through the ReLUs and diverges). `iterations` repeats the sweep.
 
+The float reference is measured once, before any bias changes (the float form shares the
+biases): run the pass once per model, with more `iterations` rather than twice.
+
 Invariant: changes outputs (moves each quantized layer's output mean onto the float one); only
 bias initializers change, quantizers and scales do not. Run it after calibrate.
 """
