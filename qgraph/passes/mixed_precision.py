@@ -110,24 +110,27 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
             allow_float: bool, max_samples: int, rounds: int, workers: int, ray: str):
-    from qgraph.analyze import evaluate_variant, find_quantizers, prepare_variant_runner, switchboard
+    from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
+                                switchboard)
     from qgraph.parallel import Evaluator
-    from qgraph.qparams import bypassed
     from qgraph.runner import Runner
     proto = model.to_onnx()
-    float_proto = bypassed(model).to_onnx()
     qmodel, sites, _ = find_quantizers(proto)
     sites = [s for s in sites if s.name in records]
     index = {s.name: i for i, s in enumerate(sites)}
-    # elements per quantizer: weights from their value, activations per sample from one float run
+    alternates = {index[name]: _alternate_grid(model, records[name], other)
+                  for name in index for other in options(records[name], False) if other != records[name].bits}
+    board = switchboard(qmodel, sites, alternates)
+    # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
     plan = ctx.feed_plan(proto)
-    runner = Runner(float_proto, [s.source for s in sites if s.kind == "activation" and s.source not in plan.names],
+    off = {SWITCHES: np.zeros(len(sites), np.bool_), ALTERNATES: np.zeros(len(sites), np.bool_)}
+    runner = Runner(board, [s.source for s in sites if s.kind == "activation" and s.source not in plan.names],
                     threads=1)
     feeds, reference, labels_list = [], [], []
     outputs = [o.name for o in proto.graph.output]
     elements, samples, labels = {}, 0, plan.data.get("labels")
     for batch, count in plan.batches(ctx.batch_size, max_samples or None):
-        values = runner.run(batch)
+        values = runner.run({**batch, **off})
         for s in sites:
             if s.kind == "activation" and s.name not in elements:
                 tensor = batch[s.source] if s.source in batch else values[s.source]
@@ -143,10 +146,7 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     for s in sites:
         if s.kind == "weight":
             elements[s.name] = int(np.asarray(s.weight).size)
-    alternates = {index[name]: _alternate_grid(model, records[name], other)
-                  for name in index for other in options(records[name], False) if other != records[name].bits}
-    shared = {"model": switchboard(qmodel, sites, alternates), "feeds": feeds, "reference": reference,
-              "labels": labels_list, "outputs": outputs}
+    shared = {"model": board, "feeds": feeds, "reference": reference, "labels": labels_list, "outputs": outputs}
     evaluator = Evaluator(workers, ray or None)
 
     def variant(assignment: dict):
