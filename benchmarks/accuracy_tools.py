@@ -19,12 +19,19 @@ Three parts, each against its goal from issue 14:
 
 Measured (2 shared cores; see the bottom of this docstring for what was not met and why):
 
-    repair (top-1 on 1,000 val digits)
-    model        float   int8   W4A8   W4A8+CLE+AdaRound+BC   int8+AdaRound+BC
-    lenet        95.9    96.0   95.4   95.8                   96.0
-    resnet       94.4    94.8   87.7   94.0                   94.5
-    mobilenetv2  92.6    93.0   80.4   92.9                   92.7
-    mlp          92.3    92.3   92.0   92.2                   92.3
+    repair (top-1 % on 1,000 val digits; AdaRound 500 steps per layer; seconds of the W4A8 repair)
+    model        float   int8   W4A8   W4A8+CLE+AdaRound+BC   int8+CLE+AdaRound+BC   s
+    lenet        95.9    96.0   95.4   95.6                   95.9                   40
+    resnet       94.4    94.9   87.7   93.7                   93.9                   26
+    mobilenetv2  92.6    92.8   80.4   92.2                   92.5                   64
+    mlp          92.3    92.3   92.0   92.0                   92.3                   44
+
+    W4A8 + repairs is within 1 point of float on every model (worst: resnet, -0.7). The int8
+    PTQ pipeline (ptq.yaml) is unchanged (same numbers as benchmarks/ptq.py); the repairs add
+    nothing to int8 here and cost resnet a point (93.9 vs 94.9, inside the ~1-point paired
+    noise of 1,000 digits), so they are for low-bit weights, not a default for int8. The W4A8
+    baseline with minmax weights measured 87.7 / 80.4 (resnet / mobilenetv2) on this machine;
+    the issue's 88.7 / 90.4 were the best of minmax and mse weight observers.
 
     zoo: ddddocr_det (fixed batch 1, 3x416x416), 8 calibration / 8 held-out images
     int8 PTQ: output cosine 0.9875 held out; analyze names the costliest quantizers
@@ -101,7 +108,8 @@ def _cosine(a, b) -> float:
 
 def part_zoo(key: str, images: int, workers: int) -> None:
     import zoo_models as zoo
-    float_model = zoo.zoo_model(key)
+    from qgraph.model_io import load_model
+    float_model = load_model(zoo.zoo_model_path(key))   # opset 17, as qgraph users load it
     calib = zoo.zoo_inputs(key, images, "calib")
     held = zoo.zoo_inputs(key, images, "eval")
     start = time.perf_counter()
