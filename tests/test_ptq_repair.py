@@ -130,3 +130,24 @@ def test_mixed_precision_assign_sets_16_bit_activations_and_float(digits):
     assert snr_db(reference, logits) > snr_db(reference, run_model(int8, val)["logits"])
     with pytest.raises(Exception, match="must be one of"):
         run_pass(QModel.from_onnx(int8), "mixed_precision", {"assign": {act: 4}}, PassContext())
+
+
+def test_mixed_precision_bitops_counts_macs_times_weight_and_input_bits(digits):
+    calib, _ = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})
+    model = QModel.from_onnx(int8)
+    report = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.999, "cost": "bitops"},
+                      PassContext(data=calib))
+    # MACs per sample from ONNX shape inference on the float model: every Conv/Gemm is 8x8-bit before
+    float_model = onnx.shape_inference.infer_shapes(build_model("resnet"))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+              list(float_model.graph.value_info) + list(float_model.graph.output)}
+    inits = {i.name: list(i.dims) for i in float_model.graph.initializer}
+    macs = 0
+    for node in float_model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            w = inits[node.input[1]]
+            out = shapes[node.output[0]]
+            macs += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+    assert report["cost"] == "bitops" and report["cost_before"] == 64 * macs
+    assert report["met"]

@@ -11,7 +11,9 @@ starts from the cheapest option everywhere and upgrades, greedily, the quantizer
 option removes the most noise per unit of cost, until the estimate meets the budget; then the
 assignment itself is evaluated, and while it misses the target the budget halves and the
 upgrades go on. Cost `bytes`: weight bytes (bits·elements/8, float 32 bits) plus activation
-bytes per sample. The result is written into the model and as `assign`, a YAML snippet that
+bytes per sample. Cost `bitops`: Σ over Conv/Gemm/MatMul layers of MACs per sample × weight
+bits × input activation bits (float counts 32; a layer's input bits are the widest of its
+input quantizers). The result is written into the model and as `assign`, a YAML snippet that
 re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}`).
 
 16-bit activations are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
@@ -41,7 +43,7 @@ FLOAT = "float"
 
 @register_pass("mixed_precision", preserves_outputs=False)
 def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine", "snr_db", "top1"] = "cosine",
-                    value: float = 0.999, cost: Literal["bytes"] = "bytes", allow_float: bool = True,
+                    value: float = 0.999, cost: Literal["bytes", "bitops"] = "bytes", allow_float: bool = True,
                     assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
                     rounds: Annotated[int, Range(1, 20)] = 6, workers: Annotated[int, Range(0)] = 1,
                     ray: str = "") -> dict:
@@ -56,8 +58,8 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
         if ctx.data is None:
             raise PassError("mixed_precision needs calibration data to measure sensitivity: give --data FILE.npz")
         _check_target(target, value)
-        chosen, report = _search(model, records, ctx, target, float(value), allow_float, max_samples, rounds,
-                                 workers, ray)
+        chosen, report = _search(model, records, ctx, target, float(value), cost, allow_float, max_samples,
+                                 rounds, workers, ray)
     before = {k: (r.bits, r.kind) for k, r in records.items()}
     changed = apply_assignment(model, records, chosen)
     snippet = yaml.safe_dump([{"mixed_precision": {"assign": {k: v for k, v in sorted(chosen.items())
@@ -109,7 +111,7 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
-            allow_float: bool, max_samples: int, rounds: int, workers: int, ray: str):
+            cost: str, allow_float: bool, max_samples: int, rounds: int, workers: int, ray: str):
     from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
                                 switchboard)
     from qgraph.parallel import Evaluator
@@ -124,8 +126,9 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
     plan = ctx.feed_plan(proto)
     off = {SWITCHES: np.zeros(len(sites), np.bool_), ALTERNATES: np.zeros(len(sites), np.bool_)}
-    runner = Runner(board, [s.source for s in sites if s.kind == "activation" and s.source not in plan.names],
-                    threads=1)
+    layers = _layers(qmodel, sites)
+    runner = Runner(board, [s.source for s in sites if s.kind == "activation" and s.source not in plan.names]
+                    + [layer.output for layer in layers], threads=1)
     feeds, reference, labels_list = [], [], []
     outputs = [o.name for o in proto.graph.output]
     elements, samples, labels = {}, 0, plan.data.get("labels")
@@ -135,6 +138,8 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
             if s.kind == "activation" and s.name not in elements:
                 tensor = batch[s.source] if s.source in batch else values[s.source]
                 elements[s.name] = int(tensor.size // max(count, 1))
+        for layer in layers:
+            layer.macs = layer.macs or int(values[layer.output].size // max(count, 1)) * layer.depth
         feeds.append(batch)
         reference.append({o: values[o] for o in outputs})
         labels_list.append(labels[samples:samples + count] if labels is not None else None)
@@ -178,32 +183,86 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     if budget is None:
         budget = 1.0 / 0.999 ** 2 - 1.0
     chosen = {s.name: options(records[s.name], allow_float)[0] for s in sites}
+    costs = CostModel(cost, records, elements, layers)
     history = []
     result = None
     for _ in range(rounds):
-        chosen = _greedy(chosen, records, noise, elements, budget, allow_float)
+        chosen = _greedy(chosen, records, noise, costs, budget, allow_float)
         result = evaluator.map(prepare_variant_runner, evaluate_variant, shared, [variant(chosen)])[0]
-        history.append({"budget": budget, "measured": score(result), "cost": _total(chosen, records, elements)})
+        history.append({"budget": budget, "measured": score(result), "cost": costs.total(chosen)})
         if score(result) >= value:
             break
         budget /= 2.0
-    total_before = _total({n: r.bits for n, r in records.items() if n in index}, records, elements)
+    total_before = costs.total({n: r.bits for n, r in records.items() if n in index})
     weight_bytes = sum(_cost(records[n], o, elements[n]) for n, o in chosen.items() if records[n].kind == "weight")
     low = sum(_cost(records[n], o, elements[n]) for n, o in chosen.items()
               if records[n].kind == "weight" and o != FLOAT and o <= 8)
     report = {"target": target, "measured": score(result), "met": score(result) >= value, "history": history,
-              "cost_before": total_before, "cost_after": _total(chosen, records, elements),
+              "cost": cost, "cost_before": total_before, "cost_after": costs.total(chosen),
               "weight_bytes": weight_bytes, "weight_bytes_8bit_or_less": low, "variants": len(singles) + len(history),
               "evaluated_by": evaluator.describe(), "warnings": [] if score(result) >= value else
               [f"target {target} {value:g} not met after {rounds} rounds (best {score(result):.6g})"]}
     return chosen, report
 
 
-def _total(chosen: dict, records, elements) -> float:
-    return sum(_cost(records[n], o, elements[n]) for n, o in chosen.items())
+class _Layer:
+    """A Conv/Gemm/MatMul whose weight is quantized: its weight and input quantizers, and its MACs."""
+
+    def __init__(self, name: str, output: str, weight: str, inputs: list[str], depth: int):
+        self.name, self.output, self.weight, self.inputs, self.depth = name, output, weight, inputs, depth
+        self.macs = 0
 
 
-def _greedy(chosen: dict, records, noise, elements, budget: float, allow_float: bool) -> dict:
+def _layers(qmodel: QModel, sites) -> list[_Layer]:
+    nodes = {n.name: n for n in qmodel.graph.nodes}
+    layers = []
+    for site in sites:
+        if site.kind != "weight" or len(site.layers) != 1 or site.layers[0] not in nodes:
+            continue
+        node = nodes[site.layers[0]]
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or site.weight is None:
+            continue
+        w = np.asarray(site.weight)
+        out_axis = site.grid.axis if site.grid.per_channel else (0 if node.op != "MatMul" else w.ndim - 1)
+        depth = int(w.size // max(w.shape[out_axis], 1)) if w.ndim else 1
+        inputs = [s.name for s in sites if s.kind == "activation" and node.name in s.layers]
+        layers.append(_Layer(node.name, node.outputs[0].name, site.name, inputs, depth))
+    return layers
+
+
+class CostModel:
+    """The cost of an assignment, and of changing one quantizer (only the terms it touches)."""
+
+    def __init__(self, kind: str, records, elements: dict, layers: list[_Layer]):
+        self.kind, self.records, self.elements, self.layers = kind, records, elements, layers
+        self.touching: dict[str, list[_Layer]] = {}
+        for layer in layers:
+            for name in [layer.weight, *layer.inputs]:
+                self.touching.setdefault(name, []).append(layer)
+
+    @staticmethod
+    def bits(option) -> int:
+        return 32 if option == FLOAT else int(option)
+
+    def _layer(self, layer: _Layer, chosen: dict) -> float:
+        act = max((self.bits(chosen[n]) for n in layer.inputs if n in chosen), default=32)
+        return layer.macs * self.bits(chosen.get(layer.weight, FLOAT)) * act
+
+    def total(self, chosen: dict) -> float:
+        if self.kind == "bytes":
+            return sum(_cost(self.records[n], o, self.elements[n]) for n, o in chosen.items())
+        return float(sum(self._layer(layer, chosen) for layer in self.layers))
+
+    def delta(self, chosen: dict, name: str, option) -> float:
+        if self.kind == "bytes":
+            return (_cost(self.records[name], option, self.elements[name])
+                    - _cost(self.records[name], chosen[name], self.elements[name]))
+        changed = {**chosen, name: option}
+        return float(sum(self._layer(layer, changed) - self._layer(layer, chosen)
+                         for layer in self.touching.get(name, [])))
+
+
+def _greedy(chosen: dict, records, noise, costs: CostModel, budget: float, allow_float: bool) -> dict:
     """Upgrade the best noise-removed-per-byte step until the summed noise meets the budget."""
     chosen = dict(chosen)
     while sum(noise[n][o] for n, o in chosen.items()) > budget:
@@ -213,8 +272,7 @@ def _greedy(chosen: dict, records, noise, elements, budget: float, allow_float: 
             step = ladder.index(option)
             for nxt in ladder[step + 1:]:
                 removed = noise[name][option] - noise[name][nxt]
-                extra = _cost(records[name], nxt, elements[name]) - _cost(records[name], option, elements[name])
-                gain = removed / max(extra, 1e-9)
+                gain = removed / max(costs.delta(chosen, name, nxt), 1e-9)
                 if removed > 0 and gain > best_gain:
                     best, best_gain = (name, nxt), gain
         if best is None:
