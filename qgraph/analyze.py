@@ -296,7 +296,8 @@ class _RangeUse:
 
     def as_dict(self) -> dict:
         unused = float(np.mean((self.codes == 0).sum(axis=1) / self.codes.shape[1])) if self.codes is not None else None
-        lo, hi = quant.grid_bounds(self.site.grid.scale, self.site.grid.zero_point, self.site.qmin, self.site.qmax)
+        lo, hi = quant.grid_bounds(self.site.grid.scale, self.site.grid.zero_point, self.site.qmin, self.site.qmax,
+                                   axis=0, ndim=1)       # per channel: every channel's ends
         return {**self.site.describe(), "clipped_share": self.clipped / self.count if self.count else 0.0,
                 "unused_levels": unused, "grid": [float(np.min(lo)), float(np.max(hi))],
                 "observed": [float(self.hist.min), float(self.hist.max)] if self.hist else None,
@@ -544,20 +545,42 @@ def plots(report: dict, worst: int = 4) -> dict[str, bytes]:
         [q["name"] for q in report["quantizers"]]
     chosen = [n for n in dict.fromkeys(ranked) if n in histograms and histograms[n].hist is not None][:worst]
     for index, name in enumerate(chosen):
-        use = histograms[name]
-        h = use.hist
-        if h.width == 0.0:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3))
-        edges = h.edges()
-        ax.stairs(np.maximum(h.counts, 0.5), edges, fill=True, color="tab:gray")
-        ax.set_yscale("log")
-        lo, hi = quant.grid_bounds(use.site.grid.scale, use.site.grid.zero_point, use.site.qmin, use.site.qmax)
-        for bound in (float(np.min(lo)), float(np.max(hi))):
-            ax.axvline(bound, color="tab:red", lw=1)
-        ax.set_title(f"{name} ({use.site.kind}, {use.site.bits} bits): values and grid ends", fontsize=9)
-        result[f"hist_{index + 1}.png"] = png(fig)
+        fig = _histogram_figure(plt, histograms[name])
+        if fig is not None:
+            result[f"hist_{index + 1}.png"] = png(fig)
     return result
+
+
+def _histogram_figure(plt, use: _RangeUse):
+    """Values and grid ends of one quantizer. Per-channel weights are shown in units of their own
+    channel's step (x/s_c), where every channel's grid is the same [qmin − z, qmax − z]."""
+    site = use.site
+    fig, ax = plt.subplots(figsize=(6, 3))
+    if site.kind == "weight" and site.weight is not None:
+        w = np.asarray(site.weight, np.float64)
+        if site.axis is not None:
+            steps = quant._along(np.asarray(site.grid.scale, np.float64), w.ndim, site.axis)
+            zero = quant._along(np.asarray(site.grid.zero_point, np.float64), w.ndim, site.axis)
+            values, bounds, unit = w / steps, (site.qmin - float(zero.min()), site.qmax - float(zero.max())), \
+                "value / channel step"
+        else:
+            lo, hi = quant.grid_bounds(site.grid.scale, site.grid.zero_point, site.qmin, site.qmax)
+            values, bounds, unit = w, (float(lo), float(hi)), "value"
+        ax.hist(values.ravel(), bins=min(200, max(20, values.size // 20)), color="tab:gray")
+    else:
+        h = use.hist
+        if h is None or h.width == 0.0:
+            plt.close(fig)
+            return None
+        ax.stairs(np.maximum(h.counts, 0.5), h.edges(), fill=True, color="tab:gray")
+        ax.set_yscale("log")
+        lo, hi = quant.grid_bounds(site.grid.scale, site.grid.zero_point, site.qmin, site.qmax)
+        bounds, unit = (float(lo), float(hi)), "value (as its readers see it)"
+    for bound in bounds:
+        ax.axvline(bound, color="tab:red", lw=1)
+    ax.set_xlabel(unit)
+    ax.set_title(f"{site.name} ({site.kind}, {site.bits} bits): values and grid ends", fontsize=9)
+    return fig
 
 
 def public(report: dict) -> dict:
