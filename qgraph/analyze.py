@@ -61,6 +61,7 @@ class QuantizerSite:
     layers: list[str] = field(default_factory=list)
     weight: np.ndarray | None = None   # float value of a weight (from either model)
     view: tuple[float, float] | None = None   # every reader is Relu/Clip: the range they let through
+    producer: str = ""                 # the op computing an activation ("Conv", "Concat", graph input: "")
 
     def seen(self, x: np.ndarray) -> np.ndarray:
         """What the readers see of `x`: a tensor read only by Relu/Clip is compared after the clamp
@@ -80,7 +81,7 @@ class QuantizerSite:
 
     def describe(self) -> dict:
         scale = np.asarray(self.grid.scale, np.float64).reshape(-1)
-        return {"name": self.name, "kind": self.kind, "bits": self.bits, "storage": self.grid.dtype.name,
+        return {"name": self.name, "kind": self.kind, "producer": self.producer, "bits": self.bits, "storage": self.grid.dtype.name,
                 "per_channel": self.grid.per_channel, "scale": float(scale[0]) if scale.size == 1 else
                 [float(scale.min()), float(scale.max())], "layers": self.layers}
 
@@ -115,7 +116,8 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
             kind = "weight" if source.name in constant else "activation"
             qmin, qmax = (record.qmin, record.qmax) if record else (grid.qmin, grid.qmax)
             bits = record.bits if record else 8 * grid.dtype.itemsize
-            sites[key] = QuantizerSite(key, kind, source.name, [node.outputs[0].name], grid, qmin, qmax, bits)
+            sites[key] = QuantizerSite(key, kind, source.name, [node.outputs[0].name], grid, qmin, qmax, bits,
+                                       producer=source.inputs[0].op if source.inputs and kind == "activation" else "")
         elif isinstance(inp, gs.Constant) and np.asarray(inp.values).dtype.kind in "iu":
             name = inp.name[:-len("_quantized")] if inp.name.endswith("_quantized") else inp.name
             original = float_weights.get(name)
@@ -405,6 +407,7 @@ def analyze_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
         results = evaluator.map(prepare_variant_runner, evaluate_variant, shared, variants)
         for (name, members), result in zip(groups, results):
             row = {"group": name, "quantizers": [sites[i].name for i in members],
+                   "ops": sorted({sites[i].producer for i in members if sites[i].producer}),
                    "kinds": sorted({sites[i].kind for i in members}), **_worst(result["outputs"])}
             if has_labels:
                 row["top1"] = result["hits"] / samples
@@ -478,13 +481,14 @@ def summary_lines(report: dict, top: int = 10) -> list[str]:
                   f"  {'rank':>4}  {'out SNR dB':>10}  {'out cosine':>10}  {'top-1':>7}  {report['granularity']}"]
         for rank, row in enumerate(report["sensitivity"][:top], start=1):
             top1 = _pct(row.get("top1")) if "top1" in row else "-"
+            what = f" ({', '.join(row['ops'])})" if row["ops"] and report["granularity"] == "quantizer" else ""
             lines.append(f"  {rank:>4}  {_db(row['output_snr_db']):>10}  {row['output_cosine']:>10.6f}  {top1:>7}  "
-                         f"{row['group']}")
+                         f"{row['group']}{what}")
     lines += ["", "range use (worst local SNR first):",
               f"  {'local SNR dB':>12}  {'clipped':>8}  {'unused levels':>13}  {'bits':>4}  kind        quantizer"]
     for q in report["quantizers"][:top]:
         lines.append(f"  {_db(q['local_snr_db']):>12}  {_pct(q['clipped_share']):>8}  {_pct(q['unused_levels']):>13}  "
-                     f"{q['bits']:>4}  {q['kind']:<10}  {q['name']}")
+                     f"{q['bits']:>4}  {q['kind']:<10}  {q['name']}" + (f" ({q['producer']})" if q["producer"] else ""))
     return lines
 
 
