@@ -151,3 +151,20 @@ def test_mixed_precision_bitops_counts_macs_times_weight_and_input_bits(digits):
             macs += int(np.prod(out[1:])) * int(np.prod(w[1:]))
     assert report["cost"] == "bitops" and report["cost_before"] == 64 * macs
     assert report["met"]
+
+
+def test_16_bit_pairs_train_as_fake_quant_and_come_back(digits):
+    from qgraph.fakequant import to_qdq_form, to_training_form
+    calib, val = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})
+    act = next(n for n, r in read_quantizers(int8).items() if r.kind == "activation" and n != "input")
+    model = QModel.from_onnx(int8)
+    run_pass(model, "mixed_precision", {"assign": {act: 16}}, PassContext())
+    wide = model.to_onnx()
+    training, _ = to_training_form(wide)
+    ranges = [(a.i for a in n.attribute) for n in training.graph.node if n.op_type == "FakeQuant"]
+    assert ranges and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in training.graph.node)
+    assert any({a.name: a.i for a in n.attribute}.get("quant_max") in (32767, 65535)
+               for n in training.graph.node if n.op_type == "FakeQuant")
+    back = to_qdq_form(training)
+    assert np.array_equal(run_model(back, val)["logits"], run_model(wide, val)["logits"])
