@@ -73,8 +73,9 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
     summary = (f"{changed} quantizers changed; " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                + (f"; measured {report['target']} {report['measured']:.6g} (target {value:g})" if "measured" in report
                   else ""))
+    warnings = report.pop("warnings", [])
     return {"changed": changed, "summary": summary, "assign": chosen, "snippet": snippet, **report,
-            "skipped": [], "warnings": report.pop("warnings", []) if isinstance(report, dict) else []}
+            "skipped": [], "warnings": warnings}
 
 
 def _check_target(target: str, value: float) -> None:
