@@ -5,8 +5,10 @@ chosen by measured sensitivity to meet an accuracy target at the least cost.
     min Σ cost_i(o_i)   subject to   Σ noise_i(o_i) ≤ budget            (noise adds: a first-order model)
     budget: SNR target S → 10^(−S/10);  cosine target c → 1/c² − 1;  top-1 → that of cosine 0.999, tightened
 
-Each quantizer is measured alone at each of its options (qgraph.analyze's switchboard: one ORT
-session per worker evaluates every variant; workers are local processes or Ray). The search
+Each quantizer is measured alone at its own grid (`measure: all`: at each of its options; by
+default the other grids' noise is the measured one scaled by their squared step ratio,
+noise ∝ s², which the verification below checks) — qgraph.analyze's switchboard: one ORT
+session per worker evaluates every variant; workers are local processes or Ray. The search
 starts from the cheapest option everywhere and upgrades, greedily, the quantizer whose next
 option removes the most noise per unit of cost, until the estimate meets the budget; then the
 assignment itself is evaluated, and while it misses the target the budget halves and the
@@ -45,8 +47,8 @@ FLOAT = "float"
 def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine", "snr_db", "top1"] = "cosine",
                     value: float = 0.999, cost: Literal["bytes", "bitops"] = "bytes", allow_float: bool = True,
                     assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
-                    rounds: Annotated[int, Range(1, 20)] = 6, workers: Annotated[int, Range(0)] = 1,
-                    ray: str = "") -> dict:
+                    rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
+                    workers: Annotated[int, Range(0)] = 1, ray: str = "") -> dict:
     """Assign weights 4/8 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
     records = read_quantizers(model)
     if not records:
@@ -59,7 +61,7 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
             raise PassError("mixed_precision needs calibration data to measure sensitivity: give --data FILE.npz")
         _check_target(target, value)
         chosen, report = _search(model, records, ctx, target, float(value), cost, allow_float, max_samples,
-                                 rounds, workers, ray)
+                                 rounds, measure, workers, ray)
     before = {k: (r.bits, r.kind) for k, r in records.items()}
     changed = apply_assignment(model, records, chosen)
     snippet = yaml.safe_dump([{"mixed_precision": {"assign": {k: v for k, v in sorted(chosen.items())
@@ -112,7 +114,7 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
-            cost: str, allow_float: bool, max_samples: int, rounds: int, workers: int, ray: str):
+            cost: str, allow_float: bool, max_samples: int, rounds: int, measure: str, workers: int, ray: str):
     from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
                                 switchboard)
     from qgraph.parallel import Evaluator
@@ -164,13 +166,19 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     singles, keys = [], []
     for s in sites:
         for option in options(records[s.name], False):
-            singles.append(variant({**base, s.name: option}))
-            keys.append((s.name, option))
+            if measure == "all" or option == records[s.name].bits:
+                singles.append(variant({**base, s.name: option}))
+                keys.append((s.name, option))
     measured = evaluator.map(prepare_variant_runner, evaluate_variant, shared, singles)
     noise = {name: {FLOAT: 0.0} for name in index}
     for (name, option), result in zip(keys, measured):
         snr = min(v["snr_db"] for v in result["outputs"].values())
         noise[name][option] = 0.0 if snr == np.inf else 10.0 ** (-snr / 10.0)
+    for s in sites:                      # measure "own": other grids scale the noise by (step ratio)²
+        for option in options(records[s.name], False):
+            if option not in noise[s.name]:
+                ratio = np.asarray(alternates[index[s.name]][0], np.float64) / np.asarray(s.grid.scale, np.float64)
+                noise[s.name][option] = noise[s.name][records[s.name].bits] * float(np.mean(ratio ** 2))
 
     def score(result) -> float:
         if target == "top1":
