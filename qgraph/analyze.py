@@ -192,7 +192,11 @@ def switchboard(model: QModel, sites: list[QuantizerSite],
     """The QDQ model with a bool input `qgraph_switches` [len(sites)]: quantizer i is applied where
     switches[i] is true, and its readers read the float source where it is false. With
     `alternates` ({site index: (scale, zero point in its storage type, axis)}), a second bool
-    input `qgraph_alternates` selects, per quantizer, that other grid instead of the model's."""
+    input `qgraph_alternates` selects, per quantizer, that other grid instead of the model's.
+
+    Weights stored as float constants are not switched in the graph: their readers read the
+    constant, and `values` ({site index: (initializer, fake-quantized value, on the alternate
+    grid or None)}) lets the runner swap it per variant. Returns (model, values)."""
     board = model.copy()
     tensors = board.tensors()
     switches = gs.Variable(SWITCHES, np.bool_, [len(sites)])
@@ -201,16 +205,26 @@ def switchboard(model: QModel, sites: list[QuantizerSite],
     if alternates:
         alt_input = gs.Variable(ALTERNATES, np.bool_, [len(sites)])
         board.graph.inputs.append(alt_input)
+    weights = {}
     for i, site in enumerate(sites):
         source = tensors.get(site.source)
         if source is None:  # a weight stored quantized: its float original comes from the float model
             source = board.add_constant(f"{site.name}_qgraph_float", site.weight)
+        if site.kind == "weight" and isinstance(source, gs.Constant) and site.weight is not None:
+            # a switched weight is a constant per variant (swapped by the runner): ORT keeps
+            # prepacking it, where a Where on the weight would make every Conv dynamic (4x slower)
+            for out_name in site.outputs:
+                quantized = tensors[out_name]
+                for reader in list(quantized.outputs):
+                    reader.inputs = [source if t is quantized else t for t in reader.inputs]
+            weights[i] = source.name
+            continue
         index = board.add_constant(f"{SWITCHES}_{i}_index", np.array(i, np.int64))
         flag = board.add_variable(f"{SWITCHES}_{i}", np.bool_, [])
         board.add_node("Gather", [switches, index], [flag], f"{SWITCHES}_{i}_Gather")
         alt = None
         if alternates and i in alternates:
-            alt = _alternate_pair(board, site, source, alt_input, i, *alternates[i])
+            alt = _alternate_pair(board, site, source, alt_input, i, *alternates[i][:3])
         for out_name in site.outputs:
             quantized = tensors[out_name]
             if alt is not None:
@@ -225,25 +239,69 @@ def switchboard(model: QModel, sites: list[QuantizerSite],
                     reader.inputs = [switched if t is original else t for t in reader.inputs]
             board.graph.outputs = [switched if t is original else t for t in board.graph.outputs]
             board.add_node("Where", [flag, quantized, source], [switched], f"{out_name}_qgraph_switch")
-    return board.to_onnx()
+    proto = board.to_onnx()
+    values = {}
+    for i, name in weights.items():
+        site = sites[i]
+        alt = None
+        if alternates and i in alternates:
+            scale, zp, axis = alternates[i][:3]
+            alt = quant.fake_quantize(site.weight, scale, zp, *_alt_range(site, alternates[i]), axis=axis)
+        values[i] = (name, site.fake_quantize(site.weight), alt)
+    return proto, values
+
+
+def _alt_range(site: QuantizerSite, alternate) -> tuple[int, int]:
+    """[qmin, qmax] of a weight's other grid: its fourth entry, else the site's own."""
+    return alternate[3] if len(alternate) > 3 else (site.qmin, site.qmax)
 
 
 # -- the tasks that run in workers ----------------------------------------------------------------
 
+class _VariantSessions:
+    """ORT sessions of the switchboard: one for variants with every weight float (kept), and one
+    per set of quantized weights (their initializers swapped in a copy of the model)."""
+
+    def __init__(self, shared: dict):
+        self.shared = shared
+        self.model = shared["model"]
+        self.base = None
+
+    def runner(self, weights: dict):
+        from qgraph.runner import Runner
+        if not weights:
+            if self.base is None:
+                self.base = Runner(self.model, threads=1)
+            return self.base
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for init in model.graph.initializer:
+            if init.name in weights:
+                init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(weights[init.name], np.float32), init.name))
+        return Runner(model, threads=1)
+
+
 def prepare_variant_runner(shared: dict):
-    from qgraph.runner import Runner
-    return Runner(shared["model"], threads=1), shared
+    return _VariantSessions(shared), shared
 
 
 def evaluate_variant(state, switches: np.ndarray) -> dict:
     """Outputs of the switchboard with `switches` over every batch, against the float outputs:
     per output the sums of TensorStats (exactly mergeable), and top-1 hits when labels exist."""
-    runner, shared = state
+    sessions, shared = state
     stats = {name: TensorStats(name, "float32") for name in shared["outputs"]}
     hits = 0
-    extra = {SWITCHES: np.asarray(switches, np.bool_)}
+    alternates = None
     if isinstance(switches, tuple):      # (switches, alternates)
-        extra = {SWITCHES: np.asarray(switches[0], np.bool_), ALTERNATES: np.asarray(switches[1], np.bool_)}
+        switches, alternates = switches
+    extra = {SWITCHES: np.asarray(switches, np.bool_)}
+    if alternates is not None:
+        extra[ALTERNATES] = np.asarray(alternates, np.bool_)
+    weights = {}
+    for i, (name, base, alt) in shared.get("weights", {}).items():
+        if extra[SWITCHES][i]:
+            weights[name] = alt if alternates is not None and alternates[i] and alt is not None else base
+    runner = sessions.runner(weights)
     for feeds, reference, labels in zip(shared["feeds"], shared["reference"], shared["labels"]):
         values = runner.run({**feeds, **extra}, shared["outputs"])
         for name in shared["outputs"]:
@@ -396,7 +454,8 @@ def analyze_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
     sensitivity = []
     if local:
         groups = groups_of(sites, granularity)
-        shared = {"model": switchboard(model, sites), "feeds": feeds_list, "reference": reference,
+        board, weights = switchboard(model, sites)
+        shared = {"model": board, "weights": weights, "feeds": feeds_list, "reference": reference,
                   "labels": labels_list, "outputs": outputs}
         variants = []
         for _, members in groups:

@@ -125,7 +125,7 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     index = {s.name: i for i, s in enumerate(sites)}
     alternates = {index[name]: _alternate_grid(model, records[name], other)
                   for name in index for other in options(records[name], False) if other != records[name].bits}
-    board = switchboard(qmodel, sites, alternates)
+    board, weights = switchboard(qmodel, sites, alternates)
     # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
     plan = ctx.feed_plan(proto)
     off = {SWITCHES: np.zeros(len(sites), np.bool_), ALTERNATES: np.zeros(len(sites), np.bool_)}
@@ -154,7 +154,7 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     for s in sites:
         if s.kind == "weight":
             elements[s.name] = int(np.asarray(s.weight).size)
-    shared = {"model": board, "feeds": feeds, "reference": reference, "labels": labels_list, "outputs": outputs}
+    shared = {"model": board, "weights": weights, "feeds": feeds, "reference": reference, "labels": labels_list, "outputs": outputs}
     evaluator = Evaluator(workers, ray or None)
 
     def variant(assignment: dict):
@@ -299,7 +299,8 @@ def _alternate_grid(model: QModel, record: QuantizerRecord, bits: int):
         scale, zp = weight_qparams(next(iter(value.values())), new)
     else:
         scale, zp = _activation_regrid(model, record, new)
-    return np.asarray(scale, np.float32), np.asarray(zp).astype(quant.storage_dtype(new.signed, bits)), record.axis
+    return (np.asarray(scale, np.float32), np.asarray(zp).astype(quant.storage_dtype(new.signed, bits)), record.axis,
+            (new.qmin, new.qmax))
 
 
 def _regrid_record(record: QuantizerRecord, bits: int) -> QuantizerRecord:
@@ -329,7 +330,7 @@ def apply_assignment(model: QModel, records: dict[str, QuantizerRecord], chosen:
             _remove_pair(model, nodes, record)
             del records[name]
             continue
-        scale, zp, _ = _alternate_grid(model, record, option)
+        scale, zp, _, _ = _alternate_grid(model, record, option)
         new = _regrid_record(record, option)
         q, dq = nodes[record.quantize], nodes[record.dequantize]
         q.inputs[2].values = np.asarray(q.inputs[2].values).astype(quant.storage_dtype(new.signed, option))
