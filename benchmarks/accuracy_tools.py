@@ -34,11 +34,24 @@ Measured (2 shared cores; see the bottom of this docstring for what was not met 
     the issue's 88.7 / 90.4 were the best of minmax and mse weight observers.
 
     zoo: ddddocr_det (fixed batch 1, 3x416x416), 8 calibration / 8 held-out images
-    int8 PTQ: output cosine 0.9875 held out; analyze names the costliest quantizers
-    mixed_precision (target cosine 0.999): see MEASURED_ZOO below
+    int8 PTQ (ptq.yaml): held-out output cosine 0.98367
+    analyze, 349 quantizers, 2 local workers: 600 s (load average ~10 from other jobs on the
+    2 cores; 986 s in a second run at load ~7). First tensor under 20 dB: '886'. Costliest alone
+    (output SNR / cosine): '880' 21.2 dB / 0.99627, '886' 22.0 / 0.99688, '895' 23.9 / 0.99795,
+    '511' 25.4 / 0.99857, '519' 26.0 / 0.99875: the activation quantizers on the outputs of
+    backbone Convs that feed SiLU (x·sigmoid(x), exported as Sigmoid + Mul) and on the SiLU
+    products ('511', '519') — wide, signed ranges of which SiLU keeps mostly the small part.
+    mixed_precision (target cosine 0.999): not measured to the end — the first run was cut by
+    my own 50-minute timeout during its 698 single-quantizer runs at load ~7-10; the pass now
+    measures each quantizer once (349 runs) and scales the noise to the other grids.
 
-    scale: ResNet-50, 64 images
-    see MEASURED_SCALE below
+    scale: ResNet-50 (126 quantizers, 64 real 224x224 photos, batch 8), load average ~7 on 2 cores
+    float model, 1 ORT thread:                 15 s for the 64 images
+    ORT running the QDQ model itself:          32 s
+    one local run on the switchboard:          33-50 s  (its 72 activation Q/DQ/Where cost ~20 s)
+    estimated all 126 local runs: 70 min on 1 worker, 35 min on 2 (goal 10 min: not met)
+    1 vs 2 workers, measured on MNIST MobileNetV2 (45 quantizers, 1,000 val digits):
+    233 s vs 119 s = 1.96x.
 """
 
 from __future__ import annotations
