@@ -4,11 +4,13 @@ model vs ORT's own quantize_static QOperator output.
 
     python benchmarks/interp.py [--batch 16] [--image-size 28] [--width 8] [--repeats 5]
                                 [--models resnet mobilenetv2] [--threads T]
+                                [--zoo | --zoo-only] [--zoo-models KEY ...] [--zoo-batches 1 8]
 
 Each model: canonicalize + fuse_conv_bn (fold), quantize_static QDQ (per-channel int8 weights,
 uint8 activations, 128 MNIST val images), then `lower` to both targets. Times are medians of
-`--repeats` runs per batch on the same inputs. Threads: `--threads T` gives ORT T intra-op threads
-and NumPy's BLAS T threads (through OPENBLAS_NUM_THREADS/OMP_NUM_THREADS, set before NumPy loads);
+`--repeats` runs per batch on the same inputs; ORT and the interpreter are timed alternately and
+interp/ORT is the median of the per-pair ratios (a shared machine's load hits both). Threads:
+`--threads T` gives ORT T intra-op threads and NumPy's BLAS T threads (through OPENBLAS_NUM_THREADS/OMP_NUM_THREADS, set before NumPy loads);
 without it both use their defaults (all cores). The interpreter is timed as a compiled plan
 (`qgraph.interp.compile_model(model).run`, what `qgraph diff` needs per batch); the "run()" column
 is the one-call `qgraph.interp.run`, which also serializes the model to find its cached plan.
@@ -16,21 +18,47 @@ onnx.reference runs batch 1 once (it is slow) and is compared with the interpret
 what it cannot run is reported with its error. Every lowered model is also checked bit-exact
 between ORT and the interpreter on the benchmark batch.
 
-Measured (2-core AMD EPYC VM shared with other jobs; interp/ORT on the qlinear target, width 8,
-28x28; all bit-exact). Medians drift by 10-30% between runs here, default threads the most:
+Measured on 2 shared cores of an Intel Xeon (AVX-512 VNNI, AMX: ORT's int8 kernels are much
+faster here than on the AMD EPYC VM of earlier runs), load average 8-10 from other jobs; one
+thread each (`--threads 1`), width 8, 28x28, interp/ORT on the qlinear target, all bit-exact:
 
-    --threads 1          batch 1   batch 16   batch 64
-      resnet qlinear      7-8x      3.0x       2.7x
-      mobilenetv2 qlinear 10x       5.2x       5.0x
-      resnet integer      2.5-2.8x  0.8-1.0x   0.9x
-      mobilenetv2 integer 1.6x      0.8x       0.8x
-    default threads
-      resnet qlinear      7-8x      3.8x       3.3-3.8x
-      mobilenetv2 qlinear 10x       5-11x      4.9-6.3x
+    --threads 1, --repeats 15   batch 1   batch 16
+      resnet qlinear             4.0x      5.5x
+      mobilenetv2 qlinear        5.1x      7.5x
+      resnet integer             1.8x      1.0x
+      mobilenetv2 integer        0.4x      0.8x
 
-Batch 1 is per-node overhead (~25 us for a pointwise QLinearConv, ~50-65 us for a depthwise or
-3x3 one, against ORT's ~0.1 ms for the whole model); at batch 16/64 the cost is the elementwise
-passes over each conv output (bias, the five of requantization, the store) more than the GEMMs.
+Batch 1 is per-node overhead: 15-30 NumPy calls per QLinearConv (padding, im2col, GEMM, bias,
+the five passes of requantization, the store), 20-30 us against ORT's ~3 us per node (0.1 ms
+for the whole model). At batch 16 the depthwise convolutions dominate (one banded GEMM per
+channel over gathered row blocks, three times the input) next to ORT's VNNI/AMX int8 kernels.
+
+`--zoo` (or `--zoo-only`): interp/ORT per zoo model (benchmarks/zoo_models.py, real inputs), one
+thread each, alternated, median of 9 per-pair ratios, load average ~9.7:
+
+    model              nodes    b1 ORT   interp  ratio    b8 ORT   interp  ratio
+    nudenet_320n         323      42.4    158.9   3.7x     336.4   1168.4   3.3x
+    ddddocr_det          279      82.5    294.9   3.5x     799.6   2984.4   3.7x
+    ddddocr_ocr          102      60.6    133.7   2.3x     513.2   1130.9   2.2x
+    ddddocr_ocr_old      292      17.4    161.1   8.0x     131.2   1257.0   9.6x
+    pplcnet              192       7.6     19.0   2.9x      50.8    141.8   2.8x
+    pplcnet_textdir      192       0.5      2.6   4.4x       7.1     16.1   2.3x
+    vit_encoder          320      16.9     79.6   4.5x     128.7    596.4   4.7x
+    db_detector          212      30.5     92.5   3.0x     285.6    742.0   2.6x
+    svtr_recognizer      293       5.9     16.6   6.1x      22.8    107.6   5.1x
+
+(Before this round — Conv programs rebuilt per call, MatMulInteger converting its 1024x8210
+weights to float64 per call, the MLAS transcriptions' mixed-type passes — the same table read
+nudenet 4.0x/3.7x, ddddocr_det 2.7x/5.8x, ddddocr_ocr_old 12.3x/12.4x, pplcnet_textdir 8.4x,
+svtr 12.1x at batch 1.) What is left:
+- ddddocr_ocr_old (dynamically quantized CRNN): ORT runs ConvInteger, MatMulInteger and the
+  DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs (about
+  13 ms of ConvInteger, 8 ms for the 1024x8210 MatMulInteger, 12 ms of LSTM step GEMVs that
+  stream 8 MB of float32 weights per step), already ~5x ORT's whole 7 ms before the MLAS
+  sigmoids (11 SiLUs, ~14 ms) and DynamicQuantizeLinear passes.
+- svtr_recognizer: 293 nodes in 1.2-6 ms of ORT time: the per-node floor of NumPy.
+- Sigmoid (MLAS's rational function, transcribed bit for bit with float64 FMAs and float32
+  roundings, ~40 passes per chunk) is about a third of the YOLO models' time.
 """
 
 from __future__ import annotations
@@ -69,6 +97,22 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_times(reference, candidate, repeats: int) -> tuple[float, float, float]:
+    """Median ms of each and the median of their per-pair ratios, the two timed alternately
+    (after one warm-up each), so that a load change on a shared machine hits both."""
+    reference(), candidate()
+    ref_s, cand_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        ref_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        candidate()
+        cand_s.append(time.perf_counter() - start)
+    ratio = statistics.median(c / r for c, r in zip(cand_s, ref_s))
+    return 1e3 * statistics.median(ref_s), 1e3 * statistics.median(cand_s), ratio
 
 
 def prepare(name: str, image_size: int, width: int, calib: np.ndarray, workdir: Path) -> dict[str, onnx.ModelProto]:
@@ -134,16 +178,16 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
         model = models[label]
         ort = Runner(model, threads=args.threads)
         plan = compile_model(model)
-        ort_ms = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
-        interp_ms = 1e3 * median_time(lambda: plan.run({"input": xb}), args.repeats)
+        ort_ms, interp_ms, ratio = paired_times(lambda: ort.run({"input": xb}), lambda: plan.run({"input": xb}),
+                                                args.repeats)
         run_ms = 1e3 * median_time(lambda: interp_run(model, {"input": xb}), args.repeats)
         exact = np.array_equal(ort.run({"input": xb})["logits"], plan.run({"input": xb})["logits"])
-        ort1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
-        interp1 = 1e3 * median_time(lambda: plan.run({"input": x1}), args.repeats)
+        ort1, interp1, ratio1 = paired_times(lambda: ort.run({"input": x1}), lambda: plan.run({"input": x1}),
+                                             args.repeats)
         ref_s, why = reference_time(model, x1)
         ref = f"{1e3 * ref_s:14.1f} {1e3 * ref_s / interp1:9.0f}x" if ref_s is not None else f"{'—':>14} {'—':>10}"
-        rows.append(f"  {label:<10} {ort_ms:9.2f} {interp_ms:10.2f} {interp_ms / ort_ms:9.1f}x {run_ms:9.2f} "
-                    f"{str(exact):>9} {ort1:9.2f} {interp1:12.2f} {interp1 / ort1:7.1f}x {ref}")
+        rows.append(f"  {label:<10} {ort_ms:9.2f} {interp_ms:10.2f} {ratio:9.1f}x {run_ms:9.2f} "
+                    f"{str(exact):>9} {ort1:9.2f} {interp1:12.2f} {ratio1:7.1f}x {ref}")
         if why:
             rows.append(f"  {'':<10} onnx.reference could not run it: {why}")
     rows.append(f"  ORT latency (batch {args.batch} / batch 1, ms):")
@@ -152,6 +196,44 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
         tb = 1e3 * median_time(lambda: ort.run({"input": xb}), args.repeats)
         t1 = 1e3 * median_time(lambda: ort.run({"input": x1}), args.repeats)
         rows.append(f"    {label:<28} {tb:8.2f} / {t1:6.2f}")
+    return rows
+
+
+def zoo_ratio_rows(args) -> list[str]:
+    """Interpreter vs ORT per zoo model (benchmarks/zoo_models.py) at each of `--zoo-batches`:
+    medians of `--repeats` alternated runs on real preprocessed inputs and the median of the
+    per-pair ratios, one thread each (ORT intra-op 1, BLAS 1). A fixed-batch model runs a batch of
+    B as B runs of one sample, in both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo_models as zoo
+    from qgraph.interp import set_blas_threads
+
+    previous = set_blas_threads(1)
+    rows = [f"\nzoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} runs",
+            f"  {'model':<18} {'nodes':>5} " + " ".join(f"{'b' + str(b) + ' ORT':>9} {'interp':>8} {'ratio':>6}"
+                                                     for b in args.zoo_batches)]
+    try:
+        for key in args.zoo_models:
+            entry = zoo.zoo_entry(key)
+            try:
+                model = zoo.zoo_model(key)
+                data = zoo.zoo_inputs(key, max(args.zoo_batches), "eval")[entry.input_name]
+            except (zoo.ZooUnavailable, OSError) as exc:
+                rows.append(f"  {key:<18} unavailable: {exc}")
+                continue
+            ort = Runner(model, threads=1)
+            plan = compile_model(model)
+            cells = []
+            for b in args.zoo_batches:
+                step = 1 if entry.fixed_batch else b
+                feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
+                ort_ms, interp_ms, ratio = paired_times(lambda: [ort.run(f) for f in feeds],
+                                                        lambda: [plan.run(f) for f in feeds], args.repeats)
+                cells.append(f"{ort_ms:9.1f} {interp_ms:8.1f} {ratio:5.1f}x")
+            rows.append(f"  {key:<18} {len(model.graph.node):5d} " + " ".join(cells))
+    finally:
+        if previous is not None:
+            set_blas_threads(previous)
     return rows
 
 
@@ -165,13 +247,26 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet", "mobilenetv2"])
     parser.add_argument("--threads", type=int, default=0,
                         help="ORT intra-op threads and BLAS threads (0: each library's default)")
+    parser.add_argument("--zoo", action="store_true", help="also time every zoo model (benchmarks/zoo_models.py)")
+    parser.add_argument("--zoo-only", action="store_true", help="only the zoo section")
+    parser.add_argument("--zoo-models", nargs="+", default=ZOO_KEYS)
+    parser.add_argument("--zoo-batches", nargs="+", type=int, default=[1, 8])
     args = parser.parse_args()
+    if args.zoo_only:
+        print("\n".join(zoo_ratio_rows(args)))
+        return
     data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, data, Path(tmp))
+    if args.zoo:
+        rows += zoo_ratio_rows(args)
     print("\n".join(rows))
+
+
+ZOO_KEYS = ["nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "pplcnet", "pplcnet_textdir",
+            "vit_encoder", "db_detector", "svtr_recognizer"]
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
         if verbose:
             for item in step.report.get("skipped", []):
                 echo(f"    skipped {item['node']}: {item['reason']}")
+            for tensor, why in step.report.get("placement", {}).items():
+                echo(f"    tensor {tensor}: {why}")
 
     reports = run_pipeline(model, pipeline, ctx, verify=verify, on_step=show)
     result = model.to_onnx()
@@ -171,8 +173,13 @@ def lower_file(model_path: str | os.PathLike, target: str, output: str | os.Path
 
 def _check_lowerable(model: onnx.ModelProto, path) -> None:
     """Lowering needs QDQ pairs; an uncalibrated qgraph model lowers, with a warning."""
-    from qgraph.describe import integer_ops, qdq_pairs
+    from qgraph.describe import dynamic_quantizers, integer_ops, qdq_pairs
     if not qdq_pairs(model):
+        if dynamic_quantizers(model):
+            raise ModelError(f"{path}: is dynamically quantized (ONNX Runtime quantize_dynamic: "
+                             f"{dynamic_quantizers(model)} run-time quantizers), not QDQ; quantize it statically "
+                             "first: qgraph passes run MODEL --pipeline ptq --data calib.npz -o q.onnx "
+                             "(its dequantize_dynamic step restores the float layers), then lower q.onnx")
         if integer_ops(model):
             raise ModelError(f"{path}: holds no QuantizeLinear/DequantizeLinear pairs but {integer_ops(model)} "
                              "integer ops: it is already lowered; lower its QDQ source instead")
@@ -279,3 +286,24 @@ def _check_report_folder(output, reads) -> Path | None:
                         "give a new or existing folder")
     check_outputs({f"-o {name}": folder / name for name in ANALYZE_FILES}, reads)
     return folder
+
+
+def profile_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, against: str | None = None,
+                 batch_size: int = 8, repeats: int = 20, threads: int = 0, json_path: str | None = None):
+    """`qgraph profile`: ORT latency and per-op profile of MODEL (beside AGAINST, the reference of
+    the ratios, when given), on the data file; no file is left but the --json report."""
+    from qgraph.profile import profile_models
+    check_value(batch_size, BatchSize, "--batch-size")
+    check_value(repeats, Annotated[int, Range(1, 100_000)], "--repeats")
+    check_value(threads, Annotated[int, Range(0, 1024)], "--threads")
+    check_outputs({"--json": json_path}, {"model": model_path, "--data": data_path, "--against": against})
+    model = load_model(model_path, convert_opset=False)
+    data = load_data(data_path, model)
+    models = [(model, str(model_path))]
+    if against:
+        other = load_model(against, convert_opset=False, what="--against model")
+        models.insert(0, (other, str(against)))
+    report = profile_models(models, data, batch_size=batch_size, repeats=repeats, threads=threads)
+    if json_path:
+        write_files({json_path: json_bytes(report.as_dict())})
+    return report

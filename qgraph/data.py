@@ -11,7 +11,10 @@ mid-run. `FeedPlan` says how each array feeds its input, from the model's own sh
 - ``stacked``: the array has one more dimension than the input; each entry along the first
   axis is one whole model input (one sample per run, e.g. for scalar inputs);
 - ``whole``: the array has exactly the input's (static) shape and no sample axis; the same
-  value feeds every run (e.g. a weight given as an input).
+  value feeds every run (e.g. a weight given as an input). An array of exactly a fully static
+  input's shape could also be one fixed batch: it is fed whole when reading it as a batch would
+  disagree with the other inputs' sample counts (ONNX's node tests: a matrix, a weight and
+  scalar scales), and so is an empty input (first dimension 0).
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class FeedPlan:
                             f"the model needs {sorted(inputs)}")
         feeds = tuple(_input_feed(name, np.asarray(data[name]), dtype, dims, origin)
                       for name, (dtype, dims) in inputs.items())
+        if len({f.samples for f in feeds if f.samples is not None}) > 1:
+            feeds = _whole_where_ambiguous(feeds, data, inputs)
         counts = {f.samples for f in feeds if f.samples is not None}
         if LABELS in data and any(f.mode != "whole" for f in feeds):
             labels = np.asarray(data[LABELS])
@@ -199,6 +204,8 @@ def _input_feed(name: str, array: np.ndarray, dtype: np.dtype, dims: list, origi
     if array.ndim == len(dims) and dims and dims[0] is None:
         if fits((None, *array.shape[1:])):
             return InputFeed(name, "batched", array.shape[0], None)
+    elif array.ndim == len(dims) and dims and dims[0] == 0 and fits(array.shape):
+        return InputFeed(name, "whole", None, None)   # an empty input (no rows to batch)
     elif array.ndim == len(dims) and dims and dims[0] is not None and fits((dims[0], *array.shape[1:])):
         batch = dims[0]
         if batch > 0 and array.shape[0] % batch == 0:
@@ -212,6 +219,17 @@ def _input_feed(name: str, array: np.ndarray, dtype: np.dtype, dims: list, origi
     if array.ndim == 0:
         raise DataError(f"{origin}: key {name!r} is a scalar, the model needs shape {shown}")
     raise DataError(f"{origin}: key {name!r} has shape {list(array.shape)}, the model needs {shown}")
+
+
+def _whole_where_ambiguous(feeds: tuple[InputFeed, ...], data: dict, inputs: dict) -> tuple[InputFeed, ...]:
+    """An array of exactly a fully static input's shape reads either as one fixed batch of
+    samples or as the whole input (a weight or a scale given as an input, as ONNX's node tests
+    do). When the sample counts disagree, such arrays are fed whole."""
+    def exactly_one_batch(f: InputFeed) -> bool:
+        dims = inputs[f.name][1]
+        return f.mode == "fixed" and None not in dims and list(np.shape(data[f.name])) == dims
+
+    return tuple(InputFeed(f.name, "whole", None, None) if exactly_one_batch(f) else f for f in feeds)
 
 
 def _check_finite_array(name: str, array: np.ndarray, origin: str) -> None:

@@ -58,6 +58,15 @@ def integer_ops(model: onnx.ModelProto) -> int:
     return sum(n.op_type in _INTEGER_OPS for n in model.graph.node)
 
 
+#: ONNX Runtime's quantize_dynamic: activations quantized per batch inside the model.
+_DYNAMIC_QUANTIZERS = ("DynamicQuantizeLinear", "DynamicQuantizeLSTM")
+
+
+def dynamic_quantizers(model: onnx.ModelProto) -> int:
+    """How many nodes quantize activations at run time (a dynamically quantized model)."""
+    return sum(n.op_type in _DYNAMIC_QUANTIZERS for n in model.graph.node)
+
+
 def describe_model(model: onnx.ModelProto) -> dict:
     inits = {i.name for i in model.graph.initializer}
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
@@ -74,6 +83,7 @@ def describe_model(model: onnx.ModelProto) -> dict:
         "annotations": all_annotations(model),
         "qdq_pairs": qdq_pairs(model),
         "integer_ops": integer_ops(model),
+        "dynamic_quantizers": dynamic_quantizers(model),
     }
 
 
@@ -96,6 +106,10 @@ def format_description(info: dict, name: str = "model") -> str:
             kind = "weight" if p["weight"] else "act"
             axis = "per-channel" if p["per_channel"] else "per-tensor"
             lines.append(f"  {kind:<6} {p['tensor']}: {p['storage']} {axis}")
+    elif info["dynamic_quantizers"]:
+        lines.append(f"QDQ pairs: none; dynamically quantized (ONNX Runtime quantize_dynamic): "
+                     f"{info['dynamic_quantizers']} run-time quantizers, {info['integer_ops']} integer ops; "
+                     "the dequantize_dynamic pass (first in ptq/qat) restores its float layers")
     elif info["integer_ops"]:
         lines.append(f"QDQ pairs: none; {info['integer_ops']} integer ops (a lowered model)")
     else:

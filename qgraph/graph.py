@@ -50,8 +50,14 @@ class QModel:
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto) -> "QModel":
         """Import with inferred types, so passes can tell float tensors from integer shape tensors
-        (exporters such as torch.onnx write no types for intermediate tensors)."""
+        (exporters such as torch.onnx write no types for intermediate tensors), at the working
+        opset (a model of another opset is converted, as load_model does for files)."""
+        from qgraph.model_io import convert_to_working_opset, default_opset
+        if default_opset(model) != OPSET:
+            model = convert_to_working_opset(model)
         graph = gs.import_onnx(_with_inferred_types(model))
+        others = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
+        graph.import_domains = [onnx.helper.make_opsetid("", OPSET), *others]
         metadata = {p.key: p.value for p in model.metadata_props}
         return cls(graph, metadata, model.ir_version, model.producer_name or "qgraph")
 
@@ -60,6 +66,10 @@ class QModel:
         self.cleanup()
         self.graph.opset = OPSET
         model = gs.export_onnx(self.graph, do_type_check=False)
+        imports = [imp for imp in model.opset_import if imp.domain not in ("", "ai.onnx")]
+        del model.opset_import[:]
+        model.opset_import.add(domain="", version=OPSET)
+        model.opset_import.extend(imports)
         domains = {imp.domain for imp in model.opset_import}
         if any(n.domain == MS_DOMAIN for n in self.graph.nodes) and MS_DOMAIN not in domains:
             model.opset_import.add(domain=MS_DOMAIN, version=1)
@@ -171,9 +181,14 @@ class QModel:
         node.outputs.clear()
 
     def cleanup(self) -> None:
-        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+        self.toposort()
         self._names = Counter(n.name for n in self.graph.nodes)
         self._tensor_names |= set(self.graph.tensors())
+
+    def toposort(self) -> None:
+        """Sort the nodes topologically in place, in gs.Graph.toposort's order (see toposort_nodes)."""
+        toposort_nodes(self.graph)
 
     # -- analysis ---------------------------------------------------------------------
     def nx_view(self) -> nx.DiGraph:
@@ -192,3 +207,61 @@ class QModel:
 
     def initializer_size(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def toposort_nodes(graph: gs.Graph) -> None:
+    """Sort `graph`'s nodes in place into the order gs.Graph.toposort gives, without recursion.
+
+    gs computes each node's level (1 + the highest level of its producers, 0 without any) by a
+    recursive depth-first search from every node in list order, and sorts stably by level, ties
+    in the order the search finished the nodes. Its recursion goes as deep as the longest chain
+    of nodes listed after their readers — a lowered model appends every new node at the end,
+    and the integer target's requantization chains then passed Python's recursion limit on
+    ddddocr's detector. This is the same search with an explicit stack. Graphs with subgraphs
+    or functions (nested scopes, not written by qgraph) keep gs's own sort.
+    """
+    if graph.functions or any(next(node.subgraphs(), None) is not None for node in graph.nodes):
+        graph.toposort()
+        return
+    members = {id(node) for node in graph.nodes}
+    produced = {t.name for node in graph.nodes for t in node.outputs if not t.is_empty()}
+
+    known: dict[int, list[gs.Node]] = {}
+
+    def producers(node: gs.Node) -> list[gs.Node]:
+        if id(node) in known:
+            return known[id(node)]
+        found: dict[int, gs.Node] = {}
+        for tensor in node.inputs:
+            if tensor.name in produced:
+                for producer in tensor.inputs:
+                    if id(producer) not in members:
+                        raise PassError(f"node '{producer.name}' writes '{tensor.name}' but is not in the graph")
+                    found.setdefault(id(producer), producer)
+        known[id(node)] = list(found.values())
+        return known[id(node)]
+
+    level: dict[int, int] = {}          # insertion order: the order the search finished the nodes
+    finished: list[gs.Node] = []
+    for root in graph.nodes:
+        if id(root) in level:
+            continue
+        path = {id(root)}
+        stack = [(root, iter(producers(root)))]
+        while stack:
+            node, pending = stack[-1]
+            for producer in pending:
+                if id(producer) in level:
+                    continue
+                if id(producer) in path:
+                    raise PassError(f"the graph has a cycle through node '{producer.name}'; "
+                                    "are there tensors with duplicate names?")
+                path.add(id(producer))
+                stack.append((producer, iter(producers(producer))))
+                break
+            else:
+                stack.pop()
+                path.discard(id(node))
+                level[id(node)] = 1 + max((level[id(p)] for p in producers(node)), default=-1)
+                finished.append(node)
+    graph.nodes = sorted(finished, key=lambda node: level[id(node)])

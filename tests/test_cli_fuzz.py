@@ -335,31 +335,32 @@ def _commands_on_model(model: str):
         "train": (*TRAIN, model, "--data", "data.npz", "-o", "out.onnx"),
         "lower": ("lower", model, "-o", "out.onnx"),
         "diff": ("diff", model, "--data", "data.npz"),
+        "profile": ("profile", model, "--data", "data.npz", "--repeats", "1"),
     }
 
 
 # which commands must refuse each bad model (the others may succeed on it)
 BAD_MODELS = {
-    "absent.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "noise.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "truncated.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "empty.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "text.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "npz.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "checker.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "external.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "model_dir.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "fifo.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "dangling.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "loop_a.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "ort_rejects.onnx": ("passes", "train", "diff"),
-    "no_inputs.onnx": ("passes", "train", "diff"),
-    "custom_op.onnx": ("passes", "train", "diff"),
-    "meta_json.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "meta_type.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "meta_record.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "meta_flag.onnx": ("passes", "inspect", "train", "lower", "diff"),
-    "meta_typo.onnx": ("passes", "inspect", "train", "lower", "diff"),
+    "absent.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "noise.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "truncated.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "empty.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "text.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "npz.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "checker.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "external.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "model_dir.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "fifo.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "dangling.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "loop_a.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "ort_rejects.onnx": ("passes", "train", "diff", "profile"),
+    "no_inputs.onnx": ("passes", "train", "diff", "profile"),
+    "custom_op.onnx": ("passes", "train", "diff", "profile"),
+    "meta_json.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "meta_type.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "meta_record.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "meta_flag.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
+    "meta_typo.onnx": ("passes", "inspect", "train", "lower", "diff", "profile"),
     "model.onnx": ("lower",),           # a float model has nothing to lower
     "lowered.onnx": ("lower",),         # lowering twice lowers nothing
     "fixed_batch2.onnx": ("train",),    # batch 8 cannot feed a model whose batch is fixed at 2
@@ -388,6 +389,7 @@ def _data_cases():
             "train": (*TRAIN, "model.onnx", "--data", data, "-o", "out.onnx"),
             "train-val": (*TRAIN, "model.onnx", "--data", "data.npz", "--val", data, "-o", "out.onnx"),
             "diff": ("diff", "ptq.onnx", "--data", data),
+            "profile": ("profile", "ptq.onnx", "--data", data, "--repeats", "1"),
         }
         for command, args in commands.items():
             yield Case(f"data-{data}-{command}", args, prepare=prepare)
@@ -424,9 +426,15 @@ def _option_cases():
         yield Case(f"train-loss-{loss}", (*train, "--loss", loss), expect="loss")
     yield Case("lower-target", ("lower", "ptq.onnx", "--target", "fpga", "-o", "out.onnx"))
     diff = ("diff", "ptq.onnx", "--data", "data.npz")
-    for option, values in {"--batch-size": ("0", "-3"), "--limit": ("0", "-5")}.items():
+    for option, values in {"--batch-size": ("0", "-3"), "--limit": ("0", "-5"), "--threads": ("-1", "x")}.items():
         for value in values:
             yield Case(f"diff{option}={value}", (*diff, option, value))
+    profile = ("profile", "ptq.onnx", "--data", "data.npz", "--repeats", "1")
+    for option, values in {"--batch-size": ("0", "-3"), "--repeats": ("0", "-1"), "--threads": ("-1",),
+                           "--top": ("0", "-2")}.items():
+        for value in values:
+            yield Case(f"profile{option}={value}", (*profile, option, value))
+    yield Case("profile-batch-beyond-data", (*profile, "--batch-size", "64"), expect="samples")
     build = ("models", "build")
     yield Case("build-unknown", (*build, "vgg", "-o", "out.onnx"))
     for option, values in {"--width": ("0", "-4"), "--classes": ("-3", "0"), "--seed": ("-1",),
@@ -518,6 +526,21 @@ def _alias_cases():
         ("against=noise", ("--against", "noise.onnx"), None),
     ]:
         yield Case(f"alias-diff-{label}", (*diff, *extra), prepare=prepare)
+    profile = ("profile", "lowered.onnx", "--data", "data.npz", "--against", "ptq.onnx", "--repeats", "1")
+    for label, extra, prepare in [
+        ("json=model", ("--json", "lowered.onnx"), None),
+        ("json=data", ("--json", "data.npz"), None),
+        ("json=against", ("--json", "ptq.onnx"), None),
+        ("json=fifo", ("--json", "fifo.json"), _fifo("fifo.json")),
+        ("json=dir", ("--json", "outdir"), _mkdir("outdir")),
+        ("json=symlink-data", ("--json", "link.json"), _symlink("link.json", "data.npz")),
+        ("json=device", ("--json", "null.dev"), _chardev("null.dev")),
+        ("json=missing-dir", ("--json", "nowhere/p.json"), None),
+        ("against=absent", ("--against", "absent.onnx"), None),
+        ("against=noise", ("--against", "noise.onnx"), None),
+        ("against=dir", ("--against", "model_dir.onnx"), None),
+    ]:
+        yield Case(f"alias-profile-{label}", (*profile, *extra), prepare=prepare)
     for command, args in {"build": ("models", "build", "lenet", "-o"), "export": ("data", "export", "digits", "-o")}.items():
         for label, target, prepare in [("dir", "outdir", _mkdir("outdir")), ("fifo", "fifo", _fifo("fifo")),
                                        ("device", "null.dev", _chardev("null.dev")), ("notes", "notes.txt/x", None)]:

@@ -50,3 +50,31 @@ def test_batches_shuffle_deterministically(small_cnn):
     assert a == b and sorted(sum(a, [])) == list(range(10)) and a != [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     feeds = random_inputs(small_cnn, batch=3)
     assert feeds["input"].shape == (3, 1, 8, 8) and feeds["input"].dtype == np.float32
+
+
+def _static_model(shapes: dict) -> "onnx.ModelProto":
+    import onnx
+    from onnx import TensorProto, helper
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v)) for k, v in shapes.items()]
+    nodes = [helper.make_node("Identity", [k], [f"{k}_out"]) for k in shapes]
+    outputs = [helper.make_empty_tensor_value_info(f"{k}_out") for k in shapes]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_static_inputs_of_exactly_their_shape_are_fed_whole_when_batches_disagree():
+    """ONNX's node tests: a (2, 4) matrix, a (4, 3) matrix and a (1,) scale, all static. Read as
+    fixed batches they would hold 2, 4 and 1 samples; they are one whole run instead."""
+    from qgraph.data import check_data
+    model = _static_model({"a": (2, 4), "b": (4, 3), "s": (1,), "empty": (0,)})
+    data = {"a": np.ones((2, 4), np.float32), "b": np.ones((4, 3), np.float32), "s": np.ones(1, np.float32),
+            "empty": np.zeros(0, np.float32)}
+    plan = check_data(data, model)
+    assert [f.mode for f in plan.feeds] == ["whole"] * 4 and plan.samples == 1
+    (feeds, count), = list(plan.batches(64))
+    assert count == 1 and all(feeds[k] is data[k] for k in data)
+    # a real fixed batch with more rows than one batch still batches
+    plan = check_data({"a": np.ones((6, 4), np.float32)}, _static_model({"a": (2, 4)}))
+    assert plan.feeds[0].mode == "fixed" and plan.samples == 6
+    with pytest.raises(DataError, match="different numbers of samples"):
+        check_data({"a": np.ones((4, 4), np.float32), "b": np.ones((8, 3), np.float32)},
+                   _static_model({"a": (2, 4), "b": (4, 3)}))

@@ -73,3 +73,32 @@ def test_top1_accuracy_counts_argmax_hits_across_batches(small_cnn):
     labels = predicted.copy()
     labels[:5] = (labels[:5] + 1) % 3
     assert top1_accuracy(small_cnn, {"input": data["input"], "labels": labels}, batch_size=4) == 18 / 23
+
+
+def test_toposort_keeps_gs_order_and_needs_no_recursion(small_cnn):
+    """The same order as gs.Graph.toposort (levels, ties in search order) on a shuffled graph, and a
+    chain far deeper than Python's recursion limit listed backwards (lowered models append every
+    new node at the end) sorts without RecursionError."""
+    import random
+    import sys
+
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper
+
+    ours, theirs = gs.import_onnx(small_cnn), gs.import_onnx(small_cnn)
+    order = list(range(len(ours.nodes)))
+    random.Random(0).shuffle(order)
+    ours.nodes = [ours.nodes[i] for i in order]
+    theirs.nodes = [theirs.nodes[i] for i in order]
+    theirs.toposort()
+    model = QModel(ours)
+    model.toposort()
+    assert [n.name for n in model.graph.nodes] == [n.name for n in theirs.nodes]
+
+    depth = 3 * sys.getrecursionlimit()
+    nodes = [helper.make_node("Neg", [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i in range(depth)]
+    graph = helper.make_graph(nodes[::-1], "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(f"t{depth}", TensorProto.FLOAT, [1])])
+    chain = QModel(gs.import_onnx(helper.make_model(graph)))
+    chain.cleanup()
+    assert [n.name for n in chain.graph.nodes] == [f"n{i}" for i in range(depth)]

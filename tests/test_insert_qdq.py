@@ -131,18 +131,23 @@ def test_skip_leaves_the_node_float_and_unmatched_rule_warns(prepared, images):
     run_model(m.to_onnx(), {"input": images})
 
 
-def test_quantize_output_false_keeps_the_head_float(prepared, images):
+def test_the_head_writes_float_and_rules_keep_inputs_float(prepared, images):
+    """No integer op reads the logits, so the head computes on integers but writes float
+    (what a deployment compiler does); quantize_input: false keeps a node's inputs float."""
     proto = prepared["mlp"]
     head = [n for n in proto.graph.node if n.op_type == "Gemm"][-1]
-    m, _ = _quantize(proto, rules=[{"name": head.name, "quantize_output": False}])
-    out = m.graph.outputs[0]
-    assert out.name == "logits" and out.inputs[0].op == "Gemm"
-    m2, _ = _quantize(proto)
-    assert m2.graph.outputs[0].name == "logits" and m2.graph.outputs[0].inputs[0].op == "DequantizeLinear"
-    # quantize_input false on a node whose producer is quantized changes nothing (HAT's neck)
-    m3, _ = _quantize(proto, rules=[{"name": head.name, "quantize_input": False}])
-    assert len(read_quantizers(m3)) == len(read_quantizers(m2))
+    m, report = _quantize(proto)
+    assert m.graph.outputs[0].name == "logits" and m.graph.outputs[0].inputs[0].op == "Gemm"
+    assert report["placement"]["logits"] == "not quantized: a graph output no integer op reads"
+    node = next(n for n in m.graph.nodes if n.name == head.name)
+    source = node.inputs[0].name                      # a Relu output: its quantizer sits on the Relu input
+    assert _dq_fed(m, node.inputs[1]) and source in get_annotation(m, ALIASES)
+    m2, report2 = _quantize(proto, rules=[{"name": head.name, "quantize_input": False}])
+    node = next(n for n in m2.graph.nodes if n.name == head.name)
+    assert _dq_fed(m2, node.inputs[1]) and source not in (get_annotation(m2, ALIASES) or {})
+    assert len(read_quantizers(m2)) < len(read_quantizers(m))
     run_model(m.to_onnx(), {"input": images})
+    run_model(m2.to_onnx(), {"input": images})
 
 
 def test_four_bit_weights_stay_in_their_range(prepared, images):

@@ -11,7 +11,7 @@ from qgraph.pipeline import (PassContext, PassSpec, _PASSES, all_passes, get_pas
 def test_registry_lists_passes_with_params():
     passes = all_passes()
     assert "canonicalize" in passes
-    assert passes["canonicalize"].params == {"fold_constants": True, "remove_identity": True}
+    assert passes["canonicalize"].params == {"fold_constants": True, "remove_identity": True, "exporter_idioms": True}
     assert passes["canonicalize"].preserves_outputs
 
 

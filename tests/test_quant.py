@@ -271,6 +271,55 @@ def test_requantize_fixed_point_onnx_form_is_bit_exact_in_ort(signed, seed):
     np.testing.assert_array_equal(got, want)
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans(), st.booleans())
+def test_fixed_point_steps_equal_requantize_fixed_point(channels, seed, signed, biased, bounded, clamped):
+    """The integer target's wide steps compute requantize_fixed_point of acc + bias, clipped to the
+    folded activation's codes, bit for bit: over every accumulator within the bound (or any int32
+    when there is none, the steps then clip first), per channel, with ties and extremes."""
+    rng = np.random.default_rng(seed)
+    real = rng.uniform(1e-5, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
+    real[0] = [0.5, 0.25, 1.0, 2.5][seed % 4]               # exact .5 ties on odd accumulators
+    m0, shift = quant.quantize_multiplier(real)
+    storage = np.int8 if signed else np.uint8
+    qmin, qmax = quant.storage_range(storage)
+    zp = int(rng.integers(qmin, qmax + 1))
+    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    bias = rng.integers(-2**20, 2**20, channels) if biased else None
+    bound = rng.integers(1, 2**26, channels) if bounded else None
+    steps = quant.fixed_point_steps(m0, shift, zp, qlo, qhi, storage, bias, bound)
+    assert steps is not None
+    limit = bound if bounded else np.full(channels, 2**31 - 1)
+    acc = np.concatenate([rng.integers(-limit, limit + 1, (300, channels)), [-limit, limit, np.zeros(channels)]])
+    if not bounded:
+        acc = np.concatenate([acc, np.full((1, channels), -2**31)])
+    acc = acc.astype(np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
+                                        qmin, qmax, dtype=np.int64)
+    np.testing.assert_array_equal(steps.apply(acc, (channels,)), np.clip(want, qlo, qhi).astype(storage))
+
+
+def test_fixed_point_steps_refuse_multipliers_below_int64_reach():
+    """A multiplier below about 2^-22 needs a shift past 52 bits: no int64 form (the Mod/Div one
+    remains), and a mixed per-channel set falls back to one shift per channel."""
+    m0, shift = quant.quantize_multiplier(np.array([1e-12]))
+    assert quant.fixed_point_steps(m0, shift, 128, 0, 255, np.uint8) is None
+    m0, shift = quant.quantize_multiplier(np.array([0.6, 1e-7]))
+    steps = quant.fixed_point_steps(m0, shift, 128, 0, 255, np.uint8, bias=[2**30, 0])   # bias·2^23 overflows
+    assert steps is not None and steps.shift.tolist() == [31, 54]
+    acc = np.array([[-2**30 - 200, 0], [-2**30 + 200, 2**31 - 1]], np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + [2**30, 0], m0, shift, 128, 0, 255)
+    np.testing.assert_array_equal(steps.apply(acc, (2,)), want)
+
+
+def test_accumulator_bound_is_reached_by_the_worst_input():
+    w = np.array([[[3, -4], [0, 127]], [[-128, 1], [2, 2]]], np.int8)          # 2 channels
+    bound = quant.accumulator_bound(w, np.int8(0), np.uint8(10), np.uint8)
+    assert bound.tolist() == [134 * 245, 133 * 245]
+    x = np.where(w[0] > 0, 255, 0).astype(np.int64) - 10                      # all-positive terms
+    assert int(np.sum(x * w[0])) <= bound[0]
+
+
 # --------------------------------------------------------------------------- against ORT
 @pytest.mark.parametrize("qt,npt,qmin,qmax", [(TensorProto.INT8, np.int8, -128, 127),
                                               (TensorProto.UINT8, np.uint8, 0, 255)])

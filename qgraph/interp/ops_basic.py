@@ -157,8 +157,8 @@ def clip(ctx, x, lo=None, hi=None):
     if lo is not None:
         out = np.maximum(out, np.asarray(lo, dtype=x.dtype))
     if hi is not None:
-        out = np.minimum(out, np.asarray(hi, dtype=x.dtype))
-    return out.astype(x.dtype)
+        out = np.minimum(out, np.asarray(hi, dtype=x.dtype), out=out if out is not x and out.ndim else None)
+    return np.asarray(out)
 
 
 @register("Softmax")

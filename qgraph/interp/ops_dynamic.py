@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph.interp.ops_quant import dynamic_quantize_linear, matmul_accumulate
+from qgraph.interp.ops_quant import dynamic_quantize_linear, matmul_accumulate, memoized_matmul_weights
 from qgraph.interp.registry import MS_DOMAIN, register
 
 
@@ -43,7 +43,8 @@ def dynamic_quantize_matmul(ctx, a, b, b_scale, b_zp=None, bias=None):
     if a.dtype != np.float32:
         raise ctx.error(f"A type {a.dtype} is not supported (float32)")
     q, a_scale, a_zp = dynamic_quantize_linear(ctx, a)
-    acc = matmul_accumulate(q, a_zp, b, _b_zero_point(ctx, b_zp))
+    b_zp = _b_zero_point(ctx, b_zp)
+    acc = matmul_accumulate(q, a_zp, b, b_zp, memoized_matmul_weights(ctx, q, b, b_zp, 1, 3))
     return _scaled(ctx, acc, a_scale, b_scale, bias)
 
 
@@ -53,5 +54,7 @@ def matmul_integer_to_float(ctx, a, b, a_scale, b_scale, a_zp=None, b_zp=None, b
     B per-tensor or per-column."""
     if a_zp is not None and np.asarray(a_zp).size != 1:
         raise ctx.error("A's zero point must be a scalar (per-tensor)")
-    acc = matmul_accumulate(a, None if a_zp is None else np.asarray(a_zp).reshape(()), b, _b_zero_point(ctx, b_zp))
+    b_zp = _b_zero_point(ctx, b_zp)
+    acc = matmul_accumulate(a, None if a_zp is None else np.asarray(a_zp).reshape(()), b, b_zp,
+                            memoized_matmul_weights(ctx, a, b, b_zp, 1, 5))
     return _scaled(ctx, acc, a_scale, b_scale, bias)

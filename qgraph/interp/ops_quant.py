@@ -65,13 +65,24 @@ def dequantize_linear(ctx, x, scale, zp=None):
 def dynamic_quantize_linear(ctx, x):
     """uint8 quantization over [min(x, 0), max(x, 0)]: scale = (max - min) / 255 in float32,
     zp = round_half_even(clamp(0 - min / scale, 0, 255)) (ORT GetQuantizationParameter)."""
-    lo = np.float32(min(np.min(x), np.float32(0))) if x.size else np.float32(0)
-    hi = np.float32(max(np.max(x), np.float32(0))) if x.size else np.float32(0)
-    scale = np.float32(1.0) if hi == lo else np.float32((hi - lo) / np.float32(255))
-    zpf = np.float32(np.float32(0) - lo / scale)
-    zp = np.uint8(quant.round_half_even(np.clip(zpf, np.float32(0), np.float32(255))))
-    y = quant.quantize(x, scale, zp, 0, 255, dtype=np.uint8)
-    return y, np.asarray(scale, np.float32), np.asarray(zp, np.uint8)
+    q, scale, zp = dynamic_quantize_rows(x.reshape(1, -1))
+    return q.reshape(x.shape), scale.reshape(()), zp.reshape(())
+
+
+def dynamic_quantize_rows(x):
+    """DynamicQuantizeLinear of each row of a 2-D+ array on its own range (a recurrent step
+    quantizes each direction's state so): (uint8 codes, float32 scales, uint8 zero points)."""
+    flat = x.reshape(x.shape[0], -1)
+    f0 = np.float32(0)
+    if flat.shape[1]:
+        lo = np.minimum(flat.min(axis=1), f0)
+        hi = np.maximum(flat.max(axis=1), f0)
+    else:
+        lo = hi = np.zeros(flat.shape[0], np.float32)
+    scale = np.where(hi == lo, np.float32(1), (hi - lo) / np.float32(255)).astype(np.float32)
+    zpf = (f0 - lo / scale).astype(np.float32)
+    zp = quant.round_half_even(np.clip(zpf, f0, np.float32(255))).astype(np.uint8)
+    return quant.quantize(x, scale, zp, 0, 255, axis=0, dtype=np.uint8), scale, zp
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -96,12 +107,16 @@ def _shifted(v, zp, dtype, axis=None):
 
 def _gemm_dtype(x, x_zp, w, w_zp):
     """float32 if the largest possible |partial sum| of a conv output channel is below 2^24
-    (then BLAS is exact in any summation order), else float64 (exact below 2^53)."""
+    (then BLAS is exact in any summation order), else float64 (exact below 2^53). ``x_zp`` None
+    bounds |x - x_zp| by the full width of x's type (a zero point not known in advance)."""
     if not w.size:
         return np.float32
-    xz = np.asarray(0 if x_zp is None else x_zp).astype(np.int64).reshape(-1)
     lo, hi = qlimits(x.dtype)
-    xmax = int(np.max(np.maximum(np.abs(hi - xz), np.abs(lo - xz))))
+    if x_zp is None:
+        xmax = hi - lo
+    else:
+        xz = np.asarray(x_zp).astype(np.int64).reshape(-1)
+        xmax = int(np.max(np.maximum(np.abs(hi - xz), np.abs(lo - xz))))
     wz = np.asarray(0 if w_zp is None else w_zp).astype(np.int64).reshape(-1)
     wz = wz.reshape((-1,) + (1,) * (w.ndim - 1)) if wz.size > 1 else wz.reshape(())
     row_sums = np.abs(w.astype(np.int64) - wz).reshape(w.shape[0], -1).sum(axis=1)
@@ -113,16 +128,19 @@ def conv_accumulate_program(ctx, x, x_zp, w, w_zp, epilogue=None, out_dtype=np.i
     (N, M, *out), for inputs of x's shape. BLAS yields it as float32/float64 exact integers, a
     chunk of images at a time; ``epilogue(acc, dt)`` (default: conversion to int32) turns each
     chunk into the ``out_dtype`` result. The shifted weight matrix and the accumulator type depend
-    only on w, w_zp, x_zp and x's dtype, so a compiled plan computes them once."""
+    only on w, w_zp and x's dtype (and x_zp when it is a constant), so a compiled plan computes
+    them once, also when x_zp comes from a DynamicQuantizeLinear."""
     strides, dilations, pads = conv_geometry(ctx, x.shape, w.shape)
     group = ctx.attr("group", 1)
+    w_at, zp_at, wz_at = _conv_const_inputs(ctx)
+    zp_known = x_zp is None or ctx.is_const(zp_at)
 
     def prepare():
-        dt = _gemm_dtype(x, x_zp, w, w_zp)
-        shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
-        return dt, shift, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
+        dt = _gemm_dtype(x, np.zeros((), np.int64) if x_zp is None else (x_zp if zp_known else None), w, w_zp)
+        return dt, conv_weights(_shifted(w, w_zp, dt, axis=0), group, dt)
 
-    dt, shift, wmat = ctx.once(("conv", x.dtype.str), prepare, *_conv_const_inputs(ctx))
+    dt, wmat = ctx.once(("conv", x.dtype.str, zp_known), prepare, w_at, wz_at)
+    shift = None if x_zp is None else dt(np.asarray(x_zp).reshape(-1)[0])
     if epilogue is None:
         def chunk_epilogue(acc):
             return acc.astype(np.int32)
@@ -138,30 +156,47 @@ def _conv_const_inputs(ctx):
     return (3, 2, 5) if ctx.node.op_type == "QLinearConv" else (1, 2, 3)
 
 
-def matmul_accumulate(a, a_zp, b, b_zp):
-    """Exact int32 matmul accumulator; b_zp may be per column (last axis of B)."""
+def matmul_weights(a_dtype, b, b_zp) -> tuple[type, np.ndarray]:
+    """(float type, B - b_zp in it), exact for any A of ``a_dtype`` and any zero point of A:
+    float32 when no partial sum of a row of A with a column of B can reach 2^24 (BLAS is then
+    exact in any order and moves half the bytes), else float64 (exact below 2^53)."""
     bz = None if b_zp is None else np.asarray(b_zp)
     if bz is not None and bz.size > 1:
         bz = bz.reshape(bz.shape if bz.ndim == b.ndim else (-1,))
-    dt = np.float64  # matmuls are small next to convs; float64 is exact for any 8-bit K < 2^37
-    af = _shifted(a, a_zp, dt)
-    bf = b.astype(dt)
-    if bz is not None:
-        bf -= bz.astype(dt)
-    return np.matmul(af, bf).astype(np.int32)
+    shifted = b.astype(np.int64) - (0 if bz is None else bz.astype(np.int64))
+    lo, hi = qlimits(a_dtype)
+    column_sums = np.abs(shifted).sum(axis=-2) if b.ndim >= 2 else np.abs(shifted)
+    dt = np.float32 if float(column_sums.max(initial=0)) * (hi - lo) < _F32_EXACT else np.float64
+    return dt, shifted.astype(dt)
+
+
+def matmul_accumulate(a, a_zp, b, b_zp, weights=None):
+    """Exact int32 matmul accumulator; b_zp may be per column (last axis of B). ``weights``:
+    :func:`matmul_weights` of B, when a kernel memoized them."""
+    dt, bf = weights if weights is not None else matmul_weights(a.dtype, b, b_zp)
+    return np.matmul(_shifted(a, a_zp, dt), bf).astype(np.int32)
+
+
+def memoized_matmul_weights(ctx, a, b, b_zp, b_at: int, bz_at: int):
+    """:func:`matmul_weights`, computed once per plan when B and its zero point are constants."""
+    return ctx.once(("matmul_weights", a.dtype.str), lambda: matmul_weights(a.dtype, b, b_zp), b_at, bz_at)
 
 
 @register("ConvInteger")
 def conv_integer(ctx, x, w, x_zp=None, w_zp=None):
-    """int32 Y = conv(x - x_zp, w - w_zp); w_zp per tensor or per output channel."""
-    return ctx.once(("program", x.shape, x.dtype.str), lambda: conv_accumulate_program(ctx, x, x_zp, w, w_zp),
-                    1, 2, 3)(x)
+    """int32 Y = conv(x - x_zp, w - w_zp); w_zp per tensor or per output channel. The program is
+    memoized per input shape and x_zp value (a dynamic zero point takes one of 256 values)."""
+    if x_zp is not None and np.asarray(x_zp).size != 1:
+        raise ctx.error("x_zero_point must be a scalar (per-tensor), as in ORT")
+    zp = None if x_zp is None else int(np.asarray(x_zp).reshape(()))
+    return ctx.once(("program", x.shape, x.dtype.str, zp), lambda: conv_accumulate_program(ctx, x, x_zp, w, w_zp),
+                    1, 3)(x)
 
 
 @register("MatMulInteger")
 def matmul_integer(ctx, a, b, a_zp=None, b_zp=None):
     """int32 Y = (A - a_zp) @ (B - b_zp); b_zp per tensor or per column."""
-    return matmul_accumulate(a, a_zp, b, b_zp)
+    return matmul_accumulate(a, a_zp, b, b_zp, memoized_matmul_weights(ctx, a, b, b_zp, 1, 3))
 
 
 @register("QLinearConv", "", MS_DOMAIN)
@@ -208,7 +243,7 @@ def qlinear_matmul(ctx, a, as_, azp, b, bs, bzp, ys, yzp):
     QLinearConv (float32 multiplier per column of B, MlasRequantizeOutput)."""
     if np.asarray(as_).dtype != np.float32 or np.asarray(bs).dtype != np.float32:
         raise ctx.error("only float32 scales are supported")
-    acc = matmul_accumulate(a, azp, b, bzp)
+    acc = matmul_accumulate(a, azp, b, bzp, memoized_matmul_weights(ctx, a, b, bzp, 3, 5))
     mult = quant.ort_requant_multiplier(as_, bs, ys)
     mult = mult.reshape(mult.shape if mult.ndim == b.ndim else (-1,)) if mult.size > 1 else mult.reshape(())
     dtype = np.asarray(yzp).dtype.type

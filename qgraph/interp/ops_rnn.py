@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph.interp import mlas
-from qgraph.interp.ops_quant import _gemm_dtype, dynamic_quantize_linear
+from qgraph.interp.ops_quant import _gemm_dtype, dynamic_quantize_linear, dynamic_quantize_rows
 from qgraph.interp.registry import MS_DOMAIN, register
 
 F32 = np.float32
@@ -321,10 +321,12 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
         xw[k, :seq.steps] = _dynamic_quant_gemm(xs[k].reshape(-1, seq.i), wf[k], ws[k]).reshape(seq.steps, seq.b, -1)
 
     def recurrent(h):  # each direction's H quantized on its own range, both GEMMs in one call
-        quantized = [dynamic_quantize_linear(None, h[k]) for k in range(d)]
-        a = np.stack([q.astype(rf.dtype) - rf.dtype.type(zp) for q, _, zp in quantized])
-        mult = np.stack([a_scale * rs[k] for k, (_, a_scale, _) in enumerate(quantized)])
-        return np.matmul(a, rf).astype(F32) * mult
+        q, a_scale, zp = dynamic_quantize_rows(h)
+        a = q.astype(rf.dtype)
+        a -= zp.astype(rf.dtype).reshape(d, 1, 1)
+        acc = np.matmul(a, rf).astype(F32)
+        acc *= a_scale.reshape(d, 1, 1) * rs   # float32(a_scale · r_scale), as ORT
+        return acc
 
     ys, h, c = _lstm(ctx, seq, xw, recurrent, b, initial_h, initial_c, p)
     return _lstm_outputs(ctx, seq, ys, h, c)

@@ -89,6 +89,10 @@ class NodeContext:
         value = memo[key] = compute()
         return value
 
+    def is_const(self, i: int) -> bool:
+        """Whether node input ``i`` is a plan constant (or omitted); False outside a plan."""
+        return bool(self.const) and (i >= len(self.const) or self.const[i])
+
     @property
     def where(self) -> str:
         n = self.node

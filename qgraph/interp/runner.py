@@ -123,8 +123,9 @@ def set_blas_threads(threads: int) -> int | None:
     count (None when NumPy's BLAS is not an OpenBLAS this can reach). The interpreter's GEMMs are
     many and small: on a busy machine, BLAS threads waiting for a core cost more than they save
     (measured here: a YOLOv8n run 10x slower with two threads than with one while other processes
-    held the cores). Like :func:`recycle_large_arrays` this is process-wide, so the library never
-    calls it by itself; benchmarks and the CLI may."""
+    held the cores; 5-9x on the zoo models at load 8). Like :func:`recycle_large_arrays` this is
+    process-wide, so the library never calls it by itself: `qgraph diff` sets one thread
+    (``--threads``), the benchmarks time the interpreter with one thread next to ORT's one."""
     calls = _openblas_thread_calls()
     if calls is None:
         return None
@@ -203,14 +204,7 @@ class Plan:
             ctx = step.ctx
             if fresh:
                 ctx = NodeContext(ctx.node, ctx.opset)
-            try:
-                res = step.kernel(ctx, *args)
-            except InterpError:
-                raise
-            except Exception as e:  # a kernel bug or a malformed node: say where
-                raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
-            if type(res) is not tuple:
-                res = (res,)
+            res = _call(step.kernel, ctx, args)
             for name, arr in zip(step.outputs, res):
                 if name:
                     values[name] = arr
@@ -220,6 +214,28 @@ class Plan:
         if missing:
             raise InterpError(f"requested tensors {missing} are neither computed nor fed; check the names")
         return {t: values[t] if values[t].flags.writeable else values[t].copy() for t in wanted}
+
+    def run_node(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Node ``index`` (of the model's node list) alone, its inputs read from ``values`` (by
+        name) or the plan's initializers: ``{output name: array}``. `qgraph diff` uses it to re-run
+        one op on the inputs ONNX Runtime computed."""
+        node, ctx = self.nodes[index], self.contexts[index]
+        kernel = lookup(node.domain, node.op_type)
+        if kernel is None:
+            raise InterpError(f"unsupported op {node.op_type} (domain {node.domain or 'ai.onnx'!r}) "
+                              f"at node {node.name!r}; the reference interpreter has no kernel for it")
+        args = []
+        for t in node.input:
+            if not t:
+                args.append(None)
+            elif t in values:
+                args.append(np.asarray(values[t]))
+            elif t in self.consts:
+                args.append(self.consts[t])
+            else:
+                raise InterpError(f"node {node.name!r} ({node.op_type}) needs tensor {t!r}: give its value")
+        res = _call(kernel, ctx, args)
+        return {name: arr for name, arr in zip(node.output, res) if name}
 
     def _missing(self, step: _Step, values) -> InterpError:
         n = step.ctx.node
@@ -258,3 +274,15 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
     graph outputs); any intermediate tensor may be requested. Reuses the compiled plan of a
     model seen in one of the last few calls; for many batches prefer :func:`compile_model`."""
     return _plan_for(model).run(feeds, outputs)
+
+
+def _call(kernel, ctx, args: list) -> tuple:
+    """The kernel's outputs as a tuple; an exception other than InterpError (a kernel bug or a
+    malformed node) becomes an InterpError that says which node."""
+    try:
+        res = kernel(ctx, *args)
+    except InterpError:
+        raise
+    except Exception as e:
+        raise InterpError(f"{ctx.where}: {type(e).__name__}: {e}") from e
+    return res if type(res) is tuple else (res,)

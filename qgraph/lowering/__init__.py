@@ -16,13 +16,15 @@ import onnx
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, name_nodes, skip
-from qgraph.lowering import fold, integer, qlinear
-from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QUANTIZERS, QInput, check_quantizers, wide_quantizer_nodes,
+from qgraph.idioms import BINARY_ELEMENTWISE, Declined, index_tensors, name_nodes, skip, unary_regions
+from qgraph.lowering.tables import lower_region
+from qgraph.lowering import conv_transpose, fold, integer, qlinear
+from qgraph.lowering.patterns import (DEQUANTIZE, FLOAT_OUTPUT_OPS, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
-                                      read_quantizer)
+                                      read_quantizer, wide_quantizer_nodes)
 
-TARGETS = {"qlinear": qlinear.RULES, "integer": integer.RULES}
+_MODULES = {"qlinear": qlinear, "integer": integer}
+TARGETS = {name: module.RULES for name, module in _MODULES.items()}
 
 __all__ = ["TARGETS", "lower_graph", "lower_model"]
 
@@ -46,26 +48,55 @@ def lower_graph(model: QModel, target: str) -> dict:
     check_weight_axes(model)
     unsigned = integer.unsign_activations(model) if target == "integer" else 0
     sunk = fold.sink_dequantize(model)
+    transposed, transpose_declined = conv_transpose.rewrite_conv_transposes(model)
+    if transposed:          # its pixel shuffle runs on the codes: sink the new DequantizeLinear too
+        sunk |= fold.sink_dequantize(model)
     warnings = [w for w in [fold.infer_shapes(model)] if w]
 
     region = quantized_region(model)
-    lowered, skipped, absorbed = Counter(), [], set()
+    index = index_tensors(model)
+    lowered, skipped, kept_float, absorbed, float_heads = Counter(), [], [], set(), set()
     kept = [skip(n, "16-bit quantizer: kept as a QDQ pair (ORT has no 16-bit QLinear*/integer kernels)")
             for n in wide_quantizer_nodes(model)]
+    nodes_by_name = {n.name: n for n in model.graph.nodes}
+    for unary in unary_regions(model):      # exported activations (HardSwish, SiLU, GELU, ...) as one table
+        single = len(unary.nodes) == 1 and nodes_by_name[unary.nodes[0]].op not in BINARY_ELEMENTWISE
+        if single or unary.nodes[-1] not in region:
+            continue                        # one op with a rule of its own (QLinearSigmoid, a table op)
+        absorbed.update(unary.nodes)
+        if (reason := _region_float_by_placement(model, unary)) is not None:
+            kept_float.extend(skip(name, reason) for name in unary.nodes)
+            continue
+        try:
+            lower_region(model, unary, _MODULES[target].TABLES_CHANNELS_LAST)
+        except Declined as declined:
+            skipped.extend(skip(name, declined.reason) for name in unary.nodes)
+        else:
+            lowered[f"{unary.kind} (table)"] += 1
     for node in list(model.graph.nodes):
-        if node.op in QUANTIZERS or id(node) in absorbed or not node.outputs or node.name not in region \
-                or node.name in sunk:
+        if node.op in QUANTIZERS or id(node) in absorbed or node.name in absorbed or not node.outputs \
+                or node.name not in region or node.name in sunk:
+            continue
+        if all(t.name in index for t in node.outputs if t.name) or _integer_node(node):
+            continue            # shape/index computation: no float values to lower
+        if (reason := _float_by_placement(model, node)) is not None:
+            kept_float.append(skip(node, reason))
             continue
         rule = rules.get(node.op)
         if rule is None:
-            skipped.append(skip(node, f"unsupported op: {node.op} has no {target} lowering"))
+            skipped.append(skip(node, transpose_declined.get(node.name)
+                                or f"unsupported op: {node.op} has no {target} lowering"))
             continue
+        float_output = node.op in FLOAT_OUTPUT_OPS and not _quantized_output(node)
+        before = {id(n) for n in model.graph.nodes} if float_output else set()
         try:
-            site = match_site(model, node)
+            site = match_site(model, node, index)
             rule(model, site)
         except Declined as declined:
             skipped.append(skip(node, declined.reason))
             continue
+        if float_output:        # its float tail (Cast + Mul of the accumulator) is float by design
+            float_heads.update(n.name for n in model.graph.nodes if id(n) not in before)
         lowered[node.op] += 1
         absorbed.update(id(n) for n in site.act_nodes)
         for act in site.act_nodes:
@@ -76,7 +107,11 @@ def lower_graph(model: QModel, target: str) -> dict:
         warnings.append(failed + "; unknown types count as float in the integer-only check")
 
     region = quantized_region(model)
-    float_left = [n.name for n in integer.float_nodes(model) if n.name in region] if target == "integer" else []
+    # float by design: islands insert_qdq left float, float heads of compute ops, and index
+    # computation that happens to write float (ConstantOfShape); declined nodes do count
+    by_design = {e["node"] for e in kept_float} | float_heads
+    float_left = [n.name for n in integer.float_nodes(model) if n.name in region and n.name not in by_design
+                  and not all(t.name in index for t in n.outputs if t.name)] if target == "integer" else []
     if float_left:
         warnings.append(f"{len(float_left)} float node(s) remain inside the integer region: "
                         + ", ".join(float_left[:8]) + (" …" if len(float_left) > 8 else ""))
@@ -86,14 +121,44 @@ def lower_graph(model: QModel, target: str) -> dict:
                if n.op not in QUANTIZERS and n.name not in region and not _integer_node(n)]
     changed = sum(lowered.values())
     summary = (f"{target}: {changed} ops lowered, {len(skipped)} left float"
+               + (f", {len(kept_float)} float by placement (float islands: no quantizer around them)"
+                  if kept_float else "")
                + (f", {len(outside)} float outside the quantized region" if outside else "")
                + (f", {folded} constant nodes folded" if folded else "")
                + (f", {len(kept)} 16-bit Q/DQ nodes kept" if kept else ""))
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
-            "dequantize_sunk": len(sunk), "requantize_pairs": requantized, "float_nodes": float_left,
-            "outside_region": outside, "kept_qdq": kept}
+            "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed, "requantize_pairs": requantized, "float_nodes": float_left,
+            "outside_region": outside, "float_by_placement": kept_float,
+            "kept_qdq": kept}
+
+
+def _float_by_placement(model: QModel, node) -> str | None:
+    """Why `node` is meant to stay float (insert_qdq put no quantizer around it), or None when it
+    reads dequantized values and writes a quantized one (or is a compute op writing float)."""
+    dequantized = any((p := model.producer(t)) is not None and p.op == DEQUANTIZE for t in node.inputs if t.name)
+    if not dequantized:
+        return "float by placement: none of its inputs is dequantized (a float island)"
+    if not _quantized_output(node) and node.op not in FLOAT_OUTPUT_OPS:
+        return "float by placement: no integer op reads its output"
+    return None
+
+
+def _quantized_output(node) -> bool:
+    """Some reader of `node`'s output quantizes it (directly, or after a Relu/Clip that folds in)."""
+    return any(c.op == QUANTIZE for t in node.outputs for c in t.outputs) or any(
+        c.op in ("Relu", "Clip") and any(cc.op == QUANTIZE for o in c.outputs for cc in o.outputs)
+        for t in node.outputs for c in t.outputs)
+
+
+def _region_float_by_placement(model: QModel, unary) -> str | None:
+    tensors = model.tensors()
+    producer = model.producer(tensors[unary.input])
+    readers = tensors[unary.output].outputs
+    if (producer is None or producer.op != DEQUANTIZE) and not any(r.op == QUANTIZE for r in readers):
+        return f"float by placement: the {unary.kind} reads and writes float (a float island)"
+    return None
 
 
 def _integer_node(node) -> bool:

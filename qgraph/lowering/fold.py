@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation, set_annotation
 from qgraph.graph import QModel
 from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, Declined, clip_bounds, constant_tensors, evaluate_constants,
-                           is_range_preserving, lift_constant_nodes)
+                           index_tensors, is_range_preserving, lift_constant_nodes)
 from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer, var
 
 
@@ -60,7 +60,7 @@ def _constant_tensors(model: QModel) -> tuple[set[int], set[int]]:
     """ids of tensors computable from initializers only (idioms.constant_tensors), and ids of
     the DequantizeLinear nodes that stay: computed from constants, read by a non-constant node
     or the graph output."""
-    model.graph.toposort()
+    model.toposort()
     names = constant_tensors(model)
     constant = {id(t) for name, t in model.tensors().items() if name in names and not isinstance(t, gs.Constant)}
 
@@ -108,7 +108,8 @@ def sink_dequantize(model: QModel) -> set[str]:
     """Rewrite ``DQ → op`` (op commuting, output not quantized) as ``op → DQ``; returns the names
     of the new integer nodes."""
     sunk: set[str] = set()
-    model.graph.toposort()
+    model.toposort()
+    computed = index_tensors(model)        # Reshape targets computed from shapes at run time
     for node in list(model.graph.nodes):
         if not node.inputs or node.op not in RANGE_PRESERVING + CLAMPS:
             continue
@@ -118,25 +119,28 @@ def sink_dequantize(model: QModel) -> set[str]:
         q = read_quantizer(dq)
         if q is None or q.per_channel:
             continue
-        out = node.outputs[0]
-        if len(out.outputs) == 1 and out.outputs[0].op == QUANTIZE and not model.is_graph_output(out):
+        outs = [t for t in node.outputs if t.name]
+        out = outs[0]
+        if len(outs) == 1 and len(out.outputs) == 1 and out.outputs[0].op == QUANTIZE \
+                and not model.is_graph_output(out):
             continue  # a site: the target lowers it with its requantization
         clamp = grid_clamp(model, node, q) if node.op in CLAMPS else None
-        if node.op in CLAMPS and clamp is None or node.op not in CLAMPS and not is_range_preserving(node):
+        if node.op in CLAMPS and clamp is None or node.op not in CLAMPS and not is_range_preserving(node, computed):
             continue
         qin = dq.inputs[0]
-        qout = var(model, out.name + "_q", q.dtype)
+        qouts = [var(model, t.name + "_q", q.dtype) for t in outs]
         if clamp is not None:
             lo = const(model, out.name + "_qmin", np.asarray(clamp[0], q.dtype))
             hi = const(model, out.name + "_qmax", np.asarray(clamp[1], q.dtype))
-            new = model.add_node("Clip", [qin, lo, hi], [qout], node.name + "_int")
+            new = model.add_node("Clip", [qin, lo, hi], qouts, node.name + "_int")
         elif node.op == "Dropout":
-            new = model.add_node("Identity", [qin], [qout], node.name + "_int")
+            new = model.add_node("Identity", [qin], qouts[:1], node.name + "_int")
         else:
-            new = model.add_node(node.op, [qin] + list(node.inputs[1:]), [qout], node.name + "_int", dict(node.attrs))
+            new = model.add_node(node.op, [qin] + list(node.inputs[1:]), qouts, node.name + "_int", dict(node.attrs))
         sunk.add(new.name)
         node.outputs.clear()
-        model.add_node(DEQUANTIZE, [qout, *dq.inputs[1:]], [out], node.name + "_dq", dict(dq.attrs))
+        for t, qout in zip(outs, qouts):     # Split: every output stays on the input's grid
+            model.add_node(DEQUANTIZE, [qout, *dq.inputs[1:]], [t], node.name + "_dq", dict(dq.attrs))
     model.cleanup()
     return sunk
 

@@ -32,11 +32,13 @@ from onnx import TensorProto
 
 from qgraph import quant
 from qgraph.graph import QModel
-from qgraph.idioms import Declined
+from qgraph.idioms import SHAPE_SOURCES, Declined
 from qgraph.lowering import qlinear
+from qgraph.lowering.float_output import lower_to_float
 from qgraph.quant import shared_shift_multipliers
-from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, const, finish_site,
-                                      read_quantizer, var)
+from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, clamp_bounds, const,
+                                      finish_site, read_quantizer, var)
+from qgraph.lowering.tables import emit_table
 
 _ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int32": TensorProto.INT32,
                "int64": TensorProto.INT64}
@@ -50,19 +52,77 @@ def _channel_shaped(value, channel_shape) -> np.ndarray:
 
 
 def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer, out: gs.Tensor,
-                    name: str, channel_shape=(-1,), steps=None) -> None:
-    """Emit the fixed-point requantization of int32 ``acc`` into ``out`` (``out_q``'s grid).
-    ``steps`` overrides the list from quant.requantize_fixed_point_onnx_form (e.g. for Add)."""
+                    name: str, channel_shape=(-1,), *, bias=None, acc_bound=None, bounds=None,
+                    fixed_point=None) -> None:
+    """Emit the fixed-point requantization of the integer accumulator ``acc`` plus the int32
+    `bias` into `out` on `out_q`'s grid, clipped to `bounds` (a folded activation's codes) or the
+    storage range: quant.fixed_point_steps, with `acc_bound` the largest ``|acc|`` per channel
+    (None: unknown; the accumulator is then clipped first). An int64 `acc` (a sum of scaled
+    terms) is taken as it is; `fixed_point` = (m0, shift) gives the multiplier in fixed point."""
+    m0, shift = fixed_point or quant.quantize_multiplier(np.asarray(multiplier, np.float64))
+    qlo, qhi = bounds if bounds is not None else (out_q.qmin, out_q.qmax)
+    zp = out_q.scalar_zero_point()
+    steps = quant.fixed_point_steps(m0, shift, zp, qlo, qhi, out_q.dtype, bias, acc_bound)
     if steps is None:
-        m0, shift = quant.quantize_multiplier(np.asarray(multiplier, np.float64))
-        steps = quant.requantize_fixed_point_onnx_form(m0, shift, out_q.zero_point.astype(np.int64),
-                                                       out_q.qmin, out_q.qmax)
+        return _emit_mod_div(model, acc, m0, shift, zp, (qlo, qhi), out_q, out, name, channel_shape, bias)
+
+    def constant(label, value, dtype):
+        return const(model, f"{name}_{label}", _channel_shaped(np.asarray(value, dtype), channel_shape))
+
+    value = acc
+    if steps.acc_lo is not None:
+        if np.unique(steps.acc_lo).size == 1 and np.unique(steps.acc_hi).size == 1:
+            clipped = var(model, f"{name}_acc_clipped", np.int32)
+            model.add_node("Clip", [value, constant("acc_lo", steps.acc_lo[0], np.int32),
+                                    constant("acc_hi", steps.acc_hi[0], np.int32)], [clipped], f"{name}_acc_clip")
+            value = clipped
+        else:
+            for op, bound in (("Max", steps.acc_lo), ("Min", steps.acc_hi)):
+                clipped = var(model, f"{name}_acc_{op.lower()}", np.int32)
+                model.add_node(op, [value, constant(f"acc_{op.lower()}", bound, np.int32)], [clipped],
+                               f"{name}_acc_{op.lower()}")
+                value = clipped
+    if value.dtype != np.int64:
+        wide = var(model, f"{name}_wide", np.int64)
+        model.add_node("Cast", [value], [wide], f"{name}_wide", {"to": TensorProto.INT64})
+        value = wide
+    if np.any(steps.multiplier != 1):
+        scaled = var(model, f"{name}_scaled", np.int64)
+        model.add_node("Mul", [value, constant("multiplier", steps.multiplier, np.int64)], [scaled], f"{name}_scale")
+        value = scaled
+    shifted_in = var(model, f"{name}_offset", np.int64)
+    model.add_node("Add", [value, constant("offset", steps.offset, np.int64)], [shifted_in], f"{name}_offset")
+    unsigned = var(model, f"{name}_unsigned", np.uint64)
+    model.add_node("Cast", [shifted_in], [unsigned], f"{name}_unsigned", {"to": TensorProto.UINT64})
+    shifted = var(model, f"{name}_shifted", np.uint64)
+    model.add_node("BitShift", [unsigned, constant("shift", steps.shift, np.uint64)], [shifted], f"{name}_shift",
+                   {"direction": "RIGHT"})
+    if steps.clip is not None:
+        clipped = var(model, f"{name}_clipped", np.uint64)
+        model.add_node("Clip", [shifted, const(model, f"{name}_lo", np.uint64(steps.clip[0])),
+                                const(model, f"{name}_hi", np.uint64(steps.clip[1]))], [clipped], f"{name}_clip")
+        shifted = clipped
+    model.add_node("Cast", [shifted], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
+
+
+def _emit_mod_div(model, acc, m0, shift, zp, bounds, out_q, out, name, channel_shape, bias) -> None:
+    """quant.requantize_fixed_point_onnx_form: the general form, where no int64 form of
+    fixed_point_steps fits (multipliers below about 2^-22)."""
+    if bias is not None:
+        biased = var(model, f"{name}_acc_bias", acc.dtype)
+        model.add_node("Add", [acc, const(model, f"{name}_bias", _channel_shaped(np.asarray(bias, acc.dtype),
+                                                                                channel_shape))],
+                       [biased], f"{name}_bias")
+        acc = biased
+    steps = quant.requantize_fixed_point_onnx_form(m0, shift, np.int64(zp), *bounds)
     value = acc
     for k, (op, constant, attrs) in enumerate(steps):
         last = k == len(steps) - 1
         target = out if last else var(model, f"{name}_r{k}", np.int64)
         label = f"{name}_{op.lower()}{k}"
         if op == "Cast":
+            if attrs["to"] == "int64" and value.dtype == np.int64:
+                continue
             to = out_q.dtype.name if attrs["to"] in ("int8", "uint8") else attrs["to"]
             model.add_node("Cast", [value], [target], label, {"to": _ONNX_TYPES[to]})
         elif op == "SubMod":
@@ -91,9 +151,14 @@ def emit_centered(model: QModel, x: QInput, name: str, dtype=np.int32) -> gs.Ten
 
 
 def requantize_integer(model: QModel, x: QInput, out_q: Quantizer, out: gs.Tensor, name: str) -> None:
-    """Change grids with integers only: ``(x − zx) · s_x/s_y`` in fixed point, plus zp_y."""
-    acc = emit_centered(model, x, name)
-    emit_requantize(model, acc, quant.requant_multiplier(x.quantizer.scale, 1.0, out_q.scale), out_q, out, name)
+    """Change grids with integers only: ``(x − zx) · s_x/s_y`` in fixed point, plus zp_y — for
+    8-bit codes a 256-entry table of that rule (tables.emit_table: one lookup where the
+    arithmetic took nine ops)."""
+    m0, shift = quant.quantize_multiplier(quant.requant_multiplier(x.quantizer.scale, 1.0, out_q.scale))
+    codes = quant.all_codes(x.quantizer.dtype).astype(np.int64) - x.quantizer.scalar_zero_point()
+    table = quant.requantize_fixed_point(codes, m0, shift, out_q.scalar_zero_point(), out_q.qmin, out_q.qmax,
+                                         dtype=out_q.dtype)
+    emit_table(model, x, table, out, name)
 
 
 # -- preparation -------------------------------------------------------------------------------
@@ -129,15 +194,6 @@ def _uint8_activation(site: Site, i: int) -> QInput:
     return x
 
 
-def _add_bias(model: QModel, acc: gs.Tensor, bias, channel_shape, name: str) -> gs.Tensor:
-    if bias is None:
-        return acc
-    biased = var(model, f"{name}_acc_bias", np.int32)
-    model.add_node("Add", [acc, const(model, f"{name}_bias_int32", bias.reshape(channel_shape))], [biased],
-                   f"{name}_bias")
-    return biased
-
-
 def _weight_multiplier(x: QInput, w: QInput, out_q: Quantizer) -> np.ndarray:
     return quant.requant_multiplier(x.quantizer.scale, w.quantizer.scale, out_q.scale)
 
@@ -145,6 +201,8 @@ def _weight_multiplier(x: QInput, w: QInput, out_q: Quantizer) -> np.ndarray:
 def lower_conv(model: QModel, site: Site) -> None:
     node = site.node
     x, w = _uint8_activation(site, 0), qlinear.weight(site, 1)
+    if site.float_output:
+        return lower_to_float(model, site, x, w)
     wzp = np.unique(w.quantizer.zero_point)
     if wzp.size != 1:
         raise Declined("per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point")
@@ -157,17 +215,18 @@ def lower_conv(model: QModel, site: Site) -> None:
     channel_shape = (channels,) + (1,) * (w.const.ndim - 2)
     name = node.name
 
+    bound = quant.accumulator_bound(w_u8, wz, x.quantizer.zero_point, x.quantizer.dtype)
+
     def build(out):
         acc = var(model, f"{name}_acc", np.int32)
         xz = const(model, f"{name}_x_zero_point", np.asarray(x.quantizer.zero_point, np.uint8))
         model.add_node("ConvInteger", [x.tensor, const(model, f"{name}_w_u8", w_u8), xz,
                                        const(model, f"{name}_w_zero_point", np.asarray(wz))],
                        [acc], name, dict(node.attrs))
-        acc = _add_bias(model, acc, bias, channel_shape, name)
         emit_requantize(model, acc, _weight_multiplier(x, w, site.out_q), site.out_q, out, f"{name}_requant",
-                        channel_shape)
+                        channel_shape, bias=bias, acc_bound=bound, bounds=clamp_bounds(site))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
 
 
 def lower_gemm(model: QModel, site: Site) -> None:
@@ -176,20 +235,25 @@ def lower_gemm(model: QModel, site: Site) -> None:
     x, w = _uint8_activation(site, 0), site.qin(1)
     if w is None:
         raise Declined("missing quantizer: input 1 is not dequantized")
+    if site.float_output:
+        return lower_to_float(model, site, x, w)
     name = node.name
     if w.const is None:  # activation × activation
         if w.quantizer.per_channel or w.quantizer.dtype != np.uint8:
             raise Declined(f"input '{w.tensor.name}' must be a per-tensor uint8 activation")
         ratio = quant.requant_multiplier(x.quantizer.scale, w.quantizer.scale, site.out_q.scale)
+        depth = _static_dims(node.inputs[0], [len(node.inputs[0].shape or ()) - 1])
+        bound = None if depth is None else depth[0] * _code_reach(x) * _code_reach(w)
 
         def build_act(out):
             acc = var(model, f"{name}_acc", np.int32)
             model.add_node("MatMulInteger", [x.tensor, w.tensor,
                                              const(model, f"{name}_a_zp", x.quantizer.zero_point),
                                              const(model, f"{name}_b_zp", w.quantizer.zero_point)], [acc], name)
-            emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
+            emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant", acc_bound=bound,
+                            bounds=clamp_bounds(site))
 
-        finish_site(model, site, build_act)
+        finish_site(model, site, build_act, clamped=True)
         return
     w_km = np.ascontiguousarray(qlinear.gemm_weight_mk(node, w.const).T)
     channels = w_km.shape[1]
@@ -197,42 +261,47 @@ def lower_gemm(model: QModel, site: Site) -> None:
     wz = w.quantizer.zero_point
     wz = np.broadcast_to(wz, (channels,)).copy() if wz.ndim else wz
 
+    bound = quant.accumulator_bound(w_km, wz, x.quantizer.zero_point, x.quantizer.dtype, axis=1)
+
     def build(out):
         acc = var(model, f"{name}_acc", np.int32)
         model.add_node("MatMulInteger", [x.tensor, const(model, f"{name}_w_km", w_km),
                                          const(model, f"{name}_x_zero_point", x.quantizer.zero_point),
                                          const(model, f"{name}_w_zero_point", wz)], [acc], name)
-        acc = _add_bias(model, acc, bias, (channels,), name)
         emit_requantize(model, acc, _weight_multiplier(x, w, site.out_q), site.out_q, out, f"{name}_requant",
-                        (channels,))
+                        (channels,), bias=bias, acc_bound=bound, bounds=clamp_bounds(site))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
 
 
 def lower_add(model: QModel, site: Site) -> None:
+    """``y = round_half_up((Ka·(a − za) + Kb·(b − zb)) / 2^n) + zp`` with Ka, Kb on one shift
+    (quant.shared_shift_multipliers): the codes scaled in int64, the zero points folded into the
+    requantization's offset."""
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
     k, n = shared_shift_multipliers([quant.requant_multiplier(a.quantizer.scale, 1.0, site.out_q.scale),
                                      quant.requant_multiplier(b.quantizer.scale, 1.0, site.out_q.scale)])
     if n < 1 or n > 62:
         raise Declined(f"Add scales too far apart for a 64-bit fixed-point sum (shift {n})")
     name = site.node.name
-    steps = quant.requantize_fixed_point_onnx_form(np.int64(1), n - 31, site.out_q.zero_point.astype(np.int64),
-                                                   site.out_q.qmin, site.out_q.qmax)
-    assert steps[0][0] == "Cast" and steps[1][0] == "Mul"  # replaced below by the two-term sum
+    centering = -int(k[0]) * a.quantizer.scalar_zero_point() - int(k[1]) * b.quantizer.scalar_zero_point()
+    bound = sum(int(kx) * max(abs(x.quantizer.qmin), abs(x.quantizer.qmax)) for x, kx in ((a, k[0]), (b, k[1])))
 
     def build(out):
         terms = []
         for i, (x, kx) in enumerate(((a, k[0]), (b, k[1]))):
-            centered = emit_centered(model, x, f"{name}_in{i}", np.int64)
+            wide = var(model, f"{name}_in{i}_wide", np.int64)
+            model.add_node("Cast", [x.tensor], [wide], f"{name}_in{i}_wide", {"to": TensorProto.INT64})
             scaled = var(model, f"{name}_in{i}_scaled", np.int64)
-            model.add_node("Mul", [centered, const(model, f"{name}_k{i}", np.array(kx, np.int64))], [scaled],
+            model.add_node("Mul", [wide, const(model, f"{name}_k{i}", np.array(kx, np.int64))], [scaled],
                            f"{name}_scale{i}")
             terms.append(scaled)
         total = var(model, f"{name}_sum", np.int64)
         model.add_node("Add", terms, [total], name)
-        emit_requantize(model, total, None, site.out_q, out, f"{name}_requant", steps=steps[2:])
+        emit_requantize(model, total, None, site.out_q, out, f"{name}_requant", bias=np.int64(centering),
+                        acc_bound=bound, bounds=clamp_bounds(site), fixed_point=(np.int32(1), np.int32(n - 31)))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
 
 
 def lower_mul(model: QModel, site: Site) -> None:
@@ -244,9 +313,16 @@ def lower_mul(model: QModel, site: Site) -> None:
         prod = var(model, f"{name}_acc", np.int32)
         model.add_node("Mul", [emit_centered(model, a, f"{name}_a"), emit_centered(model, b, f"{name}_b")],
                        [prod], name)
-        emit_requantize(model, prod, ratio, site.out_q, out, f"{name}_requant")
+        emit_requantize(model, prod, ratio, site.out_q, out, f"{name}_requant",
+                        acc_bound=_code_reach(a) * _code_reach(b), bounds=clamp_bounds(site))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
+
+
+def _code_reach(x: QInput) -> int:
+    """The largest ``|q − zp|`` of `x`'s codes."""
+    zp = x.quantizer.scalar_zero_point()
+    return max(zp - x.quantizer.qmin, x.quantizer.qmax - zp)
 
 
 def _static_dims(tensor: gs.Tensor, axes) -> list[int] | None:
@@ -273,12 +349,11 @@ def lower_global_average_pool(model: QModel, site: Site) -> None:
         total = var(model, f"{name}_sum", np.int32)
         model.add_node("ReduceSum", [wide, const(model, f"{name}_axes", np.arange(2, rank, dtype=np.int64))],
                        [total], name, {"keepdims": 1})
-        acc = var(model, f"{name}_acc", np.int32)
-        model.add_node("Add", [total, const(model, f"{name}_zp_sum", np.array(-count * x.quantizer.scalar_zero_point(),
-                                                                                  np.int32))], [acc], f"{name}_center")
-        emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
+        emit_requantize(model, total, ratio, site.out_q, out, f"{name}_requant",
+                        bias=np.int64(-count * x.quantizer.scalar_zero_point()),
+                        acc_bound=count * max(abs(x.quantizer.qmin), abs(x.quantizer.qmax)), bounds=clamp_bounds(site))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
 
 
 def lower_average_pool(model: QModel, site: Site) -> None:
@@ -304,9 +379,10 @@ def lower_average_pool(model: QModel, site: Site) -> None:
         model.add_node("ConvInteger", [x.tensor, const(model, f"{name}_ones", ones),
                                        const(model, f"{name}_x_zero_point", x.quantizer.zero_point),
                                        const(model, f"{name}_w_zero_point", np.uint8(0))], [acc], name, conv_attrs)
-        emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant")
+        emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant", acc_bound=count * _code_reach(x),
+                        bounds=clamp_bounds(site))
 
-    finish_site(model, site, build)
+    finish_site(model, site, build, clamped=True)
 
 
 def lower_concat(model: QModel, site: Site) -> None:
@@ -331,6 +407,9 @@ def lower_moving(model: QModel, site: Site) -> None:
     qlinear.lower_moving(model, site, requantize=requantize_integer)
 
 
+#: Tables stay in the model's layout: ConvInteger runs NCHW, ORT inserts no Transposes.
+TABLES_CHANNELS_LAST = False
+
 RULES = {
     "Conv": lower_conv,
     "Gemm": lower_gemm,
@@ -353,6 +432,8 @@ def float_nodes(model: QModel) -> list[gs.Node]:
     the integer region). Needs inferred dtypes."""
     found = []
     for node in model.graph.nodes:
+        if node.op in SHAPE_SOURCES:
+            continue                     # reads a tensor's shape, not its values
         tensors = [t for t in (*node.inputs, *node.outputs) if isinstance(t, gs.Variable) and t.name]
         if node.op == QUANTIZE:
             tensors = [node.outputs[0]]

@@ -175,15 +175,26 @@ def check_weight_axes(model: QModel) -> None:
                                     f"(axis {want}); re-quantize that weight per output channel")
 
 
+#: Compute ops that may read integers and write float: the last layer before float post-processing.
+FLOAT_OUTPUT_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def quantized_region(model: QModel) -> set[str]:
     """Names of the nodes between an activation QuantizeLinear and a DequantizeLinear: reachable
-    from the first and reaching the second (float pre/post-processing outside is not lowered)."""
+    from the first and reaching the second (float pre/post-processing outside is not lowered),
+    plus compute ops reading dequantized activations whose output stays float."""
     view = model.nx_view()
     starts = [n.name for n in model.graph.nodes if n.op == QUANTIZE and model.constant_value(n.inputs[0]) is None]
     ends = [n.name for n in model.graph.nodes if n.op == DEQUANTIZE and model.constant_value(n.inputs[0]) is None]
     after = set(starts).union(*(nx.descendants(view, s) for s in starts)) if starts else set()
     before = set(ends).union(*(nx.ancestors(view, e) for e in ends)) if ends else set()
-    return after & before
+    region = after & before
+    for node in model.graph.nodes:
+        if node.op in FLOAT_OUTPUT_OPS and node.inputs and node.name in after:
+            producer = model.producer(node.inputs[0])
+            if producer is not None and producer.op == DEQUANTIZE:
+                region.add(node.name)
+    return region
 
 
 # -- sites --------------------------------------------------------------------------------
@@ -203,22 +214,27 @@ class QInput:
 class Site:
     node: gs.Node
     inputs: list  # per node input: QInput, np.ndarray (float constant), or None (omitted)
-    quantize_node: gs.Node
-    out_q: Quantizer
+    quantize_node: gs.Node | None        # None: a compute op whose output stays float
+    out_q: Quantizer | None
     clamp: tuple[float, float] = (-np.inf, np.inf)
     act_nodes: list = field(default_factory=list)
 
     @property
     def out(self) -> gs.Variable:
-        return self.quantize_node.outputs[0]
+        return self.quantize_node.outputs[0] if self.quantize_node is not None else self.node.outputs[0]
+
+    @property
+    def float_output(self) -> bool:
+        return self.quantize_node is None
 
     def qin(self, i: int) -> QInput | None:
         v = self.inputs[i] if i < len(self.inputs) else None
         return v if isinstance(v, QInput) else None
 
 
-def match_site(model: QModel, node: gs.Node) -> Site:
-    """The site rooted at `node`; Declined says why `node` is not one."""
+def match_site(model: QModel, node: gs.Node, index: set[str] = frozenset()) -> Site:
+    """The site rooted at `node`; Declined says why `node` is not one. Inputs in `index`
+    (shapes computed at run time) are taken as they are."""
     inputs = []
     for tensor in node.inputs:
         if not tensor.name:
@@ -232,6 +248,9 @@ def match_site(model: QModel, node: gs.Node) -> Site:
             inputs.append(QInput(producer.inputs[0], q))
             continue
         value = model.constant_value(tensor)
+        if value is None and tensor.name in index:
+            inputs.append(tensor)             # a shape computed at run time (Reshape's target, ...)
+            continue
         if value is None:
             raise Declined(f"missing quantizer: input '{tensor.name}' is not dequantized")
         inputs.append(np.asarray(value))
@@ -253,6 +272,8 @@ def match_site(model: QModel, node: gs.Node) -> Site:
         tensor = nxt.outputs[0]
     readers = list(tensor.outputs)
     if model.is_graph_output(tensor) or len(readers) != 1 or readers[0].op != QUANTIZE:
+        if node.op in FLOAT_OUTPUT_OPS:   # integer inputs, float output: no activation folds in
+            return Site(node, inputs, None, None)
         raise Declined(f"missing quantizer: output '{tensor.name}' is not read by exactly one QuantizeLinear")
     out_q = read_quantizer(readers[0])
     if out_q is None:
@@ -291,14 +312,15 @@ def clamp_bounds(site: Site) -> tuple[int, int] | None:
     return qlo, qhi
 
 
-def finish_site(model: QModel, site: Site, build) -> None:
+def finish_site(model: QModel, site: Site, build, clamped: bool = False) -> None:
     """Detach the site's QuantizeLinear, call ``build(out_tensor)`` to emit the lowered nodes
-    writing ``out_tensor``, and add the Clip of a folded activation when it is not implicit."""
+    writing ``out_tensor``, and add the Clip of a folded activation when it is not implicit —
+    unless `clamped`: `build` clips to clamp_bounds(site) itself."""
     out = site.out
     site.quantize_node.outputs.clear()
     out.dtype = site.out_q.dtype
     bounds = clamp_bounds(site)
-    if bounds is None:
+    if bounds is None or clamped:
         build(out)
         return
     raw = var(model, out.name + "_unclamped", site.out_q.dtype)

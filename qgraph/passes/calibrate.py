@@ -209,15 +209,17 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
     from qgraph.runner import Runner
     inputs = plan.names
     from_feeds = [n for n in observers if n in inputs]
-    outputs = [n for n in observers if n not in inputs]
+    # the graph outputs too: ORT computes only what is asked for, and a model that cannot
+    # compute its outputs should fail here, not after deployment
+    outputs = list(dict.fromkeys([n for n in observers if n not in inputs] + [o.name for o in proto.graph.output]))
     run_proto = bypassed(model).to_onnx() if bypass else proto
-    runner = Runner(run_proto, outputs) if outputs else None
+    runner = Runner(run_proto, outputs)
     total = min(plan.samples, limit or plan.samples)
     n_batches = -(-total // plan.run_size(batch_size))
     bar = ProgressBar("calibrate", n_batches, enabled=show)
     start, samples, index = time.perf_counter(), 0, 0
     for index, (batch, count) in enumerate(plan.batches(batch_size, limit)):
-        values = runner.run(batch, outputs) if runner else {}
+        values = runner.run(batch, outputs)
         for name in observers:
             value = batch[name] if name in from_feeds else values[name]
             observers[name].update(views[name](value) if views[name] else value)

@@ -5,10 +5,13 @@
 3. constant subgraphs folded with ONNX Runtime, including Shape->Gather->Concat chains that
    feed Reshape/Flatten, so shape constants become static initializers;
 4. Constant nodes turned into initializers;
-5. BatchNormalization parameters shared with another input slot get their own copy: torch.onnx
+5. exporter idioms in normal form (qgraph.normal_form): decomposed LayerNorm and Softmax become
+   one op each, and a per-channel Mul/Div/Add/Sub by a constant after a Conv/ConvTranspose/Gemm/
+   BatchNormalization folds into its parameters;
+6. BatchNormalization parameters shared with another input slot get their own copy: torch.onnx
    merges equal initializers (an untrained BN's running_var equals its γ), and a shared tensor
    would tie γ to a frozen statistic during training;
-6. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
+7. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
    with a dynamic batch) becomes Flatten(x, axis=1): the same result, with no shape arithmetic
    left for quantizers and lowering to trip on.
 QuantizeLinear/DequantizeLinear are never folded, so QDQ models keep their quantizers.
@@ -24,6 +27,7 @@ import onnx_graphsurgeon as gs
 from qgraph.errors import PassError
 from qgraph.graph import QModel
 from qgraph.idioms import lift_constant_nodes, name_nodes, skip
+from qgraph.normal_form import normalize_exporter_idioms
 from qgraph.pipeline import PassContext, register_pass
 
 _REMOVABLE = ("Identity", "Dropout")
@@ -32,28 +36,32 @@ _KEEP_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
 
 @register_pass("canonicalize", preserves_outputs=True, tolerance=1e-5)
 def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True,
-                 remove_identity: bool = True) -> dict:
+                 remove_identity: bool = True, exporter_idioms: bool = True) -> dict:
     """Unique node names, Identity/Dropout removal, constant folding (static shapes)."""
     renamed = name_nodes(model)
     removed, skipped = remove_passthrough(model) if remove_identity else (0, [])
     before = len(model.graph.nodes)
     if fold_constants:
-        model.graph.toposort()
+        model.toposort()
         model.graph.fold_constants(
             fold_shapes=True, error_ok=True,
             should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
     lift_constant_nodes(model)
     model.cleanup()
     folded = before - len(model.graph.nodes)
+    idioms = normalize_exporter_idioms(model) if exporter_idioms else {"counts": {}, "skipped": []}
     flattened = flatten_batch_reshapes(model)
     untied = untie_batchnorm_parameters(model)
     model.cleanup()
-    changed = renamed + removed + folded + flattened + untied
+    fused = sum(idioms["counts"].values())
+    changed = renamed + removed + folded + fused + flattened + untied
+    idiom_text = ", ".join(f"{n} {k}" for k, n in idioms["counts"].items() if n)
     summary = (f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded, "
-               f"{flattened} batch reshapes made Flatten, {untied} BN parameters untied")
+               f"{flattened} batch reshapes made Flatten, {untied} BN parameters untied"
+               + (f", exporter idioms: {idiom_text}" if idiom_text else ""))
     return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
-            "folded": folded, "flattened": flattened, "untied": untied,
-            "skipped": skipped}
+            "folded": folded, "flattened": flattened, "untied": untied, "idioms": idioms["counts"],
+            "skipped": skipped + idioms["skipped"]}
 
 
 def remove_passthrough(model: QModel) -> tuple[int, list[dict]]:

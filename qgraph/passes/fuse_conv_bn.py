@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from qgraph.annotations import FORWARD_FUSED_BN, FROZEN, get_annotation, set_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.idioms import Declined, bn_scale, skip
+from qgraph.idioms import Declined, bn_scale, grouped_view, out_channels, skip
 from qgraph.pipeline import PassContext, register_pass
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _MODES = ("fold", "forward")
@@ -186,33 +186,6 @@ def check_finite(m: BNMatch) -> None:
 
 
 # -- layouts ------------------------------------------------------------------------------
-
-def out_channels(layer: Node, weight_shape) -> int:
-    if layer.op == "Conv":
-        return int(weight_shape[0])
-    if layer.op == "ConvTranspose":
-        return int(weight_shape[1]) * int(layer.attrs.get("group", 1))
-    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
-        return int(weight_shape[0])
-    return int(weight_shape[1])
-
-
-def grouped_view(layer: Node, weight_shape) -> tuple[tuple, tuple]:
-    """(weight view shape, scale shape) such that view(W) * scale.reshape(scale shape) scales
-    output channels. Only a grouped ConvTranspose needs a view different from W's shape."""
-    rank = len(weight_shape)
-    if layer.op == "Conv":
-        return tuple(weight_shape), (-1,) + (1,) * (rank - 1)
-    if layer.op == "ConvTranspose":
-        group = int(layer.attrs.get("group", 1))
-        c_in, c_out_g, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
-        if group == 1:
-            return tuple(weight_shape), (1, c_out_g) + (1,) * len(kernel)
-        return (group, c_in // group, c_out_g) + kernel, (group, 1, c_out_g) + (1,) * len(kernel)
-    if layer.op == "Gemm" and int(layer.attrs.get("transB", 0)):
-        return tuple(weight_shape), (-1, 1)
-    return tuple(weight_shape), (1, -1)
-
 
 def _gemm_factors(m: BNMatch) -> tuple[float, float]:
     if m.layer_op != "Gemm":

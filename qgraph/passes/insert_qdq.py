@@ -1,23 +1,32 @@
-"""insert_qdq: QuantizeLinear→DequantizeLinear pairs on weights and activations.
+"""insert_qdq: QuantizeLinear→DequantizeLinear pairs where a deployment compiler puts them.
 
     y = DQ(Q(x)) = (clamp(round_half_even(x / s) + z, qmin, qmax) − z) · s
 
-Weights of Conv/ConvTranspose/Gemm/MatMul (and constant operands of Add/Mul/Concat) get a
-pair on the constant weight — or on the folded weight computed in-graph by fuse_conv_bn's
-forward mode, which is any weight input computed from constants only — per channel
-(`axis` on the output channel) or per tensor, int8 storage, scales from the weight's own
-range right away. Biases stay float (lowering quantizes them to int32 with s_in · s_w).
+Placement (the integer region grows backwards from the compute ops):
 
-Activations: every float input and output of a quantizable op (Conv, ConvTranspose, Gemm,
-MatMul, Add, Mul, Concat, AveragePool, GlobalAveragePool, Relu, Clip, Sigmoid, Resize),
-graph inputs included, gets one pair per *tensor*, shared by all its readers. A tensor is
-quantized when its producer asks (`quantize_output`) or any reader asks (`quantize_input`);
-the producer's config wins. Range-preserving ops (idioms.RANGE_PRESERVING: data movement,
-MaxPool, nearest Resize), and Relu/Clip reading a tensor marked non-negative by ahead_relu, get
-no quantizer of their own: the pair sits on their input and the op stays between it and the
-next pair (ORT's QDQ layout); the annotation `qgraph.quant_aliases` maps such an op's
-output to the quantized tensor whose grid it stays on. Nodes a rule skips read the float
-tensor.
+1. Compute ops — Conv, ConvTranspose, Gemm, MatMul — read integers: their activation inputs
+   and their weights are quantized.
+2. A tensor that an integer op reads is quantized, and its producer then runs on integers too
+   when it can (`INTEGER_OPS`: Add/Sub/Mul, Div by a constant, Concat, pools, Resize, Pad, the
+   clamps Relu/Clip, and unary regions — idioms.unary_regions: HardSwish, SiLU, GELU or a
+   Sigmoid as exported count as one activation), so its inputs are quantized in turn.
+3. Nothing else is: not the tensors inside a unary region (HardSwish's Add/Clip/Mul/Div
+   intermediates), not index computation (idioms.index_tensors: Shape, anchor grids, Range),
+   not tensors read only by float ops (LayerNormalization, Softmax, post-processing) or only
+   by the graph output — a compute op whose output no integer op reads writes float (its
+   lowering dequantizes the int32 accumulator).
+4. Range-preserving ops (idioms.RANGE_PRESERVING) and Relu/Clip reading a tensor marked
+   non-negative by ahead_relu share their input's quantizer: the pair sits on the input,
+   `qgraph.quant_aliases` maps their output to it.
+
+Rules (HAT priority, qgraph.qconfig) set bits and grids per node; `skip: true` keeps a node
+float, `quantize_input: false` keeps its inputs float, `quantize_output: false` its output.
+The report's `placement` says for every float activation why it is or is not quantized.
+
+Weights: per channel (`axis` on the output channel) or per tensor, int8 storage, scales from
+the weight's own range right away; a weight computed in-graph from constants (fuse_conv_bn's
+forward mode) is a weight too. Constant operands of integer Add/Mul/Sub/Concat are per-tensor
+weights. Biases stay float (lowering quantizes them to int32 with s_in · s_w).
 
 Storage: weights int8; activations uint8 when asymmetric, int8 when symmetric; tensors marked
 non-negative cover [0, max] (`nonnegative_storage`: uint8 with zp 0, or int8 with the
@@ -45,13 +54,17 @@ from qgraph.annotations import (CALIBRATED, NONNEGATIVE, QUANT_ALIASES, Quantize
                                 set_annotation, write_quantizers)
 from qgraph.errors import PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.idioms import clip_bounds_or_none, constant_tensors, is_range_preserving, skip
+from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, clip_bounds_or_none, constant_tensors, index_tensors,
+                           is_range_preserving, skip, unary_regions)
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qconfig import ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
 from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams
 
-QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
-               "GlobalAveragePool", "Relu", "Clip", "Sigmoid", "Resize")
+#: Compute ops: their inputs are always integers.
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Ops that run on integers when their output is quantized (besides unary regions and clamps).
+INTEGER_OPS = ("Add", "Sub", "Mul", "Div", "Concat", "AveragePool", "GlobalAveragePool", "MaxPool", "Resize",
+               "Pad")
 DEFAULT_RANGE = (-1.0, 1.0)             # activation range before calibration
 DEFAULT_NONNEGATIVE_RANGE = (0.0, 1.0)
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -86,10 +99,15 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
     n_w = sum(r.kind == "weight" for r in records.values())
     n_a = len(records) - n_w
     warnings = resolver.unmatched_warnings() + plan.warnings
-    summary = (f"{n_w} weight + {n_a} activation quantizers, {len(plan.aliases)} range-preserving ops share one; "
-               f"uncalibrated (activation ranges default to [-1, 1], [0, 1] if non-negative): run calibrate")
+    regions = {}
+    for region in plan.regions:
+        regions[region.kind] = regions.get(region.kind, 0) + 1
+    summary = (f"{n_w} weight + {n_a} activation quantizers, {len(plan.aliases)} range-preserving ops share one, "
+               f"{len(plan.regions)} unary regions as one activation each; uncalibrated (activation ranges "
+               f"default to [-1, 1], [0, 1] if non-negative): run calibrate")
     return {"changed": len(records), "summary": summary, "weights": n_w, "activations": n_a,
-            "aliases": len(plan.aliases), "calibrated": False, "skipped": plan.skipped, "warnings": warnings}
+            "aliases": len(plan.aliases), "unary_regions": regions, "calibrated": False,
+            "placement": dict(sorted(plan.placement.items())), "skipped": plan.skipped, "warnings": warnings}
 
 
 # -- pattern: which tensors get which quantizer ----------------------------------------------
@@ -107,62 +125,171 @@ class QuantPlan:
         self.aliases: dict[str, str] = {}
         self.skipped: list[dict] = []
         self.warnings: list[str] = []
+        self.placement: dict[str, str] = {}      # float activation -> why it is (not) quantized
         self.skipped_nodes: set[str] = {name for name, c in self.configs.items() if c.skip}
         self.constant = constant_tensors(model)
+        self.index = index_tensors(model)
+        self.regions = [r for r in unary_regions(model) if r.input not in self.index]
+        self.region_by_output = {r.output: r for r in self.regions}
+        self.region_of_node = {name: r for r in self.regions for name in r.nodes}
+        self.nodes = {n.name: n for n in model.graph.nodes}
+        self.integer: set[str] = set()          # units (node names; a region by its last node) on integers
 
+    # -- the integer region -------------------------------------------------------------
     def collect(self) -> None:
-        nodes = list(self.model.graph.nodes)
-        quantized = []
-        for node in nodes:
-            if node.op not in QUANTIZABLE or self.is_pass_through(node):
-                continue
-            if all(self.is_constant(t) for t in node.inputs if t.name):
-                continue  # part of a weight computed in-graph (forward-fused BN), not an activation
-            if self.configs[node.name].skip:
-                self.skipped.append(skip(node, "a rule says skip: true"))
+        requests: dict[str, tuple[Tensor, Node, str]] = {}
+        work: list[Tensor] = []
+
+        def request(tensor: Tensor, reader: Node, why: str) -> None:
+            tensor = self.root(tensor)
+            if tensor.name in requests or not self.is_activation(tensor):
+                return
+            producer = self.producer_unit(tensor)
+            if producer is not None and not self.configs[producer.name].quantize_output:
+                self.placement.setdefault(tensor.name, f"not quantized: rule quantize_output: false on "
+                                                       f"'{producer.name}'")
+                return
+            requests[tensor.name] = (tensor, reader, why)
+            work.append(tensor)
+
+        for node in self.model.graph.nodes:
+            if node.op not in COMPUTE_OPS or node.name in self.region_of_node:
                 continue
             roles = self.roles(node)
             if roles is None:
                 continue
-            quantized.append((node, roles))
-        for node, (weights, _) in quantized:      # weights
-            for index, axis in weights:
+            cfg = self.configs[node.name]
+            self.integer.add(node.name)
+            for index, axis in roles[0]:
                 self.request_weight(node, node.inputs[index], axis)
-        for node, _ in quantized:                 # producers ask first, so their config wins
-            cfg = self.configs[node.name]
-            if cfg.quantize_output and node.outputs and self.is_float(node.outputs[0]):
-                self.request_activation(node.outputs[0], cfg.activations, node)
-        for node, (_, inputs) in quantized:
-            cfg = self.configs[node.name]
             if cfg.quantize_input:
-                for index in inputs:
-                    self.request_activation(self.root(node.inputs[index]), cfg.activations, node)
-        for node in nodes:
+                for index in roles[1]:
+                    request(node.inputs[index], node, f"input of {node.op} '{node.name}'")
+        while work:
+            tensor = work.pop()
+            unit = self.producer_unit(tensor)
+            if unit is None or unit.name in self.integer:
+                continue
+            reason = self.integer_reason(unit)
+            if reason:
+                if unit.name not in self.skipped_nodes:
+                    self.skipped.append(skip(unit, f"runs in float: {reason}"))
+                continue
+            self.integer.add(unit.name)
+            weights, acts = self.unit_roles(unit)
+            for index, axis in weights:
+                self.request_weight(unit, unit.inputs[index], axis)
+            for t in acts:
+                request(t, unit, f"input of {self.describe(unit)}, which runs on integers")
+        for name, (tensor, reader, why) in requests.items():
+            producer = self.producer_unit(tensor)
+            owner = producer if producer is not None and producer.name in self.integer else reader
+            self.activations[name] = (tensor, self.configs[owner.name].activations, owner)
+            self.placement[name] = "quantized: " + why
+        for node in self.model.graph.nodes:
             if self.is_pass_through(node) and node.outputs:
                 root = self.root(node.inputs[0])
                 if root.name in self.activations:
-                    self.aliases[node.outputs[0].name] = root.name
+                    self.aliases.update({out.name: root.name for out in node.outputs if out.name})
+        self.explain_float_tensors()
+
+    def producer_unit(self, tensor: Tensor) -> Node | None:
+        """The node (or the last node of the unary region) that writes `tensor`."""
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None:
+            return None
+        region = self.region_by_output.get(tensor.name)
+        return self.nodes[region.nodes[-1]] if region is not None else producer
+
+    def integer_reason(self, unit: Node) -> str | None:
+        """None when `unit` can run on integers, else why not."""
+        if unit.name in self.skipped_nodes:
+            return "a rule says skip: true"
+        if not self.configs[unit.name].quantize_input:
+            return "a rule says quantize_input: false"
+        if unit.name in self.region_of_node:
+            return None
+        if unit.op in COMPUTE_OPS or unit.op in CLAMPS or unit.op in RANGE_PRESERVING:
+            return None
+        if unit.op not in INTEGER_OPS:
+            return f"{unit.op} has no integer form"
+        if unit.op == "Div" and unit.inputs[1].name not in self.constant:
+            return "Div by a tensor has no integer form (only division by a constant)"
+        if all(t.name in self.constant for t in unit.inputs if t.name):
+            return "computed from constants only"
+        return None
+
+    def unit_roles(self, unit: Node) -> tuple[list[tuple[int, int | None]], list[Tensor]]:
+        """(constant weight inputs with their channel axis, activation input tensors) of a unit."""
+        region = self.region_of_node.get(unit.name)
+        if region is not None:
+            return [], [self.model.tensor(region.input)]
+        if unit.op in COMPUTE_OPS:
+            roles = self.roles(unit)
+            return (roles[0], [unit.inputs[i] for i in roles[1]]) if roles else ([], [])
+        if unit.op in ("Add", "Sub", "Mul", "Concat"):
+            weights = [(i, None) for i, t in enumerate(unit.inputs)
+                       if t.name in self.constant and self.is_float(t) and t.name not in self.index]
+            return weights, [t for t in unit.inputs if self.is_activation(t)]
+        return [], [unit.inputs[0]] if unit.inputs and self.is_activation(unit.inputs[0]) else []
+
+    def describe(self, unit: Node) -> str:
+        region = self.region_of_node.get(unit.name)
+        if region is not None:
+            return f"{region.kind} '{region.output}'"
+        return f"{unit.op} '{unit.name}'"
+
+    def explain_float_tensors(self) -> None:
+        """Why each float activation that got no quantizer has none."""
+        for node in self.model.graph.nodes:
+            for tensor in node.outputs:
+                name = tensor.name
+                if not name or name in self.placement or name in self.aliases or not self.is_float(tensor):
+                    continue
+                if name in self.constant:
+                    continue
+                if name in self.index:
+                    self.placement[name] = "not quantized: index computation (computed from shapes)"
+                elif node.name in self.region_of_node and self.region_of_node[node.name].output != name:
+                    region = self.region_of_node[node.name]
+                    self.placement[name] = f"not quantized: inside the {region.kind} computed as one activation " \
+                                           f"of '{region.input}'"
+                else:
+                    readers = sorted({f"{c.op} '{c.name}'" for c in tensor.outputs})
+                    where = ", ".join(readers[:3]) + (" ..." if len(readers) > 3 else "")
+                    if self.model.is_graph_output(tensor) and not readers:
+                        self.placement[name] = "not quantized: a graph output no integer op reads"
+                    else:
+                        self.placement[name] = f"not quantized: read only by float ops ({where})"
 
     # -- node roles --------------------------------------------------------------------
     def roles(self, node: Node) -> tuple[list[tuple[int, int | None]], list[int]] | None:
-        """(weight inputs with their channel axis, activation inputs) of a quantizable node,
-        or None (with a skipped entry) when its weight is not a constant."""
+        """(weight inputs with their channel axis, activation inputs) of a compute op, or None
+        (with a skipped entry) when its weight is not a constant."""
         op, ins = node.op, node.inputs
+        if self.configs[node.name].skip:
+            self.skipped.append(skip(node, "a rule says skip: true"))
+            return None
+        if all(t.name in self.constant for t in ins if t.name):
+            return None  # part of a weight computed in-graph (forward-fused BN), not an activation
         if op in ("Conv", "ConvTranspose", "Gemm"):
             if len(ins) < 2 or not self.is_constant(ins[1]):
                 self.skipped.append(skip(node, "its weight is not a constant (graph input?)"))
                 return None
-            return [(1, self.weight_axis(node))], [0]
-        if op in ("MatMul", "Add", "Mul", "Concat"):
-            weights, acts = [], []
-            for i, t in enumerate(ins):
-                if self.is_constant(t):
-                    if self.is_float(t):
-                        weights.append((i, self.weight_axis(node) if op == "MatMul" and i == 1 else None))
-                elif self.is_float(t):
-                    acts.append(i)
-            return weights, acts
-        return [], [0] if ins and self.is_float(ins[0]) else []
+            return [(1, self.weight_axis(node))], [0] if self.is_activation(ins[0]) else []
+        weights, acts = [], []
+        for i, t in enumerate(ins[:2]):
+            if self.is_constant(t):
+                if self.is_float(t):
+                    weights.append((i, self.weight_axis(node) if i == 1 else None))
+            elif self.is_activation(t):
+                acts.append(i)
+        return weights, acts
+
+    def is_activation(self, tensor: Tensor) -> bool:
+        """A float tensor computed from the inputs: not constant, not index computation."""
+        return bool(tensor.name) and tensor.name not in self.constant and tensor.name not in self.index \
+            and self.is_float(tensor)
 
     def weight_axis(self, node: Node) -> int | None:
         """The output-channel axis of the weight, or None where per-channel does not apply."""
@@ -183,7 +310,7 @@ class QuantPlan:
         quantized over [0, max] keep their input's grid: no quantizer of their own."""
         if self.configs[node.name].skip or not node.inputs:
             return False
-        if is_range_preserving(node):
+        if is_range_preserving(node, self.index):
             return True
         return node.op in ("Relu", "Clip") and node.inputs[0].name in self.nonnegative
 
@@ -208,18 +335,13 @@ class QuantPlan:
 
     # -- requests ------------------------------------------------------------------------
     def request_weight(self, node: Node, tensor: Tensor, axis: int | None) -> None:
-        spec = self.configs[node.name].weights
+        spec = self.configs[node.name].weights if node.op in COMPUTE_OPS else self.configs[node.name].activations
         if tensor.name in self.weights:
             if self.weights[tensor.name][1] != spec:
                 self.warnings.append(f"weight '{tensor.name}' is shared by '{self.weights[tensor.name][3].name}' "
                                      f"and '{node.name}' with different configs; the first one is used")
             return
-        self.weights[tensor.name] = (tensor, spec, axis if spec.per_channel else None, node)
-
-    def request_activation(self, tensor: Tensor, spec: ActivationSpec, node: Node) -> None:
-        if tensor.name in self.activations or tensor.name in self.weights or isinstance(tensor, gs.Constant):
-            return
-        self.activations[tensor.name] = (tensor, spec, node)
+        self.weights[tensor.name] = (tensor, spec, axis if getattr(spec, "per_channel", False) else None, node)
 
     def range_cap(self, tensor: Tensor) -> float | None:
         """Upper bound of a non-negative tensor read only by Clip(0, m) nodes: max m."""
@@ -236,13 +358,19 @@ class QuantPlan:
 
 # -- rewrite: building the pairs ---------------------------------------------------------
 
-def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec, axis: int | None, node: Node,
-                         value: np.ndarray, skipped_nodes: set[str]) -> QuantizerRecord:
-    qmin, qmax = quant.qrange(spec.bits, True, spec.narrow_range)
-    record = QuantizerRecord(kind="weight", tensor=tensor.name, node=node.name, bits=spec.bits, signed=True,
+def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec | ActivationSpec, axis: int | None,
+                         node: Node, value: np.ndarray, skipped_nodes: set[str]) -> QuantizerRecord:
+    """A compute op's weight (WeightSpec: signed), or an elementwise op's constant operand
+    quantized on the activations' grid (ActivationSpec), from the constant's own range."""
+    if isinstance(spec, WeightSpec):
+        signed, observer = True, spec.observer
+    else:
+        signed, observer, axis = spec.storage_signed(False), "minmax", None
+    qmin, qmax = quant.qrange(spec.bits, signed, spec.narrow_range)
+    record = QuantizerRecord(kind="weight", tensor=tensor.name, node=node.name, bits=spec.bits, signed=signed,
                              symmetric=spec.symmetric, narrow_range=spec.narrow_range, pow2=spec.pow2,
                              per_channel=axis is not None, axis=axis, qmin=qmin, qmax=qmax,
-                             observer=spec.observer, nonnegative=False)
+                             observer=observer, nonnegative=False)
     scale, zp = weight_qparams(value, record)
     _build_pair(model, tensor, record, scale, zp, skipped_nodes)
     return record

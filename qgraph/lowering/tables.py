@@ -1,0 +1,132 @@
+"""Unary functions of one quantized tensor as 256-entry lookup tables: exact by construction.
+
+For an input grid with codes q ∈ [qmin, qmax] and an output grid Q_out,
+
+    table[q − qmin] = Q_out(f(DQ_in(q)))          y_q = table[x_q − qmin]   (Cast, GatherElements)
+
+where f is computed by ONNX Runtime's own float kernels on the subgraph that defines it — one
+op (Tanh, HardSwish, ...) or a whole unary region as exported (idioms.unary_regions: HardSwish
+as x·Clip(x+3, 0, 6)/6, SiLU as x·Sigmoid(x), GELU with Erf). The table reproduces exactly what
+the QDQ model computes for every possible input code, so lowering adds no error at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from qgraph import quant
+from qgraph.graph import QModel
+from qgraph.idioms import Declined, UnaryRegion
+from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, QInput, Quantizer, const, read_quantizer, var
+from qgraph.model_io import OPSET
+
+
+def function_table(model: QModel, nodes: list[gs.Node], x: str, y: str, in_q: Quantizer,
+                   out_q: Quantizer) -> np.ndarray:
+    """``Q_out(f(DQ_in(q)))`` for every code q of `in_q`'s storage type, f being `nodes` (from
+    tensor `x` to tensor `y`) run by ORT."""
+    from qgraph.runner import run_model
+    codes = quant.all_codes(in_q.dtype)
+    real = in_q.dequantize(codes)
+    shared: dict[str, gs.Tensor] = {}
+    graph = gs.Graph(nodes=[_copy(n, shared) for n in nodes], opset=OPSET)
+    source, target = shared.get(x), shared.get(y)
+    if source is None or target is None or isinstance(source, gs.Constant):
+        raise Declined(f"the function from '{x}' to '{y}' is not self-contained")
+    source.dtype, source.shape = np.float32, [len(codes)]
+    target.dtype, target.shape = np.float32, [len(codes)]
+    graph.inputs, graph.outputs = [source], [target]
+    proto = gs.export_onnx(graph.cleanup(), do_type_check=False)
+    proto.ir_version = 8
+    del proto.opset_import[:]
+    proto.opset_import.add(domain="", version=OPSET)
+    if any(n.domain == "com.microsoft" for n in proto.graph.node):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+    try:
+        onnx.checker.check_model(proto)
+        y_real = run_model(proto, {x: real})[y]
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the function is a reason, not a crash
+        raise Declined(f"cannot tabulate: {str(exc).splitlines()[0][:120]}") from None
+    return out_q.quantize(y_real.reshape(-1))
+
+
+def _copy(node: gs.Node, shared: dict[str, gs.Tensor]) -> gs.Node:
+    """`node` in a new graph, its tensors shared by name with the other copied nodes."""
+    def tensor(t):
+        if t.name not in shared:
+            shared[t.name] = gs.Constant(t.name, np.asarray(t.values)) if isinstance(t, gs.Constant) \
+                else gs.Variable(t.name, dtype=t.dtype)
+        return shared[t.name]
+    return gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), inputs=[tensor(t) for t in node.inputs],
+                   outputs=[tensor(t) for t in node.outputs], domain=node.domain)
+
+
+def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name: str,
+               channels_last: bool = False) -> None:
+    """``out = table[x − qmin]`` on the integer tensor of `x`: the codes as one int32 row, a
+    GatherElements on the table as a [1, 256] row, reshaped back to x's shape.
+
+    Not Gather: ORT 1.19's Gather copies each element with its own memcpy (1.5 ms on a
+    16×160×160 uint8 map, one thread), GatherElements runs a typed loop (0.45 ms with the Cast,
+    Flatten and Reshape). Codes index the table directly, int8 ones as negative indices (which
+    count from the end): the table is stored rotated so that index q mod 256 holds code q.
+
+    ``channels_last`` (4-D maps): the lookup runs between a Transpose to NHWC and one back.
+    An elementwise function does not care about the layout, and ORT, which runs QLinearConv in
+    NHWC between Transposes of its own, cancels them against these: without, ORT could not move
+    its Transposes across the Flatten and Reshape, and kept two around every convolution
+    (YOLOv8n: 112 Transposes, and its MaxPools stayed NCHW, 50x slower than NhwcMaxPool)."""
+    final = out
+    if channels_last:
+        nhwc = var(model, f"{name}_nhwc", x.quantizer.dtype)
+        model.add_node("Transpose", [x.tensor], [nhwc], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
+        x = QInput(nhwc, x.quantizer)
+        out = var(model, f"{name}_looked_up_nhwc", table.dtype)
+    codes = var(model, f"{name}_codes", x.quantizer.dtype)
+    model.add_node("Flatten", [x.tensor], [codes], f"{name}_flat", {"axis": 0})
+    index = var(model, f"{name}_index", np.int32)
+    model.add_node("Cast", [codes], [index], f"{name}_cast", {"to": TensorProto.INT32})
+    rotated = np.roll(np.asarray(table), x.quantizer.qmin)   # index q − qmin → q mod 256
+    looked_up = var(model, f"{name}_row", table.dtype)
+    model.add_node("GatherElements", [const(model, f"{name}_table", rotated.reshape(1, -1)), index], [looked_up],
+                   name, {"axis": 1})
+    shape = var(model, f"{name}_shape", np.int64)
+    model.add_node("Shape", [x.tensor], [shape], f"{name}_shape")
+    model.add_node("Reshape", [looked_up, shape], [out], f"{name}_reshape")
+    if channels_last:
+        model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
+
+
+def is_map(tensor: gs.Tensor) -> bool:
+    """A tensor of rank 4 (N, C, H, W): where a channels-last table applies."""
+    return tensor.shape is not None and len(tensor.shape) == 4
+
+
+def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False) -> None:
+    """Replace ``DQ(x_q) → [region] → Q → y_q`` by one table on x_q (see emit_table for
+    `channels_last`); Declined when the region is not between a per-tensor DequantizeLinear and
+    a single per-tensor QuantizeLinear."""
+    tensors = model.tensors()
+    x, y = tensors[region.input], tensors[region.output]
+    dq = model.producer(x)
+    if dq is None or dq.op != DEQUANTIZE:
+        raise Declined(f"the input '{x.name}' of the {region.kind} is not dequantized")
+    in_q = read_quantizer(dq)
+    readers = list(y.outputs)
+    if model.is_graph_output(y) or len(readers) != 1 or readers[0].op != QUANTIZE:
+        raise Declined(f"the output '{y.name}' of the {region.kind} is not read by exactly one QuantizeLinear")
+    q = readers[0]
+    out_q = read_quantizer(q)
+    if in_q is None or out_q is None or in_q.per_channel or out_q.per_channel:
+        raise Declined(f"the {region.kind} needs constant per-tensor quantizers on both sides")
+    nodes = [n for n in model.graph.nodes if n.name in set(region.nodes)]
+    table = function_table(model, nodes, x.name, y.name, in_q, out_q)
+    out = q.outputs[0]
+    q.outputs.clear()
+    for node in nodes:
+        node.outputs.clear()
+    emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table",
+               channels_last and is_map(x))

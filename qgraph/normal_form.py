@@ -1,0 +1,351 @@
+"""Exporter idioms rewritten into qgraph's normal form (called by the canonicalize pass).
+
+Exporters decompose what a deployment compiler wants as one operation. Each rewrite here is
+a pattern (what to find), a check (Declined with the reason it does not apply) and a rewrite,
+and each preserves the outputs up to float rounding:
+
+- LayerNorm written as ``(x − mean(x)) / √(mean((x − mean(x))²) + ε) · γ + β`` (ReduceMean, Sub,
+  Pow or Mul, ReduceMean, Add, Sqrt, Div, [Mul, Add]) becomes one LayerNormalization over the
+  reduced trailing axes, with its Mean and InvStdDev outputs declared (ORT's trainer needs them
+  to differentiate it);
+- Softmax written as ``e / ΣE``, ``e = exp(x [− max x])`` becomes Softmax on that axis;
+- a per-channel (or scalar) ``Mul``/``Div``/``Add``/``Sub`` by a constant right after a Conv,
+  ConvTranspose, Gemm or BatchNormalization whose output it alone reads (Paddle's learnable
+  affine ``Conv → Mul(c) → Add(c)``) folds into that layer's weight and bias (BN: γ and β):
+
+      y = (W * x + b) · c + d   =>   W' = W · c (per output channel),  b' = b · c + d.
+
+Unary elementwise idioms (HardSwish, SiLU, GELU, ...) are not rewritten: they stay as exported
+(ONNX Runtime can train every piece) and idioms.unary_regions recognizes them where it matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qgraph.graph import Node, QModel, Tensor
+from qgraph.idioms import LAYERS, Declined, grouped_view, out_channels, skip
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _only(model: QModel, tensor: Tensor, op: str | tuple) -> Node:
+    """The single consumer of `tensor`, which must be `op`; Declined otherwise."""
+    ops = (op,) if isinstance(op, str) else op
+    node = model.only_consumer(tensor)
+    if node is None or node.op not in ops:
+        raise Declined(f"'{tensor.name}' is not read by exactly one {'/'.join(ops)}")
+    return node
+
+
+def _scalar(model: QModel, tensor: Tensor) -> float:
+    value = model.constant_value(tensor)
+    if value is None or np.asarray(value).size != 1:
+        raise Declined(f"'{tensor.name}' is not a scalar constant")
+    return float(np.asarray(value).reshape(-1)[0])
+
+
+def _other(node: Node, tensor: Tensor) -> Tensor:
+    """The input of a binary node that is not `tensor`."""
+    return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+
+
+def _reduce_axes(model: QModel, node: Node, rank: int) -> tuple[int, ...]:
+    """Axes of a ReduceMean/ReduceSum/ReduceMax (attribute, or input since opset 13/18), made
+    non-negative; Declined when they are computed or keepdims is off."""
+    if not int(node.attrs.get("keepdims", 1)):
+        raise Declined(f"{node.op} '{node.name}' drops the reduced axes (keepdims=0)")
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        axes = model.constant_value(node.inputs[1])
+        if axes is None:
+            raise Declined(f"{node.op} '{node.name}' axes are computed")
+    else:
+        axes = node.attrs.get("axes")
+    if axes is None:
+        raise Declined(f"{node.op} '{node.name}' reduces every axis")
+    return tuple(sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)))
+
+
+def _rank(tensor: Tensor) -> int:
+    if tensor.shape is None:
+        raise Declined(f"the rank of '{tensor.name}' is unknown; run shape inference first")
+    return len(tensor.shape)
+
+
+def _trailing(axes: tuple[int, ...], rank: int) -> int:
+    """The first axis when `axes` are the trailing axes k..rank−1; Declined otherwise."""
+    if not axes or axes != tuple(range(axes[0], rank)):
+        raise Declined(f"axes {list(axes)} are not the trailing axes of a rank-{rank} tensor")
+    return axes[0]
+
+
+# -- LayerNorm ---------------------------------------------------------------------------------
+
+@dataclass
+class LayerNormMatch:
+    x: Tensor
+    axis: int
+    epsilon: float
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    output: Tensor
+    nodes: list[Node]
+    normalized_shape: tuple
+
+
+def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
+    """The decomposed LayerNorm that starts at ReduceMean `mean`."""
+    x = mean.inputs[0]
+    rank = _rank(x)
+    axes = _reduce_axes(model, mean, rank)
+    axis = _trailing(axes, rank)
+    sub = _only(model, mean.outputs[0], "Sub")
+    if sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
+        raise Declined(f"Sub '{sub.name}' is not x − mean(x)")
+    centered = sub.outputs[0]
+    readers = list(centered.outputs)
+    if len(readers) != 2 or model.is_graph_output(centered):
+        raise Declined(f"'{centered.name}' is not read exactly by the square and the division")
+    square = next((n for n in readers if n.op == "Pow" or (n.op == "Mul" and n.inputs[0] is n.inputs[1])), None)
+    div = next((n for n in readers if n.op == "Div" and n.inputs[0] is centered), None)
+    if square is None or div is None:
+        raise Declined(f"'{centered.name}' is not squared and divided")
+    if square.op == "Pow" and _scalar(model, square.inputs[1]) != 2.0:
+        raise Declined(f"Pow '{square.name}' is not a square")
+    var = _only(model, square.outputs[0], "ReduceMean")
+    if _reduce_axes(model, var, rank) != axes:
+        raise Declined(f"ReduceMean '{var.name}' reduces other axes than the mean")
+    add_eps = _only(model, var.outputs[0], "Add")
+    eps = _scalar(model, _other(add_eps, var.outputs[0]))
+    sqrt = _only(model, add_eps.outputs[0], "Sqrt")
+    if div.inputs[1] is not sqrt.outputs[0] or model.only_consumer(sqrt.outputs[0]) is not div:
+        raise Declined(f"Div '{div.name}' does not divide by the standard deviation")
+    nodes = [mean, sub, square, var, add_eps, sqrt, div]
+    shape = tuple(x.shape[axis:])
+    output = div.outputs[0]
+    gamma, output = _absorb_affine(model, output, "Mul", shape, nodes)
+    beta, output = _absorb_affine(model, output, "Add", shape, nodes)
+    for node in nodes[:-1]:
+        if any(model.is_graph_output(t) for t in node.outputs):
+            raise Declined(f"inner tensor of '{node.name}' is a graph output")
+    return LayerNormMatch(x, axis, eps, gamma, beta, output, nodes, shape)
+
+
+def _affine_constant(model: QModel, tensor: Tensor, shape: tuple) -> np.ndarray | None:
+    """A γ/β constant that broadcasts only over the normalized axes, as an array of `shape`."""
+    value = model.constant_value(tensor)
+    if value is None or any(not isinstance(d, (int, np.integer)) for d in shape):
+        return None
+    value = np.asarray(value)
+    trailing = value.reshape(value.shape[value.ndim - min(value.ndim, len(shape)):]) if value.ndim else value
+    if value.ndim > len(shape) and any(d != 1 for d in value.shape[:value.ndim - len(shape)]):
+        return None
+    try:
+        return np.broadcast_to(trailing, shape).astype(np.float32)
+    except ValueError:
+        return None
+
+
+def _absorb_affine(model: QModel, output: Tensor, op: str, shape: tuple, nodes: list) -> tuple:
+    """(γ or β, new output) when `output`'s only reader is `op` by a constant over the normalized
+    axes (the reader joins `nodes`); (None, output) otherwise."""
+    reader = model.only_consumer(output)
+    if reader is None or reader.op != op:
+        return None, output
+    value = _affine_constant(model, _other(reader, output), shape)
+    if value is None:
+        return None, output
+    nodes.append(reader)
+    return value, reader.outputs[0]
+
+
+def fuse_layernorm(model: QModel, m: LayerNormMatch) -> None:
+    dtype = np.float32
+    base = m.nodes[0].name or "layernorm"
+    gamma = m.gamma if m.gamma is not None else np.ones(m.normalized_shape, dtype)
+    beta = m.beta if m.beta is not None else np.zeros(m.normalized_shape, dtype)
+    inputs = [m.x, model.add_constant(f"{base}.gamma", gamma), model.add_constant(f"{base}.beta", beta)]
+    for node in m.nodes:
+        node.outputs.clear()
+    stats = [model.add_variable(f"{base}.mean", dtype), model.add_variable(f"{base}.inv_std_dev", dtype)]
+    model.add_node("LayerNormalization", inputs, [m.output, *stats], f"{base}/LayerNormalization",
+                   {"axis": m.axis, "epsilon": m.epsilon})
+
+
+# -- Softmax -----------------------------------------------------------------------------------
+
+@dataclass
+class SoftmaxMatch:
+    x: Tensor
+    axis: int
+    output: Tensor
+    nodes: list[Node]
+
+
+def match_softmax(model: QModel, exp: Node) -> SoftmaxMatch:
+    """``Exp(x [− ReduceMax(x)]) / ReduceSum(…)`` over one axis, starting at Exp `exp`."""
+    e = exp.outputs[0]
+    readers = list(e.outputs)
+    total = next((n for n in readers if n.op == "ReduceSum"), None)
+    div = next((n for n in readers if n.op == "Div" and n.inputs[0] is e), None)
+    if len(readers) != 2 or total is None or div is None or model.is_graph_output(e):
+        raise Declined(f"'{e.name}' is not read exactly by a ReduceSum and a Div")
+    rank = _rank(e)
+    axes = _reduce_axes(model, total, rank)
+    if len(axes) != 1 or div.inputs[1] is not total.outputs[0] or model.only_consumer(total.outputs[0]) is not div:
+        raise Declined(f"Div '{div.name}' does not divide by the sum over one axis")
+    nodes, x = [exp, total, div], exp.inputs[0]
+    sub = model.producer(x)
+    if sub is not None and sub.op == "Sub" and model.only_consumer(x) is exp:
+        top = model.producer(sub.inputs[1])
+        if (top is not None and top.op == "ReduceMax" and top.inputs[0] is sub.inputs[0]
+                and _reduce_axes(model, top, rank) == axes and model.only_consumer(top.outputs[0]) is sub):
+            nodes = [top, sub, *nodes]
+            x = sub.inputs[0]
+    return SoftmaxMatch(x, axes[0], div.outputs[0], nodes)
+
+
+def fuse_softmax(model: QModel, m: SoftmaxMatch) -> None:
+    for node in m.nodes:
+        node.outputs.clear()
+    model.add_node("Softmax", [m.x], [m.output], f"{m.nodes[-1].name}/Softmax", {"axis": m.axis})
+
+
+# -- per-channel affine after a layer ------------------------------------------------------------
+
+AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+AFFINE_LAYERS = ("Conv", "ConvTranspose", "Gemm", "BatchNormalization")
+
+
+def match_affine(model: QModel, layer: Node) -> tuple[Node, np.ndarray]:
+    """The Mul/Div/Add/Sub that alone reads `layer`'s output with a constant per output channel
+    (or scalar) on the other side, and that constant as one value per channel."""
+    out = layer.outputs[0]
+    if layer.op == "Gemm" and (layer.attrs.get("transA", 0) or float(layer.attrs.get("alpha", 1.0)) != 1.0
+                               or float(layer.attrs.get("beta", 1.0)) != 1.0):
+        raise Declined(f"Gemm '{layer.name}' has transA/alpha/beta")
+    node = _only(model, out, AFFINE_OPS)
+    if node.op in ("Div", "Sub") and node.inputs[0] is not out:
+        raise Declined(f"{node.op} '{node.name}' takes the layer output as its second operand")
+    value = model.constant_value(_other(node, out))
+    if value is None:
+        raise Declined(f"{node.op} '{node.name}' has no constant operand")
+    channels = _layer_channels(model, layer)
+    per_channel = _per_channel(np.asarray(value, np.float64), channels, _rank(out), layer.op)
+    if node.op == "Div" and np.any(per_channel == 0):
+        raise Declined(f"Div '{node.name}' divides by zero")
+    return node, per_channel
+
+
+def _layer_channels(model: QModel, layer: Node) -> int:
+    if layer.op == "BatchNormalization":
+        return int(np.asarray(model.constant_value(layer.inputs[1])).size)
+    weight = model.constant_value(layer.inputs[1])
+    if weight is None:
+        raise Declined(f"{layer.op} '{layer.name}' weight is not a constant")
+    return out_channels(layer, np.asarray(weight).shape)
+
+
+def _per_channel(value: np.ndarray, channels: int, rank: int, op: str) -> np.ndarray:
+    """`value` as one number per output channel, if it broadcasts along the channel axis only
+    (axis 1 of a conv/BN output, the last axis of a Gemm output)."""
+    axis = 1 if op != "Gemm" else rank - 1
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    if value.ndim > rank:
+        raise Declined(f"constant of shape {list(value.shape)} has more axes than the output")
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] != channels:
+        raise Declined(f"constant of shape {list(value.shape)} is not one value per output channel")
+    return value.reshape(-1)
+
+
+def fold_affine(model: QModel, layer: Node, node: Node, c: np.ndarray) -> None:
+    """Fold ``layer(x) ∘ c`` into the layer's parameters and remove `node`."""
+    if layer.op == "BatchNormalization":
+        gamma, beta = layer.inputs[1], layer.inputs[2]
+        if node.op in ("Mul", "Div"):
+            factor = c if node.op == "Mul" else 1.0 / c
+            _set(model, layer, 1, np.asarray(model.constant_value(gamma), np.float64) * factor)
+            _set(model, layer, 2, np.asarray(model.constant_value(beta), np.float64) * factor)
+        else:
+            shift = c if node.op == "Add" else -c
+            _set(model, layer, 2, np.asarray(model.constant_value(beta), np.float64) + shift)
+    else:
+        weight = np.asarray(model.constant_value(layer.inputs[1]))
+        channels = out_channels(layer, weight.shape)
+        has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
+        bias = np.asarray(model.constant_value(layer.inputs[2]), np.float64).reshape(-1) if has_bias \
+            else np.zeros(channels)
+        bias = np.broadcast_to(bias, (channels,)).astype(np.float64)
+        if node.op in ("Mul", "Div"):
+            factor = c if node.op == "Mul" else 1.0 / c
+            view, scale_shape = grouped_view(layer, weight.shape)
+            scaled = (weight.astype(np.float64).reshape(view) * factor.reshape(scale_shape)).reshape(weight.shape)
+            _set(model, layer, 1, scaled, weight.dtype)
+            bias = bias * factor
+        else:
+            bias = bias + (c if node.op == "Add" else -c)
+        if has_bias:
+            _set(model, layer, 2, bias, weight.dtype)
+        else:
+            layer.inputs.append(model.add_constant(f"{layer.name}.bias", bias.astype(weight.dtype)))
+    out = node.outputs[0]
+    node.outputs.clear()             # the affine node goes; the layer now writes its output
+    layer.outputs[0] = out
+
+
+def _set(model: QModel, layer: Node, index: int, value: np.ndarray, dtype=np.float32) -> None:
+    """Input `index` of `layer` holds `value`: in place when only this layer reads it, else a copy."""
+    tensor = layer.inputs[index]
+    value = np.asarray(value).astype(dtype)
+    if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1 and not model.is_graph_output(tensor):
+        tensor.values = value.reshape(tensor.values.shape)
+        return
+    old = np.asarray(model.constant_value(tensor))
+    layer.inputs[index] = model.add_constant(f"{tensor.name}_folded", value.reshape(old.shape))
+
+
+# -- driver --------------------------------------------------------------------------------------
+
+def normalize_exporter_idioms(model: QModel) -> dict:
+    """Apply every rewrite of this module until none applies; returns counts and skip entries."""
+    counts = {"layernorm": 0, "softmax": 0, "affine": 0}
+    skipped: list[dict] = []
+    for node in list(model.graph.nodes):
+        if node.op == "ReduceMean" and node.outputs and node.outputs[0].outputs:
+            try:
+                fuse_layernorm(model, match_layernorm(model, node))
+                counts["layernorm"] += 1
+            except Declined:
+                pass            # most ReduceMeans are no LayerNorm: not worth a line each
+    model.cleanup()
+    for node in list(model.graph.nodes):
+        if node.op == "Exp" and node.outputs:
+            try:
+                fuse_softmax(model, match_softmax(model, node))
+                counts["softmax"] += 1
+            except Declined:
+                pass
+    model.cleanup()
+    for layer in list(model.graph.nodes):
+        if layer.op not in AFFINE_LAYERS or not layer.outputs:
+            continue
+        while True:
+            try:
+                node, c = match_affine(model, layer)
+            except Declined as declined:
+                if "exactly one" not in declined.reason and "no constant operand" not in declined.reason:
+                    skipped.append(skip(layer, f"affine folding: {declined.reason}"))
+                break
+            fold_affine(model, layer, node, c)
+            counts["affine"] += 1
+    model.cleanup()
+    return {"counts": counts, "skipped": skipped}
+
+
+__all__ = ["normalize_exporter_idioms", "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
+           "match_affine", "fold_affine", "LAYERS"]

@@ -1,0 +1,108 @@
+"""Exporter idioms in normal form: each rewrite keeps the outputs and leaves one op."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph.graph import QModel
+from qgraph.pipeline import run_pass
+from qgraph.runner import run_model
+
+
+def _model(nodes, inits, in_shape, out_shape, name="x", out="y"):
+    tensors = [numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else np.float32), k)
+               for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _canonical(model):
+    q = QModel.from_onnx(model)
+    report = run_pass(q, "canonicalize")
+    return q.to_onnx(), report
+
+
+def _same_outputs(a, b, feeds, rtol=1e-5):
+    ra, rb = run_model(a, feeds), run_model(b, feeds)
+    for key in ra:
+        np.testing.assert_allclose(rb[key], ra[key], rtol=rtol, atol=1e-5 * float(np.abs(ra[key]).max()))
+
+
+def test_decomposed_layernorm_becomes_one_op_with_its_statistics_outputs():
+    """torch.onnx's LayerNorm: mean, centred, Pow 2, mean, + eps, Sqrt, Div, Mul γ, Add β."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]),
+             helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["v", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["n"]),
+             helper.make_node("Mul", ["n", "gamma"], ["g"]),
+             helper.make_node("Add", ["g", "beta"], ["y"])]
+    model = _model(nodes, {"two": 2.0, "eps": 1e-5, "gamma": rng.uniform(0.5, 1.5, 16),
+                           "beta": rng.normal(0, 0.1, 16)}, ["N", 5, 16], ["N", 5, 16])
+    out, report = _canonical(model)
+    assert report["idioms"]["layernorm"] == 1
+    ln = [n for n in out.graph.node if n.op_type == "LayerNormalization"]
+    assert len(ln) == 1 and len(ln[0].output) == 3 and len(out.graph.node) == 1
+    _same_outputs(model, out, {"x": rng.normal(2, 3, (4, 5, 16)).astype(np.float32)})
+
+
+def test_a_layernorm_read_halfway_is_left_alone():
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["p"]),
+             helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["v", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["n"]),
+             helper.make_node("Add", ["n", "s"], ["y"])]        # the std is read outside the norm
+    model = _model(nodes, {"eps": 1e-5}, ["N", 8], ["N", 8])
+    out, report = _canonical(model)
+    assert report["idioms"]["layernorm"] == 0 and not any(n.op_type == "LayerNormalization" for n in out.graph.node)
+
+
+def test_softmax_written_out_becomes_softmax():
+    nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "mx"], ["c"]),
+             helper.make_node("Exp", ["c"], ["e"]),
+             helper.make_node("ReduceSum", ["e", "axes"], ["s"], keepdims=1),
+             helper.make_node("Div", ["e", "s"], ["y"])]
+    model = _model(nodes, {"axes": [-1]}, ["N", 10], ["N", 10])
+    out, report = _canonical(model)
+    assert report["idioms"]["softmax"] == 1 and [n.op_type for n in out.graph.node] == ["Softmax"]
+    _same_outputs(model, out, {"x": np.random.default_rng(1).normal(0, 4, (3, 10)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("ops", [("Mul", "Add"), ("Div", "Sub"), ("Mul",), ("Add",)])
+def test_per_channel_affine_after_a_conv_folds_into_it(ops):
+    """Paddle's learnable affine: Conv -> Mul(c) -> Add(c) with c of shape [1, C, 1, 1]."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["t0"], pads=[1, 1, 1, 1])]
+    inits = {"w": rng.normal(0, 0.5, (6, 3, 3, 3)), "b": rng.normal(0, 0.1, 6)}
+    for i, op in enumerate(ops):
+        out = "y" if i == len(ops) - 1 else f"t{i + 1}"
+        inits[f"c{i}"] = rng.uniform(0.5, 2.0, (1, 6, 1, 1))
+        nodes.append(helper.make_node(op, [f"t{i}", f"c{i}"], [out]))
+    model = _model(nodes, inits, ["N", 3, 8, 8], ["N", 6, 8, 8])
+    out, report = _canonical(model)
+    assert report["idioms"]["affine"] == len(ops) and [n.op_type for n in out.graph.node] == ["Conv"]
+    _same_outputs(model, out, {"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)})
+
+
+def test_affine_that_is_not_per_channel_stays():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"]), helper.make_node("Mul", ["t", "c"], ["y"])]
+    model = _model(nodes, {"w": rng.normal(0, 1, (4, 2, 1, 1)), "c": rng.normal(0, 1, (1, 4, 5, 5))},
+                   ["N", 2, 5, 5], ["N", 4, 5, 5])
+    out, report = _canonical(model)
+    assert report["idioms"]["affine"] == 0 and [n.op_type for n in out.graph.node] == ["Conv", "Mul"]
+    assert any("not one value per output channel" in s["reason"] for s in report["skipped"])

@@ -1,0 +1,134 @@
+"""profile: ORT latency and ORT's own per-op profile of a float model and its lowered form,
+grouped by op type, with qgraph's roles of the nodes; no file left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph.cli import main
+from qgraph.graph import QModel
+from qgraph.lowering import lower_model
+from qgraph.models.builders import build_model
+from qgraph.models.datasets import load_dataset
+from qgraph.pipeline import PassContext, run_pass
+from qgraph.profile import node_roles, profile_models
+
+
+@pytest.fixture(scope="module")
+def val():
+    return {k: v[:16] for k, v in load_dataset("mnist", "val").items()}
+
+
+@pytest.fixture(scope="module")
+def models(val):
+    model = QModel.from_onnx(build_model("lenet"))
+    run_pass(model, "canonicalize")
+    run_pass(model, "fuse_conv_bn", {"mode": "fold"})
+    float_model = model.to_onnx()
+    ctx = PassContext(data={"input": val["input"]})
+    run_pass(model, "insert_qdq", {}, ctx)
+    run_pass(model, "calibrate", {"progress": False}, ctx)
+    qdq = model.to_onnx()
+    return {"float": float_model, "qdq": qdq, "qlinear": lower_model(qdq, "qlinear")[0],
+            "integer": lower_model(qdq, "integer")[0]}
+
+
+def test_float_and_lowered_side_by_side(models, val):
+    report = profile_models([(models["float"], "float"), (models["qlinear"], "qlinear")], val, batch_size=4,
+                            repeats=3, profile_runs=3)
+    assert [m.label for m in report.models] == ["float", "qlinear"]
+    for m in report.models:
+        assert [x.batch for x in m.latency] == [1, 4] and m.profiled_batch == 4
+        assert all(0 < x.p10_ms <= x.median_ms <= x.p90_ms for x in m.latency)
+        assert sum(o.share for o in m.ops) == pytest.approx(1.0)
+        assert sum(o.ms for o in m.ops) == pytest.approx(sum(n.ms for n in m.top))
+        assert [n.ms for n in m.top] == sorted((n.ms for n in m.top), reverse=True)
+    lowered = {o.op: o for o in report.models[1].ops}
+    assert "QLinearConv" in lowered and set(lowered["QLinearConv"].roles) == {"integer compute"}
+    # lenet's qlinear form requantizes its ReLUs through float (DequantizeLinear -> Relu -> QuantizeLinear)
+    assert set(lowered["QuantizeLinear"].roles) == {"boundary quantizer", "float island"}
+    assert "float island" in lowered["DequantizeLinear"].roles and "lower -v" in lowered["QuantizeLinear"].hint
+    float_ops = {o.op: o for o in report.models[0].ops}
+    assert "QLinearConv" not in float_ops and any(r == "float compute" for o in float_ops.values() for r in o.roles)
+    table = report.format_table(top=2)
+    assert table.startswith("latency: ORT") and "what qgraph could change" in table
+    assert "top nodes of qlinear:" in table and "QLinearConv" in table
+    json.dumps(report.as_dict())
+
+
+def test_integer_target_costs_are_named_as_generic_requantization(models, val):
+    report = profile_models([(models["integer"], "integer")], val, batch_size=2, repeats=2, profile_runs=2)
+    roles = {r for o in report.models[0].ops for r in o.roles}
+    assert {"integer compute", "integer requantization"} <= roles
+    mod = next(o for o in report.models[0].ops if o.op == "Mod")
+    assert "integer requantization" in mod.hint
+
+
+def _graph(nodes, inits, inputs=("x",), dtype=TensorProto.FLOAT):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(i, dtype, ["N", 4]) for i in inputs],
+                              [helper.make_empty_tensor_value_info(nodes[-1].output[0])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_roles_of_islands_tables_and_qdq_weights():
+    s, z = np.float32(0.1), np.uint8(128)
+    table = np.arange(256, dtype=np.uint8)[::-1].copy()
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_in"),
+             helper.make_node("MatMulInteger", ["q", "w", "z", "wz"], ["acc"], name="mm"),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="to_float"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq_mid"),
+             helper.make_node("Softmax", ["d"], ["sm"], name="softmax"),
+             helper.make_node("QuantizeLinear", ["sm", "s", "z"], ["q2"], name="q_mid"),
+             helper.make_node("Cast", ["q2"], ["idx"], to=TensorProto.INT64, name="lut_index"),
+             helper.make_node("Gather", ["table", "idx"], ["t"], name="lut"),
+             helper.make_node("Transpose", ["wt"], ["wtt"], name="weight_t"),
+             helper.make_node("DequantizeLinear", ["t", "s", "z"], ["y"], name="dq_out")]
+    model = _graph(nodes, {"s": s, "z": z, "w": np.ones((4, 4), np.uint8), "wz": np.uint8(0), "table": table,
+                           "wt": np.ones((4, 4), np.float32)})
+    roles = node_roles(model)
+    assert roles["q_in"] == "boundary quantizer" and roles["dq_out"] == "boundary quantizer"
+    assert roles["mm"] == "integer compute"
+    assert roles["dq_mid"] == roles["softmax"] == roles["q_mid"] == "float island"
+    assert roles["lut_index"] == roles["lut"] == "lookup table"
+    assert roles["weight_t"] == "constant transpose"
+    qdq = _graph([helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"], name="wq"),
+                  helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"], name="wd"),
+                  helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")],
+                 {"s": s, "z": z, "w": np.ones((4, 4), np.float32)})
+    roles = node_roles(qdq)
+    assert roles["wq"] == roles["wd"] == "weight Q/DQ" and roles["mm"] == "QDQ float op"
+
+
+def test_cli_profile_writes_only_its_json(models, val, tmp_path, monkeypatch):
+    onnx.save(models["float"], str(tmp_path / "float.onnx"))
+    onnx.save(models["qlinear"], str(tmp_path / "q.onnx"))
+    np.savez(tmp_path / "val.npz", **val)
+    monkeypatch.chdir(tmp_path)
+    before = set(os.listdir(tmp_path))
+    temp_before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("qgraph-profile-")}
+    result = CliRunner().invoke(main, ["profile", "q.onnx", "--against", "float.onnx", "--data", "val.npz",
+                                       "--batch-size", "4", "--repeats", "2", "--json", "p.json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert set(os.listdir(tmp_path)) == before | {"p.json"}
+    assert {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("qgraph-profile-")} == temp_before
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert [m["model"] for m in report["models"]] == ["float.onnx", "q.onnx"]
+    assert "batch 4" in result.stdout and "x" in result.stdout.splitlines()[3]   # ratio to the reference
+
+
+def test_fixed_batch_model_runs_at_its_batch(models, val):
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(models["float"])
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    report = profile_models([(fixed, "fixed")], val, batch_size=8, repeats=2, profile_runs=2)
+    assert [x.batch for x in report.models[0].latency] == [2] and report.models[0].profiled_batch == 2

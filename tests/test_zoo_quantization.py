@@ -1,0 +1,198 @@
+"""The zoo through `ptq` and both lowering targets: real models from PyPI wheels and the
+exporter-style builders (benchmarks/zoo_models.py), on real pictures and text strips.
+
+Thresholds come from benchmarks/zoo.py and the measurements quoted in FIDELITY (16
+calibration / 8 evaluation samples, the sizes used here), with a margin for ORT version drift:
+a placement or calibration change that costs fidelity fails here. The builders are untrained
+(models/exported.py, "Known limit"), so their floors are lower; they guard the graph idioms.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import pytest
+import yaml
+
+import zoo_models as zoo  # benchmarks/ is on sys.path (conftest)
+from conftest import zoo_or_skip
+from qgraph.api import apply_pipeline, bundled_pipeline
+from qgraph.graph import QModel
+from qgraph.idioms import CLAMPS, index_tensors, is_range_preserving, unary_regions
+from qgraph.lowering import lower_model
+
+CALIBRATION, EVALUATION = 16, 8
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Lowest accepted worst-output cosine and task agreement with float; measured in comments."""
+    cosine: float
+    task: float
+
+
+FIDELITY = {
+    "nudenet_320n": Floor(0.9985, 0.66),      # measured 0.99942, 3/3 boxes
+    "ddddocr_det": Floor(0.995, 0.70),        # 0.99753, 6/7 boxes
+    "ddddocr_ocr": Floor(0.997, 0.87),        # 0.99876, 8/8 strings
+    "ddddocr_ocr_old": Floor(0.996, 0.87),    # 0.99835, 8/8 strings (against the dynamic model)
+    "pplcnet": Floor(0.85, 0.75),             # 0.92531, 7/8 top-1 (untrained)
+    "pplcnet_textdir": Floor(0.80, 0.50),     # 0.89878, 5/8 top-1 (untrained)
+    "vit_encoder": Floor(0.96, 0.62),         # 0.98206, 6/8 top-1 (untrained)
+    "db_detector": Floor(0.94, 0.65),         # 0.96846, map IoU 0.761 (untrained)
+    "svtr_recognizer": Floor(0.45, 0.25),     # 0.62409, 3/8 strings (untrained)
+}
+TRAINED = [key for key, entry in zoo.ZOO.items() if entry.wheel]
+
+
+@dataclass
+class Case:
+    entry: zoo.ZooEntry
+    float_model: onnx.ModelProto
+    quantized: onnx.ModelProto
+    inputs: np.ndarray
+    float_outputs: list[np.ndarray]
+    quantized_outputs: list[np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    cache: dict[str, Case] = {}
+
+    def get(key: str) -> Case:
+        if key not in cache:
+            entry = zoo.ZOO[key]
+            model = zoo_or_skip(lambda: zoo.zoo_model(key))
+            calib = zoo.zoo_inputs(key, CALIBRATION, "calib")
+            inputs = np.stack([s.array for s in zoo.zoo_samples(key, EVALUATION, "eval")])
+            q = apply_pipeline(model, "ptq", calib)
+            cache[key] = Case(entry, model, q, inputs, run(entry, model, inputs), run(entry, q, inputs))
+        return cache[key]
+    return get
+
+
+def run(entry: zoo.ZooEntry, model: onnx.ModelProto, inputs: np.ndarray) -> list[np.ndarray]:
+    return zoo.run_entry(entry, zoo.ort_session(model), inputs)
+
+
+def worst_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return min(zoo.cosine(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("key", list(zoo.ZOO))
+def test_ptq_keeps_the_model_close_to_float(key, quantized):
+    case = quantized(key)
+    floor = FIDELITY[key]
+    cosine = worst_cosine(case.float_outputs, case.quantized_outputs)
+    agreement, what = zoo.task_agreement(case.entry, case.float_outputs, case.quantized_outputs)
+    assert cosine >= floor.cosine, f"{key}: worst output cosine {cosine:.5f} < {floor.cosine}"
+    assert agreement >= floor.task, f"{key}: task agreement {what} < {floor.task}"
+
+
+@pytest.mark.parametrize("key", list(zoo.ZOO))
+def test_quantizers_sit_where_a_deployment_compiler_puts_them(key, quantized, float_part):
+    """No quantizer on shape/index computation or between the ops of one exported activation;
+    every compute op reads quantized activations; no quantizer on a graph output."""
+    case = quantized(key)
+    prepared = QModel.from_onnx(apply_pipeline(case.float_model, float_part, None))
+    index = index_tensors(prepared)
+    inner = {out.name for region in unary_regions(prepared) for node in region.nodes
+             for out in prepared.node(node).outputs if out.name != region.output}
+    q = QModel.from_onnx(case.quantized)
+    activations = [n.inputs[0].name for n in q.graph.nodes if n.op == "QuantizeLinear"
+                   and QModel.constant_value(n.inputs[0]) is None]
+    assert activations, f"{key}: no activation quantizers"
+    assert not set(activations) & index, f"{key}: quantizers on index tensors {sorted(set(activations) & index)[:5]}"
+    assert not set(activations) & inner, f"{key}: quantizers inside activations {sorted(set(activations) & inner)[:5]}"
+    outputs = {o.name for o in q.graph.outputs}
+    assert not any(q.producer(t) is not None and q.producer(t).op == "DequantizeLinear" for t in q.graph.outputs), \
+        f"{key}: a graph output {sorted(outputs)} is quantized"
+    computed = index_tensors(q)        # shapes computed at run time (Reshape targets)
+    for node in q.graph.nodes:
+        if node.op in COMPUTE_OPS:
+            producer = q.producer(node.inputs[0])
+            # Split, Reshape, ... and Relu/Clip(0, ·) of a tensor quantized over [0, max] share its grid
+            while producer is not None and (is_range_preserving(producer, computed) or producer.op in CLAMPS):
+                producer = q.producer(producer.inputs[0])
+            assert producer is not None and producer.op == "DequantizeLinear", \
+                f"{key}: {node.op} {node.name} reads a float activation {node.inputs[0].name}"
+
+
+@pytest.fixture(scope="module")
+def float_part(tmp_path_factory) -> Path:
+    """The float passes of the bundled ptq pipeline (what insert_qdq sees) as a pipeline file."""
+    steps = yaml.safe_load(Path(bundled_pipeline("ptq")).read_text())["passes"]
+    names = [next(iter(step)) if isinstance(step, dict) else step for step in steps]
+    path = tmp_path_factory.mktemp("pipelines") / "float-part.yaml"
+    path.write_text(yaml.safe_dump({"passes": steps[:names.index("insert_qdq")]}))
+    return path
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("key", list(zoo.ZOO))
+def test_lowering_leaves_no_compute_op_float_and_stays_with_the_qdq_model(key, target, quantized):
+    case = quantized(key)
+    lowered, report = lower_model(case.quantized, target)
+    float_compute = collections.Counter(n.op_type for n in lowered.graph.node if n.op_type in COMPUTE_OPS)
+    assert not float_compute, f"{key} {target}: float compute left {dict(float_compute)}; skipped {report['skipped'][:3]}"
+    assert not report["skipped"], f"{key} {target}: left float: {report['skipped'][:5]}"
+    if target == "integer":
+        assert not report["float_nodes"], f"{key}: float nodes inside the integer region {report['float_nodes'][:5]}"
+    # every activation quantizer of the QDQ model feeds an integer op after lowering
+    readers = collections.defaultdict(list)
+    for node in lowered.graph.node:
+        for name in node.input:
+            readers[name].append(node.op_type)
+    constants = {i.name for i in case.quantized.graph.initializer}
+    for node in case.quantized.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            ops = readers.get(node.output[0], [])
+            assert not ops or any(op != "DequantizeLinear" for op in ops), \
+                f"{key} {target}: the quantizer of {node.input[0]} feeds no integer op"
+    # the lowered model computes what the QDQ model computes, up to requantization rounding;
+    # untrained builders amplify those LSB differences, so they are held to float fidelity instead
+    got = run(case.entry, lowered, case.inputs)
+    if key in TRAINED:
+        assert worst_cosine(case.quantized_outputs, got) >= 0.999
+    lowered_fidelity = worst_cosine(case.float_outputs, got)
+    assert lowered_fidelity >= FIDELITY[key].cosine, f"{key} {target}: lowered cosine to float {lowered_fidelity:.5f}"
+
+
+@pytest.mark.parametrize("key", ["nudenet_320n", "ddddocr_ocr"])
+def test_ptq_is_at_least_as_faithful_as_onnxruntime_quantize_static(key, quantized, tmp_path):
+    """The peer on the same samples: ORT quantize_static, QDQ, per-channel int8 weights, uint8
+    activations, MinMax (its default) after quant_pre_process."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    case = quantized(key)
+    entry = case.entry
+    source = tmp_path / "float.onnx"
+    # ORT's QDQ per-channel needs opset >= 13: raise it as an ORT user would (qgraph does the same)
+    onnx.save(onnx.version_converter.convert_version(case.float_model, 17), source)
+    prepared = tmp_path / "pre.onnx"
+    quantization.shape_inference.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    calib = zoo.zoo_inputs(key, CALIBRATION, "calib")[entry.input_name]
+    feeds = iter([{entry.input_name: calib[i:i + 1]} for i in range(len(calib))])
+
+    class Reader(quantization.CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    out = tmp_path / "ort.onnx"
+    quantization.quantize_static(str(prepared), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    ort_outputs = run(entry, onnx.load(out), case.inputs)
+    ours = worst_cosine(case.float_outputs, case.quantized_outputs)
+    theirs = worst_cosine(case.float_outputs, ort_outputs)
+    # the task first: boxes and strings at least as often as ORT's; the cosine may trail by
+    # 2e-4, the price of the percentile range on nudenet (0.99942 against ORT's 0.99952 here,
+    # where min-max matched ORT but kept 6 of the 8 benchmark boxes against the percentile's 8)
+    task, peer_task = (zoo.task_agreement(entry, case.float_outputs, out)[0] for out in (case.quantized_outputs, ort_outputs))
+    assert task >= peer_task, f"{key}: task agreement {task:.3f}, ORT {peer_task:.3f}"
+    assert ours >= theirs - 2e-4, f"{key}: qgraph cosine {ours:.5f}, ORT {theirs:.5f}"
