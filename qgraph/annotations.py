@@ -52,7 +52,7 @@ class QuantizerRecord:
     kind: Literal["weight", "activation"]
     tensor: str                      # the float tensor (renamed when it was a graph output)
     node: str                        # the node whose config placed it
-    bits: Annotated[int, Range(2, 8)]
+    bits: Annotated[int, Range(2, 16)]  # quant.GRID_BITS: 2..8, or 16 (mixed precision)
     signed: bool
     symmetric: bool
     narrow_range: bool

@@ -258,6 +258,68 @@ def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike, data: di
     return qmodel.to_onnx()
 
 
+ANALYZE_FILES = ("report.json", "report.md")
+
+
+def analyze_files(float_path: str | os.PathLike, quant_path: str | os.PathLike, data_path: str | os.PathLike, *,
+                  output: str | os.PathLike | None = None, batch_size: int = 16, limit: int | None = None,
+                  threshold: float = 20.0, granularity: str = "quantizer", workers: int = 0,
+                  ray: str | None = None, local: bool = True, echo: Callable[[str], None] = lambda _: None) -> dict:
+    """`qgraph analyze`: compare a quantized model with its float source (qgraph.analyze); with
+    `output`, write report.json, report.md and the plots into that folder, all or nothing."""
+    from qgraph import analyze
+    from qgraph.parallel import Evaluator
+    check_value(batch_size, BatchSize, "--batch-size")
+    check_value(limit, Count | None, "--limit")
+    check_value(threshold, float, "--threshold")
+    if granularity not in analyze.GRANULARITIES:
+        raise ConfigError(f"--granularity must be one of {', '.join(analyze.GRANULARITIES)}, got {granularity!r}")
+    evaluator = Evaluator(workers, ray)
+    reads = {"float model": float_path, "quantized model": quant_path, "--data": data_path}
+    folder = _check_report_folder(output, reads)
+    float_model = load_model(float_path, what="float model")
+    quant_model = load_model(quant_path, convert_opset=False, what="quantized model")
+    data = load_data(data_path, quant_model)
+    report = analyze.analyze_models(float_model, quant_model, data, batch_size=batch_size, limit=limit,
+                                    threshold_db=threshold, granularity=granularity, evaluator=evaluator,
+                                    local=local, echo=echo)
+    report = {"float_model": str(float_path), "quantized_model": str(quant_path), **report}
+    if folder is not None:
+        images = analyze.plots(report)
+        payloads = {folder / name: data for name, data in images.items()}
+        payloads[folder / "report.md"] = analyze.markdown(report, list(images)).encode()
+        payloads[folder / "report.json"] = json_bytes(analyze.public(report))
+        created = not folder.exists()
+        folder.mkdir(exist_ok=True)
+        try:
+            write_files(payloads)
+        except BaseException:
+            if created:
+                folder.rmdir()
+            raise
+        report["_written"] = sorted(str(p) for p in payloads)
+    return report
+
+
+def _check_report_folder(output, reads) -> Path | None:
+    """-o names a folder: an existing one (its report files checked like any output), or a new
+    one in an existing writable folder (created only when the report is written)."""
+    from qgraph.files import FileError, path_mode
+    import stat
+    if output is None:
+        return None
+    folder = Path(output)
+    mode = path_mode(folder, "-o")
+    if mode is None:
+        check_outputs({"-o": folder}, reads)       # the parent exists and is writable; not an input
+        return folder
+    if not stat.S_ISDIR(mode):
+        raise FileError(f"{folder}: -o must be a folder for the report (report.md, report.json, plots); "
+                        "give a new or existing folder")
+    check_outputs({f"-o {name}": folder / name for name in ANALYZE_FILES}, reads)
+    return folder
+
+
 def profile_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, against: str | None = None,
                  batch_size: int = 8, repeats: int = 20, threads: int = 0, json_path: str | None = None):
     """`qgraph profile`: ORT latency and per-op profile of MODEL (beside AGAINST, the reference of

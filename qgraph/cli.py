@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -295,6 +296,43 @@ def diff(model, data_path, against, per_layer, json_path, batch_size, limit, thr
     click.echo(report.format_table())
     if not report.passed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("float_model", type=click.Path())
+@click.argument("quant_model", type=click.Path())
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Validation inputs .npz (labels optional).")
+@click.option("-o", "--output", type=click.Path(), help="Report folder: report.md, report.json, plots.")
+@click.option("--threshold", default=20.0, show_default=True, help="SNR (dB) below which a tensor is flagged.")
+@click.option("--granularity", type=click.Choice(["quantizer", "layer"]), default="quantizer", show_default=True,
+              help="Local runs: one quantizer alone, or all quantizers a layer reads.")
+@click.option("--no-local", is_flag=True, help="Skip the local runs (cumulative tensors and range use only).")
+@click.option("--workers", default=0, show_default=True, help="Local worker processes (0: one per core).")
+@click.option("--ray", "ray_address", help="Run the local runs on Ray: 'auto' or a cluster address.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--limit", type=int, help="Use only the first N samples.")
+@click.option("--top", default=10, show_default=True, help="Rows per table.")
+def analyze(float_model, quant_model, data_path, output, threshold, granularity, no_local, workers, ray_address,
+            batch_size, limit, top):
+    """Find where QUANT_MODEL loses accuracy against FLOAT_MODEL, tensor by tensor and quantizer by quantizer.
+
+    \b
+    Example:
+      qgraph analyze float.onnx ptq.onnx --data val.npz -o report/
+    """
+    from qgraph.analyze import summary_lines
+    from qgraph.api import analyze_files
+    from qgraph.schema import Range, check_value
+    from typing import Annotated
+    check_value(top, Annotated[int, Range(1)], "--top")
+    report = analyze_files(float_model, quant_model, data_path, output=output, batch_size=batch_size, limit=limit,
+                           threshold=threshold, granularity=granularity, workers=workers, ray=ray_address,
+                           local=not no_local, echo=lambda line: click.echo(line, err=True))
+    for line in summary_lines(report, top):
+        click.echo(line)
+    if output:
+        click.echo(f"wrote {output}/report.md, report.json" +
+                   "".join(f", {Path(p).name}" for p in report["_written"] if p.endswith(".png")))
 
 
 @main.command()

@@ -39,6 +39,8 @@ from qgraph.model_io import MS_DOMAIN
 from qgraph.quant import quantize
 
 _SUFFIX = "__fq"                  # marks every name this module creates
+# com.microsoft: the 16-bit pairs of mixed precision (quant.qdq_domain); the saved nodes keep it
+_QDQ_DOMAINS = ("", "ai.onnx", quant.MS_QDQ_DOMAIN)
 _TRAINABLE_STORAGE = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
                       onnx.TensorProto.INT16)
 
@@ -99,14 +101,14 @@ def to_training_form(model: onnx.ModelProto, learn_scales: bool = False,
     for index, node in enumerate(graph.node):
         if id(node) in handled:
             continue
-        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "QuantizeLinear" and node.domain in _QDQ_DOMAINS:
             dqs = consumers.get(node.output[0], [])
             if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs) or node.output[0] in graph_outputs:
                 raise TrainError(f"QuantizeLinear {node.name or node.output[0]}: its output must feed only "
                                  "DequantizeLinear nodes to be trained; export the model in QDQ form")
             handled.update(id(d) for d in dqs)
             source, weight_from_int = node.input[0], None
-        elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+        elif node.op_type == "DequantizeLinear" and node.domain in _QDQ_DOMAINS:
             if node.input[0] not in inits:
                 raise TrainError(f"DequantizeLinear {node.name or node.output[0]}: its input "
                                  f"{node.input[0]} comes from no QuantizeLinear; training needs Q->DQ pairs")

@@ -280,6 +280,24 @@ def bn_scale(gamma, var, eps: float) -> np.ndarray:
     return gamma / np.sqrt(var + float(eps))
 
 
+# -- layer order ---------------------------------------------------------------------------------
+
+def layer_waves(model: QModel, layers: list[str]) -> list[list[str]]:
+    """`layers` (node names) grouped by how many of them lie upstream of each: wave k holds the
+    layers with k chosen layers on their longest path from the inputs, so no layer of a wave
+    feeds another of it (passes that fix layers in order and re-measure after each wave)."""
+    chosen = set(layers)
+    depth: dict[str, int] = {}
+    waves: dict[int, list[str]] = {}
+    for node in model.graph.nodes:   # topological order
+        upstream = max((depth.get(t.inputs[0].name, 0) for t in node.inputs if t.inputs), default=0)
+        if node.name in chosen:
+            waves.setdefault(upstream, []).append(node.name)
+            upstream += 1
+        depth[node.name] = upstream
+    return [waves[k] for k in sorted(waves)]
+
+
 # -- layers: where the output channels of a weight are ---------------------------------------------
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -15,6 +15,14 @@ Histograms are uniform over ``[lo, hi]`` (always containing 0). When a batch fal
 the range grows to ``k`` times the bin width (``k`` integer) with the new edges on the old
 grid, so old bins merge whole into new ones: merging is exact, nothing is re-sampled.
 Scales and zero points are computed from the ranges by :mod:`qgraph.quant` (the callers do).
+
+Sharding (calibration over worker processes) gives the single-process result exactly:
+`minmax` merges by min/max. A histogram's grid depends only on the sequence of per-batch
+(min, max), so with that sequence known (a first pass), `HistogramReplay` gives the grid each
+batch was binned on and the growths after it; a shard bins its batches on their grids and maps
+the counts forward (integer re-binning, as `_grow` does), and the shards' counts add up to the
+sequential histogram bin for bin. `moving_average` depends on the order of all batches and does
+not shard.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ class Observer:
 class MinMaxObserver(Observer):
     def __init__(self):
         self.lo, self.hi = math.inf, -math.inf
+
+    def merge(self, other: "MinMaxObserver") -> None:
+        """Exact: the min and max over both shards' batches."""
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
 
     def update(self, x):
         x = np.asarray(x)
@@ -116,19 +128,7 @@ class StreamingHistogram:
         self.counts += np.bincount(self._index(x), minlength=self.bins)
 
     def _index(self, x: np.ndarray) -> np.ndarray:
-        # float64 in blocks: exact bin edges without a float64 copy of a whole feature map
-        # (calibration spends most of its time here on big activations)
-        out = np.empty(x.size, dtype=np.intp)
-        block = np.empty(min(x.size, _INDEX_BLOCK), dtype=np.float64)
-        for start in range(0, x.size, _INDEX_BLOCK):
-            part = x[start:start + _INDEX_BLOCK]
-            buf = block[:part.size]
-            np.subtract(part, self.lo, out=buf, dtype=np.float64)
-            np.divide(buf, self.width, out=buf)
-            np.floor(buf, out=buf)
-            np.clip(buf, 0, self.bins - 1, out=buf)
-            out[start:start + part.size] = buf
-        return out
+        return _bin_index(x, self.lo, self.width, self.bins)
 
     def _grow(self, new_min: float, new_max: float) -> None:
         """Widen to cover [new_min, new_max]: new lo on the old grid, width k·old width."""
@@ -144,6 +144,13 @@ class StreamingHistogram:
 
     def nbytes(self) -> int:
         return self.counts.nbytes + 40
+
+    def merge(self, other: "StreamingHistogram") -> None:
+        """Add a shard's counts made on the same final grid (see HistogramReplay)."""
+        if other.width != self.width or other.lo != self.lo or other.bins != self.bins:
+            raise ValueError("histograms on different grids do not merge exactly; bin shards with HistogramReplay")
+        self.counts = self.counts + other.counts
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
 
     def quantile(self, q: float) -> float:
         """Value below which a fraction `q` of the mass lies (linear inside a bin), clamped to
@@ -169,6 +176,80 @@ class StreamingHistogram:
         n = max(1, math.ceil(max(-self.lo, self.hi) / self.width))
         idx = np.minimum((np.abs(centres) / self.width).astype(np.int64), n - 1)
         return np.bincount(idx, weights=self.counts, minlength=n)[:n], self.width
+
+
+class HistogramReplay:
+    """The grids a StreamingHistogram goes through for a known sequence of per-batch (min, max),
+    so that any subset of the batches can be binned where the sequential run would have binned
+    them (`shard`), giving counts that add up exactly to the sequential histogram."""
+
+    def __init__(self, ranges: list[tuple[float, float]], bins: int = 2048):
+        self.bins = int(bins)
+        probe = StreamingHistogram(bins)
+        self.grids: list[tuple[float, float]] = []          # (lo, width) batch i is binned on; width 0: zeros
+        self.growths: list[list[tuple[int, int]]] = []      # index maps (j, k) applied when batch i arrives
+        self.first_grid: int | None = None                  # batch that set the first non-zero grid
+        for i, (bmin, bmax) in enumerate(ranges):
+            steps = []
+            if probe.width == 0.0:
+                lo, hi = min(bmin, 0.0), max(bmax, 0.0)
+                if hi != lo:
+                    probe.lo, probe.width = lo, (hi - lo) / probe.bins
+                    self.first_grid = i
+            elif bmin < probe.lo or bmax > probe.hi:
+                old_lo, old_width = probe.lo, probe.width
+                probe._grow(min(bmin, probe.lo), max(bmax, probe.hi))
+                steps.append((round((old_lo - probe.lo) / old_width), round(probe.width / old_width)))
+            self.growths.append(steps)
+            self.grids.append((probe.lo, probe.width))
+            probe.min, probe.max = min(probe.min, bmin), max(probe.max, bmax)
+        self.final = probe
+
+    def shard(self, batches: dict[int, np.ndarray]) -> StreamingHistogram:
+        """The counts of these batches (index → values) on the final grid."""
+        total = np.zeros(self.bins, np.float64)
+        for i, x in batches.items():
+            x = np.asarray(x, dtype=np.float32).ravel()
+            if not x.size:
+                continue
+            lo, width = self.grids[i]
+            counts = np.zeros(self.bins, np.float64)
+            if width == 0.0:               # zeros before the first grid: they land where 0 does on it
+                if self.first_grid is None:
+                    total[0] += x.size
+                    continue
+                start = self.first_grid
+                lo, width = self.grids[start]
+                counts[_bin_index(np.zeros(1), lo, width, self.bins)[0]] += x.size
+            else:
+                start = i
+                counts += np.bincount(_bin_index(x, lo, width, self.bins), minlength=self.bins)
+            for later in self.growths[start + 1:]:
+                for j, k in later:
+                    counts = np.bincount((j + np.arange(self.bins)) // k, weights=counts,
+                                         minlength=self.bins)[:self.bins]
+            total += counts
+        hist = StreamingHistogram(self.bins)
+        hist.lo, hist.width, hist.counts = self.final.lo, self.final.width, total
+        hist.min, hist.max = self.final.min, self.final.max
+        return hist
+
+
+def _bin_index(x: np.ndarray, lo: float, width: float, bins: int) -> np.ndarray:
+    """Bin of each element of flat `x`: floor((x - lo) / width) clipped to [0, bins - 1], in
+    float64 for exact edges, in blocks so no float64 copy of a whole feature map is made
+    (calibration spends most of its time here on big activations)."""
+    out = np.empty(x.size, dtype=np.intp)
+    block = np.empty(min(x.size, _INDEX_BLOCK), dtype=np.float64)
+    for start in range(0, x.size, _INDEX_BLOCK):
+        part = x[start:start + _INDEX_BLOCK]
+        buf = block[:part.size]
+        np.subtract(part, lo, out=buf, dtype=np.float64)
+        np.divide(buf, width, out=buf)
+        np.floor(buf, out=buf)
+        np.clip(buf, 0, bins - 1, out=buf)
+        out[start:start + part.size] = buf
+    return out
 
 
 class HistogramObserver(Observer):

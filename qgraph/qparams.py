@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from qgraph import quant
-from qgraph.annotations import QuantizerRecord
+from qgraph.annotations import QuantizerRecord, read_quantizers
 from qgraph.graph import Node, QModel
 from qgraph.observers import weight_range
 
@@ -43,7 +43,7 @@ def write_qparams(nodes: dict[str, Node], record: QuantizerRecord, scale, zp) ->
     q = nodes[record.quantize]
     shape = np.asarray(q.inputs[1].values).shape
     q.inputs[1].values = np.asarray(scale, np.float32).reshape(shape)
-    q.inputs[2].values = np.asarray(zp).astype(quant.storage_dtype(record.signed)).reshape(shape)
+    q.inputs[2].values = np.asarray(zp).astype(quant.storage_dtype(record.signed, record.bits)).reshape(shape)
     if record.clip:
         lo, hi = quant.grid_bounds(scale, zp, record.qmin, record.qmax)
         clip = nodes[record.clip]
@@ -57,3 +57,22 @@ def constant_input_values(model: QModel, tensors) -> dict[str, np.ndarray]:
     computed = evaluate_constants(model, [t.name for t in tensors if QModel.constant_value(t) is None])
     return {t.name: (np.asarray(QModel.constant_value(t)) if t.name not in computed else computed[t.name])
             for t in tensors}
+
+
+def bypassed(model: QModel) -> QModel:
+    """A copy in which every reader of a quantizer's DequantizeLinear reads the float tensor: the
+    float model a QDQ model was made from (calibration observes it; bias correction and
+    AdaRound take their float reference from it)."""
+    copy = model.copy()
+    records = read_quantizers(copy)
+    nodes = {n.name: n for n in copy.graph.nodes}
+    for r in records.values():
+        first = nodes[r.clip or r.quantize]
+        dq = nodes[r.dequantize]
+        source, out = first.inputs[0], dq.outputs[0]
+        if copy.is_graph_output(out):
+            continue  # nothing reads it inside the graph; its input is what is observed
+        for reader in list(out.outputs):
+            reader.inputs = [source if t is out else t for t in reader.inputs]
+    copy.cleanup()
+    return copy

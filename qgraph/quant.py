@@ -36,6 +36,17 @@ the product, rounding constant, bias and zero point become one int64 ``v = acc·
 bounds on the accumulator prove non-negative, and the floor shift becomes ORT's unsigned
 ``BitShift`` (its integer Div and Mod are scalar loops: the Mod/Div chain took 8.1 ms on a
 64×80×80 accumulator, this one 2.1 ms).
+
+16-bit grids (mixed precision keeps sensitive activations at 16 bits): ONNX allows int16/uint16
+QuantizeLinear/DequantizeLinear only from opset 21, and qgraph writes opset 17. ORT 1.19 runs the
+``com.microsoft`` QuantizeLinear/DequantizeLinear with int16/uint16 zero points at opset 17, with
+the same float32 division and round-half-even as for 8 bits (probed with and without graph
+optimizations); :func:`qdq_domain` names the domain a pair of a storage type needs.
+
+AdaRound (Nagel et al. 2020) learns, per weight, whether to round down or up:
+``W̃ = s·(clip(floor(W/s) + h(V) + z, qmin, qmax) − z)`` with the rectified sigmoid
+``h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1; after training h is 0 or 1
+(:func:`rectified_sigmoid`, :func:`adaround_init`, :func:`quantize_rounded`).
 """
 
 from __future__ import annotations
@@ -75,6 +86,13 @@ __all__ = [
     "ort_requant_multiplier",
     "requantize_float",
     "ZERO_RANGE_SCALE",
+    "GRID_BITS",
+    "qdq_domain",
+    "rectified_sigmoid",
+    "adaround_init",
+    "quantize_rounded",
+    "ADAROUND_ZETA",
+    "ADAROUND_GAMMA",
 ]
 
 #: Scale used when a tensor's range is exactly zero (all values 0): any positive scale
@@ -86,11 +104,15 @@ ZERO_RANGE_SCALE = np.float32(1.0)
 MIN_SCALE = np.float32(np.finfo(np.float32).tiny)
 
 
+#: Grid widths a quantizer may have: 2..8 bits in int8/uint8 storage, 16 bits in int16/uint16.
+GRID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
 def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
     """Integer range ``(qmin, qmax)`` of a ``bits``-wide grid; ``narrow_range`` drops the lowest
     code (``[-127, 127]`` for int8, ``[1, 255]`` for uint8)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
-        raise ConfigError(f"bits must be in 2..8, got {bits}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in GRID_BITS:
+        raise ConfigError(f"bits must be in 2..8 or 16, got {bits}")
     bits = int(bits)
     if signed:
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -101,9 +123,22 @@ def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, in
     return qmin, qmax
 
 
-def storage_dtype(signed: bool) -> type:
-    """Storage type of quantized values: int8 or uint8 (sub-8-bit grids use a narrower qmin/qmax)."""
+def storage_dtype(signed: bool, bits: int = 8) -> type:
+    """Storage type of quantized values: int8 or uint8 (sub-8-bit grids use a narrower qmin/qmax),
+    int16 or uint16 for 16-bit grids."""
+    if bits > 8:
+        return np.int16 if signed else np.uint16
     return np.int8 if signed else np.uint8
+
+
+#: The domain of a QuantizeLinear/DequantizeLinear pair per storage type at opset 17 (see the
+#: module docstring: ai.onnx has int16 pairs only from opset 21).
+MS_QDQ_DOMAIN = "com.microsoft"
+
+
+def qdq_domain(dtype) -> str:
+    """"" (ai.onnx) for 8-bit storage, ``com.microsoft`` for int16/uint16 storage."""
+    return MS_QDQ_DOMAIN if np.dtype(dtype).itemsize > 1 else ""
 
 
 def storage_range(dtype) -> tuple[int, int]:
@@ -489,3 +524,35 @@ def requantize_float(acc, multiplier, zero_point, qmin: int, qmax: int, dtype=No
     f += np.asarray(zero_point).astype(np.float32)
     np.clip(f, np.float32(qmin), np.float32(qmax), out=f)
     return f.astype(dtype or _dtype_for_range(qmin, qmax))
+
+
+# -- AdaRound: learned rounding ----------------------------------------------------------------
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v) -> np.ndarray:
+    """AdaRound's ``h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1)`` (float64)."""
+    sig = 1.0 / (1.0 + np.exp(-np.asarray(v, np.float64)))
+    return np.clip(sig * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+def adaround_init(w, scale, axis: int | None = None) -> np.ndarray:
+    """V with ``h(V) = frac(W/s)``: training starts at the unrounded weight (float64)."""
+    w = np.asarray(w, np.float32)
+    ratio = (w / _along(np.asarray(scale, np.float32), w.ndim, axis)).astype(np.float64)  # as quantize_rounded
+    frac = ratio - np.floor(ratio)
+    ratio = np.clip((frac - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA), 1e-6, 1 - 1e-6)
+    return np.log(ratio / (1.0 - ratio))
+
+
+def quantize_rounded(w, scale, zero_point, qmin: int, qmax: int, up, axis: int | None = None,
+                     dtype=None) -> np.ndarray:
+    """Codes ``clip(floor(W/s) + up + z, qmin, qmax)``: rounding down (`up` 0) or up (`up` 1) per
+    weight, chosen by AdaRound instead of round-to-nearest. The floor uses the float32
+    division of :func:`quantize`."""
+    w = np.asarray(w, np.float32)
+    s = _along(np.asarray(scale, np.float32), w.ndim, axis)
+    zp = _along(np.asarray(zero_point).astype(np.int64), w.ndim, axis)
+    q = np.floor(w / s).astype(np.int64) + np.asarray(up).astype(np.int64) + zp
+    return np.clip(q, qmin, qmax).astype(dtype or _dtype_for_range(qmin, qmax))

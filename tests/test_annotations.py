@@ -45,7 +45,7 @@ def test_records_round_trip_through_the_annotation(ptq):
 @pytest.mark.parametrize("edit, message", [
     (lambda raw: next(iter(raw.values())).update(scael="x"), "unknown field 'scael' \\(did you mean 'scale'\\?\\)"),
     (lambda raw: next(iter(raw.values())).pop("qmin"), "lacks the field 'qmin'"),
-    (lambda raw: next(iter(raw.values())).update(bits="8"), "field 'bits' must be an integer >= 2 and <= 8"),
+    (lambda raw: next(iter(raw.values())).update(bits="8"), "field 'bits' must be an integer >= 2 and <= 16"),
     (lambda raw: next(iter(raw.values())).update(kind="bias"), "field 'kind' must be one of 'weight', 'activation'"),
 ])
 def test_a_misspelled_missing_or_mistyped_field_is_refused_by_name(ptq, edit, message):

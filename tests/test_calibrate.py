@@ -16,6 +16,7 @@ from qgraph.annotations import read_quantizers
 from qgraph.pipeline import PassContext, run_pass
 from qgraph.quant import fake_quantize, scale_zero_point
 from qgraph.runner import run_concatenated, run_model
+from onnx import numpy_helper
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,25 @@ def test_fixed_range_is_kept(data):
     assert r.fixed_range == [0.0, 2.0] and report["ranges"]["input"] == [0.0, 2.0]
     scale, zp = _qparams(m, r)
     assert scale == np.float32(2.0 / 255) and int(zp) == 0
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "entropy", "mse"])
+def test_calibration_sharded_over_two_workers_gives_identical_scales(observer, data):
+    def scales(**params):
+        model = QModel.from_onnx(build_model("mobilenetv2"))
+        ctx = PassContext(data=data, batch_size=32)
+        run_pass(model, "insert_qdq", {"activations": {"observer": observer}}, ctx)
+        run_pass(model, "calibrate", {"progress": False, **params}, ctx)
+        return {i.name: numpy_helper.to_array(i) for i in model.to_onnx().graph.initializer
+                if i.name.endswith(("_scale", "_zero_point"))}
+    one, two = scales(), scales(workers=2)
+    assert one.keys() == two.keys() and len(one) > 20
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+
+
+def test_moving_average_does_not_shard_and_says_so(data):
+    model = QModel.from_onnx(build_model("lenet"))
+    ctx = PassContext(data=data, batch_size=32)
+    run_pass(model, "insert_qdq", {"activations": {"observer": "moving_average"}}, ctx)
+    report = run_pass(model, "calibrate", {"progress": False, "workers": 2}, ctx)
+    assert any("one process" in w for w in report["warnings"])

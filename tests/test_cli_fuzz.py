@@ -599,7 +599,35 @@ def _alias_cases():
             yield Case(f"alias-{command}-{label}", (*args, target), prepare=prepare)
 
 
-ALL_CASES = [*_model_cases(), *_data_cases(), *_pipeline_cases(), *_option_cases(), *_alias_cases()]
+def _analyze_cases():
+    """`qgraph analyze FLOAT QUANT --data D -o DIR`: bad models in either place, bad data, report
+    folders that alias inputs or cannot be made, bad numbers. No report folder may appear."""
+    unreadable = [m for m, commands in BAD_MODELS.items() if "inspect" in commands]
+    for model in unreadable + ["ort_rejects.onnx", "no_inputs.onnx", "custom_op.onnx"]:
+        prepare = PREPARE_MODEL.get(model)
+        yield Case(f"analyze-float-{model}", ("analyze", model, "ptq.onnx", "--data", "data.npz", "-o", "rep",
+                                              "--workers", "1"), prepare=prepare)
+        yield Case(f"analyze-quant-{model}", ("analyze", "model.onnx", model, "--data", "data.npz", "-o", "rep",
+                                              "--workers", "1"), prepare=prepare)
+    yield Case("analyze-quant-is-float", ("analyze", "model.onnx", "model.onnx", "--data", "data.npz", "-o", "rep"),
+               expect="QuantizeLinear")
+    for data in BAD_DATA:
+        yield Case(f"analyze-data-{data}", ("analyze", "model.onnx", "ptq.onnx", "--data", data, "-o", "rep",
+                                            "--workers", "1"), prepare=_fifo("fifo.npz") if data == "fifo.npz" else None)
+    base = ("analyze", "model.onnx", "ptq.onnx", "--data", "data.npz", "--workers", "1")
+    for label, target, prepare in [("model", "model.onnx", None), ("quant", "ptq.onnx", None), ("data", "data.npz", None),
+                                   ("notes-parent", "notes.txt/rep", None), ("missing-parent", "nowhere/rep", None),
+                                   ("fifo", "fifo", _fifo("fifo")), ("proc", "/proc/qgraph-rep", None),
+                                   ("symlink-data", "link", _symlink("link", "data.npz"))]:
+        yield Case(f"analyze-o={label}", (*base, "-o", target), prepare=prepare)
+    for option, values in {"--threshold": ("nan", "inf", "x"), "--workers": ("-1",), "--batch-size": ("0", "-2"),
+                           "--limit": ("0", "-1"), "--top": ("0",), "--granularity": ("node",)}.items():
+        for value in values:
+            yield Case(f"analyze{option}={value}", (*base, "-o", "rep", option, value))
+
+
+ALL_CASES = [*_model_cases(), *_data_cases(), *_pipeline_cases(), *_option_cases(), *_alias_cases(),
+             *_analyze_cases()]
 
 
 def test_the_matrix_covers_the_kinds_of_case_the_issue_lists():

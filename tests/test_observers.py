@@ -11,6 +11,7 @@ from qgraph.observers import (EntropyObserver, MinMaxObserver, MovingAverageObse
                               PercentileObserver, StreamingHistogram, kl_threshold_bin, make_observer,
                               point_masses, weight_range)
 from qgraph.quant import fake_quantize, qrange, scale_zero_point
+from qgraph.models.datasets import load_dataset
 
 batches_st = st.lists(
     st.tuples(st.floats(-50, 50), st.floats(0.01, 20), st.integers(1, 300), st.integers(0, 2**31 - 1)),
@@ -255,3 +256,27 @@ def test_entropy_keeps_the_range_of_background_dominated_activations():
     assert lo == 0.0
     assert hi > 0.9 * data.max()
     assert np.mean(data > hi) < 1e-4                    # fixed: only the far tail is clipped
+
+
+# -- sharding ------------------------------------------------------------------------------------
+
+def test_histogram_replay_shards_add_up_to_the_sequential_histogram_bin_for_bin():
+    """Zeros first (no grid yet), then batches that grow the range both ways: any split of the
+    batches, binned on the replayed grids and merged, is the sequential histogram exactly."""
+    from qgraph.observers import HistogramReplay, StreamingHistogram
+    rng = np.random.default_rng(7)
+    digits = load_dataset("mnist", "val")["input"]
+    batches = [np.zeros(40, np.float32), digits[:8] * 0.0] + \
+              [(digits[8 * i:8 * i + 8] * (1 + i) - 0.2 * i).astype(np.float32) for i in range(1, 10)] + \
+              [rng.standard_normal(500).astype(np.float32) * 30]
+    sequential = StreamingHistogram(256)
+    for b in batches:
+        sequential.update(b)
+    replay = HistogramReplay([(float(b.min()), float(b.max())) for b in batches], 256)
+    for split in ([0, 1, 2], [5], [0, 3, 6, 9, 11]):
+        mine = replay.shard({i: b for i, b in enumerate(batches) if i in split})
+        rest = replay.shard({i: b for i, b in enumerate(batches) if i not in split})
+        mine.merge(rest)
+        assert np.array_equal(mine.counts, sequential.counts)
+        assert (mine.lo, mine.width, mine.min, mine.max) == (sequential.lo, sequential.width, sequential.min,
+                                                             sequential.max)

@@ -43,10 +43,55 @@ def test_qrange_all_widths(bits):
     assert quant.storage_dtype(True) is np.int8 and quant.storage_dtype(False) is np.uint8
 
 
-@pytest.mark.parametrize("bits", [0, 1, 9, 16, 2.5, True])
+@pytest.mark.parametrize("bits", [0, 1, 9, 15, 17, 32, 2.5, True])
 def test_qrange_rejects_bad_widths(bits):
-    with pytest.raises(ConfigError, match="bits must be in 2..8"):
+    with pytest.raises(ConfigError, match="bits must be in 2..8 or 16"):
         quant.qrange(bits, True)
+
+
+def test_16_bit_grids_store_in_int16_and_need_the_microsoft_domain():
+    assert quant.qrange(16, True) == (-32768, 32767) and quant.qrange(16, False) == (0, 65535)
+    assert quant.storage_dtype(True, 16) is np.int16 and quant.storage_dtype(False, 16) is np.uint16
+    assert quant.qdq_domain(np.int8) == "" and quant.qdq_domain(np.uint16) == "com.microsoft"
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_16_bit_quantize_matches_ort_microsoft_quantize_linear(signed):
+    """The com.microsoft pair runs int16/uint16 at opset 17 in ORT 1.19, bit for bit like quant.quantize."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(4096) * 300).astype(F32)
+    x[:4] = [0.5 * 0.013, 1.5 * 0.013, -2.5 * 0.013, 1e9]       # ties and saturation
+    qmin, qmax = quant.qrange(16, signed)
+    zp = np.array(0 if signed else 30000, quant.storage_dtype(signed, 16))
+    scale = np.array(0.013, F32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], domain=quant.qdq_domain(zp.dtype)),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], domain=quant.qdq_domain(zp.dtype))]
+    elem = TensorProto.INT16 if signed else TensorProto.UINT16
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+                              [helper.make_tensor_value_info("q", elem, [4096]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+                              [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zp, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    q, y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    expect = quant.quantize(x, scale, zp, qmin, qmax, dtype=zp.dtype)
+    assert q.dtype == zp.dtype and np.array_equal(q, expect)
+    assert np.array_equal(y, quant.dequantize(expect, scale, zp))
+
+
+def test_adaround_helpers_start_at_the_weight_and_round_by_choice():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 9)).astype(F32)
+    scale = np.abs(w).max(axis=1) / 7
+    v = quant.adaround_init(w, scale, axis=0)
+    soft = (np.floor(w / scale[:, None]) + quant.rectified_sigmoid(v)) * scale[:, None]
+    assert np.allclose(soft, w, atol=1e-5)
+    nearest = quant.quantize(w, scale, 0, -8, 7, axis=0)
+    up = (w / scale[:, None] - np.floor(w / scale[:, None])) >= 0.5
+    assert np.array_equal(quant.quantize_rounded(w, scale, 0, -8, 7, up, axis=0), nearest)
+    all_down = quant.quantize_rounded(w, scale, 0, -8, 7, np.zeros_like(up), axis=0)
+    assert np.array_equal(all_down, np.clip(np.floor(w / scale[:, None]), -8, 7))
+    assert set(np.unique(quant.rectified_sigmoid(np.array([-50.0, 50.0])))) == {0.0, 1.0}
 
 
 # --------------------------------------------------------------------------- quantize

@@ -21,7 +21,7 @@ from qgraph.lowering.tables import lower_region
 from qgraph.lowering import conv_transpose, fold, integer, qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, FLOAT_OUTPUT_OPS, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
-                                      read_quantizer)
+                                      read_quantizer, wide_quantizer_nodes)
 
 _MODULES = {"qlinear": qlinear, "integer": integer}
 TARGETS = {name: module.RULES for name, module in _MODULES.items()}
@@ -56,6 +56,8 @@ def lower_graph(model: QModel, target: str) -> dict:
     region = quantized_region(model)
     index = index_tensors(model)
     lowered, skipped, kept_float, absorbed, float_heads = Counter(), [], [], set(), set()
+    kept = [skip(n, "16-bit quantizer: kept as a QDQ pair (ORT has no 16-bit QLinear*/integer kernels)")
+            for n in wide_quantizer_nodes(model)]
     nodes_by_name = {n.name: n for n in model.graph.nodes}
     for unary in unary_regions(model):      # exported activations (HardSwish, SiLU, GELU, ...) as one table
         single = len(unary.nodes) == 1 and nodes_by_name[unary.nodes[0]].op not in BINARY_ELEMENTWISE
@@ -122,12 +124,14 @@ def lower_graph(model: QModel, target: str) -> dict:
                + (f", {len(kept_float)} float by placement (float islands: no quantizer around them)"
                   if kept_float else "")
                + (f", {len(outside)} float outside the quantized region" if outside else "")
-               + (f", {folded} constant nodes folded" if folded else ""))
+               + (f", {folded} constant nodes folded" if folded else "")
+               + (f", {len(kept)} 16-bit Q/DQ nodes kept" if kept else ""))
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed, "requantize_pairs": requantized, "float_nodes": float_left,
-            "outside_region": outside, "float_by_placement": kept_float}
+            "outside_region": outside, "float_by_placement": kept_float,
+            "kept_qdq": kept}
 
 
 def _float_by_placement(model: QModel, node) -> str | None:

@@ -76,8 +76,25 @@ class Quantizer:
         return int(self.zero_point.reshape(-1)[0])
 
 
-def read_quantizer(node: gs.Node) -> Quantizer | None:
-    """The constant parameters of a Q/DQ node, or None when the scale or zero point is computed."""
+#: Storage types the targets do not lower: 16-bit pairs (mixed precision, com.microsoft domain)
+#: stay QDQ (8-bit activations and weights and int32 biases lower).
+WIDE_STORAGE = ("int16", "uint16")
+
+
+def wide_quantizer_nodes(model: QModel) -> list[gs.Node]:
+    """Q/DQ nodes with a 16-bit zero point: no QLinear*/integer kernel takes them, so lowering
+    keeps them as QDQ pairs (and the layers next to them in float)."""
+    wide = []
+    for node in quantizer_nodes(model):
+        q = read_quantizer(node, any_storage=True)
+        if q is not None and q.dtype.name in WIDE_STORAGE:
+            wide.append(node)
+    return wide
+
+
+def read_quantizer(node: gs.Node, any_storage: bool = False) -> Quantizer | None:
+    """The constant parameters of a Q/DQ node, or None when the scale or zero point is computed
+    or (unless `any_storage`) its storage is 16-bit (see WIDE_STORAGE)."""
     scale = QModel.constant_value(node.inputs[1])
     if scale is None:
         return None
@@ -89,6 +106,8 @@ def read_quantizer(node: gs.Node) -> Quantizer | None:
         zp = np.zeros(scale.shape, np.uint8)
     scale = np.asarray(scale, np.float32)
     zp = np.asarray(zp)
+    if not any_storage and zp.dtype.name in WIDE_STORAGE:
+        return None
     if scale.ndim == 1 and scale.size == 1:
         scale, zp = scale.reshape(()), zp.reshape(())
     return Quantizer(scale, zp, int(node.attrs.get("axis", 1)), node.name)

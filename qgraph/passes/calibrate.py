@@ -12,6 +12,12 @@ folded weight of a forward-fused BN is evaluated in ORT). Ranges from `fixed_ran
 Afterwards `qgraph.calibrated` is true; `fix_activations: true` also writes
 `qgraph.fix_activations` (HAT's calibrated QConfig: QAT keeps activation scales frozen).
 
+`workers` (local processes, 0: one per core) or `ray` shard the batches (qgraph.parallel): a
+first pass collects each batch's (min, max) per tensor — all `minmax` needs — and histogram
+observers bin their shard on the grids the sequential run would have used
+(observers.HistogramReplay), so the merged statistics, and the scales, are exactly those of one
+process. `moving_average` depends on the order of every batch and runs in one process.
+
 Invariant: changes outputs (sets quantization parameters).
 """
 
@@ -26,9 +32,10 @@ from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, QuantizerRecord, rea
 from qgraph.data import FeedPlan
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
-from qgraph.observers import make_observer
+from qgraph.observers import HistogramReplay, MinMaxObserver, MovingAverageObserver, make_observer
+from qgraph.parallel import Evaluator
 from qgraph.pipeline import PassContext, register_pass
-from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams, write_qparams
+from qgraph.qparams import activation_qparams, bypassed, constant_input_values, weight_qparams, write_qparams
 from qgraph.progress import ProgressBar
 from qgraph.qconfig import OBSERVERS, ActivationSpec, make_activation_spec
 from qgraph.schema import Range
@@ -39,7 +46,8 @@ _OBSERVER_PARAMS = ("averaging_constant", "percentile", "bins")
 @register_pass("calibrate", preserves_outputs=False)
 def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_params: dict = {},  # noqa: B006
               max_samples: Annotated[int, Range(0)] = 0, weights: bool = True, bypass: bool = True,
-              fix_activations: bool = False, progress: bool = True) -> dict:
+              fix_activations: bool = False, progress: bool = True, workers: Annotated[int, Range(0)] = 1,
+              ray: str = "") -> dict:
     """Set activation scales from calibration data (minmax, moving_average, percentile, entropy, mse)."""
     if observer and observer not in OBSERVERS:
         raise ConfigError(f"calibrate: observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
@@ -64,13 +72,20 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
     observers = {name: _observer(observer or r.observer, r, observer_params) for name, r in observed.items()}
 
     views = {name: observed_view(r) for name, r in observed.items()}
-    batches, samples, seconds = _observe(model, proto, plan, ctx.batch_size, observers, views, bypass,
-                                         max_samples or None, progress)
+    sequential = any(isinstance(o, MovingAverageObserver) for o in observers.values())
+    if (workers != 1 or ray) and not sequential:
+        batches, samples, seconds = _observe_sharded(model, proto, plan, ctx.batch_size, observers, observed,
+                                                     bypass, max_samples or None, Evaluator(workers, ray or None))
+    else:
+        batches, samples, seconds = _observe(model, proto, plan, ctx.batch_size, observers, views, bypass,
+                                             max_samples or None, progress)
     if samples == 0:
         raise PassError(f"calibrate: no sample was run (the data holds {plan.samples}, the model's fixed batch is "
                         f"{plan.run_size(ctx.batch_size)}); give at least one full batch of calibration data")
 
     warnings, ranges = [], {}
+    if (workers != 1 or ray) and sequential:
+        warnings.append("moving_average depends on the order of every batch: calibrated in one process")
     for name, r in records.items():
         if r.kind != "activation":
             continue
@@ -106,10 +121,86 @@ def observed_view(record: QuantizerRecord):
     """What the quantizer really represents: a non-negative tensor's pair saturates below 0
     (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m) —
     otherwise histogram observers would spend levels on values no reader ever sees."""
+    bounds = _view_bounds(record)
+    return None if bounds is None else (lambda x: np.clip(x, *bounds))
+
+
+def _view_bounds(record: QuantizerRecord) -> tuple[float, float] | None:
     if not record.nonnegative:
         return None
-    cap = record.range_cap
-    return lambda x: np.clip(x, 0.0, np.inf if cap is None else cap)
+    return 0.0, np.inf if record.range_cap is None else record.range_cap
+
+
+def _observe_sharded(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: dict, records: dict,
+                     bypass: bool, limit: int | None, evaluator: Evaluator) -> tuple[int, int, float]:
+    """`_observe` over shards of the batches on `evaluator`'s workers; exactly the same statistics."""
+    start = time.perf_counter()
+    batches = list(plan.batches(batch_size, limit))
+    if not batches:
+        return 0, 0, 0.0
+    run_proto = bypassed(model).to_onnx() if bypass else proto
+    names = list(observers)
+    shared = {"model": run_proto.SerializeToString(), "feeds": [b for b, _ in batches], "names": names,
+              "inputs": plan.names, "views": {n: _view_bounds(records[n]) for n in names}}
+    parts = min(evaluator.size, len(batches))
+    shards = [list(chunk) for chunk in np.array_split(np.arange(len(batches)), parts) if len(chunk)]
+    found = evaluator.map(_prepare_shard, _shard_ranges, shared, shards)
+    ranges = {n: [r for part in found for r in part[n]] for n in names}      # in batch order
+    replays = {}
+    for name, obs in observers.items():
+        if isinstance(obs, MinMaxObserver):
+            obs.lo, obs.hi = min(lo for lo, _ in ranges[name]), max(hi for _, hi in ranges[name])
+        else:
+            replays[name] = HistogramReplay(ranges[name], obs.hist.bins)
+    if replays:
+        counts = evaluator.map(_prepare_shard, _shard_histograms, shared, [(shard, replays) for shard in shards])
+        for name, replay in replays.items():
+            merged = counts[0][name]
+            for part in counts[1:]:
+                merged.merge(part[name])
+            observers[name].hist = merged
+    return len(batches), sum(count for _, count in batches), time.perf_counter() - start
+
+
+def _prepare_shard(shared: dict):
+    from qgraph.runner import Runner
+    outputs = [n for n in shared["names"] if n not in shared["inputs"]]
+    return (Runner(_proto(shared["model"]), outputs, threads=1) if outputs else None), outputs, shared
+
+
+def _proto(data: bytes):
+    import onnx
+    return onnx.load_from_string(data)
+
+
+def _shard_values(state, index: int) -> dict:
+    runner, outputs, shared = state
+    feeds = shared["feeds"][index]
+    values = runner.run(feeds, outputs) if runner else {}
+    result = {}
+    for name in shared["names"]:
+        x = feeds[name] if name in shared["inputs"] else values[name]
+        bounds = shared["views"][name]
+        result[name] = x if bounds is None else np.clip(x, *bounds)
+    return result
+
+
+def _shard_ranges(state, shard: list[int]) -> dict:
+    ranges = {name: [] for name in state[2]["names"]}
+    for index in shard:
+        for name, x in _shard_values(state, int(index)).items():
+            ranges[name].append((float(x.min()), float(x.max())))
+    return ranges
+
+
+def _shard_histograms(state, item) -> dict:
+    shard, replays = item
+    values = {name: {} for name in replays}
+    for index in shard:
+        batch = _shard_values(state, int(index))
+        for name in replays:
+            values[name][int(index)] = batch[name]
+    return {name: replay.shard(values[name]) for name, replay in replays.items()}
 
 
 def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: dict, views: dict,
@@ -136,23 +227,6 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
         bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
     bar.close()
     return (index + 1 if samples else 0), samples, time.perf_counter() - start
-
-
-def bypassed(model: QModel) -> QModel:
-    """A copy in which every reader of a quantizer's DequantizeLinear reads the float tensor."""
-    copy = model.copy()
-    records = read_quantizers(copy)
-    nodes = {n.name: n for n in copy.graph.nodes}
-    for r in records.values():
-        first = nodes[r.clip or r.quantize]
-        dq = nodes[r.dequantize]
-        source, out = first.inputs[0], dq.outputs[0]
-        if copy.is_graph_output(out):
-            continue  # nothing reads it inside the graph; its input is what is observed
-        for reader in list(out.outputs):
-            reader.inputs = [source if t is out else t for t in reader.inputs]
-    copy.cleanup()
-    return copy
 
 
 def calibrate_weights(model: QModel, nodes: dict, records: dict[str, QuantizerRecord]) -> int:

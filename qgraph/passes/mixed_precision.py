@@ -1,0 +1,357 @@
+"""mixed_precision: per-quantizer precision — weights 4/8 bits, activations 8/16 bits, or float —
+chosen by measured sensitivity to meet an accuracy target at the least cost.
+
+    noise_i(o) = 10^(−SNR_i(o)/10)          (output noise with only quantizer i on, at option o)
+    min Σ cost_i(o_i)   subject to   Σ noise_i(o_i) ≤ budget            (noise adds: a first-order model)
+    budget: SNR target S → 10^(−S/10);  cosine target c → 1/c² − 1;  top-1 → that of cosine 0.999, tightened
+
+Each quantizer is measured alone at its own grid (`measure: all`: at each of its options; by
+default the other grids' noise is the measured one scaled by their squared step ratio,
+noise ∝ s², which the verification below checks) — qgraph.analyze's switchboard: one ORT
+session per worker evaluates every variant; workers are local processes or Ray. The search
+starts from the cheapest option everywhere and upgrades, greedily, the quantizer whose next
+option removes the most noise per unit of cost, until the estimate meets the budget; then the
+assignment itself is evaluated, and while it misses the target the budget halves and the
+upgrades go on. Cost `bytes`: weight bytes (bits·elements/8, float 32 bits) plus activation
+bytes per sample. Cost `bitops`: Σ over Conv/Gemm/MatMul layers of MACs per sample × weight
+bits × input activation bits (float counts 32; a layer's input bits are the widest of its
+input quantizers). The result is written into the model and as `assign`, a YAML snippet that
+re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}`).
+
+16-bit activations are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
+(ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain); their range is the
+8-bit grid's. A float quantizer's readers read its float tensor again.
+
+Invariant: changes outputs (precision). Run it after insert_qdq and calibrate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+import yaml
+
+from qgraph import quant
+from qgraph.annotations import QuantizerRecord, read_quantizers, write_quantizers
+from qgraph.errors import ConfigError, PassError
+from qgraph.graph import QModel
+from qgraph.pipeline import PassContext, register_pass
+from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams, write_qparams
+from qgraph.schema import Range
+
+FLOAT = "float"
+
+
+@register_pass("mixed_precision", preserves_outputs=False)
+def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine", "snr_db", "top1"] = "cosine",
+                    value: float = 0.999, cost: Literal["bytes", "bitops"] = "bytes", allow_float: bool = True,
+                    assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
+                    rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
+                    workers: Annotated[int, Range(0)] = 1, ray: str = "") -> dict:
+    """Assign weights 4/8 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
+    records = read_quantizers(model)
+    if not records:
+        raise PassError("mixed_precision: the model has no qgraph quantizers; run insert_qdq and calibrate first")
+    if assign:
+        chosen = _check_assign(assign, records)
+        report = {"searched": False}
+    else:
+        if ctx.data is None:
+            raise PassError("mixed_precision needs calibration data to measure sensitivity: give --data FILE.npz")
+        _check_target(target, value)
+        chosen, report = _search(model, records, ctx, target, float(value), cost, allow_float, max_samples,
+                                 rounds, measure, workers, ray)
+    before = {k: (r.bits, r.kind) for k, r in records.items()}
+    changed = apply_assignment(model, records, chosen)
+    snippet = yaml.safe_dump([{"mixed_precision": {"assign": {k: v for k, v in sorted(chosen.items())
+                                                                if v != before[k][0]}}}],
+                             default_flow_style=None, sort_keys=False)
+    counts = {}
+    for name, option in chosen.items():
+        kind = before[name][1]
+        key = f"{kind[0]}{option}" if option != FLOAT else f"{kind} float"
+        counts[key] = counts.get(key, 0) + 1
+    summary = (f"{changed} quantizers changed; " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+               + (f"; measured {report['target']} {report['measured']:.6g} (target {value:g})" if "measured" in report
+                  else ""))
+    warnings = report.pop("warnings", [])
+    return {"changed": changed, "summary": summary, "assign": chosen, "snippet": snippet, **report,
+            "skipped": [], "warnings": warnings}
+
+
+def _check_target(target: str, value: float) -> None:
+    if target == "cosine" and not 0.0 < value <= 1.0:
+        raise ConfigError(f"mixed_precision: a cosine target must be in (0, 1], got {value}")
+    if target == "top1" and not 0.0 < value <= 1.0:
+        raise ConfigError(f"mixed_precision: a top1 target is an accuracy in (0, 1], got {value}")
+
+
+def options(record: QuantizerRecord, allow_float: bool) -> list:
+    """A quantizer's options from cheapest to dearest."""
+    bits = [4, 8] if record.kind == "weight" else [8, 16]
+    if record.bits not in bits:
+        bits = sorted(set(bits) | {record.bits})
+    return bits + ([FLOAT] if allow_float else [])
+
+
+def _check_assign(assign: dict, records: dict[str, QuantizerRecord]) -> dict:
+    chosen = {name: r.bits for name, r in records.items()}
+    for name, option in assign.items():
+        if name not in records:
+            raise ConfigError(f"mixed_precision assign: '{name}' is not a quantized tensor of this model "
+                              f"(e.g. '{next(iter(records))}')")
+        valid = options(records[name], True)
+        if option not in valid:
+            raise ConfigError(f"mixed_precision assign: '{name}' must be one of {valid}, got {option!r}")
+        chosen[name] = option
+    return chosen
+
+
+def _cost(record: QuantizerRecord, option, elements: int) -> float:
+    bits = 32 if option == FLOAT else option
+    return elements * bits / 8.0
+
+
+def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
+            cost: str, allow_float: bool, max_samples: int, rounds: int, measure: str, workers: int, ray: str):
+    from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
+                                switchboard)
+    from qgraph.parallel import Evaluator
+    from qgraph.runner import Runner
+    proto = model.to_onnx()
+    qmodel, sites, _ = find_quantizers(proto)
+    sites = [s for s in sites if s.name in records]
+    index = {s.name: i for i, s in enumerate(sites)}
+    alternates = {index[name]: _alternate_grid(model, records[name], other)
+                  for name in index for other in options(records[name], False) if other != records[name].bits}
+    board, weights = switchboard(qmodel, sites, alternates)
+    # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
+    plan = ctx.feed_plan(proto)
+    off = {SWITCHES: np.zeros(len(sites), np.bool_), ALTERNATES: np.zeros(len(sites), np.bool_)}
+    layers = _layers(qmodel, sites)
+    runner = Runner(board, [s.source for s in sites if s.kind == "activation" and s.source not in plan.names]
+                    + [layer.output for layer in layers], threads=1)
+    feeds, reference, labels_list = [], [], []
+    outputs = [o.name for o in proto.graph.output]
+    elements, samples, labels = {}, 0, plan.data.get("labels")
+    for batch, count in plan.batches(ctx.batch_size, max_samples or None):
+        values = runner.run({**batch, **off})
+        for s in sites:
+            if s.kind == "activation" and s.name not in elements:
+                tensor = batch[s.source] if s.source in batch else values[s.source]
+                elements[s.name] = int(tensor.size // max(count, 1))
+        for layer in layers:
+            layer.macs = layer.macs or int(values[layer.output].size // max(count, 1)) * layer.depth
+        feeds.append(batch)
+        reference.append({o: values[o] for o in outputs})
+        labels_list.append(labels[samples:samples + count] if labels is not None else None)
+        samples += count
+    if not samples:
+        raise PassError("mixed_precision: no calibration sample was run; give at least one full batch")
+    if target == "top1" and labels is None:
+        raise PassError("mixed_precision: target top1 needs labelled data (a 'labels' array)")
+    for s in sites:
+        if s.kind == "weight":
+            elements[s.name] = int(np.asarray(s.weight).size)
+    shared = {"model": board, "weights": weights, "feeds": feeds, "reference": reference, "labels": labels_list, "outputs": outputs}
+    evaluator = Evaluator(workers, ray or None)
+
+    def variant(assignment: dict):
+        on = np.array([assignment[s.name] != FLOAT for s in sites], np.bool_)
+        alt = np.array([assignment[s.name] not in (FLOAT, records[s.name].bits) for s in sites], np.bool_)
+        return on, alt
+
+    base = {s.name: FLOAT for s in sites}
+    singles, keys = [], []
+    for s in sites:
+        for option in options(records[s.name], False):
+            if measure == "all" or option == records[s.name].bits:
+                singles.append(variant({**base, s.name: option}))
+                keys.append((s.name, option))
+    measured = evaluator.map(prepare_variant_runner, evaluate_variant, shared, singles)
+    noise = {name: {FLOAT: 0.0} for name in index}
+    for (name, option), result in zip(keys, measured):
+        snr = min(v["snr_db"] for v in result["outputs"].values())
+        noise[name][option] = 0.0 if snr == np.inf else 10.0 ** (-snr / 10.0)
+    for s in sites:                      # measure "own": other grids scale the noise by (step ratio)²
+        for option in options(records[s.name], False):
+            if option not in noise[s.name]:
+                ratio = np.asarray(alternates[index[s.name]][0], np.float64) / np.asarray(s.grid.scale, np.float64)
+                noise[s.name][option] = noise[s.name][records[s.name].bits] * float(np.mean(ratio ** 2))
+
+    def score(result) -> float:
+        if target == "top1":
+            return result["hits"] / samples
+        if target == "cosine":
+            return min(v["cosine"] for v in result["outputs"].values())
+        return min(v["snr_db"] for v in result["outputs"].values())
+
+    budget = {"cosine": 1.0 / value ** 2 - 1.0 if target == "cosine" else None,
+              "snr_db": 10.0 ** (-value / 10.0), "top1": 1.0 / 0.999 ** 2 - 1.0}[target]
+    if budget is None:
+        budget = 1.0 / 0.999 ** 2 - 1.0
+    chosen = {s.name: options(records[s.name], allow_float)[0] for s in sites}
+    costs = CostModel(cost, records, elements, layers)
+    history = []
+    result = None
+    for _ in range(rounds):
+        chosen = _greedy(chosen, records, noise, costs, budget, allow_float)
+        result = evaluator.map(prepare_variant_runner, evaluate_variant, shared, [variant(chosen)])[0]
+        history.append({"budget": budget, "measured": score(result), "cost": costs.total(chosen)})
+        if score(result) >= value:
+            break
+        budget /= 2.0
+    total_before = costs.total({n: r.bits for n, r in records.items() if n in index})
+    weight_bytes = sum(_cost(records[n], o, elements[n]) for n, o in chosen.items() if records[n].kind == "weight")
+    low = sum(_cost(records[n], o, elements[n]) for n, o in chosen.items()
+              if records[n].kind == "weight" and o != FLOAT and o <= 8)
+    report = {"target": target, "measured": score(result), "met": score(result) >= value, "history": history,
+              "cost": cost, "cost_before": total_before, "cost_after": costs.total(chosen),
+              "weight_bytes": weight_bytes, "weight_bytes_8bit_or_less": low, "variants": len(singles) + len(history),
+              "evaluated_by": evaluator.describe(), "warnings": [] if score(result) >= value else
+              [f"target {target} {value:g} not met after {rounds} rounds (best {score(result):.6g})"]}
+    return chosen, report
+
+
+class _Layer:
+    """A Conv/Gemm/MatMul whose weight is quantized: its weight and input quantizers, and its MACs."""
+
+    def __init__(self, name: str, output: str, weight: str, inputs: list[str], depth: int):
+        self.name, self.output, self.weight, self.inputs, self.depth = name, output, weight, inputs, depth
+        self.macs = 0
+
+
+def _layers(qmodel: QModel, sites) -> list[_Layer]:
+    nodes = {n.name: n for n in qmodel.graph.nodes}
+    layers = []
+    for site in sites:
+        if site.kind != "weight" or len(site.layers) != 1 or site.layers[0] not in nodes:
+            continue
+        node = nodes[site.layers[0]]
+        if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or site.weight is None:
+            continue
+        w = np.asarray(site.weight)
+        out_axis = site.grid.axis if site.grid.per_channel else (0 if node.op != "MatMul" else w.ndim - 1)
+        depth = int(w.size // max(w.shape[out_axis], 1)) if w.ndim else 1
+        inputs = [s.name for s in sites if s.kind == "activation" and node.name in s.layers]
+        layers.append(_Layer(node.name, node.outputs[0].name, site.name, inputs, depth))
+    return layers
+
+
+class CostModel:
+    """The cost of an assignment, and of changing one quantizer (only the terms it touches)."""
+
+    def __init__(self, kind: str, records, elements: dict, layers: list[_Layer]):
+        self.kind, self.records, self.elements, self.layers = kind, records, elements, layers
+        self.touching: dict[str, list[_Layer]] = {}
+        for layer in layers:
+            for name in [layer.weight, *layer.inputs]:
+                self.touching.setdefault(name, []).append(layer)
+
+    @staticmethod
+    def bits(option) -> int:
+        return 32 if option == FLOAT else int(option)
+
+    def _layer(self, layer: _Layer, chosen: dict) -> float:
+        act = max((self.bits(chosen[n]) for n in layer.inputs if n in chosen), default=32)
+        return layer.macs * self.bits(chosen.get(layer.weight, FLOAT)) * act
+
+    def total(self, chosen: dict) -> float:
+        if self.kind == "bytes":
+            return sum(_cost(self.records[n], o, self.elements[n]) for n, o in chosen.items())
+        return float(sum(self._layer(layer, chosen) for layer in self.layers))
+
+    def delta(self, chosen: dict, name: str, option) -> float:
+        if self.kind == "bytes":
+            return (_cost(self.records[name], option, self.elements[name])
+                    - _cost(self.records[name], chosen[name], self.elements[name]))
+        changed = {**chosen, name: option}
+        return float(sum(self._layer(layer, changed) - self._layer(layer, chosen)
+                         for layer in self.touching.get(name, [])))
+
+
+def _greedy(chosen: dict, records, noise, costs: CostModel, budget: float, allow_float: bool) -> dict:
+    """Upgrade the best noise-removed-per-byte step until the summed noise meets the budget."""
+    chosen = dict(chosen)
+    while sum(noise[n][o] for n, o in chosen.items()) > budget:
+        best, best_gain = None, 0.0
+        for name, option in chosen.items():
+            ladder = options(records[name], allow_float)
+            step = ladder.index(option)
+            for nxt in ladder[step + 1:]:
+                removed = noise[name][option] - noise[name][nxt]
+                gain = removed / max(costs.delta(chosen, name, nxt), 1e-9)
+                if removed > 0 and gain > best_gain:
+                    best, best_gain = (name, nxt), gain
+        if best is None:
+            break
+        chosen[best[0]] = best[1]
+    return chosen
+
+
+def _alternate_grid(model: QModel, record: QuantizerRecord, bits: int):
+    """(scale, zero point, axis) of `record` re-gridded at `bits` (its range kept for activations)."""
+    new = _regrid_record(record, bits)
+    if record.kind == "weight":
+        nodes = {n.name: n for n in model.graph.nodes}
+        value = constant_input_values(model, [nodes[record.quantize].inputs[0]])
+        scale, zp = weight_qparams(next(iter(value.values())), new)
+    else:
+        scale, zp = _activation_regrid(model, record, new)
+    return (np.asarray(scale, np.float32), np.asarray(zp).astype(quant.storage_dtype(new.signed, bits)), record.axis,
+            (new.qmin, new.qmax))
+
+
+def _regrid_record(record: QuantizerRecord, bits: int) -> QuantizerRecord:
+    from dataclasses import replace
+    qmin, qmax = quant.qrange(bits, record.signed, record.narrow_range)
+    return replace(record, bits=bits, qmin=qmin, qmax=qmax)
+
+
+def _activation_regrid(model: QModel, record: QuantizerRecord, new: QuantizerRecord):
+    nodes = {n.name: n for n in model.graph.nodes}
+    q = nodes[record.quantize]
+    scale, zp = QModel.constant_value(q.inputs[1]), QModel.constant_value(q.inputs[2])
+    lo, hi = quant.grid_bounds(scale, zp, record.qmin, record.qmax)
+    return activation_qparams(float(lo), float(hi), new)
+
+
+def apply_assignment(model: QModel, records: dict[str, QuantizerRecord], chosen: dict) -> int:
+    """Write the chosen precision into the graph and the annotation; returns how many changed."""
+    nodes = {n.name: n for n in model.graph.nodes}
+    changed = 0
+    for name, option in chosen.items():
+        record = records[name]
+        if option == record.bits:
+            continue
+        changed += 1
+        if option == FLOAT:
+            _remove_pair(model, nodes, record)
+            del records[name]
+            continue
+        scale, zp, _, _ = _alternate_grid(model, record, option)
+        new = _regrid_record(record, option)
+        q, dq = nodes[record.quantize], nodes[record.dequantize]
+        q.inputs[2].values = np.asarray(q.inputs[2].values).astype(quant.storage_dtype(new.signed, option))
+        write_qparams(nodes, new, scale, zp)
+        domain = quant.qdq_domain(quant.storage_dtype(new.signed, option))
+        q.domain = dq.domain = domain or None
+        q.outputs[0].dtype = quant.storage_dtype(new.signed, option)
+        records[name] = new
+    write_quantizers(model, records)
+    model.cleanup()
+    return changed
+
+
+def _remove_pair(model: QModel, nodes: dict, record: QuantizerRecord) -> None:
+    first = nodes[record.clip or record.quantize]
+    dq = nodes[record.dequantize]
+    source, out = first.inputs[0], dq.outputs[0]
+    if model.is_graph_output(out):
+        model.graph.outputs = [source if t is out else t for t in model.graph.outputs]
+        name = out.name
+        out.name = f"{name}_unused"
+        source.name = name
+    for reader in list(out.outputs):
+        reader.inputs = [source if t is out else t for t in reader.inputs]
