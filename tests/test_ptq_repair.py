@@ -53,7 +53,11 @@ def test_bias_correction_moves_layer_means_onto_float_and_helps_held_out_outputs
     report = run_pass(model, "bias_correction", {"iterations": 2}, PassContext(data=calib))
     first, second = report["largest_shift"]
     assert report["changed"] >= 10 and first > 0.01
-    assert second < 1e-3 * first      # the second sweep measures what the first corrected: nothing left
+    # The second sweep measures what the first corrected: nothing left but a floor of ~1e-3 of the
+    # first shift (resnet: 2.0e-4 of 0.198, the same in a third and fourth sweep): the layers
+    # outside the measured wave run as ORT's fused QLinearConv, which rounds their biases to
+    # the int32 grid s_x·s_w.
+    assert second < 1e-2 * first
     reference = _float_logits(w4[name], val)
     before = snr_db(reference, run_model(w4[name], val)["logits"])
     after = snr_db(reference, run_model(model.to_onnx(), val)["logits"])
