@@ -406,21 +406,24 @@ def test_failed_shape_inference_is_reported_and_unknown_types_count_as_float(tmp
 
 # -- ConvTranspose -------------------------------------------------------------------------------
 
-def conv_transpose_qdq(kernel: int, stride: int, relu: bool, per_channel: bool) -> onnx.ModelProto:
-    """input -Q/DQ- ConvTranspose(bias) [-Relu] -Q/DQ-> logits (dynamic H and W)."""
+def conv_transpose_qdq(kernel: int, stride: int, relu: bool, per_channel: bool, group: int = 1,
+                       **attrs) -> onnx.ModelProto:
+    """input -Q/DQ- ConvTranspose(bias) [-Relu] -Q/DQ-> logits (dynamic H and W); 3·group input
+    channels, 5·group output channels."""
     rng = np.random.default_rng(2)
-    w = rng.integers(-127, 128, (3, 5, kernel, kernel)).astype(np.int8)   # C_in 3, C_out 5
+    w = rng.integers(-127, 128, (3 * group, 5, kernel, kernel)).astype(np.int8)   # (C_in, C_out/g, k, k)
     w_s = np.linspace(0.004, 0.02, 5).astype(np.float32) if per_channel else np.float32(0.01)
     inits = [numpy_helper.from_array(np.float32(1 / 255), "x_s"), numpy_helper.from_array(np.uint8(0), "x_z"),
              numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(w_s, "w_s"),
              numpy_helper.from_array(np.zeros(w_s.shape, np.int8), "w_z"),
-             numpy_helper.from_array(rng.normal(0, 0.1, 5).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 5 * group).astype(np.float32), "b"),
              numpy_helper.from_array(np.float32(0.01), "y_s"),
              numpy_helper.from_array(np.uint8(0 if relu else 128), "y_z")]
     nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
              helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
              helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wf"], name="wdq", axis=1),
-             helper.make_node("ConvTranspose", ["xf", "wf", "b"], ["c"], name="up", strides=[stride, stride])]
+             helper.make_node("ConvTranspose", ["xf", "wf", "b"], ["c"], name="up", strides=[stride, stride],
+                              group=group, **attrs)]
     last = "c"
     if relu:
         nodes.append(helper.make_node("Relu", ["c"], ["a"], name="relu"))
@@ -428,7 +431,7 @@ def conv_transpose_qdq(kernel: int, stride: int, relu: bool, per_channel: bool) 
     nodes += [helper.make_node("QuantizeLinear", [last, "y_s", "y_z"], ["yq"], name="yq"),
               helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
     graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                          ["N", 3, "H", "W"])],
+                                                                          ["N", 3 * group, "H", "W"])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -457,11 +460,40 @@ def test_conv_transpose_with_kernel_equal_to_stride_lowers_as_a_pointwise_conv(r
             np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
-def test_overlapping_conv_transpose_stays_float_with_the_reason():
-    lowered, report = lower_model(conv_transpose_qdq(3, 2, False, True), "qlinear")
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("kernel,stride,group,attrs", [
+    (3, 2, 1, {"pads": [1, 1, 1, 1], "output_padding": [1, 1]}),     # the usual 2x upsampler
+    (4, 2, 1, {"pads": [1, 1, 1, 1]}),
+    (3, 1, 1, {"dilations": [2, 2], "pads": [0, 1, 2, 0]}),
+    (2, 3, 2, {}),                                                    # gaps between the kernels, two groups
+    (2, 2, 1, {"pads": [2, 0, 1, 3]}),                               # padding beyond the kernel: a crop
+])
+def test_conv_transpose_lowers_as_a_conv_of_the_zero_inserted_codes(kernel, stride, group, attrs, target):
+    for per_channel in (True, False):
+        qdq = conv_transpose_qdq(kernel, stride, False, per_channel, group, **attrs)
+        lowered, report = lower_model(qdq, target)
+        assert report["skipped"] == [] and report["conv_transpose_as_conv"] == 1
+        ops = {n.op_type for n in lowered.graph.node}
+        assert not {"ConvTranspose", "Conv"} & ops
+        assert ("QLinearConv" if target == "qlinear" else "ConvInteger") in ops
+        if target == "integer":
+            assert integer_region_float_tensors(lowered) == []
+        for shape in [(2, 3 * group, 5, 6), (1, 3 * group, 4, 3)]:          # dynamic H and W
+            x = np.random.default_rng(4).random(shape).astype(np.float32)
+            ref = run_model(qdq, {"input": x})["logits"]
+            out = run_model(lowered, {"input": x})["logits"]
+            assert out.shape == ref.shape
+            # the same products and sums; only the final rounding differs (at most one step, 0.01)
+            assert np.max(np.abs(out - ref)) <= 0.01 * 1.01
+            if interp_run is not None:
+                np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_conv_transpose_with_output_shape_stays_float_with_the_reason():
+    lowered, report = lower_model(conv_transpose_qdq(3, 2, False, True, output_shape=[9, 9]), "qlinear")
     assert report["conv_transpose_as_conv"] == 0
-    assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with kernel [3, 3] != stride [2, 2] "
-                                                         "(overlapping outputs) has no integer form yet"}]
+    assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with output_shape or auto_pad SAME "
+                                                         "has no integer form yet"}]
     assert "ConvTranspose" in {n.op_type for n in lowered.graph.node}
 
 

@@ -16,7 +16,20 @@ shuffle then runs on the integer codes. Every product and sum is the ConvTranspo
 the lowered model computes what the QDQ model means; the Conv rules of each target then lower
 the 1×1 Conv (QLinearConv, or ConvInteger and the integer requantization).
 
-Other ConvTransposes (overlapping kernels, padding, groups) stay float with the reason.
+Every other 2-D ConvTranspose (overlapping kernels, padding, output padding, dilation, groups)
+is the stride-1 Conv of the zero-inserted input with the flipped, transposed kernel:
+
+    ConvTranspose(x, W; s, d, p_b, p_e, o) = Conv(zeros_between(x, s), W'; stride 1, dilation d,
+                                                 pads d(k-1) - p_b, d(k-1) - p_e + o)
+    W'[g·C_out/g + j, i, u, v] = W[g·C_in/g + i, j, k_h-1-u, k_w-1-v]
+
+(zeros_between puts s-1 zeros after every input pixel along each axis; padding that comes out
+negative is a Slice). On the codes a zero is x's zero point, which dequantizes to exactly 0.0,
+so the zero insertion (Unsqueeze → Pad with the zero point → Reshape) runs on the integer
+tensor and the Conv, with the same integer weights re-laid out, lowers by the Conv rules. It
+does s_h·s_w times the MACs of the ConvTranspose (the zeros are multiplied); the kernel =
+stride form above does none. ConvTransposes with output_shape or auto_pad SAME, with a computed
+weight or bias, or of another rank stay float with the reason.
 """
 
 from __future__ import annotations
@@ -40,7 +53,10 @@ def rewrite_conv_transposes(model: QModel) -> tuple[int, dict[str, str]]:
         if x_dq is None or x_dq.op != DEQUANTIZE:
             continue                          # float ConvTranspose outside the integer region
         try:
-            _as_pointwise_conv(model, node, x_dq)
+            if _kernel_equals_stride(model, node):
+                _as_pointwise_conv(model, node, x_dq)
+            else:
+                _as_zero_inserted_conv(model, node, x_dq)
         except Declined as why:
             declined[node.name] = why.reason
             continue
@@ -53,18 +69,6 @@ def rewrite_conv_transposes(model: QModel) -> tuple[int, dict[str, str]]:
 def _as_pointwise_conv(model: QModel, node: gs.Node, x_dq: gs.Node) -> None:
     weight, w_dq = _integer_weight(model, node)
     channels_in, channels_out, kh, kw = weight.shape
-    attrs = node.attrs
-    if int(attrs.get("group", 1)) != 1:
-        raise Declined("grouped ConvTranspose has no integer form yet (only group 1)")
-    strides = list(attrs.get("strides", [1, 1]))
-    if strides != [kh, kw]:
-        raise Declined(f"ConvTranspose with kernel {[kh, kw]} != stride {strides} (overlapping outputs) "
-                       "has no integer form yet")
-    for name, neutral in (("pads", 0), ("dilations", 1), ("output_padding", 0)):
-        if any(v != neutral for v in attrs.get(name, [])):
-            raise Declined(f"ConvTranspose with {name} {list(attrs[name])} has no integer form yet")
-    if attrs.get("output_shape") or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
-        raise Declined("ConvTranspose with output_shape or auto_pad SAME has no integer form yet")
     taps = kh * kw
     bias = None
     if len(node.inputs) > 2 and node.inputs[2].name:
@@ -113,6 +117,108 @@ def _as_pointwise_conv(model: QModel, node: gs.Node, x_dq: gs.Node) -> None:
     else:
         shuffled = y
     _pixel_shuffle(model, name, source, x_dq.inputs[0], channels_out, kh, kw, shuffled)
+
+
+def _kernel_equals_stride(model: QModel, node: gs.Node) -> bool:
+    """The pointwise form applies: kernel = stride, one group, no padding, dilation or output padding."""
+    w_dq = model.producer(node.inputs[1]) if len(node.inputs) > 1 else None
+    codes = QModel.constant_value(w_dq.inputs[0]) if w_dq is not None and w_dq.op == DEQUANTIZE else None
+    if codes is None or codes.ndim != 4:
+        return False
+    attrs = node.attrs
+    neutral = all(all(v == n for v in attrs.get(key, [])) for key, n in
+                  (("pads", 0), ("dilations", 1), ("output_padding", 0)))
+    return (neutral and int(attrs.get("group", 1)) == 1 and list(attrs.get("strides", [1, 1])) == list(codes.shape[2:])
+            and not attrs.get("output_shape"))
+
+
+def _as_zero_inserted_conv(model: QModel, node: gs.Node, x_dq: gs.Node) -> None:
+    weight, w_dq = _integer_weight(model, node)
+    attrs = node.attrs
+    if attrs.get("output_shape") or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+        raise Declined("ConvTranspose with output_shape or auto_pad SAME has no integer form yet")
+    groups = int(attrs.get("group", 1))
+    channels_in, per_group_out, kh, kw = weight.shape
+    if channels_in % groups:
+        raise Declined(f"its weight has {channels_in} input channels, not a multiple of group {groups}")
+    strides = [int(v) for v in attrs.get("strides", [1, 1])]
+    dilations = [int(v) for v in attrs.get("dilations", [1, 1])]
+    pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    extra = [int(v) for v in attrs.get("output_padding", [0, 0])]
+    if len(node.inputs) > 2 and node.inputs[2].name and QModel.constant_value(node.inputs[2]) is None:
+        raise Declined("its bias is not a constant")
+    w_q, x_q = read_quantizer(w_dq), read_quantizer(x_dq)
+    if w_q is None or x_q is None:
+        raise Declined("its input or weight quantizer has computed parameters")
+    if x_q.per_channel:
+        raise Declined("its input has a per-channel quantizer (the inserted zeros need one zero point)")
+    if w_q.per_channel and w_q.scale.size != per_group_out:
+        raise Declined(f"its weight quantizer has {w_q.scale.size} scales for {per_group_out} output channels per group")
+
+    name = node.name
+    # W (C_in, C_out/g, kh, kw) → W' (C_out, C_in/g, kh, kw), flipped in space
+    flipped = (weight.reshape(groups, channels_in // groups, per_group_out, kh, kw).transpose(0, 2, 1, 3, 4)
+               .reshape(groups * per_group_out, channels_in // groups, kh, kw)[:, :, ::-1, ::-1])
+    scale = np.tile(w_q.scale, groups) if w_q.per_channel else w_q.scale
+    zero_point = np.tile(w_q.zero_point, groups) if w_q.per_channel else w_q.zero_point
+    w_float = var(model, f"{name}_flipped_w", np.float32)
+    model.add_node(DEQUANTIZE, [const(model, f"{name}_flipped_w_q", np.ascontiguousarray(flipped)),
+                                const(model, f"{name}_flipped_w_scale", scale),
+                                const(model, f"{name}_flipped_w_zero_point", zero_point)],
+                   [w_float], f"{name}_flipped_w_dq", {"axis": 0} if w_q.per_channel else {})
+
+    # Conv padding; the zero insertion already adds s-1 zeros after the last pixel
+    span = [dilations[0] * (kh - 1), dilations[1] * (kw - 1)]
+    begin = [span[0] - pads[0], span[1] - pads[1]]
+    end = [span[0] - pads[2] + extra[0] - (strides[0] - 1), span[1] - pads[3] + extra[1] - (strides[1] - 1)]
+    codes = _zeros_between(model, name, x_dq.inputs[0], x_q, strides)
+    crop_begin, crop_end = [max(0, -b) for b in begin], [max(0, -e) for e in end]
+    if any(crop_begin) or any(crop_end):
+        cropped = var(model, f"{name}_cropped", codes.dtype)
+        model.add_node("Slice", [codes, const(model, f"{name}_crop_start", np.array(crop_begin, np.int64)),
+                                 const(model, f"{name}_crop_end", np.array([-c if c else np.iinfo(np.int64).max
+                                                                           for c in crop_end], np.int64)),
+                                 const(model, f"{name}_crop_axes", np.array([2, 3], np.int64))],
+                       [cropped], f"{name}_crop")
+        codes = cropped
+    x_float = var(model, f"{name}_zero_inserted", np.float32)
+    model.add_node(DEQUANTIZE, [codes, *x_dq.inputs[1:]], [x_float], f"{name}_zero_inserted_dq", dict(x_dq.attrs))
+    inputs = [x_float, w_float] + ([node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else [])
+    conv_pads = [max(0, v) for v in begin] + [max(0, v) for v in end]
+    y = node.outputs[0]
+    node.outputs.clear()
+    model.add_node("Conv", inputs, [y], f"{name}_as_conv",
+                   {"kernel_shape": [kh, kw], "dilations": dilations, "group": groups, "pads": conv_pads})
+
+
+def _zeros_between(model: QModel, name: str, codes: gs.Tensor, x_q, strides: list[int]) -> gs.Tensor:
+    """(N, C, H, W) codes → (N, C, H·s_h, W·s_w) with s-1 zero-point codes after every pixel along
+    each axis (Unsqueeze → Pad → Reshape, sizes read at run time); `codes` itself when s = 1."""
+    if strides == [1, 1]:
+        return codes
+    sh, sw = strides
+    dtype = x_q.dtype
+    gaps = var(model, f"{name}_gaps", dtype)
+    model.add_node("Unsqueeze", [codes, const(model, f"{name}_gap_axes", np.array([3, 5], np.int64))], [gaps],
+                   f"{name}_gaps")
+    padded = var(model, f"{name}_gaps_filled", dtype)
+    model.add_node("Pad", [gaps, const(model, f"{name}_gap_pads", np.array([0] * 6 + [0, 0, 0, sh - 1, 0, sw - 1], np.int64)),
+                           const(model, f"{name}_gap_value", np.asarray(x_q.zero_point, dtype).reshape(()))],
+                   [padded], f"{name}_gaps_filled", {"mode": "constant"})
+    shape = var(model, f"{name}_codes_shape", np.int64)
+    model.add_node("Shape", [codes], [shape], f"{name}_codes_shape")
+    spatial = var(model, f"{name}_codes_hw", np.int64)
+    model.add_node("Slice", [shape, const(model, f"{name}_codes_hw_start", np.array([2], np.int64)),
+                             const(model, f"{name}_codes_hw_end", np.array([4], np.int64))], [spatial], f"{name}_codes_hw")
+    grown = var(model, f"{name}_spread_hw", np.int64)
+    model.add_node("Mul", [spatial, const(model, f"{name}_spread_stride", np.array([sh, sw], np.int64))], [grown],
+                   f"{name}_spread_hw")
+    target = var(model, f"{name}_spread_shape", np.int64)
+    model.add_node("Concat", [const(model, f"{name}_spread_head", np.array([0, 0], np.int64)), grown], [target],
+                   f"{name}_spread_shape", {"axis": 0})
+    spread = var(model, f"{name}_spread", dtype)
+    model.add_node("Reshape", [padded, target], [spread], f"{name}_spread")
+    return spread
 
 
 def _integer_weight(model: QModel, node: gs.Node) -> tuple[np.ndarray, gs.Node]:
