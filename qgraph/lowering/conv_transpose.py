@@ -205,17 +205,8 @@ def _zeros_between(model: QModel, name: str, codes: gs.Tensor, x_q, strides: lis
     model.add_node("Pad", [gaps, const(model, f"{name}_gap_pads", np.array([0] * 6 + [0, 0, 0, sh - 1, 0, sw - 1], np.int64)),
                            const(model, f"{name}_gap_value", np.asarray(x_q.zero_point, dtype).reshape(()))],
                    [padded], f"{name}_gaps_filled", {"mode": "constant"})
-    shape = var(model, f"{name}_codes_shape", np.int64)
-    model.add_node("Shape", [codes], [shape], f"{name}_codes_shape")
-    spatial = var(model, f"{name}_codes_hw", np.int64)
-    model.add_node("Slice", [shape, const(model, f"{name}_codes_hw_start", np.array([2], np.int64)),
-                             const(model, f"{name}_codes_hw_end", np.array([4], np.int64))], [spatial], f"{name}_codes_hw")
-    grown = var(model, f"{name}_spread_hw", np.int64)
-    model.add_node("Mul", [spatial, const(model, f"{name}_spread_stride", np.array([sh, sw], np.int64))], [grown],
-                   f"{name}_spread_hw")
-    target = var(model, f"{name}_spread_shape", np.int64)
-    model.add_node("Concat", [const(model, f"{name}_spread_head", np.array([0, 0], np.int64)), grown], [target],
-                   f"{name}_spread_shape", {"axis": 0})
+    spatial = _spatial_size(model, f"{name}_codes", codes)
+    target = _shape_of_4d(model, f"{name}_spread", [0, 0], spatial, [sh, sw])
     spread = var(model, f"{name}_spread", dtype)
     model.add_node("Reshape", [padded, target], [spread], f"{name}_spread")
     return spread
@@ -250,22 +241,35 @@ def _pixel_shuffle(model: QModel, name: str, planes: gs.Tensor, shape_of: gs.Ten
                    kh: int, kw: int, out: gs.Tensor) -> None:
     """(N, C·kh·kw, H, W) → (N, C, H·kh, W·kw) by Reshape → Transpose → Reshape, with H and W read
     from `shape_of` (the input's codes) at run time, so dynamic sizes work."""
-    shape = var(model, f"{name}_in_shape", np.int64)
-    model.add_node("Shape", [shape_of], [shape], f"{name}_in_shape")
-    spatial = var(model, f"{name}_in_hw", np.int64)
-    model.add_node("Slice", [shape, const(model, f"{name}_hw_start", np.array([2], np.int64)),
-                             const(model, f"{name}_hw_end", np.array([4], np.int64))], [spatial], f"{name}_in_hw")
-    split_target = var(model, f"{name}_split_shape", np.int64)
-    model.add_node("Concat", [const(model, f"{name}_split_head", np.array([0, channels, kh, kw], np.int64)), spatial],
-                   [split_target], f"{name}_split_shape", {"axis": 0})
+    spatial = _spatial_size(model, f"{name}_in", shape_of)
+    split_target = _shape_of_4d(model, f"{name}_split", [0, channels, kh, kw], spatial)
     split = var(model, f"{name}_split", planes.dtype)
     model.add_node("Reshape", [planes, split_target], [split], f"{name}_split")
     interleaved = var(model, f"{name}_interleaved", planes.dtype)
     model.add_node("Transpose", [split], [interleaved], f"{name}_interleave", {"perm": [0, 1, 4, 2, 5, 3]})
-    grown = var(model, f"{name}_out_hw", np.int64)
-    model.add_node("Mul", [spatial, const(model, f"{name}_stride", np.array([kh, kw], np.int64))], [grown],
-                   f"{name}_out_hw")
-    merge_target = var(model, f"{name}_merge_shape", np.int64)
-    model.add_node("Concat", [const(model, f"{name}_merge_head", np.array([0, channels], np.int64)), grown],
-                   [merge_target], f"{name}_merge_shape", {"axis": 0})
+    merge_target = _shape_of_4d(model, f"{name}_merge", [0, channels], spatial, [kh, kw])
     model.add_node("Reshape", [interleaved, merge_target], [out], f"{name}_merge")
+
+
+def _spatial_size(model: QModel, base: str, of: gs.Tensor) -> gs.Tensor:
+    """[H, W] of the 4-D tensor `of`, read at run time (Shape → Slice)."""
+    shape = var(model, f"{base}_shape", np.int64)
+    model.add_node("Shape", [of], [shape], f"{base}_shape")
+    spatial = var(model, f"{base}_hw", np.int64)
+    model.add_node("Slice", [shape, const(model, f"{base}_hw_start", np.array([2], np.int64)),
+                             const(model, f"{base}_hw_end", np.array([4], np.int64))], [spatial], f"{base}_hw")
+    return spatial
+
+
+def _shape_of_4d(model: QModel, base: str, head: list[int], spatial: gs.Tensor,
+                 factor: list[int] | None = None) -> gs.Tensor:
+    """A Reshape target: `head` (0 copies the input's dimension) then [H, W] times `factor`."""
+    if factor is not None:
+        grown = var(model, f"{base}_hw", np.int64)
+        model.add_node("Mul", [spatial, const(model, f"{base}_factor", np.array(factor, np.int64))], [grown],
+                       f"{base}_hw")
+        spatial = grown
+    target = var(model, f"{base}_target", np.int64)
+    model.add_node("Concat", [const(model, f"{base}_head", np.array(head, np.int64)), spatial], [target],
+                   f"{base}_target", {"axis": 0})
+    return target
