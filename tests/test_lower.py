@@ -444,6 +444,10 @@ def test_conv_transpose_with_kernel_equal_to_stride_lowers_as_a_pointwise_conv(r
     ops = {n.op_type for n in lowered.graph.node}
     assert "ConvTranspose" not in ops and not {"Conv", "Relu"} & ops
     assert ("QLinearConv" if target == "qlinear" else "ConvInteger") in ops
+    # the shuffle moves rows of s_w·C bytes in NHWC, not single bytes in NCHW
+    perms = [list(helper.get_attribute_value(a)) for n in lowered.graph.node if n.op_type == "Transpose"
+             for a in n.attribute]
+    assert perms == [[0, 2, 3, 1], [0, 1, 3, 2, 4], [0, 3, 1, 2]]
     if target == "integer":
         assert integer_region_float_tensors(lowered) == []
     for shape in [(4, 3, 6, 7), (1, 3, 3, 5)]:           # dynamic H and W
