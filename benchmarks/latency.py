@@ -1,7 +1,8 @@
 """Latency benchmark: what quantization buys in ONNX Runtime on the developers' zoo.
 
     .venv/bin/python benchmarks/latency.py [--models nudenet_320n,ddddocr_ocr,...] [--batches 1 8]
-                                           [--repeats 15] [--calib 16] [--threads 1] [--json out.json]
+                                           [--repeats 15] [--calib 16] [--threads 1] [--shares]
+                                           [--json out.json]
 
 Per zoo model (benchmarks/zoo_models.py) and batch size, ORT's time per batch for
 - float: the model as shipped or built;
@@ -167,6 +168,25 @@ def time_variants(entry: zoo.ZooEntry, variants: dict, data: np.ndarray, batch: 
     return results
 
 
+TRANSITION_OPS = ("QuantizeLinear", "DequantizeLinear", "Transpose")
+
+
+def transition_shares(model: onnx.ModelProto, input_name: str, data: np.ndarray, batch: int, threads: int) -> dict:
+    """Shares of ORT's node time (qgraph.profile, `batch` samples, 5 profiled runs) in Q/DQ nodes,
+    in Transposes (the model's and ORT's own) and in lookup tables (Cast + GatherElements and
+    their reshapes), for the issue's "no more than 10% in Q/DQ transitions or layout transposes"."""
+    from qgraph.profile import profile_models
+    report = profile_models([(model, "lowered")], {input_name: data[:batch]}, batch_size=batch, repeats=1,
+                            warmup=1, threads=threads, profile_runs=5)
+    ops = report.models[0].ops
+    total = sum(o.ms for o in ops) or 1.0
+    qdq = sum(o.ms for o in ops if o.op in TRANSITION_OPS[:2])
+    transposes = sum(o.ms for o in ops if o.op == "Transpose")
+    tables = sum(o.roles.get("lookup table", 0.0) for o in ops)
+    return {"qdq": qdq / total, "transpose": transposes / total, "tables": tables / total,
+            "batch": report.models[0].profiled_batch}
+
+
 def row(key: str, batch: int, timed: dict, leftovers: dict) -> str:
     base = timed.get("float")
     cells = []
@@ -187,6 +207,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calib", type=int, default=16, help="calibration samples")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
+    parser.add_argument("--shares", action="store_true",
+                        help="also profile qgraph qlinear at the largest batch: shares of Q/DQ, Transpose, tables")
     parser.add_argument("--json", help="also write every number here")
     args = parser.parse_args()
     keys = args.models.split(",")
@@ -198,7 +220,7 @@ def main() -> None:
         print(text, file=sys.stderr, flush=True)
 
     lines = [f"  {'model':<17} {'batch':>5} {'float ms':>9} " + " ".join(f"{v:>14}" for v in VARIANTS[1:])]
-    record = []
+    record, shares = [], []
     for key in keys:
         try:
             entry, variants, errors = build_variants(key, args.calib, echo)
@@ -216,7 +238,18 @@ def main() -> None:
             lines.append(row(key, batch, timed, leftovers))
             echo(lines[-1])
             record.append({"model": key, "batch": batch, "ms": timed, "float_left": leftovers})
+        if args.shares and "qgraph qlinear" in variants:
+            share = transition_shares(variants["qgraph qlinear"][0], entry.input_name, data, max(args.batches),
+                                      args.threads)
+            shares.append(f"  {key:<17} {share['batch']:>5} {100 * share['qdq']:8.1f}% {100 * share['transpose']:9.1f}% "
+                          f"{100 * (share['qdq'] + share['transpose']):7.1f}% {100 * share['tables']:8.1f}%")
+            echo(shares[-1])
+            record[-1]["qlinear_shares"] = share
     print("\n".join(lines))
+    if shares:
+        print("\nqgraph qlinear, share of ORT node time (qgraph.profile):")
+        print(f"  {'model':<17} {'batch':>5} {'Q/DQ':>9} {'Transpose':>10} {'sum':>8} {'tables':>9}")
+        print("\n".join(shares))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
 
