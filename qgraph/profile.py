@@ -158,6 +158,8 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
             role = "integer requantization"
         elif op in _LAYOUT:
             role = "layout"
+        elif op in _FLOAT_COMPUTE and n.input and not is_float(n.input[0]):
+            role = "integer compute"        # MaxPool, Resize, ... moved onto the codes
         elif op in _FLOAT_COMPUTE:
             if not quantized:
                 role = "float compute"

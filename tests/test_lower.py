@@ -447,6 +447,10 @@ def test_conv_transpose_with_kernel_equal_to_stride_lowers_as_a_pointwise_conv(r
     ops = {n.op_type for n in lowered.graph.node}
     assert "ConvTranspose" not in ops and not {"Conv", "Relu"} & ops
     assert ("QLinearConv" if target == "qlinear" else "ConvInteger") in ops
+    # the shuffle moves rows of s_w·C bytes in NHWC, not single bytes in NCHW
+    perms = [list(helper.get_attribute_value(a)) for n in lowered.graph.node if n.op_type == "Transpose"
+             for a in n.attribute]
+    assert perms == [[0, 2, 3, 1], [0, 1, 3, 2, 4], [0, 3, 1, 2]]
     if target == "integer":
         assert integer_region_float_tensors(lowered) == []
     for shape in [(4, 3, 6, 7), (1, 3, 3, 5)]:           # dynamic H and W
@@ -495,6 +499,51 @@ def test_conv_transpose_with_output_shape_stays_float_with_the_reason():
     assert report["skipped"] == [{"node": "up", "reason": "ConvTranspose with output_shape or auto_pad SAME "
                                                          "has no integer form yet"}]
     assert "ConvTranspose" in {n.op_type for n in lowered.graph.node}
+
+
+# -- nearest upsampling -------------------------------------------------------------------------
+
+def upsample_qdq(scales, coordinates: str, nearest: str) -> onnx.ModelProto:
+    """Q/DQ → Resize(nearest, scales) → Q/DQ on a 4-D map (FPN/DB-head upsampling)."""
+    inits = [numpy_helper.from_array(np.float32(0.02), "x_s"), numpy_helper.from_array(np.uint8(7), "x_z"),
+             numpy_helper.from_array(np.array(scales, np.float32), "scales")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("Resize", ["xf", "", "scales"], ["up"], name="up", mode="nearest",
+                              coordinate_transformation_mode=coordinates, nearest_mode=nearest),
+             helper.make_node("QuantizeLinear", ["up", "x_s", "x_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "x_s", "x_z"], ["logits"], name="ydq")]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                          ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("scales,coordinates,nearest,repeats", [
+    ([1, 1, 2, 2], "asymmetric", "floor", True),                  # Paddle, PyTorch nearest
+    ([1, 1, 2, 3], "half_pixel", "round_prefer_floor", True),     # ONNX defaults
+    ([1, 1, 4, 1], "pytorch_half_pixel", "round_prefer_floor", True),
+    ([1, 1, 2, 2], "align_corners", "round_prefer_floor", False),  # not a repetition of pixels
+    ([1, 1, 1.5, 2], "asymmetric", "floor", False),               # not an integer factor
+])
+def test_nearest_upsampling_of_codes_runs_as_expand_in_nhwc(scales, coordinates, nearest, repeats):
+    """qlinear: an integer nearest upscale of codes is Unsqueeze → Expand → Reshape between
+    Transposes to and from NHWC; equal to the QDQ model's Resize (same grid on both sides, so
+    exactly), in ORT and in the interpreter. Other Resizes stay Resize."""
+    qdq = upsample_qdq(scales, coordinates, nearest)
+    lowered, report = lower_model(qdq, "qlinear")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert report["nearest_upsampling_as_expand"] == int(repeats)
+    assert ("Expand" in ops) == repeats and ("Resize" in ops) != repeats
+    for shape in [(2, 3, 5, 7), (1, 3, 4, 4)]:            # dynamic H and W
+        x = np.random.default_rng(4).normal(0, 1, shape).astype(np.float32)
+        ref = run_model(qdq, {"input": x})["logits"]
+        out = run_model(lowered, {"input": x})["logits"]
+        np.testing.assert_array_equal(out, ref)
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
 # -- lookup tables ------------------------------------------------------------------------------

@@ -68,8 +68,9 @@ def test_integer_target_costs_are_named_as_generic_requantization(models, val):
     report = profile_models([(models["integer"], "integer")], val, batch_size=2, repeats=2, profile_runs=2)
     roles = {r for o in report.models[0].ops for r in o.roles}
     assert {"integer compute", "integer requantization"} <= roles
-    shift = next(o for o in report.models[0].ops if o.op == "BitShift")   # quant.fixed_point_steps' shift
-    assert "integer requantization" in shift.hint
+    # requantization as acc·M + D and a BitShift (the Mod/Div form only for multipliers below ~2^-22)
+    shift = next(o for o in report.models[0].ops if o.op == "BitShift")
+    assert set(shift.roles) == {"integer requantization"} and "integer requantization" in shift.hint
 
 
 def _graph(nodes, inits, inputs=("x",), dtype=TensorProto.FLOAT):
@@ -106,6 +107,26 @@ def test_roles_of_islands_tables_and_qdq_weights():
                  {"s": s, "z": z, "w": np.ones((4, 4), np.float32)})
     roles = node_roles(qdq)
     assert roles["wq"] == roles["wd"] == "weight Q/DQ" and roles["mm"] == "QDQ float op"
+
+
+def test_ops_moved_onto_codes_are_integer_compute():
+    """A lowered MaxPool and Resize (1.5x: no Expand form) run on uint8 codes: integer compute."""
+    s, z = np.float32(0.05), np.uint8(10)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq"),
+             helper.make_node("MaxPool", ["d"], ["p"], name="pool", kernel_shape=[2, 2]),
+             helper.make_node("Resize", ["p", "", "scales"], ["r"], name="up", mode="nearest"),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q2"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"], name="dq_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in
+                               {"s": s, "z": z, "scales": np.array([1, 1, 1.5, 1.5], np.float32)}.items()])
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lowered, _ = lower_model(qdq, "qlinear")
+    roles = {n.op_type: node_roles(lowered)[n.name] for n in lowered.graph.node if n.op_type in ("MaxPool", "Resize")}
+    assert roles == {"MaxPool": "integer compute", "Resize": "integer compute"}
+    assert node_roles(qdq)["pool"] == "QDQ float op"
 
 
 def test_cli_profile_writes_only_its_json(models, val, tmp_path, monkeypatch):

@@ -105,6 +105,9 @@ def lower_graph(model: QModel, target: str) -> dict:
     model.cleanup()
     if (failed := fold.infer_shapes(model)) is not None:
         warnings.append(failed + "; unknown types count as float in the integer-only check")
+    upsampled = qlinear.upsample_channels_last(model) if target == "qlinear" else 0
+    if upsampled:
+        model.cleanup()
 
     region = quantized_region(model)
     # float by design: islands insert_qdq left float, float heads of compute ops, and index
@@ -129,7 +132,8 @@ def lower_graph(model: QModel, target: str) -> dict:
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
             "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
-            "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed, "requantize_pairs": requantized, "float_nodes": float_left,
+            "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
+            "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,
             "kept_qdq": kept}
 
