@@ -478,6 +478,19 @@ def test_gather_scatter_family_matches_ort(rng):
     assert_matches_ort(make(nodes, {"x": x}, inits, outputs=outs, opset=16), {"x": x})
 
 
+def test_gather_elements_of_a_table_row_matches_ort(rng):
+    """A lowered activation's lookup: a (1, 256) table and (1, N) indices, int8 codes as negative
+    indices; an index past the table is an error, as in ORT."""
+    table = rng.integers(0, 256, (1, 256)).astype(np.uint8)
+    codes = rng.integers(-256, 256, (1, 500)).astype(np.int64)
+    model = make([node("GatherElements", ["t", "i"], axis=1)], {"i": codes}, {"t": table})
+    assert_matches_ort(model, {"i": codes})
+    assert_matches_ort(make([node("GatherElements", ["t", "i"], axis=0)], {"i": codes.T.copy()},
+                            {"t": table.T.copy()}), {"i": codes.T.copy()})
+    with pytest.raises(InterpError, match="out of range"):
+        run(model, {"i": np.array([[3, 256]], np.int64)})
+
+
 @pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
 @pytest.mark.parametrize("opset,axis", [(11, 1), (11, -1), (13, 1), (13, -1)])
 def test_softmax_family_matches_ort(rng, op, opset, axis):
