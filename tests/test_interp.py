@@ -108,7 +108,7 @@ def test_qlinearconv_matches_ort(case, seed, with_bias):
 
 @pytest.mark.parametrize("case", range(len(CONV_CASES)))
 def test_qlinearconv_in_chunks_matches_ort(monkeypatch, case):
-    """Tiny chunk sizes: every conv method runs a batch of 3 one image at a time."""
+    """Tiny chunk sizes: every conv method runs a batch of 3 one image (stride 1: one output row) at a time."""
     monkeypatch.setattr(ops_nn, "_CHUNK", 64)
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
     adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
