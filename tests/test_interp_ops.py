@@ -354,6 +354,20 @@ def test_exact_unary_ops_match_ort(rng, op):
     assert_matches_ort(make([node(op, ["x"])], {"x": x}, opset=18), {"x": x})
 
 
+@pytest.mark.parametrize("which", ["small", "big", "mixed"])
+def test_erf_branches_match_ort(rng, which):
+    """MLAS's Erf has a polynomial branch below |x| = 0.921875 and an exp branch above; arrays of
+    one branch only, and both with signed zeros, infinities and NaN, across chunks."""
+    x = rng.normal(0, 2, 40000).astype(F32)
+    if which == "small":
+        x = np.clip(x, -0.92, 0.92)
+    elif which == "big":
+        x = np.where(np.abs(x) < 1, np.copysign(F32(1), x) + x, x).astype(F32)
+    else:
+        x[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 0.921875]
+    assert_matches_ort(make([node("Erf", ["x"])], {"x": x}, opset=18), {"x": x})
+
+
 @pytest.mark.parametrize("op", LIBM_UNARY)
 def test_transcendental_unary_ops_match_ort(rng, op):
     x = _unary_input(rng, op)
