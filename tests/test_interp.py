@@ -125,6 +125,30 @@ def test_qlinearconv_in_chunks_matches_ort(monkeypatch, case):
     assert_same(model, {"x": rand_q(rng, adt, (3, c) + hw)})
 
 
+DEPTHWISE_CASES = [i for i, case in enumerate(CONV_CASES) if case[3] == case[4] == case[5]]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
+    """Every depthwise case through the per-tap method (channels-last, taps clipped to where they
+    read inside the image), whichever method its shape would pick, in chunks of one image."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
+    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
+    adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
+    rng = np.random.default_rng(700 + case)
+    xs, xzp = qparams(rng, adt)
+    w = rand_q(rng, wdt, (m, 1) + k)
+    wzp = np.zeros(m if per_ch else (), wdt)
+    ws = rng.uniform(0.001, 0.05, m if per_ch else ()).astype(np.float32)
+    inits = dict(xs=xs, xzp=xzp, w=w, ws=ws, wzp=wzp, ys=np.float32(0.5), yzp=qparams(rng, adt)[1],
+                 b=rng.integers(-5000, 5000, m).astype(np.int32))
+    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"],
+                            ["y"], group=group, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
+    model = make_model([node], [("x", adt)], [("y", adt)], inits)
+    assert_same(model, {"x": rand_q(rng, adt, (3, c) + hw)})
+
+
 def test_qlinearconv_large_bias_and_accumulators():
     """Biases beyond 2^24 take the int32 path; accumulators beyond 2^24 round in cvtdq2ps."""
     rng = np.random.default_rng(11)

@@ -222,6 +222,20 @@ def test_resize_opset18_axes_and_aspect_policy_match_ort(rng):
         assert_matches_ort(m, {"x": x})
 
 
+@pytest.mark.parametrize("attrs", [dict(pads=[2, 2, 2, 2]), dict(pads=[1, 3, 2, 0], strides=[2, 1]),
+                                   dict(pads=[2, 2, 2, 2], dilations=[1, 3], strides=[1, 2])])
+def test_depthwise_conv_taps_match_ort(rng, monkeypatch, attrs):
+    """A float 5x5 depthwise conv on short, wide planes (an SVTR mixer's) by the per-tap method:
+    taps that reach into the padding for some or all rows, strides and dilations."""
+    from qgraph.interp import ops_nn
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
+    x = rng.normal(size=(2, 6, 3, 20)).astype(F32)
+    inits = {"w": rng.normal(size=(6, 1, 5, 5)).astype(F32), "b": rng.normal(size=(6,)).astype(F32)}
+    assert_matches_ort(make([node("Conv", ["x", "w", "b"], group=6, kernel_shape=[5, 5], **attrs)], {"x": x}, inits),
+                       {"x": x})
+
+
 # --------------------------------------------------------------------------- ConvTranspose
 CONV_T_CASES = [
     # (C, M, group, kernel, input spatial, attributes)
