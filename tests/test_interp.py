@@ -223,7 +223,10 @@ def _binary_model(op, dt, a_shape, b_shape, rng):
 
 
 SHAPES = [((2, 8, 5, 7), (2, 8, 5, 7)), ((1, 3, 40), (1,)), ((1,), (2, 70)), ((2, 16, 3, 3), (1, 16, 1, 1)),
-          ((4, 1, 33), (1, 6, 33)), ((3, 1), (1, 50))]
+          ((4, 1, 33), (1, 6, 33)), ((3, 1), (1, 50)),
+          # from 4096 outputs on, a lookup in a table over all code pairs (each broadcast kind)
+          ((4, 40, 40), (4, 40, 40)), ((1, 197, 64), (64,)), ((2, 16, 16, 16), (1, 16, 1, 1)), ((1,), (4, 1100)),
+          ((2, 1, 3000), (1, 2, 1))]
 
 
 @pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])
