@@ -227,9 +227,12 @@ def qlinear_average_pool(ctx, x, x_s, x_zp, y_s, y_zp=None):
 
 # --------------------------------------------------------------------------- lookup tables
 def _lookup(x, table, dtype):
-    """Apply a 256-entry table indexed by the code's value (quant.all_codes order)."""
-    idx = x.astype(np.int32) - qlimits(dtype)[0]
-    return table[idx]
+    """Apply a 256-entry table indexed by the code's value (quant.all_codes order); 8-bit codes
+    index it by their bits, int8 ones in the table rotated by 128 (code -128 has bits 0x80)."""
+    qmin = qlimits(dtype)[0]
+    if x.dtype.itemsize == 1 and table.size == 256:
+        return np.take(table if qmin == 0 else np.roll(table, qmin), x.view(np.uint8))
+    return table[x.astype(np.int32) - qmin]
 
 
 def _requant_table(dtype, x_s, x_zp, y_s, y_zp, fn):
@@ -251,7 +254,9 @@ def qlinear_concat(ctx, y_s, y_zp, *triples):
         if F32(_s(xs)) == F32(_s(y_s)) and _zp(xzp) == _zp(y_zp):
             parts.append(x)
         else:
-            parts.append(_lookup(x, _requant_table(dtype, xs, xzp, y_s, y_zp, lambda v: v), dtype))
+            table = ctx.once(("table", i), lambda: _requant_table(dtype, xs, xzp, y_s, y_zp, lambda v: v),
+                             0, 1, i + 3, i + 4)
+            parts.append(_lookup(x, table, dtype))
     return np.concatenate(parts, axis=ctx.attr("axis"))
 
 
@@ -260,7 +265,8 @@ def qlinear_leaky_relu(ctx, x, x_s, x_zp, y_s, y_zp=None):
     """ORT: table of v >= 0 ? v : alpha·v (float32) over dequantized codes, then QuantizeLinear."""
     alpha = F32(ctx.attr("alpha", 0.01))
     dtype = x.dtype.type
-    table = _requant_table(dtype, x_s, x_zp, y_s, y_zp, lambda v: np.where(v >= 0, v, (alpha * v).astype(F32)))
+    table = ctx.once(("table", x.dtype.str), lambda: _requant_table(
+        dtype, x_s, x_zp, y_s, y_zp, lambda v: np.where(v >= 0, v, (alpha * v).astype(F32))), 1, 2, 3, 4)
     return _lookup(x, table, dtype)
 
 
@@ -309,4 +315,6 @@ def mlas_logistic_fma3(v: np.ndarray) -> np.ndarray:
 def qlinear_sigmoid(ctx, x, x_s, x_zp, y_s, y_zp=None):
     """ORT: table of MlasComputeLogistic over dequantized codes, then QuantizeLinear."""
     dtype = x.dtype.type
-    return _lookup(x, _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3), dtype)
+    table = ctx.once(("table", x.dtype.str), lambda: _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3),
+                     1, 2, 3, 4)
+    return _lookup(x, table, dtype)
