@@ -5,6 +5,7 @@ model vs ORT's own quantize_static QOperator output.
     python benchmarks/interp.py [--batch 16] [--image-size 28] [--width 8] [--repeats 5]
                                 [--models resnet mobilenetv2] [--threads T]
                                 [--zoo | --zoo-only] [--zoo-models KEY ...] [--zoo-batches 1 8]
+                                [--zoo-forms float qdq qlinear integer]
 
 Each model: canonicalize + fuse_conv_bn (fold), quantize_static QDQ (per-channel int8 weights,
 uint8 activations, 128 MNIST val images), then `lower` to both targets. Times are medians of
@@ -99,20 +100,26 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def paired_times(reference, candidate, repeats: int) -> tuple[float, float, float]:
+def paired_times(reference, candidate, repeats: int, clock=time.perf_counter) -> tuple[float, float, float]:
     """Median ms of each and the median of their per-pair ratios, the two timed alternately
-    (after one warm-up each), so that a load change on a shared machine hits both."""
+    (after one warm-up each), so that a load change on a shared machine hits both. ``clock``:
+    wall time by default; ``time.process_time`` gives CPU time (one thread each, both in this
+    process), which other jobs on the machine disturb much less."""
+    return paired_clocks(reference, candidate, repeats, (clock,))[0]
+
+
+def paired_clocks(reference, candidate, repeats: int, clocks) -> list[tuple[float, float, float]]:
+    """:func:`paired_times` on several clocks read around the same runs."""
     reference(), candidate()
-    ref_s, cand_s = [], []
+    ref_s, cand_s = [[] for _ in clocks], [[] for _ in clocks]
     for _ in range(repeats):
-        start = time.perf_counter()
-        reference()
-        ref_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        candidate()
-        cand_s.append(time.perf_counter() - start)
-    ratio = statistics.median(c / r for c, r in zip(cand_s, ref_s))
-    return 1e3 * statistics.median(ref_s), 1e3 * statistics.median(cand_s), ratio
+        for fn, out in ((reference, ref_s), (candidate, cand_s)):
+            start = [clock() for clock in clocks]
+            fn()
+            for times, clock, t0 in zip(out, clocks, start):
+                times.append(clock() - t0)
+    return [(1e3 * statistics.median(r), 1e3 * statistics.median(c), statistics.median(x / y for x, y in zip(c, r)))
+            for r, c in zip(ref_s, cand_s)]
 
 
 def prepare(name: str, image_size: int, width: int, calib: np.ndarray, workdir: Path) -> dict[str, onnx.ModelProto]:
@@ -199,38 +206,61 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
     return rows
 
 
+def zoo_forms(key: str, forms) -> dict[str, onnx.ModelProto]:
+    """The zoo model in each of ``forms``: "float" (as shipped), "qdq" (the bundled ``ptq``
+    pipeline, calibrated on 16 samples of the zoo's calibration split, as
+    tests/test_zoo_quantization.py does) and its "qlinear" and "integer" lowerings."""
+    import zoo_models as zoo
+    from qgraph.api import apply_pipeline
+
+    model = zoo.zoo_model(key)
+    out = {"float": model}
+    if set(forms) - {"float"}:
+        out["qdq"] = apply_pipeline(model, "ptq", zoo.zoo_inputs(key, 16, "calib"))
+        for target in ("qlinear", "integer"):
+            if target in forms:
+                out[target] = lower_model(out["qdq"], target)[0]
+    return {form: out[form] for form in forms}
+
+
 def zoo_ratio_rows(args) -> list[str]:
-    """Interpreter vs ORT per zoo model (benchmarks/zoo_models.py) at each of `--zoo-batches`:
-    medians of `--repeats` alternated runs on real preprocessed inputs and the median of the
-    per-pair ratios, one thread each (ORT intra-op 1, BLAS 1). A fixed-batch model runs a batch of
-    B as B runs of one sample, in both."""
+    """Prints and returns: interpreter vs ORT per zoo model (benchmarks/zoo_models.py) and form (`--zoo-forms`) at
+    each of `--zoo-batches`: medians of `--repeats` alternated runs on real preprocessed inputs
+    and the medians of the per-pair ratios of wall time and of CPU time, one thread each (ORT
+    intra-op 1, BLAS 1). A fixed-batch model runs a batch of B as B runs of one sample, in both."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import zoo_models as zoo
     from qgraph.interp import set_blas_threads
 
     previous = set_blas_threads(1)
-    rows = [f"\nzoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} runs",
-            f"  {'model':<18} {'nodes':>5} " + " ".join(f"{'b' + str(b) + ' ORT':>9} {'interp':>8} {'ratio':>6}"
-                                                     for b in args.zoo_batches)]
+    rows = [f"zoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} alternated runs, "
+            "ratios of wall and CPU time",
+            f"  {'model':<18} {'form':<8} {'nodes':>5} " + " ".join(
+                f"{'b' + str(b) + ' ORT':>8} {'interp':>8} {'wall':>5} {'cpu':>5}" for b in args.zoo_batches)]
+    print("\n".join(rows), flush=True)
     try:
         for key in args.zoo_models:
             entry = zoo.zoo_entry(key)
             try:
-                model = zoo.zoo_model(key)
+                models = zoo_forms(key, args.zoo_forms)
                 data = zoo.zoo_inputs(key, max(args.zoo_batches), "eval")[entry.input_name]
             except (zoo.ZooUnavailable, OSError) as exc:
                 rows.append(f"  {key:<18} unavailable: {exc}")
+                print(rows[-1], flush=True)
                 continue
-            ort = Runner(model, threads=1)
-            plan = compile_model(model)
-            cells = []
-            for b in args.zoo_batches:
-                step = 1 if entry.fixed_batch else b
-                feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
-                ort_ms, interp_ms, ratio = paired_times(lambda: [ort.run(f) for f in feeds],
-                                                        lambda: [plan.run(f) for f in feeds], args.repeats)
-                cells.append(f"{ort_ms:9.1f} {interp_ms:8.1f} {ratio:5.1f}x")
-            rows.append(f"  {key:<18} {len(model.graph.node):5d} " + " ".join(cells))
+            for form, model in models.items():
+                ort = Runner(model, threads=1)
+                plan = compile_model(model)
+                cells = []
+                for b in args.zoo_batches:
+                    step = 1 if entry.fixed_batch else b
+                    feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
+                    (ort_ms, interp_ms, wall), (_, _, cpu) = paired_clocks(
+                        lambda: [ort.run(f) for f in feeds], lambda: [plan.run(f) for f in feeds], args.repeats,
+                        (time.perf_counter, time.process_time))
+                    cells.append(f"{ort_ms:8.1f} {interp_ms:8.1f} {wall:4.1f}x {cpu:4.1f}x")
+                rows.append(f"  {key:<18} {form:<8} {len(model.graph.node):5d} " + " ".join(cells))
+                print(rows[-1], flush=True)
     finally:
         if previous is not None:
             set_blas_threads(previous)
@@ -251,20 +281,24 @@ def main() -> None:
     parser.add_argument("--zoo-only", action="store_true", help="only the zoo section")
     parser.add_argument("--zoo-models", nargs="+", default=ZOO_KEYS)
     parser.add_argument("--zoo-batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--zoo-forms", nargs="+", default=ZOO_FORMS, choices=ZOO_FORMS,
+                        help="float: the model as shipped; qdq: after the bundled ptq pipeline; qlinear, integer: "
+                             "its lowerings")
     args = parser.parse_args()
     if args.zoo_only:
-        print("\n".join(zoo_ratio_rows(args)))
+        zoo_ratio_rows(args)  # prints each row as it is measured
         return
     data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, data, Path(tmp))
-    if args.zoo:
-        rows += zoo_ratio_rows(args)
     print("\n".join(rows))
+    if args.zoo:
+        zoo_ratio_rows(args)
 
 
+ZOO_FORMS = ["float", "qdq", "qlinear", "integer"]
 ZOO_KEYS = ["nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "pplcnet", "pplcnet_textdir",
             "vit_encoder", "db_detector", "svtr_recognizer"]
 
