@@ -34,32 +34,74 @@ the five passes of requantization, the store), 20-30 us against ORT's ~3 us per 
 for the whole model). At batch 16 the depthwise convolutions dominate (one banded GEMM per
 channel over gathered row blocks, three times the input) next to ORT's VNNI/AMX int8 kernels.
 
-`--zoo` (or `--zoo-only`): interp/ORT per zoo model (benchmarks/zoo_models.py, real inputs), one
-thread each, alternated, median of 9 per-pair ratios, load average ~9.7:
+`--zoo` (or `--zoo-only`): interp/ORT per zoo model (benchmarks/zoo_models.py, real inputs) in
+every form the interpreter runs — float as shipped, qdq after the bundled ``ptq`` (16 calibration
+samples), and its qlinear and integer lowerings — one thread each, alternated, medians of 5
+per-pair ratios of wall time and of CPU time (ms columns: wall medians). Measured 2026-11-29 on
+2 cores of an Intel Xeon shared with other jobs (load average 8-10): after = this round, before
+= commit 53c8aa9 run by this same script, the two runs interleaved in time. With four runnable
+processes per core, a run of a few ms is often descheduled mid-way, so wall ratios of the small
+models swing widely (pplcnet_textdir float: 0.3x wall, 2.9x CPU); the CPU ratio is the one to
+read.
 
-    model              nodes    b1 ORT   interp  ratio    b8 ORT   interp  ratio
-    nudenet_320n         323      42.4    158.9   3.7x     336.4   1168.4   3.3x
-    ddddocr_det          279      82.5    294.9   3.5x     799.6   2984.4   3.7x
-    ddddocr_ocr          102      60.6    133.7   2.3x     513.2   1130.9   2.2x
-    ddddocr_ocr_old      292      17.4    161.1   8.0x     131.2   1257.0   9.6x
-    pplcnet              192       7.6     19.0   2.9x      50.8    141.8   2.8x
-    pplcnet_textdir      192       0.5      2.6   4.4x       7.1     16.1   2.3x
-    vit_encoder          320      16.9     79.6   4.5x     128.7    596.4   4.7x
-    db_detector          212      30.5     92.5   3.0x     285.6    742.0   2.6x
-    svtr_recognizer      293       5.9     16.6   6.1x      22.8    107.6   5.1x
+    model            form     nodes   b1 ORT  interp  wall   cpu  before w/c   b8 ORT  interp  wall   cpu  before w/c
+    nudenet_320n     float      323    113.6   529.2  4.7x  4.2x    4.2x/3.9x   1569.2  4435.2  3.3x  3.3x    3.4x/3.4x
+    nudenet_320n     qdq        721    227.2   947.6  4.2x  3.7x    4.2x/3.4x   2134.8  6492.4  3.0x  2.9x    2.7x/2.6x
+    nudenet_320n     qlinear    630     44.3   279.2  6.4x  5.6x    7.3x/7.4x    408.0  2259.1  5.0x  4.8x    6.7x/6.9x
+    nudenet_320n     integer   1159    124.7   482.6  2.9x  3.1x    4.6x/4.1x   1364.3  3867.2  2.5x  2.2x    2.7x/2.9x
+    ddddocr_det      float      279    287.1  1112.5  3.9x  3.7x    3.8x/3.8x   1735.2  7146.9  4.0x  3.9x    4.2x/3.9x
+    ddddocr_det      qdq        785    404.8  1361.1  3.3x  3.2x    3.4x/3.3x   3567.7 11030.8  3.0x  3.0x    3.3x/3.3x
+    ddddocr_det      qlinear    677     79.7   454.1  5.7x  6.0x    9.0x/8.4x    599.6  3741.0  6.3x  6.3x    8.5x/8.6x
+    ddddocr_det      integer   1250    274.1   650.7  2.3x  2.4x    2.9x/2.9x   2139.4  5435.7  2.4x  2.4x    2.7x/3.0x
+    ddddocr_ocr      float      102    157.6   380.5  3.2x  2.5x    2.3x/2.3x    989.6  2384.8  2.5x  2.4x    2.5x/2.4x
+    ddddocr_ocr      qdq        205    127.6   475.8  3.7x  3.8x    3.7x/3.4x    998.7  5025.8  3.7x  3.9x    3.6x/3.7x
+    ddddocr_ocr      qlinear    146     76.3   255.4  3.5x  3.1x    3.9x/3.7x    645.7  2123.5  3.3x  3.1x    3.7x/3.6x
+    ddddocr_ocr      integer    327    140.4   313.5  2.7x  2.8x    2.8x/2.8x    951.3  2964.5  3.0x  2.9x    2.8x/2.8x
+    ddddocr_ocr_old  float      292     33.7   362.2 10.7x  9.5x    9.5x/8.7x    288.6  3056.5 10.6x 10.2x    9.7x/9.9x
+    ddddocr_ocr_old  qdq        191    195.7   564.9  2.9x  2.8x    2.8x/2.7x   1546.5  4496.8  2.9x  2.8x    3.1x/2.8x
+    ddddocr_ocr_old  qlinear    131     79.7   251.9  3.1x  3.1x    3.7x/3.6x    651.1  2191.3  3.4x  3.2x    3.6x/3.8x
+    ddddocr_ocr_old  integer    312    117.7   336.3  3.0x  2.7x    3.1x/2.9x   1013.8  2597.5  2.5x  2.6x    2.9x/2.9x
+    pplcnet          float      192      8.4    36.8  3.5x  3.5x    8.0x/3.1x     90.1   264.8  3.1x  3.0x    2.6x/2.9x
+    pplcnet          qdq        359     25.0   110.2  4.6x  4.1x    5.2x/3.8x    162.0   460.2  2.8x  2.7x    2.5x/2.5x
+    pplcnet          qlinear    256      3.7    48.7 13.7x  4.6x   24.6x/6.3x     63.9   280.2  4.6x  4.5x    6.7x/6.9x
+    pplcnet          integer    466     28.2    53.9  2.4x  1.9x    2.5x/2.3x    299.1   495.1  1.7x  1.7x    2.2x/2.2x
+    pplcnet_textdir  float      192      9.0     3.0  0.3x  2.9x   18.4x/4.0x     11.6    32.0  2.8x  3.1x    3.5x/3.1x
+    pplcnet_textdir  qdq        359      1.9    47.1 24.5x  6.3x   18.7x/5.7x     46.0   116.0  3.1x  3.8x    3.5x/3.4x
+    pplcnet_textdir  qlinear    256      1.1    21.2 20.3x  4.8x   16.7x/5.4x      7.9    63.9  9.0x  4.4x   20.2x/5.7x
+    pplcnet_textdir  integer    466      2.7    27.2  7.2x  2.6x    9.8x/2.7x     61.3   119.3  2.7x  2.1x    2.1x/2.3x
+    vit_encoder      float      320     30.7   170.6  4.8x  4.0x    4.3x/4.0x    211.5  1038.2  4.4x  4.1x    4.5x/4.5x
+    vit_encoder      qdq        282     23.9   190.6  8.0x  7.8x    7.9x/7.8x    185.8  1110.9  6.1x  6.2x    7.1x/7.1x
+    vit_encoder      qlinear    202     16.1    80.9  5.0x  4.8x    5.3x/5.7x    197.6   893.8  4.9x  4.7x    6.9x/6.7x
+    vit_encoder      integer    358     37.1   124.1  3.3x  3.1x    3.3x/3.0x    499.1  1094.0  1.9x  2.3x    3.0x/2.6x
+    db_detector      float      212     54.6   188.8  3.2x  3.7x    3.5x/3.3x    606.0  1679.8  3.0x  2.6x    2.7x/2.8x
+    db_detector      qdq        409     68.8   332.2  4.3x  4.3x    4.6x/4.0x    734.0  2537.2  3.4x  3.0x    2.8x/3.0x
+    db_detector      qlinear    272     46.4   235.2  5.8x  5.3x    5.1x/6.2x    338.1  1518.4  5.4x  4.6x    5.3x/5.9x
+    db_detector      integer    590    162.7   352.5  2.2x  2.2x    3.1x/2.7x    632.2  1149.2  1.8x  1.8x    2.0x/2.0x
+    svtr_recognizer  float      293      1.8    12.1  6.4x  4.2x    3.2x/4.1x     16.4    99.4  5.1x  3.9x    4.6x/5.2x
+    svtr_recognizer  qdq        481      4.0    20.2  5.9x  5.4x    4.8x/5.3x     35.3   122.0  3.1x  3.3x    4.0x/4.0x
+    svtr_recognizer  qlinear    349      2.0    18.7  9.4x  5.7x    6.4x/6.9x     14.4    86.9  5.3x  5.1x    8.2x/9.1x
+    svtr_recognizer  integer    627      9.0    21.9  2.3x  2.8x    8.9x/3.5x     61.4   162.4  2.6x  2.2x    3.1x/3.0x
 
-(Before this round — Conv programs rebuilt per call, MatMulInteger converting its 1024x8210
-weights to float64 per call, the MLAS transcriptions' mixed-type passes — the same table read
-nudenet 4.0x/3.7x, ddddocr_det 2.7x/5.8x, ddddocr_ocr_old 12.3x/12.4x, pplcnet_textdir 8.4x,
-svtr 12.1x at batch 1.) What is left:
-- ddddocr_ocr_old (dynamically quantized CRNN): ORT runs ConvInteger, MatMulInteger and the
-  DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs (about
-  13 ms of ConvInteger, 8 ms for the 1024x8210 MatMulInteger, 12 ms of LSTM step GEMVs that
-  stream 8 MB of float32 weights per step), already ~5x ORT's whole 7 ms before the MLAS
-  sigmoids (11 SiLUs, ~14 ms) and DynamicQuantizeLinear passes.
-- svtr_recognizer: 293 nodes in 1.2-6 ms of ORT time: the per-node floor of NumPy.
-- Sigmoid (MLAS's rational function, transcribed bit for bit with float64 FMAs and float32
-  roundings, ~40 passes per chunk) is about a third of the YOLO models' time.
+This round: GatherElements over a one-row table (every lowered SiLU/HardSwish, 27-74 per
+qlinear conv net) is one np.take instead of int64 copies and take_along_axis; stride-1 convs whose
+im2col outgrows L2 run a block of output rows at a time; depthwise convs by taps run
+channels-last and never touch padding (SVTR's 5x5 mixers 2.5-4x faster); QLinearAdd/QLinearMul
+look up a 256x256 code-pair table; MLAS Erf skips unused branches. What is left above 5x:
+- ddddocr_ocr_old float (dynamically quantized CRNN, 9.5-10x): ORT runs ConvInteger, MatMulInteger
+  and the DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs at
+  BLAS speed (ConvInteger ~13 ms CPU, the 1024x8210 MatMulInteger ~9 ms, the LSTM's 40 step GEMVs
+  ~12 ms streaming 8 MB of float32 weights each at ~27 GB/s), already ~4.7x ORT's whole 7 ms,
+  before 11 MLAS Sigmoids (~16 ms) and the LSTM's per-step quantization and gate passes.
+- qlinear forms of the conv nets (ddddocr_det 6x, nudenet 5.6x at batch 1, db 5.3x, svtr 5.7x):
+  QLinearConv is 55-70% of the time and already a float32 GEMM at BLAS speed against ORT's
+  VNNI int8 kernels; the rest is the lowered table lookups (Transpose, Flatten, Cast to int64,
+  GatherElements, Reshape, Transpose per activation).
+- vit_encoder qdq (7.8x): ORT's optimizer turns the Q/DQ pairs around MatMuls into int8
+  kernels; here the 64 QuantizeLinear
+  and 64 DequantizeLinear run as written and the 4 GELU Erfs (MLAS's transcription, up to ~70
+  NumPy passes of emulated FMAs, ~4 ms per 151k values) are a third of the time.
+- svtr qdq and pplcnet_textdir qdq at batch 1 (5.4x, 6.3x): 359-481 nodes in 1-4 ms of ORT time,
+  NumPy's per-node floor (5-50 us per kernel call on tiny tensors).
 """
 
 from __future__ import annotations
