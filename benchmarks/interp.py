@@ -97,9 +97,9 @@ look up a 256x256 code-pair table; MLAS Erf skips unused branches. What is left 
   VNNI int8 kernels; the rest is the lowered table lookups (Transpose, Flatten, Cast to int64,
   GatherElements, Reshape, Transpose per activation).
 - vit_encoder qdq (7.8x): ORT's optimizer turns the Q/DQ pairs around MatMuls into int8
-  kernels; here the 64 QuantizeLinear
-  and 64 DequantizeLinear run as written and the 4 GELU Erfs (MLAS's transcription, up to ~70
-  NumPy passes of emulated FMAs, ~4 ms per 151k values) are a third of the time.
+  kernels; here the 64 QuantizeLinear and 64 DequantizeLinear run as written, and the 4 GELU
+  Erfs (MLAS's transcription, up to ~70 NumPy passes of emulated FMAs, ~4 ms per 151k values)
+  are a third of the time.
 - svtr qdq and pplcnet_textdir qdq at batch 1 (5.4x, 6.3x): 359-481 nodes in 1-4 ms of ORT time,
   NumPy's per-node floor (5-50 us per kernel call on tiny tensors).
 """
