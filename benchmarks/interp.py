@@ -5,6 +5,7 @@ model vs ORT's own quantize_static QOperator output.
     python benchmarks/interp.py [--batch 16] [--image-size 28] [--width 8] [--repeats 5]
                                 [--models resnet mobilenetv2] [--threads T]
                                 [--zoo | --zoo-only] [--zoo-models KEY ...] [--zoo-batches 1 8]
+                                [--zoo-forms float qdq qlinear integer]
 
 Each model: canonicalize + fuse_conv_bn (fold), quantize_static QDQ (per-channel int8 weights,
 uint8 activations, 128 MNIST val images), then `lower` to both targets. Times are medians of
@@ -33,32 +34,74 @@ the five passes of requantization, the store), 20-30 us against ORT's ~3 us per 
 for the whole model). At batch 16 the depthwise convolutions dominate (one banded GEMM per
 channel over gathered row blocks, three times the input) next to ORT's VNNI/AMX int8 kernels.
 
-`--zoo` (or `--zoo-only`): interp/ORT per zoo model (benchmarks/zoo_models.py, real inputs), one
-thread each, alternated, median of 9 per-pair ratios, load average ~9.7:
+`--zoo` (or `--zoo-only`): interp/ORT per zoo model (benchmarks/zoo_models.py, real inputs) in
+every form the interpreter runs — float as shipped, qdq after the bundled ``ptq`` (16 calibration
+samples), and its qlinear and integer lowerings — one thread each, alternated, medians of 5
+per-pair ratios of wall time and of CPU time (ms columns: wall medians). Measured 2026-11-29 on
+2 cores of an Intel Xeon shared with other jobs (load average 8-10): after = this round, before
+= commit 53c8aa9 run by this same script, the two runs interleaved in time. With four runnable
+processes per core, a run of a few ms is often descheduled mid-way, so wall ratios of the small
+models swing widely (pplcnet_textdir float: 0.3x wall, 2.9x CPU); the CPU ratio is the one to
+read.
 
-    model              nodes    b1 ORT   interp  ratio    b8 ORT   interp  ratio
-    nudenet_320n         323      42.4    158.9   3.7x     336.4   1168.4   3.3x
-    ddddocr_det          279      82.5    294.9   3.5x     799.6   2984.4   3.7x
-    ddddocr_ocr          102      60.6    133.7   2.3x     513.2   1130.9   2.2x
-    ddddocr_ocr_old      292      17.4    161.1   8.0x     131.2   1257.0   9.6x
-    pplcnet              192       7.6     19.0   2.9x      50.8    141.8   2.8x
-    pplcnet_textdir      192       0.5      2.6   4.4x       7.1     16.1   2.3x
-    vit_encoder          320      16.9     79.6   4.5x     128.7    596.4   4.7x
-    db_detector          212      30.5     92.5   3.0x     285.6    742.0   2.6x
-    svtr_recognizer      293       5.9     16.6   6.1x      22.8    107.6   5.1x
+    model            form     nodes   b1 ORT  interp  wall   cpu  before w/c   b8 ORT  interp  wall   cpu  before w/c
+    nudenet_320n     float      323    113.6   529.2  4.7x  4.2x    4.2x/3.9x   1569.2  4435.2  3.3x  3.3x    3.4x/3.4x
+    nudenet_320n     qdq        721    227.2   947.6  4.2x  3.7x    4.2x/3.4x   2134.8  6492.4  3.0x  2.9x    2.7x/2.6x
+    nudenet_320n     qlinear    630     44.3   279.2  6.4x  5.6x    7.3x/7.4x    408.0  2259.1  5.0x  4.8x    6.7x/6.9x
+    nudenet_320n     integer   1159    124.7   482.6  2.9x  3.1x    4.6x/4.1x   1364.3  3867.2  2.5x  2.2x    2.7x/2.9x
+    ddddocr_det      float      279    287.1  1112.5  3.9x  3.7x    3.8x/3.8x   1735.2  7146.9  4.0x  3.9x    4.2x/3.9x
+    ddddocr_det      qdq        785    404.8  1361.1  3.3x  3.2x    3.4x/3.3x   3567.7 11030.8  3.0x  3.0x    3.3x/3.3x
+    ddddocr_det      qlinear    677     79.7   454.1  5.7x  6.0x    9.0x/8.4x    599.6  3741.0  6.3x  6.3x    8.5x/8.6x
+    ddddocr_det      integer   1250    274.1   650.7  2.3x  2.4x    2.9x/2.9x   2139.4  5435.7  2.4x  2.4x    2.7x/3.0x
+    ddddocr_ocr      float      102    157.6   380.5  3.2x  2.5x    2.3x/2.3x    989.6  2384.8  2.5x  2.4x    2.5x/2.4x
+    ddddocr_ocr      qdq        205    127.6   475.8  3.7x  3.8x    3.7x/3.4x    998.7  5025.8  3.7x  3.9x    3.6x/3.7x
+    ddddocr_ocr      qlinear    146     76.3   255.4  3.5x  3.1x    3.9x/3.7x    645.7  2123.5  3.3x  3.1x    3.7x/3.6x
+    ddddocr_ocr      integer    327    140.4   313.5  2.7x  2.8x    2.8x/2.8x    951.3  2964.5  3.0x  2.9x    2.8x/2.8x
+    ddddocr_ocr_old  float      292     33.7   362.2 10.7x  9.5x    9.5x/8.7x    288.6  3056.5 10.6x 10.2x    9.7x/9.9x
+    ddddocr_ocr_old  qdq        191    195.7   564.9  2.9x  2.8x    2.8x/2.7x   1546.5  4496.8  2.9x  2.8x    3.1x/2.8x
+    ddddocr_ocr_old  qlinear    131     79.7   251.9  3.1x  3.1x    3.7x/3.6x    651.1  2191.3  3.4x  3.2x    3.6x/3.8x
+    ddddocr_ocr_old  integer    312    117.7   336.3  3.0x  2.7x    3.1x/2.9x   1013.8  2597.5  2.5x  2.6x    2.9x/2.9x
+    pplcnet          float      192      8.4    36.8  3.5x  3.5x    8.0x/3.1x     90.1   264.8  3.1x  3.0x    2.6x/2.9x
+    pplcnet          qdq        359     25.0   110.2  4.6x  4.1x    5.2x/3.8x    162.0   460.2  2.8x  2.7x    2.5x/2.5x
+    pplcnet          qlinear    256      3.7    48.7 13.7x  4.6x   24.6x/6.3x     63.9   280.2  4.6x  4.5x    6.7x/6.9x
+    pplcnet          integer    466     28.2    53.9  2.4x  1.9x    2.5x/2.3x    299.1   495.1  1.7x  1.7x    2.2x/2.2x
+    pplcnet_textdir  float      192      9.0     3.0  0.3x  2.9x   18.4x/4.0x     11.6    32.0  2.8x  3.1x    3.5x/3.1x
+    pplcnet_textdir  qdq        359      1.9    47.1 24.5x  6.3x   18.7x/5.7x     46.0   116.0  3.1x  3.8x    3.5x/3.4x
+    pplcnet_textdir  qlinear    256      1.1    21.2 20.3x  4.8x   16.7x/5.4x      7.9    63.9  9.0x  4.4x   20.2x/5.7x
+    pplcnet_textdir  integer    466      2.7    27.2  7.2x  2.6x    9.8x/2.7x     61.3   119.3  2.7x  2.1x    2.1x/2.3x
+    vit_encoder      float      320     30.7   170.6  4.8x  4.0x    4.3x/4.0x    211.5  1038.2  4.4x  4.1x    4.5x/4.5x
+    vit_encoder      qdq        282     23.9   190.6  8.0x  7.8x    7.9x/7.8x    185.8  1110.9  6.1x  6.2x    7.1x/7.1x
+    vit_encoder      qlinear    202     16.1    80.9  5.0x  4.8x    5.3x/5.7x    197.6   893.8  4.9x  4.7x    6.9x/6.7x
+    vit_encoder      integer    358     37.1   124.1  3.3x  3.1x    3.3x/3.0x    499.1  1094.0  1.9x  2.3x    3.0x/2.6x
+    db_detector      float      212     54.6   188.8  3.2x  3.7x    3.5x/3.3x    606.0  1679.8  3.0x  2.6x    2.7x/2.8x
+    db_detector      qdq        409     68.8   332.2  4.3x  4.3x    4.6x/4.0x    734.0  2537.2  3.4x  3.0x    2.8x/3.0x
+    db_detector      qlinear    272     46.4   235.2  5.8x  5.3x    5.1x/6.2x    338.1  1518.4  5.4x  4.6x    5.3x/5.9x
+    db_detector      integer    590    162.7   352.5  2.2x  2.2x    3.1x/2.7x    632.2  1149.2  1.8x  1.8x    2.0x/2.0x
+    svtr_recognizer  float      293      1.8    12.1  6.4x  4.2x    3.2x/4.1x     16.4    99.4  5.1x  3.9x    4.6x/5.2x
+    svtr_recognizer  qdq        481      4.0    20.2  5.9x  5.4x    4.8x/5.3x     35.3   122.0  3.1x  3.3x    4.0x/4.0x
+    svtr_recognizer  qlinear    349      2.0    18.7  9.4x  5.7x    6.4x/6.9x     14.4    86.9  5.3x  5.1x    8.2x/9.1x
+    svtr_recognizer  integer    627      9.0    21.9  2.3x  2.8x    8.9x/3.5x     61.4   162.4  2.6x  2.2x    3.1x/3.0x
 
-(Before this round — Conv programs rebuilt per call, MatMulInteger converting its 1024x8210
-weights to float64 per call, the MLAS transcriptions' mixed-type passes — the same table read
-nudenet 4.0x/3.7x, ddddocr_det 2.7x/5.8x, ddddocr_ocr_old 12.3x/12.4x, pplcnet_textdir 8.4x,
-svtr 12.1x at batch 1.) What is left:
-- ddddocr_ocr_old (dynamically quantized CRNN): ORT runs ConvInteger, MatMulInteger and the
-  DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs (about
-  13 ms of ConvInteger, 8 ms for the 1024x8210 MatMulInteger, 12 ms of LSTM step GEMVs that
-  stream 8 MB of float32 weights per step), already ~5x ORT's whole 7 ms before the MLAS
-  sigmoids (11 SiLUs, ~14 ms) and DynamicQuantizeLinear passes.
-- svtr_recognizer: 293 nodes in 1.2-6 ms of ORT time: the per-node floor of NumPy.
-- Sigmoid (MLAS's rational function, transcribed bit for bit with float64 FMAs and float32
-  roundings, ~40 passes per chunk) is about a third of the YOLO models' time.
+This round: GatherElements over a one-row table (every lowered SiLU/HardSwish, 27-74 per
+qlinear conv net) is one np.take instead of int64 copies and take_along_axis; stride-1 convs whose
+im2col outgrows L2 run a block of output rows at a time; depthwise convs by taps run
+channels-last and never touch padding (SVTR's 5x5 mixers 2.5-4x faster); QLinearAdd/QLinearMul
+look up a 256x256 code-pair table; MLAS Erf skips unused branches. What is left above 5x:
+- ddddocr_ocr_old float (dynamically quantized CRNN, 9.5-10x): ORT runs ConvInteger, MatMulInteger
+  and the DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs at
+  BLAS speed (ConvInteger ~13 ms CPU, the 1024x8210 MatMulInteger ~9 ms, the LSTM's 40 step GEMVs
+  ~12 ms streaming 8 MB of float32 weights each at ~27 GB/s), already ~4.7x ORT's whole 7 ms,
+  before 11 MLAS Sigmoids (~16 ms) and the LSTM's per-step quantization and gate passes.
+- qlinear forms of the conv nets (ddddocr_det 6x, nudenet 5.6x at batch 1, db 5.3x, svtr 5.7x):
+  QLinearConv is 55-70% of the time and already a float32 GEMM at BLAS speed against ORT's
+  VNNI int8 kernels; the rest is the lowered table lookups (Transpose, Flatten, Cast to int64,
+  GatherElements, Reshape, Transpose per activation).
+- vit_encoder qdq (7.8x): ORT's optimizer turns the Q/DQ pairs around MatMuls into int8
+  kernels; here the 64 QuantizeLinear and 64 DequantizeLinear run as written, and the 4 GELU
+  Erfs (MLAS's transcription, up to ~70 NumPy passes of emulated FMAs, ~4 ms per 151k values)
+  are a third of the time.
+- svtr qdq and pplcnet_textdir qdq at batch 1 (5.4x, 6.3x): 359-481 nodes in 1-4 ms of ORT time,
+  NumPy's per-node floor (5-50 us per kernel call on tiny tensors).
 """
 
 from __future__ import annotations
@@ -99,20 +142,26 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def paired_times(reference, candidate, repeats: int) -> tuple[float, float, float]:
+def paired_times(reference, candidate, repeats: int, clock=time.perf_counter) -> tuple[float, float, float]:
     """Median ms of each and the median of their per-pair ratios, the two timed alternately
-    (after one warm-up each), so that a load change on a shared machine hits both."""
+    (after one warm-up each), so that a load change on a shared machine hits both. ``clock``:
+    wall time by default; ``time.process_time`` gives CPU time (one thread each, both in this
+    process), which other jobs on the machine disturb much less."""
+    return paired_clocks(reference, candidate, repeats, (clock,))[0]
+
+
+def paired_clocks(reference, candidate, repeats: int, clocks) -> list[tuple[float, float, float]]:
+    """:func:`paired_times` on several clocks read around the same runs."""
     reference(), candidate()
-    ref_s, cand_s = [], []
+    ref_s, cand_s = [[] for _ in clocks], [[] for _ in clocks]
     for _ in range(repeats):
-        start = time.perf_counter()
-        reference()
-        ref_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        candidate()
-        cand_s.append(time.perf_counter() - start)
-    ratio = statistics.median(c / r for c, r in zip(cand_s, ref_s))
-    return 1e3 * statistics.median(ref_s), 1e3 * statistics.median(cand_s), ratio
+        for fn, out in ((reference, ref_s), (candidate, cand_s)):
+            start = [clock() for clock in clocks]
+            fn()
+            for times, clock, t0 in zip(out, clocks, start):
+                times.append(clock() - t0)
+    return [(1e3 * statistics.median(r), 1e3 * statistics.median(c), statistics.median(x / y for x, y in zip(c, r)))
+            for r, c in zip(ref_s, cand_s)]
 
 
 def prepare(name: str, image_size: int, width: int, calib: np.ndarray, workdir: Path) -> dict[str, onnx.ModelProto]:
@@ -199,38 +248,61 @@ def bench_model(name: str, args, data: np.ndarray, workdir: Path) -> list[str]:
     return rows
 
 
+def zoo_forms(key: str, forms) -> dict[str, onnx.ModelProto]:
+    """The zoo model in each of ``forms``: "float" (as shipped), "qdq" (the bundled ``ptq``
+    pipeline, calibrated on 16 samples of the zoo's calibration split, as
+    tests/test_zoo_quantization.py does) and its "qlinear" and "integer" lowerings."""
+    import zoo_models as zoo
+    from qgraph.api import apply_pipeline
+
+    model = zoo.zoo_model(key)
+    out = {"float": model}
+    if set(forms) - {"float"}:
+        out["qdq"] = apply_pipeline(model, "ptq", zoo.zoo_inputs(key, 16, "calib"))
+        for target in ("qlinear", "integer"):
+            if target in forms:
+                out[target] = lower_model(out["qdq"], target)[0]
+    return {form: out[form] for form in forms}
+
+
 def zoo_ratio_rows(args) -> list[str]:
-    """Interpreter vs ORT per zoo model (benchmarks/zoo_models.py) at each of `--zoo-batches`:
-    medians of `--repeats` alternated runs on real preprocessed inputs and the median of the
-    per-pair ratios, one thread each (ORT intra-op 1, BLAS 1). A fixed-batch model runs a batch of
-    B as B runs of one sample, in both."""
+    """Prints and returns: interpreter vs ORT per zoo model (benchmarks/zoo_models.py) and form (`--zoo-forms`) at
+    each of `--zoo-batches`: medians of `--repeats` alternated runs on real preprocessed inputs
+    and the medians of the per-pair ratios of wall time and of CPU time, one thread each (ORT
+    intra-op 1, BLAS 1). A fixed-batch model runs a batch of B as B runs of one sample, in both."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import zoo_models as zoo
     from qgraph.interp import set_blas_threads
 
     previous = set_blas_threads(1)
-    rows = [f"\nzoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} runs",
-            f"  {'model':<18} {'nodes':>5} " + " ".join(f"{'b' + str(b) + ' ORT':>9} {'interp':>8} {'ratio':>6}"
-                                                     for b in args.zoo_batches)]
+    rows = [f"zoo: interpreter vs ORT, one thread each; median ms per batch of {args.repeats} alternated runs, "
+            "ratios of wall and CPU time",
+            f"  {'model':<18} {'form':<8} {'nodes':>5} " + " ".join(
+                f"{'b' + str(b) + ' ORT':>8} {'interp':>8} {'wall':>5} {'cpu':>5}" for b in args.zoo_batches)]
+    print("\n".join(rows), flush=True)
     try:
         for key in args.zoo_models:
             entry = zoo.zoo_entry(key)
             try:
-                model = zoo.zoo_model(key)
+                models = zoo_forms(key, args.zoo_forms)
                 data = zoo.zoo_inputs(key, max(args.zoo_batches), "eval")[entry.input_name]
             except (zoo.ZooUnavailable, OSError) as exc:
                 rows.append(f"  {key:<18} unavailable: {exc}")
+                print(rows[-1], flush=True)
                 continue
-            ort = Runner(model, threads=1)
-            plan = compile_model(model)
-            cells = []
-            for b in args.zoo_batches:
-                step = 1 if entry.fixed_batch else b
-                feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
-                ort_ms, interp_ms, ratio = paired_times(lambda: [ort.run(f) for f in feeds],
-                                                        lambda: [plan.run(f) for f in feeds], args.repeats)
-                cells.append(f"{ort_ms:9.1f} {interp_ms:8.1f} {ratio:5.1f}x")
-            rows.append(f"  {key:<18} {len(model.graph.node):5d} " + " ".join(cells))
+            for form, model in models.items():
+                ort = Runner(model, threads=1)
+                plan = compile_model(model)
+                cells = []
+                for b in args.zoo_batches:
+                    step = 1 if entry.fixed_batch else b
+                    feeds = [{entry.input_name: data[i:i + step]} for i in range(0, b, step)]
+                    (ort_ms, interp_ms, wall), (_, _, cpu) = paired_clocks(
+                        lambda: [ort.run(f) for f in feeds], lambda: [plan.run(f) for f in feeds], args.repeats,
+                        (time.perf_counter, time.process_time))
+                    cells.append(f"{ort_ms:8.1f} {interp_ms:8.1f} {wall:4.1f}x {cpu:4.1f}x")
+                rows.append(f"  {key:<18} {form:<8} {len(model.graph.node):5d} " + " ".join(cells))
+                print(rows[-1], flush=True)
     finally:
         if previous is not None:
             set_blas_threads(previous)
@@ -251,20 +323,24 @@ def main() -> None:
     parser.add_argument("--zoo-only", action="store_true", help="only the zoo section")
     parser.add_argument("--zoo-models", nargs="+", default=ZOO_KEYS)
     parser.add_argument("--zoo-batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--zoo-forms", nargs="+", default=ZOO_FORMS, choices=ZOO_FORMS,
+                        help="float: the model as shipped; qdq: after the bundled ptq pipeline; qlinear, integer: "
+                             "its lowerings")
     args = parser.parse_args()
     if args.zoo_only:
-        print("\n".join(zoo_ratio_rows(args)))
+        zoo_ratio_rows(args)  # prints each row as it is measured
         return
     data = load_dataset("mnist", "val", image_size=None if args.image_size == 28 else args.image_size)["input"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, data, Path(tmp))
-    if args.zoo:
-        rows += zoo_ratio_rows(args)
     print("\n".join(rows))
+    if args.zoo:
+        zoo_ratio_rows(args)
 
 
+ZOO_FORMS = ["float", "qdq", "qlinear", "integer"]
 ZOO_KEYS = ["nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "pplcnet", "pplcnet_textdir",
             "vit_encoder", "db_detector", "svtr_recognizer"]
 

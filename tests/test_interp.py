@@ -108,13 +108,37 @@ def test_qlinearconv_matches_ort(case, seed, with_bias):
 
 @pytest.mark.parametrize("case", range(len(CONV_CASES)))
 def test_qlinearconv_in_chunks_matches_ort(monkeypatch, case):
-    """Tiny chunk sizes: every conv method runs a batch of 3 one image at a time."""
+    """Tiny chunk sizes: every conv method runs a batch of 3 one image (stride 1: one output row) at a time."""
     monkeypatch.setattr(ops_nn, "_CHUNK", 64)
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
     adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
     rng = np.random.default_rng(500 + case)
     xs, xzp = qparams(rng, adt)
     w = rand_q(rng, wdt, (m, c // group) + k)
+    wzp = np.zeros(m if per_ch else (), wdt)
+    ws = rng.uniform(0.001, 0.05, m if per_ch else ()).astype(np.float32)
+    inits = dict(xs=xs, xzp=xzp, w=w, ws=ws, wzp=wzp, ys=np.float32(0.5), yzp=qparams(rng, adt)[1],
+                 b=rng.integers(-5000, 5000, m).astype(np.int32))
+    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"],
+                            ["y"], group=group, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
+    model = make_model([node], [("x", adt)], [("y", adt)], inits)
+    assert_same(model, {"x": rand_q(rng, adt, (3, c) + hw)})
+
+
+DEPTHWISE_CASES = [i for i, case in enumerate(CONV_CASES) if case[3] == case[4] == case[5]]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
+    """Every depthwise case through the per-tap method (channels-last, taps clipped to where they
+    read inside the image), whichever method its shape would pick, in chunks of one image."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
+    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
+    adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
+    rng = np.random.default_rng(700 + case)
+    xs, xzp = qparams(rng, adt)
+    w = rand_q(rng, wdt, (m, 1) + k)
     wzp = np.zeros(m if per_ch else (), wdt)
     ws = rng.uniform(0.001, 0.05, m if per_ch else ()).astype(np.float32)
     inits = dict(xs=xs, xzp=xzp, w=w, ws=ws, wzp=wzp, ys=np.float32(0.5), yzp=qparams(rng, adt)[1],
@@ -199,7 +223,10 @@ def _binary_model(op, dt, a_shape, b_shape, rng):
 
 
 SHAPES = [((2, 8, 5, 7), (2, 8, 5, 7)), ((1, 3, 40), (1,)), ((1,), (2, 70)), ((2, 16, 3, 3), (1, 16, 1, 1)),
-          ((4, 1, 33), (1, 6, 33)), ((3, 1), (1, 50))]
+          ((4, 1, 33), (1, 6, 33)), ((3, 1), (1, 50)),
+          # from 4096 outputs on, a lookup in a table over all code pairs (each broadcast kind)
+          ((4, 40, 40), (4, 40, 40)), ((1, 197, 64), (64,)), ((2, 16, 16, 16), (1, 16, 1, 1)), ((1,), (4, 1100)),
+          ((2, 1, 3000), (1, 2, 1))]
 
 
 @pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])

@@ -222,6 +222,20 @@ def test_resize_opset18_axes_and_aspect_policy_match_ort(rng):
         assert_matches_ort(m, {"x": x})
 
 
+@pytest.mark.parametrize("attrs", [dict(pads=[2, 2, 2, 2]), dict(pads=[1, 3, 2, 0], strides=[2, 1]),
+                                   dict(pads=[2, 2, 2, 2], dilations=[1, 3], strides=[1, 2])])
+def test_depthwise_conv_taps_match_ort(rng, monkeypatch, attrs):
+    """A float 5x5 depthwise conv on short, wide planes (an SVTR mixer's) by the per-tap method:
+    taps that reach into the padding for some or all rows, strides and dilations."""
+    from qgraph.interp import ops_nn
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
+    x = rng.normal(size=(2, 6, 3, 20)).astype(F32)
+    inits = {"w": rng.normal(size=(6, 1, 5, 5)).astype(F32), "b": rng.normal(size=(6,)).astype(F32)}
+    assert_matches_ort(make([node("Conv", ["x", "w", "b"], group=6, kernel_shape=[5, 5], **attrs)], {"x": x}, inits),
+                       {"x": x})
+
+
 # --------------------------------------------------------------------------- ConvTranspose
 CONV_T_CASES = [
     # (C, M, group, kernel, input spatial, attributes)
@@ -354,6 +368,20 @@ def test_exact_unary_ops_match_ort(rng, op):
     assert_matches_ort(make([node(op, ["x"])], {"x": x}, opset=18), {"x": x})
 
 
+@pytest.mark.parametrize("which", ["small", "big", "mixed"])
+def test_erf_branches_match_ort(rng, which):
+    """MLAS's Erf has a polynomial branch below |x| = 0.921875 and an exp branch above; arrays of
+    one branch only, and both with signed zeros, infinities and NaN, across chunks."""
+    x = rng.normal(0, 2, 40000).astype(F32)
+    if which == "small":
+        x = np.clip(x, -0.92, 0.92)
+    elif which == "big":
+        x = np.where(np.abs(x) < 1, np.copysign(F32(1), x) + x, x).astype(F32)
+    else:
+        x[:6] = [0.0, -0.0, np.inf, -np.inf, np.nan, 0.921875]
+    assert_matches_ort(make([node("Erf", ["x"])], {"x": x}, opset=18), {"x": x})
+
+
 @pytest.mark.parametrize("op", LIBM_UNARY)
 def test_transcendental_unary_ops_match_ort(rng, op):
     x = _unary_input(rng, op)
@@ -476,6 +504,19 @@ def test_gather_scatter_family_matches_ort(rng):
              "vals": np.array([-1.0, 2.0], F32), "ax": np.array(1, np.int64), "kk": np.array(1, np.int64)}
     outs = ["ge", "gn", "gnb", "se", "sea", "sn", "o", "cs", "tu"]
     assert_matches_ort(make(nodes, {"x": x}, inits, outputs=outs, opset=16), {"x": x})
+
+
+def test_gather_elements_of_a_table_row_matches_ort(rng):
+    """A lowered activation's lookup: a (1, 256) table and (1, N) indices, int8 codes as negative
+    indices; an index past the table is an error, as in ORT."""
+    table = rng.integers(0, 256, (1, 256)).astype(np.uint8)
+    codes = rng.integers(-256, 256, (1, 500)).astype(np.int64)
+    model = make([node("GatherElements", ["t", "i"], axis=1)], {"i": codes}, {"t": table})
+    assert_matches_ort(model, {"i": codes})
+    assert_matches_ort(make([node("GatherElements", ["t", "i"], axis=0)], {"i": codes.T.copy()},
+                            {"t": table.T.copy()}), {"i": codes.T.copy()})
+    with pytest.raises(InterpError, match="out of range"):
+        run(model, {"i": np.array([[3, 256]], np.int64)})
 
 
 @pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])

@@ -154,8 +154,10 @@ _ERF_SMALL32, _ERF_BIG32, _EXP_P32 = ([float(F32(c)) for c in cs] for cs in (_ER
 def erf(x: np.ndarray) -> np.ndarray:
     """MlasComputeErf (ErfKernelFma3.S): on ``a = min(|x|, 3.925)``, ``a + a·p(a²)`` below 0.921875,
     else ``1 - exp(-(a + a·q(a)))``; the sign of x is copied onto the result. (ORT 1.19 clamps at
-    3.925, measured; later MLAS sources clamp at 3.725.) Both branches are computed for every
-    element, a cache-sized chunk at a time, as the vector kernel does."""
+    3.925, measured; later MLAS sources clamp at 3.725; NaN clamps to it, so erf(±NaN) = ±1 as in
+    ORT.) Both branches are computed for every element of a cache-sized chunk and blended, as the
+    vector kernel does, unless the chunk lies in one branch only. Both are >= 0 on a >= 0, so the
+    sign of x is copied onto the result with copysign."""
     x = np.ascontiguousarray(x, F32)
     flat = x.reshape(-1)
     out = np.empty_like(flat)
@@ -163,51 +165,66 @@ def erf(x: np.ndarray) -> np.ndarray:
     for s in range(0, flat.size, _CHUNK):
         xs = flat[s:s + _CHUNK]
         y = out[s:s + _CHUNK]
-        (a64, h64, b64), (t, a, ab) = scratch.view(xs.size)
-        np.abs(xs, out=a)
-        np.minimum(a, _ERF_RANGE, out=a)
+        a = np.abs(xs)
+        np.fmin(a, _ERF_RANGE, out=a)  # NaN -> 3.925: vminps returns its second operand for NaN
         big = a >= _ERF_SPLIT
-        # small: fma(p(a²), a, a)
-        np.multiply(a, a, out=t)
-        np.copyto(a64, t)
-        _horner_into(h64, a64, _ERF_SMALL32, t)
-        np.copyto(y, h64, casting="unsafe")       # p(a²) in float32
-        np.copyto(a64, a)
-        np.multiply(y, a64, out=h64)
-        h64 += a64
-        np.copyto(y, h64, casting="unsafe")       # the small branch, in y
-        # big: r = fma(q(ab), ab, ab) on ab = a where big, else 0
-        np.multiply(a, big, out=ab)
-        np.copyto(b64, ab)
-        _horner_into(h64, b64, _ERF_BIG32, t)
-        _round32(h64, t)
-        h64 *= b64
-        h64 += b64
-        np.copyto(t, h64, casting="unsafe")       # r
-        np.negative(t, out=t)
-        np.maximum(t, _EXP_LOWER, out=t)          # e
-        np.copyto(b64, t)                         # e, float64
-        np.multiply(b64, float(_EXP_LOG2E), out=h64)
-        h64 += float(_EXP_C)
-        np.copyto(ab, h64, casting="unsafe")
-        ab -= _EXP_C                              # n = round(e / ln 2), float32
-        np.copyto(a64, ab)                        # n, float64
-        np.multiply(a64, float(_EXP_LN2_HI), out=h64)
-        h64 += b64
-        _round32(h64, t)                          # fma(n, ln2_hi, e)
-        np.multiply(a64, float(_EXP_LN2_LO), out=b64)
-        h64 += b64
-        _round32(h64, t)                          # f = fma(n, ln2_lo, …), float64
-        np.multiply(h64, _EXP_P32[0], out=b64)
-        b64 += _EXP_P32[1]
-        for c in _EXP_P32[2:]:
-            _round32(b64, t)
-            b64 *= h64
-            b64 += c
-        np.copyto(t, b64, casting="unsafe")       # p
-        scale = np.ldexp(F32(1), ab.astype(np.int32)).astype(F32)
-        t *= scale
-        np.subtract(F32(1), t, out=t)             # the big branch
-        np.copyto(y, t, where=big)
-        np.negative(y, out=y, where=np.signbit(xs))
+        n_big = int(np.count_nonzero(big))
+        if n_big < a.size:
+            _erf_small(a, y, scratch)
+        if n_big == a.size:
+            _erf_big(a, y, scratch)
+        elif n_big:
+            np.copyto(y, _erf_big(a, scratch.view(a.size)[1][2], scratch), where=big)
+        np.copysign(y, xs, out=y)
     return out.reshape(x.shape)
+
+
+def _erf_small(a, y, scratch):
+    """``fma(p(a²), a, a)`` into ``y``, the branch of ``a`` < 0.921875 (scratch: f64 0-1, f32 0)."""
+    (a64, h64, _), (t, _, _) = scratch.view(a.size)
+    np.multiply(a, a, out=t)
+    np.copyto(a64, t)
+    _horner_into(h64, a64, _ERF_SMALL32, t)
+    np.copyto(y, h64, casting="unsafe")       # p(a²) in float32
+    np.copyto(a64, a)
+    np.multiply(y, a64, out=h64)
+    h64 += a64
+    np.copyto(y, h64, casting="unsafe")
+    return y
+
+
+def _erf_big(a, y, scratch):
+    """``1 - exp(-r)`` with ``r = fma(q(a), a, a)`` into ``y``, the branch of ``a`` >= 0.921875;
+    MLAS's expf, range-reduced by 2^round(x/ln2) (scratch: f64 0-2, f32 0-1)."""
+    (a64, h64, b64), (t, ab, _) = scratch.view(a.size)
+    np.copyto(b64, a)
+    _horner_into(h64, b64, _ERF_BIG32, t)
+    _round32(h64, t)
+    h64 *= b64
+    h64 += b64
+    np.copyto(t, h64, casting="unsafe")       # r
+    np.negative(t, out=t)
+    np.maximum(t, _EXP_LOWER, out=t)          # e
+    np.copyto(b64, t)                         # e, float64
+    np.multiply(b64, float(_EXP_LOG2E), out=h64)
+    h64 += float(_EXP_C)
+    np.copyto(ab, h64, casting="unsafe")
+    ab -= _EXP_C                              # n = round(e / ln 2), float32
+    np.copyto(a64, ab)                        # n, float64
+    np.multiply(a64, float(_EXP_LN2_HI), out=h64)
+    h64 += b64
+    _round32(h64, t)                          # fma(n, ln2_hi, e)
+    np.multiply(a64, float(_EXP_LN2_LO), out=b64)
+    h64 += b64
+    _round32(h64, t)                          # f = fma(n, ln2_lo, …), float64
+    np.multiply(h64, _EXP_P32[0], out=b64)
+    b64 += _EXP_P32[1]
+    for c in _EXP_P32[2:]:
+        _round32(b64, t)
+        b64 *= h64
+        b64 += c
+    np.copyto(t, b64, casting="unsafe")       # p
+    scale = np.ldexp(F32(1), ab.astype(np.int32)).astype(F32)
+    t *= scale
+    np.subtract(F32(1), t, out=y)             # the big branch
+    return y

@@ -75,19 +75,56 @@ def qlinear_add(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
         return ra, rb, k, dtype, qlimits(dtype)
 
     ra, rb, k, dtype, (qmin, qmax) = ctx.once(("params", a.dtype.str), params, 1, 2, 4, 5, 6, 7)
-    if a.shape == b.shape:
+    side = "same" if a.shape == b.shape else _scalar_side(a.shape, b.shape)
+    if _pair_table_applies(ctx, a, b):
+        table = ctx.once(("table", a.dtype.str, b.dtype.str, side), lambda: _pair_table(
+            a.dtype, b.dtype, lambda ac, bc: _qlinear_add_values(ac, bc, ra, rb, k, side, dtype, qmin, qmax)),
+            1, 2, 4, 5, 6, 7)
+        return _pair_lookup(table, a, b)
+    if side == "same":
         return _qlinear_add_same_shape(a, b, ra, rb, k, dtype, qmin, qmax)
-    side = _scalar_side(a.shape, b.shape)
+    return _qlinear_add_values(a, b, ra, rb, k, side, dtype, qmin, qmax)
+
+
+def _qlinear_add_values(a, b, ra, rb, k, side, dtype, qmin, qmax):
+    """ORT's QLinearAdd arithmetic on codes ``a`` and ``b`` (broadcasting), for the operand
+    ``side`` its broadcaster treats as a per-span scalar ('a', 'b', or None/'same' for neither)."""
     af, bf = a.astype(F32), b.astype(F32)
+    shape = np.broadcast_shapes(a.shape, b.shape)
     if side == "a":
         kk = (k + af * ra).astype(F32)
-        c = _fma32(np.broadcast_to(bf, np.broadcast_shapes(a.shape, b.shape)), rb, kk)
+        c = _fma32(np.broadcast_to(bf, shape), rb, kk)
     elif side == "b":
         kk = (k + bf * rb).astype(F32)
-        c = _fma32(np.broadcast_to(af, np.broadcast_shapes(a.shape, b.shape)), ra, kk)
+        c = _fma32(np.broadcast_to(af, shape), ra, kk)
     else:
         c = _fma32(af, ra, _fma32(bf, rb, k))
     return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+
+def _pair_table_applies(ctx, a, b) -> bool:
+    """Whether a binary QLinear op on 8-bit codes runs as a lookup in a table over all 256x256 code
+    pairs: its scales and zero points are plan constants (the table is built once) and the
+    output is large enough to repay the 65536 evaluations of building it."""
+    return (a.dtype.itemsize == b.dtype.itemsize == 1 and all(ctx.is_const(i) for i in (1, 2, 4, 5, 6, 7))
+            and max(a.size, b.size) >= 4096)
+
+
+def _pair_table(a_dtype, b_dtype, values):
+    """``values(a, b)`` (an elementwise function of the two codes) for every pair of 8-bit codes,
+    flat, at index ``(a's bits << 8) | b's bits``."""
+    bits = np.arange(256, dtype=np.uint8)
+    table = values(bits.view(a_dtype).reshape(256, 1), bits.view(b_dtype).reshape(1, 256))
+    return np.ascontiguousarray(table.reshape(-1))
+
+
+def _pair_lookup(table, a, b):
+    """``table[(a << 8) | b]`` over the broadcast shape of 8-bit code arrays ``a`` and ``b``: the
+    binary op in three passes instead of a dozen float64 ones."""
+    idx = np.empty(np.broadcast_shapes(a.shape, b.shape), np.uint16)
+    np.left_shift(a.view(np.uint8), 8, out=idx, dtype=np.uint16)
+    np.bitwise_or(idx, b.view(np.uint8), out=idx, dtype=np.uint16)
+    return np.take(table, idx)
 
 
 #: Elements per block of :func:`_qlinear_add_same_shape` (its float64 scratch stays in L2).
@@ -122,11 +159,18 @@ def qlinear_mul(ctx, a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp=None):
     """Spec: C = quantize(dequantize(A) * dequantize(B)). ORT (qlmul.cpp, SSE2):
     r = (a_s * b_s) / c_s in float32, C = saturate(round_half_even(float32((a-a_zp)(b-b_zp)) * r + c_zp))."""
     r = F32(quant.ort_requant_multiplier(_s(a_s), _s(b_s), _s(c_s)))
-    prod = (a.astype(np.int32) - _zp(a_zp)) * (b.astype(np.int32) - _zp(b_zp))
-    c = (prod.astype(F32) * r + F32(_zp(c_zp))).astype(F32)
     dtype = _out_dtype(c_zp, a)
     qmin, qmax = qlimits(dtype)
-    return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+    def values(ac, bc):
+        prod = (ac.astype(np.int32) - _zp(a_zp)) * (bc.astype(np.int32) - _zp(b_zp))
+        c = (prod.astype(F32) * r + F32(_zp(c_zp))).astype(F32)
+        return quant.saturate(quant.round_half_even(c), qmin, qmax, dtype)
+
+    if _pair_table_applies(ctx, a, b):
+        return _pair_lookup(ctx.once(("table", a.dtype.str, b.dtype.str),
+                                     lambda: _pair_table(a.dtype, b.dtype, values), 1, 2, 4, 5, 6, 7), a, b)
+    return values(a, b)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -183,9 +227,12 @@ def qlinear_average_pool(ctx, x, x_s, x_zp, y_s, y_zp=None):
 
 # --------------------------------------------------------------------------- lookup tables
 def _lookup(x, table, dtype):
-    """Apply a 256-entry table indexed by the code's value (quant.all_codes order)."""
-    idx = x.astype(np.int32) - qlimits(dtype)[0]
-    return table[idx]
+    """Apply a 256-entry table indexed by the code's value (quant.all_codes order); 8-bit codes
+    index it by their bits, int8 ones in the table rotated by 128 (code -128 has bits 0x80)."""
+    qmin = qlimits(dtype)[0]
+    if x.dtype.itemsize == 1 and table.size == 256:
+        return np.take(table if qmin == 0 else np.roll(table, qmin), x.view(np.uint8))
+    return table[x.astype(np.int32) - qmin]
 
 
 def _requant_table(dtype, x_s, x_zp, y_s, y_zp, fn):
@@ -207,7 +254,9 @@ def qlinear_concat(ctx, y_s, y_zp, *triples):
         if F32(_s(xs)) == F32(_s(y_s)) and _zp(xzp) == _zp(y_zp):
             parts.append(x)
         else:
-            parts.append(_lookup(x, _requant_table(dtype, xs, xzp, y_s, y_zp, lambda v: v), dtype))
+            table = ctx.once(("table", i), lambda: _requant_table(dtype, xs, xzp, y_s, y_zp, lambda v: v),
+                             0, 1, i + 3, i + 4)
+            parts.append(_lookup(x, table, dtype))
     return np.concatenate(parts, axis=ctx.attr("axis"))
 
 
@@ -216,7 +265,8 @@ def qlinear_leaky_relu(ctx, x, x_s, x_zp, y_s, y_zp=None):
     """ORT: table of v >= 0 ? v : alpha·v (float32) over dequantized codes, then QuantizeLinear."""
     alpha = F32(ctx.attr("alpha", 0.01))
     dtype = x.dtype.type
-    table = _requant_table(dtype, x_s, x_zp, y_s, y_zp, lambda v: np.where(v >= 0, v, (alpha * v).astype(F32)))
+    table = ctx.once(("table", x.dtype.str), lambda: _requant_table(
+        dtype, x_s, x_zp, y_s, y_zp, lambda v: np.where(v >= 0, v, (alpha * v).astype(F32))), 1, 2, 3, 4)
     return _lookup(x, table, dtype)
 
 
@@ -265,4 +315,6 @@ def mlas_logistic_fma3(v: np.ndarray) -> np.ndarray:
 def qlinear_sigmoid(ctx, x, x_s, x_zp, y_s, y_zp=None):
     """ORT: table of MlasComputeLogistic over dequantized codes, then QuantizeLinear."""
     dtype = x.dtype.type
-    return _lookup(x, _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3), dtype)
+    table = ctx.once(("table", x.dtype.str), lambda: _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3),
+                     1, 2, 3, 4)
+    return _lookup(x, table, dtype)

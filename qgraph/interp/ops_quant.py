@@ -243,9 +243,12 @@ def qlinear_matmul(ctx, a, as_, azp, b, bs, bzp, ys, yzp):
     QLinearConv (float32 multiplier per column of B, MlasRequantizeOutput)."""
     if np.asarray(as_).dtype != np.float32 or np.asarray(bs).dtype != np.float32:
         raise ctx.error("only float32 scales are supported")
-    acc = matmul_accumulate(a, azp, b, bzp, memoized_matmul_weights(ctx, a, b, bzp, 3, 5))
+    dt, bf = memoized_matmul_weights(ctx, a, b, bzp, 3, 5)
+    acc = np.matmul(_shifted(a, azp, dt), bf)
+    if dt != np.float32:
+        acc = acc.astype(np.int32)  # a float32 accumulator is already the exact int32 value
     mult = quant.ort_requant_multiplier(as_, bs, ys)
     mult = mult.reshape(mult.shape if mult.ndim == b.ndim else (-1,)) if mult.size > 1 else mult.reshape(())
     dtype = np.asarray(yzp).dtype.type
     qmin, qmax = qlimits(dtype)
-    return quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype)
+    return quant.requantize_float(acc, mult, _scalar(yzp), qmin, qmax, dtype=dtype, overwrite=True)

@@ -136,9 +136,26 @@ def _check_range(ctx, idx, n, what="indices"):
 def gather_elements(ctx, x, indices):
     """``y[i][j][k] = x[i][idx[i][j][k]][k]`` for axis 1 (any axis); negative indices wrap."""
     axis = ctx.attr("axis", 0) % x.ndim
+    if _is_row(x.shape, axis) and _is_row(np.shape(indices), axis):
+        return _table_lookup(ctx, x, indices)
     idx = _wrap(indices, x.shape[axis])
     _check_range(ctx, idx, x.shape[axis])
     return np.take_along_axis(x, idx, axis=axis)
+
+
+def _is_row(shape, axis: int) -> bool:
+    return all(d == 1 for i, d in enumerate(shape) if i != axis)
+
+
+def _table_lookup(ctx, table, indices):
+    """GatherElements of a table that has one row along ``axis`` (a lowered activation's lookup
+    table): ``table.ravel()[indices]``, one pass. ``np.take`` wraps -n..-1 and raises past
+    them, the ONNX rule, without the int64 copies and range passes of the general path."""
+    try:
+        return np.take(table.reshape(-1), indices)
+    except IndexError:
+        n = table.size
+        raise ctx.error(f"indices out of range [-{n}, {n - 1}]") from None
 
 
 @register("GatherND")
