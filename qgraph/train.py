@@ -66,12 +66,12 @@ from onnx import helper, numpy_helper
 from qgraph.annotations import FIX_ACTIVATIONS, FROZEN, get_annotation
 from qgraph.data import data_fingerprint, model_inputs
 from qgraph.differentiable import explain_failure, is_parameter_slot
+from qgraph.distill import Distill, distill_plan
 from qgraph.errors import DataError, ModelError, QGraphError, TrainError
 from qgraph.fakequant import to_qdq_form, to_training_form
 from qgraph.files import atomic_write_bytes, json_bytes
 from qgraph.idioms import rank_map
-from qgraph.ort_training import (TEACHER_PREFIX, DistillationLoss, DistillTerm, generate_training_artifacts,
-                                 import_training_api, session_options)
+from qgraph.ort_training import TEACHER_PREFIX, generate_training_artifacts, import_training_api, session_options
 from qgraph.progress import ProgressBar
 from qgraph.runner import Runner, ort_message
 from qgraph.schema import Range, check_value
@@ -149,7 +149,7 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     non-finite loss. Returns the trained model and one dict per epoch: {epoch, train_loss,
     val_loss, val_top1, images_per_s, seconds}.
 
-    With a `teacher` (the float model), the loss is distillation (see `_distill_plan`): labels
+    With a `teacher` (the float model), the loss is distillation (see `qgraph.distill.distill_plan`): labels
     are not needed, and validation adds `val_cosine` and `val_snr_db` (the worst output's
     fidelity to the teacher) and `val_outputs` (per output), with an epoch 0 record for the
     input model. `keep_best` returns the epoch (0 included) with the lowest validation loss and
@@ -196,7 +196,7 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
                             "training data's size, so validate at that size too")
     if val_feeds is not None and plan.fixed_batch and _count(val_feeds) < plan.fixed_batch:
         raise DataError(f"val data: {_count(val_feeds)} samples, fewer than the model's fixed batch of {batch}")
-    distill = _distill_plan(teacher, model, plan, config, train_feeds, batch, threads, loss_graph) \
+    distill = distill_plan(teacher, model, plan, config, train_feeds, batch, threads, loss_graph) \
         if teacher is not None else None
 
     workdir = wd.path
@@ -280,7 +280,7 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     return trained, history
 
 
-def _step_feeds(names: list[str], feeds: dict, index: np.ndarray, distill: "_Distill | None", where: str) -> list:
+def _step_feeds(names: list[str], feeds: dict, index: np.ndarray, distill: "Distill | None", where: str) -> list:
     """The arrays of one step in the order of the graph's inputs (teacher values computed on the batch)."""
     batch = {name: feeds[name][index] for name in names if name in feeds}
     if distill is not None:
@@ -602,151 +602,6 @@ def _num_classes(model: onnx.ModelProto) -> int:
                      "symbolic); give the output a static class dimension")
 
 
-# --- distillation: the teacher beside the trainer, and what the loss compares ------------
-
-@dataclass
-class _Distill:
-    """The teacher in ORT inference beside the trainer, and the loss that compares with it."""
-
-    runner: Runner                 # the teacher, returning its outputs and the feature tensors
-    inputs: list[str]              # the teacher's inputs (each also a student input)
-    outputs: list[str]             # student outputs distilled (float), compared for fidelity
-    tensors: list[str]             # outputs + features: the teacher values the loss reads
-    graph: onnx.ModelProto         # the student training graph, features added as outputs
-    loss: DistillationLoss
-
-    def teacher_values(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-        """The teacher's value of every distilled tensor on `batch`, keyed by graph input name."""
-        try:
-            values = self.runner.run({name: batch[name] for name in self.inputs}, self.tensors)
-        except ModelError as exc:
-            raise TrainError(f"{where}: the teacher failed: {exc}") from None
-        for name, value in values.items():
-            if not np.isfinite(value).all():
-                raise TrainError(f"{where}: the teacher's {name!r} holds NaN or Inf on this batch; "
-                                 "check the data and the --teacher model")
-        return {TEACHER_PREFIX + name: value for name, value in values.items()}
-
-
-def _distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: _Plan, config: TrainConfig,
-                  train_feeds: dict, batch: int, threads: int, loss_graph) -> _Distill:
-    """Check that the teacher fits the student, and build the loss terms.
-
-    The teacher takes the student's inputs and has each of its float outputs by name (and each
-    --feature tensor); on the first training batch both run in ORT inference and every pair of
-    tensors must have one shape."""
-    student_inputs = set(plan.input_names)
-    teacher_inputs = model_inputs(teacher)
-    for name, (_, dims) in teacher_inputs.items():
-        if name not in student_inputs:
-            raise TrainError(f"--teacher: its input {name!r} is not an input of the model "
-                             f"({', '.join(plan.input_names)}); the teacher must take the model's inputs")
-        if dims and dims[0] is not None and dims[0] != batch:
-            raise TrainError(f"--teacher: its input {name!r} has a batch dimension fixed at {dims[0]}, and the "
-                             f"model trains at batch {batch}; give --batch-size {dims[0]} or a teacher with a "
-                             "dynamic batch")
-    teacher_inputs = list(teacher_inputs)
-    teacher_outputs = [o.name for o in teacher.graph.output]
-    outputs = [o.name for o in student.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-    if not outputs:
-        raise TrainError("the model has no float output to distill")
-    for name in outputs:
-        if name not in teacher_outputs:
-            raise TrainError(f"--teacher: the model's output {name!r} is not an output of the teacher (its outputs: "
-                             f"{', '.join(teacher_outputs)}); distill against the float model the model was "
-                             "prepared from")
-    for name in config.distill_loss:
-        if name not in outputs:
-            raise TrainError(f"--distill-loss {name!r}: the model has no float output of that name; its outputs: "
-                             f"{', '.join(outputs)}")
-    features = list(config.feature)
-    for name in features:
-        if name in outputs:
-            raise TrainError(f"--feature {name!r} is a model output, which is distilled anyway; "
-                             "name intermediate tensors")
-        for model, who in ((student, "the model"), (teacher, "the teacher")):
-            _check_feature(model, name, who)
-    tensors = outputs + features
-    try:
-        runner = Runner(teacher, features, threads=threads, spin=False)
-    except ModelError as exc:
-        raise TrainError(f"--teacher: {exc}") from None
-    probe = {name: train_feeds[name][:batch] for name in plan.input_names}
-    taught = _distill_probe(runner, probe, tensors, "the teacher")
-    learnt = _distill_probe(Runner(student, features, threads=threads), probe, tensors, "the model")
-    for name in tensors:
-        if taught[name].shape != learnt[name].shape:
-            kind = "output" if name in outputs else "--feature"
-            raise TrainError(f"--teacher: {kind} {name!r} has shape {list(taught[name].shape)} in the teacher and "
-                             f"{list(learnt[name].shape)} in the model on the same batch; distill against the "
-                             "float model the model was prepared from")
-    terms = [_output_term(teacher, name, taught[name].shape, config) for name in outputs]
-    terms += [DistillTerm(name, "mse", taught[name].ndim, weight=config.feature_weight) for name in features]
-    label_loss = loss_graph if loss_graph is not None else config.loss
-    loss = DistillationLoss(tuple(terms), label_loss, config.label_weight)
-    graph = _with_distilled_outputs(plan.graph, {name: taught[name].ndim for name in tensors})
-    return _Distill(runner, teacher_inputs, outputs, tensors, graph, loss)
-
-
-def _check_feature(model: onnx.ModelProto, name: str, who: str) -> None:
-    produced = [out for node in model.graph.node for out in node.output if out]
-    if name in produced:
-        return
-    import difflib
-    close = difflib.get_close_matches(name, produced, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise TrainError(f"--feature {name!r}: {who} has no tensor of that name{hint}; name a tensor both the "
-                     "teacher and the model compute")
-
-
-def _distill_probe(runner: Runner, feeds: dict, names: list[str], who: str) -> dict[str, np.ndarray]:
-    try:
-        values = runner.run(feeds, names)
-    except ModelError as exc:
-        raise TrainError(f"{who} cannot run on the first training batch: {exc}") from None
-    for name, value in values.items():
-        if not np.issubdtype(np.asarray(value).dtype, np.floating):
-            raise TrainError(f"{who}'s {name!r} is {np.asarray(value).dtype}, not float; distill float tensors")
-    return values
-
-
-def _output_term(teacher: onnx.ModelProto, name: str, shape: tuple, config: TrainConfig) -> DistillTerm:
-    """The loss term of one output: `--distill-loss`, else KL along the axis of a Softmax or
-    LogSoftmax output (a distribution) and relative MSE for every other output."""
-    producer = _producer(teacher, name)
-    op = producer.op_type if producer is not None else ""
-    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1) if op in ("Softmax", "LogSoftmax") else -1
-    form = {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(op, "logits")
-    if name in config.distill_loss:
-        kind = config.distill_loss[name]
-    else:   # a distribution: KL; raw values (logits, boxes, maps): MSE, which measured as well on logits
-        kind = "kl" if op in ("Softmax", "LogSoftmax") else "mse"
-    return DistillTerm(name, kind, len(shape), form=form, axis=axis, temperature=config.temperature)
-
-
-def _producer(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
-    """The node computing `name`, looking through Identity."""
-    by_output = {out: node for node in model.graph.node for out in node.output}
-    node = by_output.get(name)
-    while node is not None and node.op_type == "Identity":
-        node = by_output.get(node.input[0])
-    return node
-
-
-def _with_distilled_outputs(graph: onnx.ModelProto, ranks: dict[str, int]) -> onnx.ModelProto:
-    """A copy whose outputs are the distilled tensors (features added), declared by rank only
-    (exporters sometimes declare output shapes the model does not produce)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(graph)
-    kept = [o for o in out.graph.output if o.name not in ranks]
-    del out.graph.output[:]
-    for name, rank in ranks.items():
-        out.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
-                                                              [f"{name}::d{k}" for k in range(rank)]))
-    out.graph.output.extend(kept)
-    return out
-
-
 # --- data -----------------------------------------------------------------------------
 
 def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str, labelled: bool = True,
@@ -897,7 +752,7 @@ class _Stepper:
 
 
 def _evaluate(module, feeds: dict, batch_size: int, classify: bool, fixed_batch: bool = False,
-              distill: "_Distill | None" = None) -> dict:
+              distill: "Distill | None" = None) -> dict:
     """Mean loss (and top-1) over the feeds; a fixed-batch model sees only whole batches. With a
     teacher, also each output's fidelity to it (cosine, SNR) and the worst of them."""
     from qgraph.diff import TensorStats
