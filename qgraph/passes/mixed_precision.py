@@ -7,8 +7,8 @@ chosen by measured sensitivity to meet an accuracy target at the least cost.
 
 Each quantizer is measured alone at its own grid (`measure: all`: at each of its options; by
 default the other grids' noise is the measured one scaled by their squared step ratio,
-noise ∝ s², which the verification below checks) — qgraph.analyze's switchboard: one ORT
-session per worker evaluates every variant; workers are local processes or Ray. The search
+noise ∝ s², which the verification below checks) — variants of qgraph.analyze's switchboard,
+evaluated by local worker processes or Ray. The search
 starts from the cheapest option everywhere and upgrades, greedily, the quantizer whose next
 option removes the most noise per unit of cost, until the estimate meets the budget; then the
 assignment itself is evaluated, and while it misses the target the budget halves and the
