@@ -179,6 +179,30 @@ def test_mixed_precision_16_bit_activations_cover_the_range_the_data_reach(digit
     assert clipped.max() > error.max() * 10
 
 
+def test_mixed_precision_16_bit_widening_is_limited_by_outliers(digits):
+    from qgraph import quant
+    from qgraph.passes.mixed_precision import WIDEN_LIMIT
+    calib, _ = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})
+    record = read_quantizers(int8)["input"]
+    outlier = {"input": calib["input"].copy()}
+    outlier["input"][0, 0, 0, 0] = 1e6          # one pixel far outside anything the grid covers
+
+    def bounds(proto):
+        r = read_quantizers(proto)["input"]
+        node = next(n for n in proto.graph.node if n.name == r.quantize)
+        init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        return [float(v) for v in quant.grid_bounds(init[node.input[1]], init[node.input[2]], r.qmin, r.qmax)]
+    lo8, hi8 = bounds(int8)
+    model = QModel.from_onnx(int8)
+    run_pass(model, "mixed_precision", {"assign": {"input": 16}}, PassContext(data=outlier))
+    lo, hi = bounds(model.to_onnx())
+    assert record.bits == 8 and lo8 <= float(calib["input"].min())
+    # the top grows by (WIDEN_LIMIT - 1)/2 of the 8-bit width, not to 1e6; the bottom covers the data already
+    assert hi == pytest.approx(hi8 + (WIDEN_LIMIT - 1) / 2 * (hi8 - lo8), rel=1e-3)
+    assert lo == pytest.approx(lo8, abs=1e-3 * (hi8 - lo8))
+
+
 def test_mixed_precision_bitops_counts_macs_times_weight_and_input_bits(digits):
     calib, _ = digits
     int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})

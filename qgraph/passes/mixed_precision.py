@@ -22,7 +22,8 @@ re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}
 (ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain). Their range is the
 8-bit grid's widened to the min/max the data reach: a percentile range clips outliers to save
 8-bit steps, and with 256x finer steps the clipping, not the rounding, would be the error left
-(it does not shrink with the step, so the noise ∝ s² estimate would miss it). A float
+(it does not shrink with the step, so the noise ∝ s² estimate would miss it), at most 16x
+wider (WIDEN_LIMIT) so an outlier cannot coarsen the step. A float
 quantizer's readers read its float tensor again.
 
 Invariant: changes outputs (precision). Run it after insert_qdq and calibrate.
@@ -44,6 +45,7 @@ from qgraph.qparams import activation_qparams, constant_input_values, weight_qpa
 from qgraph.schema import Range
 
 FLOAT = "float"
+WIDEN_LIMIT = 16        # a 16-bit activation range is at most 16x its 8-bit one: still a 16x finer step
 
 
 @register_pass("mixed_precision", preserves_outputs=False)
@@ -345,7 +347,10 @@ def _activation_regrid(model: QModel, record: QuantizerRecord, new: QuantizerRec
     scale, zp = QModel.constant_value(q.inputs[1]), QModel.constant_value(q.inputs[2])
     lo, hi = (float(v) for v in quant.grid_bounds(scale, zp, record.qmin, record.qmax))
     if reach is not None:
-        lo, hi = min(lo, reach[0]), max(hi, reach[1])
+        # each side grows by at most (WIDEN_LIMIT - 1)/2 widths: an outlier (a -1e9 attention mask)
+        # must not make the wider grid's step coarser than 1/16 of the narrow one's
+        extra = (WIDEN_LIMIT - 1) / 2 * (hi - lo)
+        lo, hi = min(lo, max(reach[0], lo - extra)), max(hi, min(reach[1], hi + extra))
     return activation_qparams(lo, hi, new)
 
 
