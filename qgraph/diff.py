@@ -85,8 +85,10 @@ class TensorStats:
             self.sum_ab, self.sum_aa, self.sum_bb = (self.sum_ab + energy, self.sum_aa + energy,
                                                      self.sum_bb + energy)
             return
+        fa, fb = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+        if a.dtype.kind == "f" and self._update_finite(a, fa, fb):
+            return
         self.equal += int(np.sum((a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else (a == b)))
-        fa, fb = a.astype(np.float64), b.astype(np.float64)
         diff = np.abs(fa - fb)
         if diff.size:
             self.max_diff = max(self.max_diff, float(np.nanmax(diff)) / self._step(a))
@@ -96,13 +98,30 @@ class TensorStats:
         self.sum_bb += float(np.nansum(cb * cb))
         self.sum_err += float(np.nansum((fa - fb) ** 2))
 
-    def _step(self, a: np.ndarray) -> float:
+    def _update_finite(self, a: np.ndarray, fa: np.ndarray, fb: np.ndarray) -> bool:
+        """The same sums for float tensors with no NaN or infinity on either side (then a − b is
+        finite), as dot products: a third of the passes over the data. False: take the NaN-aware path."""
+        diff = fa - fb
+        if not np.isfinite(diff).all():
+            return False
+        self.equal += int(np.count_nonzero(diff == 0))
+        if diff.size:
+            top = float(np.abs(fa).max())
+            self.max_diff = max(self.max_diff, float(np.abs(diff).max()) / self._step(a, top))
+        ca, cb = (fa, fb) if self.zero_point == 0 else (fa - self.zero_point, fb - self.zero_point)
+        self.sum_ab += float(ca @ cb)
+        self.sum_aa += float(ca @ ca)
+        self.sum_bb += float(cb @ cb)
+        self.sum_err += float(diff @ diff)
+        return True
+
+    def _step(self, a: np.ndarray, top: float | None = None) -> float:
         if self.is_integer:
             return 1.0
         if self.unit:
             return self.unit
-        finite = np.abs(a[np.isfinite(a)])
-        top = finite.max(initial=0)
+        if top is None:
+            top = np.abs(a[np.isfinite(a)]).max(initial=0)
         return float(np.spacing(a.dtype.type(top))) or 1.0
 
     @property

@@ -75,6 +75,45 @@ def test_sensitivity_of_one_quantizer_is_the_model_with_only_it_quantized(case, 
     assert row["top1"] == np.mean(logits.argmax(1) == data["labels"])
 
 
+def test_a_variant_runs_as_the_switchboard_with_its_switches_set(case):
+    from qgraph.analyze import ALTERNATES, SWITCHES, materialize, switchboard
+    from qgraph.runner import Runner
+    _, quantized, data = case
+    model, sites, _ = find_quantizers(quantized)
+    acts = [i for i, s in enumerate(sites) if s.kind == "activation"]
+    # every activation also gets a coarser alternate grid (4x the step), as mixed_precision adds them
+    alternates = {i: (np.asarray(sites[i].grid.scale, np.float32) * 4, np.asarray(sites[i].grid.zero_point),
+                      None) for i in acts}
+    board, weights = switchboard(model, sites, alternates)
+    switches = np.zeros(len(sites), np.bool_)
+    switches[acts[::2]] = True
+    switches[[i for i in weights][:3]] = True
+    alt = np.zeros(len(sites), np.bool_)
+    alt[acts[::4]] = True
+    swapped = {name: base for i, (name, base, _) in weights.items() if switches[i]}
+    feeds = {"input": data["input"][:16]}
+    # the Where switchboard itself, with the switched weights' fake-quantized values swapped in
+    where = onnx.ModelProto()
+    where.CopyFrom(board)
+    for init in where.graph.initializer:
+        if init.name in swapped:
+            init.CopyFrom(onnx.numpy_helper.from_array(swapped[init.name], init.name))
+    expected = Runner(where).run({**feeds, SWITCHES: switches, ALTERNATES: alt})["logits"]
+    variant = materialize(board, switches, alt, swapped)
+    got = Runner(variant).run(feeds)["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    ops = [n.op_type for n in variant.graph.node]
+    assert "Where" not in ops and "Gather" not in ops
+    # one pair per activation switched on, on the alternate grid where chosen; the others dropped
+    quantize = [n.name for n in variant.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) == int(switches[acts].sum())
+    assert sum(name.endswith("_qgraph_alt_QuantizeLinear") for name in quantize) == int((switches & alt)[acts].sum())
+    off = Runner(materialize(board, np.zeros(len(sites), np.bool_))).run(feeds)["logits"]
+    assert not np.allclose(off, got)
+    np.testing.assert_allclose(off, run_model(bypassed(QModel.from_onnx(quantized)).to_onnx(), feeds)["logits"],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_local_weight_snr_and_range_use(case, report):
     _, quantized, _ = case
     _, sites, _ = find_quantizers(quantized)

@@ -136,6 +136,77 @@ def test_mixed_precision_assign_sets_16_bit_activations_and_float(digits):
         run_pass(QModel.from_onnx(int8), "mixed_precision", {"assign": {act: 4}}, PassContext())
 
 
+def test_mixed_precision_16_bit_activations_cover_the_range_the_data_reach(digits):
+    from qgraph import quant
+    from qgraph.runner import Runner
+    calib, _ = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})   # percentile ranges
+    records = read_quantizers(int8)
+    nodes = {n.name: n for n in int8.graph.node}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in int8.graph.initializer}
+    sources = {n: nodes[r.quantize].input[0] for n, r in records.items() if r.kind == "activation" and n != "input"}
+    values = Runner(bypassed(QModel.from_onnx(int8)).to_onnx(), list(sources.values())).run(
+        {"input": calib["input"]})
+
+    def grid(proto, name):
+        node = next(n for n in proto.graph.node if n.name == read_quantizers(proto)[name].quantize)
+        init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        return init[node.input[1]], init[node.input[2]]
+
+    # an activation whose 8-bit range clips values the data reach
+    lo8, hi8 = {}, {}
+    for name in sources:
+        r = records[name]
+        lo8[name], hi8[name] = quant.grid_bounds(*grid(int8, name), r.qmin, r.qmax)
+
+    def seen(name):   # what the readers see: ahead-ReLU quantizers cover [0, max], capped ones [.., cap]
+        r = records[name]
+        return np.clip(values[sources[name]], 0.0 if r.nonnegative else -np.inf,
+                       np.inf if r.range_cap is None else r.range_cap)
+    act = max(sources, key=lambda n: float(seen(n).max() - hi8[n]))
+    x = seen(act)
+    assert x.max() > hi8[act]
+    widened = QModel.from_onnx(int8)
+    run_pass(widened, "mixed_precision", {"assign": {act: 16}}, PassContext(data=calib))
+    kept = QModel.from_onnx(int8)
+    run_pass(kept, "mixed_precision", {"assign": {act: 16}}, PassContext())   # no data: the 8-bit range
+    r16 = read_quantizers(widened.to_onnx())[act]
+    scale, zp = grid(widened.to_onnx(), act)
+    lo, hi = quant.grid_bounds(scale, zp, r16.qmin, r16.qmax)
+    assert lo <= min(float(x.min()), float(lo8[act])) + 1e-6 and hi >= float(x.max()) - 1e-6
+    # nothing clips: every value is within half a step of its 16-bit code
+    error = np.abs(quant.fake_quantize(x, scale, zp, r16.qmin, r16.qmax) - x)
+    assert error.max() <= float(scale) / 2 * 1.01     # float32 arithmetic on x/s
+    scale_kept, zp_kept = grid(kept.to_onnx(), act)
+    assert np.isclose(quant.grid_bounds(scale_kept, zp_kept, r16.qmin, r16.qmax)[1], hi8[act], rtol=1e-4)
+    clipped = np.abs(quant.fake_quantize(x, scale_kept, zp_kept, r16.qmin, r16.qmax) - x)
+    assert clipped.max() > error.max() * 10
+
+
+def test_mixed_precision_16_bit_widening_is_limited_by_outliers(digits):
+    from qgraph import quant
+    from qgraph.passes.mixed_precision import WIDEN_LIMIT
+    calib, _ = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})
+    record = read_quantizers(int8)["input"]
+    outlier = {"input": calib["input"].copy()}
+    outlier["input"][0, 0, 0, 0] = 1e6          # one pixel far outside anything the grid covers
+
+    def bounds(proto):
+        r = read_quantizers(proto)["input"]
+        node = next(n for n in proto.graph.node if n.name == r.quantize)
+        init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        return [float(v) for v in quant.grid_bounds(init[node.input[1]], init[node.input[2]], r.qmin, r.qmax)]
+    lo8, hi8 = bounds(int8)
+    model = QModel.from_onnx(int8)
+    run_pass(model, "mixed_precision", {"assign": {"input": 16}}, PassContext(data=outlier))
+    lo, hi = bounds(model.to_onnx())
+    assert record.bits == 8 and lo8 <= float(calib["input"].min())
+    # the top grows by (WIDEN_LIMIT - 1)/2 of the 8-bit width, not to 1e6; the bottom covers the data already
+    assert hi == pytest.approx(hi8 + (WIDEN_LIMIT - 1) / 2 * (hi8 - lo8), rel=1e-3)
+    assert lo == pytest.approx(lo8, abs=1e-3 * (hi8 - lo8))
+
+
 def test_mixed_precision_bitops_counts_macs_times_weight_and_input_bits(digits):
     calib, _ = digits
     int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})

@@ -7,8 +7,8 @@ chosen by measured sensitivity to meet an accuracy target at the least cost.
 
 Each quantizer is measured alone at its own grid (`measure: all`: at each of its options; by
 default the other grids' noise is the measured one scaled by their squared step ratio,
-noise ∝ s², which the verification below checks) — qgraph.analyze's switchboard: one ORT
-session per worker evaluates every variant; workers are local processes or Ray. The search
+noise ∝ s², which the verification below checks) — variants of qgraph.analyze's switchboard,
+evaluated by local worker processes or Ray. The search
 starts from the cheapest option everywhere and upgrades, greedily, the quantizer whose next
 option removes the most noise per unit of cost, until the estimate meets the budget; then the
 assignment itself is evaluated, and while it misses the target the budget halves and the
@@ -19,8 +19,12 @@ input quantizers). The result is written into the model and as `assign`, a YAML 
 re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}`).
 
 16-bit activations are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
-(ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain); their range is the
-8-bit grid's. A float quantizer's readers read its float tensor again.
+(ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain). Their range is the
+8-bit grid's widened to the min/max the data reach: a percentile range clips outliers to save
+8-bit steps, and with 256x finer steps the clipping, not the rounding, would be the error left
+(it does not shrink with the step, so the noise ∝ s² estimate would miss it), at most 16x
+wider (WIDEN_LIMIT) so an outlier cannot coarsen the step. A float
+quantizer's readers read its float tensor again.
 
 Invariant: changes outputs (precision). Run it after insert_qdq and calibrate.
 """
@@ -41,6 +45,7 @@ from qgraph.qparams import activation_qparams, constant_input_values, weight_qpa
 from qgraph.schema import Range
 
 FLOAT = "float"
+WIDEN_LIMIT = 16        # a 16-bit activation range is at most 16x its 8-bit one: still a 16x finer step
 
 
 @register_pass("mixed_precision", preserves_outputs=False)
@@ -55,15 +60,17 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
         raise PassError("mixed_precision: the model has no qgraph quantizers; run insert_qdq and calibrate first")
     if assign:
         chosen = _check_assign(assign, records)
+        observed = observed_ranges(model, records, ctx, max_samples) if ctx.data is not None else {}
         report = {"searched": False}
     else:
         if ctx.data is None:
             raise PassError("mixed_precision needs calibration data to measure sensitivity: give --data FILE.npz")
         _check_target(target, value)
+        observed = observed_ranges(model, records, ctx, max_samples)
         chosen, report = _search(model, records, ctx, target, float(value), cost, allow_float, max_samples,
-                                 rounds, measure, workers, ray)
+                                 rounds, measure, workers, ray, observed)
     before = {k: (r.bits, r.kind) for k, r in records.items()}
-    changed = apply_assignment(model, records, chosen)
+    changed = apply_assignment(model, records, chosen, observed)
     snippet = yaml.safe_dump([{"mixed_precision": {"assign": {k: v for k, v in sorted(chosen.items())
                                                                 if v != before[k][0]}}}],
                              default_flow_style=None, sort_keys=False)
@@ -114,7 +121,8 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
-            cost: str, allow_float: bool, max_samples: int, rounds: int, measure: str, workers: int, ray: str):
+            cost: str, allow_float: bool, max_samples: int, rounds: int, measure: str, workers: int, ray: str,
+            observed: dict):
     from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
                                 switchboard)
     from qgraph.parallel import Evaluator
@@ -123,7 +131,7 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     qmodel, sites, _ = find_quantizers(proto)
     sites = [s for s in sites if s.name in records]
     index = {s.name: i for i, s in enumerate(sites)}
-    alternates = {index[name]: _alternate_grid(model, records[name], other)
+    alternates = {index[name]: _alternate_grid(model, records[name], other, observed)
                   for name in index for other in options(records[name], False) if other != records[name].bits}
     board, weights = switchboard(qmodel, sites, alternates)
     # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
@@ -290,15 +298,39 @@ def _greedy(chosen: dict, records, noise, costs: CostModel, budget: float, allow
     return chosen
 
 
-def _alternate_grid(model: QModel, record: QuantizerRecord, bits: int):
-    """(scale, zero point, axis) of `record` re-gridded at `bits` (its range kept for activations)."""
+def observed_ranges(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext,
+                    max_samples: int) -> dict[str, tuple[float, float]]:
+    """The min/max each quantized activation reaches in the float model over the data."""
+    from qgraph.observers import MinMaxObserver
+    from qgraph.qparams import bypassed
+    from qgraph.runner import Runner
+    nodes = {n.name: n for n in model.graph.nodes}
+    sources = {name: nodes[r.clip or r.quantize].inputs[0].name for name, r in records.items()
+               if r.kind == "activation"}
+    if not sources:
+        return {}
+    proto = bypassed(model).to_onnx()
+    plan = ctx.feed_plan(proto)
+    runner = Runner(proto, [s for s in set(sources.values()) if s not in plan.names], threads=1)
+    seen = {source: MinMaxObserver() for source in sources.values()}
+    for batch, _ in plan.batches(ctx.batch_size, max_samples or None):
+        values = runner.run(batch, [s for s in seen if s not in batch])
+        for source, observer in seen.items():
+            observer.update(batch[source] if source in batch else values[source])
+    return {name: seen[source].range() for name, source in sources.items()}
+
+
+def _alternate_grid(model: QModel, record: QuantizerRecord, bits: int, observed: dict | None = None):
+    """(scale, zero point, axis, (qmin, qmax)) of `record` re-gridded at `bits`. An activation keeps
+    its range, widened at more bits than its own to the `observed` min/max (module docstring)."""
     new = _regrid_record(record, bits)
     if record.kind == "weight":
         nodes = {n.name: n for n in model.graph.nodes}
         value = constant_input_values(model, [nodes[record.quantize].inputs[0]])
         scale, zp = weight_qparams(next(iter(value.values())), new)
     else:
-        scale, zp = _activation_regrid(model, record, new)
+        reach = (observed or {}).get(record.tensor) if bits > record.bits else None
+        scale, zp = _activation_regrid(model, record, new, reach)
     return (np.asarray(scale, np.float32), np.asarray(zp).astype(quant.storage_dtype(new.signed, bits)), record.axis,
             (new.qmin, new.qmax))
 
@@ -309,16 +341,23 @@ def _regrid_record(record: QuantizerRecord, bits: int) -> QuantizerRecord:
     return replace(record, bits=bits, qmin=qmin, qmax=qmax)
 
 
-def _activation_regrid(model: QModel, record: QuantizerRecord, new: QuantizerRecord):
+def _activation_regrid(model: QModel, record: QuantizerRecord, new: QuantizerRecord, reach=None):
     nodes = {n.name: n for n in model.graph.nodes}
     q = nodes[record.quantize]
     scale, zp = QModel.constant_value(q.inputs[1]), QModel.constant_value(q.inputs[2])
-    lo, hi = quant.grid_bounds(scale, zp, record.qmin, record.qmax)
-    return activation_qparams(float(lo), float(hi), new)
+    lo, hi = (float(v) for v in quant.grid_bounds(scale, zp, record.qmin, record.qmax))
+    if reach is not None:
+        # each side grows by at most (WIDEN_LIMIT - 1)/2 widths: an outlier (a -1e9 attention mask)
+        # must not make the wider grid's step coarser than 1/16 of the narrow one's
+        extra = (WIDEN_LIMIT - 1) / 2 * (hi - lo)
+        lo, hi = min(lo, max(reach[0], lo - extra)), max(hi, min(reach[1], hi + extra))
+    return activation_qparams(lo, hi, new)
 
 
-def apply_assignment(model: QModel, records: dict[str, QuantizerRecord], chosen: dict) -> int:
-    """Write the chosen precision into the graph and the annotation; returns how many changed."""
+def apply_assignment(model: QModel, records: dict[str, QuantizerRecord], chosen: dict,
+                     observed: dict | None = None) -> int:
+    """Write the chosen precision into the graph and the annotation; returns how many changed.
+    `observed`: activation ranges a wider grid covers (observed_ranges)."""
     nodes = {n.name: n for n in model.graph.nodes}
     changed = 0
     for name, option in chosen.items():
@@ -330,7 +369,7 @@ def apply_assignment(model: QModel, records: dict[str, QuantizerRecord], chosen:
             _remove_pair(model, nodes, record)
             del records[name]
             continue
-        scale, zp, _, _ = _alternate_grid(model, record, option)
+        scale, zp, _, _ = _alternate_grid(model, record, option, observed)
         new = _regrid_record(record, option)
         q, dq = nodes[record.quantize], nodes[record.dequantize]
         q.inputs[2].values = np.asarray(q.inputs[2].values).astype(quant.storage_dtype(new.signed, option))
