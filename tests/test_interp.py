@@ -111,8 +111,12 @@ def test_qlinearconv_in_chunks_matches_ort(monkeypatch, case):
     """Tiny chunk sizes: every conv method runs a batch of 3 one image (stride 1: one output row) at a time."""
     monkeypatch.setattr(ops_nn, "_CHUNK", 64)
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
+    _assert_qlinearconv_case_matches_ort(case, seed=500 + case)
+
+
+def _assert_qlinearconv_case_matches_ort(case: int, seed: int) -> None:
     adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
-    rng = np.random.default_rng(500 + case)
+    rng = np.random.default_rng(seed)
     xs, xzp = qparams(rng, adt)
     w = rand_q(rng, wdt, (m, c // group) + k)
     wzp = np.zeros(m if per_ch else (), wdt)
@@ -135,18 +139,7 @@ def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
     monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
     monkeypatch.setattr(ops_nn, "_CHUNK", 64)
-    adt, wdt, per_ch, c, m, group, k, s, p, d, hw = CONV_CASES[case]
-    rng = np.random.default_rng(700 + case)
-    xs, xzp = qparams(rng, adt)
-    w = rand_q(rng, wdt, (m, 1) + k)
-    wzp = np.zeros(m if per_ch else (), wdt)
-    ws = rng.uniform(0.001, 0.05, m if per_ch else ()).astype(np.float32)
-    inits = dict(xs=xs, xzp=xzp, w=w, ws=ws, wzp=wzp, ys=np.float32(0.5), yzp=qparams(rng, adt)[1],
-                 b=rng.integers(-5000, 5000, m).astype(np.int32))
-    node = helper.make_node("QLinearConv", ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp", "b"],
-                            ["y"], group=group, kernel_shape=list(k), strides=list(s), pads=list(p), dilations=list(d))
-    model = make_model([node], [("x", adt)], [("y", adt)], inits)
-    assert_same(model, {"x": rand_q(rng, adt, (3, c) + hw)})
+    _assert_qlinearconv_case_matches_ort(case, seed=700 + case)
 
 
 def test_qlinearconv_large_bias_and_accumulators():

@@ -217,12 +217,7 @@ def _erf_big(a, y, scratch):
     np.multiply(a64, float(_EXP_LN2_LO), out=b64)
     h64 += b64
     _round32(h64, t)                          # f = fma(n, ln2_lo, …), float64
-    np.multiply(h64, _EXP_P32[0], out=b64)
-    b64 += _EXP_P32[1]
-    for c in _EXP_P32[2:]:
-        _round32(b64, t)
-        b64 *= h64
-        b64 += c
+    _horner_into(b64, h64, _EXP_P32, t)
     np.copyto(t, b64, casting="unsafe")       # p
     scale = np.ldexp(F32(1), ab.astype(np.int32)).astype(F32)
     t *= scale
