@@ -106,6 +106,48 @@ def test_canonicalize_makes_reshape_shapes_static_where_dims_are_known():
     np.testing.assert_array_equal(run_model(qmodel, x)["logits"], x["input"])
 
 
+def test_canonicalize_gives_a_contradicted_output_declaration_the_computed_shape(tmp_path):
+    """An exporter declared an output [1, seqlen] that is [T, 1, C] (ddddocr's CRNN does): once
+    folding makes the reshape static, ONNX's checker refuses the declaration, so canonicalize
+    takes the computed shape and says so."""
+    import onnx
+    from click.testing import CliRunner
+    from onnx import TensorProto, helper
+    from qgraph.cli import main
+    from qgraph.runner import run_model
+    # the batch part of the target is a Slice whose end is computed (2 // 2), so before folding
+    # inference cannot tell the target's length, and the checker lets the declaration pass
+    nodes = [helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "one"], ["two"], name="gather", axis=0),
+             helper.make_node("Div", ["two", "two_"], ["end"], name="half"),
+             helper.make_node("Slice", ["shape", "zero", "end"], ["batch"], name="batch"),
+             helper.make_node("Concat", ["batch", "one", "minus_one"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["input", "target"], ["seq"], name="reshape"),
+             helper.make_node("Relu", ["seq"], ["logits"], name="relu")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [5, 2, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seqlen"])],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+         onnx.numpy_helper.from_array(np.array([2], np.int64), "two_"),
+         onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    qmodel = QModel.from_onnx(model)
+    report = run_pass(qmodel, "canonicalize")
+    assert report["warnings"] == ["declared shape of 'logits' [1, 'seqlen'] contradicts the computed [5, 1, 6]; "
+                                  "declared [5, 1, 6] instead"]
+    x = {"input": np.random.default_rng(0).normal(size=(5, 2, 3)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(qmodel, x)["logits"], run_model(model, x)["logits"])
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    result = CliRunner().invoke(main, ["passes", "run", str(source), "--pipeline", "float", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim] == [5, 1, 6]
+
+
 def test_canonicalize_turns_torch_view_reshape_into_flatten():
     """PyTorch's x.view(x.size(0), -1) with a dynamic batch: Shape->Gather->Unsqueeze->Concat->Reshape."""
     from pathlib import Path

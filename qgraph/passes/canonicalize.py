@@ -13,7 +13,10 @@
    would tie γ to a frozen statistic during training;
 7. Reshape(x, [dim0(x), -1]) built from Shape(x) at run time (PyTorch's `x.view(x.size(0), -1)`
    with a dynamic batch) becomes Flatten(x, axis=1): the same result, with no shape arithmetic
-   left for quantizers and lowering to trip on.
+   left for quantizers and lowering to trip on;
+8. declared shapes (graph outputs, value_info) that contradict what the graph computes, once
+   folding has made the shapes static, take the inferred shape: exporters sometimes declare an
+   output [1, seqlen] that is really [T, 1, C], which ONNX's checker refuses after folding.
 QuantizeLinear/DequantizeLinear are never folded, so QDQ models keep their quantizers.
 
 Invariant: outputs unchanged up to float rounding of the folded subgraphs.
@@ -22,6 +25,7 @@ Invariant: outputs unchanged up to float rounding of the folded subgraphs.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qgraph.errors import PassError
@@ -53,6 +57,7 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     flattened = flatten_batch_reshapes(model)
     untied = untie_batchnorm_parameters(model)
     model.cleanup()
+    corrected = correct_declared_shapes(model)
     fused = sum(idioms["counts"].values())
     changed = renamed + removed + folded + fused + flattened + untied
     idiom_text = ", ".join(f"{n} {k}" for k, n in idioms["counts"].items() if n)
@@ -61,7 +66,40 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
                + (f", exporter idioms: {idiom_text}" if idiom_text else ""))
     return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
             "folded": folded, "flattened": flattened, "untied": untied, "idioms": idioms["counts"],
-            "skipped": skipped + idioms["skipped"]}
+            "skipped": skipped + idioms["skipped"],
+            "warnings": [f"declared shape of '{name}' {old} contradicts the computed {new}; declared {new} instead"
+                         for name, old, new in corrected]}
+
+
+def correct_declared_shapes(model: QModel) -> list[tuple[str, list, list]]:
+    """Give every tensor whose declared shape contradicts ONNX shape inference (another rank, or
+    another fixed size in some dimension) the inferred shape; returns (name, declared, inferred)
+    of each. Inference runs on a copy with the declarations removed, so it sees only the graph."""
+    proto = model.to_onnx()
+    del proto.graph.value_info[:]
+    for output in proto.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto)
+    except Exception:   # noqa: BLE001 - nothing learnt; the declarations stay as they are
+        return []
+    inferred = {}
+    for info in list(proto.graph.value_info) + list(proto.graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            # sizes, the model's own symbols; inference's made-up 'unk__N' symbols as unknown
+            inferred[info.name] = [d.dim_value if d.HasField("dim_value") else
+                                   (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None)
+                                   for d in info.type.tensor_type.shape.dim]
+    corrected = []
+    for name, tensor in model.tensors().items():
+        declared, computed = getattr(tensor, "shape", None), inferred.get(name)
+        if isinstance(tensor, gs.Constant) or declared is None or computed is None:
+            continue
+        if len(declared) != len(computed) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                                 for a, b in zip(declared, computed)):
+            corrected.append((name, list(declared), computed))
+            tensor.shape = computed
+    return corrected
 
 
 def remove_passthrough(model: QModel) -> tuple[int, list[dict]]:
