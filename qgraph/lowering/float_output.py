@@ -33,12 +33,11 @@ def lower_to_float(model: QModel, site: Site, x: QInput, w: QInput) -> None:
     if w.const is None:
         return _activation_product(model, site, x, w)
     if node.op == "Conv":
-        weight, channels, channel_shape = _conv_weight(w)
-        axis = 1
+        weight, channels, channel_shape = convinteger_weight(w)
     else:
         weight = _matmul_weight(node, w)
         channels = weight[0].shape[1]
-        channel_shape, axis = (channels,), -1
+        channel_shape = (channels,)
     scale = np.broadcast_to(quant.bias_scale(x.quantizer.scale, w.quantizer.scale), (channels,)).astype(np.float32)
     bias = None
     if node.op in ("Conv", "Gemm") and len(site.inputs) > 2 and site.inputs[2] is not None:
@@ -95,7 +94,9 @@ def _activation_product(model: QModel, site: Site, a: QInput, b: QInput) -> None
     _to_float(model, acc, quant.bias_scale(a.quantizer.scale, b.quantizer.scale), (1,), out, name)
 
 
-def _conv_weight(w: QInput):
+def convinteger_weight(w: QInput):
+    """((uint8 weight, its scalar zero point), output channels, per-channel broadcast shape) for
+    ORT's ConvInteger, which takes uint8 weights and one w_zero_point (int8 codes shift by 128)."""
     zps = np.unique(w.quantizer.zero_point)
     if zps.size != 1:
         raise Declined("per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point")

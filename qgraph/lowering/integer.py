@@ -34,7 +34,7 @@ from qgraph import quant
 from qgraph.graph import QModel
 from qgraph.idioms import SHAPE_SOURCES, Declined
 from qgraph.lowering import qlinear
-from qgraph.lowering.float_output import lower_to_float
+from qgraph.lowering.float_output import convinteger_weight, lower_to_float
 from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, clamp_bounds, const,
                                       finish_site, read_quantizer, var)
@@ -203,16 +203,8 @@ def lower_conv(model: QModel, site: Site) -> None:
     x, w = _uint8_activation(site, 0), qlinear.weight(site, 1)
     if site.float_output:
         return lower_to_float(model, site, x, w)
-    wzp = np.unique(w.quantizer.zero_point)
-    if wzp.size != 1:
-        raise Declined("per-channel weight zero points differ; ORT's ConvInteger takes one w_zero_point")
-    if w.quantizer.dtype == np.int8:
-        w_u8, wz = quant.int8_as_uint8(w.const), quant.int8_as_uint8(wzp[0])
-    else:
-        w_u8, wz = w.const, np.uint8(wzp[0])
-    channels = w.const.shape[0]
+    (w_u8, wz), channels, channel_shape = convinteger_weight(w)
     bias = qlinear.int32_bias(site, 2, x, w, channels)
-    channel_shape = (channels,) + (1,) * (w.const.ndim - 2)
     name = node.name
 
     bound = quant.accumulator_bound(w_u8, wz, x.quantizer.zero_point, x.quantizer.dtype)
