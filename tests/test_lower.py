@@ -230,6 +230,15 @@ def test_unsupported_op_stays_float_and_is_reported(tmp_dir):
             np.testing.assert_array_equal(interp_run(lowered, {"input": x[:8]})["logits"], out[:8])
 
 
+def input_to_logits(nodes, inits, name: str, input_shape, logits_shape=None) -> onnx.ModelProto:
+    """The test graphs' frame: float `input` of `input_shape` in, float `logits` out, opset 17, IR 8."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, logits_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 # -- Relu / Clip folding, hand-built --------------------------------------------------------------
 
 def conv_act_qdq(act: str, out_zp: int, out_dtype=np.uint8) -> onnx.ModelProto:
@@ -252,12 +261,7 @@ def conv_act_qdq(act: str, out_zp: int, out_dtype=np.uint8) -> onnx.ModelProto:
         nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["a"], name="clip"))
     nodes += [helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
               helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
-    graph = helper.make_graph(nodes, "conv_act", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                              ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return input_to_logits(nodes, inits, "conv_act", ["N", 1, 8, 8])
 
 
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
@@ -331,12 +335,7 @@ def op_zoo() -> onnx.ModelProto:
              helper.make_node("MaxPool", ["rs"], ["mp"], kernel_shape=[2, 2], strides=[2, 2], name="mp"),
              helper.make_node("Flatten", ["mp"], ["f"], name="fl"),
              helper.make_node("MatMul", ["f", "fcw"], ["logits"], name="fc")]
-    graph = helper.make_graph(nodes, "op_zoo", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                            ["N", 1, 28, 28])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return input_to_logits(nodes, inits, "op_zoo", ["N", 1, 28, 28], logits_shape=["N", 10])
 
 
 @pytest.mark.parametrize("activation", ["uint8", "int8"])
@@ -430,12 +429,7 @@ def conv_transpose_qdq(kernel: int, stride: int, relu: bool, per_channel: bool, 
         last = "a"
     nodes += [helper.make_node("QuantizeLinear", [last, "y_s", "y_z"], ["yq"], name="yq"),
               helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
-    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                          ["N", 3 * group, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return input_to_logits(nodes, inits, "up", ["N", 3 * group, "H", "W"])
 
 
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
@@ -513,12 +507,7 @@ def upsample_qdq(scales, coordinates: str, nearest: str) -> onnx.ModelProto:
                               coordinate_transformation_mode=coordinates, nearest_mode=nearest),
              helper.make_node("QuantizeLinear", ["up", "x_s", "x_z"], ["yq"], name="yq"),
              helper.make_node("DequantizeLinear", ["yq", "x_s", "x_z"], ["logits"], name="ydq")]
-    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                          ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return input_to_logits(nodes, inits, "up", ["N", 3, "H", "W"])
 
 
 @pytest.mark.parametrize("scales,coordinates,nearest,repeats", [
@@ -559,12 +548,7 @@ def silu_qdq(dtype) -> onnx.ModelProto:
              helper.make_node("Mul", ["xf", "s"], ["a"], name="silu"),
              helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
              helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
-    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                            ["N", 2, 8, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return input_to_logits(nodes, inits, "silu", ["N", 2, 8, 16])
 
 
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
