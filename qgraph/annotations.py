@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import onnx
 
-from qgraph.errors import ConfigError, ModelError
+from qgraph.errors import ConfigError, ModelError, PassError
 from qgraph.schema import Range, check_value
 
 PREFIX = "qgraph."
@@ -110,6 +110,15 @@ def read_quantizers(model) -> dict[str, QuantizerRecord]:
     """The `qgraph.quantizers` annotation as records (empty when insert_qdq never ran)."""
     raw = get_annotation(model, QUANTIZERS, {}) or {}
     return {tensor: QuantizerRecord.from_dict(tensor, record) for tensor, record in raw.items()}
+
+
+def require_quantizers(model, who: str, first: str = "insert_qdq and calibrate") -> dict[str, QuantizerRecord]:
+    """read_quantizers for a pass that works on a quantized model: PassError naming the pass
+    `who` and what to run `first` when there is none."""
+    records = read_quantizers(model)
+    if not records:
+        raise PassError(f"{who}: the model has no qgraph quantizers; run {first} first")
+    return records
 
 
 def write_quantizers(model, records: dict[str, QuantizerRecord]) -> None:

@@ -183,6 +183,11 @@ class PassContext:
     batch_size: int = 64
     verbose: bool = False
 
+    def require_data(self, who: str) -> None:
+        """PassError naming the pass `who` when no calibration data was given."""
+        if self.data is None:
+            raise PassError(f"{who} needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+
     def feed_plan(self, model) -> FeedPlan:
         """How the calibration data feeds `model` (a QModel or ModelProto); PassError when no
         data was given, DataError when it does not fit the model."""

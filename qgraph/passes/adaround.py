@@ -31,7 +31,7 @@ from typing import Annotated
 import numpy as np
 
 from qgraph import quant
-from qgraph.annotations import QuantizerRecord, read_quantizers
+from qgraph.annotations import QuantizerRecord, require_quantizers
 from qgraph.errors import PassError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, layer_waves, skip
@@ -49,11 +49,8 @@ def adaround(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Rang
              warmup: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.2,
              max_samples: Annotated[int, Range(0)] = 256) -> dict:
     """Learn each quantized weight's rounding (up or down) on a layer reconstruction loss (Nagel et al. 2020)."""
-    records = read_quantizers(model)
-    if not records:
-        raise PassError("adaround: the model has no qgraph quantizers; run insert_qdq and calibrate first")
-    if ctx.data is None:
-        raise PassError("adaround needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+    records = require_quantizers(model, "adaround")
+    ctx.require_data("adaround")
     nodes = {n.name: n for n in model.graph.nodes}
     layers, skipped = [], []
     for record in records.values():

@@ -26,7 +26,7 @@ from typing import Annotated
 
 import numpy as np
 
-from qgraph.annotations import read_quantizers
+from qgraph.annotations import require_quantizers
 from qgraph.errors import PassError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, layer_waves, skip
@@ -41,11 +41,8 @@ LAYERS = ("Conv", "Gemm")
 def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Range(1, 20)] = 1,
                     max_samples: Annotated[int, Range(0)] = 256) -> dict:
     """Subtract each quantized layer's measured output-mean shift from its bias (Nagel et al. 2019)."""
-    records = read_quantizers(model)
-    if not records:
-        raise PassError("bias_correction: the model has no qgraph quantizers; run insert_qdq and calibrate first")
-    if ctx.data is None:
-        raise PassError("bias_correction needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+    records = require_quantizers(model, "bias_correction")
+    ctx.require_data("bias_correction")
     layers, skipped = [], []
     for record in records.values():
         if record.kind != "weight":

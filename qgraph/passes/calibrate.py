@@ -28,7 +28,7 @@ from typing import Annotated
 
 import numpy as np
 
-from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, QuantizerRecord, read_quantizers, set_annotation
+from qgraph.annotations import CALIBRATED, FIX_ACTIVATIONS, QuantizerRecord, require_quantizers, set_annotation
 from qgraph.data import FeedPlan
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
@@ -55,11 +55,8 @@ def calibrate(model: QModel, ctx: PassContext, *, observer: str = "", observer_p
     if unknown:
         raise ConfigError(f"calibrate: observer_params has no field '{unknown[0]}'; valid: {', '.join(_OBSERVER_PARAMS)}")
     make_activation_spec(ActivationSpec(), observer_params, "calibrate observer_params")  # types and ranges
-    records = read_quantizers(model)
-    if not records:
-        raise PassError("calibrate: the model has no qgraph quantizers; run insert_qdq first")
-    if ctx.data is None:
-        raise PassError("calibrate needs calibration data: give --data FILE.npz or `data:` in the pipeline")
+    records = require_quantizers(model, "calibrate", first="insert_qdq")
+    ctx.require_data("calibrate")
     proto = model.to_onnx()
     plan = ctx.feed_plan(proto)
     nodes = {n.name: n for n in model.graph.nodes}

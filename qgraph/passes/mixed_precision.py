@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from qgraph import quant
-from qgraph.annotations import QuantizerRecord, read_quantizers, write_quantizers
+from qgraph.annotations import QuantizerRecord, require_quantizers, write_quantizers
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
@@ -55,9 +55,7 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
                     rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
                     workers: Annotated[int, Range(0)] = 1, ray: str = "") -> dict:
     """Assign weights 4/8 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
-    records = read_quantizers(model)
-    if not records:
-        raise PassError("mixed_precision: the model has no qgraph quantizers; run insert_qdq and calibrate first")
+    records = require_quantizers(model, "mixed_precision")
     if assign:
         chosen = _check_assign(assign, records)
         observed = observed_ranges(model, records, ctx, max_samples) if ctx.data is not None else {}
