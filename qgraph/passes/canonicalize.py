@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from qgraph.errors import PassError
 from qgraph.graph import QModel
@@ -35,6 +36,7 @@ from qgraph.normal_form import normalize_exporter_idioms
 from qgraph.pipeline import PassContext, register_pass
 
 _REMOVABLE = ("Identity", "Dropout")
+_SHAPE_CONSTANT_SIZE = 64   # initializers up to this many elements keep their values for shape inference
 _KEEP_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -74,11 +76,16 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
 def correct_declared_shapes(model: QModel) -> list[tuple[str, list, list]]:
     """Give every tensor whose declared shape contradicts ONNX shape inference (another rank, or
     another fixed size in some dimension) the inferred shape; returns (name, declared, inferred)
-    of each. Inference runs on a copy with the declarations removed, so it sees only the graph."""
+    of each. Inference runs on a copy with the declarations removed, so it sees only the graph,
+    and with large initializers as typed inputs: their shapes are all inference needs, and the
+    model's weights are not copied again (small ones keep their values: shape constants)."""
     proto = model.to_onnx()
     del proto.graph.value_info[:]
     for output in proto.graph.output:
         output.type.tensor_type.ClearField("shape")
+    for init in [i for i in proto.graph.initializer if np.prod(i.dims, dtype=np.int64) > _SHAPE_CONSTANT_SIZE]:
+        proto.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        proto.graph.initializer.remove(init)
     try:
         proto = onnx.shape_inference.infer_shapes(proto)
     except Exception:   # noqa: BLE001 - nothing learnt; the declarations stay as they are
