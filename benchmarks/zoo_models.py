@@ -64,6 +64,8 @@ class Wheel:
 NUDENET = Wheel("nudenet", "3.4.2", "AGPL-3.0 (the wheel's LICENSE file and the model's own metadata; "
                                     "the METADATA classifier says MIT)")
 DDDDOCR = Wheel("ddddocr", "1.6.1", "MIT")
+# PaddleOCR's trained PP-OCR models as Paddle2ONNX wrote them (pure-Python wheel, same on every host)
+RAPIDOCR = Wheel("rapidocr_onnxruntime", "1.3.24", "Apache-2.0")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -197,8 +199,9 @@ class ZooEntry:
     member: str | None = None
     builder: str | None = None
     builder_kwargs: tuple = ()
-    charset: str | None = None     # ddddocr charset name in ddddocr/charsets.py
+    charset: str | None = None     # ddddocr charset name in ddddocr/charsets.py, or "metadata:KEY"
     output_layout: str = "N..."    # "TNC": sequence first (batch 1 in axis 1), transposed to NTC
+    text_first: bool = False       # a text detector: feed scans and photos alternately
     notes: str = ""
 
     @property
@@ -223,6 +226,17 @@ ZOO = {entry.key: entry for entry in (
              "ddddocr/common_old.onnx", charset="CHARSET_OLD", output_layout="TNC",
              notes="already dynamically quantized (DynamicQuantizeLinear, ConvInteger, MatMulInteger, "
                    "DynamicQuantizeLSTM): ddddocr's default OCR model"),
+    ZooEntry("ppocr_det", "segmenter", "x", (3, 480, 480), False, "db", "probmap", RAPIDOCR,
+             "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", text_first=True,
+             notes="PaddleOCR PP-OCRv4 mobile DB text detector (Paddle2ONNX, opset 12, dynamic N/H/W): "
+                   "PP-LCNetV3 backbone, RSE-FPN, HardSigmoid, ConvTranspose+BN head"),
+    ZooEntry("ppocr_cls", "classifier", "x", (3, 48, 192), False, "textline_rgb_rotated", "top1", RAPIDOCR,
+             "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+             notes="PaddleOCR v2.0 text-direction classifier (0/180 degrees): MobileNetV3-small, HardSwish, SE"),
+    ZooEntry("ppocr_rec", "ocr", "x", (3, 48, 320), False, "textline_rgb", "ctc", RAPIDOCR,
+             "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", charset="metadata:character",
+             notes="PaddleOCR PP-OCRv4 mobile recognizer (SVTR_LCNet: PP-LCNetV3 + SVTR mixing blocks with "
+                   "MatMul attention and LayerNorm, CTC over 6625 classes, softmax output)"),
     ZooEntry("pplcnet", "classifier", "x", (3, 224, 224), False, "imagenet", "top1", builder="pplcnet_paddle",
              notes="Paddle2ONNX-style PP-LCNet x0.5, 1000 classes, softmax output"),
     ZooEntry("pplcnet_textdir", "classifier", "x", (3, 48, 192), False, "textline_rgb_rotated", "top1",
@@ -303,17 +317,22 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown zoo split {split!r}; choose from: {', '.join(SPLITS)}")
 
 
-def zoo_pictures(split: str, count: int) -> list[tuple[str, object]]:
-    """`count` (name, PIL RGB image): for "eval" each picture whole, then seeded crops; for "calib"
-    and "probe" other seeded crops (the same photos, never the same view)."""
+def zoo_pictures(split: str, count: int, text_first: bool = False) -> list[tuple[str, object]]:
+    """`count` (name, PIL RGB image): for "eval" each picture whole the first time, then seeded crops;
+    for "calib" and "probe" other seeded crops (the same photos, never the same view). `text_first`
+    (text detectors): the scans alternate with the photos, so half the inputs bear text."""
     _check_split(split)
-    names = list(IMAGES)
+    photos = [name for name in IMAGES if name not in SCANS]
+    if text_first:
+        names = [SCANS[(i // 2) % len(SCANS)] if i % 2 == 0 else photos[(i // 2) % len(photos)] for i in range(count)]
+    else:
+        names = [list(IMAGES)[i % len(IMAGES)] for i in range(count)]
     rng = np.random.default_rng(SPLITS.index(split) + 1)
-    pictures = []
-    for i in range(count):
-        name = names[i % len(names)]
+    pictures, seen = [], set()
+    for name in names:
         image = load_picture(name)
-        if split == "eval" and i < len(names):
+        if split == "eval" and name not in seen:
+            seen.add(name)
             pictures.append((name, image))
             continue
         box = _random_box(rng, image.width, image.height)
@@ -492,7 +511,8 @@ def zoo_samples(key: str, count: int, split: str = "eval") -> list[Sample]:
                 strip, name = strip.rotate(180), name + "@180"
             samples.append(Sample(name, prep(strip, entry.input_shape), text))
         return samples
-    return [Sample(name, prep(image, entry.input_shape)) for name, image in zoo_pictures(split, count)]
+    return [Sample(name, prep(image, entry.input_shape))
+            for name, image in zoo_pictures(split, count, text_first=entry.text_first)]
 
 
 def zoo_inputs(key: str, count: int, split: str = "eval") -> dict[str, np.ndarray]:
@@ -682,9 +702,22 @@ def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10.0 * math.log10(signal / noise) if signal else float("-inf")
 
 
+@lru_cache(maxsize=None)
+def metadata_charset(key: str, prop: str) -> tuple[str, ...]:
+    """PaddleOCR's CTC classes from the model's own metadata: blank, the dictionary's lines, space."""
+    model = onnx.load(str(zoo_model_path(key)), load_external_data=False)
+    lines = next((p.value for p in model.metadata_props if p.key == prop), None)
+    if lines is None:
+        raise KeyError(f"zoo model {key} has no metadata {prop!r}")
+    return ("", *lines.split("\n"), " ")
+
+
 def decoded_text(entry: ZooEntry, sequence: Sequence[int]) -> str:
-    """A CTC index sequence as text (ddddocr charsets; builders have none: the indices)."""
+    """A CTC index sequence as text (the model's charset; builders have none: the indices)."""
     if entry.charset:
-        charset = ddddocr_charset(entry.charset)
+        if entry.charset.startswith("metadata:"):
+            charset = metadata_charset(entry.key, entry.charset.split(":", 1)[1])
+        else:
+            charset = ddddocr_charset(entry.charset)
         return "".join(charset[i] for i in sequence if i < len(charset))
     return " ".join(map(str, sequence))

@@ -47,7 +47,8 @@ def model_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list]]:
         except (KeyError, TypeError, ValueError):
             raise DataError(f"model input {inp.name!r} has element type {ttype.elem_type}, "
                             "which has no NumPy dtype; qgraph feeds only tensor inputs") from None
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        # a negative dim_value is an exporter's "dynamic" (Paddle2ONNX writes -1)
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in ttype.shape.dim]
         result[inp.name] = (dtype, dims)
     return result
 

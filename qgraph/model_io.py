@@ -40,6 +40,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True, convert_opset: bo
         raise ModelError(f"{path}: not an ONNX {what} (no graph outputs or IR version); "
                          "check that the file is an .onnx export")
     _load_external_data(model, path)
+    name_negative_dims(model, origin=str(path))
     check_annotations(model, origin=str(path))
     if check:
         check_model(model, origin=str(path))
@@ -64,6 +65,23 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         except Exception as exc:  # a truncated or unreadable .data file
             raise ModelError(f"{path}: cannot read its external weights ({_first_line(exc)}); "
                              "check the .data file beside it") from None
+
+
+def name_negative_dims(model: onnx.ModelProto, origin: str = "model") -> None:
+    """Give every negative dimension of the graph's inputs, outputs and value infos a symbolic name.
+
+    Paddle2ONNX and older exporters write a dynamic axis as dim_value -1, which ONNX does not
+    define (a dim is a value >= 0 or a name); ORT reads it as dynamic, and so does qgraph from here
+    on: `<tensor>_dim<axis>`, one name per tensor axis (no equalities are implied)."""
+    renamed = []
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = f"{info.name}_dim{axis}"
+                renamed.append(f"{info.name}[{axis}]")
+    if renamed:
+        log.warning("%s: %d dimension(s) declared as -1 (e.g. %s) read as dynamic", origin, len(renamed),
+                    ", ".join(renamed[:3]))
 
 
 def check_model(model: onnx.ModelProto, origin: str = "model") -> None:

@@ -96,6 +96,10 @@ class LayerNormMatch:
     normalized_shape: tuple
 
 
+class Unfusable(Declined):
+    """The whole idiom matched, yet its one-op form cannot express it: worth a line in the report."""
+
+
 def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
     """The decomposed LayerNorm that starts at ReduceMean `mean`."""
     x = mean.inputs[0]
@@ -124,7 +128,11 @@ def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
     if div.inputs[1] is not sqrt.outputs[0] or model.only_consumer(sqrt.outputs[0]) is not div:
         raise Declined(f"Div '{div.name}' does not divide by the standard deviation")
     nodes = [mean, sub, square, var, add_eps, sqrt, div]
-    shape = tuple(x.shape[axis:])
+    shape = tuple(x.shape[axis:]) if x.shape is not None else ()
+    if not shape or any(not isinstance(d, (int, np.integer)) for d in shape):
+        # LayerNormalization's scale and bias need the normalized axes' sizes
+        raise Unfusable(f"LayerNorm kept decomposed: the normalized axes of '{x.name}' have no static size "
+                        f"({shape or 'unknown'}); fix the input's shape to fuse it")
     output = div.outputs[0]
     gamma, output = _absorb_affine(model, output, "Mul", shape, nodes)
     beta, output = _absorb_affine(model, output, "Add", shape, nodes)
@@ -320,6 +328,8 @@ def normalize_exporter_idioms(model: QModel) -> dict:
             try:
                 fuse_layernorm(model, match_layernorm(model, node))
                 counts["layernorm"] += 1
+            except Unfusable as declined:
+                skipped.append(skip(node, declined.reason))
             except Declined:
                 pass            # most ReduceMeans are no LayerNorm: not worth a line each
     model.cleanup()

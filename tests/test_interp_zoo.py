@@ -52,6 +52,9 @@ AGREEMENT = {  # keyed by benchmarks/zoo_models.py's ZOO
     "ddddocr_det": Agreement(),
     "ddddocr_ocr": Agreement(),
     "ddddocr_ocr_old": Agreement(bit_exact=True),
+    "ppocr_det": Agreement(),
+    "ppocr_cls": Agreement(),
+    "ppocr_rec": Agreement(),
 }
 
 

@@ -17,6 +17,24 @@ def test_load_checks_and_keeps_working_opset(small_cnn_file):
     assert len(model.graph.node) == 9
 
 
+def test_dimensions_declared_minus_one_are_read_as_dynamic(tmp_path, small_cnn, caplog):
+    """Paddle2ONNX writes a dynamic batch as dim_value -1 (PaddleOCR's direction classifier):
+    qgraph names it, so data of any batch feeds it."""
+    from qgraph.data import check_data
+    for info in (small_cnn.graph.input[0], small_cnn.graph.output[0]):
+        info.type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "paddle.onnx"
+    onnx.save(small_cnn, path)
+    with caplog.at_level(logging.WARNING, logger="qgraph"):
+        model = load_model(path)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.HasField("dim_value")
+    assert "declared as -1" in caplog.text
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    data = {model.graph.input[0].name: np.zeros((16, *shape), np.float32)}
+    assert check_data(data, model).samples == 16
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         load_model(tmp_path / "absent.onnx")

@@ -70,6 +70,23 @@ def test_a_layernorm_read_halfway_is_left_alone():
     assert report["idioms"]["layernorm"] == 0 and not any(n.op_type == "LayerNormalization" for n in out.graph.node)
 
 
+def test_a_layernorm_over_axes_of_unknown_size_stays_decomposed_and_runs():
+    """PP-OCRv4's recognizer normalizes a tensor whose width is symbolic: LayerNormalization would
+    need a scale of that size, so the idiom is declined (it used to crash in numpy.ones)."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]),
+             helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["v", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["s"]),
+             helper.make_node("Div", ["d", "s"], ["y"])]
+    model = _model(nodes, {"two": 2.0, "eps": 1e-5}, ["N", 5, "W"], ["N", 5, "W"])
+    out, report = _canonical(model)
+    assert report["idioms"]["layernorm"] == 0
+    assert any("no static size" in entry["reason"] for entry in report["skipped"])
+    _same_outputs(model, out, {"x": np.random.default_rng(1).normal(1, 2, (2, 5, 12)).astype(np.float32)})
+
+
 def test_softmax_written_out_becomes_softmax():
     nodes = [helper.make_node("ReduceMax", ["x"], ["mx"], axes=[-1], keepdims=1),
              helper.make_node("Sub", ["x", "mx"], ["c"]),
