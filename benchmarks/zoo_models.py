@@ -660,6 +660,54 @@ def probmap_iou(reference: np.ndarray, test: np.ndarray, threshold: float = 0.3)
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+DB_THRESH, DB_BOX_THRESH, DB_MIN_SIZE = 0.3, 0.5, 3   # rapidocr's config.yaml (PaddleOCR's min_size)
+
+
+def decode_db(maps: np.ndarray, thresh: float = DB_THRESH, box_thresh: float = DB_BOX_THRESH,
+              min_size: int = DB_MIN_SIZE) -> list[Detections]:
+    """Text boxes from DB probability maps [N, 1, H, W], as PaddleOCR's DBPostProcess finds them but
+    axis-aligned and not unclipped: the 8-connected regions of map > `thresh`, each kept when its
+    bounding box's shorter side is >= `min_size` and the mean probability over the region's pixels
+    (DB scores the region's rotated rectangle, which an axis-aligned box of a slanted line is not)
+    is >= `box_thresh`."""
+    found = []
+    for prob in maps.reshape(len(maps), *maps.shape[-2:]):
+        regions = [(box, score) for box, score in _regions(prob, thresh)
+                   if min(box[2] - box[0], box[3] - box[1]) >= min_size and score >= box_thresh]
+        found.append(Detections(np.array([box for box, _ in regions], np.float32).reshape(-1, 4),
+                                np.array([score for _, score in regions], np.float32),
+                                np.zeros(len(regions), np.int64)))
+    return found
+
+
+def _regions(prob: np.ndarray, thresh: float) -> list[tuple[tuple[int, int, int, int], float]]:
+    """((x1, y1, x2, y2) with exclusive ends, mean of `prob` over the region) of each 8-connected
+    region of prob > thresh: runs of each row join the runs of the row above that touch them."""
+    padded = np.pad((prob > thresh).astype(np.int8), ((0, 0), (1, 1)))
+    edges = np.diff(padded, axis=1)
+    runs = [(y, x1, x2) for y in range(prob.shape[0])
+            for x1, x2 in zip(np.flatnonzero(edges[y] == 1), np.flatnonzero(edges[y] == -1))]
+    parent = list(range(len(runs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    by_row: dict[int, list[int]] = {}
+    for i, (y, x1, x2) in enumerate(runs):
+        for j in by_row.get(y - 1, ()):
+            if runs[j][1] <= x2 and x1 <= runs[j][2]:       # touching, diagonals included
+                parent[root(i)] = root(j)
+        by_row.setdefault(y, []).append(i)
+    boxes: dict[int, list] = {}
+    for i, (y, x1, x2) in enumerate(runs):
+        box = boxes.setdefault(root(i), [x1, y, x2, y + 1, 0.0, 0])
+        box[:] = [min(box[0], x1), min(box[1], y), max(box[2], x2), max(box[3], y + 1),
+                  box[4] + float(prob[y, x1:x2].sum()), box[5] + x2 - x1]
+    return [(tuple(int(v) for v in box[:4]), box[4] / box[5]) for box in boxes.values()]
+
+
 def decode(entry: ZooEntry, outputs: list[np.ndarray]):
     """The task-level reading of a model's first output."""
     if entry.decoder == "yolov8":
@@ -670,22 +718,25 @@ def decode(entry: ZooEntry, outputs: list[np.ndarray]):
         return ctc_greedy(outputs[0])
     if entry.decoder == "top1":
         return outputs[0].argmax(-1)
-    return outputs[0]
+    return decode_db(outputs[0])
 
 
 def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.ndarray]) -> tuple[float, str]:
     """(share, description) of task-level agreement between the float and a quantized model."""
     ref, got = decode(entry, reference), decode(entry, test)
-    if entry.decoder in ("yolov8", "yolox"):
+    if entry.decoder in ("yolov8", "yolox", "probmap"):
         matched, total = detection_match(ref, got)
-        return (matched / total if total else float("nan")), f"{matched}/{total} float boxes matched"
+        text = f"{matched}/{total} float boxes matched"
+        if entry.decoder == "probmap":
+            text += f", pixel IoU of maps > {DB_THRESH} {probmap_iou(reference[0], test[0]):.3f}"
+        return (matched / total if total else float("nan")), text
     if entry.decoder == "ctc":
         same = sum(a == b for a, b in zip(ref, got))
         return same / len(ref), f"{same}/{len(ref)} identical strings"
     if entry.decoder == "top1":
         same = int((ref == got).sum())
         return same / len(ref), f"{same}/{len(ref)} same top-1"
-    return probmap_iou(ref, got), "pixel IoU of maps > 0.3"
+    raise ValueError(f"zoo model {entry.key}: unknown decoder {entry.decoder!r}")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

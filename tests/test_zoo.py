@@ -102,6 +102,28 @@ def test_builder_entries_run_on_real_inputs_without_collapsing(key, eval_samples
         assert 0.02 < float((output > 0.3).mean()) < 0.8, f"{key}: the probability map is all or nothing"
 
 
+def test_paddleocr_detector_finds_the_lines_of_the_page_and_no_text_on_the_cat(eval_samples):
+    samples = eval_samples("ppocr_det", 6)   # page, astronaut, text, camera, a crop of page, chelsea
+    by_name = dict(zip((s.source for s in samples),
+                       zoo.decode(zoo.ZOO["ppocr_det"], float_outputs("ppocr_det", samples))))
+    lines = by_name["page"]
+    assert 7 <= len(lines) <= 12, "the page has 7 lines of prose and code (plus a few fragments)"
+    assert np.median(lines.boxes[:, 3] - lines.boxes[:, 1]) < 20, "boxes are line-shaped"
+    assert np.median(lines.boxes[:, 2] - lines.boxes[:, 0]) > 150
+    assert len(by_name["chelsea"]) == 0
+
+
+def test_paddleocr_recognizer_reads_the_page_and_the_classifier_its_orientation(eval_samples):
+    entry = zoo.ZOO["ppocr_rec"]
+    samples = eval_samples("ppocr_rec", 2)
+    decoded = [zoo.decoded_text(entry, seq) for seq in zoo.decode(entry, float_outputs("ppocr_rec", samples))]
+    assert decoded == ["74400", "Region-base"], decoded  # an MNIST strip and the page title's window
+    cls = eval_samples("ppocr_cls", 8)      # digits, scan, both turned, digits, scan, both turned
+    turned = zoo.decode(zoo.ZOO["ppocr_cls"], float_outputs("ppocr_cls", cls))
+    scans = [i for i, s in enumerate(cls) if s.text is None]   # handwritten digits are ambiguous upside down
+    assert [turned[i] for i in scans] == [int(cls[i].source.endswith("@180")) for i in scans]
+
+
 def test_splits_never_share_a_view():
     calib = zoo_or_skip(lambda: zoo.zoo_pictures("calib", 20))
     evaluation = zoo.zoo_pictures("eval", 20)
@@ -123,6 +145,18 @@ def test_unfetchable_wheel_is_a_clear_error(tmp_path, monkeypatch):
 
 
 # --- decoders on hand-made outputs (no wheels needed) -----------------------------------------
+
+def test_db_decoding_boxes_connected_regions_and_drops_weak_or_thin_ones():
+    prob = np.zeros((1, 1, 40, 60), np.float32)
+    prob[0, 0, 5:12, 3:30] = 0.9          # a line
+    prob[0, 0, 12:15, 29:40] = 0.8        # touching it diagonally-below: the same region
+    prob[0, 0, 25:32, 10:20] = 0.4        # above thresh, but its mean is under box_thresh
+    prob[0, 0, 35:37, 40:58] = 0.9        # 2 pixels tall: under min_size
+    (found,) = zoo.decode_db(prob)
+    assert found.boxes.tolist() == [[3, 5, 40, 15]]
+    np.testing.assert_allclose(found.scores, [(7 * 27 * 0.9 + 3 * 11 * 0.8) / (7 * 27 + 3 * 11)], rtol=1e-6)
+
+
 
 def test_nms_keeps_the_best_of_overlapping_boxes():
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
