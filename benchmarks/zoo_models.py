@@ -731,12 +731,22 @@ def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.n
             text += f", pixel IoU of maps > {DB_THRESH} {probmap_iou(reference[0], test[0]):.3f}"
         return (matched / total if total else float("nan")), text
     if entry.decoder == "ctc":
-        same = sum(a == b for a, b in zip(ref, got))
-        return same / len(ref), f"{same}/{len(ref)} identical strings"
+        same = sum(a == b for a, b in zip(_ocr_text(entry, ref), _ocr_text(entry, got)))
+        spaces = " (spaces ignored)" if entry.charset and entry.charset.startswith("metadata:") else ""
+        return same / len(ref), f"{same}/{len(ref)} identical strings{spaces}"
     if entry.decoder == "top1":
         same = int((ref == got).sum())
         return same / len(ref), f"{same}/{len(ref)} same top-1"
     raise ValueError(f"zoo model {entry.key}: unknown decoder {entry.decoder!r}")
+
+
+def _ocr_text(entry: ZooEntry, sequences: list[tuple[int, ...]]) -> list:
+    """What an OCR model's accuracy compares: PaddleOCR's RecMetric drops spaces (ignore_space=True,
+    ppocr/metrics/rec_metric.py), so its models are compared without them; other charsets keep
+    every class (ddddocr's has no space) and builders compare index sequences."""
+    if entry.charset and entry.charset.startswith("metadata:"):
+        return [decoded_text(entry, seq).replace(" ", "") for seq in sequences]
+    return list(sequences)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
