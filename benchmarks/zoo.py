@@ -529,7 +529,7 @@ def digits_exact(entry: zoo.ZooEntry, outputs: list[np.ndarray], samples: list[z
     if not entry.charset:
         return None
     decoded = zoo.decode(entry, outputs)
-    pairs = [(s.text, zoo.decoded_text(entry, seq)) for s, seq in zip(samples, decoded) if s.text]
+    pairs = [(s.text, text) for s, text in zip(samples, zoo.ocr_text(entry, decoded)) if s.text]
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 

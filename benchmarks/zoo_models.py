@@ -731,7 +731,7 @@ def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.n
             text += f", pixel IoU of maps > {DB_THRESH} {probmap_iou(reference[0], test[0]):.3f}"
         return (matched / total if total else float("nan")), text
     if entry.decoder == "ctc":
-        same = sum(a == b for a, b in zip(_ocr_text(entry, ref), _ocr_text(entry, got)))
+        same = sum(a == b for a, b in zip(ocr_text(entry, ref), ocr_text(entry, got)))
         spaces = " (spaces ignored)" if entry.charset and entry.charset.startswith("metadata:") else ""
         return same / len(ref), f"{same}/{len(ref)} identical strings{spaces}"
     if entry.decoder == "top1":
@@ -740,13 +740,14 @@ def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.n
     raise ValueError(f"zoo model {entry.key}: unknown decoder {entry.decoder!r}")
 
 
-def _ocr_text(entry: ZooEntry, sequences: list[tuple[int, ...]]) -> list:
+def ocr_text(entry: ZooEntry, sequences: list[tuple[int, ...]]) -> list:
     """What an OCR model's accuracy compares: PaddleOCR's RecMetric drops spaces (ignore_space=True,
-    ppocr/metrics/rec_metric.py), so its models are compared without them; other charsets keep
-    every class (ddddocr's has no space) and builders compare index sequences."""
-    if entry.charset and entry.charset.startswith("metadata:"):
-        return [decoded_text(entry, seq).replace(" ", "") for seq in sequences]
-    return list(sequences)
+    ppocr/metrics/rec_metric.py), so its models are compared without them; ddddocr's charsets have
+    no space; builders (no charset) compare index sequences."""
+    if not entry.charset:
+        return list(sequences)
+    texts = [decoded_text(entry, seq) for seq in sequences]
+    return [t.replace(" ", "") for t in texts] if entry.charset.startswith("metadata:") else texts
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
