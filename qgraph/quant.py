@@ -70,6 +70,7 @@ __all__ = [
     "bias_scale",
     "quantize_bias",
     "INT32_BIAS_RANGE",
+    "coarsen_weights_for_int32_bias",
     "scale_zero_point",
     "round_half_even",
     "saturate",
@@ -217,6 +218,42 @@ def quantize_bias(bias, in_scale, w_scale) -> np.ndarray:
     bias = np.asarray(bias, np.float32).reshape(-1)
     scale = np.broadcast_to(bias_scale(in_scale, w_scale), bias.shape)
     return quantize(bias, scale, 0, INT32_BIAS_RANGE[0], INT32_BIAS_RANGE[1], axis=0, dtype=np.int32)
+
+
+def coarsen_weights_for_int32_bias(bias, in_scale, in_reach: int, codes, w_scale, w_zero_point,
+                                   qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weight codes and scales with which every output channel's int32 accumulator holds its bias:
+    ``|round(b / (s_in·s_w'))| + Σ|c' − z|·in_reach ≤ INT32_BIAS_RANGE[1]``. A channel that fails
+    it (a near-dead channel with a tiny weight scale and a real bias: its bias at ``s_in·s_w``
+    leaves int32) gets ``s_w' = s_w·2^k`` and ``c' = clip(round_half_even((c − z)/2^k) + z)`` with
+    the least such k — the same bias, weights moved by at most ``2^(k−1)·s_w`` each, i.e. a
+    channel output moved by at most ``Σ|x − z_x|·s_in·2^(k−1)·s_w < |b|·n·in_reach / 2^31``.
+    `codes` has the output channel first; returns (codes, scales, k per channel); a per-tensor
+    scale stays per tensor (every channel takes the largest k)."""
+    codes = np.asarray(codes)
+    channels = codes.shape[0]
+    flat = codes.reshape(channels, -1).astype(np.int64)
+    zp = np.broadcast_to(np.asarray(w_zero_point, np.int64).reshape(-1), (channels,))
+    scale = np.asarray(w_scale, np.float32)
+    scales = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64)
+    b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
+    s_in = np.float64(np.asarray(in_scale, np.float32).reshape(-1)[0])
+    shifts = np.zeros(channels, np.int64)
+    for c in range(channels):
+        while True:
+            step = 2.0 ** int(shifts[c])
+            moved = np.clip(np.rint((flat[c] - zp[c]) / step) + zp[c], qmin, qmax)
+            room = abs(b[c]) / (s_in * scales[c] * step) + np.abs(moved - zp[c]).sum() * in_reach
+            if room <= INT32_BIAS_RANGE[1] or not np.isfinite(scales[c] * step * 2):
+                break
+            shifts[c] += 1
+    if scale.size == 1:
+        shifts[:] = shifts.max()
+    steps = 2.0 ** shifts
+    moved = np.clip(np.rint((flat - zp[:, None]) / steps[:, None]) + zp[:, None], qmin, qmax)
+    new_scale = (scale * steps[:1].astype(np.float32)).reshape(scale.shape) if scale.size == 1 \
+        else (scale.reshape(-1) * steps.astype(np.float32)).reshape(scale.shape)
+    return moved.astype(codes.dtype).reshape(codes.shape), new_scale.astype(np.float32), shifts
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
