@@ -84,6 +84,9 @@ __all__ = [
     "FixedPointSteps",
     "accumulator_bound",
     "fixed_point_steps",
+    "MEAN_MAX_COUNT",
+    "MeanRequant",
+    "mean_requant",
     "ort_requant_multiplier",
     "requantize_float",
     "ZERO_RANGE_SCALE",
@@ -534,6 +537,57 @@ def _steps_if_fit(mult, shifts, zp, qlo, qhi, storage, b, bound) -> FixedPointSt
         acc_hi = np.array([hi - b[c] for c, (_, hi) in enumerate(spans)], np.int64)
     return FixedPointSteps(np.array(mult, np.int64), np.array(offset, np.int64), np.array(shifts, np.int64), clip,
                            np.dtype(storage).type, acc_lo, acc_hi)
+
+
+#: The largest element count an integer mean (:func:`mean_requant`) is exact for: its int32 sum
+#: of 8-bit codes stays below 2^31 (255 · 2^23), e.g. a 2896 × 2896 map.
+MEAN_MAX_COUNT = 2**23
+
+
+@dataclass(frozen=True)
+class MeanRequant:
+    """The mean of ``count`` codes requantized with integers only, ``count`` known at run time:
+
+        y = clip(floor((T·M + count·C) / (count·2^n)) − k + zp_y, qlo, qhi)
+
+    with ``T`` the sum of the codes, which is ``round_half_up((T − count·z_x)·M / (count·2^n)) +
+    zp_y`` exactly (``C = 2^(n−1) − z_x·M + k·2^n``, ``k = ceil(z_x·M / 2^n)`` keeps the
+    numerator non-negative, so ORT's truncating int64 Div floors). ``M·2^-n ≈ s_x/s_y``; n is as
+    large as the int64 numerator allows for ``count <= MEAN_MAX_COUNT`` (≥ 28 significant bits of
+    M for multipliers down to 2^-9). Against the QDQ model's float GlobalAveragePool and
+    QuantizeLinear: the exact mean rounded half up instead of a float32 sum in MLAS's order
+    divided by count and rounded half to even — the same up to one LSB where the mean lies
+    within float rounding of a half."""
+    multiplier: int
+    shift: int
+    offset: int
+    base: int
+
+    def apply(self, total, count: int, zero_point: int, qlo: int, qhi: int, dtype=None) -> np.ndarray:
+        """The rule in NumPy (the reference the ONNX form is tested against)."""
+        num = np.asarray(total).astype(np.int64) * np.int64(self.multiplier) + np.int64(count * self.offset)
+        y = num // np.int64(count << self.shift) - self.base + zero_point
+        return saturate(y, qlo, qhi, dtype)
+
+
+def mean_requant(ratio: float, in_zero_point: int, in_qmax: int = 255,
+                 max_count: int = MEAN_MAX_COUNT) -> MeanRequant:
+    """The :class:`MeanRequant` of multiplier ``ratio = s_x/s_y`` for codes in ``[0, in_qmax]``
+    with zero point `in_zero_point`: the largest shift n ≤ 62 whose numerator fits int64 for
+    every count up to `max_count` (checked on Python integers)."""
+    ratio = float(ratio)
+    if not (np.isfinite(ratio) and ratio > 0):
+        raise ConfigError("mean_requant: the multiplier must be finite and > 0")
+    zx = int(in_zero_point)
+    for n in range(62, 0, -1):
+        m = int(round(ratio * 2.0**n))
+        if m < 1 or m >= 2**62:
+            continue
+        k = -((-zx * m) // (1 << n))
+        c = (1 << (n - 1)) - zx * m + k * (1 << n)
+        if max_count * (in_qmax * m + c) < _INT64_LIMIT and max_count << n < _INT64_LIMIT:
+            return MeanRequant(m, n, c, k)
+    raise ConfigError(f"mean_requant: multiplier {ratio:g} has no 64-bit integer form; check the scales")
 
 
 def ort_requant_multiplier(in_scale, w_scale, out_scale) -> np.ndarray:
