@@ -70,6 +70,7 @@ __all__ = [
     "bias_scale",
     "quantize_bias",
     "INT32_BIAS_RANGE",
+    "coarsen_weights_for_int32_bias",
     "scale_zero_point",
     "round_half_even",
     "saturate",
@@ -83,6 +84,9 @@ __all__ = [
     "FixedPointSteps",
     "accumulator_bound",
     "fixed_point_steps",
+    "MEAN_MAX_COUNT",
+    "MeanRequant",
+    "mean_requant",
     "ort_requant_multiplier",
     "requantize_float",
     "ZERO_RANGE_SCALE",
@@ -217,6 +221,42 @@ def quantize_bias(bias, in_scale, w_scale) -> np.ndarray:
     bias = np.asarray(bias, np.float32).reshape(-1)
     scale = np.broadcast_to(bias_scale(in_scale, w_scale), bias.shape)
     return quantize(bias, scale, 0, INT32_BIAS_RANGE[0], INT32_BIAS_RANGE[1], axis=0, dtype=np.int32)
+
+
+def coarsen_weights_for_int32_bias(bias, in_scale, in_reach: int, codes, w_scale, w_zero_point,
+                                   qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weight codes and scales with which every output channel's int32 accumulator holds its bias:
+    ``|round(b / (s_in·s_w'))| + Σ|c' − z|·in_reach ≤ INT32_BIAS_RANGE[1]``. A channel that fails
+    it (a near-dead channel with a tiny weight scale and a real bias: its bias at ``s_in·s_w``
+    leaves int32) gets ``s_w' = s_w·2^k`` and ``c' = clip(round_half_even((c − z)/2^k) + z)`` with
+    the least such k — the same bias, weights moved by at most ``2^(k−1)·s_w`` each, i.e. a
+    channel output moved by at most ``Σ|x − z_x|·s_in·2^(k−1)·s_w < |b|·n·in_reach / 2^31``.
+    `codes` has the output channel first; returns (codes, scales, k per channel); a per-tensor
+    scale stays per tensor (every channel takes the largest k)."""
+    codes = np.asarray(codes)
+    channels = codes.shape[0]
+    flat = codes.reshape(channels, -1).astype(np.int64)
+    zp = np.broadcast_to(np.asarray(w_zero_point, np.int64).reshape(-1), (channels,))
+    scale = np.asarray(w_scale, np.float32)
+    scales = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64)
+    b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,))
+    s_in = np.float64(np.asarray(in_scale, np.float32).reshape(-1)[0])
+    shifts = np.zeros(channels, np.int64)
+    for c in range(channels):
+        while True:
+            step = 2.0 ** int(shifts[c])
+            moved = np.clip(np.rint((flat[c] - zp[c]) / step) + zp[c], qmin, qmax)
+            room = abs(b[c]) / (s_in * scales[c] * step) + np.abs(moved - zp[c]).sum() * in_reach
+            if room <= INT32_BIAS_RANGE[1] or not np.isfinite(scales[c] * step * 2):
+                break
+            shifts[c] += 1
+    if scale.size == 1:
+        shifts[:] = shifts.max()
+    steps = 2.0 ** shifts
+    moved = np.clip(np.rint((flat - zp[:, None]) / steps[:, None]) + zp[:, None], qmin, qmax)
+    new_scale = (scale * steps[:1].astype(np.float32)).reshape(scale.shape) if scale.size == 1 \
+        else (scale.reshape(-1) * steps.astype(np.float32)).reshape(scale.shape)
+    return moved.astype(codes.dtype).reshape(codes.shape), new_scale.astype(np.float32), shifts
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
@@ -497,6 +537,57 @@ def _steps_if_fit(mult, shifts, zp, qlo, qhi, storage, b, bound) -> FixedPointSt
         acc_hi = np.array([hi - b[c] for c, (_, hi) in enumerate(spans)], np.int64)
     return FixedPointSteps(np.array(mult, np.int64), np.array(offset, np.int64), np.array(shifts, np.int64), clip,
                            np.dtype(storage).type, acc_lo, acc_hi)
+
+
+#: The largest element count an integer mean (:func:`mean_requant`) is exact for: its int32 sum
+#: of 8-bit codes stays below 2^31 (255 · 2^23), e.g. a 2896 × 2896 map.
+MEAN_MAX_COUNT = 2**23
+
+
+@dataclass(frozen=True)
+class MeanRequant:
+    """The mean of ``count`` codes requantized with integers only, ``count`` known at run time:
+
+        y = clip(floor((T·M + count·C) / (count·2^n)) − k + zp_y, qlo, qhi)
+
+    with ``T`` the sum of the codes, which is ``round_half_up((T − count·z_x)·M / (count·2^n)) +
+    zp_y`` exactly (``C = 2^(n−1) − z_x·M + k·2^n``, ``k = ceil(z_x·M / 2^n)`` keeps the
+    numerator non-negative, so ORT's truncating int64 Div floors). ``M·2^-n ≈ s_x/s_y``; n is as
+    large as the int64 numerator allows for ``count <= MEAN_MAX_COUNT`` (≥ 28 significant bits of
+    M for multipliers down to 2^-9). Against the QDQ model's float GlobalAveragePool and
+    QuantizeLinear: the exact mean rounded half up instead of a float32 sum in MLAS's order
+    divided by count and rounded half to even — the same up to one LSB where the mean lies
+    within float rounding of a half."""
+    multiplier: int
+    shift: int
+    offset: int
+    base: int
+
+    def apply(self, total, count: int, zero_point: int, qlo: int, qhi: int, dtype=None) -> np.ndarray:
+        """The rule in NumPy (the reference the ONNX form is tested against)."""
+        num = np.asarray(total).astype(np.int64) * np.int64(self.multiplier) + np.int64(count * self.offset)
+        y = num // np.int64(count << self.shift) - self.base + zero_point
+        return saturate(y, qlo, qhi, dtype)
+
+
+def mean_requant(ratio: float, in_zero_point: int, in_qmax: int = 255,
+                 max_count: int = MEAN_MAX_COUNT) -> MeanRequant:
+    """The :class:`MeanRequant` of multiplier ``ratio = s_x/s_y`` for codes in ``[0, in_qmax]``
+    with zero point `in_zero_point`: the largest shift n ≤ 62 whose numerator fits int64 for
+    every count up to `max_count` (checked on Python integers)."""
+    ratio = float(ratio)
+    if not (np.isfinite(ratio) and ratio > 0):
+        raise ConfigError("mean_requant: the multiplier must be finite and > 0")
+    zx = int(in_zero_point)
+    for n in range(62, 0, -1):
+        m = int(round(ratio * 2.0**n))
+        if m < 1 or m >= 2**62:
+            continue
+        k = -((-zx * m) // (1 << n))
+        c = (1 << (n - 1)) - zx * m + k * (1 << n)
+        if max_count * (in_qmax * m + c) < _INT64_LIMIT and max_count << n < _INT64_LIMIT:
+            return MeanRequant(m, n, c, k)
+    raise ConfigError(f"mean_requant: multiplier {ratio:g} has no 64-bit integer form; check the scales")
 
 
 def ort_requant_multiplier(in_scale, w_scale, out_scale) -> np.ndarray:

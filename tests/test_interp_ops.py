@@ -750,3 +750,34 @@ def test_unsupported_attribute_combinations_raise_interp_errors(rng):
         m = make([n], {"x": x}, inits, opset=20)
         with pytest.raises(InterpError, match=pattern):
             run(m, {"x": x})
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 240, 240), (1, 3, 7, 5), (2, 5, 1, 1), (1, 4, 3), (1, 2, 3, 4, 5)])
+def test_global_average_pool_sums_in_mlas_order_bit_for_bit(shape):
+    """MlasPoolGlobalKernel: four float32 lanes, folded (l0 + l2) + (l1 + l3), the tail one by one,
+    then / n — on a 240×240 map a float64 mean is hundreds of ulp from ORT's."""
+    import onnxruntime as ort
+    from qgraph.interp import run
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["y"])], "gap",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = (np.random.default_rng(0).standard_normal(shape) * 3 + 1).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(run(model, {"x": x})["y"], want)
+
+
+def test_global_average_pool_tolerance_covers_a_sequential_float32_sum():
+    """ORT's NCHWc pool adds each channel's elements one by one: n range ulp covers that order."""
+    from qgraph.interp.tolerance import tolerance_for
+    n = 14400
+    x = np.abs(np.random.default_rng(1).standard_normal((8, n))).astype(np.float32) + 1
+    sequential = np.zeros(8, np.float32)
+    for i in range(n):
+        sequential = sequential + x[:, i]
+    sequential /= np.float32(n)
+    exact = x.astype(np.float64).mean(axis=1)
+    tol = tolerance_for("GlobalAveragePool").for_terms(n)
+    assert tol.range_ulp == n
+    assert np.all(np.abs(sequential - exact) <= tol.allowed(sequential))

@@ -620,3 +620,100 @@ def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
     np.testing.assert_array_equal(got, want)
     if interp_run is not None:
         np.testing.assert_array_equal(interp_run(lowered, {"acc": acc})["y"], got)
+
+
+# -- biases beyond int32 ------------------------------------------------------------------------
+
+def dead_channel_conv_qdq() -> onnx.ModelProto:
+    """A 1x1 Conv whose channel 1 has weights of scale 1e-20 (a near-dead channel, as PP-OCRv4's
+    are after BN folding) but a bias of 0.75: at s_x·s_w that bias is ~1e20, far beyond int32."""
+    w = np.array([[[[100]], [[-50]]], [[[127]], [[-127]]], [[[20]], [[60]]]], np.int8)
+    inits = [numpy_helper.from_array(np.float32(1 / 255), "x_s"), numpy_helper.from_array(np.uint8(0), "x_z"),
+             numpy_helper.from_array(w, "w_q"),
+             numpy_helper.from_array(np.array([0.004, 1e-20, 0.003], np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(3, np.int8), "w_z"),
+             numpy_helper.from_array(np.array([0.1, 0.75, -0.2], np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.01), "y_s"), numpy_helper.from_array(np.uint8(60), "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wf"], name="wdq", axis=0),
+             helper.make_node("Conv", ["xf", "wf", "b"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "y_s", "y_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    return input_to_logits(nodes, inits, "dead_channel", ["N", 2, 4, 4])
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+def test_a_bias_beyond_int32_moves_its_channel_to_a_coarser_weight_grid(target):
+    qdq = dead_channel_conv_qdq()
+    lowered, report = lower_model(qdq, target)
+    assert report["weights_coarsened_for_int32_bias"] == {"conv": 1}
+    x = np.random.default_rng(0).random((8, 2, 4, 4)).astype(np.float32)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out[:, 1], ref[:, 1])     # the bias alone: 0.75 exactly, not int32's saturation
+    assert np.max(np.abs(out - ref)) <= 0.01 * 1.01         # one LSB at most elsewhere
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_coarsened_weights_keep_the_bias_and_move_each_weight_by_half_a_new_step():
+    codes = np.array([[127, -127, 3], [50, 0, -1]], np.int8)
+    moved, scale, shifts = quant.coarsen_weights_for_int32_bias(
+        [0.5, 0.1], np.float32(0.01), 255, codes, np.array([1e-15, 0.01], np.float32), np.zeros(2, np.int8), -127, 127)
+    assert shifts[1] == 0 and np.array_equal(moved[1], codes[1]) and scale[1] == np.float32(0.01)
+    k = int(shifts[0])
+    assert scale[0] == np.float32(1e-15) * np.float32(2.0 ** k)
+    assert abs(round(0.5 / (0.01 * float(scale[0])))) + np.abs(moved[0].astype(np.int64)).sum() * 255 <= 2**31 - 128
+    assert np.all(np.abs(moved[0] * float(scale[0]) - codes[0] * 1e-15) <= float(scale[0]) / 2 * 1.0001)
+    # one shift less would not have fitted: k is the least
+    assert 0.5 / (0.01 * 1e-15 * 2.0 ** (k - 1)) > 2**31 - 128 - 255 * 2 * 127
+
+
+# -- GlobalAveragePool of a map whose size is known at run time only --------------------------------
+
+def dynamic_gap_qdq(x_zp: int, y_scale: float) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.float32(0.02), "x_s"), numpy_helper.from_array(np.uint8(x_zp), "x_z"),
+             numpy_helper.from_array(np.float32(y_scale), "y_s"), numpy_helper.from_array(np.uint8(90), "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
+             helper.make_node("GlobalAveragePool", ["xf"], ["g"], name="gap"),
+             helper.make_node("QuantizeLinear", ["g", "y_s", "y_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    return input_to_logits(nodes, inits, "dynamic_gap", ["N", 3, "H", "W"])
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+@pytest.mark.parametrize("x_zp,y_scale", [(0, 0.02), (128, 0.013), (37, 0.0031)])
+def test_global_average_pool_of_a_dynamic_map_lowers_and_counts_at_run_time(x_zp, y_scale, target):
+    qdq = dynamic_gap_qdq(x_zp, y_scale)
+    lowered, report = lower_model(qdq, target)
+    assert report["skipped"] == [] and report["float_nodes"] == [], report
+    rng = np.random.default_rng(x_zp)
+    for h, w in [(1, 1), (5, 7), (16, 16), (240, 240)]:
+        x = (rng.random((2, 3, h, w)) * 5.1 - 2.55 + rng.random((2, 3, 1, 1))).astype(np.float32)
+        ref = run_model(qdq, {"input": x})["logits"]
+        out = run_model(lowered, {"input": x})["logits"]
+        assert np.max(np.abs(out - ref)) <= y_scale * 1.01, (h, w)   # one LSB at most: half-up vs float rounding
+        if target == "integer":                                      # the exact rule of quant.MeanRequant
+            assert integer_region_float_tensors(lowered) == []
+            codes = np.clip(np.rint(x / np.float32(0.02)) + x_zp, 0, 255).astype(np.int64)
+            rule = quant.mean_requant(quant.requant_multiplier(0.02, 1.0, y_scale), x_zp)
+            want = rule.apply(codes.sum(axis=(2, 3), keepdims=True), h * w, 90, 0, 255, np.uint8)
+            np.testing.assert_array_equal(np.rint(out / np.float32(y_scale)) + 90, want)
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_mean_requant_is_round_half_up_of_the_exact_mean():
+    from fractions import Fraction
+    rng = np.random.default_rng(0)
+    for ratio, zx in [(1.0, 77), (0.3, 0), (3.7, 255), (1e-3, 128), (40.0, 3)]:
+        rule = quant.mean_requant(ratio, zx)
+        assert abs(rule.multiplier / 2**rule.shift / ratio - 1) < 2**-28
+        for count in (1, 7, 57600, quant.MEAN_MAX_COUNT):
+            totals = np.concatenate([[0, 255 * count, zx * count], rng.integers(0, 255 * count + 1, 40)])
+            got = rule.apply(totals, count, 10, -2**40, 2**40, np.int64)
+            want = [int(np.floor(Fraction(int(t) - count * zx) * Fraction(rule.multiplier, count << rule.shift)
+                                 + Fraction(1, 2))) + 10 for t in totals]
+            assert got.tolist() == want

@@ -569,8 +569,26 @@ def average_pool(ctx, x):
 
 @register("GlobalAveragePool")
 def global_average_pool(ctx, x):
-    axes = tuple(range(2, x.ndim))
-    return x.astype(np.float64).mean(axis=axes, keepdims=True).astype(x.dtype)
+    """The mean over the spatial axes in MLAS's order (mlas/lib/pooling.cpp, MlasPoolGlobalKernel,
+    which ORT runs for float32 NCHW maps): four float32 lanes summed sequentially over each
+    channel's elements, lanes folded as ``(l0 + l2) + (l1 + l3)`` (MlasReduceAddFloat32x4), the
+    last ``n mod 4`` elements added one by one, then divided by ``float(n)``. ORT's NCHWc layout
+    pass may run a pool on blocked channels instead (one sequential sum per channel), which the
+    GlobalAveragePool tolerance covers (qgraph/interp/tolerance.py)."""
+    if x.dtype != np.float32 or x.ndim < 3:
+        axes = tuple(range(2, x.ndim))
+        return x.astype(np.float64).mean(axis=axes, keepdims=True).astype(x.dtype)
+    n = int(np.prod(x.shape[2:]))
+    flat = x.reshape(-1, n)
+    body = n // 4 * 4
+    if body:
+        lanes = np.add.accumulate(flat[:, :body].reshape(flat.shape[0], body // 4, 4), axis=1)[:, -1, :]
+        total = (lanes[:, 0] + lanes[:, 2]) + (lanes[:, 1] + lanes[:, 3])
+    else:
+        total = np.zeros(flat.shape[0], np.float32)
+    for i in range(body, n):
+        total = total + flat[:, i]
+    return (total / np.float32(n)).reshape(x.shape[:2] + (1,) * (x.ndim - 2))
 
 
 @register("GlobalMaxPool")

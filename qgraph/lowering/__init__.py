@@ -46,6 +46,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     forward_bn = len(get_annotation(model, FORWARD_FUSED_BN, {}) or {})
     folded = fold.fold_constants(model)
     check_weight_axes(model)
+    coarsened = fold.fit_biases_to_int32(model)
     unsigned = integer.unsign_activations(model) if target == "integer" else 0
     sunk = fold.sink_dequantize(model)
     transposed, transpose_declined = conv_transpose.rewrite_conv_transposes(model)
@@ -128,10 +129,13 @@ def lower_graph(model: QModel, target: str) -> dict:
                   if kept_float else "")
                + (f", {len(outside)} float outside the quantized region" if outside else "")
                + (f", {folded} constant nodes folded" if folded else "")
+               + (f", {sum(coarsened.values())} weight channels on a coarser grid so their bias fits int32"
+                  if coarsened else "")
                + (f", {len(kept)} 16-bit Q/DQ nodes kept" if kept else ""))
     return {"changed": changed, "summary": summary, "skipped": skipped, "warnings": warnings,
             "target": target, "lowered": dict(sorted(lowered.items())), "folded_constant_nodes": folded,
-            "forward_fused_bn_folded": forward_bn, "activations_made_unsigned": unsigned,
+            "forward_fused_bn_folded": forward_bn,
+            "weights_coarsened_for_int32_bias": coarsened, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
             "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,

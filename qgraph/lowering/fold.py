@@ -8,7 +8,13 @@
 2. Dequantize sinking: for ops that commute with a per-tensor DequantizeLinear
    (``op(DQ(q)) = DQ(op(q))``: data movement, max pooling, nearest resize, Relu as a clamp at zp),
    ``DQ → op`` without a following QuantizeLinear becomes ``op → DQ`` on the integer tensor.
-3. Shape inference, so rules can read ranks and static spatial sizes.
+3. Biases that int32 cannot hold: a Conv/Gemm output channel whose weights have a tiny scale
+   (a near-dead channel) but a real bias needs ``b/(s_x·s_w)`` beyond int32; both targets add
+   the bias to the int32 accumulator, where it would saturate (PP-OCRv4: up to 19 LSB on such
+   channels). Those channels' weights move to a coarser grid ``s_w·2^k`` (quant.
+   coarsen_weights_for_int32_bias), which keeps the bias and moves the channel's output by a
+   bound far below one output LSB — the QDQ model's own float sum hardly sees those weights.
+4. Shape inference, so rules can read ranks and static spatial sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from qgraph.annotations import FORWARD_FUSED_BN, get_annotation, set_annotation
 from qgraph.graph import QModel
 from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, Declined, clip_bounds, constant_tensors, evaluate_constants,
                            index_tensors, is_range_preserving, lift_constant_nodes)
-from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer, var
+from qgraph import quant
+from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, const, read_quantizer, var, weight_channel_axis
 
 
 def fold_constants(model: QModel) -> int:
@@ -143,6 +150,53 @@ def sink_dequantize(model: QModel) -> set[str]:
             model.add_node(DEQUANTIZE, [qout, *dq.inputs[1:]], [t], node.name + "_dq", dict(dq.attrs))
     model.cleanup()
     return sunk
+
+
+def fit_biases_to_int32(model: QModel) -> dict[str, int]:
+    """Give each Conv/Gemm whose bias leaves the int32 accumulator at ``s_x·s_w`` a coarser weight
+    grid on those channels (a new DequantizeLinear of its own); returns {node: channels changed}."""
+    changed = {}
+    for node in list(model.graph.nodes):
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not node.inputs[2].name:
+            continue
+        producers = [model.producer(t) for t in node.inputs[:2]]
+        if any(p is None or p.op != DEQUANTIZE for p in producers):
+            continue
+        x_dq, w_dq = producers
+        xq, wq = read_quantizer(x_dq), read_quantizer(w_dq)
+        codes = model.constant_value(w_dq.inputs[0])
+        bias = _real_bias(model, node.inputs[2])
+        if xq is None or wq is None or xq.per_channel or codes is None or bias is None:
+            continue
+        axis = weight_channel_axis(node, 1, codes.ndim)
+        if (wq.per_channel and wq.axis % codes.ndim != axis) or bias.size != codes.shape[axis]:
+            continue
+        zx = xq.scalar_zero_point()
+        moved, scale, shifts = quant.coarsen_weights_for_int32_bias(
+            bias, xq.scale, max(zx - xq.qmin, xq.qmax - zx), np.moveaxis(codes, axis, 0), wq.scale, wq.zero_point,
+            wq.qmin, wq.qmax)
+        if not shifts.any():
+            continue
+        name = f"{node.name}_weight_for_int32_bias"
+        weight = var(model, name, np.float32)
+        model.add_node(DEQUANTIZE, [const(model, f"{name}_codes", np.moveaxis(moved, 0, axis)),
+                                    const(model, f"{name}_scale", scale), *w_dq.inputs[2:3]],
+                       [weight], name, dict(w_dq.attrs))
+        node.inputs[1] = weight
+        changed[node.name] = int(np.count_nonzero(shifts))
+    if changed:
+        model.cleanup()
+    return changed
+
+
+def _real_bias(model: QModel, tensor) -> np.ndarray | None:
+    """A constant bias as float64, read through a DequantizeLinear; None when computed."""
+    producer = model.producer(tensor)
+    if producer is not None and producer.op == DEQUANTIZE:
+        q, codes = read_quantizer(producer), model.constant_value(producer.inputs[0])
+        return None if q is None or codes is None else np.asarray(q.dequantize(codes, axis=0), np.float64).reshape(-1)
+    value = model.constant_value(tensor)
+    return None if value is None else np.asarray(value, np.float64).reshape(-1)
 
 
 def infer_shapes(model: QModel) -> str | None:

@@ -19,7 +19,9 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
 - residual Add: ``y = round((Ka·(a−za) + Kb·(b−zb)) / 2^n) + zp_y`` with Ka, Kb on one shift;
 - Mul: ``(a−za)·(b−zb)`` in int32, multiplier ``s_a·s_b/s_y``;
 - average pools: an int32 ReduceSum (global) or a depthwise ConvInteger of ones (windowed,
-  unpadded) minus ``count·zp``, multiplier ``s_x / (count·s_y)``;
+  unpadded) minus ``count·zp``, multiplier ``s_x / (count·s_y)``; a global pool of a map whose
+  size is known only at run time divides by the count taken from its shape, in int64
+  (quant.mean_requant);
 - unary elementwise ops (Sigmoid, LeakyRelu, Tanh, …): a 256-entry Gather table;
 - Relu/Clip: a Clip on the uint8 output (see patterns).
 """
@@ -326,24 +328,68 @@ def _static_dims(tensor: gs.Tensor, axes) -> list[int] | None:
 
 
 def lower_global_average_pool(model: QModel, site: Site) -> None:
+    """An int32 ReduceSum of the codes, requantized with the count of the spatial size: a constant
+    multiplier when the size is static, else the count from the run-time shape
+    (quant.mean_requant, exact up to quant.MEAN_MAX_COUNT elements per channel)."""
     x = _uint8_activation(site, 0)
     rank = len(site.node.inputs[0].shape or ())
-    spatial = _static_dims(site.node.inputs[0], range(2, rank)) if rank > 2 else None
-    if spatial is None:
-        raise Declined("dynamic shape: GlobalAveragePool needs static spatial dimensions")
-    count = int(np.prod(spatial))
-    ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
+    if rank < 3:
+        raise Declined("GlobalAveragePool needs a known rank of at least 3")
+    spatial = _static_dims(site.node.inputs[0], range(2, rank))
     name = site.node.name
+    zx = x.quantizer.scalar_zero_point()
 
-    def build(out):
+    def total_of(out_dtype=np.int32):
         wide = var(model, f"{name}_wide", np.int32)
         model.add_node("Cast", [x.tensor], [wide], f"{name}_cast", {"to": TensorProto.INT32})
         total = var(model, f"{name}_sum", np.int32)
         model.add_node("ReduceSum", [wide, const(model, f"{name}_axes", np.arange(2, rank, dtype=np.int64))],
                        [total], name, {"keepdims": 1})
-        emit_requantize(model, total, ratio, site.out_q, out, f"{name}_requant",
-                        bias=np.int64(-count * x.quantizer.scalar_zero_point()),
+        return total
+
+    if spatial is None:
+        return _lower_mean_of_runtime_count(model, site, x, rank, total_of)
+    count = int(np.prod(spatial))
+    ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
+
+    def build(out):
+        emit_requantize(model, total_of(), ratio, site.out_q, out, f"{name}_requant",
+                        bias=np.int64(-count * zx),
                         acc_bound=count * max(abs(x.quantizer.qmin), abs(x.quantizer.qmax)), bounds=clamp_bounds(site))
+
+    finish_site(model, site, build, clamped=True)
+
+
+def _lower_mean_of_runtime_count(model: QModel, site: Site, x: QInput, rank: int, total_of) -> None:
+    """``y = clip(floor((T·M + count·C) / (count·2^n)) − k + zp_y)`` in int64 with ``count`` the
+    product of the run-time spatial dimensions (Shape → Slice → ReduceProd): quant.MeanRequant."""
+    name = site.node.name
+    rule = quant.mean_requant(quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale),
+                              x.quantizer.scalar_zero_point(), x.quantizer.qmax)
+    qlo, qhi = clamp_bounds(site) or (site.out_q.qmin, site.out_q.qmax)
+
+    def step(op, inputs, label, dtype=np.int64, attrs=None):
+        out = var(model, f"{name}_{label}", dtype)
+        model.add_node(op, inputs, [out], f"{name}_{label}", attrs or {})
+        return out
+
+    def c64(label, value):
+        return const(model, f"{name}_{label}", np.array(value, np.int64))
+
+    def build(out):
+        shape = step("Shape", [x.tensor], "shape")
+        dims = step("Slice", [shape, c64("first_spatial", [2]), c64("end_spatial", [rank])], "spatial")
+        count = step("ReduceProd", [dims], "count", attrs={"keepdims": 0})
+        total = step("Cast", [total_of()], "sum_wide", attrs={"to": TensorProto.INT64})
+        scaled = step("Mul", [total, c64("m", rule.multiplier)], "scaled")
+        offset = step("Mul", [count, c64("c", rule.offset)], "offset")
+        numerator = step("Add", [scaled, offset], "numerator")
+        denominator = step("Mul", [count, c64("two_n", 1 << rule.shift)], "denominator")
+        floor = step("Div", [numerator, denominator], "floor")
+        shifted = step("Add", [floor, c64("zp_minus_k", site.out_q.scalar_zero_point() - rule.base)], "shifted")
+        clipped = step("Clip", [shifted, c64("qlo", qlo), c64("qhi", qhi)], "clipped")
+        model.add_node("Cast", [clipped], [out], f"{name}_narrow",
+                       {"to": _ONNX_TYPES[np.dtype(site.out_q.dtype).name]})
 
     finish_site(model, site, build, clamped=True)
 
