@@ -62,6 +62,31 @@ def test_bias_correction_moves_layer_means_onto_float_and_helps_held_out_outputs
     before = snr_db(reference, run_model(w4[name], val)["logits"])
     after = snr_db(reference, run_model(model.to_onnx(), val)["logits"])
     assert after > before + 0.5, (before, after)
+    assert not report["reverted"] and report["output_snr_db_after"] > report["output_snr_db_before"]
+
+
+def test_bias_correction_that_would_move_the_outputs_away_from_float_is_reverted(w4, digits, monkeypatch):
+    """A correction is kept only if the outputs end closer to float on the calibration data. A
+    mis-measured shift (here: every layer's mean difference reported 3x too large, as a few
+    unrepresentative samples could) must leave the model as it was, bit for bit."""
+    import qgraph.passes.bias_correction as bc
+    calib, val = digits
+    measure = bc._channel_means
+    calls = []
+
+    def overshooting(model, outputs, ctx, limit):
+        means = measure(model, outputs, ctx, limit)
+        calls.append(1)
+        if len(calls) == 1:            # the float reference
+            return means
+        return {name: value * 3.0 for name, value in means.items()}
+    monkeypatch.setattr(bc, "_channel_means", overshooting)
+    model = QModel.from_onnx(w4["resnet"])
+    report = run_pass(model, "bias_correction", {}, PassContext(data={"input": calib["input"][:64]}))
+    assert report["reverted"] and report["changed"] == 0
+    assert report["output_snr_db_after"] < report["output_snr_db_before"]
+    assert "reverted" in report["summary"]
+    np.testing.assert_array_equal(run_model(model.to_onnx(), val)["logits"], run_model(w4["resnet"], val)["logits"])
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])

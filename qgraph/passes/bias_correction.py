@@ -16,8 +16,15 @@ overshoots through the ReLUs and diverges). `iterations` repeats the sweep.
 The float reference is measured once, before any bias changes (the float form shares the
 biases): run the pass once per model, with more `iterations` rather than twice.
 
-Invariant: changes outputs (moves each quantized layer's output mean onto the float one); only
-bias initializers change, quantizers and scales do not. Run it after calibrate.
+The correction is kept only if it brings the graph outputs closer to float on the calibration
+data (output SNR, every output): matching each layer's mean can still move the outputs away
+(measured: nudenet's YOLOv8n, output cosine 0.9992 → 0.9961 on held-out photos, where the
+PaddleOCR recognizer gains 0.945 → 0.973); otherwise the biases are restored and the report says
+`reverted`.
+
+Invariant: changes outputs (moves each quantized layer's output mean onto the float one) and never
+lowers the output SNR to float on the calibration data; only bias initializers change, quantizers
+and scales do not. Run it after calibrate.
 """
 
 from __future__ import annotations
@@ -55,7 +62,11 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
     if not layers:
         return {"changed": 0, "summary": "no Conv/Gemm with a quantized weight", "skipped": skipped, "warnings": []}
     outputs = {node.name: node.outputs[0].name for node, _ in layers}
-    reference = _channel_means(bypassed(model), list(outputs.values()), ctx, max_samples)
+    float_form = bypassed(model)
+    reference = _channel_means(float_form, list(outputs.values()), ctx, max_samples)
+    float_proto = float_form.to_onnx()
+    snr_before = _output_snr(float_proto, model, ctx, max_samples)
+    before = [(bias, np.array(bias.values, copy=True)) for _, bias in layers]
     waves = layer_waves(model, [node.name for node, _ in layers])
     shifts = []
     for _ in range(iterations):
@@ -69,10 +80,40 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
                     bias.values = (np.asarray(bias.values, np.float64) - eps).astype(np.float32)
                     worst = max(worst, float(np.max(np.abs(eps))))
         shifts.append(worst)
+    snr_after = _output_snr(float_proto, model, ctx, max_samples)
     summary = (f"{len(layers)} biases corrected in {len(waves)} waves, {iterations} sweep(s); largest mean "
                f"shift {shifts[0]:.3g}" + (f", {shifts[-1]:.3g} in the last sweep" if iterations > 1 else ""))
-    return {"changed": len(layers), "summary": summary, "largest_shift": shifts, "skipped": skipped,
-            "warnings": []}
+    fidelity = {"output_snr_db_before": snr_before, "output_snr_db_after": snr_after}
+    if snr_after < snr_before:
+        # matching every layer's output mean can still move the outputs away from float (a few
+        # samples' means, nonlinearities between the layers): keep the model that is closer
+        for bias, values in before:
+            bias.values = values
+        return {"changed": 0, "summary": f"reverted: the corrected model's output SNR on the calibration data "
+                f"fell from {snr_before:.1f} to {snr_after:.1f} dB ({summary})", "largest_shift": shifts,
+                "reverted": True, **fidelity, "skipped": skipped, "warnings": []}
+    summary += f"; output SNR {snr_before:.1f} -> {snr_after:.1f} dB on the calibration data"
+    return {"changed": len(layers), "summary": summary, "largest_shift": shifts, "reverted": False, **fidelity,
+            "skipped": skipped, "warnings": []}
+
+
+def _output_snr(float_proto, model: QModel, ctx: PassContext, limit: int) -> float:
+    """10·log10(Σ float output² / Σ (quantized − float)²) over every graph output and the
+    calibration data: the fidelity the correction must not lower."""
+    from qgraph.runner import Runner
+    proto = model.to_onnx()
+    names = [o.name for o in proto.graph.output]
+    reference, quantized = Runner(float_proto, names), Runner(proto, names)
+    signal = noise = 0.0
+    for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, limit or None):
+        want, got = reference.run(feeds, names), quantized.run(feeds, names)
+        for name in names:
+            w = np.asarray(want[name], np.float64)
+            signal += float(np.sum(w * w))
+            noise += float(np.sum((np.asarray(got[name], np.float64) - w) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def _bias_of(model: QModel, node):
