@@ -35,18 +35,22 @@ def _same_outputs(a, b, feeds, rtol=1e-5):
         np.testing.assert_allclose(rb[key], ra[key], rtol=rtol, atol=1e-5 * float(np.abs(ra[key]).max()))
 
 
+def _layernorm_nodes(out: str) -> list:
+    """torch.onnx's LayerNorm over the last axis without its affine: (x − mean) / sqrt(var + eps)."""
+    return [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["x", "m"], ["d"]),
+            helper.make_node("Pow", ["d", "two"], ["p"]),
+            helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
+            helper.make_node("Add", ["v", "eps"], ["ve"]),
+            helper.make_node("Sqrt", ["ve"], ["s"]),
+            helper.make_node("Div", ["d", "s"], [out])]
+
+
 def test_decomposed_layernorm_becomes_one_op_with_its_statistics_outputs():
     """torch.onnx's LayerNorm: mean, centred, Pow 2, mean, + eps, Sqrt, Div, Mul γ, Add β."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
-             helper.make_node("Sub", ["x", "m"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["p"]),
-             helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
-             helper.make_node("Add", ["v", "eps"], ["ve"]),
-             helper.make_node("Sqrt", ["ve"], ["s"]),
-             helper.make_node("Div", ["d", "s"], ["n"]),
-             helper.make_node("Mul", ["n", "gamma"], ["g"]),
-             helper.make_node("Add", ["g", "beta"], ["y"])]
+    nodes = _layernorm_nodes("n") + [helper.make_node("Mul", ["n", "gamma"], ["g"]),
+                                     helper.make_node("Add", ["g", "beta"], ["y"])]
     model = _model(nodes, {"two": 2.0, "eps": 1e-5, "gamma": rng.uniform(0.5, 1.5, 16),
                            "beta": rng.normal(0, 0.1, 16)}, ["N", 5, 16], ["N", 5, 16])
     out, report = _canonical(model)
@@ -73,13 +77,7 @@ def test_a_layernorm_read_halfway_is_left_alone():
 def test_a_layernorm_over_axes_of_unknown_size_stays_decomposed_and_runs():
     """PP-OCRv4's recognizer normalizes a tensor whose width is symbolic: LayerNormalization would
     need a scale of that size, so the idiom is declined (it used to crash in numpy.ones)."""
-    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
-             helper.make_node("Sub", ["x", "m"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["p"]),
-             helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1], keepdims=1),
-             helper.make_node("Add", ["v", "eps"], ["ve"]),
-             helper.make_node("Sqrt", ["ve"], ["s"]),
-             helper.make_node("Div", ["d", "s"], ["y"])]
+    nodes = _layernorm_nodes("y")
     model = _model(nodes, {"two": 2.0, "eps": 1e-5}, ["N", 5, "W"], ["N", 5, "W"])
     out, report = _canonical(model)
     assert report["idioms"]["layernorm"] == 0
