@@ -412,7 +412,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
                 "task_unit": unit}
 
     row: dict = {"model": key, "batch": batch, "lr": {"int8": args.zoo_lr * batch / args.zoo_batch,
-                                                       "w4a8": args.zoo_w4_lr * batch / args.zoo_batch}}
+                                                       "w4a8": args.zoo_w4_lr * batch / args.zoo_batch},
+                       "relative_lr": args.zoo_relative_lr}
     # the int8 model a user gets without training (ptq.yaml: percentile activation ranges), the bar for W4A8
     row["ptq_default_int8"] = measure(apply_pipeline(float_model, "ptq", calib, batch_size=batch))
     log(f"PTQ int8 (ptq.yaml): cosine {row['ptq_default_int8']['cosine']:.5f}")
@@ -429,7 +430,7 @@ def distill_zoo(key: str, args, work: Path) -> dict:
         try:
             trained, history = train_model(prepared, data, held_out, teacher=float_model, epochs=epochs, lr=lr,
                                            batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False,
-                                           keep_best=True)
+                                           keep_best=True, relative_lr=args.zoo_relative_lr)
         except QGraphError as exc:
             row[f"distill_{name}"] = {"error": str(exc)}
             log(f"failed: {exc}")
@@ -566,6 +567,9 @@ def main() -> None:
     parser.add_argument("--zoo-start", choices=("qat", "ptq"), default="qat",
                         help="the pipeline of the model distillation starts from: qat.yaml (minmax activation "
                              "ranges, forward-fused BN) or ptq.yaml (percentile ranges, BN folded)")
+    parser.add_argument("--zoo-relative-lr", action="store_true",
+                        help="steps relative to each tensor's RMS (train_model(relative_lr=True)); the rates "
+                             "then mean a relative change per step")
     parser.add_argument("--zoo-bits", type=lambda text: [int(b) for b in text.split(",")], default=[8, 4],
                         help="weight bits of the zoo runs: 8 (int8), 4 (W4A8) or both (8,4)")
     args = parser.parse_args()

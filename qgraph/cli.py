@@ -198,6 +198,9 @@ def inspect(model, as_json):
 @click.option("--feature-weight", default=1.0, show_default=True, help="With --teacher: weight of each --feature.")
 @click.option("--label-weight", default=0.0, show_default=True,
               help="With --teacher: add this times the --loss on the labels.")
+@click.option("--relative-lr", is_flag=True,
+              help="Step each tensor by about --lr times its RMS (for pretrained models whose tensors differ "
+                   "in scale by orders of magnitude).")
 @click.option("--keep-best", is_flag=True,
               help="Write the epoch with the lowest --val loss (the input itself, epoch 0, included).")
 @click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
@@ -205,7 +208,7 @@ def inspect(model, as_json):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
           warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, teacher_path, distill_loss,
-          temperature, feature, feature_weight, label_weight, keep_best, workdir, resume, quiet):
+          temperature, feature, feature_weight, label_weight, relative_lr, keep_best, workdir, resume, quiet):
     """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
 
     \b
@@ -221,7 +224,8 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
                          fix_activations=False if train_act else None, seed=seed, resume=resume,
                          progress=not quiet, teacher_path=teacher_path, distill_loss=distill_loss,
                          temperature=temperature, feature=feature, feature_weight=feature_weight,
-                         label_weight=label_weight, keep_best=keep_best)
+                         label_weight=label_weight, relative_lr=relative_lr,
+                         keep_best=keep_best)
     for row in history:
         click.echo(_epoch_line(row, distilled=teacher_path is not None))
     kept = [row["epoch"] for row in history if row.get("kept")]

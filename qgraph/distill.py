@@ -20,6 +20,7 @@ from onnx import helper
 
 from qgraph.data import model_inputs
 from qgraph.errors import ModelError, TrainError
+from qgraph.idioms import dims_map
 from qgraph.ort_training import TEACHER_PREFIX, DistillationLoss, DistillTerm
 from qgraph.runner import Runner
 
@@ -136,9 +137,7 @@ def _distill_probe(runner: Runner, feeds: dict, names: list[str], who: str) -> d
 def _output_term(teacher: onnx.ModelProto, name: str, shape: tuple, config: "TrainConfig") -> DistillTerm:
     """The loss term of one output: `--distill-loss`, else KL along the axis of a Softmax or
     LogSoftmax output (a distribution) and relative MSE for every other output."""
-    producer = _producer(teacher, name)
-    op = producer.op_type if producer is not None else ""
-    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1) if op in ("Softmax", "LogSoftmax") else -1
+    op, axis = _distribution(teacher, name, shape) or ("", -1)
     form = {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(op, "logits")
     if name in config.distill_loss:
         kind = config.distill_loss[name]
@@ -147,13 +146,28 @@ def _output_term(teacher: onnx.ModelProto, name: str, shape: tuple, config: "Tra
     return DistillTerm(name, kind, len(shape), form=form, axis=axis, temperature=config.temperature)
 
 
-def _producer(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
-    """The node computing `name`, looking through Identity."""
-    by_output = {out: node for node in model.graph.node for out in node.output}
-    node = by_output.get(name)
-    while node is not None and node.op_type == "Identity":
+_RESHAPES = ("Reshape", "Flatten")
+
+
+def _distribution(teacher: onnx.ModelProto, name: str, shape: tuple) -> tuple[str, int] | None:
+    """(Softmax or LogSoftmax, axis) when output `name` is one, looking through Identity, and
+    through Reshape/Flatten when the softmax runs along its input's last axis and the output's
+    last axis has that size: each row of the output is then one softmax row (Paddle2ONNX writes
+    CTC probabilities as Flatten -> Softmax -> Reshape)."""
+    by_output = {out: node for node in teacher.graph.node for out in node.output}
+    node, reshaped = by_output.get(name), False
+    while node is not None and (node.op_type == "Identity" or node.op_type in _RESHAPES):
+        reshaped |= node.op_type in _RESHAPES
         node = by_output.get(node.input[0])
-    return node
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    if not reshaped:
+        return node.op_type, axis
+    dims = dims_map(teacher).get(node.input[0])
+    if not dims or axis not in (-1, len(dims) - 1) or dims[-1] is None or not shape or dims[-1] != shape[-1]:
+        return None
+    return node.op_type, -1
 
 
 def _with_distilled_outputs(graph: onnx.ModelProto, ranks: dict[str, int]) -> onnx.ModelProto:

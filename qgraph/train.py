@@ -108,6 +108,8 @@ class TrainConfig:
     label_weight: Annotated[float, Range(0.0, 1e6)] = 0.0
     # export the epoch with the lowest validation loss, the input itself (epoch 0) included
     keep_best: bool = False
+    # steps relative to each trained tensor's RMS (Adafactor's relative step size)
+    relative_lr: bool = False
 
     def __post_init__(self):
         hints = __import__("typing").get_type_hints(TrainConfig, include_extras=True)
@@ -384,6 +386,7 @@ class _Plan:
     fixed_batch: int | None           # the inputs' batch dimension when the model fixes it
     declined: dict[str, str] = field(default_factory=dict)   # nodes left for ORT to differentiate, why
     nonfinite: str | None = None      # the first tensor the model computes as NaN/Inf on the data
+    relative: dict[str, float] = field(default_factory=dict)  # tensor -> c: trained as W / c (relative_lr)
 
 
 def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
@@ -404,6 +407,10 @@ def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
     if not trainable:
         raise TrainError("model has no trainable parameters (no float weight/bias initializers); "
                          "training needs weights stored as initializers")
+    relative: dict[str, float] = {}
+    if config.relative_lr:
+        graph, relative = _relative_parameters(graph, trainable)
+        frozen = frozen + [_relative_scale_name(name) for name in relative]
     batch_dims = {dims[0] if dims else None for _, dims in inputs.values()}
     fixed = {d for d in batch_dims if d is not None}
     if any(not dims for _, dims in inputs.values()):
@@ -422,7 +429,53 @@ def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
         except TrainError:
             classes = None
     return _Plan(training, graph, trainable, frozen, list(inputs), output.name, _output_dims(model),
-                 classes, fixed.pop() if fixed else None, info.declined)
+                 classes, fixed.pop() if fixed else None, info.declined, relative=relative)
+
+
+RELATIVE_FLOOR = 1e-3   # Adafactor's ε₂: a tensor near zero still moves by about lr · 1e-3
+
+
+def _relative_scale_name(name: str) -> str:
+    return f"{name}__relative_scale"
+
+
+def _relative_parameters(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """A copy in which each tensor W of `names` is stored as W / c and read through Mul(·, c), with c
+    the power of two nearest max(RMS(W), 1e-3): an optimizer step of about lr on the stored tensor
+    moves W by about lr · c (Adafactor's relative step size; Shazeer & Stern 2018, section 8).
+
+    A power of two makes W / c and the export's (W / c) · c exact in float32. Pretrained tensors
+    differ in scale by orders of magnitude (a conv folded with a BN whose running variance is 1e7
+    has weights near 2e-5), and Adam moves every element by about lr whatever its size."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    scales: dict[str, float] = {}
+    muls = []
+    for name in names:
+        weight = numpy_helper.to_array(inits[name])
+        rms = float(np.sqrt(np.mean(np.square(weight, dtype=np.float64)))) if weight.size else 0.0
+        scale = float(2.0 ** round(math.log2(max(rms, RELATIVE_FLOOR))))
+        scales[name] = scale
+        inits[name].CopyFrom(numpy_helper.from_array((weight / np.float32(scale)).astype(np.float32), name))
+        graph.initializer.append(numpy_helper.from_array(np.float32(scale), _relative_scale_name(name)))
+        muls.append(helper.make_node("Mul", [name, _relative_scale_name(name)], [f"{name}__relative"],
+                                     name=f"{name}__relative_mul"))
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in scales:
+                node.input[k] = f"{name}__relative"
+    nodes = muls + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out, scales
+
+
+def _absolute_values(plan: "_Plan", values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Trained values as the model holds them: the tensors stored as W / c (relative_lr) times c."""
+    return {name: (value * np.float32(plan.relative[name])).astype(value.dtype) if name in plan.relative else value
+            for name, value in values.items()}
 
 
 def _with_sample_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
@@ -798,7 +851,7 @@ def _run_identity(model: onnx.ModelProto, config: TrainConfig, train_feeds: dict
 
 
 _DISTILL_DEFAULTS = {"distill_loss": {}, "temperature": 1.0, "feature": [], "feature_weight": 1.0,
-                     "label_weight": 0.0, "keep_best": False}
+                     "label_weight": 0.0, "keep_best": False, "relative_lr": False}
 
 
 def _graph_hash(model: onnx.ModelProto) -> str:
@@ -888,7 +941,7 @@ def _export_best(plan: _Plan, model: onnx.ModelProto, wd: Workdir, best: dict) -
     except (OSError, ValueError, EOFError) as exc:
         raise TrainError(f"{wd.path / best['file']}: cannot read the best epoch's parameters ({exc}); "
                          "train without --resume") from None
-    trained = to_qdq_form(plan.training, values)
+    trained = to_qdq_form(plan.training, _absolute_values(plan, values))
     return _with_input_shapes(trained, model)
 
 
@@ -926,7 +979,7 @@ def _remove_quietly(path: Path) -> None:
 def _export(plan: _Plan, state, model: onnx.ModelProto) -> onnx.ModelProto:
     """The trained values in the input's form, with the input's own input dimensions."""
     values = {name: param.data for name, param in state.parameters}
-    return _with_input_shapes(to_qdq_form(plan.training, values), model)
+    return _with_input_shapes(to_qdq_form(plan.training, _absolute_values(plan, values)), model)
 
 
 def _with_input_shapes(trained: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:

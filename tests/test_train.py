@@ -209,6 +209,45 @@ def test_adamw_runs_in_pytorch_mode(tmp_path):
     assert modes == [0]
 
 
+
+def _scaled_weights(model: onnx.ModelProto, factors: dict[str, float]) -> onnx.ModelProto:
+    for tensor in model.graph.initializer:
+        if tensor.name in factors:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factors[tensor.name]),
+                                                    tensor.name))
+    return model
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_relative_lr_moves_each_tensor_by_lr_times_its_rms(data, tmp_path, relative):
+    """Adam's first step moves every element by about lr. A pretrained conv folded with a BN of
+    running variance 1e7 (PP-OCRv4's detector head) has weights near 2e-5, which lr 3e-5 wipes
+    out; with relative_lr each tensor moves by about lr times its RMS (rounded to a power of two)."""
+    train, _ = data
+    model = _scaled_weights(tiny_cnn("none", fused_bn=False), {"conv.weight": 0.02, "fc.weight": 20.0})
+    lr = 1e-3
+    trained, _ = train_model(model, {k: v[:64] for k, v in train.items()}, None, epochs=1, lr=lr, batch_size=64,
+                             schedule="constant", relative_lr=relative, workdir=tmp_path, progress=False)
+    before, after = params(model), params(trained)
+    for name in ("conv.weight", "fc.weight"):
+        rms = float(np.sqrt(np.mean(np.square(before[name], dtype=np.float64))))
+        unit = 2.0 ** round(np.log2(max(rms, 1e-3))) if relative else 1.0
+        step = np.median(np.abs(after[name] - before[name]))
+        assert step == pytest.approx(lr * unit, rel=0.05), (name, rms, step)
+    assert np.array_equal(before["conv.weight"] == 0, after["conv.weight"] == 0)
+
+
+def test_relative_lr_exports_what_the_engine_computes(data, tmp_path):
+    train, val = data
+    model = tiny_cnn("qdq")
+    trained, _ = train_model(model, train, val, epochs=1, lr=3e-2, batch_size=32, relative_lr=True,
+                             workdir=tmp_path, progress=False)
+    engine = evaluate_training_engine(tmp_path, {"input": val["input"]})
+    np.testing.assert_allclose(ort_run(trained, val["input"]), engine, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ort_run(trained, val["input"]), ort_run(model, val["input"]), atol=1e-3)
+    assert {t.name for t in trained.graph.initializer} == {t.name for t in model.graph.initializer}
+
+
 # -- reliability: resume settings, non-finite values, the work folder --------------------------
 
 def test_resume_refuses_other_settings_and_data_naming_them(data, tmp_path):

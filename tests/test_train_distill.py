@@ -137,6 +137,33 @@ def test_softmax_outputs_default_to_kl_on_their_distribution(teacher, digits, tm
     assert _loss_at_start(student, x, probs_teacher, tmp_path) == pytest.approx(kl, rel=1e-3, abs=1e-7)
 
 
+
+def test_a_softmax_behind_flatten_and_reshape_is_a_distribution_too(teacher, digits, tmp_path):
+    """Paddle2ONNX writes PP-OCR's CTC output as Flatten -> Softmax(axis -1) -> Reshape; the last axis
+    reaches the output whole, so the default term is KL along it, not MSE on probabilities."""
+    def with_paddle_softmax(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.graph.node[-1].output[0] = "raw_logits"
+        out.graph.initializer.extend([numpy_helper.from_array(np.array([0, 2, 5], np.int64), "seq_shape"),
+                                      numpy_helper.from_array(np.array([-1, 2, 5], np.int64), "out_shape")])
+        out.graph.node.extend([
+            helper.make_node("Reshape", ["raw_logits", "seq_shape"], ["seq_logits"], name="p2o_to_sequence"),
+            helper.make_node("Flatten", ["seq_logits"], ["flat_logits"], axis=2, name="p2o_flatten"),
+            helper.make_node("Softmax", ["flat_logits"], ["flat_probs"], axis=-1, name="p2o_softmax"),
+            helper.make_node("Reshape", ["flat_probs", "out_shape"], ["logits"], name="p2o_reshape")])
+        del out.graph.output[:]
+        out.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, 5]))
+        return out
+
+    probs_teacher = with_paddle_softmax(teacher)
+    student = apply_pipeline(probs_teacher, "qat", {"input": digits[0]["input"][:256]}, weight_bits=4)
+    x = unlabelled({k: v[:64] for k, v in digits[0].items()})
+    pt = run_model(probs_teacher, x)["logits"].astype(np.float64)
+    ps = run_model(student, x)["logits"].astype(np.float64)
+    kl = np.mean(np.sum(pt * (np.log(np.maximum(pt, 1e-30)) - np.log(np.maximum(ps, 1e-30))), axis=-1))
+    assert _loss_at_start(student, x, probs_teacher, tmp_path) == pytest.approx(kl, rel=1e-3, abs=1e-7)
+
 def _signal_model(seed: int = 0) -> onnx.ModelProto:
     """A 1-D model on a signal of any length [N, 1, L] (each digit read as 64 samples): Conv1d-Relu,
     two outputs: class scores (Softmax over global features) and a per-position Sigmoid map [N, 4, L]."""
