@@ -206,3 +206,4 @@ def test_ptq_is_at_least_as_faithful_as_onnxruntime_quantize_static(key, quantiz
     task, peer_task = (zoo.task_agreement(entry, case.float_outputs, out)[0] for out in (case.quantized_outputs, ort_outputs))
     assert task >= peer_task, f"{key}: task agreement {task:.3f}, ORT {peer_task:.3f}"
     assert ours >= theirs - 2e-4, f"{key}: qgraph cosine {ours:.5f}, ORT {theirs:.5f}"
+
