@@ -128,14 +128,7 @@ def test_softmax_outputs_default_to_kl_on_their_distribution(teacher, digits, tm
         out.graph.node.append(helper.make_node("Softmax", ["raw_logits"], ["logits"], axis=-1, name="softmax"))
         return out
 
-    probs_teacher = with_softmax(teacher)
-    student = apply_pipeline(probs_teacher, "qat", {"input": digits[0]["input"][:256]}, weight_bits=4)
-    x = unlabelled({k: v[:64] for k, v in digits[0].items()})
-    pt = run_model(probs_teacher, x)["logits"].astype(np.float64)
-    ps = run_model(student, x)["logits"].astype(np.float64)
-    kl = np.mean(np.sum(pt * (np.log(np.maximum(pt, 1e-30)) - np.log(np.maximum(ps, 1e-30))), axis=-1))
-    assert _loss_at_start(student, x, probs_teacher, tmp_path) == pytest.approx(kl, rel=1e-3, abs=1e-7)
-
+    _assert_default_loss_is_kl(with_softmax(teacher), digits, tmp_path)
 
 
 def test_a_softmax_behind_flatten_and_reshape_is_a_distribution_too(teacher, digits, tmp_path):
@@ -156,13 +149,18 @@ def test_a_softmax_behind_flatten_and_reshape_is_a_distribution_too(teacher, dig
         out.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, 5]))
         return out
 
-    probs_teacher = with_paddle_softmax(teacher)
+    _assert_default_loss_is_kl(with_paddle_softmax(teacher), digits, tmp_path)
+
+
+def _assert_default_loss_is_kl(probs_teacher, digits, tmp_path):
+    """The distillation loss at the start equals KL(teacher ‖ student) over the last axis."""
     student = apply_pipeline(probs_teacher, "qat", {"input": digits[0]["input"][:256]}, weight_bits=4)
     x = unlabelled({k: v[:64] for k, v in digits[0].items()})
     pt = run_model(probs_teacher, x)["logits"].astype(np.float64)
     ps = run_model(student, x)["logits"].astype(np.float64)
     kl = np.mean(np.sum(pt * (np.log(np.maximum(pt, 1e-30)) - np.log(np.maximum(ps, 1e-30))), axis=-1))
     assert _loss_at_start(student, x, probs_teacher, tmp_path) == pytest.approx(kl, rel=1e-3, abs=1e-7)
+
 
 def _signal_model(seed: int = 0) -> onnx.ModelProto:
     """A 1-D model on a signal of any length [N, 1, L] (each digit read as 64 samples): Conv1d-Relu,
