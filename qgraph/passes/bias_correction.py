@@ -83,37 +83,35 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
     snr_after = _output_snr(float_proto, model, ctx, max_samples)
     summary = (f"{len(layers)} biases corrected in {len(waves)} waves, {iterations} sweep(s); largest mean "
                f"shift {shifts[0]:.3g}" + (f", {shifts[-1]:.3g} in the last sweep" if iterations > 1 else ""))
-    fidelity = {"output_snr_db_before": snr_before, "output_snr_db_after": snr_after}
-    if snr_after < snr_before:
+    reverted = snr_after < snr_before
+    if reverted:
         # matching every layer's output mean can still move the outputs away from float (a few
         # samples' means, nonlinearities between the layers): keep the model that is closer
         for bias, values in before:
             bias.values = values
-        return {"changed": 0, "summary": f"reverted: the corrected model's output SNR on the calibration data "
-                f"fell from {snr_before:.1f} to {snr_after:.1f} dB ({summary})", "largest_shift": shifts,
-                "reverted": True, **fidelity, "skipped": skipped, "warnings": []}
-    summary += f"; output SNR {snr_before:.1f} -> {snr_after:.1f} dB on the calibration data"
-    return {"changed": len(layers), "summary": summary, "largest_shift": shifts, "reverted": False, **fidelity,
+        summary = (f"reverted: the corrected model's output SNR on the calibration data fell from "
+                   f"{snr_before:.1f} to {snr_after:.1f} dB ({summary})")
+    else:
+        summary += f"; output SNR {snr_before:.1f} -> {snr_after:.1f} dB on the calibration data"
+    return {"changed": 0 if reverted else len(layers), "summary": summary, "largest_shift": shifts,
+            "reverted": reverted, "output_snr_db_before": snr_before, "output_snr_db_after": snr_after,
             "skipped": skipped, "warnings": []}
 
 
 def _output_snr(float_proto, model: QModel, ctx: PassContext, limit: int) -> float:
     """10·log10(Σ float output² / Σ (quantized − float)²) over every graph output and the
-    calibration data: the fidelity the correction must not lower."""
+    calibration data (one diff.TensorStats over all of them): the fidelity the correction must not lower."""
+    from qgraph.diff import TensorStats
     from qgraph.runner import Runner
     proto = model.to_onnx()
     names = [o.name for o in proto.graph.output]
     reference, quantized = Runner(float_proto, names), Runner(proto, names)
-    signal = noise = 0.0
+    stats = TensorStats("outputs", "float32")
     for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, limit or None):
         want, got = reference.run(feeds, names), quantized.run(feeds, names)
         for name in names:
-            w = np.asarray(want[name], np.float64)
-            signal += float(np.sum(w * w))
-            noise += float(np.sum((np.asarray(got[name], np.float64) - w) ** 2))
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+            stats.update(np.asarray(want[name]), np.asarray(got[name]))
+    return stats.snr_db
 
 
 def _bias_of(model: QModel, node):
