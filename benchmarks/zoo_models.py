@@ -205,6 +205,17 @@ class ZooEntry:
     notes: str = ""
 
     @property
+    def metadata_charset(self) -> str | None:
+        """The metadata key holding the charset ("metadata:KEY", PaddleOCR's models), else None."""
+        return self.charset.split(":", 1)[1] if self.charset and self.charset.startswith("metadata:") else None
+
+    @property
+    def ignores_spaces(self) -> bool:
+        """PaddleOCR's recognizers (charset in the model's metadata) are read without spaces, as
+        PaddleOCR's RecMetric compares them (ignore_space=True, ppocr/metrics/rec_metric.py)."""
+        return self.metadata_charset is not None
+
+    @property
     def source(self) -> str:
         if self.wheel:
             return f"{self.wheel.requirement}:{self.member} ({self.wheel.licence})"
@@ -326,7 +337,8 @@ def zoo_pictures(split: str, count: int, text_first: bool = False) -> list[tuple
     if text_first:
         names = [SCANS[(i // 2) % len(SCANS)] if i % 2 == 0 else photos[(i // 2) % len(photos)] for i in range(count)]
     else:
-        names = [list(IMAGES)[i % len(IMAGES)] for i in range(count)]
+        every = list(IMAGES)
+        names = [every[i % len(every)] for i in range(count)]
     rng = np.random.default_rng(SPLITS.index(split) + 1)
     pictures, seen = [], set()
     for name in names:
@@ -732,7 +744,7 @@ def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.n
         return (matched / total if total else float("nan")), text
     if entry.decoder == "ctc":
         same = sum(a == b for a, b in zip(ocr_text(entry, ref), ocr_text(entry, got)))
-        spaces = " (spaces ignored)" if entry.charset and entry.charset.startswith("metadata:") else ""
+        spaces = " (spaces ignored)" if entry.ignores_spaces else ""
         return same / len(ref), f"{same}/{len(ref)} identical strings{spaces}"
     if entry.decoder == "top1":
         same = int((ref == got).sum())
@@ -741,13 +753,12 @@ def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.n
 
 
 def ocr_text(entry: ZooEntry, sequences: list[tuple[int, ...]]) -> list:
-    """What an OCR model's accuracy compares: PaddleOCR's RecMetric drops spaces (ignore_space=True,
-    ppocr/metrics/rec_metric.py), so its models are compared without them; ddddocr's charsets have
-    no space; builders (no charset) compare index sequences."""
+    """What an OCR model's accuracy compares: the decoded text (without spaces where
+    `entry.ignores_spaces`; ddddocr's charsets have none); builders (no charset) compare index sequences."""
     if not entry.charset:
         return list(sequences)
     texts = [decoded_text(entry, seq) for seq in sequences]
-    return [t.replace(" ", "") for t in texts] if entry.charset.startswith("metadata:") else texts
+    return [t.replace(" ", "") for t in texts] if entry.ignores_spaces else texts
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -777,8 +788,8 @@ def metadata_charset(key: str, prop: str) -> tuple[str, ...]:
 def decoded_text(entry: ZooEntry, sequence: Sequence[int]) -> str:
     """A CTC index sequence as text (the model's charset; builders have none: the indices)."""
     if entry.charset:
-        if entry.charset.startswith("metadata:"):
-            charset = metadata_charset(entry.key, entry.charset.split(":", 1)[1])
+        if entry.metadata_charset:
+            charset = metadata_charset(entry.key, entry.metadata_charset)
         else:
             charset = ddddocr_charset(entry.charset)
         return "".join(charset[i] for i in sequence if i < len(charset))
