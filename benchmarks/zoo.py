@@ -333,9 +333,9 @@ def integer_inputs(lowered: onnx.ModelProto, qdq_tensors: set[str], codes: froze
                    ) -> tuple[set[str], set[str]]:
     """(I, lowering codes): the 8-bit non-constant tensors read by integer ops of `lowered` (ops
     other than Q/DQ/Shape/Size whose outputs are all non-float), followed back through ops that
-    share their input's grid until a quantizer's code tensor (`codes`); split into tensors of the QDQ
-    model and codes the lowering made
-    (Concat inputs requantized to one grid, ConvTranspose's pixel-shuffle planes)."""
+    share their input's grid until a quantizer's code tensor (`codes`); split into tensors of the
+    QDQ model and codes the lowering made (Concat inputs requantized to one grid, ConvTranspose's
+    pixel-shuffle planes)."""
     from qgraph.graph import QModel
     from qgraph.idioms import index_tensors
     producers, constant, types = _producers(lowered), constant_derived(lowered), tensor_types(lowered)

@@ -339,7 +339,7 @@ def lower_global_average_pool(model: QModel, site: Site) -> None:
     name = site.node.name
     zx = x.quantizer.scalar_zero_point()
 
-    def total_of(out_dtype=np.int32):
+    def total_of():
         wide = var(model, f"{name}_wide", np.int32)
         model.add_node("Cast", [x.tensor], [wide], f"{name}_cast", {"to": TensorProto.INT32})
         total = var(model, f"{name}_sum", np.int32)
