@@ -189,15 +189,17 @@ def _clamp_view(readers) -> tuple[float, float] | None:
 
 
 def switchboard(model: QModel, sites: list[QuantizerSite],
-                alternates: dict[int, tuple[np.ndarray, np.ndarray, int | None]] | None = None) -> onnx.ModelProto:
+                alternates: dict[int, list[tuple]] | None = None) -> onnx.ModelProto:
     """The QDQ model with a bool input `qgraph_switches` [len(sites)]: quantizer i is applied where
     switches[i] is true, and its readers read the float source where it is false. With
-    `alternates` ({site index: (scale, zero point in its storage type, axis)}), a second bool
-    input `qgraph_alternates` selects, per quantizer, that other grid instead of the model's.
+    `alternates` ({site index: [(scale, zero point in its storage type, axis[, (qmin, qmax)]), ...]}),
+    a second input `qgraph_alternates` selects, per quantizer, another grid instead of the model's:
+    0 its own, k the k-th of its alternates (the graph holds one alternate per activation; a
+    weight may have several).
 
     Weights stored as float constants are not switched in the graph: their readers read the
-    constant, and `values` ({site index: (initializer, fake-quantized value, on the alternate
-    grid or None)}) lets the runner swap it per variant. Returns (model, values)."""
+    constant, and `values` ({site index: (initializer, fake-quantized value, [its value on each
+    alternate grid])}) lets the runner swap it per variant. Returns (model, values)."""
     board = model.copy()
     tensors = board.tensors()
     switches = gs.Variable(SWITCHES, np.bool_, [len(sites)])
@@ -224,8 +226,11 @@ def switchboard(model: QModel, sites: list[QuantizerSite],
         flag = board.add_variable(f"{SWITCHES}_{i}", np.bool_, [])
         board.add_node("Gather", [switches, index], [flag], f"{SWITCHES}_{i}_Gather")
         alt = None
-        if alternates and i in alternates:
-            alt = _alternate_pair(board, site, source, alt_input, i, *alternates[i][:3])
+        if alternates and alternates.get(i):
+            if len(alternates[i]) > 1:
+                raise ValueError(f"switchboard: activation quantizer '{site.name}' can have one alternate grid, "
+                                 f"got {len(alternates[i])}")
+            alt = _alternate_pair(board, site, source, alt_input, i, *alternates[i][0][:3])
         for out_name in site.outputs:
             quantized = tensors[out_name]
             if alt is not None:
@@ -244,11 +249,9 @@ def switchboard(model: QModel, sites: list[QuantizerSite],
     values = {}
     for i, name in weights.items():
         site = sites[i]
-        alt = None
-        if alternates and i in alternates:
-            scale, zp, axis = alternates[i][:3]
-            alt = quant.fake_quantize(site.weight, scale, zp, *_alt_range(site, alternates[i]), axis=axis)
-        values[i] = (name, site.fake_quantize(site.weight), alt)
+        alts = [quant.fake_quantize(site.weight, grid[0], grid[1], *_alt_range(site, grid), axis=grid[2])
+                for grid in (alternates or {}).get(i, [])]
+        values[i] = (name, site.fake_quantize(site.weight), alts)
     return proto, values
 
 
@@ -320,13 +323,14 @@ def evaluate_variant(state, switches: np.ndarray) -> dict:
     stats = {name: TensorStats(name, "float32") for name in shared["outputs"]}
     hits = 0
     alternates = None
-    if isinstance(switches, tuple):      # (switches, alternates)
+    if isinstance(switches, tuple):      # (switches, alternates: 0 own grid, k the k-th alternate)
         switches, alternates = switches
     switches = np.asarray(switches, np.bool_)
     weights = {}
-    for i, (name, base, alt) in shared.get("weights", {}).items():
+    for i, (name, base, alts) in shared.get("weights", {}).items():
         if switches[i]:
-            weights[name] = alt if alternates is not None and alternates[i] and alt is not None else base
+            choice = int(alternates[i]) if alternates is not None else 0
+            weights[name] = alts[choice - 1] if 0 < choice <= len(alts) else base
     from qgraph.runner import Runner
     runner = Runner(materialize(shared["model"], switches, alternates, weights), threads=1)
     for feeds, reference, labels in zip(shared["feeds"], shared["reference"], shared["labels"]):

@@ -82,8 +82,8 @@ def test_a_variant_runs_as_the_switchboard_with_its_switches_set(case):
     model, sites, _ = find_quantizers(quantized)
     acts = [i for i, s in enumerate(sites) if s.kind == "activation"]
     # every activation also gets a coarser alternate grid (4x the step), as mixed_precision adds them
-    alternates = {i: (np.asarray(sites[i].grid.scale, np.float32) * 4, np.asarray(sites[i].grid.zero_point),
-                      None) for i in acts}
+    alternates = {i: [(np.asarray(sites[i].grid.scale, np.float32) * 4, np.asarray(sites[i].grid.zero_point),
+                       None)] for i in acts}
     board, weights = switchboard(model, sites, alternates)
     switches = np.zeros(len(sites), np.bool_)
     switches[acts[::2]] = True
@@ -112,6 +112,40 @@ def test_a_variant_runs_as_the_switchboard_with_its_switches_set(case):
     assert not np.allclose(off, got)
     np.testing.assert_allclose(off, run_model(bypassed(QModel.from_onnx(quantized)).to_onnx(), feeds)["logits"],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_with_several_alternate_grids_is_evaluated_on_the_one_chosen(case):
+    """mixed_precision gives a weight two other grids (4 and 16 bits beside its own): choice k of
+    the alternates input must run the weight fake-quantized on the k-th grid, nothing else."""
+    from qgraph.analyze import evaluate_variant, switchboard
+    float_model, quantized, data = case
+    model, sites, _ = find_quantizers(quantized)
+    i = next(k for k, s in enumerate(sites) if s.kind == "weight" and s.name == "head.fc.weight")
+    site = sites[i]
+    scale = np.asarray(site.grid.scale, np.float32)
+    coarse = (scale * 4, np.asarray(site.grid.zero_point), site.axis, (-1, 1))
+    fine = (scale / 64, np.asarray(site.grid.zero_point).astype(np.int16), site.axis, (-32767, 32767))
+    board, weights = switchboard(model, sites, {i: [coarse, fine]})
+    feeds = {"input": data["input"]}
+    reference = run_model(float_model, feeds)["logits"]
+    shared = {"model": board, "weights": weights, "feeds": [feeds], "reference": [{"logits": reference}],
+              "labels": [None], "outputs": ["logits"]}
+    switches = np.zeros(len(sites), np.bool_)
+    switches[i] = True
+    gemm = next(n for n in float_model.graph.node if n.op_type == "Gemm")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    x = run_model(float_model, feeds, [gemm.input[0]])[gemm.input[0]]
+    snrs = []
+    for choice, grid in enumerate([None, coarse, fine]):
+        alternates = np.zeros(len(sites), np.int8)
+        alternates[i] = choice
+        got = evaluate_variant(shared, (switches, alternates))["outputs"]["logits"]["snr_db"]
+        w = (site.fake_quantize(inits[gemm.input[1]]) if grid is None else
+             quant.fake_quantize(inits[gemm.input[1]], grid[0], grid[1], *grid[3], axis=grid[2]))
+        expected = _cosine_snr(reference, x @ w.T + inits[gemm.input[2]])[1]
+        assert got == pytest.approx(expected, abs=0.05), choice
+        snrs.append(got)
+    assert snrs[1] < snrs[0] < snrs[2]      # ternary < 4-bit < 16-bit
 
 
 def test_local_weight_snr_and_range_use(case, report):

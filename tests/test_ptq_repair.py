@@ -10,6 +10,7 @@ import pytest
 
 from qgraph.annotations import read_quantizers
 from qgraph.api import apply_pipeline
+from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.lowering import lower_model
 from qgraph.models.builders import build_model
@@ -159,6 +160,46 @@ def test_mixed_precision_assign_sets_16_bit_activations_and_float(digits):
     assert snr_db(reference, logits) > snr_db(reference, run_model(int8, val)["logits"])
     with pytest.raises(Exception, match="must be one of"):
         run_pass(QModel.from_onnx(int8), "mixed_precision", {"assign": {act: 4}}, PassContext())
+
+
+def test_mixed_precision_16_bit_weights_run_lower_and_interpret(digits):
+    from qgraph.diff import diff_models
+    calib, val = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]}, weight_bits=4)
+    weights = [n for n, r in read_quantizers(int8).items() if r.kind == "weight"]
+    model = QModel.from_onnx(int8)
+    run_pass(model, "mixed_precision", {"assign": {w: 16 for w in weights}}, PassContext())
+    proto = model.to_onnx()
+    onnx.checker.check_model(proto, full_check=True)
+    after = read_quantizers(proto)
+    assert all(after[w].bits == 16 and after[w].qmax == 32767 and after[w].axis == 0 for w in weights)
+    dequantize = {n.input[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    inits = {t.name: t for t in proto.graph.initializer}
+    first = next(n for n in proto.graph.node if n.name == after[weights[0]].quantize)
+    assert first.domain == "com.microsoft" and dequantize[first.output[0]].domain == "com.microsoft"
+    assert onnx.helper.tensor_dtype_to_np_dtype(inits[first.input[2]].data_type) == np.int16
+    reference = _float_logits(int8, val)
+    logits = run_model(proto, val)["logits"]
+    assert snr_db(reference, logits) > snr_db(reference, run_model(int8, val)["logits"]) + 10.0
+    lowered, lowering = lower_model(proto, "qlinear")
+    assert lowering["kept_qdq"]
+    # the float convolutions the 16-bit weights leave agree with ORT within diff's tolerance
+    assert diff_models(lowered, {"input": val["input"][:32]}, per_layer=True).passed
+
+
+def test_mixed_precision_searches_only_the_widths_it_is_given(digits):
+    calib, _ = digits
+    int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})
+    before = read_quantizers(int8)
+    model = QModel.from_onnx(int8)
+    report = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.9999, "allow_float": False,
+                                                 "weight_bits": [8], "workers": 1}, PassContext(data=calib))
+    after = read_quantizers(model.to_onnx())
+    assert set(after) == set(before) and report["weight_bytes_8bit_or_less"] == report["weight_bytes"]
+    assert all(after[n].bits == 8 for n, r in before.items() if r.kind == "weight")
+    assert {after[n].bits for n, r in before.items() if r.kind == "activation"} <= {8, 16}
+    with pytest.raises(ConfigError, match="weight_bits must be a non-empty list of"):
+        run_pass(QModel.from_onnx(int8), "mixed_precision", {"weight_bits": [3]}, PassContext(data=calib))
 
 
 def test_mixed_precision_16_bit_activations_cover_the_range_the_data_reach(digits):

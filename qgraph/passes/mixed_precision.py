@@ -1,4 +1,4 @@
-"""mixed_precision: per-quantizer precision — weights 4/8 bits, activations 8/16 bits, or float —
+"""mixed_precision: per-quantizer precision — weights 4/8/16 bits, activations 8/16 bits, or float —
 chosen by measured sensitivity to meet an accuracy target at the least cost.
 
     noise_i(o) = 10^(−SNR_i(o)/10)          (output noise with only quantizer i on, at option o)
@@ -18,9 +18,14 @@ bits × input activation bits (float counts 32; a layer's input bits are the wid
 input quantizers). The result is written into the model and as `assign`, a YAML snippet that
 re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}`).
 
-16-bit activations are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
-(ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain). Their range is the
-8-bit grid's widened to the min/max the data reach: a percentile range clips outliers to save
+The menu is `weight_bits` × `activation_bits` (+ float with `allow_float`); a quantizer's present
+width is always an option. A weight's several grids (4, 8, 16 bits) are each evaluated on their own
+(the switchboard swaps the weight's value per variant).
+
+16-bit activations and weights are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
+(ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain); lowering keeps them as
+Q/DQ pairs. A weight's grid at any width is its own min/max range; an activation's 16-bit range is
+the 8-bit grid's widened to the min/max the data reach: a percentile range clips outliers to save
 8-bit steps, and with 256x finer steps the clipping, not the rounding, would be the error left
 (it does not shrink with the step, so the noise ∝ s² estimate would miss it), at most 16x
 wider (WIDEN_LIMIT) so an outlier cannot coarsen the step. A float
@@ -31,6 +36,7 @@ Invariant: changes outputs (precision). Run it after insert_qdq and calibrate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 import numpy as np
@@ -45,17 +51,21 @@ from qgraph.qparams import activation_qparams, constant_input_values, weight_qpa
 from qgraph.schema import Range
 
 FLOAT = "float"
+WEIGHT_BITS = (4, 8, 16)
+ACTIVATION_BITS = (8, 16)
 WIDEN_LIMIT = 16        # a 16-bit activation range is at most 16x its 8-bit one: still a 16x finer step
 
 
 @register_pass("mixed_precision", preserves_outputs=False)
 def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine", "snr_db", "top1"] = "cosine",
                     value: float = 0.999, cost: Literal["bytes", "bitops"] = "bytes", allow_float: bool = True,
+                    weight_bits: list = list(WEIGHT_BITS), activation_bits: list = list(ACTIVATION_BITS),  # noqa: B006
                     assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
                     rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
                     workers: Annotated[int, Range(0)] = 1, ray: str = "") -> dict:
-    """Assign weights 4/8 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
+    """Assign weights 4/8/16 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
     records = require_quantizers(model, "mixed_precision")
+    menu = replace(_check_menu(weight_bits, activation_bits), allow_float=allow_float)
     if assign:
         chosen = _check_assign(assign, records)
         observed = observed_ranges(model, records, ctx, max_samples) if ctx.data is not None else {}
@@ -65,7 +75,7 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
             raise PassError("mixed_precision needs calibration data to measure sensitivity: give --data FILE.npz")
         _check_target(target, value)
         observed = observed_ranges(model, records, ctx, max_samples)
-        chosen, report = _search(model, records, ctx, target, float(value), cost, allow_float, max_samples,
+        chosen, report = _search(model, records, ctx, target, float(value), cost, menu, max_samples,
                                  rounds, measure, workers, ray, observed)
     before = {k: (r.bits, r.kind) for k, r in records.items()}
     changed = apply_assignment(model, records, chosen, observed)
@@ -92,12 +102,27 @@ def _check_target(target: str, value: float) -> None:
         raise ConfigError(f"mixed_precision: a top1 target is an accuracy in (0, 1], got {value}")
 
 
-def options(record: QuantizerRecord, allow_float: bool) -> list:
-    """A quantizer's options from cheapest to dearest."""
-    bits = [4, 8] if record.kind == "weight" else [8, 16]
-    if record.bits not in bits:
-        bits = sorted(set(bits) | {record.bits})
-    return bits + ([FLOAT] if allow_float else [])
+@dataclass(frozen=True)
+class Menu:
+    """The precisions a search may choose from: weight and activation bit widths, and float."""
+    weight_bits: tuple = WEIGHT_BITS
+    activation_bits: tuple = ACTIVATION_BITS
+    allow_float: bool = True
+
+
+def options(record: QuantizerRecord, menu: Menu) -> list:
+    """A quantizer's options from cheapest to dearest (its present width always among them)."""
+    bits = menu.weight_bits if record.kind == "weight" else menu.activation_bits
+    return sorted(set(bits) | {record.bits}) + ([FLOAT] if menu.allow_float else [])
+
+
+def _check_menu(weight_bits: list, activation_bits: list) -> Menu:
+    for kind, bits, valid in (("weight_bits", weight_bits, WEIGHT_BITS), ("activation_bits", activation_bits,
+                                                                          ACTIVATION_BITS)):
+        wrong = [b for b in bits if b not in valid]
+        if not bits or wrong:
+            raise ConfigError(f"mixed_precision: {kind} must be a non-empty list of {list(valid)}, got {bits!r}")
+    return Menu(tuple(sorted(set(weight_bits))), tuple(sorted(set(activation_bits))))
 
 
 def _check_assign(assign: dict, records: dict[str, QuantizerRecord]) -> dict:
@@ -106,7 +131,7 @@ def _check_assign(assign: dict, records: dict[str, QuantizerRecord]) -> dict:
         if name not in records:
             raise ConfigError(f"mixed_precision assign: '{name}' is not a quantized tensor of this model "
                               f"(e.g. '{next(iter(records))}')")
-        valid = options(records[name], True)
+        valid = options(records[name], Menu())
         if option not in valid:
             raise ConfigError(f"mixed_precision assign: '{name}' must be one of {valid}, got {option!r}")
         chosen[name] = option
@@ -119,7 +144,7 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
-            cost: str, allow_float: bool, max_samples: int, rounds: int, measure: str, workers: int, ray: str,
+            cost: str, menu: Menu, max_samples: int, rounds: int, measure: str, workers: int, ray: str,
             observed: dict):
     from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
                                 switchboard)
@@ -129,8 +154,10 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     qmodel, sites, _ = find_quantizers(proto)
     sites = [s for s in sites if s.name in records]
     index = {s.name: i for i, s in enumerate(sites)}
-    alternates = {index[name]: _alternate_grid(model, records[name], other, observed)
-                  for name in index for other in options(records[name], False) if other != records[name].bits}
+    grids = replace(menu, allow_float=False)
+    others = {name: [o for o in options(records[name], grids) if o != records[name].bits] for name in index}
+    alternates = {index[name]: [_alternate_grid(model, records[name], other, observed) for other in others[name]]
+                  for name in index}
     board, weights = switchboard(qmodel, sites, alternates)
     # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
     plan = ctx.feed_plan(proto)
@@ -165,13 +192,14 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
 
     def variant(assignment: dict):
         on = np.array([assignment[s.name] != FLOAT for s in sites], np.bool_)
-        alt = np.array([assignment[s.name] not in (FLOAT, records[s.name].bits) for s in sites], np.bool_)
+        alt = np.array([others[s.name].index(assignment[s.name]) + 1 if assignment[s.name] in others[s.name] else 0
+                        for s in sites], np.int8)
         return on, alt
 
     base = {s.name: FLOAT for s in sites}
     singles, keys = [], []
     for s in sites:
-        for option in options(records[s.name], False):
+        for option in options(records[s.name], grids):
             if measure == "all" or option == records[s.name].bits:
                 singles.append(variant({**base, s.name: option}))
                 keys.append((s.name, option))
@@ -181,9 +209,10 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
         snr = min(v["snr_db"] for v in result["outputs"].values())
         noise[name][option] = 0.0 if snr == np.inf else 10.0 ** (-snr / 10.0)
     for s in sites:                      # measure "own": other grids scale the noise by (step ratio)²
-        for option in options(records[s.name], False):
+        for option in options(records[s.name], grids):
             if option not in noise[s.name]:
-                ratio = np.asarray(alternates[index[s.name]][0], np.float64) / np.asarray(s.grid.scale, np.float64)
+                grid = alternates[index[s.name]][others[s.name].index(option)]
+                ratio = np.asarray(grid[0], np.float64) / np.asarray(s.grid.scale, np.float64)
                 noise[s.name][option] = noise[s.name][records[s.name].bits] * float(np.mean(ratio ** 2))
 
     def score(result) -> float:
@@ -197,12 +226,12 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
               "snr_db": 10.0 ** (-value / 10.0), "top1": 1.0 / 0.999 ** 2 - 1.0}[target]
     if budget is None:
         budget = 1.0 / 0.999 ** 2 - 1.0
-    chosen = {s.name: options(records[s.name], allow_float)[0] for s in sites}
+    chosen = {s.name: options(records[s.name], menu)[0] for s in sites}
     costs = CostModel(cost, records, elements, layers)
     history = []
     result = None
     for _ in range(rounds):
-        chosen = _greedy(chosen, records, noise, costs, budget, allow_float)
+        chosen = _greedy(chosen, records, noise, costs, budget, menu)
         result = evaluator.map(prepare_variant_runner, evaluate_variant, shared, [variant(chosen)])[0]
         history.append({"budget": budget, "measured": score(result), "cost": costs.total(chosen)})
         if score(result) >= value:
@@ -277,13 +306,13 @@ class CostModel:
                          for layer in self.touching.get(name, [])))
 
 
-def _greedy(chosen: dict, records, noise, costs: CostModel, budget: float, allow_float: bool) -> dict:
+def _greedy(chosen: dict, records, noise, costs: CostModel, budget: float, menu: Menu) -> dict:
     """Upgrade the best noise-removed-per-byte step until the summed noise meets the budget."""
     chosen = dict(chosen)
     while sum(noise[n][o] for n, o in chosen.items()) > budget:
         best, best_gain = None, 0.0
         for name, option in chosen.items():
-            ladder = options(records[name], allow_float)
+            ladder = options(records[name], menu)
             step = ladder.index(option)
             for nxt in ladder[step + 1:]:
                 removed = noise[name][option] - noise[name][nxt]
