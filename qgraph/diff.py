@@ -159,6 +159,30 @@ class TensorStats:
                 "cosine": self.cosine, "snr_db": self.snr_db, "shape_mismatch": self.shape_mismatch}
 
 
+class OutputFidelity:
+    """How close a model's outputs are to a reference model's on the same data: `snr_db(model)`
+    is 10·log10(Σ reference² / Σ (model − reference)²) pooled over every graph output and batch
+    (one TensorStats) — what a pass that may change outputs checks (bias_correction's guard,
+    calibrate's range search). `batches()` yields the feeds anew for each call: both models
+    stream, so memory stays one batch whatever the data."""
+
+    def __init__(self, reference: onnx.ModelProto, batches):
+        from qgraph.runner import Runner
+        self.names = [o.name for o in reference.graph.output]
+        self.batches = batches
+        self.reference = Runner(reference, self.names)
+
+    def snr_db(self, model: onnx.ModelProto) -> float:
+        from qgraph.runner import Runner
+        runner = Runner(model, self.names)
+        stats = TensorStats("outputs", "float32")
+        for feeds in self.batches():
+            want, got = self.reference.run(feeds, self.names), runner.run(feeds, self.names)
+            for name in self.names:
+                stats.update(np.asarray(want[name]), np.asarray(got[name]))
+        return stats.snr_db
+
+
 @dataclass
 class TensorCheck:
     """The gate's verdict on one tensor, accumulated over batches."""

@@ -64,8 +64,11 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
     outputs = {node.name: node.outputs[0].name for node, _ in layers}
     float_form = bypassed(model)
     reference = _channel_means(float_form, list(outputs.values()), ctx, max_samples)
-    float_proto = float_form.to_onnx()
-    snr_before = _output_snr(float_proto, model, ctx, max_samples)
+    from qgraph.diff import OutputFidelity
+    plan = ctx.feed_plan(model.to_onnx())
+    fidelity = OutputFidelity(float_form.to_onnx(),
+                              lambda: (feeds for feeds, _ in plan.batches(ctx.batch_size, max_samples or None)))
+    snr_before = fidelity.snr_db(model.to_onnx())
     before = [(bias, np.array(bias.values, copy=True)) for _, bias in layers]
     waves = layer_waves(model, [node.name for node, _ in layers])
     shifts = []
@@ -80,7 +83,7 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
                     bias.values = (np.asarray(bias.values, np.float64) - eps).astype(np.float32)
                     worst = max(worst, float(np.max(np.abs(eps))))
         shifts.append(worst)
-    snr_after = _output_snr(float_proto, model, ctx, max_samples)
+    snr_after = fidelity.snr_db(model.to_onnx())
     summary = (f"{len(layers)} biases corrected in {len(waves)} waves, {iterations} sweep(s); largest mean "
                f"shift {shifts[0]:.3g}" + (f", {shifts[-1]:.3g} in the last sweep" if iterations > 1 else ""))
     reverted = snr_after < snr_before
@@ -96,22 +99,6 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
     return {"changed": 0 if reverted else len(layers), "summary": summary, "largest_shift": shifts,
             "reverted": reverted, "output_snr_db_before": snr_before, "output_snr_db_after": snr_after,
             "skipped": skipped, "warnings": []}
-
-
-def _output_snr(float_proto, model: QModel, ctx: PassContext, limit: int) -> float:
-    """10·log10(Σ float output² / Σ (quantized − float)²) over every graph output and the
-    calibration data (one diff.TensorStats over all of them): the fidelity the correction must not lower."""
-    from qgraph.diff import TensorStats
-    from qgraph.runner import Runner
-    proto = model.to_onnx()
-    names = [o.name for o in proto.graph.output]
-    reference, quantized = Runner(float_proto, names), Runner(proto, names)
-    stats = TensorStats("outputs", "float32")
-    for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, limit or None):
-        want, got = reference.run(feeds, names), quantized.run(feeds, names)
-        for name in names:
-            stats.update(np.asarray(want[name]), np.asarray(got[name]))
-    return stats.snr_db
 
 
 def _bias_of(model: QModel, node):
