@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/zoo.py [--models nudenet_320n,ddddocr_ocr,...] [--images N]
                                        [--calib N] [--eval N] [--methods MinMax,...] [--skip-ort]
                                        [--skip-lowering] [--diff-samples N] [--repeats N]
-                                       [--json out.json]
+                                       [--pipeline ptq|FILE.yaml] [--json out.json]
 
 Quick look at one model: `--models pplcnet_textdir --images 8 --repeats 3`; fidelity only:
-`--skip-lowering`; qgraph only: `--skip-ort`; no timing: `--repeats 0`.
+`--skip-lowering`; qgraph only: `--skip-ort`; no timing: `--repeats 0`; another qgraph pipeline
+in place of `ptq` (e.g. a calibration setting, or a repair appended): `--pipeline FILE.yaml`.
 
 Goal: qgraph must quantize what exporters write as faithfully as the peer tool, with quantizers
 where a deployment compiler puts them (issue 12), and the lowered model must hold (issue 13).
@@ -542,13 +543,15 @@ def digits_exact(entry: zoo.ZooEntry, outputs: list[np.ndarray], samples: list[z
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
 
-def qgraph_ptq(float_path: Path, calib: dict, batch_size: int = 64) -> tuple[onnx.ModelProto, float]:
-    """The bundled `ptq` pipeline on the saved float model, as `qgraph passes run --pipeline ptq`
-    does (load_model, then the pipeline; the same model as apply_pipeline(model, "ptq", calib))."""
+def qgraph_ptq(float_path: Path, calib: dict, batch_size: int = 64,
+               pipeline: str = "ptq") -> tuple[onnx.ModelProto, float]:
+    """The bundled `ptq` pipeline (or `pipeline`, a bundled name or a YAML path) on the saved float
+    model, as `qgraph passes run --pipeline ptq` does (load_model, then the pipeline; the same
+    model as apply_pipeline(model, "ptq", calib))."""
     from qgraph.api import apply_pipeline
     from qgraph.model_io import load_model
     start = time.perf_counter()
-    model = apply_pipeline(load_model(float_path), "ptq", calib, batch_size=batch_size)
+    model = apply_pipeline(load_model(float_path), pipeline, calib, batch_size=batch_size)
     return model, time.perf_counter() - start
 
 
@@ -643,6 +646,7 @@ class Options:
     lowering: bool = True
     diff_samples: int = 4
     repeats: int = 15
+    pipeline: str = "ptq"
 
 
 def benchmark_model(key: str, options: Options, echo) -> tuple[list[Result], Deployment | None]:
@@ -661,7 +665,9 @@ def benchmark_model(key: str, options: Options, echo) -> tuple[list[Result], Dep
         tmp = Path(tmp_name)
         float_path = tmp / "float.onnx"
         onnx.save(float_model, str(float_path))
-        result, ptq_model = run_setting(key, "qgraph", QGRAPH_CONFIG, lambda: qgraph_ptq(float_path, calib),
+        config = QGRAPH_CONFIG if options.pipeline == "ptq" else f"pipeline {options.pipeline}"
+        result, ptq_model = run_setting(key, "qgraph", config,
+                                        lambda: qgraph_ptq(float_path, calib, pipeline=options.pipeline),
                                         entry, x_eval, reference, samples, names)
         results.append(result)
         echo(line(results[-1]))
@@ -893,6 +899,8 @@ def main() -> None:
     parser.add_argument("--diff-samples", type=int, default=4, help="evaluation samples `qgraph diff` compares")
     parser.add_argument("--repeats", type=int, default=15,
                         help="timing rounds (interp/ORT and ORT latency at batch 1); 0: no timing")
+    parser.add_argument("--pipeline", default="ptq",
+                        help="qgraph's pipeline in place of the bundled ptq: a bundled name or a YAML file")
     parser.add_argument("--json", default="zoo_results.json", help="where to write all numbers")
     args = parser.parse_args()
     n_calib, n_eval = args.calib or args.images, args.eval or args.images
@@ -905,7 +913,7 @@ def main() -> None:
             parser.error(f"--{flag.replace('_', '-')} must be >= {1 if flag == 'diff_samples' else 0}")
     options = Options(n_calib, n_eval, args.methods.split(","), ort=not args.skip_ort,
                       lowering=not args.skip_lowering, diff_samples=min(args.diff_samples, n_eval),
-                      repeats=args.repeats)
+                      repeats=args.repeats, pipeline=args.pipeline)
 
     def echo(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
