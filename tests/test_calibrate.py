@@ -209,3 +209,33 @@ def test_moving_average_does_not_shard_and_says_so(data):
     run_pass(model, "insert_qdq", {"activations": {"observer": "moving_average"}}, ctx)
     report = run_pass(model, "calibrate", {"progress": False, "workers": 2}, ctx)
     assert any("one process" in w for w in report["warnings"])
+
+
+def test_percentile_search_keeps_the_candidate_closest_to_float(data):
+    """Each candidate's SNR is that of the model calibrated at that percentile alone; the kept
+    scales are exactly those of the best candidate."""
+    from qgraph.errors import ConfigError
+    calib = {"input": data["input"][:64]}
+    m = _qdq("resnet", activations={"observer": "percentile", "percentile": 99.999})
+    float_logits = run_model(bypassed(m).to_onnx(), calib)["logits"].astype(np.float64)
+    candidates = [97.0, 99.9, 100.0]
+    searched = _calibrate(m.copy(), calib, percentiles=candidates, search_samples=64)
+    found = searched["percentile_search"]
+    assert set(found["output_snr_db"]) == set(candidates)
+    alone = {}
+    for p in candidates:
+        single = m.copy()
+        _calibrate(single, calib, observer_params={"percentile": p})
+        got = run_model(single.to_onnx(), calib)["logits"].astype(np.float64)
+        alone[p] = (single, 10 * np.log10((float_logits ** 2).sum() / ((got - float_logits) ** 2).sum()))
+        assert found["output_snr_db"][p] == pytest.approx(alone[p][1], abs=2e-3)
+    best = max(candidates, key=lambda p: alone[p][1])
+    assert found["chosen"] == best and len({round(v, 1) for _, v in alone.values()}) == 3
+    chosen = _qdq("resnet", activations={"observer": "percentile", "percentile": 99.999})
+    _calibrate(chosen, calib, percentiles=candidates, search_samples=64)
+    for record in read_quantizers(chosen.to_onnx()).values():
+        if record.kind == "activation":
+            for a, b in zip(_qparams(chosen, record), _qparams(alone[best][0], record)):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="percentiles must be numbers in"):
+        _calibrate(m.copy(), calib, percentiles=[101])
