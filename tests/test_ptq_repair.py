@@ -309,3 +309,15 @@ def test_16_bit_pairs_train_as_fake_quant_and_come_back(digits):
                for n in training.graph.node if n.op_type == "FakeQuant")
     back = to_qdq_form(training)
     assert np.array_equal(run_model(back, val)["logits"], run_model(wide, val)["logits"])
+
+
+def test_model_bytes_cost_counts_weights_and_lets_activation_bytes_only_break_ties():
+    from types import SimpleNamespace
+    from qgraph.passes.mixed_precision import TIE_BREAK, CostModel
+    records = {"w": SimpleNamespace(kind="weight"), "a": SimpleNamespace(kind="activation")}   # what it reads
+    elements = {"w": 1000, "a": 50000}
+    chosen = {"w": 8, "a": 8}
+    bytes_cost, model_bytes = CostModel("bytes", records, elements, []), CostModel("model_bytes", records, elements, [])
+    assert bytes_cost.delta(chosen, "a", 16) == 50000 and bytes_cost.delta(chosen, "w", 16) == 1000
+    assert model_bytes.delta(chosen, "w", 16) == 1000 and model_bytes.delta(chosen, "a", 16) == 50000 * TIE_BREAK
+    assert model_bytes.total(chosen) == 1000 + 50000 * TIE_BREAK

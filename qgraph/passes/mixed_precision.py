@@ -13,7 +13,9 @@ starts from the cheapest option everywhere and upgrades, greedily, the quantizer
 option removes the most noise per unit of cost, until the estimate meets the budget; then the
 assignment itself is evaluated, and while it misses the target the budget halves and the
 upgrades go on. Cost `bytes`: weight bytes (bits·elements/8, float 32 bits) plus activation
-bytes per sample. Cost `bitops`: Σ over Conv/Gemm/MatMul layers of MACs per sample × weight
+bytes per sample. Cost `model_bytes`: the weight bytes alone (the file a device stores), activation
+bytes per sample only breaking ties (×1/1000: a 16-bit activation is bought before any weight
+byte). Cost `bitops`: Σ over Conv/Gemm/MatMul layers of MACs per sample × weight
 bits × input activation bits (float counts 32; a layer's input bits are the widest of its
 input quantizers). The result is written into the model and as `assign`, a YAML snippet that
 re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}`).
@@ -53,12 +55,13 @@ from qgraph.schema import Range
 FLOAT = "float"
 WEIGHT_BITS = (4, 8, 16)
 ACTIVATION_BITS = (8, 16)
+TIE_BREAK = 1e-3        # cost model_bytes: what an activation byte per sample weighs against a weight byte
 WIDEN_LIMIT = 16        # a 16-bit activation range is at most 16x its 8-bit one: still a 16x finer step
 
 
 @register_pass("mixed_precision", preserves_outputs=False)
 def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine", "snr_db", "top1"] = "cosine",
-                    value: float = 0.999, cost: Literal["bytes", "bitops"] = "bytes", allow_float: bool = True,
+                    value: float = 0.999, cost: Literal["bytes", "model_bytes", "bitops"] = "bytes", allow_float: bool = True,
                     weight_bits: list = list(WEIGHT_BITS), activation_bits: list = list(ACTIVATION_BITS),  # noqa: B006
                     assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
                     rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
@@ -292,15 +295,18 @@ class CostModel:
         act = max((self.bits(chosen[n]) for n in layer.inputs if n in chosen), default=32)
         return layer.macs * self.bits(chosen.get(layer.weight, FLOAT)) * act
 
+    def _bytes(self, name: str, option) -> float:
+        tie = TIE_BREAK if self.kind == "model_bytes" and self.records[name].kind == "activation" else 1.0
+        return tie * _cost(self.records[name], option, self.elements[name])
+
     def total(self, chosen: dict) -> float:
-        if self.kind == "bytes":
-            return sum(_cost(self.records[n], o, self.elements[n]) for n, o in chosen.items())
+        if self.kind in ("bytes", "model_bytes"):
+            return sum(self._bytes(n, o) for n, o in chosen.items())
         return float(sum(self._layer(layer, chosen) for layer in self.layers))
 
     def delta(self, chosen: dict, name: str, option) -> float:
-        if self.kind == "bytes":
-            return (_cost(self.records[name], option, self.elements[name])
-                    - _cost(self.records[name], chosen[name], self.elements[name]))
+        if self.kind in ("bytes", "model_bytes"):
+            return self._bytes(name, option) - self._bytes(name, chosen[name])
         changed = {**chosen, name: option}
         return float(sum(self._layer(layer, changed) - self._layer(layer, chosen)
                          for layer in self.touching.get(name, [])))
