@@ -163,21 +163,40 @@ class OutputFidelity:
     """How close a model's outputs are to a reference model's on the same data: `snr_db(model)`
     is 10·log10(Σ reference² / Σ (model − reference)²) pooled over every graph output and batch
     (one TensorStats) — what a pass that may change outputs checks (bias_correction's guard,
-    calibrate's range search). `batches()` yields the feeds anew for each call: both models
-    stream, so memory stays one batch whatever the data."""
+    calibrate's range search). `batches()` yields the feeds anew for each call. The reference
+    outputs are kept after the first call while they fit in `keep_bytes` (a classifier's logits,
+    a recognizer's strips), and otherwise recomputed beside each model: memory stays bounded."""
 
-    def __init__(self, reference: onnx.ModelProto, batches):
+    def __init__(self, reference: onnx.ModelProto, batches, keep_bytes: int = 256 << 20):
         from qgraph.runner import Runner
         self.names = [o.name for o in reference.graph.output]
         self.batches = batches
         self.reference = Runner(reference, self.names)
+        self.keep_bytes = keep_bytes
+        self._kept: list[tuple[dict, dict]] | None = None
+
+    def _pairs(self):
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept, size = [], 0
+        for feeds in self.batches():
+            want = self.reference.run(feeds, self.names)
+            if kept is not None:
+                size += sum(np.asarray(v).nbytes for v in want.values()) + sum(v.nbytes for v in feeds.values())
+                if size <= self.keep_bytes:
+                    kept.append((feeds, want))
+                else:
+                    kept = None
+            yield feeds, want
+        self._kept = kept
 
     def snr_db(self, model: onnx.ModelProto) -> float:
         from qgraph.runner import Runner
         runner = Runner(model, self.names)
         stats = TensorStats("outputs", "float32")
-        for feeds in self.batches():
-            want, got = self.reference.run(feeds, self.names), runner.run(feeds, self.names)
+        for feeds, want in self._pairs():
+            got = runner.run(feeds, self.names)
             for name in self.names:
                 stats.update(np.asarray(want[name]), np.asarray(got[name]))
         return stats.snr_db
