@@ -156,6 +156,8 @@ class Plan:
         self.order = _toposort(self.nodes, set(self.consts) | self.graph_inputs)
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         fixed = set(self.consts) - self.graph_inputs  # an initializer listed as input may be fed
+        self._fixed = fixed
+        self._folded: dict[str, np.ndarray] = {}  # outputs of nodes computed from constants only
         self._opset_of = [opsets.get(_norm_domain(n.domain), 1) for n in self.nodes]
         self.contexts = [NodeContext(n, self._opset_of[i], tuple(not t or t in fixed for t in n.input))
                          for i, n in enumerate(self.nodes)]
@@ -177,7 +179,7 @@ class Plan:
         items = [Item(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output))
                  for i in order]
         if fused:
-            items = fuse(items, wanted, _call)
+            items = fuse(self._fold_constants(items), wanted, _call)
         last_use = {}
         for k, it in enumerate(items):
             for t in it.inputs:
@@ -191,6 +193,26 @@ class Plan:
         self._schedules[(wanted, fused)] = sched
         return sched
 
+    def _fold_constants(self, items: list[Item]) -> list[Item]:
+        """``items`` without the nodes whose inputs are all plan constants (a QDQ model's weight
+        DequantizeLinear, shape arithmetic on initializers): each runs once, here, and its outputs
+        join the plan's read-only constants of the fused schedules (unfused runs, whose feeds
+        override an initializer, use fresh node contexts and none of this)."""
+        kept = []
+        for it in items:
+            if not all(not t or t in self._folded or t in self._fixed for t in it.inputs):
+                kept.append(it)
+            elif not all(t in self._folded for t in it.outputs if t):
+                args = [None if not t else self._folded.get(t, self.consts.get(t)) for t in it.inputs]
+                for name, arr in zip(it.outputs, _call(it.kernel, it.ctx, args)):
+                    if name:
+                        arr = np.asarray(arr)
+                        arr.flags.writeable = False
+                        self._folded[name] = arr
+        for it in kept:  # kernels may memoize what they derive from folded inputs (a Conv's weights)
+            it.ctx.const = tuple(not t or t in self._fixed or t in self._folded for t in it.inputs)
+        return kept
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Evaluate on ``feeds`` and return the tensors named in ``outputs`` (default: the graph
         outputs); any intermediate tensor may be requested."""
@@ -198,6 +220,8 @@ class Plan:
         fresh = any(name in self.consts for name in feeds)
         sched = self._schedule(wanted, fused=not fresh)  # fused steps memoize constants
         values = dict(self.consts)
+        if not fresh:
+            values.update(self._folded)
         for name, arr in feeds.items():
             values[name] = np.asarray(arr)
         for step in sched:
