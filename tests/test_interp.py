@@ -142,6 +142,16 @@ def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
     _assert_qlinearconv_case_matches_ort(case, seed=700 + case)
 
 
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_qlinearconv_depthwise_flat_phases_match_ort(monkeypatch, case):
+    """Every depthwise case through the flat stride-phase passes, one image and one channel at a
+    time (the channel blocks of an image that outgrows L2)."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: False)
+    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
+    _assert_qlinearconv_case_matches_ort(case, seed=900 + case)
+
+
 def test_qlinearconv_large_bias_and_accumulators():
     """Biases beyond 2^24 take the int32 path; accumulators beyond 2^24 round in cvtdq2ps."""
     rng = np.random.default_rng(11)

@@ -9,9 +9,8 @@ Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target):
     y = Transpose(Reshape(r, Shape(t)), p⁻¹)
 
 is ``y = T.ravel()[x]``: a lookup is elementwise, so it commutes with the layout changes, and
-p⁻¹ undoes p. On 8-bit codes the lookup runs over pairs of codes, one uint16 index per two
-bytes into a 65536-entry table of pairs (128 KiB, in L2): half the index conversions and reads
-of a plain ``np.take``, and none of the chain's two transposes and int64 copy.
+p⁻¹ undoes p. On 8-bit codes the lookup runs over pairs of codes (:mod:`qgraph.interp.codes`),
+without the chain's two transposes and int64 copy.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from qgraph.interp.codes import code_values, lookup_pairs, pair_table, pairs_apply
 from qgraph.interp.registry import NodeContext
 
 
@@ -31,9 +31,11 @@ class Item(NamedTuple):
     outputs: tuple[str, ...]
 
 
-def fuse(items: list[Item], wanted, call) -> list[Item]:
+def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> list[Item]:
     """``items`` with every fusable chain replaced by one item; ``wanted`` tensors are never
-    hidden inside a chain. ``call(kernel, ctx, args) -> tuple`` runs one kernel (the fallback)."""
+    hidden inside a chain. ``call(kernel, ctx, args) -> tuple`` runs one kernel (the fallback);
+    ``constants``: the plan's constant tensors (no feed overrides them)."""
+    items = _fuse_code_regions(items, wanted, call, constants)
     consumers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
         for t in it.inputs:
@@ -122,24 +124,125 @@ def _lookup_item(items, members, fused, call) -> Item:
         return values[y_name]
 
     def lookup(ctx, x, table):
-        if x.dtype.itemsize != 1 or x.dtype.kind not in "iu" or table.dtype.itemsize != 1:
+        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4):
             return run_chain(x, table)
-        pairs = ctx.once(("pairs", x.dtype.str), lambda: _pair_table(table.reshape(-1), x.dtype), 0)
-        if pairs is False or x.size % 2 or not x.flags.c_contiguous:
+        pairs = ctx.once(("pairs", x.dtype.str), lambda: _pairs_of(table.reshape(-1), x.dtype), 0)
+        if pairs is None:
             return run_chain(x, table)
-        return np.take(pairs, x.reshape(-1).view(np.uint16)).view(table.dtype).reshape(x.shape)
+        return lookup_pairs(pairs, x, table.dtype)
 
     return Item(lookup, gather_ctx, (x_name, table_name), (y_name,))
 
 
-def _pair_table(table: np.ndarray, code_dtype) -> np.ndarray | bool:
-    """The table of two codes at once: entry ``u`` (the uint16 whose bytes are codes a, b) holds
-    the bytes ``table[a], table[b]``; False when some code of ``code_dtype`` is not a valid index
-    (then the chain's own kernels run, and raise GatherElements' error if such a code occurs)."""
-    codes = np.arange(256, dtype=np.uint8).view(code_dtype)
+def _pairs_of(table: np.ndarray, code_dtype) -> np.ndarray | None:
+    """The pair table of ``table`` read at every code of ``code_dtype``; None when some code is
+    not a valid index (then the chain's own kernels run, and raise GatherElements' error if such
+    a code occurs)."""
+    codes = code_values(code_dtype)
     n = table.size
     if codes.min() < -n or codes.max() >= n:
-        return False
-    single = np.take(table, codes.astype(np.int64))  # by code bits: single[b] = table[code with bits b]
-    byte_pairs = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
-    return np.ascontiguousarray(single[byte_pairs]).view(np.uint16).reshape(-1)
+        return None
+    return pair_table(np.take(table, codes.astype(np.int64)))
+
+
+#: Ops computing each output element from the same-position elements of their inputs alone.
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Reciprocal", "Sqrt", "Exp", "Log",
+               "Floor", "Ceil", "Round", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Erf",
+               "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu",
+               "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _fuse_code_regions(items, wanted, call, constants) -> list[Item]:
+    """Each elementwise region of 8-bit codes as one lookup per tensor it hands on: from a
+    per-tensor DequantizeLinear of codes x, every later op of :data:`ELEMENTWISE` whose inputs are
+    the region's tensors or one-element constants computes ``f(x)`` elementwise, one of 256
+    values. A QDQ model's GELU (DequantizeLinear, Div, Erf, Add, Mul, Mul, QuantizeLinear) or
+    SiLU so becomes one lookup of its output codes, the float ops evaluated once on the 256 codes
+    by their own kernels (bit for bit what they compute on the tensor). The region's tensors that
+    other nodes read, or that are requested, are its outputs; it runs where its DequantizeLinear
+    ran."""
+    readers: dict[str, set[int]] = {}
+    for k, it in enumerate(items):
+        for t in it.inputs:
+            readers.setdefault(t, set()).add(k)
+    used: set[int] = set()
+    fused_at: dict[int, Item] = {}
+    for k, it in enumerate(items):
+        if k in used or it.ctx.node.op_type != "DequantizeLinear" or not _scalar_const(it.inputs[1:], constants):
+            continue
+        members, tensors = [k], set(it.outputs[:1])
+        for j in range(k + 1, len(items)):
+            other = items[j]
+            if j in used or other.ctx.node.op_type not in ELEMENTWISE or not other.inputs:
+                continue
+            ins = [t for t in other.inputs if t]
+            if any(t in tensors for t in ins) and all(t in tensors or _scalar_const((t,), constants) for t in ins):
+                members.append(j)
+                tensors.update(t for t in other.outputs if t)
+        if len(members) < 2:
+            continue
+        inside = set(members)
+        exits = [t for t in _ordered_outputs(items, members) if t in wanted or readers.get(t, set()) - inside]
+        if not exits:
+            continue
+        used.update(members)
+        fused_at[k] = _region_item(items, members, it.inputs[0], exits, constants, call)
+    out = []
+    for k, it in enumerate(items):
+        if k in fused_at:
+            out.append(fused_at[k])
+        elif k not in used:
+            out.append(it)
+    return out
+
+
+def _scalar_const(names, constants) -> bool:
+    """Whether every non-empty name is a one-element plan constant."""
+    return all(not t or (t in constants and np.size(constants[t]) == 1) for t in names)
+
+
+def _ordered_outputs(items, members) -> list[str]:
+    return [t for m in members for t in items[m].outputs if t]
+
+
+def _region_item(items, members, root: str, exits: list[str], constants, call) -> Item:
+    region = [items[m] for m in members]
+    tables: dict = {}
+
+    def run_region(x):
+        values = {root: x}
+        for it in region:
+            args = [None if not t else values[t] if t in values else constants[t] for t in it.inputs]
+            values.update(zip(it.outputs, call(it.kernel, it.ctx, args)))
+        return values
+
+    def build(dtype):
+        with np.errstate(all="ignore"):
+            values = run_region(code_values(dtype))
+        out = []
+        for t in exits:
+            v = np.asarray(values[t])
+            if v.size != 256:
+                return None
+            table = np.ascontiguousarray(v.reshape(-1))
+            out.append((table, pair_table(table) if table.dtype.itemsize in (1, 2, 4) else None, v.ndim))
+        return out
+
+    def lookup(ctx, x):
+        if x.dtype.itemsize != 1 or x.dtype.kind not in "iu":
+            return tuple(run_region(x)[t] for t in exits)
+        if x.dtype.str not in tables:
+            tables[x.dtype.str] = build(x.dtype)
+        built = tables[x.dtype.str]
+        if built is None:
+            return tuple(run_region(x)[t] for t in exits)
+        res = []
+        for table, pairs, ndim in built:
+            shape = (1,) * (ndim - x.ndim) + x.shape
+            if pairs is not None and pairs_apply(x):
+                res.append(lookup_pairs(pairs, x, table.dtype).reshape(shape))
+            else:
+                res.append(np.take(table, x.view(np.uint8)).reshape(shape))
+        return tuple(res)
+
+    return Item(lookup, region[0].ctx, (root,), tuple(exits))

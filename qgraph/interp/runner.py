@@ -179,7 +179,9 @@ class Plan:
         items = [Item(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output))
                  for i in order]
         if fused:
-            items = fuse(self._fold_constants(items), wanted, _call)
+            items = self._fold_constants(items)
+            items = fuse(items, wanted, _call, {t: a for t, a in (*self.consts.items(), *self._folded.items())
+                                                if t in self._fixed or t in self._folded})
         last_use = {}
         for k, it in enumerate(items):
             for t in it.inputs:
