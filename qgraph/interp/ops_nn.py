@@ -134,8 +134,10 @@ def conv_program(x_shape, wmat, w_shape, group: int, strides, dilations, pads, s
             return _depthwise_2d_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
                                          epilogue, y_dtype)
     if isinstance(wmat, DepthwiseWeights):
+        regions = _tap_regions(wmat, kernel, x_shape[2:], strides, dilations, pads, out)
+
         def chunk(xc):
-            return _depthwise_taps(xc, wmat, kernel, strides, dilations, pads, out, shift, dtype)
+            return _depthwise_taps(xc, regions, kernel, strides, out, shift, dtype)
         per = max(1, _CHUNK // (c * math.prod(out)))
     elif nd == 2 and tuple(strides) == (1, 1) and (any(pads) or any(k > 1 for k in kernel)):
         return _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group, shift, dtype,
@@ -253,21 +255,27 @@ def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group,
     return run
 
 
-def _depthwise_taps(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype):
+def _tap_regions(wtaps, kernel, in_spatial, strides, dilations, pads, out) -> list:
+    """``((output slices, input slices), weights (C,))`` of every tap that reads inside the image."""
+    taps = itertools.product(*(range(k) for k in kernel))
+    regions = [(_tap_region(tap, in_spatial, strides, dilations, pads, out), w.reshape(-1))
+               for tap, w in zip(taps, wtaps)]
+    return [(r, w) for r, w in regions if r is not None]
+
+
+def _depthwise_taps(x, regions, kernel, strides, out, shift, dtype):
     """Depthwise conv: one multiply-add per tap, over the output positions whose input lies inside
     the image. Padding contributes zero products (0 after the zero-point shift), so it is neither
     built nor read: on the short, wide planes of text recognizers most of a 5x5 kernel's taps
     reach into the padding for most rows. The taps run channels-last (spatial, N, C), so each pass
     streams N·C contiguous values per position instead of one short image row at a time (1.5-2x
     measured on 8x128x3x40), a block of output rows at a time so that the block's passes stay in
-    L2 (2x on 16x240x240); every output sums its taps in the same order either way."""
+    L2 (2x on 16x240x240); every output sums its taps in the same order either way. ``regions``:
+    :func:`_tap_regions`, computed once per program."""
     nd = len(kernel)
     lead = x.shape[:2]
     xs = np.empty(x.shape[2:] + lead, dtype)
     _shift_into(xs, x.transpose(tuple(range(2, 2 + nd)) + (0, 1)), shift)
-    regions = [(r, w.reshape(-1)) for r, w in
-               ((_tap_region(tap, x.shape[2:], strides, dilations, pads, out), w)
-                for tap, w in zip(itertools.product(*(range(k) for k in kernel)), wtaps)) if r is not None]
     rows = max(1, min(out[0], _CHUNK // max(1, math.prod(out[1:]) * math.prod(lead))))
     acc = np.empty((rows,) + out[1:] + lead, dtype)
     tmp = np.empty_like(acc)
