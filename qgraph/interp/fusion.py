@@ -1,9 +1,10 @@
-"""Plan-level fusion: node chains that a compiled plan runs as one step, because nobody sees their
-intermediate tensors (each has one consumer inside the chain and is not requested). A fused step
-computes exactly the chain's outputs, bit for bit; where its fast path does not apply (an input
-type it was not written for) it runs the chain's own kernels one after the other.
+"""Plan-level fusion: node chains that a compiled plan runs as one step. A fused step computes
+exactly the tensors the chain hands on (read by other nodes, or requested), bit for bit; where
+its fast path does not apply (an input type it was not written for) it runs the chain's own
+kernels one after the other.
 
-Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target):
+Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target), its intermediate
+tensors read by the chain only:
 
     t = Transpose(x, p)   i = Cast(Flatten(t), int)   r = GatherElements(T, i)   (T: one row)
     y = Transpose(Reshape(r, Shape(t)), p⁻¹)
@@ -11,6 +12,11 @@ Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target):
 is ``y = T.ravel()[x]``: a lookup is elementwise, so it commutes with the layout changes, and
 p⁻¹ undoes p. On 8-bit codes the lookup runs over pairs of codes (:mod:`qgraph.interp.codes`),
 without the chain's two transposes and int64 copy.
+
+Elementwise region of codes (QDQ models): every tensor computed elementwise from one per-tensor
+DequantizeLinear of 8-bit codes x and one-element constants is ``f(x)``, one of 256 values; the
+region's ops run once on the 256 codes, by their own kernels, and each tensor the region hands
+on is a lookup (:func:`_fuse_code_regions`).
 """
 
 from __future__ import annotations
@@ -97,11 +103,9 @@ def _lookup_chain(items, g, consumers, producer, hidden):
     p, q = list(first.ctx.attr("perm")), last.ctx.attr("perm")
     if q is None or len(q) != len(p) or any(p[q[i]] != i for i in range(len(p))):
         return None
-    ix = {name: producer[name] for name in (first.outputs[0], flat.outputs[0], shape_item.outputs[0],
-                                            cast.outputs[0], gather.outputs[0], reshape.outputs[0])}
-    k_first, k_flat, k_shape, k_cast = (ix[first.outputs[0]], ix[flat.outputs[0]], ix[shape_item.outputs[0]],
-                                        ix[cast.outputs[0]])
-    k_reshape, k_last = ix[reshape.outputs[0]], users[0]
+    k_first, k_flat, k_shape, k_cast = (producer[t] for t in (first.outputs[0], flat.outputs[0],
+                                                               shape_item.outputs[0], cast.outputs[0]))
+    k_reshape, k_last = producer[reshape.outputs[0]], users[0]
     checks = [(first.outputs[0], {k_flat, k_shape}), (flat.outputs[0], {k_cast}), (cast.outputs[0], {g}),
               (shape_item.outputs[0], {k_reshape}), (gather.outputs[0], {k_reshape}),
               (reshape.outputs[0], {k_last})]
@@ -158,9 +162,10 @@ def _fuse_code_regions(items, wanted, call, constants) -> list[Item]:
     the region's tensors or one-element constants computes ``f(x)`` elementwise, one of 256
     values. A QDQ model's GELU (DequantizeLinear, Div, Erf, Add, Mul, Mul, QuantizeLinear) or
     SiLU so becomes one lookup of its output codes, the float ops evaluated once on the 256 codes
-    by their own kernels (bit for bit what they compute on the tensor). The region's tensors that
-    other nodes read, or that are requested, are its outputs; it runs where its DequantizeLinear
-    ran."""
+    by their own kernels (bit for bit what they compute on the tensor: each output element
+    depends on its own input element only). The region's tensors that other nodes read, or that
+    are requested, are its outputs; it runs where its DequantizeLinear ran, its only input being
+    ready there."""
     readers: dict[str, set[int]] = {}
     for k, it in enumerate(items):
         for t in it.inputs:
