@@ -75,6 +75,8 @@ CONV_CASES = [
     (np.uint8, np.int8, True, 8, 8, 8, (3, 3), (2, 2), (1, 0, 0, 1), (1, 1), (9, 10)),     # dw, stride phases
     (np.uint8, np.uint8, False, 6, 6, 6, (3, 3), (1, 2), (2, 1, 2, 1), (2, 1), (8, 7)),    # dw, dilated
     (np.uint8, np.int8, True, 4, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (12, 12)),    # dw, batch chunks
+    (np.int8, np.int8, True, 16, 8, 1, (3, 3), (1, 1), (0, 2, 1, 1), (2, 1), (9, 10)),     # GEMM per tap
+    (np.uint8, np.int8, False, 12, 12, 1, (1, 3), (1, 1), (0, 1, 0, 1), (1, 1), (5, 7)),   # GEMM per tap
 ]
 
 

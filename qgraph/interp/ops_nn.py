@@ -233,6 +233,8 @@ def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group,
     fill = 0 if shift is None else shift
     wp = x_shape[3] + pads[1] + pads[3]
     extra = -(-((kw - 1) * dw) // wp)
+    if group == 1 and m <= c:
+        return _tap_gemms_program(x_shape, wmat, kernel, dilations, pads, out, shift, dtype, epilogue, y_dtype)
     image = c * (x_shape[2] + pads[0] + pads[2] + extra) * wp
     row_cost = max(c * kh * kw * wp, m * wp)
     rows = max(1, min(out[0], _CHUNK // row_cost))
@@ -254,6 +256,49 @@ def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group,
                 _shift_into(cols, view, shift)
                 acc = _grouped_matmul(wmat, cols.reshape(nc, c * kh * kw, nr * wp), group)
                 y[s0:s0 + nc, :, r0:r0 + nr] = epilogue(acc.reshape(nc, m, nr, wp))[..., :out[1]]
+        return y
+    return run
+
+
+def _tap_gemms_program(x_shape, wmat, kernel, dilations, pads, out, shift, dtype, epilogue, y_dtype):
+    """Stride-1 2-D conv (one group) as one GEMM per tap, ``acc += W_ij @ X_ij``, where X_ij is
+    the run of the flattened padded image that tap (i, j) reads (see
+    :func:`_gemm_2d_stride1_program`), a strided (C, rows·Wp) view that BLAS reads in place: no
+    im2col copy, only the accumulator passes, M·Wp per row and tap instead of C·Wp. So when the
+    conv has no more output than input channels (a detector head's 96→24 3x3: 1.8x faster). The
+    image is converted once, then done a block of output rows at a time (L2). Every partial sum
+    is a sum of a subset of the conv's products, so the float32/float64 exactness bound holds."""
+    (kh, kw), (dh, dw) = kernel, dilations
+    n, c = x_shape[:2]
+    m = wmat.shape[1]
+    fill = 0 if shift is None else shift
+    wp = x_shape[3] + pads[1] + pads[3]
+    extra = -(-((kw - 1) * dw) // wp)
+    plane = (x_shape[2] + pads[0] + pads[2] + extra) * wp
+    offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+    w3 = wmat[0].reshape(m, c, kh * kw)
+    wtaps = [np.ascontiguousarray(w3[:, :, t]) for t in range(kh * kw)]
+    rows = max(1, min(out[0], _CHUNK // (max(c, m) * wp)))
+
+    def run(x):
+        xp = _padded(x, pads, fill, extra)
+        image = np.empty((c, plane), dtype)
+        acc = np.empty((m, rows * wp), dtype)
+        tmp = np.empty_like(acc)
+        y = np.empty((n, m) + out, y_dtype)
+        for s0 in range(n):
+            _shift_into(image, xp[s0].reshape(c, plane), shift)
+            for r0 in range(0, out[0], rows):
+                nr = min(rows, out[0] - r0)
+                a, t = acc[:, :nr * wp], tmp[:, :nr * wp]
+                for k, off in enumerate(offsets):
+                    src = image[:, r0 * wp + off:(r0 + nr) * wp + off]
+                    if k == 0:
+                        np.matmul(wtaps[k], src, out=a)
+                    else:
+                        np.matmul(wtaps[k], src, out=t)
+                        a += t
+                y[s0, :, r0:r0 + nr] = epilogue(a.reshape(1, m, nr, wp))[0, :, :, :out[1]]
         return y
     return run
 
