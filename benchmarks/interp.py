@@ -38,70 +38,86 @@ channel over gathered row blocks, three times the input) next to ORT's VNNI/AMX 
 every form the interpreter runs — float as shipped, qdq after the bundled ``ptq`` (16 calibration
 samples), and its qlinear and integer lowerings — one thread each, alternated, medians of 5
 per-pair ratios of wall time and of CPU time (ms columns: wall medians). Measured 2026-11-29 on
-2 cores of an Intel Xeon shared with other jobs (load average 8-10): after = this round, before
-= commit 53c8aa9 run by this same script, the two runs interleaved in time. With four runnable
-processes per core, a run of a few ms is often descheduled mid-way, so wall ratios of the small
-models swing widely (pplcnet_textdir float: 0.3x wall, 2.9x CPU); the CPU ratio is the one to
-read.
+2 cores of an Intel Xeon shared with other jobs (load average 4-6): after = commit 694df23,
+before = commit 8ca5a6d, both run by this same script at the same time (one process each), so a
+load change hits both. With several runnable processes per core, a run of a few ms is often
+descheduled mid-way, so wall ratios of the small models swing widely (ppocr_cls float: 14.5x
+wall, 4.6x CPU); the CPU ratio is the one to read.
 
     model            form     nodes   b1 ORT  interp  wall   cpu  before w/c   b8 ORT  interp  wall   cpu  before w/c
-    nudenet_320n     float      323    113.6   529.2  4.7x  4.2x    4.2x/3.9x   1569.2  4435.2  3.3x  3.3x    3.4x/3.4x
-    nudenet_320n     qdq        721    227.2   947.6  4.2x  3.7x    4.2x/3.4x   2134.8  6492.4  3.0x  2.9x    2.7x/2.6x
-    nudenet_320n     qlinear    630     44.3   279.2  6.4x  5.6x    7.3x/7.4x    408.0  2259.1  5.0x  4.8x    6.7x/6.9x
-    nudenet_320n     integer   1159    124.7   482.6  2.9x  3.1x    4.6x/4.1x   1364.3  3867.2  2.5x  2.2x    2.7x/2.9x
-    ddddocr_det      float      279    287.1  1112.5  3.9x  3.7x    3.8x/3.8x   1735.2  7146.9  4.0x  3.9x    4.2x/3.9x
-    ddddocr_det      qdq        785    404.8  1361.1  3.3x  3.2x    3.4x/3.3x   3567.7 11030.8  3.0x  3.0x    3.3x/3.3x
-    ddddocr_det      qlinear    677     79.7   454.1  5.7x  6.0x    9.0x/8.4x    599.6  3741.0  6.3x  6.3x    8.5x/8.6x
-    ddddocr_det      integer   1250    274.1   650.7  2.3x  2.4x    2.9x/2.9x   2139.4  5435.7  2.4x  2.4x    2.7x/3.0x
-    ddddocr_ocr      float      102    157.6   380.5  3.2x  2.5x    2.3x/2.3x    989.6  2384.8  2.5x  2.4x    2.5x/2.4x
-    ddddocr_ocr      qdq        205    127.6   475.8  3.7x  3.8x    3.7x/3.4x    998.7  5025.8  3.7x  3.9x    3.6x/3.7x
-    ddddocr_ocr      qlinear    146     76.3   255.4  3.5x  3.1x    3.9x/3.7x    645.7  2123.5  3.3x  3.1x    3.7x/3.6x
-    ddddocr_ocr      integer    327    140.4   313.5  2.7x  2.8x    2.8x/2.8x    951.3  2964.5  3.0x  2.9x    2.8x/2.8x
-    ddddocr_ocr_old  float      292     33.7   362.2 10.7x  9.5x    9.5x/8.7x    288.6  3056.5 10.6x 10.2x    9.7x/9.9x
-    ddddocr_ocr_old  qdq        191    195.7   564.9  2.9x  2.8x    2.8x/2.7x   1546.5  4496.8  2.9x  2.8x    3.1x/2.8x
-    ddddocr_ocr_old  qlinear    131     79.7   251.9  3.1x  3.1x    3.7x/3.6x    651.1  2191.3  3.4x  3.2x    3.6x/3.8x
-    ddddocr_ocr_old  integer    312    117.7   336.3  3.0x  2.7x    3.1x/2.9x   1013.8  2597.5  2.5x  2.6x    2.9x/2.9x
-    pplcnet          float      192      8.4    36.8  3.5x  3.5x    8.0x/3.1x     90.1   264.8  3.1x  3.0x    2.6x/2.9x
-    pplcnet          qdq        359     25.0   110.2  4.6x  4.1x    5.2x/3.8x    162.0   460.2  2.8x  2.7x    2.5x/2.5x
-    pplcnet          qlinear    256      3.7    48.7 13.7x  4.6x   24.6x/6.3x     63.9   280.2  4.6x  4.5x    6.7x/6.9x
-    pplcnet          integer    466     28.2    53.9  2.4x  1.9x    2.5x/2.3x    299.1   495.1  1.7x  1.7x    2.2x/2.2x
-    pplcnet_textdir  float      192      9.0     3.0  0.3x  2.9x   18.4x/4.0x     11.6    32.0  2.8x  3.1x    3.5x/3.1x
-    pplcnet_textdir  qdq        359      1.9    47.1 24.5x  6.3x   18.7x/5.7x     46.0   116.0  3.1x  3.8x    3.5x/3.4x
-    pplcnet_textdir  qlinear    256      1.1    21.2 20.3x  4.8x   16.7x/5.4x      7.9    63.9  9.0x  4.4x   20.2x/5.7x
-    pplcnet_textdir  integer    466      2.7    27.2  7.2x  2.6x    9.8x/2.7x     61.3   119.3  2.7x  2.1x    2.1x/2.3x
-    vit_encoder      float      320     30.7   170.6  4.8x  4.0x    4.3x/4.0x    211.5  1038.2  4.4x  4.1x    4.5x/4.5x
-    vit_encoder      qdq        282     23.9   190.6  8.0x  7.8x    7.9x/7.8x    185.8  1110.9  6.1x  6.2x    7.1x/7.1x
-    vit_encoder      qlinear    202     16.1    80.9  5.0x  4.8x    5.3x/5.7x    197.6   893.8  4.9x  4.7x    6.9x/6.7x
-    vit_encoder      integer    358     37.1   124.1  3.3x  3.1x    3.3x/3.0x    499.1  1094.0  1.9x  2.3x    3.0x/2.6x
-    db_detector      float      212     54.6   188.8  3.2x  3.7x    3.5x/3.3x    606.0  1679.8  3.0x  2.6x    2.7x/2.8x
-    db_detector      qdq        409     68.8   332.2  4.3x  4.3x    4.6x/4.0x    734.0  2537.2  3.4x  3.0x    2.8x/3.0x
-    db_detector      qlinear    272     46.4   235.2  5.8x  5.3x    5.1x/6.2x    338.1  1518.4  5.4x  4.6x    5.3x/5.9x
-    db_detector      integer    590    162.7   352.5  2.2x  2.2x    3.1x/2.7x    632.2  1149.2  1.8x  1.8x    2.0x/2.0x
-    svtr_recognizer  float      293      1.8    12.1  6.4x  4.2x    3.2x/4.1x     16.4    99.4  5.1x  3.9x    4.6x/5.2x
-    svtr_recognizer  qdq        481      4.0    20.2  5.9x  5.4x    4.8x/5.3x     35.3   122.0  3.1x  3.3x    4.0x/4.0x
-    svtr_recognizer  qlinear    349      2.0    18.7  9.4x  5.7x    6.4x/6.9x     14.4    86.9  5.3x  5.1x    8.2x/9.1x
-    svtr_recognizer  integer    627      9.0    21.9  2.3x  2.8x    8.9x/3.5x     61.4   162.4  2.6x  2.2x    3.1x/3.0x
+    nudenet_320n     float      323     52.3   206.4  3.8x  3.7x   3.9x/3.9x    485.9  1544.7  3.1x  3.2x   3.4x/3.3x
+    nudenet_320n     qdq        721    101.3   159.7  1.5x  1.6x   3.1x/3.2x    859.2  1071.5  1.2x  1.2x   2.5x/2.5x
+    nudenet_320n     qlinear    642     34.7   139.1  4.0x  4.2x   5.7x/5.3x    158.0   632.9  4.1x  4.0x   4.7x/4.8x
+    nudenet_320n     integer   1159     47.1   133.5  3.0x  2.9x   3.0x/3.0x    492.6  1044.2  2.2x  2.2x   2.4x/2.4x
+    ddddocr_det      float      279    106.7   401.4  3.4x  3.4x   3.8x/3.6x   1229.4  4442.1  3.6x  3.6x   3.7x/3.7x
+    ddddocr_det      qdq        785    288.5   353.1  1.4x  1.3x   2.9x/2.9x   2276.3  2803.4  1.2x  1.2x   2.9x/2.9x
+    ddddocr_det      qlinear    689     69.3   319.0  4.6x  4.5x   5.8x/5.6x    576.1  2680.4  4.6x  4.6x   5.6x/5.6x
+    ddddocr_det      integer   1250    263.4   551.1  2.1x  2.0x   2.3x/2.2x   2125.7  4292.9  2.0x  2.0x   2.2x/2.2x
+    ddddocr_ocr      float      102     93.5   213.1  2.3x  2.3x   2.3x/2.3x    765.2  1748.3  2.3x  2.3x   2.3x/2.3x
+    ddddocr_ocr      qdq        205    129.7   178.8  1.4x  1.5x   3.1x/3.1x   1034.6  1449.4  1.4x  1.4x   3.1x/3.2x
+    ddddocr_ocr      qlinear    146     60.4   171.9  2.9x  2.9x   3.0x/3.0x    470.0  1382.3  2.9x  2.9x   3.2x/3.1x
+    ddddocr_ocr      integer    327     55.5   137.9  2.5x  2.6x   2.7x/2.6x    425.4  1118.2  2.6x  2.6x   2.7x/2.7x
+    ddddocr_ocr_old  float      292     16.8   158.2  9.4x  8.8x   9.5x/9.4x    121.5  1228.3 10.2x  9.8x 10.3x/10.0x
+    ddddocr_ocr_old  qdq        191     94.7   113.7  1.2x  1.2x   2.5x/2.5x    749.8   918.8  1.2x  1.2x   2.5x/2.6x
+    ddddocr_ocr_old  qlinear    131     40.3   112.8  2.8x  2.8x   3.0x/3.0x    313.6   915.1  2.9x  2.8x   3.1x/3.1x
+    ddddocr_ocr_old  integer    312     56.0   140.2  2.5x  2.6x   2.7x/2.6x    440.6  1146.8  2.6x  2.6x   2.6x/2.6x
+    pplcnet          float      192      7.8    22.2  2.9x  2.8x   3.1x/3.1x     55.9   151.1  2.7x  2.7x   2.8x/2.6x
+    pplcnet          qdq        359     16.7    29.0  1.7x  1.5x   3.8x/3.8x    118.1   153.5  1.3x  1.3x   2.3x/2.4x
+    pplcnet          qlinear    256      7.2    23.4  3.3x  3.6x   3.5x/4.4x     44.5   135.2  3.0x  3.2x   4.2x/3.9x
+    pplcnet          integer    466     23.0    38.7  1.7x  1.7x   1.6x/1.7x    189.6   281.8  1.5x  1.5x   1.5x/1.5x
+    pplcnet_textdir  float      192      0.7     2.3  3.5x  3.4x   3.7x/3.6x      7.2    17.0  2.4x  2.8x   2.5x/3.0x
+    pplcnet_textdir  qdq        359      1.5     7.6  2.6x  2.6x  10.3x/5.6x     10.8    20.2  1.8x  1.7x   3.6x/2.9x
+    pplcnet_textdir  qlinear    256      0.9     3.2  3.5x  3.5x   8.0x/4.1x      7.3    18.0  2.4x  3.0x   3.0x/3.4x
+    pplcnet_textdir  integer    466      2.1     8.8  3.8x  2.3x   2.4x/2.3x     18.3    17.9  1.6x  1.7x   1.7x/1.7x
+    vit_encoder      float      320     17.4    55.1  3.2x  3.2x   3.9x/3.8x    132.2   425.6  3.2x  3.2x   4.1x/4.0x
+    vit_encoder      qdq        282     12.4    41.1  3.0x  3.0x   7.7x/6.8x    105.4   315.2  3.0x  3.0x   6.3x/6.1x
+    vit_encoder      qlinear    202     11.8    41.9  3.5x  4.3x   5.6x/4.5x     73.7   369.1  5.0x  4.8x   4.9x/4.8x
+    vit_encoder      integer    358     23.3    61.1  2.6x  2.8x   2.9x/2.7x    233.4   547.8  2.4x  2.4x   2.4x/2.3x
+    db_detector      float      212     27.3    71.5  2.6x  2.5x   3.1x/2.7x    279.1   586.3  2.1x  2.0x   2.3x/2.3x
+    db_detector      qdq        409     42.1    97.8  2.3x  2.2x   3.3x/3.2x    392.6   732.5  1.9x  1.9x   2.7x/2.7x
+    db_detector      qlinear    310     16.3    74.9  4.6x  4.5x   6.7x/5.8x    130.8   575.3  4.3x  4.4x   5.3x/5.3x
+    db_detector      integer    592     73.5   139.5  2.0x  1.9x   2.0x/2.0x    838.1  1354.3  1.7x  1.6x   1.8x/1.8x
+    svtr_recognizer  float      293      2.0    24.2  8.8x  4.1x   3.9x/4.2x     26.8   100.3  4.1x  3.6x   3.7x/3.6x
+    svtr_recognizer  qdq        481      3.6    30.3  7.7x  3.0x   6.2x/4.8x     62.9    89.6  1.7x  1.9x   2.8x/3.0x
+    svtr_recognizer  qlinear    349      6.1    16.8  2.2x  4.2x  10.9x/5.0x     22.0   118.0  4.6x  4.0x   4.7x/4.7x
+    svtr_recognizer  integer    627     13.2    33.9  2.6x  2.6x   1.9x/2.4x     69.4   127.3  1.9x  1.9x   2.2x/2.0x
+    ppocr_det        float      672    113.7   239.8  2.1x  2.1x   3.4x/3.1x   1330.4  2488.7  1.9x  1.9x   2.3x/2.2x
+    ppocr_det        qdq        657    242.0   487.1  2.1x  2.1x   3.5x/3.4x   2596.3  4181.0  1.9x  1.7x   2.8x/2.9x
+    ppocr_det        qlinear    411     72.9   387.0  5.3x  5.3x   7.7x/6.5x    695.4  3428.7  4.6x  4.6x   6.5x/5.6x
+    ppocr_det        integer   1120    493.1   923.8  1.8x  1.8x   1.9x/1.9x   5270.9 11804.7  2.2x  2.2x   2.0x/2.0x
+    ppocr_cls        float      566      1.6    23.2 14.5x  4.6x   8.8x/5.9x     30.7   146.4  4.7x  4.4x   4.1x/4.7x
+    ppocr_cls        qdq        510     11.4    29.1  2.5x  3.4x   7.6x/5.3x     59.0   147.7  2.6x  2.6x   3.5x/3.4x
+    ppocr_cls        qlinear    300      6.1    24.6  3.6x  4.2x   2.3x/4.6x     25.6   126.3  5.1x  4.3x   4.5x/4.6x
+    ppocr_cls        integer    909     17.5    32.9  2.0x  2.5x   2.3x/2.3x    117.8   253.7  2.1x  2.2x   2.1x/2.1x
+    ppocr_rec        float      860     60.9   158.1  2.6x  2.7x   3.4x/3.5x    691.1  1269.1  1.8x  1.8x   2.4x/2.4x
+    ppocr_rec        qdq        648     95.1   169.4  1.7x  1.8x   3.6x/3.4x    881.2  1158.0  1.3x  1.3x   2.6x/2.6x
+    ppocr_rec        qlinear    439     38.4   150.3  4.0x  4.9x   5.5x/6.1x    295.2  1049.1  3.6x  3.5x   5.5x/5.4x
+    ppocr_rec        integer    816    143.3   290.2  2.0x  2.0x   2.1x/2.1x   1593.2  2613.0  1.6x  1.6x   1.6x/1.7x
 
-This round: GatherElements over a one-row table (every lowered SiLU/HardSwish, 27-74 per
-qlinear conv net) is one np.take instead of int64 copies and take_along_axis; stride-1 convs whose
-im2col outgrows L2 run a block of output rows at a time; depthwise convs by taps run
-channels-last and never touch padding (SVTR's 5x5 mixers 2.5-4x faster); QLinearAdd/QLinearMul
-look up a 256x256 code-pair table; MLAS Erf skips unused branches. What is left above 5x:
-- ddddocr_ocr_old float (dynamically quantized CRNN, 9.5-10x): ORT runs ConvInteger, MatMulInteger
+This round, all bit-identical to the kernels they replace (integer results exact, float results
+the same operations in the same order, or, for the float convs, another order of the same sums):
+- a compiled plan folds the nodes computed from constants only (a QDQ model's weight
+  DequantizeLinear) and fuses two kinds of node chains (qgraph/interp/fusion.py): each lowered
+  table lookup (Transpose, Flatten, Shape, Cast, GatherElements, Reshape, Transpose) is one
+  lookup over pairs of 8-bit codes, and each elementwise region of 8-bit codes (a per-tensor
+  DequantizeLinear and the elementwise float ops on it: a QDQ GELU, SiLU, HardSwish) is one
+  lookup per tensor it hands on, its ops run once on the 256 codes. Every qdq form is 1.5-2.5x
+  faster (vit_encoder's 4 GELU Erfs were a third of its time);
+- depthwise convs run as banded GEMMs over tiles of 16 output columns (5x5: 1.7-2.3x, 3x3:
+  1.0-2.1x faster than per-tap passes), the flat per-tap passes multiply by per-channel weights
+  a block of channels at a time; a stride-1 conv with no more output than input channels is one
+  GEMM per tap on strided views, no im2col copy (the DB heads' 96→24 3x3 convs 1.8x faster);
+- MLAS Erf runs each element through its own branch only; LayerNormalization scales in place.
+What is left above 5x:
+- ddddocr_ocr_old float (dynamically quantized CRNN, 8.8-9.8x): ORT runs ConvInteger, MatMulInteger
   and the DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs at
   BLAS speed (ConvInteger ~13 ms CPU, the 1024x8210 MatMulInteger ~9 ms, the LSTM's 40 step GEMVs
-  ~12 ms streaming 8 MB of float32 weights each at ~27 GB/s), already ~4.7x ORT's whole 7 ms,
-  before 11 MLAS Sigmoids (~16 ms) and the LSTM's per-step quantization and gate passes.
-- qlinear forms of the conv nets (ddddocr_det 6x, nudenet 5.6x at batch 1, db 5.3x, svtr 5.7x):
-  QLinearConv is 55-70% of the time and already a float32 GEMM at BLAS speed against ORT's
-  VNNI int8 kernels; the rest is the lowered table lookups (Transpose, Flatten, Cast to int64,
-  GatherElements, Reshape, Transpose per activation).
-- vit_encoder qdq (7.8x): ORT's optimizer turns the Q/DQ pairs around MatMuls into int8
-  kernels; here the 64 QuantizeLinear and 64 DequantizeLinear run as written, and the 4 GELU
-  Erfs (MLAS's transcription, up to ~70 NumPy passes of emulated FMAs, ~4 ms per 151k values)
-  are a third of the time.
-- svtr qdq and pplcnet_textdir qdq at batch 1 (5.4x, 6.3x): 359-481 nodes in 1-4 ms of ORT time,
-  NumPy's per-node floor (5-50 us per kernel call on tiny tensors).
+  ~12 ms streaming 8 MB of float32 weights each), already ~4.5x ORT's whole 7-8 ms, before 11 MLAS
+  Sigmoids on float inputs (~16 ms) and the LSTM's per-step quantization and gate passes.
+- ppocr_det qlinear at batch 1 (5.3x here; 4.6x in a run of its own at load 2): its
+  QLinearConvs are float32 GEMMs and NumPy passes against ORT's VNNI int8 kernels; the other
+  qlinear conv nets (nudenet, ddddocr_det, db, svtr, ppocr_rec) sit at 4.0-4.9x for the same
+  reason, so a busier machine can push them over.
 """
 
 from __future__ import annotations
@@ -342,7 +358,7 @@ def main() -> None:
 
 ZOO_FORMS = ["float", "qdq", "qlinear", "integer"]
 ZOO_KEYS = ["nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "pplcnet", "pplcnet_textdir",
-            "vit_encoder", "db_detector", "svtr_recognizer"]
+            "vit_encoder", "db_detector", "svtr_recognizer", "ppocr_det", "ppocr_cls", "ppocr_rec"]
 
 
 if __name__ == "__main__":

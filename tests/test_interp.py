@@ -75,6 +75,8 @@ CONV_CASES = [
     (np.uint8, np.int8, True, 8, 8, 8, (3, 3), (2, 2), (1, 0, 0, 1), (1, 1), (9, 10)),     # dw, stride phases
     (np.uint8, np.uint8, False, 6, 6, 6, (3, 3), (1, 2), (2, 1, 2, 1), (2, 1), (8, 7)),    # dw, dilated
     (np.uint8, np.int8, True, 4, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (12, 12)),    # dw, batch chunks
+    (np.int8, np.int8, True, 16, 8, 1, (3, 3), (1, 1), (0, 2, 1, 1), (2, 1), (9, 10)),     # GEMM per tap
+    (np.uint8, np.int8, False, 12, 12, 1, (1, 3), (1, 1), (0, 1, 0, 1), (1, 1), (5, 7)),   # GEMM per tap
 ]
 
 
@@ -137,9 +139,32 @@ def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
     """Every depthwise case through the per-tap method (channels-last, taps clipped to where they
     read inside the image), whichever method its shape would pick, in chunks of one image."""
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 10 ** 9)
     monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
     monkeypatch.setattr(ops_nn, "_CHUNK", 64)
     _assert_qlinearconv_case_matches_ort(case, seed=700 + case)
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_qlinearconv_depthwise_flat_phases_match_ort(monkeypatch, case):
+    """Every depthwise case through the flat stride-phase passes, one image and one channel at a
+    time (the channel blocks of an image that outgrows L2)."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 10 ** 9)
+    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: False)
+    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
+    _assert_qlinearconv_case_matches_ort(case, seed=900 + case)
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_qlinearconv_depthwise_tiles_match_ort(monkeypatch, case):
+    """Every depthwise case through banded GEMMs over tiles of 2 output columns (a partial last
+    tile on odd widths), one image at a time."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 1)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_TILE", 2)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
+    _assert_qlinearconv_case_matches_ort(case, seed=1100 + case)
 
 
 def test_qlinearconv_large_bias_and_accumulators():
@@ -349,12 +374,15 @@ def test_unsupported_op_raises_interp_error():
         run(model, {"x": np.ones((2, 2), np.float32)})
 
 
-@pytest.mark.parametrize("toeplitz_max_k", [0, 128])
-def test_depthwise_equals_grouped_gemm(monkeypatch, toeplitz_max_k):
-    """Both depthwise kernels (per-channel banded GEMMs; per-tap multiply-adds on flattened
-    stride phases when the rows are too wide) against the grouped-GEMM path on the same
-    operands, over strides, dilations, asymmetric pads and batch chunks."""
+@pytest.mark.parametrize("toeplitz_max_k, tiled_min_taps", [(0, 10 ** 9), (128, 10 ** 9), (0, 1)])
+def test_depthwise_equals_grouped_gemm(monkeypatch, toeplitz_max_k, tiled_min_taps):
+    """The depthwise kernels (per-channel banded GEMMs over whole rows or tiles of columns;
+    per-tap multiply-adds on flattened stride phases when the rows are too wide) against the
+    grouped-GEMM path on the same operands, over strides, dilations, asymmetric pads and batch
+    chunks."""
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", toeplitz_max_k)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", tiled_min_taps)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_TILE", 3)
     monkeypatch.setattr(ops_nn, "_CHUNK", 256)
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 256)
     rng = np.random.default_rng(11)

@@ -224,11 +224,15 @@ def test_resize_opset18_axes_and_aspect_policy_match_ort(rng):
 
 @pytest.mark.parametrize("attrs", [dict(pads=[2, 2, 2, 2]), dict(pads=[1, 3, 2, 0], strides=[2, 1]),
                                    dict(pads=[2, 2, 2, 2], dilations=[1, 3], strides=[1, 2])])
-def test_depthwise_conv_taps_match_ort(rng, monkeypatch, attrs):
-    """A float 5x5 depthwise conv on short, wide planes (an SVTR mixer's) by the per-tap method:
-    taps that reach into the padding for some or all rows, strides and dilations."""
+@pytest.mark.parametrize("method", ["taps", "tiles"])
+def test_depthwise_conv_taps_match_ort(rng, monkeypatch, attrs, method):
+    """A float 5x5 depthwise conv on short, wide planes (an SVTR mixer's) by the per-tap method
+    (taps that reach into the padding for some or all rows) or by banded GEMMs over tiles of 4
+    columns, with strides and dilations."""
     from qgraph.interp import ops_nn
     monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 10 ** 9 if method == "taps" else 1)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_TILE", 4)
     monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
     x = rng.normal(size=(2, 6, 3, 20)).astype(F32)
     inits = {"w": rng.normal(size=(6, 1, 5, 5)).astype(F32), "b": rng.normal(size=(6,)).astype(F32)}

@@ -155,9 +155,9 @@ def erf(x: np.ndarray) -> np.ndarray:
     """MlasComputeErf (ErfKernelFma3.S): on ``a = min(|x|, 3.925)``, ``a + a·p(a²)`` below 0.921875,
     else ``1 - exp(-(a + a·q(a)))``; the sign of x is copied onto the result. (ORT 1.19 clamps at
     3.925, measured; later MLAS sources clamp at 3.725; NaN clamps to it, so erf(±NaN) = ±1 as in
-    ORT.) Both branches are computed for every element of a cache-sized chunk and blended, as the
-    vector kernel does, unless the chunk lies in one branch only. Both are >= 0 on a >= 0, so the
-    sign of x is copied onto the result with copysign."""
+    ORT.) The vector kernel computes both branches for every element and blends them; here each
+    element of a cache-sized chunk goes through its own branch only, the same float32 operations.
+    Both are >= 0 on a >= 0, so the sign of x is copied onto the result with copysign."""
     x = np.ascontiguousarray(x, F32)
     flat = x.reshape(-1)
     out = np.empty_like(flat)
@@ -169,12 +169,14 @@ def erf(x: np.ndarray) -> np.ndarray:
         np.fmin(a, _ERF_RANGE, out=a)  # NaN -> 3.925: vminps returns its second operand for NaN
         big = a >= _ERF_SPLIT
         n_big = int(np.count_nonzero(big))
-        if n_big < a.size:
+        if n_big == 0:
             _erf_small(a, y, scratch)
-        if n_big == a.size:
+        elif n_big == a.size:
             _erf_big(a, y, scratch)
-        elif n_big:
-            np.copyto(y, _erf_big(a, scratch.view(a.size)[1][2], scratch), where=big)
+        else:  # each branch on its own elements only: a third of the passes on GELU inputs
+            for where, branch in ((np.flatnonzero(~big), _erf_small), (np.flatnonzero(big), _erf_big)):
+                part = a.take(where)
+                y.put(where, branch(part, scratch.view(part.size)[1][2], scratch))
         np.copysign(y, xs, out=y)
     return out.reshape(x.shape)
 

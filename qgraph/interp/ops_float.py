@@ -71,12 +71,15 @@ def layer_normalization(ctx, x, scale, bias=None):
     axis = _axis(ctx, x, -1)
     axes = tuple(range(axis, x.ndim))
     eps = ctx.attr("epsilon", 1e-5)
-    x64 = x.astype(np.float64)
-    mean, var = _moments(x64, axes)
+    y = x.astype(np.float64)
+    mean = np.mean(y, axis=axes, keepdims=True)
+    y -= mean  # in place: the float64 operations of _moments and of the formula, in their order
+    var = np.mean(np.square(y), axis=axes, keepdims=True)
     inv = 1.0 / np.sqrt(var + eps)
-    y = (x64 - mean) * inv * scale.astype(np.float64)
+    y *= inv
+    y *= scale.astype(np.float64)
     if bias is not None:
-        y = y + bias.astype(np.float64)
+        y += bias.astype(np.float64)
     stash = np.float32 if ctx.attr("stash_type", 1) == 1 else np.float64
     return y.astype(x.dtype), mean.astype(stash), inv.astype(stash)
 

@@ -78,17 +78,7 @@ def is_depthwise(w_shape, group: int) -> bool:
 
 
 class DepthwiseWeights(list):
-    """Per-tap weight columns ``(C, 1, …, 1)`` of a depthwise conv, plus the per-image weight
-    maps of :func:`_depthwise_2d` (each tap's weight repeated over a channel plane), built once
-    per plane size."""
-
-    def weight_maps(self, plane: int) -> list[np.ndarray]:
-        maps = getattr(self, "_maps", None)
-        if maps is None:
-            maps = self._maps = {}
-        if plane not in maps:
-            maps[plane] = [np.repeat(w.reshape(-1), plane) for w in self]
-        return maps[plane]
+    """Per-tap weight columns ``(C, 1, …, 1)`` of a depthwise conv."""
 
 
 def conv_weights(w, group: int, dtype):
@@ -140,12 +130,17 @@ def conv_program(x_shape, wmat, w_shape, group: int, strides, dilations, pads, s
         if span * (x_shape[3] + pads[1] + pads[3]) <= _TOEPLITZ_MAX_K:
             return _depthwise_toeplitz_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
                                                epilogue, y_dtype)
-        if not _taps_beat_flat_phases(x_shape, strides, pads, out):
+        if math.prod(kernel) >= _TILED_MIN_TAPS and _TOEPLITZ_TILE < out[1]:
+            return _depthwise_toeplitz_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
+                                               epilogue, y_dtype, tile=_TOEPLITZ_TILE)
+        if not _taps_beat_flat_phases(x_shape, kernel, strides, dilations, pads, out):
             return _depthwise_2d_program(x_shape, wmat, kernel, strides, dilations, pads, out, shift, dtype,
                                          epilogue, y_dtype)
     if isinstance(wmat, DepthwiseWeights):
+        regions = _tap_regions(wmat, kernel, x_shape[2:], strides, dilations, pads, out)
+
         def chunk(xc):
-            return _depthwise_taps(xc, wmat, kernel, strides, dilations, pads, out, shift, dtype)
+            return _depthwise_taps(xc, regions, kernel, strides, out, shift, dtype)
         per = max(1, _CHUNK // (c * math.prod(out)))
     elif nd == 2 and tuple(strides) == (1, 1) and (any(pads) or any(k > 1 for k in kernel)):
         return _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group, shift, dtype,
@@ -178,17 +173,22 @@ def conv_program(x_shape, wmat, w_shape, group: int, strides, dilations, pads, s
     return run
 
 
-def _taps_beat_flat_phases(x_shape, strides, pads, out) -> bool:
+def _taps_beat_flat_phases(x_shape, kernel, strides, dilations, pads, out) -> bool:
     """Whether a stride-1 (along W) depthwise conv is faster as strided multiply-adds per tap than
-    by :func:`_depthwise_2d_program`, whose passes cover the whole padded plane and multiply by
-    image-sized weight maps: when the padding is most of the plane (a few rows high, measured 2.3x
-    at 2 rows of 40) or the plane outgrows L2 (measured 2x at 96x80x80)."""
+    by :func:`_depthwise_2d_program`, whose passes cover the whole padded plane: when they would
+    cover a quarter more than the taps' own regions, which skip the padding (5x5 kernels on
+    30x30: 1.6x measured; a few rows of 40: 2.3x). Otherwise the flat passes win (1.1-2.6x from
+    192x30x30 3x3 to 16x240x240), the taps' channels-last passes being short loops over N·C."""
     if strides[1] != 1:
         return False
     hq = -(-(x_shape[2] + pads[0] + pads[2]) // strides[0])
     wq = x_shape[3] + pads[1] + pads[3]
-    plane = x_shape[1] * hq * wq
-    return hq * wq > 2 * out[0] * out[1] or plane > 1 << 18
+    covered = 0
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        region = _tap_region(tap, x_shape[2:], strides, dilations, pads, out)
+        if region is not None:
+            covered += math.prod(sl.stop - sl.start for sl in region[0])
+    return hq * wq * math.prod(kernel) > 1.25 * covered
 
 
 def _padded(x, pads, fill, extra_rows: int = 0):
@@ -233,6 +233,8 @@ def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group,
     fill = 0 if shift is None else shift
     wp = x_shape[3] + pads[1] + pads[3]
     extra = -(-((kw - 1) * dw) // wp)
+    if group == 1 and m <= c:
+        return _tap_gemms_program(x_shape, wmat, kernel, dilations, pads, out, shift, dtype, epilogue, y_dtype)
     image = c * (x_shape[2] + pads[0] + pads[2] + extra) * wp
     row_cost = max(c * kh * kw * wp, m * wp)
     rows = max(1, min(out[0], _CHUNK // row_cost))
@@ -258,26 +260,90 @@ def _gemm_2d_stride1_program(x_shape, wmat, kernel, dilations, pads, out, group,
     return run
 
 
-def _depthwise_taps(x, wtaps, kernel, strides, dilations, pads, out, shift, dtype):
+def _tap_gemms_program(x_shape, wmat, kernel, dilations, pads, out, shift, dtype, epilogue, y_dtype):
+    """Stride-1 2-D conv (one group) as one GEMM per tap, ``acc += W_ij @ X_ij``, where X_ij is
+    the run of the flattened padded image that tap (i, j) reads (see
+    :func:`_gemm_2d_stride1_program`), a strided (C, rows·Wp) view that BLAS reads in place: no
+    im2col copy, only the accumulator passes, M·Wp per row and tap instead of C·Wp. So when the
+    conv has no more output than input channels (a detector head's 96→24 3x3: 1.8x faster). The
+    image is converted once, then done a block of output rows at a time (L2). Every partial sum
+    is a sum of a subset of the conv's products, so the float32/float64 exactness bound holds."""
+    (kh, kw), (dh, dw) = kernel, dilations
+    n, c = x_shape[:2]
+    m = wmat.shape[1]
+    fill = 0 if shift is None else shift
+    wp = x_shape[3] + pads[1] + pads[3]
+    extra = -(-((kw - 1) * dw) // wp)
+    plane = (x_shape[2] + pads[0] + pads[2] + extra) * wp
+    offsets = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+    w3 = wmat[0].reshape(m, c, kh * kw)
+    wtaps = [np.ascontiguousarray(w3[:, :, t]) for t in range(kh * kw)]
+    rows = max(1, min(out[0], _CHUNK // (max(c, m) * wp)))
+
+    def run(x):
+        xp = _padded(x, pads, fill, extra)
+        image = np.empty((c, plane), dtype)
+        acc = np.empty((m, rows * wp), dtype)
+        tmp = np.empty_like(acc)
+        y = np.empty((n, m) + out, y_dtype)
+        for s0 in range(n):
+            _shift_into(image, xp[s0].reshape(c, plane), shift)
+            for r0 in range(0, out[0], rows):
+                nr = min(rows, out[0] - r0)
+                a, t = acc[:, :nr * wp], tmp[:, :nr * wp]
+                for k, off in enumerate(offsets):
+                    src = image[:, r0 * wp + off:(r0 + nr) * wp + off]
+                    if k == 0:
+                        np.matmul(wtaps[k], src, out=a)
+                    else:
+                        np.matmul(wtaps[k], src, out=t)
+                        a += t
+                y[s0, :, r0:r0 + nr] = epilogue(a.reshape(1, m, nr, wp))[0, :, :, :out[1]]
+        return y
+    return run
+
+
+def _tap_regions(wtaps, kernel, in_spatial, strides, dilations, pads, out) -> list:
+    """``((output slices, input slices), weights (C,))`` of every tap that reads inside the image."""
+    taps = itertools.product(*(range(k) for k in kernel))
+    regions = [(_tap_region(tap, in_spatial, strides, dilations, pads, out), w.reshape(-1))
+               for tap, w in zip(taps, wtaps)]
+    return [(r, w) for r, w in regions if r is not None]
+
+
+def _depthwise_taps(x, regions, kernel, strides, out, shift, dtype):
     """Depthwise conv: one multiply-add per tap, over the output positions whose input lies inside
     the image. Padding contributes zero products (0 after the zero-point shift), so it is neither
     built nor read: on the short, wide planes of text recognizers most of a 5x5 kernel's taps
     reach into the padding for most rows. The taps run channels-last (spatial, N, C), so each pass
     streams N·C contiguous values per position instead of one short image row at a time (1.5-2x
-    measured on 8x128x3x40); every output sums its taps in the same order either way."""
+    measured on 8x128x3x40), a block of output rows at a time so that the block's passes stay in
+    L2 (2x on 16x240x240); every output sums its taps in the same order either way. ``regions``:
+    :func:`_tap_regions`, computed once per program."""
     nd = len(kernel)
-    xs = np.ascontiguousarray(_shift(x, shift, dtype).transpose(tuple(range(2, 2 + nd)) + (0, 1)))
-    acc = np.zeros(out + x.shape[:2], dtype)
+    lead = x.shape[:2]
+    xs = np.empty(x.shape[2:] + lead, dtype)
+    _shift_into(xs, x.transpose(tuple(range(2, 2 + nd)) + (0, 1)), shift)
+    rows = max(1, min(out[0], _CHUNK // max(1, math.prod(out[1:]) * math.prod(lead))))
+    acc = np.empty((rows,) + out[1:] + lead, dtype)
     tmp = np.empty_like(acc)
-    for tap, w in zip(itertools.product(*(range(k) for k in kernel)), wtaps):
-        region = _tap_region(tap, x.shape[2:], strides, dilations, pads, out)
-        if region is None:
-            continue
-        osl, isl = region
-        dst = tmp[osl]
-        np.multiply(xs[isl], w.reshape(-1), out=dst)
-        acc[osl] += dst
-    return np.ascontiguousarray(acc.transpose((nd, nd + 1) + tuple(range(nd))))
+    y = np.empty(lead + out, dtype)
+    s0 = strides[0]
+    for r0 in range(0, out[0], rows):
+        r1 = min(out[0], r0 + rows)
+        block = acc[:r1 - r0]
+        block[...] = 0
+        for (osl, isl), w in regions:
+            lo, hi = max(osl[0].start, r0), min(osl[0].stop, r1)
+            if lo >= hi:
+                continue
+            first = isl[0].start + (lo - osl[0].start) * s0
+            o_block = (slice(lo - r0, hi - r0),) + osl[1:]
+            dst = tmp[o_block]
+            np.multiply(xs[(slice(first, first + (hi - lo - 1) * s0 + 1, s0),) + isl[1:]], w, out=dst)
+            block[o_block] += dst
+        y[:, :, r0:r1] = block.transpose((nd, nd + 1) + tuple(range(nd)))
+    return y
 
 
 def _tap_region(tap, in_spatial, strides, dilations, pads, out):
@@ -303,46 +369,61 @@ _TOEPLITZ_MAX_K = 128
 
 
 def _depthwise_toeplitz_program(x_shape, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue,
-                                y_dtype):
-    """2-D depthwise conv as one GEMM per channel. Output row h reads the padded rows
-    h·s_h … h·s_h + span - 1, a contiguous block of span·Wp elements of the flattened plane; with
-    the banded matrix T_c[(i·d_h)·Wp + w·s_w + j·d_w, w] = W_c[i, j] (zeros elsewhere), output row
-    h of channel c is block_h @ T_c. The blocks of all images of a chunk form one (N·Ho, span·Wp)
-    matrix per channel, gathered with the zero-point shift in one strided copy. Every partial sum
-    is a sum of a subset of the conv's products, so the float32/float64 exactness bound holds."""
+                                y_dtype, tile: int | None = None):
+    """2-D depthwise conv as GEMMs per channel with a banded matrix, over tiles of ``tile`` output
+    columns (default: the whole row). Output tile (h, t) reads the padded rows h·s_h … h·s_h +
+    span - 1 and the Wt = (tile-1)·s_w + (kw-1)·d_w + 1 columns from t·tile·s_w; with the banded
+    matrix T_c[i·d_h, col·s_w + j·d_w, col] = W_c[i, j] (zeros elsewhere), the tile of channel c is
+    block_{h,t} @ T_c, the same matrix for every tile. The blocks of all images of a chunk form one
+    (N·Ho·tiles, span·Wt) matrix per channel, gathered with the zero-point shift in one strided
+    copy; the last tile's columns past the output are computed from fill columns and dropped.
+    Every partial sum is a sum of a subset of the conv's products, so the float32/float64
+    exactness bound holds. Tiles keep the GEMM's extra zero products few on wide rows: 16 columns
+    of a 5x5 kernel are 4x the useful products, at BLAS speed (2.2x faster than the taps on
+    240x12x80)."""
     n, c, h, w = x_shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
-    wp = w + pads[1] + pads[3]
-    span = (kh - 1) * dh + 1
-    k = span * wp
     ho, wo = out
-    toeplitz = np.zeros((c, k, wo), dtype)
-    cols = np.arange(wo)
+    tile = wo if tile is None else min(tile, wo)
+    tiles = -(-wo // tile)
+    wt = (tile - 1) * sw + (kw - 1) * dw + 1
+    wp = max(w + pads[1] + pads[3], (tiles * tile - 1) * sw + (kw - 1) * dw + 1)
+    pads = [pads[0], pads[1], pads[2], wp - w - pads[1]]  # fill columns for the last tile
+    span = (kh - 1) * dh + 1
+    k = span * wt
+    toeplitz = np.zeros((c, span, wt, tile), dtype)
+    cols = np.arange(tile)
     for t, (i, j) in enumerate(itertools.product(range(kh), range(kw))):
-        toeplitz[:, i * dh * wp + cols * sw + j * dw, cols] = wtaps[t].reshape(c, 1)
+        toeplitz[:, i * dh, cols * sw + j * dw, cols] = wtaps[t].reshape(c, 1)
+    toeplitz = toeplitz.reshape(c, k, tile)
     fill = 0 if shift is None else shift
-    per = max(1, min(n, _TOEPLITZ_CHUNK // (c * ho * k)))
+    per = max(1, min(n, _TOEPLITZ_CHUNK // (c * ho * tiles * k)))
 
     def run(x):
         xp = _padded(x, pads, fill)
         isz = xp.itemsize
         y = np.empty((n, c) + out, y_dtype)
-        rows = np.empty((c, per, ho, k), dtype)
+        rows = np.empty((c, per, ho, tiles, span, wt), dtype)
         for s0 in range(0, n, per):
             nc = min(per, n - s0)
             view = np.lib.stride_tricks.as_strided(
-                xp[s0:], shape=(c, nc, ho, k), strides=(xp.strides[1], xp.strides[0], sh * wp * isz, isz),
+                xp[s0:], shape=(c, nc, ho, tiles, span, wt),
+                strides=(xp.strides[1], xp.strides[0], sh * wp * isz, tile * sw * isz, wp * isz, isz),
                 writeable=False)
             blocks = rows[:, :nc]
             _shift_into(blocks, view, shift)
-            acc = np.matmul(blocks.reshape(c, nc * ho, k), toeplitz).reshape(c, nc, ho, wo)
-            y[s0:s0 + nc] = epilogue(acc.transpose(1, 0, 2, 3))
+            acc = np.matmul(blocks.reshape(c, nc * ho * tiles, k), toeplitz).reshape(c, nc, ho, tiles * tile)
+            y[s0:s0 + nc] = epilogue(acc[..., :wo].transpose(1, 0, 2, 3))
         return y
     return run
 
 
 #: Largest gathered row-block array of one chunk of :func:`_depthwise_toeplitz_program`.
 _TOEPLITZ_CHUNK = 1 << 20
+#: Output columns per tile of :func:`_depthwise_toeplitz_program` on rows too wide for one banded
+#: matrix, for kernels of at least this many taps (measured against the taps and the flat passes:
+#: 5x5 1.7-2.3x faster, 3x3 1.0-2.1x, from 8x240x240 to 128x12x160).
+_TOEPLITZ_TILE, _TILED_MIN_TAPS = 16, 9
 
 
 def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out, shift, dtype, epilogue, y_dtype):
@@ -351,9 +432,10 @@ def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out,
     one phase when the stride is 1), each of shape (Hq, Wq). Output pixel (h, w) of tap (i, j)
     then reads phase ((i·d_h) mod s_h, (j·d_w) mod s_w) at (h + i·d_h div s_h, w + j·d_w div s_w):
     a constant offset in the flattened phase. So every tap is one contiguous multiply-add over the
-    chunk, with the weight map of one image broadcast over its images; positions with w ≥ Wout
-    or h ≥ Hout are computed as garbage (from the next image or a zero tail) and dropped, and no
-    valid position reads past its image."""
+    chunk, each channel's plane times its tap weight; positions with w ≥ Wout or h ≥ Hout are
+    computed as garbage (from the next plane or a zero tail) and dropped, and no valid position
+    reads past its plane. An image larger than a chunk runs a block of channels at a time, so
+    that the block's passes stay in L2 (1.6x on 16x240x240)."""
     n, c, h, w = x_shape
     (sh, sw), (dh, dw) = strides, dilations
     hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
@@ -361,10 +443,12 @@ def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out,
     fill = 0 if shift is None else shift
     taps = [((i * dh) % sh * sw + (j * dw) % sw, (i * dh) // sh * wq + (j * dw) // sw)
             for i in range(kernel[0]) for j in range(kernel[1])]
-    image = c * hq * wq
+    plane = hq * wq
+    image = c * plane
     per = max(1, min(n, _CHUNK // image))
+    block = max(1, _CHUNK // plane)  # channels per tap pass when a chunk is one image
     omax = max(t[1] for t in taps)
-    maps = wtaps.weight_maps(hq * wq)
+    columns = [wk.reshape(-1, 1) for wk in wtaps]
     inner = (slice(None), slice(None), slice(pads[0], pads[0] + h), slice(pads[1], pads[1] + w))
     crop = (slice(None), slice(None), slice(0, out[0]), slice(0, out[1]))
 
@@ -384,20 +468,35 @@ def _depthwise_2d_program(x_shape, wtaps, kernel, strides, dilations, pads, out,
             _shift_into(buf[:, :length].reshape(sh, sw, nc, c, hq, wq), src, shift)
             if nc < per:
                 buf[:, length:] = 0
-            dst, scratch = acc[:nc], tmp[:nc]
-            for k, (phase, o) in enumerate(taps):
-                tap_src = buf[phase, o:o + length].reshape(nc, image)
-                if k == 0:
-                    np.multiply(tap_src, maps[k], out=dst)
-                else:
-                    np.multiply(tap_src, maps[k], out=scratch)
-                    dst += scratch
+            if nc == 1:
+                for c0 in range(0, c, block):
+                    c1 = min(c, c0 + block)
+                    _taps_multiply_add(acc[0, c0 * plane:c1 * plane].reshape(c1 - c0, plane), tmp, taps,
+                                       [wk[c0:c1] for wk in columns], buf, c0 * plane)
+            else:
+                _taps_multiply_add(acc[:nc].reshape(nc, c, plane), tmp, taps, columns, buf, 0)
+            dst = acc[:nc]
             res = epilogue(dst.reshape(nc, c, hq, wq))[crop]
             if y is None:
                 return np.ascontiguousarray(res)
             y[s0:s0 + nc] = res
         return y
     return run
+
+
+def _taps_multiply_add(dst, scratch, taps, columns, buf, lo: int):
+    """``dst[..., ch, :] = Σ_k buf[phase_k, o_k + lo + …] · columns[k][ch]`` in tap order, over the
+    (…, channels, plane) shape of ``dst`` read from the flattened phases starting at ``lo``;
+    ``scratch``: a buffer of at least ``dst.size`` elements."""
+    size = dst.size
+    tmp = scratch.reshape(-1)[:size].reshape(dst.shape)
+    for k, (phase, o) in enumerate(taps):
+        tap_src = buf[phase, o + lo:o + lo + size].reshape(dst.shape)
+        if k == 0:
+            np.multiply(tap_src, columns[k], out=dst)
+        else:
+            np.multiply(tap_src, columns[k], out=tmp)
+            dst += tmp
 
 
 @register("Conv")

@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from qgraph.errors import InterpError
+from qgraph.interp.fusion import Item, fuse
 from qgraph.interp.registry import NodeContext, _norm_domain, lookup
 
 
@@ -155,13 +156,15 @@ class Plan:
         self.order = _toposort(self.nodes, set(self.consts) | self.graph_inputs)
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         fixed = set(self.consts) - self.graph_inputs  # an initializer listed as input may be fed
+        self._fixed = fixed
+        self._folded: dict[str, np.ndarray] = {}  # outputs of nodes computed from constants only
         self._opset_of = [opsets.get(_norm_domain(n.domain), 1) for n in self.nodes]
         self.contexts = [NodeContext(n, self._opset_of[i], tuple(not t or t in fixed for t in n.input))
                          for i, n in enumerate(self.nodes)]
-        self._schedules: dict[tuple[str, ...], list[_Step]] = {}
+        self._schedules: dict[tuple[tuple[str, ...], bool], list[_Step]] = {}
 
-    def _schedule(self, wanted: tuple[str, ...]) -> list[_Step]:
-        sched = self._schedules.get(wanted)
+    def _schedule(self, wanted: tuple[str, ...], fused: bool = True) -> list[_Step]:
+        sched = self._schedules.get((wanted, fused))
         if sched is not None:
             return sched
         needed = _needed_nodes(self.nodes, self.producer, wanted)
@@ -173,29 +176,56 @@ class Plan:
             if kernels[i] is None:
                 raise InterpError(f"unsupported op {n.op_type} (domain {n.domain or 'ai.onnx'!r}) "
                                   f"at node {n.name!r}; the reference interpreter has no kernel for it")
+        items = [Item(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output))
+                 for i in order]
+        if fused:
+            items = self._fold_constants(items)
+            items = fuse(items, wanted, _call, {t: a for t, a in (*self.consts.items(), *self._folded.items())
+                                                if t in self._fixed or t in self._folded})
         last_use = {}
-        for k, i in enumerate(order):
-            for t in self.nodes[i].input:
+        for k, it in enumerate(items):
+            for t in it.inputs:
                 if t:
                     last_use[t] = k
         frees = defaultdict(list)
         for t, k in last_use.items():
             if t not in wanted:
                 frees[k].append(t)
-        sched = [_Step(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output),
-                       tuple(frees[k])) for k, i in enumerate(order)]
-        self._schedules[wanted] = sched
+        sched = [_Step(*it, tuple(frees[k])) for k, it in enumerate(items)]
+        self._schedules[(wanted, fused)] = sched
         return sched
+
+    def _fold_constants(self, items: list[Item]) -> list[Item]:
+        """``items`` without the nodes whose inputs are all plan constants (a QDQ model's weight
+        DequantizeLinear, shape arithmetic on initializers): each runs once, here, and its outputs
+        join the plan's read-only constants of the fused schedules (unfused runs, whose feeds
+        override an initializer, use fresh node contexts and none of this)."""
+        kept = []
+        for it in items:
+            if not all(not t or t in self._folded or t in self._fixed for t in it.inputs):
+                kept.append(it)
+            elif not all(t in self._folded for t in it.outputs if t):
+                args = [None if not t else self._folded.get(t, self.consts.get(t)) for t in it.inputs]
+                for name, arr in zip(it.outputs, _call(it.kernel, it.ctx, args)):
+                    if name:
+                        arr = np.asarray(arr)
+                        arr.flags.writeable = False
+                        self._folded[name] = arr
+        for it in kept:  # kernels may memoize what they derive from folded inputs (a Conv's weights)
+            it.ctx.const = tuple(not t or t in self._fixed or t in self._folded for t in it.inputs)
+        return kept
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Evaluate on ``feeds`` and return the tensors named in ``outputs`` (default: the graph
         outputs); any intermediate tensor may be requested."""
         wanted = tuple(outputs) if outputs is not None else tuple(self.output_names)
-        sched = self._schedule(wanted)
+        fresh = any(name in self.consts for name in feeds)
+        sched = self._schedule(wanted, fused=not fresh)  # fused steps memoize constants
         values = dict(self.consts)
+        if not fresh:
+            values.update(self._folded)
         for name, arr in feeds.items():
             values[name] = np.asarray(arr)
-        fresh = any(name in self.consts for name in feeds)
         for step in sched:
             try:
                 args = [values[t] if t else None for t in step.inputs]

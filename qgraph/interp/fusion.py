@@ -1,0 +1,253 @@
+"""Plan-level fusion: node chains that a compiled plan runs as one step. A fused step computes
+exactly the tensors the chain hands on (read by other nodes, or requested), bit for bit; where
+its fast path does not apply (an input type it was not written for) it runs the chain's own
+kernels one after the other.
+
+Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target), its intermediate
+tensors read by the chain only:
+
+    t = Transpose(x, p)   i = Cast(Flatten(t), int)   r = GatherElements(T, i)   (T: one row)
+    y = Transpose(Reshape(r, Shape(t)), p⁻¹)
+
+is ``y = T.ravel()[x]``: a lookup is elementwise, so it commutes with the layout changes, and
+p⁻¹ undoes p. On 8-bit codes the lookup runs over pairs of codes (:mod:`qgraph.interp.codes`),
+without the chain's two transposes and int64 copy.
+
+Elementwise region of codes (QDQ models): every tensor computed elementwise from one per-tensor
+DequantizeLinear of 8-bit codes x and one-element constants is ``f(x)``, one of 256 values; the
+region's ops run once on the 256 codes, by their own kernels, and each tensor the region hands
+on is a lookup (:func:`_fuse_code_regions`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from qgraph.interp.codes import code_values, lookup_pairs, pair_table, pairs_apply
+from qgraph.interp.registry import NodeContext
+
+
+class Item(NamedTuple):
+    """One step of a schedule before its frees are known: ``kernel(ctx, *inputs) -> outputs``."""
+    kernel: Callable
+    ctx: NodeContext
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> list[Item]:
+    """``items`` with every fusable chain replaced by one item; ``wanted`` tensors are never
+    hidden inside a chain. ``call(kernel, ctx, args) -> tuple`` runs one kernel (the fallback);
+    ``constants``: the plan's constant tensors (no feed overrides them)."""
+    items = _fuse_code_regions(items, wanted, call, constants)
+    consumers: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        for t in it.inputs:
+            if t:
+                consumers.setdefault(t, []).append(k)
+    producer = {t: k for k, it in enumerate(items) for t in it.outputs if t}
+    hidden = set(wanted)
+    replaced: dict[int, Item | None] = {}
+    for k, it in enumerate(items):
+        if it.ctx.node.op_type == "GatherElements" and k not in replaced:
+            chain = _lookup_chain(items, k, consumers, producer, hidden)
+            if chain is not None:
+                members, fused = chain
+                if not any(m in replaced for m in members):
+                    for m in members:
+                        replaced[m] = None
+                    replaced[members[-1]] = _lookup_item(items, members, fused, call)
+    out = []
+    for k, it in enumerate(items):
+        if k not in replaced:
+            out.append(it)
+        elif replaced[k] is not None:
+            out.append(replaced[k])
+    return out
+
+
+def _only_consumers(t: str, consumers, expected: set[int], hidden) -> bool:
+    return t not in hidden and set(consumers.get(t, ())) == expected and len(consumers.get(t, ())) == len(expected)
+
+
+def _lookup_chain(items, g, consumers, producer, hidden):
+    """(member indices in schedule order, (x, table, y)) of the lookup chain around the
+    GatherElements item ``g``, or None."""
+    gather = items[g]
+    table, index = gather.inputs[:2]
+    if not gather.ctx.is_const(0) or len(gather.inputs) != 2:
+        return None
+    cast = items[producer[index]] if index in producer else None
+    if cast is None or cast.ctx.node.op_type != "Cast" or cast.ctx.attr("to") not in (6, 7):  # int32, int64
+        return None
+    flat = items[producer[cast.inputs[0]]] if cast.inputs[0] in producer else None
+    if flat is None or flat.ctx.node.op_type != "Flatten":
+        return None
+    first = items[producer[flat.inputs[0]]] if flat.inputs[0] in producer else None
+    if first is None or first.ctx.node.op_type != "Transpose" or first.ctx.attr("perm") is None:
+        return None
+    users = consumers.get(gather.outputs[0], [])
+    if len(users) != 1 or items[users[0]].ctx.node.op_type != "Reshape":
+        return None
+    reshape = items[users[0]]
+    shape_item = items[producer[reshape.inputs[1]]] if reshape.inputs[1] in producer else None
+    if (shape_item is None or shape_item.ctx.node.op_type != "Shape" or shape_item.inputs[0] != first.outputs[0]
+            or shape_item.ctx.attrs.get("start") is not None or shape_item.ctx.attrs.get("end") is not None):
+        return None
+    users = consumers.get(reshape.outputs[0], [])
+    if len(users) != 1 or items[users[0]].ctx.node.op_type != "Transpose":
+        return None
+    last = items[users[0]]
+    p, q = list(first.ctx.attr("perm")), last.ctx.attr("perm")
+    if q is None or len(q) != len(p) or any(p[q[i]] != i for i in range(len(p))):
+        return None
+    k_first, k_flat, k_shape, k_cast = (producer[t] for t in (first.outputs[0], flat.outputs[0],
+                                                               shape_item.outputs[0], cast.outputs[0]))
+    k_reshape, k_last = producer[reshape.outputs[0]], users[0]
+    checks = [(first.outputs[0], {k_flat, k_shape}), (flat.outputs[0], {k_cast}), (cast.outputs[0], {g}),
+              (shape_item.outputs[0], {k_reshape}), (gather.outputs[0], {k_reshape}),
+              (reshape.outputs[0], {k_last})]
+    if not all(_only_consumers(t, consumers, ks, hidden) for t, ks in checks):
+        return None
+    members = sorted({k_first, k_flat, k_shape, k_cast, g, k_reshape, k_last})
+    return members, (first.inputs[0], table, last.outputs[0])
+
+
+def _lookup_item(items, members, fused, call) -> Item:
+    x_name, table_name, y_name = fused
+    chain = [items[m] for m in members]
+    gather_ctx = next(it.ctx for it in chain if it.ctx.node.op_type == "GatherElements")
+
+    def run_chain(x, table):
+        values = {x_name: x, table_name: table}
+        for it in chain:
+            res = call(it.kernel, it.ctx, [values[t] if t else None for t in it.inputs])
+            values.update(zip(it.outputs, res))
+        return values[y_name]
+
+    def lookup(ctx, x, table):
+        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4):
+            return run_chain(x, table)
+        pairs = ctx.once(("pairs", x.dtype.str), lambda: _pairs_of(table.reshape(-1), x.dtype), 0)
+        if pairs is None:
+            return run_chain(x, table)
+        return lookup_pairs(pairs, x, table.dtype)
+
+    return Item(lookup, gather_ctx, (x_name, table_name), (y_name,))
+
+
+def _pairs_of(table: np.ndarray, code_dtype) -> np.ndarray | None:
+    """The pair table of ``table`` read at every code of ``code_dtype``; None when some code is
+    not a valid index (then the chain's own kernels run, and raise GatherElements' error if such
+    a code occurs)."""
+    codes = code_values(code_dtype)
+    n = table.size
+    if codes.min() < -n or codes.max() >= n:
+        return None
+    return pair_table(np.take(table, codes.astype(np.int64)))
+
+
+#: Ops computing each output element from the same-position elements of their inputs alone.
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Neg", "Abs", "Reciprocal", "Sqrt", "Exp", "Log",
+               "Floor", "Ceil", "Round", "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Erf",
+               "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu",
+               "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _fuse_code_regions(items, wanted, call, constants) -> list[Item]:
+    """Each elementwise region of 8-bit codes as one lookup per tensor it hands on: from a
+    per-tensor DequantizeLinear of codes x, every later op of :data:`ELEMENTWISE` whose inputs are
+    the region's tensors or one-element constants computes ``f(x)`` elementwise, one of 256
+    values. A QDQ model's GELU (DequantizeLinear, Div, Erf, Add, Mul, Mul, QuantizeLinear) or
+    SiLU so becomes one lookup of its output codes, the float ops evaluated once on the 256 codes
+    by their own kernels (bit for bit what they compute on the tensor: each output element
+    depends on its own input element only). The region's tensors that other nodes read, or that
+    are requested, are its outputs; it runs where its DequantizeLinear ran, its only input being
+    ready there."""
+    readers: dict[str, set[int]] = {}
+    for k, it in enumerate(items):
+        for t in it.inputs:
+            readers.setdefault(t, set()).add(k)
+    used: set[int] = set()
+    fused_at: dict[int, Item] = {}
+    for k, it in enumerate(items):
+        if k in used or it.ctx.node.op_type != "DequantizeLinear" or not _scalar_const(it.inputs[1:], constants):
+            continue
+        members, tensors = [k], set(it.outputs[:1])
+        for j in range(k + 1, len(items)):
+            other = items[j]
+            if j in used or other.ctx.node.op_type not in ELEMENTWISE or not other.inputs:
+                continue
+            ins = [t for t in other.inputs if t]
+            if any(t in tensors for t in ins) and all(t in tensors or _scalar_const((t,), constants) for t in ins):
+                members.append(j)
+                tensors.update(t for t in other.outputs if t)
+        if len(members) < 2:
+            continue
+        inside = set(members)
+        exits = [t for t in _ordered_outputs(items, members) if t in wanted or readers.get(t, set()) - inside]
+        if not exits:
+            continue
+        used.update(members)
+        fused_at[k] = _region_item(items, members, it.inputs[0], exits, constants, call)
+    out = []
+    for k, it in enumerate(items):
+        if k in fused_at:
+            out.append(fused_at[k])
+        elif k not in used:
+            out.append(it)
+    return out
+
+
+def _scalar_const(names, constants) -> bool:
+    """Whether every non-empty name is a one-element plan constant."""
+    return all(not t or (t in constants and np.size(constants[t]) == 1) for t in names)
+
+
+def _ordered_outputs(items, members) -> list[str]:
+    return [t for m in members for t in items[m].outputs if t]
+
+
+def _region_item(items, members, root: str, exits: list[str], constants, call) -> Item:
+    region = [items[m] for m in members]
+    tables: dict = {}
+
+    def run_region(x):
+        values = {root: x}
+        for it in region:
+            args = [None if not t else values[t] if t in values else constants[t] for t in it.inputs]
+            values.update(zip(it.outputs, call(it.kernel, it.ctx, args)))
+        return values
+
+    def build(dtype):
+        with np.errstate(all="ignore"):
+            values = run_region(code_values(dtype))
+        out = []
+        for t in exits:
+            v = np.asarray(values[t])
+            if v.size != 256:
+                return None
+            table = np.ascontiguousarray(v.reshape(-1))
+            out.append((table, pair_table(table) if table.dtype.itemsize in (1, 2, 4) else None, v.ndim))
+        return out
+
+    def lookup(ctx, x):
+        if x.dtype.itemsize != 1 or x.dtype.kind not in "iu":
+            return tuple(run_region(x)[t] for t in exits)
+        if x.dtype.str not in tables:
+            tables[x.dtype.str] = build(x.dtype)
+        built = tables[x.dtype.str]
+        if built is None:
+            return tuple(run_region(x)[t] for t in exits)
+        res = []
+        for table, pairs, ndim in built:
+            shape = (1,) * (ndim - x.ndim) + x.shape
+            if pairs is not None and pairs_apply(x):
+                res.append(lookup_pairs(pairs, x, table.dtype).reshape(shape))
+            else:
+                res.append(np.take(table, x.view(np.uint8)).reshape(shape))
+        return tuple(res)
+
+    return Item(lookup, region[0].ctx, (root,), tuple(exits))
