@@ -580,15 +580,20 @@ REQUANT_CASES = {   # name: (real multipliers, storage, bias, acc_bound, (qlo, q
     "unbounded: clipped first": ([0.003, 0.0005, 0.5, 0.02], np.uint8, None, None, None),
     "per-tensor, unbounded": ([0.25], np.uint8, None, None, None),
     "int8 with a clamp": ([0.004, 0.01, 0.2, 1.5], np.int8, [5, 5, 5, 5], [2**20] * 4, (-20, 90)),
+    "bound beyond int32 reach": ([0.003, 0.0005, 0.5, 0.02], np.uint8, None, [2**30] * 4, None),
     "one shift per channel": ([0.6, 1e-7, 0.01, 0.3], np.uint8, [2**30, 0, 0, 0], None, None),
     "Mod/Div form": ([1e-12], np.uint8, None, None, None),
 }
+#: the form emit_requantize picks: int32 Div (quant.DivisionSteps) where a bound lets int32 hold
+#: the numerator, else the int64 BitShift steps, else the Mod/Div chain
+REQUANT_FORM = {"per-channel, bias and bound": "Div", "int8 with a clamp": "Div", "Mod/Div form": "Mod"}
 
 
 @pytest.mark.parametrize("case", list(REQUANT_CASES))
 def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
-    """emit_requantize (quant.fixed_point_steps as ONNX ops: BitShift on uint64, the cast keeping
-    the low byte) against requantize_fixed_point, in ORT and in the interpreter."""
+    """emit_requantize (quant.division_steps as int32 Mul/Add/Div, or quant.fixed_point_steps: BitShift
+    on uint64, the cast keeping the low byte) against requantize_fixed_point, in ORT and in the
+    interpreter."""
     import onnx_graphsurgeon as gs
     from qgraph.lowering.integer import emit_requantize
     from qgraph.lowering.patterns import Quantizer
@@ -608,7 +613,8 @@ def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
                     acc_bound=bound, bounds=bounds)
     lowered = model.to_onnx()
     ops = {n.op_type for n in lowered.graph.node}
-    assert ("Mod" in ops) == (case == "Mod/Div form") and ("BitShift" in ops) != (case == "Mod/Div form")
+    form = REQUANT_FORM.get(case, "BitShift")
+    assert {"Mod", "BitShift", "Div"} & ops == ({"Mod", "Div"} if form == "Mod" else {form})
     m0, shift = quant.quantize_multiplier(real)
     qmin, qmax = quant.storage_range(storage)
     lo, hi = bounds or (qmin, qmax)

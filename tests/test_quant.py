@@ -312,6 +312,42 @@ def test_fixed_point_steps_refuse_multipliers_below_int64_reach():
     np.testing.assert_array_equal(steps.apply(acc, (2,)), want)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans())
+def test_division_steps_equal_requantize_fixed_point(channels, seed, signed, biased, clamped):
+    """The int32 Mul/Add/Div form computes requantize_fixed_point of acc + bias, clipped, bit for
+    bit over *every* accumulator within the bound (exhaustively: each step of the rule is hit),
+    with exact .5 ties, truncation of negative numerators and signed codes."""
+    rng = np.random.default_rng(seed)
+    real = rng.uniform(1e-4, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
+    real[0] = [0.5, 0.25, 1.0, 2.5, 1 / 3][seed % 5]
+    m0, shift = quant.quantize_multiplier(real)
+    storage = np.int8 if signed else np.uint8
+    qmin, qmax = quant.storage_range(storage)
+    zp = int(rng.integers(qmin, qmax + 1))
+    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    bias = rng.integers(-2**14, 2**14, channels) if biased else None
+    bound = rng.integers(1, 2**15, channels)
+    steps = quant.division_steps(m0, shift, zp, qlo, qhi, storage, bias, bound)
+    assert steps is not None
+    acc = np.arange(-int(bound.max()), int(bound.max()) + 1)[:, None].repeat(channels, 1)
+    acc = np.clip(acc, -bound, bound).astype(np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
+                                        qmin, qmax, dtype=np.int64)
+    np.testing.assert_array_equal(steps.apply(acc, (channels,)), np.clip(want, qlo, qhi).astype(storage))
+    assert np.all(bound * steps.multiplier + np.abs(steps.offset) < 2**31)
+
+
+def test_division_steps_need_a_bound_that_int32_holds():
+    """No bound, or one so large that no numerator fits int32 next to it: no division form (the
+    int64 steps remain)."""
+    m0, shift = quant.quantize_multiplier(np.array([0.0123]))
+    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8) is None
+    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**31 - 1]) is None
+    steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**20])
+    assert steps is not None and steps.multiplier[0] * 2**20 < 2**31
+
+
 def test_accumulator_bound_is_reached_by_the_worst_input():
     w = np.array([[[3, -4], [0, 127]], [[-128, 1], [2, 2]]], np.int8)          # 2 channels
     bound = quant.accumulator_bound(w, np.int8(0), np.uint8(10), np.uint8)

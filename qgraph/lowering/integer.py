@@ -5,7 +5,10 @@ DequantizeLinear (integer-only NPUs/MCUs, linger's fixed point).
     y   = clip(((acc · M0 + 2^(n-1)) − mod) / 2^n + zp_y, qmin, qmax)           (int64 → 8 bit)
 
 with ``M0 · 2^-n ≈ s_x·s_w/s_y`` (quant.quantize_multiplier; round half up, one rounding:
-quant.requantize_fixed_point, emitted with quant.requantize_fixed_point_onnx_form).
+quant.requantize_fixed_point). Emitted, bit for bit, as the cheapest form that fits: int32
+``clip((acc·p + r) / q)`` where the accumulator's bound lets int32 hold it (quant.division_steps:
+every conv of the zoo), else int64 steps with an unsigned BitShift (quant.fixed_point_steps),
+else the Mod/Div chain (quant.requantize_fixed_point_onnx_form).
 
 What ORT 1.19 CPU runs (probed with one-node models): ConvInteger only for uint8 × uint8 with a
 scalar w_zero_point; MatMulInteger for u8×u8, u8×s8, s8×s8 with per-column b_zero_point;
@@ -59,11 +62,16 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
     """Emit the fixed-point requantization of the integer accumulator ``acc`` plus the int32
     `bias` into `out` on `out_q`'s grid, clipped to `bounds` (a folded activation's codes) or the
     storage range: quant.fixed_point_steps, with `acc_bound` the largest ``|acc|`` per channel
-    (None: unknown; the accumulator is then clipped first). An int64 `acc` (a sum of scaled
+    (None: unknown; the accumulator is then clipped first). An int32 `acc` with a bound takes the
+    int32 division form where one fits (quant.division_steps); an int64 `acc` (a sum of scaled
     terms) is taken as it is; `fixed_point` = (m0, shift) gives the multiplier in fixed point."""
     m0, shift = fixed_point or quant.quantize_multiplier(np.asarray(multiplier, np.float64))
     qlo, qhi = bounds if bounds is not None else (out_q.qmin, out_q.qmax)
     zp = out_q.scalar_zero_point()
+    if acc.dtype == np.int32:
+        division = quant.division_steps(m0, shift, zp, qlo, qhi, out_q.dtype, bias, acc_bound)
+        if division is not None:
+            return _emit_division(model, acc, division, out_q, out, name, channel_shape)
     steps = quant.fixed_point_steps(m0, shift, zp, qlo, qhi, out_q.dtype, bias, acc_bound)
     if steps is None:
         return _emit_mod_div(model, acc, m0, shift, zp, (qlo, qhi), out_q, out, name, channel_shape, bias)
@@ -105,6 +113,25 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
                                 const(model, f"{name}_hi", np.uint64(steps.clip[1]))], [clipped], f"{name}_clip")
         shifted = clipped
     model.add_node("Cast", [shifted], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
+
+
+def _emit_division(model, acc, steps: quant.DivisionSteps, out_q, out, name, channel_shape) -> None:
+    """quant.DivisionSteps: int32 Mul, Add, Div (each left out where it is the identity), Clip, Cast."""
+    value = acc
+    for op, constant, identity in (("Mul", steps.multiplier, 1), ("Add", steps.offset, 0), ("Div", steps.divisor, 1)):
+        if np.all(constant == identity):
+            continue
+        result = var(model, f"{name}_{op.lower()}", np.int32)
+        model.add_node(op, [value, const(model, f"{name}_{op.lower()}_c", _channel_shaped(np.asarray(constant, np.int32),
+                                                                                          channel_shape))],
+                       [result], f"{name}_{op.lower()}")
+        value = result
+    if steps.clip is not None:
+        clipped = var(model, f"{name}_clipped", np.int32)
+        model.add_node("Clip", [value, const(model, f"{name}_lo", np.int32(steps.clip[0])),
+                                const(model, f"{name}_hi", np.int32(steps.clip[1]))], [clipped], f"{name}_clip")
+        value = clipped
+    model.add_node("Cast", [value], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
 
 
 def _emit_mod_div(model, acc, m0, shift, zp, bounds, out_q, out, name, channel_shape, bias) -> None:
