@@ -628,6 +628,32 @@ def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
         np.testing.assert_array_equal(interp_run(lowered, {"acc": acc})["y"], got)
 
 
+@pytest.mark.parametrize("small_first", [False, True])
+def test_pair_table_broadcasts_and_is_exact_in_ort_and_the_interpreter(small_first):
+    """tables.emit_pair_table: ``table[a, b]`` of two uint8 code tensors, broadcasting like an
+    elementwise op, whichever operand is the small one (it takes the ×256)."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.patterns import QInput, Quantizer
+    from qgraph.lowering.tables import emit_pair_table
+    rng = np.random.default_rng(3)
+    big, small = [2, 3, 4, 5], [2, 3, 1, 1]
+    shapes = (small, big) if small_first else (big, small)
+    xa, xb = (gs.Variable(n, dtype=np.uint8, shape=sh) for n, sh in zip("ab", shapes))
+    y = gs.Variable("y", dtype=np.uint8, shape=big)
+    model = QModel(gs.Graph(inputs=[xa, xb], outputs=[y]))
+    q = Quantizer(np.float32(0.1), np.array(7, np.uint8), 1, "q")
+    table = rng.integers(0, 256, (256, 256)).astype(np.uint8)
+    emit_pair_table(model, QInput(xa, q), QInput(xb, q), table, y, "pair")
+    lowered = model.to_onnx()
+    feeds = {"a": rng.integers(0, 256, shapes[0]).astype(np.uint8), "b": rng.integers(0, 256, shapes[1]).astype(np.uint8)}
+    got = run_model(lowered, feeds)["y"]
+    np.testing.assert_array_equal(got, table[feeds["a"], feeds["b"]])
+    cast = next(n for n in lowered.graph.node if n.output[0] == "pair_major")   # the ×256 operand
+    assert cast.input[0] == ("a" if small_first else "b")
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, feeds)["y"], got)
+
+
 # -- biases beyond int32 ------------------------------------------------------------------------
 
 def dead_channel_conv_qdq() -> onnx.ModelProto:

@@ -21,6 +21,8 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
   must share one zero point — symmetric weights do);
 - residual Add: ``y = round((Ka·(a−za) + Kb·(b−zb)) / 2^n) + zp_y`` with Ka, Kb on one shift;
 - Mul: ``(a−za)·(b−zb)`` in int32, multiplier ``s_a·s_b/s_y``;
+- both, when their inputs are uint8 codes: a 65536-entry table of that rule indexed by
+  ``256·a + b`` (tables.emit_pair_table), five int32 passes instead of the arithmetic's nine-plus;
 - average pools: an int32 ReduceSum (global) or a depthwise ConvInteger of ones (windowed,
   unpadded) minus ``count·zp``, multiplier ``s_x / (count·s_y)``; a global pool of a map whose
   size is known only at run time divides by the count taken from its shape, in int64
@@ -43,7 +45,7 @@ from qgraph.lowering.float_output import convinteger_weight, lower_to_float
 from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, clamp_bounds, const,
                                       finish_site, read_quantizer, var)
-from qgraph.lowering.tables import emit_table
+from qgraph.lowering.tables import emit_pair_table, emit_table
 
 _ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int32": TensorProto.INT32,
                "int64": TensorProto.INT64}
@@ -297,8 +299,8 @@ def lower_gemm(model: QModel, site: Site) -> None:
 
 def lower_add(model: QModel, site: Site) -> None:
     """``y = round_half_up((Ka·(a − za) + Kb·(b − zb)) / 2^n) + zp`` with Ka, Kb on one shift
-    (quant.shared_shift_multipliers): the codes scaled in int64, the zero points folded into the
-    requantization's offset."""
+    (quant.shared_shift_multipliers): a table of every pair of uint8 codes, else the codes scaled in
+    int64, the zero points folded into the requantization's offset."""
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
     k, n = shared_shift_multipliers([quant.requant_multiplier(a.quantizer.scale, 1.0, site.out_q.scale),
                                      quant.requant_multiplier(b.quantizer.scale, 1.0, site.out_q.scale)])
@@ -307,6 +309,13 @@ def lower_add(model: QModel, site: Site) -> None:
     name = site.node.name
     centering = -int(k[0]) * a.quantizer.scalar_zero_point() - int(k[1]) * b.quantizer.scalar_zero_point()
     bound = sum(int(kx) * max(abs(x.quantizer.qmin), abs(x.quantizer.qmax)) for x, kx in ((a, k[0]), (b, k[1])))
+
+    if b.quantizer.dtype == np.uint8:
+        codes = quant.all_codes(np.uint8).astype(np.int64)
+        total = int(k[0]) * codes[:, None] + int(k[1]) * codes[None, :] + centering
+        table = _requantized_table(total, np.int32(1), np.int32(n - 31), site)
+        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
+                           clamped=True)
 
     def build(out):
         terms = []
@@ -329,6 +338,12 @@ def lower_mul(model: QModel, site: Site) -> None:
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
     ratio = quant.requant_multiplier(a.quantizer.scale, b.quantizer.scale, site.out_q.scale)
     name = site.node.name
+    if b.quantizer.dtype == np.uint8:
+        codes = quant.all_codes(np.uint8).astype(np.int64)
+        prod = (codes[:, None] - a.quantizer.scalar_zero_point()) * (codes[None, :] - b.quantizer.scalar_zero_point())
+        table = _requantized_table(prod, *quant.quantize_multiplier(ratio), site)
+        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
+                           clamped=True)
 
     def build(out):
         prod = var(model, f"{name}_acc", np.int32)
@@ -338,6 +353,15 @@ def lower_mul(model: QModel, site: Site) -> None:
                         acc_bound=_code_reach(a) * _code_reach(b), bounds=clamp_bounds(site))
 
     finish_site(model, site, build, clamped=True)
+
+
+def _requantized_table(acc: np.ndarray, m0, shift, site: Site) -> np.ndarray:
+    """The requantization rule on every accumulator of a 256×256 table of two codes, clipped to the
+    folded activation: what emit_requantize's steps compute for them."""
+    q = site.out_q
+    qlo, qhi = clamp_bounds(site) or (q.qmin, q.qmax)
+    y = quant.requantize_fixed_point(acc, m0, shift, q.scalar_zero_point(), q.qmin, q.qmax, dtype=np.int64)
+    return np.clip(y, qlo, qhi).astype(q.dtype)
 
 
 def _code_reach(x: QInput) -> int:
