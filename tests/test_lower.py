@@ -654,6 +654,33 @@ def test_pair_table_broadcasts_and_is_exact_in_ort_and_the_interpreter(small_fir
         np.testing.assert_array_equal(interp_run(lowered, feeds)["y"], got)
 
 
+@pytest.mark.parametrize("channels, kernel, group_size", [(16, 3, 8), (12, 5, 4), (6, 3, 2), (5, 3, 1)])
+def test_depthwise_convinteger_as_grouped_is_exact(channels, kernel, group_size):
+    """integer.depthwise_as_grouped: the block-diagonal grouped ConvInteger (zero point off the
+    diagonal) writes the depthwise accumulator exactly, in ORT and in the interpreter."""
+    from qgraph.lowering.integer import depthwise_as_grouped
+    rng = np.random.default_rng(kernel)
+    w = rng.integers(0, 256, (channels, 1, kernel, kernel)).astype(np.uint8)
+    attrs = {"group": channels, "kernel_shape": [kernel, kernel], "pads": [1] * 4, "strides": [2, 2]}
+    grouped, new_attrs = depthwise_as_grouped(w, np.uint8(131), attrs)
+    assert new_attrs["group"] == channels // group_size and grouped.shape[1] == group_size
+
+    def conv(weight, a):
+        node = helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **a)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                                  [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.uint8(9), "xz"),
+                                   numpy_helper.from_array(np.uint8(131), "wz")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    x = rng.integers(0, 256, (2, channels, 9, 11)).astype(np.uint8)
+    want = run_model(conv(w, attrs), {"x": x})["y"]
+    got = run_model(conv(grouped, new_attrs), {"x": x})["y"]
+    np.testing.assert_array_equal(got, want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(conv(grouped, new_attrs), {"x": x})["y"], want)
+
+
 # -- biases beyond int32 ------------------------------------------------------------------------
 
 def dead_channel_conv_qdq() -> onnx.ModelProto:
