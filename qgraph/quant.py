@@ -629,11 +629,14 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
     reached, left = steps <= bound, steps - 1 >= -bound      # which constraints apply
     limit = min(DIVISION_MAX_MULTIPLIER, (_INT32[1] // max(bound, 1)))
     ratio = m / 2.0**n
-    for start in range(0 if m == 0 else 1, limit + 1, 64):
+    for start in range(0, limit + 1, 64):
         p = np.arange(start, min(start + 64, limit + 1), dtype=np.int64)
-        centre = np.floor(p / ratio) if m else np.ones_like(p, dtype=np.float64)
-        q = (centre[:, None] + np.arange(-2, 4)[None, :]).astype(np.int64)   # (P, J): q next to p / ratio
-        q = np.clip(q, 1, _INT32[1])
+        centre = p / ratio if m else np.ones_like(p, dtype=np.float64)
+        q = np.minimum(np.floor(centre), 2.0**40)[:, None] + np.arange(-2, 4)[None, :]   # q next to p / ratio
+        # and q beyond the range, for a rule with at most one step on it (a near-dead channel's huge
+        # bias: p / ratio would overflow the offset); p = 0 covers a constant rule
+        q = np.concatenate([q, (p * (2 * bound + 2))[:, None].astype(np.float64)], axis=1)
+        q = np.clip(q, 1, _INT32[1]).astype(np.int64)                       # (P, J)
         need = (levels + k)[None, None, :] * q[:, :, None] - steps[None, None, :] * p[:, None, None]
         lo = np.where(reached, need, np.iinfo(np.int64).min).max(axis=2)
         hi = np.where(left, need + p[:, None, None], np.iinfo(np.int64).max).min(axis=2)   # exclusive

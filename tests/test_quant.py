@@ -348,6 +348,21 @@ def test_division_steps_need_a_bound_that_int32_holds():
     assert steps is not None and steps.multiplier[0] * 2**20 < 2**31
 
 
+def test_division_steps_of_near_dead_channels():
+    """A channel whose weights sit on a coarsened grid (fold.fit_biases_to_int32) has a tiny
+    multiplier and a huge bias: over its small accumulator range the rule is constant or takes
+    one step, and the division form still holds it in int32 (p = 0, or q wider than the range)."""
+    m0, shift = quant.quantize_multiplier(np.array([3.6e-9, 3.4e-9, 0.01]))
+    half_way = -int(5.5 * 2.0 ** (31 + int(shift[1])) / int(m0[1]))       # (a + b)·M crosses -5.5 near a = 0
+    bias, bound = np.array([-1_663_388_288, half_way, 0]), np.array([15424, 100_000, 0])
+    steps = quant.division_steps(m0, shift, 123, 0, 255, np.uint8, bias, bound)
+    assert steps is not None
+    acc = np.concatenate([np.linspace(-bound, bound, 20001).round(), [[-1] * 3, [0] * 3]]).astype(np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + bias, m0, shift, 123, 0, 255)
+    np.testing.assert_array_equal(steps.apply(acc, (3,)), want)
+    assert len(np.unique(want[:, 1])) == 2                      # the second channel takes one step
+
+
 def test_accumulator_bound_is_reached_by_the_worst_input():
     w = np.array([[[3, -4], [0, 127]], [[-128, 1], [2, 2]]], np.int8)          # 2 channels
     bound = quant.accumulator_bound(w, np.int8(0), np.uint8(10), np.uint8)
