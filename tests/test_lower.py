@@ -681,6 +681,45 @@ def test_depthwise_convinteger_as_grouped_is_exact(channels, kernel, group_size)
         np.testing.assert_array_equal(interp_run(conv(grouped, new_attrs), {"x": x})["y"], want)
 
 
+def test_tables_read_the_requantized_int32_directly():
+    """integer.skip_narrowing_casts: a table (single or pair) reading a requantization's uint8 codes
+    reads its int32 Clip output instead, two casts fewer and the same values; a Clip reaching past
+    the code range keeps its casts."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.integer import skip_narrowing_casts
+    from qgraph.lowering.patterns import QInput, Quantizer
+    from qgraph.lowering.tables import emit_pair_table, emit_table
+    rng = np.random.default_rng(5)
+    acc = gs.Variable("acc", dtype=np.int32, shape=[2, 3, 4, 4])
+    outs = [gs.Variable(n, dtype=np.uint8, shape=[2, 3, 4, 4]) for n in ("single", "pair", "wide")]
+    model = QModel(gs.Graph(inputs=[acc], outputs=outs))
+    q = Quantizer(np.float32(0.1), np.array(0, np.uint8), 1, "q")
+    codes = {}
+    for label, hi in (("in_range", 200), ("past_range", 300)):
+        clipped, narrow = gs.Variable(f"{label}_clipped", dtype=np.int32), gs.Variable(label, dtype=np.uint8)
+        model.add_node("Clip", [acc, model.add_constant(f"{label}_lo", np.array(0, np.int32)),
+                                model.add_constant(f"{label}_hi", np.array(hi, np.int32))], [clipped], f"{label}_clip")
+        model.add_node("Cast", [clipped], [narrow], f"{label}_narrow", {"to": TensorProto.UINT8})
+        codes[label] = QInput(narrow, q)
+    table, pair = rng.integers(0, 256, 256).astype(np.uint8), rng.integers(0, 256, (256, 256)).astype(np.uint8)
+    emit_table(model, codes["in_range"], table, outs[0], "t1")
+    emit_pair_table(model, codes["in_range"], codes["in_range"], pair, outs[1], "t2")
+    emit_table(model, codes["past_range"], table, outs[2], "t3")
+    feeds = {"acc": rng.integers(-50, 400, (2, 3, 4, 4)).astype(np.int32)}
+    before = run_model(model.to_onnx(), feeds)
+    casts = sum(n.op == "Cast" for n in model.graph.nodes)
+    assert skip_narrowing_casts(model) == 3
+    lowered = model.to_onnx()
+    assert sum(n.op_type == "Cast" for n in lowered.graph.node) == casts - 4       # in_range's Cast(uint8) too
+    after = run_model(lowered, feeds)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    if interp_run is not None:
+        got = interp_run(lowered, feeds)
+        for name in before:
+            np.testing.assert_array_equal(got[name], before[name])
+
+
 # -- biases beyond int32 ------------------------------------------------------------------------
 
 def dead_channel_conv_qdq() -> onnx.ModelProto:

@@ -534,6 +534,58 @@ RULES = {
 }
 
 
+# -- after the rules -----------------------------------------------------------------------------
+
+def skip_narrowing_casts(model: QModel) -> int:
+    """Tables read int32 indices: where a requantization's int32 result (a Clip within the code
+    range) is cast to uint8 only for a table to cast it back (``Clip → Cast(uint8) → [Flatten] →
+    Cast(int32) → GatherElements``, and the ``256·a + b`` index of a pair table), the table reads
+    the int32 result itself — the same values, two passes fewer. Returns the casts bypassed."""
+    bypassed = 0
+    for narrow in list(model.graph.nodes):
+        if narrow.op != "Cast" or not narrow.outputs or narrow.attrs.get("to") not in (TensorProto.UINT8,
+                                                                                       TensorProto.INT8):
+            continue
+        wide, codes = narrow.inputs[0], narrow.outputs[0]
+        if wide.dtype != np.int32 or not _clipped_within(model, wide, narrow.attrs["to"]) \
+                or model.is_graph_output(codes):
+            continue
+        for reader in list(codes.outputs):
+            if reader.op == "Shape":
+                reader.inputs[0] = wide
+            elif reader.op == "Cast" and reader.attrs.get("to") == TensorProto.INT32:
+                bypassed += _replace_uses(model, reader.outputs[0], wide)
+            elif reader.op == "Flatten" and all(c.op == "Cast" and c.attrs.get("to") == TensorProto.INT32
+                                                for c in reader.outputs[0].outputs):
+                reader.inputs[0] = wide
+                reader.outputs[0].dtype = np.int32
+                for cast in list(reader.outputs[0].outputs):
+                    bypassed += _replace_uses(model, cast.outputs[0], reader.outputs[0])
+    if bypassed:
+        model.cleanup()
+    return bypassed
+
+
+def _clipped_within(model: QModel, tensor: gs.Tensor, to: int) -> bool:
+    """`tensor` is a Clip's output with constant bounds inside the storage range of type `to`."""
+    clip = model.producer(tensor)
+    if clip is None or clip.op != "Clip" or len(clip.inputs) < 3:
+        return False
+    lo, hi = (model.constant_value(t) for t in clip.inputs[1:3])
+    qmin, qmax = quant.storage_range(np.uint8 if to == TensorProto.UINT8 else np.int8)
+    return lo is not None and hi is not None and qmin <= int(lo) and int(hi) <= qmax
+
+
+def _replace_uses(model: QModel, old: gs.Tensor, new: gs.Tensor) -> int:
+    if model.is_graph_output(old):
+        return 0
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    return 1
+
+
 # -- checking ----------------------------------------------------------------------------------
 
 def float_nodes(model: QModel) -> list[gs.Node]:
