@@ -338,14 +338,21 @@ def test_division_steps_equal_requantize_fixed_point(channels, seed, signed, bia
     assert np.all(bound * steps.multiplier + np.abs(steps.offset) < 2**31)
 
 
-def test_division_steps_need_a_bound_that_int32_holds():
-    """No bound, or one so large that no numerator fits int32 next to it: no division form (the
-    int64 steps remain)."""
-    m0, shift = quant.quantize_multiplier(np.array([0.0123]))
-    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8) is None
-    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**31 - 1]) is None
-    steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**20])
-    assert steps is not None and steps.multiplier[0] * 2**20 < 2**31
+def test_division_steps_clip_the_accumulator_where_its_bound_leaves_int32_no_room():
+    """A small bound needs no clip; no bound, or one too large for a numerator to fit int32 next to
+    it, clips the accumulator to where the rule has saturated (the same results); a rule whose
+    saturation lies beyond int32 has no division form (the int64 steps remain)."""
+    m0, shift = quant.quantize_multiplier(np.array([0.0123, 0.002]))
+    steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**20, 2**20])
+    assert steps.acc_clip is None and np.all(steps.multiplier * 2**20 < 2**31)
+    for bound in (None, [2**31 - 1] * 2):
+        steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=bound)
+        assert steps.acc_clip == 63750           # 127.5 / 0.002: where the smaller multiplier reaches 255
+        acc = np.array([[-2**31, -2**31], [2**31 - 1] * 2, [-70000, 70000], [12, -5]], np.int32)
+        want = quant.requantize_fixed_point(acc.astype(np.int64), m0, shift, 128, 0, 255)
+        np.testing.assert_array_equal(steps.apply(acc, (2,)), want)
+    m0, shift = quant.quantize_multiplier(np.array([1e-12]))
+    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8, bias=[2**31 - 1]) is None
 
 
 def test_division_steps_of_near_dead_channels():

@@ -120,13 +120,18 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
 def _emit_division(model, acc, steps: quant.DivisionSteps, out_q, out, name, channel_shape) -> None:
     """quant.DivisionSteps: int32 Mul, Add, Div (each left out where it is the identity), Clip, Cast."""
     value = acc
+    if steps.acc_clip is not None:
+        clipped = var(model, f"{name}_acc_clipped", np.int32)
+        model.add_node("Clip", [value, const(model, f"{name}_acc_lo", np.int32(-steps.acc_clip)),
+                                const(model, f"{name}_acc_hi", np.int32(steps.acc_clip))], [clipped], f"{name}_acc_clip")
+        value = clipped
     for op, constant, identity in (("Mul", steps.multiplier, 1), ("Add", steps.offset, 0), ("Div", steps.divisor, 1)):
         if np.all(constant == identity):
             continue
-        result = var(model, f"{name}_{op.lower()}", np.int32)
-        model.add_node(op, [value, const(model, f"{name}_{op.lower()}_c", _channel_shaped(np.asarray(constant, np.int32),
-                                                                                          channel_shape))],
-                       [result], f"{name}_{op.lower()}")
+        label = f"{name}_{op.lower()}"
+        result = var(model, label, np.int32)
+        c = const(model, f"{label}_c", _channel_shaped(np.asarray(constant, np.int32), channel_shape))
+        model.add_node(op, [value, c], [result], label)
         value = result
     if steps.clip is not None:
         clipped = var(model, f"{name}_clipped", np.int32)
