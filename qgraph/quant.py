@@ -560,8 +560,9 @@ class DivisionSteps:
     ``r`` an offset that put every step on the same accumulator value, checked exactly on the
     steps. Where ``v < 0`` the result clips to ``lo`` whether Div floors or truncates, so
     truncation is exact. ``K`` is 0 for unsigned codes and 256 for signed ones (the cast keeps y
-    mod 256). ``c`` reaches past every channel's last step, so the clip changes no result. Against :class:`FixedPointSteps`: 4-byte tensors instead of 8-byte ones and four ops
-    instead of seven (ORT 1.19, 64×120×120: 2.3 ms against 3.5 ms, 8×64×120×120: 22 against 59)."""
+    mod 256). ``c`` lies past every channel's last step, so that clip changes no result. Against
+    :class:`FixedPointSteps`: 4-byte tensors instead of 8-byte ones and four ops instead of seven
+    (ORT 1.19, one thread, 64×120×120: 2.3 ms against 3.5 ms; 8×64×120×120: 22 against 59)."""
     multiplier: np.ndarray
     offset: np.ndarray
     divisor: np.ndarray
@@ -605,16 +606,18 @@ def division_steps(m0, shift, zero_point: int, qlo: int, qhi: int, storage, bias
     m, n, b = per_channel(m0), per_channel(_total_shift(np.asarray(shift))), per_channel(0 if bias is None else bias)
     bound = per_channel(_INT32[1] if acc_bound is None else acc_bound)
     k = 0 if qlo >= 0 else 256 * -(-(-qlo) // 256)
-    for acc_clip in (None, _saturation_reach(m, n, b, int(zero_point), qlo, qhi)):
-        if acc_clip is not None:
-            if acc_clip >= max(bound):
-                return None
-            bound = [min(x, acc_clip) for x in bound]
+
+    def fractions():
         found = [_division_fraction(m[c], n[c], b[c], bound[c], int(zero_point), qlo, qhi, k) for c in range(channels)]
-        if all(f is not None for f in found):
-            break
-    else:
-        return None
+        return None if any(f is None for f in found) else found
+    acc_clip, found = None, fractions()
+    if found is None:
+        acc_clip = _saturation_reach(m, n, b, int(zero_point), qlo, qhi)
+        if acc_clip is None or acc_clip >= max(bound):
+            return None
+        bound = [min(x, acc_clip) for x in bound]
+        if (found := fractions()) is None:
+            return None
     p, q, r = (np.array(v, np.int64) for v in zip(*found))
     bound = np.array(bound, np.int64)
     low = np.floor_divide(-bound * p + r, q)                      # reachable results, floored
@@ -644,13 +647,13 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
         return None
     levels = np.arange(qlo + 1, qhi + 1, dtype=np.int64)
     if m == 0:                                   # F is the constant floor(2^(n-1) / 2^n) + zp = zp
-        steps = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]
+        breakpoints = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]
     else:                                        # smallest a with (a + b)·m + 2^(n-1) >= (v − zp)·2^n
         half = 1 << (n - 1)
-        steps = [min(max(-((half - (v - zp) * (1 << n)) // m) - b, -bound), bound + 1)
+        breakpoints = [min(max(-((half - (v - zp) * (1 << n)) // m) - b, -bound), bound + 1)
                  for v in range(qlo + 1, qhi + 1)]
-    steps = np.array(steps, np.int64)
-    reached, left = steps <= bound, steps - 1 >= -bound      # which constraints apply
+    breakpoints = np.array(breakpoints, np.int64)
+    reached, left = breakpoints <= bound, breakpoints - 1 >= -bound      # which constraints apply
     limit = min(DIVISION_MAX_MULTIPLIER, (_INT32[1] // max(bound, 1)))
     ratio = m / 2.0**n
     for start in range(0, limit + 1, 64):
@@ -661,7 +664,7 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
         # bias: p / ratio would overflow the offset); p = 0 covers a constant rule
         q = np.concatenate([q, (p * (2 * bound + 2))[:, None].astype(np.float64)], axis=1)
         q = np.clip(q, 1, _INT32[1]).astype(np.int64)                       # (P, J)
-        need = (levels + k)[None, None, :] * q[:, :, None] - steps[None, None, :] * p[:, None, None]
+        need = (levels + k)[None, None, :] * q[:, :, None] - breakpoints[None, None, :] * p[:, None, None]
         lo = np.where(reached, need, np.iinfo(np.int64).min).max(axis=2)
         hi = np.where(left, need + p[:, None, None], np.iinfo(np.int64).max).min(axis=2)   # exclusive
         r = np.clip(0, lo, hi - 1)
