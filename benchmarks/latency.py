@@ -84,14 +84,56 @@ The issue's goals (issue 16), in this run:
   pixel shuffle, db_detector spent 24.6% of its node time in Transposes (the 6-D NCHW shuffle
   alone 17.4 of 88 ms at batch 8), and its uint8 Resizes, which ORT moves into NHWC, 12-16 ms
   more (now Expand, 1.8 ms).
-- integer within 3x of qlinear: met on nudenet (2.1x / 3.0x, at the limit), ddddocr_ocr, ddddocr_ocr_old,
-  pplcnet_textdir and vit (2.0x / 2.8x) and pplcnet at batch 1 (2.9x). Not met on ddddocr_det
-  (3.6x / 3.4x), pplcnet at batch 8 (5.0x), db_detector (4.9x / 6.1x) and svtr (7.3x / 3.3x).
-  What costs: ORT's ConvInteger, NCHW im2col, 3-5x QLinearConv's time (depthwise layers worst:
-  pplcnet 66 ms against 14 ms at batch 8), and the requantization, six or seven int64/uint64
-  elementwise passes per layer (Cast, Mul, Add, Cast, BitShift, Clip, Cast; db_detector: about
-  270 of 433 ms at batch 8, profiled before this run; the changes since do not touch it). ORT
-  has no uint32/uint64 Mul or Add and no integer op that fuses them.
+- integer within 3x of qlinear: in this run met on nudenet (2.1x / 3.0x, at the limit), ddddocr_ocr,
+  ddddocr_ocr_old, pplcnet_textdir and vit (2.0x / 2.8x) and pplcnet at batch 1 (2.9x); not on
+  ddddocr_det (3.6x / 3.4x), pplcnet at batch 8 (5.0x), db_detector (4.9x / 6.1x) and svtr (7.3x /
+  3.3x). Its requantization was then six or seven int64/uint64 passes per layer (Cast, Mul, Add,
+  Cast, BitShift, Clip, Cast); it is int32 since, below.
+
+The integer target with int32 requantization, measured 2026-11-29 at commit e83c9af (branch
+int-speed), same machine, ORT 1.19.2, one intra-op thread, `--models ppocr_det,ppocr_rec,ppocr_cls,
+db_detector,pplcnet,ddddocr_det --repeats 15` (load average 2-5):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    ppocr_det             1     82.49          0.71x          0.32x          1.65x
+    ppocr_det             8    560.84          0.59x          0.37x          1.38x
+    ppocr_rec             1     19.05          0.74x          0.50x          1.27x
+    ppocr_rec             8    207.79          0.55x          0.39x          1.03x
+    ppocr_cls             1      0.97          1.51x          1.37x          3.37x
+    ppocr_cls             8      7.99          1.19x          1.05x          2.83x
+    db_detector           1     13.67          0.75x          0.54x          1.74x
+    db_detector           8    129.95          0.68x          0.45x          1.65x
+    pplcnet               1      2.76          1.11x          0.89x          2.57x
+    pplcnet               8     27.48          0.85x          0.69x          2.06x
+    ddddocr_det           1     47.06          0.40x          0.47x          1.24x
+    ddddocr_det           8    389.62          0.38x          0.45x          1.18x
+
+integer ÷ qlinear, batch 1 / 8, from the same runs' medians: before (main 9833fa7, whose lowering
+and quant.py are this branch's base 8ca5a6d's, the same command under load 5-7) and after (this
+table; a second run of three models with `--repeats 25` under load 5 in brackets):
+
+    model          before        after
+    ppocr_det      6.1x / 6.6x   5.2x / 3.7x   (3.5x / 3.7x)
+    ppocr_rec      4.8x / 5.0x   2.5x / 2.6x
+    ppocr_cls      7.7x / 3.4x   2.5x / 2.7x
+    db_detector    5.0x / 6.6x   3.2x / 3.7x   (3.3x / 3.6x)
+    pplcnet        2.6x / 4.3x   2.9x / 3.0x   (4.0x / 2.7x)
+    ddddocr_det    3.6x / 3.7x   2.6x / 2.6x
+
+What changed (qgraph/lowering/integer.py, bit-identical outputs; `qgraph diff` passes on all six):
+requantization as int32 ``clip((acc·p + r) / q)`` (quant.division_steps: every conv of these models),
+Add and Mul of two activations as one 65536-entry table, tables reading the int32 requantized codes
+without the two casts, depthwise ConvInteger as 8 (3×3) or 4 (5×5) channels per group. What still
+costs, db_detector at batch 8 (ORT profile, node time 360 ms against qlinear's 98): the
+requantization 183 ms, of which ORT's int32 Div, a scalar loop at about 1.4 ns per element, 82;
+ConvInteger 120 ms against QLinearConv's 45 (ORT runs it only as uint8 × uint8 with an NCHW
+im2col per group; QLinearConv has NHWC u8×s8 kernels); the tables 39 (a pair table's 64 KB lookup
+about 2 ns per element). ORT has no integer op that multiplies, adds and shifts in one pass, no
+int16 arithmetic and no saturating cast, so five int32 passes per requantized element is the floor
+of this form. Above 3x after: ppocr_det and db_detector (3.2-3.7x; the 5.2x of ppocr_det at batch 1
+above is an outlier: 3.4-3.5x in the other runs) and pplcnet at batch 1, which swings between 2.9x
+and 4.0x from run to run (2.8 ms per image: ORT's per-node overhead and its 5×5 depthwise
+ConvIntegers, 0.28 ms each on 7×7 and 14×14 maps whatever the grouping, weigh most).
 """
 
 from __future__ import annotations

@@ -35,7 +35,11 @@ emits; the Mod/Div form stays for multipliers below about 2^-22, where it does n
 the product, rounding constant, bias and zero point become one int64 ``v = acc·M + D`` that
 bounds on the accumulator prove non-negative, and the floor shift becomes ORT's unsigned
 ``BitShift`` (its integer Div and Mod are scalar loops: the Mod/Div chain took 8.1 ms on a
-64×80×80 accumulator, this one 2.1 ms).
+64×80×80 accumulator, this one 2.1 ms). Cheaper still where a bound on the accumulator lets int32
+hold it, :func:`division_steps`: the rule is a step function with at most 255 steps, and a
+fraction ``p/q`` with a small numerator (a few hundred) puts every step on the same accumulator
+value, so ``clip((acc·p + r) / q)`` — int32 Mul, Add and one Div — equals it bit for bit on the
+bounded range (one Div on 4-byte tensors beats five ops on 8-byte ones).
 
 16-bit grids (mixed precision keeps sensitive activations at 16 bits): ONNX allows int16/uint16
 QuantizeLinear/DequantizeLinear only from opset 21, and qgraph writes opset 17. ORT 1.19 runs the
@@ -84,6 +88,9 @@ __all__ = [
     "FixedPointSteps",
     "accumulator_bound",
     "fixed_point_steps",
+    "DivisionSteps",
+    "division_steps",
+    "DIVISION_MAX_MULTIPLIER",
     "MEAN_MAX_COUNT",
     "MeanRequant",
     "mean_requant",
@@ -537,6 +544,135 @@ def _steps_if_fit(mult, shifts, zp, qlo, qhi, storage, b, bound) -> FixedPointSt
         acc_hi = np.array([hi - b[c] for c, (_, hi) in enumerate(spans)], np.int64)
     return FixedPointSteps(np.array(mult, np.int64), np.array(offset, np.int64), np.array(shifts, np.int64), clip,
                            np.dtype(storage).type, acc_lo, acc_hi)
+
+
+@dataclass(frozen=True)
+class DivisionSteps:
+    """:func:`requantize_fixed_point` of ``acc + bias`` (clipped to ``[qlo, qhi]``) in int32, bit
+    for bit for every ``|acc| <= acc_bound`` (:func:`division_steps` builds them):
+
+        a = clip(acc, -c, c)                   only where the bound alone leaves int32 too little room
+        v = a · p + r                          int32, never overflowing
+        y = storage(clip(v / q, lo, hi))       ORT's truncating int32 Div; lo = qlo + K >= 0
+
+    The fixed-point rule is a monotone step function of the accumulator with at most 255 steps
+    (one per output code): ``p/q`` is a fraction with a small numerator next to ``M0 / 2^n`` and
+    ``r`` an offset that put every step on the same accumulator value, checked exactly on the
+    steps. Where ``v < 0`` the result clips to ``lo`` whether Div floors or truncates, so
+    truncation is exact. ``K`` is 0 for unsigned codes and 256 for signed ones (the cast keeps y
+    mod 256). ``c`` lies past every channel's last step, so that clip changes no result. Against
+    :class:`FixedPointSteps`: 4-byte tensors instead of 8-byte ones and four ops instead of seven
+    (ORT 1.19, one thread, 64×120×120: 2.3 ms against 3.5 ms; 8×64×120×120: 22 against 59)."""
+    multiplier: np.ndarray
+    offset: np.ndarray
+    divisor: np.ndarray
+    clip: tuple[int, int] | None
+    storage: type
+    acc_clip: int | None = None
+
+    def apply(self, acc, channel_shape=(-1,)) -> np.ndarray:
+        """The steps in NumPy (the reference the ONNX form is tested against)."""
+        def along(v):
+            v = np.asarray(v, np.int64)
+            return v.reshape(channel_shape) if v.size > 1 else v.reshape(())
+        a = np.asarray(acc).astype(np.int64)
+        if self.acc_clip is not None:
+            a = np.clip(a, -self.acc_clip, self.acc_clip)
+        v = a * along(self.multiplier) + along(self.offset)
+        if np.any(v < _INT32[0]) or np.any(v > _INT32[1]):
+            raise ValueError("DivisionSteps.apply: the accumulator is beyond the bound it was built for")
+        q = along(self.divisor)
+        y = np.where(v >= 0, v // q, -((-v) // q))                 # truncating, as ORT's Div
+        if self.clip is not None:
+            y = np.clip(y, *self.clip)
+        return (y & 0xFF).astype(np.uint8).view(self.storage)
+
+
+#: The largest numerator :func:`division_steps` tries per channel (a few hundred suffice for
+#: 8-bit outputs; the search stops at the first that fits).
+DIVISION_MAX_MULTIPLIER = 1 << 14
+
+
+def division_steps(m0, shift, zero_point: int, qlo: int, qhi: int, storage, bias=None,
+                   acc_bound=None) -> DivisionSteps | None:
+    """The :class:`DivisionSteps` of ``clip(requantize_fixed_point(acc + bias, m0, shift, zp), qlo,
+    qhi)`` for int32 accumulators with ``|acc| <= acc_bound`` (per channel; None: any int32);
+    None when some channel has no fraction whose int32 arithmetic fits. Tries the bound as it is,
+    then the accumulator clipped to where every channel's rule has saturated."""
+    channels = max(np.size(m0), np.size(0 if bias is None else bias), np.size(0 if acc_bound is None else acc_bound))
+
+    def per_channel(v) -> list[int]:
+        return [int(x) for x in np.broadcast_to(np.asarray(v, np.int64).reshape(-1), (channels,))]
+    m, n, b = per_channel(m0), per_channel(_total_shift(np.asarray(shift))), per_channel(0 if bias is None else bias)
+    bound = per_channel(_INT32[1] if acc_bound is None else acc_bound)
+    k = 0 if qlo >= 0 else 256 * -(-(-qlo) // 256)
+
+    def fractions():
+        found = [_division_fraction(m[c], n[c], b[c], bound[c], int(zero_point), qlo, qhi, k) for c in range(channels)]
+        return None if any(f is None for f in found) else found
+    acc_clip, found = None, fractions()
+    if found is None:
+        acc_clip = _saturation_reach(m, n, b, int(zero_point), qlo, qhi)
+        if acc_clip is None or acc_clip >= max(bound):
+            return None
+        bound = [min(x, acc_clip) for x in bound]
+        if (found := fractions()) is None:
+            return None
+    p, q, r = (np.array(v, np.int64) for v in zip(*found))
+    bound = np.array(bound, np.int64)
+    low = np.floor_divide(-bound * p + r, q)                      # reachable results, floored
+    high = np.floor_divide(bound * p + r, q)
+    clip = None if low.min() >= qlo + k and high.max() <= qhi + k else (qlo + k, qhi + k)
+    return DivisionSteps(p, r, q, clip, np.dtype(storage).type, acc_clip)
+
+
+def _saturation_reach(m, n, b, zp: int, qlo: int, qhi: int) -> int | None:
+    """The smallest c with every channel's rule at qlo for acc <= -c and at qhi for acc >= c."""
+    reach = 0
+    for mc, nc, bc in zip(m, n, b):
+        if mc <= 0 or nc < 1:
+            continue                                # constant rule: any clip keeps it
+        half, one = 1 << (nc - 1), 1 << nc
+        first = -((half - (qlo + 1 - zp) * one) // mc) - bc           # smallest acc reaching qlo + 1
+        last = -((half - (qhi - zp) * one) // mc) - bc                # smallest acc reaching qhi
+        reach = max(reach, abs(first - 1), abs(last))
+    return reach if reach < _INT32[1] else None
+
+
+def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qhi: int,
+                       k: int) -> tuple[int, int, int] | None:
+    """``(p, q, r)`` with ``floor((a·p + r) / q) >= v + k  <=>  F(a) >= v`` for every code step v
+    and every ``|a| <= bound``, F the unclipped fixed-point rule; the smallest p, int32-safe."""
+    if n < 1 or m < 0:
+        return None
+    levels = np.arange(qlo + 1, qhi + 1, dtype=np.int64)
+    if m == 0:                                   # F is the constant floor(2^(n-1) / 2^n) + zp = zp
+        breakpoints = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]
+    else:                                        # smallest a with (a + b)·m + 2^(n-1) >= (v − zp)·2^n
+        half = 1 << (n - 1)
+        breakpoints = [min(max(-((half - (v - zp) * (1 << n)) // m) - b, -bound), bound + 1)
+                 for v in range(qlo + 1, qhi + 1)]
+    breakpoints = np.array(breakpoints, np.int64)
+    reached, left = breakpoints <= bound, breakpoints - 1 >= -bound      # which constraints apply
+    limit = min(DIVISION_MAX_MULTIPLIER, (_INT32[1] // max(bound, 1)))
+    ratio = m / 2.0**n
+    for start in range(0, limit + 1, 64):
+        p = np.arange(start, min(start + 64, limit + 1), dtype=np.int64)
+        centre = p / ratio if m else np.ones_like(p, dtype=np.float64)
+        q = np.minimum(np.floor(centre), 2.0**40)[:, None] + np.arange(-2, 4)[None, :]   # q next to p / ratio
+        # and q beyond the range, for a rule with at most one step on it (a near-dead channel's huge
+        # bias: p / ratio would overflow the offset); p = 0 covers a constant rule
+        q = np.concatenate([q, (p * (2 * bound + 2))[:, None].astype(np.float64)], axis=1)
+        q = np.clip(q, 1, _INT32[1]).astype(np.int64)                       # (P, J)
+        need = (levels + k)[None, None, :] * q[:, :, None] - breakpoints[None, None, :] * p[:, None, None]
+        lo = np.where(reached, need, np.iinfo(np.int64).min).max(axis=2)
+        hi = np.where(left, need + p[:, None, None], np.iinfo(np.int64).max).min(axis=2)   # exclusive
+        r = np.clip(0, lo, hi - 1)
+        fits = (lo < hi) & (bound * p[:, None] + np.abs(r) <= _INT32[1])
+        if fits.any():
+            i, j = np.argwhere(fits)[0]
+            return int(p[i]), int(q[i, j]), int(r[i, j])
+    return None
 
 
 #: The largest element count an integer mean (:func:`mean_requant`) is exact for: its int32 sum

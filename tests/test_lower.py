@@ -580,15 +580,20 @@ REQUANT_CASES = {   # name: (real multipliers, storage, bias, acc_bound, (qlo, q
     "unbounded: clipped first": ([0.003, 0.0005, 0.5, 0.02], np.uint8, None, None, None),
     "per-tensor, unbounded": ([0.25], np.uint8, None, None, None),
     "int8 with a clamp": ([0.004, 0.01, 0.2, 1.5], np.int8, [5, 5, 5, 5], [2**20] * 4, (-20, 90)),
+    "bound beyond int32 reach": ([0.003, 0.0005, 0.5, 0.02], np.uint8, None, [2**30] * 4, None),
     "one shift per channel": ([0.6, 1e-7, 0.01, 0.3], np.uint8, [2**30, 0, 0, 0], None, None),
     "Mod/Div form": ([1e-12], np.uint8, None, None, None),
 }
+#: the form emit_requantize picks: int32 Div (quant.DivisionSteps, the accumulator clipped first
+#: where its bound leaves int32 too little room), else the int64 BitShift steps, else Mod/Div
+REQUANT_FORM = {"one shift per channel": "BitShift", "Mod/Div form": "Mod"}
 
 
 @pytest.mark.parametrize("case", list(REQUANT_CASES))
 def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
-    """emit_requantize (quant.fixed_point_steps as ONNX ops: BitShift on uint64, the cast keeping
-    the low byte) against requantize_fixed_point, in ORT and in the interpreter."""
+    """emit_requantize (quant.division_steps as int32 Mul/Add/Div, or quant.fixed_point_steps: BitShift
+    on uint64, the cast keeping the low byte) against requantize_fixed_point, in ORT and in the
+    interpreter."""
     import onnx_graphsurgeon as gs
     from qgraph.lowering.integer import emit_requantize
     from qgraph.lowering.patterns import Quantizer
@@ -608,7 +613,8 @@ def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
                     acc_bound=bound, bounds=bounds)
     lowered = model.to_onnx()
     ops = {n.op_type for n in lowered.graph.node}
-    assert ("Mod" in ops) == (case == "Mod/Div form") and ("BitShift" in ops) != (case == "Mod/Div form")
+    form = REQUANT_FORM.get(case, "Div")
+    assert {"Mod", "BitShift", "Div"} & ops == ({"Mod", "Div"} if form == "Mod" else {form})
     m0, shift = quant.quantize_multiplier(real)
     qmin, qmax = quant.storage_range(storage)
     lo, hi = bounds or (qmin, qmax)
@@ -620,6 +626,98 @@ def test_integer_requantization_is_bit_exact_in_ort_and_the_interpreter(case):
     np.testing.assert_array_equal(got, want)
     if interp_run is not None:
         np.testing.assert_array_equal(interp_run(lowered, {"acc": acc})["y"], got)
+
+
+@pytest.mark.parametrize("small_first", [False, True])
+def test_pair_table_broadcasts_and_is_exact_in_ort_and_the_interpreter(small_first):
+    """tables.emit_pair_table: ``table[a, b]`` of two uint8 code tensors, broadcasting like an
+    elementwise op, whichever operand is the small one (it takes the ×256)."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.patterns import QInput, Quantizer
+    from qgraph.lowering.tables import emit_pair_table
+    rng = np.random.default_rng(3)
+    big, small = [2, 3, 4, 5], [2, 3, 1, 1]
+    shapes = (small, big) if small_first else (big, small)
+    xa, xb = (gs.Variable(n, dtype=np.uint8, shape=sh) for n, sh in zip("ab", shapes))
+    y = gs.Variable("y", dtype=np.uint8, shape=big)
+    model = QModel(gs.Graph(inputs=[xa, xb], outputs=[y]))
+    q = Quantizer(np.float32(0.1), np.array(7, np.uint8), 1, "q")
+    table = rng.integers(0, 256, (256, 256)).astype(np.uint8)
+    emit_pair_table(model, QInput(xa, q), QInput(xb, q), table, y, "pair")
+    lowered = model.to_onnx()
+    feeds = {n: rng.integers(0, 256, sh).astype(np.uint8) for n, sh in zip("ab", shapes)}
+    got = run_model(lowered, feeds)["y"]
+    np.testing.assert_array_equal(got, table[feeds["a"], feeds["b"]])
+    cast = next(n for n in lowered.graph.node if n.output[0] == "pair_major")   # the ×256 operand
+    assert cast.input[0] == ("a" if small_first else "b")
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, feeds)["y"], got)
+
+
+@pytest.mark.parametrize("channels, kernel, group_size", [(16, 3, 8), (12, 5, 4), (6, 3, 2), (5, 3, 1)])
+def test_depthwise_convinteger_as_grouped_is_exact(channels, kernel, group_size):
+    """integer.depthwise_as_grouped: the block-diagonal grouped ConvInteger (zero point off the
+    diagonal) writes the depthwise accumulator exactly, in ORT and in the interpreter."""
+    from qgraph.lowering.integer import depthwise_as_grouped
+    rng = np.random.default_rng(kernel)
+    w = rng.integers(0, 256, (channels, 1, kernel, kernel)).astype(np.uint8)
+    attrs = {"group": channels, "kernel_shape": [kernel, kernel], "pads": [1] * 4, "strides": [2, 2]}
+    grouped, new_attrs = depthwise_as_grouped(w, np.uint8(131), attrs)
+    assert new_attrs["group"] == channels // group_size and grouped.shape[1] == group_size
+
+    def conv(weight, a):
+        node = helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **a)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                                  [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.uint8(9), "xz"),
+                                   numpy_helper.from_array(np.uint8(131), "wz")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    x = rng.integers(0, 256, (2, channels, 9, 11)).astype(np.uint8)
+    want = run_model(conv(w, attrs), {"x": x})["y"]
+    got = run_model(conv(grouped, new_attrs), {"x": x})["y"]
+    np.testing.assert_array_equal(got, want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(conv(grouped, new_attrs), {"x": x})["y"], want)
+
+
+def test_tables_read_the_requantized_int32_directly():
+    """integer.skip_narrowing_casts: a table (single or pair) reading a requantization's uint8 codes
+    reads its int32 Clip output instead, two casts fewer and the same values; a Clip reaching past
+    the code range keeps its casts."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.integer import skip_narrowing_casts
+    from qgraph.lowering.patterns import QInput, Quantizer
+    from qgraph.lowering.tables import emit_pair_table, emit_table
+    rng = np.random.default_rng(5)
+    acc = gs.Variable("acc", dtype=np.int32, shape=[2, 3, 4, 4])
+    outs = [gs.Variable(n, dtype=np.uint8, shape=[2, 3, 4, 4]) for n in ("single", "pair", "wide")]
+    model = QModel(gs.Graph(inputs=[acc], outputs=outs))
+    q = Quantizer(np.float32(0.1), np.array(0, np.uint8), 1, "q")
+    codes = {}
+    for label, hi in (("in_range", 200), ("past_range", 300)):
+        clipped, narrow = gs.Variable(f"{label}_clipped", dtype=np.int32), gs.Variable(label, dtype=np.uint8)
+        model.add_node("Clip", [acc, model.add_constant(f"{label}_lo", np.array(0, np.int32)),
+                                model.add_constant(f"{label}_hi", np.array(hi, np.int32))], [clipped], f"{label}_clip")
+        model.add_node("Cast", [clipped], [narrow], f"{label}_narrow", {"to": TensorProto.UINT8})
+        codes[label] = QInput(narrow, q)
+    table, pair = rng.integers(0, 256, 256).astype(np.uint8), rng.integers(0, 256, (256, 256)).astype(np.uint8)
+    emit_table(model, codes["in_range"], table, outs[0], "t1")
+    emit_pair_table(model, codes["in_range"], codes["in_range"], pair, outs[1], "t2")
+    emit_table(model, codes["past_range"], table, outs[2], "t3")
+    feeds = {"acc": rng.integers(-50, 400, (2, 3, 4, 4)).astype(np.int32)}
+    before = run_model(model.to_onnx(), feeds)
+    casts = sum(n.op == "Cast" for n in model.graph.nodes)
+    assert skip_narrowing_casts(model) == 3
+    lowered = model.to_onnx()
+    assert sum(n.op_type == "Cast" for n in lowered.graph.node) == casts - 4       # in_range's Cast(uint8) too
+    after = run_model(lowered, feeds)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    if interp_run is not None:
+        got = interp_run(lowered, feeds)
+        for name in before:
+            np.testing.assert_array_equal(got[name], before[name])
 
 
 # -- biases beyond int32 ------------------------------------------------------------------------

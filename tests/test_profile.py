@@ -68,9 +68,9 @@ def test_integer_target_costs_are_named_as_generic_requantization(models, val):
     report = profile_models([(models["integer"], "integer")], val, batch_size=2, repeats=2, profile_runs=2)
     roles = {r for o in report.models[0].ops for r in o.roles}
     assert {"integer compute", "integer requantization"} <= roles
-    # requantization as acc·M + D and a BitShift (the Mod/Div form only for multipliers below ~2^-22)
-    shift = next(o for o in report.models[0].ops if o.op == "BitShift")
-    assert set(shift.roles) == {"integer requantization"} and "integer requantization" in shift.hint
+    # requantization as int32 (acc·p + r) / q (quant.division_steps; int64 BitShift steps where it does not fit)
+    div = next(o for o in report.models[0].ops if o.op == "Div")
+    assert set(div.roles) == {"integer requantization"} and "integer requantization" in div.hint
 
 
 def _graph(nodes, inits, inputs=("x",), dtype=TensorProto.FLOAT):

@@ -312,6 +312,64 @@ def test_fixed_point_steps_refuse_multipliers_below_int64_reach():
     np.testing.assert_array_equal(steps.apply(acc, (2,)), want)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans())
+def test_division_steps_equal_requantize_fixed_point(channels, seed, signed, biased, clamped):
+    """The int32 Mul/Add/Div form computes requantize_fixed_point of acc + bias, clipped, bit for
+    bit over *every* accumulator within the bound (exhaustively: each step of the rule is hit),
+    with exact .5 ties, truncation of negative numerators and signed codes."""
+    rng = np.random.default_rng(seed)
+    real = rng.uniform(1e-4, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
+    real[0] = [0.5, 0.25, 1.0, 2.5, 1 / 3][seed % 5]
+    m0, shift = quant.quantize_multiplier(real)
+    storage = np.int8 if signed else np.uint8
+    qmin, qmax = quant.storage_range(storage)
+    zp = int(rng.integers(qmin, qmax + 1))
+    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    bias = rng.integers(-2**14, 2**14, channels) if biased else None
+    bound = rng.integers(1, 2**15, channels)
+    steps = quant.division_steps(m0, shift, zp, qlo, qhi, storage, bias, bound)
+    assert steps is not None
+    acc = np.arange(-int(bound.max()), int(bound.max()) + 1)[:, None].repeat(channels, 1)
+    acc = np.clip(acc, -bound, bound).astype(np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
+                                        qmin, qmax, dtype=np.int64)
+    np.testing.assert_array_equal(steps.apply(acc, (channels,)), np.clip(want, qlo, qhi).astype(storage))
+    assert np.all(bound * steps.multiplier + np.abs(steps.offset) < 2**31)
+
+
+def test_division_steps_clip_the_accumulator_where_its_bound_leaves_int32_no_room():
+    """A small bound needs no clip; no bound, or one too large for a numerator to fit int32 next to
+    it, clips the accumulator to where the rule has saturated (the same results); a rule whose
+    saturation lies beyond int32 has no division form (the int64 steps remain)."""
+    m0, shift = quant.quantize_multiplier(np.array([0.0123, 0.002]))
+    steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=[2**20, 2**20])
+    assert steps.acc_clip is None and np.all(steps.multiplier * 2**20 < 2**31)
+    for bound in (None, [2**31 - 1] * 2):
+        steps = quant.division_steps(m0, shift, 128, 0, 255, np.uint8, acc_bound=bound)
+        assert steps.acc_clip == 63750           # 127.5 / 0.002: where the smaller multiplier reaches 255
+        acc = np.array([[-2**31, -2**31], [2**31 - 1] * 2, [-70000, 70000], [12, -5]], np.int32)
+        want = quant.requantize_fixed_point(acc.astype(np.int64), m0, shift, 128, 0, 255)
+        np.testing.assert_array_equal(steps.apply(acc, (2,)), want)
+    m0, shift = quant.quantize_multiplier(np.array([1e-12]))
+    assert quant.division_steps(m0, shift, 128, 0, 255, np.uint8, bias=[2**31 - 1]) is None
+
+
+def test_division_steps_of_near_dead_channels():
+    """A channel whose weights sit on a coarsened grid (fold.fit_biases_to_int32) has a tiny
+    multiplier and a huge bias: over its small accumulator range the rule is constant or takes
+    one step, and the division form still holds it in int32 (p = 0, or q wider than the range)."""
+    m0, shift = quant.quantize_multiplier(np.array([3.6e-9, 3.4e-9, 0.01]))
+    half_way = -int(5.5 * 2.0 ** (31 + int(shift[1])) / int(m0[1]))       # (a + b)·M crosses -5.5 near a = 0
+    bias, bound = np.array([-1_663_388_288, half_way, 0]), np.array([15424, 100_000, 0])
+    steps = quant.division_steps(m0, shift, 123, 0, 255, np.uint8, bias, bound)
+    assert steps is not None
+    acc = np.concatenate([np.linspace(-bound, bound, 20001).round(), [[-1] * 3, [0] * 3]]).astype(np.int32)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + bias, m0, shift, 123, 0, 255)
+    np.testing.assert_array_equal(steps.apply(acc, (3,)), want)
+    assert len(np.unique(want[:, 1])) == 2                      # the second channel takes one step
+
+
 def test_accumulator_bound_is_reached_by_the_worst_input():
     w = np.array([[[3, -4], [0, 127]], [[-128, 1], [2, 2]]], np.int8)          # 2 channels
     bound = quant.accumulator_bound(w, np.int8(0), np.uint8(10), np.uint8)

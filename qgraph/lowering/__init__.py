@@ -103,6 +103,7 @@ def lower_graph(model: QModel, target: str) -> dict:
         for act in site.act_nodes:
             lowered[act.op + " (folded)"] += 1
     requantized = _lower_requantize_pairs(model, target)
+    casts_skipped = integer.skip_narrowing_casts(model) if target == "integer" else 0
     model.cleanup()
     if (failed := fold.infer_shapes(model)) is not None:
         warnings.append(failed + "; unknown types count as float in the integer-only check")
@@ -137,7 +138,8 @@ def lower_graph(model: QModel, target: str) -> dict:
             "forward_fused_bn_folded": forward_bn,
             "weights_coarsened_for_int32_bias": coarsened, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
-            "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized, "float_nodes": float_left,
+            "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized,
+            "narrowing_casts_skipped": casts_skipped, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,
             "kept_qdq": kept}
 

@@ -5,7 +5,10 @@ DequantizeLinear (integer-only NPUs/MCUs, linger's fixed point).
     y   = clip(((acc · M0 + 2^(n-1)) − mod) / 2^n + zp_y, qmin, qmax)           (int64 → 8 bit)
 
 with ``M0 · 2^-n ≈ s_x·s_w/s_y`` (quant.quantize_multiplier; round half up, one rounding:
-quant.requantize_fixed_point, emitted with quant.requantize_fixed_point_onnx_form).
+quant.requantize_fixed_point). Emitted, bit for bit, as the cheapest form that fits: int32
+``clip((acc·p + r) / q)`` where the accumulator's bound lets int32 hold it (quant.division_steps:
+every conv of the zoo), else int64 steps with an unsigned BitShift (quant.fixed_point_steps),
+else the Mod/Div chain (quant.requantize_fixed_point_onnx_form).
 
 What ORT 1.19 CPU runs (probed with one-node models): ConvInteger only for uint8 × uint8 with a
 scalar w_zero_point; MatMulInteger for u8×u8, u8×s8, s8×s8 with per-column b_zero_point;
@@ -18,6 +21,8 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
   must share one zero point — symmetric weights do);
 - residual Add: ``y = round((Ka·(a−za) + Kb·(b−zb)) / 2^n) + zp_y`` with Ka, Kb on one shift;
 - Mul: ``(a−za)·(b−zb)`` in int32, multiplier ``s_a·s_b/s_y``;
+- both, when their inputs are uint8 codes: a 65536-entry table of that rule indexed by
+  ``256·a + b`` (tables.emit_pair_table), five int32 passes instead of the arithmetic's nine-plus;
 - average pools: an int32 ReduceSum (global) or a depthwise ConvInteger of ones (windowed,
   unpadded) minus ``count·zp``, multiplier ``s_x / (count·s_y)``; a global pool of a map whose
   size is known only at run time divides by the count taken from its shape, in int64
@@ -40,7 +45,7 @@ from qgraph.lowering.float_output import convinteger_weight, lower_to_float
 from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, clamp_bounds, const,
                                       finish_site, read_quantizer, var)
-from qgraph.lowering.tables import emit_table
+from qgraph.lowering.tables import emit_pair_table, emit_table
 
 _ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int32": TensorProto.INT32,
                "int64": TensorProto.INT64}
@@ -59,11 +64,16 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
     """Emit the fixed-point requantization of the integer accumulator ``acc`` plus the int32
     `bias` into `out` on `out_q`'s grid, clipped to `bounds` (a folded activation's codes) or the
     storage range: quant.fixed_point_steps, with `acc_bound` the largest ``|acc|`` per channel
-    (None: unknown; the accumulator is then clipped first). An int64 `acc` (a sum of scaled
+    (None: unknown; the accumulator is then clipped first). An int32 `acc` with a bound takes the
+    int32 division form where one fits (quant.division_steps); an int64 `acc` (a sum of scaled
     terms) is taken as it is; `fixed_point` = (m0, shift) gives the multiplier in fixed point."""
     m0, shift = fixed_point or quant.quantize_multiplier(np.asarray(multiplier, np.float64))
     qlo, qhi = bounds if bounds is not None else (out_q.qmin, out_q.qmax)
     zp = out_q.scalar_zero_point()
+    if acc.dtype == np.int32:
+        division = quant.division_steps(m0, shift, zp, qlo, qhi, out_q.dtype, bias, acc_bound)
+        if division is not None:
+            return _emit_division(model, acc, division, out_q, out, name, channel_shape)
     steps = quant.fixed_point_steps(m0, shift, zp, qlo, qhi, out_q.dtype, bias, acc_bound)
     if steps is None:
         return _emit_mod_div(model, acc, m0, shift, zp, (qlo, qhi), out_q, out, name, channel_shape, bias)
@@ -105,6 +115,30 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
                                 const(model, f"{name}_hi", np.uint64(steps.clip[1]))], [clipped], f"{name}_clip")
         shifted = clipped
     model.add_node("Cast", [shifted], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
+
+
+def _emit_division(model, acc, steps: quant.DivisionSteps, out_q, out, name, channel_shape) -> None:
+    """quant.DivisionSteps: int32 Mul, Add, Div (each left out where it is the identity), Clip, Cast."""
+    value = acc
+    if steps.acc_clip is not None:
+        clipped = var(model, f"{name}_acc_clipped", np.int32)
+        model.add_node("Clip", [value, const(model, f"{name}_acc_lo", np.int32(-steps.acc_clip)),
+                                const(model, f"{name}_acc_hi", np.int32(steps.acc_clip))], [clipped], f"{name}_acc_clip")
+        value = clipped
+    for op, constant, identity in (("Mul", steps.multiplier, 1), ("Add", steps.offset, 0), ("Div", steps.divisor, 1)):
+        if np.all(constant == identity):
+            continue
+        label = f"{name}_{op.lower()}"
+        result = var(model, label, np.int32)
+        c = const(model, f"{label}_c", _channel_shaped(np.asarray(constant, np.int32), channel_shape))
+        model.add_node(op, [value, c], [result], label)
+        value = result
+    if steps.clip is not None:
+        clipped = var(model, f"{name}_clipped", np.int32)
+        model.add_node("Clip", [value, const(model, f"{name}_lo", np.int32(steps.clip[0])),
+                                const(model, f"{name}_hi", np.int32(steps.clip[1]))], [clipped], f"{name}_clip")
+        value = clipped
+    model.add_node("Cast", [value], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
 
 
 def _emit_mod_div(model, acc, m0, shift, zp, bounds, out_q, out, name, channel_shape, bias) -> None:
@@ -210,17 +244,38 @@ def lower_conv(model: QModel, site: Site) -> None:
     name = node.name
 
     bound = quant.accumulator_bound(w_u8, wz, x.quantizer.zero_point, x.quantizer.dtype)
+    w_u8, attrs = depthwise_as_grouped(w_u8, wz, dict(node.attrs))
 
     def build(out):
         acc = var(model, f"{name}_acc", np.int32)
         xz = const(model, f"{name}_x_zero_point", np.asarray(x.quantizer.zero_point, np.uint8))
         model.add_node("ConvInteger", [x.tensor, const(model, f"{name}_w_u8", w_u8), xz,
                                        const(model, f"{name}_w_zero_point", np.asarray(wz))],
-                       [acc], name, dict(node.attrs))
+                       [acc], name, attrs)
         emit_requantize(model, acc, _weight_multiplier(x, w, site.out_q), site.out_q, out, f"{name}_requant",
                         channel_shape, bias=bias, acc_bound=bound, bounds=clamp_bounds(site))
 
     finish_site(model, site, build, clamped=True)
+
+
+def depthwise_as_grouped(w_u8: np.ndarray, wz, attrs: dict) -> tuple[np.ndarray, dict]:
+    """A depthwise ConvInteger (one input channel per group) as a grouped one with a few channels per
+    group, its weights block-diagonal with the zero point off the diagonal (those terms are exactly
+    0): ORT's ConvInteger runs an im2col and a GEMM per group, and one output row per GEMM is its
+    slowest case. 8 channels per group for 3×3 kernels, 4 for 5×5 (ORT 1.19, 15²–120² maps, batch
+    1 and 8: 1.3–3x faster than one per group); other convolutions are returned as they are."""
+    channels, per_group = w_u8.shape[:2]
+    if per_group != 1 or attrs.get("group", 1) != channels or channels < 2:
+        return w_u8, attrs
+    taps = int(np.prod(w_u8.shape[2:]))
+    size = 8 if taps <= 9 else 4 if taps <= 25 else 2
+    while channels % size:
+        size //= 2
+    if size < 2:
+        return w_u8, attrs
+    grouped = np.full((channels, size) + w_u8.shape[2:], np.asarray(wz).reshape(()), np.uint8)
+    grouped[np.arange(channels), np.arange(channels) % size] = w_u8[:, 0]
+    return grouped, {**attrs, "group": channels // size}
 
 
 def lower_gemm(model: QModel, site: Site) -> None:
@@ -270,8 +325,8 @@ def lower_gemm(model: QModel, site: Site) -> None:
 
 def lower_add(model: QModel, site: Site) -> None:
     """``y = round_half_up((Ka·(a − za) + Kb·(b − zb)) / 2^n) + zp`` with Ka, Kb on one shift
-    (quant.shared_shift_multipliers): the codes scaled in int64, the zero points folded into the
-    requantization's offset."""
+    (quant.shared_shift_multipliers): a table of every pair of uint8 codes, else the codes scaled in
+    int64, the zero points folded into the requantization's offset."""
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
     k, n = shared_shift_multipliers([quant.requant_multiplier(a.quantizer.scale, 1.0, site.out_q.scale),
                                      quant.requant_multiplier(b.quantizer.scale, 1.0, site.out_q.scale)])
@@ -280,6 +335,13 @@ def lower_add(model: QModel, site: Site) -> None:
     name = site.node.name
     centering = -int(k[0]) * a.quantizer.scalar_zero_point() - int(k[1]) * b.quantizer.scalar_zero_point()
     bound = sum(int(kx) * max(abs(x.quantizer.qmin), abs(x.quantizer.qmax)) for x, kx in ((a, k[0]), (b, k[1])))
+
+    if b.quantizer.dtype == np.uint8:
+        codes = quant.all_codes(np.uint8).astype(np.int64)
+        total = int(k[0]) * codes[:, None] + int(k[1]) * codes[None, :] + centering
+        table = _requantized_table(total, np.int32(1), np.int32(n - 31), site)
+        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
+                           clamped=True)
 
     def build(out):
         terms = []
@@ -302,6 +364,12 @@ def lower_mul(model: QModel, site: Site) -> None:
     a, b = _uint8_activation(site, 0), qlinear.activation(site, 1)
     ratio = quant.requant_multiplier(a.quantizer.scale, b.quantizer.scale, site.out_q.scale)
     name = site.node.name
+    if b.quantizer.dtype == np.uint8:
+        codes = quant.all_codes(np.uint8).astype(np.int64)
+        prod = (codes[:, None] - a.quantizer.scalar_zero_point()) * (codes[None, :] - b.quantizer.scalar_zero_point())
+        table = _requantized_table(prod, *quant.quantize_multiplier(ratio), site)
+        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
+                           clamped=True)
 
     def build(out):
         prod = var(model, f"{name}_acc", np.int32)
@@ -311,6 +379,15 @@ def lower_mul(model: QModel, site: Site) -> None:
                         acc_bound=_code_reach(a) * _code_reach(b), bounds=clamp_bounds(site))
 
     finish_site(model, site, build, clamped=True)
+
+
+def _requantized_table(acc: np.ndarray, m0, shift, site: Site) -> np.ndarray:
+    """The requantization rule on every accumulator of a 256×256 table of two codes, clipped to the
+    folded activation: what emit_requantize's steps compute for them."""
+    q = site.out_q
+    qlo, qhi = clamp_bounds(site) or (q.qmin, q.qmax)
+    y = quant.requantize_fixed_point(acc, m0, shift, q.scalar_zero_point(), q.qmin, q.qmax, dtype=np.int64)
+    return np.clip(y, qlo, qhi).astype(q.dtype)
 
 
 def _code_reach(x: QInput) -> int:
@@ -460,6 +537,58 @@ RULES = {
     **{op: lower_moving for op in qlinear.MOVING_OPS},
     **{op: qlinear.lower_unary_table for op in qlinear.UNARY_TABLE_OPS},
 }
+
+
+# -- after the rules -----------------------------------------------------------------------------
+
+def skip_narrowing_casts(model: QModel) -> int:
+    """Tables read int32 indices: where a requantization's int32 result (a Clip within the code
+    range) is cast to uint8 only for a table to cast it back (``Clip → Cast(uint8) → [Flatten] →
+    Cast(int32) → GatherElements``, and the ``256·a + b`` index of a pair table), the table reads
+    the int32 result itself — the same values, two passes fewer. Returns the casts bypassed."""
+    bypassed = 0
+    for narrow in list(model.graph.nodes):
+        if narrow.op != "Cast" or not narrow.outputs or narrow.attrs.get("to") not in (TensorProto.UINT8,
+                                                                                       TensorProto.INT8):
+            continue
+        wide, codes = narrow.inputs[0], narrow.outputs[0]
+        if wide.dtype != np.int32 or not _clipped_within(model, wide, narrow.attrs["to"]) \
+                or model.is_graph_output(codes):
+            continue
+        for reader in list(codes.outputs):
+            if reader.op == "Shape":
+                reader.inputs[0] = wide
+            elif reader.op == "Cast" and reader.attrs.get("to") == TensorProto.INT32:
+                bypassed += _replace_uses(model, reader.outputs[0], wide)
+            elif reader.op == "Flatten" and all(c.op == "Cast" and c.attrs.get("to") == TensorProto.INT32
+                                                for c in reader.outputs[0].outputs):
+                reader.inputs[0] = wide
+                reader.outputs[0].dtype = np.int32
+                for cast in list(reader.outputs[0].outputs):
+                    bypassed += _replace_uses(model, cast.outputs[0], reader.outputs[0])
+    if bypassed:
+        model.cleanup()
+    return bypassed
+
+
+def _clipped_within(model: QModel, tensor: gs.Tensor, to: int) -> bool:
+    """`tensor` is a Clip's output with constant bounds inside the storage range of type `to`."""
+    clip = model.producer(tensor)
+    if clip is None or clip.op != "Clip" or len(clip.inputs) < 3:
+        return False
+    lo, hi = (model.constant_value(t) for t in clip.inputs[1:3])
+    qmin, qmax = quant.storage_range(np.uint8 if to == TensorProto.UINT8 else np.int8)
+    return lo is not None and hi is not None and qmin <= int(lo) and int(hi) <= qmax
+
+
+def _replace_uses(model: QModel, old: gs.Tensor, new: gs.Tensor) -> int:
+    if model.is_graph_output(old):
+        return 0
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    return 1
 
 
 # -- checking ----------------------------------------------------------------------------------

@@ -100,6 +100,45 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
         model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
 
 
+def emit_pair_table(model: QModel, a: QInput, b: QInput, table: np.ndarray, out: gs.Tensor, name: str) -> None:
+    """``out = table[a, b]`` for two uint8 code tensors, broadcasting as an elementwise op does: the
+    index ``256·a + b`` in int32, one GatherElements on the table as a [1, 65536] row, reshaped to
+    the broadcast shape. The ×256 goes to the operand with fewer elements when the shapes say so
+    (an SE block's per-channel scale). Exact by construction, like the 256-entry tables; a binary
+    rule in five int32 passes where its arithmetic took nine or more, several of them int64."""
+    table = np.asarray(table)
+    if table.shape != (256, 256) or a.quantizer.dtype != np.uint8 or b.quantizer.dtype != np.uint8:
+        raise ValueError("emit_pair_table: a 256×256 table of two uint8 code tensors")
+    if _known_size(b.tensor) < _known_size(a.tensor):
+        a, b, table = b, a, table.T
+    wide = []
+    for label, x in (("major", a), ("minor", b)):
+        w = var(model, f"{name}_{label}", np.int32)
+        model.add_node("Cast", [x.tensor], [w], f"{name}_{label}_cast", {"to": TensorProto.INT32})
+        wide.append(w)
+    major = var(model, f"{name}_major_256", np.int32)
+    model.add_node("Mul", [wide[0], const(model, f"{name}_256", np.int32(256))], [major], f"{name}_major_256")
+    index = var(model, f"{name}_index", np.int32)
+    model.add_node("Add", [major, wide[1]], [index], f"{name}_index")
+    row = var(model, f"{name}_index_row", np.int32)
+    model.add_node("Reshape", [index, const(model, f"{name}_row_shape", np.array([1, -1], np.int64))], [row],
+                   f"{name}_index_row")
+    looked_up = var(model, f"{name}_row", table.dtype)
+    model.add_node("GatherElements", [const(model, f"{name}_table", np.ascontiguousarray(table).reshape(1, -1)), row],
+                   [looked_up], name, {"axis": 1})
+    shape = var(model, f"{name}_shape", np.int64)
+    model.add_node("Shape", [index], [shape], f"{name}_shape")
+    model.add_node("Reshape", [looked_up, shape], [out], f"{name}_reshape")
+
+
+def _known_size(tensor: gs.Tensor) -> float:
+    """The element count of a statically shaped tensor, else infinity."""
+    shape = tensor.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return float("inf")
+    return float(np.prod(shape))
+
+
 def is_map(tensor: gs.Tensor) -> bool:
     """A tensor of rank 4 (N, C, H, W): where a channels-last table applies."""
     return tensor.shape is not None and len(tensor.shape) == 4
