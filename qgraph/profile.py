@@ -98,7 +98,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-_TABLE_OPS = ("Gather", "GatherElements")      # a constant table indexed by cast integer codes
+_TABLE_OPS = ("Gather", "GatherElements")      # a constant table indexed by integer codes
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
 
 
@@ -144,9 +144,8 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
             role = "dynamic quantization"
         elif op in _INTEGER_COMPUTE:
             role = "integer compute"
-        elif op in _TABLE_OPS and n.input[0] in constants and not is_float(n.input[1]) \
-                and producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "Cast":
-            role = "lookup table"
+        elif op in _TABLE_OPS and lowered and n.input[0] in constants and not is_float(n.input[1]):
+            role = "lookup table"   # its codes come from a Cast, or straight from a requantization's int32
         elif op == "Cast" and any(c.op_type in _TABLE_OPS and c.input[0] in constants and c.input[1] == n.output[0]
                                   for c in consumers[n.output[0]]):
             role = "lookup table"

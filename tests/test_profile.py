@@ -153,3 +153,30 @@ def test_fixed_batch_model_runs_at_its_batch(models, val):
     fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
     report = profile_models([(fixed, "fixed")], val, batch_size=8, repeats=2, profile_runs=2)
     assert [x.batch for x in report.models[0].latency] == [2] and report.models[0].profiled_batch == 2
+
+
+def test_integer_tables_fed_by_a_requantization_are_lookup_tables():
+    """The integer target's tables read a requantization's int32 codes without a Cast
+    (integer.skip_narrowing_casts): still a lookup table, as qlinear's Cast-fed ones."""
+    s, z = np.float32(0.05), np.uint8(128)
+    w = np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq"),
+             helper.make_node("QuantizeLinear", ["w", "ws", "wz"], ["wq"], name="wq"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="wd"),
+             helper.make_node("Conv", ["d", "wd"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"], name="q_conv"),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"], name="dq_conv"),
+             helper.make_node("Sigmoid", ["cd"], ["sg"], name="sigmoid"),
+             helper.make_node("QuantizeLinear", ["sg", "s2", "z2"], ["q2"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"], name="dq_out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in
+                               {"s": s, "z": z, "w": w, "ws": np.float32(np.abs(w).max() / 127), "wz": np.int8(0),
+                                "s2": np.float32(1 / 255), "z2": np.uint8(0)}.items()])
+    qdq = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lowered, _ = lower_model(qdq, "integer")
+    roles = node_roles(lowered)
+    tables = [n for n in lowered.graph.node if n.op_type in ("Gather", "GatherElements")]
+    assert tables and all(roles[n.name] == "lookup table" for n in tables)
