@@ -109,12 +109,17 @@ def emit_requantize(model: QModel, acc: gs.Tensor, multiplier, out_q: Quantizer,
     shifted = var(model, f"{name}_shifted", np.uint64)
     model.add_node("BitShift", [unsigned, constant("shift", steps.shift, np.uint64)], [shifted], f"{name}_shift",
                    {"direction": "RIGHT"})
-    if steps.clip is not None:
-        clipped = var(model, f"{name}_clipped", np.uint64)
-        model.add_node("Clip", [shifted, const(model, f"{name}_lo", np.uint64(steps.clip[0])),
-                                const(model, f"{name}_hi", np.uint64(steps.clip[1]))], [clipped], f"{name}_clip")
-        shifted = clipped
-    model.add_node("Cast", [shifted], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
+    _clip_and_narrow(model, shifted, np.uint64, steps.clip, out_q, out, name)
+
+
+def _clip_and_narrow(model, value, dtype, clip, out_q, out, name) -> None:
+    """Clip `value` (of `dtype`) to the codes' [lo, hi] when `clip` is given, then Cast it to storage."""
+    if clip is not None:
+        clipped = var(model, f"{name}_clipped", dtype)
+        model.add_node("Clip", [value, const(model, f"{name}_lo", dtype(clip[0])),
+                                const(model, f"{name}_hi", dtype(clip[1]))], [clipped], f"{name}_clip")
+        value = clipped
+    model.add_node("Cast", [value], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
 
 
 def _emit_division(model, acc, steps: quant.DivisionSteps, out_q, out, name, channel_shape) -> None:
@@ -133,12 +138,7 @@ def _emit_division(model, acc, steps: quant.DivisionSteps, out_q, out, name, cha
         c = const(model, f"{label}_c", _channel_shaped(np.asarray(constant, np.int32), channel_shape))
         model.add_node(op, [value, c], [result], label)
         value = result
-    if steps.clip is not None:
-        clipped = var(model, f"{name}_clipped", np.int32)
-        model.add_node("Clip", [value, const(model, f"{name}_lo", np.int32(steps.clip[0])),
-                                const(model, f"{name}_hi", np.int32(steps.clip[1]))], [clipped], f"{name}_clip")
-        value = clipped
-    model.add_node("Cast", [value], [out], f"{name}_narrow", {"to": _ONNX_TYPES[out_q.dtype.name]})
+    _clip_and_narrow(model, value, np.int32, steps.clip, out_q, out, name)
 
 
 def _emit_mod_div(model, acc, m0, shift, zp, bounds, out_q, out, name, channel_shape, bias) -> None:
