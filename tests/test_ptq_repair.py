@@ -88,6 +88,12 @@ def test_bias_correction_that_would_move_the_outputs_away_from_float_is_reverted
     assert report["output_snr_db_after"] < report["output_snr_db_before"]
     assert "reverted" in report["summary"]
     np.testing.assert_array_equal(run_model(model.to_onnx(), val)["logits"], run_model(w4["resnet"], val)["logits"])
+    calls.clear()        # revert_if_worse false keeps that same correction, SNR or not
+    kept = QModel.from_onnx(w4["resnet"])
+    again = run_pass(kept, "bias_correction", {"revert_if_worse": False}, PassContext(data={"input": calib["input"][:64]}))
+    assert not again["reverted"] and again["changed"] > 0
+    assert again["output_snr_db_after"] == pytest.approx(report["output_snr_db_after"], abs=1e-6)
+    assert not np.array_equal(run_model(kept.to_onnx(), val)["logits"], run_model(w4["resnet"], val)["logits"])
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
