@@ -496,14 +496,8 @@ def fixed_point_steps(m0, shift, zero_point: int, qlo: int, qhi: int, storage, b
     all channels and no clip of the accumulator (fewer, vectorized ops); all arithmetic on Python
     integers, so every bound is checked exactly. None when no int64 form fits (multipliers below
     about 2^-22: use :func:`requantize_fixed_point_onnx_form`)."""
-    channels = max(np.size(m0), np.size(0 if bias is None else bias), np.size(0 if acc_bound is None else acc_bound))
-
-    def per_channel(v) -> list[int]:
-        return [int(x) for x in np.broadcast_to(np.asarray(v, np.int64).reshape(-1), (channels,))]
-    m0 = np.array(per_channel(m0), np.int64)
-    n = per_channel(_total_shift(np.asarray(shift)))
-    b = per_channel(0 if bias is None else bias)
-    bound = None if acc_bound is None else per_channel(acc_bound)
+    m0, n, b, bound = _rule_per_channel(m0, shift, bias, acc_bound)
+    m0 = np.array(m0, np.int64)
     for common in (True, False):
         shifts = [max(n)] * len(n) if common else n
         mult = [int(m) << (k - nk) for m, k, nk in zip(m0, shifts, n)]
@@ -512,6 +506,23 @@ def fixed_point_steps(m0, shift, zero_point: int, qlo: int, qhi: int, storage, b
             if steps is not None:
                 return steps
     return None
+
+
+def _rule_per_channel(m0, shift, bias, acc_bound) -> tuple[list[int], list[int], list[int], list[int] | None]:
+    """Multiplier, total shift, bias and accumulator bound (None stays None) as Python integers,
+    one per channel (a per-tensor value repeated)."""
+    channels = max(np.size(m0), np.size(0 if bias is None else bias), np.size(0 if acc_bound is None else acc_bound))
+
+    def per_channel(v) -> list[int]:
+        return [int(x) for x in np.broadcast_to(np.asarray(v, np.int64).reshape(-1), (channels,))]
+    return (per_channel(m0), per_channel(_total_shift(np.asarray(shift))), per_channel(0 if bias is None else bias),
+            None if acc_bound is None else per_channel(acc_bound))
+
+
+def _first_reaching(code: int, m: int, n: int, zp: int) -> int:
+    """The smallest x with ``floor((x·m + 2^(n−1)) / 2^n) + zp >= code`` (m > 0): where the
+    fixed-point rule's step to `code` lies, exactly on Python integers."""
+    return -(((1 << (n - 1)) - (code - zp) * (1 << n)) // m)
 
 
 def _steps_if_fit(mult, shifts, zp, qlo, qhi, storage, b, bound) -> FixedPointSteps | None:
@@ -525,9 +536,8 @@ def _steps_if_fit(mult, shifts, zp, qlo, qhi, storage, b, bound) -> FixedPointSt
         if bound is not None:
             spans.append((-bound[c] + b[c], bound[c] + b[c]))
             continue
-        half, one = 1 << (shifts[c] - 1), 1 << shifts[c]
-        lo = -((-((qlo - zp + 1) * one - half)) // m) - 1 if m else 0   # largest a with f(a) <= qlo
-        hi = -((-((qhi - zp) * one - half)) // m) if m else 0           # smallest a with f(a) >= qhi
+        lo = _first_reaching(qlo + 1, m, shifts[c], zp) - 1 if m else 0   # largest a with f(a) <= qlo
+        hi = _first_reaching(qhi, m, shifts[c], zp) if m else 0            # smallest a with f(a) >= qhi
         spans.append((max(lo, _INT32[0] + b[c]), min(hi, _INT32[1] + b[c])))
     f_lo = min(f(lo, c) for c, (lo, _) in enumerate(spans))
     f_hi = max(f(hi, c) for c, (_, hi) in enumerate(spans))
@@ -599,16 +609,11 @@ def division_steps(m0, shift, zero_point: int, qlo: int, qhi: int, storage, bias
     qhi)`` for int32 accumulators with ``|acc| <= acc_bound`` (per channel; None: any int32);
     None when some channel has no fraction whose int32 arithmetic fits. Tries the bound as it is,
     then the accumulator clipped to where every channel's rule has saturated."""
-    channels = max(np.size(m0), np.size(0 if bias is None else bias), np.size(0 if acc_bound is None else acc_bound))
-
-    def per_channel(v) -> list[int]:
-        return [int(x) for x in np.broadcast_to(np.asarray(v, np.int64).reshape(-1), (channels,))]
-    m, n, b = per_channel(m0), per_channel(_total_shift(np.asarray(shift))), per_channel(0 if bias is None else bias)
-    bound = per_channel(_INT32[1] if acc_bound is None else acc_bound)
+    m, n, b, bound = _rule_per_channel(m0, shift, bias, _INT32[1] if acc_bound is None else acc_bound)
     k = 0 if qlo >= 0 else 256 * -(-(-qlo) // 256)
 
     def fractions():
-        found = [_division_fraction(m[c], n[c], b[c], bound[c], int(zero_point), qlo, qhi, k) for c in range(channels)]
+        found = [_division_fraction(m[c], n[c], b[c], bound[c], int(zero_point), qlo, qhi, k) for c in range(len(m))]
         return None if any(f is None for f in found) else found
     acc_clip, found = None, fractions()
     if found is None:
@@ -632,9 +637,8 @@ def _saturation_reach(m, n, b, zp: int, qlo: int, qhi: int) -> int | None:
     for mc, nc, bc in zip(m, n, b):
         if mc <= 0 or nc < 1:
             continue                                # constant rule: any clip keeps it
-        half, one = 1 << (nc - 1), 1 << nc
-        first = -((half - (qlo + 1 - zp) * one) // mc) - bc           # smallest acc reaching qlo + 1
-        last = -((half - (qhi - zp) * one) // mc) - bc                # smallest acc reaching qhi
+        first = _first_reaching(qlo + 1, mc, nc, zp) - bc           # smallest acc reaching qlo + 1
+        last = _first_reaching(qhi, mc, nc, zp) - bc                # smallest acc reaching qhi
         reach = max(reach, abs(first - 1), abs(last))
     return reach if reach < _INT32[1] else None
 
@@ -649,9 +653,7 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
     if m == 0:                                   # F is the constant floor(2^(n-1) / 2^n) + zp = zp
         breakpoints = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]
     else:                                        # smallest a with (a + b)·m + 2^(n-1) >= (v − zp)·2^n
-        half = 1 << (n - 1)
-        breakpoints = [min(max(-((half - (v - zp) * (1 << n)) // m) - b, -bound), bound + 1)
-                 for v in range(qlo + 1, qhi + 1)]
+        breakpoints = [min(max(_first_reaching(v, m, n, zp) - b, -bound), bound + 1) for v in range(qlo + 1, qhi + 1)]
     breakpoints = np.array(breakpoints, np.int64)
     reached, left = breakpoints <= bound, breakpoints - 1 >= -bound      # which constraints apply
     limit = min(DIVISION_MAX_MULTIPLIER, (_INT32[1] // max(bound, 1)))
