@@ -339,9 +339,7 @@ def lower_add(model: QModel, site: Site) -> None:
     if b.quantizer.dtype == np.uint8:
         codes = quant.all_codes(np.uint8).astype(np.int64)
         total = int(k[0]) * codes[:, None] + int(k[1]) * codes[None, :] + centering
-        table = _requantized_table(total, np.int32(1), np.int32(n - 31), site)
-        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
-                           clamped=True)
+        return _lower_as_pair_table(model, site, a, b, total, np.int32(1), np.int32(n - 31))
 
     def build(out):
         terms = []
@@ -367,9 +365,7 @@ def lower_mul(model: QModel, site: Site) -> None:
     if b.quantizer.dtype == np.uint8:
         codes = quant.all_codes(np.uint8).astype(np.int64)
         prod = (codes[:, None] - a.quantizer.scalar_zero_point()) * (codes[None, :] - b.quantizer.scalar_zero_point())
-        table = _requantized_table(prod, *quant.quantize_multiplier(ratio), site)
-        return finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{name}_table"),
-                           clamped=True)
+        return _lower_as_pair_table(model, site, a, b, prod, *quant.quantize_multiplier(ratio))
 
     def build(out):
         prod = var(model, f"{name}_acc", np.int32)
@@ -381,13 +377,16 @@ def lower_mul(model: QModel, site: Site) -> None:
     finish_site(model, site, build, clamped=True)
 
 
-def _requantized_table(acc: np.ndarray, m0, shift, site: Site) -> np.ndarray:
-    """The requantization rule on every accumulator of a 256×256 table of two codes, clipped to the
-    folded activation: what emit_requantize's steps compute for them."""
+def _lower_as_pair_table(model: QModel, site: Site, a: QInput, b: QInput, acc: np.ndarray, m0, shift) -> None:
+    """The site as one lookup of its two uint8 codes (tables.emit_pair_table): the requantization
+    rule on every accumulator of the 256×256 `acc`, clipped to the folded activation — what
+    emit_requantize's steps compute for them."""
     q = site.out_q
     qlo, qhi = clamp_bounds(site) or (q.qmin, q.qmax)
     y = quant.requantize_fixed_point(acc, m0, shift, q.scalar_zero_point(), q.qmin, q.qmax, dtype=np.int64)
-    return np.clip(y, qlo, qhi).astype(q.dtype)
+    table = np.clip(y, qlo, qhi).astype(q.dtype)
+    finish_site(model, site, lambda out: emit_pair_table(model, a, b, table, out, f"{site.node.name}_table"),
+                clamped=True)
 
 
 def _code_reach(x: QInput) -> int:
