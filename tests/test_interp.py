@@ -134,37 +134,27 @@ def _assert_qlinearconv_case_matches_ort(case: int, seed: int) -> None:
 DEPTHWISE_CASES = [i for i, case in enumerate(CONV_CASES) if case[3] == case[4] == case[5]]
 
 
+#: Each depthwise method forced on every depthwise case: (settings of ops_nn, seed base).
+DEPTHWISE_METHODS = {
+    # per tap (channels-last, taps clipped to where they read inside the image), chunks of one image
+    "taps": ({"_TOEPLITZ_MAX_K": 0, "_TILED_MIN_TAPS": 10 ** 9, "_taps_beat_flat_phases": lambda *args: True,
+              "_CHUNK": 64}, 700),
+    # flat stride-phase passes, one image and one channel at a time (an image that outgrows L2)
+    "flat_phases": ({"_TOEPLITZ_MAX_K": 0, "_TILED_MIN_TAPS": 10 ** 9, "_taps_beat_flat_phases": lambda *args: False,
+                     "_CHUNK": 64}, 900),
+    # banded GEMMs over tiles of 2 output columns (a partial last tile on odd widths), one image at a time
+    "tiles": ({"_TOEPLITZ_MAX_K": 0, "_TILED_MIN_TAPS": 1, "_TOEPLITZ_TILE": 2, "_TOEPLITZ_CHUNK": 64}, 1100),
+}
+
+
+@pytest.mark.parametrize("method", list(DEPTHWISE_METHODS))
 @pytest.mark.parametrize("case", DEPTHWISE_CASES)
-def test_qlinearconv_depthwise_taps_match_ort(monkeypatch, case):
-    """Every depthwise case through the per-tap method (channels-last, taps clipped to where they
-    read inside the image), whichever method its shape would pick, in chunks of one image."""
-    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
-    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 10 ** 9)
-    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: True)
-    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
-    _assert_qlinearconv_case_matches_ort(case, seed=700 + case)
-
-
-@pytest.mark.parametrize("case", DEPTHWISE_CASES)
-def test_qlinearconv_depthwise_flat_phases_match_ort(monkeypatch, case):
-    """Every depthwise case through the flat stride-phase passes, one image and one channel at a
-    time (the channel blocks of an image that outgrows L2)."""
-    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
-    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 10 ** 9)
-    monkeypatch.setattr(ops_nn, "_taps_beat_flat_phases", lambda *args: False)
-    monkeypatch.setattr(ops_nn, "_CHUNK", 64)
-    _assert_qlinearconv_case_matches_ort(case, seed=900 + case)
-
-
-@pytest.mark.parametrize("case", DEPTHWISE_CASES)
-def test_qlinearconv_depthwise_tiles_match_ort(monkeypatch, case):
-    """Every depthwise case through banded GEMMs over tiles of 2 output columns (a partial last
-    tile on odd widths), one image at a time."""
-    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0)
-    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", 1)
-    monkeypatch.setattr(ops_nn, "_TOEPLITZ_TILE", 2)
-    monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", 64)
-    _assert_qlinearconv_case_matches_ort(case, seed=1100 + case)
+def test_qlinearconv_depthwise_methods_match_ort(monkeypatch, case, method):
+    """Every depthwise case through each depthwise method, whichever its shape would pick."""
+    settings, seed = DEPTHWISE_METHODS[method]
+    for name, value in settings.items():
+        monkeypatch.setattr(ops_nn, name, value)
+    _assert_qlinearconv_case_matches_ort(case, seed=seed + case)
 
 
 def test_qlinearconv_large_bias_and_accumulators():
