@@ -271,6 +271,28 @@ def test_requantize_fixed_point_onnx_form_is_bit_exact_in_ort(signed, seed):
     np.testing.assert_array_equal(got, want)
 
 
+def _random_rule(rng, seed: int, channels: int, smallest: float, ties: list, signed: bool, clamped: bool):
+    """A random per-channel requantization rule (channel 0's multiplier from `ties`: exact .5 ties
+    on odd accumulators), its storage, zero point and clip: (m0, shift, storage, zp, qlo, qhi)."""
+    real = rng.uniform(smallest, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
+    real[0] = ties[seed % len(ties)]
+    m0, shift = quant.quantize_multiplier(real)
+    storage = np.int8 if signed else np.uint8
+    qmin, qmax = quant.storage_range(storage)
+    zp = int(rng.integers(qmin, qmax + 1))
+    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    return m0, shift, storage, zp, qlo, qhi
+
+
+def _clipped_rule(acc, bias, rule) -> np.ndarray:
+    """The reference: requantize_fixed_point of acc + bias, clipped to [qlo, qhi], in storage."""
+    m0, shift, storage, zp, qlo, qhi = rule
+    qmin, qmax = quant.storage_range(storage)
+    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
+                                        qmin, qmax, dtype=np.int64)
+    return np.clip(want, qlo, qhi).astype(storage)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.integers(1, 6), st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans(), st.booleans())
 def test_fixed_point_steps_equal_requantize_fixed_point(channels, seed, signed, biased, bounded, clamped):
@@ -278,13 +300,8 @@ def test_fixed_point_steps_equal_requantize_fixed_point(channels, seed, signed, 
     folded activation's codes, bit for bit: over every accumulator within the bound (or any int32
     when there is none, the steps then clip first), per channel, with ties and extremes."""
     rng = np.random.default_rng(seed)
-    real = rng.uniform(1e-5, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
-    real[0] = [0.5, 0.25, 1.0, 2.5][seed % 4]               # exact .5 ties on odd accumulators
-    m0, shift = quant.quantize_multiplier(real)
-    storage = np.int8 if signed else np.uint8
-    qmin, qmax = quant.storage_range(storage)
-    zp = int(rng.integers(qmin, qmax + 1))
-    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    rule = _random_rule(rng, seed, channels, 1e-5, [0.5, 0.25, 1.0, 2.5], signed, clamped)
+    m0, shift, storage, zp, qlo, qhi = rule
     bias = rng.integers(-2**20, 2**20, channels) if biased else None
     bound = rng.integers(1, 2**26, channels) if bounded else None
     steps = quant.fixed_point_steps(m0, shift, zp, qlo, qhi, storage, bias, bound)
@@ -294,9 +311,7 @@ def test_fixed_point_steps_equal_requantize_fixed_point(channels, seed, signed, 
     if not bounded:
         acc = np.concatenate([acc, np.full((1, channels), -2**31)])
     acc = acc.astype(np.int32)
-    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
-                                        qmin, qmax, dtype=np.int64)
-    np.testing.assert_array_equal(steps.apply(acc, (channels,)), np.clip(want, qlo, qhi).astype(storage))
+    np.testing.assert_array_equal(steps.apply(acc, (channels,)), _clipped_rule(acc, bias, rule))
 
 
 def test_fixed_point_steps_refuse_multipliers_below_int64_reach():
@@ -319,22 +334,15 @@ def test_division_steps_equal_requantize_fixed_point(channels, seed, signed, bia
     bit over *every* accumulator within the bound (exhaustively: each step of the rule is hit),
     with exact .5 ties, truncation of negative numerators and signed codes."""
     rng = np.random.default_rng(seed)
-    real = rng.uniform(1e-4, 3.0, channels) * (10.0 ** rng.integers(-3, 1, channels))
-    real[0] = [0.5, 0.25, 1.0, 2.5, 1 / 3][seed % 5]
-    m0, shift = quant.quantize_multiplier(real)
-    storage = np.int8 if signed else np.uint8
-    qmin, qmax = quant.storage_range(storage)
-    zp = int(rng.integers(qmin, qmax + 1))
-    qlo, qhi = (int(rng.integers(qmin, zp + 1)), int(rng.integers(zp, qmax + 1))) if clamped else (qmin, qmax)
+    rule = _random_rule(rng, seed, channels, 1e-4, [0.5, 0.25, 1.0, 2.5, 1 / 3], signed, clamped)
+    m0, shift, storage, zp, qlo, qhi = rule
     bias = rng.integers(-2**14, 2**14, channels) if biased else None
     bound = rng.integers(1, 2**15, channels)
     steps = quant.division_steps(m0, shift, zp, qlo, qhi, storage, bias, bound)
     assert steps is not None
     acc = np.arange(-int(bound.max()), int(bound.max()) + 1)[:, None].repeat(channels, 1)
     acc = np.clip(acc, -bound, bound).astype(np.int32)
-    want = quant.requantize_fixed_point(acc.astype(np.int64) + (0 if bias is None else bias), m0, shift, zp,
-                                        qmin, qmax, dtype=np.int64)
-    np.testing.assert_array_equal(steps.apply(acc, (channels,)), np.clip(want, qlo, qhi).astype(storage))
+    np.testing.assert_array_equal(steps.apply(acc, (channels,)), _clipped_rule(acc, bias, rule))
     assert np.all(bound * steps.multiplier + np.abs(steps.offset) < 2**31)
 
 
