@@ -69,10 +69,11 @@ def bias_correction(model: QModel, ctx: PassContext, *, iterations: Annotated[in
     float_form = bypassed(model)
     reference = _channel_means(float_form, list(outputs.values()), ctx, max_samples)
     from qgraph.diff import OutputFidelity
-    plan = ctx.feed_plan(model.to_onnx())
+    proto = model.to_onnx()
+    plan = ctx.feed_plan(proto)
     fidelity = OutputFidelity(float_form.to_onnx(),
                               lambda: (feeds for feeds, _ in plan.batches(ctx.batch_size, max_samples or None)))
-    snr_before = fidelity.snr_db(model.to_onnx())
+    snr_before = fidelity.snr_db(proto)
     before = [(bias, np.array(bias.values, copy=True)) for _, bias in layers]
     waves = layer_waves(model, [node.name for node, _ in layers])
     shifts = []
