@@ -123,6 +123,97 @@ def test_adaround_keeps_weights_on_grid_and_beats_nearest_on_held_out_outputs(na
     assert after > before + 1.0, (before, after)
 
 
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_gptq_keeps_weights_on_grid_and_beats_nearest_on_held_out_outputs(name, w4, digits):
+    calib, val = digits
+    model = QModel.from_onnx(w4[name])
+    report = run_pass(model, "gptq", {}, PassContext(data=calib))
+    assert report["changed"] >= 8 and all(g["gain"] >= 0 for g in report["layers"])
+    proto = model.to_onnx()
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    old = {i.name: onnx.numpy_helper.to_array(i) for i in w4[name].graph.initializer}
+    farther = 0
+    for record in read_quantizers(proto).values():
+        if record.kind != "weight":
+            continue
+        w, s = inits[record.tensor], inits[record.scale]
+        s = s.reshape((-1,) + (1,) * (w.ndim - 1)) if record.axis == 0 else s
+        codes = w / s
+        assert np.allclose(codes, np.rint(codes), atol=1e-3)          # on the grid: Q/DQ keeps them
+        assert codes.min() >= record.qmin - 1e-3 and codes.max() <= record.qmax + 1e-3
+        nearest = np.clip(np.rint(old[record.tensor] / s), record.qmin, record.qmax)
+        farther += int((np.abs(np.rint(codes) - nearest) > 1).sum())
+    assert farther > 0            # compensation moves weights by more than AdaRound's up-or-down
+    reference = _float_logits(w4[name], val)
+    before = snr_db(reference, run_model(w4[name], val)["logits"])
+    after = snr_db(reference, run_model(proto, val)["logits"])
+    assert after > before + 1.0, (before, after)
+
+
+def _random_layer(rng, out_channels=6, k=40, rows=300, group=1):
+    """A reconstruction.Layer of a 1x1 Conv with statistics of correlated inputs, X̃ = X + noise."""
+    import onnx_graphsurgeon as gs
+    from qgraph.annotations import QuantizerRecord
+    from qgraph.reconstruction import Layer
+    w = rng.normal(size=(out_channels, k // group, 1, 1)).astype(np.float32)
+    node = gs.Node("Conv", "conv", attrs={"group": group})
+    record = QuantizerRecord(kind="weight", tensor="w", node="conv", bits=4, signed=True, symmetric=True,
+                             narrow_range=True, pow2=False, per_channel=True, axis=0, qmin=-7, qmax=7,
+                             observer="minmax", nonnegative=False)
+    layer = Layer(node, gs.Constant("w", w), record, np.abs(w).reshape(out_channels, -1).max(1) / 7,
+                  np.zeros(out_channels, np.int8))
+    mix = rng.normal(size=(k, k))
+    x = (rng.normal(size=(rows, k)) @ mix).reshape(rows, k, 1, 1).astype(np.float32)
+    layer.add(x + 0.05 * rng.normal(size=x.shape).astype(np.float32), x)
+    return layer
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_gptq_blocked_sweep_equals_the_column_by_column_recurrence(group, monkeypatch):
+    """The blocked sweep (later blocks updated by one product per block) is the same arithmetic as
+    updating every later column after each rounding, and lowers the reconstruction error."""
+    import qgraph.reconstruction as reconstruction
+    rng = np.random.default_rng(7)
+    layer = _random_layer(rng, out_channels=8, k=40, group=group)
+    blocked = []
+    for block in (7, 1000):
+        monkeypatch.setattr(reconstruction, "BLOCK", block)
+        blocked.append(reconstruction.gptq_codes(layer, 0.01, True))
+    np.testing.assert_array_equal(blocked[0], blocked[1])
+    assert blocked[0].min() >= -7 and blocked[0].max() <= 7
+    nearest = layer.error(layer.values(layer.nearest_codes()))
+    assert layer.error(layer.values(blocked[0])) < nearest
+    # without act order too, and never worse than nearest by much on any ordering
+    plain = reconstruction.gptq_codes(layer, 0.01, False)
+    assert layer.error(layer.values(plain)) < nearest
+
+
+def test_mixed_precision_with_gptq_rounding_measures_and_writes_the_same_rounded_weights(w4, digits):
+    """`weight_rounding: gptq`: the search measures every 4/8-bit weight rounded by GPTQ, and the
+    model it writes holds those same weights: its output cosine on the calibration data is the one
+    the search reported, and it beats round-to-nearest on held-out digits."""
+    calib, val = digits
+    params = {"target": "cosine", "value": 0.99999, "weight_bits": [4], "activation_bits": [8],
+              "allow_float": False, "workers": 1}
+    reports, protos = {}, {}
+    for rounding in ("nearest", "gptq"):
+        model = QModel.from_onnx(w4["resnet"])
+        reports[rounding] = run_pass(model, "mixed_precision", {**params, "weight_rounding": rounding},
+                                     PassContext(data=calib))
+        protos[rounding] = model.to_onnx()
+    assert reports["gptq"]["gptq_rounded"] >= 8 and "gptq_rounded" not in reports["nearest"]
+    assert reports["gptq"]["measured"] > reports["nearest"]["measured"] + 1e-4, (reports["gptq"]["measured"],
+                                                                               reports["nearest"]["measured"])
+    calib_reference = _float_logits(w4["resnet"], {"input": calib["input"]})
+    written = cosine(calib_reference, run_model(protos["gptq"], {"input": calib["input"]})["logits"])
+    assert written == pytest.approx(reports["gptq"]["measured"], abs=1e-6)
+    reference = _float_logits(w4["resnet"], val)
+    held = {r: cosine(reference, run_model(protos[r], val)["logits"]) for r in protos}
+    assert held["gptq"] > held["nearest"], held
+    for record in read_quantizers(protos["gptq"]).values():      # still on their 4-bit grids
+        assert record.kind != "weight" or record.bits == 4
+
+
 def test_mixed_precision_meets_its_target_with_16_bit_pairs_that_run_and_lower(digits):
     calib, val = digits
     int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})

@@ -22,7 +22,11 @@ re-applies it in a pipeline without searching (`mixed_precision: {assign: {...}}
 
 The menu is `weight_bits` × `activation_bits` (+ float with `allow_float`); a quantizer's present
 width is always an option. A weight's several grids (4, 8, 16 bits) are each evaluated on their own
-(the switchboard swaps the weight's value per variant).
+(the switchboard swaps the weight's value per variant). `weight_rounding: gptq` rounds every weight
+grid of 8 bits or fewer by GPTQ (qgraph.reconstruction.gptq_codes, on the float layer's input
+statistics) in the variants measured and in the model written, so the search buys 16 bits only
+where even compensated rounding costs too much; it keeps the float weights until the choice is made,
+which a `gptq` or `adaround` pass before it would not (they overwrite them).
 
 16-bit activations and weights are int16/uint16 QuantizeLinear/DequantizeLinear in the com.microsoft domain
 (ORT 1.19 runs them at opset 17; ai.onnx needs opset 21: quant.qdq_domain); lowering keeps them as
@@ -65,10 +69,14 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
                     weight_bits: list = list(WEIGHT_BITS), activation_bits: list = list(ACTIVATION_BITS),  # noqa: B006
                     assign: dict = {}, max_samples: Annotated[int, Range(0)] = 256,  # noqa: B006
                     rounds: Annotated[int, Range(1, 20)] = 6, measure: Literal["own", "all"] = "own",
+                    weight_rounding: Literal["nearest", "gptq"] = "nearest",
                     workers: Annotated[int, Range(0)] = 1, ray: str = "") -> dict:
     """Assign weights 4/8/16 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
     records = require_quantizers(model, "mixed_precision")
     menu = replace(_check_menu(weight_bits, activation_bits), allow_float=allow_float)
+    if weight_rounding == "gptq":
+        ctx.require_data("mixed_precision with weight_rounding gptq")
+    rounding = _GptqRounding(model, records, ctx, max_samples) if weight_rounding == "gptq" else None
     if assign:
         chosen = _check_assign(assign, records)
         observed = observed_ranges(model, records, ctx, max_samples) if ctx.data is not None else {}
@@ -79,9 +87,11 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
         _check_target(target, value)
         observed = observed_ranges(model, records, ctx, max_samples)
         chosen, report = _search(model, records, ctx, target, float(value), cost, menu, max_samples,
-                                 rounds, measure, workers, ray, observed)
+                                 rounds, measure, workers, ray, observed, rounding)
     before = {k: (r.bits, r.kind) for k, r in records.items()}
     changed = apply_assignment(model, records, chosen, observed)
+    if rounding is not None:
+        report["gptq_rounded"] = rounding.write(model, records)
     snippet = yaml.safe_dump([{"mixed_precision": {"assign": {k: v for k, v in sorted(chosen.items())
                                                                 if v != before[k][0]}}}],
                              default_flow_style=None, sort_keys=False)
@@ -148,7 +158,7 @@ def _cost(record: QuantizerRecord, option, elements: int) -> float:
 
 def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, target: str, value: float,
             cost: str, menu: Menu, max_samples: int, rounds: int, measure: str, workers: int, ray: str,
-            observed: dict):
+            observed: dict, rounding: "_GptqRounding | None" = None):
     from qgraph.analyze import (ALTERNATES, SWITCHES, evaluate_variant, find_quantizers, prepare_variant_runner,
                                 switchboard)
     from qgraph.parallel import Evaluator
@@ -162,6 +172,10 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
     alternates = {index[name]: [_alternate_grid(model, records[name], other, observed) for other in others[name]]
                   for name in index}
     board, weights = switchboard(qmodel, sites, alternates)
+    if rounding is not None:
+        weights = {i: rounding.values(sites[i].name, records[sites[i].name],
+                                      list(zip(others[sites[i].name], alternates[i])), value)
+                   for i, value in weights.items()}
     # the float reference: the switchboard with every quantizer off (graph-output quantizers too)
     plan = ctx.feed_plan(proto)
     off = {SWITCHES: np.zeros(len(sites), np.bool_), ALTERNATES: np.zeros(len(sites), np.bool_)}
@@ -250,6 +264,56 @@ def _search(model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext
               "evaluated_by": evaluator.describe(), "warnings": [] if score(result) >= value else
               [f"target {target} {value:g} not met after {rounds} rounds (best {score(result):.6g})"]}
     return chosen, report
+
+
+class _GptqRounding:
+    """`weight_rounding: gptq`: every weight of 8 bits or fewer rounded by GPTQ on its float layer's
+    input statistics (qgraph.reconstruction), in the variants the search measures and in the
+    model it writes; 16-bit weights keep round-to-nearest."""
+
+    def __init__(self, model: QModel, records: dict[str, QuantizerRecord], ctx: PassContext, max_samples: int):
+        from qgraph.reconstruction import find_layers, float_statistics
+        layers, _ = find_layers(model, records)
+        float_statistics(model, layers, ctx, max_samples, "mixed_precision")
+        self.layers = {layer.record.tensor: layer for layer in layers}
+
+    def _codes(self, name: str, scale, zp, bits: int):
+        from qgraph.reconstruction import gptq_codes
+        qmin, qmax = quant.qrange(bits, self.layers[name].record.signed, self.layers[name].record.narrow_range)
+        layer = self.layers[name].on_grid(scale, zp, qmin, qmax)
+        return layer, gptq_codes(layer)
+
+    def values(self, name: str, record: QuantizerRecord, grids: list[tuple[int, tuple]], value: tuple) -> tuple:
+        """A switchboard weight entry (initializer, own value, [value on each alternate grid]) with
+        the grids of 8 bits or fewer rounded by GPTQ; `grids`: (bits, grid) per alternate."""
+        if name not in self.layers:
+            return value
+        initializer, own, alternates = value
+
+        def rounded(scale, zp, bits):
+            layer, codes = self._codes(name, scale, zp, bits)
+            return layer.unmatrix(layer.values(codes)).astype(np.float32)
+        if record.bits <= 8:
+            own = rounded(self.layers[name].scale, self.layers[name].zp, record.bits)
+        alternates = [rounded(grid[0], grid[1], bits) if bits <= 8 else alt
+                      for (bits, grid), alt in zip(grids, alternates)]
+        return initializer, own, alternates
+
+    def write(self, model: QModel, records: dict[str, QuantizerRecord]) -> int:
+        """Round the model's weights of 8 bits or fewer, at their final grids, by GPTQ; how many."""
+        nodes = {n.name: n for n in model.graph.nodes}
+        written = 0
+        for name, layer in self.layers.items():
+            record = records.get(name)
+            if record is None or record.bits > 8:
+                continue
+            q = nodes[record.quantize]
+            scale = QModel.constant_value(q.inputs[1])
+            zp = QModel.constant_value(q.inputs[2]) if len(q.inputs) > 2 else np.zeros_like(scale, np.int8)
+            chosen, codes = self._codes(name, scale, zp, record.bits)
+            chosen.write(codes)
+            written += 1
+        return written
 
 
 class _Layer:
