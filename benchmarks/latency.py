@@ -134,6 +134,47 @@ of this form. Above 3x after: ppocr_det and db_detector (3.2-3.7x; the 5.2x of p
 above is an outlier: 3.4-3.5x in the other runs) and pplcnet at batch 1, which swings between 2.9x
 and 4.0x from run to run (2.8 ms per image: ORT's per-node overhead and its 5×5 depthwise
 ConvIntegers, 0.28 ms each on 7×7 and 14×14 maps whatever the grouping, weigh most).
+
+The integer target with depthwise convolutions as MatMulInteger (one matrix per channel on small
+maps, padded row windows times one banded matrix per channel on narrow ones), measured 2026-11-29
+at commit 4a3b939 (branch integer-speed2), same machine, ORT 1.19.2, one intra-op thread, `--models
+ppocr_det,db_detector,pplcnet,ppocr_rec,ppocr_cls,ddddocr_det --repeats 15` under load average 6-7
+(float ms twice the quiet ones; ppocr_cls's qlinear row at batch 1 is an outlier):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    ppocr_det             1     78.73          0.64x          0.41x          1.48x
+    ppocr_det             8    953.10          0.61x          0.42x          1.53x
+    db_detector           1     29.20          0.79x          0.55x          1.68x
+    db_detector           8    246.21          0.67x          0.50x          1.82x
+    pplcnet               1      6.90          1.01x          0.95x          1.44x
+    pplcnet               8     56.64          0.83x          0.72x          1.62x
+    ppocr_rec             1     40.57          0.69x          0.51x          1.26x
+    ppocr_rec             8    443.62          0.56x          0.43x          1.02x
+    ppocr_cls             1      1.33          1.29x          2.76x          5.93x
+    ppocr_cls             8     16.81          1.21x          1.12x          2.86x
+    ddddocr_det           1     96.50          0.37x          0.49x          1.34x
+    ddddocr_det           8    798.24          0.36x          0.44x          1.27x
+
+integer ÷ qlinear, batch 1 / 8: before (3929257, the same command 35 minutes earlier, load 3-4)
+and after (this table); in brackets the two lowerings of one QDQ model timed in the same
+interleaved rounds with qlinear (21 rounds, load 7):
+
+    model          before        after
+    db_detector    3.2x / 4.5x   3.0x / 3.7x   (3.3x -> 3.2x / 3.8x -> 3.4x)
+    pplcnet        2.6x / 2.9x   1.5x / 2.3x   (2.3x -> 2.1x / 3.1x -> 2.3x)
+    ppocr_det      3.5x / 3.7x   3.6x / 3.6x
+    ppocr_rec      2.6x / 2.4x   2.5x / 2.4x
+    ppocr_cls      2.5x / 2.7x   2.2x / 2.5x
+    ddddocr_det    2.6x / 2.7x   2.7x / 2.9x
+
+ppocr_det, ppocr_rec, ppocr_cls and ddddocr_det lower to byte-identical graphs before and after
+(their maps' widths are dynamic, or they have no depthwise convolution): their rows show the
+noise. Still above 3x: ppocr_det (every map dynamic, so its depthwise convolutions stay grouped
+ConvIntegers) and db_detector at batch 8, where the requantization (Mul, Add, Div, Clip, Cast:
+47% of its integer node time, the Div alone 25%) and two 96 → 24 3×3 ConvIntegers on 80×80 maps
+(14%: an im2col of 864 rows for 24 outputs, against QLinearConv's NHWC kernel) weigh most. The
+int32 Div cannot become a shift: a power-of-two divisor needs p ≈ M·2^s with more bits than int32
+leaves next to the accumulator (2 of db_detector's 43 requantizations have such a form).
 """
 
 from __future__ import annotations

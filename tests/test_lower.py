@@ -681,6 +681,95 @@ def test_depthwise_convinteger_as_grouped_is_exact(channels, kernel, group_size)
         np.testing.assert_array_equal(interp_run(conv(grouped, new_attrs), {"x": x})["y"], want)
 
 
+@pytest.mark.parametrize("channels, kernel, spatial, attrs", [
+    (6, 5, (7, 7), {"pads": [2, 2, 2, 2]}),
+    (4, 3, (7, 6), {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+    (5, 3, (5, 8), {"pads": [0, 1, 2, 1], "dilations": [2, 1]}),
+    (3, 5, (9, 9), {"pads": [2, 2, 2, 2], "strides": [2, 1]}),
+])
+def test_depthwise_as_matrix_is_exact(channels, kernel, spatial, attrs):
+    """integer.depthwise_as_matrix: one matrix per channel (w_zp where no tap joins two pixels),
+    multiplied by MatMulInteger with the batch as its columns, writes the depthwise ConvInteger's
+    accumulator exactly (pads, strides, dilations), in ORT and in the interpreter."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.integer import _emit_depthwise_matmul, depthwise_as_matrix
+    from qgraph.lowering.patterns import const
+    rng = np.random.default_rng(kernel + channels)
+    w = rng.integers(0, 256, (channels, 1, kernel, kernel)).astype(np.uint8)
+    attrs = {"group": channels, "kernel_shape": [kernel, kernel], **attrs}
+    matrix = depthwise_as_matrix(w, np.uint8(131), attrs, spatial)
+    assert matrix is not None and matrix[0].shape[1:] == (matrix[1][0] * matrix[1][1], spatial[0] * spatial[1])
+    conv = helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **attrs)
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.uint8(9), "xz"),
+                               numpy_helper.from_array(np.uint8(131), "wz")])
+    x = rng.integers(0, 256, (3, channels, *spatial)).astype(np.uint8)
+    want = run_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), {"x": x})["y"]
+    xv = gs.Variable("x", dtype=np.uint8, shape=["N", channels, *spatial])
+    model = QModel(gs.Graph(inputs=[xv], outputs=[]))
+    acc = _emit_depthwise_matmul(model, xv, matrix, const(model, "xz", np.uint8(9)), const(model, "wz", np.uint8(131)),
+                                 spatial, "dw")
+    model.graph.outputs = [acc]
+    lowered = model.to_onnx()
+    np.testing.assert_array_equal(run_model(lowered, {"x": x})[acc.name], want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"x": x})[acc.name], want)
+
+
+@pytest.mark.parametrize("channels, kernel, width, attrs", [
+    (6, 5, 9, {"pads": [2, 2, 2, 2]}),
+    (4, 3, 10, {"pads": [1, 1, 1, 1], "strides": [1, 2]}),
+    (5, 3, 8, {"pads": [0, 1, 2, 0], "dilations": [2, 2]}),
+    (3, 3, 7, {}),
+])
+def test_depthwise_as_band_is_exact_at_any_height(channels, kernel, width, attrs):
+    """integer.depthwise_as_band: the padded row windows side by side times one banded matrix per
+    channel write the depthwise ConvInteger's accumulator exactly (pads, a horizontal stride,
+    dilations), at any height of the map, in ORT and in the interpreter."""
+    import onnx_graphsurgeon as gs
+    from qgraph.lowering.integer import _emit_depthwise_band, depthwise_as_band
+    from qgraph.lowering.patterns import const
+    rng = np.random.default_rng(kernel + channels)
+    w = rng.integers(0, 256, (channels, 1, kernel, kernel)).astype(np.uint8)
+    attrs = {"group": channels, "kernel_shape": [kernel, kernel], **attrs}
+    band = depthwise_as_band(w, np.uint8(131), attrs, width)
+    assert band is not None
+    conv = helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **attrs)
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.uint8(9), "xz"),
+                               numpy_helper.from_array(np.uint8(131), "wz")])
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    xv = gs.Variable("x", dtype=np.uint8, shape=["N", channels, "H", width])
+    model = QModel(gs.Graph(inputs=[xv], outputs=[]))
+    acc = _emit_depthwise_band(model, xv, band, const(model, "xz", np.uint8(9)), const(model, "wz", np.uint8(131)),
+                               kernel, attrs, "dw")
+    model.graph.outputs = [acc]
+    lowered = model.to_onnx()
+    for height in (6, 11):
+        x = rng.integers(0, 256, (2, channels, height, width)).astype(np.uint8)
+        want = run_model(reference, {"x": x})["y"]
+        np.testing.assert_array_equal(run_model(lowered, {"x": x})[acc.name], want)
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"x": x})[acc.name], want)
+
+
+def test_depthwise_as_matrix_declines_large_maps_and_other_convolutions():
+    """Only depthwise convolutions of small maps take the matrix form (its extra work, H·W per
+    output against the taps, stays small), and of narrow ones with a vertical stride of 1 the band."""
+    from qgraph.lowering.integer import depthwise_as_band, depthwise_as_matrix
+    dw = {"group": 8, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    w = np.zeros((8, 1, 3, 3), np.uint8)
+    assert depthwise_as_matrix(w, np.uint8(0), dw, (7, 7)) is not None
+    assert depthwise_as_matrix(w, np.uint8(0), dw, (28, 28)) is None
+    assert depthwise_as_matrix(np.zeros((8, 2, 3, 3), np.uint8), np.uint8(0), {**dw, "group": 4}, (7, 7)) is None
+    assert depthwise_as_matrix(w, np.uint8(0), {**dw, "auto_pad": "SAME_UPPER"}, (7, 7)) is None
+    assert depthwise_as_band(w, np.uint8(0), dw, 48) is not None
+    assert depthwise_as_band(w, np.uint8(0), dw, 49) is None                       # wider than 16·kw
+    assert depthwise_as_band(w, np.uint8(0), {**dw, "strides": [2, 2]}, 14) is None
+
+
 def test_tables_read_the_requantized_int32_directly():
     """integer.skip_narrowing_casts: a table (single or pair) reading a requantization's uint8 codes
     reads its int32 Clip output instead, two casts fewer and the same values; a Clip reaching past
