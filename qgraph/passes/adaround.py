@@ -70,8 +70,7 @@ def learned_codes(layer: Layer, iterations: int, lr: float, lam: float, warmup: 
         codes = base + hv + z
         inside = (codes >= qmin) & (codes <= qmax)
         w_tilde = s * (np.clip(codes, qmin, qmax) - z)
-        grad_w = 2.0 * (np.einsum("gok,gkl->gol", w_tilde, layer.h)
-                        - np.einsum("gok,glk->gol", w, layer.c)) / layer.rows / norm
+        grad_w = 2.0 * (np.matmul(w_tilde, layer.h) - np.matmul(w, layer.c.transpose(0, 2, 1))) / layer.rows / norm
         grad_h = grad_w * s * inside
         if step > start and lam > 0:
             beta = 20.0 + (2.0 - 20.0) * (step - start) / max(1, iterations - start)
