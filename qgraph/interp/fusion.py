@@ -17,6 +17,12 @@ Elementwise region of codes (QDQ models): every tensor computed elementwise from
 DequantizeLinear of 8-bit codes x and one-element constants is ``f(x)``, one of 256 values; the
 region's ops run once on the 256 codes, by their own kernels, and each tensor the region hands
 on is a lookup (:func:`_fuse_code_regions`).
+
+Elementwise region of an integer tensor (a dynamically quantized model's conv epilogue
+``Cast(acc + bias) · scale → Sigmoid → Mul``): every tensor computed elementwise from
+``Cast(n)`` (n integer, at least 16-bit) and one-element tensors is ``f(n)``; when the values
+present in n are few next to its size, the region's ops run once per distinct value, by their
+own kernels, and each tensor it hands on is a lookup (:func:`_fuse_integer_regions`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> l
     hidden inside a chain. ``call(kernel, ctx, args) -> tuple`` runs one kernel (the fallback);
     ``constants``: the plan's constant tensors (no feed overrides them)."""
     items = _fuse_code_regions(items, wanted, call, constants)
+    items = _fuse_integer_regions(items, wanted, call, constants)
     consumers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
         for t in it.inputs:
@@ -251,3 +258,120 @@ def _region_item(items, members, root: str, exits: list[str], constants, call) -
         return tuple(res)
 
     return Item(lookup, region[0].ctx, (root,), tuple(exits))
+
+
+#: Region ops whose cost per element dwarfs a table lookup (MLAS rational approximations, libm
+#: calls); a region without one is cheaper run directly than through a table.
+COSTLY = {"Sigmoid", "Tanh", "Erf", "Exp", "Log", "Pow", "Softplus", "Mish", "Gelu", "Elu", "Selu", "Celu"}
+#: Integer regions run through a table only on tensors of at least this many elements, whose value
+#: span is at most _SPAN_PER_ELEMENT times their size (the occupancy array stays small).
+_TABLE_MIN_SIZE, _SPAN_PER_ELEMENT = 4096, 4
+
+
+def _scalar_tensors(items, constants) -> set[str]:
+    """Names of the tensors known before running to hold one element: one-element constants, a
+    DynamicQuantizeLinear's scale and zero point, and elementwise results of those."""
+    scalars = {t for t, a in constants.items() if np.size(a) == 1}
+    for it in items:
+        op = it.ctx.node.op_type
+        if op == "DynamicQuantizeLinear":
+            scalars.update(t for t in it.outputs[1:] if t)
+        elif op in ELEMENTWISE and it.inputs and all(t in scalars for t in it.inputs if t):
+            scalars.update(t for t in it.outputs if t)
+    return scalars
+
+
+def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
+    """Each elementwise region that starts with a Cast of a (non-scalar) tensor and holds a
+    :data:`COSTLY` op, as one step: from the Cast, every later op of :data:`ELEMENTWISE` whose
+    inputs are the region's tensors or one-element tensors joins. The step runs where the region's
+    last op ran (its one-element inputs are ready there), provided nothing outside reads a region
+    tensor earlier; at run time it goes through a table when the Cast's input is an integer tensor
+    with few distinct values (:func:`_integer_region_item`), else it runs the ops one by one."""
+    scalars = _scalar_tensors(items, constants)
+    readers: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        for t in it.inputs:
+            if t:
+                readers.setdefault(t, []).append(k)
+    used: set[int] = set()
+    fused_at: dict[int, Item] = {}
+    for k, it in enumerate(items):
+        if k in used or it.ctx.node.op_type != "Cast" or not it.inputs or it.inputs[0] in scalars:
+            continue
+        members, tensors = [k], {it.outputs[0]}
+        for j in range(k + 1, len(items)):
+            other = items[j]
+            if j in used or other.ctx.node.op_type not in ELEMENTWISE:
+                continue
+            ins = [t for t in other.inputs if t]
+            if ins and any(t in tensors for t in ins) and all(t in tensors or t in scalars for t in ins):
+                members.append(j)
+                tensors.update(t for t in other.outputs if t)
+        if not any(items[m].ctx.node.op_type in COSTLY for m in members):
+            continue
+        inside, last = set(members), members[-1]
+        exits = [t for t in _ordered_outputs(items, members) if t in wanted or set(readers.get(t, ())) - inside]
+        early = any(r <= last for t in tensors for r in readers.get(t, ()) if r not in inside)
+        if not exits or early:
+            continue
+        outer = sorted({t for m in members for t in items[m].inputs if t and t in scalars and t not in tensors})
+        used.update(members)
+        fused_at[last] = _integer_region_item(items, members, it.inputs[0], outer, exits, call)
+    out = []
+    for k, it in enumerate(items):
+        if k in fused_at:
+            out.append(fused_at[k])
+        elif k not in used:
+            out.append(it)
+    return out
+
+
+def _integer_region_item(items, members, root: str, outer: list[str], exits: list[str], call) -> Item:
+    region = [items[m] for m in members]
+
+    def run_region(x, scalars):
+        values = dict(zip(outer, scalars))
+        values[root] = x
+        for it in region:
+            values.update(zip(it.outputs, call(it.kernel, it.ctx, [values[t] if t else None for t in it.inputs])))
+        return values
+
+    def step(ctx, n, *scalars):
+        table_inputs = (n.dtype.kind in "iu" and n.dtype.itemsize >= 2 and n.size >= _TABLE_MIN_SIZE
+                        and all(np.size(s) == 1 for s in scalars))
+        if table_inputs:
+            tables = _distinct_value_tables(n, lambda v: run_region(v, scalars), exits)
+            if tables is not None:
+                index, built = tables
+                return tuple(np.take(table, index).reshape((1,) * (ndim - n.ndim) + n.shape)
+                             for table, ndim in built)
+        values = run_region(n, scalars)
+        return tuple(values[t] for t in exits)
+
+    return Item(step, region[0].ctx, (root, *outer), tuple(exits))
+
+
+def _distinct_value_tables(n, evaluate, exits):
+    """(index of each element of ``n`` in its value span, [(table over the span, result ndim)]
+    per exit), with ``evaluate`` (the region) run on the distinct values of ``n`` only; None when
+    the span is too wide for its size, or the region does not map a 1-D array elementwise."""
+    lo, hi = int(n.min()), int(n.max())
+    span = hi - lo + 1
+    if span > _SPAN_PER_ELEMENT * n.size:
+        return None
+    index = np.subtract(n, lo, dtype=np.intp, casting="unsafe").reshape(-1)
+    seen = np.zeros(span, bool)
+    seen[index] = True
+    present = np.flatnonzero(seen)
+    with np.errstate(all="ignore"):  # the direct run warns (or not) on the tensor itself
+        values = evaluate((present + lo).astype(n.dtype))
+    built = []
+    for t in exits:
+        v = np.asarray(values[t])
+        if v.size != present.size:
+            return None
+        table = np.empty(span, v.dtype)
+        table[present] = v.reshape(-1)
+        built.append((table, max(v.ndim, n.ndim)))
+    return index, built
