@@ -148,7 +148,8 @@ def test_pair_lookup_is_the_single_lookup(dtype):
 def swish_epilogue_model():
     """A dynamically quantized conv's float epilogue (ddddocr's CRNN): the int32 accumulator plus
     bias, cast, scaled by the product of a DynamicQuantizeLinear scale and the weight scale, then
-    SiLU ``x · Sigmoid(x)``; the scaled tensor also feeds a residual Add (outside the region)."""
+    SiLU ``x · Sigmoid(x)``, dynamically quantized for the next conv; the SiLU output also feeds a
+    residual Add (outside the region)."""
     nodes = [helper.make_node("DynamicQuantizeLinear", ["f"], ["fq", "fs", "fz"]),
              helper.make_node("Mul", ["fs", "ws"], ["scale"]),
              helper.make_node("Add", ["acc", "bias"], ["n"]),
@@ -156,9 +157,12 @@ def swish_epilogue_model():
              helper.make_node("Mul", ["nf", "scale"], ["x"]),
              helper.make_node("Sigmoid", ["x"], ["sig"]),
              helper.make_node("Mul", ["x", "sig"], ["y"]),
+             helper.make_node("DynamicQuantizeLinear", ["y"], ["yq", "ys", "yz"]),
+             helper.make_node("Mul", ["ys", "ws"], ["next_scale"]),  # reads only scalars: stays outside
              helper.make_node("Add", ["y", "r"], ["out"])]
     return make_model(nodes, [("acc", np.int32), ("f", np.float32), ("r", np.float32)],
-                      [("out", np.float32), ("fq", np.uint8)],
+                      [("out", np.float32), ("fq", np.uint8), ("yq", np.uint8), ("yz", np.uint8),
+                       ("next_scale", np.float32)],
                       {"ws": np.array(0.0123, np.float32), "bias": np.array([-40, 7, 1000], np.int32).reshape(1, 3, 1, 1)})
 
 
@@ -171,12 +175,12 @@ def test_integer_region_runs_its_ops_once_per_distinct_value(span):
              "f": rng.normal(size=(7,)).astype(np.float32) * 40,
              "r": rng.normal(size=(2, 3, 40, 41)).astype(np.float32)}
     got = plan.run(feeds)
-    assert _steps(plan) == 5  # DQL, Mul, Add, the region (Cast, Mul, Sigmoid, Mul), Add
+    assert _steps(plan) == 6  # DQL, Mul, Add, the region (Cast, Mul, Sigmoid, Mul, DQL), Mul, Add
     want = _unfused(plan, feeds)
-    ort_out, ort_q = ort_run(model, feeds)
-    for name in ("out", "fq"):
-        assert got[name].dtype == want[name].dtype and np.array_equal(got[name].view(np.uint8), want[name].view(np.uint8))
-    assert np.array_equal(got["out"].view(np.uint32), ort_out.view(np.uint32)) and np.array_equal(got["fq"], ort_q)
+    for name, w in zip(("out", "fq", "yq", "yz", "next_scale"), ort_run(model, feeds)):
+        assert got[name].dtype == want[name].dtype == w.dtype and got[name].shape == w.shape
+        bits = [a.reshape(-1).view(np.uint8) for a in (got[name], want[name], w)]
+        assert np.array_equal(bits[0], bits[1]) and np.array_equal(bits[0], bits[2])
     inner = plan.run(feeds, ["out", "x"])  # a requested region tensor is handed on too
     assert np.array_equal(inner["out"], got["out"]) and np.array_equal(inner["x"], want_x(feeds))
 

@@ -283,11 +283,14 @@ def _scalar_tensors(items, constants) -> set[str]:
 
 def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
     """Each elementwise region that starts with a Cast of a (non-scalar) tensor and holds a
-    :data:`COSTLY` op, as one step: from the Cast, every later op of :data:`ELEMENTWISE` whose
-    inputs are the region's tensors or one-element tensors joins. The step runs where the region's
-    last op ran (its one-element inputs are ready there), provided nothing outside reads a region
-    tensor earlier; at run time it goes through a table when the Cast's input is an integer tensor
-    with few distinct values (:func:`_integer_region_item`), else it runs the ops one by one."""
+    :data:`COSTLY` op, as one step: from the Cast, every later op of :data:`ELEMENTWISE` that reads
+    a non-scalar tensor of the region and otherwise only region tensors or one-element tensors
+    joins, and so does a DynamicQuantizeLinear of a region tensor (its codes are elementwise once
+    its scale and zero point are known, and those depend only on the set of values present). The
+    step runs where the region's last op ran (its one-element inputs are ready there), provided
+    nothing outside reads a region tensor earlier; at run time it goes through a table when the
+    Cast's input is an integer tensor with few distinct values (:func:`_integer_region_item`),
+    else it runs the ops one by one."""
     scalars = _scalar_tensors(items, constants)
     readers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
@@ -301,13 +304,9 @@ def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
             continue
         members, tensors = [k], {it.outputs[0]}
         for j in range(k + 1, len(items)):
-            other = items[j]
-            if j in used or other.ctx.node.op_type not in ELEMENTWISE:
-                continue
-            ins = [t for t in other.inputs if t]
-            if ins and any(t in tensors for t in ins) and all(t in tensors or t in scalars for t in ins):
+            if j not in used and _joins_region(items[j], tensors, scalars):
                 members.append(j)
-                tensors.update(t for t in other.outputs if t)
+                tensors.update(t for t in items[j].outputs if t)
         if not any(items[m].ctx.node.op_type in COSTLY for m in members):
             continue
         inside, last = set(members), members[-1]
@@ -317,7 +316,7 @@ def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
             continue
         outer = sorted({t for m in members for t in items[m].inputs if t and t in scalars and t not in tensors})
         used.update(members)
-        fused_at[last] = _integer_region_item(items, members, it.inputs[0], outer, exits, call)
+        fused_at[last] = _integer_region_item(items, members, it.inputs[0], outer, exits, scalars, call)
     out = []
     for k, it in enumerate(items):
         if k in fused_at:
@@ -327,35 +326,45 @@ def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
     return out
 
 
-def _integer_region_item(items, members, root: str, outer: list[str], exits: list[str], call) -> Item:
+def _joins_region(item, tensors, scalars) -> bool:
+    """Whether ``item`` computes its outputs per element of the region's tensors (see
+    :func:`_fuse_integer_regions`)."""
+    op = item.ctx.node.op_type
+    ins = [t for t in item.inputs if t]
+    if op == "DynamicQuantizeLinear":
+        return bool(ins) and ins[0] in tensors and ins[0] not in scalars
+    return (op in ELEMENTWISE and any(t in tensors and t not in scalars for t in ins)
+            and all(t in tensors or t in scalars for t in ins))
+
+
+def _integer_region_item(items, members, root: str, outer: list[str], exits: list[str], scalars, call) -> Item:
     region = [items[m] for m in members]
 
-    def run_region(x, scalars):
-        values = dict(zip(outer, scalars))
+    def run_region(x, outer_values):
+        values = dict(zip(outer, outer_values))
         values[root] = x
         for it in region:
             values.update(zip(it.outputs, call(it.kernel, it.ctx, [values[t] if t else None for t in it.inputs])))
         return values
 
-    def step(ctx, n, *scalars):
-        table_inputs = (n.dtype.kind in "iu" and n.dtype.itemsize >= 2 and n.size >= _TABLE_MIN_SIZE
-                        and all(np.size(s) == 1 for s in scalars))
-        if table_inputs:
-            tables = _distinct_value_tables(n, lambda v: run_region(v, scalars), exits)
-            if tables is not None:
-                index, built = tables
-                return tuple(np.take(table, index).reshape((1,) * (ndim - n.ndim) + n.shape)
-                             for table, ndim in built)
-        values = run_region(n, scalars)
+    def step(ctx, n, *outer_values):
+        if (n.dtype.kind in "iu" and n.dtype.itemsize >= 2 and n.size >= _TABLE_MIN_SIZE
+                and all(np.size(v) == 1 for v in outer_values)):
+            done = _through_distinct_values(n, lambda v: run_region(v, outer_values), exits, scalars)
+            if done is not None:
+                return done
+        values = run_region(n, outer_values)
         return tuple(values[t] for t in exits)
 
     return Item(step, region[0].ctx, (root, *outer), tuple(exits))
 
 
-def _distinct_value_tables(n, evaluate, exits):
-    """(index of each element of ``n`` in its value span, [(table over the span, result ndim)]
-    per exit), with ``evaluate`` (the region) run on the distinct values of ``n`` only; None when
-    the span is too wide for its size, or the region does not map a 1-D array elementwise."""
+def _through_distinct_values(n, evaluate, exits, scalars):
+    """The region's exits with ``evaluate`` (the region) run on the distinct values of ``n`` only:
+    each per-element exit is a lookup of its table over n's value span, each one-element exit
+    (a DynamicQuantizeLinear's scale: min and max over the values present are those over the
+    tensor) is passed on. None when the span is too wide for n's size, or the region does not map
+    a 1-D array elementwise."""
     lo, hi = int(n.min()), int(n.max())
     span = hi - lo + 1
     if span > _SPAN_PER_ELEMENT * n.size:
@@ -366,12 +375,15 @@ def _distinct_value_tables(n, evaluate, exits):
     present = np.flatnonzero(seen)
     with np.errstate(all="ignore"):  # the direct run warns (or not) on the tensor itself
         values = evaluate((present + lo).astype(n.dtype))
-    built = []
+    out = []
     for t in exits:
         v = np.asarray(values[t])
+        if t in scalars:
+            out.append(values[t])
+            continue
         if v.size != present.size:
             return None
         table = np.empty(span, v.dtype)
         table[present] = v.reshape(-1)
-        built.append((table, max(v.ndim, n.ndim)))
-    return index, built
+        out.append(np.take(table, index).reshape((1,) * (v.ndim - n.ndim) + n.shape))
+    return tuple(out)
