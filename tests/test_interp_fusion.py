@@ -208,3 +208,37 @@ def test_integer_region_takes_float_and_small_inputs_through_its_ops():
             plan = compile_model(model_f)
         got, want = plan.run(feeds), _unfused(plan, feeds)
         assert np.array_equal(got["out"].view(np.uint32), want["out"].view(np.uint32))
+
+
+def hardswish_chain_model():
+    """Paddle2ONNX's HardSwish ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`` after a per-channel bias
+    Add, then a bound-less Clip (its kernel hands its input on) and a Relu."""
+    nodes = [helper.make_node("Add", ["x", "bias"], ["xb"]),
+             helper.make_node("Add", ["xb", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["xb", "c"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Clip", ["x"], ["x_same"]),
+             helper.make_node("Sub", ["x_same", "three"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"])]
+    return make_model(nodes, [("x", np.float32)], [("hs", np.float32), ("r", np.float32), ("xb", np.float32)],
+                      {"bias": np.linspace(-2, 2, 3, dtype=np.float32).reshape(1, 3, 1, 1),
+                       "three": np.float32(3), "zero": np.float32(0), "six": np.float32(6)})
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (4, 3, 2, 9)])
+def test_inplace_chains_give_the_unfused_values(shape):
+    model = hardswish_chain_model()
+    plan = compile_model(model)
+    x = (np.random.default_rng(8).standard_normal(shape) * 5).astype(np.float32)
+    x.reshape(-1)[:3] = [np.nan, 1e30, -0.0]
+    x_before = x.copy()
+    for _ in range(2):  # the second run replays the first one's in-place decisions
+        got = plan.run({"x": x}, ["hs", "r"])
+        assert _steps(plan) == 3  # the bias Add (two readers), the HardSwish chain, Clip+Sub+Relu
+        want = _unfused(plan, {"x": x}, ["hs", "r"])
+        for name, w in zip(("hs", "r", "xb"), ort_run(model, {"x": x})):
+            if name in got:
+                assert np.array_equal(got[name].view(np.uint32), want[name].view(np.uint32))
+                assert np.array_equal(got[name].view(np.uint32), w.view(np.uint32))
+        assert np.array_equal(x.view(np.uint32), x_before.view(np.uint32))  # the input is never written

@@ -23,6 +23,10 @@ Elementwise region of an integer tensor (a dynamically quantized model's conv ep
 ``Cast(n)`` (n integer, at least 16-bit) and one-element tensors is ``f(n)``; when the values
 present in n are few next to its size, the region's ops run once per distinct value, by their
 own kernels, and each tensor it hands on is a lookup (:func:`_fuse_integer_regions`).
+
+Float chain (an exported HardSwish ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)``, a bias Add and
+its Relu): each op after the first writes into the buffer the previous one allocated, the same
+ufunc on the same operands in the same order (:func:`_fuse_inplace_chains`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> l
     ``constants``: the plan's constant tensors (no feed overrides them)."""
     items = _fuse_code_regions(items, wanted, call, constants)
     items = _fuse_integer_regions(items, wanted, call, constants)
+    items = _fuse_inplace_chains(items, wanted, call, constants)
     consumers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
         for t in it.inputs:
@@ -387,3 +392,117 @@ def _through_distinct_values(n, evaluate, exits, scalars):
         table[present] = v.reshape(-1)
         out.append(np.take(table, index).reshape((1,) * (v.ndim - n.ndim) + n.shape))
     return tuple(out)
+
+
+#: Ops a float chain can apply in place: the kernel is one NumPy ufunc per bound (Clip, Relu) or
+#: on its two operands (arithmetic), whose ``out=`` form gives the same values.
+INPLACE = {"Add", "Sub", "Mul", "Div", "Clip", "Relu"}
+_BINARY_UFUNCS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+def _fuse_inplace_chains(items, wanted, call, constants) -> list[Item]:
+    """Each chain of :data:`INPLACE` ops in which every op after the first reads the previous op's
+    output (its only reader, not requested) and otherwise only the first op's one non-constant
+    input or plan constants, as one step where its last op ran (:func:`_inplace_chain_item`)."""
+    readers: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        for t in it.inputs:
+            if t:
+                readers.setdefault(t, []).append(k)
+    used: set[int] = set()
+    fused_at: dict[int, Item] = {}
+    for k, it in enumerate(items):
+        if k in used or it.ctx.node.op_type not in INPLACE:
+            continue
+        live = [t for t in it.inputs if t and t not in constants]
+        if len(live) != 1 or len(it.outputs) != 1:
+            continue
+        root, members, current = live[0], [k], it.outputs[0]
+        while current not in wanted and len(readers.get(current, ())) == 1:
+            j = readers[current][0]
+            nxt = items[j]
+            if (j in used or nxt.ctx.node.op_type not in INPLACE or len(nxt.outputs) != 1
+                    or not all(not t or t in (current, root) or t in constants for t in nxt.inputs)):
+                break
+            members.append(j)
+            current = nxt.outputs[0]
+        if len(members) < 2:
+            continue
+        used.update(members)
+        fused_at[members[-1]] = _inplace_chain_item(items, members, root, constants, call)
+    out = []
+    for k, it in enumerate(items):
+        if k in fused_at:
+            out.append(fused_at[k])
+        elif k not in used:
+            out.append(it)
+    return out
+
+
+def _inplace_chain_item(items, members, root: str, constants, call) -> Item:
+    chain = [items[m] for m in members]
+    outer = tuple(dict.fromkeys(t for it in chain for t in it.inputs if t and (t == root or t in constants)))
+    positions = [[None if not t else outer.index(t) if t in outer else -1 for t in it.inputs] for it in chain]
+    decided: dict = {}  # input shape and type -> which ops ran in place (checked on the first run)
+    at_root = outer.index(root)
+
+    def step(ctx, *args):
+        x = args[at_root]
+        key = (x.shape, x.dtype.num)  # the other inputs are plan constants
+        plan = decided.get(key)
+        buf, owned, done = None, False, []
+        for k, (it, pos) in enumerate(zip(chain, positions)):
+            ins = [None if p is None else buf if p < 0 else args[p] for p in pos]
+            if plan is not None:  # the same shapes and types as the checked run: its decisions hold
+                inplace = plan[k]
+                if inplace:
+                    _apply_inplace(it, ins, buf, check=False)
+            else:
+                inplace = owned and _apply_inplace(it, ins, buf, check=True)
+            if not inplace:
+                buf = call(it.kernel, it.ctx, ins)[0]
+                owned = (isinstance(buf, np.ndarray) and buf.dtype.kind == "f" and buf.flags.writeable
+                         and not any(np.may_share_memory(buf, a) for a in args))
+            done.append(inplace)
+        if plan is None:
+            decided[key] = done
+        return buf
+
+    return Item(step, chain[0].ctx, outer, (chain[-1].outputs[0],))
+
+
+def _apply_inplace(item, ins, buf, check: bool) -> bool:
+    """Apply ``item`` (whose chain input is ``buf``) into ``buf`` with the ufunc and dtype its
+    kernel uses. With ``check``: False (nothing done) when the result would not have buf's shape
+    and dtype; without, the caller knows it has (same shapes and types as a checked run)."""
+    op = item.ctx.node.op_type
+    if op in _BINARY_UFUNCS:
+        if check:
+            if len(ins) != 2 or any(a is None for a in ins):
+                return False
+            a, b = ins
+            # both of buf's type: the kernels' dtype (result_type, or A's for Div) is then buf's
+            if not (a.dtype == b.dtype == buf.dtype and _broadcasts_to(a.shape, buf.shape)
+                    and _broadcasts_to(b.shape, buf.shape)):
+                return False
+        _BINARY_UFUNCS[op](ins[0], ins[1], out=buf, dtype=buf.dtype)
+        return True
+    if check and ins[0] is not buf:
+        return False
+    if op == "Relu":
+        np.maximum(buf, np.zeros((), buf.dtype), out=buf)
+        return True
+    lo, hi = (item.ctx.attr("min"), item.ctx.attr("max")) if item.ctx.opset < 11 else (list(ins[1:]) + [None, None])[:2]
+    lo, hi = (None if v is None else np.asarray(v, dtype=buf.dtype) for v in (lo, hi))
+    if check and not all(v is None or _broadcasts_to(v.shape, buf.shape) for v in (lo, hi)):
+        return False
+    if lo is not None:
+        np.maximum(buf, lo, out=buf)
+    if hi is not None:
+        np.minimum(buf, hi, out=buf)
+    return True
+
+
+def _broadcasts_to(shape, target) -> bool:
+    """Whether an operand of ``shape`` broadcasts to ``target`` without growing it."""
+    return len(shape) <= len(target) and all(d == 1 or d == t for d, t in zip(shape[::-1], target[::-1]))
