@@ -805,6 +805,8 @@ def test_global_average_pool_lanes_are_sequential_sums(shape):
     want = (total / F32(n)).reshape(shape[:2] + (1, 1))
     got = global_average_pool(None, x)
     assert got.dtype == F32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    strided = np.repeat(x, 2, axis=1)[:, ::2]  # a non-contiguous view of the same values
+    assert np.array_equal(global_average_pool(None, strided).view(np.uint32), want.view(np.uint32))
 
 
 @pytest.mark.parametrize("shape", [(1, 200, 2, 96), (3, 24, 5, 7), (2, 8, 40, 40), (2, 6, 5)])
