@@ -403,7 +403,8 @@ _BINARY_UFUNCS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": 
 def _fuse_inplace_chains(items, wanted, call, constants) -> list[Item]:
     """Each chain of :data:`INPLACE` ops in which every op after the first reads the previous op's
     output (its only reader, not requested) and otherwise only the first op's one non-constant
-    input or plan constants, as one step where its last op ran (:func:`_inplace_chain_item`)."""
+    input or plan constants (all of them floats), as one step where its last op ran
+    (:func:`_inplace_chain_item`)."""
     readers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
         for t in it.inputs:
@@ -426,7 +427,11 @@ def _fuse_inplace_chains(items, wanted, call, constants) -> list[Item]:
                 break
             members.append(j)
             current = nxt.outputs[0]
-        if len(members) < 2:
+        kinds = {constants[t].dtype.kind for m in members for t in items[m].inputs if t in constants}
+        if len(members) < 2 or kinds != {"f"}:
+            # float constants mark a float chain; an integer chain (a requantization's Mul, Add,
+            # Div, Clip) never runs in place and is faster as separate steps, which free its
+            # input as soon as it is read
             continue
         used.update(members)
         fused_at[members[-1]] = _inplace_chain_item(items, members, root, constants, call)
@@ -461,8 +466,8 @@ def _inplace_chain_item(items, members, root: str, constants, call) -> Item:
                 inplace = owned and _apply_inplace(it, ins, buf, check=True)
             if not inplace:
                 buf = call(it.kernel, it.ctx, ins)[0]
-                owned = (isinstance(buf, np.ndarray) and buf.dtype.kind == "f" and buf.flags.writeable
-                         and not any(np.may_share_memory(buf, a) for a in args))
+                owned = plan is None and (isinstance(buf, np.ndarray) and buf.dtype.kind == "f"
+                                          and buf.flags.writeable and not any(np.may_share_memory(buf, a) for a in args))
             done.append(inplace)
         if plan is None:
             decided[key] = done
