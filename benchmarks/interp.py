@@ -42,7 +42,10 @@ per-pair ratios of wall time and of CPU time (ms columns: wall medians). Measure
 before = commit 8ca5a6d, both run by this same script at the same time (one process each), so a
 load change hits both. With several runnable processes per core, a run of a few ms is often
 descheduled mid-way, so wall ratios of the small models swing widely (ppocr_cls float: 14.5x
-wall, 4.6x CPU); the CPU ratio is the one to read.
+wall, 4.6x CPU); the CPU ratio is the one to read. Rows marked * were re-measured on 2026-11-29
+for issue 13 point 4 (after = commit 8f08402, before = commit 3929257, the two run alternately by
+this script, three pairs at --repeats 9, the medians of their ratios; ms columns: the middle pair;
+load average 3-4, ORT ~2x slower in wall time than in the rows above).
 
     model            form     nodes   b1 ORT  interp  wall   cpu  before w/c   b8 ORT  interp  wall   cpu  before w/c
     nudenet_320n     float      323     52.3   206.4  3.8x  3.7x   3.9x/3.9x    485.9  1544.7  3.1x  3.2x   3.4x/3.3x
@@ -57,7 +60,7 @@ wall, 4.6x CPU); the CPU ratio is the one to read.
     ddddocr_ocr      qdq        205    129.7   178.8  1.4x  1.5x   3.1x/3.1x   1034.6  1449.4  1.4x  1.4x   3.1x/3.2x
     ddddocr_ocr      qlinear    146     60.4   171.9  2.9x  2.9x   3.0x/3.0x    470.0  1382.3  2.9x  2.9x   3.2x/3.1x
     ddddocr_ocr      integer    327     55.5   137.9  2.5x  2.6x   2.7x/2.6x    425.4  1118.2  2.6x  2.6x   2.7x/2.7x
-    ddddocr_ocr_old  float      292     16.8   158.2  9.4x  8.8x   9.5x/9.4x    121.5  1228.3 10.2x  9.8x 10.3x/10.0x
+  * ddddocr_ocr_old  float      292     16.7   124.0  7.6x  7.5x   8.1x/8.0x    120.2  1009.6  8.7x  8.7x   9.2x/9.4x
     ddddocr_ocr_old  qdq        191     94.7   113.7  1.2x  1.2x   2.5x/2.5x    749.8   918.8  1.2x  1.2x   2.5x/2.6x
     ddddocr_ocr_old  qlinear    131     40.3   112.8  2.8x  2.8x   3.0x/3.0x    313.6   915.1  2.9x  2.8x   3.1x/3.1x
     ddddocr_ocr_old  integer    312     56.0   140.2  2.5x  2.6x   2.7x/2.6x    440.6  1146.8  2.6x  2.6x   2.6x/2.6x
@@ -85,7 +88,7 @@ wall, 4.6x CPU); the CPU ratio is the one to read.
     ppocr_det        qdq        657    242.0   487.1  2.1x  2.1x   3.5x/3.4x   2596.3  4181.0  1.9x  1.7x   2.8x/2.9x
     ppocr_det        qlinear    411     72.9   387.0  5.3x  5.3x   7.7x/6.5x    695.4  3428.7  4.6x  4.6x   6.5x/5.6x
     ppocr_det        integer   1120    493.1   923.8  1.8x  1.8x   1.9x/1.9x   5270.9 11804.7  2.2x  2.2x   2.0x/2.0x
-    ppocr_cls        float      566      1.6    23.2 14.5x  4.6x   8.8x/5.9x     30.7   146.4  4.7x  4.4x   4.1x/4.7x
+  * ppocr_cls        float      566      1.3     9.3  7.4x  4.1x   8.4x/4.9x     17.2    56.1  3.2x  3.0x   3.6x/3.6x
     ppocr_cls        qdq        510     11.4    29.1  2.5x  3.4x   7.6x/5.3x     59.0   147.7  2.6x  2.6x   3.5x/3.4x
     ppocr_cls        qlinear    300      6.1    24.6  3.6x  4.2x   2.3x/4.6x     25.6   126.3  5.1x  4.3x   4.5x/4.6x
     ppocr_cls        integer    909     17.5    32.9  2.0x  2.5x   2.3x/2.3x    117.8   253.7  2.1x  2.2x   2.1x/2.1x
@@ -108,12 +111,32 @@ the same operations in the same order, or, for the float convs, another order of
   a block of channels at a time; a stride-1 conv with no more output than input channels is one
   GEMM per tap on strided views, no im2col copy (the DB heads' 96→24 3x3 convs 1.8x faster);
 - MLAS Erf runs each element through its own branch only; LayerNormalization scales in place.
+Issue 13 point 4 (2026-11-29, commits 74b693c..8f08402), bit-identical in the same sense:
+- an elementwise region that starts with a Cast of an integer tensor and holds a costly op (a
+  dynamically quantized conv's ``Cast(acc + bias) · scale → Sigmoid → Mul``) and the
+  DynamicQuantizeLinear after it run once per distinct value of the integer tensor (20-67K
+  distinct values in 20-246K elements on ddddocr_ocr_old), each output a lookup: the 11 SiLU
+  epilogues and their quantizations ~18 ms → ~13 ms CPU;
+- GlobalAveragePool moves each quadruple of MLAS lanes as one 16-byte item into a (n/4, 4·C)
+  copy and sums its rows in order (3-6x faster, the same sequential lane sums);
+  BatchNormalization on short planes uses per-element copies of its channel constants (one
+  contiguous loop per pass, ~2x); a float depthwise conv gathers its row blocks as byte items
+  (a third faster); chains of float Add/Sub/Mul/Div/Clip/Relu (an exported HardSwish, a bias Add
+  and its Relu) run as one step writing in place (1.5x on a batch-8 HardSwish, same at batch 1);
+- tried and dropped (measured no faster or not exact): Sigmoid and Tanh of the LSTM gates in one
+  call with per-position coefficients, FMA steps on mixed float32/float64 operands, im2col for
+  ConvInteger with no more output than input channels, and int16/int8 ``einsum`` GEMVs for the
+  LSTM (half or a third of the float32 time, but they wrap: not exact).
 What is left above 5x:
-- ddddocr_ocr_old float (dynamically quantized CRNN, 8.8-9.8x): ORT runs ConvInteger, MatMulInteger
-  and the DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs at
-  BLAS speed (ConvInteger ~13 ms CPU, the 1024x8210 MatMulInteger ~9 ms, the LSTM's 40 step GEMVs
-  ~12 ms streaming 8 MB of float32 weights each), already ~4.5x ORT's whole 7-8 ms, before 11 MLAS
-  Sigmoids on float inputs (~16 ms) and the LSTM's per-step quantization and gate passes.
+- ddddocr_ocr_old float (dynamically quantized CRNN, 7.5x at batch 1, 8.7x at batch 8, where ORT
+  runs from warm caches 8 times): ORT runs ConvInteger, MatMulInteger and the
+  DynamicQuantizeLSTM's GEMMs on AMX/VNNI int8; here they are exact float32 BLAS GEMMs at BLAS
+  speed (CPU ms of one batch-1 run: ConvInteger ~14.5, of which ~8.5 GEMM at ~150 GFLOP/s; the
+  1024x8210 MatMulInteger ~8.5, BLAS packing 33 MB of float32 B; the LSTM ~25, of which its 40
+  step GEMVs ~12, streaming 8 MB of float32 weights from L3 each step), ~4x ORT's whole 7-8 ms
+  before anything else: the SiLU regions (~13: MLAS logistic at ~9 ns per distinct value) and
+  the LSTM's per-step quantization and gates (~9). NumPy has no int8 or bf16 GEMM, and this
+  OpenBLAS build exports no sbgemm, so 5x needs a compiled kernel, not more NumPy.
 - ppocr_det qlinear at batch 1 (5.3x here; 4.6x in a run of its own at load 2): its
   QLinearConvs are float32 GEMMs and NumPy passes against ORT's VNNI int8 kernels; the other
   qlinear conv nets (nudenet, ddddocr_det, db, svtr, ppocr_rec) sit at 4.0-4.9x for the same

@@ -388,6 +388,29 @@ def test_depthwise_equals_grouped_gemm(monkeypatch, toeplitz_max_k, tiled_min_ta
         assert dw.shape == gemm.shape and np.array_equal(dw, gemm)
 
 
+@pytest.mark.parametrize("chunk", [256, 2000])  # one image per chunk; two, the last chunk partial
+@pytest.mark.parametrize("tiled_min_taps", [10 ** 9, 1])
+def test_float_depthwise_toeplitz_gathers_rows_exactly(monkeypatch, tiled_min_taps, chunk):
+    """Float depthwise convs (no zero-point shift) gather their row blocks as byte items: the same
+    blocks as the element copy, so the same sums as the grouped GEMM on exact integer values, also
+    unpadded (the input itself is read) and on a non-contiguous input."""
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_MAX_K", 0 if tiled_min_taps == 1 else 128)
+    monkeypatch.setattr(ops_nn, "_TILED_MIN_TAPS", tiled_min_taps)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_TILE", 3)
+    monkeypatch.setattr(ops_nn, "_TOEPLITZ_CHUNK", chunk)
+    rng = np.random.default_rng(12)
+    for (n, c, h, w), (kh, kw), s, pads, strided in [((3, 5, 8, 8), (3, 3), (2, 1), [0, 1, 2, 0], False),
+                                                     ((2, 4, 6, 9), (3, 3), (1, 1), [0, 0, 0, 0], False),
+                                                     ((2, 4, 6, 9), (3, 2), (1, 2), [0, 0, 0, 0], True)]:
+        x = rng.integers(-50, 50, (n, 2 * c if strided else c, h, w)).astype(np.float64)
+        x = x[:, ::2] if strided else x
+        wt = rng.integers(-127, 128, (c, 1, kh, kw)).astype(np.float64)
+        args = (wt.shape, c, list(s), [1, 1], pads)
+        dw = ops_nn.conv_core(x, ops_nn.conv_weights(wt, c, np.float64), *args, dtype=np.float64)
+        gemm = ops_nn.conv_core(x, np.ascontiguousarray(wt.reshape(c, 1, -1)), *args, dtype=np.float64)
+        assert dw.shape == gemm.shape and np.array_equal(dw, gemm)
+
+
 def test_compiled_plan_reuse_and_overridden_initializer():
     """A plan gives the same answers run after run, for any batch size and output list, and a
     feed that overrides an initializer is honoured (nothing memoized from the old value)."""

@@ -143,3 +143,102 @@ def test_pair_lookup_is_the_single_lookup(dtype):
     got = lookup_pairs(pair_table(single), x, single.dtype)
     assert got.dtype == single.dtype and np.array_equal(got, single[x.view(np.uint8)])
     assert np.array_equal(code_values(np.int8).view(np.uint8), np.arange(256))
+
+
+def swish_epilogue_model():
+    """A dynamically quantized conv's float epilogue (ddddocr's CRNN): the int32 accumulator plus
+    bias, cast, scaled by the product of a DynamicQuantizeLinear scale and the weight scale, then
+    SiLU ``x · Sigmoid(x)``, dynamically quantized for the next conv; the SiLU output also feeds a
+    residual Add (outside the region)."""
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["f"], ["fq", "fs", "fz"]),
+             helper.make_node("Mul", ["fs", "ws"], ["scale"]),
+             helper.make_node("Add", ["acc", "bias"], ["n"]),
+             helper.make_node("Cast", ["n"], ["nf"], to=1),
+             helper.make_node("Mul", ["nf", "scale"], ["x"]),
+             helper.make_node("Sigmoid", ["x"], ["sig"]),
+             helper.make_node("Mul", ["x", "sig"], ["y"]),
+             helper.make_node("DynamicQuantizeLinear", ["y"], ["yq", "ys", "yz"]),
+             helper.make_node("Mul", ["ys", "ws"], ["next_scale"]),  # reads only scalars: stays outside
+             helper.make_node("Add", ["y", "r"], ["out"])]
+    return make_model(nodes, [("acc", np.int32), ("f", np.float32), ("r", np.float32)],
+                      [("out", np.float32), ("fq", np.uint8), ("yq", np.uint8), ("yz", np.uint8),
+                       ("next_scale", np.float32)],
+                      {"ws": np.array(0.0123, np.float32), "bias": np.array([-40, 7, 1000], np.int32).reshape(1, 3, 1, 1)})
+
+
+@pytest.mark.parametrize("span", [2000, 40, 10 ** 6])  # a wide span runs the ops on the tensor itself
+def test_integer_region_runs_its_ops_once_per_distinct_value(span):
+    model = swish_epilogue_model()
+    plan = compile_model(model)
+    rng = np.random.default_rng(5)
+    feeds = {"acc": rng.integers(-span // 2, span // 2, (2, 3, 40, 41)).astype(np.int32),
+             "f": rng.normal(size=(7,)).astype(np.float32) * 40,
+             "r": rng.normal(size=(2, 3, 40, 41)).astype(np.float32)}
+    got = plan.run(feeds)
+    assert _steps(plan) == 6  # DQL, Mul, Add, the region (Cast, Mul, Sigmoid, Mul, DQL), Mul, Add
+    want = _unfused(plan, feeds)
+    for name, w in zip(("out", "fq", "yq", "yz", "next_scale"), ort_run(model, feeds)):
+        assert got[name].dtype == want[name].dtype == w.dtype and got[name].shape == w.shape
+        bits = [a.reshape(-1).view(np.uint8) for a in (got[name], want[name], w)]
+        assert np.array_equal(bits[0], bits[1]) and np.array_equal(bits[0], bits[2])
+    inner = plan.run(feeds, ["out", "x"])  # a requested region tensor is handed on too
+    assert np.array_equal(inner["out"], got["out"]) and np.array_equal(inner["x"], want_x(feeds))
+
+
+def want_x(feeds):
+    from qgraph.interp.ops_quant import dynamic_quantize_linear
+    _, fs, _ = dynamic_quantize_linear(None, feeds["f"])
+    n = feeds["acc"] + np.array([-40, 7, 1000], np.int32).reshape(1, 3, 1, 1)
+    return n.astype(np.float32) * (fs * np.float32(0.0123))
+
+
+def test_integer_region_takes_float_and_small_inputs_through_its_ops():
+    """A float input (the Cast is then float to float) and a tensor below the table size run the
+    region's own kernels, with the same numbers."""
+    model = swish_epilogue_model()
+    plan = compile_model(model)
+    rng = np.random.default_rng(6)
+    for acc in (rng.integers(-50, 50, (1, 3, 4, 5)).astype(np.int32), rng.normal(size=(1, 3, 40, 41)).astype(np.float32)):
+        feeds = {"acc": acc, "f": np.array([1.5, -2], np.float32), "r": np.ones(acc.shape, np.float32)}
+        if acc.dtype == np.float32:
+            model_f = swish_epilogue_model()
+            model_f.graph.input[0].type.tensor_type.elem_type = 1
+            model_f.graph.node[2].input[1] = "bias_f"
+            model_f.graph.initializer.append(helper.make_tensor("bias_f", 1, [1, 3, 1, 1], [-40.0, 7.0, 1000.0]))
+            plan = compile_model(model_f)
+        got, want = plan.run(feeds), _unfused(plan, feeds)
+        assert np.array_equal(got["out"].view(np.uint32), want["out"].view(np.uint32))
+
+
+def hardswish_chain_model():
+    """Paddle2ONNX's HardSwish ``Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6)`` after a per-channel bias
+    Add, then a bound-less Clip (its kernel hands its input on) and a Relu."""
+    nodes = [helper.make_node("Add", ["x", "bias"], ["xb"]),
+             helper.make_node("Add", ["xb", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["xb", "c"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["hs"]),
+             helper.make_node("Clip", ["x"], ["x_same"]),
+             helper.make_node("Sub", ["x_same", "three"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"])]
+    return make_model(nodes, [("x", np.float32)], [("hs", np.float32), ("r", np.float32), ("xb", np.float32)],
+                      {"bias": np.linspace(-2, 2, 3, dtype=np.float32).reshape(1, 3, 1, 1),
+                       "three": np.float32(3), "zero": np.float32(0), "six": np.float32(6)})
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (4, 3, 2, 9)])
+def test_inplace_chains_give_the_unfused_values(shape):
+    model = hardswish_chain_model()
+    plan = compile_model(model)
+    x = (np.random.default_rng(8).standard_normal(shape) * 5).astype(np.float32)
+    x.reshape(-1)[:3] = [np.nan, 1e30, -0.0]
+    x_before = x.copy()
+    for _ in range(2):  # the second run replays the first one's in-place decisions
+        got = plan.run({"x": x}, ["hs", "r"])
+        assert _steps(plan) == 3  # the bias Add (two readers), the HardSwish chain, Clip+Sub+Relu
+        want = _unfused(plan, {"x": x}, ["hs", "r"])
+        for name, w in zip(("hs", "r", "xb"), ort_run(model, {"x": x})):
+            if name in got:
+                assert np.array_equal(got[name].view(np.uint32), want[name].view(np.uint32))
+                assert np.array_equal(got[name].view(np.uint32), w.view(np.uint32))
+        assert np.array_equal(x.view(np.uint32), x_before.view(np.uint32))  # the input is never written

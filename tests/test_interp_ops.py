@@ -785,3 +785,48 @@ def test_global_average_pool_tolerance_covers_a_sequential_float32_sum():
     tol = tolerance_for("GlobalAveragePool").for_terms(n)
     assert tol.range_ulp == n
     assert np.all(np.abs(sequential - exact) <= tol.allowed(sequential))
+
+
+@pytest.mark.parametrize("shape", [(1, 200, 2, 96), (3, 88, 3, 96), (2, 7, 1, 9), (1, 1, 4, 4), (4, 3, 1, 2)])
+def test_global_average_pool_lanes_are_sequential_sums(shape):
+    """The lanes (element i goes to lane i mod 4) are summed strictly in order: the result equals a
+    sequential float32 accumulate per lane, on the shapes of ppocr_cls's SE blocks and on odd tails."""
+    from qgraph.interp.ops_nn import global_average_pool
+    x = (np.random.default_rng(7).standard_normal(shape) * 5 + 2).astype(F32)
+    n = int(np.prod(shape[2:]))
+    flat, body = x.reshape(-1, n), n // 4 * 4
+    if body:
+        lanes = np.add.accumulate(flat[:, :body].reshape(flat.shape[0], body // 4, 4), axis=1)[:, -1, :]
+        total = (lanes[:, 0] + lanes[:, 2]) + (lanes[:, 1] + lanes[:, 3])
+    else:
+        total = np.zeros(flat.shape[0], F32)
+    for i in range(body, n):
+        total = total + flat[:, i]
+    want = (total / F32(n)).reshape(shape[:2] + (1, 1))
+    got = global_average_pool(None, x)
+    assert got.dtype == F32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    strided = np.repeat(x, 2, axis=1)[:, ::2]  # a non-contiguous view of the same values
+    assert np.array_equal(global_average_pool(None, strided).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("shape", [(1, 200, 2, 96), (3, 24, 5, 7), (2, 8, 40, 40), (2, 6, 5)])
+def test_batch_normalization_short_planes_match_the_broadcast_form(shape):
+    """Short planes run on per-element copies of the channel constants: bit for bit the broadcast
+    ``(x - mean) · inv + bias`` in float32, run twice through a compiled plan (memoized constants),
+    and within BatchNormalization's bound of ORT."""
+    from qgraph.interp import compile_model
+    rng = np.random.default_rng(3)
+    c = shape[1]
+    inits = {"g": rng.normal(size=c).astype(F32), "b": rng.normal(size=c).astype(F32),
+             "m": rng.normal(size=c).astype(F32), "v": rng.uniform(0.5, 2, size=c).astype(F32)}
+    x = (rng.standard_normal(shape) * 4).astype(F32)
+    model = make([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], epsilon=1e-5)],
+                 {"x": x}, inits)
+    cshape = (1, c) + (1,) * (len(shape) - 2)
+    inv = (inits["g"].astype(np.float64) / np.sqrt(inits["v"].astype(np.float64) + 1e-5)).astype(F32)
+    want = (x - inits["m"].reshape(cshape)) * inv.reshape(cshape) + inits["b"].reshape(cshape)
+    plan = compile_model(model)
+    for _ in range(2):
+        got = plan.run({"x": x})["y"]
+        assert got.shape == shape and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert_matches_ort(model, {"x": x})
