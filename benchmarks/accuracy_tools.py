@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/accuracy_tools.py [--parts repair,zoo,scale] [--models ...]
                                                   [--zoo-model svtr_recognizer] [--calib-images 16] [--images 8]
-                                                  [--cost bytes|bitops] [--scale-images 64]
+                                                  [--cost bytes|model_bytes|bitops] [--weight-rounding gptq]
+                                                  [--no-float] [--scale-images 64]
 
 Three parts, each against its goal from issue 14:
 
@@ -166,7 +167,8 @@ def _cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str = "bytes") -> None:
+def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str = "bytes",
+             weight_rounding: str = "nearest", allow_float: bool = True) -> None:
     import zoo_models as zoo
     from qgraph.model_io import load_model
     # a wheel model at opset 17, as qgraph users load it; a builder's model as the zoo tests build it
@@ -189,7 +191,8 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
     model = QModel.from_onnx(int8)
     start = time.perf_counter()
     mp = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.999, "workers": workers,
-                                                   "cost": cost},
+                                             "cost": cost, "weight_rounding": weight_rounding,
+                                             "allow_float": allow_float},
                   PassContext(data=calib, batch_size=1))
     mixed = model.to_onnx()
     share = mp["weight_bytes_8bit_or_less"] / mp["weight_bytes"]
@@ -250,6 +253,8 @@ def main() -> None:
     parser.add_argument("--scale-images", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cost", default="bytes", help="mixed_precision's cost in the zoo part")
+    parser.add_argument("--weight-rounding", default="nearest", help="mixed_precision's weight_rounding (zoo part)")
+    parser.add_argument("--no-float", action="store_true", help="mixed_precision without float layers (zoo part)")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/qgraph-bench"))
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -258,7 +263,8 @@ def main() -> None:
     if "repair" in parts:
         part_repair(args.models.split(","), workdir)
     if "zoo" in parts:
-        part_zoo(args.zoo_model, args.calib_images, args.images, args.workers, args.cost)
+        part_zoo(args.zoo_model, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
+                 not args.no_float)
     if "scale" in parts:
         part_scale(args.scale_images)
 
