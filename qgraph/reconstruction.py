@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from qgraph import quant
-from qgraph.annotations import QuantizerRecord
+from qgraph.annotations import QuantizerRecord, require_quantizers
 from qgraph.errors import PassError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, layer_waves, skip
@@ -136,6 +136,21 @@ def find_layers(model: QModel, records: dict[str, QuantizerRecord]) -> tuple[lis
         except Declined as exc:
             skipped.append(skip(node, exc.reason))
     return layers, skipped
+
+
+def round_weights(model: QModel, ctx, name: str, choose: Callable[[Layer], np.ndarray], max_samples: int,
+                  detail: str = "") -> dict:
+    """A rounding pass `name`: every quantized constant weight of a Conv/Gemm/MatMul given the codes
+    `choose(layer)` returns where they reconstruct better than round-to-nearest; the pass report."""
+    records = require_quantizers(model, name)
+    ctx.require_data(name)
+    layers, skipped = find_layers(model, records)
+    if not layers:
+        return {"changed": 0, "summary": "no layer with a quantized constant weight", "skipped": skipped,
+                "warnings": []}
+    changed, gains, waves = round_in_waves(model, ctx, layers, choose, max_samples, name)
+    summary = f"{changed} of {len(layers)} weights re-rounded in {waves} waves{detail}"
+    return {"changed": changed, "summary": summary, "layers": gains, "skipped": skipped, "warnings": []}
 
 
 def round_in_waves(model: QModel, ctx, layers: list[Layer], choose: Callable[[Layer], np.ndarray],

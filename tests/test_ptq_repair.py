@@ -96,31 +96,41 @@ def test_bias_correction_that_would_move_the_outputs_away_from_float_is_reverted
     assert not np.array_equal(run_model(kept.to_onnx(), val)["logits"], run_model(w4["resnet"], val)["logits"])
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
-def test_adaround_keeps_weights_on_grid_and_beats_nearest_on_held_out_outputs(name, w4, digits):
-    calib, val = digits
-    model = QModel.from_onnx(w4[name])
-    report = run_pass(model, "adaround", {"iterations": 200}, PassContext(data=calib))
-    assert report["changed"] >= 8 and all(g["gain"] >= 0 for g in report["layers"])
-    proto = model.to_onnx()
+def _rounded_codes(proto: onnx.ModelProto, original: onnx.ModelProto) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(codes now, round-to-nearest codes of the original weight) per quantized weight of `proto`,
+    after checking that the weight lies on its grid (Q/DQ keeps it) and inside the grid's range."""
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    old = {i.name: onnx.numpy_helper.to_array(i) for i in w4[name].graph.initializer}
-    moved = 0
+    old = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
+    pairs = []
     for record in read_quantizers(proto).values():
         if record.kind != "weight":
             continue
         w, s = inits[record.tensor], inits[record.scale]
         s = s.reshape((-1,) + (1,) * (w.ndim - 1)) if record.axis == 0 else s
         codes = w / s
-        assert np.allclose(codes, np.rint(codes), atol=1e-3)          # on the grid: Q/DQ keeps them
-        nearest = np.clip(np.rint(old[record.tensor] / s), record.qmin, record.qmax)
-        assert np.abs(np.rint(codes) - nearest).max() <= 1             # up or down, never further
-        moved += int((np.rint(codes) != nearest).sum())
-    assert moved > 0
-    reference = _float_logits(w4[name], val)
-    before = snr_db(reference, run_model(w4[name], val)["logits"])
-    after = snr_db(reference, run_model(proto, val)["logits"])
-    assert after > before + 1.0, (before, after)
+        assert np.allclose(codes, np.rint(codes), atol=1e-3)
+        assert codes.min() >= record.qmin - 1e-3 and codes.max() <= record.qmax + 1e-3
+        pairs.append((np.rint(codes), np.clip(np.rint(old[record.tensor] / s), record.qmin, record.qmax)))
+    return pairs
+
+
+def _repairs_held_out_outputs(original: onnx.ModelProto, repaired: onnx.ModelProto, val, margin_db: float) -> None:
+    reference = _float_logits(original, val)
+    before = snr_db(reference, run_model(original, val)["logits"])
+    after = snr_db(reference, run_model(repaired, val)["logits"])
+    assert after > before + margin_db, (before, after)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_adaround_keeps_weights_on_grid_and_beats_nearest_on_held_out_outputs(name, w4, digits):
+    calib, val = digits
+    model = QModel.from_onnx(w4[name])
+    report = run_pass(model, "adaround", {"iterations": 200}, PassContext(data=calib))
+    assert report["changed"] >= 8 and all(g["gain"] >= 0 for g in report["layers"])
+    pairs = _rounded_codes(model.to_onnx(), w4[name])
+    assert all(np.abs(codes - nearest).max() <= 1 for codes, nearest in pairs)       # up or down, never further
+    assert sum(int((codes != nearest).sum()) for codes, nearest in pairs) > 0
+    _repairs_held_out_outputs(w4[name], model.to_onnx(), val, 1.0)
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
@@ -129,25 +139,10 @@ def test_gptq_keeps_weights_on_grid_and_beats_nearest_on_held_out_outputs(name, 
     model = QModel.from_onnx(w4[name])
     report = run_pass(model, "gptq", {}, PassContext(data=calib))
     assert report["changed"] >= 8 and all(g["gain"] >= 0 for g in report["layers"])
-    proto = model.to_onnx()
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
-    old = {i.name: onnx.numpy_helper.to_array(i) for i in w4[name].graph.initializer}
-    farther = 0
-    for record in read_quantizers(proto).values():
-        if record.kind != "weight":
-            continue
-        w, s = inits[record.tensor], inits[record.scale]
-        s = s.reshape((-1,) + (1,) * (w.ndim - 1)) if record.axis == 0 else s
-        codes = w / s
-        assert np.allclose(codes, np.rint(codes), atol=1e-3)          # on the grid: Q/DQ keeps them
-        assert codes.min() >= record.qmin - 1e-3 and codes.max() <= record.qmax + 1e-3
-        nearest = np.clip(np.rint(old[record.tensor] / s), record.qmin, record.qmax)
-        farther += int((np.abs(np.rint(codes) - nearest) > 1).sum())
-    assert farther > 0            # compensation moves weights by more than AdaRound's up-or-down
-    reference = _float_logits(w4[name], val)
-    before = snr_db(reference, run_model(w4[name], val)["logits"])
-    after = snr_db(reference, run_model(proto, val)["logits"])
-    assert after > before + 1.0, (before, after)
+    pairs = _rounded_codes(model.to_onnx(), w4[name])
+    # compensation moves weights by more than AdaRound's up-or-down
+    assert sum(int((np.abs(codes - nearest) > 1).sum()) for codes, nearest in pairs) > 0
+    _repairs_held_out_outputs(w4[name], model.to_onnx(), val, 1.0)
 
 
 def _random_layer(rng, out_channels=6, k=40, rows=300, group=1):

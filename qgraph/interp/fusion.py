@@ -178,10 +178,7 @@ def _fuse_code_regions(items, wanted, call, constants) -> list[Item]:
     depends on its own input element only). The region's tensors that other nodes read, or that
     are requested, are its outputs; it runs where its DequantizeLinear ran, its only input being
     ready there."""
-    readers: dict[str, set[int]] = {}
-    for k, it in enumerate(items):
-        for t in it.inputs:
-            readers.setdefault(t, set()).add(k)
+    readers = _readers(items)
     used: set[int] = set()
     fused_at: dict[int, Item] = {}
     for k, it in enumerate(items):
@@ -199,18 +196,27 @@ def _fuse_code_regions(items, wanted, call, constants) -> list[Item]:
         if len(members) < 2:
             continue
         inside = set(members)
-        exits = [t for t in _ordered_outputs(items, members) if t in wanted or readers.get(t, set()) - inside]
+        exits = [t for t in _ordered_outputs(items, members) if t in wanted or set(readers.get(t, ())) - inside]
         if not exits:
             continue
         used.update(members)
         fused_at[k] = _region_item(items, members, it.inputs[0], exits, constants, call)
-    out = []
+    return _spliced(items, fused_at, used)
+
+
+def _readers(items) -> dict[str, list[int]]:
+    """Tensor name → the indices of the items that read it, in plan order."""
+    readers: dict[str, list[int]] = {}
     for k, it in enumerate(items):
-        if k in fused_at:
-            out.append(fused_at[k])
-        elif k not in used:
-            out.append(it)
-    return out
+        for t in it.inputs:
+            if t:
+                readers.setdefault(t, []).append(k)
+    return readers
+
+
+def _spliced(items, fused_at: dict, used: set[int]) -> list:
+    """The plan with each fused step at its index in `fused_at` and the items it absorbed (`used`) dropped."""
+    return [fused_at[k] if k in fused_at else it for k, it in enumerate(items) if k in fused_at or k not in used]
 
 
 def _scalar_const(names, constants) -> bool:
@@ -297,11 +303,7 @@ def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
     Cast's input is an integer tensor with few distinct values (:func:`_integer_region_item`),
     else it runs the ops one by one."""
     scalars = _scalar_tensors(items, constants)
-    readers: dict[str, list[int]] = {}
-    for k, it in enumerate(items):
-        for t in it.inputs:
-            if t:
-                readers.setdefault(t, []).append(k)
+    readers = _readers(items)
     used: set[int] = set()
     fused_at: dict[int, Item] = {}
     for k, it in enumerate(items):
@@ -322,13 +324,7 @@ def _fuse_integer_regions(items, wanted, call, constants) -> list[Item]:
         outer = sorted({t for m in members for t in items[m].inputs if t and t in scalars and t not in tensors})
         used.update(members)
         fused_at[last] = _integer_region_item(items, members, it.inputs[0], outer, exits, scalars, call)
-    out = []
-    for k, it in enumerate(items):
-        if k in fused_at:
-            out.append(fused_at[k])
-        elif k not in used:
-            out.append(it)
-    return out
+    return _spliced(items, fused_at, used)
 
 
 def _joins_region(item, tensors, scalars) -> bool:
@@ -405,11 +401,7 @@ def _fuse_inplace_chains(items, wanted, call, constants) -> list[Item]:
     output (its only reader, not requested) and otherwise only the first op's one non-constant
     input or plan constants (all of them floats), as one step where its last op ran
     (:func:`_inplace_chain_item`)."""
-    readers: dict[str, list[int]] = {}
-    for k, it in enumerate(items):
-        for t in it.inputs:
-            if t:
-                readers.setdefault(t, []).append(k)
+    readers = _readers(items)
     used: set[int] = set()
     fused_at: dict[int, Item] = {}
     for k, it in enumerate(items):
@@ -435,13 +427,7 @@ def _fuse_inplace_chains(items, wanted, call, constants) -> list[Item]:
             continue
         used.update(members)
         fused_at[members[-1]] = _inplace_chain_item(items, members, root, constants, call)
-    out = []
-    for k, it in enumerate(items):
-        if k in fused_at:
-            out.append(fused_at[k])
-        elif k not in used:
-            out.append(it)
-    return out
+    return _spliced(items, fused_at, used)
 
 
 def _inplace_chain_item(items, members, root: str, constants, call) -> Item:

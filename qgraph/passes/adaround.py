@@ -25,10 +25,9 @@ from typing import Annotated
 import numpy as np
 
 from qgraph import quant
-from qgraph.annotations import require_quantizers
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
-from qgraph.reconstruction import Layer, find_layers, round_in_waves
+from qgraph.reconstruction import Layer, round_weights
 from qgraph.schema import Range
 
 
@@ -39,17 +38,9 @@ def adaround(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Rang
              warmup: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.2,
              max_samples: Annotated[int, Range(0)] = 256) -> dict:
     """Learn each quantized weight's rounding (up or down) on a layer reconstruction loss (Nagel et al. 2020)."""
-    records = require_quantizers(model, "adaround")
-    ctx.require_data("adaround")
-    layers, skipped = find_layers(model, records)
-    if not layers:
-        return {"changed": 0, "summary": "no layer with a quantized constant weight", "skipped": skipped,
-                "warnings": []}
-    changed, gains, waves = round_in_waves(
-        model, ctx, layers, lambda layer: learned_codes(layer, iterations, learning_rate, regularization, warmup),
-        max_samples, "adaround")
-    summary = f"{changed} of {len(layers)} weights re-rounded in {waves} waves ({iterations} steps each)"
-    return {"changed": changed, "summary": summary, "layers": gains, "skipped": skipped, "warnings": []}
+    return round_weights(model, ctx, "adaround",
+                         lambda layer: learned_codes(layer, iterations, learning_rate, regularization, warmup),
+                         max_samples, f" ({iterations} steps each)")
 
 
 def learned_codes(layer: Layer, iterations: int, lr: float, lam: float, warmup: float) -> np.ndarray:

@@ -32,10 +32,9 @@ from __future__ import annotations
 from typing import Annotated
 
 
-from qgraph.annotations import require_quantizers
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
-from qgraph.reconstruction import find_layers, gptq_codes, round_in_waves
+from qgraph.reconstruction import gptq_codes, round_weights
 from qgraph.schema import Range
 
 
@@ -43,13 +42,4 @@ from qgraph.schema import Range
 def gptq(model: QModel, ctx: PassContext, *, damping: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.01,
          act_order: bool = True, max_samples: Annotated[int, Range(0)] = 256) -> dict:
     """Round each quantized weight column by column, compensating the error in the columns left (GPTQ)."""
-    records = require_quantizers(model, "gptq")
-    ctx.require_data("gptq")
-    layers, skipped = find_layers(model, records)
-    if not layers:
-        return {"changed": 0, "summary": "no layer with a quantized constant weight", "skipped": skipped,
-                "warnings": []}
-    changed, gains, waves = round_in_waves(model, ctx, layers, lambda layer: gptq_codes(layer, damping, act_order),
-                                           max_samples, "gptq")
-    summary = f"{changed} of {len(layers)} weights re-rounded in {waves} waves"
-    return {"changed": changed, "summary": summary, "layers": gains, "skipped": skipped, "warnings": []}
+    return round_weights(model, ctx, "gptq", lambda layer: gptq_codes(layer, damping, act_order), max_samples)
