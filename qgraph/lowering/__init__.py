@@ -110,6 +110,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     upsampled = qlinear.upsample_channels_last(model) if target == "qlinear" else 0
     if upsampled:
         model.cleanup()
+    concat_folded = qlinear.fold_concat_requantization(model) if target == "qlinear" else 0
 
     region = quantized_region(model)
     # float by design: islands insert_qdq left float, float heads of compute ops, and index
@@ -138,7 +139,8 @@ def lower_graph(model: QModel, target: str) -> dict:
             "forward_fused_bn_folded": forward_bn,
             "weights_coarsened_for_int32_bias": coarsened, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
-            "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized,
+            "nearest_upsampling_as_expand": upsampled, "concat_requantization_in_tables": concat_folded,
+            "requantize_pairs": requantized,
             "narrowing_casts_skipped": casts_skipped, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,
             "kept_qdq": kept}

@@ -46,7 +46,7 @@ from qgraph import quant
 from qgraph.graph import QModel
 from qgraph.idioms import CLAMPS, RANGE_PRESERVING, Declined, range_preserving_reason
 from qgraph.lowering.float_output import lower_to_float
-from qgraph.lowering.tables import emit_table, function_table, is_map
+from qgraph.lowering.tables import emit_table, function_table, is_map, table_behind
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
                                       quantizer_constants, var)
 from qgraph.model_io import MS_DOMAIN
@@ -353,6 +353,40 @@ def upsample_channels_last(model: QModel) -> int:
         model.add_node("Transpose", [merged], [out], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
         count += 1
     return count
+
+
+def fold_concat_requantization(model: QModel) -> int:
+    """A QLinearConcat input on another grid than the output, written by a table read by nothing
+    else, gets the table ``R∘T`` (R: the input's DequantizeLinear then the output's QuantizeLinear,
+    what the QDQ model does and what ORT's QLinearConcat tabulates) and the output's grid: ORT
+    then copies it instead of a lookup per element (two 52×52×96 uint8 inputs: 22 µs against
+    110). The concatenation's codes are unchanged; the rewritten tensors get new names, their
+    codes being on the concatenation's grid. Returns the inputs folded."""
+    folded = 0
+    for concat in [n for n in model.graph.nodes if n.op == "QLinearConcat"]:
+        out_scale, out_zp = (QModel.constant_value(t) for t in concat.inputs[:2])
+        if out_scale is None or out_zp is None:
+            continue
+        for i in range(2, len(concat.inputs), 3):
+            x, scale, zp = concat.inputs[i:i + 3]
+            in_scale, in_zp = QModel.constant_value(scale), QModel.constant_value(zp)
+            if in_scale is None or in_zp is None or (np.float32(in_scale) == np.float32(out_scale)
+                                                     and int(in_zp) == int(out_zp)):
+                continue
+            found = table_behind(model, x)
+            if found is None:
+                continue
+            table, chain = found
+            dtype = np.asarray(out_zp).dtype
+            qmin, qmax = quant.storage_range(dtype)
+            codes = np.asarray(table.values)
+            table.values = quant.quantize(quant.dequantize(codes, in_scale, in_zp), out_scale, out_zp,
+                                          qmin, qmax, dtype=dtype).reshape(codes.shape)
+            concat.inputs[i + 1], concat.inputs[i + 2] = concat.inputs[0], concat.inputs[1]
+            for t in chain:
+                t.name = model.fresh_tensor_name(f"{t.name}_on_{concat.name}_grid")
+            folded += 1
+    return folded
 
 
 RULES = {

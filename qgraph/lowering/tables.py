@@ -169,3 +169,28 @@ def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False
         node.outputs.clear()
     emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table",
                channels_last and is_map(x))
+
+
+#: ops that move codes without reading their values (a Shape reader reads none either)
+CODE_MOVES = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Identity")
+
+
+def table_behind(model: QModel, tensor: gs.Tensor) -> tuple[gs.Constant, list[gs.Tensor]] | None:
+    """The 256-entry table constant whose lookup alone writes `tensor`'s codes (emit_table's
+    GatherElements, then only CODE_MOVES), with the tensors from the lookup to `tensor`; None
+    unless each of them is read by the next step alone (or by Shape) and is no graph output, so
+    that rewriting the table's entries changes `tensor` and nothing else."""
+    chain, t = [], tensor
+    while True:
+        if model.is_graph_output(t) or len([r for r in t.outputs if r.op != "Shape"]) != 1:
+            return None
+        chain.append(t)
+        node = model.producer(t)
+        if node is None or node.op not in CODE_MOVES + ("GatherElements",):
+            return None
+        if node.op == "GatherElements":
+            table = node.inputs[0]
+            if not isinstance(table, gs.Constant) or np.asarray(table.values).size != 256 or len(table.outputs) != 1:
+                return None
+            return table, chain
+        t = node.inputs[0]
