@@ -537,11 +537,13 @@ def test_nearest_upsampling_of_codes_runs_as_expand_in_nhwc(scales, coordinates,
 
 # -- lookup tables ------------------------------------------------------------------------------
 
-def silu_qdq(dtype) -> onnx.ModelProto:
-    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers)."""
-    zero = np.array(0 if dtype == np.int8 else 128, dtype)
-    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(zero, "x_z"),
-             numpy_helper.from_array(np.float32(0.03), "y_s"), numpy_helper.from_array(zero, "y_z")]
+def silu_qdq(dtype, grids=(0.05, 0, 0.03, 0)) -> onnx.ModelProto:
+    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers); `grids`:
+    input scale, zero point offset, output scale, zero point offset (offsets from 0 or 128)."""
+    x_s, x_off, y_s, y_off = grids
+    zero = 0 if dtype == np.int8 else 128
+    inits = [numpy_helper.from_array(np.float32(x_s), "x_s"), numpy_helper.from_array(np.array(zero + x_off, dtype), "x_z"),
+             numpy_helper.from_array(np.float32(y_s), "y_s"), numpy_helper.from_array(np.array(zero + y_off, dtype), "y_z")]
     nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
              helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
              helper.make_node("Sigmoid", ["xf"], ["s"], name="sigmoid"),
@@ -566,6 +568,31 @@ def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
     codes = quant.all_codes(dtype).astype(np.float32)
     zp = 0 if dtype == np.int8 else 128
     x = np.tile((codes - zp) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+#: nudenet's first SiLU (input scale, zero point offset, output scale, zero point offset): coarse grids
+COARSE_SILU = (0.31692734, 0, 0.15925436, -126)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_silu_on_coarse_grids_runs_as_ort_sigmoid_and_mul_when_exact_for_every_code(dtype):
+    """qlinear.emit_region: where some sigmoid grid and multiplier make QLinearSigmoid → QLinearMul
+    write the SiLU table's code for every input code (coarse grids), the qlinear target emits that
+    pair instead of the table; on finer grids (the table test above) it keeps the table. Every one
+    of the 256 codes gives what the QDQ model computes, in ORT and in the interpreter."""
+    qdq = silu_qdq(dtype, COARSE_SILU)
+    lowered, report = lower_model(qdq, "qlinear")
+    assert report["lowered"] == {"silu (QLinearSigmoid + QLinearMul)": 1}
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "QLinearSigmoid" in ops and "QLinearMul" in ops and "GatherElements" not in ops
+    codes = quant.all_codes(dtype).astype(np.float32)
+    zp = 0 if dtype == np.int8 else 128
+    x = np.tile((codes - zp) * np.float32(COARSE_SILU[0]), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
     ref = run_model(qdq, {"input": x})["logits"]
     out = run_model(lowered, {"input": x})["logits"]
     np.testing.assert_array_equal(out, ref)

@@ -68,12 +68,13 @@ def lower_graph(model: QModel, target: str) -> dict:
         if (reason := _region_float_by_placement(model, unary)) is not None:
             kept_float.extend(skip(name, reason) for name in unary.nodes)
             continue
+        module = _MODULES[target]
         try:
-            lower_region(model, unary, _MODULES[target].TABLES_CHANNELS_LAST)
+            form = lower_region(model, unary, module.TABLES_CHANNELS_LAST, getattr(module, "emit_region", None))
         except Declined as declined:
             skipped.extend(skip(name, declined.reason) for name in unary.nodes)
         else:
-            lowered[f"{unary.kind} (table)"] += 1
+            lowered[f"{unary.kind} ({form})"] += 1
     for node in list(model.graph.nodes):
         if node.op in QUANTIZERS or id(node) in absorbed or node.name in absorbed or not node.outputs \
                 or node.name not in region or node.name in sunk:
