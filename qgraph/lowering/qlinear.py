@@ -322,25 +322,21 @@ def sigmoid_mul_grids(in_q, out_q, table: np.ndarray) -> tuple[np.float32, np.fl
     from qgraph.interp.mlas import logistic
     qmin, qmax = in_q.qmin, in_q.qmax
     codes = quant.all_codes(in_q.dtype).astype(np.int64)
-    sigma = logistic(in_q.dequantize(codes))
     want = np.asarray(table).astype(np.int64)
     zc = int(out_q.zero_point)
-    a = codes - int(in_q.zero_point)
-    for s in SIGMOID_SCALES:
-        p = (a * (quant.quantize(sigma, s, qmin, qmin, qmax).astype(np.int64) - qmin)).astype(np.float64)
-        moving = p != 0
-        if np.any(want[~moving] != zc):
-            continue
-        low = np.where(want[moving] == qmin, -np.inf, want[moving] - zc - 0.5) / p[moving]
-        high = np.where(want[moving] == qmax, np.inf, want[moving] - zc + 0.5) / p[moving]
-        lo = np.where(p[moving] > 0, low, high).max()
-        hi = np.where(p[moving] > 0, high, low).min()
-        if not 0 < lo < hi:
-            continue
-        m = np.float32((lo + hi) / 2 * float(out_q.scale) / float(in_q.scale))
-        got = _sigmoid_mul_codes(in_q, out_q, s, m)
+    sigma_codes = quant.quantize(logistic(in_q.dequantize(codes))[None, :], SIGMOID_SCALES[:, None], qmin, qmin, qmax)
+    p = ((codes - int(in_q.zero_point)) * (sigma_codes.astype(np.int64) - qmin)).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):      # p = 0 rows: no bound, checked below
+        low = np.where(want == qmin, -np.inf, want - zc - 0.5) / p
+        high = np.where(want == qmax, np.inf, want - zc + 0.5) / p
+    lo = np.where(p > 0, low, np.where(p < 0, high, -np.inf)).max(axis=1)
+    hi = np.where(p > 0, high, np.where(p < 0, low, np.inf)).min(axis=1)
+    fixed = np.all((p != 0) | (want == zc), axis=1)              # a zero product writes z_out
+    for k in np.flatnonzero(fixed & (0 < lo) & (lo < hi))[:8]:
+        m = np.float32((lo[k] + hi[k]) / 2 * float(out_q.scale) / float(in_q.scale))
+        got = _sigmoid_mul_codes(in_q, out_q, SIGMOID_SCALES[k], m)
         if got is not None and np.array_equal(got, np.asarray(table)):
-            return s, m
+            return SIGMOID_SCALES[k], m
     return None
 
 
