@@ -16,6 +16,8 @@
     MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Resize(nearest), Identity
                          → the same op on the integer tensor (a DQ→Q requantization only
                            when the output grid differs from the input grid)
+    SiLU where QLinearSigmoid → QLinearMul writes the table's code for every input code
+                         → that pair, on grids sigmoid_mul_grids finds (emit_region)
     other unary elementwise ops (Tanh, HardSigmoid, HardSwish, …) and exported activations
     (SiLU, HardSwish, GELU as several ops: idioms.unary_regions)
                          → a 256-entry table ``Q_out(f(DQ_in(q)))`` computed by ORT's own float
@@ -42,10 +44,10 @@ No exact form of an arbitrary table is faster in ORT 1.19 (one thread, 16×80×8
 element): GatherElements 0.56 and its Cast 0.08-0.18; ArrayFeatureExtractor 0.52 but on int64
 indices and int32 values; Gather 3.1; GatherND 4.8. MLAS's lookup (0.20) is reachable only
 through QLinearSigmoid and QLinearLeakyRelu, whose tables ORT builds from the logistic and
-leaky-ReLU functions; on nudenet's 57 SiLU sites QLinearSigmoid → QLinearMul differs from the
-exact table on 15-97 of the 256 codes, and a random search of 3000 intermediate grids and
-multipliers per site made 4 of the 57 exact. So an exact SiLU costs about 1.8x the node time of
-ORT's inexact pair.
+leaky-ReLU functions. On nudenet's 57 SiLU sites QLinearSigmoid → QLinearMul on ORT's own grids
+differs from the exact table on 15-97 of the 256 codes; other grids make it exact on the coarse
+grids of the first layers only (6 of the 57, emit_region), so elsewhere an exact SiLU costs about
+1.8x the node time of ORT's inexact pair.
 """
 
 from __future__ import annotations
