@@ -175,6 +175,86 @@ ConvIntegers) and db_detector at batch 8, where the requantization (Mul, Add, Di
 (14%: an im2col of 864 rows for 24 outputs, against QLinearConv's NHWC kernel) weigh most. The
 int32 Div cannot become a shift: a power-of-two divisor needs p ≈ M·2^s with more bits than int32
 leaves next to the accumulator (2 of db_detector's 43 requantizations have such a form).
+
+qgraph qlinear against ORT's QOperator where it was slower (issue 16's "never slower"), branch
+qlinear-speed, 2026-11-29, same machine, ORT 1.19.2, one thread. Two exact changes (the lowered
+models' outputs are identical to main's on the zoo data, and `qgraph diff` passes):
+- 8ea7bdd, qlinear.fold_concat_requantization: a QLinearConcat input on another grid than the
+  output, written by a table read by nothing else, comes out of the table composed with its
+  requantization, on the output's grid, and ORT copies it instead of looking each byte up (two
+  52×52×96 uint8 inputs: 22 µs against 110). 15 of ddddocr_det's Concat inputs, 6 of nudenet's, 1
+  of ppocr_rec's; ddddocr_det at batch 1: QLinearConcat 0.85 -> 0.6 ms of ~20 ms of node time
+  (about 1%, within the noise of the latency ratios below).
+- a0a0841/ae13e99, qlinear.emit_region: a SiLU whose exact table QLinearSigmoid → QLinearMul
+  reproduces for every input code under some grids (sigmoid_mul_grids; checked in ORT) runs as
+  that pair: nudenet 6 of its 57 SiLUs, among them its first four layers' (the largest maps: 27%
+  of its SiLU elements), ddddocr_ocr 1 of 11, ddddocr_det none (its grids are finer).
+  nudenet at batch 8, ORT node profiles of main's and this lowering alternated twice on a machine
+  running 5x slower than above: SiLU 136 and 163 ms of node time against 98 and 105.
+pplcnet's, ppocr_det's, ppocr_cls's and db_detector's lowered models are byte-identical to main's
+(nothing to fold, no SiLU), ppocr_rec's differs by one folded Concat input.
+
+The same command at ae13e99 (`--models nudenet_320n,ddddocr_det,ddddocr_ocr`, load average 2-4;
+nudenet's table share was 26.9% in the first run of the day, before these changes):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    nudenet_320n          1     20.63          0.53x          0.55x          1.10x
+    nudenet_320n          8    164.64          0.44x          0.47x          1.09x
+    ddddocr_det           1     51.77          0.39x          0.45x          1.21x
+    ddddocr_det           8    423.30          0.37x          0.43x          1.18x
+    ddddocr_ocr           1     30.19          0.65x          0.66x          0.82x
+    ddddocr_ocr           8    234.88          0.64x          0.66x          0.84x
+
+    qgraph qlinear, share of ORT node time:
+    model             batch      Q/DQ  Transpose      sum    tables
+    nudenet_320n          8      2.2%       1.9%     4.2%     21.4%
+    ddddocr_det           1      1.0%       0.6%     1.7%     34.5%
+    ddddocr_ocr           1      0.4%       0.2%     0.6%      5.5%
+
+Before/after in the same runs: main's lowering (3929257) and this branch's (ae13e99) of the same ptq
+model, interleaved with float and ORT QOperator (3 runs of 15 rounds each, load average 4-6; medians
+of the per-run ratios to float, their range in brackets):
+
+    model          batch  ORT QOperator       qlinear main        qlinear ae13e99
+    nudenet_320n       1  0.53 (0.50-0.53)    0.58 (0.56-0.59)    0.55 (0.53-0.55)
+    nudenet_320n       8  0.43 (0.42-0.44)    0.49 (0.49-0.50)    0.46 (0.46-0.48)
+    ddddocr_det        1  0.39 (0.39-0.40)    0.48 (0.48-0.48)    0.47 (0.46-0.48)
+    ddddocr_det        8  0.37 (0.36-0.40)    0.44 (0.43-0.45)    0.43 (0.42-0.43)
+    ddddocr_ocr        1  0.63 (0.62-0.64)    0.66 (0.64-0.67)    0.65 (0.64-0.65)
+    ddddocr_ocr        8  0.64 (0.63-0.65)    0.67 (0.65-0.67)    0.65 (0.65-0.67)
+
+ppocr_rec (one folded Concat input), in the same kind of runs at 8ea7bdd (load 4-7): ORT QOperator
+0.79 / 0.55, main 0.55 / 0.44, this branch 0.54 / 0.43 at batch 1 / 8.
+
+Where the difference is, from ORT's node profiles of the two models (`qgraph profile ... --against`,
+main's lowering, load 4):
+- nudenet at batch 8: SiLU 23.4 ms (GatherElements 18.1, its Cast 5.3) against ORT's 12.2
+  (QLinearSigmoid 6.0, QLinearMul 6.2), of 76 and 67 ms of node time; everything else sums to
+  1.6 ms less in qgraph's model (QLinearConv 31.9 against 33.6, its float DFL Softmax 8.3 against
+  QLinearSoftmax 9.8, no float Resize). ddddocr_det at batch 1: SiLU 8.4 ms against 5.1 of 23 and
+  20; QLinearConv 12.3 against 12.2. The whole gap is the exact SiLU tables.
+- ddddocr_ocr: its float bidirectional LSTM is 84% of both models' node time (the same node, 13-23
+  ms per run with the load; three alternated profiles, qgraph/ORT: 14.0/14.1, 20.6/13.2, 14.7/17.4
+  ms), and the rest is within 0.5-1 ms: tables 1.3 ms against QLinearSigmoid + QLinearMul 0.8, the
+  final Gemm as MatMulInteger + bias + scale 1.4 against QGemm 1.4, QLinearConv equal. ORT quantizes
+  nothing around the LSTM that qgraph leaves float (both dequantize its input and run it in float).
+  At parity within the noise of the LSTM.
+
+Why the other tables stay (qgraph/lowering/qlinear.py's docstring has the numbers): GatherElements
+is ORT's fastest exact lookup of an arbitrary table (0.56-0.66 ns per element plus 0.08-0.18 for the
+Cast; Gather 3.1, GatherND 4.8, ArrayFeatureExtractor 0.52 on int64 indices and int32 values);
+MLAS's byte lookup (0.20) runs only tables ORT builds itself from the logistic and leaky-ReLU
+functions, and QLinearSigmoid → QLinearMul on ORT's own grids, what its QOperator model runs,
+differs from the exact SiLU table on 15-97 of the 256 codes at each of nudenet's 57 sites; other
+grids make it exact on the first layers' coarse grids only. What remains: the "never slower" goal is
+not met on the SiLU detectors with exact forms (batch 1 / 8, runs above: ddddocr_det 0.47x / 0.43x
+against 0.39x / 0.37x, nudenet 0.55x / 0.46x against 0.53x / 0.43x);
+closing it needs an inexact opt-in SiLU (ORT's pair on its own grids: the sigmoid's 8-bit rounding
+changes codes) or a lookup kernel ORT does not have (a com.microsoft op taking a table). ddddocr_ocr
+is at parity within the noise of its LSTM. Smaller things left: five kernels per table at batch 1
+(Flatten, Cast, GatherElements, Shape, Reshape; a few µs each, the Shape folded by ORT when the
+map's shape is static), and Concat inputs requantized from QLinearAdd or Split outputs (nudenet's
+C2f blocks), which a table cannot absorb.
 """
 
 from __future__ import annotations

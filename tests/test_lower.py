@@ -537,11 +537,13 @@ def test_nearest_upsampling_of_codes_runs_as_expand_in_nhwc(scales, coordinates,
 
 # -- lookup tables ------------------------------------------------------------------------------
 
-def silu_qdq(dtype) -> onnx.ModelProto:
-    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers)."""
-    zero = np.array(0 if dtype == np.int8 else 128, dtype)
-    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(zero, "x_z"),
-             numpy_helper.from_array(np.float32(0.03), "y_s"), numpy_helper.from_array(zero, "y_z")]
+def silu_qdq(dtype, grids=(0.05, 0, 0.03, 0)) -> onnx.ModelProto:
+    """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers); `grids`:
+    input scale, zero point offset, output scale, zero point offset (offsets from 0 or 128)."""
+    x_s, x_off, y_s, y_off = grids
+    zero = 0 if dtype == np.int8 else 128
+    inits = [numpy_helper.from_array(np.float32(x_s), "x_s"), numpy_helper.from_array(np.array(zero + x_off, dtype), "x_z"),
+             numpy_helper.from_array(np.float32(y_s), "y_s"), numpy_helper.from_array(np.array(zero + y_off, dtype), "y_z")]
     nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
              helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"),
              helper.make_node("Sigmoid", ["xf"], ["s"], name="sigmoid"),
@@ -571,6 +573,88 @@ def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
     np.testing.assert_array_equal(out, ref)
     if interp_run is not None:
         np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+#: nudenet's first SiLU (input scale, zero point offset, output scale, zero point offset): coarse grids
+COARSE_SILU = (0.31692734, 0, 0.15925436, -126)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_silu_on_coarse_grids_runs_as_ort_sigmoid_and_mul_when_exact_for_every_code(dtype):
+    """qlinear.emit_region: where some sigmoid grid and multiplier make QLinearSigmoid → QLinearMul
+    write the SiLU table's code for every input code (coarse grids), the qlinear target emits that
+    pair instead of the table; on finer grids (the table test above) it keeps the table. Every one
+    of the 256 codes gives what the QDQ model computes, in ORT and in the interpreter."""
+    qdq = silu_qdq(dtype, COARSE_SILU)
+    lowered, report = lower_model(qdq, "qlinear")
+    assert report["lowered"] == {"silu (QLinearSigmoid + QLinearMul)": 1}
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "QLinearSigmoid" in ops and "QLinearMul" in ops and "GatherElements" not in ops
+    codes = quant.all_codes(dtype).astype(np.float32)
+    zp = 0 if dtype == np.int8 else 128
+    x = np.tile((codes - zp) * np.float32(COARSE_SILU[0]), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def silu_concat_qdq(dtype, shared: bool) -> onnx.ModelProto:
+    """Two SiLUs on their own grids into a Concat on a third grid (its inputs requantized by the
+    QLinearConcat); with `shared`, the second SiLU's codes also feed the graph's second output."""
+    zero = np.array(0 if dtype == np.int8 else 128, dtype)
+    inits = [numpy_helper.from_array(np.float32(v), n) for n, v in
+             (("x_s", 0.05), ("x2_s", 0.07), ("a_s", 0.03), ("b_s", 0.021), ("y_s", 0.04))]
+    inits += [numpy_helper.from_array(zero, "x_z"), numpy_helper.from_array(np.array(zero - 9, dtype), "a_z"),
+              numpy_helper.from_array(np.array(zero - 20, dtype), "b_z"), numpy_helper.from_array(zero, "y_z")]
+    node = helper.make_node
+    nodes = [node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq")]
+    for label, src in (("a", "xf"), ("b", "xs")):
+        if label == "b":    # the input on a second grid
+            nodes += [node("QuantizeLinear", ["input", "x2_s", "x_z"], ["x2q"], name="x2q"),
+                      node("DequantizeLinear", ["x2q", "x2_s", "x_z"], ["xs"], name="x2dq")]
+        nodes += [node("Sigmoid", [src], [f"{label}_sig"], name=f"{label}_sigmoid"),
+                  node("Mul", [src, f"{label}_sig"], [f"{label}_silu"], name=f"{label}_silu"),
+                  node("QuantizeLinear", [f"{label}_silu", f"{label}_s", f"{label}_z"], [f"{label}q"], name=f"{label}q"),
+                  node("DequantizeLinear", [f"{label}q", f"{label}_s", f"{label}_z"], [f"{label}f"], name=f"{label}dq")]
+    nodes += [node("Concat", ["af", "bf"], ["cat"], name="concat", axis=1),
+              node("QuantizeLinear", ["cat", "y_s", "y_z"], ["yq"], name="yq"),
+              node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    model = input_to_logits(nodes, inits, "silu_concat", ["N", 2, 8, 16])
+    if shared:
+        model.graph.output.append(helper.make_tensor_value_info("bf", TensorProto.FLOAT, None))
+    return model
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_concat_requantization_folds_into_the_tables_that_feed_it(dtype, shared):
+    """qlinear.fold_concat_requantization: a table read only by a QLinearConcat on another grid
+    writes the concatenation's codes itself (ORT then copies that input); a table whose codes are
+    also read elsewhere keeps its grid. Every code gives what the QDQ model computes, in ORT and
+    in the interpreter."""
+    qdq = silu_concat_qdq(dtype, shared)
+    lowered, report = lower_model(qdq, "qlinear")
+    assert report["lowered"]["silu (table)"] == 2
+    assert report["concat_requantization_in_tables"] == (1 if shared else 2)
+    inits = {i.name: numpy_helper.to_array(i) for i in lowered.graph.initializer}
+    concat = next(n for n in lowered.graph.node if n.op_type == "QLinearConcat")
+    same = [inits[concat.input[i + 1]] == inits[concat.input[0]] and inits[concat.input[i + 2]] == inits[concat.input[1]]
+            for i in (2, 5)]
+    assert same == [True, not shared]
+    codes = quant.all_codes(dtype).astype(np.float32)
+    zp = 0 if dtype == np.int8 else 128
+    x = np.tile((codes - zp) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})
+    out = run_model(lowered, {"input": x})
+    for name in ref:
+        np.testing.assert_array_equal(out[name], ref[name])
+    if interp_run is not None:
+        got = interp_run(lowered, {"input": x})
+        for name in ref:
+            np.testing.assert_array_equal(got[name], out[name])
 
 
 # -- the integer target's requantization ---------------------------------------------------------

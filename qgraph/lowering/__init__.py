@@ -68,12 +68,13 @@ def lower_graph(model: QModel, target: str) -> dict:
         if (reason := _region_float_by_placement(model, unary)) is not None:
             kept_float.extend(skip(name, reason) for name in unary.nodes)
             continue
+        module = _MODULES[target]
         try:
-            lower_region(model, unary, _MODULES[target].TABLES_CHANNELS_LAST)
+            form = lower_region(model, unary, module.TABLES_CHANNELS_LAST, getattr(module, "emit_region", None))
         except Declined as declined:
             skipped.extend(skip(name, declined.reason) for name in unary.nodes)
         else:
-            lowered[f"{unary.kind} (table)"] += 1
+            lowered[f"{unary.kind} ({form})"] += 1
     for node in list(model.graph.nodes):
         if node.op in QUANTIZERS or id(node) in absorbed or node.name in absorbed or not node.outputs \
                 or node.name not in region or node.name in sunk:
@@ -110,6 +111,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     upsampled = qlinear.upsample_channels_last(model) if target == "qlinear" else 0
     if upsampled:
         model.cleanup()
+    concat_folded = qlinear.fold_concat_requantization(model) if target == "qlinear" else 0
 
     region = quantized_region(model)
     # float by design: islands insert_qdq left float, float heads of compute ops, and index
@@ -138,7 +140,8 @@ def lower_graph(model: QModel, target: str) -> dict:
             "forward_fused_bn_folded": forward_bn,
             "weights_coarsened_for_int32_bias": coarsened, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
-            "nearest_upsampling_as_expand": upsampled, "requantize_pairs": requantized,
+            "nearest_upsampling_as_expand": upsampled, "concat_requantization_in_tables": concat_folded,
+            "requantize_pairs": requantized,
             "narrowing_casts_skipped": casts_skipped, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,
             "kept_qdq": kept}

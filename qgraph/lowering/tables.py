@@ -144,10 +144,12 @@ def is_map(tensor: gs.Tensor) -> bool:
     return tensor.shape is not None and len(tensor.shape) == 4
 
 
-def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False) -> None:
+def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False, emit_other=None) -> str:
     """Replace ``DQ(x_q) → [region] → Q → y_q`` by one table on x_q (see emit_table for
-    `channels_last`); Declined when the region is not between a per-tensor DequantizeLinear and
-    a single per-tensor QuantizeLinear."""
+    `channels_last`), or by the form ``emit_other(model, x, table, out_q, out, name, kind)`` emits
+    when it returns a label (a target's faster form, exact for every code of the table); returns
+    "table" or that label. Declined when the region is not between a per-tensor DequantizeLinear
+    and a single per-tensor QuantizeLinear."""
     tensors = model.tensors()
     x, y = tensors[region.input], tensors[region.output]
     dq = model.producer(x)
@@ -167,5 +169,35 @@ def lower_region(model: QModel, region: UnaryRegion, channels_last: bool = False
     q.outputs.clear()
     for node in nodes:
         node.outputs.clear()
-    emit_table(model, QInput(dq.inputs[0], in_q), table, out, f"{region.nodes[-1]}_{region.kind}_table",
-               channels_last and is_map(x))
+    codes = QInput(dq.inputs[0], in_q)
+    name = f"{region.nodes[-1]}_{region.kind}"
+    label = emit_other(model, codes, table, out_q, out, name, region.kind) if emit_other is not None else None
+    if label:
+        return label
+    emit_table(model, codes, table, out, f"{name}_table", channels_last and is_map(x))
+    return "table"
+
+
+#: ops that move codes without reading their values (a Shape reader reads none either)
+CODE_MOVES = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Identity")
+
+
+def table_behind(model: QModel, tensor: gs.Tensor) -> tuple[gs.Constant, list[gs.Tensor]] | None:
+    """The 256-entry table constant whose lookup alone writes `tensor`'s codes (emit_table's
+    GatherElements, then only CODE_MOVES), with the tensors from the lookup to `tensor`; None
+    unless each of them is read by the next step alone (or by Shape) and is no graph output, so
+    that rewriting the table's entries changes `tensor` and nothing else."""
+    chain, t = [], tensor
+    while True:
+        if model.is_graph_output(t) or len([r for r in t.outputs if r.op != "Shape"]) != 1:
+            return None
+        chain.append(t)
+        node = model.producer(t)
+        if node is None or node.op not in CODE_MOVES + ("GatherElements",):
+            return None
+        if node.op == "GatherElements":
+            table = node.inputs[0]
+            if not isinstance(table, gs.Constant) or np.asarray(table.values).size != 256 or len(table.outputs) != 1:
+                return None
+            return table, chain
+        t = node.inputs[0]
