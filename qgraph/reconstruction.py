@@ -195,14 +195,10 @@ def float_statistics(model: QModel, layers: list[Layer], ctx, max_samples: int, 
         size += groups * k * k * 8
     for chunk in chunks:
         inputs = [float_nodes[layer.node.name].inputs[0].name for layer in chunk]
-        runner = Runner(proto, inputs)
-        for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, max_samples or None):
-            values = runner.run(feeds, inputs)
+        for (values,) in _calibration_values(ctx, proto, [(Runner(proto, inputs), inputs)], max_samples, name):
             for layer, tensor in zip(chunk, inputs):
-                layer.add(feeds[tensor] if tensor in feeds else values[tensor], None)
+                layer.add(values[tensor], None)
         for layer in chunk:
-            if not layer.rows:
-                raise PassError(f"{name}: no calibration sample was run; give at least one full batch")
             layer.c = layer.h
 
 
@@ -224,9 +220,14 @@ def _layer(node, q_node, record: QuantizerRecord) -> Layer:
         raise Declined("the weight is the first operand of MatMul")
     if node.op == "Conv" and node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise Declined("Conv with auto_pad SAME_*")
+    return Layer(node, weight, record, *quantizer_grid(q_node))
+
+
+def quantizer_grid(q_node) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of a QuantizeLinear node, the zero point 0 where it has none."""
     scale = QModel.constant_value(q_node.inputs[1])
     zp = QModel.constant_value(q_node.inputs[2]) if len(q_node.inputs) > 2 else np.zeros_like(scale, np.int8)
-    return Layer(node, weight, record, scale, zp)
+    return scale, zp
 
 
 def conv_patches(x: np.ndarray, w_shape, attrs, group: int) -> np.ndarray:
@@ -251,13 +252,19 @@ def conv_patches(x: np.ndarray, w_shape, attrs, group: int) -> np.ndarray:
 def _accumulate(model: QModel, float_form: QModel, layers: list[Layer], quant_inputs: list[str],
                 float_inputs: list[str], ctx, limit: int, name: str) -> None:
     from qgraph.runner import Runner
-    qproto, fproto = model.to_onnx(), float_form.to_onnx()
-    qrun, frun = Runner(qproto, quant_inputs), Runner(fproto, float_inputs)
-    ran = 0
-    for feeds, _ in ctx.feed_plan(qproto).batches(ctx.batch_size, limit or None):
-        qv, fv = qrun.run(feeds, quant_inputs), frun.run(feeds, float_inputs)
+    qproto = model.to_onnx()
+    runs = [(Runner(qproto, quant_inputs), quant_inputs), (Runner(float_form.to_onnx(), float_inputs), float_inputs)]
+    for qv, fv in _calibration_values(ctx, qproto, runs, limit, name):
         for layer, qn, fn in zip(layers, quant_inputs, float_inputs):
             layer.add(qv[qn], fv[fn])
+
+
+def _calibration_values(ctx, proto, runs, limit: int, name: str):
+    """Per calibration batch (the feed plan of `proto`), the values each (runner, tensor names) of
+    `runs` computes; PassError when no batch ran."""
+    ran = 0
+    for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, limit or None):
+        yield [runner.run(feeds, names) for runner, names in runs]
         ran += 1
     if not ran:
         raise PassError(f"{name}: no calibration sample was run; give at least one full batch")

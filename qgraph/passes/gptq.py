@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-
 from qgraph.graph import QModel
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.reconstruction import gptq_codes, round_weights

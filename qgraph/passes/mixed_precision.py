@@ -74,9 +74,10 @@ def mixed_precision(model: QModel, ctx: PassContext, *, target: Literal["cosine"
     """Assign weights 4/8/16 bits, activations 8/16 bits or float per quantizer to meet a target at least cost."""
     records = require_quantizers(model, "mixed_precision")
     menu = replace(_check_menu(weight_bits, activation_bits), allow_float=allow_float)
+    rounding = None
     if weight_rounding == "gptq":
         ctx.require_data("mixed_precision with weight_rounding gptq")
-    rounding = _GptqRounding(model, records, ctx, max_samples) if weight_rounding == "gptq" else None
+        rounding = _GptqRounding(model, records, ctx, max_samples)
     if assign:
         chosen = _check_assign(assign, records)
         observed = observed_ranges(model, records, ctx, max_samples) if ctx.data is not None else {}
@@ -276,12 +277,16 @@ class _GptqRounding:
         layers, _ = find_layers(model, records)
         float_statistics(model, layers, ctx, max_samples, "mixed_precision")
         self.layers = {layer.record.tensor: layer for layer in layers}
+        self.swept: dict[tuple, np.ndarray] = {}   # (weight, bits, grid bytes) → codes: the search's sweeps, reused when writing
 
     def _codes(self, name: str, scale, zp, bits: int):
         from qgraph.reconstruction import gptq_codes
         qmin, qmax = quant.qrange(bits, self.layers[name].record.signed, self.layers[name].record.narrow_range)
         layer = self.layers[name].on_grid(scale, zp, qmin, qmax)
-        return layer, gptq_codes(layer)
+        key = (name, bits, layer.scale.tobytes(), layer.zp.tobytes())
+        if key not in self.swept:
+            self.swept[key] = gptq_codes(layer)
+        return layer, self.swept[key]
 
     def values(self, name: str, record: QuantizerRecord, grids: list[tuple[int, tuple]], value: tuple) -> tuple:
         """A switchboard weight entry (initializer, own value, [value on each alternate grid]) with
@@ -301,16 +306,14 @@ class _GptqRounding:
 
     def write(self, model: QModel, records: dict[str, QuantizerRecord]) -> int:
         """Round the model's weights of 8 bits or fewer, at their final grids, by GPTQ; how many."""
+        from qgraph.reconstruction import quantizer_grid
         nodes = {n.name: n for n in model.graph.nodes}
         written = 0
         for name, layer in self.layers.items():
             record = records.get(name)
             if record is None or record.bits > 8:
                 continue
-            q = nodes[record.quantize]
-            scale = QModel.constant_value(q.inputs[1])
-            zp = QModel.constant_value(q.inputs[2]) if len(q.inputs) > 2 else np.zeros_like(scale, np.int8)
-            chosen, codes = self._codes(name, scale, zp, record.bits)
+            chosen, codes = self._codes(name, *quantizer_grid(nodes[record.quantize]), record.bits)
             chosen.write(codes)
             written += 1
         return written
