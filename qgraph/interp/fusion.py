@@ -54,30 +54,20 @@ def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> l
     items = _fuse_code_regions(items, wanted, call, constants)
     items = _fuse_integer_regions(items, wanted, call, constants)
     items = _fuse_inplace_chains(items, wanted, call, constants)
-    consumers: dict[str, list[int]] = {}
-    for k, it in enumerate(items):
-        for t in it.inputs:
-            if t:
-                consumers.setdefault(t, []).append(k)
+    consumers = _readers(items)
     producer = {t: k for k, it in enumerate(items) for t in it.outputs if t}
     hidden = set(wanted)
-    replaced: dict[int, Item | None] = {}
+    used: set[int] = set()
+    fused_at: dict[int, Item] = {}
     for k, it in enumerate(items):
-        if it.ctx.node.op_type == "GatherElements" and k not in replaced:
+        if it.ctx.node.op_type == "GatherElements" and k not in used:
             chain = _lookup_chain(items, k, consumers, producer, hidden)
             if chain is not None:
                 members, fused = chain
-                if not any(m in replaced for m in members):
-                    for m in members:
-                        replaced[m] = None
-                    replaced[members[-1]] = _lookup_item(items, members, fused, call)
-    out = []
-    for k, it in enumerate(items):
-        if k not in replaced:
-            out.append(it)
-        elif replaced[k] is not None:
-            out.append(replaced[k])
-    return out
+                if not any(m in used for m in members):
+                    used.update(members)
+                    fused_at[members[-1]] = _lookup_item(items, members, fused, call)
+    return _spliced(items, fused_at, used)
 
 
 def _only_consumers(t: str, consumers, expected: set[int], hidden) -> bool:

@@ -297,14 +297,9 @@ def _dynamic_quant_gemm(a, b_shifted, b_scale):
     integers, see :func:`_quantized_weights`), and the result is
     ``float32(acc) * float32(a_scale * b_scale)``."""
     q, a_scale, a_zp = dynamic_quantize_linear(None, a)
-    acc = _as_f32(np.matmul(q.astype(b_shifted.dtype) - b_shifted.dtype.type(a_zp), b_shifted))
+    acc = np.matmul(q.astype(b_shifted.dtype) - b_shifted.dtype.type(a_zp), b_shifted).astype(F32, copy=False)
     acc *= a_scale * b_scale
     return acc
-
-
-def _as_f32(acc):
-    """A float32 accumulator as is (no copy), a float64 one rounded to float32."""
-    return acc if acc.dtype == F32 else acc.astype(F32)
 
 
 @register("DynamicQuantizeLSTM", MS_DOMAIN)
@@ -330,7 +325,7 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
         q, a_scale, zp = dynamic_quantize_rows(h)
         a = q.astype(rf.dtype)
         a -= zp.astype(rf.dtype).reshape(d, 1, 1)
-        acc = _as_f32(np.matmul(a, rf))
+        acc = np.matmul(a, rf).astype(F32, copy=False)   # float32 as is, float64 rounded
         acc *= a_scale.reshape(d, 1, 1) * rs   # float32(a_scale · r_scale), as ORT
         return acc
 
