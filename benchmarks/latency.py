@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/latency.py [--models nudenet_320n,ddddocr_ocr,...] [--batches 1 8]
                                            [--repeats 15] [--calib 16] [--threads 1] [--shares]
-                                           [--json out.json]
+                                           [--also PIPELINE] [--json out.json]
 
 Per zoo model (benchmarks/zoo_models.py) and batch size, ORT's time per batch for
 - float: the model as shipped or built;
@@ -255,6 +255,25 @@ is at parity within the noise of its LSTM. Smaller things left: five kernels per
 (Flatten, Cast, GatherElements, Shape, Reshape; a few µs each, the Shape folded by ORT when the
 map's shape is static), and Concat inputs requantized from QLinearAdd or Split outputs (nudenet's
 C2f blocks), which a table cannot absorb.
+
+The opt-in inexact SiLU, built since: insert_qdq's `split_regions: [silu]` quantizes σ as ORT's
+quantize_static does, and the qlinear target then runs ORT's QLinearSigmoid → QLinearMul pair as
+the QDQ model's own arithmetic. Measured 2026-11-29 on main with `--models ddddocr_det,nudenet_320n
+--repeats 15 --also ptq-silu.yaml` (ptq.yaml with `split_regions: [silu]` in its insert_qdq step;
+"+" columns), same machine, load 3-5 (a distillation benchmark ran beside it):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer qgraph qlinear + qgraph integer +
+    ddddocr_det           1    171.35          0.35x          0.43x          1.27x          0.36x          1.53x
+    ddddocr_det           8    422.68          0.37x          0.45x          1.23x          0.37x          1.59x
+    nudenet_320n          1     20.90          0.53x          0.54x          1.07x          0.52x          1.37x
+    nudenet_320n          8    185.11          0.42x          0.46x          1.11x          0.41x          1.34x
+
+qlinear with ORT's SiLU placement is at ORT QOperator's latency on both (0.36x / 0.37x against
+0.35x / 0.37x; 0.52x / 0.41x against 0.53x / 0.42x). Its fidelity (benchmarks/zoo.py --pipeline, 16
+calibration / 32 evaluation pictures): nudenet cosine 0.99938 against the default's 0.99927 and
+8/8 boxes kept; ddddocr_det 0.99197 against 0.99684, 73 against 75 of 88 boxes (ORT's best QDQ
+setting: 0.99398, 71). The integer target gains nothing from it (a table is its form either way,
+and the Mul of two codes is one more 64 KB pair table).
 """
 
 from __future__ import annotations
@@ -285,17 +304,19 @@ def ort_qoperator(entry: zoo.ZooEntry, float_model: onnx.ModelProto, float_path:
     return zoo_benchmark.ort_quantize(entry, prepared, "MinMax", calib, tmp, quant_format="QOperator")
 
 
-def qgraph_lowered(entry: zoo.ZooEntry, float_path: Path, calib: dict) -> tuple[dict, dict]:
-    """({variant: (model, float nodes left)}, {variant: error}) for both targets of one ptq."""
+def qgraph_lowered(entry: zoo.ZooEntry, float_path: Path, calib: dict, pipeline: str = "ptq",
+                   suffix: str = "") -> tuple[dict, dict]:
+    """({variant: (model, float nodes left)}, {variant: error}) for both targets of one ptq (or
+    `pipeline`); the variants are named "qgraph <target><suffix>"."""
     from qgraph.lowering import lower_model
-    qdq, _ = zoo_benchmark.qgraph_ptq(float_path, calib, 1 if entry.fixed_batch else 64)
+    qdq, _ = zoo_benchmark.qgraph_ptq(float_path, calib, 1 if entry.fixed_batch else 64, pipeline)
     result, errors = {}, {}
     for target in ("qlinear", "integer"):
         try:
             model, report = lower_model(qdq, target)
-            result[f"qgraph {target}"] = (model, len(report.get("skipped", [])))
+            result[f"qgraph {target}{suffix}"] = (model, len(report.get("skipped", [])))
         except Exception as exc:  # noqa: BLE001 - a failing lowering is a result
-            errors[f"qgraph {target}"] = f"{_error(exc)} ({_where(exc)})"
+            errors[f"qgraph {target}{suffix}"] = f"{_error(exc)} ({_where(exc)})"
     return result, errors
 
 
@@ -310,8 +331,9 @@ def _error(exc: BaseException) -> str:
     return zoo_benchmark.error_line(exc)
 
 
-def build_variants(key: str, n_calib: int, echo) -> tuple[zoo.ZooEntry, dict, dict]:
-    """variant -> (model, float nodes left) or an error string."""
+def build_variants(key: str, n_calib: int, echo, also: str | None = None) -> tuple[zoo.ZooEntry, dict, dict]:
+    """variant -> (model, float nodes left) or an error string; `also`, a pipeline whose two
+    lowerings are timed beside the bundled ptq's (variants "qgraph <target> +")."""
     entry = zoo.zoo_entry(key)
     float_model = zoo.zoo_model(key)
     calib = zoo.zoo_inputs(key, n_calib, "calib")
@@ -332,6 +354,13 @@ def build_variants(key: str, n_calib: int, echo) -> tuple[zoo.ZooEntry, dict, di
             errors.update(failed)
         except Exception as exc:  # noqa: BLE001 - ptq itself failed
             errors["qgraph qlinear"] = errors["qgraph integer"] = f"{_error(exc)} ({_where(exc)})"
+        if also:
+            try:
+                lowered, failed = qgraph_lowered(entry, float_path, calib, also, " +")
+                variants.update(lowered)
+                errors.update(failed)
+            except Exception as exc:  # noqa: BLE001 - the pipeline itself failed
+                errors["qgraph qlinear +"] = errors["qgraph integer +"] = f"{_error(exc)} ({_where(exc)})"
     for name, text in errors.items():
         echo(f"  {key} {name}: {text}")
     return entry, variants, errors
@@ -382,10 +411,10 @@ def transition_shares(model: onnx.ModelProto, input_name: str, data: np.ndarray,
             "batch": report.models[0].profiled_batch}
 
 
-def row(key: str, batch: int, timed: dict, leftovers: dict) -> str:
+def row(key: str, batch: int, timed: dict, leftovers: dict, variants=VARIANTS) -> str:
     base = timed.get("float")
     cells = []
-    for name in VARIANTS:
+    for name in variants:
         value = timed.get(name)
         if isinstance(value, float) and isinstance(base, float):
             cells.append(f"{value:9.2f}" if name == "float" else f"{value / base:13.2f}x")
@@ -404,8 +433,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (0: ORT's default)")
     parser.add_argument("--shares", action="store_true",
                         help="also profile qgraph qlinear at the largest batch: shares of Q/DQ, Transpose, tables")
+    parser.add_argument("--also", metavar="PIPELINE",
+                        help="also time both lowerings of this pipeline (a YAML file or bundled name) in the "
+                             "same rounds, as 'qgraph qlinear +' and 'qgraph integer +'")
     parser.add_argument("--json", help="also write every number here")
     args = parser.parse_args()
+    columns = VARIANTS + (("qgraph qlinear +", "qgraph integer +") if args.also else ())
     keys = args.models.split(",")
     unknown = [k for k in keys if k not in zoo.ZOO]
     if unknown:
@@ -414,11 +447,11 @@ def main() -> None:
     def echo(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    lines = [f"  {'model':<17} {'batch':>5} {'float ms':>9} " + " ".join(f"{v:>14}" for v in VARIANTS[1:])]
+    lines = [f"  {'model':<17} {'batch':>5} {'float ms':>9} " + " ".join(f"{v:>14}" for v in columns[1:])]
     record, shares = [], []
     for key in keys:
         try:
-            entry, variants, errors = build_variants(key, args.calib, echo)
+            entry, variants, errors = build_variants(key, args.calib, echo, args.also)
             data = zoo.zoo_inputs(key, max(args.batches), "eval")[entry.input_name]
         except zoo.ZooUnavailable as exc:
             lines.append(f"  {key:<17} unavailable: {exc}")
@@ -430,7 +463,7 @@ def main() -> None:
             for name, value in timed.items():
                 if isinstance(value, str):
                     echo(f"  {key} {name} at batch {batch}: {value}")
-            lines.append(row(key, batch, timed, leftovers))
+            lines.append(row(key, batch, timed, leftovers, columns))
             echo(lines[-1])
             record.append({"model": key, "batch": batch, "ms": timed, "float_left": leftovers})
         if args.shares and "qgraph qlinear" in variants:

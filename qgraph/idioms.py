@@ -410,6 +410,27 @@ def unary_regions(model: QModel) -> list[UnaryRegion]:
     return regions
 
 
+#: Kinds of unary region that several exported ops make (single-op regions are named by their op).
+REGION_KINDS = ("silu", "hardswish", "hardsigmoid", "gelu", "gelu_tanh", "mish", "unary")
+
+
+def split_region(model: QModel, region: UnaryRegion, integer_ops: Iterable[str]) -> list[UnaryRegion]:
+    """`region` op by op, as ONNX Runtime's quantize_static places it: every node of `integer_ops`
+    (Mul, Add, Div by a constant, ...) and every clamp runs as itself; every other node (Sigmoid,
+    Erf, Pow, ...) becomes a one-op region of its own (a table). SiLU ``x·σ(x)`` becomes the
+    region σ(x) and the node Mul(x, σ)."""
+    constant = constant_tensors(model)
+    nodes = {n.name: n for n in model.graph.nodes}
+    parts = []
+    for name in region.nodes:
+        node = nodes[name]
+        if node.op in integer_ops or node.op in CLAMPS:
+            continue
+        data = [t.name for t in node.inputs if t.name and t.name not in constant]
+        parts.append(UnaryRegion(data[0], node.outputs[0].name, (name,), node.op.lower()))
+    return parts
+
+
 def _elementwise(node, constant: set[str]) -> bool:
     if node.domain not in (None, "", "ai.onnx") and not (node.op == "Gelu" and node.domain == "com.microsoft"):
         return False

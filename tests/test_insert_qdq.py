@@ -225,3 +225,52 @@ def test_model_without_quantizable_ops_is_reported_not_an_error():
     m, report = _quantize(proto)
     assert report["changed"] == 0 and not [n for n in m.graph.nodes if n.op == "QuantizeLinear"]
     onnx.checker.check_model(m.to_onnx())
+
+
+def _conv_silu_conv(seed: int = 0) -> onnx.ModelProto:
+    """input → Conv → SiLU as exported (x · Sigmoid(x)) → Conv → logits."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, 8).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c1"], ["sig"], name="sigmoid"),
+             helper.make_node("Mul", ["c1", "sig"], ["silu"], name="silu"),
+             helper.make_node("Conv", ["silu", "w2"], ["logits"], name="conv2")]
+    graph = helper.make_graph(nodes, "conv_silu", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_split_silu_quantizes_the_sigmoid_as_ort_does_and_lowers_to_its_qlinear_pair():
+    """split_regions: [silu] gives σ(x) its own quantizer (one more than SiLU as one activation),
+    the Mul reads two quantized tensors, and the qlinear target then runs the SiLU as ORT's
+    QLinearSigmoid → QLinearMul with no table; the lowered model matches the interpreter bit for bit."""
+    from qgraph.lowering import lower_model
+    x = np.random.default_rng(1).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    models = {}
+    for split in ([], ["silu"]):
+        m, report = _quantize(_conv_silu_conv(), split_regions=split)
+        run_pass(m, "calibrate", {"progress": False}, PassContext(data={"input": x}))
+        models[bool(split)] = (m.to_onnx(), report)
+    (whole, whole_report), (split, split_report) = models[False], models[True]
+    assert split_report["activations"] == whole_report["activations"] + 1
+    assert "sig" in read_quantizers(QModel.from_onnx(split)) and "sig" not in read_quantizers(QModel.from_onnx(whole))
+    assert split_report["unary_regions"] == {"sigmoid": 1} and whole_report["unary_regions"] == {"silu": 1}
+    lowered, report = lower_model(split, "qlinear")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert ops.count("QLinearSigmoid") == 1 and ops.count("QLinearMul") == 1
+    assert "GatherElements" not in ops and "DequantizeLinear" not in ops[:-1]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_allclose(out, run_model(split, {"input": x})["logits"], atol=0.05)
+    from qgraph.interp import run as interp_run
+    np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+    table_ops = [n.op_type for n in lower_model(whole, "qlinear")[0].graph.node]
+    assert "GatherElements" in table_ops and "QLinearSigmoid" not in table_ops
+
+
+def test_split_regions_names_unknown_kinds():
+    with pytest.raises(ConfigError, match="split_regions': unknown kind.* swish; choose from: silu"):
+        _quantize(_conv_silu_conv(), split_regions=["swish"])

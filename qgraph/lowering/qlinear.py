@@ -47,7 +47,9 @@ through QLinearSigmoid and QLinearLeakyRelu, whose tables ORT builds from the lo
 leaky-ReLU functions. On nudenet's 57 SiLU sites QLinearSigmoid → QLinearMul on ORT's own grids
 differs from the exact table on 15-97 of the 256 codes; other grids make it exact on the coarse
 grids of the first layers only (6 of the 57, emit_region), so elsewhere an exact SiLU costs about
-1.8x the node time of ORT's inexact pair.
+1.8x the node time of ORT's inexact pair. A user who prefers ORT's speed to the exact table
+quantizes σ as ORT does (insert_qdq's `split_regions: [silu]`); the pair is then the QDQ model's
+own arithmetic: a QLinearSigmoid and a QLinearMul, lowered as any other.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ Placement (the integer region grows backwards from the compute ops):
    non-negative by ahead_relu share their input's quantizer: the pair sits on the input,
    `qgraph.quant_aliases` maps their output to it.
 
+`split_regions` (e.g. `[silu]`) lists kinds of unary region (idioms.REGION_KINDS) to place op by
+op instead, as ONNX Runtime's quantize_static does (idioms.split_region): SiLU ``x·σ(x)`` gets a
+quantizer on σ(x), so the qlinear target runs it as ORT's QLinearSigmoid → QLinearMul — a byte
+lookup and a multiply, faster in ORT than the exact 256-entry table of the whole SiLU — at the
+cost of rounding σ to 8 bits, which the one-activation placement does not.
+
 Rules (HAT priority, qgraph.qconfig) set bits and grids per node; `skip: true` keeps a node
 float, `quantize_input: false` keeps its inputs float, `quantize_output: false` its output.
 The report's `placement` says for every float activation why it is or is not quantized.
@@ -52,10 +58,10 @@ import onnx_graphsurgeon as gs
 from qgraph import quant
 from qgraph.annotations import (CALIBRATED, NONNEGATIVE, QUANT_ALIASES, QuantizerRecord, get_annotation,
                                 set_annotation, write_quantizers)
-from qgraph.errors import PassError
+from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
-from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, clip_bounds_or_none, constant_tensors, index_tensors,
-                           is_range_preserving, skip, unary_regions)
+from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, REGION_KINDS, clip_bounds_or_none, constant_tensors, index_tensors,
+                           is_range_preserving, skip, split_region, unary_regions)
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qconfig import ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
 from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams
@@ -72,15 +78,21 @@ _FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 @register_pass("insert_qdq", preserves_outputs=False)
 def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(WeightSpec()),
-               activations: dict = asdict(ActivationSpec()), rules: list = []) -> dict:  # noqa: B006
-    """Insert QuantizeLinear/DequantizeLinear on weights and activations by rules (HAT priority)."""
+               activations: dict = asdict(ActivationSpec()), rules: list = [],  # noqa: B006
+               split_regions: list = []) -> dict:  # noqa: B006
+    """Insert QuantizeLinear/DequantizeLinear on weights and activations by rules (HAT priority).
+    `split_regions` lists kinds of exported activation (idioms.REGION_KINDS) quantized op by op."""
     resolver = QConfigResolver(weights, activations, rules)
+    unknown = sorted(set(split_regions) - set(REGION_KINDS))
+    if unknown:
+        raise ConfigError(f"pass 'insert_qdq' parameter 'split_regions': unknown kind(s) {', '.join(unknown)}; "
+                          f"choose from: {', '.join(REGION_KINDS)}")
     existing = [n.name for n in model.graph.nodes if n.op == "QuantizeLinear"]
     if existing:
         raise PassError(f"insert_qdq: the model already has {len(existing)} QuantizeLinear nodes "
                         f"(e.g. '{existing[0]}'); run it once, on a float model")
     model.cleanup()
-    plan = QuantPlan(model, resolver, set(get_annotation(model, NONNEGATIVE, []) or []))
+    plan = QuantPlan(model, resolver, set(get_annotation(model, NONNEGATIVE, []) or []), set(split_regions))
     plan.collect()
     weight_values = constant_input_values(model, [t for t, *_ in plan.weights.values()])
     records: dict[str, QuantizerRecord] = {}
@@ -115,7 +127,8 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
 class QuantPlan:
     """Decides the quantized tensors (one quantizer each) before the graph is touched."""
 
-    def __init__(self, model: QModel, resolver: QConfigResolver, nonnegative: set[str]):
+    def __init__(self, model: QModel, resolver: QConfigResolver, nonnegative: set[str],
+                 split_kinds: set[str] = frozenset()):
         self.model = model
         self.resolver = resolver
         self.nonnegative = nonnegative
@@ -129,7 +142,14 @@ class QuantPlan:
         self.skipped_nodes: set[str] = {name for name, c in self.configs.items() if c.skip}
         self.constant = constant_tensors(model)
         self.index = index_tensors(model)
-        self.regions = [r for r in unary_regions(model) if r.input not in self.index]
+        self.regions = []
+        for region in unary_regions(model):
+            if region.input in self.index:
+                continue
+            if region.kind in split_kinds:
+                self.regions += split_region(model, region, INTEGER_OPS)
+            else:
+                self.regions.append(region)
         self.region_by_output = {r.output: r for r in self.regions}
         self.region_of_node = {name: r for r in self.regions for name in r.nodes}
         self.nodes = {n.name: n for n in model.graph.nodes}
