@@ -260,7 +260,7 @@ The opt-in inexact SiLU, built since: insert_qdq's `split_regions: [silu]` quant
 quantize_static does, and the qlinear target then runs ORT's QLinearSigmoid → QLinearMul pair as
 the QDQ model's own arithmetic. Measured 2026-11-29 on main with `--models ddddocr_det,nudenet_320n
 --repeats 15 --also ptq-silu.yaml` (ptq.yaml with `split_regions: [silu]` in its insert_qdq step;
-"+" columns), same machine, load 3-5 (a distillation benchmark ran beside it):
+"+" columns), same machine, with a distillation benchmark running beside it:
 
     model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer qgraph qlinear + qgraph integer +
     ddddocr_det           1    171.35          0.35x          0.43x          1.27x          0.36x          1.53x
