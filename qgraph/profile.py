@@ -55,7 +55,8 @@ ROLE_HINTS = {
                                         "`qgraph lower -v`",
     "lookup table": "a unary activation as a 256-entry table (Cast + GatherElements, the lowering's table "
                     "form; a plain Gather copies byte by byte, 3x slower): ORT has no integer lookup op for "
-                    "arbitrary tables",
+                    "arbitrary tables; a SiLU's runs as ORT's QLinearSigmoid -> QLinearMul once its sigmoid is "
+                    "quantized as ORT does (insert_qdq `split_regions: [silu]`: one more 8-bit rounding)",
     "integer requantization": "integer-target requantization as generic int ops (meant for integer engines; on "
                               "ORT the qlinear target does it inside QLinear* kernels)",
     "integer clamp": "a Clip on integer codes after an integer op: when its bound is the grid's end the "
