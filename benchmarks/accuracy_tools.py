@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/accuracy_tools.py [--parts repair,zoo,scale] [--models ...]
                                                   [--zoo-model svtr_recognizer] [--calib-images 16] [--images 8]
                                                   [--cost bytes|model_bytes|bitops] [--weight-rounding gptq]
-                                                  [--no-float] [--scale-images 64]
+                                                  [--no-float] [--no-analyze] [--scale-images 64]
 
 Three parts, each against its goal from issue 14:
 
@@ -180,7 +180,7 @@ def _cosine(a, b) -> float:
 
 
 def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str = "bytes",
-             weight_rounding: str = "nearest", allow_float: bool = True) -> None:
+             weight_rounding: str = "nearest", allow_float: bool = True, analyze: bool = True) -> None:
     import zoo_models as zoo
     from qgraph.model_io import load_model
     # a wheel model at opset 17, as qgraph users load it; a builder's model as the zoo tests build it
@@ -194,12 +194,15 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
     reference = run_model(float_model, held)[out] if _batch_free(float_model) else _run_each(float_model, held, out)
     int8_out = _run_each(int8, held, out)
     print(f"  int8 held-out output cosine {_cosine(reference, int8_out):.5f}", flush=True)
-    start = time.perf_counter()
-    report = analyze_models(float_model, int8, calib, batch_size=1, evaluator=Evaluator(workers))
-    print(f"  analyze: {len(report['quantizers'])} quantizers, {time.perf_counter() - start:.0f}s; "
-          f"first tensor under 20 dB: {(report['first_below_threshold'] or {}).get('tensor')}")
-    for row in report["sensitivity"][:8]:
-        print(f"    {row['output_snr_db']:6.1f} dB  cosine {row['output_cosine']:.5f}  {row['group']}")
+    task = _task_agreement(key, float_model, held)
+    print(f"  int8 held-out task: {task(int8)}", flush=True)
+    if analyze:
+        start = time.perf_counter()
+        report = analyze_models(float_model, int8, calib, batch_size=1, evaluator=Evaluator(workers))
+        print(f"  analyze: {len(report['quantizers'])} quantizers, {time.perf_counter() - start:.0f}s; "
+              f"first tensor under 20 dB: {(report['first_below_threshold'] or {}).get('tensor')}")
+        for row in report["sensitivity"][:8]:
+            print(f"    {row['output_snr_db']:6.1f} dB  cosine {row['output_cosine']:.5f}  {row['group']}")
     model = QModel.from_onnx(int8)
     start = time.perf_counter()
     mp = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.999, "workers": workers,
@@ -213,6 +216,21 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
         print(f"    budget {step['budget']:.3g}: measured {step['measured']:.6f}, cost {step['cost']:.0f}")
     print(f"  weight bytes in <= 8 bits: {100 * share:.1f}%; held-out output cosine "
           f"{_cosine(reference, _run_each(mixed, held, out)):.5f}", flush=True)
+    print(f"  mixed precision held-out task: {task(mixed)}", flush=True)
+
+
+def _task_agreement(key: str, float_model: onnx.ModelProto, held: dict):
+    """A scorer of a model's task outputs (boxes matched, identical strings) against the float model's,
+    run as benchmarks/zoo.py runs them."""
+    import zoo_models as zoo
+    entry = zoo.zoo_entry(key)
+    inputs = held[entry.input_name]
+    reference = zoo.run_entry(entry, zoo.ort_session(float_model), inputs)
+
+    def score(model: onnx.ModelProto) -> str:
+        share, text = zoo.task_agreement(entry, reference, zoo.run_entry(entry, zoo.ort_session(model), inputs))
+        return f"{text} ({100 * share:.1f}%)"
+    return score
 
 
 def _batch_free(model: onnx.ModelProto) -> bool:
@@ -259,7 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="repair,zoo,scale")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--zoo-model", default="svtr_recognizer")
+    parser.add_argument("--zoo-model", default="svtr_recognizer", help="zoo model key(s), comma-separated")
+    parser.add_argument("--no-analyze", action="store_true", help="zoo part: skip analyze, run mixed precision")
     parser.add_argument("--images", type=int, default=8, help="zoo held-out images")
     parser.add_argument("--calib-images", type=int, default=16, help="zoo calibration images")
     parser.add_argument("--scale-images", type=int, default=64)
@@ -275,8 +294,9 @@ def main() -> None:
     if "repair" in parts:
         part_repair(args.models.split(","), workdir)
     if "zoo" in parts:
-        part_zoo(args.zoo_model, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
-                 not args.no_float)
+        for key in args.zoo_model.split(","):
+            part_zoo(key, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
+                     not args.no_float, not args.no_analyze)
     if "scale" in parts:
         part_scale(args.scale_images)
 
