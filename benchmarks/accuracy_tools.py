@@ -15,7 +15,8 @@ Three parts, each against its goal from issue 14:
   use percentile 99.999 that is the untrained SVTR-like recognizer, svtr_recognizer, worst-sample
   cosine 0.624 in tests/test_zoo_quantization.py): `qgraph analyze` names the quantizers that
   cost most, and `mixed_precision` targets output cosine 0.999. Goal: cosine >= 0.999 on
-  held-out images with >= 90% of the weight bytes in 8 bits or fewer.
+  held-out images with >= 90% of the weight bytes in 8 bits or fewer. Beside each cosine, the task
+  agreement with float (zoo_models.task_agreement: boxes matched, identical strings).
 - `scale`: analyze on ResNet-50 (untrained, 224x224, real photos from the zoo's scikit-image
   pictures) with `--scale-images` images: local per-quantizer sensitivity of every quantizer,
   1 worker vs 2 local workers. Goal: under 10 minutes on 2 cores; report the 1/2 ratio.
