@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/accuracy_tools.py [--parts repair,zoo,scale] [--models ...]
                                                   [--zoo-model svtr_recognizer] [--calib-images 16] [--images 8]
                                                   [--cost bytes|model_bytes|bitops] [--weight-rounding gptq]
-                                                  [--no-float] [--scale-images 64]
+                                                  [--no-float] [--no-analyze] [--scale-images 64]
 
 Three parts, each against its goal from issue 14:
 
@@ -15,7 +15,8 @@ Three parts, each against its goal from issue 14:
   use percentile 99.999 that is the untrained SVTR-like recognizer, svtr_recognizer, worst-sample
   cosine 0.624 in tests/test_zoo_quantization.py): `qgraph analyze` names the quantizers that
   cost most, and `mixed_precision` targets output cosine 0.999. Goal: cosine >= 0.999 on
-  held-out images with >= 90% of the weight bytes in 8 bits or fewer.
+  held-out images with >= 90% of the weight bytes in 8 bits or fewer. Beside each cosine, the task
+  agreement with float (zoo_models.task_agreement: boxes matched, identical strings).
 - `scale`: analyze on ResNet-50 (untrained, 224x224, real photos from the zoo's scikit-image
   pictures) with `--scale-images` images: local per-quantizer sensitivity of every quantizer,
   1 worker vs 2 local workers. Goal: under 10 minutes on 2 cores; report the 1/2 ratio.
@@ -86,6 +87,28 @@ Measured (2 shared cores; see the bottom of this docstring for what was not met 
       **0.99993 held-out, 94.7% of the weight bytes in <= 8 bits — goal met on this model**.
       Without GPTQ (round-to-nearest, same menu) it had stopped at 33%: one 8-bit 1x1 conv of the
       SVTR neck alone cost 0.002-0.003 of cosine; compensated, 0.0006 (local SNR 43 -> 60 dB).
+    task metrics (issue 12's goal: detection >= 95% of float's boxes matched, OCR >= 90% identical
+    strings), 2026-11-29: 32 calibration / 32 held-out real inputs from the zoo's "calib" / "eval"
+    splits, 1 worker, 2 cores shared with other jobs (load average 4-6), each model run alone:
+      .venv/bin/python benchmarks/accuracy_tools.py --parts zoo --zoo-model KEY --no-analyze
+          --weight-rounding gptq --no-float --cost model_bytes --calib-images 32 --images 32 --workers 1
+    model            int8 cos  int8 task            MP cos   MP task              <=8-bit  MP s   task goal
+    ddddocr_det      0.99774   83/88 boxes   94.3%  -        -                    -        >1500  not measured (stopped)
+    ppocr_det        0.87062   46/53 boxes   86.8%  0.99824  49/53 boxes   92.5%  94.0%    1192   missed by 2.5 points
+    db_detector      0.99007   72/82 boxes   87.8%  0.99928  78/82 boxes   95.1%  99.6%    322    met
+    ddddocr_ocr_old  0.99758   28/32 strings 87.5%  0.99847  26/32 strings 81.2%  100.0%   368    missed by 8.8 points
+    ppocr_rec        0.96705   19/32 strings 59.4%  0.99993  32/32 strings 100%   94.7%    514    met
+    (cos: held-out cosine of the first output, all 32 inputs as one vector; MP: mixed_precision,
+    target cosine 0.999 on the calibration inputs; <=8-bit: share of the weight bytes, >= 90% wanted;
+    ddddocr_ocr_old's one w16 weight is at most 0.05% of its bytes.) Mixed precision finishes the job
+    on db_detector and ppocr_rec. On ppocr_det it lifts the boxes from 86.8% to 92.5%, 2 boxes short
+    of 95%: it met the target on the calibration inputs (0.99948), not on the held-out ones (0.99824).
+    On ddddocr_ocr_old it does not help the strings: calibration cosine 0.99904 (held-out 0.99847,
+    above int8's 0.99758) bought with 7 4-bit weights, yet 2 strings fewer than int8, 3 short of 90%:
+    the output cosine, one number over every step and class, does not bound each step's argmax, so
+    strings need a tighter target or a task-level one. ddddocr_det's search (one switchboard run of
+    32 416x416 inputs per quantizer, GPTQ per weight grid) did not end in 25 minutes and was stopped;
+    with 32 calibration inputs its int8 model is already at 94.3% (zoo.py, 16 inputs: 75/88).
     scale: ResNet-50 (125 quantizers, 64 real 224x224 photos, batch 8); 2 cores shared with other
     jobs (load average 8-11 throughout, so wall times are 2-4x what 2 free cores would give;
     CPU seconds are this process and its workers)
@@ -180,7 +203,7 @@ def _cosine(a, b) -> float:
 
 
 def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str = "bytes",
-             weight_rounding: str = "nearest", allow_float: bool = True) -> None:
+             weight_rounding: str = "nearest", allow_float: bool = True, analyze: bool = True) -> None:
     import zoo_models as zoo
     from qgraph.model_io import load_model
     # a wheel model at opset 17, as qgraph users load it; a builder's model as the zoo tests build it
@@ -194,12 +217,15 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
     reference = run_model(float_model, held)[out] if _batch_free(float_model) else _run_each(float_model, held, out)
     int8_out = _run_each(int8, held, out)
     print(f"  int8 held-out output cosine {_cosine(reference, int8_out):.5f}", flush=True)
-    start = time.perf_counter()
-    report = analyze_models(float_model, int8, calib, batch_size=1, evaluator=Evaluator(workers))
-    print(f"  analyze: {len(report['quantizers'])} quantizers, {time.perf_counter() - start:.0f}s; "
-          f"first tensor under 20 dB: {(report['first_below_threshold'] or {}).get('tensor')}")
-    for row in report["sensitivity"][:8]:
-        print(f"    {row['output_snr_db']:6.1f} dB  cosine {row['output_cosine']:.5f}  {row['group']}")
+    task = _task_agreement(key, float_model, held)
+    print(f"  int8 held-out task: {task(int8)}", flush=True)
+    if analyze:
+        start = time.perf_counter()
+        report = analyze_models(float_model, int8, calib, batch_size=1, evaluator=Evaluator(workers))
+        print(f"  analyze: {len(report['quantizers'])} quantizers, {time.perf_counter() - start:.0f}s; "
+              f"first tensor under 20 dB: {(report['first_below_threshold'] or {}).get('tensor')}")
+        for row in report["sensitivity"][:8]:
+            print(f"    {row['output_snr_db']:6.1f} dB  cosine {row['output_cosine']:.5f}  {row['group']}")
     model = QModel.from_onnx(int8)
     start = time.perf_counter()
     mp = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.999, "workers": workers,
@@ -213,6 +239,21 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
         print(f"    budget {step['budget']:.3g}: measured {step['measured']:.6f}, cost {step['cost']:.0f}")
     print(f"  weight bytes in <= 8 bits: {100 * share:.1f}%; held-out output cosine "
           f"{_cosine(reference, _run_each(mixed, held, out)):.5f}", flush=True)
+    print(f"  mixed precision held-out task: {task(mixed)}", flush=True)
+
+
+def _task_agreement(key: str, float_model: onnx.ModelProto, held: dict):
+    """A scorer of a model's task outputs (boxes matched, identical strings) against the float model's,
+    run as benchmarks/zoo.py runs them."""
+    import zoo_models as zoo
+    entry = zoo.zoo_entry(key)
+    inputs = held[entry.input_name]
+    reference = zoo.run_entry(entry, zoo.ort_session(float_model), inputs)
+
+    def score(model: onnx.ModelProto) -> str:
+        share, text = zoo.task_agreement(entry, reference, zoo.run_entry(entry, zoo.ort_session(model), inputs))
+        return f"{text} ({100 * share:.1f}%)"
+    return score
 
 
 def _batch_free(model: onnx.ModelProto) -> bool:
@@ -259,7 +300,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="repair,zoo,scale")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--zoo-model", default="svtr_recognizer")
+    parser.add_argument("--zoo-model", default="svtr_recognizer", help="zoo model key(s), comma-separated")
+    parser.add_argument("--no-analyze", action="store_true", help="zoo part: skip analyze, run mixed precision")
     parser.add_argument("--images", type=int, default=8, help="zoo held-out images")
     parser.add_argument("--calib-images", type=int, default=16, help="zoo calibration images")
     parser.add_argument("--scale-images", type=int, default=64)
@@ -275,8 +317,9 @@ def main() -> None:
     if "repair" in parts:
         part_repair(args.models.split(","), workdir)
     if "zoo" in parts:
-        part_zoo(args.zoo_model, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
-                 not args.no_float)
+        for key in args.zoo_model.split(","):
+            part_zoo(key, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
+                     not args.no_float, not args.no_analyze)
     if "scale" in parts:
         part_scale(args.scale_images)
 
