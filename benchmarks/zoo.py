@@ -128,8 +128,8 @@ killed by the kernel's OOM killer at 22 GB of memory, so ppocr_det's ORT column 
 
 More calibration data is what lifts ddddocr_det's YOLOX over the 95% detection goal (75 -> 85 of
 88 boxes from 16 to 64 pictures; 83 with 32), and db_detector from 67 to 70 of 82. It is not
-monotone everywhere: ppocr_cls falls from 0.99884 to 0.99521 (tests elsewhere: 0.99889 / 0.99911 /
-0.99335 at 16 / 32 / 64 with batch 8), where the 99.999th percentile of 64 strips narrows a few
+monotone everywhere: ppocr_cls falls from 0.99884 to 0.99521 (a separate run, batch 8: 0.99889 / 0.99911 /
+0.99335 at 16 / 32 / 64), where the 99.999th percentile of 64 strips narrows a few
 ranges it clipped less at 32 (batch_norm_33.tmp_2: [-16.2, 18.5] -> [-14.6, 16.9]) and minmax ranges
 give 0.99724 / 0.9989 / 0.99815: below ORT's cosine there and on ppocr_rec and nudenet, with the
 task at least ORT's on every model but pplcnet_textdir and db_detector.
