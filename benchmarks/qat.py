@@ -141,6 +141,24 @@ ZOO_MODELS = ("nudenet_320n", "ddddocr_det", "ddddocr_ocr", "ddddocr_ocr_old", "
 CALIB = 512
 FLOAT_LR = 3e-3
 BATCH = 64
+# `--zoo-start gptq`: ptq.yaml's passes and settings with CLE before the quantizers and the weights
+# re-rounded by GPTQ, then bias-corrected (docs/accuracy.md's w4-gptq.yaml); the weight bits come
+# from --zoo-bits. JSON is YAML, so this is written as a pipeline file for apply_pipeline.
+GPTQ_PIPELINE = {"passes": [
+    {"canonicalize": {}},
+    {"dequantize_dynamic": {}},
+    {"fuse_conv_bn": {"mode": "fold"}},
+    {"ahead_relu": {}},
+    {"equalize": {}},
+    {"insert_qdq": {
+        "weights": {"bits": 4, "per_channel": True, "symmetric": True, "narrow_range": True, "pow2": False,
+                    "observer": "minmax"},
+        "activations": {"bits": 8, "symmetric": False, "pow2": False, "observer": "percentile",
+                        "percentile": 99.999, "nonnegative_storage": "uint8"}}},
+    {"calibrate": {"max_samples": 1024}},
+    {"gptq": {}},
+    {"bias_correction": {}},
+]}
 
 if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
     import onnx
@@ -431,9 +449,13 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     # batch 1 with int8's 3e-5 moved ddddocr_ocr away from the teacher every epoch, 3e-6 moved it closer)
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
+    start_pipeline = args.zoo_start
+    if args.zoo_start == "gptq":
+        start_pipeline = work / "gptq-start.yaml"
+        start_pipeline.write_text(json.dumps(GPTQ_PIPELINE, indent=1))
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):
         name = "int8" if bits == 8 else "w4a8"
-        prepared = apply_pipeline(float_model, args.zoo_start, calib, weight_bits=bits, batch_size=batch)
+        prepared = apply_pipeline(float_model, start_pipeline, calib, weight_bits=bits, batch_size=batch)
         row[f"ptq_{name}"] = measure(prepared)
         log(f"PTQ {name}: cosine {row[f'ptq_{name}']['cosine']:.5f}; distillation {epochs} epochs, lr {lr}")
         start = time.perf_counter()
@@ -481,8 +503,8 @@ def report_distill(rows: list[dict], zoo_rows: list[dict], args) -> None:
         print(f"\nZoo: distillation QAT without labels (on {args.zoo_train} calibration-split inputs; int8 "
               f"{args.zoo_epochs} epochs lr {args.zoo_lr}, W4A8 {args.zoo_w4_epochs} epochs lr {args.zoo_w4_lr} "
               f"at batch {args.zoo_batch}, scaled by batch/{args.zoo_batch} for fixed-batch models; "
-              f"PTQ = the {args.zoo_start}.yaml model before "
-              "training (qat.yaml: minmax activation ranges, ptq.yaml: percentile), ptq.yaml int8 = the default "
+              f"PTQ = the {args.zoo_start} start before training (qat.yaml: minmax activation ranges, ptq.yaml: "
+              "percentile, gptq: ptq.yaml + equalize, gptq, bias_correction), ptq.yaml int8 = the default "
               f"PTQ model (99.999th percentile ranges), both calibrated on {args.zoo_calib}); worst output's cosine / SNR dB to float and task "
               f"agreement on {args.zoo_eval} evaluation inputs\n")
         print("| model | batch | ptq.yaml int8 | PTQ int8 | distill int8 | gap closed (vs ptq.yaml) | PTQ W4A8 "
@@ -574,9 +596,10 @@ def main() -> None:
     parser.add_argument("--zoo-lr", type=float, default=3e-5, help="int8 lr at --zoo-batch (fixed batch: scaled)")
     parser.add_argument("--zoo-w4-lr", type=float, default=1e-3, help="W4A8 lr at --zoo-batch (fixed batch: scaled)")
     parser.add_argument("--zoo-w4-epochs", type=int, default=6)
-    parser.add_argument("--zoo-start", choices=("qat", "ptq"), default="qat",
+    parser.add_argument("--zoo-start", choices=("qat", "ptq", "gptq"), default="qat",
                         help="the pipeline of the model distillation starts from: qat.yaml (minmax activation "
-                             "ranges, forward-fused BN) or ptq.yaml (percentile ranges, BN folded)")
+                             "ranges, forward-fused BN), ptq.yaml (percentile ranges, BN folded), or gptq "
+                             "(ptq.yaml with equalize before insert_qdq, then gptq and bias_correction)")
     parser.add_argument("--zoo-relative-lr", action="store_true",
                         help="steps relative to each tensor's RMS (train_model(relative_lr=True)); the rates "
                              "then mean a relative change per step")
