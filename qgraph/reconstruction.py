@@ -117,9 +117,13 @@ class Layer:
         s, z = self.grid()
         return s * (codes - z)
 
-    def write(self, codes: np.ndarray) -> None:
+    def weight(self, codes: np.ndarray) -> np.ndarray:
+        """The float32 weight tensor (the layer's own shape) that `codes` dequantize to."""
         values = quant.dequantize(codes, self.channel_vector(self.scale), self.channel_vector(self.zp))
-        self.weight_tensor.values = self.unmatrix(values).astype(np.float32)
+        return self.unmatrix(values).astype(np.float32)
+
+    def write(self, codes: np.ndarray) -> None:
+        self.weight_tensor.values = self.weight(codes)
 
 
 def find_layers(model: QModel, records: dict[str, QuantizerRecord]) -> tuple[list[Layer], list[dict]]:

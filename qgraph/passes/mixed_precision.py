@@ -297,7 +297,7 @@ class _GptqRounding:
 
         def rounded(scale, zp, bits):
             layer, codes = self._codes(name, scale, zp, bits)
-            return layer.unmatrix(layer.values(codes)).astype(np.float32)
+            return layer.weight(codes)
         if record.bits <= 8:
             own = rounded(self.layers[name].scale, self.layers[name].zp, record.bits)
         alternates = [rounded(grid[0], grid[1], bits) if bits <= 8 else alt
