@@ -180,7 +180,7 @@ FLOAT_LR = 3e-3
 BATCH = 64
 # `--zoo-start gptq`: ptq.yaml's passes and settings with CLE before the quantizers and the weights
 # re-rounded by GPTQ, then bias-corrected (docs/accuracy.md's w4-gptq.yaml); the weight bits come
-# from --zoo-bits. JSON is YAML, so this is written as a pipeline file for apply_pipeline.
+# from --zoo-bits.
 GPTQ_PIPELINE = {"passes": [
     {"canonicalize": {}},
     {"dequantize_dynamic": {}},
@@ -486,10 +486,7 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     # batch 1 with int8's 3e-5 moved ddddocr_ocr away from the teacher every epoch, 3e-6 moved it closer)
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
-    start_pipeline = args.zoo_start
-    if args.zoo_start == "gptq":
-        start_pipeline = work / "gptq-start.yaml"
-        start_pipeline.write_text(json.dumps(GPTQ_PIPELINE, indent=1))
+    start_pipeline = GPTQ_PIPELINE if args.zoo_start == "gptq" else args.zoo_start
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):
         name = "int8" if bits == 8 else "w4a8"
         prepared = apply_pipeline(float_model, start_pipeline, calib, weight_bits=bits, batch_size=batch)

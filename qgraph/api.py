@@ -21,7 +21,7 @@ from qgraph.files import check_input_file, check_outputs, json_bytes, write_file
 from qgraph.graph import QModel
 from qgraph.model_io import check_model, load_model, model_bytes, save_model
 from qgraph.pipeline import (PassContext, StepReport, bundled_pipeline, load_pipeline,  # noqa: F401
-                             resolve_pipeline_path, run_pipeline)
+                             pipeline_from_document, resolve_pipeline_path, run_pipeline)
 from qgraph.schema import Range, check_value
 
 log = logging.getLogger("qgraph")
@@ -239,11 +239,12 @@ def diff_file(model_path: str | os.PathLike, data_path: str | os.PathLike, *, ag
     return report
 
 
-def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike, data: dict | None = None, *,
+def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike | dict | list, data: dict | None = None, *,
                    weight_bits: int | None = None, batch_size: int = 64) -> onnx.ModelProto:
-    """Run a pipeline (a file or a bundled name) on an in-memory model, without progress output;
-    `weight_bits` overrides insert_qdq's weight bits (e.g. 4 for W4A8)."""
-    pipe = load_pipeline(pipeline)
+    """Run a pipeline (a file, a bundled name, or a parsed pipeline document: {passes: [...]} or
+    the bare list) on an in-memory model, without progress output; `weight_bits` overrides
+    insert_qdq's weight bits (e.g. 4 for W4A8)."""
+    pipe = pipeline_from_document(pipeline) if isinstance(pipeline, (dict, list)) else load_pipeline(pipeline)
     steps = []
     for name, params in pipe.steps:
         params = dict(params)

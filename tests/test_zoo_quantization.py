@@ -134,13 +134,11 @@ def test_quantizers_sit_where_a_deployment_compiler_puts_them(key, quantized, fl
 
 
 @pytest.fixture(scope="module")
-def float_part(tmp_path_factory) -> Path:
-    """The float passes of the bundled ptq pipeline (what insert_qdq sees) as a pipeline file."""
+def float_part() -> dict:
+    """The float passes of the bundled ptq pipeline (what insert_qdq sees) as a pipeline document."""
     steps = yaml.safe_load(Path(bundled_pipeline("ptq")).read_text())["passes"]
     names = [next(iter(step)) if isinstance(step, dict) else step for step in steps]
-    path = tmp_path_factory.mktemp("pipelines") / "float-part.yaml"
-    path.write_text(yaml.safe_dump({"passes": steps[:names.index("insert_qdq")]}))
-    return path
+    return {"passes": steps[:names.index("insert_qdq")]}
 
 
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
@@ -247,7 +245,7 @@ def test_gptq_wins_back_what_rounding_8_bit_weights_costs_the_paddleocr_recogniz
     assert after >= before + 0.01 and after >= 0.975, (before, after)
 
 
-def test_silu_placed_as_onnxruntime_does_runs_as_its_qlinear_pair_on_yolov8n(quantized, tmp_path):
+def test_silu_placed_as_onnxruntime_does_runs_as_its_qlinear_pair_on_yolov8n(quantized):
     """insert_qdq's `split_regions: [silu]` on nudenet's YOLOv8n: every one of its 57 SiLUs gets a
     quantizer on σ and lowers to QLinearSigmoid → QLinearMul (no table: what makes ORT's
     QOperator model faster), the model stays as close to float as the default placement (measured
@@ -258,9 +256,7 @@ def test_silu_placed_as_onnxruntime_does_runs_as_its_qlinear_pair_on_yolov8n(qua
     for step in pipeline["passes"]:
         if "insert_qdq" in step:
             step["insert_qdq"]["split_regions"] = ["silu"]
-    pipe = tmp_path / "ptq-silu.yaml"
-    pipe.write_text(yaml.safe_dump(pipeline))
-    split = apply_pipeline(case.float_model, pipe, zoo.zoo_inputs("nudenet_320n", CALIBRATION, "calib"))
+    split = apply_pipeline(case.float_model, pipeline, zoo.zoo_inputs("nudenet_320n", CALIBRATION, "calib"))
     lowered, report = lower_model(split, "qlinear")
     ops = collections.Counter(n.op_type for n in lowered.graph.node)
     sites = sum(r.kind == "silu" for r in unary_regions(QModel.from_onnx(case.float_model)))
