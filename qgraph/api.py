@@ -243,13 +243,15 @@ def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike | dict | 
                    weight_bits: int | None = None, batch_size: int = 64) -> onnx.ModelProto:
     """Run a pipeline (a file, a bundled name, or a parsed pipeline document: {passes: [...]} or
     the bare list) on an in-memory model, without progress output; `weight_bits` overrides
-    insert_qdq's weight bits (e.g. 4 for W4A8)."""
+    insert_qdq's weight bits (e.g. 4 for W4A8), and smooth's, which measures on those grids."""
     pipe = pipeline_from_document(pipeline) if isinstance(pipeline, (dict, list)) else load_pipeline(pipeline)
     steps = []
     for name, params in pipe.steps:
         params = dict(params)
         if name == "insert_qdq" and weight_bits is not None:
             params["weights"] = {**params.get("weights", {}), "bits": weight_bits}
+        if name == "smooth" and weight_bits is not None:      # its choice weighs the same weight grids
+            params["weight_bits"] = weight_bits
         if name == "calibrate":
             params["progress"] = False
         steps.append((name, params))
