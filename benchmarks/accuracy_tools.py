@@ -203,7 +203,8 @@ def _cosine(a, b) -> float:
 
 
 def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str = "bytes",
-             weight_rounding: str = "nearest", allow_float: bool = True, analyze: bool = True) -> None:
+             weight_rounding: str = "nearest", allow_float: bool = True, analyze: bool = True,
+             target_value: float = 0.999, weight_bits: tuple = (4, 8, 16)) -> None:
     import zoo_models as zoo
     from qgraph.model_io import load_model
     # a wheel model at opset 17, as qgraph users load it; a builder's model as the zoo tests build it
@@ -228,9 +229,9 @@ def part_zoo(key: str, calib_images: int, images: int, workers: int, cost: str =
             print(f"    {row['output_snr_db']:6.1f} dB  cosine {row['output_cosine']:.5f}  {row['group']}")
     model = QModel.from_onnx(int8)
     start = time.perf_counter()
-    mp = run_pass(model, "mixed_precision", {"target": "cosine", "value": 0.999, "workers": workers,
+    mp = run_pass(model, "mixed_precision", {"target": "cosine", "value": target_value, "workers": workers,
                                              "cost": cost, "weight_rounding": weight_rounding,
-                                             "allow_float": allow_float},
+                                             "allow_float": allow_float, "weight_bits": list(weight_bits)},
                   PassContext(data=calib, batch_size=1))
     mixed = model.to_onnx()
     share = mp["weight_bytes_8bit_or_less"] / mp["weight_bytes"]
@@ -309,6 +310,8 @@ def main() -> None:
     parser.add_argument("--cost", default="bytes", help="mixed_precision's cost in the zoo part")
     parser.add_argument("--weight-rounding", default="nearest", help="mixed_precision's weight_rounding (zoo part)")
     parser.add_argument("--no-float", action="store_true", help="mixed_precision without float layers (zoo part)")
+    parser.add_argument("--target-value", type=float, default=0.999, help="mixed_precision's cosine target (zoo part)")
+    parser.add_argument("--weight-bits", default="4,8,16", help="mixed_precision's weight widths (zoo part)")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/qgraph-bench"))
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -319,7 +322,8 @@ def main() -> None:
     if "zoo" in parts:
         for key in args.zoo_model.split(","):
             part_zoo(key, args.calib_images, args.images, args.workers, args.cost, args.weight_rounding,
-                     not args.no_float, not args.no_analyze)
+                     not args.no_float, not args.no_analyze, args.target_value,
+                     tuple(int(b) for b in args.weight_bits.split(",")))
     if "scale" in parts:
         part_scale(args.scale_images)
 
