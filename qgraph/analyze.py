@@ -358,10 +358,15 @@ class _RangeUse:
     codes: np.ndarray | None = None
     hist: StreamingHistogram | None = None
     local: TensorStats | None = None
+    channel_peaks: np.ndarray | None = None     # per-tensor activations: max |x| per channel
 
     def update(self, x: np.ndarray) -> None:
         site = self.site
         x = site.seen(np.asarray(x, np.float32))
+        if site.kind == "activation" and site.axis is None and x.ndim >= 2:
+            peaks = np.abs(np.moveaxis(x, _channel_axis(x), 0).reshape(x.shape[_channel_axis(x)], -1)).max(axis=1)
+            self.channel_peaks = peaks if self.channel_peaks is None or self.channel_peaks.shape != peaks.shape \
+                else np.maximum(self.channel_peaks, peaks)
         lo, hi = quant.grid_bounds(site.grid.scale, site.grid.zero_point, site.qmin, site.qmax,
                                    axis=site.axis, ndim=x.ndim)
         half = quant._along(np.asarray(site.grid.scale, np.float32), x.ndim, site.axis) / 2
@@ -393,7 +398,20 @@ class _RangeUse:
                 "unused_levels": unused, "grid": [float(np.min(lo)), float(np.max(hi))],
                 "observed": [float(self.hist.min), float(self.hist.max)] if self.hist else None,
                 "local_snr_db": self.local.snr_db if self.local else None,
-                "local_cosine": self.local.cosine if self.local else None}
+                "local_cosine": self.local.cosine if self.local else None,
+                "channel_spread": _spread(self.channel_peaks)}
+
+
+def _channel_axis(x: np.ndarray) -> int:
+    """Where an activation's channels are: axis 1 of an NCHW map, else the last (tokens × features)."""
+    return 1 if x.ndim == 4 else x.ndim - 1
+
+
+def _spread(peaks: np.ndarray | None) -> float | None:
+    """Largest over median per-channel peak: how far a few outlier channels run past the rest."""
+    if peaks is None or peaks.size < 2 or float(np.median(peaks)) <= 0:
+        return None
+    return float(peaks.max() / np.median(peaks))
 
 
 def groups_of(sites: list[QuantizerSite], granularity: str) -> list[tuple[str, list[int]]]:
@@ -574,12 +592,61 @@ def summary_lines(report: dict, top: int = 10) -> list[str]:
             what = f" ({', '.join(row['ops'])})" if row["ops"] and report["granularity"] == "quantizer" else ""
             lines.append(f"  {rank:>4}  {_db(row['output_snr_db']):>10}  {row['output_cosine']:>10.6f}  {top1:>7}  "
                          f"{row['group']}{what}")
+    hints = repair_hints(report)
+    if hints:
+        lines += ["", "what to try for the costliest (docs/accuracy.md):"] + [f"  {h}" for h in hints]
     lines += ["", "range use (worst local SNR first):",
               f"  {'local SNR dB':>12}  {'clipped':>8}  {'unused levels':>13}  {'bits':>4}  kind        quantizer"]
     for q in report["quantizers"][:top]:
         lines.append(f"  {_db(q['local_snr_db']):>12}  {_pct(q['clipped_share']):>8}  {_pct(q['unused_levels']):>13}  "
                      f"{q['bits']:>4}  {q['kind']:<10}  {q['name']}" + (f" ({q['producer']})" if q["producer"] else ""))
     return lines
+
+
+#: A grid with at least this share of its codes never used spends its levels on a few outliers.
+UNUSED_LEVELS_HINT = 0.5
+#: Outlier channels: the largest channel's peak at least this many times the median channel's.
+CHANNEL_SPREAD_HINT = 4.0
+#: Values clipped beyond this share: the range is too narrow for the tensor.
+CLIPPED_HINT = 1e-3
+
+
+def repair_hints(report: dict, top: int = 5) -> list[str]:
+    """For each quantizer of the `top` costliest sensitivity rows, the qgraph pass that addresses
+    what its range use shows: a weight → compensated rounding (gptq/adaround); a LayerNorm output
+    whose largest channel peaks ≥ 4x the median one → smooth (its outlier channels into the next
+    weights); clipping → a
+    wider range (the calibrate percentile search); most levels unused elsewhere → equalize;
+    otherwise a 16-bit grid. mixed_precision does the last for all of them by measurement."""
+    by_name = {q["name"]: q for q in report["quantizers"]}
+    hints, seen = [], set()
+    for row in report["sensitivity"][:top]:
+        for name in row.get("quantizers", [row["group"]]):
+            q = by_name.get(name)
+            if q is None or name in seen:
+                continue
+            seen.add(name)
+            hints.append(f"{name}: {_hint(q)}")
+    if hints:
+        hints.append("all of them by measurement, least cost first: mixed_precision: {target: cosine, value: 0.999}")
+    return hints
+
+
+def _hint(q: dict) -> str:
+    unused, clipped = q.get("unused_levels") or 0.0, q.get("clipped_share") or 0.0
+    if q["kind"] == "weight":
+        return "weight rounding: `gptq` (or `adaround`) after calibrate, or 16 bits for it (mixed_precision)"
+    spread = q.get("channel_spread") or 0.0
+    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "LayerNormalization":
+        return (f"its largest channel peaks {spread:.0f}x the median one (LayerNorm outlier channels): "
+                "`smooth` before insert_qdq moves them into the MatMul weights")
+    if clipped >= CLIPPED_HINT:
+        return (f"{_pct(clipped)} of its values clipped: a wider range (calibrate "
+                "`percentiles: [99.99, 99.999, 99.9999]`, or observer minmax for it)")
+    if unused >= UNUSED_LEVELS_HINT:
+        return (f"{_pct(unused)} of its levels unused (outliers): `equalize` where convs feed it, "
+                "or a 16-bit activation (mixed_precision)")
+    return "rounding noise on a well-used grid: a 16-bit activation for it (mixed_precision)"
 
 
 def markdown(report: dict, plots: list[str], top: int = 20) -> str:

@@ -274,3 +274,26 @@ def test_16_bit_grids_are_read_from_any_storage(case):
     assert {s.grid.dtype.name for s in sites} <= {"int8", "uint8"}
     assert all(s.qmin == quant.qrange(s.bits, s.grid.dtype.kind == "i", s.qmin != -(1 << (s.bits - 1))
                                       and s.grid.dtype.kind == "i")[0] for s in sites if s.kind == "activation")
+
+
+def test_repair_hints_name_the_pass_for_what_each_costly_quantizer_shows():
+    """repair_hints reads each costliest quantizer's range use: a weight → gptq; a LayerNorm output
+    with outlier channels → smooth; clipping → the percentile search; unused levels → equalize;
+    a well-used grid → 16 bits; and mixed_precision for all of them, last."""
+    from qgraph.analyze import repair_hints
+
+    def q(name, kind="activation", producer="Conv", clipped=0.0, unused=0.1, spread=1.5):
+        return {"name": name, "kind": kind, "producer": producer, "clipped_share": clipped,
+                "unused_levels": unused, "channel_spread": spread}
+    quantizers = [q("w", kind="weight", producer=""), q("ln", producer="LayerNormalization", spread=9.0),
+                  q("clip", clipped=0.01), q("wide", unused=0.7), q("fine"), q("ln_even", producer="LayerNormalization")]
+    report = {"quantizers": quantizers, "sensitivity": [{"group": x["name"], "quantizers": [x["name"]]}
+                                                        for x in quantizers]}
+    hints = repair_hints(report, top=6)
+    expect = {"w": "gptq", "ln": "`smooth`", "clip": "percentiles", "wide": "`equalize`", "fine": "16-bit",
+              "ln_even": "16-bit"}
+    assert [h.split(":")[0] for h in hints[:-1]] == list(expect)
+    for hint, word in zip(hints, expect.values()):
+        assert word in hint, hint
+    assert "mixed_precision" in hints[-1]
+    assert len(repair_hints(report, top=2)) == 3 and repair_hints({"quantizers": [], "sensitivity": []}) == []

@@ -150,3 +150,22 @@ def test_smooth_needs_data_only_where_it_finds_a_site(digits):
 def test_smooth_refuses_alphas_outside_the_open_unit_interval(digits, alphas):
     with pytest.raises(ConfigError, match="alphas"):
         smoothed(layernorm_net(), digits[0], alphas=alphas)
+
+
+def test_analyze_points_at_smooth_for_the_layernorm_outliers(digits):
+    """`qgraph analyze` on the W8A8 model without smoothing: the LayerNorm output's quantizer costs
+    the most, its largest channel peaks far past the median one, and the hint names `smooth`;
+    smoothed first, that quantizer's local SNR rises."""
+    from qgraph.analyze import analyze_models, repair_hints
+    calib, held = digits
+    model = layernorm_net()
+    reports = {}
+    for tag, source in (("plain", model), ("smoothed", smoothed(model, calib)[0])):
+        reports[tag] = analyze_models(source, apply_pipeline(source, QUANTIZE, calib), held, batch_size=32)
+    plain = reports["plain"]
+    assert plain["sensitivity"][0]["group"] == "ln"
+    ln = next(q for q in plain["quantizers"] if q["name"] == "ln")
+    assert ln["producer"] == "LayerNormalization" and ln["channel_spread"] >= 4
+    assert "`smooth`" in repair_hints(plain)[0]
+    after = next(q for q in reports["smoothed"]["quantizers"] if q["name"] == "ln")
+    assert after["local_snr_db"] >= ln["local_snr_db"] + 3
