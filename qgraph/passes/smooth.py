@@ -256,11 +256,11 @@ def _apply(site: _Site, s: np.ndarray) -> None:
     """γ/s, β/s on the producer; row j of every layer's (K, N) weight times s_j."""
     for const in (site.gamma, site.beta):
         if const is not None:
-            value = np.asarray(QModel.constant_value(const), np.float64)
-            const.values = (np.broadcast_to(value, s.shape) / s).astype(np.float32)
+            value = np.asarray(QModel.constant_value(const))
+            const.values = (np.broadcast_to(value.astype(np.float64), s.shape) / s).astype(value.dtype)
     for layer in site.layers:
         weight = layer.inputs[1]
-        value = np.asarray(QModel.constant_value(weight), np.float64)
+        value = np.asarray(QModel.constant_value(weight))
         transposed = layer.op == "Gemm" and layer.attrs.get("transB", 0)
-        scaled = value * s[None, :] if transposed else value * s[:, None]
-        weight.values = scaled.astype(np.float32)
+        scaled = value.astype(np.float64) * (s[None, :] if transposed else s[:, None])
+        weight.values = scaled.astype(value.dtype)
