@@ -29,6 +29,7 @@ Invariant: outputs unchanged up to float rounding (tolerance 1e-4).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -89,10 +90,10 @@ def smooth(model: QModel, ctx: PassContext, *, alphas: list = [0.25, 0.5, 0.75],
         if best != "none":
             _apply(site, options[best])
     changed = sum(1 for v in chosen.values() if v != "none")
-    summary = (f"{changed} of {len(sites)} sites smoothed"
-               + ("" if not changed else "; local error " + ", ".join(
-                   f"{n}: {e['none']:.3g} -> {e['chosen']:.3g} (alpha {chosen[n]})"
-                   for n, e in errors.items() if chosen[n] != "none")))
+    counts = Counter(str(v) for v in chosen.values())
+    summary = (f"{changed} of {len(sites)} sites smoothed (alpha " +
+               ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + "); their layers' local error "
+               f"{sum(e['none'] for e in errors.values()):.3g} -> {sum(e['chosen'] for e in errors.values()):.3g}")
     return {"changed": changed, "summary": summary, "alpha": chosen, "local_error": errors,
             "skipped": skipped, "warnings": []}
 
