@@ -14,6 +14,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import onnx
 
 from qgraph.errors import ConfigError, ModelError, PassError
@@ -28,6 +29,7 @@ QUANT_ALIASES = "quant_aliases"      # output of a range-preserving op -> quanti
 FORWARD_FUSED_BN = "forward_fused_bn"  # fuse_conv_bn forward: conv -> {weight, folded_weight, mean, var, ...}
 FROZEN = "frozen"                    # initializers training must not update
 TRAINING_FORM = "training_form"      # fakequant: the QDQ pairs a training-form model replaced
+RESCALED = "rescaled"                # tensor -> {axis, factor}: it is the source model's tensor / factor
 
 SCHEMAS: dict[str, Any] = {
     NONNEGATIVE: list[str],
@@ -38,6 +40,7 @@ SCHEMAS: dict[str, Any] = {
     FORWARD_FUSED_BN: dict[str, dict],
     FROZEN: list[str],
     TRAINING_FORM: dict,
+    RESCALED: dict[str, dict],
 }
 
 
@@ -194,3 +197,26 @@ def _decode(key: str, raw: str) -> Any:
     return value
 
 
+def record_rescaled(model, tensor: str, factor: np.ndarray, axis: int) -> None:
+    """Note in `qgraph.rescaled` that `tensor` now holds the model's earlier value divided by
+    `factor` along `axis` (an output-preserving rescaling such as smooth's): tools comparing it with
+    the source float model (qgraph analyze) divide the source's tensor the same way. A second
+    rescaling of the same tensor multiplies into the first."""
+    entries = dict(get_annotation(model, RESCALED) or {})
+    factor = np.asarray(factor, np.float64).reshape(-1)
+    if tensor in entries and entries[tensor]["axis"] == axis:
+        factor = factor * np.asarray(entries[tensor]["factor"], np.float64)
+    entries[tensor] = {"axis": int(axis), "factor": [float(f) for f in factor]}
+    set_annotation(model, RESCALED, entries)
+
+
+def source_view(model, tensor: str, value: np.ndarray) -> np.ndarray:
+    """`value` of `tensor` in the source float model, as this model holds it (`qgraph.rescaled`)."""
+    entry = (get_annotation(model, RESCALED) or {}).get(tensor)
+    if entry is None:
+        return value
+    factor = np.asarray(entry["factor"], np.float64)
+    axis = entry["axis"] % value.ndim
+    shape = [1] * value.ndim
+    shape[axis] = factor.size
+    return (value / factor.reshape(shape)).astype(value.dtype)

@@ -155,13 +155,14 @@ def test_smooth_refuses_alphas_outside_the_open_unit_interval(digits, alphas):
 def test_analyze_points_at_smooth_for_the_layernorm_outliers(digits):
     """`qgraph analyze` on the W8A8 model without smoothing: the LayerNorm output's quantizer costs
     the most, its largest channel peaks far past the median one, and the hint names `smooth`;
-    smoothed first, that quantizer's local SNR rises."""
+    smoothed first (and analyzed against the same float model), that quantizer's local and
+    cumulative SNR rise."""
     from qgraph.analyze import analyze_models, repair_hints
     calib, held = digits
     model = layernorm_net()
     reports = {}
     for tag, source in (("plain", model), ("smoothed", smoothed(model, calib)[0])):
-        reports[tag] = analyze_models(source, apply_pipeline(source, QUANTIZE, calib), held, batch_size=32)
+        reports[tag] = analyze_models(model, apply_pipeline(source, QUANTIZE, calib), held, batch_size=32)
     plain = reports["plain"]
     assert plain["sensitivity"][0]["group"] == "ln"
     ln = next(q for q in plain["quantizers"] if q["name"] == "ln")
@@ -169,3 +170,32 @@ def test_analyze_points_at_smooth_for_the_layernorm_outliers(digits):
     assert "`smooth`" in repair_hints(plain)[0]
     after = next(q for q in reports["smoothed"]["quantizers"] if q["name"] == "ln")
     assert after["local_snr_db"] >= ln["local_snr_db"] + 3
+    # against the original float model: the smoothed model's LayerNorm output is compared divided
+    # by the factors smooth recorded (qgraph.rescaled), so its cumulative SNR is a real one
+    cumulative = {tag: next(t for t in r["tensors"] if t["tensor"] == "ln")["cumulative_snr_db"]
+                  for tag, r in reports.items()}
+    assert cumulative["smoothed"] >= cumulative["plain"] + 3, cumulative
+
+
+def test_smooth_records_the_factors_it_divided_tensors_by(digits):
+    """qgraph.rescaled: the LayerNorm output (and a Gather of it) with the factors, such that the
+    float model's tensor divided by them is the smoothed model's; a second run multiplies in."""
+    from qgraph.annotations import RESCALED, get_annotation, source_view
+    calib, held = digits
+    model = layernorm_net()
+    after, _ = smoothed(model, calib)
+    entries = get_annotation(after, RESCALED)
+    assert set(entries) == {"ln"} and entries["ln"]["axis"] == -1 and len(entries["ln"]["factor"]) == DIM
+    probe = [onnx.ModelProto() for _ in range(2)]
+    for p, m in zip(probe, (model, after)):
+        p.CopyFrom(m)
+        p.graph.output.add(name="ln")
+    original, smoothed_ln = (run_model(p, held)["ln"] for p in probe)
+    np.testing.assert_allclose(source_view(after, "ln", original), smoothed_ln, rtol=1e-4, atol=1e-5)
+    twice, _ = smoothed(after, calib, alphas=[0.5])
+    again = get_annotation(twice, RESCALED)["ln"]["factor"]
+    probe[1].CopyFrom(twice)
+    probe[1].graph.output.add(name="ln")
+    np.testing.assert_allclose(source_view(twice, "ln", original), run_model(probe[1], held)["ln"], rtol=1e-4,
+                               atol=1e-5)
+    assert len(again) == DIM

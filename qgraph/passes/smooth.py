@@ -24,6 +24,9 @@ outliers the pass leaves everything as it was. Measured (16 calibration / 32 hel
 Run it on the float model after canonicalize (which fuses the exported LayerNorm) and
 dequantize_dynamic, before insert_qdq; it needs calibration data where it finds a site.
 
+The divided tensors are listed in the `qgraph.rescaled` annotation with their factors, so that
+`qgraph analyze` compares them with the float model's divided the same way.
+
 Invariant: outputs unchanged up to float rounding (tolerance 1e-4).
 """
 
@@ -36,6 +39,7 @@ from typing import Annotated
 import numpy as np
 
 from qgraph import quant
+from qgraph.annotations import record_rescaled
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, skip
@@ -54,6 +58,7 @@ class _Site:
     gamma: object                 # gs.Constant of γ (shape [K])
     beta: object | None           # gs.Constant of β, or None
     layers: list                  # MatMul/Gemm nodes reading X as their first input
+    scaled: list                  # names of the tensors the rescaling divides: X and Gathers of it
 
     def weights(self) -> list[np.ndarray]:
         """Each layer's weight as (K, N): the matrix X multiplies."""
@@ -89,6 +94,8 @@ def smooth(model: QModel, ctx: PassContext, *, alphas: list = [0.25, 0.5, 0.75],
         errors[name] = {"none": measured["none"], "chosen": measured[best]}
         if best != "none":
             _apply(site, options[best])
+            for tensor in site.scaled:
+                record_rescaled(model, tensor, options[best], -1)
     changed = sum(1 for v in chosen.values() if v != "none")
     counts = Counter(str(v) for v in chosen.values())
     summary = (f"{changed} of {len(sites)} sites smoothed (alpha " +
@@ -146,7 +153,8 @@ def _affine(model: QModel, node):
 def _readers(model: QModel, node, gamma, beta) -> _Site:
     """The site of `node`'s output, Declined where rescaling it would change anything but its layers."""
     x = node.outputs[0]
-    layers = _layers_reading(model, x)
+    scaled: list[str] = []
+    layers = _layers_reading(model, x, scaled)
     if not layers:
         raise Declined("no layer reads its output")
     for layer in layers:
@@ -169,15 +177,16 @@ def _readers(model: QModel, node, gamma, beta) -> _Site:
             raise Declined(f"'{const.name}' is not one value per channel of the last axis ({channels})")
     if any(_as_k_by_n(layer).shape[0] != channels for layer in layers):
         raise Declined("its layers disagree on the channel count")
-    return _Site(node, x, gamma, beta, layers)
+    return _Site(node, x, gamma, beta, layers, scaled)
 
 
-def _layers_reading(model: QModel, x) -> list:
+def _layers_reading(model: QModel, x, scaled: list[str]) -> list:
     """The MatMul/Gemm layers that read `x` as their first input, directly or through Gathers on
     another axis than the last (a ViT's class token: the channels stay the last axis); Shape
     readers see no values. Declined for any other reader."""
     if model.is_graph_output(x):
         raise Declined(f"'{x.name}' is a graph output")
+    scaled.append(x.name)
     layers = []
     for reader in x.outputs:
         if reader.op == "Shape":
@@ -185,7 +194,7 @@ def _layers_reading(model: QModel, x) -> list:
         if reader.op in ("MatMul", "Gemm") and reader.inputs[0] is x:
             layers.append(reader)
         elif reader.op == "Gather" and reader.inputs[0] is x and _off_last_axis(reader, x):
-            layers.extend(_layers_reading(model, reader.outputs[0]))
+            layers.extend(_layers_reading(model, reader.outputs[0], scaled))
         else:
             raise Declined(f"'{reader.name}' ({reader.op}) reads '{x.name}': only MatMul/Gemm with a "
                            "constant weight may (or a Gather on another axis before them)")
