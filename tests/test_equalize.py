@@ -340,3 +340,29 @@ def test_equalize_repairs_per_tensor_ptq_of_an_outlier_channel(data):
     repaired = _per_tensor_ptq_error(equalized(skewed)[0], data)
     assert broken > 3 * baseline, (baseline, broken)
     assert repaired < 1.5 * baseline, (baseline, broken, repaired)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_tensors_between_linked_layers_are_recorded_with_their_factors(data, bn):
+    """qgraph.rescaled: every tensor between two equalized layers (the first one's output, or its
+    BN's, and the ReLU's) is the float model's divided by the recorded factors along axis 1, so
+    `qgraph analyze` can compare them; the layers' inputs and the outputs are not listed."""
+    from qgraph.annotations import RESCALED, get_annotation, source_view
+    net = Net(seed=6)
+    model = net.conv("a", 8, bn=bn).conv("b", 8, bn=bn).head().model()
+    new, _ = equalized(model, {"iterations": 3})
+    entries = get_annotation(new, RESCALED)
+    assert entries and all(e["axis"] == 1 for e in entries.values())
+    feeds = feeds_for(model, data)
+    names = list(entries)
+    probes = []
+    for m in (model, new):
+        p = onnx.ModelProto()
+        p.CopyFrom(m)
+        for name in names:
+            p.graph.output.add(name=name)
+        probes.append(run_model(p, feeds))
+    for name in names:
+        got, want = source_view(new, name, probes[0][name]), probes[1][name]
+        assert rel_diff(got, want) <= 1e-5, name
+    assert "input" not in entries and "logits" not in entries

@@ -33,6 +33,10 @@ Design decisions:
   `high_bias_absorption` defaults to false and the pass's 1e-4 tolerance is the contract
   with it off; with it on, the report gives the number of absorbed channels.
 
+The tensors between linked layers are listed in the `qgraph.rescaled` annotation with their
+factors (axis 1), so that `qgraph analyze` compares them with the float model's divided the same
+way (an absorbed high bias also shifts them; that shift is not recorded).
+
 Invariant: outputs unchanged up to float rounding (tolerance 1e-4) with
 high_bias_absorption off; with it on, unchanged wherever every pre-activation is ≥ cᵢ.
 """
@@ -45,6 +49,7 @@ from typing import Annotated
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qgraph.annotations import record_rescaled
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, bn_scale, clip_bounds, skip
@@ -82,6 +87,10 @@ def equalize(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Rang
     touched = {id(layer): layer for s in sets for layer in s.layers}
     for layer in touched.values():
         layer.write_back()
+    for s in sets:
+        for link in s.links:
+            for tensor in link.chain_tensors():
+                record_rescaled(model, tensor, link.total, 1)
     absorbed = 0
     if high_bias_absorption:
         for s in sets:
@@ -309,6 +318,12 @@ class Link:
         self.first.scale_out(1.0 / s)
         self.second.scale_in(s)
         self.total *= s
+
+    def chain_tensors(self) -> list[str]:
+        """The tensors between the two layers, each now divided by `total` along axis 1: the
+        first layer's output (its BN's, when the BN carries the scale) and the activation's."""
+        names = [(self.first.bn or self.first.node).outputs[0].name]
+        return names + ([self.activation.outputs[0].name] if self.activation is not None else [])
 
 
 class ClsSet:
