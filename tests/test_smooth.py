@@ -199,3 +199,23 @@ def test_smooth_records_the_factors_it_divided_tensors_by(digits):
     np.testing.assert_allclose(source_view(twice, "ln", original), run_model(probe[1], held)["ln"], rtol=1e-4,
                                atol=1e-5)
     assert len(again) == DIM
+
+
+def test_feature_distillation_compares_a_smoothed_tensor_in_the_students_scale(digits, tmp_path):
+    """`qgraph train --teacher float.onnx --feature ln` on a model prepared with smooth: the
+    teacher's LayerNorm output is divided by the factors the student's qgraph.rescaled records
+    before the MSE, so the feature term at the start is the quantization error, not the smoothing."""
+    from qgraph.annotations import source_view
+    from qgraph.train import train_model
+    calib, _ = digits
+    teacher = layernorm_net()
+    student = apply_pipeline(teacher, [{"smooth": {}}] + QUANTIZE, calib)
+    x = {"input": calib["input"][:32]}
+    _, history = train_model(student, x, teacher=teacher, epochs=1, lr=1e-12, batch_size=32, workdir=tmp_path,
+                             progress=False, feature=["ln"], feature_weight=1.0)
+    t, s = (run_model(m, x, ["y", "ln"]) for m in (teacher, student))
+    output_term = np.mean((s["y"].astype(np.float64) - t["y"]) ** 2) / np.mean(t["y"].astype(np.float64) ** 2)
+    ln_t = source_view(student, "ln", t["ln"]).astype(np.float64)
+    feature_term = np.mean((s["ln"] - ln_t) ** 2) / np.mean(ln_t ** 2)
+    assert history[0]["train_loss"] == pytest.approx(output_term + feature_term, rel=1e-3)
+    assert feature_term < 0.01          # unscaled, the term would be the smoothing itself (~1)
