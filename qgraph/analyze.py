@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qgraph import quant
-from qgraph.annotations import read_quantizers, source_view
+from qgraph.annotations import read_quantizers, rescale_between
 from qgraph.data import LABELS, check_data
 from qgraph.diff import TensorStats
 from qgraph.errors import DataError, ModelError
@@ -463,7 +463,8 @@ def analyze_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
     feeds_list, reference, labels_list, samples = [], [], [], 0
     hits = {"float": 0, "quantized": 0}
     for feeds, labels, count in _batches(plan, batch_size, limit):
-        fvals = {name: source_view(quant_model, name, value) for name, value in float_runner.run(feeds).items()}
+        fvals = {name: rescale_between(float_model, quant_model, name, value)   # smooth/equalize's factors
+                 for name, value in float_runner.run(feeds).items()}
         qvals = quant_runner.run(feeds)
         for name in shared_names:
             if fvals[name].shape == qvals[quant_view[name]].shape:

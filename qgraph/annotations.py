@@ -210,13 +210,21 @@ def record_rescaled(model, tensor: str, factor: np.ndarray, axis: int) -> None:
     set_annotation(model, RESCALED, entries)
 
 
-def source_view(model, tensor: str, value: np.ndarray) -> np.ndarray:
-    """`value` of `tensor` in the source float model, as this model holds it (`qgraph.rescaled`)."""
-    entry = (get_annotation(model, RESCALED) or {}).get(tensor)
-    if entry is None:
+def rescale_between(source, target, tensor: str, value: np.ndarray) -> np.ndarray:
+    """`value` of `tensor` computed by model `source`, as model `target` holds that tensor: both
+    models' `qgraph.rescaled` factors are relative to the float model they were prepared from, so
+    the value is multiplied by the source's factor and divided by the target's (a float model
+    without the annotation has factor 1)."""
+    entries = [(get_annotation(m, RESCALED) or {}).get(tensor) for m in (source, target)]
+    if entries[0] is None and entries[1] is None:
         return value
-    factor = np.asarray(entry["factor"], np.float64)
-    axis = entry["axis"] % value.ndim
+    ratio, axis = None, None
+    for entry, power in zip(entries, (1.0, -1.0)):
+        if entry is not None:
+            factor = np.asarray(entry["factor"], np.float64) ** power
+            ratio = factor if ratio is None else ratio * factor
+            axis = entry["axis"] if axis is None else axis
+    axis %= value.ndim
     shape = [1] * value.ndim
-    shape[axis] = factor.size
-    return (value / factor.reshape(shape)).astype(value.dtype)
+    shape[axis] = ratio.size
+    return (value * ratio.reshape(shape)).astype(value.dtype)

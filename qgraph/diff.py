@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qgraph.annotations import rescale_between
 from qgraph.data import LABELS, check_data, load_data
 from qgraph.errors import DataError
 from qgraph.interp.tolerance import EXACT, Tolerance, node_tolerance, summed_terms
@@ -608,7 +609,8 @@ def diff_models(model, data, against=None, per_layer: bool = False, *, batch_siz
         runs = {"ort": ref, "interp": mine}
         _agreement(agree["interp"], ref, mine, outputs)
         if ort_other is not None:
-            theirs = ort_other.run(feeds, other_names)
+            theirs = {name: rescale_between(other, model, name, value)        # smooth/equalize's factors
+                      for name, value in ort_other.run(feeds, other_names).items()}
             _accumulate(against_stats, ref, theirs, other_names, grids)
             _agreement(agree["against"], ref, theirs, [o for o in outputs if o in theirs])
             runs["against"] = theirs

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qgraph.annotations import source_view
+from qgraph.annotations import rescale_between
 from qgraph.data import model_inputs
 from qgraph.errors import ModelError, TrainError
 from qgraph.idioms import dims_map
@@ -39,7 +39,7 @@ class Distill:
     tensors: list[str]             # outputs + features: the teacher values the loss reads
     graph: onnx.ModelProto         # the student training graph, features added as outputs
     loss: DistillationLoss
-    student: onnx.ModelProto | None = None   # its qgraph.rescaled maps teacher tensors onto the student's
+    models: tuple | None = None    # (teacher, student): their qgraph.rescaled map teacher tensors onto the student's
 
     def teacher_values(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         """The teacher's value of every distilled tensor on `batch`, keyed by graph input name."""
@@ -52,7 +52,7 @@ class Distill:
                 raise TrainError(f"{where}: the teacher's {name!r} holds NaN or Inf on this batch; "
                                  "check the data and the --teacher model")
         # a feature that smooth or equalize rescaled in the student is the teacher's divided the same way
-        view = (lambda name, value: source_view(self.student, name, value)) if self.student is not None \
+        view = (lambda name, value: rescale_between(*self.models, name, value)) if self.models is not None \
             else (lambda name, value: value)
         return {TEACHER_PREFIX + name: view(name, value) for name, value in values.items()}
 
@@ -101,7 +101,7 @@ def distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: "_Pla
     except ModelError as exc:
         raise TrainError(f"--teacher: {exc}") from None
     probe = {name: train_feeds[name][:batch] for name in plan.input_names}
-    taught = {name: source_view(student, name, value)
+    taught = {name: rescale_between(teacher, student, name, value)
               for name, value in _distill_probe(runner, probe, tensors, "the teacher").items()}
     learnt = _distill_probe(Runner(student, features, threads=threads), probe, tensors, "the model")
     for name in tensors:
@@ -115,7 +115,7 @@ def distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: "_Pla
     label_loss = loss_graph if loss_graph is not None else config.loss
     loss = DistillationLoss(tuple(terms), label_loss, config.label_weight)
     graph = _with_distilled_outputs(plan.graph, {name: taught[name].ndim for name in tensors})
-    return Distill(runner, teacher_inputs, outputs, tensors, graph, loss, student)
+    return Distill(runner, teacher_inputs, outputs, tensors, graph, loss, (teacher, student))
 
 
 def _check_feature(model: onnx.ModelProto, name: str, who: str) -> None:

@@ -347,7 +347,7 @@ def test_the_tensors_between_linked_layers_are_recorded_with_their_factors(data,
     """qgraph.rescaled: every tensor between two equalized layers (the first one's output, or its
     BN's, and the ReLU's) is the float model's divided by the recorded factors along axis 1, so
     `qgraph analyze` can compare them; the layers' inputs and the outputs are not listed."""
-    from qgraph.annotations import RESCALED, get_annotation, source_view
+    from qgraph.annotations import RESCALED, get_annotation, rescale_between
     net = Net(seed=6)
     model = net.conv("a", 8, bn=bn).conv("b", 8, bn=bn).head().model()
     new, _ = equalized(model, {"iterations": 3})
@@ -363,6 +363,6 @@ def test_the_tensors_between_linked_layers_are_recorded_with_their_factors(data,
             p.graph.output.add(name=name)
         probes.append(run_model(p, feeds))
     for name in names:
-        got, want = source_view(new, name, probes[0][name]), probes[1][name]
+        got, want = rescale_between(model, new, name, probes[0][name]), probes[1][name]
         assert rel_diff(got, want) <= 1e-5, name
     assert "input" not in entries and "logits" not in entries

@@ -180,7 +180,7 @@ def test_analyze_points_at_smooth_for_the_layernorm_outliers(digits):
 def test_smooth_records_the_factors_it_divided_tensors_by(digits):
     """qgraph.rescaled: the LayerNorm output (and a Gather of it) with the factors, such that the
     float model's tensor divided by them is the smoothed model's; a second run multiplies in."""
-    from qgraph.annotations import RESCALED, get_annotation, source_view
+    from qgraph.annotations import RESCALED, get_annotation, rescale_between
     calib, held = digits
     model = layernorm_net()
     after, _ = smoothed(model, calib)
@@ -191,12 +191,12 @@ def test_smooth_records_the_factors_it_divided_tensors_by(digits):
         p.CopyFrom(m)
         p.graph.output.add(name="ln")
     original, smoothed_ln = (run_model(p, held)["ln"] for p in probe)
-    np.testing.assert_allclose(source_view(after, "ln", original), smoothed_ln, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rescale_between(model, after, "ln", original), smoothed_ln, rtol=1e-4, atol=1e-5)
     twice, _ = smoothed(after, calib, alphas=[0.5])
     again = get_annotation(twice, RESCALED)["ln"]["factor"]
     probe[1].CopyFrom(twice)
     probe[1].graph.output.add(name="ln")
-    np.testing.assert_allclose(source_view(twice, "ln", original), run_model(probe[1], held)["ln"], rtol=1e-4,
+    np.testing.assert_allclose(rescale_between(model, twice, "ln", original), run_model(probe[1], held)["ln"], rtol=1e-4,
                                atol=1e-5)
     assert len(again) == DIM
 
@@ -205,7 +205,7 @@ def test_feature_distillation_compares_a_smoothed_tensor_in_the_students_scale(d
     """`qgraph train --teacher float.onnx --feature ln` on a model prepared with smooth: the
     teacher's LayerNorm output is divided by the factors the student's qgraph.rescaled records
     before the MSE, so the feature term at the start is the quantization error, not the smoothing."""
-    from qgraph.annotations import source_view
+    from qgraph.annotations import rescale_between
     from qgraph.train import train_model
     calib, _ = digits
     teacher = layernorm_net()
@@ -215,7 +215,27 @@ def test_feature_distillation_compares_a_smoothed_tensor_in_the_students_scale(d
                              progress=False, feature=["ln"], feature_weight=1.0)
     t, s = (run_model(m, x, ["y", "ln"]) for m in (teacher, student))
     output_term = np.mean((s["y"].astype(np.float64) - t["y"]) ** 2) / np.mean(t["y"].astype(np.float64) ** 2)
-    ln_t = source_view(student, "ln", t["ln"]).astype(np.float64)
+    ln_t = rescale_between(teacher, student, "ln", t["ln"]).astype(np.float64)
     feature_term = np.mean((s["ln"] - ln_t) ** 2) / np.mean(ln_t ** 2)
     assert history[0]["train_loss"] == pytest.approx(output_term + feature_term, rel=1e-3)
     assert feature_term < 0.01          # unscaled, the term would be the smoothing itself (~1)
+
+
+def test_analyze_and_diff_against_the_float_model_see_a_smoothed_tensor_in_one_scale(digits):
+    """Comparing a smoothed-and-quantized (and lowered) model with the float model it came from, by
+    tensor name: `qgraph diff --against float.onnx --per-layer` and analyze map the float model's
+    LayerNorm output through qgraph.rescaled, so its cosine is the quantization's (not ~0.5)."""
+    from qgraph.annotations import rescale_between
+    from qgraph.diff import diff_models
+    from qgraph.lowering import lower_model
+    calib, held = digits
+    model = layernorm_net()
+    quantized = apply_pipeline(model, [{"smooth": {}}] + QUANTIZE, calib)
+    lowered, _ = lower_model(quantized, "qlinear")
+    report = diff_models(lowered, {"input": held["input"][:32]}, against=model, per_layer=True)
+    against = {t.name: t for t in report.comparisons[1].tensors}
+    assert against["ln"].cosine > 0.99 and against["y"].cosine > 0.99, (against["ln"].cosine, against["y"].cosine)
+    smoothed_ln = run_model(quantized, held, ["ln"])["ln"]
+    back = rescale_between(quantized, model, "ln", smoothed_ln)       # and the other way round
+    original = run_model(model, held, ["ln"])["ln"]
+    assert np.corrcoef(back.ravel(), original.ravel())[0, 1] > 0.99
