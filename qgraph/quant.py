@@ -649,6 +649,8 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
     and every ``|a| <= bound``, F the unclipped fixed-point rule; the smallest p, int32-safe."""
     if n < 1 or m < 0:
         return None
+    if qhi <= qlo:                               # a clip to one code: the rule is that constant
+        return 0, 1, qlo + k
     levels = np.arange(qlo + 1, qhi + 1, dtype=np.int64)
     if m == 0:                                   # F is the constant floor(2^(n-1) / 2^n) + zp = zp
         breakpoints = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]

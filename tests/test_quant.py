@@ -346,6 +346,17 @@ def test_division_steps_equal_requantize_fixed_point(channels, seed, signed, bia
     assert np.all(bound * steps.multiplier + np.abs(steps.offset) < 2**31)
 
 
+def test_division_steps_of_a_clip_to_one_code():
+    """A folded clip whose bounds meet (qlo == qhi, found by hypothesis: zero point 4, clip [4, 4])
+    makes the rule a constant: p = 0, and every accumulator gives that code, signed or not."""
+    m0, shift = quant.quantize_multiplier(np.array([0.5, 0.003]))
+    acc = np.arange(-3000, 3001)[:, None].repeat(2, 1).astype(np.int32)
+    for storage, zp in ((np.uint8, 4), (np.int8, -7)):
+        steps = quant.division_steps(m0, shift, zp, zp, zp, storage, acc_bound=[3000, 3000])
+        assert steps is not None and np.all(steps.multiplier == 0)
+        np.testing.assert_array_equal(steps.apply(acc, (2,)), np.full(acc.shape, zp, storage))
+
+
 def test_division_steps_clip_the_accumulator_where_its_bound_leaves_int32_no_room():
     """A small bound needs no clip; no bound, or one too large for a numerator to fit int32 next to
     it, clips the accumulator to where the rule has saturated (the same results); a rule whose
