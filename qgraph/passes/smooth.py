@@ -18,8 +18,9 @@ sampled evenly; s from the per-channel max over all of them):
 with X/s quantized per tensor (asymmetric, `activation_bits`, its min/max) and s·W per output
 channel (symmetric, narrow range, `weight_bits`) — insert_qdq's default grids, min/max instead of
 its observers. A site is changed only where smoothing lowers that error, so on models without
-outliers the pass leaves everything as it was. Measured (16 calibration / 32 held-out inputs,
-`ptq` after it): the ViT-style builder with LayerNorm outliers, output cosine 0.975 → 0.990.
+outliers the pass leaves everything as it was. Measured (benchmarks/zoo.py, 16 calibration / 32
+held-out inputs, `ptq` after it): the ViT-style builder with LayerNorm outliers, output cosine
+0.976 → 0.988, top-1 agreement 25 → 29 of 32.
 
 Run it on the float model after canonicalize (which fuses the exported LayerNorm) and
 dequantize_dynamic, before insert_qdq; it needs calibration data where it finds a site.
