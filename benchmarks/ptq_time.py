@@ -29,7 +29,7 @@ releases the GIL in their array passes) and bin in float32: calibrate 7.9 -> 6.4
 
     tool                       best s  ratio   (quiet, 32 images, best of 2 rounds)
     ORT quantize_static MinMax   6.26   1.00
-    qgraph ptq (percentile)      7.60   1.21
+    qgraph ptq (percentile)      7.60   1.21      (a second run: 7.95 s against 6.28 s, 1.27x)
 
 Before the histogram binning fix (float64 blocks instead of a float64 copy of every feature
 map) the percentile observer took 32.3 s here (1.78x); the binning alone went from 2.16 s to
