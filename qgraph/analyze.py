@@ -364,7 +364,8 @@ class _RangeUse:
         site = self.site
         x = site.seen(np.asarray(x, np.float32))
         if site.kind == "activation" and site.axis is None and x.ndim >= 2:
-            peaks = np.abs(np.moveaxis(x, _channel_axis(x), 0).reshape(x.shape[_channel_axis(x)], -1)).max(axis=1)
+            axis = _channel_axis(x)
+            peaks = np.abs(np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)).max(axis=1)
             self.channel_peaks = peaks if self.channel_peaks is None or self.channel_peaks.shape != peaks.shape \
                 else np.maximum(self.channel_peaks, peaks)
         lo, hi = quant.grid_bounds(site.grid.scale, site.grid.zero_point, site.qmin, site.qmax,

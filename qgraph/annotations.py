@@ -197,16 +197,19 @@ def _decode(key: str, raw: str) -> Any:
     return value
 
 
-def record_rescaled(model, tensor: str, factor: np.ndarray, axis: int) -> None:
-    """Note in `qgraph.rescaled` that `tensor` now holds the model's earlier value divided by
-    `factor` along `axis` (an output-preserving rescaling such as smooth's): tools comparing it with
-    the source float model (qgraph analyze) divide the source's tensor the same way. A second
-    rescaling of the same tensor multiplies into the first."""
+def record_rescaled(model, factors: dict[str, np.ndarray], axis: int) -> None:
+    """Note in `qgraph.rescaled` that each tensor of `factors` now holds the model's earlier value
+    divided by its factor along `axis` (an output-preserving rescaling such as smooth's): tools
+    comparing it with the source float model (qgraph analyze) divide the source's tensor the same
+    way (`rescale_between`). A second rescaling of a tensor multiplies into the first."""
+    if not factors:
+        return
     entries = dict(get_annotation(model, RESCALED) or {})
-    factor = np.asarray(factor, np.float64).reshape(-1)
-    if tensor in entries and entries[tensor]["axis"] == axis:
-        factor = factor * np.asarray(entries[tensor]["factor"], np.float64)
-    entries[tensor] = {"axis": int(axis), "factor": [float(f) for f in factor]}
+    for tensor, factor in factors.items():
+        factor = np.asarray(factor, np.float64).reshape(-1)
+        if tensor in entries and entries[tensor]["axis"] == axis:
+            factor = factor * np.asarray(entries[tensor]["factor"], np.float64)
+        entries[tensor] = {"axis": int(axis), "factor": [float(f) for f in factor]}
     set_annotation(model, RESCALED, entries)
 
 

@@ -39,7 +39,7 @@ class Distill:
     tensors: list[str]             # outputs + features: the teacher values the loss reads
     graph: onnx.ModelProto         # the student training graph, features added as outputs
     loss: DistillationLoss
-    models: tuple | None = None    # (teacher, student): their qgraph.rescaled map teacher tensors onto the student's
+    models: tuple                  # (teacher, student): their qgraph.rescaled map teacher tensors onto the student's
 
     def teacher_values(self, batch: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         """The teacher's value of every distilled tensor on `batch`, keyed by graph input name."""
@@ -52,9 +52,7 @@ class Distill:
                 raise TrainError(f"{where}: the teacher's {name!r} holds NaN or Inf on this batch; "
                                  "check the data and the --teacher model")
         # a feature that smooth or equalize rescaled in the student is the teacher's divided the same way
-        view = (lambda name, value: rescale_between(*self.models, name, value)) if self.models is not None \
-            else (lambda name, value: value)
-        return {TEACHER_PREFIX + name: view(name, value) for name, value in values.items()}
+        return {TEACHER_PREFIX + name: rescale_between(*self.models, name, value) for name, value in values.items()}
 
 
 def distill_plan(teacher: onnx.ModelProto, student: onnx.ModelProto, plan: "_Plan", config: "TrainConfig",

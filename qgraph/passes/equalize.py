@@ -87,10 +87,7 @@ def equalize(model: QModel, ctx: PassContext, *, iterations: Annotated[int, Rang
     touched = {id(layer): layer for s in sets for layer in s.layers}
     for layer in touched.values():
         layer.write_back()
-    for s in sets:
-        for link in s.links:
-            for tensor in link.chain_tensors():
-                record_rescaled(model, tensor, link.total, 1)
+    record_rescaled(model, {tensor: link.total for s in sets for link in s.links for tensor in link.chain_tensors()}, 1)
     absorbed = 0
     if high_bias_absorption:
         for s in sets:

@@ -59,11 +59,8 @@ class _Site:
     gamma: object                 # gs.Constant of γ (shape [K])
     beta: object | None           # gs.Constant of β, or None
     layers: list                  # MatMul/Gemm nodes reading X as their first input
+    weights: list                 # each layer's weight as (K, N), float64: the matrix X multiplies
     scaled: list                  # names of the tensors the rescaling divides: X and Gathers of it
-
-    def weights(self) -> list[np.ndarray]:
-        """Each layer's weight as (K, N): the matrix X multiplies."""
-        return [_as_k_by_n(layer) for layer in self.layers]
 
 
 @register_pass("smooth", preserves_outputs=True)
@@ -80,14 +77,15 @@ def smooth(model: QModel, ctx: PassContext, *, alphas: list = [0.25, 0.5, 0.75],
                 "skipped": skipped, "warnings": []}
     ctx.require_data("smooth")
     absmax, rows = _activation_statistics(model, ctx, [s.tensor.name for s in sites], max_samples, max_rows)
-    chosen, errors = {}, {}
+    chosen, errors, divided = {}, {}, {}
     for site in sites:
-        weights = site.weights()
-        options = {"none": np.ones(len(absmax[site.tensor.name]))}
-        w_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        x = rows[site.tensor.name]
+        options = {"none": np.ones(x.shape[1])}
+        w_max = np.max([np.abs(w).max(axis=1) for w in site.weights], axis=0)
         for alpha in sorted(set(float(a) for a in alphas)):
             options[alpha] = _smoothing_factors(absmax[site.tensor.name], w_max, alpha)
-        measured = {key: _local_error(rows[site.tensor.name], weights, s, activation_bits, weight_bits)
+        references = [x @ w for w in site.weights]
+        measured = {key: _local_error(x, site.weights, references, s, activation_bits, weight_bits)
                     for key, s in options.items()}
         best = min(measured, key=lambda key: (measured[key], key != "none"))
         name = site.node.name or site.tensor.name
@@ -95,8 +93,8 @@ def smooth(model: QModel, ctx: PassContext, *, alphas: list = [0.25, 0.5, 0.75],
         errors[name] = {"none": measured["none"], "chosen": measured[best]}
         if best != "none":
             _apply(site, options[best])
-            for tensor in site.scaled:
-                record_rescaled(model, tensor, options[best], -1)
+            divided.update({tensor: options[best] for tensor in site.scaled})
+    record_rescaled(model, divided, -1)
     changed = sum(1 for v in chosen.values() if v != "none")
     counts = Counter(str(v) for v in chosen.values())
     summary = (f"{changed} of {len(sites)} sites smoothed (alpha " +
@@ -167,7 +165,8 @@ def _readers(model: QModel, node, gamma, beta) -> _Site:
             raise Declined(f"'{layer.name}' has no 2-D constant weight")
         if len(weight.outputs) != 1:
             raise Declined(f"weight '{weight.name}' of '{layer.name}' is shared with other nodes")
-    channels = _as_k_by_n(layers[0]).shape[0]
+    weights = [_as_k_by_n(layer) for layer in layers]
+    channels = weights[0].shape[0]
     for const in (gamma, beta):
         if const is None:
             continue
@@ -176,9 +175,9 @@ def _readers(model: QModel, node, gamma, beta) -> _Site:
             raise Declined(f"'{const.name}' is shared or not an initializer")
         if value.size not in (1, channels) or value.ndim > 1:
             raise Declined(f"'{const.name}' is not one value per channel of the last axis ({channels})")
-    if any(_as_k_by_n(layer).shape[0] != channels for layer in layers):
+    if any(w.shape[0] != channels for w in weights):
         raise Declined("its layers disagree on the channel count")
-    return _Site(node, x, gamma, beta, layers, scaled)
+    return _Site(node, x, gamma, beta, layers, weights, scaled)
 
 
 def _layers_reading(model: QModel, x, scaled: list[str]) -> list:
@@ -244,21 +243,21 @@ def _smoothing_factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np
     return s
 
 
-def _local_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, activation_bits: int,
-                 weight_bits: int) -> float:
-    """Σ over the layers of ‖fq(X/s)·fq(s·W) − X·W‖² / ‖X·W‖² (module docstring)."""
+def _local_error(x: np.ndarray, weights: list[np.ndarray], references: list[np.ndarray], s: np.ndarray,
+                 activation_bits: int, weight_bits: int) -> float:
+    """Σ over the layers of ‖fq(X/s)·fq(s·W) − X·W‖² / ‖X·W‖² (module docstring), the products
+    X·W given as `references`."""
     xs = x / s
     qmin, qmax = quant.qrange(activation_bits, False)
-    scale, zero_point = quant.scale_zero_point(min(xs.min(), 0.0), max(xs.max(), 0.0), activation_bits,
-                                               signed=False, symmetric=False)
+    scale, zero_point = quant.scale_zero_point(xs.min(), xs.max(), activation_bits, signed=False, symmetric=False)
     xq = quant.fake_quantize(xs, scale, zero_point, qmin, qmax).astype(np.float64)
     wmin, wmax = quant.qrange(weight_bits, True, narrow_range=True)
     error = 0.0
-    for w in weights:
+    for w, reference in zip(weights, references):
         ws = w * s[:, None]
-        w_scale = np.maximum(np.abs(ws).max(axis=0), _TINY) / wmax
-        wq = quant.fake_quantize(ws, w_scale, np.zeros_like(w_scale), wmin, wmax, axis=1).astype(np.float64)
-        reference = x @ w
+        w_scale, w_zero = quant.scale_zero_point(ws.min(axis=0), ws.max(axis=0), weight_bits, signed=True,
+                                                 symmetric=True, narrow_range=True)
+        wq = quant.fake_quantize(ws, w_scale, w_zero, wmin, wmax, axis=1).astype(np.float64)
         error += float(np.sum((xq @ wq - reference) ** 2) / max(np.sum(reference ** 2), _TINY))
     return error
 
