@@ -29,7 +29,6 @@ Invariant: changes outputs (sets quantization parameters).
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
@@ -41,7 +40,7 @@ from qgraph.data import FeedPlan
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
 from qgraph.observers import HistogramReplay, MinMaxObserver, MovingAverageObserver, PercentileObserver, make_observer
-from qgraph.parallel import Evaluator
+from qgraph.parallel import Evaluator, default_workers
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qparams import activation_qparams, bypassed, constant_input_values, weight_qparams, write_qparams
 from qgraph.progress import ProgressBar
@@ -271,7 +270,7 @@ def _observe(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: d
     # the observers are independent and NumPy releases the GIL in their array passes: one thread
     # per core updates them side by side (ResNet-50, 32 pictures: the histograms' 430 M values
     # take 2/3 of the time they take in one thread); each observer still sees its batches in order
-    with ThreadPoolExecutor(max_workers=max(1, min(len(observers), len(os.sched_getaffinity(0))))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(observers), default_workers()))) as pool:
         for index, (batch, count) in enumerate(plan.batches(batch_size, limit)):
             values = runner.run(batch, outputs)
 
