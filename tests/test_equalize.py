@@ -355,13 +355,7 @@ def test_the_tensors_between_linked_layers_are_recorded_with_their_factors(data,
     assert entries and all(e["axis"] == 1 for e in entries.values())
     feeds = feeds_for(model, data)
     names = list(entries)
-    probes = []
-    for m in (model, new):
-        p = onnx.ModelProto()
-        p.CopyFrom(m)
-        for name in names:
-            p.graph.output.add(name=name)
-        probes.append(run_model(p, feeds))
+    probes = [run_model(m, feeds, names) for m in (model, new)]
     for name in names:
         got, want = rescale_between(model, new, name, probes[0][name]), probes[1][name]
         assert rel_diff(got, want) <= 1e-5, name
