@@ -988,3 +988,50 @@ def test_mean_requant_is_round_half_up_of_the_exact_mean():
             want = [int(np.floor(Fraction(int(t) - count * zx) * Fraction(rule.multiplier, count << rule.shift)
                                  + Fraction(1, 2))) + 10 for t in totals]
             assert got.tolist() == want
+
+
+def _depthwise_block(channels: int, seed: int) -> onnx.ModelProto:
+    """1x1 conv (3 -> channels) -> Relu -> depthwise 3x3 stride 2 -> Relu -> 1x1 conv (-> 8)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (channels, 3, 1, 1)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (channels, 1, 3, 3)).astype(np.float32), "wd"),
+             numpy_helper.from_array(rng.normal(0, 0.1, channels).astype(np.float32), "bd"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, channels, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="expand"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "wd", "bd"], ["cd"], name="depthwise", group=channels,
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["cd"], ["rd"]),
+             helper.make_node("Conv", ["rd", "w2"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 14, 18])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("channels, per_channel, padded", [(24, True, 32), (40, False, 48), (32, True, None),
+                                                            (12, True, None)])
+def test_qlinear_depthwise_channels_padded_to_whole_blocks(channels, per_channel, padded, monkeypatch):
+    """qlinear.depthwise_padded_channels: a depthwise conv with more than 16 channels, off a multiple
+    of 16 (where ORT's depthwise QLinearConv runs at up to half speed), runs padded to whole blocks
+    between a Pad and a Slice; every output code is the unpadded lowering's, in ORT and in the
+    interpreter."""
+    from qgraph.lowering import qlinear
+    model = QModel.from_onnx(_depthwise_block(channels, seed=channels))
+    x = np.random.default_rng(1).normal(0, 1, (4, 3, 14, 18)).astype(np.float32)
+    ctx = PassContext(data={"x": x})
+    run_pass(model, "insert_qdq", {"weights": {"per_channel": per_channel}}, ctx)
+    run_pass(model, "calibrate", {"progress": False}, ctx)
+    qdq = model.to_onnx()
+    lowered, _ = lower_model(qdq, "qlinear")
+    depthwise = next(n for n in lowered.graph.node if n.op_type == "QLinearConv" and n.name.startswith("depthwise"))
+    group = next(a.i for a in depthwise.attribute if a.name == "group")
+    pads = [n for n in lowered.graph.node if n.op_type == "Pad"]
+    assert group == (padded or channels) and len(pads) == (1 if padded else 0)
+    monkeypatch.setattr(qlinear, "depthwise_padded_channels", lambda node, w: None)
+    unpadded, _ = lower_model(qdq, "qlinear")
+    want = run_model(unpadded, {"x": x})["y"]
+    got = run_model(lowered, {"x": x})["y"]
+    np.testing.assert_array_equal(got, want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"x": x})["y"], got)
