@@ -67,6 +67,9 @@ ROLE_HINTS = {
     "dynamic quantization": "measures a range on every run: static, calibrated quantizers "
                             "(`qgraph passes run --pipeline ptq`) remove it",
     "integer compute": "",
+    "depthwise off-block": "a depthwise QLinearConv whose channel count is off a multiple of 16: ORT's kernel runs "
+                           "16 channels a step and the rest at up to half speed; `qgraph lower --target qlinear` "
+                           "pads such convs to whole blocks (a Pad and a Slice around them)",
     "float compute": "quantizing it (ptq, then `qgraph lower`) moves it to integer kernels",
     "other": "",
     "ORT layout": "layout conversions ORT inserted for its NCHWc/NHWC kernels: not in the model",
@@ -125,6 +128,7 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
         return types.get(t, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
 
     island = _float_islands(g, producer, consumers) if lowered else set()
+    shapes = {i.name: tuple(i.dims) for i in g.initializer}
     roles = {}
     for n in g.node:
         op = n.op_type
@@ -143,6 +147,8 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
                 role = "float island" if n.name in island else "activation quantizer"
         elif op == "DynamicQuantizeLinear":
             role = "dynamic quantization"
+        elif op == "QLinearConv" and _off_block_depthwise(n, shapes):
+            role = "depthwise off-block"
         elif op in _INTEGER_COMPUTE:
             role = "integer compute"
         elif op in _TABLE_OPS and lowered and n.input[0] in constants and not is_float(n.input[1]):
@@ -173,6 +179,14 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
         if n.name:
             roles[n.name] = role
     return roles
+
+
+def _off_block_depthwise(node: onnx.NodeProto, shapes: dict[str, tuple]) -> bool:
+    """A QLinearConv that qgraph's qlinear lowering would pad (qlinear.depthwise_padded_channels)."""
+    from qgraph.lowering.qlinear import depthwise_padded_channels
+    weight = shapes.get(node.input[3]) if len(node.input) > 3 else None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return weight is not None and len(weight) > 2 and depthwise_padded_channels(group, weight) is not None
 
 
 def _float_islands(g, producer, consumers) -> set[str]:

@@ -1028,7 +1028,7 @@ def test_qlinear_depthwise_channels_padded_to_whole_blocks(channels, per_channel
     group = next(a.i for a in depthwise.attribute if a.name == "group")
     pads = [n for n in lowered.graph.node if n.op_type == "Pad"]
     assert group == (padded or channels) and len(pads) == (1 if padded else 0)
-    monkeypatch.setattr(qlinear, "depthwise_padded_channels", lambda node, w: None)
+    monkeypatch.setattr(qlinear, "depthwise_padded_channels", lambda group, shape: None)
     unpadded, _ = lower_model(qdq, "qlinear")
     want = run_model(unpadded, {"x": x})["y"]
     got = run_model(lowered, {"x": x})["y"]

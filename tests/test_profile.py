@@ -180,3 +180,20 @@ def test_integer_tables_fed_by_a_requantization_are_lookup_tables():
     roles = node_roles(lowered)
     tables = [n for n in lowered.graph.node if n.op_type in ("Gather", "GatherElements")]
     assert tables and all(roles[n.name] == "lookup table" for n in tables)
+
+
+@pytest.mark.parametrize("channels, role", [(24, "depthwise off-block"), (32, "integer compute"),
+                                            (8, "integer compute")])
+def test_depthwise_qlinearconv_off_a_block_of_16_channels_is_named(channels, role):
+    """A depthwise QLinearConv the qlinear lowering would pad (a QOperator model from another tool)
+    is named for what it costs in ORT; whole blocks, or a single block, are plain integer compute."""
+    w = np.ones((channels, 1, 3, 3), np.int8)
+    inputs = {"xs": np.float32(0.1), "xz": np.uint8(128), "w": w, "ws": np.full(channels, 0.01, np.float32),
+              "wz": np.zeros(channels, np.int8), "ys": np.float32(0.1), "yz": np.uint8(128)}
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="dw",
+                            group=channels, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, channels, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert node_roles(model)["dw"] == role

@@ -159,7 +159,7 @@ def lower_conv(model: QModel, site: Site) -> None:
     bias = int32_bias(site, 2, x, w, channels)
     name = node.name
 
-    padded = depthwise_padded_channels(node, w.const)
+    padded = depthwise_padded_channels(int(node.attrs.get("group", 1)), w.const.shape)
 
     def build(out):
         xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
@@ -203,14 +203,14 @@ def lower_conv(model: QModel, site: Site) -> None:
 DEPTHWISE_CHANNEL_BLOCK = 16
 
 
-def depthwise_padded_channels(node, w: np.ndarray) -> int | None:
-    """The channel count a depthwise conv (one input and one output channel per group) is padded to
-    so that ORT runs it in whole blocks (DEPTHWISE_CHANNEL_BLOCK), or None where it already does or
-    the map has a single block's worth of channels or fewer (nothing to gain: 8 channels 13.8 us,
-    padded to 16 14.6 us). The padded channels are separate groups of zero weights that the Slice
-    after the conv drops, so the real channels' codes are unchanged."""
-    group, channels = int(node.attrs.get("group", 1)), w.shape[0]
-    if group == 1 or group != channels or w.shape[1] != 1 or channels <= DEPTHWISE_CHANNEL_BLOCK:
+def depthwise_padded_channels(group: int, weight_shape) -> int | None:
+    """The channel count a depthwise conv (one input and one output channel per group; weight
+    [C, 1, k...]) is padded to so that ORT runs it in whole blocks (DEPTHWISE_CHANNEL_BLOCK), or None
+    where it already does or has a single block's worth of channels or fewer (nothing to gain: 8
+    channels 13.8 us, padded to 16 14.6 us). The padded channels are groups of their own with zero
+    weights, which the Slice after the conv drops: the real channels' codes are unchanged."""
+    channels = weight_shape[0]
+    if group == 1 or group != channels or weight_shape[1] != 1 or channels <= DEPTHWISE_CHANNEL_BLOCK:
         return None
     if channels % DEPTHWISE_CHANNEL_BLOCK == 0:
         return None
