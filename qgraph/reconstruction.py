@@ -14,15 +14,17 @@ model compensates it twice: MNIST ResNet W4A8 88% → 11% with AdaRound).
 
 A rounding method is a function of one layer returning its chosen integer codes; the driver keeps
 them only when they lower the layer's reconstruction error below round-to-nearest's, and writes
-the weight as the dequantized codes, so the model's own QuantizeLinear reproduces them exactly
-(scales and zero points never change).
+the weight as the dequantized codes, so the model's own QuantizeLinear reproduces them exactly.
+Zero points never change; scales change only in a clipping search (:func:`clipped_codes`: each
+output channel's scale narrowed by the ratio whose codes reconstruct it best), written to the
+weight's quantizer pair.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,7 +33,7 @@ from qgraph.annotations import QuantizerRecord, require_quantizers
 from qgraph.errors import PassError
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, layer_waves, skip
-from qgraph.qparams import bypassed
+from qgraph.qparams import bypassed, write_qparams
 
 LAYERS = ("Conv", "Gemm", "MatMul")
 BLOCK = 128            # gptq_codes: columns per block
@@ -98,9 +100,13 @@ class Layer:
     def error(self, w_tilde: np.ndarray) -> float:
         """``(tr(W̃HW̃ᵀ) − 2tr(W̃CWᵀ)) / rows``: the reconstruction error less its constant ‖XWᵀ‖²
         term, so it orders candidate weights exactly like the full error."""
+        return float(self.channel_errors(w_tilde).sum() / self.rows)
+
+    def channel_errors(self, w_tilde: np.ndarray) -> np.ndarray:
+        """The terms of :meth:`error` per output channel (groups, out per group), unnormalized: the
+        output channels' errors are independent, so a channel may take its weights from any candidate."""
         w = self.matrix(self.w).astype(np.float64)
-        return float(((np.matmul(w_tilde, self.h) * w_tilde).sum()
-                      - 2.0 * (np.matmul(w_tilde, self.c) * w).sum()) / self.rows)
+        return (np.matmul(w_tilde, self.h) * w_tilde).sum(-1) - 2.0 * (np.matmul(w_tilde, self.c) * w).sum(-1)
 
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point per output channel, as (groups, out per group, 1) float64."""
@@ -143,26 +149,34 @@ def find_layers(model: QModel, records: dict[str, QuantizerRecord]) -> tuple[lis
 
 
 def round_weights(model: QModel, ctx, name: str, choose: Callable[[Layer], np.ndarray], max_samples: int,
-                  detail: str = "") -> dict:
+                  detail: str = "", clip_ratios: Callable[[Layer], Sequence[float]] | None = None) -> dict:
     """A rounding pass `name`: every quantized constant weight of a Conv/Gemm/MatMul given the codes
-    `choose(layer)` returns where they reconstruct better than round-to-nearest; the pass report."""
+    `choose(layer)` returns where they reconstruct better than round-to-nearest; the pass report.
+    ``clip_ratios(layer)``: the scales, as fractions of the calibrated one, that each output channel
+    may take instead (:func:`clipped_codes`); None or ``[1.0]`` keeps the calibrated scales."""
     records = require_quantizers(model, name)
     ctx.require_data(name)
     layers, skipped = find_layers(model, records)
     if not layers:
         return {"changed": 0, "summary": "no layer with a quantized constant weight", "skipped": skipped,
                 "warnings": []}
-    changed, gains, waves = round_in_waves(model, ctx, layers, choose, max_samples, name)
+    changed, gains, waves = round_in_waves(model, ctx, layers, choose, max_samples, name, clip_ratios)
+    clipped = sum(1 for g in gains if g.get("clipped_channels"))
+    if clipped:
+        detail += f"; {clipped} with some channels' scales clipped"
     summary = f"{changed} of {len(layers)} weights re-rounded in {waves} waves{detail}"
     return {"changed": changed, "summary": summary, "layers": gains, "skipped": skipped, "warnings": []}
 
 
 def round_in_waves(model: QModel, ctx, layers: list[Layer], choose: Callable[[Layer], np.ndarray],
-                   max_samples: int, name: str) -> tuple[int, list[dict], int]:
-    """Measure H and C wave by wave and give each layer the codes `choose(layer)` returns when they
-    reconstruct its output better than round-to-nearest; returns (changed, per-layer gains, waves)."""
+                   max_samples: int, name: str,
+                   clip_ratios: Callable[[Layer], Sequence[float]] | None = None) -> tuple[int, list[dict], int]:
+    """Measure H and C wave by wave and give each layer the codes `choose(layer)` returns (on the
+    scales :func:`clipped_codes` picks, with `clip_ratios`) when they reconstruct its output better
+    than round-to-nearest on the calibrated scales; returns (changed, per-layer gains, waves)."""
     float_form = bypassed(model)
     float_nodes = {n.name: n for n in float_form.graph.nodes}
+    nodes = {n.name: n for n in model.graph.nodes}
     by_name = {layer.node.name: layer for layer in layers}
     waves = layer_waves(model, list(by_name))
     changed, gains = 0, []
@@ -171,14 +185,50 @@ def round_in_waves(model: QModel, ctx, layers: list[Layer], choose: Callable[[La
         _accumulate(model, float_form, chosen, [layer.node.inputs[0].name for layer in chosen],
                     [float_nodes[layer.node.name].inputs[0].name for layer in chosen], ctx, max_samples, name)
         for layer in chosen:
-            codes = choose(layer)
-            before, after = layer.error(layer.values(layer.nearest_codes())), layer.error(layer.values(codes))
+            ratios = list(clip_ratios(layer)) if clip_ratios else [1.0]
+            before = layer.error(layer.values(layer.nearest_codes()))
+            codes, scale = clipped_codes(layer, choose, ratios) if ratios != [1.0] else (choose(layer), layer.scale)
+            candidate = layer.on_grid(scale, layer.zp, layer.record.qmin, layer.record.qmax)
+            after = candidate.error(candidate.values(codes))
+            gain = {"layer": layer.node.name, "gain": max(0.0, before - after)}
             if after < before:
-                layer.write(codes)
+                if not np.array_equal(scale, layer.scale):
+                    write_qparams(nodes, layer.record, scale, layer.zp.reshape(np.shape(layer.scale)))
+                    gain["clipped_channels"] = int(np.sum(scale != layer.scale))
+                candidate.write(codes)
                 changed += 1
             layer.h = layer.c = None
-            gains.append({"layer": layer.node.name, "gain": max(0.0, before - after)})
+            gains.append(gain)
     return changed, gains, len(waves)
+
+
+def clipped_codes(layer: Layer, choose: Callable[[Layer], np.ndarray],
+                  ratios: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Clipping search: ``choose`` run on the layer's grid with its scales multiplied by each ratio;
+    each output channel keeps the codes and scale of the ratio that reconstructs it best
+    (Layer.channel_errors: the channels' errors are independent). A narrower grid clips a channel's
+    largest weights to round the rest more finely; with a compensating rounding such as GPTQ the
+    other weights absorb the clipping. A per-tensor scale takes the one ratio best for the whole
+    layer. Returns (codes, scale: per channel, or one value for a per-tensor scale)."""
+    per_tensor = layer.scale.size == 1
+    best_errors = best_codes = best_scale = None
+    for ratio in ratios:
+        scale = (layer.scale * np.float32(ratio)).astype(np.float32)
+        candidate = layer.on_grid(scale, layer.zp, layer.record.qmin, layer.record.qmax)
+        codes = choose(candidate)
+        errors = candidate.channel_errors(candidate.values(codes))
+        channel_scale = candidate.channel_vector(scale)[..., 0]
+        if per_tensor:
+            errors = np.broadcast_to(errors.sum(), errors.shape)
+        if best_errors is None:
+            best_errors, best_codes, best_scale = errors, codes, channel_scale
+            continue
+        better = errors < best_errors
+        best_errors = np.where(better, errors, best_errors)
+        best_codes = np.where(better[..., None], codes, best_codes)
+        best_scale = np.where(better, channel_scale, best_scale)
+    scale = best_scale.reshape(-1).astype(np.float32)
+    return best_codes, scale[:1] if per_tensor else scale
 
 
 def float_statistics(model: QModel, layers: list[Layer], ctx, max_samples: int, name: str) -> None:

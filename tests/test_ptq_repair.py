@@ -413,3 +413,52 @@ def test_model_bytes_cost_counts_weights_and_lets_activation_bytes_only_break_ti
     assert bytes_cost.delta(chosen, "a", 16) == 50000 and bytes_cost.delta(chosen, "w", 16) == 1000
     assert model_bytes.delta(chosen, "w", 16) == 1000 and model_bytes.delta(chosen, "a", 16) == 50000 * TIE_BREAK
     assert model_bytes.total(chosen) == 1000 + 50000 * TIE_BREAK
+
+
+def test_clipping_search_narrows_heavy_tailed_channels_and_never_reconstructs_worse():
+    """reconstruction.clipped_codes: each output channel keeps the ratio whose GPTQ sweep reconstructs
+    it best. Heavy-tailed weights (Student-t, as trained weights are) take narrower scales on some
+    channels, each of those with a lower error than the sweep on its calibrated min/max scale; no
+    channel ends worse (ratio 1.0 is a candidate)."""
+    from qgraph.passes.gptq import CLIP_RATIOS
+    from qgraph.reconstruction import clipped_codes, gptq_codes
+    rng = np.random.default_rng(3)
+    layer = _random_layer(rng, out_channels=16, k=40)
+    layer.w = rng.standard_t(2, size=layer.w.shape).astype(np.float32)
+    layer.scale = (np.abs(layer.w).reshape(16, -1).max(1) / 7).astype(np.float32)
+    sweep = lambda grid: gptq_codes(grid, 0.01, True)   # noqa: E731
+    plain = layer.channel_errors(layer.values(sweep(layer)))[0]
+    codes, scale = clipped_codes(layer, sweep, CLIP_RATIOS)
+    clipped = layer.on_grid(scale, layer.zp, -7, 7)
+    errors = clipped.channel_errors(clipped.values(codes))[0]
+    ratios = scale / layer.scale
+    assert all(np.isclose(r, CLIP_RATIOS, atol=1e-6).any() for r in ratios)
+    narrowed = ratios < 1
+    assert narrowed.sum() >= 4 and np.all(errors[narrowed] < plain[narrowed])
+    assert np.allclose(errors[~narrowed], plain[~narrowed])
+    assert codes.min() >= -7 and codes.max() <= 7
+
+
+def test_gptq_clip_search_writes_narrowed_scales_to_the_weight_quantizers(w4, digits):
+    """On 4-bit weights `clip_search: auto` narrows some channels' scales (to one of CLIP_RATIOS of
+    the calibrated scale) in the Q/DQ pair itself, the weights lie on the new grid, and the model
+    lowers and runs in ORT; `off` keeps every scale."""
+    from qgraph.passes.gptq import CLIP_RATIOS
+    calib, val = digits
+    scales = {}
+    for mode in ("auto", "off"):
+        model = QModel.from_onnx(w4["resnet"])
+        report = run_pass(model, "gptq", {"clip_search": mode}, PassContext(data=calib))
+        proto = model.to_onnx()
+        _rounded_codes(proto, w4["resnet"])                       # on the grid of the scales written
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+        before = {i.name: onnx.numpy_helper.to_array(i) for i in w4["resnet"].graph.initializer}
+        records = [r for r in read_quantizers(proto).values() if r.kind == "weight"]
+        scales[mode] = [inits[r.scale] / before[r.scale] for r in records]
+        if mode == "auto":
+            assert any(g.get("clipped_channels") for g in report["layers"]) and "clipped" in report["summary"]
+    ratios = np.concatenate([r.ravel() for r in scales["auto"]])
+    assert all(np.isclose(r, CLIP_RATIOS, atol=1e-6).any() for r in ratios) and (ratios < 1).sum() > 10
+    assert all(np.all(r == 1) for r in scales["off"])
+    lowered, _ = lower_model(model.to_onnx(), "qlinear")
+    assert run_model(lowered, {"input": val["input"][:8]})["logits"].shape == (8, 10)
