@@ -274,6 +274,25 @@ calibration / 32 evaluation pictures): nudenet cosine 0.99938 against the defaul
 8/8 boxes kept; ddddocr_det 0.99197 against 0.99684, 73 against 75 of 88 boxes (ORT's best QDQ
 setting: 0.99398, 71). The integer target gains nothing from it (a table is its form either way,
 and the Mul of two codes is one more 64 KB pair table).
+
+Depthwise convolutions padded to whole blocks of 16 channels (qlinear.depthwise_padded_channels,
+2026-11-29 stop 24). ORT 1.19's depthwise QLinearConv runs 16 channels a step and the rest far
+slower (one thread, 5x5 kernels on 3x96 uint8 maps: 88 channels 71.7 µs against 96 channels 42.9,
+104 against 112: 80.6 / 47.9, 200 against 208: 139 / 74; 3x3: 88 / 96 41.5 / 27.9; 8 against 16
+even): a depthwise conv with more than 16 channels off a multiple of 16 is lowered as Pad (the
+input's zero point) → QLinearConv on the padded channels (zero weights) → Slice, and the real
+channels' codes are unchanged (tests/test_lower.py). With the Pad and Slice, 200 channels on 2x96:
+99 µs → 56 (ideal 52); 120 channels on 60x60: 1184 → 634 µs. In the zoo only PaddleOCR's direction
+classifier has such convs (7: 40, 88, 104 and 200 channels); its old and new lowerings of one ptq
+model, interleaved with float (`/tmp`-style paired runs, 40 rounds, twice, load ~1): batch 1
+1.38x / 1.44x of float → 1.18x / 1.20x (new/old 0.85 / 0.84), batch 8 0.87x / 0.89x → 0.76x / 0.79x
+(0.88 / 0.89). This script, `--models ppocr_cls --repeats 25`, after: float 1.28 / 12.53 ms, ORT
+QOperator 1.44x / 0.99x, qgraph qlinear 1.21x / 0.71x, integer 3.09x / 2.27x (batch 1 / 8). At
+batch 1 (1 ms per image) the classifier stays above float: its first QLinearConv, 3 input channels
+on 48x192, takes 72 µs against float's 37 (MLAS's 3x3 kernels want 4 input channels: a Pad to 4
+makes that conv 1.2-1.5x faster, but a 6x6 stem 1.25x slower, so it is not done), and its 27
+HardSwish/HardSigmoid tables 0.4 ms. `qgraph profile` names such a conv in any QOperator model
+("depthwise off-block").
 """
 
 from __future__ import annotations
