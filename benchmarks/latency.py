@@ -284,7 +284,7 @@ input's zero point) → QLinearConv on the padded channels (zero weights) → Sl
 channels' codes are unchanged (tests/test_lower.py). With the Pad and Slice, 200 channels on 2x96:
 99 µs → 56 (ideal 52); 120 channels on 60x60: 1184 → 634 µs. In the zoo only PaddleOCR's direction
 classifier has such convs (7: 40, 88, 104 and 200 channels); its old and new lowerings of one ptq
-model, interleaved with float (`/tmp`-style paired runs, 40 rounds, twice, load ~1): batch 1
+model, interleaved with float in the same rounds (40 rounds, twice, load ~1): batch 1
 1.38x / 1.44x of float → 1.18x / 1.20x (new/old 0.85 / 0.84), batch 8 0.87x / 0.89x → 0.76x / 0.79x
 (0.88 / 0.89). This script, `--models ppocr_cls --repeats 25`, after: float 1.28 / 12.53 ms, ORT
 QOperator 1.44x / 0.99x, qgraph qlinear 1.21x / 0.71x, integer 3.09x / 2.27x (batch 1 / 8). At
