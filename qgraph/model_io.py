@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from qgraph.annotations import check_annotations

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from qgraph import quant
 from qgraph.analyze import analyze_models, find_quantizers, public
-from qgraph.annotations import read_quantizers, write_quantizers
+from qgraph.annotations import read_quantizers
 from qgraph.api import apply_pipeline
 from qgraph.cli import main
 from qgraph.graph import QModel

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, clip_bounds, index_tensors, unary_regions

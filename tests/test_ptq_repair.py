@@ -301,7 +301,6 @@ def test_mixed_precision_16_bit_activations_cover_the_range_the_data_reach(digit
     int8 = apply_pipeline(build_model("resnet"), "ptq", {"input": calib["input"]})   # percentile ranges
     records = read_quantizers(int8)
     nodes = {n.name: n for n in int8.graph.node}
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in int8.graph.initializer}
     sources = {n: nodes[r.quantize].input[0] for n, r in records.items() if r.kind == "activation" and n != "input"}
     values = Runner(bypassed(QModel.from_onnx(int8)).to_onnx(), list(sources.values())).run(
         {"input": calib["input"]})
