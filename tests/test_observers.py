@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from qgraph.observers import (EntropyObserver, MinMaxObserver, MovingAverageObserver, MSEObserver,
@@ -48,6 +48,7 @@ def test_moving_average_follows_hat_formula():
 
 @settings(max_examples=40, deadline=None)
 @given(batches_st)
+@example([(0.0, 1.0, 3, 0)] * 3 + [(1.0, 1.0, 1, 0)])   # three copies of a value on an edge (CI, stop 24)
 def test_streaming_histogram_equals_one_shot(spec):
     """Merging batch by batch (range growing) gives the one-shot histogram on the final grid:
     every value lands in the bin np.histogram puts it in, up to edge rounding."""
@@ -60,9 +61,13 @@ def test_streaming_histogram_equals_one_shot(spec):
     assert hist.lo <= min(data.min(), 0) and hist.hi >= max(data.max(), 0) - 1e-9 * max(1.0, abs(hist.hi))
     assume(hist.width > 0)   # all-zero data has no grid to compare
     one_shot, _ = np.histogram(data, bins=256, range=(hist.lo, hist.hi))
-    # values exactly on an edge may go either way: the cumulative counts agree within a few values
+    # a value within float32 rounding of an edge may go either way (observers._bin_index), and an edge
+    # value is common: a batch's max is an edge of its grid, which later grids keep; the cumulative
+    # counts agree up to those values (each copy of one counts) and a few more
+    positions = (data - hist.lo) / hist.width
+    on_edge = int((np.abs(positions - np.rint(positions)) < 1e-4).sum())
     moved = np.abs(np.cumsum(one_shot) - np.cumsum(hist.counts)).max()
-    assert moved <= max(2, 0.001 * len(data))
+    assert moved <= max(2, 0.001 * len(data)) + on_edge
     for q in (0.01, 0.5, 0.99):
         assert abs(hist.quantile(q) - np.quantile(data, q, method="inverted_cdf")) <= hist.width * 1.001 + 1e-6
 
