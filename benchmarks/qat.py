@@ -198,6 +198,12 @@ GPTQ_PIPELINE = {"passes": [
     {"gptq": {}},
     {"bias_correction": {}},
 ]}
+# `--zoo-start gptq-ends`: the same with the first and last weighted layers kept at 8 bits (qconfig's
+# `position` rules; NNCF's weight compression keeps a model's first and last layers in 8 bits likewise)
+ENDS_8BIT = [{"position": "first", "weights": {"bits": 8}}, {"position": "last", "weights": {"bits": 8}}]
+GPTQ_ENDS_PIPELINE = {"passes": [
+    {"insert_qdq": {**step["insert_qdq"], "rules": ENDS_8BIT}} if "insert_qdq" in step else step
+    for step in GPTQ_PIPELINE["passes"]]}
 
 if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
     import onnx
@@ -488,7 +494,7 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     # batch 1 with int8's 3e-5 moved ddddocr_ocr away from the teacher every epoch, 3e-6 moved it closer)
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
-    start_pipeline = GPTQ_PIPELINE if args.zoo_start == "gptq" else args.zoo_start
+    start_pipeline = {"gptq": GPTQ_PIPELINE, "gptq-ends": GPTQ_ENDS_PIPELINE}.get(args.zoo_start, args.zoo_start)
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):
         name = "int8" if bits == 8 else "w4a8"
         prepared = apply_pipeline(float_model, start_pipeline, calib, weight_bits=bits, batch_size=batch)
@@ -632,10 +638,11 @@ def main() -> None:
     parser.add_argument("--zoo-lr", type=float, default=3e-5, help="int8 lr at --zoo-batch (fixed batch: scaled)")
     parser.add_argument("--zoo-w4-lr", type=float, default=1e-3, help="W4A8 lr at --zoo-batch (fixed batch: scaled)")
     parser.add_argument("--zoo-w4-epochs", type=int, default=6)
-    parser.add_argument("--zoo-start", choices=("qat", "ptq", "gptq"), default="qat",
+    parser.add_argument("--zoo-start", choices=("qat", "ptq", "gptq", "gptq-ends"), default="qat",
                         help="the pipeline of the model distillation starts from: qat.yaml (minmax activation "
-                             "ranges, forward-fused BN), ptq.yaml (percentile ranges, BN folded), or gptq "
-                             "(ptq.yaml with equalize before insert_qdq, then gptq and bias_correction)")
+                             "ranges, forward-fused BN), ptq.yaml (percentile ranges, BN folded), gptq "
+                             "(ptq.yaml with equalize before insert_qdq, then gptq and bias_correction), or "
+                             "gptq-ends (gptq with the first and last weighted layers at 8 bits)")
     parser.add_argument("--zoo-relative-lr", action="store_true",
                         help="steps relative to each tensor's RMS (train_model(relative_lr=True)); the rates "
                              "then mean a relative change per step")

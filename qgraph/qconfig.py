@@ -2,14 +2,17 @@
 
 A pipeline gives defaults for weights and activations and a list of rules. Each rule has
 exactly one selector — `name` (exact node name), `regex` (``re.fullmatch`` on the node
-name) or `op_type` — and any of: `weights: {...}`, `activations: {...}` (field overrides),
+name), `op_type`, or `position` (`first`: a weighted node no other weighted node feeds,
+directly or through other ops; `last`: one that feeds no other weighted node — where low-bit
+recipes keep 8 bits) — and any of: `weights: {...}`, `activations: {...}` (field overrides),
 `skip: true` (the node is left float: linger's disable_quant), `quantize_input` and
 `quantize_output` (HAT: a head whose output the target keeps in high precision).
 
 Resolution for a node merges, lowest priority first: global defaults, the first matching
-`op_type` rule, the first matching `regex` rule, the first matching `name` rule — so a field
-set by a name rule beats the same field set by an op-type rule (HAT's order:
-module name > module name regex > object type > global).
+`op_type` rule, the first matching `position` rule, the first matching `regex` rule, the first
+matching `name` rule — so a field set by a name rule beats the same field set by an op-type
+rule (HAT's order: module name > module name regex > object type > global, with a position
+more specific than a type and less than a name).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from qgraph.schema import Range, check_value
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "entropy", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
-SELECTORS = ("name", "regex", "op_type")  # a rule has exactly one
+SELECTORS = ("name", "regex", "op_type", "position")  # a rule has exactly one
+#: lowest priority first: later levels override the fields earlier ones set
+PRIORITY = ("op_type", "position", "regex", "name")
+POSITIONS = ("first", "last")
 RULE_KEYS = SELECTORS + ("weights", "activations", "skip", "quantize_input", "quantize_output")
 NONNEGATIVE_STORAGE = ("uint8", "int8")
 
@@ -96,11 +102,13 @@ class Rule:
     def describe(self) -> str:
         return f"rule #{self.index + 1} ({self.selector}: {self.pattern!r})"
 
-    def matches(self, node) -> bool:
+    def matches(self, node, positions=frozenset()) -> bool:
         if self.selector == "name":
             return node.name == self.pattern
         if self.selector == "regex":
             return self.regex.fullmatch(node.name or "") is not None
+        if self.selector == "position":
+            return self.pattern in positions
         return node.op == self.pattern
 
 
@@ -173,11 +181,14 @@ def parse_rules(rules: list) -> list[Rule]:
                                   f"valid: {', '.join(RULE_KEYS)}")
         selectors = [k for k in SELECTORS if k in raw]
         if len(selectors) != 1:
-            raise ConfigError(f"{where} needs exactly one of name, regex, op_type; got {selectors or 'none'}")
+            raise ConfigError(f"{where} needs exactly one of {', '.join(SELECTORS)}; got {selectors or 'none'}")
         selector = selectors[0]
         pattern = raw[selector]
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"{where}.{selector} must be a non-empty string, got {pattern!r}")
+        if selector == "position" and pattern not in POSITIONS:
+            raise ConfigError(f"{where}.position must be one of {', '.join(POSITIONS)}, got {pattern!r}"
+                              f"{_nearest(pattern, POSITIONS)}")
         compiled = name_patterns([pattern], f"{where}.regex", strict=True)[0].regex if selector == "regex" else None
         flags = {}
         for key in ("skip", "quantize_input", "quantize_output"):
@@ -204,11 +215,13 @@ class QConfigResolver:
         self.rules = parse_rules(rules or [])
         self._by_level = {s: [r for r in self.rules if r.selector == s] for s in SELECTORS}
 
-    def resolve(self, node) -> NodeConfig:
+    def resolve(self, node, positions=frozenset()) -> NodeConfig:
+        """The config of `node`; `positions`: its places among the weighted nodes (POSITIONS),
+        which the graph decides (:func:`weighted_positions`)."""
         weights, activations, flags = {}, {}, {}
         # lowest priority first, so later updates win
-        for selector in ("op_type", "regex", "name"):
-            matching = [r for r in self._by_level[selector] if r.matches(node)]
+        for selector in PRIORITY:
+            matching = [r for r in self._by_level[selector] if r.matches(node, positions)]
             for r in matching:
                 r.matched += 1
             if not matching:

@@ -83,3 +83,26 @@ def test_unmatched_rule_warns_naming_it():
 def test_bad_config_is_a_config_error(weights, activations, rules, match):
     with pytest.raises(ConfigError, match=match):
         QConfigResolver(weights, activations, rules)
+
+
+def test_position_rules_sit_between_op_type_and_regex():
+    rules = [
+        {"op_type": "Conv", "weights": {"bits": 4, "per_channel": False}},
+        {"position": "first", "weights": {"bits": 8}},
+        {"position": "last", "weights": {"bits": 7}, "quantize_output": False},
+        {"regex": "stem2", "weights": {"bits": 6}},
+    ]
+    r = QConfigResolver(None, None, rules)
+    stem = r.resolve(_node("stem", "Conv"), frozenset({"first"}))
+    assert stem.weights.bits == 8 and stem.weights.per_channel is False     # position over op_type
+    assert r.resolve(_node("stem2", "Conv"), frozenset({"first"})).weights.bits == 6    # regex over position
+    assert r.resolve(_node("body", "Conv")).weights.bits == 4                 # no position: the op-type rule
+    both = r.resolve(_node("only", "Gemm"), frozenset({"first", "last"}))     # first wins within the level
+    assert both.weights.bits == 8 and both.quantize_output is True
+    assert r.unmatched_warnings() == ["rule #3 (position: 'last') is shadowed: an earlier position rule matches "
+                                      "all its nodes"]
+
+
+def test_unknown_position_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"position must be one of first, last, got 'frist' \(did you mean 'first'"):
+        QConfigResolver(None, None, [{"position": "frist", "weights": {"bits": 8}}])

@@ -124,6 +124,36 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
 
 # -- pattern: which tensors get which quantizer ----------------------------------------------
 
+def weighted_positions(model: QModel, constant: set[str]) -> dict[str, frozenset[str]]:
+    """The places (qconfig.POSITIONS) of each weighted node — a Conv/ConvTranspose/Gemm with a
+    constant weight, a MatMul with one constant operand, reading some non-constant tensor:
+    `first` when no weighted node feeds it, directly or through any other ops (a stem, a patch
+    embedding; one per input branch), `last` when it feeds no weighted node (a classifier, each
+    head of a detector). A model with one weighted node has it in both. The nodes are in
+    topological order (cleanup sorts them), so one pass each way decides."""
+    def weighted(node: Node) -> bool:
+        names = [t.name for t in node.inputs if t.name]
+        if node.op not in COMPUTE_OPS or all(n in constant for n in names):
+            return False
+        if node.op == "MatMul":
+            return any(n in constant for n in names[:2])
+        return len(names) > 1 and node.inputs[1].name in constant
+
+    nodes = list(model.graph.nodes)
+    is_weighted = {n.name for n in nodes if weighted(n)}
+    places: dict[str, set[str]] = {name: set() for name in is_weighted}
+    for order, read, write, place in ((nodes, "inputs", "outputs", "first"),
+                                      (nodes[::-1], "outputs", "inputs", "last")):
+        reached: set[str] = set()    # tensors downstream (upstream) of a weighted node
+        for node in order:
+            touched = any(t.name in reached for t in getattr(node, read) if t.name)
+            if node.name in is_weighted and not touched:
+                places[node.name].add(place)
+            if touched or node.name in is_weighted:
+                reached.update(t.name for t in getattr(node, write) if t.name and t.name not in constant)
+    return {name: frozenset(p) for name, p in places.items()}
+
+
 class QuantPlan:
     """Decides the quantized tensors (one quantizer each) before the graph is touched."""
 
@@ -132,7 +162,10 @@ class QuantPlan:
         self.model = model
         self.resolver = resolver
         self.nonnegative = nonnegative
-        self.configs: dict[str, NodeConfig] = {n.name: resolver.resolve(n) for n in model.graph.nodes}
+        self.constant = constant_tensors(model)
+        positions = weighted_positions(model, self.constant)
+        self.configs: dict[str, NodeConfig] = {n.name: resolver.resolve(n, positions.get(n.name, frozenset()))
+                                               for n in model.graph.nodes}
         self.weights: dict[str, tuple[Tensor, WeightSpec, int | None, Node]] = {}
         self.activations: dict[str, tuple[Tensor, ActivationSpec, Node]] = {}
         self.aliases: dict[str, str] = {}
@@ -140,7 +173,6 @@ class QuantPlan:
         self.warnings: list[str] = []
         self.placement: dict[str, str] = {}      # float activation -> why it is (not) quantized
         self.skipped_nodes: set[str] = {name for name, c in self.configs.items() if c.skip}
-        self.constant = constant_tensors(model)
         self.index = index_tensors(model)
         self.regions = []
         for region in unary_regions(model):
