@@ -199,7 +199,7 @@ GPTQ_PIPELINE = {"passes": [
     {"bias_correction": {}},
 ]}
 # `--zoo-start gptq-ends`: the same with the first and last weighted layers kept at 8 bits (qconfig's
-# `position` rules; NNCF's weight compression keeps a model's first and last layers in 8 bits likewise)
+# `position` rules, the convention of LSQ's low-bit networks and of NNCF's 4-bit weight compression)
 ENDS_8BIT = [{"position": "first", "weights": {"bits": 8}}, {"position": "last", "weights": {"bits": 8}}]
 GPTQ_ENDS_PIPELINE = {"passes": [
     {"insert_qdq": {**step["insert_qdq"], "rules": ENDS_8BIT}} if "insert_qdq" in step else step

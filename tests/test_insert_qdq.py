@@ -319,8 +319,8 @@ def test_weighted_positions_follow_the_graph_through_branches_joins_and_heads():
 
 
 def test_position_rules_keep_the_ends_at_8_bits_and_buy_back_held_out_snr(prepared, images):
-    """W4A8 with `position: first` / `last` at 8 bits (NNCF's weight compression keeps a model's
-    first and last layers in 8 bits the same way): the stem and the head get 8-bit grids, every
+    """W4A8 with `position: first` / `last` at 8 bits (as LSQ's low-bit networks and NNCF's 4-bit
+    weight compression keep them): the stem and the head get 8-bit grids, every
     other weight 4, and on held-out digits the output is closer to float (measured: lenet +2.0 dB,
     resnet +2.0, mobilenetv2 +4.8, mlp +6.1, 256 calibration / 1,000 held-out digits)."""
     ends = [{"position": "first", "weights": {"bits": 8}}, {"position": "last", "weights": {"bits": 8}}]
