@@ -328,7 +328,7 @@ def test_position_rules_keep_the_ends_at_8_bits_and_buy_back_held_out_snr(prepar
     bits = {r.node: r.bits for r in read_quantizers(m).values() if r.kind == "weight"}
     assert bits.pop("stem.conv") == 8 and bits.pop("head.fc") == 8
     assert set(bits.values()) == {4} and len(bits) >= 6
-    assert report["warnings"] == []
+    assert report["warnings"] == [] and report["positions"] == {"first": ["stem.conv"], "last": ["head.fc"]}
 
     import yaml
     from qgraph.api import apply_pipeline

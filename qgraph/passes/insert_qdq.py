@@ -63,7 +63,7 @@ from qgraph.graph import Node, QModel, Tensor
 from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, REGION_KINDS, clip_bounds_or_none, constant_tensors, index_tensors,
                            is_range_preserving, skip, split_region, unary_regions)
 from qgraph.pipeline import PassContext, register_pass
-from qgraph.qconfig import ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
+from qgraph.qconfig import POSITIONS, ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
 from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams
 
 #: Compute ops: their inputs are always integers.
@@ -119,7 +119,9 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
                f"default to [-1, 1], [0, 1] if non-negative): run calibrate")
     return {"changed": len(records), "summary": summary, "weights": n_w, "activations": n_a,
             "aliases": len(plan.aliases), "unary_regions": regions, "calibrated": False,
-            "placement": dict(sorted(plan.placement.items())), "skipped": plan.skipped, "warnings": warnings}
+            "placement": dict(sorted(plan.placement.items())), "skipped": plan.skipped, "warnings": warnings,
+            "positions": {place: sorted(name for name, places in plan.positions.items() if place in places)
+                          for place in POSITIONS}}
 
 
 # -- pattern: which tensors get which quantizer ----------------------------------------------
@@ -163,8 +165,8 @@ class QuantPlan:
         self.resolver = resolver
         self.nonnegative = nonnegative
         self.constant = constant_tensors(model)
-        positions = weighted_positions(model, self.constant)
-        self.configs: dict[str, NodeConfig] = {n.name: resolver.resolve(n, positions.get(n.name, frozenset()))
+        self.positions = weighted_positions(model, self.constant)
+        self.configs: dict[str, NodeConfig] = {n.name: resolver.resolve(n, self.positions.get(n.name, frozenset()))
                                                for n in model.graph.nodes}
         self.weights: dict[str, tuple[Tensor, WeightSpec, int | None, Node]] = {}
         self.activations: dict[str, tuple[Tensor, ActivationSpec, Node]] = {}
