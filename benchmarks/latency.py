@@ -289,9 +289,9 @@ model, interleaved with float in the same rounds (40 rounds, twice, load ~1): ba
 (0.88 / 0.89). This script, `--models ppocr_cls --repeats 25`, after: float 1.28 / 12.53 ms, ORT
 QOperator 1.44x / 0.99x, qgraph qlinear 1.21x / 0.71x, integer 3.09x / 2.27x (batch 1 / 8). At
 batch 1 (1 ms per image) the classifier stays above float: its first QLinearConv, 3 input channels
-on 48x192, takes 72 µs against float's 37 (MLAS's 3x3 kernels want 4 input channels: a Pad to 4
-makes that conv 1.2-1.5x faster, but a 6x6 stem 1.25x slower, so it is not done), and its 27
-HardSwish/HardSigmoid tables 0.4 ms. `qgraph profile` names such a conv in any QOperator model
+on 48x192, takes 72 µs against float's 37 (a Pad to 4 input channels makes a 3x3 stem into 16 or
+more outputs 1.2-1.6x faster, done since stop 25 as qlinear.narrow_input_padded_channels, but this
+one writes 8, where the Pad makes it slower), and its 27 HardSwish/HardSigmoid tables 0.4 ms. `qgraph profile` names such a conv in any QOperator model
 ("depthwise off-block").
 """
 

@@ -160,8 +160,9 @@ def lower_conv(model: QModel, site: Site) -> None:
     bias = int32_bias(site, 2, x, w, channels)
     name = node.name
 
-    padded = depthwise_padded_channels(int(node.attrs.get("group", 1)), w.const.shape)
-    wide_input = narrow_input_padded_channels(int(node.attrs.get("group", 1)), w.const.shape)
+    group = int(node.attrs.get("group", 1))
+    padded = depthwise_padded_channels(group, w.const.shape)
+    wide_input = narrow_input_padded_channels(group, w.const.shape)
 
     def build(out):
         xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
@@ -176,11 +177,8 @@ def lower_conv(model: QModel, site: Site) -> None:
             wz_value = _pad_channels(wz_value, extra, pad_zp)
             bias_value = _pad_channels(np.zeros(channels, np.int32) if bias is None else bias, extra, 0)
             attrs["group"] = padded
-            x_in = var(model, f"{name}_x_padded", x.quantizer.dtype)
-            pads = np.zeros(2 * w.const.ndim, np.int64)
-            pads[w.const.ndim + 1] = extra
-            model.add_node("Pad", [x.tensor, const(model, f"{name}_channel_pads", pads), xz], [x_in],
-                           f"{name}_pad_channels")
+            x_in = _zero_point_channels(model, x, xz, w.const.ndim, extra, f"{name}_x_padded",
+                                        f"{name}_channel_pads", f"{name}_pad_channels")
             y_out = var(model, f"{name}_y_padded", site.out_q.dtype)
         if wide_input:
             extra = wide_input - w.const.shape[1]
@@ -189,11 +187,8 @@ def lower_conv(model: QModel, site: Site) -> None:
             fill = np.broadcast_to(np.asarray(wz_value, w.const.dtype).reshape(-1, 1, 1, 1),
                                    (channels, extra, *w.const.shape[2:]))
             w_tensor = const(model, f"{name}_w_wide", np.concatenate([w.const, fill], axis=1))
-            x_in = var(model, f"{name}_x_wide", x.quantizer.dtype)
-            pads = np.zeros(2 * w.const.ndim, np.int64)
-            pads[w.const.ndim + 1] = extra
-            model.add_node("Pad", [x.tensor, const(model, f"{name}_input_channel_pads", pads), xz], [x_in],
-                           f"{name}_pad_input_channels")
+            x_in = _zero_point_channels(model, x, xz, w.const.ndim, extra, f"{name}_x_wide",
+                                        f"{name}_input_channel_pads", f"{name}_pad_input_channels")
         ws = const(model, f"{name}_w_scale", ws_value)
         wz = const(model, f"{name}_w_zero_point", wz_value)
         ys, yz = quantizer_constants(model, site.out_q, f"{name}_y")
@@ -252,6 +247,17 @@ def narrow_input_padded_channels(group: int, weight_shape) -> int | None:
     if weight_shape[0] < NARROW_INPUT_MIN_OUTPUTS or weight_shape[1] >= NARROW_INPUT_CHANNELS:
         return None
     return NARROW_INPUT_CHANNELS
+
+
+def _zero_point_channels(model: QModel, x: QInput, zero_point: gs.Tensor, rank: int, extra: int, tensor: str,
+                         pads: str, node: str) -> gs.Tensor:
+    """The conv input ``x`` (of `rank`, the weight's) with ``extra`` channels of its zero point after
+    its own (axis 1): a Pad node."""
+    widths = np.zeros(2 * rank, np.int64)
+    widths[rank + 1] = extra
+    padded = var(model, tensor, x.quantizer.dtype)
+    model.add_node("Pad", [x.tensor, const(model, pads, widths), zero_point], [padded], node)
+    return padded
 
 
 def _pad_channels(values, extra: int, fill) -> np.ndarray:
