@@ -507,7 +507,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
 
     row: dict = {"model": key, "batch": batch, "lr": {"int8": args.zoo_lr * batch / args.zoo_batch,
                                                        "w4a8": args.zoo_w4_lr * batch / args.zoo_batch},
-                       "relative_lr": args.zoo_relative_lr}
+                       "relative_lr": args.zoo_relative_lr, "learn_scales": args.zoo_learn_scales,
+                       "keep_best_by": args.zoo_keep_best_by}
     # the int8 model a user gets without training (ptq.yaml: percentile activation ranges), the bar for W4A8
     row["ptq_default_int8"] = measure(apply_pipeline(float_model, "ptq", calib, batch_size=batch))
     log(f"PTQ int8 (ptq.yaml): cosine {row['ptq_default_int8']['cosine']:.5f}")
@@ -525,7 +526,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
         try:
             trained, history = train_model(prepared, data, held_out, teacher=float_model, epochs=epochs, lr=lr,
                                            batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False,
-                                           keep_best=True, relative_lr=args.zoo_relative_lr)
+                                           keep_best=True, relative_lr=args.zoo_relative_lr,
+                                           learn_scales=args.zoo_learn_scales, keep_best_by=args.zoo_keep_best_by)
         except QGraphError as exc:
             row[f"distill_{name}"] = {"error": str(exc)}
             log(f"failed: {exc}")
@@ -667,6 +669,12 @@ def main() -> None:
     parser.add_argument("--zoo-relative-lr", action="store_true",
                         help="steps relative to each tensor's RMS (train_model(relative_lr=True)); the rates "
                              "then mean a relative change per step")
+    parser.add_argument("--zoo-learn-scales", action="store_true",
+                        help="LSQ: train the quantizers' scales with the weights (train_model(learn_scales=True); "
+                             "calibrated activation scales stay fixed)")
+    parser.add_argument("--zoo-keep-best-by", choices=("loss", "cosine", "snr"), default="loss",
+                        help="what --keep-best compares on the held-out inputs: the distillation loss, or the "
+                             "worst output's cosine or SNR to float")
     parser.add_argument("--zoo-bits", type=lambda text: [int(b) for b in text.split(",")], default=[8, 4],
                         help="weight bits of the zoo runs: 8 (int8), 4 (W4A8) or both (8,4)")
     args = parser.parse_args()

@@ -203,12 +203,15 @@ def inspect(model, as_json):
                    "in scale by orders of magnitude).")
 @click.option("--keep-best", is_flag=True,
               help="Write the epoch with the lowest --val loss (the input itself, epoch 0, included).")
+@click.option("--keep-best-by", type=click.Choice(["loss", "cosine", "snr"]),
+              help="--keep-best by this: the lowest --val loss, or with --teacher the highest cosine or SNR "
+                   "of the worst output to the teacher's (implies --keep-best).")
 @click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
           warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, teacher_path, distill_loss,
-          temperature, feature, feature_weight, label_weight, relative_lr, keep_best, workdir, resume, quiet):
+          temperature, feature, feature_weight, label_weight, relative_lr, keep_best, keep_best_by, workdir, resume, quiet):
     """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
 
     \b
@@ -225,12 +228,14 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
                          progress=not quiet, teacher_path=teacher_path, distill_loss=distill_loss,
                          temperature=temperature, feature=feature, feature_weight=feature_weight,
                          label_weight=label_weight, relative_lr=relative_lr,
-                         keep_best=keep_best)
+                         keep_best=keep_best or keep_best_by is not None, keep_best_by=keep_best_by or "loss")
     for row in history:
         click.echo(_epoch_line(row, distilled=teacher_path is not None))
     kept = [row["epoch"] for row in history if row.get("kept")]
     if kept:
-        click.echo(f"kept epoch {kept[0]} (lowest val loss)")
+        why = {None: "lowest val loss", "loss": "lowest val loss", "cosine": "highest val cosine",
+               "snr": "highest val SNR"}[keep_best_by]
+        click.echo(f"kept epoch {kept[0]} ({why})")
     click.echo(f"wrote {output}")
 
 

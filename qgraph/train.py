@@ -106,8 +106,10 @@ class TrainConfig:
     feature: tuple[str, ...] = ()
     feature_weight: Annotated[float, Range(0.0, 1e6)] = 1.0
     label_weight: Annotated[float, Range(0.0, 1e6)] = 0.0
-    # export the epoch with the lowest validation loss, the input itself (epoch 0) included
+    # export the best epoch on the validation data, the input itself (epoch 0) included: by the
+    # lowest loss, or (distillation) the highest cosine or SNR of the worst output to the teacher
     keep_best: bool = False
+    keep_best_by: Literal["loss", "cosine", "snr"] = "loss"
     # steps relative to each trained tensor's RMS (Adafactor's relative step size)
     relative_lr: bool = False
 
@@ -124,9 +126,10 @@ class TrainConfig:
             raise TrainError(f"--loss {self.loss!r} is not cross_entropy, mse, or an existing .onnx loss graph")
 
     def distill_settings(self) -> list[str]:
-        """The options given that only distillation uses (they need a teacher)."""
+        """The options given that only distillation uses (they need a teacher; --keep-best-by cosine
+        and snr compare with the teacher's outputs)."""
         default = TrainConfig()
-        names = ("distill_loss", "temperature", "feature", "feature_weight", "label_weight")
+        names = ("distill_loss", "temperature", "feature", "feature_weight", "label_weight", "keep_best_by")
         return ["--" + name.replace("_", "-") for name in names if getattr(self, name) != getattr(default, name)]
 
     def resolved(self, model: onnx.ModelProto) -> "TrainConfig":
@@ -154,8 +157,8 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     With a `teacher` (the float model), the loss is distillation (see `qgraph.distill.distill_plan`): labels
     are not needed, and validation adds `val_cosine` and `val_snr_db` (the worst output's
     fidelity to the teacher) and `val_outputs` (per output), with an epoch 0 record for the
-    input model. `keep_best` returns the epoch (0 included) with the lowest validation loss and
-    marks it `kept`.
+    input model. `keep_best` returns the epoch (0 included) with the lowest validation loss, or
+    with `keep_best_by="cosine"` / `"snr"` the highest fidelity to the teacher, and marks it `kept`.
 
     Measured by benchmarks/qat.py (ORT 1.19.2, 2 shared CPU cores; MNIST 28x28, 4000 train /
     1000 val, batch 64, AdamW lr 3e-3 decaying linearly to 0, 5 epochs): builders' lenet 95.7%
@@ -170,6 +173,8 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
                          "as --teacher, or drop it")
     if config.keep_best and val_data is None:
         raise TrainError("--keep-best picks the epoch with the lowest validation loss; give --val data")
+    if config.keep_best_by != "loss" and not config.keep_best:
+        raise TrainError(f"--keep-best-by {config.keep_best_by} chooses what --keep-best compares; give --keep-best too")
     if teacher is not None and config.loss != "cross_entropy" and config.label_weight == 0:
         raise TrainError(f"--loss {config.loss!r} is the loss on the labels, which distillation only adds with "
                          "--label-weight > 0; give a --label-weight or drop --loss")
@@ -239,7 +244,7 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         # where training starts from: the input's own validation loss and fidelity
         history.append({"epoch": 0, **_evaluate(module, val_feeds, batch, classify, plan.fixed_batch is not None,
                                                  distill)})
-        best = {"epoch": 0, "val_loss": history[0]["val_loss"], "file": None}
+        best = {"epoch": 0, **_best_value(history[0], config), "file": None}
 
     for epoch in range(first_epoch, config.epochs + 1):
         bar = ProgressBar(f"epoch {epoch}/{config.epochs}", steps_per_epoch, enabled=progress)
@@ -271,8 +276,8 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         _check_finite_parameters(state, epoch, wd, plan.nonfinite)
-        if config.keep_best and best is not None and record["val_loss"] < best["val_loss"]:
-            best = {"epoch": epoch, "val_loss": record["val_loss"], "file": _save_best(wd, state, epoch)}
+        if config.keep_best and best is not None and _better(record, best, config):
+            best = {"epoch": epoch, **_best_value(record, config), "file": _save_best(wd, state, epoch)}
         _save_progress(wd, api, state, stepper, epoch, identity, config, history, best)
     if config.keep_best and best is not None:
         for record in history:
@@ -280,6 +285,22 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
         return _export_best(plan, model, wd, best), history
     trained = _export(plan, state, model)
     return trained, history
+
+
+#: --keep-best-by: the validation record's key, and +1 where higher is better
+_BEST_BY = {"loss": ("val_loss", -1), "cosine": ("val_cosine", 1), "snr": ("val_snr_db", 1)}
+
+
+def _best_value(record: dict, config: TrainConfig) -> dict:
+    """What the best-epoch record keeps of a validation record: the compared value, by its key."""
+    key, _ = _BEST_BY[config.keep_best_by]
+    return {key: record[key]}
+
+
+def _better(record: dict, best: dict, config: TrainConfig) -> bool:
+    """Whether this epoch's validation beats the best so far (ties keep the earlier epoch)."""
+    key, sign = _BEST_BY[config.keep_best_by]
+    return sign * (record[key] - best[key]) > 0
 
 
 def _step_feeds(names: list[str], feeds: dict, index: np.ndarray, distill: "Distill | None", where: str) -> list:
@@ -851,7 +872,7 @@ def _run_identity(model: onnx.ModelProto, config: TrainConfig, train_feeds: dict
 
 
 _DISTILL_DEFAULTS = {"distill_loss": {}, "temperature": 1.0, "feature": [], "feature_weight": 1.0,
-                     "label_weight": 0.0, "keep_best": False, "relative_lr": False}
+                     "label_weight": 0.0, "keep_best": False, "keep_best_by": "loss", "relative_lr": False}
 
 
 def _graph_hash(model: onnx.ModelProto) -> str:

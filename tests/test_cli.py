@@ -155,6 +155,21 @@ def test_train_command_writes_model_history_and_checkpoints(tmp_path, small_cnn_
     assert not np.array_equal(trained["fc.weight"], original["fc.weight"])
 
 
+def test_train_keep_best_by_cosine_keeps_the_epoch_closest_to_the_teacher(tmp_path, small_cnn_file, small_data_file):
+    student = tmp_path / "ptq.onnx"
+    assert invoke("passes", "run", small_cnn_file, "--pipeline", "ptq", "--data", small_data_file,
+                  "-o", student).exit_code == 0
+    out = tmp_path / "distilled.onnx"
+    result = invoke("train", student, "--teacher", small_cnn_file, "--data", small_data_file, "--val",
+                    small_data_file, "--epochs", 2, "--batch-size", 8, "--quiet", "--keep-best-by", "cosine",
+                    "-o", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    history = json.loads((tmp_path / "distilled.onnx.work" / "history.json").read_text())
+    best = max(history, key=lambda row: row["val_cosine"])["epoch"]
+    assert [row["kept"] for row in history] == [row["epoch"] == best for row in history]
+    assert f"kept epoch {best} (highest val cosine)" in result.output and out.exists()
+
+
 def test_train_without_labels_is_refused(tmp_path, small_cnn_file):
     data = tmp_path / "nolabels.npz"
     np.savez(data, input=np.zeros((4, 1, 8, 8), np.float32))

@@ -468,8 +468,9 @@ def _option_cases():
     ]:
         yield Case(f"train-distill-{label}", (*distill, *extra), expect=expect)
     yield Case("train-keep-best-without-val", (*train, "--keep-best"), expect="--val")
+    yield Case("train-keep-best-by-unknown", (*distill, "--keep-best-by", "accuracy"), expect="--keep-best-by")
     for option, value in (("--temperature", "2"), ("--feature", "c1"), ("--label-weight", "0.5"),
-                          ("--distill-loss", "logits=kl")):
+                          ("--distill-loss", "logits=kl"), ("--keep-best-by", "cosine")):
         yield Case(f"train-no-teacher{option}", (*train, option, value), expect="--teacher")
     yield Case("lower-target", ("lower", "ptq.onnx", "--target", "fpga", "-o", "out.onnx"))
     diff = ("diff", "ptq.onnx", "--data", "data.npz")

@@ -24,7 +24,7 @@ from qgraph.errors import ConfigError, TrainError
 from qgraph.models.builders import build_model
 from qgraph.models.datasets import load_dataset
 from qgraph.runner import run_model
-from qgraph.train import evaluate_training_engine, train_model
+from qgraph.train import TrainConfig, evaluate_training_engine, train_model
 
 TESTS = Path(__file__).parent
 
@@ -388,3 +388,34 @@ def test_keep_best_writes_the_epoch_with_the_lowest_validation_loss_the_input_in
         np.testing.assert_array_equal(params(again)[name], value, err_msg=name)
     with pytest.raises(TrainError, match="--keep-best picks the epoch with the lowest validation loss; give --val"):
         train_model(w4_student, train, teacher=teacher, keep_best=True, workdir=tmp_path / "noval", progress=False)
+
+
+@pytest.mark.parametrize("by, key, sign", [("cosine", "val_cosine", 1), ("snr", "val_snr_db", 1),
+                                           ("loss", "val_loss", -1)])
+def test_keep_best_by_fidelity_writes_the_epoch_closest_to_the_teacher(teacher, w4_student, digits, tmp_path,
+                                                                       by, key, sign):
+    train, val = unlabelled(digits[0]), {k: v[:128] for k, v in digits[1].items()}
+    kwargs = dict(teacher=teacher, epochs=3, lr=1e-3, keep_best=True, keep_best_by=by, schedule="constant",
+                  progress=False)
+    kept, history = train_model(w4_student, train, val, workdir=tmp_path / by, **kwargs)
+    best = max(history, key=lambda h: sign * h[key])["epoch"]
+    assert best > 0 and [h["kept"] for h in history] == [h["epoch"] == best for h in history]
+    assert fidelity(teacher, kept, unlabelled(val)).cosine == pytest.approx(history[best]["val_cosine"], abs=2e-4)
+    # a resume keeps what was compared: the same setting resumes, another one is refused by name
+    again, _ = train_model(w4_student, train, val, workdir=tmp_path / by, resume=True, **kwargs)
+    for name, value in params(kept).items():
+        np.testing.assert_array_equal(params(again)[name], value, err_msg=name)
+    other = "loss" if by != "loss" else "cosine"
+    with pytest.raises(TrainError, match=f"--keep-best-by {by!r} \\(now {other!r}\\)"):
+        train_model(w4_student, train, val, workdir=tmp_path / by, resume=True, **{**kwargs, "keep_best_by": other})
+
+
+def test_keep_best_by_fidelity_needs_keep_best_and_a_teacher(teacher, w4_student, digits, tmp_path):
+    train, val = digits
+    with pytest.raises(TrainError, match="--keep-best-by cosine chooses what --keep-best compares; give --keep-best"):
+        train_model(w4_student, unlabelled(train), val, teacher=teacher, keep_best_by="cosine",
+                    workdir=tmp_path / "a", progress=False)
+    with pytest.raises(TrainError, match="--keep-best-by is a distillation setting; give the float model"):
+        train_model(w4_student, train, val, keep_best=True, keep_best_by="snr", workdir=tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="--keep-best-by must be one of"):
+        TrainConfig(keep_best_by="accuracy")
