@@ -33,16 +33,40 @@ def _steps(plan):
     return len(plan._schedule(tuple(plan.output_names)))
 
 
-def lookup_chain_model(code_dtype, table):
-    """The qlinear lowering of a unary activation: a lookup of each code in a one-row table."""
+def lookup_chain_model(code_dtype, table, target=None):
+    """The qlinear lowering of a unary activation: a lookup of each code in a one-row table, reshaped
+    back to Shape(nhwc) or, where the lowering knows it, to the constant `target`."""
     nodes = [helper.make_node("Transpose", ["x"], ["nhwc"], perm=[0, 2, 3, 1]),
              helper.make_node("Flatten", ["nhwc"], ["codes"], axis=0),
-             helper.make_node("Shape", ["nhwc"], ["shape"]),
              helper.make_node("Cast", ["codes"], ["index"], to=7),
              helper.make_node("GatherElements", ["table", "index"], ["row"], axis=1),
              helper.make_node("Reshape", ["row", "shape"], ["looked_up"]),
              helper.make_node("Transpose", ["looked_up"], ["y"], perm=[0, 3, 1, 2])]
-    return make_model(nodes, [("x", code_dtype)], [("y", table.dtype.type)], {"table": table.reshape(1, -1)})
+    inits = {"table": table.reshape(1, -1)}
+    if target is None:
+        nodes.insert(2, helper.make_node("Shape", ["nhwc"], ["shape"]))
+    else:
+        inits["shape"] = np.array(target, np.int64)
+    return make_model(nodes, [("x", code_dtype)], [("y", table.dtype.type)], inits)
+
+
+@pytest.mark.parametrize("target", [[-1, 5, 4, 3], [2, 5, 4, 3]])
+def test_lookup_chain_with_a_constant_shape_is_one_step_where_it_restores_the_map(target):
+    rng = np.random.default_rng(1)
+    table = rng.integers(0, 256, 256).astype(np.uint8)
+    model = lookup_chain_model(np.uint8, table, target)
+    plan = compile_model(model)
+    x = rng.integers(0, 256, (2, 3, 5, 4)).astype(np.uint8)
+    assert _steps(plan) == 1
+    got = plan.run({"x": x})["y"]
+    assert np.array_equal(got, ort_run(model, {"x": x})[0]) and np.array_equal(got, table[x])
+    # a map of another shape with as many elements: the Reshape moves codes between channels, and
+    # the plan runs the chain itself to do the same
+    other = rng.integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
+    expected = ort_run(model, {"x": other})[0]
+    assert expected.shape == (2, 3, 5, 4)
+    assert not np.array_equal(expected, table[other].transpose(0, 2, 3, 1).reshape(2, 3, 5, 4))
+    assert np.array_equal(plan.run({"x": other})["y"], expected)
 
 
 @pytest.mark.parametrize("code_dtype", [np.uint8, np.int8])

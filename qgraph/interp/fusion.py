@@ -7,7 +7,7 @@ Lowered lookup table (a unary activation on 8-bit codes, ``qlinear`` target), it
 tensors read by the chain only:
 
     t = Transpose(x, p)   i = Cast(Flatten(t), int)   r = GatherElements(T, i)   (T: one row)
-    y = Transpose(Reshape(r, Shape(t)), p⁻¹)
+    y = Transpose(Reshape(r, Shape(t)), p⁻¹)        (or Reshape(r, S), S a constant t's shape resolves to)
 
 is ``y = T.ravel()[x]``: a lookup is elementwise, so it commutes with the layout changes, and
 p⁻¹ undoes p. On 8-bit codes the lookup runs over pairs of codes (:mod:`qgraph.interp.codes`),
@@ -31,6 +31,7 @@ ufunc on the same operands in the same order (:func:`_fuse_inplace_chains`).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -61,12 +62,12 @@ def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> l
     fused_at: dict[int, Item] = {}
     for k, it in enumerate(items):
         if it.ctx.node.op_type == "GatherElements" and k not in used:
-            chain = _lookup_chain(items, k, consumers, producer, hidden)
+            chain = _lookup_chain(items, k, consumers, producer, hidden, constants)
             if chain is not None:
                 members, fused = chain
                 if not any(m in used for m in members):
                     used.update(members)
-                    fused_at[members[-1]] = _lookup_item(items, members, fused, call)
+                    fused_at[members[-1]] = _lookup_item(items, members, fused, call, constants)
     return _spliced(items, fused_at, used)
 
 
@@ -74,7 +75,7 @@ def _only_consumers(t: str, consumers, expected: set[int], hidden) -> bool:
     return t not in hidden and set(consumers.get(t, ())) == expected and len(consumers.get(t, ())) == len(expected)
 
 
-def _lookup_chain(items, g, consumers, producer, hidden):
+def _lookup_chain(items, g, consumers, producer, hidden, constants):
     """(member indices in schedule order, (x, table, y)) of the lookup chain around the
     GatherElements item ``g``, or None."""
     gather = items[g]
@@ -95,7 +96,10 @@ def _lookup_chain(items, g, consumers, producer, hidden):
         return None
     reshape = items[users[0]]
     shape_item = items[producer[reshape.inputs[1]]] if reshape.inputs[1] in producer else None
-    if (shape_item is None or shape_item.ctx.node.op_type != "Shape" or shape_item.inputs[0] != first.outputs[0]
+    target = None                           # a constant target: checked against t's shape at run time
+    if shape_item is None and reshape.inputs[1] in constants:
+        target = reshape.inputs[1]
+    elif (shape_item is None or shape_item.ctx.node.op_type != "Shape" or shape_item.inputs[0] != first.outputs[0]
             or shape_item.ctx.attrs.get("start") is not None or shape_item.ctx.attrs.get("end") is not None):
         return None
     users = consumers.get(reshape.outputs[0], [])
@@ -105,32 +109,43 @@ def _lookup_chain(items, g, consumers, producer, hidden):
     p, q = list(first.ctx.attr("perm")), last.ctx.attr("perm")
     if q is None or len(q) != len(p) or any(p[q[i]] != i for i in range(len(p))):
         return None
-    k_first, k_flat, k_shape, k_cast = (producer[t] for t in (first.outputs[0], flat.outputs[0],
-                                                               shape_item.outputs[0], cast.outputs[0]))
+    k_first, k_flat, k_cast = (producer[t] for t in (first.outputs[0], flat.outputs[0], cast.outputs[0]))
     k_reshape, k_last = producer[reshape.outputs[0]], users[0]
-    checks = [(first.outputs[0], {k_flat, k_shape}), (flat.outputs[0], {k_cast}), (cast.outputs[0], {g}),
-              (shape_item.outputs[0], {k_reshape}), (gather.outputs[0], {k_reshape}),
-              (reshape.outputs[0], {k_last})]
+    k_shape = producer[shape_item.outputs[0]] if target is None else None
+    checks = [(first.outputs[0], {k_flat} | ({k_shape} if target is None else set())), (flat.outputs[0], {k_cast}),
+              (cast.outputs[0], {g}), (gather.outputs[0], {k_reshape}), (reshape.outputs[0], {k_last})]
+    if target is None:
+        checks.append((shape_item.outputs[0], {k_reshape}))
     if not all(_only_consumers(t, consumers, ks, hidden) for t, ks in checks):
         return None
-    members = sorted({k_first, k_flat, k_shape, k_cast, g, k_reshape, k_last})
-    return members, (first.inputs[0], table, last.outputs[0])
+    members = sorted({k_first, k_flat, k_cast, g, k_reshape, k_last} | ({k_shape} if target is None else set()))
+    perm = list(first.ctx.attr("perm"))
+    return members, (first.inputs[0], table, last.outputs[0], target, perm)
 
 
-def _lookup_item(items, members, fused, call) -> Item:
-    x_name, table_name, y_name = fused
+def _lookup_item(items, members, fused, call, constants) -> Item:
+    x_name, table_name, y_name, target_name, perm = fused
     chain = [items[m] for m in members]
     gather_ctx = next(it.ctx for it in chain if it.ctx.node.op_type == "GatherElements")
+    # a constant Reshape target: the dims it fixes, compared with x's (permuted) at run time
+    given = {} if target_name is None else {target_name: constants[target_name]}
+    target = None if target_name is None else _fixed_dims(given[target_name], perm)
+    unusable = target_name is not None and target is None     # the chain runs, not the lookup
+
+    @functools.lru_cache(maxsize=8)
+    def restores(shape: tuple[int, ...]) -> bool:
+        return all(shape[axis] == size for axis, size in target)
 
     def run_chain(x, table):
-        values = {x_name: x, table_name: table}
+        values = {x_name: x, table_name: table, **given}
         for it in chain:
             res = call(it.kernel, it.ctx, [values[t] if t else None for t in it.inputs])
             values.update(zip(it.outputs, res))
         return values[y_name]
 
     def lookup(ctx, x, table):
-        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4):
+        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4) or unusable or \
+                (target is not None and not restores(x.shape)):
             return run_chain(x, table)
         pairs = ctx.once(("pairs", x.dtype.str), lambda: _pairs_of(table.reshape(-1), x.dtype), 0)
         if pairs is None:
@@ -138,6 +153,18 @@ def _lookup_item(items, members, fused, call) -> Item:
         return lookup_pairs(pairs, x, table.dtype)
 
     return Item(lookup, gather_ctx, (x_name, table_name), (y_name,))
+
+
+def _fixed_dims(target, perm: list[int]) -> list[tuple[int, int]] | None:
+    """For a Reshape to the constant `target` after a Transpose by `perm`: the (axis of x, size)
+    pairs it fixes, its one -1 left out (it then infers that dim itself); None when the target
+    is not such a shape (absent, a 0 that copies a dim, several -1)."""
+    if target is None:
+        return None
+    target = np.asarray(target)
+    if target.ndim != 1 or len(target) != len(perm) or np.any(target == 0) or np.count_nonzero(target == -1) > 1:
+        return None
+    return [(perm[i], int(t)) for i, t in enumerate(target.tolist()) if t != -1]
 
 
 def _pairs_of(table: np.ndarray, code_dtype) -> np.ndarray | None:
