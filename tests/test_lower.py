@@ -537,7 +537,7 @@ def test_nearest_upsampling_of_codes_runs_as_expand_in_nhwc(scales, coordinates,
 
 # -- lookup tables ------------------------------------------------------------------------------
 
-def silu_qdq(dtype, grids=(0.05, 0, 0.03, 0)) -> onnx.ModelProto:
+def silu_qdq(dtype, grids=(0.05, 0, 0.03, 0), input_shape=("N", 2, 8, 16)) -> onnx.ModelProto:
     """Q/DQ → x·Sigmoid(x) → Q/DQ on a 4-D map (an exported SiLU between two quantizers); `grids`:
     input scale, zero point offset, output scale, zero point offset (offsets from 0 or 128)."""
     x_s, x_off, y_s, y_off = grids
@@ -550,7 +550,7 @@ def silu_qdq(dtype, grids=(0.05, 0, 0.03, 0)) -> onnx.ModelProto:
              helper.make_node("Mul", ["xf", "s"], ["a"], name="silu"),
              helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
              helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
-    return input_to_logits(nodes, inits, "silu", ["N", 2, 8, 16])
+    return input_to_logits(nodes, inits, "silu", list(input_shape))
 
 
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
@@ -565,6 +565,7 @@ def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
     ops = [n.op_type for n in lowered.graph.node]
     assert "GatherElements" in ops and "Gather" not in ops and "Sigmoid" not in ops
     assert ops.count("Transpose") == (2 if target == "qlinear" else 0)
+    assert "Shape" not in ops           # all but the batch known: the row goes back to a constant shape
     codes = quant.all_codes(dtype).astype(np.float32)
     zp = 0 if dtype == np.int8 else 128
     x = np.tile((codes - zp) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
@@ -573,6 +574,31 @@ def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
     np.testing.assert_array_equal(out, ref)
     if interp_run is not None:
         np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+@pytest.mark.parametrize("target", ["qlinear", "integer"])
+def test_a_table_on_a_map_of_run_time_width_takes_its_shape_at_run_time(target):
+    qdq = silu_qdq(np.uint8, input_shape=("N", 2, 8, "W"))
+    lowered, _ = lower_model(qdq, target)
+    assert [n.op_type for n in lowered.graph.node].count("Shape") == 1
+    x = np.random.default_rng(5).normal(0, 2, (2, 2, 8, 11)).astype(np.float32)
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, run_model(qdq, {"input": x})["logits"])
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_a_table_reshapes_to_a_constant_only_where_the_shape_is_fixed():
+    from qgraph.lowering.tables import _broadcast_shape, static_reshape_target
+    assert static_reshape_target(["N", 2, 8, 16]).tolist() == [-1, 2, 8, 16]
+    assert static_reshape_target([4, 2]).tolist() == [4, 2]
+    assert static_reshape_target(None) is None and static_reshape_target([]) is None
+    assert static_reshape_target(["N", 2, "W"]) is None and static_reshape_target(["N", 0, 3]) is None
+    assert _broadcast_shape(["N", 3, 4], ["N", 3, 4]) == ["N", 3, 4]          # one name, one size
+    assert _broadcast_shape(["N", 3, 4], ["N", 3, 1]) is None                 # shapes differ, one dim not known
+    assert _broadcast_shape([None, 3], [None, 3]) is None                     # unnamed: nothing known
+    assert _broadcast_shape([2, 3, 4], [2, 3, 1]) == [2, 3, 4]
+    assert _broadcast_shape([2, 3], [4, 3]) is None
 
 
 #: nudenet's first SiLU (input scale, zero point offset, output scale, zero point offset): coarse grids
@@ -734,6 +760,7 @@ def test_pair_table_broadcasts_and_is_exact_in_ort_and_the_interpreter(small_fir
     np.testing.assert_array_equal(got, table[feeds["a"], feeds["b"]])
     cast = next(n for n in lowered.graph.node if n.output[0] == "pair_major")   # the ×256 operand
     assert cast.input[0] == ("a" if small_first else "b")
+    assert "Shape" not in [n.op_type for n in lowered.graph.node]               # known shapes broadcast
     if interp_run is not None:
         np.testing.assert_array_equal(interp_run(lowered, feeds)["y"], got)
 
