@@ -211,7 +211,8 @@ def inspect(model, as_json):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer, momentum, weight_decay,
           warmup_steps, schedule, loss, learn_scales, freeze_bn, train_act, seed, teacher_path, distill_loss,
-          temperature, feature, feature_weight, label_weight, relative_lr, keep_best, keep_best_by, workdir, resume, quiet):
+          temperature, feature, feature_weight, label_weight, relative_lr, keep_best, keep_best_by, workdir, resume,
+          quiet):
     """Train MODEL in ONNX Runtime: float training, or QAT when MODEL has QDQ pairs.
 
     \b

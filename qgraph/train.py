@@ -174,7 +174,8 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     if config.keep_best and val_data is None:
         raise TrainError("--keep-best picks the epoch with the lowest validation loss; give --val data")
     if config.keep_best_by != "loss" and not config.keep_best:
-        raise TrainError(f"--keep-best-by {config.keep_best_by} chooses what --keep-best compares; give --keep-best too")
+        raise TrainError(f"--keep-best-by {config.keep_best_by} chooses what --keep-best compares; "
+                         "give --keep-best too")
     if teacher is not None and config.loss != "cross_entropy" and config.label_weight == 0:
         raise TrainError(f"--loss {config.loss!r} is the loss on the labels, which distillation only adds with "
                          "--label-weight > 0; give a --label-weight or drop --loss")
