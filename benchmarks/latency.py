@@ -293,6 +293,42 @@ on 48x192, takes 72 µs against float's 37 (a Pad to 4 input channels makes a 3x
 more outputs 1.2-1.6x faster, done since stop 25 as qlinear.narrow_input_padded_channels, but this
 one writes 8, where the Pad makes it slower), and its 27 HardSwish/HardSigmoid tables 0.4 ms. `qgraph profile` names such a conv in any QOperator model
 ("depthwise off-block").
+
+Another host: AMD EPYC (AVX2, no VNNI: ORT's int8 kernels gain less over float here), 2 cores,
+2026-11-29 (stop 26), ORT 1.19.2, one thread, `--models db_detector,ppocr_det,pplcnet_textdir,
+ppocr_cls,pplcnet --repeats 15`, load ~1 (float ms of the small models inflated by a job beside it):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    db_detector           1     15.52          0.70x          0.54x          1.44x
+    db_detector           8    134.88          0.64x          0.47x          1.40x
+    ppocr_det             1     55.19          0.73x          0.52x          1.67x
+    ppocr_det             8    564.70          0.55x          0.35x          1.20x
+    pplcnet_textdir       1      0.88          1.22x          1.12x          1.96x
+    pplcnet_textdir       8      3.77          1.29x          1.26x          2.06x
+    ppocr_cls             1      1.39          1.19x          1.13x          2.84x
+    ppocr_cls             8      7.86          1.21x          1.11x          3.21x
+    pplcnet               1      2.91          0.95x          0.94x          2.25x
+    pplcnet               8     20.35          0.91x          0.94x          2.20x
+
+integer ÷ qlinear: db_detector 2.7x / 3.0x (within 3x on this host), ppocr_det 3.2x / 3.4x, the
+classifiers 1.6-2.9x. What keeps ppocr_det above: its ConvIntegers, 78 of 130 ms of node time at
+batch 1 against QLinearConv's 6.8 (`qgraph profile`, ORT's default threads), most of it the 5x5
+depthwise convs on maps sized at run time, grouped ConvIntegers of 4 channels (~7 ms each). A form
+for run-time sizes, the 25 shifted windows (Pad, Slice) stacked under one batched MatMulInteger with
+the weights as [C, 1, 25], is exact but slower (one thread, 5x5, batch 1: 192 channels on 40x40 1.43
+ms grouped against 3.61, 80x80 3.85 against 11.1, 384 on 20x20 1.30 against 1.71; 3x3 on 96 x
+160x160 3.27 against 6.65), and the grouping hardly matters (192 x 80x80: 1, 2, 4, 8, 16 channels
+per group 3.8, 3.5, 3.8, 4.7, 5.8 ms). The tiny classifiers' qlinear stays above float here: their
+QLinearConvs are no faster than the float NCHWc convs on these maps (pplcnet_textdir at batch 8:
+QLinearConv 1.02 ms against Conv 0.59 plus its layout reorders 0.43), and the tables cost what the
+float HardSwish did (GatherElements 0.95 + Cast 0.19 against Div/Add/Mul/Clip 1.13).
+
+Tables reshaping their row back to a constant shape where the map's shape is fixed but for the batch
+(tables._reshape_back: one Shape node fewer per table; stop 26): old and new qlinear lowerings of one
+ptq model interleaved with float, 300 rounds, one thread, quiet host, ratio to float at batch 1 / 8:
+pplcnet_textdir (30 tables) 1.201x / 1.178x -> 1.171x / 1.152x, ppocr_cls (9 of its 29 tables; its
+width is dynamic) 1.246x / 1.179x -> 1.226x / 1.154x, pplcnet 0.975x / 0.926x -> 0.945x / 0.920x;
+outputs identical.
 """
 
 from __future__ import annotations
