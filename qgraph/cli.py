@@ -203,9 +203,10 @@ def inspect(model, as_json):
                    "in scale by orders of magnitude).")
 @click.option("--keep-best", is_flag=True,
               help="Write the epoch with the lowest --val loss (the input itself, epoch 0, included).")
-@click.option("--keep-best-by", type=click.Choice(["loss", "cosine", "snr"]),
-              help="--keep-best by this: the lowest --val loss, or with --teacher the highest cosine or SNR "
-                   "of the worst output to the teacher's (implies --keep-best).")
+@click.option("--keep-best-by", type=click.Choice(["loss", "top1", "cosine", "snr"]),
+              help="--keep-best by this: the lowest --val loss, the highest top-1 on labelled --val data, or "
+                   "with --teacher the highest cosine or SNR of the worst output to the teacher's (implies "
+                   "--keep-best).")
 @click.option("--workdir", type=click.Path(), help="Checkpoints (default OUTPUT.work/).")
 @click.option("--resume", is_flag=True, help="Continue from the last completed epoch in --workdir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -234,8 +235,8 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
         click.echo(_epoch_line(row, distilled=teacher_path is not None))
     kept = [row["epoch"] for row in history if row.get("kept")]
     if kept:
-        why = {None: "lowest val loss", "loss": "lowest val loss", "cosine": "highest val cosine",
-               "snr": "highest val SNR"}[keep_best_by]
+        why = {None: "lowest val loss", "loss": "lowest val loss", "top1": "highest val top-1",
+               "cosine": "highest val cosine", "snr": "highest val SNR"}[keep_best_by]
         click.echo(f"kept epoch {kept[0]} ({why})")
     click.echo(f"wrote {output}")
 

@@ -107,9 +107,10 @@ class TrainConfig:
     feature_weight: Annotated[float, Range(0.0, 1e6)] = 1.0
     label_weight: Annotated[float, Range(0.0, 1e6)] = 0.0
     # export the best epoch on the validation data, the input itself (epoch 0) included: by the
-    # lowest loss, or (distillation) the highest cosine or SNR of the worst output to the teacher
+    # lowest loss, the highest top-1 (labelled val data), or (distillation) the highest cosine or
+    # SNR of the worst output to the teacher
     keep_best: bool = False
-    keep_best_by: Literal["loss", "cosine", "snr"] = "loss"
+    keep_best_by: Literal["loss", "top1", "cosine", "snr"] = "loss"
     # steps relative to each trained tensor's RMS (Adafactor's relative step size)
     relative_lr: bool = False
 
@@ -129,8 +130,9 @@ class TrainConfig:
         """The options given that only distillation uses (they need a teacher; --keep-best-by cosine
         and snr compare with the teacher's outputs)."""
         default = TrainConfig()
-        names = ("distill_loss", "temperature", "feature", "feature_weight", "label_weight", "keep_best_by")
-        return ["--" + name.replace("_", "-") for name in names if getattr(self, name) != getattr(default, name)]
+        names = ("distill_loss", "temperature", "feature", "feature_weight", "label_weight")
+        given = ["--" + name.replace("_", "-") for name in names if getattr(self, name) != getattr(default, name)]
+        return given + (["--keep-best-by"] if self.keep_best_by in ("cosine", "snr") else [])
 
     def resolved(self, model: onnx.ModelProto) -> "TrainConfig":
         """`fix_activations=None` means the model's `qgraph.fix_activations` flag (set by calibrate)."""
@@ -157,8 +159,9 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     With a `teacher` (the float model), the loss is distillation (see `qgraph.distill.distill_plan`): labels
     are not needed, and validation adds `val_cosine` and `val_snr_db` (the worst output's
     fidelity to the teacher) and `val_outputs` (per output), with an epoch 0 record for the
-    input model. `keep_best` returns the epoch (0 included) with the lowest validation loss, or
-    with `keep_best_by="cosine"` / `"snr"` the highest fidelity to the teacher, and marks it `kept`.
+    input model. `keep_best` returns the epoch (0 included) with the lowest validation loss, with
+    `keep_best_by="top1"` the highest top-1 on labelled validation data, or with `"cosine"` / `"snr"`
+    the highest fidelity to the teacher, and marks it `kept`.
 
     Measured by benchmarks/qat.py (ORT 1.19.2, 2 shared CPU cores; MNIST 28x28, 4000 train /
     1000 val, batch 64, AdamW lr 3e-3 decaying linearly to 0, 5 epochs): builders' lenet 95.7%
@@ -240,6 +243,9 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     names = module.input_names()
     what = "distillation loss" if distill is not None else "training loss"
     classify = plan.num_classes is not None and val_feeds is not None and LABELS in val_feeds
+    if config.keep_best and config.keep_best_by == "top1" and not classify:
+        raise TrainError("--keep-best-by top1 compares each epoch's top-1 on the --val labels: give --val data "
+                         "with labels, for a model with a class-scores output, or keep the best by loss")
     best = done.get("best") if done else None
     if not done and val_feeds is not None and (distill is not None or config.keep_best):
         # where training starts from: the input's own validation loss and fidelity
@@ -289,7 +295,7 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
 
 
 #: --keep-best-by: the validation record's key, and +1 where higher is better
-_BEST_BY = {"loss": ("val_loss", -1), "cosine": ("val_cosine", 1), "snr": ("val_snr_db", 1)}
+_BEST_BY = {"loss": ("val_loss", -1), "top1": ("val_top1", 1), "cosine": ("val_cosine", 1), "snr": ("val_snr_db", 1)}
 
 
 def _best_value(record: dict, config: TrainConfig) -> dict:

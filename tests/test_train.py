@@ -52,6 +52,17 @@ def test_float_training_learns_and_exports_what_the_engine_computes(data, tmp_pa
         np.testing.assert_array_equal(before[name], after[name])
 
 
+def test_keep_best_by_top1_writes_the_epoch_with_the_best_val_top1(data, tmp_path):
+    train, val = data
+    kept, history = train_model(tiny_cnn("none"), train, val, epochs=3, lr=2e-2, batch_size=32, keep_best=True,
+                                keep_best_by="top1", workdir=tmp_path, progress=False)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]       # epoch 0: the input as given
+    best = max(history, key=lambda h: h["val_top1"])["epoch"]  # the first of equal ones
+    assert [h["kept"] for h in history] == [h["epoch"] == best for h in history] and best > 0
+    top1 = float(np.mean(ort_run(kept, val["input"]).argmax(1) == val["labels"]))
+    assert top1 == pytest.approx(history[best]["val_top1"])
+
+
 def test_qat_exports_qdq_with_trained_weights_and_scales(data, tmp_path):
     train, val = data
     model = tiny_cnn("qdq")

@@ -419,3 +419,6 @@ def test_keep_best_by_fidelity_needs_keep_best_and_a_teacher(teacher, w4_student
         train_model(w4_student, train, val, keep_best=True, keep_best_by="snr", workdir=tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="--keep-best-by must be one of"):
         TrainConfig(keep_best_by="accuracy")
+    with pytest.raises(TrainError, match="--keep-best-by top1 compares each epoch's top-1 on the --val labels"):
+        train_model(w4_student, unlabelled(train), unlabelled(val), teacher=teacher, keep_best=True,
+                    keep_best_by="top1", workdir=tmp_path / "c", progress=False)
