@@ -235,8 +235,8 @@ def train(model, data_path, val_path, output, epochs, lr, batch_size, optimizer,
         click.echo(_epoch_line(row, distilled=teacher_path is not None))
     kept = [row["epoch"] for row in history if row.get("kept")]
     if kept:
-        why = {None: "lowest val loss", "loss": "lowest val loss", "top1": "highest val top-1",
-               "cosine": "highest val cosine", "snr": "highest val SNR"}[keep_best_by]
+        why = {"loss": "lowest val loss", "top1": "highest val top-1", "cosine": "highest val cosine",
+               "snr": "highest val SNR"}[keep_best_by or "loss"]
         click.echo(f"kept epoch {kept[0]} ({why})")
     click.echo(f"wrote {output}")
 

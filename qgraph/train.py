@@ -207,6 +207,10 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
                             "training data's size, so validate at that size too")
     if val_feeds is not None and plan.fixed_batch and _count(val_feeds) < plan.fixed_batch:
         raise DataError(f"val data: {_count(val_feeds)} samples, fewer than the model's fixed batch of {batch}")
+    classify = plan.num_classes is not None and val_feeds is not None and LABELS in val_feeds
+    if config.keep_best and config.keep_best_by == "top1" and not classify:
+        raise TrainError("--keep-best-by top1 compares each epoch's top-1 on the --val labels: give --val data "
+                         "with labels, for a model with a class-scores output, or keep the best by loss")
     distill = distill_plan(teacher, model, plan, config, train_feeds, batch, threads, loss_graph) \
         if teacher is not None else None
 
@@ -242,10 +246,6 @@ def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume
     stepper.fast_forward((first_epoch - 1) * steps_per_epoch)
     names = module.input_names()
     what = "distillation loss" if distill is not None else "training loss"
-    classify = plan.num_classes is not None and val_feeds is not None and LABELS in val_feeds
-    if config.keep_best and config.keep_best_by == "top1" and not classify:
-        raise TrainError("--keep-best-by top1 compares each epoch's top-1 on the --val labels: give --val data "
-                         "with labels, for a model with a class-scores output, or keep the best by loss")
     best = done.get("best") if done else None
     if not done and val_feeds is not None and (distill is not None or config.keep_best):
         # where training starts from: the input's own validation loss and fidelity

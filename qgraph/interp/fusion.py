@@ -67,7 +67,7 @@ def fuse(items: list[Item], wanted, call, constants: dict[str, np.ndarray]) -> l
                 members, fused = chain
                 if not any(m in used for m in members):
                     used.update(members)
-                    fused_at[members[-1]] = _lookup_item(items, members, fused, call, constants)
+                    fused_at[members[-1]] = _lookup_item(items, members, fused, call)
     return _spliced(items, fused_at, used)
 
 
@@ -76,8 +76,8 @@ def _only_consumers(t: str, consumers, expected: set[int], hidden) -> bool:
 
 
 def _lookup_chain(items, g, consumers, producer, hidden, constants):
-    """(member indices in schedule order, (x, table, y)) of the lookup chain around the
-    GatherElements item ``g``, or None."""
+    """(member indices in schedule order, (x, table, y, fixed dims of a constant Reshape target or
+    None, that target by name)) of the lookup chain around the GatherElements item ``g``, or None."""
     gather = items[g]
     table, index = gather.inputs[:2]
     if not gather.ctx.is_const(0) or len(gather.inputs) != 2:
@@ -96,9 +96,11 @@ def _lookup_chain(items, g, consumers, producer, hidden, constants):
         return None
     reshape = items[users[0]]
     shape_item = items[producer[reshape.inputs[1]]] if reshape.inputs[1] in producer else None
-    target = None                           # a constant target: checked against t's shape at run time
+    p = list(first.ctx.attr("perm"))
+    target = None          # a constant target: the (axis of x, size) it fixes, checked at run time
     if shape_item is None and reshape.inputs[1] in constants:
-        target = reshape.inputs[1]
+        if (target := _fixed_dims(constants[reshape.inputs[1]], p)) is None:
+            return None
     elif (shape_item is None or shape_item.ctx.node.op_type != "Shape" or shape_item.inputs[0] != first.outputs[0]
             or shape_item.ctx.attrs.get("start") is not None or shape_item.ctx.attrs.get("end") is not None):
         return None
@@ -106,31 +108,29 @@ def _lookup_chain(items, g, consumers, producer, hidden, constants):
     if len(users) != 1 or items[users[0]].ctx.node.op_type != "Transpose":
         return None
     last = items[users[0]]
-    p, q = list(first.ctx.attr("perm")), last.ctx.attr("perm")
+    q = last.ctx.attr("perm")
     if q is None or len(q) != len(p) or any(p[q[i]] != i for i in range(len(p))):
         return None
     k_first, k_flat, k_cast = (producer[t] for t in (first.outputs[0], flat.outputs[0], cast.outputs[0]))
     k_reshape, k_last = producer[reshape.outputs[0]], users[0]
-    k_shape = producer[shape_item.outputs[0]] if target is None else None
-    checks = [(first.outputs[0], {k_flat} | ({k_shape} if target is None else set())), (flat.outputs[0], {k_cast}),
-              (cast.outputs[0], {g}), (gather.outputs[0], {k_reshape}), (reshape.outputs[0], {k_last})]
-    if target is None:
+    members = {k_first, k_flat, k_cast, g, k_reshape, k_last}
+    checks = [(first.outputs[0], {k_flat}), (flat.outputs[0], {k_cast}), (cast.outputs[0], {g}),
+              (gather.outputs[0], {k_reshape}), (reshape.outputs[0], {k_last})]
+    if target is None:     # the Shape node is in the chain too
+        k_shape = producer[shape_item.outputs[0]]
+        members.add(k_shape)
+        checks[0] = (first.outputs[0], {k_flat, k_shape})
         checks.append((shape_item.outputs[0], {k_reshape}))
     if not all(_only_consumers(t, consumers, ks, hidden) for t, ks in checks):
         return None
-    members = sorted({k_first, k_flat, k_cast, g, k_reshape, k_last} | ({k_shape} if target is None else set()))
-    perm = list(first.ctx.attr("perm"))
-    return members, (first.inputs[0], table, last.outputs[0], target, perm)
+    given = {} if target is None else {reshape.inputs[1]: constants[reshape.inputs[1]]}
+    return sorted(members), (first.inputs[0], table, last.outputs[0], target, given)
 
 
-def _lookup_item(items, members, fused, call, constants) -> Item:
-    x_name, table_name, y_name, target_name, perm = fused
+def _lookup_item(items, members, fused, call) -> Item:
+    x_name, table_name, y_name, target, given = fused     # given: the constant Reshape target, for run_chain
     chain = [items[m] for m in members]
     gather_ctx = next(it.ctx for it in chain if it.ctx.node.op_type == "GatherElements")
-    # a constant Reshape target: the dims it fixes, compared with x's (permuted) at run time
-    given = {} if target_name is None else {target_name: constants[target_name]}
-    target = None if target_name is None else _fixed_dims(given[target_name], perm)
-    unusable = target_name is not None and target is None     # the chain runs, not the lookup
 
     @functools.lru_cache(maxsize=8)
     def restores(shape: tuple[int, ...]) -> bool:
@@ -144,7 +144,7 @@ def _lookup_item(items, members, fused, call, constants) -> Item:
         return values[y_name]
 
     def lookup(ctx, x, table):
-        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4) or unusable or \
+        if not pairs_apply(x) or table.dtype.itemsize not in (1, 2, 4) or \
                 (target is not None and not restores(x.shape)):
             return run_chain(x, table)
         pairs = ctx.once(("pairs", x.dtype.str), lambda: _pairs_of(table.reshape(-1), x.dtype), 0)
@@ -158,9 +158,7 @@ def _lookup_item(items, members, fused, call, constants) -> Item:
 def _fixed_dims(target, perm: list[int]) -> list[tuple[int, int]] | None:
     """For a Reshape to the constant `target` after a Transpose by `perm`: the (axis of x, size)
     pairs it fixes, its one -1 left out (it then infers that dim itself); None when the target
-    is not such a shape (absent, a 0 that copies a dim, several -1)."""
-    if target is None:
-        return None
+    is not such a shape (a 0 that copies a dim, several -1): the chain is then not fused."""
     target = np.asarray(target)
     if target.ndim != 1 or len(target) != len(perm) or np.any(target == 0) or np.count_nonzero(target == -1) > 1:
         return None

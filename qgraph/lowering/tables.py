@@ -94,9 +94,9 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
     looked_up = var(model, f"{name}_row", table.dtype)
     model.add_node("GatherElements", [const(model, f"{name}_table", rotated.reshape(1, -1)), index], [looked_up],
                    name, {"axis": 1})
-    static = x_shape if not channels_last else [x_shape[i] for i in (0, 2, 3, 1)] if x_shape and len(x_shape) == 4 \
-        else None
-    _reshape_back(model, looked_up, out, static, x.tensor, name)
+    if channels_last:     # the row holds the NHWC map
+        x_shape = [x_shape[i] for i in (0, 2, 3, 1)] if x_shape is not None and len(x_shape) == 4 else None
+    _reshape_back(model, looked_up, out, x_shape, x.tensor, name)
     if channels_last:
         model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
 
