@@ -222,8 +222,9 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
   pplcnet (-0.450, whose int8 bar is itself 0.744). Not measured from GPTQ: svtr_recognizer. GPTQ moved
   the W4A8 start most of the way (the misses were 0.003-0.43 from RTN after distillation), but 6 epochs
   on 64 unlabelled inputs add at most +0.012 to it (neither LSQ nor 512 inputs nor keeping the epoch by
-  cosine changed that, item 7; nor is ppocr_cls met: 0.99241 against 0.99911); and on task agreement W4A8 matches int8 only on
-  pplcnet (18 = 18 of 32 top-1) and pplcnet_textdir (23 vs 15), both with a lower cosine.
+  cosine changed that, item 7; nor is ppocr_cls met: 0.99241 against 0.99911; AdaRound's start comes
+  closer on the real CNNs, item 8); and on task agreement W4A8 matches int8 only on pplcnet (18 = 18 of
+  32 top-1) and pplcnet_textdir (23 vs 15), both with a lower cosine.
 - ddddocr_det's int8 distillation (0.99562) stays below its ptq.yaml model (0.99774), as vit's from
   qat.yaml does (0.97601 < 0.97795): qat.yaml's minmax ranges start further from float than
   ptq.yaml's percentile ranges, and 6 epochs do not make up the difference there.
