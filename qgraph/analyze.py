@@ -61,12 +61,13 @@ class QuantizerSite:
     bits: int
     layers: list[str] = field(default_factory=list)
     weight: np.ndarray | None = None   # float value of a weight (from either model)
-    view: tuple[float, float] | None = None   # every reader is Relu/Clip: the range they let through
+    view: tuple[float, float] | None = None   # the range the readers tell apart (Relu/Clip, a bounded HardSwish)
     producer: str = ""                 # the op computing an activation ("Conv", "Concat", graph input: "")
 
     def seen(self, x: np.ndarray) -> np.ndarray:
         """What the readers see of `x`: a tensor read only by Relu/Clip is compared after the clamp
-        (ahead-ReLU quantizers cover [0, max] on purpose; the negative half never reaches anyone)."""
+        (ahead-ReLU quantizers cover [0, max] on purpose; the negative half never reaches anyone),
+        one ahead_relu bounded (a HardSwish input) within its bounds."""
         return x if self.view is None else np.clip(x, self.view[0], self.view[1])
 
     @property
@@ -118,7 +119,8 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
             qmin, qmax = (record.qmin, record.qmax) if record else (grid.qmin, grid.qmax)
             bits = record.bits if record else 8 * grid.dtype.itemsize
             sites[key] = QuantizerSite(key, kind, source.name, [node.outputs[0].name], grid, qmin, qmax, bits,
-                                       producer=source.inputs[0].op if source.inputs and kind == "activation" else "")
+                                       producer=source.inputs[0].op if source.inputs and kind == "activation" else "",
+                                       view=_bounded_view(record))
         elif isinstance(inp, gs.Constant) and np.asarray(inp.values).dtype.kind in "iu":
             name = inp.name[:-len("_quantized")] if inp.name.endswith("_quantized") else inp.name
             original = float_weights.get(name)
@@ -132,7 +134,7 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
     tensors = model.tensors()
     for site in sites.values():
         site.layers = _layers_reading([tensors[out] for out in site.outputs])
-        site.view = _clamp_view([n for out in site.outputs for n in tensors[out].outputs])
+        site.view = _clamp_view([n for out in site.outputs for n in tensors[out].outputs]) or site.view
         if site.kind == "weight" and site.weight is None:
             value = QModel.constant_value(tensors[site.source])
             if value is not None:
@@ -176,6 +178,15 @@ def _layers_reading(tensors) -> list[str]:
             else:
                 layers.append(reader.name)
     return list(dict.fromkeys(layers))
+
+
+def _bounded_view(record) -> tuple[float, float] | None:
+    """The range a quantizer's readers tell values apart in, as ahead_relu bounded it (a
+    HardSwish input: [-3, inf)), or None."""
+    if record is None or record.nonnegative or (record.range_floor is None and record.range_cap is None):
+        return None
+    return (-np.inf if record.range_floor is None else record.range_floor,
+            np.inf if record.range_cap is None else record.range_cap)
 
 
 def _clamp_view(readers) -> tuple[float, float] | None:

@@ -22,6 +22,7 @@ from qgraph.schema import Range, check_value
 
 PREFIX = "qgraph."
 NONNEGATIVE = "nonnegative"          # tensors whose quantizer covers only [0, max]
+RANGE_BOUNDS = "range_bounds"        # tensor -> [lo, hi] (null: unbounded) outside which no reader tells values apart
 FIX_ACTIVATIONS = "fix_activations"  # trainer keeps activation scales frozen
 CALIBRATED = "calibrated"            # calibrate ran; activation scales are measured
 QUANTIZERS = "quantizers"            # float tensor -> quantizer record
@@ -33,6 +34,7 @@ RESCALED = "rescaled"                # tensor -> {axis, factor}: it is the sourc
 
 SCHEMAS: dict[str, Any] = {
     NONNEGATIVE: list[str],
+    RANGE_BOUNDS: dict[str, list],
     FIX_ACTIVATIONS: bool,
     CALIBRATED: bool,
     QUANTIZERS: dict[str, dict],         # each value a QuantizerRecord, checked field by field
@@ -75,7 +77,8 @@ class QuantizerRecord:
     percentile: float | None = None
     bins: int | None = None
     fixed_range: list[float] | None = None
-    range_cap: float | None = None   # a non-negative tensor read only by Clip(0, m): max m
+    range_cap: float | None = None   # a non-negative tensor read only by Clip(0, m): max m; or range_bounds' hi
+    range_floor: float | None = None  # range_bounds' lo: the readers are flat below it (HardSwish: -3)
 
     @property
     def grid(self) -> dict[str, Any]:

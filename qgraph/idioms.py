@@ -470,6 +470,79 @@ def _region_kind(nodes) -> str:
     return "unary"
 
 
+#: Region kinds whose function is flat beyond finite bounds (clamps of an affine map, or a product
+#: with one): HardSwish is 0 below -3, HardSigmoid 0 below -β/α and 1 above (1-β)/α.
+CLAMPED_KINDS = ("hardswish", "hardsigmoid")
+
+#: Where :func:`flat_bounds` looks: ±2^20 on a log scale, then every 1/256 within ±64.
+_PROBE = np.unique(np.concatenate([-np.logspace(-4, 20, 97, base=2.0), np.logspace(-4, 20, 97, base=2.0),
+                                   np.arange(-64 * 256, 64 * 256 + 1) / 256.0])).astype(np.float32)
+
+
+def evaluate_function(nodes: list, x: str, y: str, values: np.ndarray) -> np.ndarray:
+    """The elementwise function from tensor `x` to tensor `y` that `nodes` compute (a unary
+    region, or one op), run by ORT on the float32 `values`. Declined when the nodes do not
+    form a self-contained function of `x` or ORT refuses them."""
+    from qgraph.model_io import OPSET
+    from qgraph.runner import run_model
+    shared: dict[str, gs.Tensor] = {}
+    graph = gs.Graph(nodes=[_copy_node(n, shared) for n in nodes], opset=OPSET)
+    source, target = shared.get(x), shared.get(y)
+    if source is None or target is None or isinstance(source, gs.Constant):
+        raise Declined(f"the function from '{x}' to '{y}' is not self-contained")
+    values = np.asarray(values, np.float32).reshape(-1)
+    source.dtype, source.shape = np.float32, [values.size]
+    target.dtype, target.shape = np.float32, [values.size]
+    graph.inputs, graph.outputs = [source], [target]
+    proto = gs.export_onnx(graph.cleanup(), do_type_check=False)
+    proto.ir_version = 8
+    del proto.opset_import[:]
+    proto.opset_import.add(domain="", version=OPSET)
+    if any(n.domain == "com.microsoft" for n in proto.graph.node):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+    try:
+        onnx.checker.check_model(proto)
+        return run_model(proto, {x: values})[y].reshape(-1)
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the function is a reason, not a crash
+        raise Declined(f"cannot evaluate: {str(exc).splitlines()[0][:120]}") from None
+
+
+def _copy_node(node: gs.Node, shared: dict[str, gs.Tensor]) -> gs.Node:
+    """`node` in a new graph, its tensors shared by name with the other copied nodes (a Constant
+    node's output as the constant it is)."""
+    def tensor(t):
+        if t.name not in shared:
+            value = QModel.constant_value(t)
+            shared[t.name] = gs.Variable(t.name, dtype=t.dtype) if value is None else gs.Constant(t.name, value)
+        return shared[t.name]
+    return gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), inputs=[tensor(t) for t in node.inputs],
+                   outputs=[tensor(t) for t in node.outputs], domain=node.domain)
+
+
+def flat_bounds(model: QModel, region: UnaryRegion) -> tuple[float, float]:
+    """(lo, hi) such that the region's function is constant on x <= lo and on x >= hi (-inf / inf
+    where it is not): for a kind of :data:`CLAMPED_KINDS`, found on a dense probe of x (every
+    1/256 within ±64, a log scale beyond, out to ±2^20) and checked there — lo is the highest
+    probe with f equal to f(-2^20) at it and at every probe below; likewise hi. Any other kind, or
+    a function ORT cannot evaluate: (-inf, inf). A quantizer of x read only by such functions
+    need only cover [lo, hi]: clamping x to it changes no output."""
+    if region.kind not in CLAMPED_KINDS:
+        return -math.inf, math.inf
+    nodes = {n.name: n for n in model.graph.nodes}
+    try:
+        y = evaluate_function([nodes[n] for n in region.nodes], region.input, region.output, _PROBE)
+    except Declined:
+        return -math.inf, math.inf
+    return _flat_end(_PROBE, y), -_flat_end(-_PROBE[::-1], y[::-1])
+
+
+def _flat_end(x: np.ndarray, y: np.ndarray) -> float:
+    """The largest x[i] with y[0..i] all equal to y[0] (x ascending), or -inf when only x[0] is."""
+    changed = np.flatnonzero(y != y[0])
+    last = (len(y) if changed.size == 0 else int(changed[0])) - 1
+    return float(x[last]) if last > 0 and np.isfinite(y[0]) else -math.inf
+
+
 # -- names ---------------------------------------------------------------------------------------
 
 def name_nodes(model: QModel) -> int:

@@ -29,12 +29,26 @@ def weight_qparams(value: np.ndarray, record: QuantizerRecord) -> tuple[np.ndarr
 
 
 def activation_qparams(rmin: float, rmax: float, record: QuantizerRecord) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of an activation range ([0, max] for non-negative tensors, capped
-    by a following Clip's upper bound)."""
+    """Scale and zero point of an activation range ([0, max] for non-negative tensors), within
+    the bounds its readers tell values apart in (a following Clip's upper bound, a HardSwish's -3:
+    QuantizerRecord.range_floor/range_cap). Where the data reach a bound of ahead_relu's
+    `range_bounds`, the grid reaches one step beyond it: values clamped there must land on a
+    level where the reader is already flat (HardSwish(-2.98) is -0.01, not 0, and a level just
+    inside the bound would add that to every element below it)."""
     if record.nonnegative:
         rmin = 0.0
+    floor = record.range_floor
+    cap = None if record.nonnegative else record.range_cap
+    if floor is not None:
+        rmin = max(rmin, floor)
     if record.range_cap is not None:
         rmax = min(rmax, record.range_cap)
+    rmax = max(rmin, rmax)
+    step = (rmax - rmin) / (record.qmax - record.qmin)
+    if floor is not None and rmin <= floor + step:   # (a histogram's low end lands near the bound)
+        rmin = floor - step
+    if cap is not None and rmax >= cap - step:
+        rmax = cap + step
     return quant.scale_zero_point(rmin, rmax, **record.grid)
 
 

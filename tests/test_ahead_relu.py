@@ -4,7 +4,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_small_cnn, small_data
-from qgraph.annotations import NONNEGATIVE, get_annotation, set_annotation
+from qgraph.annotations import NONNEGATIVE, RANGE_BOUNDS, get_annotation, set_annotation
 from qgraph.graph import QModel
 from qgraph.pipeline import run_pass
 from qgraph.runner import run_model
@@ -124,7 +124,8 @@ def test_nothing_to_do():
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])])
     model = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     report = run_pass(model, "ahead_relu")
-    assert report["changed"] == 0 and report["summary"] == "nothing to do: no Relu/Clip(0,·) in the model"
+    assert report["changed"] == 0
+    assert report["summary"] == "nothing to do: no Relu/Clip(0,·), HardSwish or HardSigmoid in the model"
     assert get_annotation(model, NONNEGATIVE) is None
 
 
@@ -157,3 +158,46 @@ def test_forward_fused_weight_arithmetic_is_not_a_candidate():
     report = run_pass(model, "ahead_relu")
     assert report["marked"] == ["b1"]
     assert {s["node"] for s in report["skipped"]} == {"conv2", "fc"}
+
+
+def test_hardswish_and_hardsigmoid_inputs_get_their_flat_bounds():
+    """Paddle-exported PP-LCNet: every input of its HardSwish (x·Clip(x+3, 0, 6)/6) and SE
+    HardSigmoid read by nothing else is bounded where the function is flat (-3; ±3 for
+    HardSigmoid(x/6 + 1/2)), in `qgraph.range_bounds`; the model's outputs do not change."""
+    from qgraph.idioms import CLAMPED_KINDS, unary_regions
+    from qgraph.models import exported
+    proto = exported.pplcnet_paddle(input_shape=(3, 32, 64), num_classes=10)
+    model = QModel.from_onnx(proto)
+    run_pass(model, "canonicalize")
+    report = run_pass(model, "ahead_relu")
+    kinds = {r.input: r.kind for r in unary_regions(model) if r.kind in CLAMPED_KINDS}
+    assert set(report["bounded"]) == set(kinds) and len(kinds) >= 10
+    for x, bounds in report["bounded"].items():
+        assert bounds == ([-3.0, None] if kinds[x] == "hardswish" else [-3.0, 3.0]), x
+    assert get_annotation(model, RANGE_BOUNDS) == report["bounded"]
+    assert report["changed"] == len(report["bounded"]) + len(report["marked"]) + len(report["activations_marked"])
+    feeds = {"x": exported.probe_batch((3, 32, 64), seed=1, count=2)}
+    before, after = run_model(proto, feeds), run_model(model.to_onnx(), feeds)
+    assert before and before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_a_clamped_activation_whose_input_is_read_elsewhere_is_not_bounded():
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    nodes = [n("Conv", ["input", "w"], ["c"], name="conv"), n("HardSwish", ["c"], ["h"], name="hswish"),
+             n("Conv", ["c", "w"], ["d"], name="conv2"), n("Add", ["h", "d"], ["logits"], name="add"),
+             n("Conv", ["input", "w"], ["e"], name="conv3"), n("HardSigmoid", ["e"], ["g"], name="hsig"),
+             n("Mul", ["logits", "g"], ["out"], name="gate")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [const("w", rng.normal(size=(2, 2, 1, 1)))])
+    model = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    report = run_pass(model, "ahead_relu")
+    assert report["bounded"] == {"e": [-2.5, 2.5]}       # ONNX's HardSigmoid defaults: α 0.2, β 0.5
+    reasons = {s["node"]: s["reason"] for s in report["skipped"]}
+    assert reasons["hswish"] == "'c' is also read by 'conv2', outside the hardswish"
+    off = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert run_pass(off, "ahead_relu", {"ahead_clamped": False})["bounded"] == {}
+    assert get_annotation(off, RANGE_BOUNDS) is None

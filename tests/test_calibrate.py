@@ -239,3 +239,57 @@ def test_percentile_search_keeps_the_candidate_closest_to_float(data):
                 np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="percentiles must be numbers in"):
         _calibrate(m.copy(), calib, percentiles=[101])
+
+
+def _ptq_doc(ahead_clamped: bool) -> dict:
+    import yaml
+    from qgraph.api import bundled_pipeline
+    doc = yaml.safe_load(open(bundled_pipeline("ptq")).read())
+    for step in doc["passes"]:
+        if "ahead_relu" in step:
+            step["ahead_relu"] = {"ahead_clamped": ahead_clamped}
+    return doc
+
+
+def test_clamped_activation_inputs_get_finer_grids_that_reach_past_the_flat_bound():
+    """ptq.yaml on a Paddle-exported PP-LCNet: each HardSwish input that ahead_relu bounded at -3
+    (and each HardSigmoid input, at ±3) gets a grid whose end level lies within two steps beyond
+    the bound where the data cross it (values clamped there land where the function is exactly
+    flat), a finer step than without the bounds, and an activation output closer to float on the
+    calibration data."""
+    from qgraph.api import apply_pipeline
+    from qgraph.idioms import evaluate_function, flat_bounds, unary_regions
+    from qgraph.models import exported
+    from qgraph.quant import grid_bounds
+    shape = (3, 48, 96)
+    proto = exported.pplcnet_paddle(input_shape=shape, num_classes=10)
+    data = {"x": exported.probe_batch(shape, seed=5, count=16)}
+    on, off = (apply_pipeline(proto, _ptq_doc(flag), data, batch_size=8) for flag in (True, False))
+    records_on, records_off = read_quantizers(on), read_quantizers(off)
+    bounded = {t: r for t, r in records_on.items() if r.range_floor is not None}
+    assert len(bounded) >= 10 and all(records_off[t].range_floor is None for t in bounded)
+    float_form = bypassed(QModel.from_onnx(on))
+    regions = {r.input: r for r in unary_regions(float_form)}
+    values = run_model(float_form.to_onnx(), data, list(bounded))
+    finer = 0
+    for t, r in bounded.items():
+        region = regions[t]
+        lo, hi = flat_bounds(float_form, region)
+        assert (r.range_floor, r.range_cap) == (lo, None if hi == np.inf else hi), t
+        (s_on, z_on), (s_off, z_off) = (_qparams(QModel.from_onnx(m), rec[t]) for m, rec in
+                                        ((on, records_on), (off, records_off)))
+        lowest, highest = (float(v) for v in grid_bounds(s_on, z_on, r.qmin, r.qmax))
+        x = values[t].astype(np.float32)
+        if x.min() < lo:
+            assert lo - 2 * float(s_on) <= lowest <= lo, (t, lowest, float(s_on))
+        if r.range_cap is not None and x.max() > hi:
+            assert hi <= highest <= hi + 2 * float(s_on), (t, highest, float(s_on))
+        nodes = [float_form.node(n) for n in region.nodes]
+
+        def f(v):
+            return evaluate_function(nodes, region.input, region.output, v)
+        err_on = np.mean((f(fake_quantize(x, s_on, z_on, r.qmin, r.qmax)) - f(x)) ** 2)
+        err_off = np.mean((f(fake_quantize(x, s_off, z_off, r.qmin, r.qmax)) - f(x)) ** 2)
+        assert err_on <= 1.05 * err_off, (t, region.kind, err_on, err_off)
+        finer += bool(s_on < 0.8 * s_off and err_on < 0.8 * err_off)
+    assert finer >= len(bounded) // 2

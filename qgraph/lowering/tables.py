@@ -13,55 +13,20 @@ the QDQ model computes for every possible input code, so lowering adds no error 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from qgraph import quant
 from qgraph.graph import QModel
-from qgraph.idioms import Declined, UnaryRegion
+from qgraph.idioms import Declined, UnaryRegion, evaluate_function
 from qgraph.lowering.patterns import DEQUANTIZE, QUANTIZE, QInput, Quantizer, const, read_quantizer, var
-from qgraph.model_io import OPSET
 
 
 def function_table(model: QModel, nodes: list[gs.Node], x: str, y: str, in_q: Quantizer,
                    out_q: Quantizer) -> np.ndarray:
     """``Q_out(f(DQ_in(q)))`` for every code q of `in_q`'s storage type, f being `nodes` (from
-    tensor `x` to tensor `y`) run by ORT."""
-    from qgraph.runner import run_model
-    codes = quant.all_codes(in_q.dtype)
-    real = in_q.dequantize(codes)
-    shared: dict[str, gs.Tensor] = {}
-    graph = gs.Graph(nodes=[_copy(n, shared) for n in nodes], opset=OPSET)
-    source, target = shared.get(x), shared.get(y)
-    if source is None or target is None or isinstance(source, gs.Constant):
-        raise Declined(f"the function from '{x}' to '{y}' is not self-contained")
-    source.dtype, source.shape = np.float32, [len(codes)]
-    target.dtype, target.shape = np.float32, [len(codes)]
-    graph.inputs, graph.outputs = [source], [target]
-    proto = gs.export_onnx(graph.cleanup(), do_type_check=False)
-    proto.ir_version = 8
-    del proto.opset_import[:]
-    proto.opset_import.add(domain="", version=OPSET)
-    if any(n.domain == "com.microsoft" for n in proto.graph.node):
-        proto.opset_import.add(domain="com.microsoft", version=1)
-    try:
-        onnx.checker.check_model(proto)
-        y_real = run_model(proto, {x: real})[y]
-    except Exception as exc:  # noqa: BLE001 - ORT refusing the function is a reason, not a crash
-        raise Declined(f"cannot tabulate: {str(exc).splitlines()[0][:120]}") from None
-    return out_q.quantize(y_real.reshape(-1))
-
-
-def _copy(node: gs.Node, shared: dict[str, gs.Tensor]) -> gs.Node:
-    """`node` in a new graph, its tensors shared by name with the other copied nodes."""
-    def tensor(t):
-        if t.name not in shared:
-            shared[t.name] = gs.Constant(t.name, np.asarray(t.values)) if isinstance(t, gs.Constant) \
-                else gs.Variable(t.name, dtype=t.dtype)
-        return shared[t.name]
-    return gs.Node(op=node.op, name=node.name, attrs=dict(node.attrs), inputs=[tensor(t) for t in node.inputs],
-                   outputs=[tensor(t) for t in node.outputs], domain=node.domain)
+    tensor `x` to tensor `y`) run by ORT (idioms.evaluate_function)."""
+    return out_q.quantize(evaluate_function(nodes, x, y, in_q.dequantize(quant.all_codes(in_q.dtype))))
 
 
 def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name: str,

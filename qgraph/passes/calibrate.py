@@ -168,16 +168,18 @@ def _observer(kind: str, record: QuantizerRecord, overrides: dict):
 
 def observed_view(record: QuantizerRecord):
     """What the quantizer really represents: a non-negative tensor's pair saturates below 0
-    (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m) —
-    otherwise histogram observers would spend levels on values no reader ever sees."""
+    (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m); a
+    HardSwish's input, clip(x, -3, inf) — otherwise histogram observers would spend levels on
+    values no reader tells apart."""
     bounds = _view_bounds(record)
     return None if bounds is None else (lambda x: np.clip(x, *bounds))
 
 
 def _view_bounds(record: QuantizerRecord) -> tuple[float, float] | None:
-    if not record.nonnegative:
+    if not record.nonnegative and record.range_floor is None and record.range_cap is None:
         return None
-    return 0.0, np.inf if record.range_cap is None else record.range_cap
+    floor = 0.0 if record.nonnegative else -np.inf if record.range_floor is None else record.range_floor
+    return floor, np.inf if record.range_cap is None else record.range_cap
 
 
 def _observe_sharded(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: dict, records: dict,

@@ -56,7 +56,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qgraph import quant
-from qgraph.annotations import (CALIBRATED, NONNEGATIVE, QUANT_ALIASES, QuantizerRecord, get_annotation,
+from qgraph.annotations import (CALIBRATED, NONNEGATIVE, QUANT_ALIASES, RANGE_BOUNDS, QuantizerRecord, get_annotation,
                                 set_annotation, write_quantizers)
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
@@ -92,7 +92,8 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
         raise PassError(f"insert_qdq: the model already has {len(existing)} QuantizeLinear nodes "
                         f"(e.g. '{existing[0]}'); run it once, on a float model")
     model.cleanup()
-    plan = QuantPlan(model, resolver, set(get_annotation(model, NONNEGATIVE, []) or []), set(split_regions))
+    plan = QuantPlan(model, resolver, set(get_annotation(model, NONNEGATIVE, []) or []), set(split_regions),
+                     get_annotation(model, RANGE_BOUNDS, {}) or {})
     plan.collect()
     weight_values = constant_input_values(model, [t for t, *_ in plan.weights.values()])
     records: dict[str, QuantizerRecord] = {}
@@ -101,7 +102,7 @@ def insert_qdq(model: QModel, ctx: PassContext, *, weights: dict = asdict(Weight
                                                     plan.skipped_nodes)
     for name, (tensor, spec, node) in plan.activations.items():
         nonneg = name in plan.nonnegative
-        record = add_activation_quantizer(model, tensor, spec, node, nonneg, plan.range_cap(tensor),
+        record = add_activation_quantizer(model, tensor, spec, node, nonneg, plan.range_bounds(tensor),
                                           plan.skipped_nodes)
         records[record.tensor] = record
     model.cleanup()
@@ -160,10 +161,11 @@ class QuantPlan:
     """Decides the quantized tensors (one quantizer each) before the graph is touched."""
 
     def __init__(self, model: QModel, resolver: QConfigResolver, nonnegative: set[str],
-                 split_kinds: set[str] = frozenset()):
+                 split_kinds: set[str] = frozenset(), bounded: dict | None = None):
         self.model = model
         self.resolver = resolver
         self.nonnegative = nonnegative
+        self.bounded = {name: tuple(b) for name, b in (bounded or {}).items()}
         self.constant = constant_tensors(model)
         self.positions = weighted_positions(model, self.constant)
         self.configs: dict[str, NodeConfig] = {n.name: resolver.resolve(n, self.positions.get(n.name, frozenset()))
@@ -397,17 +399,23 @@ class QuantPlan:
             return
         self.weights[tensor.name] = (tensor, spec, axis if getattr(spec, "per_channel", False) else None, node)
 
-    def range_cap(self, tensor: Tensor) -> float | None:
-        """Upper bound of a non-negative tensor read only by Clip(0, m) nodes: max m."""
-        if tensor.name not in self.nonnegative or not tensor.outputs:
-            return None
-        caps = []
-        for reader in tensor.outputs:
-            bounds = clip_bounds_or_none(reader) if reader.op == "Clip" else None
-            if bounds is None or not np.isfinite(bounds[1]):
-                return None
-            caps.append(bounds[1])
-        return max(caps)
+    def range_bounds(self, tensor: Tensor) -> tuple[float | None, float | None]:
+        """(floor, cap) of the values of `tensor` that its readers tell apart (None: unbounded):
+        a non-negative tensor read only by Clip(0, m) nodes, (None, max m) — its grid starts at 0
+        anyway; a tensor ahead_relu bounded (`qgraph.range_bounds`: the input of a HardSwish or
+        HardSigmoid, flat beyond them), those bounds."""
+        if tensor.name in self.nonnegative:
+            if not tensor.outputs:
+                return None, None
+            caps = []
+            for reader in tensor.outputs:
+                bounds = clip_bounds_or_none(reader) if reader.op == "Clip" else None
+                if bounds is None or not np.isfinite(bounds[1]):
+                    return None, None
+                caps.append(bounds[1])
+            return None, max(caps)
+        floor, cap = self.bounded.get(tensor.name, (None, None))
+        return floor, cap
 
 
 # -- rewrite: building the pairs ---------------------------------------------------------
@@ -431,7 +439,7 @@ def add_weight_quantizer(model: QModel, tensor: Tensor, spec: WeightSpec | Activ
 
 
 def add_activation_quantizer(model: QModel, tensor: Tensor, spec: ActivationSpec, node: Node, nonnegative: bool,
-                             range_cap: float | None, skipped_nodes: set[str]) -> QuantizerRecord:
+                             bounds: tuple[float | None, float | None], skipped_nodes: set[str]) -> QuantizerRecord:
     signed = spec.storage_signed(nonnegative)
     qmin, qmax = quant.qrange(spec.bits, signed, spec.narrow_range)
     record = QuantizerRecord(
@@ -440,7 +448,7 @@ def add_activation_quantizer(model: QModel, tensor: Tensor, spec: ActivationSpec
         per_channel=False, axis=None, qmin=qmin, qmax=qmax, observer=spec.observer, nonnegative=nonnegative,
         averaging_constant=spec.averaging_constant, percentile=spec.percentile, bins=spec.bins,
         fixed_range=list(map(float, spec.fixed_range)) if spec.fixed_range is not None else None,
-        range_cap=range_cap)
+        range_floor=bounds[0], range_cap=bounds[1])
     if record.fixed_range is not None:
         lo, hi = record.fixed_range
     else:
