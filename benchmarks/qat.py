@@ -203,6 +203,28 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
    (more boxes: 62 against 57 of 82), at 5-10x GPTQ's time on the recognizers (ddddocr_ocr's 1024 x 8210
    output layer alone: a 1024 x 1024 Hessian product per step); W4A8 >= int8 is still met on none of them.
 
+9. After ahead_relu bounded HardSwish/HardSigmoid inputs where those are flat (`qgraph.range_bounds`, 66388bd:
+   both the int8 bar and the W4A8 starts change), PaddleOCR's recognizer and classifier with item 8's command
+   (adaround-ends, lr 1e-4, keep-best by cosine; 2026-11-30, same AMD host), before -> now:
+
+    model        ptq.yaml int8                        adaround-ends start       distilled (kept), task
+    ppocr_cls    0.99911 (32/32) -> 0.99704 (32/32)   0.99652 -> 0.99678        0.99418 (1) -> 0.99857 (5), 31/32
+    ppocr_rec    0.95796 (26/32 strings)              0.96615 (15/32)           0.95992 (6), 15/32
+
+   By cosine W4A8 >= int8 now holds on both, but neither is a clean pass: ppocr_cls's bar fell in this setting
+   (32 calibration inputs at batch 8; with the zoo benchmark's 16 it rose, 0.99884 -> 0.99934; its 2-class
+   softmax's worst cosine follows the few inputs near the boundary) and the distilled 0.99857 is still below
+   the old bar; ppocr_rec's W4A8 model is closer to float by cosine yet reads 15 strings against int8's 26.
+
+10. ppocr_det, int8 distillation from ptq.yaml, item 4's command with range_bounds (`--zoo-start ptq --zoo-bits 8
+   --zoo-calib 16 --zoo-train 32 --zoo-val 8 --zoo-epochs 4 --zoo-batch 4 --zoo-relative-lr --zoo-lr 1e-4`,
+   75 s; 2026-11-30, AMD host): 0.89331 -> 0.94759, 51% of the gap to 1 (pixel IoU of the maps 0.795 ->
+   0.886, boxes 44 -> 43 of 53), kept epoch 3 by the distillation loss and by `--zoo-keep-best-by cosine`
+   alike; the 8 held-out inputs' cosine by epoch 0.913, 0.949, 0.942, 0.952, 0.949. With `--zoo-epochs 8`:
+   0.94405 (48%), kept 8. The same command at 0505810 (HardSwish inputs unbounded) returned its start, 0.87219:
+   every epoch's held-out cosine fell below it (0.884 -> 0.873-0.879). On the coarse grid (a step of 1.2 for a
+   function that bends within ±3) training had nothing to hold on to.
+
 - Never lowers fidelity (int8): met on every model measured, from either start: the output cosine
   after distillation is never below the model it started from. Where training moved away from the
   teacher on the held-out inputs in every epoch (pplcnet_textdir from qat.yaml; vit W4A8 at 1e-3;
@@ -210,8 +232,9 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
   input (kept epoch 0): the guarantee is the held-out selection, not every run improving. A higher
   cosine is not always a better task result: vit_encoder from ptq.yaml 25 -> 23 of 32 same top-1,
   ddddocr_ocr_old 28 -> 27 of 32 identical strings.
-- Half the gap on the worst trained model (ppocr_det, 0.872): not met (no held-out gain); on
-  ppocr_rec 43%.
+- Half the gap on the worst trained model (ppocr_det): met since range_bounds (item 10), 0.89331 ->
+  0.94759 from ptq.yaml, 51% of the gap (48% over 8 epochs); before it, no held-out gain (0.872, item 4).
+  On ppocr_rec 43% (item 4, before range_bounds).
 - Half the gap on the worst model (svtr_recognizer): met from the ptq.yaml model with 512 inputs and
   lr 1e-4 (52% of 1 - 0.66442); with the defaults it is met only against its own qat.yaml start (58%
   of 1 - 0.29997) and not against ptq.yaml (0.70336 closes 12% of the ptq.yaml gap).
