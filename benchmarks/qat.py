@@ -223,7 +223,7 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
    alike; the 8 held-out inputs' cosine by epoch 0.913, 0.949, 0.942, 0.952, 0.949. With `--zoo-epochs 8`:
    0.94405 (48%), kept 8. The same command at 0505810 (HardSwish inputs unbounded) returned its start, 0.87219:
    every epoch's held-out cosine fell below it (0.884 -> 0.873-0.879); the two starts differ only in the
-   HardSwish inputs' grids (p2o.Add.11: a step of 1.23 over [-170, 141] against 0.56 over [-3, 141]).
+   HardSwish inputs' grids (p2o.Add.11: a step of 0.86 over [-123, 98] against 0.39 over [-3.6, 97]).
 
 - Never lowers fidelity (int8): met on every model measured, from either start: the output cosine
   after distillation is never below the model it started from. Where training moved away from the
