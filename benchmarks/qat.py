@@ -224,6 +224,8 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
    0.94405 (48%), kept 8. The same command at 0505810 (HardSwish inputs unbounded) returned its start, 0.87219:
    every epoch's held-out cosine fell below it (0.884 -> 0.873-0.879); the two starts differ only in the
    HardSwish inputs' grids (p2o.Add.11: a step of 0.86 over [-123, 98] against 0.39 over [-3.6, 97]).
+   ppocr_rec from ptq.yaml with the defaults (`--zoo-start ptq --zoo-bits 8 --zoo-calib 16`, 64 training / 16
+   held-out inputs, 76 s): 0.96669 -> 0.97368 (21% of the gap), 18 -> 19 of 32 strings, kept epoch 6.
 
 - Never lowers fidelity (int8): met on every model measured, from either start: the output cosine
   after distillation is never below the model it started from. Where training moved away from the
