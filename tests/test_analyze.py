@@ -297,3 +297,23 @@ def test_repair_hints_name_the_pass_for_what_each_costly_quantizer_shows():
         assert word in hint, hint
     assert "mixed_precision" in hints[-1]
     assert len(repair_hints(report, top=2)) == 3 and repair_hints({"quantizers": [], "sensitivity": []}) == []
+
+
+def test_a_hardswish_input_is_compared_as_the_hardswish_sees_it():
+    """ptq.yaml bounds a HardSwish input's grid at -3 (ahead_relu's range_bounds): the values
+    below it, which the HardSwish maps to 0 whatever they are, are not reported as clipped and
+    do not count against its local SNR."""
+    from qgraph.models import exported
+    shape = (3, 32, 64)
+    float_model = exported.pplcnet_paddle(input_shape=shape, num_classes=10)
+    data = {"x": exported.probe_batch(shape, seed=2, count=16)}
+    quantized = apply_pipeline(float_model, "ptq", data)
+    bounded = [r for r in read_quantizers(quantized).values() if r.range_floor is not None]
+    assert bounded
+    values = run_model(bypassed(QModel.from_onnx(quantized)).to_onnx(), data, [r.tensor for r in bounded])
+    below = [r.tensor for r in bounded if (values[r.tensor] < r.range_floor - 1).mean() > 0.01]
+    assert below, "the premise: some bounded inputs reach well below -3"
+    rep = analyze_models(float_model, quantized, data, evaluator=Evaluator(1), local=False)
+    rows = {q["name"]: q for q in rep["quantizers"]}
+    for name in below:
+        assert rows[name]["clipped_share"] < 0.001, (name, rows[name]["clipped_share"])
