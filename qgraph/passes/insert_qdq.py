@@ -414,8 +414,7 @@ class QuantPlan:
                     return None, None
                 caps.append(bounds[1])
             return None, max(caps)
-        floor, cap = self.bounded.get(tensor.name, (None, None))
-        return floor, cap
+        return self.bounded.get(tensor.name, (None, None))
 
 
 # -- rewrite: building the pairs ---------------------------------------------------------
