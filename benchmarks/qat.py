@@ -230,9 +230,9 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
    260 s): the start 0.94132 (44 of 53 boxes, map IoU 0.874) is above ptq.yaml's int8 0.89331 (44 of 53, IoU
    0.795) — W4A8 >= int8 met on this model by cosine and boxes; distillation kept epoch 3 by its held-out
    cosine (0.949 -> 0.951) and evaluated lower, 0.93769 (44 of 53). Most of that start is GPTQ_PIPELINE's
-   bias_correction: int8 ptq.yaml + bias_correction gives 0.94370 (45 of 53 boxes), + equalize alone 0.88902;
-   on ppocr_rec bias_correction costs (0.98092 -> 0.96974, 24 -> 21 strings) and on ppocr_cls (0.99934 ->
-   0.99848), so ptq.yaml keeps it out (benchmarks/zoo.py's 16 calibration / 32 evaluation inputs).
+   equalize + bias_correction: at int8, ptq.yaml with both gives 0.94370 (45 of 53 boxes), with equalize alone
+   0.88902; on ppocr_rec the pair costs (0.98092 -> 0.96974, 24 -> 21 strings), on ppocr_cls too (0.99934 ->
+   0.99848), so ptq.yaml keeps them out (benchmarks/zoo.py's 16 calibration / 32 evaluation inputs).
 
 - Never lowers fidelity (int8): met on every model measured, from either start: the output cosine
   after distillation is never below the model it started from. Where training moved away from the
