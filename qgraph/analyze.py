@@ -120,7 +120,7 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
             bits = record.bits if record else 8 * grid.dtype.itemsize
             sites[key] = QuantizerSite(key, kind, source.name, [node.outputs[0].name], grid, qmin, qmax, bits,
                                        producer=source.inputs[0].op if source.inputs and kind == "activation" else "",
-                                       view=_bounded_view(record))
+                                       view=record.reader_bounds if record is not None else None)
         elif isinstance(inp, gs.Constant) and np.asarray(inp.values).dtype.kind in "iu":
             name = inp.name[:-len("_quantized")] if inp.name.endswith("_quantized") else inp.name
             original = float_weights.get(name)
@@ -178,15 +178,6 @@ def _layers_reading(tensors) -> list[str]:
             else:
                 layers.append(reader.name)
     return list(dict.fromkeys(layers))
-
-
-def _bounded_view(record) -> tuple[float, float] | None:
-    """The range a quantizer's readers tell values apart in, as ahead_relu bounded it (a
-    HardSwish input: [-3, inf)), or None."""
-    if record is None or record.nonnegative or (record.range_floor is None and record.range_cap is None):
-        return None
-    return (-np.inf if record.range_floor is None else record.range_floor,
-            np.inf if record.range_cap is None else record.range_cap)
 
 
 def _clamp_view(readers) -> tuple[float, float] | None:

@@ -81,6 +81,16 @@ class QuantizerRecord:
     range_floor: float | None = None  # range_bounds' lo: the readers are flat below it (HardSwish: -3)
 
     @property
+    def reader_bounds(self) -> tuple[float, float] | None:
+        """The interval of values the quantized tensor's readers tell apart (±inf where open), or
+        None for all of them: [0, range_cap] for a non-negative tensor, [range_floor, range_cap] for
+        one ahead_relu bounded (a HardSwish input: [-3, inf])."""
+        if not self.nonnegative and self.range_floor is None and self.range_cap is None:
+            return None
+        lo = 0.0 if self.nonnegative else -np.inf if self.range_floor is None else self.range_floor
+        return lo, np.inf if self.range_cap is None else self.range_cap
+
+    @property
     def grid(self) -> dict[str, Any]:
         """The keywords of quant.scale_zero_point for this quantizer's grid."""
         return {"bits": self.bits, "signed": self.signed, "symmetric": self.symmetric,

@@ -17,6 +17,7 @@ code that drives a rewrite catches it and reports ``{"node": name, "reason": rea
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -474,9 +475,12 @@ def _region_kind(nodes) -> str:
 #: with one): HardSwish is 0 below -3, HardSigmoid 0 below -β/α and 1 above (1-β)/α.
 CLAMPED_KINDS = ("hardswish", "hardsigmoid")
 
-#: Where :func:`flat_bounds` looks: ±2^20 on a log scale, then every 1/256 within ±64.
-_PROBE = np.unique(np.concatenate([-np.logspace(-4, 20, 97, base=2.0), np.logspace(-4, 20, 97, base=2.0),
-                                   np.arange(-64 * 256, 64 * 256 + 1) / 256.0])).astype(np.float32)
+@functools.cache
+def _probe() -> np.ndarray:
+    """Where :func:`flat_bounds` looks: ±2^20 on a log scale, then every 1/256 within ±64 (built
+    on first use, not at import)."""
+    return np.unique(np.concatenate([-np.logspace(-4, 20, 97, base=2.0), np.logspace(-4, 20, 97, base=2.0),
+                                     np.arange(-64 * 256, 64 * 256 + 1) / 256.0])).astype(np.float32)
 
 
 def evaluate_function(nodes: list, x: str, y: str, values: np.ndarray) -> np.ndarray:
@@ -529,11 +533,12 @@ def flat_bounds(model: QModel, region: UnaryRegion) -> tuple[float, float]:
     if region.kind not in CLAMPED_KINDS:
         return -math.inf, math.inf
     nodes = {n.name: n for n in model.graph.nodes}
+    probe = _probe()
     try:
-        y = evaluate_function([nodes[n] for n in region.nodes], region.input, region.output, _PROBE)
+        y = evaluate_function([nodes[n] for n in region.nodes], region.input, region.output, probe)
     except Declined:
         return -math.inf, math.inf
-    return _flat_end(_PROBE, y), -_flat_end(-_PROBE[::-1], y[::-1])
+    return _flat_end(probe, y), -_flat_end(-probe[::-1], y[::-1])
 
 
 def _flat_end(x: np.ndarray, y: np.ndarray) -> float:

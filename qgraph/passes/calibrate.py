@@ -171,15 +171,8 @@ def observed_view(record: QuantizerRecord):
     (zp 0) and the Clip(0, m) readers cut above m, so its observer sees clip(x, 0, m); a
     HardSwish's input, clip(x, -3, inf) — otherwise histogram observers would spend levels on
     values no reader tells apart."""
-    bounds = _view_bounds(record)
+    bounds = record.reader_bounds
     return None if bounds is None else (lambda x: np.clip(x, *bounds))
-
-
-def _view_bounds(record: QuantizerRecord) -> tuple[float, float] | None:
-    if not record.nonnegative and record.range_floor is None and record.range_cap is None:
-        return None
-    floor = 0.0 if record.nonnegative else -np.inf if record.range_floor is None else record.range_floor
-    return floor, np.inf if record.range_cap is None else record.range_cap
 
 
 def _observe_sharded(model: QModel, proto, plan: FeedPlan, batch_size: int, observers: dict, records: dict,
@@ -192,7 +185,7 @@ def _observe_sharded(model: QModel, proto, plan: FeedPlan, batch_size: int, obse
     run_proto = bypassed(model).to_onnx() if bypass else proto
     names = list(observers)
     shared = {"model": run_proto.SerializeToString(), "feeds": [b for b, _ in batches], "names": names,
-              "inputs": plan.names, "views": {n: _view_bounds(records[n]) for n in names}}
+              "inputs": plan.names, "views": {n: records[n].reader_bounds for n in names}}
     parts = min(evaluator.size, len(batches))
     shards = [list(chunk) for chunk in np.array_split(np.arange(len(batches)), parts) if len(chunk)]
     found = evaluator.map(_prepare_shard, _shard_ranges, shared, shards)
