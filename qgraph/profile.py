@@ -51,6 +51,9 @@ ROLE_HINTS = {
     "activation quantizer": "activation Q/DQ of a QDQ model: `qgraph lower` turns each group into one integer op",
     "float island": "a detour DequantizeLinear -> (float ops) -> QuantizeLinear: `qgraph lower -v` says why "
                     "its ops stayed float; an integer op or requantization would replace the pair",
+    "float activation": "a unary activation run in float between DequantizeLinear and QuantizeLinear, the "
+                        "qlinear lowering's choice where ORT runs it faster than a 256-entry table and it "
+                        "writes the table's codes (HardSwish; qgraph/lowering/qlinear.py)",
     "float compute in quantized model": "left float in a quantized model: check the insert_qdq rules and "
                                         "`qgraph lower -v`",
     "lookup table": "a unary activation as a 256-entry table (Cast + GatherElements, the lowering's table "
@@ -128,11 +131,14 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
         return types.get(t, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
 
     island = _float_islands(g, producer, consumers) if lowered else set()
+    activations = _float_activations(g, producer, consumers, constants) if lowered else set()
     shapes = {i.name: tuple(i.dims) for i in g.initializer}
     roles = {}
     for n in g.node:
         op = n.op_type
-        if op == "QuantizeLinear":
+        if n.name and n.name in activations:
+            role = "float activation"
+        elif op == "QuantizeLinear":
             role = ("boundary quantizer" if n.input[0] in graph_inputs
                     else "float island" if n.name in island else "activation quantizer")
             if n.input[0] in constants:
@@ -187,6 +193,43 @@ def _off_block_depthwise(node: onnx.NodeProto, shapes: dict[str, tuple]) -> bool
     weight = shapes.get(node.input[3]) if len(node.input) > 3 else None
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     return weight is not None and len(weight) > 2 and depthwise_padded_channels(group, weight) is not None
+
+
+#: float ops of one tensor (with constants) that a lowered model may run between DQ and Q
+_ELEMENTWISE_FLOAT = {"HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Clip", "Mul", "Add",
+                      "Sub", "Div", "Exp", "Erf", "Gelu", "Softplus", "Elu"}
+
+
+def _float_activations(g, producer, consumers, constants) -> set[str]:
+    """Names of the nodes of each ``DQ(codes) → elementwise float ops → Q`` whose ops read only the
+    dequantized tensor, each other and constants: a unary function of one code tensor (what the
+    qlinear lowering writes for a HardSwish), as opposed to a float island that mixes tensors.
+    The graph's node order is topological, so one pass in that order sees each op's inputs first."""
+    position = {id(n): i for i, n in enumerate(g.node)}
+    names = set()
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] in constants or n.input[0] not in producer:
+            continue
+        tensors, members, unary = {n.output[0]}, [n], True
+        readers = sorted({id(r): r for t in n.output for r in consumers.get(t, [])}.values(),
+                         key=lambda r: position[id(r)])
+        while readers and unary:
+            c = readers.pop(0)
+            if c.op_type == "QuantizeLinear":
+                members.append(c)
+                continue
+            if c.op_type not in _ELEMENTWISE_FLOAT or not all(not t or t in tensors or t in constants for t in c.input):
+                unary = False
+                break
+            members.append(c)
+            tensors.update(c.output)
+            fresh = {id(r): r for t in c.output for r in consumers.get(t, []) if r not in readers}
+            readers = sorted([*readers, *fresh.values()], key=lambda r: position[id(r)])
+        kinds = {m.op_type for m in members[1:]}
+        computed = "QuantizeLinear" in kinds and len(kinds) > 1
+        if unary and computed and not any(t in (o.name for o in g.output) for t in tensors):
+            names.update(x.name for x in members if x.name)
+    return names
 
 
 def _float_islands(g, producer, consumers) -> set[str]:
@@ -372,6 +415,8 @@ def _ort_profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int) -
     return nodes[per_run:]  # drop the warm-up run
 
 
+#: the ops ORT inlines a HardSwish node into (its ONNX function body)
+_INLINED_HARDSWISH = ("HardSigmoid", "Mul")
 _ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_quant|_fused|_nhwc)+$")
 
 
@@ -386,6 +431,9 @@ def _ort_role(name: str, op: str, roles: dict[str, str], model_ops: dict[str, st
         return roles[base]
     if op in _ORT_LAYOUT and base not in roles:
         return "ORT layout"
+    if op in _INLINED_HARDSWISH and base not in roles and any(
+            model_ops.get(node) == "HardSwish" and role == "float activation" for node, role in roles.items()):
+        return "float activation"   # ORT runs a HardSwish op as its function body, under new names
     if op in _INTEGER_COMPUTE:
         return "integer compute"
     if op.startswith("Fused") or op in _FLOAT_COMPUTE:

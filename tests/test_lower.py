@@ -5,6 +5,8 @@ float tensors, and are bit-exact with the reference interpreter."""
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import networkx as nx
 import numpy as np
@@ -1091,21 +1093,123 @@ def _stem(in_channels: int, out_channels: int, kernel: int, seed: int) -> onnx.M
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.parametrize("in_channels, out_channels, kernel, per_channel, widened", [
-    (3, 16, 3, True, True), (1, 24, 3, False, True), (2, 16, 3, True, True),
-    (3, 16, 5, True, False), (4, 16, 3, True, False), (3, 8, 3, True, False)])
-def test_qlinear_narrow_stem_reads_its_input_padded_to_four_channels(in_channels, out_channels, kernel, per_channel,
-                                                                      widened, monkeypatch):
-    """qlinear.narrow_input_padded_channels: a 3x3 conv from 1-3 input channels into 16 or more
-    (where ORT's QLinearConv runs 1.2-1.6x faster on 4 inputs) reads its input padded with the zero
-    point, with weights for the extra channels that multiply nothing; every output code is the
-    unwidened lowering's, in ORT and in the interpreter. Other kernels, wider inputs and fewer
-    outputs are left as they are."""
+@pytest.mark.parametrize("in_channels, out_channels, kernel, per_channel, computed", [
+    (3, 16, 3, True, (4, 16)), (1, 24, 3, False, (4, 24)), (2, 16, 3, True, (4, 16)),
+    (3, 8, 3, True, (4, 16)), (1, 12, 3, False, (4, 16)),
+    (3, 16, 5, True, None), (4, 16, 3, True, None), (4, 8, 3, True, None)])
+def test_qlinear_narrow_stem_runs_on_padded_channels(in_channels, out_channels, kernel, per_channel, computed,
+                                                     monkeypatch):
+    """qlinear.narrow_input_padded_channels: a 3x3 conv from 1-3 input channels (where ORT's
+    QLinearConv runs 1.2-1.6x faster on 4 inputs, and a stem into 8 faster into 16) reads its input
+    padded with the zero point, with weights for the extra channels that multiply nothing, and
+    computes at least 16 output channels, the extra ones (zero weights, zero bias) sliced off;
+    every output code is the unpadded lowering's, in ORT and in the interpreter. Other kernels and
+    wider inputs are left as they are."""
     x = np.random.default_rng(2).normal(0, 1, (3, in_channels, 15, 18)).astype(np.float32)
     qdq = _calibrated_qdq(_stem(in_channels, out_channels, kernel, seed=in_channels + kernel), x, per_channel)
     lowered, _ = lower_model(qdq, "qlinear")
     stem = next(n for n in lowered.graph.node if n.op_type == "QLinearConv" and n.name.startswith("stem"))
     weights = {i.name: i for i in lowered.graph.initializer}
-    assert list(weights[stem.input[3]].dims) == [out_channels, 4 if widened else in_channels, kernel, kernel]
-    assert sum(n.op_type == "Pad" for n in lowered.graph.node) == (1 if widened else 0)
+    outputs, inputs = computed[::-1] if computed else (out_channels, in_channels)
+    assert list(weights[stem.input[3]].dims) == [outputs, inputs, kernel, kernel]
+    assert sum(n.op_type == "Pad" for n in lowered.graph.node) == (1 if computed else 0)
+    assert sum(n.op_type == "Slice" for n in lowered.graph.node) == (1 if outputs != out_channels else 0)
     _assert_codes_as_without(qdq, lowered, x, "narrow_input_padded_channels", monkeypatch)
+
+
+def _hardswish_net(form: str, affine: bool = False, pool: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """Conv 3x3 (3 -> 16) -> HardSwish (`form` "op", or "exported" as x·Clip(x+3, 0, 6)/6)
+    [-> a·h + b, PP-OCRv4's learnable affine] [-> MaxPool 2x2] -> Conv 1x1 (-> 8)."""
+    rng = np.random.default_rng(seed)
+    inits = {"w1": rng.normal(0, 0.6, (16, 3, 3, 3)), "b1": rng.normal(0, 0.5, 16), "w2": rng.normal(0, 0.2, (8, 16, 1, 1)),
+             "three": 3.0, "zero": 0.0, "six": 6.0, "a": [0.4763], "b": [-0.0076]}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    if form == "op":
+        nodes.append(helper.make_node("HardSwish", ["c"], ["h"], name="hswish"))
+    else:
+        nodes += [helper.make_node("Add", ["c", "three"], ["c3"], name="add3"),
+                  helper.make_node("Clip", ["c3", "zero", "six"], ["r6"], name="relu6"),
+                  helper.make_node("Mul", ["c", "r6"], ["m"], name="mul"),
+                  helper.make_node("Div", ["m", "six"], ["h"], name="div6")]
+    if affine:
+        nodes += [helper.make_node("Mul", ["a", "h"], ["ah"], name="scale"),
+                  helper.make_node("Add", ["ah", "b"], ["h2"], name="shift")]
+    last = "h2" if affine else "h"
+    if pool:
+        nodes.append(helper.make_node("MaxPool", [last], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]))
+        last = "p"
+    nodes.append(helper.make_node("Conv", [last, "w2"], ["y"], name="project"))
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _without_float_activations(qdq, monkeypatch) -> onnx.ModelProto:
+    from qgraph.lowering import qlinear
+    with monkeypatch.context() as patch:
+        patch.setattr(qlinear, "FLOAT_ACTIVATIONS", {})
+        return lower_model(qdq, "qlinear")[0]
+
+
+@pytest.mark.parametrize("form, pool", [("op", False), ("exported", False), ("exported", True)])
+def test_qlinear_hardswish_runs_as_its_float_op_with_the_tables_codes(form, pool, monkeypatch):
+    """A HardSwish (one op or exported) lowers to DequantizeLinear → HardSwish → QuantizeLinear,
+    which ORT runs faster than the 256-entry table, once ORT and the interpreter write the table's
+    code for every input code: the model's outputs equal the table lowering's bit for bit, in ORT
+    and in the interpreter, and the report says the activation runs in float. Before a MaxPool it
+    keeps NHWC Transposes (with a Flatten, as tables do) so that ORT runs the pool as NhwcMaxPool."""
+    import onnxruntime as ort
+    x = np.random.default_rng(3).normal(0, 1.5, (4, 3, 12, 16)).astype(np.float32)
+    qdq = _calibrated_qdq(_hardswish_net(form, pool=pool), x, per_channel=True)
+    lowered, report = lower_model(qdq, "qlinear")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "GatherElements" not in ops and ops.count("HardSwish") == 1
+    hswish = next(n for n in lowered.graph.node if n.op_type == "HardSwish")
+    producers = {o: n for n in lowered.graph.node for o in n.output}
+    readers = [n for n in lowered.graph.node if hswish.output[0] in n.input]
+    assert producers[hswish.input[0]].op_type == "DequantizeLinear" and [r.op_type for r in readers] == ["QuantizeLinear"]
+    label = f"{'HardSwish' if form == 'op' else 'hardswish'} (float hardswish between DequantizeLinear and QuantizeLinear)"
+    assert report["lowered"].get(label) == 1, report["lowered"]
+    plain = _without_float_activations(qdq, monkeypatch)
+    assert "GatherElements" in [n.op_type for n in plain.graph.node]
+    want = run_model(plain, {"x": x})["y"]
+    got = run_model(lowered, {"x": x})["y"]
+    np.testing.assert_array_equal(got, want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"x": x})["y"], got)
+    assert ("Flatten" in ops) == pool
+    if pool:   # the reason for the Flatten: without it ORT leaves the uint8 MaxPool in NCHW
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        with tempfile.TemporaryDirectory() as folder:
+            options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+            ort.InferenceSession(lowered.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(options.optimized_model_filepath)
+        assert any(n.op_type == "NhwcMaxPool" for n in optimized.graph.node)
+        assert not any(n.op_type == "MaxPool" for n in optimized.graph.node)
+
+
+def test_qlinear_hardswish_with_affine_keeps_the_table(monkeypatch):
+    """PP-OCRv4's HardSwish regions end in a learnable affine a·h(x) + b; a plain HardSwish does not
+    write their codes, so the check against the table declines the float form and the table stays."""
+    x = np.random.default_rng(4).normal(0, 1.5, (4, 3, 12, 16)).astype(np.float32)
+    qdq = _calibrated_qdq(_hardswish_net("exported", affine=True), x, per_channel=True)
+    lowered, report = lower_model(qdq, "qlinear")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert "HardSwish" not in ops and "GatherElements" in ops
+    assert report["lowered"].get("hardswish (table)") == 1, report["lowered"]
+
+
+def test_float_activation_check_declines_a_form_off_by_one_code():
+    """qlinear.float_activation_exact compares every code: a table that differs from the float form
+    in a single entry is declined."""
+    from qgraph.lowering import qlinear
+    from qgraph.lowering.patterns import Quantizer
+    in_q = Quantizer(np.array(0.05, np.float32), np.array(128, np.uint8), 0, "in")
+    out_q = Quantizer(np.array(0.03, np.float32), np.array(10, np.uint8), 0, "out")
+    x = in_q.dequantize(quant.all_codes(np.uint8))
+    table = out_q.quantize(x * np.clip(x / np.float32(6) + np.float32(0.5), 0, 1))
+    assert qlinear.float_activation_exact(in_q, out_q, "hardswish", table)
+    table[200] += 1
+    assert not qlinear.float_activation_exact(in_q, out_q, "hardswish", table)

@@ -109,6 +109,27 @@ def test_roles_of_islands_tables_and_qdq_weights():
     assert roles["wq"] == roles["wd"] == "weight Q/DQ" and roles["mm"] == "QDQ float op"
 
 
+def test_a_unary_float_activation_is_not_a_float_island():
+    """DQ -> HardSwish -> Q on one code tensor (the qlinear lowering's HardSwish) is a float
+    activation; DQ -> Softmax -> Q too by its shape, but a float op that also reads another tensor
+    makes the whole detour a float island."""
+    s, z = np.float32(0.1), np.uint8(128)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_in"),
+             helper.make_node("MatMulInteger", ["q", "w", "z", "wz"], ["acc"], name="mm"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq_act"),
+             helper.make_node("HardSwish", ["d"], ["h"], name="hswish"),
+             helper.make_node("QuantizeLinear", ["h", "s", "z"], ["qh"], name="q_act"),
+             helper.make_node("DequantizeLinear", ["qh", "s", "z"], ["d2"], name="dq_mix"),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="to_float"),
+             helper.make_node("Add", ["d2", "accf"], ["sum"], name="mixed"),
+             helper.make_node("QuantizeLinear", ["sum", "s", "z"], ["q2"], name="q_mix"),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"], name="dq_out")]
+    model = _graph(nodes, {"s": s, "z": z, "w": np.ones((4, 4), np.uint8), "wz": np.uint8(0)})
+    roles = node_roles(model)
+    assert roles["dq_act"] == roles["hswish"] == roles["q_act"] == "float activation"
+    assert roles["dq_mix"] == roles["mixed"] == roles["q_mix"] == "float island"
+
+
 def test_ops_moved_onto_codes_are_integer_compute():
     """A lowered MaxPool and Resize (1.5x: no Expand form) run on uint8 codes: integer compute."""
     s, z = np.float32(0.05), np.uint8(10)

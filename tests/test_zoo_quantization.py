@@ -25,6 +25,7 @@ from qgraph.api import apply_pipeline, bundled_pipeline
 from qgraph.graph import QModel
 from qgraph.idioms import CLAMPS, index_tensors, is_range_preserving, unary_regions
 from qgraph.lowering import lower_model
+from qgraph.profile import node_roles
 
 CALIBRATION, EVALUATION = 16, 8
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -157,17 +158,22 @@ def test_lowering_leaves_no_compute_op_float_and_stays_with_the_qdq_model(key, t
     assert not report["skipped"], f"{key} {target}: left float: {report['skipped'][:5]}"
     if target == "integer":
         assert not report["float_nodes"], f"{key}: float nodes inside the integer region {report['float_nodes'][:5]}"
-    # every activation quantizer of the QDQ model feeds an integer op after lowering
+    # every activation quantizer of the QDQ model feeds an integer op after lowering, or the
+    # DequantizeLinear of a float activation (qlinear's HardSwish: DQ -> HardSwish -> Q)
+    roles = node_roles(lowered)
     readers = collections.defaultdict(list)
     for node in lowered.graph.node:
         for name in node.input:
-            readers[name].append(node.op_type)
+            activation = node.op_type == "DequantizeLinear" and roles.get(node.name) == "float activation"
+            readers[name].append("float activation" if activation else node.op_type)
     constants = {i.name for i in case.quantized.graph.initializer}
     for node in case.quantized.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
             ops = readers.get(node.output[0], [])
             assert not ops or any(op != "DequantizeLinear" for op in ops), \
                 f"{key} {target}: the quantizer of {node.input[0]} feeds no integer op"
+    if target == "integer":
+        assert "float activation" not in set(roles.values())
     # the lowered model computes what the QDQ model computes, up to requantization rounding;
     # untrained builders amplify those LSB differences, so they are held to float fidelity instead
     got = run(case.entry, lowered, case.inputs)

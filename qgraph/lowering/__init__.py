@@ -93,13 +93,13 @@ def lower_graph(model: QModel, target: str) -> dict:
         before = {id(n) for n in model.graph.nodes} if float_output else set()
         try:
             site = match_site(model, node, index)
-            rule(model, site)
+            form = rule(model, site)
         except Declined as declined:
             skipped.append(skip(node, declined.reason))
             continue
         if float_output:        # its float tail (Cast + Mul of the accumulator) is float by design
             float_heads.update(n.name for n in model.graph.nodes if id(n) not in before)
-        lowered[node.op] += 1
+        lowered[f"{node.op} ({form})" if isinstance(form, str) else node.op] += 1
         absorbed.update(id(n) for n in site.act_nodes)
         for act in site.act_nodes:
             lowered[act.op + " (folded)"] += 1

@@ -3,7 +3,8 @@
     Conv                 → QLinearConv (int8/uint8 x, int8 w per channel, int32 bias at s_x·s_w); a
                            depthwise conv padded to whole blocks of 16 channels between a Pad
                            and a Slice (depthwise_padded_channels); a 3x3 stem from 1-3 channels
-                           into 16 or more reads its input padded to 4 (narrow_input_padded_channels)
+                           reads its input padded to 4 and writes at least 16 channels, the real
+                           ones sliced out (narrow_input_padded_channels)
     Gemm (+bias)         → Unsqueeze → QLinearConv 1×1 → Flatten: one exact requantization,
                            with the int32 bias and per-channel weights (QLinearMatMul has no
                            bias, and QLinearMatMul + QLinearAdd would round twice)
@@ -21,8 +22,12 @@
                            when the output grid differs from the input grid)
     SiLU where QLinearSigmoid → QLinearMul writes the table's code for every input code
                          → that pair, on grids sigmoid_mul_grids finds (emit_region)
-    other unary elementwise ops (Tanh, HardSigmoid, HardSwish, …) and exported activations
-    (SiLU, HardSwish, GELU as several ops: idioms.unary_regions)
+    HardSwish (one op, or exported as x·Clip(x+3, 0, 6)/6) where ORT's own float HardSwish
+    writes the table's code for every input code
+                         → DequantizeLinear → HardSwish → QuantizeLinear, a float activation
+                           (emit_float_activation; faster than the table, below)
+    other unary elementwise ops (Tanh, HardSigmoid, …) and exported activations
+    (SiLU, GELU as several ops: idioms.unary_regions)
                          → a 256-entry table ``Q_out(f(DQ_in(q)))`` computed by ORT's own float
                            kernel, applied with GatherElements; on 4-D maps in NHWC between
                            Transposes that ORT cancels against its NHWC QLinearConv's (tables.py)
@@ -35,10 +40,21 @@
 ORT 1.19 CPU has QLinearConv/QLinearMatMul kernels for (uint8, uint8|int8) and (int8, int8)
 activation × weight pairs only; other pairs stay float with a reason.
 
-Why tables and not the float function between DequantizeLinear and QuantizeLinear (what ORT's
-quantize_static does for ops without a QLinear kernel), measured in ORT 1.19 on one thread on
-a 16×160×160 uint8 map: the table 0.45 ms, DQ → HardSwish → Q 1.0 ms, DQ → Sigmoid → Mul → Q
-1.2 ms (YOLOv8n: the whole model 0.63x of float with tables against 0.70x with float SiLU).
+Tables or the float function between DequantizeLinear and QuantizeLinear (what ORT's
+quantize_static does for ops without a QLinear kernel)? Measured in ORT 1.19.2, one thread, AMD
+EPYC (AVX2), whole sessions alternated, ns per element of a uint8 map (8×8×24×96 / 16×160×160 /
+1×8×24×96): DQ → HardSwish → Q 0.89 / 0.55 / 0.79 (ORT runs HardSwish as HardSigmoid and Mul,
+two vectorized passes), the table 1.59 / 0.93 / 1.15, DQ → Sigmoid → Mul → Q 1.22 / 0.83 /
+1.05. So HardSwish runs as its float op wherever that reproduces the table for every code
+(checked in ORT and in the reference interpreter, emit_float_activation); whole models in
+benchmarks/latency.py. Not where the region is more than a HardSwish: PP-OCRv4's detector follows
+each with a learnable affine a·h(x) + b, whose float form (two passes more) costs what the table
+does (1.00 against 1.01 ns per element on 16×160×160), so the check declines it and the table
+stays. A SiLU's float pair is faster per map too, but not in YOLOv8n as a whole (0.46x of float
+with tables, 0.48-0.50x with float SiLU: its maps feed Concat, Split and MaxPool, which ORT then
+runs around more transposes), so SiLU keeps its table. (A measurement of 2026-11-28 on a Xeon host
+had the table at 0.45 ms and DQ → HardSwish → Q at 1.0 ms on 16×160×160; not re-measured there:
+`qgraph profile` shows what each form costs on the host at hand.)
 ORT's own lookups (QLinearSigmoid 0.18 ms) are faster still, but exist for Sigmoid and
 LeakyRelu only; SiLU as QLinearSigmoid then QLinearMul, as ORT's QOperator model runs it,
 rounds the sigmoid to 8 bits in between, which the QDQ model does not.
@@ -63,10 +79,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qgraph import quant
-from qgraph.graph import QModel
+from qgraph.graph import OPSET, QModel
 from qgraph.idioms import CLAMPS, RANGE_PRESERVING, Declined, range_preserving_reason
 from qgraph.lowering.float_output import lower_to_float
-from qgraph.lowering.tables import emit_table, function_table, is_map, table_behind
+from qgraph.lowering.tables import (CODE_MOVES, emit_table, function_table, is_map, reshape_back,
+                                     table_behind)
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
                                       quantizer_constants, var)
 from qgraph.model_io import MS_DOMAIN
@@ -161,34 +178,39 @@ def lower_conv(model: QModel, site: Site) -> None:
     name = node.name
 
     group = int(node.attrs.get("group", 1))
-    padded = depthwise_padded_channels(group, w.const.shape)
-    wide_input = narrow_input_padded_channels(group, w.const.shape)
+    depthwise = depthwise_padded_channels(group, w.const.shape)
+    stem = narrow_input_padded_channels(group, w.const.shape)
+    wide_input, wide_output = stem if stem else (None, None)
+    # output channels computed when more than the real ones, which a Slice takes out after the conv
+    padded = depthwise or (wide_output if wide_output and wide_output > channels else None)
 
     def build(out):
         xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
-        ws_value, wz_value, w_tensor = w.quantizer.scale, weight_zero_points(w, channels), w.tensor
+        ws_value, wz_value, w_value = w.quantizer.scale, weight_zero_points(w, channels), w.const
         bias_value, attrs, x_in, y_out = bias, dict(node.attrs), x.tensor, out
         if padded:
+            # extra output channels: zero weights (their zero point) and zero bias, dropped by the Slice
             extra = padded - channels
             pad_zp = wz_value.reshape(-1)[0]    # ORT takes uint8 weights' zero points only when they agree
-            w_tensor = const(model, f"{name}_w_padded", np.concatenate(
-                [w.const, np.full((extra, *w.const.shape[1:]), pad_zp, w.const.dtype)]))
+            w_value = np.concatenate([w_value, np.full((extra, *w_value.shape[1:]), pad_zp, w_value.dtype)])
             ws_value = _pad_channels(ws_value, extra, ws_value.reshape(-1)[0])
             wz_value = _pad_channels(wz_value, extra, pad_zp)
             bias_value = _pad_channels(np.zeros(channels, np.int32) if bias is None else bias, extra, 0)
-            attrs["group"] = padded
-            x_in = _zero_point_channels(model, x, xz, w.const.ndim, extra, f"{name}_x_padded",
-                                        f"{name}_channel_pads", f"{name}_pad_channels")
             y_out = var(model, f"{name}_y_padded", site.out_q.dtype)
+        if depthwise:
+            attrs["group"] = padded
+            x_in = _zero_point_channels(model, x, xz, w.const.ndim, padded - channels, f"{name}_x_padded",
+                                        f"{name}_channel_pads", f"{name}_pad_channels")
         if wide_input:
-            extra = wide_input - w.const.shape[1]
+            extra = wide_input - w_value.shape[1]
             # the extra input channels read the zero point, so (x − x_zp)·(w − w_zp) = 0 whatever
             # their weights; they take each output channel's zero point
-            fill = np.broadcast_to(np.asarray(wz_value, w.const.dtype).reshape(-1, 1, 1, 1),
-                                   (channels, extra, *w.const.shape[2:]))
-            w_tensor = const(model, f"{name}_w_wide", np.concatenate([w.const, fill], axis=1))
+            fill = np.broadcast_to(np.asarray(wz_value, w_value.dtype).reshape(-1, 1, 1, 1),
+                                   (w_value.shape[0], extra, *w_value.shape[2:]))
+            w_value = np.concatenate([w_value, fill], axis=1)
             x_in = _zero_point_channels(model, x, xz, w.const.ndim, extra, f"{name}_x_wide",
                                         f"{name}_input_channel_pads", f"{name}_pad_input_channels")
+        w_tensor = w.tensor if w_value is w.const else const(model, f"{name}_w_padded", w_value)
         ws = const(model, f"{name}_w_scale", ws_value)
         wz = const(model, f"{name}_w_zero_point", wz_value)
         ys, yz = quantizer_constants(model, site.out_q, f"{name}_y")
@@ -232,21 +254,28 @@ def depthwise_padded_channels(group: int, weight_shape) -> int | None:
 #: 2.33 -> 1.74 ms; 3 -> 24 341 -> 252; 3 -> 32 stride 1 1426 -> 875; 3 -> 48 498 -> 355; 1 -> 16 on
 #: 64x320 stride 1 709 -> 570) and slower into fewer (3 -> 8 on 224x224 499 -> 522 us, batch 8 3.9 ->
 #: 4.2 ms; 3 -> 12 on 160x160 278 -> 284); 5x5 and 6x6 stems gain nothing or lose (6x6 3 -> 16 on
-#: 320x320 6.6 -> 7.2 ms).
+#: 320x320 6.6 -> 7.2 ms). A stem into fewer than 16 outputs is therefore also padded to 16 outputs
+#: (zero weights, a Slice after): 3 -> 8 on 48x192 at batch 8, the conv and its following 8-channel
+#: depthwise and pointwise convs alone, 497 -> 320 us for the stem (NCHW model, ORT's transposes
+#: inside); whole models alternated with their float form (AMD EPYC, one thread, HardSwish as its
+#: float op, 150 rounds, batch 1 / 8): PP-LCNet text-direction net 1.050x / 1.045x -> 1.002x /
+#: 0.997x of float, PaddleOCR's direction classifier 1.087x / 1.015x -> 1.068x / 0.993x, PP-LCNet
+#: on 224x224 (30 rounds) 0.786x / 0.795x -> 0.741x / 0.768x.
 NARROW_INPUT_CHANNELS = 4
 NARROW_INPUT_MIN_OUTPUTS = 16
 
 
-def narrow_input_padded_channels(group: int, weight_shape) -> int | None:
-    """The input channel count a dense 2-D 3x3 conv over fewer than NARROW_INPUT_CHANNELS input
-    channels into NARROW_INPUT_MIN_OUTPUTS or more outputs is padded to (the input gets channels of
-    its zero point, the weights channels that multiply nothing: every output code is unchanged), or
-    None."""
+def narrow_input_padded_channels(group: int, weight_shape) -> tuple[int, int] | None:
+    """(input channels, output channels) a dense 2-D 3x3 conv over fewer than NARROW_INPUT_CHANNELS
+    input channels is computed on: the input padded to NARROW_INPUT_CHANNELS (channels of its zero
+    point; the weights get channels that multiply nothing), the outputs to NARROW_INPUT_MIN_OUTPUTS
+    when fewer (zero weights, sliced off after the conv); every output code is unchanged. None for
+    other convs."""
     if group != 1 or len(weight_shape) != 4 or tuple(weight_shape[2:]) != (3, 3):
         return None
-    if weight_shape[0] < NARROW_INPUT_MIN_OUTPUTS or weight_shape[1] >= NARROW_INPUT_CHANNELS:
+    if weight_shape[1] >= NARROW_INPUT_CHANNELS:
         return None
-    return NARROW_INPUT_CHANNELS
+    return NARROW_INPUT_CHANNELS, max(int(weight_shape[0]), NARROW_INPUT_MIN_OUTPUTS)
 
 
 def _zero_point_channels(model: QModel, x: QInput, zero_point: gs.Tensor, rank: int, extra: int, tensor: str,
@@ -394,16 +423,28 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
-def lower_unary_table(model: QModel, site: Site, channels_last: bool = False) -> None:
+def lower_unary_table(model: QModel, site: Site, channels_last: bool = False, emit_other=None) -> str | None:
     """A one-input elementwise op as a lookup table (qgraph.lowering.tables; `channels_last`
-    as there, for 4-D maps)."""
+    as there, for 4-D maps), or as the form ``emit_other(model, x, table, out_q, out, name, kind)``
+    emits when it returns a label (kind: the op's name in lower case; tables.lower_region). Returns
+    that label, or None for the table."""
     x = activation(site, 0)
     if len(site.node.inputs) != 1:
         raise Declined(f"{site.node.op} with more than one input is not lowered")
     node = site.node
     table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
-    finish_site(model, site, lambda out: emit_table(model, x, table, out, node.name,
-                                                    channels_last and is_map(node.inputs[0])))
+
+    form = []
+
+    def build(out):
+        label = emit_other(model, x, table, site.out_q, out, node.name, node.op.lower()) if emit_other else None
+        if label:
+            form.append(label)
+        else:
+            emit_table(model, x, table, out, node.name, channels_last and is_map(node.inputs[0]))
+
+    finish_site(model, site, build)
+    return form[0] if form else None
 
 
 #: sigmoid grids tried by sigmoid_mul_grids: scales around 1/255, the zero point at the bottom
@@ -464,7 +505,10 @@ def _sigmoid_mul_codes(in_q, out_q, sigmoid_scale, mul_scale) -> np.ndarray | No
 def emit_region(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tensor, name: str, kind: str) -> str | None:
     """A SiLU as ORT's QLinearSigmoid → QLinearMul where sigmoid_mul_grids finds grids under which
     that pair writes the table's code for every input code (MLAS's byte lookup and a vectorized
-    multiply: 0.42 ns per element against the table's 0.7-0.85); None otherwise (a table)."""
+    multiply: 0.42 ns per element against the table's 0.7-0.85); a HardSwish as its float op
+    (emit_float_activation); None otherwise (a table)."""
+    if kind in FLOAT_ACTIVATIONS:
+        return emit_float_activation(model, x, table, out_q, out, name, kind)
     if kind != "silu" or x.quantizer.dtype != out_q.dtype:
         return None
     grids = sigmoid_mul_grids(x.quantizer, out_q, table)
@@ -480,6 +524,104 @@ def emit_region(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tens
     model.add_node("QLinearMul", [x.tensor, xs, xz, sigma, const(model, f"{name}_mul_scale", mul_scale), sz, ys, yz],
                    [out], name, domain=MS_DOMAIN)
     return "QLinearSigmoid + QLinearMul"
+
+
+#: Activations (unary_regions kinds, or the op's name in lower case) that ORT runs faster as float
+#: ops between DequantizeLinear and QuantizeLinear than as a table (the module docstring's
+#: measurements): kind -> its float ops as (op, inputs, attributes, output), from tensor "x" to "y".
+#: One HardSwish op, not its function body written out: ORT inlines the op as HardSigmoid and Mul
+#: after its QDQ passes, while a DequantizeLinear read by the two ops of the body is duplicated
+#: (one more pass over the map: DQ → HardSwish → Q 80 us, DQ → HardSigmoid, Mul → Q 97 us on
+#: 8×8×24×96, one thread).
+FLOAT_ACTIVATIONS = {
+    "hardswish": (("HardSwish", ("x",), {}, "y"),),
+}
+#: readers of a float activation's codes (through moves) that ORT runs in NHWC only when the
+#: activation keeps its Transposes (emit_float_activation)
+NHWC_READERS = ("MaxPool",)
+
+
+def float_activation_exact(in_q, out_q, kind: str, table: np.ndarray) -> bool:
+    """Whether ``Q_out(f(DQ_in(q)))``, f the float ops of FLOAT_ACTIVATIONS[kind], writes `table`'s
+    code for every input code q, in ORT and in the reference interpreter alike. Each code is run at
+    several offsets (vector bodies and scalar tails of ORT's kernels)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qgraph.interp import run as interp_run
+    from qgraph.runner import run_model
+    onnx_types = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}
+    if np.dtype(in_q.dtype) not in onnx_types or np.dtype(out_q.dtype) not in onnx_types:
+        return False
+    codes = quant.all_codes(in_q.dtype)
+    x = np.concatenate([codes, codes[::-1], codes[5:], codes[:11]])
+    want = np.asarray(table)[x.astype(np.int64) - int(in_q.qmin)]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["x"])]
+    nodes += [helper.make_node(op, list(inputs), [output], **attrs) for op, inputs, attrs, output in FLOAT_ACTIVATIONS[kind]]
+    nodes.append(helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["out"]))
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in (
+        ("xs", np.float32(in_q.scale)), ("xz", np.asarray(in_q.zero_point, in_q.dtype)),
+        ("ys", np.float32(out_q.scale)), ("yz", np.asarray(out_q.zero_point, out_q.dtype)))]
+    graph = helper.make_graph(
+        nodes, kind, [helper.make_tensor_value_info("q", onnx_types[np.dtype(in_q.dtype)], [x.size])],
+        [helper.make_tensor_value_info("out", onnx_types[np.dtype(out_q.dtype)], [x.size])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    proto.ir_version = 8
+    try:
+        by_ort = run_model(proto, {"q": x})["out"]
+        by_interp = interp_run(proto, {"q": x})["out"]
+    except Exception:  # noqa: BLE001 - a form ORT or the interpreter refuses is just not used
+        return False
+    return np.array_equal(by_ort, want) and np.array_equal(by_interp, want)
+
+
+def emit_float_activation(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tensor, name: str,
+                          kind: str) -> str | None:
+    """``out = Q_out(f(DQ_in(x)))`` with f the float ops of FLOAT_ACTIVATIONS[kind], where
+    float_activation_exact holds (the table's codes, so nothing changes but the speed); None
+    otherwise (the caller writes the table).
+
+    Layout: ORT cancels Transposes through these elementwise ops, so a plain DQ → f → Q runs in
+    whatever layout its neighbours have. One exception, measured: when the codes go on to a
+    MaxPool (NHWC_READERS), ORT's transpose optimizer leaves that MaxPool in NCHW (PaddleOCR's
+    direction classifier: its 2×2 uint8 MaxPool 1.2 ms against 0.08 ms as NhwcMaxPool, at batch 8);
+    there the activation is written as the table is (tables.emit_table: NHWC Transposes with a
+    Flatten and a Reshape inside, which ORT's first pass cannot see through), so the Transpose
+    before the MaxPool is still there when ORT moves QLinearConv and MaxPool into NHWC."""
+    if kind not in FLOAT_ACTIVATIONS or not float_activation_exact(x.quantizer, out_q, kind, table):
+        return None
+    codes, final = x.tensor, out
+    wrapped = is_map(codes) and _read_by(model, out, NHWC_READERS)
+    if wrapped:
+        nhwc = var(model, f"{name}_nhwc", x.quantizer.dtype)
+        model.add_node("Transpose", [codes], [nhwc], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
+        codes = var(model, f"{name}_codes", x.quantizer.dtype)
+        model.add_node("Flatten", [nhwc], [codes], f"{name}_flat", {"axis": 0})
+        out = var(model, f"{name}_row", out_q.dtype)
+    xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
+    tensors = {"x": var(model, f"{name}_dequantized", np.float32)}
+    model.add_node(DEQUANTIZE, [codes, xs, xz], [tensors["x"]], f"{name}_dequantize")
+    for op, inputs, attrs, output in FLOAT_ACTIVATIONS[kind]:
+        tensors[output] = var(model, f"{name}_{output}", np.float32)
+        model.add_node(op, [tensors[t] for t in inputs], [tensors[output]], f"{name}_{output}", dict(attrs))
+    ys, yz = quantizer_constants(model, out_q, f"{name}_y")
+    model.add_node(QUANTIZE, [tensors["y"], ys, yz], [out], f"{name}_quantize")
+    if wrapped:
+        shape = x.tensor.shape
+        back = var(model, f"{name}_looked_up_nhwc", out_q.dtype)
+        reshape_back(model, out, back, [shape[i] for i in (0, 2, 3, 1)], nhwc, name)
+        model.add_node("Transpose", [back], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
+    return f"float {kind} between DequantizeLinear and QuantizeLinear"
+
+
+def _read_by(model: QModel, tensor: gs.Tensor, ops: tuple[str, ...], depth: int = 4) -> bool:
+    """Whether an op of `ops` reads `tensor`'s codes, directly or through code moves and
+    Dequantize/QuantizeLinear (a QDQ form not lowered yet), within `depth` steps."""
+    frontier = [tensor]
+    for _ in range(depth):
+        readers = [r for t in frontier for r in t.outputs]
+        if any(r.op in ops for r in readers):
+            return True
+        frontier = [o for r in readers if r.op in CODE_MOVES + (DEQUANTIZE, QUANTIZE) for o in r.outputs]
+    return False
 
 
 #: Tables on 4-D maps run in NHWC (tables.emit_table): ORT runs QLinearConv in NHWC.
@@ -591,6 +733,6 @@ RULES = {
     "LeakyRelu": _contrib("QLinearLeakyRelu", 1, ("alpha",)),
     "Concat": lower_concat,
     **{op: lower_moving for op in MOVING_OPS},
-    **{op: functools.partial(lower_unary_table, channels_last=TABLES_CHANNELS_LAST)
+    **{op: functools.partial(lower_unary_table, channels_last=TABLES_CHANNELS_LAST, emit_other=emit_region)
        for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
 }

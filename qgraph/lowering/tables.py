@@ -33,7 +33,7 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
                channels_last: bool = False) -> None:
     """``out = table[x − qmin]`` on the integer tensor of `x`: the codes as one int32 row, a
     GatherElements on the table as a [1, 256] row, reshaped back to x's shape (a constant one
-    where shape inference knows every dim but the batch: _reshape_back).
+    where shape inference knows every dim but the batch: reshape_back).
 
     Not Gather: ORT 1.19's Gather copies each element with its own memcpy (1.5 ms on a
     16×160×160 uint8 map, one thread), GatherElements runs a typed loop (0.45 ms with the Cast,
@@ -61,7 +61,7 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
                    name, {"axis": 1})
     if channels_last:     # the row holds the NHWC map
         x_shape = [x_shape[i] for i in (0, 2, 3, 1)] if x_shape is not None and len(x_shape) == 4 else None
-    _reshape_back(model, looked_up, out, x_shape, x.tensor, name)
+    reshape_back(model, looked_up, out, x_shape, x.tensor, name)
     if channels_last:
         model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
 
@@ -92,10 +92,10 @@ def emit_pair_table(model: QModel, a: QInput, b: QInput, table: np.ndarray, out:
     looked_up = var(model, f"{name}_row", table.dtype)
     model.add_node("GatherElements", [const(model, f"{name}_table", np.ascontiguousarray(table).reshape(1, -1)), row],
                    [looked_up], name, {"axis": 1})
-    _reshape_back(model, looked_up, out, _broadcast_shape(a.tensor.shape, b.tensor.shape), index, name)
+    reshape_back(model, looked_up, out, _broadcast_shape(a.tensor.shape, b.tensor.shape), index, name)
 
 
-def _reshape_back(model: QModel, row: gs.Tensor, out: gs.Tensor, shape, like: gs.Tensor, name: str) -> None:
+def reshape_back(model: QModel, row: gs.Tensor, out: gs.Tensor, shape, like: gs.Tensor, name: str) -> None:
     """``out = Reshape(row)`` to `shape`, the looked-up tensor's inferred shape: a constant target
     where every dim but the first is known (the first as -1: any batch), else ``Shape(like)`` at
     run time. A constant saves ORT a node per table (pplcnet_textdir's 30 Shape nodes: 2-3% of
