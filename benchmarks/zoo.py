@@ -65,7 +65,9 @@ model and its report:
 - trips: QuantizeLinear nodes of the lowered model whose input float ops compute from integers
   (a DequantizeLinear, or the Cast of a float head's integer accumulator): the integer -> float
   -> integer round trips left; the per-model lines also give those entering by a
-  DequantizeLinear.
+  DequantizeLinear, and apart from them the float activations the qlinear lowering chose
+  (DequantizeLinear -> HardSwish -> QuantizeLinear, faster in ORT than a table, with its codes),
+  whose DequantizeLinear counts as an integer op reading its input codes in the placement line.
 - diff: qgraph.diff.diff_models(lowered, first `--diff-samples` evaluation samples,
   per_layer=False), what `qgraph diff` runs: "exact" (ORT and the interpreter agree bit for
   bit), "pass" (integer tensors exact, float ones within their op's tolerance: exit 0), FAIL.
@@ -248,6 +250,7 @@ class Lowered:
     compute_float: int = 0      # ... of them still float in the lowered model
     round_trips: int = 0        # integer -> float ops -> QuantizeLinear transitions left (see round_trips)
     dq_round_trips: int = 0     # ... of them entering float by a DequantizeLinear
+    float_activations: int = 0  # DQ -> activation -> Q the lowering chose (qlinear's HardSwish), not round trips
     lowering_codes: int = 0     # 8-bit tensors integer ops read that the lowering made itself
     diff_passed: bool | None = None
     diff_bit_exact: bool | None = None
@@ -376,18 +379,23 @@ def compute_inputs(qdq: onnx.ModelProto, index: set[str]) -> set[str]:
 def integer_inputs(lowered: onnx.ModelProto, qdq_tensors: set[str], codes: frozenset[str] = frozenset()
                    ) -> tuple[set[str], set[str]]:
     """(I, lowering codes): the 8-bit non-constant tensors read by integer ops of `lowered` (ops
-    other than Q/DQ/Shape/Size whose outputs are all non-float), followed back through ops that
+    other than Q/DQ/Shape/Size whose outputs are all non-float, and the DequantizeLinear of a float
+    activation, which computes from the codes), followed back through ops that
     share their input's grid until a quantizer's code tensor (`codes`); split into tensors of the
     QDQ model and codes the lowering made (Concat inputs requantized to one grid, ConvTranspose's
     pixel-shuffle planes)."""
+    from qgraph.describe import float_activation_nodes
     from qgraph.graph import QModel
     from qgraph.idioms import index_tensors
     producers, constant, types = _producers(lowered), constant_derived(lowered), tensor_types(lowered)
     index = index_tensors(QModel.from_onnx(lowered))
+    activations = float_activation_nodes(lowered)     # their DequantizeLinear reads codes as an integer op would
     found = set()
     for node in lowered.graph.node:
         outputs = [o for o in node.output if o]
-        if node.op_type in QDQ_OPS + ("Shape", "Size") or not outputs \
+        if node.name in activations and node.op_type == "DequantizeLinear":
+            pass
+        elif node.op_type in QDQ_OPS + ("Shape", "Size") or not outputs \
                 or any(types.get(o, TensorProto.FLOAT) in FLOAT_TYPES for o in outputs):
             continue
         for name in node.input:
@@ -407,8 +415,11 @@ def round_trips(lowered: onnx.ModelProto) -> tuple[int, int]:
     compute from integers, i.e. integer -> float -> integer transitions left. "All" counts a
     DequantizeLinear and a float head's Cast of an integer accumulator (MatMulInteger -> Cast ->
     Mul) alike as the way into float; the second number only DequantizeLinear -> float op(s) ->
-    QuantizeLinear."""
+    QuantizeLinear. A float activation's QuantizeLinear is not counted (it computes an activation
+    the lowering chose to run in float: qgraph.describe.float_activation_nodes)."""
+    from qgraph.describe import float_activation_nodes
     producers, constant, types = _producers(lowered), constant_derived(lowered), tensor_types(lowered)
+    activations = float_activation_nodes(lowered)
 
     def dequantization(node: onnx.NodeProto, through_cast: bool) -> bool:
         return node.op_type == "DequantizeLinear" or (
@@ -435,7 +446,8 @@ def round_trips(lowered: onnx.ModelProto) -> tuple[int, int]:
                 memo[t] = any(memo[i] for i in producer.input if i)
         return memo[name]
 
-    quantized = [n.input[0] for n in lowered.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constant]
+    quantized = [n.input[0] for n in lowered.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constant
+                 and n.name not in activations]
     counts = []
     for through_cast in (True, False):
         memo: dict[str, bool] = {}
@@ -451,7 +463,10 @@ def _ops_counted_once(entries: list[dict], regions: dict[str, str]) -> int:
 def lowering_numbers(target: str, qdq: onnx.ModelProto, lowered: onnx.ModelProto, report: dict,
                      regions: dict[str, str]) -> Lowered:
     qdq_nodes = {n.name for n in qdq.graph.node}
+    from qgraph.describe import float_activation_nodes
     trips, dq_trips = round_trips(lowered)
+    in_activations = float_activation_nodes(lowered)
+    activations = sum(n.op_type == "QuantizeLinear" and n.name in in_activations for n in lowered.graph.node)
     return Lowered(
         target,
         lowered=sum(report["lowered"].values()) + report.get("dequantize_sunk", 0),
@@ -460,7 +475,7 @@ def lowering_numbers(target: str, qdq: onnx.ModelProto, lowered: onnx.ModelProto
         outside=sum(e["node"] in qdq_nodes for e in report["outside_region"]),
         compute=sum(n.op_type in COMPUTE_OPS for n in qdq.graph.node),
         compute_float=sum(n.op_type in COMPUTE_OPS for n in lowered.graph.node),
-        round_trips=trips, dq_round_trips=dq_trips)
+        round_trips=trips, dq_round_trips=dq_trips, float_activations=activations)
 
 
 def deployment(key: str, entry: zoo.ZooEntry, float_model: onnx.ModelProto, qdq: onnx.ModelProto,
@@ -556,8 +571,8 @@ def deployment_lines(d: Deployment) -> list[str]:
         lines.append(f"{d.model:<17} {t.target:<8} lowered {t.lowered}/{t.lowered + t.left_float} "
                      f"({100 * t.share:.0f}%), float islands {t.float_islands}, outside {t.outside}, compute "
                      f"{t.compute - t.compute_float}/{t.compute}, round trips {t.round_trips} ({t.dq_round_trips} from DQ)"
-                     f"{timing}; "
-                     f"{t.diff_summary}" + (f" ERROR {t.error}" if t.error else ""))
+                     + (f", float activations {t.float_activations}" if t.float_activations else "")
+                     + f"{timing}; {t.diff_summary}" + (f" ERROR {t.error}" if t.error else ""))
     if d.latency_ms:
         lines.append(f"{d.model:<17} ORT batch 1: " + ", ".join(
             f"{k} {v:.2f} ms" if isinstance(v, float) else f"{k} fail ({v})" for k, v in d.latency_ms.items()))

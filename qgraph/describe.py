@@ -67,6 +67,48 @@ def dynamic_quantizers(model: onnx.ModelProto) -> int:
     return sum(n.op_type in _DYNAMIC_QUANTIZERS for n in model.graph.node)
 
 
+#: float ops of one tensor (with constants) that a lowered model may run between DQ and Q
+_ELEMENTWISE_FLOAT = {"HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Clip", "Mul", "Add",
+                      "Sub", "Div", "Exp", "Erf", "Gelu", "Softplus", "Elu"}
+
+
+def float_activation_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes of each ``DQ(codes) → elementwise float ops → Q`` whose ops read only the
+    dequantized tensor, each other and constants: a unary activation computed in float from one
+    code tensor (what the qlinear lowering writes for a HardSwish where that is faster than a
+    table), as opposed to a float island that mixes tensors. The graph's node order is
+    topological, so one pass in that order sees each op's inputs first."""
+    g = model.graph
+    constants = constant_tensors(model)
+    producer = {o: n for n in g.node for o in n.output if o}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    outputs = {o.name for o in g.output}
+    position = {id(n): i for i, n in enumerate(g.node)}
+    names = set()
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] in constants or n.input[0] not in producer:
+            continue
+        tensors, members, unary = {n.output[0]}, [n], True
+        pending = {id(r): r for r in consumers.get(n.output[0], [])}
+        while pending and unary:
+            c = pending.pop(min(pending, key=lambda k: position[k]))
+            if c.op_type == "QuantizeLinear":
+                members.append(c)
+            elif c.op_type in _ELEMENTWISE_FLOAT and all(not t or t in tensors or t in constants for t in c.input):
+                members.append(c)
+                tensors.update(c.output)
+                pending.update({id(r): r for t in c.output for r in consumers.get(t, [])})
+            else:
+                unary = False
+        kinds = {m.op_type for m in members[1:]}
+        if unary and "QuantizeLinear" in kinds and len(kinds) > 1 and not tensors & outputs:
+            names.update(m.name for m in members if m.name)
+    return names
+
+
 def describe_model(model: onnx.ModelProto) -> dict:
     inits = {i.name for i in model.graph.initializer}
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)

@@ -111,7 +111,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 
 def node_roles(model: onnx.ModelProto) -> dict[str, str]:
     """node name -> role (a key of ROLE_HINTS) of every named node of ``model``."""
-    from qgraph.describe import integer_ops, qdq_pairs
+    from qgraph.describe import float_activation_nodes, integer_ops, qdq_pairs
     from qgraph.idioms import constant_tensors
 
     g = model.graph
@@ -131,7 +131,7 @@ def node_roles(model: onnx.ModelProto) -> dict[str, str]:
         return types.get(t, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
 
     island = _float_islands(g, producer, consumers) if lowered else set()
-    activations = _float_activations(g, producer, consumers, constants) if lowered else set()
+    activations = float_activation_nodes(model) if lowered else set()
     shapes = {i.name: tuple(i.dims) for i in g.initializer}
     roles = {}
     for n in g.node:
@@ -193,43 +193,6 @@ def _off_block_depthwise(node: onnx.NodeProto, shapes: dict[str, tuple]) -> bool
     weight = shapes.get(node.input[3]) if len(node.input) > 3 else None
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     return weight is not None and len(weight) > 2 and depthwise_padded_channels(group, weight) is not None
-
-
-#: float ops of one tensor (with constants) that a lowered model may run between DQ and Q
-_ELEMENTWISE_FLOAT = {"HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Clip", "Mul", "Add",
-                      "Sub", "Div", "Exp", "Erf", "Gelu", "Softplus", "Elu"}
-
-
-def _float_activations(g, producer, consumers, constants) -> set[str]:
-    """Names of the nodes of each ``DQ(codes) → elementwise float ops → Q`` whose ops read only the
-    dequantized tensor, each other and constants: a unary function of one code tensor (what the
-    qlinear lowering writes for a HardSwish), as opposed to a float island that mixes tensors.
-    The graph's node order is topological, so one pass in that order sees each op's inputs first."""
-    position = {id(n): i for i, n in enumerate(g.node)}
-    names = set()
-    for n in g.node:
-        if n.op_type != "DequantizeLinear" or n.input[0] in constants or n.input[0] not in producer:
-            continue
-        tensors, members, unary = {n.output[0]}, [n], True
-        readers = sorted({id(r): r for t in n.output for r in consumers.get(t, [])}.values(),
-                         key=lambda r: position[id(r)])
-        while readers and unary:
-            c = readers.pop(0)
-            if c.op_type == "QuantizeLinear":
-                members.append(c)
-                continue
-            if c.op_type not in _ELEMENTWISE_FLOAT or not all(not t or t in tensors or t in constants for t in c.input):
-                unary = False
-                break
-            members.append(c)
-            tensors.update(c.output)
-            fresh = {id(r): r for t in c.output for r in consumers.get(t, []) if r not in readers}
-            readers = sorted([*readers, *fresh.values()], key=lambda r: position[id(r)])
-        kinds = {m.op_type for m in members[1:]}
-        computed = "QuantizeLinear" in kinds and len(kinds) > 1
-        if unary and computed and not any(t in (o.name for o in g.output) for t in tensors):
-            names.update(x.name for x in members if x.name)
-    return names
 
 
 def _float_islands(g, producer, consumers) -> set[str]:

@@ -1149,6 +1149,7 @@ def _without_float_activations(qdq, monkeypatch) -> onnx.ModelProto:
     from qgraph.lowering import qlinear
     with monkeypatch.context() as patch:
         patch.setattr(qlinear, "FLOAT_ACTIVATIONS", {})
+        patch.setattr(qlinear, "FLOAT_ACTIVATION_OPS", ())
         return lower_model(qdq, "qlinear")[0]
 
 
@@ -1210,6 +1211,6 @@ def test_float_activation_check_declines_a_form_off_by_one_code():
     out_q = Quantizer(np.array(0.03, np.float32), np.array(10, np.uint8), 0, "out")
     x = in_q.dequantize(quant.all_codes(np.uint8))
     table = out_q.quantize(x * np.clip(x / np.float32(6) + np.float32(0.5), 0, 1))
-    assert qlinear.float_activation_exact(in_q, out_q, "hardswish", table)
+    assert qlinear.float_activation_exact(in_q, out_q, qlinear.FLOAT_ACTIVATIONS["hardswish"], table)
     table[200] += 1
-    assert not qlinear.float_activation_exact(in_q, out_q, "hardswish", table)
+    assert not qlinear.float_activation_exact(in_q, out_q, qlinear.FLOAT_ACTIVATIONS["hardswish"], table)

@@ -16,6 +16,7 @@ import onnx
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
+from qgraph.describe import float_activation_nodes
 from qgraph.idioms import BINARY_ELEMENTWISE, Declined, index_tensors, name_nodes, skip, unary_regions
 from qgraph.lowering.tables import lower_region
 from qgraph.lowering import conv_transpose, fold, integer, qlinear
@@ -113,7 +114,8 @@ def lower_graph(model: QModel, target: str) -> dict:
         model.cleanup()
     concat_folded = qlinear.fold_concat_requantization(model) if target == "qlinear" else 0
 
-    region = quantized_region(model)
+    activations = frozenset(float_activation_nodes(model.to_onnx()))   # qlinear's DQ → HardSwish → Q
+    region = quantized_region(model, activations) | activations
     # float by design: islands insert_qdq left float, float heads of compute ops, and index
     # computation that happens to write float (ConstantOfShape); declined nodes do count
     by_design = {e["node"] for e in kept_float} | float_heads

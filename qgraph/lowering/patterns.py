@@ -179,13 +179,17 @@ def check_weight_axes(model: QModel) -> None:
 FLOAT_OUTPUT_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def quantized_region(model: QModel) -> set[str]:
+def quantized_region(model: QModel, inner: frozenset[str] = frozenset()) -> set[str]:
     """Names of the nodes between an activation QuantizeLinear and a DequantizeLinear: reachable
     from the first and reaching the second (float pre/post-processing outside is not lowered),
-    plus compute ops reading dequantized activations whose output stays float."""
+    plus compute ops reading dequantized activations whose output stays float. `inner`: nodes
+    that compute inside the region whatever their op (a lowered float activation's DQ → f → Q),
+    whose Q and DQ neither start nor end it."""
     view = model.nx_view()
-    starts = [n.name for n in model.graph.nodes if n.op == QUANTIZE and model.constant_value(n.inputs[0]) is None]
-    ends = [n.name for n in model.graph.nodes if n.op == DEQUANTIZE and model.constant_value(n.inputs[0]) is None]
+    starts = [n.name for n in model.graph.nodes if n.op == QUANTIZE and model.constant_value(n.inputs[0]) is None
+              and n.name not in inner]
+    ends = [n.name for n in model.graph.nodes if n.op == DEQUANTIZE and model.constant_value(n.inputs[0]) is None
+            and n.name not in inner]
     after = set(starts).union(*(nx.descendants(view, s) for s in starts)) if starts else set()
     before = set(ends).union(*(nx.ancestors(view, e) for e in ends)) if ends else set()
     region = after & before

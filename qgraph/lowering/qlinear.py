@@ -73,7 +73,6 @@ own arithmetic: a QLinearSigmoid and a QLinearMul, lowered as any other.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -423,28 +422,35 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
-def lower_unary_table(model: QModel, site: Site, channels_last: bool = False, emit_other=None) -> str | None:
+def lower_unary_table(model: QModel, site: Site, channels_last: bool = False) -> None:
     """A one-input elementwise op as a lookup table (qgraph.lowering.tables; `channels_last`
-    as there, for 4-D maps), or as the form ``emit_other(model, x, table, out_q, out, name, kind)``
-    emits when it returns a label (kind: the op's name in lower case; tables.lower_region). Returns
-    that label, or None for the table."""
+    as there, for 4-D maps)."""
     x = activation(site, 0)
     if len(site.node.inputs) != 1:
         raise Declined(f"{site.node.op} with more than one input is not lowered")
     node = site.node
     table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
+    finish_site(model, site, lambda out: emit_table(model, x, table, out, node.name,
+                                                    channels_last and is_map(node.inputs[0])))
 
-    form = []
 
-    def build(out):
-        label = emit_other(model, x, table, site.out_q, out, node.name, node.op.lower()) if emit_other else None
-        if label:
-            form.append(label)
-        else:
-            emit_table(model, x, table, out, node.name, channels_last and is_map(node.inputs[0]))
-
-    finish_site(model, site, build)
-    return form[0] if form else None
+def lower_unary(model: QModel, site: Site) -> str | None:
+    """A one-input elementwise op: as its own float op between DequantizeLinear and QuantizeLinear
+    where it is one of FLOAT_ACTIVATION_OPS and that writes the table's codes
+    (emit_float_activation; returns its label), else a table (lower_unary_table, NHWC on maps)."""
+    node = site.node
+    if node.op in FLOAT_ACTIVATION_OPS and len(node.inputs) == 1:
+        x = activation(site, 0)
+        table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
+        form = ((node.op, ("x",), dict(node.attrs), "y"),)
+        if float_activation_exact(x.quantizer, site.out_q, form, table):
+            label = []
+            finish_site(model, site, lambda out: label.append(
+                emit_float_activation(model, x, out_q=site.out_q, out=out, name=node.name, form=form,
+                                      kind=node.op.lower())))
+            return label[0]
+    lower_unary_table(model, site, TABLES_CHANNELS_LAST)
+    return None
 
 
 #: sigmoid grids tried by sigmoid_mul_grids: scales around 1/255, the zero point at the bottom
@@ -507,8 +513,11 @@ def emit_region(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tens
     that pair writes the table's code for every input code (MLAS's byte lookup and a vectorized
     multiply: 0.42 ns per element against the table's 0.7-0.85); a HardSwish as its float op
     (emit_float_activation); None otherwise (a table)."""
-    if kind in FLOAT_ACTIVATIONS:
-        return emit_float_activation(model, x, table, out_q, out, name, kind)
+    form = FLOAT_ACTIVATIONS.get(kind)
+    if form is not None:
+        if not float_activation_exact(x.quantizer, out_q, form, table):
+            return None
+        return emit_float_activation(model, x, out_q, out, name, form, kind)
     if kind != "silu" or x.quantizer.dtype != out_q.dtype:
         return None
     grids = sigmoid_mul_grids(x.quantizer, out_q, table)
@@ -536,15 +545,20 @@ def emit_region(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tens
 FLOAT_ACTIVATIONS = {
     "hardswish": (("HardSwish", ("x",), {}, "y"),),
 }
+#: ops lowered as themselves between DequantizeLinear and QuantizeLinear where that is exact
+#: (lower_unary): HardSwish for its speed on maps, HardSigmoid (an SE block's gate on a few
+#: channels) for its node count: three nodes where a table takes four to six.
+FLOAT_ACTIVATION_OPS = ("HardSwish", "HardSigmoid")
 #: readers of a float activation's codes (through moves) that ORT runs in NHWC only when the
 #: activation keeps its Transposes (emit_float_activation)
 NHWC_READERS = ("MaxPool",)
 
 
-def float_activation_exact(in_q, out_q, kind: str, table: np.ndarray) -> bool:
-    """Whether ``Q_out(f(DQ_in(q)))``, f the float ops of FLOAT_ACTIVATIONS[kind], writes `table`'s
-    code for every input code q, in ORT and in the reference interpreter alike. Each code is run at
-    several offsets (vector bodies and scalar tails of ORT's kernels)."""
+def float_activation_exact(in_q, out_q, form: tuple, table: np.ndarray) -> bool:
+    """Whether ``Q_out(f(DQ_in(q)))``, f the float ops `form` ((op, inputs, attributes, output) from
+    "x" to "y", as in FLOAT_ACTIVATIONS), writes `table`'s code for every input code q, in ORT and
+    in the reference interpreter alike. Each code is run at several offsets (vector bodies and
+    scalar tails of ORT's kernels)."""
     from onnx import TensorProto, helper, numpy_helper
     from qgraph.interp import run as interp_run
     from qgraph.runner import run_model
@@ -555,13 +569,13 @@ def float_activation_exact(in_q, out_q, kind: str, table: np.ndarray) -> bool:
     x = np.concatenate([codes, codes[::-1], codes[5:], codes[:11]])
     want = np.asarray(table)[x.astype(np.int64) - int(in_q.qmin)]
     nodes = [helper.make_node("DequantizeLinear", ["q", "xs", "xz"], ["x"])]
-    nodes += [helper.make_node(op, list(inputs), [output], **attrs) for op, inputs, attrs, output in FLOAT_ACTIVATIONS[kind]]
+    nodes += [helper.make_node(op, list(inputs), [output], **attrs) for op, inputs, attrs, output in form]
     nodes.append(helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["out"]))
     inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in (
         ("xs", np.float32(in_q.scale)), ("xz", np.asarray(in_q.zero_point, in_q.dtype)),
         ("ys", np.float32(out_q.scale)), ("yz", np.asarray(out_q.zero_point, out_q.dtype)))]
     graph = helper.make_graph(
-        nodes, kind, [helper.make_tensor_value_info("q", onnx_types[np.dtype(in_q.dtype)], [x.size])],
+        nodes, "activation", [helper.make_tensor_value_info("q", onnx_types[np.dtype(in_q.dtype)], [x.size])],
         [helper.make_tensor_value_info("out", onnx_types[np.dtype(out_q.dtype)], [x.size])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     proto.ir_version = 8
@@ -573,11 +587,11 @@ def float_activation_exact(in_q, out_q, kind: str, table: np.ndarray) -> bool:
     return np.array_equal(by_ort, want) and np.array_equal(by_interp, want)
 
 
-def emit_float_activation(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tensor, name: str,
-                          kind: str) -> str | None:
-    """``out = Q_out(f(DQ_in(x)))`` with f the float ops of FLOAT_ACTIVATIONS[kind], where
-    float_activation_exact holds (the table's codes, so nothing changes but the speed); None
-    otherwise (the caller writes the table).
+def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name: str, form: tuple,
+                          kind: str) -> str:
+    """``out = Q_out(f(DQ_in(x)))`` with f the float ops `form` (see float_activation_exact, which
+    the caller has checked: the table's codes, so nothing changes but the speed); returns the
+    report's label.
 
     Layout: ORT cancels Transposes through these elementwise ops, so a plain DQ → f → Q runs in
     whatever layout its neighbours have. One exception, measured: when the codes go on to a
@@ -586,8 +600,6 @@ def emit_float_activation(model: QModel, x: QInput, table: np.ndarray, out_q, ou
     there the activation is written as the table is (tables.emit_table: NHWC Transposes with a
     Flatten and a Reshape inside, which ORT's first pass cannot see through), so the Transpose
     before the MaxPool is still there when ORT moves QLinearConv and MaxPool into NHWC."""
-    if kind not in FLOAT_ACTIVATIONS or not float_activation_exact(x.quantizer, out_q, kind, table):
-        return None
     codes, final = x.tensor, out
     wrapped = is_map(codes) and _read_by(model, out, NHWC_READERS)
     if wrapped:
@@ -599,7 +611,7 @@ def emit_float_activation(model: QModel, x: QInput, table: np.ndarray, out_q, ou
     xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
     tensors = {"x": var(model, f"{name}_dequantized", np.float32)}
     model.add_node(DEQUANTIZE, [codes, xs, xz], [tensors["x"]], f"{name}_dequantize")
-    for op, inputs, attrs, output in FLOAT_ACTIVATIONS[kind]:
+    for op, inputs, attrs, output in form:
         tensors[output] = var(model, f"{name}_{output}", np.float32)
         model.add_node(op, [tensors[t] for t in inputs], [tensors[output]], f"{name}_{output}", dict(attrs))
     ys, yz = quantizer_constants(model, out_q, f"{name}_y")
@@ -733,6 +745,5 @@ RULES = {
     "LeakyRelu": _contrib("QLinearLeakyRelu", 1, ("alpha",)),
     "Concat": lower_concat,
     **{op: lower_moving for op in MOVING_OPS},
-    **{op: functools.partial(lower_unary_table, channels_last=TABLES_CHANNELS_LAST, emit_other=emit_region)
-       for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
+    **{op: lower_unary for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
 }
