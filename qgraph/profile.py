@@ -53,7 +53,7 @@ ROLE_HINTS = {
                     "its ops stayed float; an integer op or requantization would replace the pair",
     "float activation": "a unary activation run in float between DequantizeLinear and QuantizeLinear, the "
                         "qlinear lowering's choice where ORT runs it faster than a 256-entry table and it "
-                        "writes the table's codes (HardSwish; qgraph/lowering/qlinear.py)",
+                        "writes the table's codes (HardSwish, HardSigmoid; qgraph/lowering/qlinear.py)",
     "float compute in quantized model": "left float in a quantized model: check the insert_qdq rules and "
                                         "`qgraph lower -v`",
     "lookup table": "a unary activation as a 256-entry table (Cast + GatherElements, the lowering's table "

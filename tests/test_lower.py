@@ -1191,6 +1191,31 @@ def test_qlinear_hardswish_runs_as_its_float_op_with_the_tables_codes(form, pool
         assert not any(n.op_type == "MaxPool" for n in optimized.graph.node)
 
 
+def test_qlinear_hardsigmoid_op_runs_as_itself_between_dq_and_q(monkeypatch):
+    """A HardSigmoid op (alpha 0.2, beta 0.5: Paddle's SE gate) lowers to DQ -> HardSigmoid -> Q
+    with its own attributes, with the table lowering's codes in ORT and in the interpreter."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.normal(0, 0.6, (8, 3, 3, 3)), "w2": rng.normal(0, 0.2, (4, 8, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSigmoid", ["c"], ["g"], name="gate", alpha=0.2, beta=0.5),
+             helper.make_node("Conv", ["g", "w2"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "hsig", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    x = rng.normal(0, 2, (4, 3, 6, 6)).astype(np.float32)
+    qdq = _calibrated_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), x, True)
+    lowered, report = lower_model(qdq, "qlinear")
+    gate = next(n for n in lowered.graph.node if n.op_type == "HardSigmoid")
+    assert {a.name: round(a.f, 6) for a in gate.attribute} == {"alpha": 0.2, "beta": 0.5}
+    assert "GatherElements" not in [n.op_type for n in lowered.graph.node]
+    assert report["lowered"].get("HardSigmoid (float hardsigmoid between DequantizeLinear and QuantizeLinear)") == 1
+    plain = _without_float_activations(qdq, monkeypatch)
+    got = run_model(lowered, {"x": x})["y"]
+    np.testing.assert_array_equal(got, run_model(plain, {"x": x})["y"])
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"x": x})["y"], got)
+
+
 def test_qlinear_hardswish_with_affine_keeps_the_table(monkeypatch):
     """PP-OCRv4's HardSwish regions end in a learnable affine a·h(x) + b; a plain HardSwish does not
     write their codes, so the check against the table declines the float form and the table stays."""
