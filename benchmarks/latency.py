@@ -332,6 +332,34 @@ svtr_recognizer (33 tables, 200 rounds) 1.018x / 0.962x -> 1.009x / 0.946x; dddd
 nodes go) 0.395x -> 0.392x at batch 1, within the noise. On all twelve zoo models both lowerings of the
 same ptq model (5a00815 against this change) give identical ORT outputs on the evaluation inputs, in
 both targets; nudenet's and ddddocr's recognizers' maps are sized at run time and keep their Shapes.
+
+HardSwish and HardSigmoid as their float op between DequantizeLinear and QuantizeLinear where that
+writes the table's code for every input code (qlinear.emit_float_activation; ORT runs a HardSwish
+op as HardSigmoid and Mul, two vectorized passes: 0.55-0.89 ns per element against the table's
+0.93-1.59 on this host), and 3x3 stems into fewer than 16 channels computed on 16 (stop 28,
+2026-11-30, AMD EPYC, ORT 1.19.2, one thread). One ptq model per zoo model (16 calibration inputs),
+lowered by main before the change (3ed2ad3, "old") and after it ("new"), interleaved with float
+in each round (60 rounds; 20 for db, ppocr_rec, pplcnet; 8 for ppocr_det), medians, ratio to float
+at batch 1 / 8:
+
+    model             float ms (b1 / b8)   old               new
+    pplcnet_textdir      0.36 /   2.48     1.231x / 1.199x   0.989x / 0.985x
+    ppocr_cls            1.03 /   9.05     1.312x / 1.332x   1.078x / 1.090x
+    pplcnet              3.61 /  22.38     1.108x / 0.894x   0.879x / 0.725x
+    svtr_recognizer      1.73 /  12.06     1.214x / 1.066x   1.017x / 0.920x
+    db_detector         16.60 / 143.84     0.544x / 0.457x   0.466x / 0.425x
+    ppocr_rec           26.16 / 189.48     0.621x / 0.481x   0.619x / 0.480x
+    ppocr_det           56.95 / 563.63     0.516x / 0.404x   0.484x / 0.417x
+
+(ppocr_det's and ppocr_rec's HardSwish regions end in PP-OCRv4's learnable affine a·h(x) + b, which
+a plain HardSwish does not reproduce: they keep their tables, and only their SE gates change; their
+rows are within the noise.) Each new model's outputs equal the old one's on the evaluation inputs.
+The other five zoo models lower as before (an initializer renamed). Still above float: ppocr_cls
+(1.07-1.09x here, 0.99x at batch 8 in a 150-round run), where what remains is its 9 SE multiplies
+(QLinearMul broadcasting a [N, 1, 1, C] gate over NHWC maps: 1.2 ms at batch 8, ~4 ns per element;
+as DequantizeLinear → Mul → QuantizeLinear no faster) and its depthwise padding (Pad and Slice 0.8 ms,
+a net gain measured at stop 24); at batch 1 its 8-channel 3x3 depthwise conv on 24x96 (42 us against
+the float NCHWc conv's 12.5: MLAS's depthwise kernel costs ~17 ns per output pixel below 16 channels).
 """
 
 from __future__ import annotations
