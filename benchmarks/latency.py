@@ -356,8 +356,10 @@ a plain HardSwish does not reproduce: they keep their tables, and only their SE 
 rows are within the noise.) Each new model's outputs equal the old one's on the evaluation inputs.
 The other five zoo models lower as before (an initializer renamed). Still above float: ppocr_cls
 (1.07-1.09x here, 0.99x at batch 8 in a 150-round run), where what remains is its 9 SE multiplies
-(QLinearMul broadcasting a [N, 1, 1, C] gate over NHWC maps: 1.2 ms at batch 8, ~4 ns per element;
-as DequantizeLinear → Mul → QuantizeLinear no faster) and its depthwise padding (Pad and Slice 0.8 ms,
+(QLinearMul broadcasting a [N, 1, 1, C] gate over NHWC maps, one C-long span at a time: 0.8-1.2 ms
+at batch 8, 223 us on 8x12x96x8 alone; as DequantizeLinear → Mul → QuantizeLinear no faster; with
+the gate Expanded to the map first the QLinearMuls take 0.38 ms, but the Expands 0.38 ms more and
+ORT, which cannot move its NHWC Transposes through an Expand, 27 Transposes 0.19 ms: no gain) and its depthwise padding (Pad and Slice 0.8 ms,
 a net gain measured at stop 24); at batch 1 its 8-channel 3x3 depthwise conv on 24x96 (42 us against
 the float NCHWc conv's 12.5: MLAS's depthwise kernel costs ~17 ns per output pixel below 16 channels).
 """
