@@ -578,6 +578,40 @@ def test_tables_reproduce_the_qdq_function_for_every_code(dtype, target):
         np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
+@pytest.mark.parametrize("exported", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_float_hardswish_reproduces_the_qdq_function_for_every_code(dtype, exported):
+    """qlinear's DQ -> HardSwish -> Q (the float activation) on both storage types: every one of the
+    256 codes gives what the QDQ model computes (an exported x·Clip(x+3,0,6)/6 or a HardSwish op),
+    in ORT and in the interpreter. On these grids the HardSwish op rounds some code of the exported
+    form differently (its x/6 + 1/2 against (x+3)/6), so that region keeps its table."""
+    zero = 0 if dtype == np.int8 else 128
+    inits = [numpy_helper.from_array(np.float32(0.05), "x_s"), numpy_helper.from_array(np.array(zero + 3, dtype), "x_z"),
+             numpy_helper.from_array(np.float32(0.03), "y_s"), numpy_helper.from_array(np.array(zero - 20, dtype), "y_z"),
+             numpy_helper.from_array(np.float32(3), "three"), numpy_helper.from_array(np.float32(0), "zero"),
+             numpy_helper.from_array(np.float32(6), "six")]
+    body = ([helper.make_node("Add", ["xf", "three"], ["x3"], name="add3"),
+             helper.make_node("Clip", ["x3", "zero", "six"], ["r6"], name="relu6"),
+             helper.make_node("Mul", ["xf", "r6"], ["m"], name="mul"),
+             helper.make_node("Div", ["m", "six"], ["a"], name="div6")] if exported
+            else [helper.make_node("HardSwish", ["xf"], ["a"], name="hswish")])
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xf"], name="xdq"), *body,
+             helper.make_node("QuantizeLinear", ["a", "y_s", "y_z"], ["yq"], name="yq"),
+             helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["logits"], name="ydq")]
+    qdq = input_to_logits(nodes, inits, "hardswish", ["N", 2, 8, 16])
+    lowered, report = lower_model(qdq, "qlinear")
+    ops = [n.op_type for n in lowered.graph.node]
+    assert ("GatherElements" in ops) == exported and ("HardSwish" in ops) != exported, report["lowered"]
+    codes = quant.all_codes(dtype).astype(np.float32)
+    x = np.tile((codes - zero - 3) * np.float32(0.05), 3)[: 3 * 2 * 8 * 16].reshape(3, 2, 8, 16)
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    np.testing.assert_array_equal(out, ref)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
 @pytest.mark.parametrize("target", ["qlinear", "integer"])
 def test_a_table_on_a_map_of_run_time_width_takes_its_shape_at_run_time(target):
     qdq = silu_qdq(np.uint8, input_shape=("N", 2, 8, "W"))
