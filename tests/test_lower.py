@@ -1206,6 +1206,7 @@ def test_qlinear_hardswish_runs_as_its_float_op_with_the_tables_codes(form, pool
     assert producers[hswish.input[0]].op_type == "DequantizeLinear" and [r.op_type for r in readers] == ["QuantizeLinear"]
     label = f"{'HardSwish' if form == 'op' else 'hardswish'} (float hardswish between DequantizeLinear and QuantizeLinear)"
     assert report["lowered"].get(label) == 1, report["lowered"]
+    assert "(1 as float activations: DequantizeLinear → op → QuantizeLinear" in report["summary"]
     plain = _without_float_activations(qdq, monkeypatch)
     assert "GatherElements" in [n.op_type for n in plain.graph.node]
     want = run_model(plain, {"x": x})["y"]

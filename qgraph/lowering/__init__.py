@@ -129,7 +129,11 @@ def lower_graph(model: QModel, target: str) -> dict:
                for n in model.graph.nodes
                if n.op not in QUANTIZERS and n.name not in region and not _integer_node(n)]
     changed = sum(lowered.values())
-    summary = (f"{target}: {changed} ops lowered, {len(skipped)} left float"
+    as_float = sum(count for label, count in lowered.items() if "(float " in label)
+    summary = (f"{target}: {changed} ops lowered"
+               + (f" ({as_float} as float activations: DequantizeLinear → op → QuantizeLinear, faster in ORT "
+                  "than a table and with its codes)" if as_float else "")
+               + f", {len(skipped)} left float"
                + (f", {len(kept_float)} float by placement (float islands: no quantizer around them)"
                   if kept_float else "")
                + (f", {len(outside)} float outside the quantized region" if outside else "")
