@@ -558,7 +558,9 @@ def float_activation_exact(in_q, out_q, form: tuple, table: np.ndarray) -> bool:
     """Whether ``Q_out(f(DQ_in(q)))``, f the float ops `form` ((op, inputs, attributes, output) from
     "x" to "y", as in FLOAT_ACTIVATIONS), writes `table`'s code for every input code q, in ORT and
     in the reference interpreter alike. Each code is run at several offsets (vector bodies and
-    scalar tails of ORT's kernels)."""
+    scalar tails of ORT's kernels). The check holds for the ORT build that lowers; a table's codes
+    hold on any build, while a build that fused a HardSigmoid's multiply-add (another architecture)
+    could round a code differently — `qgraph diff` on the deployment host checks it."""
     from onnx import TensorProto, helper, numpy_helper
     from qgraph.interp import run as interp_run
     from qgraph.runner import run_model
