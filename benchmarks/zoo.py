@@ -393,10 +393,9 @@ def integer_inputs(lowered: onnx.ModelProto, qdq_tensors: set[str], codes: froze
     found = set()
     for node in lowered.graph.node:
         outputs = [o for o in node.output if o]
-        if node.name in activations and node.op_type == "DequantizeLinear":
-            pass
-        elif node.op_type in QDQ_OPS + ("Shape", "Size") or not outputs \
-                or any(types.get(o, TensorProto.FLOAT) in FLOAT_TYPES for o in outputs):
+        reads_codes = node.op_type == "DequantizeLinear" and node.name in activations
+        if not reads_codes and (node.op_type in QDQ_OPS + ("Shape", "Size") or not outputs
+                                or any(types.get(o, TensorProto.FLOAT) in FLOAT_TYPES for o in outputs)):
             continue
         for name in node.input:
             if not name or name in constant or types.get(name) not in CODE_TYPES:
@@ -410,16 +409,14 @@ def integer_inputs(lowered: onnx.ModelProto, qdq_tensors: set[str], codes: froze
     return found & qdq_tensors, found - qdq_tensors
 
 
-def round_trips(lowered: onnx.ModelProto) -> tuple[int, int]:
+def round_trips(lowered: onnx.ModelProto, activations: set[str]) -> tuple[int, int]:
     """(all, through DequantizeLinear): QuantizeLinear nodes of `lowered` whose input float ops
     compute from integers, i.e. integer -> float -> integer transitions left. "All" counts a
     DequantizeLinear and a float head's Cast of an integer accumulator (MatMulInteger -> Cast ->
     Mul) alike as the way into float; the second number only DequantizeLinear -> float op(s) ->
     QuantizeLinear. A float activation's QuantizeLinear is not counted (it computes an activation
-    the lowering chose to run in float: qgraph.describe.float_activation_nodes)."""
-    from qgraph.describe import float_activation_nodes
+    the lowering chose to run in float: `activations`, qgraph.describe.float_activation_nodes)."""
     producers, constant, types = _producers(lowered), constant_derived(lowered), tensor_types(lowered)
-    activations = float_activation_nodes(lowered)
 
     def dequantization(node: onnx.NodeProto, through_cast: bool) -> bool:
         return node.op_type == "DequantizeLinear" or (
@@ -462,10 +459,10 @@ def _ops_counted_once(entries: list[dict], regions: dict[str, str]) -> int:
 
 def lowering_numbers(target: str, qdq: onnx.ModelProto, lowered: onnx.ModelProto, report: dict,
                      regions: dict[str, str]) -> Lowered:
-    qdq_nodes = {n.name for n in qdq.graph.node}
     from qgraph.describe import float_activation_nodes
-    trips, dq_trips = round_trips(lowered)
+    qdq_nodes = {n.name for n in qdq.graph.node}
     in_activations = float_activation_nodes(lowered)
+    trips, dq_trips = round_trips(lowered, in_activations)
     activations = sum(n.op_type == "QuantizeLinear" and n.name in in_activations for n in lowered.graph.node)
     return Lowered(
         target,

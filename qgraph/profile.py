@@ -383,10 +383,12 @@ _INLINED_HARDSWISH = ("HardSigmoid", "Mul")
 _ORT_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_quant|_fused|_nhwc)+$")
 
 
-def _ort_role(name: str, op: str, roles: dict[str, str], model_ops: dict[str, str], kind: str) -> str:
+def _ort_role(name: str, op: str, roles: dict[str, str], model_ops: dict[str, str], kind: str,
+              inlined_hardswish: bool = False) -> str:
     """The role of a profiled node: its model node's (also when ORT only suffixed its name or
     fused an activation into it), else by op type for the kernels ORT made itself; ``kind`` is
-    "float", "qdq" or "lowered"."""
+    "float", "qdq" or "lowered"; `inlined_hardswish`: the model runs a HardSwish as a float
+    activation, whose function body ORT runs under new names."""
     if name in roles and model_ops.get(name) == op:
         return roles[name]
     base = _ORT_SUFFIX.sub("", name)
@@ -394,9 +396,8 @@ def _ort_role(name: str, op: str, roles: dict[str, str], model_ops: dict[str, st
         return roles[base]
     if op in _ORT_LAYOUT and base not in roles:
         return "ORT layout"
-    if op in _INLINED_HARDSWISH and base not in roles and any(
-            model_ops.get(node) == "HardSwish" and role == "float activation" for node, role in roles.items()):
-        return "float activation"   # ORT runs a HardSwish op as its function body, under new names
+    if op in _INLINED_HARDSWISH and base not in roles and inlined_hardswish:
+        return "float activation"
     if op in _INTEGER_COMPUTE:
         return "integer compute"
     if op.startswith("Fused") or op in _FLOAT_COMPUTE:
@@ -411,6 +412,8 @@ def _aggregate(model: onnx.ModelProto, events: list[dict], runs: int) -> tuple[l
     roles = node_roles(model)
     model_ops = {n.name: n.op_type for n in model.graph.node if n.name}
     kind = "lowered" if integer_ops(model) else "qdq" if qdq_pairs(model) else "float"
+    inlined_hardswish = any(model_ops.get(node) == "HardSwish" and role == "float activation"
+                            for node, role in roles.items())
     durations: dict[tuple[str, str], list[float]] = defaultdict(list)
     for e in events:
         durations[(e["name"][:-len("_kernel_time")], e.get("args", {}).get("op_name", "?"))].append(
@@ -419,7 +422,7 @@ def _aggregate(model: onnx.ModelProto, events: list[dict], runs: int) -> tuple[l
     for (name, op), durs in durations.items():
         per_run = len(durs) / max(runs, 1)   # a node ORT runs several times per run (loops) counts each
         nodes.append(NodeCost(name, op, statistics.median(durs) * per_run / 1e3, 0.0,
-                              _ort_role(name, op, roles, model_ops, kind)))
+                              _ort_role(name, op, roles, model_ops, kind, inlined_hardswish)))
     total = sum(n.ms for n in nodes) or 1.0
     by_op: dict[str, list[NodeCost]] = defaultdict(list)
     for n in nodes:

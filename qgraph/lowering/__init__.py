@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 
 from qgraph.annotations import FORWARD_FUSED_BN, get_annotation
+from qgraph.describe import float_activation_nodes
 from qgraph.errors import ConfigError
 from qgraph.graph import QModel
-from qgraph.describe import float_activation_nodes
 from qgraph.idioms import BINARY_ELEMENTWISE, Declined, index_tensors, name_nodes, skip, unary_regions
 from qgraph.lowering.tables import lower_region
 from qgraph.lowering import conv_transpose, fold, integer, qlinear

@@ -73,7 +73,6 @@ own arithmetic: a QLinearSigmoid and a QLinearMul, lowered as any other.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -81,7 +80,7 @@ from qgraph import quant
 from qgraph.graph import OPSET, QModel
 from qgraph.idioms import CLAMPS, RANGE_PRESERVING, Declined, range_preserving_reason
 from qgraph.lowering.float_output import lower_to_float
-from qgraph.lowering.tables import (CODE_MOVES, emit_table, function_table, is_map, reshape_back,
+from qgraph.lowering.tables import (CODE_MOVES, emit_on_code_row, emit_table, function_table, is_map,
                                      table_behind)
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Site, const, finish_site,
                                       quantizer_constants, var)
@@ -422,35 +421,30 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
-def lower_unary_table(model: QModel, site: Site, channels_last: bool = False) -> None:
+def lower_unary_table(model: QModel, site: Site, channels_last: bool = False, float_ops=()) -> str | None:
     """A one-input elementwise op as a lookup table (qgraph.lowering.tables; `channels_last`
-    as there, for 4-D maps)."""
+    as there, for 4-D maps); an op of `float_ops` as itself between DequantizeLinear and
+    QuantizeLinear where that writes the table's codes (emit_float_activation), returning the
+    report's label (None for a table)."""
     x = activation(site, 0)
     if len(site.node.inputs) != 1:
         raise Declined(f"{site.node.op} with more than one input is not lowered")
     node = site.node
     table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
+    form = ((node.op, ("x",), dict(node.attrs), "y"),)
+    if node.op in float_ops and float_activation_exact(x.quantizer, site.out_q, form, table):
+        label = float_activation_label(node.op.lower())
+        finish_site(model, site, lambda out: emit_float_activation(model, x, site.out_q, out, node.name, form))
+        return label
     finish_site(model, site, lambda out: emit_table(model, x, table, out, node.name,
                                                     channels_last and is_map(node.inputs[0])))
+    return None
 
 
 def lower_unary(model: QModel, site: Site) -> str | None:
-    """A one-input elementwise op: as its own float op between DequantizeLinear and QuantizeLinear
-    where it is one of FLOAT_ACTIVATION_OPS and that writes the table's codes
-    (emit_float_activation; returns its label), else a table (lower_unary_table, NHWC on maps)."""
-    node = site.node
-    if node.op in FLOAT_ACTIVATION_OPS and len(node.inputs) == 1:
-        x = activation(site, 0)
-        table = function_table(model, [node], node.inputs[0].name, node.outputs[0].name, x.quantizer, site.out_q)
-        form = ((node.op, ("x",), dict(node.attrs), "y"),)
-        if float_activation_exact(x.quantizer, site.out_q, form, table):
-            label = []
-            finish_site(model, site, lambda out: label.append(
-                emit_float_activation(model, x, out_q=site.out_q, out=out, name=node.name, form=form,
-                                      kind=node.op.lower())))
-            return label[0]
-    lower_unary_table(model, site, TABLES_CHANNELS_LAST)
-    return None
+    """The qlinear rule of a one-input elementwise op: lower_unary_table on NHWC maps, with the
+    float form for FLOAT_ACTIVATION_OPS."""
+    return lower_unary_table(model, site, TABLES_CHANNELS_LAST, FLOAT_ACTIVATION_OPS)
 
 
 #: sigmoid grids tried by sigmoid_mul_grids: scales around 1/255, the zero point at the bottom
@@ -517,7 +511,8 @@ def emit_region(model: QModel, x: QInput, table: np.ndarray, out_q, out: gs.Tens
     if form is not None:
         if not float_activation_exact(x.quantizer, out_q, form, table):
             return None
-        return emit_float_activation(model, x, out_q, out, name, form, kind)
+        emit_float_activation(model, x, out_q, out, name, form)
+        return float_activation_label(kind)
     if kind != "silu" or x.quantizer.dtype != out_q.dtype:
         return None
     grids = sigmoid_mul_grids(x.quantizer, out_q, table)
@@ -589,11 +584,14 @@ def float_activation_exact(in_q, out_q, form: tuple, table: np.ndarray) -> bool:
     return np.array_equal(by_ort, want) and np.array_equal(by_interp, want)
 
 
-def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name: str, form: tuple,
-                          kind: str) -> str:
+def float_activation_label(kind: str) -> str:
+    """The lowering report's label of a float activation."""
+    return f"float {kind} between DequantizeLinear and QuantizeLinear"
+
+
+def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name: str, form: tuple) -> None:
     """``out = Q_out(f(DQ_in(x)))`` with f the float ops `form` (see float_activation_exact, which
-    the caller has checked: the table's codes, so nothing changes but the speed); returns the
-    report's label.
+    the caller has checked: the table's codes, so nothing changes but the speed).
 
     Layout: ORT cancels Transposes through these elementwise ops, so a plain DQ → f → Q runs in
     whatever layout its neighbours have. One exception, measured: when the codes go on to a
@@ -602,28 +600,23 @@ def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name:
     there the activation is written as the table is (tables.emit_table: NHWC Transposes with a
     Flatten and a Reshape inside, which ORT's first pass cannot see through), so the Transpose
     before the MaxPool is still there when ORT moves QLinearConv and MaxPool into NHWC."""
-    codes, final = x.tensor, out
-    wrapped = is_map(codes) and _read_by(model, out, NHWC_READERS)
-    if wrapped:
-        nhwc = var(model, f"{name}_nhwc", x.quantizer.dtype)
-        model.add_node("Transpose", [codes], [nhwc], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
-        codes = var(model, f"{name}_codes", x.quantizer.dtype)
-        model.add_node("Flatten", [nhwc], [codes], f"{name}_flat", {"axis": 0})
-        out = var(model, f"{name}_row", out_q.dtype)
     xs, xz = quantizer_constants(model, x.quantizer, f"{name}_x")
-    tensors = {"x": var(model, f"{name}_dequantized", np.float32)}
-    model.add_node(DEQUANTIZE, [codes, xs, xz], [tensors["x"]], f"{name}_dequantize")
-    for op, inputs, attrs, output in form:
-        tensors[output] = var(model, f"{name}_{output}", np.float32)
-        model.add_node(op, [tensors[t] for t in inputs], [tensors[output]], f"{name}_{output}", dict(attrs))
     ys, yz = quantizer_constants(model, out_q, f"{name}_y")
-    model.add_node(QUANTIZE, [tensors["y"], ys, yz], [out], f"{name}_quantize")
-    if wrapped:
-        shape = x.tensor.shape
-        back = var(model, f"{name}_looked_up_nhwc", out_q.dtype)
-        reshape_back(model, out, back, [shape[i] for i in (0, 2, 3, 1)], nhwc, name)
-        model.add_node("Transpose", [back], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
-    return f"float {kind} between DequantizeLinear and QuantizeLinear"
+
+    def activation_of(codes: gs.Tensor, result: gs.Tensor) -> gs.Tensor:
+        tensors = {"x": var(model, f"{name}_dequantized", np.float32)}
+        model.add_node(DEQUANTIZE, [codes, xs, xz], [tensors["x"]], f"{name}_dequantize")
+        for op, inputs, attrs, output in form:
+            tensors[output] = var(model, f"{name}_{output}", np.float32)
+            model.add_node(op, [tensors[t] for t in inputs], [tensors[output]], f"{name}_{output}", dict(attrs))
+        model.add_node(QUANTIZE, [tensors["y"], ys, yz], [result], f"{name}_quantize")
+        return result
+
+    if is_map(x.tensor) and _read_by(model, out, NHWC_READERS):
+        emit_on_code_row(model, x, out, out_q.dtype, name, True,
+                         lambda codes: activation_of(codes, var(model, f"{name}_row", out_q.dtype)))
+    else:
+        activation_of(x.tensor, out)
 
 
 def _read_by(model: QModel, tensor: gs.Tensor, ops: tuple[str, ...], depth: int = 4) -> bool:

@@ -45,23 +45,36 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
     NHWC between Transposes of its own, cancels them against these: without, ORT could not move
     its Transposes across the Flatten and Reshape, and kept two around every convolution
     (YOLOv8n: 112 Transposes, and its MaxPools stayed NCHW, 50x slower than NhwcMaxPool)."""
-    final, x_shape = out, x.tensor.shape
-    if channels_last:
-        nhwc = var(model, f"{name}_nhwc", x.quantizer.dtype)
-        model.add_node("Transpose", [x.tensor], [nhwc], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
-        x = QInput(nhwc, x.quantizer)
-        out = var(model, f"{name}_looked_up_nhwc", table.dtype)
-    codes = var(model, f"{name}_codes", x.quantizer.dtype)
-    model.add_node("Flatten", [x.tensor], [codes], f"{name}_flat", {"axis": 0})
-    index = var(model, f"{name}_index", np.int32)
-    model.add_node("Cast", [codes], [index], f"{name}_cast", {"to": TensorProto.INT32})
     rotated = np.roll(np.asarray(table), x.quantizer.qmin)   # index q − qmin → q mod 256
-    looked_up = var(model, f"{name}_row", table.dtype)
-    model.add_node("GatherElements", [const(model, f"{name}_table", rotated.reshape(1, -1)), index], [looked_up],
-                   name, {"axis": 1})
-    if channels_last:     # the row holds the NHWC map
+
+    def lookup(codes: gs.Tensor) -> gs.Tensor:
+        index = var(model, f"{name}_index", np.int32)
+        model.add_node("Cast", [codes], [index], f"{name}_cast", {"to": TensorProto.INT32})
+        looked_up = var(model, f"{name}_row", table.dtype)
+        model.add_node("GatherElements", [const(model, f"{name}_table", rotated.reshape(1, -1)), index],
+                       [looked_up], name, {"axis": 1})
+        return looked_up
+
+    emit_on_code_row(model, x, out, table.dtype, name, channels_last, lookup)
+
+
+def emit_on_code_row(model: QModel, x: QInput, out: gs.Tensor, out_dtype, name: str, channels_last: bool,
+                     row) -> None:
+    """``out`` = an elementwise computation on `x`'s codes flattened to one row: ``row(codes)``
+    emits it and returns its result row, which is reshaped back to x's shape (reshape_back).
+    ``channels_last`` (4-D maps): between a Transpose to NHWC and one back, which ORT cancels
+    against its NHWC QLinearConv's (emit_table); the Flatten and Reshape keep ORT's first pass
+    from cancelling them earlier."""
+    final, x_shape, codes_of = out, x.tensor.shape, x.tensor
+    if channels_last:
+        codes_of = var(model, f"{name}_nhwc", x.quantizer.dtype)
+        model.add_node("Transpose", [x.tensor], [codes_of], f"{name}_to_nhwc", {"perm": [0, 2, 3, 1]})
+        out = var(model, f"{name}_looked_up_nhwc", out_dtype)
+        # the row holds the NHWC map
         x_shape = [x_shape[i] for i in (0, 2, 3, 1)] if x_shape is not None and len(x_shape) == 4 else None
-    reshape_back(model, looked_up, out, x_shape, x.tensor, name)
+    codes = var(model, f"{name}_codes", x.quantizer.dtype)
+    model.add_node("Flatten", [codes_of], [codes], f"{name}_flat", {"axis": 0})
+    reshape_back(model, row(codes), out, x_shape, codes_of, name)
     if channels_last:
         model.add_node("Transpose", [out], [final], f"{name}_to_nchw", {"perm": [0, 3, 1, 2]})
 
