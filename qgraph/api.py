@@ -264,6 +264,10 @@ def apply_pipeline(model: onnx.ModelProto, pipeline: str | os.PathLike | dict | 
 ANALYZE_FILES = ("report.json", "report.md")
 
 
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
 def analyze_files(float_path: str | os.PathLike, quant_path: str | os.PathLike, data_path: str | os.PathLike, *,
                   output: str | os.PathLike | None = None, batch_size: int = 16, limit: int | None = None,
                   threshold: float = 20.0, granularity: str = "quantizer", workers: int = 0,
@@ -282,6 +286,9 @@ def analyze_files(float_path: str | os.PathLike, quant_path: str | os.PathLike, 
     folder = _check_report_folder(output, reads)
     float_model = load_model(float_path, what="float model")
     quant_model = load_model(quant_path, convert_opset=False, what="quantized model")
+    if not _has_qdq(quant_model) and _has_qdq(float_model):
+        raise ModelError(f"{quant_path}: holds no QuantizeLinear/DequantizeLinear pairs but {float_path} does: the float "
+                         f"model comes first (qgraph analyze {quant_path} {float_path} --data ...)")
     data = load_data(data_path, quant_model)
     report = analyze.analyze_models(float_model, quant_model, data, batch_size=batch_size, limit=limit,
                                     threshold_db=threshold, granularity=granularity, evaluator=evaluator,

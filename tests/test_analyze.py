@@ -240,6 +240,19 @@ def test_cli_writes_the_report_folder(case, tmp_path, monkeypatch):
     assert (tmp_path / "rep" / "snr_depth.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_names_the_order_when_the_models_are_swapped(case, tmp_path, monkeypatch):
+    float_model, quantized, data = case
+    onnx.save(float_model, tmp_path / "float.onnx")
+    onnx.save(quantized, tmp_path / "q.onnx")
+    np.savez(tmp_path / "val.npz", **data)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["analyze", "q.onnx", "float.onnx", "--data", "val.npz", "-o", "rep"])
+    assert result.exit_code == 2
+    assert "float.onnx: holds no QuantizeLinear/DequantizeLinear pairs but q.onnx does: the float model comes " \
+           "first (qgraph analyze float.onnx q.onnx" in result.output
+    assert not (tmp_path / "rep").exists()
+
+
 def test_ray_runs_give_the_same_report_and_calibration(case):
     ray = pytest.importorskip("ray", reason="Ray is the optional extra qgraph[ray]")
     from qgraph.pipeline import PassContext, run_pass
