@@ -11,7 +11,7 @@ in place of `ptq` (e.g. a calibration setting, or a repair appended): `--pipelin
 
 Goal: qgraph must quantize what exporters write as faithfully as the peer tool, with quantizers
 where a deployment compiler puts them (issue 12), and the lowered model must hold (issue 13).
-For every zoo model (benchmarks/zoo_models.py: four models from PyPI wheels and five
+For every zoo model (benchmarks/zoo_models.py: nine models from five PyPI wheels and five
 exporter-style builders) it measures:
 
 Fidelity (issue 12, Deliver 4). The float op count, and for qgraph `ptq` (the bundled pipeline,
