@@ -220,12 +220,19 @@ def test_models_from_ort_quantize_static_are_analyzed(case, tmp_path):
     assert not any("stays quantized" in s["reason"] for s in rep["skipped"])
 
 
-def test_cli_writes_the_report_folder(case, tmp_path, monkeypatch):
+@pytest.fixture
+def cli_files(case, tmp_path, monkeypatch):
+    """float.onnx, q.onnx and val.npz in the working directory."""
     float_model, quantized, data = case
     onnx.save(float_model, tmp_path / "float.onnx")
     onnx.save(quantized, tmp_path / "q.onnx")
     np.savez(tmp_path / "val.npz", **data)
     monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_cli_writes_the_report_folder(cli_files):
+    tmp_path = cli_files
     result = CliRunner().invoke(main, ["analyze", "float.onnx", "q.onnx", "--data", "val.npz", "-o", "rep",
                                        "--workers", "1", "--top", "3"])
     assert result.exit_code == 0, result.output
@@ -240,12 +247,8 @@ def test_cli_writes_the_report_folder(case, tmp_path, monkeypatch):
     assert (tmp_path / "rep" / "snr_depth.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_names_the_order_when_the_models_are_swapped(case, tmp_path, monkeypatch):
-    float_model, quantized, data = case
-    onnx.save(float_model, tmp_path / "float.onnx")
-    onnx.save(quantized, tmp_path / "q.onnx")
-    np.savez(tmp_path / "val.npz", **data)
-    monkeypatch.chdir(tmp_path)
+def test_cli_names_the_order_when_the_models_are_swapped(cli_files):
+    tmp_path = cli_files
     result = CliRunner().invoke(main, ["analyze", "q.onnx", "float.onnx", "--data", "val.npz", "-o", "rep"])
     assert result.exit_code == 2
     assert "float.onnx: holds no QuantizeLinear/DequantizeLinear pairs but q.onnx does: the float model comes " \
