@@ -35,7 +35,7 @@ from qgraph.data import LABELS, check_data
 from qgraph.diff import TensorStats
 from qgraph.errors import DataError, ModelError
 from qgraph.graph import QModel
-from qgraph.idioms import CLAMPS, clip_bounds_or_none, constant_tensors, is_range_preserving, skip
+from qgraph.idioms import CLAMPS, clip_bounds_or_none, constant_tensors, is_range_preserving, skip, unary_regions
 from qgraph.lowering.patterns import Quantizer, read_quantizer
 from qgraph.observers import StreamingHistogram
 from qgraph.parallel import Evaluator
@@ -94,6 +94,7 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
     model = QModel.from_onnx(quant_model)
     records = {r.quantize: r for r in read_quantizers(model).values()}
     constant = constant_tensors(model)
+    hardswish = {r.output for r in unary_regions(model) if r.kind == "hardswish"}   # exported ones
     float_weights = {t.name: t for t in float_model.graph.initializer} if float_model is not None else {}
     sites: dict[str, QuantizerSite] = {}
     skipped = []
@@ -119,7 +120,7 @@ def find_quantizers(quant_model: onnx.ModelProto, float_model: onnx.ModelProto |
             qmin, qmax = (record.qmin, record.qmax) if record else (grid.qmin, grid.qmax)
             bits = record.bits if record else 8 * grid.dtype.itemsize
             sites[key] = QuantizerSite(key, kind, source.name, [node.outputs[0].name], grid, qmin, qmax, bits,
-                                       producer=source.inputs[0].op if source.inputs and kind == "activation" else "",
+                                       producer=_producer_op(source, hardswish) if kind == "activation" else "",
                                        view=record.reader_bounds if record is not None else None)
         elif isinstance(inp, gs.Constant) and np.asarray(inp.values).dtype.kind in "iu":
             name = inp.name[:-len("_quantized")] if inp.name.endswith("_quantized") else inp.name
@@ -405,6 +406,13 @@ class _RangeUse:
                 "channel_spread": _spread(self.channel_peaks)}
 
 
+def _producer_op(tensor, hardswish: set[str]) -> str:
+    """The op writing an activation; "HardSwish" for an exported HardSwish region's output."""
+    if not tensor.inputs:
+        return ""
+    return "HardSwish" if tensor.name in hardswish else tensor.inputs[0].op
+
+
 def _channel_axis(x: np.ndarray) -> int:
     """Where an activation's channels are: axis 1 of an NCHW map, else the last (tokens × features)."""
     return 1 if x.ndim == 4 else x.ndim - 1
@@ -619,7 +627,7 @@ def repair_hints(report: dict, top: int = 5) -> list[str]:
     """For each quantizer of the `top` costliest sensitivity rows, the qgraph pass that addresses
     what its range use shows: a weight → compensated rounding (gptq/adaround); a LayerNorm output
     whose largest channel peaks ≥ 4x the median one → smooth (its outlier channels into the next
-    weights); clipping → a wider range (the calibrate percentile search); most levels unused
+    weights), a HardSwish output → equalize_activations; clipping → a wider range (the calibrate percentile search); most levels unused
     elsewhere → equalize; otherwise a 16-bit grid. mixed_precision does the last for all of them
     by measurement."""
     by_name = {q["name"]: q for q in report["quantizers"]}
@@ -644,6 +652,9 @@ def _hint(q: dict) -> str:
     if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "LayerNormalization":
         return (f"its largest channel peaks {spread:.0f}x the median one (LayerNorm outlier channels): "
                 "`smooth` before insert_qdq moves them into the MatMul weights")
+    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "HardSwish":
+        return (f"its largest channel peaks {spread:.0f}x the median one: `equalize_activations` after "
+                "fuse_conv_bn equalizes the channels into the depthwise conv that reads it")
     if clipped >= CLIPPED_HINT:
         return (f"{_pct(clipped)} of its values clipped: a wider range (calibrate "
                 "`percentiles: [99.99, 99.999, 99.9999]`, or observer minmax for it)")

@@ -294,7 +294,7 @@ def test_16_bit_grids_are_read_from_any_storage(case):
 
 def test_repair_hints_name_the_pass_for_what_each_costly_quantizer_shows():
     """repair_hints reads each costliest quantizer's range use: a weight → gptq; a LayerNorm output
-    with outlier channels → smooth; clipping → the percentile search; unused levels → equalize;
+    with outlier channels → smooth, a HardSwish output with them → equalize_activations; clipping → the percentile search; unused levels → equalize;
     a well-used grid → 16 bits; and mixed_precision for all of them, last."""
     from qgraph.analyze import repair_hints
 
@@ -302,12 +302,13 @@ def test_repair_hints_name_the_pass_for_what_each_costly_quantizer_shows():
         return {"name": name, "kind": kind, "producer": producer, "clipped_share": clipped,
                 "unused_levels": unused, "channel_spread": spread}
     quantizers = [q("w", kind="weight", producer=""), q("ln", producer="LayerNormalization", spread=9.0),
-                  q("clip", clipped=0.01), q("wide", unused=0.7), q("fine"), q("ln_even", producer="LayerNormalization")]
+                  q("clip", clipped=0.01), q("wide", unused=0.7), q("fine"), q("ln_even", producer="LayerNormalization"),
+                  q("hswish", producer="HardSwish", spread=8.0)]
     report = {"quantizers": quantizers, "sensitivity": [{"group": x["name"], "quantizers": [x["name"]]}
                                                         for x in quantizers]}
-    hints = repair_hints(report, top=6)
+    hints = repair_hints(report, top=7)
     expect = {"w": "gptq", "ln": "`smooth`", "clip": "percentiles", "wide": "`equalize`", "fine": "16-bit",
-              "ln_even": "16-bit"}
+              "ln_even": "16-bit", "hswish": "`equalize_activations`"}
     assert [h.split(":")[0] for h in hints[:-1]] == list(expect)
     for hint, word in zip(hints, expect.values()):
         assert word in hint, hint
