@@ -627,9 +627,9 @@ def repair_hints(report: dict, top: int = 5) -> list[str]:
     """For each quantizer of the `top` costliest sensitivity rows, the qgraph pass that addresses
     what its range use shows: a weight → compensated rounding (gptq/adaround); a LayerNorm output
     whose largest channel peaks ≥ 4x the median one → smooth (its outlier channels into the next
-    weights), a HardSwish output → equalize_activations; clipping → a wider range (the calibrate percentile search); most levels unused
-    elsewhere → equalize; otherwise a 16-bit grid. mixed_precision does the last for all of them
-    by measurement."""
+    weights), a HardSwish output with them → equalize_activations; clipping → a wider range (the
+    calibrate percentile search); most levels unused elsewhere → equalize; otherwise a 16-bit
+    grid. mixed_precision does the last for all of them by measurement."""
     by_name = {q["name"]: q for q in report["quantizers"]}
     hints, seen = [], set()
     for row in report["sensitivity"][:top]:
