@@ -626,8 +626,9 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     # batch 1 with int8's 3e-5 moved ddddocr_ocr away from the teacher every epoch, 3e-6 moved it closer)
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
-    start_pipeline = {"gptq": GPTQ_PIPELINE, "gptq-ends": GPTQ_ENDS_PIPELINE, "adaround-ends": ADAROUND_ENDS_PIPELINE,
-                      "ptq-equalized": ptq_equalized_pipeline()}.get(args.zoo_start, args.zoo_start)
+    built = {"gptq": lambda: GPTQ_PIPELINE, "gptq-ends": lambda: GPTQ_ENDS_PIPELINE,
+             "adaround-ends": lambda: ADAROUND_ENDS_PIPELINE, "ptq-equalized": ptq_equalized_pipeline}
+    start_pipeline = built[args.zoo_start]() if args.zoo_start in built else args.zoo_start   # else a bundled name
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):
         name = "int8" if bits == 8 else "w4a8"
         prepared = apply_pipeline(float_model, start_pipeline, calib, weight_bits=bits, batch_size=batch)

@@ -442,7 +442,7 @@ def document_sheet(parts, width: int = 1216, height: int = 1600, margin: int = 6
     scan at 90% of the page's width, a photo at 60% (a figure), all scaled down together where
     they would not fit; what a layout detector reads, made of real scans and photos."""
     Image = _pil()
-    widths = [int(width * (0.9 if part.mode == "L" or _is_scan(part) else 0.6)) for part in parts]
+    widths = [int(width * (0.9 if _is_scan(part) else 0.6)) for part in parts]
     heights = [round(part.height * w / part.width) for part, w in zip(parts, widths)]
     fit = min(1.0, (height - margin * (len(parts) + 1)) / sum(heights))
     sheet, top = Image.new("RGB", (width, height), (255, 255, 255)), margin

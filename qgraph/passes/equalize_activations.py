@@ -138,7 +138,7 @@ def _channel_ranges(model: QModel, ctx: PassContext, names: list[str], max_sampl
     proto = model.to_onnx()
     runner = Runner(proto, names)
     ranges: dict[str, np.ndarray] = {}
-    for feeds, _ in ctx.feed_plan(proto).batches(ctx.batch_size, max_samples):
+    for feeds in ctx.batches(proto, max_samples):
         for name, value in runner.run(feeds, names).items():
             per_channel = np.abs(value).max(axis=tuple(a for a in range(value.ndim) if a != 1)).astype(np.float64)
             ranges[name] = np.maximum(ranges.get(name, 0.0), per_channel)
@@ -148,23 +148,27 @@ def _channel_ranges(model: QModel, ctx: PassContext, names: list[str], max_sampl
 def _apply(model: QModel, site: _Site, s: np.ndarray) -> dict[str, np.ndarray]:
     """Divide L1's channels by s, write the activation with its slope s per channel, multiply
     L2's channels by s; return the tensors now divided by s."""
-    weight = QModel.constant_value(site.producer.inputs[1]).astype(np.float64)
-    site.producer.inputs[1] = model.add_constant(f"{site.producer.name}_equalized_w",
-                                                 (weight / s.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32))
+    def along_channels(value):                   # s on a weight's output-channel axis 0
+        return s.reshape(-1, *[1] * (value.ndim - 1))
+    _replace_constant(model, site.producer, 1, "equalized_w", lambda w: w / along_channels(w))
     if len(site.producer.inputs) > 2 and site.producer.inputs[2].name:
-        bias = QModel.constant_value(site.producer.inputs[2]).astype(np.float64)
-        site.producer.inputs[2] = model.add_constant(f"{site.producer.name}_equalized_b", (bias / s).astype(np.float32))
-    depthwise = QModel.constant_value(site.reader.inputs[1]).astype(np.float64)
-    site.reader.inputs[1] = model.add_constant(f"{site.reader.name}_equalized_w",
-                                               (depthwise * s.reshape(-1, *[1] * (depthwise.ndim - 1))).astype(np.float32))
+        _replace_constant(model, site.producer, 2, "equalized_b", lambda b: b / s)
+    _replace_constant(model, site.reader, 1, "equalized_w", lambda w: w * along_channels(w))
     # y' = x' · HardSigmoid(s·x') (α = 1/6, β = 1/2: Clip(s·x' + 3, 0, 6) / 6), in place of the activation
     for node in site.nodes:
         node.outputs.clear()
         node.inputs.clear()
     name = site.nodes[-1].name or model.unique_name("hardswish")
-    slope = model.add_constant(f"{name}_slope", s.reshape(1, -1, *[1] * (weight.ndim - 2)).astype(np.float32))
+    rank = np.ndim(QModel.constant_value(site.reader.inputs[1]))      # the maps' rank, as the convs' weights
+    slope = model.add_constant(f"{name}_slope", s.reshape(1, -1, *[1] * (rank - 2)).astype(np.float32))
     unscaled, gate = model.add_variable(f"{name}_unscaled", np.float32), model.add_variable(f"{name}_gate", np.float32)
     model.add_node("Mul", [site.x, slope], [unscaled], f"{name}_unscaled")
     model.add_node("HardSigmoid", [unscaled], [gate], f"{name}_gate", {"alpha": 1.0 / 6.0, "beta": 0.5})
     model.add_node("Mul", [site.x, gate], [site.y], f"{name}_product")
     return {site.x.name: s, site.y.name: s}
+
+
+def _replace_constant(model: QModel, node, index: int, label: str, update) -> None:
+    """Input `index` of `node` (a constant) becomes ``update(value)``, computed in float64."""
+    value = QModel.constant_value(node.inputs[index]).astype(np.float64)
+    node.inputs[index] = model.add_constant(f"{node.name}_{label}", update(value).astype(np.float32))
