@@ -325,15 +325,17 @@ ADAROUND_ENDS_PIPELINE = {"passes": [{"adaround": {}} if "gptq" in step else ste
                                      for step in GPTQ_ENDS_PIPELINE["passes"]]}
 
 
-def ptq_equalized_pipeline() -> dict:
-    """ptq.yaml with equalize_activations after fuse_conv_bn (HardSwish → depthwise channels equalized)."""
+def equalized(pipeline: dict | str) -> dict:
+    """The pipeline (a dict or a bundled name) with equalize_activations after fuse_conv_bn
+    (HardSwish → depthwise channels equalized)."""
     import yaml
 
     from qgraph.api import bundled_pipeline
-    pipeline = yaml.safe_load(bundled_pipeline("ptq").read_text())
-    at = next(i for i, step in enumerate(pipeline["passes"]) if "fuse_conv_bn" in step)
-    pipeline["passes"].insert(at + 1, {"equalize_activations": {}})
-    return pipeline
+    if isinstance(pipeline, str):
+        pipeline = yaml.safe_load(bundled_pipeline(pipeline).read_text())
+    passes = list(pipeline["passes"])
+    at = next(i for i, step in enumerate(passes) if "fuse_conv_bn" in step)
+    return {**pipeline, "passes": passes[:at + 1] + [{"equalize_activations": {}}] + passes[at + 1:]}
 
 
 if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
@@ -618,7 +620,7 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     row: dict = {"model": key, "batch": batch, "lr": {"int8": args.zoo_lr * batch / args.zoo_batch,
                                                        "w4a8": args.zoo_w4_lr * batch / args.zoo_batch},
                        "relative_lr": args.zoo_relative_lr, "learn_scales": args.zoo_learn_scales,
-                       "keep_best_by": args.zoo_keep_best_by}
+                       "keep_best_by": args.zoo_keep_best_by, "seed": args.zoo_seed}
     # the int8 model a user gets without training (ptq.yaml: percentile activation ranges), the bar for W4A8
     row["ptq_default_int8"] = measure(apply_pipeline(float_model, "ptq", calib, batch_size=batch))
     log(f"PTQ int8 (ptq.yaml): cosine {row['ptq_default_int8']['cosine']:.5f}")
@@ -627,7 +629,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
     built = {"gptq": lambda: GPTQ_PIPELINE, "gptq-ends": lambda: GPTQ_ENDS_PIPELINE,
-             "adaround-ends": lambda: ADAROUND_ENDS_PIPELINE, "ptq-equalized": ptq_equalized_pipeline}
+             "adaround-ends": lambda: ADAROUND_ENDS_PIPELINE, "ptq-equalized": lambda: equalized("ptq"),
+             "adaround-ends-equalized": lambda: equalized(ADAROUND_ENDS_PIPELINE)}
     start_pipeline = built[args.zoo_start]() if args.zoo_start in built else args.zoo_start   # else a bundled name
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):
         name = "int8" if bits == 8 else "w4a8"
@@ -639,7 +642,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
             trained, history = train_model(prepared, data, held_out, teacher=float_model, epochs=epochs, lr=lr,
                                            batch_size=batch, workdir=work / f"zoo_{key}_{name}", progress=False,
                                            keep_best=True, relative_lr=args.zoo_relative_lr,
-                                           learn_scales=args.zoo_learn_scales, keep_best_by=args.zoo_keep_best_by)
+                                           learn_scales=args.zoo_learn_scales, keep_best_by=args.zoo_keep_best_by,
+                                           seed=args.zoo_seed)
         except QGraphError as exc:
             row[f"distill_{name}"] = {"error": str(exc)}
             log(f"failed: {exc}")
@@ -774,13 +778,16 @@ def main() -> None:
     parser.add_argument("--zoo-w4-lr", type=float, default=1e-3, help="W4A8 lr at --zoo-batch (fixed batch: scaled)")
     parser.add_argument("--zoo-w4-epochs", type=int, default=6)
     parser.add_argument("--zoo-start", default="qat",
-                        choices=("qat", "ptq", "ptq-equalized", "gptq", "gptq-ends", "adaround-ends"),
+                        choices=("qat", "ptq", "ptq-equalized", "gptq", "gptq-ends", "adaround-ends",
+                                 "adaround-ends-equalized"),
                         help="the pipeline of the model distillation starts from: qat.yaml (minmax activation "
                              "ranges, forward-fused BN), ptq.yaml (percentile ranges, BN folded), ptq-equalized "
                              "(ptq.yaml with equalize_activations after fuse_conv_bn), gptq "
                              "(ptq.yaml with equalize before insert_qdq, then gptq and bias_correction), or "
                              "gptq-ends (gptq with the first and last weighted layers at 8 bits), or "
-                             "adaround-ends (gptq-ends with adaround in place of gptq)")
+                             "adaround-ends (gptq-ends with adaround in place of gptq), adaround-ends-equalized "
+                             "(that with equalize_activations after fuse_conv_bn)")
+    parser.add_argument("--zoo-seed", type=int, default=0, help="the training's seed (sample order, mixes)")
     parser.add_argument("--zoo-relative-lr", action="store_true",
                         help="steps relative to each tensor's RMS (train_model(relative_lr=True)); the rates "
                              "then mean a relative change per step")
