@@ -307,8 +307,9 @@ def test_smooth_moves_the_vit_encoders_layernorm_outliers_into_its_weights(quant
 def test_equalize_activations_repairs_the_layout_detector(quantized):
     """PP-PicoDet's HardSwish outputs hold channels 1000x apart in range (FIDELITY's comment):
     `equalize_activations` after fuse_conv_bn equalizes them into the depthwise convs that read
-    them, exactly, and int8 PTQ then keeps the detector (measured 0.92312 and 25 of 28 boxes on
-    16 sheets, against 0.61743 and 17); the qlinear lowering keeps what the QDQ model gains."""
+    them, exactly, and int8 PTQ then keeps the detector (measured on these 8 sheets: 0.96480 and
+    15 of 15 boxes, lowered to qlinear 0.95884; on 16: 0.96576 and 28 of 28 against 0.61743 and 17);
+    the qlinear lowering keeps what the QDQ model gains."""
     case = quantized("layout_cdla")
     pipeline = yaml.safe_load(bundled_pipeline("ptq").read_text())
     at = next(i for i, step in enumerate(pipeline["passes"]) if "fuse_conv_bn" in step)
@@ -318,7 +319,7 @@ def test_equalize_activations_repairs_the_layout_detector(quantized):
     outputs = run(case.entry, repaired, case.inputs)
     cosine = worst_cosine(case.float_outputs, outputs)
     agreement, what = zoo.task_agreement(case.entry, case.float_outputs, outputs)
-    assert cosine >= 0.85 and cosine >= plain + 0.2, (plain, cosine)
-    assert agreement >= 0.8, what
+    assert cosine >= 0.94 and cosine >= plain + 0.25, (plain, cosine)
+    assert agreement >= 0.95, what
     lowered, _ = lower_model(repaired, "qlinear")
-    assert worst_cosine(case.float_outputs, run(case.entry, lowered, case.inputs)) >= 0.85
+    assert worst_cosine(case.float_outputs, run(case.entry, lowered, case.inputs)) >= 0.94
