@@ -38,6 +38,7 @@ from qgraph.graph import QModel
 from qgraph.idioms import CLAMPS, clip_bounds_or_none, constant_tensors, is_range_preserving, skip, unary_regions
 from qgraph.lowering.patterns import Quantizer, read_quantizer
 from qgraph.observers import StreamingHistogram
+from qgraph.passes.equalize_activations import MIN_GAIN
 from qgraph.parallel import Evaluator
 
 SWITCHES = "qgraph_switches"
@@ -403,7 +404,16 @@ class _RangeUse:
                 "observed": [float(self.hist.min), float(self.hist.max)] if self.hist else None,
                 "local_snr_db": self.local.snr_db if self.local else None,
                 "local_cosine": self.local.cosine if self.local else None,
-                "channel_spread": _spread(self.channel_peaks)}
+                "channel_spread": _spread(self.channel_peaks), "channel_gain": _gain(self.channel_peaks)}
+
+
+def _gain(peaks: np.ndarray | None) -> float | None:
+    """Largest over smallest non-zero per-channel peak: what equalizing the channels would expand
+    the smallest by."""
+    live = peaks[peaks > 0] if peaks is not None else None
+    if live is None or live.size < 2:
+        return None
+    return float(live.max() / live.min())
 
 
 def _producer_op(tensor, hardswish: set[str]) -> str:
@@ -652,9 +662,11 @@ def _hint(q: dict) -> str:
     if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "LayerNormalization":
         return (f"its largest channel peaks {spread:.0f}x the median one (LayerNorm outlier channels): "
                 "`smooth` before insert_qdq moves them into the MatMul weights")
-    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "HardSwish":
-        return (f"its largest channel peaks {spread:.0f}x the median one: `equalize_activations` after "
-                "fuse_conv_bn equalizes the channels into the depthwise conv that reads it")
+    gain = q.get("channel_gain") or 0.0
+    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "HardSwish" and gain >= MIN_GAIN:
+        return (f"its largest channel peaks {spread:.0f}x the median one, {gain:.0f}x the smallest: "
+                "`equalize_activations` after fuse_conv_bn equalizes the channels into the depthwise conv "
+                "that reads it")
     if clipped >= CLIPPED_HINT:
         return (f"{_pct(clipped)} of its values clipped: a wider range (calibrate "
                 "`percentiles: [99.99, 99.999, 99.9999]`, or observer minmax for it)")

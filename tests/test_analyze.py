@@ -298,12 +298,12 @@ def test_repair_hints_name_the_pass_for_what_each_costly_quantizer_shows():
     a well-used grid → 16 bits; and mixed_precision for all of them, last."""
     from qgraph.analyze import repair_hints
 
-    def q(name, kind="activation", producer="Conv", clipped=0.0, unused=0.1, spread=1.5):
+    def q(name, kind="activation", producer="Conv", clipped=0.0, unused=0.1, spread=1.5, gain=2.0):
         return {"name": name, "kind": kind, "producer": producer, "clipped_share": clipped,
-                "unused_levels": unused, "channel_spread": spread}
+                "unused_levels": unused, "channel_spread": spread, "channel_gain": gain}
     quantizers = [q("w", kind="weight", producer=""), q("ln", producer="LayerNormalization", spread=9.0),
                   q("clip", clipped=0.01), q("wide", unused=0.7), q("fine"), q("ln_even", producer="LayerNormalization"),
-                  q("hswish", producer="HardSwish", spread=8.0)]
+                  q("hswish", producer="HardSwish", spread=8.0, gain=100.0)]
     report = {"quantizers": quantizers, "sensitivity": [{"group": x["name"], "quantizers": [x["name"]]}
                                                         for x in quantizers]}
     hints = repair_hints(report, top=7)

@@ -145,5 +145,17 @@ def test_analyze_names_the_pass_for_an_exported_hardswish_with_uneven_channels(d
     model = stem("exported")
     report = analyze_models(model, apply_pipeline(model, QUANTIZE, calib), val, evaluator=Evaluator(1))
     y = next(q for q in report["quantizers"] if q["name"] == "y")
-    assert y["producer"] == "HardSwish" and y["channel_spread"] >= 4
+    assert y["producer"] == "HardSwish" and y["channel_spread"] >= 4 and y["channel_gain"] >= 16
     assert any(h.startswith("y: ") and "`equalize_activations`" in h for h in repair_hints(report)), repair_hints(report)
+
+
+@pytest.mark.parametrize("gain, hinted", [(12.0, False), (16.0, True), (1000.0, True)])
+def test_analyze_names_the_pass_only_where_it_would_act(gain, hinted):
+    """A HardSwish output whose largest channel peaks 8x the median one: the pass expands the
+    smallest channel max/min times, and leaves a site that gains less than min_gain (16x) alone,
+    so analyze names it only from there."""
+    from qgraph.analyze import repair_hints
+    quantizer = {"name": "y", "kind": "activation", "producer": "HardSwish", "channel_spread": 8.0,
+                 "channel_gain": gain, "unused_levels": 0.0, "clipped_share": 0.0}
+    hints = repair_hints({"quantizers": [quantizer], "sensitivity": [{"group": "y"}]})
+    assert any("`equalize_activations`" in h for h in hints) == hinted, hints
