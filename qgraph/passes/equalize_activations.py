@@ -48,14 +48,13 @@ from typing import Annotated
 
 import numpy as np
 
+from qgraph.analyze import CHANNEL_GAIN_HINT
 from qgraph.annotations import record_rescaled
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, evaluate_function, skip, unary_regions
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.schema import Range
 
-#: The least gain (1 / min s_c) that makes a site worth its three quantized ops (analyze hints by it too).
-MIN_GAIN = 16.0
 #: Where a site's activation is compared with HardSwish before it is rewritten.
 _PROBE = np.linspace(-8, 8, 1025, dtype=np.float32)
 
@@ -71,7 +70,7 @@ class _Site:
 
 @register_pass("equalize_activations", preserves_outputs=True, tolerance=1e-4)
 def equalize_activations(model: QModel, ctx: PassContext, *, max_gain: Annotated[float, Range(1.0)] = 1000.0,
-                         min_gain: Annotated[float, Range(1.0)] = MIN_GAIN,
+                         min_gain: Annotated[float, Range(1.0)] = CHANNEL_GAIN_HINT,
                          max_samples: Annotated[int, Range(1)] = 64) -> dict:
     """Equalize the channels of Conv → HardSwish → depthwise Conv activations (see the module docstring)."""
     sites, skipped = _find_sites(model)
