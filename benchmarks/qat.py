@@ -283,8 +283,9 @@ model (percentile ranges), the bar; both PTQ models are calibrated on the same 3
   cosine is not always a better task result: vit_encoder from ptq.yaml 25 -> 23 of 32 same top-1,
   ddddocr_ocr_old 28 -> 27 of 32 identical strings.
 - Half the gap on the worst trained model: layout_cdla since 2026-11-30 (items 11, 12), 68% from ptq.yaml and
-  97% from ptq.yaml with equalize_activations (96% with its unbounded form); before it ppocr_det: met since range_bounds (item 10), 0.89331 ->
-  0.94759 from ptq.yaml, 51% of the gap (48% over 8 epochs); before that, no held-out gain (0.872, item 4).
+  97% from ptq.yaml with equalize_activations (96% with its unbounded form); before it ppocr_det: met since
+  range_bounds (item 10), 0.89331 -> 0.94759 from ptq.yaml, 51% of the gap (48% over 8 epochs); before that,
+  no held-out gain (0.872, item 4).
   On ppocr_rec 43% (item 4, before range_bounds).
 - Half the gap on the worst model (svtr_recognizer): met from the ptq.yaml model with 512 inputs and
   lr 1e-4 (52% of 1 - 0.66442); with the defaults it is met only against its own qat.yaml start (58%
