@@ -628,9 +628,6 @@ def summary_lines(report: dict, top: int = 10) -> list[str]:
 UNUSED_LEVELS_HINT = 0.5
 #: Outlier channels: the largest channel's peak at least this many times the median channel's.
 CHANNEL_SPREAD_HINT = 4.0
-#: A HardSwish output worth equalize_activations: its smallest channel would gain this much
-#: (1 / min s_c); the pass's default min_gain, below which it leaves a site alone.
-CHANNEL_GAIN_HINT = 16.0
 #: Values clipped beyond this share: the range is too narrow for the tensor.
 CLIPPED_HINT = 1e-3
 
@@ -665,7 +662,7 @@ def _hint(q: dict) -> str:
         return (f"its largest channel peaks {spread:.0f}x the median one (LayerNorm outlier channels): "
                 "`smooth` before insert_qdq moves them into the MatMul weights")
     gain = q.get("channel_gain") or 0.0
-    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "HardSwish" and gain >= CHANNEL_GAIN_HINT:
+    if spread >= CHANNEL_SPREAD_HINT and q.get("producer") == "HardSwish" and gain >= quant.EQUALIZE_MIN_GAIN:
         return (f"its largest channel peaks {spread:.0f}x the median one, {gain:.0f}x the smallest: "
                 "`equalize_activations` after fuse_conv_bn equalizes the channels into the depthwise conv "
                 "that reads it")

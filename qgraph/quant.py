@@ -104,6 +104,7 @@ __all__ = [
     "quantize_rounded",
     "ADAROUND_ZETA",
     "ADAROUND_GAMMA",
+    "EQUALIZE_MIN_GAIN",
 ]
 
 #: Scale used when a tensor's range is exactly zero (all values 0): any positive scale
@@ -114,6 +115,11 @@ ZERO_RANGE_SCALE = np.float32(1.0)
 #: ``x / scale`` never divides by a denormal or by zero.
 MIN_SCALE = np.float32(np.finfo(np.float32).tiny)
 
+
+#: Channel equalization (the equalize_activations pass, and analyze's hint for it) pays where the
+#: smallest channel would be expanded at least this much: at 1/16 of the largest it keeps only
+#: 16 of an 8-bit grid's 256 steps.
+EQUALIZE_MIN_GAIN = 16.0
 
 #: Grid widths a quantizer may have: 2..8 bits in int8/uint8 storage, 16 bits in int16/uint16.
 GRID_BITS = (2, 3, 4, 5, 6, 7, 8, 16)

@@ -48,11 +48,11 @@ from typing import Annotated
 
 import numpy as np
 
-from qgraph.analyze import CHANNEL_GAIN_HINT
 from qgraph.annotations import record_rescaled
 from qgraph.graph import QModel
 from qgraph.idioms import Declined, evaluate_function, skip, unary_regions
 from qgraph.pipeline import PassContext, register_pass
+from qgraph.quant import EQUALIZE_MIN_GAIN
 from qgraph.schema import Range
 
 #: Where a site's activation is compared with HardSwish before it is rewritten.
@@ -70,7 +70,7 @@ class _Site:
 
 @register_pass("equalize_activations", preserves_outputs=True, tolerance=1e-4)
 def equalize_activations(model: QModel, ctx: PassContext, *, max_gain: Annotated[float, Range(1.0)] = 1000.0,
-                         min_gain: Annotated[float, Range(1.0)] = CHANNEL_GAIN_HINT,
+                         min_gain: Annotated[float, Range(1.0)] = EQUALIZE_MIN_GAIN,
                          max_samples: Annotated[int, Range(1)] = 64) -> dict:
     """Equalize the channels of Conv → HardSwish → depthwise Conv activations (see the module docstring)."""
     sites, skipped = _find_sites(model)
@@ -85,11 +85,12 @@ def equalize_activations(model: QModel, ctx: PassContext, *, max_gain: Annotated
             skipped.append(skip(site.reader, "the activation is 0 on every calibration input"))
             continue
         s = np.where(r > 0, np.maximum.reduce([r / r.max(), q / q.max(), np.full_like(r, 1.0 / max_gain)]), 1.0)
-        if 1.0 / s.min() < min_gain:
+        gain = float(1.0 / s.min())
+        if gain < min_gain:
             skipped.append(skip(site.reader, f"no channel would gain {min_gain:g}x"))
             continue
         divided.update(_apply(model, site, s))
-        gains.append(float(1.0 / s.min()))
+        gains.append(gain)
     model.cleanup()
     record_rescaled(model, divided, 1)
     summary = (f"{len(gains)} HardSwish activations equalized into depthwise convs (largest channel gain "
