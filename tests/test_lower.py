@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from collections import Counter
 
 import networkx as nx
 import numpy as np
@@ -1076,16 +1077,20 @@ def _depthwise_block(channels: int, seed: int) -> onnx.ModelProto:
                                                             (12, True, None)])
 def test_qlinear_depthwise_channels_padded_to_whole_blocks(channels, per_channel, padded, monkeypatch):
     """qlinear.depthwise_padded_channels: a depthwise conv with more than 16 channels, off a multiple
-    of 16 (where ORT's depthwise QLinearConv runs at up to half speed), runs padded to whole blocks
-    between a Pad and a Slice; every output code is the unpadded lowering's, in ORT and in the
-    interpreter."""
+    of 16 (where ORT's depthwise QLinearConv runs at up to half speed), runs padded to whole blocks;
+    the expand conv before it computes the extra channels and the project conv after it ignores
+    them (channel_padding), so no Pad or Slice is left; every output code is the unpadded
+    lowering's, in ORT and in the interpreter."""
     x = np.random.default_rng(1).normal(0, 1, (4, 3, 14, 18)).astype(np.float32)
     qdq = _calibrated_qdq(_depthwise_block(channels, seed=channels), x, per_channel)
-    lowered, _ = lower_model(qdq, "qlinear")
-    depthwise = next(n for n in lowered.graph.node if n.op_type == "QLinearConv" and n.name.startswith("depthwise"))
-    group = next(a.i for a in depthwise.attribute if a.name == "group")
-    pads = [n for n in lowered.graph.node if n.op_type == "Pad"]
-    assert group == (padded or channels) and len(pads) == (1 if padded else 0)
+    lowered, report = lower_model(qdq, "qlinear")
+    convs = {n.name.split("_")[0]: n for n in lowered.graph.node if n.op_type in ("QLinearConv", "ConvInteger")}
+    weights = {i.name: list(i.dims) for i in lowered.graph.initializer}
+    group = next(a.i for a in convs["depthwise"].attribute if a.name == "group")
+    assert group == (padded or channels) and convs["project"].op_type == "ConvInteger"   # its output is float
+    assert weights[convs["expand"].input[3]][0] == weights[convs["project"].input[1]][1] == (padded or channels)
+    assert not any(n.op_type in ("Pad", "Slice") for n in lowered.graph.node)
+    assert report["channel_pads_and_slices_removed"] == (2 if padded else 0)
     _assert_codes_as_without(qdq, lowered, x, "depthwise_padded_channels", monkeypatch)
 
 
@@ -1147,7 +1152,10 @@ def test_qlinear_narrow_stem_runs_on_padded_channels(in_channels, out_channels, 
     outputs, inputs = computed[::-1] if computed else (out_channels, in_channels)
     assert list(weights[stem.input[3]].dims) == [outputs, inputs, kernel, kernel]
     assert sum(n.op_type == "Pad" for n in lowered.graph.node) == (1 if computed else 0)
-    assert sum(n.op_type == "Slice" for n in lowered.graph.node) == (1 if outputs != out_channels else 0)
+    # the extra outputs travel on through the Relu into the project conv, which ignores them
+    assert not any(n.op_type == "Slice" for n in lowered.graph.node)
+    project = next(n for n in lowered.graph.node if n.op_type == "ConvInteger" and n.name.startswith("project"))
+    assert list(weights[project.input[1]].dims)[1] == outputs
     _assert_codes_as_without(qdq, lowered, x, "narrow_input_padded_channels", monkeypatch)
 
 
@@ -1274,3 +1282,71 @@ def test_float_activation_check_declines_a_form_off_by_one_code():
     assert qlinear.float_activation_exact(in_q, out_q, qlinear.FLOAT_ACTIVATIONS["hardswish"], table)
     table[200] += 1
     assert not qlinear.float_activation_exact(in_q, out_q, qlinear.FLOAT_ACTIVATIONS["hardswish"], table)
+
+
+def _se_block(channels: int, tail: str, seed: int) -> onnx.ModelProto:
+    """MobileNetV3's block on 16 channels: 1x1 expand (-> channels) -> HardSwish -> depthwise 3x3 ->
+    HardSwish -> squeeze-excite (GlobalAveragePool, 1x1 -> channels/4, Relu, 1x1 -> channels,
+    HardSigmoid, Mul) -> 1x1 project (-> 16) -> + input. ``tail`` "pooled" ends instead after the
+    excitation with GlobalAveragePool, Flatten and Gemm (-> 5)."""
+    rng = np.random.default_rng(seed)
+    squeeze = channels // 4
+    arrays = {"we": rng.normal(0, 0.4, (channels, 16, 1, 1)), "be": rng.normal(0, 0.2, channels),
+              "wd": rng.normal(0, 0.4, (channels, 1, 3, 3)), "bd": rng.normal(0, 0.2, channels),
+              "ws1": rng.normal(0, 0.3, (squeeze, channels, 1, 1)), "bs1": rng.normal(0, 0.1, squeeze),
+              "ws2": rng.normal(0, 0.3, (channels, squeeze, 1, 1)), "bs2": rng.normal(0, 0.5, channels),
+              "wp": rng.normal(0, 0.2, (16, channels, 1, 1)), "wg": rng.normal(0, 0.2, (5, channels))}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "we", "be"], ["e"], name="expand"),
+             helper.make_node("HardSwish", ["e"], ["eh"], name="expand_hswish"),
+             helper.make_node("Conv", ["eh", "wd", "bd"], ["d"], name="depthwise", group=channels,
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["d"], ["dh"], name="depthwise_hswish"),
+             helper.make_node("GlobalAveragePool", ["dh"], ["p"], name="squeeze_pool"),
+             helper.make_node("Conv", ["p", "ws1", "bs1"], ["s1"], name="squeeze"),
+             helper.make_node("Relu", ["s1"], ["s1r"], name="squeeze_relu"),
+             helper.make_node("Conv", ["s1r", "ws2", "bs2"], ["s2"], name="excite"),
+             helper.make_node("HardSigmoid", ["s2"], ["gate"], name="gate", alpha=1 / 6),
+             helper.make_node("Mul", ["dh", "gate"], ["se"], name="excite_mul")]
+    if tail == "pooled":
+        nodes += [helper.make_node("GlobalAveragePool", ["se"], ["sp"], name="pool"),
+                  helper.make_node("Flatten", ["sp"], ["f"], name="flatten"),
+                  helper.make_node("Gemm", ["f", "wg"], ["y"], name="head", transB=1)]
+    else:
+        nodes += [helper.make_node("Conv", ["se", "wp"], ["pr"], name="project"),
+                  helper.make_node("Add", ["pr", "x"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 12, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("channels, tail, carried", [(40, "residual", True), (72, "residual", True),
+                                                     (40, "pooled", False), (48, "residual", False)])
+def test_qlinear_padded_channels_travel_through_squeeze_excite(channels, tail, carried, monkeypatch):
+    """channel_padding.carry_padded_channels on a MobileNetV3 block: the padded depthwise conv's
+    extra channels are computed by the expand conv, pass the HardSwish, the squeeze-excite pool
+    and multiply (the excite conv computes extra gate channels) and end in the project conv with
+    weights at its zero point — no Pad or Slice left. Where they would reach a Flatten (the pooled
+    tail) the Slice stays, and the Pad side alone is carried; 48 channels are not padded. Every
+    output code is that of the lowering without the carrying and of the unpadded one, in ORT and
+    in the interpreter."""
+    from qgraph.lowering import channel_padding
+    x = np.random.default_rng(3).normal(0, 1, (4, 16, 12, 10)).astype(np.float32)
+    qdq = _calibrated_qdq(_se_block(channels, tail, seed=channels), x, per_channel=True)
+    lowered, report = lower_model(qdq, "qlinear")
+    ops = Counter(n.op_type for n in lowered.graph.node)
+    if channels % 16 == 0:
+        assert report["channel_pads_and_slices_removed"] == 0 and ops["Pad"] == ops["Slice"] == 0
+    elif carried:
+        assert report["channel_pads_and_slices_removed"] == 2 and ops["Pad"] == ops["Slice"] == 0
+        excite = next(n for n in lowered.graph.node if n.name.startswith("excite") and n.op_type == "QLinearConv")
+        weights = {i.name: list(i.dims) for i in lowered.graph.initializer}
+        assert weights[excite.input[3]][0] == -(-channels // 16) * 16
+    else:
+        assert report["channel_pads_and_slices_removed"] == 1 and ops["Pad"] == 0 and ops["Slice"] == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(channel_padding, "carry_padded_channels", lambda model: 0)
+        padded, _ = lower_model(qdq, "qlinear")
+    assert ops["Pad"] + ops["Slice"] <= sum(n.op_type in ("Pad", "Slice") for n in padded.graph.node)
+    np.testing.assert_array_equal(run_model(lowered, {"x": x})["y"], run_model(padded, {"x": x})["y"])
+    _assert_codes_as_without(qdq, lowered, x, "depthwise_padded_channels", monkeypatch)

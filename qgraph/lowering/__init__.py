@@ -19,7 +19,7 @@ from qgraph.errors import ConfigError
 from qgraph.graph import QModel
 from qgraph.idioms import BINARY_ELEMENTWISE, Declined, index_tensors, name_nodes, skip, unary_regions
 from qgraph.lowering.tables import lower_region
-from qgraph.lowering import conv_transpose, fold, integer, qlinear
+from qgraph.lowering import channel_padding, conv_transpose, fold, integer, qlinear
 from qgraph.lowering.patterns import (DEQUANTIZE, FLOAT_OUTPUT_OPS, QUANTIZE, QUANTIZERS, QInput, check_quantizers,
                                       check_weight_axes, match_site, quantized_region,
                                       read_quantizer, wide_quantizer_nodes)
@@ -113,6 +113,7 @@ def lower_graph(model: QModel, target: str) -> dict:
     if upsampled:
         model.cleanup()
     concat_folded = qlinear.fold_concat_requantization(model) if target == "qlinear" else 0
+    carried = channel_padding.carry_padded_channels(model) if target == "qlinear" else 0
 
     activations = frozenset(float_activation_nodes(model.to_onnx()))   # qlinear's DQ → HardSwish → Q
     region = quantized_region(model, activations) | activations
@@ -147,6 +148,7 @@ def lower_graph(model: QModel, target: str) -> dict:
             "weights_coarsened_for_int32_bias": coarsened, "activations_made_unsigned": unsigned,
             "dequantize_sunk": len(sunk), "conv_transpose_as_conv": transposed,
             "nearest_upsampling_as_expand": upsampled, "concat_requantization_in_tables": concat_folded,
+            "channel_pads_and_slices_removed": carried,
             "requantize_pairs": requantized,
             "narrowing_casts_skipped": casts_skipped, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,

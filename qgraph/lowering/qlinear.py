@@ -4,7 +4,8 @@
                            depthwise conv padded to whole blocks of 16 channels between a Pad
                            and a Slice (depthwise_padded_channels); a 3x3 stem from 1-3 channels
                            reads its input padded to 4 and writes at least 16 channels, the real
-                           ones sliced out (narrow_input_padded_channels)
+                           ones sliced out (narrow_input_padded_channels); the Pads and Slices
+                           go where the extra channels can travel instead (channel_padding.py)
     Gemm (+bias)         → Unsqueeze → QLinearConv 1×1 → Flatten: one exact requantization,
                            with the int32 bias and per-channel weights (QLinearMatMul has no
                            bias, and QLinearMatMul + QLinearAdd would round twice)
