@@ -1350,3 +1350,24 @@ def test_qlinear_padded_channels_travel_through_squeeze_excite(channels, tail, c
     assert ops["Pad"] + ops["Slice"] <= sum(n.op_type in ("Pad", "Slice") for n in padded.graph.node)
     np.testing.assert_array_equal(run_model(lowered, {"x": x})["y"], run_model(padded, {"x": x})["y"])
     _assert_codes_as_without(qdq, lowered, x, "depthwise_padded_channels", monkeypatch)
+
+
+def test_a_models_own_channel_slice_is_not_carried():
+    """channel_padding only removes the Slices of padding: a model's own Slice of a conv's channels
+    (here 24 -> the first 16) keeps its place, and its dropped channels stay dropped."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (24, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 16, 1, 1)).astype(np.float32), "w2")] + [
+        numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("s0", 0), ("s1", 16), ("ax", 1))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Slice", ["r", "s0", "s1", "ax"], ["s"], name="first16"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "slice", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    x = rng.normal(0, 1, (2, 3, 10, 10)).astype(np.float32)
+    qdq = _calibrated_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), x, True)
+    lowered, report = lower_model(qdq, "qlinear")
+    assert report["channel_pads_and_slices_removed"] == 0
+    assert sum(n.op_type == "Slice" for n in lowered.graph.node) == 1
+    np.testing.assert_allclose(run_model(lowered, {"x": x})["y"], run_model(qdq, {"x": x})["y"], atol=0.05)

@@ -12,12 +12,17 @@ Exactness. Call the channels beyond the real ones "extra". Every op a widened te
 channelwise (an output channel depends only on the same channel of its inputs: Q/DQ on one grid,
 elementwise activations, QLinearMul/QLinearAdd, global average pooling, a depthwise conv), so the
 real channels' codes are those of the narrow graph whatever the extra channels hold. A widened
-tensor ends only at (a) a dense QLinearConv or ConvInteger (a conv with a float output), whose weights on the extra input channels equal the
-weight zero point: ``(x − z_x)·(w − z_w) = 0`` adds nothing to any accumulator; (b) a Slice of the
-real channels, removed; (c) a Pad whose output is the widened tensor already (its reader ignores the
-padded channels the same way). Widened convs (a dense conv writing a widened tensor, a depthwise
-conv inside it) get extra output channels with weights at the zero point and bias 0. A graph
-output, a reshape or any other op ends the attempt, and nothing is changed there.
+tensor ends only at (a) a dense QLinearConv or ConvInteger (a conv with a float output), whose
+weights on the extra input channels equal the weight zero point: ``(x − z_x)·(w − z_w) = 0`` adds
+nothing to any accumulator; (b) a Slice of the real channels, removed; (c) a Pad whose output is
+the widened tensor already (its reader ignores the padded channels the same way). Widened convs
+(a dense conv writing a widened tensor, a depthwise conv inside it) get extra output channels with
+weights at the zero point and bias 0. A graph output, a reshape or any other op ends the attempt,
+and nothing is changed there.
+
+Measured (ORT 1.19, one thread, AMD EPYC, alternated 100 rounds with the float model): PaddleOCR's
+direction classifier, whose 15 channel Pads and Slices all go, 1.077x -> 0.995x of float at batch
+1 and 0.989x -> 0.910x at batch 8.
 """
 
 from __future__ import annotations
@@ -65,18 +70,25 @@ def _channels(tensor) -> int | None:
 
 
 def _slice_site(node: gs.Node) -> tuple[int, int] | None:
-    """(real channels, padded width) of a Slice keeping channels [0, C) of a wider tensor."""
+    """(real channels, padded width) of a Slice keeping channels [0, C) of a QLinearConv's output
+    whose channels from C on are padding (weights at the zero point): a model's own Slice of
+    channels is left alone, carrying its dropped channels would only cost time."""
     if len(node.inputs) not in (4, 5):
         return None
     starts, ends, axes = (QModel.constant_value(t) for t in node.inputs[1:4])
     steps = QModel.constant_value(node.inputs[4]) if len(node.inputs) == 5 else np.ones(1, np.int64)
     if any(v is None or np.size(v) != 1 for v in (starts, ends, axes, steps)):
         return None
+    start, narrow, axis, step = (int(np.reshape(v, -1)[0]) for v in (starts, ends, axes, steps))
     width = _channels(node.inputs[0])
-    narrow = int(np.reshape(ends, -1)[0])
-    if int(np.reshape(axes, -1)[0]) != 1 or int(np.reshape(starts, -1)[0]) != 0 or int(np.reshape(steps, -1)[0]) != 1:
+    if axis != 1 or start != 0 or step != 1 or width is None or not 0 < narrow < width:
         return None
-    if width is None or not 0 < narrow < width:
+    conv = QModel.producer(node.inputs[0])
+    found = _weight(conv) if conv is not None and conv.op == "QLinearConv" else None
+    if found is None:
+        return None
+    w, wz = found
+    if not np.all(w[narrow:] == wz[narrow:].reshape((-1,) + (1,) * (w.ndim - 1))):
         return None
     return narrow, width
 
