@@ -391,6 +391,35 @@ ORT's QOperator model on all five. Q/DQ transitions and Transposes stay under 6%
 them, the float activations' own DequantizeLinear and QuantizeLinear would add 10-17%. The integer
 target is unchanged, so against the faster qlinear it is now 2.2-3.5x (ppocr_cls 3.0x / 3.3x, svtr
 3.5x at batch 1, db 3.0x / 3.0x): its tables are its only integer form of HardSwish.
+
+The padded channels carried instead of Pad and Slice (qgraph/lowering/channel_padding.py, stop 31,
+2026-11-30, same host, ORT 1.19.2, one thread): the conv before a padded depthwise conv computes the
+extra channels, Q/DQ, HardSwish, the SE pool and multiply carry them, and the convs after give them
+weights at their zero point. ppocr_cls loses all 15 of its channel Pads and Slices (7 + 8; the stem's
+input Pad stays: the graph input cannot be widened); db_detector, pplcnet, pplcnet_textdir and
+svtr_recognizer their stem's Slice. ppocr_cls's old and new lowerings of one ptq model interleaved
+with float, 100 rounds: 1.077x -> 0.995x of float at batch 1, 0.989x -> 0.910x at batch 8 (node time
+at batch 1: Pad 47 + Slice 40 µs gone). This script after it (`--models ppocr_cls,pplcnet_textdir,
+pplcnet,svtr_recognizer,doc_orientation --repeats 21 --shares`):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    ppocr_cls             1      1.22          1.24x          1.01x          3.00x
+    ppocr_cls             8      7.21          1.22x          0.92x          3.21x
+    pplcnet_textdir       1      0.43          1.23x          0.99x          2.28x
+    pplcnet_textdir       8      2.43          1.29x          0.99x          2.21x
+    pplcnet               1      3.05          0.94x          0.78x          2.17x
+    pplcnet               8     20.54          0.89x          0.80x          2.17x
+    svtr_recognizer       1      1.86          1.08x          0.95x          3.00x
+    svtr_recognizer       8     10.09          0.96x          0.87x          2.14x
+    doc_orientation       1      5.21          0.77x          0.71x          2.44x
+    doc_orientation       8     42.02          0.67x          0.68x          2.23x
+
+ppocr_cls at batch 1 is at float's latency (0.995x over 100 rounds; 1.01x in this 21-round run),
+every other row below 1.0x; qlinear at or below ORT QOperator everywhere (doc_orientation at batch 8
+0.68x against 0.67x, within the run's noise). Tried and dropped the same day: the SE multiply in an
+explicit NHWC form (the map as [N, H, W·C] rows, the gate Expanded to one [N, 1, W·C] row): the
+QLinearMuls 110 -> 69 µs, but the Reshapes, Expands and Transposes ORT cannot cancel cost 82 µs more
+(node time 1190 -> 1200 µs at batch 1).
 """
 
 from __future__ import annotations
