@@ -1371,3 +1371,47 @@ def test_a_models_own_channel_slice_is_not_carried():
     assert report["channel_pads_and_slices_removed"] == 0
     assert sum(n.op_type == "Slice" for n in lowered.graph.node) == 1
     np.testing.assert_allclose(run_model(lowered, {"x": x})["y"], run_model(qdq, {"x": x})["y"], atol=0.05)
+
+
+def _pooling_net() -> onnx.ModelProto:
+    """Conv 3x3 (3 -> 8) -> YOLOX's SPP (the map, MaxPool 5x5 / 13x13 / 3x3 with uneven pads, all
+    stride 1, concatenated) -> Conv 1x1 (-> 8) -> MaxPool 3x3 stride 2 (pads 0, 1, 1, 0) ->
+    MaxPool 2x2 stride 2 -> MaxPool 1x3 -> Conv 1x1 (-> 4)."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(rng.normal(0, s, shape).astype(np.float32), name) for name, shape, s in
+             (("w", (8, 3, 3, 3), 0.5), ("w1", (8, 32, 1, 1), 0.2), ("w2", (4, 8, 1, 1), 0.3))]
+    pool = functools.partial(helper.make_node, "MaxPool")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             pool(["c"], ["p5"], name="spp5", kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
+             pool(["c"], ["p13"], name="spp13", kernel_shape=[13, 13], pads=[6, 6, 6, 6]),
+             pool(["c"], ["p3"], name="spp3", kernel_shape=[3, 3], pads=[0, 1, 2, 1]),
+             helper.make_node("Concat", ["c", "p5", "p13", "p3"], ["spp"], name="spp", axis=1),
+             helper.make_node("Conv", ["spp", "w1"], ["c1"], name="fuse"),
+             pool(["c1"], ["q1"], name="down3", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),
+             pool(["q1"], ["q2"], name="down2", kernel_shape=[2, 2], strides=[2, 2]),
+             pool(["q2"], ["q3"], name="row3", kernel_shape=[1, 3], pads=[0, 1, 0, 1]),
+             helper.make_node("Conv", ["q3", "w2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "pools", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 13, 15])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_integer_max_pools_run_separably(monkeypatch):
+    """integer.separable_max_pools: a k x k MaxPool on codes becomes a k x 1 pool then a 1 x k one
+    (YOLOX's 5/9/13 SPP, a strided 3x3 with uneven pads), the codes unchanged in ORT and in the
+    interpreter; a 2x2 pool (as many compares either way) and a 1-D one are left as they are."""
+    from qgraph.lowering import integer
+    x = np.random.default_rng(8).normal(0, 1, (3, 3, 13, 15)).astype(np.float32)
+    qdq = _calibrated_qdq(_pooling_net(), x, per_channel=True)
+    lowered, report = lower_model(qdq, "integer")
+    assert report["max_pools_split"] == 4 and report["float_nodes"] == []
+    kernels = sorted(tuple(a.ints) for n in lowered.graph.node if n.op_type == "MaxPool"
+                     for a in n.attribute if a.name == "kernel_shape")
+    assert kernels == sorted([(5, 1), (1, 5), (13, 1), (1, 13), (3, 1), (1, 3), (3, 1), (1, 3), (2, 2), (1, 3)])
+    with monkeypatch.context() as patch:
+        patch.setattr(integer, "separable_max_pools", lambda model: 0)
+        whole, _ = lower_model(qdq, "integer")
+    want = run_model(whole, {"x": x})["y"]
+    np.testing.assert_array_equal(run_model(lowered, {"x": x})["y"], want)
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"x": x})["y"], want)

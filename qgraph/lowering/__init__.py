@@ -106,6 +106,7 @@ def lower_graph(model: QModel, target: str) -> dict:
             lowered[act.op + " (folded)"] += 1
     requantized = _lower_requantize_pairs(model, target)
     casts_skipped = integer.skip_narrowing_casts(model) if target == "integer" else 0
+    pools_split = integer.separable_max_pools(model) if target == "integer" else 0
     model.cleanup()
     if (failed := fold.infer_shapes(model)) is not None:
         warnings.append(failed + "; unknown types count as float in the integer-only check")
@@ -150,7 +151,7 @@ def lower_graph(model: QModel, target: str) -> dict:
             "nearest_upsampling_as_expand": upsampled, "concat_requantization_in_tables": concat_folded,
             "channel_pads_and_slices_removed": carried,
             "requantize_pairs": requantized,
-            "narrowing_casts_skipped": casts_skipped, "float_nodes": float_left,
+            "narrowing_casts_skipped": casts_skipped, "max_pools_split": pools_split, "float_nodes": float_left,
             "outside_region": outside, "float_by_placement": kept_float,
             "kept_qdq": kept}
 

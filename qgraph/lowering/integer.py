@@ -33,7 +33,8 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
   size is known only at run time divides by the count taken from its shape, in int64
   (quant.mean_requant);
 - unary elementwise ops (Sigmoid, LeakyRelu, Tanh, …): a 256-entry Gather table;
-- Relu/Clip: a Clip on the uint8 output (see patterns).
+- Relu/Clip: a Clip on the uint8 output (see patterns);
+- MaxPool of at least 3x3: a pool over rows, then over columns (separable_max_pools).
 """
 
 from __future__ import annotations
@@ -667,6 +668,36 @@ RULES = {
 
 
 # -- after the rules -----------------------------------------------------------------------------
+
+def separable_max_pools(model: QModel) -> int:
+    """Each 2-D MaxPool on 8-bit codes as a pool over rows, then one over columns: the maximum over
+    a window is the maximum over its columns of the maximum over its rows, and ONNX's pads take no
+    part in a maximum either way, so every code is unchanged. ORT 1.19 runs 8-bit MaxPool with its
+    generic loop (about 1 ns per compare; MLAS's vectorized pool is float-only): k + k compares
+    per output instead of k·k (YOLOX's SPP, 5x5, 9x9 and 13x13 on 192x13x13 uint8, one thread:
+    8.7 ms -> 3.9 ms). Only kernels of at least 3x3 (a 2x2 pool compares as often either way, and
+    one op more costs: PaddleOCR's direction classifier 3.44x -> 3.58x of qlinear) and plain pools:
+    dilations 1, ceil_mode 0, no auto_pad, one output. Returns the pools split."""
+    split = 0
+    for pool in [n for n in model.graph.nodes if n.op == "MaxPool"]:
+        attrs = pool.attrs
+        kernel = list(attrs.get("kernel_shape", []))
+        x = pool.inputs[0]
+        if (len(kernel) != 2 or min(kernel) < 3 or len(pool.outputs) != 1 or x.dtype not in (np.uint8, np.int8)
+                or attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+                or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
+                or attrs.get("storage_order", 0)):
+            continue
+        top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+        sh, sw = attrs.get("strides", [1, 1])
+        rows = var(model, f"{pool.name}_rows", x.dtype)
+        model.add_node("MaxPool", [x], [rows], f"{pool.name}_rows",
+                       {"kernel_shape": [kernel[0], 1], "pads": [top, 0, bottom, 0], "strides": [sh, 1]})
+        pool.inputs[0] = rows
+        pool.attrs = {"kernel_shape": [1, kernel[1]], "pads": [0, left, 0, right], "strides": [1, sw]}
+        split += 1
+    return split
+
 
 def skip_narrowing_casts(model: QModel) -> int:
     """Tables read int32 indices: where a requantization's int32 result (a Clip within the code
