@@ -905,7 +905,8 @@ def test_depthwise_as_band_is_exact_at_any_height(channels, kernel, width, attrs
 
 def test_depthwise_as_matrix_declines_large_maps_and_other_convolutions():
     """Only depthwise convolutions of small maps take the matrix form (its extra work, H·W per
-    output against the taps, stays small), and of narrow ones with a vertical stride of 1 the band."""
+    output against the taps, stays small), and of narrow ones with a vertical stride of 1 and
+    enough output rows the band."""
     from qgraph.lowering.integer import depthwise_as_band, depthwise_as_matrix
     dw = {"group": 8, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
     w = np.zeros((8, 1, 3, 3), np.uint8)
@@ -916,6 +917,19 @@ def test_depthwise_as_matrix_declines_large_maps_and_other_convolutions():
     assert depthwise_as_band(w, np.uint8(0), dw, 48) is not None
     assert depthwise_as_band(w, np.uint8(0), dw, 49) is None                       # wider than 16·kw
     assert depthwise_as_band(w, np.uint8(0), {**dw, "strides": [2, 2]}, 14) is None
+    # more than 3 pixels per tap, and an output of more than 64 pixels: the grouped form runs
+    # faster at batch 1 (SVTR's 128x3x40 5x5 mixers), while 7x7 maps and small outputs stay matrices
+    w5, dw5 = np.zeros((8, 1, 5, 5), np.uint8), {"group": 8, "kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}
+    assert depthwise_as_matrix(w5, np.uint8(0), dw5, (3, 40)) is None
+    assert depthwise_as_matrix(w5, np.uint8(0), dw5, (2, 40)) is None
+    assert depthwise_as_matrix(w5, np.uint8(0), dw5, (3, 12)) is not None
+    assert depthwise_as_matrix(w5, np.uint8(0), dw5, (7, 7)) is not None
+    assert depthwise_as_matrix(w5, np.uint8(0), {**dw5, "strides": [2, 2]}, (14, 14)) is not None
+    # a band of fewer than 7 output rows (a static height) is a few tiny GEMMs: grouped instead
+    assert depthwise_as_band(w5, np.uint8(0), dw5, 40, height=3) is None
+    assert depthwise_as_band(w, np.uint8(0), dw, 40, height=6) is None
+    assert depthwise_as_band(w5, np.uint8(0), dw5, 40, height=7) is not None
+    assert depthwise_as_band(w5, np.uint8(0), dw5, 40) is not None                 # height known at run time
 
 
 def test_tables_read_the_requantized_int32_directly():

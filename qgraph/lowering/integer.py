@@ -253,7 +253,8 @@ def lower_conv(model: QModel, site: Site) -> None:
     spatial = _static_dims(node.inputs[0], [2, 3]) if w_u8.ndim == 4 else None
     matrix = depthwise_as_matrix(w_u8, wz, dict(node.attrs), spatial) if spatial else None
     width = _static_dims(node.inputs[0], [3]) if w_u8.ndim == 4 and matrix is None else None
-    band = depthwise_as_band(w_u8, wz, dict(node.attrs), width[0]) if width else None
+    height = _static_dims(node.inputs[0], [2]) if width else None
+    band = depthwise_as_band(w_u8, wz, dict(node.attrs), width[0], height[0] if height else None) if width else None
     kernel_height = w_u8.shape[2] if w_u8.ndim == 4 else None
     w_u8, attrs = depthwise_as_grouped(w_u8, wz, dict(node.attrs))
 
@@ -294,8 +295,17 @@ def depthwise_as_grouped(w_u8: np.ndarray, wz, attrs: dict) -> tuple[np.ndarray,
 
 
 #: depthwise_as_matrix applies where a map has at most this many pixels per kernel tap (the dense
-#: product's extra work) and its matrices take at most DEPTHWISE_MATRIX_MAX_BYTES.
+#: product's extra work) and its matrices take at most DEPTHWISE_MATRIX_MAX_BYTES; past
+#: DEPTHWISE_MATRIX_CHEAP_PIXELS_PER_TAP only where the output has at most
+#: DEPTHWISE_MATRIX_SMALL_OUTPUT pixels (whose grouped ConvInteger runs GEMMs too small to be fast).
+#: At batch 1 the product is one matrix-vector product per channel, about 5 GMAC/s in ORT 1.19
+#: against the grouped form's ~3 on the useful products, so the extra work costs there (one
+#: thread, 5x5, time per batch at 1 / 8, matrix against grouped: 128x3x40 342 / 757 against
+#: 132 / 1000 µs, 256x2x40 316 / 965 against 163 / 1359; 7x7 and smaller maps, or 128x14x14 at
+#: stride 2, run faster as matrices at both batches or on average).
 DEPTHWISE_MATRIX_MAX_PIXELS_PER_TAP = 8
+DEPTHWISE_MATRIX_CHEAP_PIXELS_PER_TAP = 3
+DEPTHWISE_MATRIX_SMALL_OUTPUT = 64
 DEPTHWISE_MATRIX_MAX_BYTES = 2 << 20
 
 
@@ -319,6 +329,8 @@ def depthwise_as_matrix(w_u8: np.ndarray, wz, attrs: dict, spatial) -> tuple[np.
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
     ho, wo = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if ho < 1 or wo < 1 or channels * h * w * ho * wo > DEPTHWISE_MATRIX_MAX_BYTES:
+        return None
+    if h * w > DEPTHWISE_MATRIX_CHEAP_PIXELS_PER_TAP * kh * kw and ho * wo > DEPTHWISE_MATRIX_SMALL_OUTPUT:
         return None
     oy, ox, ty, tx = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), indexing="ij")
     iy, ix = oy * sh - top + ty * dh, ox * sw - left + tx * dw
@@ -348,11 +360,16 @@ def _emit_depthwise_matmul(model, x, matrix, xz, wz, spatial, name) -> gs.Tensor
     return step("Reshape", [images, shape("acc_shape", [0, channels, ho, wo])], "acc", np.int32)
 
 
-#: depthwise_as_band applies to maps at most this many pixels wide per kernel column.
+#: depthwise_as_band applies to maps at most this many pixels wide per kernel column, and where
+#: the height is static, with at least DEPTHWISE_BAND_MIN_ROWS output rows: each row window is a
+#: GEMM of that many rows per image and channel, and a few rows run slower than the grouped
+#: ConvInteger (one thread, batch 1 / 8: 128x3x40 5x5 213 / 1612 µs against 132 / 1000, 64x6x40
+#: 3x3 119 / 845 against 88 / 626; 256x7x7 5x5 269 / 1518 against 497 / 2534).
 DEPTHWISE_BAND_MAX_WIDTH_PER_TAP = 16
+DEPTHWISE_BAND_MIN_ROWS = 7
 
 
-def depthwise_as_band(w_u8: np.ndarray, wz, attrs: dict, width: int) -> np.ndarray | None:
+def depthwise_as_band(w_u8: np.ndarray, wz, attrs: dict, width: int, height: int | None = None) -> np.ndarray | None:
     """A depthwise 2-D convolution (vertical stride 1) as one banded matrix per channel over a
     window of ``kh`` padded rows: ``acc[n, c, oy, o] = Σ_i (win[n, c, oy, i] − x_zp) · (B_c[i, o] −
     w_zp)``, ``win`` the rows ``oy + dy·dh`` (dy < kh) of the input padded with x_zp, side by side
@@ -374,6 +391,10 @@ def depthwise_as_band(w_u8: np.ndarray, wz, attrs: dict, width: int) -> np.ndarr
     wo = (padded - dw * (kw - 1) - 1) // sw + 1
     if wo < 1:
         return None
+    if height is not None:
+        dh = attrs.get("dilations", [1, 1])[0]
+        if height + pads[0] + pads[2] - dh * (kh - 1) < DEPTHWISE_BAND_MIN_ROWS:
+            return None
     dy, ox, tx = np.meshgrid(np.arange(kh), np.arange(wo), np.arange(kw), indexing="ij")
     band = np.full((channels, kh * padded, wo), np.asarray(wz).reshape(()), np.uint8)
     band[:, (dy * padded + ox * sw + tx * dw).ravel(), ox.ravel()] = w_u8[:, 0, dy.ravel(), tx.ravel()]
