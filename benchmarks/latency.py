@@ -420,6 +420,32 @@ every other row below 1.0x; qlinear at or below ORT QOperator everywhere (doc_or
 explicit NHWC form (the map as [N, H, W·C] rows, the gate Expanded to one [N, 1, W·C] row): the
 QLinearMuls 110 -> 69 µs, but the Reshapes, Expands and Transposes ORT cannot cancel cost 82 µs more
 (node time 1190 -> 1200 µs at batch 1).
+
+Two integer-target changes the same day (qgraph/lowering/integer.py; every output identical to the
+previous lowering's): MaxPools of at least 3x3 as a pool over rows then over columns
+(separable_max_pools; ORT's 8-bit MaxPool is a scalar loop: ddddocr_det's SPP 8.7 -> 3.9 ms, its
+integer model 2.37x -> 2.19x of qlinear at batch 1, nudenet 2.19x / 2.30x -> 2.13x / 2.23x,
+alternated 10 rounds), and depthwise convolutions as per-channel matrices or bands only where those
+beat the grouped ConvInteger at batch 1 too (SVTR's 5x5 mixers on 3x40 maps: 4.22x -> 2.76x at
+batch 1, 2.61x -> 2.77x at batch 8, 30 rounds). This script after both (`--models svtr_recognizer,
+pplcnet_textdir,ppocr_cls,nudenet_320n,ddddocr_det --repeats 15`):
+
+    model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
+    svtr_recognizer       1      1.56          1.09x          0.95x          2.16x
+    svtr_recognizer       8     10.08          0.94x          0.84x          2.24x
+    pplcnet_textdir       1      0.55          1.18x          0.96x          1.92x
+    pplcnet_textdir       8      2.56          1.24x          0.98x          2.10x
+    ppocr_cls             1      1.23          1.26x          1.03x          2.96x
+    ppocr_cls             8      7.39          1.20x          0.91x          3.15x
+    nudenet_320n          1     24.98          0.46x          0.46x          0.99x
+    nudenet_320n          8    196.51          0.41x          0.44x          0.95x
+    ddddocr_det           1     71.14          0.34x          0.39x          0.87x
+    ddddocr_det           8    570.14          0.33x          0.39x          0.86x
+
+integer ÷ qlinear: svtr 2.3x / 2.7x, pplcnet_textdir 2.0x / 2.1x, nudenet 2.2x / 2.2x, ddddocr_det
+2.2x / 2.2x, ppocr_cls 2.9x / 3.5x (and, from the run before, pplcnet 2.8x / 2.7x, doc_orientation
+3.4x / 3.3x). Above 3x still: doc_orientation and ppocr_cls at batch 8, where ORT's int32 Div (the
+requantization's, 30-34% of their integer node time) and the HardSwish tables (16-21%) weigh most.
 """
 
 from __future__ import annotations
