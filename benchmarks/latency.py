@@ -395,12 +395,14 @@ target is unchanged, so against the faster qlinear it is now 2.2-3.5x (ppocr_cls
 The padded channels carried instead of Pad and Slice (qgraph/lowering/channel_padding.py, stop 31,
 2026-11-30, same host, ORT 1.19.2, one thread): the conv before a padded depthwise conv computes the
 extra channels, Q/DQ, HardSwish, the SE pool and multiply carry them, and the convs after give them
-weights at their zero point. ppocr_cls loses all 15 of its channel Pads and Slices (7 + 8; the stem's
-input Pad stays: the graph input cannot be widened); db_detector, pplcnet, pplcnet_textdir and
-svtr_recognizer their stem's Slice. ppocr_cls's old and new lowerings of one ptq model interleaved
-with float, 100 rounds: 1.077x -> 0.995x of float at batch 1, 0.989x -> 0.910x at batch 8 (node time
-at batch 1: Pad 47 + Slice 40 µs gone). This script after it (`--models ppocr_cls,pplcnet_textdir,
-pplcnet,svtr_recognizer,doc_orientation --repeats 21 --shares`):
+weights at their zero point. ppocr_cls loses its 14 depthwise Pads and Slices; ppocr_cls's old and
+new lowerings of one ptq model interleaved with float, 100 rounds: 1.076x -> 1.003x of float at
+batch 1, 0.985x -> 0.923x at batch 8 (node time at batch 1: Pad 47 + Slice 40 µs gone). A narrow
+stem's Slice (16 outputs computed for 8) stays: carried as well, its extra channels double the next
+block's work for no gain in ORT (pplcnet_textdir at batch 8, 60 rounds: 0.992x carried against 0.964x
+with the Slice; ppocr_cls 0.935x against 0.919x) and the interpreter's time at batch 8 rose 14%. The
+table below was measured with the stems carried too (commit 9406783; `--models ppocr_cls,
+pplcnet_textdir,pplcnet,svtr_recognizer,doc_orientation --repeats 21 --shares`):
 
     model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
     ppocr_cls             1      1.22          1.24x          1.01x          3.00x
@@ -414,7 +416,7 @@ pplcnet,svtr_recognizer,doc_orientation --repeats 21 --shares`):
     doc_orientation       1      5.21          0.77x          0.71x          2.44x
     doc_orientation       8     42.02          0.67x          0.68x          2.23x
 
-ppocr_cls at batch 1 is at float's latency (0.995x over 100 rounds; 1.01x in this 21-round run),
+ppocr_cls at batch 1 is at float's latency (1.003x over 100 rounds; 1.01x in this 21-round run),
 every other row below 1.0x; qlinear at or below ORT QOperator everywhere (doc_orientation at batch 8
 0.68x against 0.67x, within the run's noise). Tried and dropped the same day: the SE multiply in an
 explicit NHWC form (the map as [N, H, W·C] rows, the gate Expanded to one [N, 1, W·C] row): the
