@@ -400,25 +400,36 @@ new lowerings of one ptq model interleaved with float, 100 rounds: 1.076x -> 1.0
 batch 1, 0.985x -> 0.923x at batch 8 (node time at batch 1: Pad 47 + Slice 40 µs gone). A narrow
 stem's Slice (16 outputs computed for 8) stays: carried as well, its extra channels double the next
 block's work for no gain in ORT (pplcnet_textdir at batch 8, 60 rounds: 0.992x carried against 0.964x
-with the Slice; ppocr_cls 0.935x against 0.919x) and the interpreter's time at batch 8 rose 14%. The
-table below was measured with the stems carried too (commit 9406783; `--models ppocr_cls,
-pplcnet_textdir,pplcnet,svtr_recognizer,doc_orientation --repeats 21 --shares`):
+with the Slice; ppocr_cls 0.935x against 0.919x) and the interpreter's time at batch 8 rose 14%. This
+script at the end of the stop (commit c6cf611 and the integer changes below; `--models ppocr_cls,
+pplcnet_textdir,pplcnet,svtr_recognizer,doc_orientation,db_detector --repeats 21 --shares`):
 
     model             batch  float ms  ORT QOperator qgraph qlinear qgraph integer
-    ppocr_cls             1      1.22          1.24x          1.01x          3.00x
-    ppocr_cls             8      7.21          1.22x          0.92x          3.21x
-    pplcnet_textdir       1      0.43          1.23x          0.99x          2.28x
-    pplcnet_textdir       8      2.43          1.29x          0.99x          2.21x
-    pplcnet               1      3.05          0.94x          0.78x          2.17x
-    pplcnet               8     20.54          0.89x          0.80x          2.17x
-    svtr_recognizer       1      1.86          1.08x          0.95x          3.00x
-    svtr_recognizer       8     10.09          0.96x          0.87x          2.14x
-    doc_orientation       1      5.21          0.77x          0.71x          2.44x
-    doc_orientation       8     42.02          0.67x          0.68x          2.23x
+    ppocr_cls             1      1.26          1.21x          1.01x          2.96x
+    ppocr_cls             8      7.35          1.22x          0.92x          3.18x
+    pplcnet_textdir       1      0.39          1.25x          0.99x          2.33x
+    pplcnet_textdir       8      2.56          1.24x          0.96x          2.09x
+    pplcnet               1      3.17          0.94x          0.81x          2.15x
+    pplcnet               8     20.92          0.89x          0.77x          2.18x
+    svtr_recognizer       1      1.54          1.04x          0.89x          2.07x
+    svtr_recognizer       8      9.72          0.95x          0.83x          2.29x
+    doc_orientation       1      5.10          0.77x          0.74x          2.44x
+    doc_orientation       8     42.91          0.64x          0.65x          2.18x
+    db_detector           1     15.32          0.71x          0.48x          1.44x
+    db_detector           8    138.80          0.63x          0.43x          1.29x
+
+    qgraph qlinear, share of ORT node time (qgraph.profile):
+    model             batch      Q/DQ  Transpose      sum    tables  float act.  its Q/DQ
+    ppocr_cls             8      0.8%       1.3%     2.1%      0.0%       32.5%     14.3%
+    pplcnet_textdir       8      2.1%       3.6%     5.8%      0.0%       33.0%     15.7%
+    pplcnet               8      1.2%       3.0%     4.1%      0.0%       42.3%     17.3%
+    svtr_recognizer       8      1.5%       2.9%     4.4%      0.6%       31.9%     14.3%
+    doc_orientation       8      0.7%       1.7%     2.4%      0.1%       49.4%     19.7%
+    db_detector           8      0.7%       5.1%     5.8%      0.0%       27.4%     10.4%
 
 ppocr_cls at batch 1 is at float's latency (1.003x over 100 rounds; 1.01x in this 21-round run),
 every other row below 1.0x; qlinear at or below ORT QOperator everywhere (doc_orientation at batch 8
-0.68x against 0.67x, within the run's noise). Tried and dropped the same day: the SE multiply in an
+0.65x against 0.64x, within the run's noise). Tried and dropped the same day: the SE multiply in an
 explicit NHWC form (the map as [N, H, W·C] rows, the gate Expanded to one [N, 1, W·C] row): the
 QLinearMuls 110 -> 69 µs, but the Reshapes, Expands and Transposes ORT cannot cancel cost 82 µs more
 (node time 1190 -> 1200 µs at batch 1).
