@@ -72,8 +72,8 @@ ROLE_HINTS = {
     "integer compute": "",
     "depthwise off-block": "a depthwise QLinearConv whose channel count is off a multiple of 16: ORT's kernel runs "
                            "16 channels a step and the rest at up to half speed; `qgraph lower --target qlinear` "
-                           "pads such convs to whole blocks (the neighbouring convs compute and ignore the extra channels; "
-                           "a Pad and a Slice only where they cannot)",
+                           "pads such convs to whole blocks (the neighbouring convs compute and ignore the extra "
+                           "channels; a Pad and a Slice only where they cannot)",
     "float compute": "quantizing it (ptq, then `qgraph lower`) moves it to integer kernels",
     "other": "",
     "ORT layout": "layout conversions ORT inserted for its NCHWc/NHWC kernels: not in the model",

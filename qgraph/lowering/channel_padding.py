@@ -87,11 +87,7 @@ def _slice_site(node: gs.Node) -> tuple[int, int] | None:
     if axis != 1 or start != 0 or step != 1 or width is None or not 0 < narrow < width:
         return None
     conv = QModel.producer(node.inputs[0])
-    found = _weight(conv) if conv is not None and conv.op == "QLinearConv" else None
-    if found is None or int(conv.attrs.get("group", 1)) != width:
-        return None
-    w, wz = found
-    if not np.all(w[narrow:] == wz[narrow:].reshape((-1,) + (1,) * (w.ndim - 1))):
+    if conv is None or conv.op != "QLinearConv" or not _padded_depthwise(conv, narrow, width):
         return None
     return narrow, width
 
@@ -142,17 +138,25 @@ def _is_depthwise(conv: gs.Node, channels: int) -> bool:
 
 def _ignores_input_channels(conv: gs.Node, narrow: int, width: int) -> bool:
     """Whether the QLinearConv's weights on input channels [narrow, width) are at their zero point
-    (a dense conv), or its output channels there are (a depthwise conv of `width` groups)."""
+    (a dense conv), or its output channels there are (a padded depthwise conv)."""
     found = _weight(conv)
     if found is None:
         return False
     w, wz = found
-    zp = wz.reshape((-1,) + (1,) * (w.ndim - 1))
     if int(conv.attrs.get("group", 1)) == 1 and w.shape[1] == width:
-        return bool(np.all(w[:, narrow:] == zp))
-    if int(conv.attrs.get("group", 1)) == width == w.shape[0] and w.shape[1] == 1:
-        return bool(np.all(w[narrow:] == zp[narrow:]))
-    return False
+        return bool(np.all(w[:, narrow:] == wz.reshape((-1,) + (1,) * (w.ndim - 1))))
+    return _padded_depthwise(conv, narrow, width)
+
+
+def _padded_depthwise(conv: gs.Node, narrow: int, width: int) -> bool:
+    """Whether the conv is depthwise over `width` channels, those from `narrow` on padding: their
+    weights at the zero point, so that they compute nothing from their input."""
+    found = _weight(conv)
+    if found is None:
+        return False
+    w, wz = found
+    return (int(conv.attrs.get("group", 1)) == width == w.shape[0] and w.shape[1] == 1
+            and bool(np.all(w[narrow:] == wz[narrow:].reshape((-1,) + (1,) * (w.ndim - 1)))))
 
 
 class _Widening:
@@ -162,7 +166,7 @@ class _Widening:
     def __init__(self, model: QModel, narrow: int, width: int):
         self.model, self.narrow, self.width = model, narrow, width
         self.wide: dict[int, gs.Tensor] = {}            # tensors to widen (by id)
-        self.nodes: set[int] = set()                    # channelwise nodes seen
+        self.nodes: dict[int, gs.Node] = {}             # channelwise nodes seen
         self.out_convs: dict[int, gs.Node] = {}         # convs given extra output channels
         self.in_convs: dict[int, gs.Node] = {}          # dense convs given extra input channels
         self.bypassed: dict[int, gs.Node] = {}          # Slices and Pads to remove
@@ -237,7 +241,7 @@ class _Widening:
             return False
         if len(node.outputs) != 1 or node.attrs.get("channels_last", 0):
             return False
-        self.nodes.add(id(node))
+        self.nodes[id(node)] = node
         return all(self.tensor(t) for t in data + list(node.outputs))
 
     # -- changes --------------------------------------------------------------------------
@@ -247,7 +251,7 @@ class _Widening:
             t.shape = [t.shape[0], self.width, *t.shape[2:]]
         for conv in self.out_convs.values():
             _add_output_channels(self.model, conv, extra)
-        for conv in [n for n in self.model.graph.nodes if id(n) in self.nodes and n.op == "QLinearConv"]:
+        for conv in (n for n in self.nodes.values() if n.op == "QLinearConv"):
             _add_output_channels(self.model, conv, extra)          # a depthwise conv: groups too
             conv.attrs["group"] = self.width
         for conv in self.in_convs.values():
