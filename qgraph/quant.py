@@ -659,11 +659,19 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
         return 0, 1, qlo + k
     levels = np.arange(qlo + 1, qhi + 1, dtype=np.int64)
     if m == 0:                                   # F is the constant floor(2^(n-1) / 2^n) + zp = zp
-        breakpoints = [-bound if v <= zp else bound + 1 for v in range(qlo + 1, qhi + 1)]
-    else:                                        # smallest a with (a + b)·m + 2^(n-1) >= (v − zp)·2^n
-        breakpoints = [min(max(_first_reaching(v, m, n, zp) - b, -bound), bound + 1) for v in range(qlo + 1, qhi + 1)]
-    breakpoints = np.array(breakpoints, np.int64)
+        breakpoints = np.where(levels <= zp, -bound, bound + 1)
+    elif n <= 52 and max(abs(qlo - zp), abs(qhi - zp)) < 1 << 9:   # int64 holds (v − zp)·2^n
+        # smallest a with (a + b)·m + 2^(n-1) >= (v − zp)·2^n: _first_reaching on every level at once
+        reach = -(((1 << (n - 1)) - (levels - zp) * (1 << n)) // m) - b
+        breakpoints = np.clip(reach, -bound, bound + 1)
+    else:
+        breakpoints = np.array([min(max(_first_reaching(v, m, n, zp) - b, -bound), bound + 1)
+                                for v in range(qlo + 1, qhi + 1)], np.int64)
     reached, left = breakpoints <= bound, breakpoints - 1 >= -bound      # which constraints apply
+    # A few telling levels first (the extremes, and those whose step sits farthest either side of
+    # the exact line a = (v − zp − ½)/ratio − b): a (p, q) that fails on them fails on all, so the
+    # full check of every level runs only on the numerators that pass (the same first fit).
+    sample = _telling_levels(levels, breakpoints, m, n, b, zp)
     limit = min(DIVISION_MAX_MULTIPLIER, (_INT32[1] // max(bound, 1)))
     ratio = m / 2.0**n
     for start in range(0, limit + 1, 64):
@@ -674,15 +682,38 @@ def _division_fraction(m: int, n: int, b: int, bound: int, zp: int, qlo: int, qh
         # bias: p / ratio would overflow the offset); p = 0 covers a constant rule
         q = np.concatenate([q, (p * (2 * bound + 2))[:, None].astype(np.float64)], axis=1)
         q = np.clip(q, 1, _INT32[1]).astype(np.int64)                       # (P, J)
-        need = (levels + k)[None, None, :] * q[:, :, None] - breakpoints[None, None, :] * p[:, None, None]
-        lo = np.where(reached, need, np.iinfo(np.int64).min).max(axis=2)
-        hi = np.where(left, need + p[:, None, None], np.iinfo(np.int64).max).min(axis=2)   # exclusive
-        r = np.clip(0, lo, hi - 1)
-        fits = (lo < hi) & (bound * p[:, None] + np.abs(r) <= _INT32[1])
-        if fits.any():
-            i, j = np.argwhere(fits)[0]
-            return int(p[i]), int(q[i, j]), int(r[i, j])
+        lo, hi = _step_window(levels[sample] + k, breakpoints[sample], reached[sample], left[sample], p, q)
+        rows = np.flatnonzero((lo < hi).any(axis=1))
+        for block in range(0, rows.size, 8):     # the passing numerators, smallest first
+            at = rows[block:block + 8]
+            lo, hi = _step_window(levels + k, breakpoints, reached, left, p[at], q[at])
+            r = np.clip(0, lo, hi - 1)
+            fits = (lo < hi) & (bound * p[at, None] + np.abs(r) <= _INT32[1])
+            if fits.any():
+                i, j = np.argwhere(fits)[0]
+                return int(p[at[i]]), int(q[at[i], j]), int(r[i, j])
     return None
+
+
+def _step_window(targets, breakpoints, reached, left, p, q):
+    """For numerators p (P,) and divisors q (P, J): the bounds [lo, hi) of the offsets r with
+    ``floor((B_v·p + r) / q) >= t_v`` at every reached step B_v and ``< t_v`` one before it."""
+    need = targets[None, None, :] * q[:, :, None] - breakpoints[None, None, :] * p[:, None, None]
+    lo = np.where(reached, need, np.iinfo(np.int64).min).max(axis=2)
+    hi = np.where(left, need + p[:, None, None], np.iinfo(np.int64).max).min(axis=2)   # exclusive
+    return lo, hi
+
+
+def _telling_levels(levels, breakpoints, m: int, n: int, b: int, zp: int, each: int = 8) -> np.ndarray:
+    """Indices of the levels most likely to rule a fraction out: the first and last few, and
+    those whose integer step lies farthest before or after the real one."""
+    count = levels.size
+    if count <= 4 * each or m <= 0:
+        return np.arange(count)
+    exact = ((levels - zp).astype(np.float64) * 2.0**n - 2.0**(n - 1)) / m - b
+    order = np.argsort(breakpoints - exact, kind="stable")
+    ends = np.r_[np.arange(each), np.arange(count - each, count)]
+    return np.unique(np.r_[ends, order[:each], order[-each:]])
 
 
 #: The largest element count an integer mean (:func:`mean_requant`) is exact for: its int32 sum
