@@ -59,7 +59,11 @@ class QModel:
         others = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
         graph.import_domains = [onnx.helper.make_opsetid("", OPSET), *others]
         metadata = {p.key: p.value for p in model.metadata_props}
-        return cls(graph, metadata, model.ir_version, model.producer_name or "qgraph")
+        # IR 3 (onnx/models' Caffe2-era exports) lists every initializer among the graph's inputs;
+        # graphsurgeon imports them as constants only, which IR 3 forbids: export at least at the
+        # working opset's own IR version.
+        ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", OPSET)]))
+        return cls(graph, metadata, ir_version, model.producer_name or "qgraph")
 
     def to_onnx(self) -> onnx.ModelProto:
         """Export to a ModelProto (cleanup + toposort first)."""
