@@ -15,6 +15,10 @@ and each preserves the outputs up to float rounding:
 
       y = (W * x + b) · c + d   =>   W' = W · c (per output channel),  b' = b · c + d.
 
+- ``Sum`` of n >= 2 inputs (Caffe2-era exports write ResNet's residual additions so) becomes
+  the chain ``((x1 + x2) + x3) + …`` of Adds, the order ONNX Runtime's Sum kernel adds in, so
+  quantizers and lowering treat each as the residual Add it is; a one-input Sum is its input.
+
 Unary elementwise idioms (HardSwish, SiLU, GELU, ...) are not rewritten: they stay as exported
 (ONNX Runtime can train every piece) and idioms.unary_regions recognizes them where it matters.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qgraph.errors import PassError
 from qgraph.graph import Node, QModel, Tensor
 from qgraph.idioms import LAYERS, Declined, grouped_view, out_channels, skip
 
@@ -222,6 +227,25 @@ def fuse_softmax(model: QModel, m: SoftmaxMatch) -> None:
     model.add_node("Softmax", [m.x], [m.output], f"{m.nodes[-1].name}/Softmax", {"axis": m.axis})
 
 
+# -- n-ary Sum ----------------------------------------------------------------------------------
+
+def sum_as_adds(model: QModel, node: Node) -> None:
+    """Replace the Sum `node` by Adds of its inputs in order (one input: the Sum is bypassed)."""
+    terms = list(node.inputs)
+    if len(terms) == 1:
+        model.bypass(node)
+        return
+    out = node.outputs[0]
+    node.outputs.clear()
+    acc = terms[0]
+    for k, term in enumerate(terms[1:], start=2):
+        last = k == len(terms)
+        target = out if last else model.add_variable(f"{out.name}_sum{k}", dtype=out.dtype, shape=out.shape)
+        model.add_node("Add", [acc, term], [target], f"{node.name}/add{k}")
+        acc = target
+    node.inputs.clear()
+
+
 # -- per-channel affine after a layer ------------------------------------------------------------
 
 AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
@@ -321,8 +345,16 @@ def _set(model: QModel, layer: Node, index: int, value: np.ndarray, dtype=np.flo
 
 def normalize_exporter_idioms(model: QModel) -> dict:
     """Apply every rewrite of this module until none applies; returns counts and skip entries."""
-    counts = {"layernorm": 0, "softmax": 0, "affine": 0}
+    counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0}
     skipped: list[dict] = []
+    for node in list(model.graph.nodes):
+        if node.op == "Sum" and node.outputs:
+            try:
+                sum_as_adds(model, node)
+                counts["sum"] += 1
+            except PassError as exc:
+                skipped.append(skip(node, f"Sum as Adds: {exc}"))
+    model.cleanup()
     for node in list(model.graph.nodes):
         if node.op == "ReduceMean" and node.outputs and node.outputs[0].outputs:
             try:
@@ -357,5 +389,5 @@ def normalize_exporter_idioms(model: QModel) -> dict:
     return {"counts": counts, "skipped": skipped}
 
 
-__all__ = ["normalize_exporter_idioms", "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
+__all__ = ["normalize_exporter_idioms", "sum_as_adds", "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

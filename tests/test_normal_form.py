@@ -121,3 +121,22 @@ def test_affine_that_is_not_per_channel_stays():
     out, report = _canonical(model)
     assert report["idioms"]["affine"] == 0 and [n.op_type for n in out.graph.node] == ["Conv", "Mul"]
     assert any("not one value per output channel" in s["reason"] for s in report["skipped"])
+
+
+@pytest.mark.parametrize("terms", [1, 2, 4])
+def test_sum_becomes_adds_in_ort_order(terms):
+    """Caffe2-era ResNets add their residuals with Sum: Adds in input order, ((a + b) + c) + d,
+    ORT's own order, so the float outputs are identical, not only close."""
+    rng = np.random.default_rng(terms)
+    names = [f"t{i}" for i in range(terms)]
+    nodes = [helper.make_node("Mul", ["x", f"c{i}"], [n]) for i, n in enumerate(names)]
+    nodes.append(helper.make_node("Sum", names, ["s"], name="sum"))
+    nodes.append(helper.make_node("Relu", ["s"], ["y"]))
+    model = _model(nodes, {f"c{i}": rng.normal(0, 3, (1, 4, 1, 1)) for i in range(terms)}, ["N", 4, 5, 5],
+                   ["N", 4, 5, 5])
+    out, report = _canonical(model)
+    assert report["idioms"]["sum"] == 1
+    ops = [n.op_type for n in out.graph.node]
+    assert "Sum" not in ops and ops.count("Add") == terms - 1
+    feeds = {"x": rng.normal(0, 1, (3, 4, 5, 5)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(out, feeds)["y"], run_model(model, feeds)["y"])
