@@ -213,33 +213,61 @@ def _conv_bn_nodes(extra_reader: bool):
     return nodes, inits
 
 
-def test_bn_shared_by_two_paths_is_untouched():
+def test_bn_shared_by_two_paths_becomes_its_own_depthwise_conv():
+    """Folding into the Conv would change its output for the other reader: the BN becomes a
+    depthwise 1x1 conv of its own instead (the Conv keeps its weights)."""
     nodes, inits = _conv_bn_nodes(extra_reader=True)
-    model = QModel.from_onnx(make_model(nodes, inits, (3, 5, 5)))
-    report = run_pass(model, "fuse_conv_bn")
-    assert report["changed"] == 0
-    assert report["skipped"] == [{"node": "bn", "reason": "the Conv output 'x' has 1 other consumer(s); "
-                                                          "fusing would change it for them"}]
-    assert sum(n.op == "BatchNormalization" for n in model.graph.nodes) == 1
+    proto = make_model(nodes, inits, (3, 5, 5))
+    feeds = feeds_for((3, 5, 5))
+    for mode in ("fold", "forward"):
+        model = QModel.from_onnx(proto)
+        report = run_pass(model, "fuse_conv_bn", {"mode": mode})
+        assert report["fused"] == [] and report["skipped"] == []
+        assert report["standalone_as_conv"] == [{"bn": "bn", "conv": "bn/depthwise", "channels": 4}]
+        assert "1 with no layer before them as depthwise 1x1 convs" in report["summary"]
+        convs = {n.name: n for n in model.graph.nodes if n.op == "Conv"}
+        assert convs["bn/depthwise"].attrs["group"] == 4 and convs["bn/depthwise"].inputs[1].values.shape == (4, 1, 1, 1)
+        assert convs["conv"].inputs[1].name == "conv.weight"
+        got = run_model(model.to_onnx(), feeds)["logits"]
+        assert rel_err(got, run_model(proto, feeds)["logits"]) <= 1e-5
 
 
-def test_bn_fed_by_non_conv_is_untouched():
+@pytest.mark.parametrize("rank", [3, 4, 5])
+def test_bn_fed_by_non_conv_becomes_a_depthwise_conv(rank):
+    """DenseNet's BN after a Concat, a pre-activation BN after a Relu: x·s + (β − μ·s) per channel,
+    as a depthwise conv with a 1-wide kernel on every spatial axis."""
     inits = bn_params("bn", 3)
     nodes = [helper.make_node("Relu", ["input"], ["x"], name="relu"), bn_node("x", "logits")]
-    model = QModel.from_onnx(make_model(nodes, inits, (3, 4, 4)))
+    shape = (3,) + (4, 5, 6)[:rank - 2]
+    proto = make_model(nodes, inits, shape)
+    model = QModel.from_onnx(proto)
     report = run_pass(model, "fuse_conv_bn", {"mode": "forward"})
-    assert report["changed"] == 0 and "nothing fused" in report["summary"]
-    assert "produced by Relu 'relu', not Conv" in report["skipped"][0]["reason"]
+    assert report["changed"] == 1 and [n.op for n in model.graph.nodes] == ["Relu", "Conv"]
+    conv = model.graph.nodes[1]
+    assert conv.attrs == {"group": 3, "kernel_shape": [1] * (rank - 2)}
+    feeds = feeds_for(shape)
+    assert rel_err(run_model(model.to_onnx(), feeds)["logits"], run_model(proto, feeds)["logits"]) <= 1e-5
 
 
-def test_weight_given_as_graph_input_is_skipped():
+def test_bn_of_unknown_rank_is_left_with_both_reasons():
+    inits = bn_params("bn", 3)
+    nodes = [helper.make_node("Relu", ["input"], ["x"], name="relu"), bn_node("x", "logits")]
+    proto = make_model(nodes, inits, (3, 4, 4))
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    model = QModel.from_onnx(proto)
+    report = run_pass(model, "fuse_conv_bn")
+    assert report["changed"] == 0 and report["skipped"] == [{"node": "bn", "reason": (
+        "its input 'x' is produced by Relu 'relu', not Conv/ConvTranspose/Gemm/MatMul; not a depthwise conv "
+        "of its own either: its input 'x' has rank unknown, not 3-5 (N, C, spatial)")}]
+
+
+def test_weight_given_as_graph_input_leaves_the_conv_and_converts_the_bn():
     nodes, inits = _conv_bn_nodes(extra_reader=False)
     inits = [i for i in inits if i.name != "conv.weight"]
     extra = [helper.make_tensor_value_info("conv.weight", TensorProto.FLOAT, [4, 3, 3, 3])]
     model = QModel.from_onnx(make_model(nodes, inits, (3, 5, 5), extra_inputs=extra))
     report = run_pass(model, "fuse_conv_bn")
-    assert report["changed"] == 0
-    assert report["skipped"][0]["reason"] == "Conv 'conv' weight 'conv.weight' is a graph input, not an initializer"
+    assert report["fused"] == [] and len(report["standalone_as_conv"]) == 1
 
 
 def test_nothing_to_do_is_a_report():
@@ -308,10 +336,9 @@ def test_bundled_models_both_modes(name):
     fold_out = run_model(models["fold"][0].to_onnx(), feeds)["logits"]
     assert rel_err(run_model(forward.to_onnx(), feeds)["logits"], fold_out) <= 1e-6
     for _, report in models.values():
-        # only RepVGG's identity-branch BNs (fed by the previous block's Relu) stay
-        assert all("produced by Relu" in s["reason"] for s in report["skipped"]), report["skipped"]
-        if name != "repvgg":
-            assert report["skipped"] == []
+        # RepVGG's identity-branch BNs (fed by the previous block's Relu) become depthwise convs
+        assert report["skipped"] == []
+        assert bool(report["standalone_as_conv"]) == (name == "repvgg")
 
 
 def test_fold_keeps_names_of_unshared_weights_and_copies_shared_ones():

@@ -15,6 +15,12 @@ The output channel is axis 0 of a Conv weight (C_out, C_in/g, k…), axis 1 *wit
 group* of a ConvTranspose weight (C_in, C_out/g, k…), and the feature axis of a Gemm/MatMul
 weight (axis 1, or 0 with transB). MatMul becomes Gemm so it can carry the bias.
 
+A BatchNormalization with no layer to fold into (DenseNet's and pre-activation ResNets' BN after
+a Concat or an Add, a BN on a graph input) becomes a depthwise 1x1 Conv of its own in both modes:
+weight s[c], bias β[c] − μ[c]·s[c], group C. Quantization, lowering and training then treat it
+as the per-channel affine layer it is, instead of a float island between integer layers (in QAT
+its weight and bias train, the statistics being folded in).
+
 Invariant: outputs unchanged up to float rounding.
 """
 
@@ -40,12 +46,15 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forw
     """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul (fold or forward)."""
     if mode not in _MODES:
         raise ConfigError(f"fuse_conv_bn: mode must be one of {', '.join(_MODES)}, got '{mode}'")
-    fused, skipped, annotation = [], [], {}
+    fused, skipped, annotation, standalone = [], [], {}, []
     for bn in [n for n in model.graph.nodes if n.op == "BatchNormalization"]:
         try:
             match = match_bn(model, bn)
         except Declined as declined:
-            skipped.append(skip(bn, declined.reason))
+            try:
+                standalone.append(bn_as_depthwise_conv(model, bn))
+            except Declined as also:
+                skipped.append(skip(bn, f"{declined.reason}; not a depthwise conv of its own either: {also.reason}"))
             continue
         check_finite(match)
         if not match.layer.name:  # the annotation and new tensor names need one
@@ -55,21 +64,18 @@ def fuse_conv_bn(model: QModel, ctx: PassContext, *, mode: Literal["fold", "forw
         else:
             annotation[match.layer.name] = forward_fuse_bn(model, match)
         fused.append({"bn": bn.name, "layer": match.layer.name, "op": match.layer_op})
-    if fused:
+    if fused or standalone:
         model.cleanup()
     if annotation:
         set_annotation(model, FORWARD_FUSED_BN, {**get_annotation(model, FORWARD_FUSED_BN, {}), **annotation})
         frozen = {entry[key] for entry in annotation.values() for key in ("mean", "var")}
         set_annotation(model, FROZEN, sorted(set(get_annotation(model, FROZEN, []) or []) | frozen))
-    if fused:
-        summary = f"{len(fused)} BatchNormalization {'folded' if mode == 'fold' else 'forward-fused'}"
-        summary += f", {len(skipped)} left alone" if skipped else ""
-    elif skipped:
-        summary = f"nothing fused: {len(skipped)} BatchNormalization left alone (see skipped)"
-    else:
-        summary = "nothing to do: the model has no BatchNormalization"
-    return {"changed": len(fused), "summary": summary, "mode": mode, "fused": fused,
-            "skipped": skipped, "warnings": []}
+    parts = [f"{len(fused)} BatchNormalization {'folded' if mode == 'fold' else 'forward-fused'}"] if fused else []
+    parts += [f"{len(standalone)} with no layer before them as depthwise 1x1 convs"] if standalone else []
+    parts += [f"{len(skipped)} left alone (see skipped)"] if skipped else []
+    summary = ", ".join(parts) or "nothing to do: the model has no BatchNormalization"
+    return {"changed": len(fused) + len(standalone), "summary": summary, "mode": mode, "fused": fused,
+            "standalone_as_conv": standalone, "skipped": skipped, "warnings": []}
 
 
 # -- pattern and check --------------------------------------------------------------------
@@ -119,6 +125,40 @@ def match_bn(model: QModel, bn: Node) -> BNMatch:
     match = BNMatch(bn, layer, layer.op, weight, bias, *params, float(bn.attrs.get("epsilon", 1e-5)))
     _check_shapes(match)
     return match
+
+
+def bn_as_depthwise_conv(model: QModel, bn: Node) -> dict:
+    """Replace `bn` (inference mode, constant statistics, input of rank 3-5 with known channels)
+    by the depthwise 1x1 Conv computing ``x·s + (β − μ·s)``, s = γ/√(σ²+ε) in float64; Declined
+    says why not. Returns the report entry."""
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        raise Declined("BatchNormalization has training_mode=1")
+    if any(extra.outputs or model.is_graph_output(extra) for extra in bn.outputs[1:]):
+        raise Declined("its running-statistics outputs are used")
+    x = bn.inputs[0]
+    rank = len(x.shape) if x.shape is not None else 0
+    if not 3 <= rank <= 5:
+        raise Declined(f"its input '{x.name}' has rank {rank or 'unknown'}, not 3-5 (N, C, spatial)")
+    for role, tensor in zip(("scale", "B", "mean", "var"), bn.inputs[1:5]):
+        _check_constant(model, tensor, f"BatchNormalization {role}")
+    gamma, beta, mean, var = (np.asarray(QModel.constant_value(t), np.float64).reshape(-1) for t in bn.inputs[1:5])
+    channels = gamma.size
+    if not all(v.size == channels for v in (beta, mean, var)) or x.shape[1] not in (channels, None) \
+            and not isinstance(x.shape[1], str):
+        raise Declined(f"its parameters do not all have the {x.shape[1]} channels of '{x.name}'")
+    if not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)) or np.any(var + float(bn.attrs.get("epsilon", 1e-5)) <= 0):
+        raise Declined("its statistics hold NaN/Inf or a non-positive variance")
+    scale = bn_scale(gamma, var, float(bn.attrs.get("epsilon", 1e-5)))
+    dtype = QModel.constant_value(bn.inputs[1]).dtype
+    spatial = rank - 2
+    weight = model.add_constant(f"{bn.name}.weight", scale.reshape((channels, 1) + (1,) * spatial).astype(dtype))
+    bias = model.add_constant(f"{bn.name}.bias", (beta - mean * scale).astype(dtype))
+    y = bn.outputs[0]
+    bn.outputs.clear()
+    bn.inputs.clear()
+    conv = model.add_node("Conv", [x, weight, bias], [y], f"{bn.name}/depthwise",
+                          {"group": channels, "kernel_shape": [1] * spatial})
+    return {"bn": bn.name, "conv": conv.name, "channels": channels}
 
 
 def _check_constant(model: QModel, tensor: Tensor, role: str) -> None:
