@@ -374,6 +374,55 @@ def test_every_rule_lowers_on_both_targets(activation, tmp_dir):
             np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
+# -- AveragePool with padding or ceil_mode (Inception's branch pools, ShuffleNet's shortcut) -------
+
+def avg_pool_qdq(shape, **attrs) -> onnx.ModelProto:
+    """input -Q/DQ- AveragePool -Q/DQ-> logits, uint8 codes with a zero point inside the range (so
+    padding, which reads real 0, sits mid-range) and an output scale finer than the input's."""
+    inits = [numpy_helper.from_array(np.float32(0.02), "x_s"), numpy_helper.from_array(np.uint8(100), "x_z"),
+             numpy_helper.from_array(np.float32(0.013), "y_s"), numpy_helper.from_array(np.uint8(90), "y_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"], name="xdq"),
+             helper.make_node("AveragePool", ["xd"], ["p"], name="pool", **attrs),
+             helper.make_node("QuantizeLinear", ["p", "y_s", "y_z"], ["pq"], name="pq"),
+             helper.make_node("DequantizeLinear", ["pq", "y_s", "y_z"], ["logits"], name="pdq")]
+    return input_to_logits(nodes, inits, "avg_pool", list(shape))
+
+
+@pytest.mark.parametrize("shape, attrs", [
+    ((2, 5, 9, 11), dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])),                            # Inception
+    ((2, 5, 9, 11), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),            # ShuffleNet
+    ((2, 5, 10, 11), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 2], ceil_mode=1)),
+    ((2, 5, 9, 11), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)),
+    ((2, 5, 7, 7), dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)),
+    ((2, 5, 13), dict(kernel_shape=[5], pads=[2, 2])),
+], ids=["k3s1p1", "k3s2p1", "k3s2-uneven-ceil", "k3s2p1-count-pad", "k2s2-ceil", "1d-k5p2"])
+def test_padded_and_ceil_mode_average_pools_lower_to_integers(shape, attrs):
+    """The integer target divides each window's sum by its own count (taps inside the image, or the
+    kernel size with count_include_pad=1): codes within one step of the QDQ model's float pool
+    (the fixed-point rule rounds half up where Q rounds the float quotient half to even), most
+    equal, and bit-exact between ORT and the interpreter."""
+    qdq = avg_pool_qdq(shape, **attrs)
+    x = np.random.default_rng(0).uniform(-2.0, 3.0, shape).astype(np.float32)
+    lowered, report = lower_model(qdq, "integer")
+    assert report["skipped"] == [] and "AveragePool" in report["lowered"], report
+    assert integer_region_float_tensors(lowered) == []
+    ref = run_model(qdq, {"input": x})["logits"]
+    out = run_model(lowered, {"input": x})["logits"]
+    steps = np.rint(np.abs(out - ref) / np.float32(0.013))
+    assert steps.max() <= 1 and np.mean(steps == 0) > 0.97, (steps.max(), np.mean(steps == 0))
+    if interp_run is not None:
+        np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_padded_average_pool_of_dynamic_size_is_declined_with_the_reason():
+    qdq = avg_pool_qdq(("N", 5, "H", "W"), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    _, report = lower_model(qdq, "integer")
+    assert [s["reason"] for s in report["skipped"]] == [
+        "padded or ceil-mode AveragePool needs static spatial dims (its divisor varies per position); "
+        "fix the input size before lowering"]
+
+
 def test_float_tail_outside_the_quantized_region_is_reported():
     """A skip rule on the classifier leaves a float Gemm after the last DQ; it is reported."""
     from qgraph.graph import QModel

@@ -39,6 +39,8 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
@@ -621,21 +623,29 @@ def _lower_mean_of_runtime_count(model: QModel, site: Site, x: QInput, rank: int
 
 
 def lower_average_pool(model: QModel, site: Site) -> None:
+    """A depthwise ConvInteger of ones (padding reads the zero point: a padded tap adds 0, as the
+    float pool's 0.0 does), requantized with the multiplier ``s_x / (count·s_y)``. ``count`` is
+    the kernel size, or, for a padded pool with count_include_pad=0 or a ceil-mode pool's last
+    windows, the taps inside the image at each output position (:func:`_pool_counts`): one
+    int32 division form per distinct count, laid out over the output positions."""
     x = _uint8_activation(site, 0)
     attrs = site.node.attrs
-    if any(attrs.get("pads", [0])) or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") \
-            or attrs.get("ceil_mode", 0):
-        raise Declined("padded or ceil-mode AveragePool is not lowered (the divisor varies per position)")
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise Declined(f"AveragePool with auto_pad={attrs['auto_pad']} is not lowered; export explicit pads")
     channels = _static_dims(site.node.inputs[0], [1])
     if channels is None:
         raise Declined("dynamic shape: AveragePool needs a static channel count")
     kernel = list(attrs["kernel_shape"])
-    count = int(np.prod(kernel))
-    ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
+    if any(d != 1 for d in attrs.get("dilations", [1] * len(kernel))):
+        raise Declined("dilated AveragePool is not lowered")
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+    counts, end_pads = _pool_counts(site, kernel, strides, pads)
     name = site.node.name
-    conv_attrs = {"group": channels[0], "kernel_shape": kernel}
-    if "strides" in attrs:
-        conv_attrs["strides"] = attrs["strides"]
+    conv_attrs = {"group": channels[0], "kernel_shape": kernel, "strides": strides,
+                  "pads": pads[:len(kernel)] + end_pads}
+    bounds = clamp_bounds(site)
+    by_position = None if np.unique(counts).size == 1 else _division_by_count(counts, x, site.out_q, bounds)
 
     def build(out):
         acc = var(model, f"{name}_acc", np.int32)
@@ -643,10 +653,62 @@ def lower_average_pool(model: QModel, site: Site) -> None:
         model.add_node("ConvInteger", [x.tensor, const(model, f"{name}_ones", ones),
                                        const(model, f"{name}_x_zero_point", x.quantizer.zero_point),
                                        const(model, f"{name}_w_zero_point", np.uint8(0))], [acc], name, conv_attrs)
+        if by_position is not None:
+            return _emit_division(model, acc, by_position, site.out_q, out, f"{name}_requant", counts.shape)
+        count = int(counts.reshape(-1)[0])
+        ratio = quant.requant_multiplier(x.quantizer.scale, 1.0, site.out_q.scale, divisor=count)
         emit_requantize(model, acc, ratio, site.out_q, out, f"{name}_requant", acc_bound=count * _code_reach(x),
-                        bounds=clamp_bounds(site))
+                        bounds=bounds)
 
     finish_site(model, site, build, clamped=True)
+
+
+def _pool_counts(site: Site, kernel, strides, pads) -> tuple[np.ndarray, list[int]]:
+    """(the divisor at each output position, the end pads ConvInteger needs): taps inside the
+    image (count_include_pad=0), else the kernel size; a ceil-mode pool's last window, which
+    overhangs the padded input, gets that overhang as extra end padding (zero-point taps)."""
+    nd = len(kernel)
+    rank = nd + 2
+    x_dims = _static_dims(site.node.inputs[0], range(2, rank))
+    y_dims = _static_dims(site.node.outputs[0], range(2, rank))
+    plain = not any(pads) and not site.node.attrs.get("ceil_mode", 0)
+    if plain:
+        return np.array(int(np.prod(kernel))), [0] * nd
+    if x_dims is None or y_dims is None:
+        raise Declined("padded or ceil-mode AveragePool needs static spatial dims (its divisor varies "
+                       "per position); fix the input size before lowering")
+    per_axis, end_pads = [], []
+    for size, out, k, s, begin, end in zip(x_dims, y_dims, kernel, strides, pads[:nd], pads[nd:]):
+        start = np.arange(out) * s - begin
+        end_pads.append(end + max(0, (out - 1) * s + k - (size + begin + end)))
+        inside = np.clip(start + k, 0, size) - np.clip(start, 0, size)
+        per_axis.append(inside)
+    if site.node.attrs.get("count_include_pad", 0):
+        return np.full(y_dims, int(np.prod(kernel))), end_pads
+    counts = per_axis[0]
+    for inside in per_axis[1:]:
+        counts = np.multiply.outer(counts, inside)
+    if counts.min() < 1:
+        raise Declined("an AveragePool window lies wholly in the padding (no element to average)")
+    return counts, end_pads
+
+
+def _division_by_count(counts: np.ndarray, x: QInput, out_q: Quantizer, bounds) -> quant.DivisionSteps:
+    """The int32 division form (quant.DivisionSteps) of a requantization whose divisor differs per
+    output position: each distinct count's (p, r, q), laid out over the positions (constants of
+    the output's spatial shape, broadcast over batch and channels)."""
+    distinct, index = np.unique(counts, return_inverse=True)
+    ratios = np.array([quant.requant_multiplier(x.quantizer.scale, 1.0, out_q.scale, divisor=int(c))[()]
+                       for c in distinct])
+    m0, shift = quant.quantize_multiplier(ratios)
+    qlo, qhi = bounds if bounds is not None else (out_q.qmin, out_q.qmax)
+    steps = quant.division_steps(m0, shift, out_q.scalar_zero_point(), qlo, qhi, out_q.dtype,
+                                 acc_bound=[int(c) * _code_reach(x) for c in distinct])
+    if steps is None:
+        raise Declined("no int32 division form for this AveragePool's divisors")
+    at = index.reshape(-1)
+    return dataclasses.replace(steps, multiplier=steps.multiplier[at], offset=steps.offset[at],
+                               divisor=steps.divisor[at])
 
 
 def lower_concat(model: QModel, site: Site) -> None:
