@@ -105,6 +105,8 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
     version = default_opset(model)
     if version == OPSET:
         return model
+    if version < 7:
+        model = _per_channel_prelu_slopes(model)
     try:
         converted = version_converter.convert_version(model, OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
@@ -112,6 +114,36 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
                          f"re-export the model at opset {OPSET}") from None
     log.warning("%s: converted opset %d to %d", origin, version, OPSET)
     return converted
+
+
+def _per_channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Before opset 7, a PRelu's 1-D slope of C values applied along the channel axis (PyTorch
+    0.3's exports); from opset 7 on it broadcasts from the right, and onnx's converter leaves it
+    as it is (a wrong, usually unbroadcastable model). Reshape such slopes to (C, 1, ...)."""
+    from onnx import numpy_helper
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for info in (*inferred.graph.input, *inferred.graph.value_info):
+            if info.type.tensor_type.HasField("shape"):
+                ranks[info.name] = len(info.type.tensor_type.shape.dim)
+    except Exception:  # shape inference of a legacy graph: without ranks nothing is reshaped
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "PRelu" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        slope = numpy_helper.to_array(inits[node.input[1]])
+        rank = ranks.get(node.input[0], 0)
+        if slope.ndim == 1 and slope.size > 1 and rank >= 3:
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(slope.reshape((-1,) + (1,) * (rank - 2)),
+                                                                  node.input[1]))
+            for info in model.graph.input:                  # IR 3 lists initializers as inputs too
+                if info.name == node.input[1]:
+                    info.CopyFrom(onnx.helper.make_tensor_value_info(info.name, inits[node.input[1]].data_type,
+                                                                     slope.reshape((-1,) + (1,) * (rank - 2)).shape))
+    return model
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
