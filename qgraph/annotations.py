@@ -132,6 +132,10 @@ def require_quantizers(model, who: str, first: str = "insert_qdq and calibrate")
     """read_quantizers for a pass that works on a quantized model: PassError naming the pass
     `who` and what to run `first` when there is none."""
     records = read_quantizers(model)
+    if not records and get_annotation(model, CALIBRATED) is not None:     # insert_qdq ran
+        raise PassError(f"{who}: insert_qdq placed no quantizer: the model has no Conv, ConvTranspose, Gemm or "
+                        "MatMul to quantize (or rules skip every one); qgraph quantizes the inputs of those "
+                        "and what the integer ops between them read")
     if not records:
         raise PassError(f"{who}: the model has no qgraph quantizers; run {first} first")
     return records

@@ -293,3 +293,21 @@ def test_clamped_activation_inputs_get_finer_grids_that_reach_past_the_flat_boun
         assert err_on <= 1.05 * err_off, (t, region.kind, err_on, err_off)
         finer += bool(s_on < 0.8 * s_off and err_on < 0.8 * err_off)
     assert finer >= len(bounded) // 2
+
+
+def test_model_with_nothing_to_quantize_says_so():
+    """A model of a Sigmoid alone (PyTorch's exported nn.Sigmoid): insert_qdq runs and places no
+    quantizer; calibrate says why instead of asking to run insert_qdq."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "sigmoid",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    run_pass(model, "insert_qdq")
+    with pytest.raises(PassError, match=r"^calibrate: insert_qdq placed no quantizer: the model has no Conv, "
+                                        r"ConvTranspose, Gemm or MatMul to quantize"):
+        run_pass(model, "calibrate", {"progress": False},
+                 PassContext(data={"x": np.zeros((2, 4), np.float32)}))
+    fresh = QModel.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(PassError, match="no qgraph quantizers; run insert_qdq"):
+        run_pass(fresh, "calibrate", {"progress": False}, PassContext(data={"x": np.zeros((2, 4), np.float32)}))
