@@ -127,6 +127,9 @@ class FeedPlan:
         if missing:
             raise DataError(f"{origin}: missing input {missing[0]!r}; the file has keys {sorted(data)}, "
                             f"the model needs {sorted(inputs)}")
+        data = {**data, **{name: np.asarray(data[name], np.float32) for name, (dtype, _) in inputs.items()
+                           if dtype == np.float32 and np.asarray(data[name]).dtype == np.float16}}
+        # ^ float16 data for a float32 input (a float16 model qgraph read as float32): exact
         feeds = tuple(_input_feed(name, np.asarray(data[name]), dtype, dims, origin)
                       for name, (dtype, dims) in inputs.items())
         if len({f.samples for f in feeds if f.samples is not None}) > 1:

@@ -50,11 +50,10 @@ class QModel:
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto) -> "QModel":
         """Import with inferred types, so passes can tell float tensors from integer shape tensors
-        (exporters such as torch.onnx write no types for intermediate tensors), at the working
-        opset (a model of another opset is converted, as load_model does for files)."""
-        from qgraph.model_io import convert_to_working_opset, default_opset
-        if default_opset(model) != OPSET:
-            model = convert_to_working_opset(model)
+        (exporters such as torch.onnx write no types for intermediate tensors), in the working form
+        (float32, the working opset: model_io.convert_to_working_opset, as load_model does for files)."""
+        from qgraph.model_io import convert_to_working_opset
+        model = convert_to_working_opset(model)
         graph = gs.import_onnx(_with_inferred_types(model))
         others = [d for d in (graph.import_domains or []) if d.domain not in ("", "ai.onnx")]
         graph.import_domains = [onnx.helper.make_opsetid("", OPSET), *others]

@@ -101,7 +101,9 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
-    """Convert the ai.onnx opset to OPSET with onnx's version converter, saying so."""
+    """Bring `model` to qgraph's working form, saying so: float16/bfloat16 tensors as float32
+    (:func:`float16_as_float32`), the ai.onnx opset converted to OPSET with onnx's converter."""
+    model = float16_as_float32(model, origin)
     version = default_opset(model)
     if version == OPSET:
         return model
@@ -114,6 +116,54 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
                          f"re-export the model at opset {OPSET}") from None
     log.warning("%s: converted opset %d to %d", origin, version, OPSET)
     return converted
+
+
+_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def float16_as_float32(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
+    """`model` with every float16/bfloat16 tensor float32: initializers and Constant values
+    (exactly: both widen without rounding), graph inputs, outputs and value infos, and Cast or
+    ConstantOfShape targets. qgraph's passes, quantizers and lowerings work on float32 (so does an
+    int8 deployment's float boundary); the quantized model then takes and returns float32, and
+    float16 data files are widened as they are read. The model itself when it has none."""
+    from onnx import numpy_helper
+
+    def half(tensor: onnx.TensorProto) -> bool:
+        return tensor.data_type in _HALF_TYPES
+
+    def widen(tensor: onnx.TensorProto) -> None:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype("float32"), tensor.name))
+
+    graph = model.graph
+    infos = [*graph.input, *graph.output, *graph.value_info]
+    found = [t.name for t in graph.initializer if half(t)] + [i.name for i in infos
+                                                               if i.type.tensor_type.elem_type in _HALF_TYPES]
+    casts = [a for n in graph.node for a in n.attribute
+             if (n.op_type, a.name) in (("Cast", "to"), ("CastLike", "to")) and a.i in _HALF_TYPES]
+    values = [a.t for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR and half(a.t)]
+    if not (found or casts or values):
+        return model
+    if any(n.op_type in ("Loop", "If", "Scan") for n in graph.node):
+        raise ModelError(f"{origin}: a float16 model with subgraphs (Loop/If/Scan); export it in float32")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for tensor in graph.initializer:
+        if half(tensor):
+            widen(tensor)
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if info.type.tensor_type.elem_type in _HALF_TYPES:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name == "to" and node.op_type == "Cast" and attr.i in _HALF_TYPES:
+                attr.i = onnx.TensorProto.FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and half(attr.t):
+                widen(attr.t)
+    inputs = [i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    log.warning("%s: float16 tensors read as float32 (%d; inputs %s): the quantized model takes and returns "
+                "float32", origin, len(found) + len(casts) + len(values), ", ".join(inputs[:3]) or "none")
+    return model
 
 
 def _per_channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -100,3 +100,37 @@ def test_save_into_missing_or_unwritable_directory(tmp_path, small_cnn):
         save_model(small_cnn, tmp_path / "nope" / "m.onnx")
     with pytest.raises(QGraphError, match="cannot write|not writable"):
         save_model(small_cnn, "/proc/qgraph-test.onnx")
+
+
+def test_float16_model_is_read_as_float32_and_quantizes_with_float16_data(tmp_path, caplog):
+    """A float16 export (weights, input, output, a Cast and a Constant in half precision) is read
+    as float32: the same values widened exactly; ptq runs on float16 data, and the lowered model
+    takes float32 and diffs clean."""
+    from onnx import TensorProto, numpy_helper
+    from qgraph.api import apply_pipeline
+    from qgraph.diff import diff_models
+    from qgraph.lowering import lower_model
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float16), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float16(0.5), "k")),
+             helper.make_node("Mul", ["c", "k"], ["m"]),
+             helper.make_node("Cast", ["m"], ["m16"], to=TensorProto.FLOAT16),
+             helper.make_node("Relu", ["m16"], ["y"])]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 8, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "half.onnx")
+    with caplog.at_level(logging.WARNING, logger="qgraph"):
+        loaded = load_model(tmp_path / "half.onnx")
+    assert "float16 tensors read as float32 (5; inputs x)" in caplog.text
+    assert loaded.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x16 = rng.uniform(-1, 1, (4, 3, 8, 8)).astype(np.float16)
+    want = run_model(model, {"x": x16})["y"].astype(np.float32)
+    got = run_model(loaded, {"x": x16.astype(np.float32)})["y"]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)      # float16 arithmetic vs float32
+    qdq = apply_pipeline(model, "ptq", {"x": x16})
+    lowered, report = lower_model(qdq, "integer")
+    assert report["skipped"] == [] and diff_models(lowered, {"x": x16}).passed
+    np.testing.assert_allclose(run_model(lowered, {"x": x16.astype(np.float32)})["y"], want, atol=0.05)
