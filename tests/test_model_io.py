@@ -134,3 +134,23 @@ def test_float16_model_is_read_as_float32_and_quantizes_with_float16_data(tmp_pa
     lowered, report = lower_model(qdq, "integer")
     assert report["skipped"] == [] and diff_models(lowered, {"x": x16}).passed
     np.testing.assert_allclose(run_model(lowered, {"x": x16.astype(np.float32)})["y"], want, atol=0.05)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceL2"])
+def test_opset_18_reduction_axes_from_an_initializer_survive_the_conversion(tmp_path, op):
+    """torch.onnx's opset-18 exports give a reduction's axes as an initializer input; onnx's
+    converter turned them into ``axes=[]`` (reduce over everything) unless they came from a
+    Constant node."""
+    from onnx import TensorProto, numpy_helper
+    graph = helper.make_graph([helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)], "reduce",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "reduce.onnx")
+    loaded = load_model(tmp_path / "reduce.onnx")
+    assert default_opset(loaded) == OPSET
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run_model(loaded, {"x": x})["y"], run_model(model, {"x": x})["y"])
+    assert run_model(loaded, {"x": x})["y"].shape == (2, 4)
