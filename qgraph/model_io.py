@@ -12,13 +12,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import version_converter
 
 from qgraph.annotations import check_annotations
 from qgraph.errors import ModelError
 from qgraph.files import check_input_file, check_outputs, write_files
+from qgraph.opset_downgrade import downgrade
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -108,10 +108,12 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
     version = default_opset(model)
     if version == OPSET:
         return model
+    if version > OPSET:      # onnx's converter lacks down adapters (Split 18, Constant 19, ...)
+        converted = downgrade(model, origin)
+        log.warning("%s: converted opset %d to %d", origin, version, OPSET)
+        return converted
     if version < 7:
         model = _per_channel_prelu_slopes(model)
-    if version > OPSET:
-        model = _integer_initializers_as_constants(model)
     try:
         converted = version_converter.convert_version(model, OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
@@ -166,31 +168,6 @@ def float16_as_float32(model: onnx.ModelProto, origin: str = "model") -> onnx.Mo
     inputs = [i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     log.warning("%s: float16 tensors read as float32 (%d; inputs %s): the quantized model takes and returns "
                 "float32", origin, len(found) + len(casts) + len(values), ", ".join(inputs[:3]) or "none")
-    return model
-
-
-def _integer_initializers_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Small integer initializers as Constant nodes, for a conversion to an older opset: onnx's
-    converter reads an opset-18 ReduceMean's `axes` input into the attribute only from a Constant
-    node — from an initializer it writes ``axes=[]``, which reduces over every axis. canonicalize
-    turns the Constant nodes back into initializers."""
-    from onnx import helper
-    small = [t for t in model.graph.initializer
-             if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and np.prod(t.dims, dtype=np.int64) <= 64]
-    listed = {i.name for i in model.graph.input}
-    small = [t for t in small if t.name not in listed]
-    if not small:
-        return model
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    names = {t.name for t in small}
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    constants = [helper.make_node("Constant", [], [t.name], name=f"{t.name}__constant", value=t)
-                 for t in model.graph.initializer if t.name in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    nodes = constants + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
     return model
 
 
