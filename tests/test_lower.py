@@ -415,6 +415,48 @@ def test_padded_and_ceil_mode_average_pools_lower_to_integers(shape, attrs):
         np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
+def pad_qdq(mode: str, value: float | None, out_scale: float = 0.02) -> onnx.ModelProto:
+    """input -Q/DQ- Pad -Q/DQ-> logits on uint8 codes (scale 0.02, zero point 100)."""
+    inits = [numpy_helper.from_array(np.float32(0.02), "x_s"), numpy_helper.from_array(np.uint8(100), "x_z"),
+             numpy_helper.from_array(np.float32(out_scale), "y_s"), numpy_helper.from_array(np.uint8(100), "y_z"),
+             numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")]
+    pad_inputs = ["xd", "pads"]
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.float32(value), "value"))
+        pad_inputs.append("value")
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_s", "x_z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"], name="xdq"),
+             helper.make_node("Pad", pad_inputs, ["p"], name="pad", mode=mode),
+             helper.make_node("QuantizeLinear", ["p", "y_s", "y_z"], ["pq"], name="pq"),
+             helper.make_node("DequantizeLinear", ["pq", "y_s", "y_z"], ["logits"], name="pdq")]
+    return input_to_logits(nodes, inits, "pad", ["N", 3, 5, 6])
+
+
+@pytest.mark.parametrize("mode, value, out_scale", [("constant", None, 0.02), ("constant", 0.4, 0.02),
+                                                    ("constant", 0.013, 0.02), ("constant", -0.6, 0.03),
+                                                    ("edge", None, 0.02),
+                                                    ("reflect", None, 0.05)])
+def test_pad_lowers_on_the_codes(mode, value, out_scale):
+    """Pad copies codes (edge, reflect) or writes its value's code (constant, on the grid): the
+    QDQ model's codes exactly, on the same grid or requantized to another, in ORT and the interpreter."""
+    qdq = pad_qdq(mode, value, out_scale)
+    x = np.random.default_rng(1).uniform(-2, 3, (2, 3, 5, 6)).astype(np.float32)
+    ref = run_model(qdq, {"input": x})["logits"]
+    for target in ("qlinear", "integer"):
+        lowered, report = lower_model(qdq, target)
+        assert report["skipped"] == [] and "Pad" in report["lowered"], (target, report["summary"])
+        out = run_model(lowered, {"input": x})["logits"]
+        np.testing.assert_allclose(out, ref, atol=1e-6 if out_scale == 0.02 else out_scale * 1.01)
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
+def test_pad_value_off_both_grids_is_declined():
+    _, report = lower_model(pad_qdq("constant", 0.013, out_scale=0.003), "integer")
+    assert [s["reason"] for s in report["skipped"]] == [
+        "Pad value 0.013 is not on its input's grid (scale 0.02), and the output's grid differs"]
+
+
 def test_padded_average_pool_of_dynamic_size_is_declined_with_the_reason():
     qdq = avg_pool_qdq(("N", 5, "H", "W"), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     _, report = lower_model(qdq, "integer")

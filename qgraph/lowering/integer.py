@@ -733,6 +733,10 @@ def lower_moving(model: QModel, site: Site) -> None:
     qlinear.lower_moving(model, site, requantize=requantize_integer)
 
 
+def lower_pad(model: QModel, site: Site) -> None:
+    qlinear.lower_pad(model, site, requantize=requantize_integer)
+
+
 #: Tables stay in the model's layout: ConvInteger runs NCHW, ORT inserts no Transposes.
 TABLES_CHANNELS_LAST = False
 
@@ -745,6 +749,7 @@ RULES = {
     "GlobalAveragePool": lower_global_average_pool,
     "AveragePool": lower_average_pool,
     "Concat": lower_concat,
+    "Pad": lower_pad,
     **{op: lower_moving for op in qlinear.MOVING_OPS},
     **{op: qlinear.lower_unary_table for op in qlinear.UNARY_TABLE_OPS},
 }

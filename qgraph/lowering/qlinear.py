@@ -422,6 +422,42 @@ def lower_moving(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
+def lower_pad(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
+    """Pad on the codes: 'edge' and 'reflect' copy codes; 'constant' pads with its value's code on
+    the input's grid, which is the QDQ model's padded code when the output has that grid (0 is
+    the zero point on any grid). Requantized when the output's grid differs, as a moving op,
+    provided the value's code survives that (``Q_y(DQ_x(Q_x(v))) = Q_y(v)``)."""
+    node = site.node
+    x = activation(site, 0)
+    mode = node.attrs.get("mode", "constant")
+    extra = list(node.inputs[1:])
+    for k, t in enumerate(extra, start=1):
+        if t.name and QModel.constant_value(t) is None:
+            raise Declined(f"input {k} '{t.name}' of Pad is computed at run time")
+    q = x.quantizer
+    if mode == "constant":
+        value = extra[1] if len(extra) > 1 and extra[1].name else None
+        real = np.float32(0 if value is None else np.asarray(QModel.constant_value(value)).reshape(()))
+        code = quant.quantize(real, q.scale, q.zero_point, q.qmin, q.qmax, dtype=q.dtype)
+        out = site.out_q
+        if not q.same_grid(out) and (
+                quant.quantize(quant.dequantize(code, q.scale, q.zero_point), out.scale, out.zero_point, out.qmin,
+                               out.qmax) != quant.quantize(real, out.scale, out.zero_point, out.qmin, out.qmax)):
+            raise Declined(f"Pad value {float(real):g} is not on its input's grid (scale {float(q.scale):g}), "
+                           "and the output's grid differs")
+        fill = const(model, f"{node.name}_pad_code", np.asarray(code, q.dtype).reshape(()))
+        extra = [extra[0], fill, *extra[2:]]
+    same = q.same_grid(site.out_q)
+
+    def build(out):
+        padded = out if same else var(model, f"{node.name}_moved", q.dtype)
+        model.add_node("Pad", [x.tensor] + extra, [padded], node.name, {"mode": mode})
+        if not same:
+            requantize(model, QInput(padded, q), site.out_q, out, f"{node.name}_requant")
+
+    finish_site(model, site, build)
+
+
 def lower_unary_table(model: QModel, site: Site, channels_last: bool = False, float_ops=()) -> str | None:
     """A one-input elementwise op as a lookup table (qgraph.lowering.tables; `channels_last`
     as there, for 4-D maps); an op of `float_ops` as itself between DequantizeLinear and
@@ -740,6 +776,7 @@ RULES = {
     "Sigmoid": _contrib("QLinearSigmoid", 1),
     "LeakyRelu": _contrib("QLinearLeakyRelu", 1, ("alpha",)),
     "Concat": lower_concat,
+    "Pad": lower_pad,
     **{op: lower_moving for op in MOVING_OPS},
     **{op: lower_unary for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
 }
