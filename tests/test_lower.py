@@ -1477,18 +1477,19 @@ def test_a_models_own_channel_slice_is_not_carried():
 
 
 def _pooling_net() -> onnx.ModelProto:
-    """Conv 3x3 (3 -> 8) -> YOLOX's SPP (the map, MaxPool 5x5 / 13x13 / 3x3 with uneven pads, all
-    stride 1, concatenated) -> Conv 1x1 (-> 8) -> MaxPool 3x3 stride 2 (pads 0, 1, 1, 0) ->
+    """Conv 3x3 (3 -> 8) -> YOLOX's SPP (the map, MaxPool 5x5 / 13x13 / 5x5 with uneven pads / 3x3,
+    all stride 1, concatenated) -> Conv 1x1 (-> 8) -> MaxPool 3x3 stride 2 (pads 0, 1, 1, 0) ->
     MaxPool 2x2 stride 2 -> MaxPool 1x3 -> Conv 1x1 (-> 4)."""
     rng = np.random.default_rng(7)
     inits = [numpy_helper.from_array(rng.normal(0, s, shape).astype(np.float32), name) for name, shape, s in
-             (("w", (8, 3, 3, 3), 0.5), ("w1", (8, 32, 1, 1), 0.2), ("w2", (4, 8, 1, 1), 0.3))]
+             (("w", (8, 3, 3, 3), 0.5), ("w1", (8, 40, 1, 1), 0.2), ("w2", (4, 8, 1, 1), 0.3))]
     pool = functools.partial(helper.make_node, "MaxPool")
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              pool(["c"], ["p5"], name="spp5", kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
              pool(["c"], ["p13"], name="spp13", kernel_shape=[13, 13], pads=[6, 6, 6, 6]),
+             pool(["c"], ["p5u"], name="spp5u", kernel_shape=[5, 5], pads=[1, 2, 3, 2]),
              pool(["c"], ["p3"], name="spp3", kernel_shape=[3, 3], pads=[0, 1, 2, 1]),
-             helper.make_node("Concat", ["c", "p5", "p13", "p3"], ["spp"], name="spp", axis=1),
+             helper.make_node("Concat", ["c", "p5", "p13", "p5u", "p3"], ["spp"], name="spp", axis=1),
              helper.make_node("Conv", ["spp", "w1"], ["c1"], name="fuse"),
              pool(["c1"], ["q1"], name="down3", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0]),
              pool(["q1"], ["q2"], name="down2", kernel_shape=[2, 2], strides=[2, 2]),
@@ -1500,17 +1501,17 @@ def _pooling_net() -> onnx.ModelProto:
 
 
 def test_integer_max_pools_run_separably(monkeypatch):
-    """integer.separable_max_pools: a k x k MaxPool on codes becomes a k x 1 pool then a 1 x k one
-    (YOLOX's 5/9/13 SPP, a strided 3x3 with uneven pads), the codes unchanged in ORT and in the
-    interpreter; a 2x2 pool (as many compares either way) and a 1-D one are left as they are."""
+    """integer.separable_max_pools: a stride-1 k x k MaxPool of k >= 5 on codes becomes a k x 1
+    pool then a 1 x k one (YOLOX's 5/9/13 SPP, a 5x5 with uneven pads), the codes unchanged in ORT
+    and in the interpreter; 3x3 pools (strided or not), a 2x2 and a 1-D one are left as they are."""
     from qgraph.lowering import integer
     x = np.random.default_rng(8).normal(0, 1, (3, 3, 13, 15)).astype(np.float32)
     qdq = _calibrated_qdq(_pooling_net(), x, per_channel=True)
     lowered, report = lower_model(qdq, "integer")
-    assert report["max_pools_split"] == 4 and report["float_nodes"] == []
+    assert report["max_pools_split"] == 3 and report["float_nodes"] == []
     kernels = sorted(tuple(a.ints) for n in lowered.graph.node if n.op_type == "MaxPool"
                      for a in n.attribute if a.name == "kernel_shape")
-    assert kernels == sorted([(5, 1), (1, 5), (13, 1), (1, 13), (3, 1), (1, 3), (3, 1), (1, 3), (2, 2), (1, 3)])
+    assert kernels == sorted([(5, 1), (1, 5), (13, 1), (1, 13), (5, 1), (1, 5), (3, 3), (3, 3), (2, 2), (1, 3)])
     with monkeypatch.context() as patch:
         patch.setattr(integer, "separable_max_pools", lambda model: 0)
         whole, _ = lower_model(qdq, "integer")

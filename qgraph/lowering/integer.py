@@ -763,15 +763,18 @@ def separable_max_pools(model: QModel) -> int:
     part in a maximum either way, so every code is unchanged. ORT 1.19 runs 8-bit MaxPool with its
     generic loop (about 1 ns per compare; MLAS's vectorized pool is float-only): k + k compares
     per output instead of k·k (YOLOX's SPP, 5x5, 9x9 and 13x13 on 192x13x13 uint8, one thread:
-    8.7 ms -> 3.9 ms). Only kernels of at least 3x3 (a 2x2 pool compares as often either way, and
-    one op more costs: PaddleOCR's direction classifier 3.44x -> 3.58x of qlinear) and plain pools:
-    dilations 1, ceil_mode 0, no auto_pad, one output. Returns the pools split."""
+    8.7 ms -> 3.9 ms). Only stride-1 pools of at least 5x5: a strided pool's first pass computes s
+    times the outputs (k·s + k compares against k·k), and ORT's k×1 pools compare slower than its
+    k×k ones (measured, one thread: 3x3 stride 2 on 64x111x111 4.2 -> 7.2 ms split, SqueezeNet's
+    pools; 5x5 stride 2 no gain; 3x3 stride 1 within ±15%). Plain pools only: dilations 1,
+    ceil_mode 0, no auto_pad, one output. Returns the pools split."""
     split = 0
     for pool in [n for n in model.graph.nodes if n.op == "MaxPool"]:
         attrs = pool.attrs
         kernel = list(attrs.get("kernel_shape", []))
         x = pool.inputs[0]
-        if (len(kernel) != 2 or min(kernel) < 3 or len(pool.outputs) != 1 or x.dtype not in (np.uint8, np.int8)
+        if (len(kernel) != 2 or min(kernel) < 5 or any(s != 1 for s in attrs.get("strides", [1, 1]))
+                or len(pool.outputs) != 1 or x.dtype not in (np.uint8, np.int8)
                 or attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1, 1]))
                 or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
                 or attrs.get("storage_order", 0)):
