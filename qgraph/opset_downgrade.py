@@ -13,7 +13,8 @@ semantics; those nodes are relabelled. The rest are rewritten into their opset-1
 - Resize (18-19): only the default antialias / keep_aspect_ratio_policy and all-axes scales or
   sizes have an opset-17 form;
 - Gelu (20) as torch writes it, ``x · 0.5 · (1 + erf(x / √2))`` (or the tanh form), Mish (18) as
-  ``x · tanh(softplus(x))``; GridSample (20) renames its linear/cubic modes;
+  ``x · tanh(softplus(x))``, GroupNormalization (18, 21) as InstanceNormalization over the groups
+  and the per-channel affine; GridSample (20) renames its linear/cubic modes;
 - Cast/CastLike's `saturate` (19, float8 only) and Q/DQ's defaults (19, 21) drop out;
   AveragePool/LpPool dilations and ceil_mode (18-19) are kept only at their defaults.
 
@@ -282,6 +283,35 @@ def _half_x_one_plus(g: _Graph, base: str, x: str, v: str, y: str):
             helper.make_node("Mul", [times, g.constant(f"{base}/half", np.float32(0.5))], [y])]
 
 
+def _group_norm(g: _Graph, node):
+    """GroupNormalization (18: γ, β per group; 21: per channel) as torch.onnx wrote it before
+    opset 18: InstanceNormalization over ``x`` reshaped to (N, G, -1), reshaped back, then the
+    per-channel γ and β."""
+    groups = int(_attr(node, "num_groups"))
+    x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+    shape = g.shapes.get(x)
+    if shape is None or len(shape) < 3 or shape[1] is None:
+        raise g.refuse(node, "its input's channel count is unknown")
+    channels, rank = shape[1], len(shape)
+    gamma, beta = (g.value(node, k, what).reshape(-1) for k, what in ((1, "scale"), (2, "bias")))
+    if gamma.size == groups and groups != channels:                  # opset 18: one value per group
+        gamma, beta = (np.repeat(v, channels // groups) for v in (gamma, beta))
+    per_channel = (channels,) + (1,) * (rank - 2)
+    names = [g.fresh(f"{base}/{k}") for k in ("shape", "grouped", "normed", "back", "scaled")]
+    return [helper.make_node("Shape", [x], [names[0]]),
+            helper.make_node("Reshape", [x, g.constant(f"{base}/groups", np.array([0, groups, -1], np.int64))],
+                             [names[1]]),
+            helper.make_node("InstanceNormalization",
+                             [names[1], g.constant(f"{base}/ones", np.ones(groups, np.float32)),
+                              g.constant(f"{base}/zeros", np.zeros(groups, np.float32))], [names[2]],
+                             epsilon=float(_attr(node, "epsilon", 1e-5))),
+            helper.make_node("Reshape", [names[2], names[0]], [names[3]]),
+            helper.make_node("Mul", [names[3], g.constant(f"{base}/gamma", gamma.astype(np.float32).reshape(per_channel))],
+                             [names[4]]),
+            helper.make_node("Add", [names[4], g.constant(f"{base}/beta", beta.astype(np.float32).reshape(per_channel))],
+                             [y])]
+
+
 def _mish(g: _Graph, node):
     x, y, base = node.input[0], node.output[0], node.name or node.output[0]
     soft, tanh = g.fresh(f"{base}/softplus"), g.fresh(f"{base}/tanh")
@@ -291,4 +321,5 @@ def _mish(g: _Graph, node):
 
 _REWRITES = {"Split": _split, "Pad": _pad, "Resize": _resize, "ScatterElements": _scatter, "ScatterND": _scatter,
              "AveragePool": _pool, "LpPool": _pool, "QuantizeLinear": _quantizer, "DequantizeLinear": _quantizer,
-             "Cast": _cast, "CastLike": _cast, "GridSample": _grid_sample, "Gelu": _gelu, "Mish": _mish}
+             "Cast": _cast, "CastLike": _cast, "GridSample": _grid_sample, "Gelu": _gelu, "Mish": _mish,
+             "GroupNormalization": _group_norm}

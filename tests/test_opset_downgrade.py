@@ -60,6 +60,13 @@ CASES = {
     "AveragePool 19": (19, helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[1, 1]),
                        (1, 2, 4, 4), []),
     "Reshape 21": (21, helper.make_node("Reshape", ["x", "shape"], ["y"]), (2, 3, 4), [ints("shape", [2, 12])]),
+    "GroupNormalization 18": (18, helper.make_node("GroupNormalization", ["x", "gamma", "beta"], ["y"], num_groups=2),
+                              (2, 6, 3, 5), [numpy_helper.from_array(np.array([0.5, 2], np.float32), "gamma"),
+                                             numpy_helper.from_array(np.array([0.1, -1], np.float32), "beta")]),
+    "GroupNormalization 21": (21, helper.make_node("GroupNormalization", ["x", "gamma", "beta"], ["y"], num_groups=3,
+                                                   epsilon=1e-3), (2, 6, 4),
+                              [numpy_helper.from_array(np.linspace(0.5, 2, 6).astype(np.float32), "gamma"),
+                               numpy_helper.from_array(np.linspace(-1, 1, 6).astype(np.float32), "beta")]),
 }
 
 
