@@ -34,6 +34,14 @@ def _with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
         return model  # load_model already reported real errors; keep what the file says
 
 
+def free_name(base: str, taken) -> str:
+    """`base`, or the first of `base_1`, `base_2`, … that is not in `taken`."""
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
 class QModel:
     """A model being rewritten: `graph` (gs.Graph) + `metadata` (str -> str) + opsets."""
 
@@ -150,9 +158,7 @@ class QModel:
 
     def fresh_tensor_name(self, base: str) -> str:
         """A tensor name not yet used in the graph, derived from `base` (O(1) per call)."""
-        name, k = base, 1
-        while name in self._tensor_names:
-            name, k = f"{base}_{k}", k + 1
+        name = free_name(base, self._tensor_names)
         self._tensor_names.add(name)
         return name
 

@@ -18,7 +18,6 @@ from onnx import version_converter
 from qgraph.annotations import check_annotations
 from qgraph.errors import ModelError
 from qgraph.files import check_input_file, check_outputs, write_files
-from qgraph.opset_downgrade import downgrade
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -109,6 +108,7 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
     if version == OPSET:
         return model
     if version > OPSET:      # onnx's converter lacks down adapters (Split 18, Constant 19, ...)
+        from qgraph.opset_downgrade import downgrade   # it uses qgraph.graph, which imports this module
         converted = downgrade(model, origin)
         log.warning("%s: converted opset %d to %d", origin, version, OPSET)
         return converted

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qgraph.errors import ModelError
+from qgraph.graph import free_name
 
 TARGET = 17
 
@@ -88,9 +89,7 @@ class _Graph:
         self.names = {t for n in graph.node for t in (*n.input, *n.output)} | set(self.values)
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
+        name = free_name(base, self.names)
         self.names.add(name)
         return name
 
