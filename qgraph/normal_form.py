@@ -389,5 +389,6 @@ def normalize_exporter_idioms(model: QModel) -> dict:
     return {"counts": counts, "skipped": skipped}
 
 
-__all__ = ["normalize_exporter_idioms", "sum_as_adds", "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
+__all__ = ["normalize_exporter_idioms", "sum_as_adds",
+           "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

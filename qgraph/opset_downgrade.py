@@ -305,10 +305,10 @@ def _group_norm(g: _Graph, node):
                               g.constant(f"{base}/zeros", np.zeros(groups, np.float32))], [names[2]],
                              epsilon=float(_attr(node, "epsilon", 1e-5))),
             helper.make_node("Reshape", [names[2], names[0]], [names[3]]),
-            helper.make_node("Mul", [names[3], g.constant(f"{base}/gamma", gamma.astype(np.float32).reshape(per_channel))],
-                             [names[4]]),
-            helper.make_node("Add", [names[4], g.constant(f"{base}/beta", beta.astype(np.float32).reshape(per_channel))],
-                             [y])]
+            helper.make_node("Mul", [names[3], g.constant(f"{base}/gamma",
+                                                          gamma.astype(np.float32).reshape(per_channel))], [names[4]]),
+            helper.make_node("Add", [names[4], g.constant(f"{base}/beta",
+                                                          beta.astype(np.float32).reshape(per_channel))], [y])]
 
 
 def _mish(g: _Graph, node):

@@ -226,7 +226,8 @@ def test_bn_shared_by_two_paths_becomes_its_own_depthwise_conv():
         assert report["standalone_as_conv"] == [{"bn": "bn", "conv": "bn/depthwise", "channels": 4}]
         assert "1 with no layer before them as depthwise 1x1 convs" in report["summary"]
         convs = {n.name: n for n in model.graph.nodes if n.op == "Conv"}
-        assert convs["bn/depthwise"].attrs["group"] == 4 and convs["bn/depthwise"].inputs[1].values.shape == (4, 1, 1, 1)
+        depthwise = convs["bn/depthwise"]
+        assert depthwise.attrs["group"] == 4 and depthwise.inputs[1].values.shape == (4, 1, 1, 1)
         assert convs["conv"].inputs[1].name == "conv.weight"
         got = run_model(model.to_onnx(), feeds)["logits"]
         assert rel_err(got, run_model(proto, feeds)["logits"]) <= 1e-5

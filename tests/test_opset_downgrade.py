@@ -20,7 +20,8 @@ def one_node_model(opset: int, node, shape, inits=(), outputs=("y",), out_shapes
     """`node` on input x of `shape`, its outputs declared with the shapes ORT computes."""
     out_shapes = out_shapes or [None] * len(outputs)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in zip(outputs, out_shapes)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, s)
+                               for o, s in zip(outputs, out_shapes)],
                               list(inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10 if opset >= 21 else 9 if opset >= 19 else 8

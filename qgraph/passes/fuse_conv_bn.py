@@ -142,13 +142,12 @@ def bn_as_depthwise_conv(model: QModel, bn: Node) -> dict:
     for role, tensor in zip(("scale", "B", "mean", "var"), bn.inputs[1:5]):
         _check_constant(model, tensor, f"BatchNormalization {role}")
     gamma, beta, mean, var = (np.asarray(QModel.constant_value(t), np.float64).reshape(-1) for t in bn.inputs[1:5])
-    channels = gamma.size
-    if not all(v.size == channels for v in (beta, mean, var)) or x.shape[1] not in (channels, None) \
-            and not isinstance(x.shape[1], str):
-        raise Declined(f"its parameters do not all have the {x.shape[1]} channels of '{x.name}'")
-    if not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)) or np.any(var + float(bn.attrs.get("epsilon", 1e-5)) <= 0):
+    channels, eps, dim = gamma.size, float(bn.attrs.get("epsilon", 1e-5)), x.shape[1]
+    if any(v.size != channels for v in (beta, mean, var)) or (isinstance(dim, (int, np.integer)) and dim != channels):
+        raise Declined(f"its parameters do not all have the {dim} channels of '{x.name}'")
+    if not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)) or np.any(var + eps <= 0):
         raise Declined("its statistics hold NaN/Inf or a non-positive variance")
-    scale = bn_scale(gamma, var, float(bn.attrs.get("epsilon", 1e-5)))
+    scale = bn_scale(gamma, var, eps)
     dtype = QModel.constant_value(bn.inputs[1]).dtype
     spatial = rank - 2
     weight = model.add_constant(f"{bn.name}.weight", scale.reshape((channels, 1) + (1,) * spatial).astype(dtype))
