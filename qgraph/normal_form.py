@@ -15,6 +15,9 @@ and each preserves the outputs up to float rounding:
 
       y = (W * x + b) · c + d   =>   W' = W · c (per output channel),  b' = b · c + d.
 
+- ``ReduceMean`` over every spatial axis of an (N, C, H, W[, D]) map (tf2onnx's Keras global average
+  pooling) becomes GlobalAveragePool, followed by a Squeeze of those axes when keepdims=0, so
+  it is quantized and lowered as the pool it is;
 - ``Sum`` of n >= 2 inputs (Caffe2-era exports write ResNet's residual additions so) becomes
   the chain ``((x1 + x2) + x3) + …`` of Adds, the order ONNX Runtime's Sum kernel adds in, so
   quantizers and lowering treat each as the residual Add it is; a one-input Sum is its input.
@@ -227,6 +230,34 @@ def fuse_softmax(model: QModel, m: SoftmaxMatch) -> None:
     model.add_node("Softmax", [m.x], [m.output], f"{m.nodes[-1].name}/Softmax", {"axis": m.axis})
 
 
+# -- global average pooling written as a mean --------------------------------------------------
+
+def spatial_mean_as_global_pool(model: QModel, node: Node) -> None:
+    """Replace a ReduceMean over axes 2..r−1 of a rank-r (r >= 4: a map) tensor by GlobalAveragePool
+    (and a Squeeze of those axes for keepdims=0); Declined when the axes are others."""
+    x = node.inputs[0]
+    rank = _rank(x)
+    keep = int(node.attrs.get("keepdims", 1))
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        axes = model.constant_value(node.inputs[1])
+        if axes is None:
+            raise Declined(f"ReduceMean '{node.name}' axes are computed")
+    else:
+        axes = node.attrs.get("axes")
+    if rank < 4 or axes is None or sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)) != [*range(2, rank)]:
+        raise Declined(f"ReduceMean '{node.name}' is not over the spatial axes of an (N, C, ...) map")
+    y = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    if keep:
+        model.add_node("GlobalAveragePool", [x], [y], f"{node.name}/pool")
+        return
+    pooled = model.add_variable(f"{y.name}_pooled", dtype=y.dtype)
+    model.add_node("GlobalAveragePool", [x], [pooled], f"{node.name}/pool")
+    axes_tensor = model.add_constant(f"{node.name}.axes", np.arange(2, rank, dtype=np.int64))
+    model.add_node("Squeeze", [pooled, axes_tensor], [y], f"{node.name}/squeeze")
+
+
 # -- n-ary Sum ----------------------------------------------------------------------------------
 
 def sum_as_adds(model: QModel, node: Node) -> None:
@@ -345,7 +376,7 @@ def _set(model: QModel, layer: Node, index: int, value: np.ndarray, dtype=np.flo
 
 def normalize_exporter_idioms(model: QModel) -> dict:
     """Apply every rewrite of this module until none applies; returns counts and skip entries."""
-    counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0}
+    counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0, "global_pool": 0}
     skipped: list[dict] = []
     for node in list(model.graph.nodes):
         if node.op == "Sum" and node.outputs:
@@ -364,6 +395,14 @@ def normalize_exporter_idioms(model: QModel) -> dict:
                 skipped.append(skip(node, declined.reason))
             except Declined:
                 pass            # most ReduceMeans are no LayerNorm: not worth a line each
+    model.cleanup()
+    for node in list(model.graph.nodes):
+        if node.op == "ReduceMean" and node.outputs:
+            try:
+                spatial_mean_as_global_pool(model, node)
+                counts["global_pool"] += 1
+            except Declined:
+                pass            # a mean over other axes: not a pool
     model.cleanup()
     for node in list(model.graph.nodes):
         if node.op == "Exp" and node.outputs:
@@ -389,6 +428,6 @@ def normalize_exporter_idioms(model: QModel) -> dict:
     return {"counts": counts, "skipped": skipped}
 
 
-__all__ = ["normalize_exporter_idioms", "sum_as_adds",
+__all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool",
            "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

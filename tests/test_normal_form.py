@@ -140,3 +140,25 @@ def test_sum_becomes_adds_in_ort_order(terms):
     assert "Sum" not in ops and ops.count("Add") == terms - 1
     feeds = {"x": rng.normal(0, 1, (3, 4, 5, 5)).astype(np.float32)}
     np.testing.assert_array_equal(run_model(out, feeds)["y"], run_model(model, feeds)["y"])
+
+
+@pytest.mark.parametrize("axes, keepdims, pooled", [([2, 3], 1, True), ([-1, -2], 0, True), ([1], 1, False),
+                                                    ([2], 0, False)])
+def test_spatial_mean_becomes_global_average_pool(axes, keepdims, pooled):
+    """tf2onnx writes Keras' GlobalAveragePooling2D as ReduceMean over H and W: GlobalAveragePool
+    (+ Squeeze for keepdims=0), which insert_qdq quantizes and lowering runs on integers; a mean
+    over other axes stays."""
+    rng = np.random.default_rng(1)
+    out_shape = ["N", 4, 1, 1] if keepdims else ["N", 4]
+    if not pooled:
+        out_shape = None
+    nodes = [helper.make_node("ReduceMean", ["x"], ["y"], axes=axes, keepdims=keepdims)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = _canonical(model)
+    ops = [n.op_type for n in out.graph.node]
+    assert report["idioms"]["global_pool"] == int(pooled)
+    assert ops == (["GlobalAveragePool"] + ([] if keepdims else ["Squeeze"]) if pooled else ["ReduceMean"])
+    _same_outputs(model, out, {"x": rng.normal(0, 2, (3, 4, 5, 6)).astype(np.float32)})
