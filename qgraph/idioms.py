@@ -179,7 +179,7 @@ def clip_bounds_or_none(node) -> tuple[float, float] | None:
 #: lowering decide that with `clip_bounds`. Before this table, insert_qdq lacked Identity,
 #: Dropout and Resize (nearest Resize got a quantizer of its own), the lowering's lists had them.
 RANGE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                    "Dropout", "Resize", "Slice", "Split", "Gather")
+                    "Dropout", "Resize", "Slice", "Split", "Gather", "Tile", "Expand")
 
 
 def range_preserving_reason(node, computed: set[str] = frozenset()) -> str | None:

@@ -18,6 +18,9 @@ and each preserves the outputs up to float rounding:
 - ``ReduceMean`` over every spatial axis of an (N, C, H, W[, D]) map (tf2onnx's Keras global average
   pooling) becomes GlobalAveragePool, followed by a Squeeze of those axes when keepdims=0, so
   it is quantized and lowered as the pool it is;
+- DepthToSpace / SpaceToDepth (pixel shuffle) become the Reshape → Transpose → Reshape the spec
+  defines them by, where the map's dims are static: the same elements moved, and ops ORT runs on
+  8-bit codes (its DepthToSpace is float-only), so an integer region need not stop there;
 - ``Sum`` of n >= 2 inputs (Caffe2-era exports write ResNet's residual additions so) becomes
   the chain ``((x1 + x2) + x3) + …`` of Adds, the order ONNX Runtime's Sum kernel adds in, so
   quantizers and lowering treat each as the residual Add it is; a one-input Sum is its input.
@@ -258,6 +261,37 @@ def spatial_mean_as_global_pool(model: QModel, node: Node) -> None:
     model.add_node("Squeeze", [pooled, axes_tensor], [y], f"{node.name}/squeeze")
 
 
+# -- pixel shuffle ------------------------------------------------------------------------------
+
+def pixel_shuffle_as_transpose(model: QModel, node: Node) -> None:
+    """Replace DepthToSpace (DCR or CRD) or SpaceToDepth on a static (N, C, H, W) map by the
+    Reshape → Transpose → Reshape of their definitions; Declined for dynamic dims."""
+    x = node.inputs[0]
+    shape = x.shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:]):
+        raise Declined(f"{node.op} '{node.name}' needs a static (N, C, H, W) input to become Reshape/Transpose")
+    c, h, w = (int(d) for d in shape[1:])
+    b = int(node.attrs["blocksize"])
+    if node.op == "DepthToSpace":
+        if node.attrs.get("mode", "DCR") == "CRD":
+            split, perm = [-1, c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]
+        else:
+            split, perm = [-1, b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2]
+        final = [-1, c // (b * b), h * b, w * b]
+    else:
+        split, perm, final = [-1, c, h // b, b, w // b, b], [0, 3, 5, 1, 2, 4], [-1, c * b * b, h // b, w // b]
+    y = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    blocks = model.add_variable(f"{y.name}_blocks", dtype=y.dtype)
+    moved = model.add_variable(f"{y.name}_moved", dtype=y.dtype)
+    model.add_node("Reshape", [x, model.add_constant(f"{node.name}.blocks", np.array(split, np.int64))], [blocks],
+                   f"{node.name}/blocks")
+    model.add_node("Transpose", [blocks], [moved], f"{node.name}/move", {"perm": perm})
+    model.add_node("Reshape", [moved, model.add_constant(f"{node.name}.shape", np.array(final, np.int64))], [y],
+                   f"{node.name}/shape")
+
+
 # -- n-ary Sum ----------------------------------------------------------------------------------
 
 def sum_as_adds(model: QModel, node: Node) -> None:
@@ -376,8 +410,16 @@ def _set(model: QModel, layer: Node, index: int, value: np.ndarray, dtype=np.flo
 
 def normalize_exporter_idioms(model: QModel) -> dict:
     """Apply every rewrite of this module until none applies; returns counts and skip entries."""
-    counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0, "global_pool": 0}
+    counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0, "global_pool": 0, "pixel_shuffle": 0}
     skipped: list[dict] = []
+    for node in list(model.graph.nodes):
+        if node.op in ("DepthToSpace", "SpaceToDepth") and node.outputs:
+            try:
+                pixel_shuffle_as_transpose(model, node)
+                counts["pixel_shuffle"] += 1
+            except Declined as declined:
+                skipped.append(skip(node, declined.reason))
+    model.cleanup()
     for node in list(model.graph.nodes):
         if node.op == "Sum" and node.outputs:
             try:
@@ -428,6 +470,6 @@ def normalize_exporter_idioms(model: QModel) -> dict:
     return {"counts": counts, "skipped": skipped}
 
 
-__all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool",
+__all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool", "pixel_shuffle_as_transpose",
            "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

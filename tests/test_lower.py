@@ -457,6 +457,35 @@ def test_pad_value_off_both_grids_is_declined():
         "Pad value 0.013 is not on its input's grid (scale 0.02), and the output's grid differs"]
 
 
+def test_data_movement_between_convs_stays_on_the_codes():
+    """Conv -> DepthToSpace -> Conv -> SpaceToDepth -> Tile -> Conv: the pixel shuffles as
+    Reshape/Transpose (canonicalize) and Tile move codes like any range-preserving op, so no float
+    island splits the integer region (ORT runs neither shuffle on 8-bit types)."""
+    from qgraph.api import apply_pipeline
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (16, 3, 3, 3)), ("w2", (8, 4, 3, 3)), ("w3", (8, 64, 1, 1)))]
+    inits.append(numpy_helper.from_array(np.array([1, 2, 1, 1], np.int64), "reps"))
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c1"], ["d"], blocksize=2, mode="CRD"),
+             helper.make_node("Conv", ["d", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("SpaceToDepth", ["c2"], ["s"], blocksize=2),
+             helper.make_node("Tile", ["s", "reps"], ["t"]),
+             helper.make_node("Conv", ["t", "w3"], ["logits"])]
+    model = input_to_logits(nodes, inits, "moves", ["N", 3, 8, 8])
+    x = rng.random((4, 3, 8, 8)).astype(np.float32)
+    qdq = apply_pipeline(model, "ptq", {"input": x})
+    for target in ("qlinear", "integer"):
+        lowered, report = lower_model(qdq, target)
+        assert report["skipped"] == [] and report["float_by_placement"] == [], report["summary"]
+        if target == "integer":
+            assert integer_region_float_tensors(lowered) == []
+        out = run_model(lowered, {"input": x})["logits"]
+        np.testing.assert_allclose(out, run_model(qdq, {"input": x})["logits"], atol=2.01 * output_scale(qdq, out))
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
 def test_padded_average_pool_of_dynamic_size_is_declined_with_the_reason():
     qdq = avg_pool_qdq(("N", 5, "H", "W"), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     _, report = lower_model(qdq, "integer")

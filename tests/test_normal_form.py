@@ -162,3 +162,32 @@ def test_spatial_mean_becomes_global_average_pool(axes, keepdims, pooled):
     assert report["idioms"]["global_pool"] == int(pooled)
     assert ops == (["GlobalAveragePool"] + ([] if keepdims else ["Squeeze"]) if pooled else ["ReduceMean"])
     _same_outputs(model, out, {"x": rng.normal(0, 2, (3, 4, 5, 6)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("op, attrs", [("DepthToSpace", {"mode": "DCR"}), ("DepthToSpace", {"mode": "CRD"}),
+                                       ("SpaceToDepth", {})])
+def test_pixel_shuffle_becomes_reshape_transpose_reshape(op, attrs):
+    """The spec's definition, exactly: the same elements in the same places."""
+    nodes = [helper.make_node(op, ["x"], ["y"], blocksize=2, **attrs)]
+    out_shape = ["N", 2, 8, 12] if op == "DepthToSpace" else ["N", 32, 2, 3]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = _canonical(model)
+    assert report["idioms"]["pixel_shuffle"] == 1
+    assert [n.op_type for n in out.graph.node] == ["Reshape", "Transpose", "Reshape"]
+    x = np.random.default_rng(2).normal(0, 1, (3, 8, 4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run_model(out, {"x": x})["y"], run_model(model, {"x": x})["y"])
+
+
+def test_pixel_shuffle_of_dynamic_size_stays_with_the_reason():
+    nodes = [helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, name="d2s")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, "H2", "W2"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, report = _canonical(model)
+    assert [n.op_type for n in out.graph.node] == ["DepthToSpace"]
+    assert {"node": "d2s", "reason": "DepthToSpace 'd2s' needs a static (N, C, H, W) input to become "
+                                     "Reshape/Transpose"} in report["skipped"]
