@@ -39,6 +39,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True, convert_opset: bo
         raise ModelError(f"{path}: not an ONNX {what} (no graph outputs or IR version); "
                          "check that the file is an .onnx export")
     _load_external_data(model, path)
+    _unlisted_initializers_ir(model, origin=str(path))
     name_negative_dims(model, origin=str(path))
     check_annotations(model, origin=str(path))
     if check:
@@ -64,6 +65,20 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         except Exception as exc:  # a truncated or unreadable .data file
             raise ModelError(f"{path}: cannot read its external weights ({_first_line(exc)}); "
                              "check the .data file beside it") from None
+
+
+def _unlisted_initializers_ir(model: onnx.ModelProto, origin: str) -> None:
+    """An IR 3 file must list every initializer among its graph inputs; one that does not (ONNX
+    Runtime's quantizer writes such files from Caffe2-era models) is what IR 4 allows: read it
+    as the IR version of its opsets, saying so."""
+    if model.ir_version >= 4:
+        return
+    listed = {i.name for i in model.graph.input}
+    unlisted = [t.name for t in model.graph.initializer if t.name not in listed]
+    if unlisted:
+        model.ir_version = max(4, onnx.helper.find_min_ir_version_for(list(model.opset_import), True))
+        log.warning("%s: IR 3 with %d initializer(s) not among the graph inputs (e.g. %s): read as IR %d",
+                    origin, len(unlisted), unlisted[0], model.ir_version)
 
 
 def name_negative_dims(model: onnx.ModelProto, origin: str = "model") -> None:

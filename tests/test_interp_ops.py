@@ -829,3 +829,23 @@ def test_batch_normalization_short_planes_match_the_broadcast_form(shape):
         got = plan.run({"x": x})["y"]
         assert got.shape == shape and np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert_matches_ort(model, {"x": x})
+
+
+# --------------------------------------------------------------------------- QLinearSoftmax
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("opset, shape, axis", [
+    (12, (2, 1000), None),          # onnxruntime.quantization's QOperator classifier head
+    (12, (2, 10, 7), None),         # ORT 1.19: an absent axis is the last one, for opset 12 too
+    (12, (2, 10, 7), 1), (12, (3, 4, 5), 0), (13, (3, 4, 5), 1), (13, (2, 10, 7), None), (13, (4, 3), 0)])
+def test_qlinear_softmax_matches_ort(rng, dtype, opset, shape, axis):
+    """com.microsoft QLinearSoftmax, bit-exact with ORT: its float exp table, float32 row sums in
+    order, floor(1/y_scale), and its int8 wrap — over random codes, rows near the top code too."""
+    signed = dtype == np.int8
+    lo, hi = (-128, 128) if signed else (0, 256)
+    attrs = {"opset": opset} if axis is None else {"opset": opset, "axis": axis}
+    for trial in range(6):
+        inits = {"xs": np.float32(10 ** rng.uniform(-3, 0)), "xz": np.array(rng.integers(lo, hi), dtype),
+                 "ys": np.float32(rng.uniform(0.5, 2) / 256), "yz": np.array(lo, dtype)}
+        x = rng.integers(hi - 24 if trial % 2 else lo, hi, shape).astype(dtype)
+        model = make([node("QLinearSoftmax", ["x", "xs", "xz", "ys", "yz"], domain=MS, **attrs)], {"x": x}, inits)
+        np.testing.assert_array_equal(run(model, {"x": x})["y"], ort_outputs(model, {"x": x})["y"])

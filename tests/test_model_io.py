@@ -154,3 +154,15 @@ def test_opset_18_reduction_axes_from_an_initializer_survive_the_conversion(tmp_
     x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     np.testing.assert_array_equal(run_model(loaded, {"x": x})["y"], run_model(model, {"x": x})["y"])
     assert run_model(loaded, {"x": x})["y"].shape == (2, 4)
+
+
+def test_ir3_file_whose_initializers_are_not_inputs_is_read_as_ir4(tmp_path, caplog, small_cnn):
+    """onnxruntime.quantization writes Caffe2-era (IR 3) models back as IR 3 without listing the
+    new initializers among the inputs, which IR 3 requires: read as the IR of its opsets."""
+    model = onnx.ModelProto()
+    model.CopyFrom(small_cnn)
+    model.ir_version = 3
+    onnx.save(model, tmp_path / "ir3.onnx")
+    with caplog.at_level(logging.WARNING, logger="qgraph"):
+        loaded = load_model(tmp_path / "ir3.onnx")
+    assert loaded.ir_version >= 4 and "IR 3 with" in caplog.text and "not among the graph inputs" in caplog.text

@@ -318,3 +318,54 @@ def qlinear_sigmoid(ctx, x, x_s, x_zp, y_s, y_zp=None):
     table = ctx.once(("table", x.dtype.str), lambda: _requant_table(dtype, x_s, x_zp, y_s, y_zp, mlas_logistic_fma3),
                      1, 2, 3, 4)
     return _lookup(x, table, dtype)
+
+
+def _softmax_exp_table(x_scale, reduce_len: int, signed: bool) -> np.ndarray:
+    """ORT's QlinearBuildLookupTableUint32 (float table): ``exp((i − 255 + shift)·s_x)`` in
+    double, stored as float32, with ``shift = max(0, ln(FLT_MAX / D) − 5) / s_x`` keeping the
+    sum of D entries finite; signed inputs index it by ``uint8(i − 128)``."""
+    s = float(np.float32(np.asarray(x_scale).reshape(-1)[0]))
+    ratio = np.float32(np.finfo(np.float32).max) / np.float32(reduce_len)     # float / size_t: float
+    shift = max(0.0, float(np.log(np.float64(ratio))) - 5.0) / s
+    values = np.exp((np.arange(256, dtype=np.float64) - 255 + shift) * s).astype(np.float32)
+    if not signed:
+        return values
+    table = np.empty(256, np.float32)
+    table[(np.arange(256) - 128) % 256] = values
+    return table
+
+
+@register("QLinearSoftmax", MS_DOMAIN)
+def qlinear_softmax(ctx, x, x_s, x_zp, y_s, y_zp=None):
+    """ORT's QLinearSoftmax (contrib_ops/cpu/quantization/qlinear_softmax.cc): per row, the
+    codes shifted so the row's maximum indexes the table's last entry, ``Σ`` of the table values
+    in float32 in order, ``y = nearbyint(t·floor(1/s_y) / Σ) + zp_y`` (uint8: saturated at 255;
+    int8: ORT's own wrap, 255 becoming -1). opset < 13 rows are everything from `axis` on, opset
+    ≥ 13 rows lie along `axis`; an absent `axis` is -1 in ORT 1.19 for both (not the spec's 1 for
+    opset < 13: measured). x_zero_point takes no part."""
+    opset = ctx.attr("opset", None)
+    if opset is None:
+        raise ctx.error("the 'opset' attribute is required (as in ORT)")
+    axis = ctx.attr("axis", -1) % x.ndim     # ORT 1.19: -1 when absent, whatever the opset (measured)
+    signed = x.dtype == np.int8
+    if opset < 13:
+        rows = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+    else:
+        rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+    length = rows.shape[1]
+    table = ctx.once(("table", length, x.dtype.str), lambda: _softmax_exp_table(x_s, length, signed), 1)
+    wide = rows.astype(np.int32)
+    top = wide.max(axis=1, keepdims=True)
+    index = (wide + (127 - top if signed else 255 - top)) % 256        # uint8 arithmetic, as ORT
+    t = table[index]
+    total = np.cumsum(t, axis=1, dtype=np.float32)[:, -1:]              # sequential float32 sum
+    y_scale = np.floor(np.float32(1) / np.float32(np.asarray(y_s).reshape(-1)[0]))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = np.rint((t * y_scale) / total).astype(np.int64) + int(_zp(y_zp))
+    q = np.where(q > 255, 255, q)
+    out = (q.astype(np.uint8).view(np.int8) if signed else q.astype(np.uint8)).reshape(rows.shape)
+    if opset < 13:
+        return out.reshape(x.shape)
+    moved = list(x.shape)
+    moved.append(moved.pop(axis))
+    return np.moveaxis(out.reshape(moved), -1, axis)
