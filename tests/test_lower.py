@@ -486,6 +486,35 @@ def test_data_movement_between_convs_stays_on_the_codes():
             np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
 
 
+@pytest.mark.parametrize("slope_shape", [(8, 1, 1), (1, 8, 1, 1)])
+def test_per_channel_prelu_lowers_in_both_targets(slope_shape):
+    """PRelu with a slope per channel (face-recognition nets put one after every conv) was a float
+    island between integer convs: qlinear runs it as DQ -> PRelu -> Q (the QDQ model's own
+    computation), integer as one table per channel; bit-exact in ORT and the interpreter."""
+    from qgraph.api import apply_pipeline
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    inits.append(numpy_helper.from_array(rng.uniform(-0.2, 0.4, slope_shape).astype(np.float32), "slope"))
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c1", "slope"], ["p"], name="prelu"),
+             helper.make_node("Conv", ["p", "w2"], ["logits"])]
+    model = input_to_logits(nodes, inits, "prelu", ["N", 3, 9, 9])
+    x = rng.standard_normal((4, 3, 9, 9)).astype(np.float32)
+    qdq = apply_pipeline(model, "ptq", {"input": x})
+    ref = run_model(qdq, {"input": x})["logits"]
+    for target in ("qlinear", "integer"):
+        lowered, report = lower_model(qdq, target)
+        assert any(k.startswith("PRelu") for k in report["lowered"]), report["lowered"]
+        assert report["skipped"] == [] and report["float_by_placement"] == []
+        if target == "integer":
+            assert integer_region_float_tensors(lowered) == []
+        out = run_model(lowered, {"input": x})["logits"]
+        np.testing.assert_allclose(out, ref, atol=2.01 * output_scale(qdq, ref))
+        if interp_run is not None:
+            np.testing.assert_array_equal(interp_run(lowered, {"input": x})["logits"], out)
+
+
 def test_padded_average_pool_of_dynamic_size_is_declined_with_the_reason():
     qdq = avg_pool_qdq(("N", 5, "H", "W"), kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     _, report = lower_model(qdq, "integer")

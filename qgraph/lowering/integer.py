@@ -53,7 +53,7 @@ from qgraph.lowering.float_output import convinteger_weight, lower_to_float
 from qgraph.quant import shared_shift_multipliers
 from qgraph.lowering.patterns import (DEQUANTIZE, QUANTIZE, QInput, Quantizer, Site, clamp_bounds, const,
                                       finish_site, read_quantizer, var)
-from qgraph.lowering.tables import emit_pair_table, emit_table
+from qgraph.lowering.tables import emit_channel_tables, emit_pair_table, emit_table
 
 _ONNX_TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int32": TensorProto.INT32,
                "int64": TensorProto.INT64}
@@ -737,6 +737,18 @@ def lower_pad(model: QModel, site: Site) -> None:
     qlinear.lower_pad(model, site, requantize=requantize_integer)
 
 
+def lower_prelu(model: QModel, site: Site) -> None:
+    """A PRelu with one slope per channel as a table per channel, ``Q_y(PRelu_c(DQ_x(q)))`` in
+    float32 as the QDQ model computes it (tables.emit_channel_tables)."""
+    x = qlinear.activation(site, 0)
+    slopes = qlinear.prelu_slopes(site, x)
+    codes = quant.all_codes(x.quantizer.dtype)
+    values = x.quantizer.dequantize(codes).astype(np.float32)[None, :]
+    activated = np.where(values < 0, values * slopes[:, None], values).astype(np.float32)
+    tables = site.out_q.quantize(activated).astype(site.out_q.dtype)
+    finish_site(model, site, lambda out: emit_channel_tables(model, x, tables, out, site.node.name))
+
+
 #: Tables stay in the model's layout: ConvInteger runs NCHW, ORT inserts no Transposes.
 TABLES_CHANNELS_LAST = False
 
@@ -750,6 +762,7 @@ RULES = {
     "AveragePool": lower_average_pool,
     "Concat": lower_concat,
     "Pad": lower_pad,
+    "PRelu": lower_prelu,
     **{op: lower_moving for op in qlinear.MOVING_OPS},
     **{op: qlinear.lower_unary_table for op in qlinear.UNARY_TABLE_OPS},
 }

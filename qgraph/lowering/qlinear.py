@@ -458,6 +458,36 @@ def lower_pad(model: QModel, site: Site, requantize=requantize_dq_q) -> None:
     finish_site(model, site, build)
 
 
+def prelu_slopes(site: Site, x: QInput) -> np.ndarray:
+    """A per-channel PRelu's slopes as (C,) float32 for x's axis 1 (a slope broadcast over
+    anything but the channel axis is declined)."""
+    slope = QModel.constant_value(site.node.inputs[1])
+    shape = x.tensor.shape
+    if slope is None or shape is None or len(shape) < 2:
+        raise Declined("PRelu needs a constant slope and an input of known rank")
+    slope = np.asarray(slope, np.float32)
+    rank = len(shape)
+    full = (1,) * (rank - slope.ndim) + slope.shape
+    if any(d != 1 for i, d in enumerate(full) if i != 1) or not isinstance(shape[1], (int, np.integer)):
+        raise Declined(f"PRelu slope of shape {list(slope.shape)} is not one value per channel of a static axis 1")
+    return np.broadcast_to(slope.reshape(-1), (int(shape[1]),)).astype(np.float32)
+
+
+def lower_prelu(model: QModel, site: Site) -> str:
+    """A PRelu with one slope per channel as ``DequantizeLinear → PRelu → QuantizeLinear``: the
+    QDQ model's own computation, so its codes exactly (reported as a float activation); a shared
+    slope is a unary region and takes the table rules."""
+    x = activation(site, 0)
+    slopes = prelu_slopes(site, x)
+    node = site.node
+    rank = len(x.tensor.shape)
+    slope = const(model, f"{node.name}_slope", slopes.reshape((-1,) + (1,) * (rank - 2)))
+    form = (("PRelu", ("x", "slope"), {}, "y"),)
+    finish_site(model, site, lambda out: emit_float_activation(model, x, site.out_q, out, node.name, form,
+                                                               constants={"slope": slope}))
+    return float_activation_label("prelu")
+
+
 def lower_unary_table(model: QModel, site: Site, channels_last: bool = False, float_ops=()) -> str | None:
     """A one-input elementwise op as a lookup table (qgraph.lowering.tables; `channels_last`
     as there, for 4-D maps); an op of `float_ops` as itself between DequantizeLinear and
@@ -626,7 +656,8 @@ def float_activation_label(kind: str) -> str:
     return f"float {kind} between DequantizeLinear and QuantizeLinear"
 
 
-def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name: str, form: tuple) -> None:
+def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name: str, form: tuple,
+                          constants: dict | None = None) -> None:
     """``out = Q_out(f(DQ_in(x)))`` with f the float ops `form` (see float_activation_exact, which
     the caller has checked: the table's codes, so nothing changes but the speed).
 
@@ -641,7 +672,7 @@ def emit_float_activation(model: QModel, x: QInput, out_q, out: gs.Tensor, name:
     ys, yz = quantizer_constants(model, out_q, f"{name}_y")
 
     def activation_of(codes: gs.Tensor, result: gs.Tensor) -> gs.Tensor:
-        tensors = {"x": var(model, f"{name}_dequantized", np.float32)}
+        tensors = {"x": var(model, f"{name}_dequantized", np.float32), **(constants or {})}
         model.add_node(DEQUANTIZE, [codes, xs, xz], [tensors["x"]], f"{name}_dequantize")
         for op, inputs, attrs, output in form:
             tensors[output] = var(model, f"{name}_{output}", np.float32)
@@ -777,6 +808,7 @@ RULES = {
     "LeakyRelu": _contrib("QLinearLeakyRelu", 1, ("alpha",)),
     "Concat": lower_concat,
     "Pad": lower_pad,
+    "PRelu": lower_prelu,
     **{op: lower_moving for op in MOVING_OPS},
     **{op: lower_unary for op in UNARY_TABLE_OPS if op not in ("Sigmoid", "LeakyRelu")},
 }

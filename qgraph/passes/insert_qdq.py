@@ -7,7 +7,8 @@ Placement (the integer region grows backwards from the compute ops):
 1. Compute ops — Conv, ConvTranspose, Gemm, MatMul — read integers: their activation inputs
    and their weights are quantized.
 2. A tensor that an integer op reads is quantized, and its producer then runs on integers too
-   when it can (`INTEGER_OPS`: Add/Sub/Mul, Div by a constant, Concat, pools, Resize, Pad, the
+   when it can (`INTEGER_OPS`: Add/Sub/Mul, Div by a constant, Concat, pools, Resize, Pad, a PRelu
+   with one slope per channel (a per-channel table; one shared slope makes it a unary region), the
    clamps Relu/Clip, and unary regions — idioms.unary_regions: HardSwish, SiLU, GELU or a
    Sigmoid as exported count as one activation), so its inputs are quantized in turn.
 3. Nothing else is: not the tensors inside a unary region (HardSwish's Add/Clip/Mul/Div
@@ -70,7 +71,7 @@ from qgraph.qparams import activation_qparams, constant_input_values, weight_qpa
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops that run on integers when their output is quantized (besides unary regions and clamps).
 INTEGER_OPS = ("Add", "Sub", "Mul", "Div", "Concat", "AveragePool", "GlobalAveragePool", "MaxPool", "Resize",
-               "Pad")
+               "Pad", "PRelu")
 DEFAULT_RANGE = (-1.0, 1.0)             # activation range before calibration
 DEFAULT_NONNEGATIVE_RANGE = (0.0, 1.0)
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -271,6 +272,8 @@ class QuantPlan:
             return f"{unit.op} has no integer form"
         if unit.op == "Div" and unit.inputs[1].name not in self.constant:
             return "Div by a tensor has no integer form (only division by a constant)"
+        if unit.op == "PRelu" and unit.inputs[1].name not in self.constant:
+            return "PRelu with a computed slope has no integer form"
         if all(t.name in self.constant for t in unit.inputs if t.name):
             return "computed from constants only"
         return None
