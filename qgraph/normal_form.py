@@ -64,20 +64,27 @@ def _other(node: Node, tensor: Tensor) -> Tensor:
     return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
 
 
-def _reduce_axes(model: QModel, node: Node, rank: int) -> tuple[int, ...]:
-    """Axes of a ReduceMean/ReduceSum/ReduceMax (attribute, or input since opset 13/18), made
-    non-negative; Declined when they are computed or keepdims is off."""
-    if not int(node.attrs.get("keepdims", 1)):
-        raise Declined(f"{node.op} '{node.name}' drops the reduced axes (keepdims=0)")
+def _constant_axes(model: QModel, node: Node, rank: int) -> tuple[int, ...] | None:
+    """Axes of a reduction (attribute, or input since opset 13/18), made non-negative and sorted;
+    None when it names none (every axis); Declined when they are computed."""
     if len(node.inputs) > 1 and node.inputs[1].name:
         axes = model.constant_value(node.inputs[1])
         if axes is None:
             raise Declined(f"{node.op} '{node.name}' axes are computed")
     else:
         axes = node.attrs.get("axes")
+    return None if axes is None else tuple(sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)))
+
+
+def _reduce_axes(model: QModel, node: Node, rank: int) -> tuple[int, ...]:
+    """:func:`_constant_axes` of a reduction that keeps its dims; Declined when keepdims is off or
+    it reduces every axis."""
+    if not int(node.attrs.get("keepdims", 1)):
+        raise Declined(f"{node.op} '{node.name}' drops the reduced axes (keepdims=0)")
+    axes = _constant_axes(model, node, rank)
     if axes is None:
         raise Declined(f"{node.op} '{node.name}' reduces every axis")
-    return tuple(sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)))
+    return axes
 
 
 def _rank(tensor: Tensor) -> int:
@@ -241,13 +248,7 @@ def spatial_mean_as_global_pool(model: QModel, node: Node) -> None:
     x = node.inputs[0]
     rank = _rank(x)
     keep = int(node.attrs.get("keepdims", 1))
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        axes = model.constant_value(node.inputs[1])
-        if axes is None:
-            raise Declined(f"ReduceMean '{node.name}' axes are computed")
-    else:
-        axes = node.attrs.get("axes")
-    if rank < 4 or axes is None or sorted(int(a) % rank for a in np.asarray(axes).reshape(-1)) != [*range(2, rank)]:
+    if rank < 4 or _constant_axes(model, node, rank) != tuple(range(2, rank)):
         raise Declined(f"ReduceMean '{node.name}' is not over the spatial axes of an (N, C, ...) map")
     y = node.outputs[0]
     node.outputs.clear()
@@ -412,48 +413,27 @@ def normalize_exporter_idioms(model: QModel) -> dict:
     """Apply every rewrite of this module until none applies; returns counts and skip entries."""
     counts = {"layernorm": 0, "softmax": 0, "affine": 0, "sum": 0, "global_pool": 0, "pixel_shuffle": 0}
     skipped: list[dict] = []
-    for node in list(model.graph.nodes):
-        if node.op in ("DepthToSpace", "SpaceToDepth") and node.outputs:
+
+    def each(ops, rewrite, key, reported=(), label=""):
+        """`rewrite(model, node)` on every node of `ops`; a `reported` exception is a skip entry,
+        any other Declined (the node is no such idiom) passes quietly."""
+        for node in list(model.graph.nodes):
+            if node.op not in ops or not node.outputs:
+                continue
             try:
-                pixel_shuffle_as_transpose(model, node)
-                counts["pixel_shuffle"] += 1
-            except Declined as declined:
-                skipped.append(skip(node, declined.reason))
-    model.cleanup()
-    for node in list(model.graph.nodes):
-        if node.op == "Sum" and node.outputs:
-            try:
-                sum_as_adds(model, node)
-                counts["sum"] += 1
-            except PassError as exc:
-                skipped.append(skip(node, f"Sum as Adds: {exc}"))
-    model.cleanup()
-    for node in list(model.graph.nodes):
-        if node.op == "ReduceMean" and node.outputs and node.outputs[0].outputs:
-            try:
-                fuse_layernorm(model, match_layernorm(model, node))
-                counts["layernorm"] += 1
-            except Unfusable as declined:
-                skipped.append(skip(node, declined.reason))
-            except Declined:
-                pass            # most ReduceMeans are no LayerNorm: not worth a line each
-    model.cleanup()
-    for node in list(model.graph.nodes):
-        if node.op == "ReduceMean" and node.outputs:
-            try:
-                spatial_mean_as_global_pool(model, node)
-                counts["global_pool"] += 1
-            except Declined:
-                pass            # a mean over other axes: not a pool
-    model.cleanup()
-    for node in list(model.graph.nodes):
-        if node.op == "Exp" and node.outputs:
-            try:
-                fuse_softmax(model, match_softmax(model, node))
-                counts["softmax"] += 1
+                rewrite(model, node)
+                counts[key] += 1
+            except reported as exc:
+                skipped.append(skip(node, f"{label}{getattr(exc, 'reason', exc)}"))
             except Declined:
                 pass
-    model.cleanup()
+        model.cleanup()
+
+    each(("DepthToSpace", "SpaceToDepth"), pixel_shuffle_as_transpose, "pixel_shuffle", (Declined,))
+    each(("Sum",), sum_as_adds, "sum", (PassError,), "Sum as Adds: ")
+    each(("ReduceMean",), lambda m, n: fuse_layernorm(m, match_layernorm(m, n)), "layernorm", (Unfusable,))
+    each(("ReduceMean",), spatial_mean_as_global_pool, "global_pool")
+    each(("Exp",), lambda m, n: fuse_softmax(m, match_softmax(m, n)), "softmax")
     for layer in list(model.graph.nodes):
         if layer.op not in AFFINE_LAYERS or not layer.outputs:
             continue
