@@ -698,6 +698,8 @@ def _prepare_data(data: dict, plan: _Plan, config: TrainConfig, origin: str, lab
         if name not in data:
             raise DataError(f"{origin}: no array for model input {name!r}; keys are {sorted(data)}")
         array = np.ascontiguousarray(data[name])
+        if array.dtype == np.float16:         # a float16 model's data: qgraph reads the model as float32
+            array = array.astype(np.float32)
         if array.ndim == 0:
             raise DataError(f"{origin}: {name!r} is a scalar; training needs one row per sample")
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():

@@ -134,6 +134,10 @@ def test_float16_model_is_read_as_float32_and_quantizes_with_float16_data(tmp_pa
     lowered, report = lower_model(qdq, "integer")
     assert report["skipped"] == [] and diff_models(lowered, {"x": x16}).passed
     np.testing.assert_allclose(run_model(lowered, {"x": x16.astype(np.float32)})["y"], want, atol=0.05)
+    from qgraph.train import train_model                 # QAT by distillation on the float16 data
+    trained, history = train_model(apply_pipeline(model, "qat", {"x": x16}), {"x": x16}, teacher=loaded,
+                                   workdir=tmp_path / "wd", epochs=1, batch_size=2, progress=False)
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
 
 
 @pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceL2"])
