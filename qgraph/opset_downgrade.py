@@ -32,10 +32,10 @@ from onnx import helper, numpy_helper
 
 from qgraph.errors import ModelError
 from qgraph.graph import free_name
+from qgraph.model_io import OPSET as TARGET
 
-TARGET = 17
-
-#: Ops whose versions 18-21 only widen the type lists (or add attributes checked below).
+#: Ops whose versions 18-21 keep a meaning opset 17 can state: relabelled as they are (the changes
+#: widen type lists or add attributes whose defaults are checked), or rewritten by _REWRITES.
 _RELABEL = {"AveragePool", "Cast", "CastLike", "Constant", "ConstantOfShape", "DequantizeLinear", "Equal",
             "Flatten", "Identity", "IsInf", "IsNaN", "LpPool", "QuantizeLinear", "QLinearMatMul", "Reshape",
             "Shape", "Size", "Squeeze", "Transpose", "Unsqueeze", "ReduceSum", "If", "Loop", "Scan",
