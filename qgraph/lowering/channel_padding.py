@@ -139,13 +139,13 @@ def _is_depthwise(conv: gs.Node, channels: int) -> bool:
 def _ignores_input_channels(conv: gs.Node, narrow: int, width: int) -> bool:
     """Whether the QLinearConv's weights on input channels [narrow, width) are at their zero point
     (a dense conv), or its output channels there are (a padded depthwise conv)."""
+    if int(conv.attrs.get("group", 1)) != 1:
+        return _padded_depthwise(conv, narrow, width)
     found = _weight(conv)
     if found is None:
         return False
     w, wz = found
-    if int(conv.attrs.get("group", 1)) == 1 and w.shape[1] == width:
-        return bool(np.all(w[:, narrow:] == wz.reshape((-1,) + (1,) * (w.ndim - 1))))
-    return _padded_depthwise(conv, narrow, width)
+    return w.shape[1] == width and bool(np.all(w[:, narrow:] == wz.reshape((-1,) + (1,) * (w.ndim - 1))))
 
 
 def _padded_depthwise(conv: gs.Node, narrow: int, width: int) -> bool:

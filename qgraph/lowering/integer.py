@@ -34,7 +34,7 @@ MaxPool, Resize, Transpose, Concat, Gather on int8 and uint8. Hence:
   (quant.mean_requant);
 - unary elementwise ops (Sigmoid, LeakyRelu, Tanh, …): a 256-entry Gather table;
 - Relu/Clip: a Clip on the uint8 output (see patterns);
-- MaxPool of at least 3x3: a pool over rows, then over columns (separable_max_pools).
+- MaxPool of at least 5x5 at stride 1: a pool over rows, then over columns (separable_max_pools).
 """
 
 from __future__ import annotations
@@ -793,12 +793,11 @@ def separable_max_pools(model: QModel) -> int:
                 or attrs.get("storage_order", 0)):
             continue
         top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
-        sh, sw = attrs.get("strides", [1, 1])
         rows = var(model, f"{pool.name}_rows", x.dtype)
         model.add_node("MaxPool", [x], [rows], f"{pool.name}_rows",
-                       {"kernel_shape": [kernel[0], 1], "pads": [top, 0, bottom, 0], "strides": [sh, 1]})
+                       {"kernel_shape": [kernel[0], 1], "pads": [top, 0, bottom, 0], "strides": [1, 1]})
         pool.inputs[0] = rows
-        pool.attrs = {"kernel_shape": [1, kernel[1]], "pads": [0, left, 0, right], "strides": [1, sw]}
+        pool.attrs = {"kernel_shape": [1, kernel[1]], "pads": [0, left, 0, right], "strides": [1, 1]}
         split += 1
     return split
 

@@ -61,26 +61,20 @@ def emit_table(model: QModel, x: QInput, table: np.ndarray, out: gs.Tensor, name
 def emit_channel_tables(model: QModel, x: QInput, tables: np.ndarray, out: gs.Tensor, name: str) -> None:
     """``out[n, c, …] = tables[c, x[n, c, …] − qmin]`` on an NCHW-style map of codes: the codes as
     int32 plus ``256·c − qmin`` for their channel, one GatherElements on the tables as one
-    [1, C·256] row, reshaped back (a per-channel function such as PRelu's)."""
+    [1, C·256] row, reshaped back (reshape_back; a per-channel function such as PRelu's)."""
     channels = tables.shape[0]
     rank = len(x.tensor.shape)
     offsets = (np.arange(channels, dtype=np.int32) * 256 - x.quantizer.qmin).reshape((1, channels) + (1,) * (rank - 2))
-
-    def lookup(codes: gs.Tensor) -> gs.Tensor:
-        wide = var(model, f"{name}_codes", np.int32)
-        model.add_node("Cast", [codes], [wide], f"{name}_cast", {"to": TensorProto.INT32})
-        index = var(model, f"{name}_index", np.int32)
-        model.add_node("Add", [wide, const(model, f"{name}_offsets", offsets)], [index], f"{name}_offset")
-        flat = var(model, f"{name}_flat", np.int32)
-        model.add_node("Flatten", [index], [flat], f"{name}_flatten", {"axis": 0})
-        looked_up = var(model, f"{name}_row", tables.dtype)
-        model.add_node("GatherElements", [const(model, f"{name}_tables", tables.reshape(1, -1)), flat], [looked_up],
-                       name, {"axis": 1})
-        shape = var(model, f"{name}_shape", np.int64)
-        model.add_node("Shape", [x.tensor], [shape], f"{name}_shape")
-        model.add_node("Reshape", [looked_up, shape], [out], f"{name}_reshape")
-
-    lookup(x.tensor)
+    wide = var(model, f"{name}_codes", np.int32)
+    model.add_node("Cast", [x.tensor], [wide], f"{name}_cast", {"to": TensorProto.INT32})
+    index = var(model, f"{name}_index", np.int32)
+    model.add_node("Add", [wide, const(model, f"{name}_offsets", offsets)], [index], f"{name}_offset")
+    flat = var(model, f"{name}_flat", np.int32)
+    model.add_node("Flatten", [index], [flat], f"{name}_flatten", {"axis": 0})
+    looked_up = var(model, f"{name}_row", tables.dtype)
+    model.add_node("GatherElements", [const(model, f"{name}_tables", tables.reshape(1, -1)), flat], [looked_up],
+                   name, {"axis": 1})
+    reshape_back(model, looked_up, out, x.tensor.shape, x.tensor, name)
 
 
 def emit_on_code_row(model: QModel, x: QInput, out: gs.Tensor, out_dtype, name: str, channels_last: bool,
