@@ -34,19 +34,12 @@ from qgraph.errors import ModelError
 from qgraph.graph import free_name
 from qgraph.model_io import OPSET as TARGET
 
-#: Ops whose versions 18-21 keep a meaning opset 17 can state: relabelled as they are (the changes
-#: widen type lists or add attributes whose defaults are checked), or rewritten by _REWRITES.
-_RELABEL = {"AveragePool", "Cast", "CastLike", "Constant", "ConstantOfShape", "DequantizeLinear", "Equal",
-            "Flatten", "Identity", "IsInf", "IsNaN", "LpPool", "QuantizeLinear", "QLinearMatMul", "Reshape",
-            "Shape", "Size", "Squeeze", "Transpose", "Unsqueeze", "ReduceSum", "If", "Loop", "Scan",
-            "ScatterElements", "ScatterND", "GridSample", "Pad", "Resize", "Split", "Gelu", "Mish"}
 _REDUCTIONS = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
                "ReduceProd", "ReduceSumSquare"}
-#: Ops that changed after opset 17 (onnx 1.17's schemas): a node of one of these not handled here
-#: has no opset-17 form.
-_CHANGED = {"AffineGrid", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "CenterCropPad", "Col2Im",
-            "DFT", "DeformConv", "GroupNormalization", "ImageDecoder", "OptionalGetElement", "OptionalHasElement",
-            "RegexFullMatch", "StringConcat", "StringSplit"} | _RELABEL | _REDUCTIONS
+#: Ops new since opset 17 (onnx 1.17's schemas) with no opset-17 form.
+_NO_FORM = {"AffineGrid", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "CenterCropPad", "Col2Im",
+            "DFT", "DeformConv", "ImageDecoder", "OptionalGetElement", "OptionalHasElement", "RegexFullMatch",
+            "StringConcat", "StringSplit"}
 
 
 def downgrade(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
@@ -114,7 +107,7 @@ class _Graph:
         return len(shape)
 
     def refuse(self, node, why: str) -> ModelError:
-        return ModelError(f"{self.origin}: {node.op_type} node '{node.name or node.output[0]}' has no opset-{TARGET} "
+        return ModelError(f"{self.origin}: {node.op_type} node '{_label(node)}' has no opset-{TARGET} "
                           f"form ({why}); export the model at opset {TARGET}")
 
 
@@ -127,24 +120,26 @@ def _downgrade_graph(graph, shapes, origin) -> None:
                 _downgrade_graph(attr.g, shapes, origin)
             for sub in attr.graphs:
                 _downgrade_graph(sub, shapes, origin)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _CHANGED:
-            nodes.append(node)
-            continue
-        rewrite = _REWRITES.get(node.op_type)
-        if rewrite is None and node.op_type in _REDUCTIONS:
-            rewrite = _reduction
-        if rewrite is None and node.op_type not in _RELABEL:
+        ours = node.domain in ("", "ai.onnx")
+        if ours and node.op_type in _NO_FORM:
             raise g.refuse(node, "the op is newer than opset 17")
-        nodes.extend(rewrite(g, node) if rewrite else [node])
+        rewrite = _REWRITES.get(node.op_type) if ours else None
+        nodes.extend(rewrite(g, node) if rewrite else [node])   # the rest only widened type lists: relabelled
     del graph.node[:]
     graph.node.extend(nodes)
 
 
 def _attr(node, name, default=None):
+    """The attribute's value (strings decoded), or `default`."""
     for a in node.attribute:
         if a.name == name:
-            return helper.get_attribute_value(a)
+            value = helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
+
+
+def _label(node) -> str:
+    return node.name or node.output[0]
 
 
 def _drop(node, *names) -> None:
@@ -182,12 +177,12 @@ def _split(g: _Graph, node):
         return [node]                          # opset 13-17: equal parts, one per output
     part = -(-dim // count)
     sizes = [part] * (count - 1) + [dim - part * (count - 1)]
-    node.input.append(g.constant(f"{node.name or node.output[0]}_split", np.array(sizes, np.int64)))
+    node.input.append(g.constant(f"{_label(node)}_split", np.array(sizes, np.int64)))
     return [node]
 
 
 def _pad(g: _Graph, node):
-    if _attr(node, "mode", b"constant") in (b"wrap", "wrap"):
+    if _attr(node, "mode", "constant") == "wrap":
         raise g.refuse(node, "mode 'wrap'")
     axes = g.value(node, 3, "axes")
     if axes is None:
@@ -197,7 +192,7 @@ def _pad(g: _Graph, node):
     full = np.zeros(2 * rank, np.int64)
     for k, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
         full[axis], full[rank + axis] = pads[k], pads[len(axes.reshape(-1)) + k]
-    inputs = [node.input[0], g.constant(f"{node.name or node.output[0]}_pads", full)]
+    inputs = [node.input[0], g.constant(f"{_label(node)}_pads", full)]
     if len(node.input) > 2 and node.input[2]:
         inputs.append(node.input[2])
     del node.input[:]
@@ -208,10 +203,9 @@ def _pad(g: _Graph, node):
 def _resize(g: _Graph, node):
     if _attr(node, "antialias", 0):
         raise g.refuse(node, "antialias=1")
-    if _attr(node, "keep_aspect_ratio_policy", b"stretch") not in (b"stretch", "stretch"):
+    if _attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
         raise g.refuse(node, "keep_aspect_ratio_policy other than 'stretch'")
-    if _attr(node, "coordinate_transformation_mode", b"half_pixel") in (b"half_pixel_symmetric",
-                                                                         "half_pixel_symmetric"):
+    if _attr(node, "coordinate_transformation_mode", "half_pixel") == "half_pixel_symmetric":
         raise g.refuse(node, "coordinate_transformation_mode 'half_pixel_symmetric'")
     axes = _attr(node, "axes")
     if axes is not None and list(axes) != list(range(g.rank(node.input[0], node))):
@@ -221,7 +215,7 @@ def _resize(g: _Graph, node):
 
 
 def _scatter(g: _Graph, node):
-    if _attr(node, "reduction", b"none") in (b"max", b"min", "max", "min"):
+    if _attr(node, "reduction", "none") in ("max", "min"):
         raise g.refuse(node, "reduction 'max'/'min'")
     return [node]
 
@@ -251,8 +245,7 @@ def _cast(g: _Graph, node):
 
 
 def _grid_sample(g: _Graph, node):
-    mode = _attr(node, "mode", b"linear")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _attr(node, "mode", "linear")
     if g.rank(node.input[0], node) != 4:
         raise g.refuse(node, "a grid of more than 2 spatial axes")
     _set(node, "mode", {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode))
@@ -260,10 +253,10 @@ def _grid_sample(g: _Graph, node):
 
 
 def _gelu(g: _Graph, node):
-    x, y, base = node.input[0], node.output[0], node.name or node.output[0]
-    approximate = _attr(node, "approximate", b"none")
+    x, y, base = node.input[0], node.output[0], _label(node)
+    approximate = _attr(node, "approximate", "none")
     t = [g.fresh(f"{base}/{k}") for k in ("a", "b", "c", "d", "e", "f")]
-    if approximate in (b"tanh", "tanh"):     # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+    if approximate == "tanh":     # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
         return [helper.make_node("Mul", [x, x], [t[0]]), helper.make_node("Mul", [t[0], x], [t[1]]),
                 helper.make_node("Mul", [t[1], g.constant(f"{base}/k", np.float32(0.044715))], [t[2]]),
                 helper.make_node("Add", [x, t[2]], [t[3]]),
@@ -287,7 +280,7 @@ def _group_norm(g: _Graph, node):
     opset 18: InstanceNormalization over ``x`` reshaped to (N, G, -1), reshaped back, then the
     per-channel γ and β."""
     groups = int(_attr(node, "num_groups"))
-    x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+    x, y, base = node.input[0], node.output[0], _label(node)
     shape = g.shapes.get(x)
     if shape is None or len(shape) < 3 or shape[1] is None:
         raise g.refuse(node, "its input's channel count is unknown")
@@ -312,7 +305,7 @@ def _group_norm(g: _Graph, node):
 
 
 def _mish(g: _Graph, node):
-    x, y, base = node.input[0], node.output[0], node.name or node.output[0]
+    x, y, base = node.input[0], node.output[0], _label(node)
     soft, tanh = g.fresh(f"{base}/softplus"), g.fresh(f"{base}/tanh")
     return [helper.make_node("Softplus", [x], [soft]), helper.make_node("Tanh", [soft], [tanh]),
             helper.make_node("Mul", [x, tanh], [y])]
@@ -321,4 +314,4 @@ def _mish(g: _Graph, node):
 _REWRITES = {"Split": _split, "Pad": _pad, "Resize": _resize, "ScatterElements": _scatter, "ScatterND": _scatter,
              "AveragePool": _pool, "LpPool": _pool, "QuantizeLinear": _quantizer, "DequantizeLinear": _quantizer,
              "Cast": _cast, "CastLike": _cast, "GridSample": _grid_sample, "Gelu": _gelu, "Mish": _mish,
-             "GroupNormalization": _group_norm}
+             "GroupNormalization": _group_norm, **{op: _reduction for op in _REDUCTIONS}}
