@@ -138,13 +138,13 @@ def convert_to_working_opset(model: onnx.ModelProto, origin: str = "model") -> o
     return converted
 
 
-_HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+_HALF_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def float16_as_float32(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
     """`model` with every float16/bfloat16 tensor float32: initializers and Constant values
-    (exactly: both widen without rounding), graph inputs, outputs and value infos, and Cast or
-    ConstantOfShape targets. qgraph's passes, quantizers and lowerings work on float32 (so does an
+    (exactly: both widen without rounding; ConstantOfShape's value too), graph inputs, outputs and
+    value infos, and Cast targets. qgraph's passes, quantizers and lowerings work on float32 (so does an
     int8 deployment's float boundary); the quantized model then takes and returns float32, and
     float16 data files are widened as they are read. The model itself when it has none."""
     from onnx import numpy_helper
@@ -159,8 +159,8 @@ def float16_as_float32(model: onnx.ModelProto, origin: str = "model") -> onnx.Mo
     infos = [*graph.input, *graph.output, *graph.value_info]
     found = [t.name for t in graph.initializer if half(t)] + [i.name for i in infos
                                                                if i.type.tensor_type.elem_type in _HALF_TYPES]
-    casts = [a for n in graph.node for a in n.attribute
-             if (n.op_type, a.name) in (("Cast", "to"), ("CastLike", "to")) and a.i in _HALF_TYPES]
+    casts = [a for n in graph.node if n.op_type == "Cast" for a in n.attribute
+             if a.name == "to" and a.i in _HALF_TYPES]
     values = [a.t for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR and half(a.t)]
     if not (found or casts or values):
         return model
@@ -207,12 +207,12 @@ def _per_channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
         slope = numpy_helper.to_array(inits[node.input[1]])
         rank = ranks.get(node.input[0], 0)
         if slope.ndim == 1 and slope.size > 1 and rank >= 3:
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(slope.reshape((-1,) + (1,) * (rank - 2)),
-                                                                  node.input[1]))
+            shaped = slope.reshape((-1,) + (1,) * (rank - 2))
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(shaped, node.input[1]))
             for info in model.graph.input:                  # IR 3 lists initializers as inputs too
                 if info.name == node.input[1]:
                     info.CopyFrom(onnx.helper.make_tensor_value_info(info.name, inits[node.input[1]].data_type,
-                                                                     slope.reshape((-1,) + (1,) * (rank - 2)).shape))
+                                                                     shaped.shape))
     return model
 
 

@@ -100,11 +100,7 @@ class BNMatch:
 
 def match_bn(model: QModel, bn: Node) -> BNMatch:
     """The fusion for `bn`; Declined says why it does not apply."""
-    if int(bn.attrs.get("training_mode", 0)) != 0:
-        raise Declined("BatchNormalization has training_mode=1")
-    for extra in bn.outputs[1:]:
-        if extra.outputs or model.is_graph_output(extra):
-            raise Declined(f"its running-statistics output '{extra.name}' is used")
+    _check_inference(model, bn)
     x = bn.inputs[0]
     layer = model.producer(x)
     if layer is None:
@@ -131,10 +127,7 @@ def bn_as_depthwise_conv(model: QModel, bn: Node) -> dict:
     """Replace `bn` (inference mode, constant statistics, input of rank 3-5 with known channels)
     by the depthwise 1x1 Conv computing ``x·s + (β − μ·s)``, s = γ/√(σ²+ε) in float64; Declined
     says why not. Returns the report entry."""
-    if int(bn.attrs.get("training_mode", 0)) != 0:
-        raise Declined("BatchNormalization has training_mode=1")
-    if any(extra.outputs or model.is_graph_output(extra) for extra in bn.outputs[1:]):
-        raise Declined("its running-statistics outputs are used")
+    _check_inference(model, bn)
     x = bn.inputs[0]
     rank = len(x.shape) if x.shape is not None else 0
     if not 3 <= rank <= 5:
@@ -158,6 +151,15 @@ def bn_as_depthwise_conv(model: QModel, bn: Node) -> dict:
     conv = model.add_node("Conv", [x, weight, bias], [y], f"{bn.name}/depthwise",
                           {"group": channels, "kernel_shape": [1] * spatial})
     return {"bn": bn.name, "conv": conv.name, "channels": channels}
+
+
+def _check_inference(model: QModel, bn: Node) -> None:
+    """Declined unless `bn` is in inference mode with its running-statistics outputs unread."""
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        raise Declined("BatchNormalization has training_mode=1")
+    for extra in bn.outputs[1:]:
+        if extra.outputs or model.is_graph_output(extra):
+            raise Declined(f"its running-statistics output '{extra.name}' is used")
 
 
 def _check_constant(model: QModel, tensor: Tensor, role: str) -> None:
