@@ -36,7 +36,7 @@ Integer tensors are centred on their zero point when it is known before cosine a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -45,7 +45,8 @@ from onnx import numpy_helper
 from qgraph.annotations import rescale_between
 from qgraph.data import LABELS, check_data, load_data
 from qgraph.errors import DataError
-from qgraph.interp.tolerance import EXACT, Tolerance, node_tolerance, summed_terms
+from qgraph.interp.registry import outer_names
+from qgraph.interp.tolerance import EXACT, Tolerance, node_tolerance, sum_scale, summed_terms
 from qgraph.quant import int8_as_uint8
 
 __all__ = ["diff_models", "check_feeds", "DiffReport", "Comparison", "TensorStats", "TensorCheck",
@@ -444,6 +445,8 @@ class ToleranceGate:
         graph = model.graph
         self.producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
         self.nodes = list(graph.node)
+        # a node's inputs and the enclosing-scope tensors its subgraphs read (If, Loop)
+        self.inputs = [(*n.input, *outer_names(n)) for n in self.nodes]
         self.fixed = {i.name for i in graph.initializer}
         self.graph_inputs = {i.name for i in graph.input}
         self.tolerance = [node_tolerance(n) for n in self.nodes]
@@ -452,8 +455,7 @@ class ToleranceGate:
         needed = list(dict.fromkeys(t for t in compared if t in self.producer))
         seen, stack = set(needed), [t for t in needed if not self.exact_provenance[t]]
         while stack:
-            node = self.nodes[self.producer[stack.pop()]]
-            for t in node.input:
+            for t in self.inputs[self.producer[stack.pop()]]:
                 if t and t in self.producer and t not in seen:
                     seen.add(t)
                     needed.append(t)
@@ -469,7 +471,7 @@ class ToleranceGate:
             rest = []
             for i in pending:
                 node = self.nodes[i]
-                ins = [t for t in node.input if t and t in self.producer]
+                ins = [t for t in self.inputs[i] if t and t in self.producer]
                 if any(t not in exact for t in ins):
                     rest.append(i)
                     continue
@@ -489,6 +491,13 @@ class ToleranceGate:
         """Exact by its tolerance family, or an integer computation (a ReduceSum of int32 codes)."""
         node = self.nodes[i]
         return self.tolerance[i].exact or not any(t in self.float_tensors for t in [*node.input, *node.output] if t)
+
+    @staticmethod
+    def _value(name: str, ref: dict, feeds: dict, plan):
+        for values in (ref, feeds, plan.consts):
+            if name and name in values:
+                return values[name]
+        return None
 
     @staticmethod
     def _shape(name: str, ref: dict, feeds: dict, plan) -> tuple | None:
@@ -525,7 +534,7 @@ class ToleranceGate:
                 continue
             i = self.producer[name]
             if i not in rerun:
-                values = {t: ref[t] if t in ref else feeds[t] for t in self.nodes[i].input
+                values = {t: ref[t] if t in ref else feeds[t] for t in self.inputs[i]
                           if t and t not in self.fixed and (t in ref or t in feeds)}
                 rerun[i] = plan.run_node(i, values)
             c = np.asarray(rerun[i][name])
@@ -534,8 +543,12 @@ class ToleranceGate:
                 continue
             tol = check.tolerance
             if not check.integer and not tol.exact:
-                shapes = [self._shape(t, ref, feeds, plan) for t in self.nodes[i].input]
-                tol = check.tolerance = node_tolerance(self.nodes[i], summed_terms(self.nodes[i], shapes, a.shape))
+                node = self.nodes[i]
+                shapes = [self._shape(t, ref, feeds, plan) for t in node.input]
+                tol = check.tolerance = node_tolerance(node, summed_terms(node, shapes, a.shape))
+                scale = sum_scale(node, [self._value(t, ref, feeds, plan) for t in node.input])
+                if scale:   # this batch's partial sums' scale (qgraph.interp.tolerance)
+                    tol = replace(tol, atol=max(tol.atol, max(16.0, tol.range_ulp) * float(np.spacing(np.float32(scale)))))
             worst, beyond = tol.measure(a, c)
             check.note("op", worst, beyond)
 

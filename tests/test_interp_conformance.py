@@ -32,6 +32,8 @@ REQUIRED_OPS = {
     "And", "ReduceSum", "ReduceMax", "Erf", "Exp", "Log", "Tanh", "LogSoftmax", "GatherElements", "Einsum",
     "InstanceNormalization", "LayerNormalization", "HardSigmoid", "HardSwish", "Mish", "Elu", "Selu", "PRelu",
     "ArgMax", "TopK", "NonZero", "LSTM", "GRU", "RNN", "Upsample", "CastLike",
+    # control flow (TorchScript exports: Silero VAD)
+    "If", "Loop",
 }
 
 #: Element types outside qgraph's scope (see docs: no float8/float16/bfloat16/int4/strings).

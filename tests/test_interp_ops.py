@@ -849,3 +849,23 @@ def test_qlinear_softmax_matches_ort(rng, dtype, opset, shape, axis):
         x = rng.integers(hi - 24 if trial % 2 else lo, hi, shape).astype(dtype)
         model = make([node("QLinearSoftmax", ["x", "xs", "xz", "ys", "yz"], domain=MS, **attrs)], {"x": x}, inits)
         np.testing.assert_array_equal(run(model, {"x": x})["y"], ort_outputs(model, {"x": x})["y"])
+
+
+def test_sum_scale_bounds_the_partial_sums_from_the_inputs():
+    """qgraph diff's scale-aware bound: max|x|·max Σ|w| per output for the accumulating ops, the
+    gates' pre-activation bound for recurrent ones (the state within ±1 after the first step)."""
+    from qgraph.interp.tolerance import sum_scale
+    x = np.array([[[-3.0, 2.0]]], np.float32)
+    w = np.array([[[1.0], [-2.0]], [[0.5], [0.5]]], np.float32)        # Conv weights [M=2, C=2, k=1]
+    assert sum_scale(helper.make_node("Conv", ["x", "w"], ["y"]), [x, w]) == 3.0 * 3.0
+    assert sum_scale(helper.make_node("ConvTranspose", ["x", "w"], ["y"]), [x, w]) == 3.0 * 2.5
+    b = np.array([[1.0, -4.0], [2.0, 0.5]], np.float32)                 # MatMul B [K=2, N=2]
+    assert sum_scale(helper.make_node("MatMul", ["a", "b"], ["y"]), [x[0], b]) == 3.0 * 4.5
+    assert sum_scale(helper.make_node("Gemm", ["a", "b"], ["y"], transB=1, alpha=2.0), [x[0], b]) == 2.0 * 3.0 * 5.0
+    lstm = helper.make_node("LSTM", ["x", "w", "r", "b"], ["y"], hidden_size=1)
+    W, R = np.full((1, 4, 2), 0.5, np.float32), np.full((1, 4, 1), -2.0, np.float32)
+    bias = np.array([[1, 1, 1, 1, -3, 0, 0, 0]], np.float32)
+    assert sum_scale(lstm, [x, W, R, bias]) == 3.0 * 1.0 + 1.0 * 2.0 + 2.0
+    relu_rnn = helper.make_node("RNN", ["x", "w", "r"], ["y"], hidden_size=1, activations=["Relu"])
+    assert sum_scale(relu_rnn, [x, W[:, :1], R[:, :1]]) is None        # an unbounded state
+    assert sum_scale(helper.make_node("Relu", ["x"], ["y"]), [x]) is None

@@ -13,7 +13,8 @@ from qgraph.interp.registry import OPS, NodeContext, register
 from qgraph.interp.runner import Plan, compile_model, recycle_large_arrays, run, set_blas_threads
 from qgraph.interp import ops_basic, ops_nn, ops_quant, ops_contrib  # noqa: F401  (registration)
 from qgraph.interp import (  # noqa: F401  (registration)
-    ops_detection, ops_dynamic, ops_elementwise, ops_float, ops_resize, ops_rnn, ops_signal, ops_tensor,
+    ops_control, ops_detection, ops_dynamic, ops_elementwise, ops_float, ops_resize, ops_rnn, ops_signal,
+    ops_tensor,
 )
 
 __all__ = ["run", "compile_model", "Plan", "recycle_large_arrays", "set_blas_threads", "register", "OPS", "NodeContext"]

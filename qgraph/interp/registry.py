@@ -46,15 +46,24 @@ class NodeContext:
     context per node across runs, so a kernel may memoize work that depends only on constant
     inputs (weights, scales, zero points) with :meth:`once`."""
 
-    __slots__ = ("node", "opset", "attrs", "const", "_decoded", "_memo")
+    __slots__ = ("node", "opset", "attrs", "const", "outer", "opsets", "_decoded", "_memo")
 
-    def __init__(self, node: onnx.NodeProto, opset: int, const: tuple[bool, ...] = ()):
+    def __init__(self, node: onnx.NodeProto, opset: int, const: tuple[bool, ...] = (),
+                 outer: tuple[str, ...] = (), opsets: dict[str, int] | None = None):
         self.node = node
         self.opset = opset
         self.attrs = {a.name: a for a in node.attribute}
         self.const = const
+        # a node with subgraphs (If, Loop): the enclosing scope's tensors its bodies read, which
+        # the plan passes after the node's own inputs, and the model's opsets for the bodies
+        self.outer = outer
+        self.opsets = opsets or {}
         self._decoded: dict = {}
         self._memo: dict = {}
+
+    def with_const(self, const: tuple[bool, ...]) -> "NodeContext":
+        """A fresh context of the same node and scope (nothing memoized) with `const`."""
+        return NodeContext(self.node, self.opset, const, self.outer, self.opsets)
 
     def attr(self, name: str, default=None):
         if name in self._decoded:
@@ -67,7 +76,7 @@ class NodeContext:
             v = onnx.numpy_helper.to_array(a.t)
             v.flags.writeable = False
         elif a.type == onnx.AttributeProto.GRAPH:
-            raise self.error(f"graph attribute {name!r} (subgraphs) is not supported")
+            v = a.g
         else:
             v = helper.get_attribute_value(a)
             if isinstance(v, bytes):
@@ -104,3 +113,27 @@ class NodeContext:
 
 def np_dtype(onnx_type: int) -> np.dtype:
     return helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The node's graph attributes (an If's branches, a Loop's or Scan's body)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def outer_names(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The enclosing scope's tensors the node's subgraphs read (nested ones included), in order."""
+    found: dict[str, None] = {}
+    for graph in subgraphs(node):
+        found.update(dict.fromkeys(_free_names(graph)))
+    return tuple(found)
+
+
+def _free_names(graph: onnx.GraphProto) -> list[str]:
+    defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+               | {o for n in graph.node for o in n.output if o})
+    used: dict[str, None] = {}
+    for n in graph.node:
+        used.update(dict.fromkeys(t for t in n.input if t))
+        used.update(dict.fromkeys(outer_names(n)))
+    used.update(dict.fromkeys(o.name for o in graph.output))
+    return [t for t in used if t not in defined]

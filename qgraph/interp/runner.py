@@ -19,28 +19,28 @@ from onnx import numpy_helper
 
 from qgraph.errors import InterpError
 from qgraph.interp.fusion import Item, fuse
-from qgraph.interp.registry import NodeContext, _norm_domain, lookup
+from qgraph.interp.registry import NodeContext, _norm_domain, lookup, outer_names, subgraphs
 
 
 def _opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {_norm_domain(o.domain): o.version for o in model.opset_import}
 
 
-def _needed_nodes(nodes, producer: dict[str, int], wanted) -> set[int]:
+def _needed_nodes(inputs_of, producer: dict[str, int], wanted) -> set[int]:
     keep, stack = set(), [producer[t] for t in wanted if t in producer]
     while stack:
         i = stack.pop()
         if i in keep:
             continue
         keep.add(i)
-        stack.extend(producer[t] for t in nodes[i].input if t in producer)
+        stack.extend(producer[t] for t in inputs_of[i] if t in producer)
     return keep
 
 
-def _toposort(nodes, available: set[str]) -> list[int]:
+def _toposort(nodes, inputs_of, available: set[str]) -> list[int]:
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = {i: {producer[t] for t in n.input if t in producer and t not in available}
-            for i, n in enumerate(nodes)}
+    deps = {i: {producer[t] for t in inputs_of[i] if t in producer and t not in available}
+            for i in range(len(nodes))}
     users = defaultdict(list)
     for i, ds in deps.items():
         for d in ds:
@@ -153,13 +153,17 @@ class Plan:
             self.consts[init.name] = arr
         self.graph_inputs = {i.name for i in g.input}
         self.output_names = [o.name for o in g.output]
-        self.order = _toposort(self.nodes, set(self.consts) | self.graph_inputs)
+        # a node's inputs, then the enclosing-scope tensors its subgraphs read (If, Loop)
+        outer = [outer_names(n) for n in self.nodes]
+        self.inputs_of = [(*n.input, *o) for n, o in zip(self.nodes, outer)]
+        self.order = _toposort(self.nodes, self.inputs_of, set(self.consts) | self.graph_inputs)
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         fixed = set(self.consts) - self.graph_inputs  # an initializer listed as input may be fed
         self._fixed = fixed
         self._folded: dict[str, np.ndarray] = {}  # outputs of nodes computed from constants only
         self._opset_of = [opsets.get(_norm_domain(n.domain), 1) for n in self.nodes]
-        self.contexts = [NodeContext(n, self._opset_of[i], tuple(not t or t in fixed for t in n.input))
+        self.contexts = [NodeContext(n, self._opset_of[i], tuple(not t or t in fixed for t in n.input), outer[i],
+                                     opsets if subgraphs(n) else None)
                          for i, n in enumerate(self.nodes)]
         self._schedules: dict[tuple[tuple[str, ...], bool], list[_Step]] = {}
 
@@ -167,7 +171,7 @@ class Plan:
         sched = self._schedules.get((wanted, fused))
         if sched is not None:
             return sched
-        needed = _needed_nodes(self.nodes, self.producer, wanted)
+        needed = _needed_nodes(self.inputs_of, self.producer, wanted)
         order = [i for i in self.order if i in needed]
         kernels = {}
         for i in order:
@@ -176,7 +180,7 @@ class Plan:
             if kernels[i] is None:
                 raise InterpError(f"unsupported op {n.op_type} (domain {n.domain or 'ai.onnx'!r}) "
                                   f"at node {n.name!r}; the reference interpreter has no kernel for it")
-        items = [Item(kernels[i], self.contexts[i], tuple(self.nodes[i].input), tuple(self.nodes[i].output))
+        items = [Item(kernels[i], self.contexts[i], self.inputs_of[i], tuple(self.nodes[i].output))
                  for i in order]
         if fused:
             items = self._fold_constants(items)
@@ -233,7 +237,7 @@ class Plan:
                 raise self._missing(step, values) from None
             ctx = step.ctx
             if fresh:
-                ctx = NodeContext(ctx.node, ctx.opset)
+                ctx = ctx.with_const(())
             res = _call(step.kernel, ctx, args)
             for name, arr in zip(step.outputs, res):
                 if name:
@@ -255,7 +259,7 @@ class Plan:
             raise InterpError(f"unsupported op {node.op_type} (domain {node.domain or 'ai.onnx'!r}) "
                               f"at node {node.name!r}; the reference interpreter has no kernel for it")
         args = []
-        for t in node.input:
+        for t in self.inputs_of[index]:
             if not t:
                 args.append(None)
             elif t in values:
