@@ -19,7 +19,7 @@ from qgraph.describe import describe_model
 from qgraph.errors import ConfigError, ModelError
 from qgraph.files import check_input_file, check_outputs, json_bytes, write_files
 from qgraph.graph import QModel
-from qgraph.model_io import check_model, load_model, model_bytes, save_model
+from qgraph.model_io import check_model, fix_inputs, load_model, model_bytes, save_model
 from qgraph.pipeline import (PassContext, StepReport, bundled_pipeline, load_pipeline,  # noqa: F401
                              pipeline_from_document, resolve_pipeline_path, run_pipeline)
 from qgraph.schema import Range, check_value
@@ -32,8 +32,10 @@ Count = Annotated[int, Range(1)]
 
 def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, output: str | os.PathLike,
                *, data_path: str | None = None, verify: bool = False, report_path: str | None = None,
-               batch_size: int = 64, echo: Callable[[str], None] = print, verbose: bool = False) -> list[StepReport]:
-    """`qgraph passes run`: load, apply the pipeline, save atomically; every check before any work."""
+               batch_size: int = 64, echo: Callable[[str], None] = print, verbose: bool = False,
+               fixed_inputs: dict[str, str] | None = None) -> list[StepReport]:
+    """`qgraph passes run`: load, apply the pipeline, save atomically; every check before any work.
+    `fixed_inputs` ({input: value}) become constants first (model_io.fix_inputs)."""
     check_value(batch_size, BatchSize, "--batch-size")
     pipeline_file = resolve_pipeline_path(pipeline_path)
     pipeline = load_pipeline(pipeline_file)
@@ -41,6 +43,8 @@ def run_passes(model_path: str | os.PathLike, pipeline_path: str | os.PathLike, 
     reads = {"model": model_path, "--pipeline": pipeline_file, "--data": data_path}
     check_outputs({"-o": output, "--report": report_path}, reads)
     proto = load_model(model_path)
+    if fixed_inputs:
+        proto = fix_inputs(proto, fixed_inputs, origin=str(model_path))
     data = load_data(data_path, proto) if data_path else None
     ctx = PassContext(data=data, seed=pipeline.seed, batch_size=batch_size, verbose=verbose)
     model = QModel.from_onnx(proto)

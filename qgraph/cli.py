@@ -120,16 +120,27 @@ def passes():
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--batch-size", default=64, show_default=True, help="Calibration batch size.")
 @click.option("-v", "--verbose", is_flag=True, help="Say why each pass skipped what it skipped.")
-def passes_run(model, pipeline_path, output, data_path, verify, report_path, batch_size, verbose):
+@click.option("--fix-input", "fixed", multiple=True, metavar="NAME=VALUE",
+              help="Make input NAME the constant VALUE (a number, filled to its static shape) before the "
+                   "passes: branches on it fold, and the output model serves that value only. Repeatable.")
+def passes_run(model, pipeline_path, output, data_path, verify, report_path, batch_size, verbose, fixed):
     """Apply a pipeline of passes to MODEL.
 
     \b
     Example:
       qgraph passes run model.onnx --pipeline float.yaml -o folded.onnx --verify
+      qgraph passes run silero_vad.onnx --pipeline ptq --data audio.npz --fix-input sr=16000 -o vad.q.onnx
     """
     from qgraph.api import run_passes
+    fixed_inputs = {}
+    for item in fixed:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise click.BadParameter(f"{item!r}: give NAME=VALUE, e.g. sr=16000", param_hint="--fix-input")
+        fixed_inputs[name] = value
     run_passes(model, pipeline_path, output, data_path=data_path, verify=verify,
-               report_path=report_path, batch_size=batch_size, echo=click.echo, verbose=verbose)
+               report_path=report_path, batch_size=batch_size, echo=click.echo, verbose=verbose,
+               fixed_inputs=fixed_inputs)
     click.echo(f"wrote {output}")
 
 

@@ -52,6 +52,26 @@ NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "Random
                     "Bernoulli")
 
 
+#: Ops with graph attributes (bodies): qgraph runs them (ORT, the interpreter) and quantizes around
+#: them, but does not rewrite inside them.
+CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def ops_in_bodies(model) -> dict[str, set[str]]:
+    """Node name -> the op types inside its bodies (nested ones included), for the control-flow
+    nodes of a QModel's graph."""
+    def inside(graph: gs.Graph) -> set[str]:
+        ops = set()
+        for node in graph.nodes:
+            ops.add(node.op)
+            for value in node.attrs.values():
+                if isinstance(value, gs.Graph):
+                    ops |= inside(value)
+        return ops
+    return {node.name: set().union(*(inside(v) for v in node.attrs.values() if isinstance(v, gs.Graph)))
+            for node in model.graph.nodes if node.op in CONTROL_FLOW}
+
+
 def constant_tensors(model) -> set[str]:
     """Names of the tensors computed from constants alone, for a QModel or a ModelProto
     (one pass in node order: both keep their nodes topologically sorted)."""

@@ -216,6 +216,41 @@ def _per_channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def fix_inputs(model: onnx.ModelProto, values: dict[str, str], origin: str = "model") -> onnx.ModelProto:
+    """`model` with each input named in `values` ({name: number as text}) made a constant of that
+    value (filled to the input's static shape): an exporter's branch on it (Silero VAD's
+    ``If(sr == 16000)``) then folds, and the model serves that one value. ModelError for an
+    unknown input, a dynamic shape, or a value its type cannot hold."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inputs = {i.name: i for i in model.graph.input}
+    initialized = {t.name for t in model.graph.initializer}
+    for name, text in values.items():
+        info = inputs.get(name)
+        if info is None or name in initialized:
+            feedable = sorted(set(inputs) - initialized)
+            raise ModelError(f"{origin}: --fix-input {name}: the model has no input {name!r}; its inputs are {feedable}")
+        ttype = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if None in dims:
+            raise ModelError(f"{origin}: --fix-input {name}: the input's shape {dims} is not static; only inputs "
+                             "of a fixed shape can be fixed to one value")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            raise ModelError(f"{origin}: --fix-input {name}={text}: not a number") from None
+        if dtype.kind in "iu" and not (number.is_integer() and np.iinfo(dtype).min <= number <= np.iinfo(dtype).max) \
+                or dtype.kind == "b" and number not in (0, 1) or dtype.kind not in "iubf":
+            raise ModelError(f"{origin}: --fix-input {name}={text}: input {name!r} is {dtype}, which cannot hold {text}")
+        value = np.full(dims, int(number) if dtype.kind in "iub" else number, dtype)
+        model.graph.input.remove(info)
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return model
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
                reads: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Write `model` to `path` atomically, after checking that `path` is none of `reads`

@@ -71,9 +71,10 @@ def _shapes(graph) -> dict[str, list]:
 class _Graph:
     """What the rewrites need of one (sub)graph: constant values, fresh names, new initializers."""
 
-    def __init__(self, graph, shapes, origin):
+    def __init__(self, graph, shapes, origin, outer: dict | None = None):
         self.graph, self.shapes, self.origin = graph, shapes, origin
-        self.values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # a body (If, Loop) reads the enclosing graphs' constants by name too
+        self.values = {**(outer or {}), **{t.name: numpy_helper.to_array(t) for t in graph.initializer}}
         for node in graph.node:
             if node.op_type == "Constant":
                 for a in node.attribute:
@@ -111,15 +112,15 @@ class _Graph:
                           f"form ({why}); export the model at opset {TARGET}")
 
 
-def _downgrade_graph(graph, shapes, origin) -> None:
-    g = _Graph(graph, shapes, origin)
+def _downgrade_graph(graph, shapes, origin, outer: dict | None = None) -> None:
+    g = _Graph(graph, shapes, origin, outer)
     nodes = []
     for node in graph.node:
         for attr in node.attribute:          # If/Loop/Scan bodies
             if attr.type == onnx.AttributeProto.GRAPH:
-                _downgrade_graph(attr.g, shapes, origin)
+                _downgrade_graph(attr.g, shapes, origin, g.values)
             for sub in attr.graphs:
-                _downgrade_graph(sub, shapes, origin)
+                _downgrade_graph(sub, shapes, origin, g.values)
         ours = node.domain in ("", "ai.onnx")
         if ours and node.op_type in _NO_FORM:
             raise g.refuse(node, "the op is newer than opset 17")

@@ -3,7 +3,9 @@
 1. unique, non-empty node names (passes and reports refer to nodes by name);
 2. Identity and inference-mode Dropout removed (y = x);
 3. constant subgraphs folded with ONNX Runtime, including Shape->Gather->Concat chains that
-   feed Reshape/Flatten, so shape constants become static initializers;
+   feed Reshape/Flatten, so shape constants become static initializers; an If whose condition
+   folds to a constant (an exporter's branch on a static shape, or on an input fixed with
+   ``--fix-input``) becomes the branch it takes (inline_constant_ifs);
 4. Constant nodes turned into initializers;
 5. exporter idioms in normal form (qgraph.normal_form): decomposed LayerNorm and Softmax become
    one op each, and a per-channel Mul/Div/Add/Sub by a constant after a Conv/ConvTranspose/Gemm/
@@ -38,6 +40,7 @@ from qgraph.pipeline import PassContext, register_pass
 _REMOVABLE = ("Identity", "Dropout")
 _SHAPE_CONSTANT_SIZE = 64   # initializers up to this many elements keep their values for shape inference
 _KEEP_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
+_INLINE_ROUNDS = 8   # nesting depth of constant-condition Ifs canonicalize inlines
 
 
 @register_pass("canonicalize", preserves_outputs=True, tolerance=1e-5)
@@ -47,11 +50,25 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     renamed = name_nodes(model)
     removed, skipped = remove_passthrough(model) if remove_identity else (0, [])
     before = len(model.graph.nodes)
+    inlined = 0
     if fold_constants:
         model.toposort()
+        # graphsurgeon's own flattening of constant-condition Ifs loses every branch output but the
+        # first (the parent graph then reads a tensor nothing writes): inline_constant_ifs does it
         model.graph.fold_constants(
-            fold_shapes=True, error_ok=True,
+            fold_shapes=True, error_ok=True, flatten_subgraphs=False,
             should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
+        for _ in range(_INLINE_ROUNDS):     # an inlined branch may hold Ifs that fold in turn
+            count = inline_constant_ifs(model)
+            if not count:
+                break
+            inlined += count
+            renamed += name_nodes(model)
+            removed += remove_passthrough(model)[0]
+            model.toposort()
+            model.graph.fold_constants(
+                fold_shapes=True, error_ok=True, flatten_subgraphs=False,
+                should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
     lift_constant_nodes(model)
     model.cleanup()
     folded = before - len(model.graph.nodes)
@@ -61,13 +78,15 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     model.cleanup()
     corrected = correct_declared_shapes(model)
     fused = sum(idioms["counts"].values())
-    changed = renamed + removed + folded + fused + flattened + untied
+    changed = renamed + removed + folded + fused + flattened + untied + inlined
     idiom_text = ", ".join(f"{n} {k}" for k, n in idioms["counts"].items() if n)
     summary = (f"{renamed} renamed, {removed} identity/dropout removed, {folded} nodes folded, "
-               f"{flattened} batch reshapes made Flatten, {untied} BN parameters untied"
+               + (f"{inlined} If with a constant condition inlined, " if inlined else "")
+               + f"{flattened} batch reshapes made Flatten, {untied} BN parameters untied"
                + (f", exporter idioms: {idiom_text}" if idiom_text else ""))
     return {"changed": changed, "summary": summary, "renamed": renamed, "removed": removed,
-            "folded": folded, "flattened": flattened, "untied": untied, "idioms": idioms["counts"],
+            "folded": folded, "ifs_inlined": inlined, "flattened": flattened, "untied": untied,
+            "idioms": idioms["counts"],
             "skipped": skipped + idioms["skipped"],
             "warnings": [f"declared shape of '{name}' {old} contradicts the computed {new}; declared {new} instead"
                          for name, old, new in corrected]}
@@ -107,6 +126,37 @@ def correct_declared_shapes(model: QModel) -> list[tuple[str, list, list]]:
             corrected.append((name, list(declared), computed))
             tensor.shape = computed
     return corrected
+
+
+def inline_constant_ifs(model: QModel) -> int:
+    """Each If whose condition is a constant (an exporter's branch on a static shape, folded)
+    becomes the branch it takes: the branch's nodes join the graph, its own tensors renamed apart
+    from the graph's, and each If output an Identity of the branch's output (removed with the
+    other Identities). Nested control flow inside the branch comes along as it is. Returns the
+    Ifs inlined."""
+    inlined = 0
+    for node in list(model.graph.nodes):
+        if node.op != "If" or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        taken = bool(np.asarray(node.inputs[0].values).reshape(-1)[0])
+        branch = node.attrs["then_branch" if taken else "else_branch"]
+        if len(branch.outputs) != len(node.outputs):
+            continue
+        outer = {id(t) for t in model.tensors().values()}
+        own = {id(t): t for n in branch.nodes for t in (*n.inputs, *n.outputs) if id(t) not in outer}
+        for tensor in own.values():
+            tensor.name = model.fresh_tensor_name(tensor.name)
+        results, outputs = list(branch.outputs), list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        model.graph.nodes.remove(node)
+        model.graph.nodes.extend(branch.nodes)
+        for result, out in zip(results, outputs):
+            model.add_node("Identity", [result], [out], f"{node.name}_result")
+        inlined += 1
+    if inlined:
+        model.toposort()
+    return inlined
 
 
 def remove_passthrough(model: QModel) -> tuple[int, list[dict]]:
