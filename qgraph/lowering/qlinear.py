@@ -89,7 +89,8 @@ from qgraph.model_io import MS_DOMAIN
 
 MOVING_OPS = RANGE_PRESERVING + CLAMPS   # run unchanged on integer tensors (idioms.RANGE_PRESERVING)
 UNARY_TABLE_OPS = ("Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus",
-                   "Softsign", "Exp", "Neg", "Abs", "Erf", "Gelu", "ThresholdedRelu", "Celu")
+                   "Softsign", "Exp", "Neg", "Abs", "Erf", "Gelu", "ThresholdedRelu", "Celu", "Sqrt", "Log",
+                   "Reciprocal")
 
 
 # -- shared checks (each raises Declined with the reason a site cannot be lowered) ---------------
