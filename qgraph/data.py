@@ -142,7 +142,7 @@ class FeedPlan:
             counts.add(len(labels))
         if len(counts) > 1:
             raise DataError(f"{origin}: arrays have different numbers of samples {sorted(counts)}; "
-                            "every key needs one row per sample")
+                            "every key needs one row per sample" + _batch_elsewhere_hint(inputs))
         samples = counts.pop() if counts else 1
         if samples == 0:
             raise DataError(f"{origin}: no samples (the arrays have 0 rows); give at least one sample")
@@ -223,6 +223,18 @@ def _input_feed(name: str, array: np.ndarray, dtype: np.dtype, dims: list, origi
     if array.ndim == 0:
         raise DataError(f"{origin}: key {name!r} is a scalar, the model needs shape {shown}")
     raise DataError(f"{origin}: key {name!r} has shape {list(array.shape)}, the model needs {shown}")
+
+
+def _batch_elsewhere_hint(inputs: dict) -> str:
+    """For an input whose first dimension is fixed and a later one symbolic (a recurrent state
+    [layers, batch, hidden]): how to give it one sample at a time."""
+    for name, (_, dims) in inputs.items():
+        if dims and dims[0] is not None and None in dims[1:]:
+            shown = ["N" if d is None else d for d in dims]
+            one = [1 if d is None else d for d in dims]
+            return (f" (input {name!r} has shape {shown}, its sample axis is not the first: give it as one whole "
+                    f"input per sample stacked on a new first axis, shape [S, {', '.join(map(str, one))}])")
+    return ""
 
 
 def _whole_where_ambiguous(feeds: tuple[InputFeed, ...], data: dict, inputs: dict) -> tuple[InputFeed, ...]:

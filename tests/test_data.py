@@ -78,3 +78,24 @@ def test_static_inputs_of_exactly_their_shape_are_fed_whole_when_batches_disagre
     with pytest.raises(DataError, match="different numbers of samples"):
         check_data({"a": np.ones((4, 4), np.float32), "b": np.ones((8, 3), np.float32)},
                    _static_model({"a": (2, 4), "b": (4, 3)}))
+
+
+def test_a_state_whose_sample_axis_is_not_first_is_explained_and_fed_stacked():
+    """A recurrent state [layers, batch, hidden] (Silero VAD's): rows along its first axis are not
+    samples; the error says to stack one whole state per sample, and that form feeds."""
+    from onnx import TensorProto, helper
+
+    from qgraph.data import check_data
+    graph = helper.make_graph([helper.make_node("Identity", ["state"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "N", 4])])
+    model = helper.make_model(graph)
+    x = np.zeros((5, 8), np.float32)
+    with pytest.raises(DataError, match=r"input 'state' has shape \[2, 'N', 4\], its sample axis is not the first: "
+                                        r"give it as one whole input per sample stacked on a new first axis, "
+                                        r"shape \[S, 2, 1, 4\]"):
+        check_data({"x": x, "state": np.zeros((2, 5, 4), np.float32)}, model)
+    plan = check_data({"x": x, "state": np.zeros((5, 2, 1, 4), np.float32)}, model)
+    batches = list(plan.batches(8))
+    assert len(batches) == 5 and batches[0][0]["state"].shape == (2, 1, 4) and batches[0][0]["x"].shape == (1, 8)
