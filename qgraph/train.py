@@ -444,8 +444,14 @@ def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
     if any(not dims for _, dims in inputs.values()):
         raise TrainError("model has a scalar input; training needs inputs with a batch dimension")
     if len(fixed) > 1 or (fixed and None in batch_dims):
+        later = next((name for name, (_, dims) in inputs.items() if dims and dims[0] is not None and None in dims[1:]),
+                     None)
+        where = (f" (input {later!r} has shape {['N' if d is None else d for d in inputs[later][1]]}: its batch "
+                 "is not its first axis, as in a recurrent state [layers, batch, hidden]; training batches "
+                 "every input along its first axis, so export that input batch-first or train without it)"
+                 if later else "")
         raise TrainError(f"model inputs have different batch dimensions {sorted(map(str, batch_dims))}; "
-                         "training needs one batch dimension for all inputs")
+                         "training needs one batch dimension for all inputs" + where)
     output = model.graph.output[0]
     if config.loss != "cross_entropy":
         classes = None

@@ -393,3 +393,22 @@ def test_a_damaged_work_folder_is_one_error_on_resume(data, tmp_path, damage):
         expect = "unreadable progress record"
     with pytest.raises(TrainError, match=expect):
         train_model(tiny_cnn("none"), train, workdir=tmp_path, resume=True, **kwargs)
+
+
+def test_an_input_batched_on_another_axis_is_refused_naming_it(tmp_path):
+    """A recurrent state [layers, batch, hidden] (Silero VAD's) next to a batch-first input."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"]),
+             helper.make_node("ReduceMean", ["state"], ["s"], axes=[0, 2], keepdims=0),
+             helper.make_node("Flatten", ["h"], ["hf"]),
+             helper.make_node("Add", ["hf", "s2"], ["y"]),
+             helper.make_node("Unsqueeze", ["s", "one"], ["s2"])]
+    graph = helper.make_graph(
+        nodes, "state_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4]),
+                               helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.ones((2, 1, 2), np.float32), "w"), numpy_helper.from_array(np.array([1], np.int64), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"x": np.zeros((4, 1, 4), np.float32), "state": np.zeros((4, 2, 1, 3), np.float32),
+            "labels": np.zeros(4, np.int64)}
+    with pytest.raises(TrainError, match=r"input 'state' has shape \[2, 'N', 3\]: its batch is not its first axis"):
+        train_model(model, data, workdir=tmp_path, progress=False)
