@@ -133,13 +133,16 @@ def require_quantizers(model, who: str, first: str = "insert_qdq and calibrate")
     `who` and what to run `first` when there is none."""
     records = read_quantizers(model)
     if not records and get_annotation(model, CALIBRATED) is not None:     # insert_qdq ran
-        from qgraph.idioms import ops_in_bodies
+        from qgraph.idioms import inputs_behind, ops_in_bodies
         hidden = [name for name, ops in ops_in_bodies(model).items() if ops & {"Conv", "ConvTranspose", "Gemm", "MatMul"}]
         if hidden:
+            node = next(n for n in model.graph.nodes if n.name == hidden[0])
+            reads = inputs_behind(model, node.inputs[0]) if node.op == "If" else []
+            fix = (f"fix the input its condition reads (qgraph passes run ... --fix-input {reads[0]}=VALUE), so "
+                   "that canonicalize folds the branch, or " if reads else "")
             raise PassError(f"{who}: insert_qdq placed no quantizer: the model's Conv/Gemm/MatMul ops are inside the "
                             f"bodies of control-flow node '{hidden[0]}', which qgraph runs but does not quantize; "
-                            "export the model without If/Loop around its layers (e.g. for one fixed input value "
-                            "or static shapes, which canonicalize then folds)")
+                            f"{fix}export the model without If/Loop around its layers")
         raise PassError(f"{who}: insert_qdq placed no quantizer: the model has no Conv, ConvTranspose, Gemm or "
                         "MatMul to quantize (or rules skip every one); qgraph quantizes the inputs of those "
                         "and what the integer ops between them read")

@@ -72,6 +72,23 @@ def ops_in_bodies(model) -> dict[str, set[str]]:
             for node in model.graph.nodes if node.op in CONTROL_FLOW}
 
 
+def inputs_behind(model, tensor) -> list[str]:
+    """The graph inputs a tensor of a QModel is computed from (an If's condition: which input a
+    branch depends on)."""
+    names = {i.name for i in model.graph.inputs}
+    found, seen, stack = [], set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if t.name in names:
+            found.append(t.name)
+        for producer in t.inputs:
+            stack.extend(producer.inputs)
+    return sorted(found)
+
+
 def constant_tensors(model) -> set[str]:
     """Names of the tensors computed from constants alone, for a QModel or a ModelProto
     (one pass in node order: both keep their nodes topologically sorted)."""

@@ -149,7 +149,7 @@ def test_a_model_whose_layers_are_all_inside_a_body_says_so(tmp_path):
                                        "-o", str(tmp_path / "q.onnx")])
     assert result.exit_code == 2
     assert "inside the bodies of control-flow node '" in result.output
-    assert "Traceback" not in result.output
+    assert "--fix-input sr=VALUE" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("values, message", [
