@@ -96,6 +96,55 @@ def session_options(threads: int = 0, spin: bool = True):
     return options
 
 
+def control_flow_on_gradient_path(model: onnx.ModelProto, requires_grad: list[str]) -> onnx.NodeProto | None:
+    """The first If/Loop/Scan node through which values computed from a trained parameter reach a
+    graph output: its bodies read such a tensor other than for its shape (Shape, Size), or a Loop
+    or Scan carries one; an If's condition and a Loop's trip count and condition carry no
+    gradient. None when there is none."""
+    from qgraph.interp.registry import subgraphs
+    nodes = list(model.graph.node)
+    value_reads = [_value_reads(n) for n in nodes]
+    all_reads = [[*n.input, *_body_reads(n, shapes_too=True)] for n in nodes]
+    tainted = set(requires_grad)
+    for node, names in zip(nodes, all_reads):              # nodes are in topological order
+        if any(t in tainted for t in names):
+            tainted.update(o for o in node.output if o)
+    needed = {o.name for o in model.graph.output}
+    for node, names, values in zip(reversed(nodes), reversed(all_reads), reversed(value_reads)):
+        if any(o in needed for o in node.output):
+            if subgraphs(node) and any(t in tainted for t in values):
+                return node
+            needed.update(t for t in names if t)
+    return None
+
+
+def _value_reads(node: onnx.NodeProto) -> list[str]:
+    """What a control-flow node passes on as values: a Loop's carried inputs, a Scan's inputs,
+    and what its bodies read other than for a shape (the node's own inputs for other ops)."""
+    if node.op_type == "If":
+        return _body_reads(node)
+    if node.op_type == "Loop":
+        return [*node.input[2:], *_body_reads(node)]
+    return [*node.input, *_body_reads(node)]
+
+
+def _body_reads(node: onnx.NodeProto, shapes_too: bool = False) -> list[str]:
+    """Enclosing-scope tensors the node's bodies read (nested bodies included); without
+    `shapes_too`, only those read by ops other than Shape and Size."""
+    from qgraph.interp.registry import outer_names, subgraphs
+    if shapes_too:
+        return list(outer_names(node))
+    found: dict[str, None] = {}
+    for graph in subgraphs(node):
+        defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+                   | {o for n in graph.node for o in n.output})
+        for inner in graph.node:
+            names = _value_reads(inner) if subgraphs(inner) else ([] if inner.op_type in ("Shape", "Size") else inner.input)
+            found.update(dict.fromkeys(t for t in names if t and t not in defined))
+        found.update(dict.fromkeys(o.name for o in graph.output if o.name not in defined))
+    return list(found)
+
+
 def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str], frozen: list[str],
                                 directory: str | os.PathLike, *, loss="cross_entropy", optimizer: str = "adamw",
                                 weight_decay: float = 0.0, extra_outputs: list[str] | None = None,
@@ -107,6 +156,13 @@ def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str]
     output is the scalar loss, or a `DistillationLoss`. `optimizer` is "adamw" or "sgd" (ORT's
     SGD has no momentum). `declined` (node -> reason) explains ops ORT cannot differentiate.
     """
+    blocked = control_flow_on_gradient_path(model, requires_grad)
+    if blocked is not None:
+        raise TrainError(f"node {blocked.name or blocked.output[0]!r} ({blocked.op_type}) lies between a trained "
+                         "parameter and the loss, and ONNX Runtime 1.19 training cannot differentiate control flow "
+                         "(its gradient builder aborts the process); fold it first (canonicalize inlines an If whose "
+                         "condition is constant: `qgraph passes run --fix-input`, static shapes) or freeze the "
+                         "layers before it")
     artifacts, _ = import_training_api()
     from onnxruntime.training import onnxblock
     from onnxruntime.training.onnxblock import _training_graph_utils

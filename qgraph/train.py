@@ -64,6 +64,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qgraph.annotations import FIX_ACTIVATIONS, FROZEN, get_annotation
+from qgraph.batch_first import batch_first_data, batch_first_model, later_batch_axes, restore_batch_axes
 from qgraph.data import data_fingerprint, model_inputs
 from qgraph.differentiable import explain_failure, is_parameter_slot
 from qgraph.distill import Distill, distill_plan
@@ -182,10 +183,21 @@ def train_model(model: onnx.ModelProto, train_data: dict, val_data: dict | None 
     if teacher is not None and config.loss != "cross_entropy" and config.label_weight == 0:
         raise TrainError(f"--loss {config.loss!r} is the loss on the labels, which distillation only adds with "
                          "--label-weight > 0; give a --label-weight or drop --loss")
+    # a recurrent state [layers, batch, hidden] trains batch-first, and comes back as it was
+    axes = later_batch_axes(model, train_data) if isinstance(train_data, dict) else {}
+    original = model
+    if axes:
+        model = batch_first_model(model, axes)
+        teacher = None if teacher is None else batch_first_model(
+            teacher, {k: v for k, v in axes.items() if k in {i.name for i in teacher.graph.input}})
+        train_data = batch_first_data(train_data, original, axes, "train data")
+        val_data = batch_first_data(val_data, original, axes, "val data")
     if isinstance(workdir, Workdir):
-        return _train(model, train_data, val_data, config, workdir, resume, progress, threads, teacher)
-    with Workdir.open(workdir) as opened:
-        return _train(model, train_data, val_data, config, opened, resume, progress, threads, teacher)
+        trained, history = _train(model, train_data, val_data, config, workdir, resume, progress, threads, teacher)
+    else:
+        with Workdir.open(workdir) as opened:
+            trained, history = _train(model, train_data, val_data, config, opened, resume, progress, threads, teacher)
+    return (restore_batch_axes(trained, original, axes) if axes else trained), history
 
 
 def _train(model, train_data, val_data, config: TrainConfig, wd: Workdir, resume: bool, progress: bool,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -395,20 +396,89 @@ def test_a_damaged_work_folder_is_one_error_on_resume(data, tmp_path, damage):
         train_model(tiny_cnn("none"), train, workdir=tmp_path, resume=True, **kwargs)
 
 
-def test_an_input_batched_on_another_axis_is_refused_naming_it(tmp_path):
-    """A recurrent state [layers, batch, hidden] (Silero VAD's) next to a batch-first input."""
+def _state_model() -> onnx.ModelProto:
+    """logits = Flatten(Conv(x)) + Unsqueeze(mean of state over layers and hidden): a recurrent
+    state [layers, batch, hidden] (Silero VAD's layout) next to a batch-first input."""
     nodes = [helper.make_node("Conv", ["x", "w"], ["h"]),
              helper.make_node("ReduceMean", ["state"], ["s"], axes=[0, 2], keepdims=0),
              helper.make_node("Flatten", ["h"], ["hf"]),
-             helper.make_node("Add", ["hf", "s2"], ["y"]),
-             helper.make_node("Unsqueeze", ["s", "one"], ["s2"])]
+             helper.make_node("Unsqueeze", ["s", "one"], ["s2"]),
+             helper.make_node("Add", ["hf", "s2"], ["y"])]
     graph = helper.make_graph(
         nodes, "state_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4]),
                                helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
-        [numpy_helper.from_array(np.ones((2, 1, 2), np.float32), "w"), numpy_helper.from_array(np.array([1], np.int64), "one")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    data = {"x": np.zeros((4, 1, 4), np.float32), "state": np.zeros((4, 2, 1, 3), np.float32),
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.full((1, 1, 2), 0.1, np.float32), "w"),
+         numpy_helper.from_array(np.array([1], np.int64), "one")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_input_batched_on_a_later_axis_trains_batch_first_and_comes_back_as_it_was(tmp_path):
+    """The state given one whole value per sample ([S, 2, 1, 3]) trains batch-first (a Transpose in
+    front of the graph), and the trained model takes it [2, N, 3] again."""
+    model = _state_model()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 1, 4)).astype(np.float32)
+    state = rng.standard_normal((32, 2, 1, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 32).astype(np.int64)
+    trained, history = train_model(model, {"x": x, "state": state, "labels": labels}, workdir=tmp_path,
+                                   progress=False, epochs=2, batch_size=8, lr=0.05)
+    assert [(i.name, [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]) for i in trained.graph.input] \
+        == [("x", ["N", 1, 4]), ("state", [2, "N", 3])]
+    assert not [n for n in trained.graph.node if n.op_type == "Transpose"]
+    w = next(numpy_helper.to_array(t) for t in trained.graph.initializer if t.name == "w")
+    assert not np.allclose(w, 0.1) and len(history) == 2
+    batch_state = np.concatenate(list(state[:4]), axis=1)                     # [2, 4, 3]
+    session = ort.InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x[:4], "state": batch_state})[0]
+    expected = np.stack([np.convolve(x[i, 0], w.reshape(-1)[::-1], "valid") for i in range(4)]) \
+        + batch_state.mean(axis=(0, 2))[:, None]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_batched_on_another_axis_is_refused_naming_it(tmp_path):
+    """Given batched along its first axis instead, nothing says which axis holds the samples."""
+    data = {"x": np.zeros((4, 1, 4), np.float32), "state": np.zeros((2, 4, 3), np.float32),
             "labels": np.zeros(4, np.int64)}
+    model = _state_model()
+    for inp in model.graph.input:                # unnamed symbolic dims, as Silero VAD's main file has
+        for d in inp.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = ""
     with pytest.raises(TrainError, match=r"input 'state' has shape \[2, 'N', 3\]: its batch is not its first axis"):
         train_model(model, data, workdir=tmp_path, progress=False)
+
+
+def _if_model(on_gradient_path: bool) -> onnx.ModelProto:
+    """y = If(sum(x·w) > 0) of Relu(x·w) (a branch reading the trained product: on the gradient
+    path), or x·w times a constant the branch returns (only the condition reads the product)."""
+    if on_gradient_path:
+        body = [helper.make_node("Relu", ["h"], ["b_out"])]
+        tail = []
+        out = "y"
+    else:
+        body = [helper.make_node("Identity", ["k"], ["b_out"])]
+        tail = [helper.make_node("Mul", ["h", "m"], ["y"])]
+        out = "m"
+    branch = helper.make_graph(body, "branch", [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT,
+                                                                                   ["N", 3] if on_gradient_path else [1])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], [out], then_branch=branch, else_branch=branch), *tail]
+    graph = helper.make_graph(nodes, "if_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.full((4, 3), 0.2, np.float32), "w"),
+                               numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                               numpy_helper.from_array(np.array([2.0], np.float32), "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_control_flow_on_the_gradient_path_is_refused_before_ort_aborts(tmp_path):
+    """ORT 1.19's gradient builder aborts the process on an If that values reach the loss through;
+    qgraph refuses first, naming the node. An If that only branches on them trains."""
+    data = {"x": np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32),
+            "labels": np.zeros(16, np.int64)}
+    with pytest.raises(TrainError, match=r"node 'y' \(If\) lies between a trained parameter and the loss"):
+        train_model(_if_model(True), data, workdir=tmp_path / "on", progress=False, epochs=1)
+    trained, history = train_model(_if_model(False), data, workdir=tmp_path / "off", progress=False, epochs=1)
+    assert len(history) == 1 and [n.op_type for n in trained.graph.node].count("If") == 1
