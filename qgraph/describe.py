@@ -10,6 +10,7 @@ import onnx
 
 from qgraph.annotations import all_annotations
 from qgraph.idioms import constant_tensors
+from qgraph.interp.registry import subgraphs
 from qgraph.model_io import default_opset
 
 
@@ -109,6 +110,16 @@ def float_activation_nodes(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def _ops_in_bodies(node: onnx.NodeProto) -> Counter:
+    """The op types inside a control-flow node's bodies, nested bodies included."""
+    found: Counter = Counter()
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            found[inner.op_type] += 1
+            found.update(_ops_in_bodies(inner))
+    return found
+
+
 def describe_model(model: onnx.ModelProto) -> dict:
     inits = {i.name for i in model.graph.initializer}
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
@@ -121,6 +132,8 @@ def describe_model(model: onnx.ModelProto) -> dict:
         "outputs": [{"name": o.name, "dtype": _dtype(o), "shape": _shape(o)} for o in model.graph.output],
         "nodes": len(model.graph.node),
         "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+        "bodies": {n.name or n.output[0]: dict(_ops_in_bodies(n).most_common())
+                   for n in model.graph.node if subgraphs(n)},
         "parameters": params,
         "annotations": all_annotations(model),
         "qdq_pairs": qdq_pairs(model),
@@ -137,6 +150,8 @@ def format_description(info: dict, name: str = "model") -> str:
         for t in info[kind]:
             lines.append(f"  {kind[:-1]:<6} {t['name']}: {t['dtype']} {t['shape']}")
     lines.append("ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+    for node, ops in info.get("bodies", {}).items():
+        lines.append(f"  inside {node}'s bodies: " + ", ".join(f"{op} {n}" for op, n in ops.items()))
     for key, value in info["annotations"].items():
         shown = value if len(str(value)) < 120 else f"{str(value)[:117]}..."
         lines.append(f"annotation qgraph.{key}: {shown}")

@@ -198,3 +198,13 @@ def test_load_model_reads_an_opset_18_model_with_bodies(tmp_path):
     onnx.save(model, path)
     loaded = load_model(path)
     assert loaded.opset_import[0].version == 17
+
+
+def test_inspect_counts_the_ops_inside_bodies(tmp_path):
+    path = tmp_path / "m.onnx"
+    model = input_dispatch_model()
+    model.graph.node[1].name = "by_rate"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0
+    assert "inside by_rate's bodies: Conv 2, Relu 2" in result.output
