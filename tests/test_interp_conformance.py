@@ -33,7 +33,7 @@ REQUIRED_OPS = {
     "InstanceNormalization", "LayerNormalization", "HardSigmoid", "HardSwish", "Mish", "Elu", "Selu", "PRelu",
     "ArgMax", "TopK", "NonZero", "LSTM", "GRU", "RNN", "Upsample", "CastLike",
     # control flow (TorchScript exports: Silero VAD)
-    "If", "Loop",
+    "If", "Loop", "Scan",
 }
 
 #: Element types outside qgraph's scope (see docs: no float8/float16/bfloat16/int4/strings).
@@ -49,6 +49,7 @@ OUT_OF_SCOPE_CASES = [
     ("_blocked", "blocked quantization (block_size) is out of scope"),
     ("training_mode", "BatchNormalization training mode: the interpreter is inference-only"),
     ("test_training_dropout", "Dropout in training mode: the interpreter is inference-only"),
+    ("test_scan_sum", "Scan-8 (a batch axis and sequence_lens, replaced in opset 9) is out of scope"),
 ]
 
 #: Cases whose stored expected output disagrees with ONNX Runtime; checked against ORT instead.

@@ -120,3 +120,32 @@ def test_loop_with_scan_outputs_and_early_exit_matches_ort(trips, limit):
     for name in ("acc", "ix_all"):
         assert got[name].shape == expected[name].shape
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_scan_with_axes_directions_and_outer_scope_matches_ort():
+    """state = state + a_t · b_t · k over t (a along axis 1, read backwards; b along axis 0);
+    scan out the running state (stacked on axis 1) and a_t − b_t (stacked backwards)."""
+    body = helper.make_graph([
+        helper.make_node("Mul", ["a_t", "b_t"], ["ab"]),
+        helper.make_node("Mul", ["ab", "k"], ["abk"]),
+        helper.make_node("Add", ["s_in", "abk"], ["s_out"]),
+        helper.make_node("Identity", ["s_out"], ["s_scan"]),
+        helper.make_node("Sub", ["a_t", "b_t"], ["diff"]),
+    ], "body", [helper.make_tensor_value_info("s_in", F, [2]), helper.make_tensor_value_info("a_t", F, [2]),
+                helper.make_tensor_value_info("b_t", F, [2])],
+        [helper.make_tensor_value_info("s_out", F, [2]), helper.make_tensor_value_info("s_scan", F, [2]),
+         helper.make_tensor_value_info("diff", F, [2])])
+    node = helper.make_node("Scan", ["s0", "a", "b"], ["s", "running", "diffs"], body=body, num_scan_inputs=2,
+                            scan_input_axes=[1, 0], scan_input_directions=[1, 0], scan_output_axes=[1, 0],
+                            scan_output_directions=[0, 1])
+    model = _model([node], [helper.make_tensor_value_info("s0", F, [2]), helper.make_tensor_value_info("a", F, [2, 5]),
+                            helper.make_tensor_value_info("b", F, [5, 2]), helper.make_tensor_value_info("k", F, [])],
+                   [helper.make_tensor_value_info(n, F, None) for n in ("s", "running", "diffs")])
+    rng = np.random.default_rng(3)
+    feeds = {"s0": rng.standard_normal(2).astype(np.float32), "a": rng.standard_normal((2, 5)).astype(np.float32),
+             "b": rng.standard_normal((5, 2)).astype(np.float32), "k": np.array(0.5, np.float32)}
+    expected = _ort(model, feeds)
+    got = run(model, feeds)
+    for name in ("s", "running", "diffs"):
+        assert got[name].shape == expected[name].shape
+        np.testing.assert_array_equal(got[name], expected[name])

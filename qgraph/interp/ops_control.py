@@ -1,4 +1,4 @@
-"""Control flow: If and Loop, their bodies run as compiled plans of their own.
+"""Control flow: If, Loop and Scan, their bodies run as compiled plans of their own.
 
 A body reads tensors of the enclosing scope by name; the enclosing plan passes their values after
 the node's own inputs (``NodeContext.outer``, :func:`qgraph.interp.registry.outer_names`), and the
@@ -78,3 +78,40 @@ def loop(ctx, trip_count, cond, *rest):
             elem = body.output[1 + carried_count + k].type.tensor_type.elem_type
             stacked.append(np.zeros((0,), helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32))
     return (*carried, *stacked)
+
+
+@register("Scan")
+def scan(ctx, *inputs):
+    """ONNX Scan (opset 9+): the body maps (state..., one slice of each scan input) to (state...,
+    one slice of each scan output), over the scan inputs' scan axis (each read forwards or
+    backwards); the node returns the last states and the scan outputs stacked along their axes."""
+    if ctx.opset < 9:
+        raise ctx.error("Scan before opset 9 (with a batch axis and sequence_lens) is not supported")
+    scan_count = ctx.attr("num_scan_inputs")
+    given = len(ctx.node.input)
+    states, sequences, outer = list(inputs[:given - scan_count]), inputs[given - scan_count:given], inputs[given:]
+    body = ctx.attr("body")
+    names = [i.name for i in body.input]
+    in_axes = [a % np.ndim(s) for a, s in zip(ctx.attr("scan_input_axes", [0] * scan_count), sequences)]
+    in_reverse = ctx.attr("scan_input_directions", [0] * scan_count)
+    lengths = {np.shape(s)[a] for s, a in zip(sequences, in_axes)}
+    if len(lengths) != 1:
+        raise ctx.error(f"the scan inputs have different lengths {sorted(lengths)} along their scan axes")
+    plan = _body_plan(ctx, "body")
+    outputs = plan.output_names
+    scans: list[list[np.ndarray]] = [[] for _ in outputs[len(states):]]
+    for step in range(lengths.pop()):
+        slices = [np.take(s, -1 - step if rev else step, axis=a) for s, a, rev in zip(sequences, in_axes, in_reverse)]
+        results = _run_body(plan, ctx, outer, dict(zip(names, [*states, *slices])), outputs)
+        states = results[:len(states)]
+        for stack, value in zip(scans, results[len(states):]):
+            stack.append(value)
+    out_axes = ctx.attr("scan_output_axes", [0] * len(scans))
+    out_reverse = ctx.attr("scan_output_directions", [0] * len(scans))
+    stacked = []
+    for stack, axis, rev in zip(scans, out_axes, out_reverse):
+        if not stack:
+            raise ctx.error("the scan inputs are empty: no iteration gives the scan outputs a shape")
+        stack = stack[::-1] if rev else stack
+        stacked.append(np.stack(stack, axis=axis % (np.ndim(stack[0]) + 1)))
+    return (*states, *stacked)
