@@ -111,13 +111,18 @@ def test_dynamic_layers_become_float_with_the_weights_they_multiplied(models, pe
 
 def test_ptq_quantizes_a_dynamic_model_statically(models):
     """The bundled ptq pipeline starts with dequantize_dynamic, so a quantize_dynamic model gets
-    static QDQ quantizers on its restored layers (insert_qdq finds compute ops again)."""
+    static QDQ quantizers on its restored layers (insert_qdq finds compute ops again); its
+    DynamicQuantizeLSTM stays (keep_lstm), while qat, which trains it, makes it float."""
     models, feeds = models
     data = {k: v for k, v in feeds.items()}
     quantized = apply_pipeline(models[True], "ptq", data)
     ops = collections.Counter(n.op_type for n in quantized.graph.node)
     assert ops["Conv"] == 2 and ops["MatMul"] == 1 and ops["QuantizeLinear"] >= 5
-    assert "DynamicQuantizeLinear" not in ops
+    assert "DynamicQuantizeLinear" not in ops and ops["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops
+    dynamic_h, kept_h = run_model(models[True], feeds)["h"], run_model(quantized, feeds)["h"]
+    np.testing.assert_array_equal(kept_h, dynamic_h)        # the LSTM's own input is not quantized
+    prepared = collections.Counter(n.op_type for n in apply_pipeline(models[True], "qat", data).graph.node)
+    assert prepared["LSTM"] == 1 and "DynamicQuantizeLSTM" not in prepared
     reference, got = run_model(models["float"], feeds)["y"], run_model(quantized, feeds)["y"]
     cosine = float(np.sum(reference * got) / np.linalg.norm(reference) / np.linalg.norm(got))
     assert cosine > 0.99

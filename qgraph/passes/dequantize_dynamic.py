@@ -34,11 +34,18 @@ _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 @register_pass("dequantize_dynamic", preserves_outputs=False)
-def dequantize_dynamic(model: QModel, ctx: PassContext) -> dict:
-    """ConvInteger/MatMulInteger/DynamicQuantizeLSTM of a dynamically quantized model → float layers."""
-    restored, skipped = {}, []
+def dequantize_dynamic(model: QModel, ctx: PassContext, *, keep_lstm: bool = False) -> dict:
+    """ConvInteger/MatMulInteger/DynamicQuantizeLSTM of a dynamically quantized model → float layers
+    (`keep_lstm`: DynamicQuantizeLSTM stays: qgraph has no static form of an LSTM to put in its place,
+    and ORT runs the float LSTM 3x slower; training needs it float)."""
+    restored, skipped, kept = {}, [], 0
     for node in list(model.graph.nodes):
-        if node.op not in _INTEGER_LAYERS and not (node.op == "DynamicQuantizeLSTM" and node.domain == "com.microsoft"):
+        lstm = node.op == "DynamicQuantizeLSTM" and node.domain == "com.microsoft"
+        if node.op not in _INTEGER_LAYERS and not lstm:
+            continue
+        if lstm and keep_lstm:
+            kept += 1
+            skipped.append(skip(node, "kept (keep_lstm): its int8 weights and run-time quantization stay as shipped"))
             continue
         try:
             if node.op == "DynamicQuantizeLSTM":
@@ -54,7 +61,7 @@ def dequantize_dynamic(model: QModel, ctx: PassContext) -> dict:
     changed = sum(restored.values())
     left = ", ".join(f"{n} {op}" for op, n in sorted(restored.items()))
     summary = (f"{changed} dynamically quantized layers made float ({left})" if changed
-               else "no dynamically quantized layers")
+               else "no dynamically quantized layers") + (f", {kept} DynamicQuantizeLSTM kept" if kept else "")
     return {"changed": changed, "summary": summary, "restored": restored, "skipped": skipped}
 
 
