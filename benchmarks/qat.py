@@ -358,17 +358,27 @@ ADAROUND_ENDS_PIPELINE = {"passes": [{"adaround": {}} if "gptq" in step else ste
                                      for step in GPTQ_ENDS_PIPELINE["passes"]]}
 
 
-def equalized(pipeline: dict | str) -> dict:
-    """The pipeline (a dict or a bundled name) with equalize_activations after fuse_conv_bn
-    (HardSwish → depthwise channels equalized)."""
+def _document(pipeline: dict | str) -> dict:
     import yaml
 
     from qgraph.api import bundled_pipeline
-    if isinstance(pipeline, str):
-        pipeline = yaml.safe_load(bundled_pipeline(pipeline).read_text())
-    passes = list(pipeline["passes"])
+    return yaml.safe_load(bundled_pipeline(pipeline).read_text()) if isinstance(pipeline, str) else pipeline
+
+
+def equalized(pipeline: dict | str) -> dict:
+    """The pipeline (a dict or a bundled name) with equalize_activations after fuse_conv_bn
+    (HardSwish → depthwise channels equalized)."""
+    passes = list(_document(pipeline)["passes"])
     at = next(i for i, step in enumerate(passes) if "fuse_conv_bn" in step)
-    return {**pipeline, "passes": passes[:at + 1] + [{"equalize_activations": {}}] + passes[at + 1:]}
+    return {**_document(pipeline), "passes": passes[:at + 1] + [{"equalize_activations": {}}] + passes[at + 1:]}
+
+
+def trainable(pipeline: dict | str) -> dict:
+    """The pipeline with a dynamically quantized model's LSTMs made float (ptq.yaml keeps them as
+    DynamicQuantizeLSTM, which ORT cannot differentiate): the start training continues from."""
+    passes = [{"dequantize_dynamic": {**step["dequantize_dynamic"], "keep_lstm": False}} if "dequantize_dynamic" in step
+              else step for step in _document(pipeline)["passes"]]
+    return {**_document(pipeline), "passes": passes}
 
 
 if WORKER_FLAG not in sys.argv:  # the torch worker runs in the torch venv, which has no qgraph/onnx
@@ -662,7 +672,8 @@ def distill_zoo(key: str, args, work: Path) -> dict:
     scale = batch / args.zoo_batch
     runs = {8: (args.zoo_lr * scale, args.zoo_epochs), 4: (args.zoo_w4_lr * scale, args.zoo_w4_epochs)}
     built = {"gptq": lambda: GPTQ_PIPELINE, "gptq-ends": lambda: GPTQ_ENDS_PIPELINE,
-             "adaround-ends": lambda: ADAROUND_ENDS_PIPELINE, "ptq-equalized": lambda: equalized("ptq"),
+             "adaround-ends": lambda: ADAROUND_ENDS_PIPELINE, "ptq": lambda: trainable("ptq"),
+             "ptq-equalized": lambda: trainable(equalized("ptq")),
              "adaround-ends-equalized": lambda: equalized(ADAROUND_ENDS_PIPELINE)}
     start_pipeline = built[args.zoo_start]() if args.zoo_start in built else args.zoo_start   # else a bundled name
     for bits, (lr, epochs) in ((bits, runs[bits]) for bits in args.zoo_bits):

@@ -158,6 +158,8 @@ def explain_failure(message: str, declined: dict[str, str] | None = None) -> str
             reason = declined.get(node)
             why = f"; qgraph could not rewrite it: {reason}" if reason else \
                 f"; qgraph rewrites {', '.join(sorted(_REWRITES))} into ops it can train"
+            if op == "DynamicQuantizeLSTM":   # kept by ptq (dequantize_dynamic keep_lstm), made float by qat
+                why = "; prepare the model with --pipeline qat, whose dequantize_dynamic makes it a float LSTM"
             return (f"node {node} ({op}) lies between a trained parameter and the loss, and ONNX Runtime 1.19 "
                     f"training {what} {op}{why}")
     return None
