@@ -458,10 +458,11 @@ def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
     if len(fixed) > 1 or (fixed and None in batch_dims):
         later = next((name for name, (_, dims) in inputs.items() if dims and dims[0] is not None and None in dims[1:]),
                      None)
+        one = [1 if d is None else d for d in inputs[later][1]] if later else []
         where = (f" (input {later!r} has shape {['N' if d is None else d for d in inputs[later][1]]}: its batch "
-                 "is not its first axis, as in a recurrent state [layers, batch, hidden]; training batches "
-                 "every input along its first axis, so export that input batch-first or train without it)"
-                 if later else "")
+                 "is not its first axis, as in a recurrent state [layers, batch, hidden]; give it one whole "
+                 f"value per sample stacked on a new first axis, shape [S, {', '.join(map(str, one))}], and "
+                 "training takes it batch-first)" if later else "")
         raise TrainError(f"model inputs have different batch dimensions {sorted(map(str, batch_dims))}; "
                          "training needs one batch dimension for all inputs" + where)
     output = model.graph.output[0]
