@@ -59,12 +59,16 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
             fold_shapes=True, error_ok=True, flatten_subgraphs=False,
             should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
         for _ in range(_INLINE_ROUNDS):     # an inlined branch may hold Ifs that fold in turn
+            size = len(model.graph.nodes)
             count = inline_constant_ifs(model)
             if not count:
                 break
             inlined += count
             renamed += name_nodes(model)
-            removed += remove_passthrough(model)[0]
+            bypassed = remove_passthrough(model)[0]
+            removed += bypassed
+            # the branches' nodes joined and the Identities went: neither counts as folding
+            before += len(model.graph.nodes) + bypassed - size
             model.toposort()
             model.graph.fold_constants(
                 fold_shapes=True, error_ok=True, flatten_subgraphs=False,
