@@ -24,7 +24,7 @@ from typing import Annotated
 import numpy as np
 
 from qgraph.data import FeedPlan, check_data, random_inputs
-from qgraph.errors import ConfigError, PassError
+from qgraph.errors import ConfigError, ModelError, PassError
 from qgraph.graph import QModel
 from qgraph.schema import Range, check_value
 from qgraph.yamlfile import parse_yaml, read_yaml_file
@@ -251,9 +251,14 @@ def verify_outputs(before, after: QModel, pass_name: str, tolerance: float, ctx:
     after_proto = after.to_onnx()
     if ctx.data is not None:
         feeds = next(ctx.feed_plan(before).batches(32))[0]
+        ref = run_model(before, feeds)
     else:
         feeds = random_inputs(before, batch=4, seed=ctx.seed)
-    ref = run_model(before, feeds)
+        try:
+            ref = run_model(before, feeds)
+        except ModelError as exc:      # symbolic sizes read as 1 may not be a size the model runs at
+            raise ModelError(f"--verify: {exc}; these are random inputs of sizes guessed from the model: give "
+                             "--data with real inputs to verify on") from None
     new = run_model(after_proto, feeds)
     worst, worst_name = 0.0, None
     for key, value in ref.items():

@@ -209,3 +209,19 @@ def test_inspect_counts_the_ops_inside_bodies(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(path)])
     assert result.exit_code == 0
     assert "inside by_rate's bodies: Conv 2, Relu 2" in result.output
+
+
+def test_verify_without_data_on_guessed_sizes_the_model_cannot_take_asks_for_data(tmp_path):
+    """--verify without --data runs random inputs, symbolic sizes read as 1; a model that needs
+    other sizes (audio chunks of 512 samples, here rows of 3) fails there: one line asking for data."""
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "rows"], ["r"]), helper.make_node("Relu", ["r"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", F, ["N", "L"])],
+                              [helper.make_tensor_value_info("y", F, [None, 3])],
+                              [numpy_helper.from_array(np.array([-1, 3], np.int64), "rows")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["passes", "run", str(path), "--pipeline", "float", "--verify", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert "random inputs of sizes guessed from the model: give --data with real inputs to verify on" in result.output
