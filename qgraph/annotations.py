@@ -133,8 +133,10 @@ def require_quantizers(model, who: str, first: str = "insert_qdq and calibrate")
     `who` and what to run `first` when there is none."""
     records = read_quantizers(model)
     if not records and get_annotation(model, CALIBRATED) is not None:     # insert_qdq ran
-        from qgraph.idioms import inputs_behind, ops_in_bodies
-        hidden = [name for name, ops in ops_in_bodies(model).items() if ops & {"Conv", "ConvTranspose", "Gemm", "MatMul"}]
+        from qgraph.idioms import inputs_behind
+        from qgraph.interp.registry import ops_in_bodies
+        hidden = [n.name for n in model.to_onnx().graph.node
+                  if ops_in_bodies(n).keys() & {"Conv", "ConvTranspose", "Gemm", "MatMul"}]
         if hidden:
             node = next(n for n in model.graph.nodes if n.name == hidden[0])
             reads = inputs_behind(model, node.inputs[0]) if node.op == "If" else []

@@ -225,16 +225,24 @@ def _input_feed(name: str, array: np.ndarray, dtype: np.dtype, dims: list, origi
     raise DataError(f"{origin}: key {name!r} has shape {list(array.shape)}, the model needs {shown}")
 
 
-def _batch_elsewhere_hint(inputs: dict) -> str:
-    """For an input whose first dimension is fixed and a later one symbolic (a recurrent state
-    [layers, batch, hidden]): how to give it one sample at a time."""
+def batch_elsewhere(inputs: dict) -> tuple[str, list, list] | None:
+    """The first input (of model_inputs) whose first dimension is fixed and a later one symbolic
+    (a recurrent state [layers, batch, hidden]): (its name, its shape with N for the symbolic
+    dimensions, one sample's shape with 1 there), or None."""
     for name, (_, dims) in inputs.items():
         if dims and dims[0] is not None and None in dims[1:]:
-            shown = ["N" if d is None else d for d in dims]
-            one = [1 if d is None else d for d in dims]
-            return (f" (input {name!r} has shape {shown}, its sample axis is not the first: give it as one whole "
-                    f"input per sample stacked on a new first axis, shape [S, {', '.join(map(str, one))}])")
-    return ""
+            return name, ["N" if d is None else d for d in dims], [1 if d is None else d for d in dims]
+    return None
+
+
+def _batch_elsewhere_hint(inputs: dict) -> str:
+    """How to give such an input (batch_elsewhere) one sample at a time."""
+    found = batch_elsewhere(inputs)
+    if found is None:
+        return ""
+    name, shown, one = found
+    return (f" (input {name!r} has shape {shown}, its sample axis is not the first: give it as one whole "
+            f"input per sample stacked on a new first axis, shape [S, {', '.join(map(str, one))}])")
 
 
 def _whole_where_ambiguous(feeds: tuple[InputFeed, ...], data: dict, inputs: dict) -> tuple[InputFeed, ...]:

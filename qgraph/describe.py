@@ -10,7 +10,7 @@ import onnx
 
 from qgraph.annotations import all_annotations
 from qgraph.idioms import constant_tensors
-from qgraph.interp.registry import subgraphs
+from qgraph.interp.registry import ops_in_bodies, subgraphs
 from qgraph.model_io import default_opset
 
 
@@ -110,16 +110,6 @@ def float_activation_nodes(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _ops_in_bodies(node: onnx.NodeProto) -> Counter:
-    """The op types inside a control-flow node's bodies, nested bodies included."""
-    found: Counter = Counter()
-    for graph in subgraphs(node):
-        for inner in graph.node:
-            found[inner.op_type] += 1
-            found.update(_ops_in_bodies(inner))
-    return found
-
-
 def describe_model(model: onnx.ModelProto) -> dict:
     inits = {i.name for i in model.graph.initializer}
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
@@ -132,7 +122,7 @@ def describe_model(model: onnx.ModelProto) -> dict:
         "outputs": [{"name": o.name, "dtype": _dtype(o), "shape": _shape(o)} for o in model.graph.output],
         "nodes": len(model.graph.node),
         "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-        "bodies": {n.name or n.output[0]: dict(_ops_in_bodies(n).most_common())
+        "bodies": {n.name or n.output[0]: dict(ops_in_bodies(n).most_common())
                    for n in model.graph.node if subgraphs(n)},
         "parameters": params,
         "annotations": all_annotations(model),

@@ -499,12 +499,10 @@ class ToleranceGate:
                 return values[name]
         return None
 
-    @staticmethod
-    def _shape(name: str, ref: dict, feeds: dict, plan) -> tuple | None:
-        for values in (ref, feeds, plan.consts):
-            if name and name in values:
-                return np.shape(values[name])
-        return None
+    @classmethod
+    def _shape(cls, name: str, ref: dict, feeds: dict, plan) -> tuple | None:
+        value = cls._value(name, ref, feeds, plan)
+        return None if value is None else np.shape(value)
 
     def new_check(self, name: str, dtype: np.dtype) -> TensorCheck:
         i = self.producer[name]
@@ -547,8 +545,8 @@ class ToleranceGate:
                 shapes = [self._shape(t, ref, feeds, plan) for t in node.input]
                 tol = check.tolerance = node_tolerance(node, summed_terms(node, shapes, a.shape))
                 scale = sum_scale(node, [self._value(t, ref, feeds, plan) for t in node.input])
-                if scale:   # this batch's partial sums' scale (qgraph.interp.tolerance)
-                    tol = replace(tol, atol=max(tol.atol, max(16.0, tol.range_ulp) * float(np.spacing(np.float32(scale)))))
+                if scale:   # as many ulp of this batch's partial sums' scale (qgraph.interp.tolerance)
+                    tol = replace(tol, atol=max(tol.atol, tol.range_ulp * float(np.spacing(np.float32(scale)))))
             worst, beyond = tol.measure(a, c)
             check.note("op", worst, beyond)
 

@@ -52,26 +52,6 @@ NONDETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "Random
                     "Bernoulli")
 
 
-#: Ops with graph attributes (bodies): qgraph runs them (ORT, the interpreter) and quantizes around
-#: them, but does not rewrite inside them.
-CONTROL_FLOW = ("If", "Loop", "Scan")
-
-
-def ops_in_bodies(model) -> dict[str, set[str]]:
-    """Node name -> the op types inside its bodies (nested ones included), for the control-flow
-    nodes of a QModel's graph."""
-    def inside(graph: gs.Graph) -> set[str]:
-        ops = set()
-        for node in graph.nodes:
-            ops.add(node.op)
-            for value in node.attrs.values():
-                if isinstance(value, gs.Graph):
-                    ops |= inside(value)
-        return ops
-    return {node.name: set().union(*(inside(v) for v in node.attrs.values() if isinstance(v, gs.Graph)))
-            for node in model.graph.nodes if node.op in CONTROL_FLOW}
-
-
 def inputs_behind(model, tensor) -> list[str]:
     """The graph inputs a tensor of a QModel is computed from (an If's condition: which input a
     branch depends on)."""

@@ -224,20 +224,17 @@ def fix_inputs(model: onnx.ModelProto, values: dict[str, str], origin: str = "mo
     import numpy as np
     from onnx import numpy_helper
 
+    from qgraph.data import model_inputs
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    inputs = {i.name: i for i in model.graph.input}
-    initialized = {t.name for t in model.graph.initializer}
+    inputs = model_inputs(model)
     for name, text in values.items():
-        info = inputs.get(name)
-        if info is None or name in initialized:
-            feedable = sorted(set(inputs) - initialized)
-            raise ModelError(f"{origin}: --fix-input {name}: the model has no input {name!r}; its inputs are {feedable}")
-        ttype = info.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+        if name not in inputs:
+            raise ModelError(f"{origin}: --fix-input {name}: the model has no input {name!r}; its inputs are "
+                             f"{sorted(inputs)}")
+        dtype, dims = inputs[name]
         if None in dims:
             raise ModelError(f"{origin}: --fix-input {name}: the input's shape {dims} is not static; only inputs "
                              "of a fixed shape can be fixed to one value")
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
         try:
             number = float(text)
         except (TypeError, ValueError):
@@ -246,7 +243,7 @@ def fix_inputs(model: onnx.ModelProto, values: dict[str, str], origin: str = "mo
                 or dtype.kind == "b" and number not in (0, 1) or dtype.kind not in "iubf":
             raise ModelError(f"{origin}: --fix-input {name}={text}: input {name!r} is {dtype}, which cannot hold {text}")
         value = np.full(dims, int(number) if dtype.kind in "iub" else number, dtype)
-        model.graph.input.remove(info)
+        model.graph.input.remove(next(i for i in model.graph.input if i.name == name))
         model.graph.initializer.append(numpy_helper.from_array(value, name))
     return model
 

@@ -101,10 +101,10 @@ def control_flow_on_gradient_path(model: onnx.ModelProto, requires_grad: list[st
     graph output: its bodies read such a tensor other than for its shape (Shape, Size), or a Loop
     or Scan carries one; an If's condition and a Loop's trip count and condition carry no
     gradient. None when there is none."""
-    from qgraph.interp.registry import subgraphs
+    from qgraph.interp.registry import outer_names, subgraphs
     nodes = list(model.graph.node)
     value_reads = [_value_reads(n) for n in nodes]
-    all_reads = [[*n.input, *_body_reads(n, shapes_too=True)] for n in nodes]
+    all_reads = [[*n.input, *outer_names(n)] for n in nodes]
     tainted = set(requires_grad)
     for node, names in zip(nodes, all_reads):              # nodes are in topological order
         if any(t in tainted for t in names):
@@ -119,30 +119,16 @@ def control_flow_on_gradient_path(model: onnx.ModelProto, requires_grad: list[st
 
 
 def _value_reads(node: onnx.NodeProto) -> list[str]:
-    """What a control-flow node passes on as values: a Loop's carried inputs, a Scan's inputs,
-    and what its bodies read other than for a shape (the node's own inputs for other ops)."""
-    if node.op_type == "If":
-        return _body_reads(node)
-    if node.op_type == "Loop":
-        return [*node.input[2:], *_body_reads(node)]
-    return [*node.input, *_body_reads(node)]
-
-
-def _body_reads(node: onnx.NodeProto, shapes_too: bool = False) -> list[str]:
-    """Enclosing-scope tensors the node's bodies read (nested bodies included); without
-    `shapes_too`, only those read by ops other than Shape and Size."""
+    """What a node passes on as values: its inputs (a Loop's carried ones only, none of an If's),
+    and what its bodies read other than for a shape (Shape, Size), nested bodies by this rule."""
     from qgraph.interp.registry import outer_names, subgraphs
-    if shapes_too:
-        return list(outer_names(node))
-    found: dict[str, None] = {}
-    for graph in subgraphs(node):
-        defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
-                   | {o for n in graph.node for o in n.output})
-        for inner in graph.node:
-            names = _value_reads(inner) if subgraphs(inner) else ([] if inner.op_type in ("Shape", "Size") else inner.input)
-            found.update(dict.fromkeys(t for t in names if t and t not in defined))
-        found.update(dict.fromkeys(o.name for o in graph.output if o.name not in defined))
-    return list(found)
+    body = outer_names(node, reads=lambda n: _value_reads(n) if subgraphs(n) else
+                       (() if n.op_type in ("Shape", "Size") else n.input))
+    if node.op_type == "If":
+        return list(body)
+    if node.op_type == "Loop":
+        return [*node.input[2:], *body]
+    return [*node.input, *body]
 
 
 def generate_training_artifacts(model: onnx.ModelProto, requires_grad: list[str], frozen: list[str],

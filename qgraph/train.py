@@ -65,7 +65,7 @@ from onnx import helper, numpy_helper
 
 from qgraph.annotations import FIX_ACTIVATIONS, FROZEN, get_annotation
 from qgraph.batch_first import batch_first_data, batch_first_model, later_batch_axes, restore_batch_axes
-from qgraph.data import data_fingerprint, model_inputs
+from qgraph.data import batch_elsewhere, data_fingerprint, model_inputs
 from qgraph.differentiable import explain_failure, is_parameter_slot
 from qgraph.distill import Distill, distill_plan
 from qgraph.errors import DataError, ModelError, QGraphError, TrainError
@@ -456,13 +456,13 @@ def _plan(model: onnx.ModelProto, config: TrainConfig, labelled: bool = True,
     if any(not dims for _, dims in inputs.values()):
         raise TrainError("model has a scalar input; training needs inputs with a batch dimension")
     if len(fixed) > 1 or (fixed and None in batch_dims):
-        later = next((name for name, (_, dims) in inputs.items() if dims and dims[0] is not None and None in dims[1:]),
-                     None)
-        one = [1 if d is None else d for d in inputs[later][1]] if later else []
-        where = (f" (input {later!r} has shape {['N' if d is None else d for d in inputs[later][1]]}: its batch "
-                 "is not its first axis, as in a recurrent state [layers, batch, hidden]; give it one whole "
-                 f"value per sample stacked on a new first axis, shape [S, {', '.join(map(str, one))}], and "
-                 "training takes it batch-first)" if later else "")
+        later = batch_elsewhere(inputs)
+        where = ""
+        if later is not None:
+            name, shown, one = later
+            where = (f" (input {name!r} has shape {shown}: its batch is not its first axis, as in a recurrent "
+                     "state [layers, batch, hidden]; give it one whole value per sample stacked on a new first "
+                     f"axis, shape [S, {', '.join(map(str, one))}], and training takes it batch-first)")
         raise TrainError(f"model inputs have different batch dimensions {sorted(map(str, batch_dims))}; "
                          "training needs one batch dimension for all inputs" + where)
     output = model.graph.output[0]

@@ -6,6 +6,7 @@ omitted optional input) and returns one array or a tuple of arrays (the node's o
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -120,20 +121,25 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
 
-def outer_names(node: onnx.NodeProto) -> tuple[str, ...]:
-    """The enclosing scope's tensors the node's subgraphs read (nested ones included), in order."""
+def ops_in_bodies(node: onnx.NodeProto) -> Counter:
+    """The op types inside a node's subgraphs, nested ones included (empty for a node without)."""
+    found: Counter = Counter()
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            found[inner.op_type] += 1
+            found.update(ops_in_bodies(inner))
+    return found
+
+
+def outer_names(node: onnx.NodeProto, reads=None) -> tuple[str, ...]:
+    """The enclosing scope's tensors the node's subgraphs read, in order: what ``reads(n)`` names
+    for each node n of a body (default: its inputs and, for a node with bodies, their own outer
+    names, so nested bodies count), and the bodies' outputs, less what a body defines."""
+    reads = reads or (lambda n: (*n.input, *outer_names(n)))
     found: dict[str, None] = {}
     for graph in subgraphs(node):
-        found.update(dict.fromkeys(_free_names(graph)))
+        defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
+                   | {o for n in graph.node for o in n.output if o})
+        names = [t for n in graph.node for t in reads(n)] + [o.name for o in graph.output]
+        found.update(dict.fromkeys(t for t in names if t and t not in defined))
     return tuple(found)
-
-
-def _free_names(graph: onnx.GraphProto) -> list[str]:
-    defined = ({i.name for i in graph.input} | {t.name for t in graph.initializer}
-               | {o for n in graph.node for o in n.output if o})
-    used: dict[str, None] = {}
-    for n in graph.node:
-        used.update(dict.fromkeys(t for t in n.input if t))
-        used.update(dict.fromkeys(outer_names(n)))
-    used.update(dict.fromkeys(o.name for o in graph.output))
-    return [t for t in used if t not in defined]

@@ -52,12 +52,7 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
     before = len(model.graph.nodes)
     inlined = 0
     if fold_constants:
-        model.toposort()
-        # graphsurgeon's own flattening of constant-condition Ifs loses every branch output but the
-        # first (the parent graph then reads a tensor nothing writes): inline_constant_ifs does it
-        model.graph.fold_constants(
-            fold_shapes=True, error_ok=True, flatten_subgraphs=False,
-            should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
+        _fold(model)
         for _ in range(_INLINE_ROUNDS):     # an inlined branch may hold Ifs that fold in turn
             size = len(model.graph.nodes)
             count = inline_constant_ifs(model)
@@ -69,10 +64,7 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
             removed += bypassed
             # the branches' nodes joined and the Identities went: neither counts as folding
             before += len(model.graph.nodes) + bypassed - size
-            model.toposort()
-            model.graph.fold_constants(
-                fold_shapes=True, error_ok=True, flatten_subgraphs=False,
-                should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
+            _fold(model)
     lift_constant_nodes(model)
     model.cleanup()
     folded = before - len(model.graph.nodes)
@@ -130,6 +122,15 @@ def correct_declared_shapes(model: QModel) -> list[tuple[str, list, list]]:
             corrected.append((name, list(declared), computed))
             tensor.shape = computed
     return corrected
+
+
+def _fold(model: QModel) -> None:
+    """Constant folding with ONNX Runtime, quantizers kept. graphsurgeon's own flattening of
+    constant-condition Ifs loses every branch output but the first (the parent graph then reads a
+    tensor nothing writes): inline_constant_ifs does that instead."""
+    model.toposort()
+    model.graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False,
+                               should_exclude_node=lambda node: node.op in _KEEP_QUANTIZERS)
 
 
 def inline_constant_ifs(model: QModel) -> int:
