@@ -89,6 +89,17 @@ def test_canonicalize_inlines_ifs_whose_condition_folds_keeping_every_output():
         np.testing.assert_array_equal(a, b)
 
 
+def test_inlining_keeps_identities_when_asked_to():
+    model = shape_dispatch_model()
+    x = RNG.standard_normal((1, 4, 16)).astype(np.float32)
+    q = QModel.from_onnx(model)
+    report = run_pass(q, "canonicalize", {"remove_identity": False})
+    assert report["ifs_inlined"] == 2 and report["removed"] == 0
+    assert [n.op for n in q.graph.nodes].count("Identity") == 3     # one per inlined If output
+    for a, b in zip(_ort(model, {"x": x}), _ort(q.to_onnx(), {"x": x})):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_shape_dispatch_model_quantizes_lowers_and_diffs_clean(tmp_path):
     model = shape_dispatch_model()
     path = tmp_path / "m.onnx"

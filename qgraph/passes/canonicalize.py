@@ -60,7 +60,7 @@ def canonicalize(model: QModel, ctx: PassContext, *, fold_constants: bool = True
                 break
             inlined += count
             renamed += name_nodes(model)
-            bypassed = remove_passthrough(model)[0]
+            bypassed = remove_passthrough(model)[0] if remove_identity else 0
             removed += bypassed
             # the branches' nodes joined and the Identities went: neither counts as folding
             before += len(model.graph.nodes) + bypassed - size
@@ -137,7 +137,7 @@ def inline_constant_ifs(model: QModel) -> int:
     """Each If whose condition is a constant (an exporter's branch on a static shape, folded)
     becomes the branch it takes: the branch's nodes join the graph, its own tensors renamed apart
     from the graph's, and each If output an Identity of the branch's output (removed with the
-    other Identities). Nested control flow inside the branch comes along as it is. Returns the
+    other Identities, unless remove_identity is off). Nested control flow inside the branch comes along as it is. Returns the
     Ifs inlined."""
     inlined = 0
     for node in list(model.graph.nodes):
