@@ -8,6 +8,9 @@ and each preserves the outputs up to float rounding:
   Pow or Mul, ReduceMean, Add, Sqrt, Div, [Mul, Add]) becomes one LayerNormalization over the
   reduced trailing axes, with its Mean and InvStdDev outputs declared (ORT's trainer needs them
   to differentiate it);
+- (not rewritten) LayerNorm in the moments form JAX and TF exports write, ``(x − E[x]) ·
+  (E[x²] − E[x]² + ε)^(−1/2)``: :func:`written_out_layernorms` finds it (and torch-form ones left
+  unfused) so insert_qdq keeps it float;
 - Softmax written as ``e / ΣE``, ``e = exp(x [− max x])`` becomes Softmax on that axis;
 - a per-channel (or scalar) ``Mul``/``Div``/``Add``/``Sub`` by a constant right after a Conv,
   ConvTranspose, Gemm or BatchNormalization whose output it alone reads (Paddle's learnable
@@ -115,7 +118,12 @@ class LayerNormMatch:
 
 
 class Unfusable(Declined):
-    """The whole idiom matched, yet its one-op form cannot express it: worth a line in the report."""
+    """The whole idiom matched, yet its one-op form cannot express it: worth a line in the report.
+    `nodes`: the idiom's nodes, left as they are."""
+
+    def __init__(self, reason: str, nodes: list | None = None):
+        super().__init__(reason)
+        self.nodes = nodes or []
 
 
 def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
@@ -150,7 +158,7 @@ def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
     if not shape or any(not isinstance(d, (int, np.integer)) for d in shape):
         # LayerNormalization's scale and bias need the normalized axes' sizes
         raise Unfusable(f"LayerNorm kept decomposed: the normalized axes of '{x.name}' have no static size "
-                        f"({shape or 'unknown'}); fix the input's shape to fuse it")
+                        f"({shape or 'unknown'}); fix the input's shape to fuse it", nodes)
     output = div.outputs[0]
     gamma, output = _absorb_affine(model, output, "Mul", shape, nodes)
     beta, output = _absorb_affine(model, output, "Add", shape, nodes)
@@ -199,6 +207,179 @@ def fuse_layernorm(model: QModel, m: LayerNormMatch) -> None:
     stats = [model.add_variable(f"{base}.mean", dtype), model.add_variable(f"{base}.inv_std_dev", dtype)]
     model.add_node("LayerNormalization", inputs, [m.output, *stats], f"{base}/LayerNormalization",
                    {"axis": m.axis, "epsilon": m.epsilon})
+
+
+# -- LayerNorms left written out ----------------------------------------------------------------
+
+def written_out_layernorms(model: QModel) -> list[list[Node]]:
+    """The nodes of every LayerNorm still written op by op: the torch form canonicalize did not
+    fuse (normalized axes of unknown size, or exporter_idioms off) and the moments form JAX and TF exports write
+    (:func:`match_moments_layernorm`), which is left written out on purpose — ONNX Runtime's
+    LayerNormalization sums x and x² in one sequential float32 pass, so fusing it loses digits the
+    export's pairwise ReduceSums keep (10⁻³ of Magika's output range). insert_qdq keeps these
+    nodes float: quantized one by one, E[x²] − E[x]² cancels 8-bit noise into the variance."""
+    found: list[list[Node]] = []
+    for node in model.graph.nodes:
+        if node.op not in ("ReduceMean", "ReduceSum") or not node.outputs:
+            continue
+        try:
+            found.append(match_moments_layernorm(model, node))
+            continue
+        except Declined:
+            pass
+        if node.op == "ReduceMean":
+            try:
+                found.append(match_layernorm(model, node).nodes)
+            except Unfusable as unfusable:
+                found.append(unfusable.nodes)
+            except Declined:
+                pass
+    return found
+
+
+_BROADCASTS = ("Reshape", "Expand", "Unsqueeze")
+
+
+def match_moments_layernorm(model: QModel, reduce: Node) -> list[Node]:
+    """The nodes of ``(x − E[x]) · (max(E[x²] − E[x]², 0) + ε)^(−1/2) [· γ] [+ β]`` starting at
+    the reduction `reduce` of x, the moments form jax2tf/tf2onnx write for Flax's and Keras'
+    LayerNorm (ReduceSum · 1/n or ReduceMean of x and of x·x, Sub, optional Max 0, Add ε, Sqrt,
+    Reciprocal, γ on the reciprocal or after; the statistics may be Reshaped, Expanded or
+    Unsqueezed back to x's rank, with 1 at the reduced axes), over any axes; Declined otherwise."""
+    x = reduce.inputs[0]
+    rank = _rank(x)
+    axes = _constant_axes(model, reduce, rank)
+    if axes is None:
+        raise Declined(f"{reduce.op} '{reduce.name}' reduces every axis")
+    keep = int(reduce.attrs.get("keepdims", 1))
+    square = next((r for r in x.outputs if _squares(model, r, x)), None)
+    if square is None:
+        raise Declined(f"'{x.name}' is not squared beside its mean")
+    sq_reduce = _only(model, square.outputs[0], ("ReduceSum", "ReduceMean"))
+    if (sq_reduce.op != reduce.op or _constant_axes(model, sq_reduce, rank) != axes
+            or int(sq_reduce.attrs.get("keepdims", 1)) != keep):
+        raise Declined(f"'{sq_reduce.name}' does not reduce x·x as '{reduce.name}' reduces x")
+    nodes = [reduce, square, sq_reduce]
+    mean, scale = _moment(model, reduce, nodes)
+    ex2, scale2 = _moment(model, sq_reduce, nodes)
+    if scale != scale2:
+        raise Declined(f"the two moments of '{x.name}' are scaled differently")
+    mean_readers = _distinct(mean.outputs)
+    mean_square = next((r for r in mean_readers if _squares(model, r, mean)), None)
+    var = _only(model, ex2, "Sub")
+    if mean_square is None or var.inputs[0] is not ex2 or var.inputs[1] is not mean_square.outputs[0] \
+            or model.only_consumer(mean_square.outputs[0]) is not var:
+        raise Declined(f"'{var.name}' is not E[x²] − E[x]²")
+    nodes += [mean_square, var]
+    t = var.outputs[0]
+    clamp = model.only_consumer(t)
+    if clamp is not None and clamp.op == "Max" and len(clamp.inputs) == 2 \
+            and _scalar_or_none(model, _other(clamp, t)) == 0.0:
+        nodes.append(clamp)
+        t = clamp.outputs[0]
+    t, add_eps = _follow_broadcasts(model, t, model.only_consumer(t), axes, rank, nodes)
+    if add_eps is None or add_eps.op != "Add":
+        raise Declined(f"the variance of '{x.name}' is not followed by + ε")
+    _scalar(model, _other(add_eps, t))
+    sqrt = _only(model, add_eps.outputs[0], "Sqrt")
+    recip = _only(model, sqrt.outputs[0], "Reciprocal")
+    nodes += [add_eps, sqrt, recip]
+    inv, reader = _follow_broadcasts(model, recip.outputs[0], model.only_consumer(recip.outputs[0]), axes, rank,
+                                     nodes)
+    if reader is not None and reader.op == "Mul" and model.constant_value(_other(reader, inv)) is not None:
+        nodes.append(reader)                                   # γ on the inverse deviation
+        inv = reader.outputs[0]
+    others = [r for r in mean_readers if r is not mean_square]
+    if len(others) != 1:
+        raise Declined(f"the mean of '{x.name}' is read outside the norm")
+    centred_mean, sub = _follow_broadcasts(model, mean, others[0], axes, rank, nodes)
+    if sub is None or sub.op != "Sub" or sub.inputs[0] is not x or sub.inputs[1] is not centred_mean:
+        raise Declined(f"'{x.name}' is not centred on its mean")
+    mul = _only(model, sub.outputs[0], "Mul")
+    if _other(mul, sub.outputs[0]) is not inv or model.only_consumer(inv) is not mul:
+        raise Declined(f"'{mul.name}' does not scale x − E[x] by the inverse deviation")
+    nodes += [sub, mul]
+    output = mul.outputs[0]
+    for op in ("Mul", "Add"):                                  # γ, β after the normalization
+        reader = model.only_consumer(output)
+        if reader is not None and reader.op == op and model.constant_value(_other(reader, output)) is not None:
+            nodes.append(reader)
+            output = reader.outputs[0]
+    return nodes
+
+
+def _distinct(nodes) -> list[Node]:
+    """`nodes` without repeats (a node reading a tensor twice is listed twice among its readers)."""
+    seen: list[Node] = []
+    for node in nodes:
+        if not any(node is n for n in seen):
+            seen.append(node)
+    return seen
+
+
+def _squares(model: QModel, node: Node, t: Tensor) -> bool:
+    """Whether `node` is ``t·t`` or ``t^2``."""
+    if node.op == "Mul":
+        return node.inputs[0] is t and node.inputs[1] is t
+    return node.op == "Pow" and node.inputs[0] is t and _scalar_or_none(model, node.inputs[1]) == 2.0
+
+
+def _scalar_or_none(model: QModel, tensor: Tensor) -> float | None:
+    value = model.constant_value(tensor)
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
+
+
+def _moment(model: QModel, reduce: Node, nodes: list) -> tuple[Tensor, float | None]:
+    """(the mean, the constant a ReduceSum is scaled by — None for a ReduceMean): a ReduceSum
+    must be multiplied by a scalar 1/n or divided by n (that node joins `nodes`)."""
+    out = reduce.outputs[0]
+    if reduce.op == "ReduceMean":
+        return out, None
+    node = _only(model, out, ("Mul", "Div"))
+    c = _scalar_or_none(model, _other(node, out))
+    if c is None or c == 0 or (node.op == "Div" and node.inputs[0] is not out):
+        raise Declined(f"'{node.name}' does not turn the sum into a mean")
+    nodes.append(node)
+    return node.outputs[0], (c if node.op == "Mul" else 1.0 / c)
+
+
+def _follow_broadcasts(model: QModel, t: Tensor, reader: Node | None, axes: tuple, rank: int, nodes: list):
+    """From `t` and its `reader`, past Reshape/Expand/Unsqueeze that only bring a statistic to
+    x's rank with 1 at the reduced axes (they join `nodes`): (the last tensor, its only reader)."""
+    while reader is not None and reader.op in _BROADCASTS and reader.inputs[0] is t:
+        if reader.op == "Unsqueeze":
+            if _constant_axes(model, reader, rank) != axes:
+                raise Declined(f"Unsqueeze '{reader.name}' does not restore the reduced axes")
+        else:
+            entries = _shape_entries(model, reader.inputs[1])
+            if entries is None or len(entries) != rank or any(entries[a] != 1 for a in axes):
+                raise Declined(f"{reader.op} '{reader.name}' does not keep the reduced axes at 1")
+        nodes.append(reader)
+        t = reader.outputs[0]
+        reader = model.only_consumer(t)
+    return t, reader
+
+
+def _shape_entries(model: QModel, tensor: Tensor) -> list | None:
+    """The entries of a 1-D shape tensor (None where computed at run time): a constant, or a Cast
+    or Concat of constants and pieces of a known length; None when it cannot tell."""
+    value = model.constant_value(tensor)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    node = model.producer(tensor)
+    if node is None or node.op not in ("Cast", "Concat"):
+        return None
+    if node.op == "Cast":
+        return _shape_entries(model, node.inputs[0])
+    entries: list = []
+    for piece in node.inputs:
+        known = _shape_entries(model, piece)
+        if known is None:
+            if piece.shape is None or len(piece.shape) != 1 or not isinstance(piece.shape[0], (int, np.integer)):
+                return None
+            known = [None] * int(piece.shape[0])
+        entries += known
+    return entries
 
 
 # -- Softmax -----------------------------------------------------------------------------------
@@ -451,5 +632,5 @@ def normalize_exporter_idioms(model: QModel) -> dict:
 
 
 __all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool", "pixel_shuffle_as_transpose",
-           "match_layernorm", "fuse_layernorm", "match_softmax", "fuse_softmax",
+           "match_layernorm", "fuse_layernorm", "match_moments_layernorm", "written_out_layernorms", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

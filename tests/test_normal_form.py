@@ -191,3 +191,86 @@ def test_pixel_shuffle_of_dynamic_size_stays_with_the_reason():
     assert [n.op_type for n in out.graph.node] == ["DepthToSpace"]
     assert {"node": "d2s", "reason": "DepthToSpace 'd2s' needs a static (N, C, H, W) input to become "
                                      "Reshape/Transpose"} in report["skipped"]
+
+
+def _moments_layernorm_model():
+    """Flax's LayerNorm as jax2tf/tf2onnx write it (Google's Magika): over axis 1 of (N, 8, 16) —
+    not the trailing one — E[x] and E[x²] from ReduceSum·1/8, E[x²] − E[x]², Max 0, both
+    statistics Reshaped to (N, 1, 16) through a shape computed from Shape(x) and Expanded, + ε,
+    Sqrt, Reciprocal, γ on the reciprocal, (x − E[x])·…, + β; then a MatMul."""
+    rng = np.random.default_rng(3)
+    shape_of = [helper.make_node("Shape", ["x"], ["shp"]),
+                helper.make_node("Slice", ["shp", "zero", "one", "zero"], ["batch"]),
+                helper.make_node("Concat", ["batch", "keep1", "width"], ["bshape"], axis=0)]
+    nodes = shape_of + [
+        helper.make_node("ReduceSum", ["x", "axes"], ["s1"], keepdims=0),
+        helper.make_node("Mul", ["s1", "inv_n"], ["mean"]),
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("ReduceSum", ["sq", "axes"], ["s2"], keepdims=0),
+        helper.make_node("Mul", ["s2", "inv_n"], ["ex2"]),
+        helper.make_node("Mul", ["mean", "mean"], ["mean2"]),
+        helper.make_node("Sub", ["ex2", "mean2"], ["var0"]),
+        helper.make_node("Max", ["zerof", "var0"], ["var"]),
+        helper.make_node("Reshape", ["var", "bshape"], ["var_r"]),
+        helper.make_node("Expand", ["var_r", "bshape"], ["var_b"]),
+        helper.make_node("Add", ["var_b", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Reciprocal", ["sd"], ["inv"]),
+        helper.make_node("Mul", ["inv", "gamma"], ["scale"]),
+        helper.make_node("Reshape", ["mean", "bshape"], ["mean_r"]),
+        helper.make_node("Expand", ["mean_r", "bshape"], ["mean_b"]),
+        helper.make_node("Sub", ["x", "mean_b"], ["centred"]),
+        helper.make_node("Mul", ["centred", "scale"], ["normed"]),
+        helper.make_node("Add", ["normed", "beta"], ["ln"]),
+        helper.make_node("MatMul", ["ln", "w"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v, t), k) for k, v, t in (
+        ("zero", [0], np.int64), ("one", [1], np.int64), ("keep1", [1], np.int64), ("width", [16], np.int64),
+        ("axes", [1], np.int64), ("inv_n", 1 / 8, np.float32), ("zerof", 0.0, np.float32),
+        ("eps", 1e-6, np.float32), ("gamma", rng.uniform(0.5, 1.5, (1, 8, 1)), np.float32),
+        ("beta", rng.normal(0, 0.1, (1, 8, 1)), np.float32), ("w", rng.normal(0, 0.3, (16, 4)), np.float32))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_moments_form_layernorm_is_found_and_left_as_exported():
+    from qgraph.normal_form import written_out_layernorms
+    model = _moments_layernorm_model()
+    out, report = _canonical(model)
+    assert report["idioms"]["layernorm"] == 0 and not any(n.op_type == "LayerNormalization" for n in out.graph.node)
+    found = written_out_layernorms(QModel.from_onnx(out))
+    assert len(found) == 1
+    assert sorted(n.op for n in found[0]) == sorted(
+        ["ReduceSum", "Mul", "Mul", "ReduceSum", "Mul", "Mul", "Sub", "Max", "Reshape", "Expand", "Add", "Sqrt",
+         "Reciprocal", "Mul", "Reshape", "Expand", "Sub", "Mul", "Add"])
+    _same_outputs(model, out, {"x": np.random.default_rng(1).normal(3, 0.5, (2, 8, 16)).astype(np.float32)})
+
+
+def test_a_moments_form_layernorm_with_a_stray_reader_is_not_taken():
+    """E[x] read outside the norm: the region is not a LayerNorm's alone."""
+    from qgraph.normal_form import written_out_layernorms
+    model = _moments_layernorm_model()
+    model.graph.node.append(helper.make_node("Identity", ["mean"], ["mean_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("mean_out", TensorProto.FLOAT, None))
+    assert written_out_layernorms(QModel.from_onnx(model)) == []
+
+
+def test_ptq_keeps_a_moments_form_layernorm_float():
+    """Its statistics quantized one by one cancel into noise (E[x] = 3, sd 0.5: E[x²] − E[x]² is
+    0.25 out of 9.25); kept float, only the LayerNorm's output, the MatMul's input, is quantized."""
+    from qgraph.api import apply_pipeline
+    model = _moments_layernorm_model()
+    rng = np.random.default_rng(2)
+    calib = rng.normal(3, 0.5, (64, 8, 16)).astype(np.float32)
+    quantized = apply_pipeline(model, "ptq", {"x": calib})
+    producer = {out: n for n in quantized.graph.node for out in n.output}
+    sources = {producer[n.input[0]].op_type for n in quantized.graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] in producer}
+    assert sources == {"Add"}                       # the + β that ends the norm
+    x = rng.normal(3, 0.5, (16, 8, 16)).astype(np.float32)
+    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.999

@@ -13,7 +13,8 @@ Placement (the integer region grows backwards from the compute ops):
    Sigmoid as exported count as one activation), so its inputs are quantized in turn.
 3. Nothing else is: not the tensors inside a unary region (HardSwish's Add/Clip/Mul/Div
    intermediates), not index computation (idioms.index_tensors: Shape, anchor grids, Range),
-   not tensors read only by float ops (LayerNormalization, Softmax, post-processing) or only
+   not tensors read only by float ops (LayerNormalization, Softmax, post-processing; a LayerNorm
+   written out op by op counts as one — normal_form.written_out_layernorms) or only
    by the graph output — a compute op whose output no integer op reads writes float (its
    lowering dequantizes the int32 accumulator).
 4. Range-preserving ops (idioms.RANGE_PRESERVING) and Relu/Clip reading a tensor marked
@@ -63,6 +64,7 @@ from qgraph.errors import ConfigError, PassError
 from qgraph.graph import Node, QModel, Tensor
 from qgraph.idioms import (CLAMPS, RANGE_PRESERVING, REGION_KINDS, clip_bounds_or_none, constant_tensors, index_tensors,
                            is_range_preserving, skip, split_region, unary_regions)
+from qgraph.normal_form import written_out_layernorms
 from qgraph.pipeline import PassContext, register_pass
 from qgraph.qconfig import POSITIONS, ActivationSpec, NodeConfig, QConfigResolver, WeightSpec
 from qgraph.qparams import activation_qparams, constant_input_values, weight_qparams
@@ -179,6 +181,7 @@ class QuantPlan:
         self.placement: dict[str, str] = {}      # float activation -> why it is (not) quantized
         self.skipped_nodes: set[str] = {name for name, c in self.configs.items() if c.skip}
         self.index = index_tensors(model)
+        self.layernorm_nodes = {n.name for nodes in written_out_layernorms(model) for n in nodes}
         self.regions = []
         for region in unary_regions(model):
             if region.input in self.index:
@@ -266,6 +269,9 @@ class QuantPlan:
             return "a rule says quantize_input: false"
         if unit.name in self.region_of_node:
             return None
+        if unit.name in self.layernorm_nodes:
+            return ("part of a LayerNorm written out op by op (kept float: its 8-bit pieces would cancel "
+                    "E[x²] − E[x]² into noise)")
         if unit.op in COMPUTE_OPS or unit.op in CLAMPS or unit.op in RANGE_PRESERVING:
             return None
         if unit.op not in INTEGER_OPS:
