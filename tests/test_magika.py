@@ -1,0 +1,62 @@
+"""Google's Magika (the magika wheel's model: a file's content type from its first and last KB): a
+JAX model exported through jax2tf and tf2onnx, whose two LayerNorms are written as moments
+(``E[x²] − E[x]²`` from ReduceSums, Reshape/Expand back to the input's rank, Reciprocal ∘ Sqrt).
+Quantized op by op, those statistics cancelled 8-bit noise into the variance and ptq agreed with
+the float model on 5% of files; kept float (normal_form.written_out_layernorms), the quantized and
+both lowered models label the files as the float model does. Inputs: the bytes of real files, the
+members of the zoo's pinned wheels (benchmarks/zoo_models.py: file_corpus)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import zoo_models as zoo  # benchmarks/zoo_models.py (conftest.py puts benchmarks/ on sys.path)
+from conftest import zoo_or_skip
+from qgraph.api import run_passes
+from qgraph.diff import diff_models
+from qgraph.lowering import lower_model
+from qgraph.runner import run_model
+
+STATISTICS = ("ReduceSum", "Sqrt", "Reciprocal")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(float model path, quantized model, evaluation features, evaluation data path)."""
+    names, features = zoo_or_skip(zoo.file_corpus)
+    source = zoo_or_skip(lambda: zoo.wheel_member(zoo.MAGIKA, f"{zoo.MAGIKA_DIR}/model.onnx"))
+    folder = tmp_path_factory.mktemp("magika")
+    np.savez(folder / "calib.npz", bytes=features[:32])
+    np.savez(folder / "eval.npz", bytes=features[32:])
+    run_passes(source, "ptq", folder / "q.onnx", data_path=str(folder / "calib.npz"), echo=lambda *_: None)
+    return source, onnx.load(folder / "q.onnx"), features[32:], str(folder / "eval.npz")
+
+
+def _labels(model, features) -> np.ndarray:
+    return next(iter(run_model(model, {"bytes": features}).values())).argmax(axis=1)
+
+
+def test_magika_layernorm_statistics_stay_float(prepared):
+    _, quantized, _, _ = prepared
+    producer = {out: node for node in quantized.graph.node for out in node.output}
+    quantized_from = [producer[n.input[0]].op_type for n in quantized.graph.node
+                      if n.op_type == "QuantizeLinear" and n.input[0] in producer]
+    assert quantized_from and not set(quantized_from) & set(STATISTICS)
+    assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) >= 3   # both Dense layers and the conv
+
+
+def test_magika_labels_survive_int8_in_both_targets(prepared):
+    """Top-1 content type against the float model's, file by file (measured 0.996 on 253 files of
+    the test venv; before, 0.051)."""
+    source, quantized, features, data = prepared
+    reference = _labels(onnx.load(source), features)
+    assert len(reference) >= 40
+    assert np.mean(_labels(quantized, features) == reference) >= 0.95
+    assert diff_models(quantized, data).passed
+    for target in ("qlinear", "integer"):
+        lowered, report = lower_model(quantized, target)
+        assert "0 left float" in report["summary"]
+        assert np.mean(_labels(lowered, features) == reference) >= 0.95
+        assert diff_models(lowered, data).passed
