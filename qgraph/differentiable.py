@@ -2,7 +2,7 @@
 
 Measured with onnxruntime-training-cpu 1.19.2 (tests/test_differentiable.py puts each op between
 a trained Conv and a loss, then builds the artifacts and runs a CPU train step):
-- no gradient: HardSigmoid, HardSwish, PRelu, Softplus, Elu, Sum, ReduceMax, Einsum,
+- no gradient: HardSigmoid, HardSwish, PRelu, Softplus, Elu, Sum, ReduceMax, GlobalMaxPool, Einsum,
   InstanceNormalization, DepthToSpace, SpaceToDepth, CumSum, Floor, Round, RNN;
 - a gradient graph but no CPU kernel for it: Resize (ResizeGrad), ConvTranspose (ConvTransposeGrad);
 - pooling gradients that read the input size from the graph's static shapes: AveragePoolGrad
@@ -33,6 +33,8 @@ The rewrites (outputs unchanged up to float rounding; each records the node it r
         group and its kernel flipped), padded by d·(k - 1) - p
     AveragePool(x) = Conv(x, 1/|window|, group=C) (divided by the window's element count where
         padding does not count)
+    GlobalMaxPool(x) = MaxPool(x) over the whole (static) map
+    ReduceMax(x, axes) = TopK(x, 1) along each axis (Squeezed for keepdims=0)
     LayerNormalization: the Mean and InvStdDev outputs added
     LSTM/GRU -> LSTMTraining/GRUTraining; direction reverse = a forward run on the time-reversed
         sequence; bidirectional = both, concatenated
@@ -508,6 +510,31 @@ def _average_pool(node, emit: _Emitter, context: _Context) -> None:
     emit.op("Div", [summed, emit.const("counts", counts)], node.output[0])
 
 
+def _global_max_pool(node, emit: _Emitter, context: _Context) -> None:
+    """A MaxPool whose window is the whole map (MaxPool trains; its window needs static sizes)."""
+    dims = context.static_dims(node.input[0])
+    if dims is None or len(dims) < 3 or any(d is None for d in dims[2:]):
+        raise Declined(f"the spatial sizes of its input {node.input[0]} are not static")
+    emit.op("MaxPool", [node.input[0]], node.output[0], kernel_shape=[int(d) for d in dims[2:]])
+
+
+def _reduce_max(node, emit: _Emitter, context: _Context) -> None:
+    """TopK(k=1) along each reduced axis in turn (TopK trains), then a Squeeze of them for
+    keepdims=0 — the maximum, and its gradient to the element that holds it."""
+    dims = context.static_dims(node.input[0])
+    if len(node.input) > 1 or dims is None:
+        raise Declined("its axes come as an input or its input's rank is unknown")
+    rank = len(dims)
+    axes = sorted({int(a) % rank for a in (_attr(node, "axes") or range(rank))})
+    value, one = node.input[0], emit.const("k", np.array([1], np.int64))
+    for axis in axes:
+        value = emit.op("TopK", [value, one], count=2, axis=axis)[0]
+    if _attr(node, "keepdims", 1):
+        emit.op("Identity", [value], node.output[0])
+    else:
+        emit.op("Squeeze", [value, emit.const("axes", np.array(axes, np.int64))], node.output[0])
+
+
 # --- recurrent layers -------------------------------------------------------------------------
 
 _RNN_INPUTS = {"LSTM": 8, "GRU": 6}          # X, W, R, B, sequence_lens, initial_h[, initial_c, P]
@@ -582,7 +609,8 @@ def _reversed_run(emit: _Emitter, op: str, inputs: list[str], outputs: list[str]
 _REWRITES = {
     "HardSigmoid": _hard_sigmoid, "HardSwish": _hard_swish, "PRelu": _prelu, "Softplus": _softplus, "Elu": _elu,
     "Sum": _sum, "LayerNormalization": _layer_norm, "Resize": _resize, "ConvTranspose": _conv_transpose,
-    "LSTM": _recurrent, "GRU": _recurrent, "AveragePool": _average_pool,
+    "LSTM": _recurrent, "GRU": _recurrent, "AveragePool": _average_pool, "GlobalMaxPool": _global_max_pool,
+    "ReduceMax": _reduce_max,
 }
 
 

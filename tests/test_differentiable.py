@@ -106,6 +106,14 @@ CASES = {
         [N("AveragePool", ["a"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]),
     "AveragePool k2x1 s2x1, dynamic sizes": lambda: conv_then(
         [N("AveragePool", ["a"], ["y"], kernel_shape=[2, 1], strides=[2, 1])], x_dims=("N", 3, "H", "W")),
+    "GlobalMaxPool": lambda: conv_then([N("GlobalMaxPool", ["a"], ["y"])]),
+    "GlobalMaxPool over a sequence (Magika's)": lambda: conv_then(
+        [N("Reshape", ["a", "seq_shape"], ["s"]), N("GlobalMaxPool", ["s"], ["y"])], [const("seq_shape", i64([0, 4, -1]))]),
+    "ReduceMax over channels and width, keepdims=0": lambda: conv_then(
+        [N("ReduceMax", ["a"], ["y"], axes=[1, 3], keepdims=0)]),
+    "ReduceMax, softmax's stabilizer": lambda: conv_then(
+        [N("ReduceMax", ["a"], ["m"], axes=[1]), N("Sub", ["a", "m"], ["c"]), N("Exp", ["c"], ["e"]),
+         N("ReduceSum", ["e", "one_axis"], ["t"]), N("Div", ["e", "t"], ["y"])], [const("one_axis", i64([1]))]),
     "MaxPool chain, dynamic sizes": lambda: conv_then(
         [N("MaxPool", ["a"], ["m1"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
          N("MaxPool", ["m1"], ["m2"], kernel_shape=[5, 5], pads=[2, 2, 2, 2]),
