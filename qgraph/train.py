@@ -350,8 +350,8 @@ def _resume_hint(wd: Workdir) -> str:
 def _check_finite_parameters(state, epoch: int, wd: Workdir, nonfinite: str | None = None) -> None:
     advice = (f"the model computes NaN or Inf at {nonfinite} on the training data; fix the model there"
               if nonfinite else "lower --lr")
-    for name, param in state.parameters:
-        if not np.isfinite(param.data).all():
+    for name, param in state.parameters:   # frozen ones never change (an exported -inf bound stays so)
+        if param.requires_grad and not np.isfinite(param.data).all():
             raise TrainError(f"epoch {epoch}: parameter {name!r} became NaN or Inf; {advice}{_resume_hint(wd)}")
 
 

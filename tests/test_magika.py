@@ -60,3 +60,25 @@ def test_magika_labels_survive_int8_in_both_targets(prepared):
         assert "0 left float" in report["summary"]
         assert np.mean(_labels(lowered, features) == reference) >= 0.95
         assert diff_models(lowered, data).passed
+
+
+def test_magika_trains_by_distillation(prepared, tmp_path):
+    """QAT without labels on a real JAX export: its GlobalMaxPool and the ReduceMax of its written-out
+    softmax have no gradient in ORT 1.19 (rewritten as MaxPool and TopK for training, restored in
+    the output), and its softmax stabilizer's -inf constant is a frozen parameter, not a divergence."""
+    from qgraph.api import apply_pipeline
+    from qgraph.train import train_model
+    source, _, features, _ = prepared
+    teacher = onnx.load(source)
+    names, corpus = zoo.file_corpus()
+    student = apply_pipeline(teacher, "qat", {"bytes": corpus[:32]}, weight_bits=4)
+    trained, history = train_model(student, {"bytes": corpus[:32]}, {"bytes": features}, teacher=teacher, epochs=2,
+                                   lr=1e-4, batch_size=8, workdir=tmp_path, progress=False, keep_best=True,
+                                   keep_best_by="cosine")
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    kept = [h for h in history if h.get("kept")]
+    assert len(kept) == 1 and kept[0]["val_cosine"] == max(h["val_cosine"] for h in history)
+    ops = {n.op_type for n in trained.graph.node}
+    assert {"GlobalMaxPool", "ReduceMax"} <= ops and not {"TopK", "MaxPool"} & ops
+    reference = _labels(teacher, features)
+    assert np.mean(_labels(trained, features) == reference) >= 0.95
