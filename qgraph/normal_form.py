@@ -8,9 +8,9 @@ and each preserves the outputs up to float rounding:
   Pow or Mul, ReduceMean, Add, Sqrt, Div, [Mul, Add]) becomes one LayerNormalization over the
   reduced trailing axes, with its Mean and InvStdDev outputs declared (ORT's trainer needs them
   to differentiate it);
-- (not rewritten) LayerNorm in the moments form JAX and TF exports write, ``(x − E[x]) ·
-  (E[x²] − E[x]² + ε)^(−1/2)``: :func:`written_out_layernorms` finds it (and torch-form ones left
-  unfused) so insert_qdq keeps it float;
+- (not rewritten) LayerNorm in the moments form JAX exports write, ``(x − E[x]) ·
+  (E[x²] − E[x]² + ε)^(−1/2)``, and in Keras' form ``x·s + (β − E[x]·s)``: :func:`written_out_layernorms`
+  finds them (and torch-form ones left unfused) so insert_qdq keeps them float;
 - Softmax written as ``e / ΣE``, ``e = exp(x [− max x])`` becomes Softmax on that axis;
 - a per-channel (or scalar) ``Mul``/``Div``/``Add``/``Sub`` by a constant right after a Conv,
   ConvTranspose, Gemm or BatchNormalization whose output it alone reads (Paddle's learnable
@@ -213,8 +213,9 @@ def fuse_layernorm(model: QModel, m: LayerNormMatch) -> None:
 
 def written_out_layernorms(model: QModel) -> list[list[Node]]:
     """The nodes of every LayerNorm still written op by op: the torch form canonicalize did not
-    fuse (normalized axes of unknown size, or exporter_idioms off) and the moments form JAX and TF exports write
-    (:func:`match_moments_layernorm`), which is left written out on purpose — ONNX Runtime's
+    fuse (normalized axes of unknown size, or exporter_idioms off), Keras' form
+    (:func:`match_keras_layernorm`) and the moments form JAX exports write
+    (:func:`match_moments_layernorm`), which are left written out on purpose — ONNX Runtime's
     LayerNormalization sums x and x² in one sequential float32 pass, so fusing it loses digits the
     export's pairwise ReduceSums keep (10⁻³ of Magika's output range). insert_qdq keeps these
     nodes float: quantized one by one, E[x²] − E[x]² cancels 8-bit noise into the variance."""
@@ -224,6 +225,11 @@ def written_out_layernorms(model: QModel) -> list[list[Node]]:
             continue
         try:
             found.append(match_moments_layernorm(model, node))
+            continue
+        except Declined:
+            pass
+        try:
+            found.append(match_keras_layernorm(model, node))
             continue
         except Declined:
             pass
@@ -306,6 +312,58 @@ def match_moments_layernorm(model: QModel, reduce: Node) -> list[Node]:
             nodes.append(reader)
             output = reader.outputs[0]
     return nodes
+
+
+def match_keras_layernorm(model: QModel, mean: Node) -> list[Node]:
+    """The nodes of ``x · s + (β − E[x] · s)``, ``s = (E[(x − E[x])²] + ε)^(−1/2) [· γ]``, starting at
+    the ReduceMean `mean` of x: Keras' LayerNormalization as tf2onnx writes it (TF's
+    ``nn.batch_normalization`` of ``nn.moments``: SquaredDifference as Sub and Mul, Rsqrt as Sqrt and
+    Reciprocal), over any axes; without β, ``x · s − E[x] · s``. Declined otherwise."""
+    if mean.op != "ReduceMean":
+        raise Declined(f"'{mean.name}' is no ReduceMean")
+    x, m = mean.inputs[0], mean.outputs[0]
+    rank = _rank(x)
+    axes = _reduce_axes(model, mean, rank)
+    readers = _distinct(m.outputs)
+    centre = next((r for r in readers if r.op == "Sub" and r.inputs[0] is x and r.inputs[1] is m), None)
+    if centre is None or len(readers) != 2 or model.is_graph_output(m):
+        raise Declined(f"the mean of '{x.name}' is not read by x − E[x] and one more node")
+    squares = _distinct(centre.outputs[0].outputs)
+    if len(squares) != 1 or not _squares(model, squares[0], centre.outputs[0]) \
+            or model.is_graph_output(centre.outputs[0]):
+        raise Declined(f"x − E[x] of '{x.name}' is not squared alone")
+    square = squares[0]
+    var = _only(model, square.outputs[0], "ReduceMean")
+    if _reduce_axes(model, var, rank) != axes:
+        raise Declined(f"ReduceMean '{var.name}' reduces other axes than the mean")
+    add_eps = _only(model, var.outputs[0], "Add")
+    _scalar(model, _other(add_eps, var.outputs[0]))
+    sqrt = _only(model, add_eps.outputs[0], "Sqrt")
+    recip = _only(model, sqrt.outputs[0], "Reciprocal")
+    nodes = [mean, centre, square, var, add_eps, sqrt, recip]
+    s = recip.outputs[0]
+    reader = model.only_consumer(s)
+    if reader is not None and reader.op == "Mul" and model.constant_value(_other(reader, s)) is not None:
+        nodes.append(reader)                                   # γ
+        s = reader.outputs[0]
+    scaled = _distinct(s.outputs)
+    x_scaled = next((r for r in scaled if r.op == "Mul" and _other(r, s) is x), None)
+    mean_scaled = next((r for r in scaled if r.op == "Mul" and _other(r, s) is m), None)
+    if len(scaled) != 2 or x_scaled is None or mean_scaled is None or model.is_graph_output(s):
+        raise Declined(f"'{s.name}' does not scale both x and E[x]")
+    nodes += [x_scaled, mean_scaled]
+    shift = _only(model, mean_scaled.outputs[0], "Sub")
+    nodes.append(shift)
+    if shift.inputs[0] is x_scaled.outputs[0]:                 # no β: x·s − E[x]·s
+        if model.only_consumer(x_scaled.outputs[0]) is not shift:
+            raise Declined(f"'{x_scaled.name}' is read outside the norm")
+        return nodes
+    if model.constant_value(shift.inputs[0]) is None or shift.inputs[1] is not mean_scaled.outputs[0]:
+        raise Declined(f"'{shift.name}' is not β − E[x]·s")
+    add = _only(model, shift.outputs[0], "Add")
+    if _other(add, shift.outputs[0]) is not x_scaled.outputs[0] or model.only_consumer(x_scaled.outputs[0]) is not add:
+        raise Declined(f"'{add.name}' does not add x·s and β − E[x]·s")
+    return nodes + [add]
 
 
 def _distinct(nodes) -> list[Node]:
@@ -632,5 +690,6 @@ def normalize_exporter_idioms(model: QModel) -> dict:
 
 
 __all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool", "pixel_shuffle_as_transpose",
-           "match_layernorm", "fuse_layernorm", "match_moments_layernorm", "written_out_layernorms", "match_softmax", "fuse_softmax",
+           "match_layernorm", "fuse_layernorm", "match_moments_layernorm", "match_keras_layernorm",
+           "written_out_layernorms", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

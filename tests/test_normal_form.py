@@ -274,3 +274,42 @@ def test_ptq_keeps_a_moments_form_layernorm_float():
     ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
     cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cosine > 0.999
+
+
+def _keras_layernorm_model():
+    """Keras' LayerNormalization as tf2onnx writes it (Magika 0.5.1): over the last axis of (N, 6, 16),
+    s = γ / √(E[(x − E[x])²] + ε) from Sub, Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul γ; then
+    x·s + (β − E[x]·s); then a MatMul."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["dd"]),
+             helper.make_node("ReduceMean", ["dd"], ["var"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Reciprocal", ["sd"], ["inv"]),
+             helper.make_node("Mul", ["inv", "gamma"], ["s"]),
+             helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("Mul", ["mean", "s"], ["ms"]),
+             helper.make_node("Sub", ["beta", "ms"], ["shift"]),
+             helper.make_node("Add", ["xs", "shift"], ["ln"]),
+             helper.make_node("MatMul", ["ln", "w"], ["y"])]
+    return _model(nodes, {"eps": 1e-3, "gamma": rng.uniform(0.5, 1.5, 16), "beta": rng.normal(0, 0.1, 16),
+                          "w": rng.normal(0, 0.3, (16, 4))}, ["N", 6, 16], ["N", 6, 4])
+
+
+def test_a_keras_form_layernorm_is_found_and_kept_float_by_ptq():
+    from qgraph.api import apply_pipeline
+    from qgraph.normal_form import written_out_layernorms
+    model = _keras_layernorm_model()
+    out, report = _canonical(model)
+    found = written_out_layernorms(QModel.from_onnx(out))
+    assert len(found) == 1 and len(found[0]) == 12 and "MatMul" not in {n.op for n in found[0]}
+    rng = np.random.default_rng(5)
+    quantized = apply_pipeline(model, "ptq", {"x": rng.normal(3, 0.5, (64, 6, 16)).astype(np.float32)})
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    assert {producer[n.input[0]].op_type for n in quantized.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] in producer} == {"Add"}
+    x = rng.normal(3, 0.5, (16, 6, 16)).astype(np.float32)
+    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
