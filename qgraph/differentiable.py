@@ -69,6 +69,7 @@ NON_DIFFERENTIABLE_INPUTS: dict[str, set[int]] = {
     "Pow": {1}, "Equal": {0, 1}, "Greater": {0, 1}, "Less": {0, 1}, "GreaterOrEqual": {0, 1},
     "LessOrEqual": {0, 1}, "Shape": {0}, "Size": {0}, "Cast": {0}, "Floor": {0}, "Ceil": {0},
     "Round": {0}, "Sign": {0}, "ArgMax": {0}, "ArgMin": {0}, "NonZero": {0}, "CumSum": {1},
+    "OneHot": {0, 1, 2},     # its off/on values (Keras' [0, 1]): ORT has no gradient for them
 }
 
 
