@@ -214,13 +214,19 @@ def fuse_layernorm(model: QModel, m: LayerNormMatch) -> None:
 def written_out_layernorms(model: QModel) -> list[list[Node]]:
     """The nodes of every LayerNorm still written op by op: the torch form canonicalize did not
     fuse (normalized axes of unknown size, or exporter_idioms off), Keras' form
-    (:func:`match_keras_layernorm`) and the moments form JAX exports write
+    (:func:`match_keras_layernorm`) and its fused form as a BatchNormalization on batch statistics
+    (:func:`match_batch_stats_layernorm`), and the moments form JAX exports write
     (:func:`match_moments_layernorm`), which are left written out on purpose — ONNX Runtime's
     LayerNormalization sums x and x² in one sequential float32 pass, so fusing it loses digits the
     export's pairwise ReduceSums keep (10⁻³ of Magika's output range). insert_qdq keeps these
     nodes float: quantized one by one, E[x²] − E[x]² cancels 8-bit noise into the variance."""
     found: list[list[Node]] = []
     for node in model.graph.nodes:
+        if node.op == "BatchNormalization" and node.outputs:
+            try:
+                found.append(match_batch_stats_layernorm(model, node))
+            except Declined:
+                pass
         if node.op not in ("ReduceMean", "ReduceSum") or not node.outputs:
             continue
         try:
@@ -364,6 +370,51 @@ def match_keras_layernorm(model: QModel, mean: Node) -> list[Node]:
     if _other(add, shift.outputs[0]) is not x_scaled.outputs[0] or model.only_consumer(x_scaled.outputs[0]) is not add:
         raise Declined(f"'{add.name}' does not add x·s and β − E[x]·s")
     return nodes + [add]
+
+
+def match_batch_stats_layernorm(model: QModel, bn: Node) -> list[Node]:
+    """The nodes of a BatchNormalization fed its own input's statistics — mean and variance over
+    every axis but 1, computed in the graph (Squeeze(ReduceMean(x)), ReduceSumSquare(x − mean) / n)
+    — and of the Reshape, Mul γ, Add β after it: how tf2onnx writes Keras' fused LayerNorm (the
+    samples laid along BN's channel axis, training-mode FusedBatchNormV3). Declined otherwise."""
+    x = bn.inputs[0]
+    if len(bn.inputs) < 5 or any(model.constant_value(bn.inputs[k]) is not None for k in (3, 4)):
+        raise Declined(f"'{bn.name}' normalizes by stored statistics")
+    rank = _rank(x)
+    reduced = tuple(a for a in range(rank) if a != 1)
+    nodes: list[Node] = []
+    mean = _source_through(model, bn.inputs[3], ("Squeeze", "Reshape", "Identity"), nodes)
+    if mean.op != "ReduceMean" or mean.inputs[0] is not x or _constant_axes(model, mean, rank) != reduced:
+        raise Declined(f"the mean '{bn.inputs[3].name}' of '{bn.name}' is not its input's over all axes but 1")
+    scaled = model.producer(bn.inputs[4])
+    if scaled is None or scaled.op not in ("Div", "Mul") or scaled.inputs[0].inputs == [] \
+            or model.only_consumer(scaled.outputs[0]) is not bn:
+        raise Declined(f"the variance of '{bn.name}' is not a sum divided by a count")
+    total = model.producer(scaled.inputs[0])
+    centre = model.producer(total.inputs[0]) if total is not None and total.op == "ReduceSumSquare" else None
+    if (centre is None or centre.op != "Sub" or centre.inputs[0] is not x or centre.inputs[1] is not mean.outputs[0]
+            or _constant_axes(model, total, rank) != reduced or model.only_consumer(centre.outputs[0]) is not total):
+        raise Declined(f"the variance of '{bn.name}' is not Σ(x − mean)² over all axes but 1")
+    nodes += [mean, centre, total, scaled, bn]
+    output = bn.outputs[0]
+    for op in ("Reshape", "Mul", "Add"):                       # back to the input's layout, γ, β
+        reader = model.only_consumer(output)
+        if reader is not None and reader.op == op and reader.inputs[0] is output and \
+                (op == "Reshape" or model.constant_value(reader.inputs[1]) is not None):
+            nodes.append(reader)
+            output = reader.outputs[0]
+    return nodes
+
+
+def _source_through(model: QModel, tensor: Tensor, ops: tuple, nodes: list) -> Node:
+    """The producer of `tensor`, past single-reader `ops` (they join `nodes`)."""
+    node = model.producer(tensor)
+    while node is not None and node.op in ops and model.only_consumer(node.outputs[0]) is not None:
+        nodes.append(node)
+        node = model.producer(node.inputs[0])
+    if node is None:
+        raise Declined(f"'{tensor.name}' is a graph input or constant")
+    return node
 
 
 def _distinct(nodes) -> list[Node]:
@@ -691,5 +742,5 @@ def normalize_exporter_idioms(model: QModel) -> dict:
 
 __all__ = ["normalize_exporter_idioms", "sum_as_adds", "spatial_mean_as_global_pool", "pixel_shuffle_as_transpose",
            "match_layernorm", "fuse_layernorm", "match_moments_layernorm", "match_keras_layernorm",
-           "written_out_layernorms", "match_softmax", "fuse_softmax",
+           "match_batch_stats_layernorm", "written_out_layernorms", "match_softmax", "fuse_softmax",
            "match_affine", "fold_affine", "LAYERS"]

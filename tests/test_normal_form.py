@@ -313,3 +313,47 @@ def test_a_keras_form_layernorm_is_found_and_kept_float_by_ptq():
     x = rng.normal(3, 0.5, (16, 6, 16)).astype(np.float32)
     ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+
+
+def test_a_layernorm_as_batchnorm_on_batch_statistics_is_found_and_kept_float_by_ptq():
+    """Keras' fused LayerNorm through tf2onnx (Magika 0.5.1): the samples of (N, 16) laid along
+    BatchNormalization's channel axis as (1, N, 16, 1), its mean and variance computed in the graph
+    over axes 0, 2, 3, then Reshape back, Mul γ, Add β, and a MatMul."""
+    from qgraph.api import apply_pipeline
+    from qgraph.normal_form import written_out_layernorms
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Reshape", ["x", "bn_shape"], ["xr"]),
+             helper.make_node("ReduceMean", ["xr"], ["m"], axes=[0, 2, 3], keepdims=1),
+             helper.make_node("Sub", ["xr", "m"], ["d"]),
+             helper.make_node("ReduceSumSquare", ["d"], ["ss"], axes=[0, 2, 3], keepdims=0),
+             helper.make_node("Div", ["ss", "count"], ["var"]),
+             helper.make_node("Squeeze", ["m", "sq_axes"], ["mean"]),
+             helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Slice", ["xs", "zero", "one"], ["n"]),
+             helper.make_node("ConstantOfShape", ["n"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("ConstantOfShape", ["n"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+             helper.make_node("BatchNormalization", ["xr", "ones", "zeros", "mean", "var"], ["bn"], epsilon=1e-3),
+             helper.make_node("Reshape", ["bn", "back"], ["r"]),
+             helper.make_node("Mul", ["r", "gamma"], ["g"]),
+             helper.make_node("Add", ["g", "beta"], ["ln"]),
+             helper.make_node("MatMul", ["ln", "w"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v, t), k) for k, v, t in (
+        ("bn_shape", [1, -1, 16, 1], np.int64), ("back", [-1, 16], np.int64), ("sq_axes", [0, 2, 3], np.int64),
+        ("zero", [0], np.int64), ("one", [1], np.int64),
+        ("count", 16.0, np.float32), ("gamma", rng.uniform(0.5, 1.5, 16), np.float32),
+        ("beta", rng.normal(0, 0.1, 16), np.float32), ("w", rng.normal(0, 0.3, (16, 4)), np.float32))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    out, _ = _canonical(model)
+    found = written_out_layernorms(QModel.from_onnx(out))
+    assert len(found) == 1 and {"BatchNormalization", "ReduceSumSquare", "Mul", "Add"} <= {n.op for n in found[0]}
+    x = rng.normal(3, 0.5, (64, 16)).astype(np.float32)
+    quantized = apply_pipeline(model, "ptq", {"x": x})
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    assert {producer[n.input[0]].op_type for n in quantized.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] in producer} == {"Add"}
+    ref, got = run_model(model, {"x": x[:16]})["y"], run_model(quantized, {"x": x[:16]})["y"]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
