@@ -558,6 +558,23 @@ def test_normalizations_match_ort(rng):
     assert_matches_ort(m, {"x": x})
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_layer_normalization_is_ort_bit_for_bit_where_its_variance_cancels(rng, axis):
+    """ORT's LayerNormalization sums x and x² in one float32 pass (E[x²] − E[x]²): on rows whose mean
+    is large next to their spread it loses hundreds of ulp (an exported Whisper-style encoder's
+    LayerNorm went beyond the 2√n range-ulp bound); the interpreter transcribes that kernel, so the
+    results are identical, statistics outputs included — also over several trailing axes."""
+    x = (rng.normal(0, 0.05, (3, 4, 384)) + rng.normal(0, 30, (3, 4, 1))).astype(F32)
+    n = x.shape[axis:] if axis > 0 else x.shape[-1:]
+    inits = {"s": rng.uniform(0.5, 1.5, n).astype(F32), "b": rng.normal(size=n).astype(F32)}
+    model = make([node("LayerNormalization", ["x", "s", "b"], ["ln", "mean", "inv"], axis=axis, epsilon=1e-5)],
+                 {"x": x}, inits, outputs=["ln", "mean", "inv"])
+    ours = run(model, {"x": x})
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for name, value in zip(["ln", "mean", "inv"], theirs):
+        np.testing.assert_array_equal(ours[name], value)
+
+
 def test_gemm_attributes_and_matmul_broadcasting_match_ort(rng):
     a = rng.normal(size=(6, 4)).astype(F32)
     b = rng.normal(size=(5, 6)).astype(F32)

@@ -5,6 +5,7 @@ reductions ReduceL1/L2/LogSum/LogSumExp/Prod/SumSquare, LpPool/GlobalLpPool and 
 Statistics (means, variances, sums) are accumulated in float64 and every output is rounded
 once to the input's type. ORT accumulates in float32 in its own summation order (Eigen/MLAS), so
 results agree to a few float32 ulp — more where a variance cancels (large mean, small spread).
+LayerNormalization is the exception: ORT's one-pass kernel, transcribed (its docstring).
 """
 
 from __future__ import annotations
@@ -67,21 +68,31 @@ def _moments(x64, axes):
 @register("LayerNormalization")
 def layer_normalization(ctx, x, scale, bias=None):
     """``(x - mean) / sqrt(var + epsilon) · scale + bias`` over the axes from ``axis`` (default -1)
-    to the last; optional outputs Mean and InvStdDev (keepdims shape, float32 stash type)."""
+    to the last; optional outputs Mean and InvStdDev (keepdims shape, float32 stash type).
+
+    As ORT computes it (layer_norm_impl.cc; its SkipLayerNormalization fusion alike), not in
+    float64: per row one sequential pass summing x and x·x in the compute type (float32, or
+    float64 for float64 input), ``mean = Σx/n``, ``d = sqrt(Σx²/n − mean² + ε)``, ``y = (x − mean)
+    / d · scale + bias``, every operation rounded in that type. That one-pass variance cancels when
+    the mean is large next to the spread — an exported transformer's LayerNorm can lose a few
+    hundred ulp in ORT — and the interpreter now loses the same ones."""
     axis = _axis(ctx, x, -1)
-    axes = tuple(range(axis, x.ndim))
-    eps = ctx.attr("epsilon", 1e-5)
-    y = x.astype(np.float64)
-    mean = np.mean(y, axis=axes, keepdims=True)
-    y -= mean  # in place: the float64 operations of _moments and of the formula, in their order
-    var = np.mean(np.square(y), axis=axes, keepdims=True)
-    inv = 1.0 / np.sqrt(var + eps)
-    y *= inv
-    y *= scale.astype(np.float64)
+    compute = np.float64 if x.dtype == np.float64 else np.float32
+    n = int(np.prod(x.shape[axis:], dtype=np.int64))
+    rows = x.reshape(-1, n).astype(compute, copy=False)
+    total = np.add.accumulate(rows, axis=1, dtype=compute)[:, -1:]    # sequential, as ORT's loop
+    squares = np.add.accumulate(rows * rows, axis=1, dtype=compute)[:, -1:]
+    count = compute(n)
+    mean = total / count
+    deviation = np.sqrt(squares / count - mean * mean + compute(np.float32(ctx.attr("epsilon", 1e-5))))
+    y = (rows - mean) / deviation * scale.reshape(1, n).astype(compute)
     if bias is not None:
-        y += bias.astype(np.float64)
+        y += bias.reshape(1, n).astype(compute)
+    stats_shape = x.shape[:axis] + (1,) * (x.ndim - axis)
     stash = np.float32 if ctx.attr("stash_type", 1) == 1 else np.float64
-    return y.astype(x.dtype), mean.astype(stash), inv.astype(stash)
+    inverse = compute(1) / deviation
+    return (y.reshape(x.shape).astype(x.dtype), mean.reshape(stats_shape).astype(stash),
+            inverse.reshape(stats_shape).astype(stash))
 
 
 @register("InstanceNormalization")
