@@ -83,6 +83,12 @@ MAGIKA = Wheel("magika", "1.0.3", "Apache-2.0",
 # its first release (a Keras model through tf2onnx: LayerNorms in Keras' own form and as a
 # training-mode FusedBatchNorm), float features of the first, middle and last 512 bytes
 MAGIKA_V1 = Wheel("magika", "0.5.1", "Apache-2.0")
+# Spotify's basic-pitch (polyphonic note transcription from raw 22 kHz audio; Keras through
+# tf2onnx, a constant-Q transform written as Conv1d/Pad/Sqrt): tests/test_audio_models.py
+BASIC_PITCH = Wheel("basic-pitch", "0.4.0", "Apache-2.0")
+# pipecat's smart-turn v3.2 (end-of-turn detection on an 8 s Whisper log-mel; a Whisper-style
+# encoder shipped already quantized to QDQ by ONNX Runtime's quantizer): tests/test_audio_models.py
+PIPECAT = Wheel("pipecat-ai", "1.14.0", "BSD-2-Clause")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
@@ -690,6 +696,66 @@ def vad_frames(audio: np.ndarray, model: onnx.ModelProto | None = None) -> dict[
         context = x[:, -VAD_CONTEXT:]
     return {"input": np.stack(inputs), "state": np.stack(states), "sr": np.array(VAD_RATE, np.int64),
             "speech": np.array(speech, np.float32)}
+
+
+# --- basic-pitch and smart-turn (audio) -------------------------------------------------------------
+
+PITCH_RATE, PITCH_SAMPLES = 22050, 43844
+
+
+def music_like_clips(count: int, seed: int = 0) -> np.ndarray:
+    """float32 [count, 43844, 1] clips of 2 s at 22.05 kHz, basic-pitch's input: two to six
+    decaying notes each (a fundamental between MIDI 40 and 90 and four harmonics at 0.6^k),
+    starting and ending at random, over faint noise. No wheel ships a music recording."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(PITCH_SAMPLES) / PITCH_RATE
+    clips = []
+    for _ in range(count):
+        y = np.zeros(PITCH_SAMPLES)
+        for _ in range(rng.integers(2, 7)):
+            f0 = 440.0 * 2 ** ((rng.integers(40, 90) - 69) / 12)
+            start, length, decay = rng.uniform(0, 1.8), rng.uniform(0.2, 1.0), rng.uniform(1, 5)
+            envelope = np.where((t >= start) & (t < start + length), np.exp(-(t - start) * decay), 0.0)
+            for k in range(1, 6):
+                y += envelope * np.sin(2 * np.pi * f0 * k * t) * 0.6 ** k
+        y += 0.003 * rng.standard_normal(PITCH_SAMPLES)
+        clips.append(0.5 * y / (np.abs(y).max() + 1e-9))
+    return np.stack(clips).astype(np.float32)[..., None]
+
+
+def whisper_log_mel(audio: np.ndarray, rate: int = 16000, seconds: int = 8, mels: int = 80) -> np.ndarray:
+    """Whisper's input features for one clip (what smart-turn reads, [80, 800]): the last `seconds`
+    (zero-padded at the end), normalized to zero mean and unit variance, a centred power spectrum
+    (reflect padding, periodic Hann window of 400, hop 160), Slaney-style mel filters up to 8 kHz,
+    log10 floored at 1e-10, clamped to 8 below its maximum, then (x + 4) / 4."""
+    n_fft, hop = 400, 160
+    x = np.asarray(audio, np.float32)[-rate * seconds:]
+    x = np.pad(x, (0, rate * seconds - x.size))
+    x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    padded = np.pad(x.astype(np.float64), n_fft // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2           # [frames, 201]
+    spectrum = _slaney_mel_filters(rate, n_fft, mels) @ power.T        # [80, frames]
+    log = np.log10(np.maximum(spectrum, 1e-10))[:, :-1]
+    return ((np.maximum(log, log.max() - 8.0) + 4.0) / 4.0).astype(np.float32)
+
+
+def _slaney_mel_filters(rate: int, n_fft: int, mels: int) -> np.ndarray:
+    """Triangular filters evenly spaced on Slaney's mel scale (linear below 1 kHz, logarithmic
+    above), each normalized to unit area: [mels, n_fft // 2 + 1]."""
+    def to_mel(hz):
+        hz = np.asarray(hz, np.float64)
+        return np.where(hz < 1000, 3 * hz / 200, 15 + 27 * np.log(np.maximum(hz, 1e-9) / 1000) / np.log(6.4))
+
+    def to_hz(mel):
+        return np.where(mel < 15, 200 * mel / 3, 1000 * np.exp(np.log(6.4) * (mel - 15) / 27))
+
+    edges = to_hz(np.linspace(to_mel(0.0), to_mel(rate / 2), mels + 2))
+    bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    rising = (bins[None] - edges[:-2, None]) / (edges[1:-1] - edges[:-2])[:, None]
+    falling = (edges[2:, None] - bins[None]) / (edges[2:] - edges[1:-1])[:, None]
+    return np.maximum(0, np.minimum(rising, falling)) * (2 / (edges[2:] - edges[:-2]))[:, None]
 
 
 # --- Magika (file bytes) ---------------------------------------------------------------------------
