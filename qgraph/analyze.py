@@ -445,6 +445,22 @@ def groups_of(sites: list[QuantizerSite], granularity: str) -> list[tuple[str, l
     return list(layers.items())
 
 
+#: Bytes of intermediate tensors one analysis batch may hold (both models' shared tensors together).
+BATCH_BYTES = 1 << 30
+
+
+def fitting_batch(plan, runners, batch_size: int, budget: int | None = None) -> int:
+    """`batch_size`, lowered so that one batch's tensors — every shared tensor of both models,
+    which the comparison holds at once — fit in `budget` bytes, as measured on the first sample.
+    (DNSMOS reads 9 s of raw audio: its 81 tensors for a batch of 16 took 20 GB.)"""
+    feeds, count = next(plan.batches(1, plan.run_size(1)), (None, 0))
+    if feeds is None or count == 0:
+        return batch_size
+    per_sample = sum(value.nbytes for runner in runners for value in runner.run(feeds).values()) / count
+    budget = BATCH_BYTES if budget is None else budget
+    return max(1, min(batch_size, int(budget // max(per_sample, 1.0))))
+
+
 def _batches(plan, batch_size: int, limit: int | None):
     labels = plan.data.get(LABELS)
     start = 0
@@ -475,6 +491,7 @@ def analyze_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, d
     quant_view = {name: (by_source[name].outputs[0] if name in by_source else name) for name in shared_names}
     float_runner = Runner(float_model, shared_names, threads=1)
     quant_runner = Runner(quant_model, list(quant_view.values()), threads=1)
+    batch_size = fitting_batch(plan, (float_runner, quant_runner), batch_size)
     cumulative = {name: TensorStats(name, "float32") for name in shared_names}
     ranges = {s.name: _RangeUse(s) for s in sites}
     for s in sites:

@@ -334,3 +334,29 @@ def test_a_hardswish_input_is_compared_as_the_hardswish_sees_it():
     rows = {q["name"]: q for q in rep["quantizers"]}
     for name in below:
         assert rows[name]["clipped_share"] < 0.001, (name, rows[name]["clipped_share"])
+
+
+def test_batches_shrink_to_hold_every_compared_tensor_in_the_memory_budget(case, monkeypatch):
+    """The comparison holds every shared tensor of both models for a whole batch at once (DNSMOS:
+    9 s of raw audio, 20 GB for a batch of 16): the batch is cut to what fits the budget, measured
+    on one sample, and the report is the same."""
+    from qgraph import analyze
+    from qgraph.data import check_data
+    from qgraph.runner import Runner
+    float_model, quantized, data = case
+    names = [t for t in analyze._shared_tensors(float_model, QModel.from_onnx(quantized))]
+    runner = Runner(float_model, names, threads=1)
+    plan = check_data(data, float_model)
+    one = sum(v.nbytes for v in runner.run(next(plan.batches(1, 1))[0]).values())
+    assert analyze.fitting_batch(plan, [runner], 16, budget=3 * one) == 3
+    assert analyze.fitting_batch(plan, [runner], 16, budget=100 * one) == 16
+    assert analyze.fitting_batch(plan, [runner], 16, budget=1) == 1
+    whole = analyze_models(float_model, quantized, data, batch_size=16, local=False)
+    monkeypatch.setattr(analyze, "BATCH_BYTES", 6 * one)
+    seen = []
+    monkeypatch.setattr(analyze, "_batches", lambda plan, size, limit, original=analyze._batches:
+                        seen.append(size) or original(plan, size, limit))
+    small = analyze_models(float_model, quantized, data, batch_size=16, local=False)
+    assert seen == [3]                               # 6 budgets of one sample, two models
+    assert small["outputs"]["logits"]["snr_db"] == pytest.approx(whole["outputs"]["logits"]["snr_db"], abs=1e-6)
+    assert small["samples"] == whole["samples"]
