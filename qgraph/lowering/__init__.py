@@ -178,8 +178,13 @@ def _region_float_by_placement(model: QModel, unary) -> str | None:
     tensors = model.tensors()
     producer = model.producer(tensors[unary.input])
     readers = tensors[unary.output].outputs
-    if (producer is None or producer.op != DEQUANTIZE) and not any(r.op == QUANTIZE for r in readers):
-        return f"float by placement: the {unary.kind} reads and writes float (a float island)"
+    if producer is None or producer.op != DEQUANTIZE:
+        # as for a single node: no quantizer on its input is the placement's choice (insert_qdq's
+        # for a region that first takes a Log/Sqrt/Reciprocal, or another tool's), also where
+        # an integer op after it reads its output quantized
+        return (f"float by placement: the {unary.kind} reads and writes float (a float island)"
+                if not any(r.op == QUANTIZE for r in readers) else
+                f"float by placement: the {unary.kind} reads float (no quantizer on its input)")
     return None
 
 
