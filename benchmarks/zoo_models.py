@@ -89,6 +89,9 @@ BASIC_PITCH = Wheel("basic-pitch", "0.4.0", "Apache-2.0")
 # pipecat's smart-turn v3.2 (end-of-turn detection on an 8 s Whisper log-mel; a Whisper-style
 # encoder shipped already quantized to QDQ by ONNX Runtime's quantizer): tests/test_audio_models.py
 PIPECAT = Wheel("pipecat-ai", "1.14.0", "BSD-2-Clause")
+# Microsoft's DNSMOS P.835 (speech quality: signal, background, overall MOS from 9 s of raw 16 kHz
+# audio; keras2onnx, its STFT as convolutions and a log-power front end), as speechmos ships it
+SPEECHMOS = Wheel("speechmos", "0.0.1.1", "MIT")
 SKIMAGE = Wheel("scikit-image", "0.26.0", "BSD-3-Clause (images: see IMAGES)",
                 pin=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                      "--abi", "cp311"))
