@@ -13,7 +13,9 @@ from qgraph.runner import run_model
 
 
 def _model(nodes, inits, in_shape, out_shape, name="x", out="y"):
-    tensors = [numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else np.float32), k)
+    """Initializers: integer arrays keep their dtype, the rest become float32 ("axes": int64)."""
+    tensors = [numpy_helper.from_array(v if isinstance(v, np.ndarray) and v.dtype.kind in "iu" else
+                                       np.asarray(v, np.int64 if k == "axes" else np.float32), k)
                for k, v in inits.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, in_shape)],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], tensors)
@@ -223,17 +225,12 @@ def _moments_layernorm_model():
         helper.make_node("Mul", ["centred", "scale"], ["normed"]),
         helper.make_node("Add", ["normed", "beta"], ["ln"]),
         helper.make_node("MatMul", ["ln", "w"], ["y"])]
-    inits = [numpy_helper.from_array(np.asarray(v, t), k) for k, v, t in (
-        ("zero", [0], np.int64), ("one", [1], np.int64), ("keep1", [1], np.int64), ("width", [16], np.int64),
-        ("axes", [1], np.int64), ("inv_n", 1 / 8, np.float32), ("zerof", 0.0, np.float32),
-        ("eps", 1e-6, np.float32), ("gamma", rng.uniform(0.5, 1.5, (1, 8, 1)), np.float32),
-        ("beta", rng.normal(0, 0.1, (1, 8, 1)), np.float32), ("w", rng.normal(0, 0.3, (16, 4)), np.float32))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    i64 = np.int64
+    inits = {"zero": np.array([0], i64), "one": np.array([1], i64), "keep1": np.array([1], i64),
+             "width": np.array([16], i64), "axes": [1], "inv_n": 1 / 8, "zerof": 0.0, "eps": 1e-6,
+             "gamma": rng.uniform(0.5, 1.5, (1, 8, 1)), "beta": rng.normal(0, 0.1, (1, 8, 1)),
+             "w": rng.normal(0, 0.3, (16, 4))}
+    return _model(nodes, inits, ["N", 8, 16], ["N", 8, 4])
 
 
 def test_a_moments_form_layernorm_is_found_and_left_as_exported():
@@ -337,16 +334,12 @@ def test_a_layernorm_as_batchnorm_on_batch_statistics_is_found_and_kept_float_by
              helper.make_node("Mul", ["r", "gamma"], ["g"]),
              helper.make_node("Add", ["g", "beta"], ["ln"]),
              helper.make_node("MatMul", ["ln", "w"], ["y"])]
-    inits = [numpy_helper.from_array(np.asarray(v, t), k) for k, v, t in (
-        ("bn_shape", [1, -1, 16, 1], np.int64), ("back", [-1, 16], np.int64), ("sq_axes", [0, 2, 3], np.int64),
-        ("zero", [0], np.int64), ("one", [1], np.int64),
-        ("count", 16.0, np.float32), ("gamma", rng.uniform(0.5, 1.5, 16), np.float32),
-        ("beta", rng.normal(0, 0.1, 16), np.float32), ("w", rng.normal(0, 0.3, (16, 4)), np.float32))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    i64 = np.int64
+    inits = {"bn_shape": np.array([1, -1, 16, 1], i64), "back": np.array([-1, 16], i64),
+             "sq_axes": np.array([0, 2, 3], i64), "zero": np.array([0], i64), "one": np.array([1], i64),
+             "count": 16.0, "gamma": rng.uniform(0.5, 1.5, 16), "beta": rng.normal(0, 0.1, 16),
+             "w": rng.normal(0, 0.3, (16, 4))}
+    model = _model(nodes, inits, ["N", 16], ["N", 4])
     out, _ = _canonical(model)
     found = written_out_layernorms(QModel.from_onnx(out))
     assert len(found) == 1 and {"BatchNormalization", "ReduceSumSquare", "Mul", "Add"} <= {n.op for n in found[0]}
