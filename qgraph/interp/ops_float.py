@@ -84,7 +84,8 @@ def layer_normalization(ctx, x, scale, bias=None):
     squares = np.add.accumulate(rows * rows, axis=1, dtype=compute)[:, -1:]
     count = compute(n)
     mean = total / count
-    deviation = np.sqrt(squares / count - mean * mean + compute(np.float32(ctx.attr("epsilon", 1e-5))))
+    with np.errstate(invalid="ignore"):   # a variance cancelled below zero: NaN, as ORT's sqrtf gives
+        deviation = np.sqrt(squares / count - mean * mean + compute(np.float32(ctx.attr("epsilon", 1e-5))))
     y = (rows - mean) / deviation * scale.reshape(1, n).astype(compute)
     if bias is not None:
         y += bias.reshape(1, n).astype(compute)
