@@ -275,15 +275,15 @@ class QuantPlan:
             return "a rule says skip: true"
         if not self.configs[unit.name].quantize_input:
             return "a rule says quantize_input: false"
+        if unit.name in self.layernorm_nodes:
+            return ("part of a LayerNorm written out op by op (kept float: its 8-bit pieces would cancel "
+                    "E[x²] − E[x]² into noise)")
         if unit.name in self.region_of_node:
             first = self._first_function(self.region_of_node[unit.name])
             if first in STEEP_AT_ZERO:
                 return (f"it takes the {first} of its input first, steepest near zero where an 8-bit grid is "
                         "coarsest (a power spectrum's decades): kept float")
             return None
-        if unit.name in self.layernorm_nodes:
-            return ("part of a LayerNorm written out op by op (kept float: its 8-bit pieces would cancel "
-                    "E[x²] − E[x]² into noise)")
         if unit.op in COMPUTE_OPS or unit.op in CLAMPS or unit.op in RANGE_PRESERVING:
             return None
         if unit.op not in INTEGER_OPS:
