@@ -391,3 +391,30 @@ def test_a_log_of_a_power_spectrum_stays_float():
     got = run_model(quantized, {"x": frames[64:]})["y"]
     snr = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
     assert snr > 20, snr                             # -6 dB with the Log on 8-bit codes
+
+
+def test_a_mel_filterbank_on_a_power_spectrum_before_its_log_stays_float():
+    """openwakeword's melspectrogram: power → MatMul (mel filterbank) → Clip(1e-10) → Log. The MatMul
+    only feeds the Log: quantizing its input would round the quiet bins the Log needs to zero
+    (output cosine 0.81); it runs float, and only the log-mel is quantized where a layer reads it."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qgraph.api import apply_pipeline
+    from qgraph.runner import run_model
+    rng = np.random.default_rng(9)
+    n = helper.make_node
+    nodes = [n("Mul", ["x", "x"], ["p"]), n("MatMul", ["p", "mel"], ["m"]),
+             n("Clip", ["m", "lo", ""], ["mc"]), n("Log", ["mc"], ["lm"]), n("Mul", ["lm", "k"], ["db"]),
+             n("MatMul", ["db", "w"], ["y"])]
+    inits = {"mel": np.abs(rng.normal(0, 0.1, (64, 16))), "lo": np.array(1e-10), "k": np.array(10 / np.log(10)),
+             "w": rng.normal(0, 0.3, (16, 4))}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = (rng.normal(0, 1, (96, 64)) * 10.0 ** rng.uniform(-2, 0, (96, 1))).astype(np.float32)
+    quantized = apply_pipeline(model, "ptq", {"x": x[:64]})
+    quantized_inputs = {node.input[0] for node in quantized.graph.node if node.op_type == "QuantizeLinear"}
+    assert not {"x", "p", "m"} & quantized_inputs and "db" in quantized_inputs
+    ref, got = run_model(model, {"x": x[64:]})["y"], run_model(quantized, {"x": x[64:]})["y"]
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25

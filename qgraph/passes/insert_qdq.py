@@ -223,6 +223,11 @@ class QuantPlan:
         for node in self.model.graph.nodes:
             if node.op not in COMPUTE_OPS or node.name in self.region_of_node:
                 continue
+            if all(self._read_only_by_steep_regions(t) for t in node.outputs if t.name):
+                self.skipped.append(skip(node, "runs in float: only a Log/Sqrt/Reciprocal of its output is read "
+                                               "(a power spectrum's mel filterbank), which needs the small values "
+                                               "an 8-bit grid would round away"))
+                continue
             roles = self.roles(node)
             if roles is None:
                 continue
@@ -295,6 +300,19 @@ class QuantPlan:
         if all(t.name in self.constant for t in unit.inputs if t.name):
             return "computed from constants only"
         return None
+
+    def _read_only_by_steep_regions(self, tensor: Tensor) -> bool:
+        """Whether every reader of `tensor` is a region that first takes its Log/Sqrt/Reciprocal
+        (STEEP_AT_ZERO), so a layer writing it — openwakeword's mel filterbank MatMul on the power
+        spectrum, before Clip → Log — keeps the same small values float."""
+        readers = list(tensor.outputs)
+        if not readers or self.model.is_graph_output(tensor):
+            return False
+        for reader in readers:
+            region = self.region_of_node.get(reader.name)
+            if region is None or region.input != tensor.name or self._first_function(region) not in STEEP_AT_ZERO:
+                return False
+        return True
 
     def _first_function(self, region) -> str:
         """The op of a region's first node past floors and clamps (Max/Min by a constant, Relu, Clip):
