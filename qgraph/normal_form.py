@@ -56,10 +56,15 @@ def _only(model: QModel, tensor: Tensor, op: str | tuple) -> Node:
 
 
 def _scalar(model: QModel, tensor: Tensor) -> float:
-    value = model.constant_value(tensor)
-    if value is None or np.asarray(value).size != 1:
+    value = _scalar_or_none(model, tensor)
+    if value is None:
         raise Declined(f"'{tensor.name}' is not a scalar constant")
-    return float(np.asarray(value).reshape(-1)[0])
+    return value
+
+
+def _scalar_or_none(model: QModel, tensor: Tensor) -> float | None:
+    value = model.constant_value(tensor)
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
 
 
 def _other(node: Node, tensor: Tensor) -> Tensor:
@@ -139,12 +144,10 @@ def match_layernorm(model: QModel, mean: Node) -> LayerNormMatch:
     readers = list(centered.outputs)
     if len(readers) != 2 or model.is_graph_output(centered):
         raise Declined(f"'{centered.name}' is not read exactly by the square and the division")
-    square = next((n for n in readers if n.op == "Pow" or (n.op == "Mul" and n.inputs[0] is n.inputs[1])), None)
+    square = next((n for n in readers if _squares(model, n, centered)), None)
     div = next((n for n in readers if n.op == "Div" and n.inputs[0] is centered), None)
     if square is None or div is None:
         raise Declined(f"'{centered.name}' is not squared and divided")
-    if square.op == "Pow" and _scalar(model, square.inputs[1]) != 2.0:
-        raise Declined(f"Pow '{square.name}' is not a square")
     var = _only(model, square.outputs[0], "ReduceMean")
     if _reduce_axes(model, var, rank) != axes:
         raise Declined(f"ReduceMean '{var.name}' reduces other axes than the mean")
@@ -222,34 +225,25 @@ def written_out_layernorms(model: QModel) -> list[list[Node]]:
     nodes float: quantized one by one, E[x²] − E[x]² cancels 8-bit noise into the variance."""
     found: list[list[Node]] = []
     for node in model.graph.nodes:
-        if node.op == "BatchNormalization" and node.outputs:
+        if not node.outputs:
+            continue
+        for match in _WRITTEN_OUT.get(node.op, ()):
             try:
-                found.append(match_batch_stats_layernorm(model, node))
+                nodes = match(model, node)
+            except Unfusable as unfusable:          # the torch form, matched whole but not fusable
+                nodes = unfusable.nodes
             except Declined:
-                pass
-        if node.op not in ("ReduceMean", "ReduceSum") or not node.outputs:
-            continue
-        try:
-            found.append(match_moments_layernorm(model, node))
-            continue
-        except Declined:
-            pass
-        try:
-            found.append(match_keras_layernorm(model, node))
-            continue
-        except Declined:
-            pass
-        if node.op == "ReduceMean":
-            try:
-                found.append(match_layernorm(model, node).nodes)
-            except Unfusable as unfusable:
-                found.append(unfusable.nodes)
-            except Declined:
-                pass
+                continue
+            found.append(nodes)
+            break
     return found
 
 
 _BROADCASTS = ("Reshape", "Expand", "Unsqueeze")
+
+
+def _torch_layernorm_nodes(model: QModel, mean: Node) -> list[Node]:
+    return match_layernorm(model, mean).nodes
 
 
 def match_moments_layernorm(model: QModel, reduce: Node) -> list[Node]:
@@ -296,11 +290,8 @@ def match_moments_layernorm(model: QModel, reduce: Node) -> list[Node]:
     sqrt = _only(model, add_eps.outputs[0], "Sqrt")
     recip = _only(model, sqrt.outputs[0], "Reciprocal")
     nodes += [add_eps, sqrt, recip]
-    inv, reader = _follow_broadcasts(model, recip.outputs[0], model.only_consumer(recip.outputs[0]), axes, rank,
-                                     nodes)
-    if reader is not None and reader.op == "Mul" and model.constant_value(_other(reader, inv)) is not None:
-        nodes.append(reader)                                   # γ on the inverse deviation
-        inv = reader.outputs[0]
+    inv, _ = _follow_broadcasts(model, recip.outputs[0], model.only_consumer(recip.outputs[0]), axes, rank, nodes)
+    inv = _through_constant_ops(model, inv, ("Mul",), nodes)    # γ on the inverse deviation
     others = [r for r in mean_readers if r is not mean_square]
     if len(others) != 1:
         raise Declined(f"the mean of '{x.name}' is read outside the norm")
@@ -311,12 +302,7 @@ def match_moments_layernorm(model: QModel, reduce: Node) -> list[Node]:
     if _other(mul, sub.outputs[0]) is not inv or model.only_consumer(inv) is not mul:
         raise Declined(f"'{mul.name}' does not scale x − E[x] by the inverse deviation")
     nodes += [sub, mul]
-    output = mul.outputs[0]
-    for op in ("Mul", "Add"):                                  # γ, β after the normalization
-        reader = model.only_consumer(output)
-        if reader is not None and reader.op == op and model.constant_value(_other(reader, output)) is not None:
-            nodes.append(reader)
-            output = reader.outputs[0]
+    _through_constant_ops(model, mul.outputs[0], ("Mul", "Add"), nodes)    # γ, β after the normalization
     return nodes
 
 
@@ -347,11 +333,7 @@ def match_keras_layernorm(model: QModel, mean: Node) -> list[Node]:
     sqrt = _only(model, add_eps.outputs[0], "Sqrt")
     recip = _only(model, sqrt.outputs[0], "Reciprocal")
     nodes = [mean, centre, square, var, add_eps, sqrt, recip]
-    s = recip.outputs[0]
-    reader = model.only_consumer(s)
-    if reader is not None and reader.op == "Mul" and model.constant_value(_other(reader, s)) is not None:
-        nodes.append(reader)                                   # γ
-        s = reader.outputs[0]
+    s = _through_constant_ops(model, recip.outputs[0], ("Mul",), nodes)    # γ
     scaled = _distinct(s.outputs)
     x_scaled = next((r for r in scaled if r.op == "Mul" and _other(r, s) is x), None)
     mean_scaled = next((r for r in scaled if r.op == "Mul" and _other(r, s) is m), None)
@@ -387,8 +369,7 @@ def match_batch_stats_layernorm(model: QModel, bn: Node) -> list[Node]:
     if mean.op != "ReduceMean" or mean.inputs[0] is not x or _constant_axes(model, mean, rank) != reduced:
         raise Declined(f"the mean '{bn.inputs[3].name}' of '{bn.name}' is not its input's over all axes but 1")
     scaled = model.producer(bn.inputs[4])
-    if scaled is None or scaled.op not in ("Div", "Mul") or scaled.inputs[0].inputs == [] \
-            or model.only_consumer(scaled.outputs[0]) is not bn:
+    if scaled is None or scaled.op not in ("Div", "Mul") or model.only_consumer(scaled.outputs[0]) is not bn:
         raise Declined(f"the variance of '{bn.name}' is not a sum divided by a count")
     total = model.producer(scaled.inputs[0])
     centre = model.producer(total.inputs[0]) if total is not None and total.op == "ReduceSumSquare" else None
@@ -396,14 +377,22 @@ def match_batch_stats_layernorm(model: QModel, bn: Node) -> list[Node]:
             or _constant_axes(model, total, rank) != reduced or model.only_consumer(centre.outputs[0]) is not total):
         raise Declined(f"the variance of '{bn.name}' is not Σ(x − mean)² over all axes but 1")
     nodes += [mean, centre, total, scaled, bn]
-    output = bn.outputs[0]
-    for op in ("Reshape", "Mul", "Add"):                       # back to the input's layout, γ, β
-        reader = model.only_consumer(output)
-        if reader is not None and reader.op == op and reader.inputs[0] is output and \
-                (op == "Reshape" or model.constant_value(reader.inputs[1]) is not None):
-            nodes.append(reader)
-            output = reader.outputs[0]
+    _through_constant_ops(model, bn.outputs[0], ("Reshape", "Mul", "Add"), nodes)   # back to x's layout, γ, β
     return nodes
+
+
+def _through_constant_ops(model: QModel, t: Tensor, ops: tuple, nodes: list) -> Tensor:
+    """`t` past its only reader for each of `ops` in turn where that reader takes a constant as its
+    other operand (a γ Mul, a β Add) or, a Reshape, reads `t` as its data; they join `nodes`."""
+    for op in ops:
+        reader = model.only_consumer(t)
+        if reader is None or reader.op != op:
+            continue
+        if (reader.inputs[0] is not t if op == "Reshape" else model.constant_value(_other(reader, t)) is None):
+            continue
+        nodes.append(reader)
+        t = reader.outputs[0]
+    return t
 
 
 def _source_through(model: QModel, tensor: Tensor, ops: tuple, nodes: list) -> Node:
@@ -431,11 +420,6 @@ def _squares(model: QModel, node: Node, t: Tensor) -> bool:
     if node.op == "Mul":
         return node.inputs[0] is t and node.inputs[1] is t
     return node.op == "Pow" and node.inputs[0] is t and _scalar_or_none(model, node.inputs[1]) == 2.0
-
-
-def _scalar_or_none(model: QModel, tensor: Tensor) -> float | None:
-    value = model.constant_value(tensor)
-    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
 
 
 def _moment(model: QModel, reduce: Node, nodes: list) -> tuple[Tensor, float | None]:
@@ -489,6 +473,12 @@ def _shape_entries(model: QModel, tensor: Tensor) -> list | None:
             known = [None] * int(piece.shape[0])
         entries += known
     return entries
+
+
+#: The written-out LayerNorm matchers tried on each op, in order (written_out_layernorms).
+_WRITTEN_OUT = {"BatchNormalization": (match_batch_stats_layernorm,),
+                "ReduceSum": (match_moments_layernorm,),
+                "ReduceMean": (match_moments_layernorm, match_keras_layernorm, _torch_layernorm_nodes)}
 
 
 # -- Softmax -----------------------------------------------------------------------------------
