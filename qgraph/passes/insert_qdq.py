@@ -201,6 +201,8 @@ class QuantPlan:
         self.region_by_output = {r.output: r for r in self.regions}
         self.region_of_node = {name: r for r in self.regions for name in r.nodes}
         self.nodes = {n.name: n for n in model.graph.nodes}
+        #: regions that first take the Log/Sqrt/Reciprocal of their input: output -> that op
+        self.steep = {r.output: op for r in self.regions if (op := self._first_function(r)) in STEEP_AT_ZERO}
         self.integer: set[str] = set()          # units (node names; a region by its last node) on integers
 
     # -- the integer region -------------------------------------------------------------
@@ -284,8 +286,8 @@ class QuantPlan:
             return ("part of a LayerNorm written out op by op (kept float: its 8-bit pieces would cancel "
                     "E[x²] − E[x]² into noise)")
         if unit.name in self.region_of_node:
-            first = self._first_function(self.region_of_node[unit.name])
-            if first in STEEP_AT_ZERO:
+            first = self.steep.get(self.region_of_node[unit.name].output)
+            if first is not None:
                 return (f"it takes the {first} of its input first, steepest near zero where an 8-bit grid is "
                         "coarsest (a power spectrum's decades): kept float")
             return None
@@ -310,7 +312,7 @@ class QuantPlan:
             return False
         for reader in readers:
             region = self.region_of_node.get(reader.name)
-            if region is None or region.input != tensor.name or self._first_function(region) not in STEEP_AT_ZERO:
+            if region is None or region.input != tensor.name or region.output not in self.steep:
                 return False
         return True
 
