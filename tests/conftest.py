@@ -24,6 +24,13 @@ def zoo_or_skip(call):
         pytest.skip(str(exc))
 
 
+def quantized_producers(model: onnx.ModelProto) -> set[str]:
+    """The op types of the nodes whose outputs a QuantizeLinear reads (graph inputs and constants aside)."""
+    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+    return {producer[node.input[0]] for node in model.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] in producer}
+
+
 def make_small_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """Conv-BN-Relu-Identity-Conv-Dropout-GAP-Flatten-Gemm on [N,1,8,8], random BN stats."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import quantized_producers
 from qgraph.annotations import CALIBRATED, NONNEGATIVE, get_annotation
 from qgraph.errors import ConfigError, PassError
 from qgraph.graph import QModel
@@ -351,10 +352,27 @@ def test_position_rules_keep_the_ends_at_8_bits_and_buy_back_held_out_snr(prepar
     assert snr(ends) > snr([]) + 2.0
 
 
+def _float_model(nodes, inits: dict, x_shape: list, y_shape: list) -> onnx.ModelProto:
+    """A float32 model of `nodes` from input x to output y (the initializers as float32)."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _quantized_snr_db(model, quantized, x) -> float:
+    from qgraph.runner import run_model
+    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
+    return float(10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()))
+
+
 def _log_power_front_end():
     """An audio front end as DNSMOS writes it: frames → two Conv1d filterbanks (real, imaginary)
     → r² + i² → Log(Max(p, 1e-12)) / ln 10 → a Conv1d reading the log-power spectrum."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     rng = np.random.default_rng(7)
     n = helper.make_node
     nodes = [n("Conv", ["x", "wr"], ["r"]), n("Conv", ["x", "wi"], ["i"]),
@@ -364,12 +382,7 @@ def _log_power_front_end():
     inits = {"wr": rng.normal(0, 0.2, (16, 1, 32)), "wi": rng.normal(0, 0.2, (16, 1, 32)),
              "floor": np.array(1e-12), "ln10": np.array(np.log(10.0)), "w2": rng.normal(0, 0.3, (8, 16, 3)),
              "b2": rng.normal(0, 0.1, 8)}
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 225])],
-                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _float_model(nodes, inits, ["N", 1, 256], ["N", 8, 225])
 
 
 def test_a_log_of_a_power_spectrum_stays_float():
@@ -377,19 +390,13 @@ def test_a_log_of_a_power_spectrum_stays_float():
     linear levels and the quiet bins collapse into the lowest; kept float (STEEP_AT_ZERO), only
     the log-power the next Conv reads is quantized."""
     from qgraph.api import apply_pipeline
-    from qgraph.runner import run_model
     model = _log_power_front_end()
     rng = np.random.default_rng(8)
     loudness = 10.0 ** rng.uniform(-1, 0, (96, 1, 1))
     frames = (rng.normal(0, 1, (96, 1, 256)) * loudness).astype(np.float32)
     quantized = apply_pipeline(model, "ptq", {"x": frames[:64]})
-    producer = {o: node for node in quantized.graph.node for o in node.output}
-    sources = {producer[node.input[0]].op_type for node in quantized.graph.node
-               if node.op_type == "QuantizeLinear" and node.input[0] in producer}
-    assert sources == {"Div"}                        # the log-power only; input x is the graph input
-    ref = run_model(model, {"x": frames[64:]})["y"]
-    got = run_model(quantized, {"x": frames[64:]})["y"]
-    snr = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+    assert quantized_producers(quantized) == {"Div"}   # the log-power only; input x is the graph input
+    snr = _quantized_snr_db(model, quantized, frames[64:])
     assert snr > 20, snr                             # -6 dB with the Log on 8-bit codes
 
 
@@ -397,9 +404,8 @@ def test_a_mel_filterbank_on_a_power_spectrum_before_its_log_stays_float():
     """openwakeword's melspectrogram: power → MatMul (mel filterbank) → Clip(1e-10) → Log. The MatMul
     only feeds the Log: quantizing its input would round the quiet bins the Log needs to zero
     (output cosine 0.81); it runs float, and only the log-mel is quantized where a layer reads it."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
     from qgraph.api import apply_pipeline
-    from qgraph.runner import run_model
     rng = np.random.default_rng(9)
     n = helper.make_node
     nodes = [n("Mul", ["x", "x"], ["p"]), n("MatMul", ["p", "mel"], ["m"]),
@@ -407,14 +413,9 @@ def test_a_mel_filterbank_on_a_power_spectrum_before_its_log_stays_float():
              n("MatMul", ["db", "w"], ["y"])]
     inits = {"mel": np.abs(rng.normal(0, 0.1, (64, 16))), "lo": np.array(1e-10), "k": np.array(10 / np.log(10)),
              "w": rng.normal(0, 0.3, (16, 4))}
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _float_model(nodes, inits, ["N", 64], ["N", 4])
     x = (rng.normal(0, 1, (96, 64)) * 10.0 ** rng.uniform(-2, 0, (96, 1))).astype(np.float32)
     quantized = apply_pipeline(model, "ptq", {"x": x[:64]})
     quantized_inputs = {node.input[0] for node in quantized.graph.node if node.op_type == "QuantizeLinear"}
     assert not {"x", "p", "m"} & quantized_inputs and "db" in quantized_inputs
-    ref, got = run_model(model, {"x": x[64:]})["y"], run_model(quantized, {"x": x[64:]})["y"]
-    assert 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum()) > 25
+    assert _quantized_snr_db(model, quantized, x[64:]) > 25

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 import zoo_models as zoo  # benchmarks/zoo_models.py (conftest.py puts benchmarks/ on sys.path)
-from conftest import zoo_or_skip
+from conftest import quantized_producers, zoo_or_skip
 from qgraph.api import run_passes
 from qgraph.diff import diff_models
 from qgraph.lowering import lower_model
@@ -54,10 +54,8 @@ def _labels(model, features) -> np.ndarray:
 
 def test_magika_layernorm_statistics_stay_float(prepared):
     _, quantized, _, _, _ = prepared
-    producer = {out: node for node in quantized.graph.node for out in node.output}
-    quantized_from = [producer[n.input[0]].op_type for n in quantized.graph.node
-                      if n.op_type == "QuantizeLinear" and n.input[0] in producer]
-    assert quantized_from and not set(quantized_from) & set(STATISTICS)
+    quantized_from = quantized_producers(quantized)
+    assert quantized_from and not quantized_from & set(STATISTICS)
     assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) >= 3   # the Dense layers (and conv)
 
 

@@ -11,6 +11,8 @@ from qgraph.graph import QModel
 from qgraph.pipeline import run_pass
 from qgraph.runner import run_model
 
+from conftest import quantized_producers
+
 
 def _model(nodes, inits, in_shape, out_shape, name="x", out="y"):
     """Initializers: integer arrays keep their dtype, the rest become float32 ("axes": int64)."""
@@ -35,6 +37,16 @@ def _same_outputs(a, b, feeds, rtol=1e-5):
     ra, rb = run_model(a, feeds), run_model(b, feeds)
     for key in ra:
         np.testing.assert_allclose(rb[key], ra[key], rtol=rtol, atol=1e-5 * float(np.abs(ra[key]).max()))
+
+
+def _ptq_keeps_the_norm_float(model, calib, x):
+    """ptq quantizes only the norm's output (the + β ending it, which the MatMul after reads) and
+    keeps the model's output at cosine > 0.999 on `x`."""
+    from qgraph.api import apply_pipeline
+    quantized = apply_pipeline(model, "ptq", {"x": calib})
+    assert quantized_producers(quantized) == {"Add"}
+    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
 
 
 def _layernorm_nodes(out: str) -> list:
@@ -258,19 +270,9 @@ def test_a_moments_form_layernorm_with_a_stray_reader_is_not_taken():
 def test_ptq_keeps_a_moments_form_layernorm_float():
     """Its statistics quantized one by one cancel into noise (E[x] = 3, sd 0.5: E[x²] − E[x]² is
     0.25 out of 9.25); kept float, only the LayerNorm's output, the MatMul's input, is quantized."""
-    from qgraph.api import apply_pipeline
-    model = _moments_layernorm_model()
     rng = np.random.default_rng(2)
-    calib = rng.normal(3, 0.5, (64, 8, 16)).astype(np.float32)
-    quantized = apply_pipeline(model, "ptq", {"x": calib})
-    producer = {out: n for n in quantized.graph.node for out in n.output}
-    sources = {producer[n.input[0]].op_type for n in quantized.graph.node
-               if n.op_type == "QuantizeLinear" and n.input[0] in producer}
-    assert sources == {"Add"}                       # the + β that ends the norm
-    x = rng.normal(3, 0.5, (16, 8, 16)).astype(np.float32)
-    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
-    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
-    assert cosine > 0.999
+    _ptq_keeps_the_norm_float(_moments_layernorm_model(), rng.normal(3, 0.5, (64, 8, 16)).astype(np.float32),
+                              rng.normal(3, 0.5, (16, 8, 16)).astype(np.float32))
 
 
 def _keras_layernorm_model():
@@ -296,27 +298,20 @@ def _keras_layernorm_model():
 
 
 def test_a_keras_form_layernorm_is_found_and_kept_float_by_ptq():
-    from qgraph.api import apply_pipeline
     from qgraph.normal_form import written_out_layernorms
     model = _keras_layernorm_model()
     out, report = _canonical(model)
     found = written_out_layernorms(QModel.from_onnx(out))
     assert len(found) == 1 and len(found[0]) == 12 and "MatMul" not in {n.op for n in found[0]}
     rng = np.random.default_rng(5)
-    quantized = apply_pipeline(model, "ptq", {"x": rng.normal(3, 0.5, (64, 6, 16)).astype(np.float32)})
-    producer = {o: n for n in quantized.graph.node for o in n.output}
-    assert {producer[n.input[0]].op_type for n in quantized.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] in producer} == {"Add"}
-    x = rng.normal(3, 0.5, (16, 6, 16)).astype(np.float32)
-    ref, got = run_model(model, {"x": x})["y"], run_model(quantized, {"x": x})["y"]
-    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+    _ptq_keeps_the_norm_float(model, rng.normal(3, 0.5, (64, 6, 16)).astype(np.float32),
+                              rng.normal(3, 0.5, (16, 6, 16)).astype(np.float32))
 
 
 def test_a_layernorm_as_batchnorm_on_batch_statistics_is_found_and_kept_float_by_ptq():
     """Keras' fused LayerNorm through tf2onnx (Magika 0.5.1): the samples of (N, 16) laid along
     BatchNormalization's channel axis as (1, N, 16, 1), its mean and variance computed in the graph
     over axes 0, 2, 3, then Reshape back, Mul γ, Add β, and a MatMul."""
-    from qgraph.api import apply_pipeline
     from qgraph.normal_form import written_out_layernorms
     rng = np.random.default_rng(6)
     nodes = [helper.make_node("Reshape", ["x", "bn_shape"], ["xr"]),
@@ -344,9 +339,4 @@ def test_a_layernorm_as_batchnorm_on_batch_statistics_is_found_and_kept_float_by
     found = written_out_layernorms(QModel.from_onnx(out))
     assert len(found) == 1 and {"BatchNormalization", "ReduceSumSquare", "Mul", "Add"} <= {n.op for n in found[0]}
     x = rng.normal(3, 0.5, (64, 16)).astype(np.float32)
-    quantized = apply_pipeline(model, "ptq", {"x": x})
-    producer = {o: n for n in quantized.graph.node for o in n.output}
-    assert {producer[n.input[0]].op_type for n in quantized.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] in producer} == {"Add"}
-    ref, got = run_model(model, {"x": x[:16]})["y"], run_model(quantized, {"x": x[:16]})["y"]
-    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+    _ptq_keeps_the_norm_float(model, x, x[:16])
